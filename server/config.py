@@ -1,0 +1,138 @@
+"""One Settings object, built once in main from flags and `LLMGW_*` variables, passed down."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
+
+DEFAULT_OPENAI_BASE_URL = "https://api.openai.com/v1"
+DEFAULT_OPENROUTER_BASE_URL = "https://openrouter.ai/api/v1"
+
+
+@dataclass(frozen=True, slots=True)
+class RetrySettings:
+    """Backoff for upstream calls: delay = min(max_delay, initial * multiplier**n * (1 + jitter*rand))."""
+
+    initial_delay: float = 1.0
+    multiplier: float = 2.0
+    jitter: float = 1.0
+    max_delay: float = 20.0
+    max_attempts: int = 6
+    retry_statuses: tuple[int, ...] = (429, 500, 502, 503, 504)
+    retry_connection_errors: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything configurable; field names are the lower-cased `LLMGW_` variable names."""
+
+    listen: str = "127.0.0.1:50051"
+    workers: int = 1
+    trace_backends: tuple[str, ...] = ("sqlite",)
+    sqlite_path: str = "llm-gateway.db"
+    postgres_dsn: str = ""
+    clickhouse_url: str = ""
+    trace_socket: str = "/var/run/telemetry/telemetry.sock"
+    openai_base_url: str = DEFAULT_OPENAI_BASE_URL
+    openrouter_base_url: str = DEFAULT_OPENROUTER_BASE_URL
+    openrouter_referer: str = ""
+    openrouter_title: str = ""
+    allowed_endpoints: tuple[str, ...] = ()
+    encryption_key: str = field(default="", repr=False)
+    auth: str = "auto"
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""
+    grace_period: float = 10.0
+    log_level: str = "INFO"
+    # Local LLM servers (seed: openllm_auth_type / openllm_api_key): "", "bearer_token" or "api_key".
+    local_auth_type: str = ""
+    local_api_key: str = field(default="", repr=False)
+    # Provider keys keep their usual names and are read from the environment only.
+    openai_api_key: str = field(default="", repr=False)
+    openrouter_api_key: str = field(default="", repr=False)
+    retry: RetrySettings = field(default_factory=RetrySettings)
+
+
+# Seed names accepted as aliases so its users can switch without edits.
+_ALIASES = {
+    "trace_backends": ("LETTA_TELEMETRY_PROVIDER_TRACE_BACKEND",),
+    "trace_socket": ("TELEMETRY_SOCKET",),
+}
+_PROVIDER_KEYS = {"openai_api_key": "OPENAI_API_KEY", "openrouter_api_key": "OPENROUTER_API_KEY"}
+_TUPLE_FIELDS = {"trace_backends", "allowed_endpoints"}
+_SECRET_FIELDS = {"encryption_key", "local_api_key", "openai_api_key", "openrouter_api_key"}
+
+
+def _split(value: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in value.split(",") if part.strip())
+
+
+def _coerce(name: str, raw: str, default: object) -> object:
+    if name in _TUPLE_FIELDS:
+        return _split(raw)
+    if isinstance(default, bool):
+        return raw.strip().lower() in ("1", "true", "yes", "on")
+    if isinstance(default, int):
+        return int(raw)
+    if isinstance(default, float):
+        return float(raw)
+    return raw
+
+
+def _configurable_fields() -> list[str]:
+    return [f.name for f in fields(Settings) if f.name != "retry" and f.name not in _PROVIDER_KEYS]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add one flag per setting (`--sqlite-path` for `LLMGW_SQLITE_PATH`)."""
+    for name in _configurable_fields():
+        help_text = f"env LLMGW_{name.upper()}"
+        if name in _SECRET_FIELDS:
+            help_text += " (prefer the environment for secrets)"
+        parser.add_argument("--" + name.replace("_", "-"), dest=name, default=None, help=help_text)
+
+
+def load_settings(
+    args: argparse.Namespace | None = None, environ: Mapping[str, str] | None = None
+) -> Settings:
+    """Flags win over `LLMGW_*` variables, which win over seed aliases and defaults."""
+    env = os.environ if environ is None else environ
+    defaults = Settings()
+    values: dict[str, object] = {}
+    for name in _configurable_fields():
+        raw: str | None = getattr(args, name, None) if args is not None else None
+        if raw is None:
+            raw = env.get("LLMGW_" + name.upper())
+        if raw is None:
+            raw = next((env[a] for a in _ALIASES.get(name, ()) if a in env), None)
+        if raw is not None:
+            values[name] = _coerce(name, raw, getattr(defaults, name))
+    for name, var in _PROVIDER_KEYS.items():
+        values[name] = env.get(var, "")
+    settings = Settings(**values)  # type: ignore[arg-type]
+    validate(settings)
+    return settings
+
+
+def validate(settings: Settings) -> None:
+    """Refuse configurations that cannot work, with a message naming the setting."""
+    problems: list[str] = []
+    if settings.workers < 1:
+        problems.append("LLMGW_WORKERS must be at least 1")
+    if settings.auth not in ("auto", "required", "off"):
+        problems.append("LLMGW_AUTH must be one of auto, required, off")
+    known = {"sqlite", "postgres", "clickhouse", "socket"}
+    unknown: Sequence[str] = [b for b in settings.trace_backends if b not in known]
+    if unknown:
+        problems.append(f"LLMGW_TRACE_BACKENDS: unknown backend(s) {', '.join(unknown)}")
+    if "postgres" in settings.trace_backends and not settings.postgres_dsn:
+        problems.append("LLMGW_TRACE_BACKENDS has postgres but LLMGW_POSTGRES_DSN is empty")
+    if "clickhouse" in settings.trace_backends and not settings.clickhouse_url:
+        problems.append("LLMGW_TRACE_BACKENDS has clickhouse but LLMGW_CLICKHOUSE_URL is empty")
+    if bool(settings.tls_cert) != bool(settings.tls_key):
+        problems.append("--tls-cert and --tls-key go together")
+    if problems:
+        raise ValueError("; ".join(problems))

@@ -1,0 +1,151 @@
+"""The gateway's one error hierarchy.
+
+Every failure the gateway reports is a `GatewayError`. Each subclass fixes the gRPC status code
+and the `ErrorInfo.reason` of one row of the contract's status table, so the mapping to gRPC
+(`server.api.status`) is exhaustive by construction:
+
+    GatewayError
+    ├── ContextWindowExceeded      INVALID_ARGUMENT     CONTEXT_WINDOW_EXCEEDED
+    ├── InvalidRequest             INVALID_ARGUMENT     INVALID_REQUEST  (+ BadRequest)
+    ├── MissingApiKey              FAILED_PRECONDITION  MISSING_API_KEY
+    ├── RateLimitExceeded          RESOURCE_EXHAUSTED   RATE_LIMIT_EXCEEDED  (+ RetryInfo)
+    ├── UpstreamRejected           INVALID_ARGUMENT     UPSTREAM_REJECTED
+    ├── UpstreamAuthFailed         FAILED_PRECONDITION  UPSTREAM_AUTH_FAILED
+    ├── ModelNotFound              NOT_FOUND            MODEL_NOT_FOUND
+    ├── UpstreamUnavailable        UNAVAILABLE          UPSTREAM_UNAVAILABLE  (+ RetryInfo)
+    ├── UpstreamBadResponse        UNAVAILABLE          UPSTREAM_BAD_RESPONSE
+    ├── UnparseableModelOutput     UNAVAILABLE          UNPARSEABLE_MODEL_OUTPUT
+    ├── DeadlineExceeded           DEADLINE_EXCEEDED    DEADLINE_EXCEEDED
+    ├── Unauthenticated            UNAUTHENTICATED      UNAUTHENTICATED
+    ├── EndpointNotAllowed         PERMISSION_DENIED    ENDPOINT_NOT_ALLOWED
+    ├── PermissionDenied           PERMISSION_DENIED    PERMISSION_DENIED
+    ├── NotFound                   NOT_FOUND            NOT_FOUND
+    ├── FailedPrecondition         FAILED_PRECONDITION  FAILED_PRECONDITION
+    └── Unimplemented              UNIMPLEMENTED        UNIMPLEMENTED
+
+Lower layers (HTTP client, drivers, JSON) are translated into these at the boundary with
+`raise ... from exc`. Messages and metadata must never carry a secret: callers pass values
+through `server.core.redact` when they may contain one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import grpc
+
+
+@dataclass(frozen=True, slots=True)
+class FieldViolation:
+    """One invalid field of a request, for `google.rpc.BadRequest`."""
+
+    field: str
+    description: str
+
+
+class GatewayError(Exception):
+    """A failure with its gRPC status, `ErrorInfo` reason and machine-readable details."""
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    reason: str = "INTERNAL"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        metadata: Mapping[str, object] | None = None,
+        retry_delay: float | None = None,
+        field_violations: Sequence[FieldViolation] = (),
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        # ErrorInfo metadata is map<string, string>: stringify once here.
+        self.metadata: dict[str, str] = {k: str(v) for k, v in (metadata or {}).items()}
+        self.retry_delay = retry_delay
+        self.field_violations = tuple(field_violations)
+
+
+class ContextWindowExceeded(GatewayError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+    reason = "CONTEXT_WINDOW_EXCEEDED"
+
+
+class InvalidRequest(GatewayError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+    reason = "INVALID_REQUEST"
+
+
+class MissingApiKey(GatewayError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    reason = "MISSING_API_KEY"
+
+
+class RateLimitExceeded(GatewayError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    reason = "RATE_LIMIT_EXCEEDED"
+
+
+class UpstreamRejected(GatewayError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+    reason = "UPSTREAM_REJECTED"
+
+
+class UpstreamAuthFailed(GatewayError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    reason = "UPSTREAM_AUTH_FAILED"
+
+
+class ModelNotFound(GatewayError):
+    code = grpc.StatusCode.NOT_FOUND
+    reason = "MODEL_NOT_FOUND"
+
+
+class UpstreamUnavailable(GatewayError):
+    code = grpc.StatusCode.UNAVAILABLE
+    reason = "UPSTREAM_UNAVAILABLE"
+
+
+class UpstreamBadResponse(GatewayError):
+    code = grpc.StatusCode.UNAVAILABLE
+    reason = "UPSTREAM_BAD_RESPONSE"
+
+
+class UnparseableModelOutput(GatewayError):
+    code = grpc.StatusCode.UNAVAILABLE
+    reason = "UNPARSEABLE_MODEL_OUTPUT"
+
+
+class DeadlineExceeded(GatewayError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+    reason = "DEADLINE_EXCEEDED"
+
+
+class Unauthenticated(GatewayError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+    reason = "UNAUTHENTICATED"
+
+
+class EndpointNotAllowed(GatewayError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+    reason = "ENDPOINT_NOT_ALLOWED"
+
+
+class PermissionDenied(GatewayError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+    reason = "PERMISSION_DENIED"
+
+
+class NotFound(GatewayError):
+    code = grpc.StatusCode.NOT_FOUND
+    reason = "NOT_FOUND"
+
+
+class FailedPrecondition(GatewayError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    reason = "FAILED_PRECONDITION"
+
+
+class Unimplemented(GatewayError):
+    code = grpc.StatusCode.UNIMPLEMENTED
+    reason = "UNIMPLEMENTED"
