@@ -1,0 +1,154 @@
+"""Proto messages and function definitions to OpenAI chat-completions JSON.
+
+Function schemas arrive as `google.protobuf.Struct`, which loses two things JSON had:
+- integers: every number is a double, so integral values (e.g. `minItems: 1.0`) become ints again;
+- key order: upb iterates map fields in a per-process randomized order. To send the same bytes
+  from every worker (upstream prompt caching keys on the prompt prefix), objects are emitted
+  with sorted keys, except `properties`, which follow the schema's `required` order and then
+  the remaining names sorted: required-first is how tool schemas are usually written.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import orjson
+from google.protobuf import struct_pb2
+from llmgateway.v1 import chat_pb2
+
+from server.core.tools import accepts_developer_role
+from server.errors import FieldViolation, InvalidRequest
+
+_ROLE_NAMES: dict[int, str] = {
+    chat_pb2.ROLE_SYSTEM: "system",
+    chat_pb2.ROLE_DEVELOPER: "developer",
+    chat_pb2.ROLE_USER: "user",
+    chat_pb2.ROLE_ASSISTANT: "assistant",
+    chat_pb2.ROLE_TOOL: "tool",
+}
+_ASSISTANT = chat_pb2.ROLE_ASSISTANT
+_TOOL = chat_pb2.ROLE_TOOL
+_SYSTEM = chat_pb2.ROLE_SYSTEM
+_MAX_EXACT_INT = 2.0**53
+
+
+def _invalid(field: str, description: str, **metadata: object) -> InvalidRequest:
+    return InvalidRequest(
+        f"{field} {description}",
+        metadata={"field": field, **metadata},
+        field_violations=[FieldViolation(field, description)],
+    )
+
+
+def to_openai_messages(messages: Sequence[chat_pb2.Message], *, model: str) -> list[dict[str, Any]]:
+    """The `messages` array for `model`; raises InvalidRequest naming the offending field."""
+    system_role = "developer" if accepts_developer_role(model) else "system"
+    out: list[dict[str, Any]] = []
+    append = out.append
+    for i, m in enumerate(messages):
+        role_value = m.role
+        if role_value == _SYSTEM:
+            role = system_role
+        else:
+            name = _ROLE_NAMES.get(role_value)
+            if name is None:
+                raise _invalid(f"messages[{i}].role", "must be one of the ROLE_* values", role=role_value)
+            role = name
+        content: Any = m.content
+        if m.parts:
+            content = _parts(m, i)
+        d: dict[str, Any] = {"role": role, "content": content}
+        if role_value == _ASSISTANT and m.tool_calls:
+            d["tool_calls"] = _tool_calls(m, i)
+            if not content:
+                d["content"] = None
+        elif role_value == _TOOL:
+            d["tool_call_id"] = m.tool_call_id
+        if m.name:
+            d["name"] = m.name
+        append(d)
+    return out
+
+
+def _parts(m: chat_pb2.Message, i: int) -> list[dict[str, Any]]:
+    parts: list[dict[str, Any]] = []
+    if m.content:
+        parts.append({"type": "text", "text": m.content})
+    for k, p in enumerate(m.parts):
+        which = p.WhichOneof("part")
+        if which == "text":
+            parts.append({"type": "text", "text": p.text})
+        elif which == "image_url":
+            img = p.image_url
+            if not img.url:
+                raise _invalid(f"messages[{i}].parts[{k}].image_url.url", "must not be empty")
+            image: dict[str, str] = {"url": img.url}
+            if img.detail:
+                image["detail"] = img.detail
+            parts.append({"type": "image_url", "image_url": image})
+        else:
+            raise _invalid(f"messages[{i}].parts[{k}]", "sets neither text nor image_url")
+    return parts
+
+
+def _tool_calls(m: chat_pb2.Message, i: int) -> list[dict[str, Any]]:
+    calls: list[dict[str, Any]] = []
+    for j, tc in enumerate(m.tool_calls):
+        args = tc.arguments
+        try:
+            orjson.loads(args)
+        except orjson.JSONDecodeError:
+            raise _invalid(
+                f"messages[{i}].tool_calls[{j}].arguments", "is not valid JSON", tool_call_id=tc.id
+            ) from None
+        calls.append({"id": tc.id, "type": "function", "function": {"name": tc.name, "arguments": args}})
+    return calls
+
+
+def _value(v: struct_pb2.Value) -> Any:
+    kind = v.WhichOneof("kind")
+    if kind == "string_value":
+        return v.string_value
+    if kind == "number_value":
+        n = v.number_value
+        return int(n) if n.is_integer() and -_MAX_EXACT_INT <= n <= _MAX_EXACT_INT else n
+    if kind == "struct_value":
+        return struct_to_dict(v.struct_value)
+    if kind == "list_value":
+        return [_value(x) for x in v.list_value.values]
+    if kind == "bool_value":
+        return v.bool_value
+    return None
+
+
+def struct_to_dict(s: struct_pb2.Struct) -> dict[str, Any]:
+    """A Struct as JSON-ready dict: ints restored, keys in canonical order (see module doc)."""
+    fields = s.fields
+    d = {k: _value(fields[k]) for k in sorted(fields)}
+    props = d.get("properties")
+    if isinstance(props, dict) and props:
+        required = d.get("required")
+        if isinstance(required, list) and required:
+            order = [k for k in dict.fromkeys(required) if isinstance(k, str) and k in props]
+            if order:
+                seen = set(order)
+                order.extend(k for k in props if k not in seen)  # already sorted
+                d["properties"] = {k: props[k] for k in order}
+    return d
+
+
+def function_to_dict(fn: chat_pb2.FunctionDefinition, index: int = 0) -> dict[str, Any]:
+    """`{name, description, parameters}`; a function without parameters takes none."""
+    if not fn.name:
+        raise _invalid(f"functions[{index}].name", "must not be empty")
+    if fn.HasField("parameters") and fn.parameters.fields:
+        parameters = struct_to_dict(fn.parameters)
+    else:
+        parameters = {"type": "object", "properties": {}}
+    return {"name": fn.name, "description": fn.description, "parameters": parameters}
+
+
+def functions_to_dicts(functions: Sequence[chat_pb2.FunctionDefinition]) -> list[dict[str, Any]]:
+    """Every function as a dict (fresh objects; the request path uses the cached ones)."""
+    return [function_to_dict(fn, i) for i, fn in enumerate(functions)]

@@ -1,0 +1,207 @@
+"""The JSON body of `POST {endpoint}/chat/completions`, and the inner-thoughts unpacking of
+its answer.
+
+Body, in this key order (absent keys are not sent):
+    model, messages,
+    tools + tool_choice + parallel_tool_calls (false; not for reasoning families)
+        or, when use_tool_naming is false, functions + function_call,
+    max_completion_tokens (from llm_config.max_tokens), temperature, reasoning_effort,
+    user (from user_id), stream + stream_options {"include_usage": true} (streaming only).
+
+Temperature: sent when the caller set one; the o1/o3/o4/gpt-5 families get 1.0 instead,
+the only value they accept. `parallel_tool_calls: false` mirrors the seed's payload
+preparation (its agents expect one call per step; unpacking handles several anyway).
+
+Function preparation (Struct -> dict, inner-thoughts injection, strict conversion) is cached
+per function, keyed on the function's serialized proto bytes plus the options that change the
+result: agents resend identical tool sets on every step. The cached dicts are shared between
+requests: callers must treat the `tools`/`functions` entries of a body and the result of
+`prompt_functions` as read-only (serialize them, never mutate them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+from typing import Any, Generic, TypeVar
+
+from llmgateway.v1 import chat_pb2
+
+from server.core import inner_thoughts, tools
+from server.core.messages import function_to_dict, to_openai_messages
+from server.core.strict_schema import strict_or_unchanged
+from server.errors import FieldViolation, InvalidRequest
+
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+
+
+class BoundedCache(Generic[K, V]):
+    """A dict that forgets its oldest entries past `max_entries` (FIFO: hits are the norm)."""
+
+    __slots__ = ("_data", "_max")
+
+    def __init__(self, max_entries: int) -> None:
+        self._data: dict[K, V] = {}
+        self._max = max_entries
+
+    def get(self, key: K) -> V | None:
+        return self._data.get(key)
+
+    def put(self, key: K, value: V) -> V:
+        data = self._data
+        if len(data) >= self._max:
+            try:
+                del data[next(iter(data))]
+            except (StopIteration, KeyError, RuntimeError):  # raced with another thread: harmless
+                pass
+        data[key] = value
+        return value
+
+    def clear(self) -> None:
+        self._data.clear()
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+
+# Inner-thoughts variants, part of the cache keys.
+_NO_THOUGHTS, _FIRST, _LAST, _FIRST_LM, _LAST_LM = range(5)
+
+# key (fn bytes, thoughts variant) -> function dict as counted and (non-strict) sent
+_PROMPT_CACHE: BoundedCache[tuple[bytes, int], dict[str, Any]] = BoundedCache(2048)
+# key (fn bytes, thoughts variant, strict, tools-shape) -> entry of `tools` or `functions`
+_SENT_CACHE: BoundedCache[tuple[bytes, int, bool, bool], dict[str, Any]] = BoundedCache(2048)
+
+
+def clear_caches() -> None:
+    """Forget every prepared function (tests; a warning is logged once per cache miss)."""
+    _PROMPT_CACHE.clear()
+    _SENT_CACHE.clear()
+
+
+def _thoughts_variant(request: chat_pb2.CreateRequest, endpoint: str) -> int:
+    if not request.llm_config.put_inner_thoughts_in_kwargs:
+        return _NO_THOUGHTS
+    first = not request.HasField("put_inner_thoughts_first") or request.put_inner_thoughts_first
+    if inner_thoughts.is_lm_studio(endpoint):
+        return _FIRST_LM if first else _LAST_LM
+    return _FIRST if first else _LAST
+
+
+def _prompt_function(fn: chat_pb2.FunctionDefinition, index: int, key: bytes, variant: int) -> dict[str, Any]:
+    cache_key = (key, variant)
+    d = _PROMPT_CACHE.get(cache_key)
+    if d is None:
+        d = function_to_dict(fn, index)
+        if variant != _NO_THOUGHTS:
+            d = inner_thoughts.add_inner_thoughts(
+                d,
+                first=variant in (_FIRST, _FIRST_LM),
+                description=(
+                    inner_thoughts.INNER_THOUGHTS_DESCRIPTION_GO_FIRST
+                    if variant in (_FIRST_LM, _LAST_LM)
+                    else inner_thoughts.INNER_THOUGHTS_DESCRIPTION
+                ),
+            )
+        _PROMPT_CACHE.put(cache_key, d)
+    return d
+
+
+def prompt_functions(request: chat_pb2.CreateRequest, *, endpoint: str | None = None) -> list[dict[str, Any]]:
+    """The functions as the token guard must count them: with inner thoughts, before strict.
+
+    `endpoint` defaults to `llm_config.model_endpoint` (it selects the LM Studio description).
+    The dicts are shared, read-only.
+    """
+    if endpoint is None:
+        endpoint = request.llm_config.model_endpoint
+    variant = _thoughts_variant(request, endpoint)
+    return [
+        _prompt_function(fn, i, fn.SerializeToString(), variant) for i, fn in enumerate(request.functions)
+    ]
+
+
+def _sent_functions(
+    functions: Sequence[chat_pb2.FunctionDefinition], variant: int, strict: bool, tool_shape: bool
+) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for i, fn in enumerate(functions):
+        key = fn.SerializeToString()
+        cache_key = (key, variant, strict, tool_shape)
+        entry = _SENT_CACHE.get(cache_key)
+        if entry is None:
+            d = _prompt_function(fn, i, key, variant)
+            if strict:
+                d = strict_or_unchanged(d)
+            entry = _SENT_CACHE.put(cache_key, {"type": "function", "function": d} if tool_shape else d)
+        out.append(entry)
+    return out
+
+
+def build_chat_body(request: chat_pb2.CreateRequest, *, stream: bool, endpoint: str) -> dict[str, Any]:
+    """The exact JSON body for `POST {endpoint}/chat/completions`.
+
+    `request` may be any of CreateRequest/StreamCreateRequest/CountTokensRequest (same fields).
+    Raises InvalidRequest for invalid messages, functions or tool forcing.
+    """
+    cfg = request.llm_config
+    model = cfg.model
+    if not model:
+        raise InvalidRequest(
+            "llm_config.model must not be empty",
+            metadata={"field": "llm_config.model"},
+            field_violations=[FieldViolation("llm_config.model", "must not be empty")],
+        )
+    body: dict[str, Any] = {"model": model, "messages": to_openai_messages(request.messages, model=model)}
+
+    functions = request.functions
+    names = [fn.name for fn in functions]
+    choice = tools.resolve_tool_choice(
+        function_call=request.function_call,
+        force_tool_call=request.force_tool_call,
+        function_names=names,
+        handle=cfg.handle,
+        endpoint=endpoint,
+        model=model,
+    )
+    if functions:
+        use_tool_naming = not request.HasField("use_tool_naming") or request.use_tool_naming
+        variant = _thoughts_variant(request, endpoint)
+        if use_tool_naming:
+            strict = tools.supports_structured_output(endpoint)
+            body["tools"] = _sent_functions(functions, variant, strict, True)
+            if choice is not None:
+                body["tool_choice"] = choice
+            if tools.supports_parallel_tool_calls(model):
+                body["parallel_tool_calls"] = False
+        else:
+            # The seed converts only `tools` to strict form; legacy functions go as they are.
+            body["functions"] = _sent_functions(functions, variant, False, False)
+            legacy = tools.legacy_function_call(choice, names)
+            if legacy is not None:
+                body["function_call"] = legacy
+
+    if cfg.HasField("max_tokens"):
+        if cfg.max_tokens <= 0:
+            raise InvalidRequest(
+                "llm_config.max_tokens must be positive",
+                metadata={"field": "llm_config.max_tokens", "max_tokens": cfg.max_tokens},
+                field_violations=[FieldViolation("llm_config.max_tokens", "must be positive")],
+            )
+        body["max_completion_tokens"] = cfg.max_tokens
+    if cfg.HasField("temperature"):
+        body["temperature"] = cfg.temperature if tools.supports_temperature_param(model) else 1.0
+    if cfg.reasoning_effort:
+        body["reasoning_effort"] = cfg.reasoning_effort
+    if request.user_id:
+        body["user"] = request.user_id
+    if stream:
+        body["stream"] = True
+        body["stream_options"] = {"include_usage": True}
+    return body
+
+
+def unpack_completion(body: dict[str, Any], request: chat_pb2.CreateRequest) -> None:
+    """Move inner thoughts from tool-call arguments into the content, in place, when enabled."""
+    if request.llm_config.put_inner_thoughts_in_kwargs:
+        inner_thoughts.unpack_inner_thoughts(body)
