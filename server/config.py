@@ -46,6 +46,8 @@ class Settings:
     tls_key: str = ""
     tls_client_ca: str = ""
     grace_period: float = 10.0
+    # Bound on an upstream call when the caller set no deadline (streams: between two reads).
+    upstream_timeout: float = 600.0
     log_level: str = "INFO"
     # Local LLM servers (seed: openllm_auth_type / openllm_api_key): "", "bearer_token" or "api_key".
     local_auth_type: str = ""

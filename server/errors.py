@@ -21,6 +21,7 @@ and the `ErrorInfo.reason` of one row of the contract's status table, so the map
     ├── PermissionDenied           PERMISSION_DENIED    PERMISSION_DENIED
     ├── NotFound                   NOT_FOUND            NOT_FOUND
     ├── FailedPrecondition         FAILED_PRECONDITION  FAILED_PRECONDITION
+    ├── AlreadyExists              ALREADY_EXISTS       ALREADY_EXISTS
     └── Unimplemented              UNIMPLEMENTED        UNIMPLEMENTED
 
 Lower layers (HTTP client, drivers, JSON) are translated into these at the boundary with
@@ -144,6 +145,11 @@ class NotFound(GatewayError):
 class FailedPrecondition(GatewayError):
     code = grpc.StatusCode.FAILED_PRECONDITION
     reason = "FAILED_PRECONDITION"
+
+
+class AlreadyExists(GatewayError):
+    code = grpc.StatusCode.ALREADY_EXISTS
+    reason = "ALREADY_EXISTS"
 
 
 class Unimplemented(GatewayError):

@@ -1,0 +1,122 @@
+"""Key resolution: which base URL a call goes to, and with which credentials.
+
+The seed's rules, in order (see seed-behaviour.md, "Key resolution"), with two fixes:
+- BYOK is resolved before the missing-key check, so a BYOK provider works on a server that holds
+  no OpenAI key of its own.
+- A server-held key is sent only to the base URL it is configured for; a client-chosen endpoint
+  gets the placeholder key instead, never a real one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from llmgateway.v1 import chat_pb2
+
+from server.auth.actor import Actor
+from server.config import Settings
+from server.errors import EndpointNotAllowed, MissingApiKey, NotFound
+from server.providers.base import UpstreamTarget
+
+# The seed sends this to keyless endpoints (local proxies) because OpenAI clients need some key.
+PLACEHOLDER_API_KEY = "DUMMY_API_KEY"
+
+
+@dataclass(frozen=True, slots=True)
+class ByokProvider:
+    """A decrypted bring-your-own-key provider of one organization."""
+
+    name: str
+    base_url: str
+    api_key: str = field(repr=False)
+    endpoint_type: str = "openai"
+
+
+class EndpointChecker(Protocol):
+    def check(self, url: str, *, byok_base_urls: Sequence[str] = ()) -> None: ...
+
+    def key_allowed_for(self, url: str, key_base_url: str) -> bool: ...
+
+
+ByokLookup = Callable[[str, str], Awaitable[ByokProvider | None]]
+ByokUrls = Callable[[str], Awaitable[Sequence[str]]]
+
+
+def _bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+async def resolve_target(
+    config: chat_pb2.LLMConfig,
+    *,
+    settings: Settings,
+    actor: Actor,
+    policy: EndpointChecker,
+    byok_provider: ByokLookup,
+    byok_urls: ByokUrls,
+) -> UpstreamTarget:
+    """The upstream for an OpenAI-compatible request, or the error that stops it."""
+    endpoint = (config.model_endpoint or settings.openai_base_url).rstrip("/")
+
+    if config.provider_category == chat_pb2.PROVIDER_CATEGORY_BYOK:
+        provider = await byok_provider(actor.organization_id, config.provider_name)
+        if provider is None:
+            raise NotFound(
+                f"no BYOK provider named {config.provider_name!r} in this organization",
+                metadata={"provider_name": config.provider_name, "organization_id": actor.organization_id},
+            )
+        base = provider.base_url.rstrip("/")
+        if not config.model_endpoint:
+            endpoint = base
+        elif not policy.key_allowed_for(endpoint, base):
+            raise EndpointNotAllowed(
+                f"BYOK provider {provider.name!r} may only be called at its own base URL",
+                metadata={"provider_name": provider.name, "endpoint": _display(endpoint)},
+            )
+        policy.check(endpoint, byok_base_urls=(base,))
+        return UpstreamTarget(
+            base_url=endpoint,
+            headers=_bearer(provider.api_key),
+            provider=provider.name,
+            is_byok=True,
+            secrets=(provider.api_key,),
+        )
+
+    try:
+        policy.check(endpoint)
+    except EndpointNotAllowed:
+        # The organization's BYOK base URLs are allowed too; look them up only when needed.
+        policy.check(endpoint, byok_base_urls=await byok_urls(actor.organization_id))
+
+    is_openrouter = "openrouter.ai" in endpoint or config.provider_name == "openrouter"
+    if is_openrouter and settings.openrouter_api_key and policy.key_allowed_for(endpoint, settings.openrouter_base_url):
+        headers = _bearer(settings.openrouter_api_key)
+        if settings.openrouter_referer:
+            headers["HTTP-Referer"] = settings.openrouter_referer
+        if settings.openrouter_title:
+            headers["X-Title"] = settings.openrouter_title
+        return UpstreamTarget(endpoint, headers, "openrouter", secrets=(settings.openrouter_api_key,))
+
+    if policy.key_allowed_for(endpoint, settings.openai_base_url):
+        if settings.openai_api_key:
+            return UpstreamTarget(endpoint, _bearer(settings.openai_api_key), "openai",
+                                  secrets=(settings.openai_api_key,))
+        if endpoint == settings.openai_base_url.rstrip("/"):
+            raise MissingApiKey(
+                "no OpenAI API key is configured for the official endpoint (set OPENAI_API_KEY)",
+                metadata={"missing_fields": "openai_api_key", "endpoint": _display(endpoint)},
+            )
+    provider_name = "openrouter" if is_openrouter else (config.provider_name or "openai")
+    return UpstreamTarget(endpoint, _bearer(PLACEHOLDER_API_KEY), provider_name)
+
+
+def _display(url: str) -> str:
+    """A URL safe to show: no userinfo, query or fragment (they may carry credentials)."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{host}{port}{parts.path}"

@@ -1,0 +1,122 @@
+"""Assemble a streamed chat completion from its chunks (OpenAI `chat.completion.chunk` JSON).
+
+Content and reasoning_content are concatenated, tool-call fragments merged by `index` (id and
+name set once, arguments appended), finish_reason and model taken from the latest chunk, usage
+from the usage chunk (`stream_options.include_usage`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(slots=True)
+class _ToolCallParts:
+    id: str = ""
+    name: str = ""
+    arguments: list[str] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class _ChoiceParts:
+    content: list[str] = field(default_factory=list)
+    reasoning: list[str] = field(default_factory=list)
+    tool_calls: dict[int, _ToolCallParts] = field(default_factory=dict)
+    finish_reason: str | None = None
+    role: str = "assistant"
+
+
+class StreamAccumulator:
+    """Feed every chunk with `add`; `completion()` returns the assembled ChatCompletion JSON."""
+
+    def __init__(self) -> None:
+        self.id = ""
+        self.model = ""
+        self.created = 0
+        self.system_fingerprint: str | None = None
+        self.usage: dict[str, Any] | None = None
+        self.choices: dict[int, _ChoiceParts] = {}
+        self.chunks = 0
+
+    def add(self, chunk: dict[str, Any]) -> None:
+        self.chunks += 1
+        if chunk.get("id"):
+            self.id = chunk["id"]
+        if chunk.get("model"):
+            self.model = chunk["model"]
+        if chunk.get("created"):
+            self.created = int(chunk["created"])
+        if chunk.get("system_fingerprint"):
+            self.system_fingerprint = chunk["system_fingerprint"]
+        usage = chunk.get("usage")
+        if usage:
+            self.usage = usage
+        for choice in chunk.get("choices") or ():
+            index = int(choice.get("index") or 0)
+            parts = self.choices.get(index)
+            if parts is None:
+                parts = self.choices[index] = _ChoiceParts()
+            delta = choice.get("delta") or {}
+            text = delta.get("content")
+            if text:
+                parts.content.append(text)
+            reasoning = delta.get("reasoning_content") or delta.get("reasoning")
+            if reasoning:
+                parts.reasoning.append(reasoning)
+            for fragment in delta.get("tool_calls") or ():
+                call_index = int(fragment.get("index") or 0)
+                call = parts.tool_calls.get(call_index)
+                if call is None:
+                    call = parts.tool_calls[call_index] = _ToolCallParts()
+                if fragment.get("id"):
+                    call.id = fragment["id"]
+                function = fragment.get("function") or {}
+                if function.get("name"):
+                    call.name = function["name"]
+                if function.get("arguments"):
+                    call.arguments.append(function["arguments"])
+            legacy = delta.get("function_call")
+            if legacy:
+                call = parts.tool_calls.setdefault(0, _ToolCallParts())
+                if legacy.get("name"):
+                    call.name = legacy["name"]
+                if legacy.get("arguments"):
+                    call.arguments.append(legacy["arguments"])
+            if choice.get("finish_reason"):
+                parts.finish_reason = choice["finish_reason"]
+
+    @property
+    def finished(self) -> bool:
+        """Every choice seen has a finish reason (an answer that looks complete is complete)."""
+        return bool(self.choices) and all(c.finish_reason for c in self.choices.values())
+
+    def completion(self) -> dict[str, Any]:
+        choices: list[dict[str, Any]] = []
+        for index in sorted(self.choices):
+            parts = self.choices[index]
+            message: dict[str, Any] = {"role": parts.role, "content": "".join(parts.content) or None}
+            if parts.reasoning:
+                message["reasoning_content"] = "".join(parts.reasoning)
+            if parts.tool_calls:
+                message["tool_calls"] = [
+                    {
+                        "id": call.id,
+                        "type": "function",
+                        "function": {"name": call.name, "arguments": "".join(call.arguments)},
+                    }
+                    for _, call in sorted(parts.tool_calls.items())
+                ]
+            choices.append({"index": index, "message": message, "finish_reason": parts.finish_reason})
+        body: dict[str, Any] = {
+            "id": self.id,
+            "object": "chat.completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        }
+        if self.system_fingerprint:
+            body["system_fingerprint"] = self.system_fingerprint
+        if self.usage is not None:
+            body["usage"] = self.usage
+        return body

@@ -1,0 +1,344 @@
+"""The request path: validate, plan, call the upstream, convert, trace.
+
+Servicers (`server.api`) hand proto requests to `Gateway` and get proto answers or a
+`GatewayError` back; everything between the two edges lives here and in `server.core`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+from google.protobuf import json_format
+from llmgateway.v1 import chat_pb2
+
+from server.auth.actor import Actor
+from server.config import Settings
+from server.core import tokens
+from server.core.completion import completion_from_json, deltas_from_chunk
+from server.core.keys import ByokLookup, ByokUrls, EndpointChecker, resolve_target
+from server.core.openai_request import build_chat_body, prompt_functions, unpack_completion
+from server.core.retry import Deadline
+from server.core.stream import StreamAccumulator
+from server.core.validation import LOCAL_TYPES, validate_request
+from server.errors import ContextWindowExceeded, GatewayError, UpstreamBadResponse
+from server.providers.base import UpstreamTarget
+from server.providers.http import HttpClient
+from server.providers.openai_compat import CallOptions, open_stream, post_json, sse_events
+from server.traces.base import TraceRecord, new_trace_id
+
+log = logging.getLogger("llmgateway.gateway")
+
+ChatRequest = chat_pb2.CreateRequest  # StreamCreateRequest/CountTokensRequest are wire-identical
+
+
+class TraceSink:
+    """Where finished trace records go (the trace writer, or nowhere)."""
+
+    def enqueue(self, record: TraceRecord) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class NullTraceSink(TraceSink):
+    def enqueue(self, record: TraceRecord) -> None:
+        return None
+
+
+@dataclass(slots=True)
+class Dependencies:
+    """What the gateway calls out to; built once in `server.app`."""
+
+    settings: Settings
+    http: HttpClient
+    traces: TraceSink
+    policy: EndpointChecker
+    byok_provider: ByokLookup
+    byok_urls: ByokUrls
+    scrub: Callable[[str], str]
+    tracer: Any = None  # an OpenTelemetry tracer when an exporter is configured, else None
+
+
+class Gateway:
+    def __init__(self, deps: Dependencies) -> None:
+        self._deps = deps
+        self._settings = deps.settings
+
+    # -- CountTokens -------------------------------------------------------------------------
+
+    def count_tokens(self, request: ChatRequest) -> chat_pb2.CountTokensResponse:
+        validate_request(request)
+        body = build_chat_body(request, stream=False, endpoint=request.llm_config.model_endpoint)
+        count = self._count(request, body, request.llm_config.model_endpoint)
+        return chat_pb2.CountTokensResponse(
+            prompt_tokens=count.prompt_tokens,
+            function_tokens=count.function_tokens,
+            total_tokens=count.total_tokens,
+            context_window=request.llm_config.context_window,
+            encoding=count.encoding,
+        )
+
+    def _count(self, request: ChatRequest, body: dict[str, Any], endpoint: str) -> tokens.TokenCount:
+        # Count the functions as sent to this endpoint (the inner-thoughts text depends on it).
+        functions = prompt_functions(request, endpoint=endpoint)
+        return tokens.count_request_tokens(body["messages"], functions, request.llm_config.model)
+
+    def _guard(self, request: ChatRequest, body: dict[str, Any], endpoint: str) -> tokens.TokenCount | None:
+        """Refuse a prompt that cannot fit, before a byte leaves (0 means no window is known)."""
+        window = request.llm_config.context_window
+        if window <= 0:
+            return None
+        count = self._count(request, body, endpoint)
+        if count.total_tokens > window:
+            raise ContextWindowExceeded(
+                f"Request exceeds maximum context length ({count.total_tokens} > {window} tokens)",
+                metadata={
+                    "prompt_tokens": count.prompt_tokens,
+                    "function_tokens": count.function_tokens,
+                    "total_tokens": count.total_tokens,
+                    "context_window": window,
+                    "encoding": count.encoding,
+                },
+            )
+        return count
+
+    # -- planning ----------------------------------------------------------------------------
+
+    async def _plan(
+        self, request: ChatRequest, actor: Actor, *, stream: bool
+    ) -> tuple[UpstreamTarget, dict[str, Any], tokens.TokenCount | None]:
+        validate_request(request)
+        config = request.llm_config
+        target = await resolve_target(
+            config,
+            settings=self._settings,
+            actor=actor,
+            policy=self._deps.policy,
+            byok_provider=self._deps.byok_provider,
+            byok_urls=self._deps.byok_urls,
+        )
+        body = build_chat_body(request, stream=stream, endpoint=target.base_url)
+        count = self._guard(request, body, target.base_url)
+        return target, body, count
+
+    def _options(self, deadline: Deadline, span: Any) -> CallOptions:
+        def on_retry(attempt: int, delay: float, status: int) -> None:
+            if span is not None:
+                span.add_event("llm_retry_attempt", {"attempt": attempt, "delay": delay, "status_code": status})
+
+        return CallOptions(
+            deadline=deadline,
+            retry=self._settings.retry,
+            default_timeout=self._settings.upstream_timeout,
+            scrub=self._deps.scrub,
+            on_retry=on_retry,
+        )
+
+    def _trace(self, request: ChatRequest, actor: Actor, target: UpstreamTarget | None, body: bytes) -> TraceRecord:
+        config = request.llm_config
+        trace = request.trace
+        return TraceRecord(
+            id=new_trace_id(),
+            created_at=datetime.now(UTC),
+            organization_id=actor.organization_id,
+            user_id=request.user_id or actor.user_id,
+            step_id=trace.step_id,
+            agent_id=trace.agent_id,
+            agent_tags=list(trace.tags),
+            run_id=trace.run_id,
+            call_type=trace.call_type or "agent_step",
+            provider=target.provider if target else config.model_endpoint_type,
+            model=config.model,
+            model_endpoint_type=config.model_endpoint_type,
+            is_byok=bool(target and target.is_byok),
+            request_json=self._deps.scrub(body.decode()),
+            llm_config_json=json_format.MessageToJson(config, indent=None),
+        )
+
+    def _span(self, name: str, config: chat_pb2.LLMConfig, target: UpstreamTarget) -> AbstractContextManager[Any]:
+        tracer = self._deps.tracer
+        if tracer is None:
+            return nullcontext(None)
+        return tracer.start_as_current_span(  # type: ignore[no-any-return]
+            f"chat {config.model}",
+            kind=_client_kind(),
+            attributes={
+                "gen_ai.operation.name": "chat",
+                "gen_ai.system": target.provider,
+                "gen_ai.provider.name": target.provider,
+                "gen_ai.request.model": config.model,
+                "llmgateway.stream": name == "stream",
+            },
+        )
+
+    def _finish(self, record: TraceRecord, started: float, error: BaseException | None) -> None:
+        record.latency_ms = (time.perf_counter() - started) * 1000.0
+        if error is not None:
+            record.error_type = type(error).__name__ if not isinstance(error, GatewayError) else error.reason
+            record.error_message = self._deps.scrub(
+                error.message
+                if isinstance(error, GatewayError)
+                else "the caller cancelled the call"
+                if isinstance(error, asyncio.CancelledError | GeneratorExit)
+                else str(error)
+            )
+        self._deps.traces.enqueue(record)
+
+    # -- Create ------------------------------------------------------------------------------
+
+    async def create(self, request: ChatRequest, actor: Actor, deadline: Deadline) -> chat_pb2.CreateResponse:
+        if request.llm_config.model_endpoint_type in LOCAL_TYPES:
+            return await self._create_local(request, actor, deadline)
+        target, body, _ = await self._plan(request, actor, stream=False)
+        payload = orjson.dumps(body)
+        record = self._trace(request, actor, target, payload)
+        started = time.perf_counter()
+        error: BaseException | None = None
+        with self._span("create", request.llm_config, target) as span:
+            try:
+                raw, answer = await post_json(
+                    self._deps.http, target, target.base_url + "/chat/completions", payload,
+                    self._options(deadline, span),
+                )
+                record.response_json = raw.decode("utf-8", "replace")
+                unpack_completion(answer, request)
+                completion = completion_from_json(answer, provider=target.provider)
+            except BaseException as exc:
+                error = exc
+                raise
+            finally:
+                if error is None:
+                    _record_usage(record, completion.usage)
+                    _span_usage(span, completion)
+                self._finish(record, started, error)
+        return chat_pb2.CreateResponse(completion=completion, provider_trace_id=record.id)
+
+    # -- StreamCreate ------------------------------------------------------------------------
+
+    async def stream(
+        self, request: ChatRequest, actor: Actor, deadline: Deadline
+    ) -> AsyncIterator[chat_pb2.StreamCreateResponse]:
+        if request.llm_config.model_endpoint_type in LOCAL_TYPES:
+            async for event in self._stream_local(request, actor, deadline):
+                yield event
+            return
+        target, body, count = await self._plan(request, actor, stream=True)
+        payload = orjson.dumps(body)
+        record = self._trace(request, actor, target, payload)
+        started = time.perf_counter()
+        error: BaseException | None = None
+        accumulator = StreamAccumulator()
+        with self._span("stream", request.llm_config, target) as span:
+            try:
+                response = await open_stream(
+                    self._deps.http, target, target.base_url + "/chat/completions", payload,
+                    self._options(deadline, span),
+                )
+                clean = False
+                try:
+                    done = False
+                    async for chunk in sse_events(response, provider=target.provider, scrub=self._deps.scrub):
+                        if chunk is None:
+                            done = True
+                            break
+                        accumulator.add(chunk)
+                        for event in deltas_from_chunk(chunk):
+                            if not record.time_to_first_token_ms:
+                                record.time_to_first_token_ms = (time.perf_counter() - started) * 1000.0
+                            yield event
+                    if not done and not accumulator.finished:
+                        raise UpstreamBadResponse(
+                            f"{target.provider} ended the stream before it was complete",
+                            metadata={"provider": target.provider, "chunks": accumulator.chunks},
+                        )
+                    clean = True
+                finally:
+                    if clean:
+                        response.release()
+                    else:
+                        response.close()  # drop the connection: the upstream may still be sending
+                answer = accumulator.completion()
+                if accumulator.usage is None:
+                    answer["usage"] = _local_usage(answer, count, request)
+                record.response_json = orjson.dumps(answer).decode()
+                unpack_completion(answer, request)
+                completion = completion_from_json(answer, provider=target.provider)
+            except BaseException as exc:
+                error = exc
+                raise
+            finally:
+                if error is None:
+                    _record_usage(record, completion.usage)
+                    _span_usage(span, completion)
+                elif accumulator.chunks:
+                    # What came before the failure is evidence; keep it with the error.
+                    record.response_json = orjson.dumps(accumulator.completion()).decode()
+                self._finish(record, started, error)
+        yield chat_pb2.StreamCreateResponse(completion=completion, provider_trace_id=record.id)
+
+    # -- local servers (filled in by server.providers.local) ---------------------------------
+
+    async def _create_local(self, request: ChatRequest, actor: Actor, deadline: Deadline) -> chat_pb2.CreateResponse:
+        from server.providers.local.provider import create_local
+
+        return await create_local(self, request, actor, deadline)
+
+    async def _stream_local(
+        self, request: ChatRequest, actor: Actor, deadline: Deadline
+    ) -> AsyncIterator[chat_pb2.StreamCreateResponse]:
+        from server.providers.local.provider import stream_local
+
+        async for event in stream_local(self, request, actor, deadline):
+            yield event
+
+
+def _client_kind() -> Any:
+    from opentelemetry.trace import SpanKind
+
+    return SpanKind.CLIENT
+
+
+def _record_usage(record: TraceRecord, usage: chat_pb2.Usage) -> None:
+    record.prompt_tokens = usage.prompt_tokens
+    record.completion_tokens = usage.completion_tokens
+    record.total_tokens = usage.total_tokens
+    record.cached_tokens = usage.cached_tokens
+    record.reasoning_tokens = usage.reasoning_tokens
+
+
+def _span_usage(span: Any, completion: chat_pb2.ChatCompletion) -> None:
+    if span is None:
+        return
+    span.set_attribute("gen_ai.response.model", completion.model)
+    span.set_attribute("gen_ai.response.id", completion.id)
+    span.set_attribute("gen_ai.usage.input_tokens", completion.usage.prompt_tokens)
+    span.set_attribute("gen_ai.usage.output_tokens", completion.usage.completion_tokens)
+    span.set_attribute(
+        "gen_ai.response.finish_reasons",
+        [chat_pb2.FinishReason.Name(c.finish_reason).removeprefix("FINISH_REASON_").lower() for c in completion.choices],
+    )
+
+
+def _local_usage(answer: dict[str, Any], count: tokens.TokenCount | None, request: ChatRequest) -> dict[str, int]:
+    """Usage counted here when the upstream sent none (the seed counted one token per chunk)."""
+    encoding, _ = tokens.encoding_for_model(request.llm_config.model)
+    completion_tokens = 0
+    for choice in answer["choices"]:
+        message = choice["message"]
+        for text in (message.get("content"), message.get("reasoning_content")):
+            if text:
+                completion_tokens += len(encoding.encode_ordinary(text))
+        for call in message.get("tool_calls") or ():
+            completion_tokens += len(encoding.encode_ordinary(call["function"]["name"] + call["function"]["arguments"]))
+    prompt_tokens = count.total_tokens if count is not None else 0
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }

@@ -1,0 +1,17 @@
+"""What every provider call needs: where to send it, with which headers, and how to reach it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamTarget:
+    """A resolved upstream: base URL and headers (credentials included), ready to call."""
+
+    base_url: str  # without trailing slash
+    headers: dict[str, str] = field(repr=False)
+    provider: str  # "openai", "openrouter", a BYOK provider name, or the local endpoint type
+    is_byok: bool = False
+    # Secrets in play for this call, scrubbed from anything the call produces (errors, traces).
+    secrets: tuple[str, ...] = field(default=(), repr=False)
