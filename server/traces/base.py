@@ -2,15 +2,23 @@
 
 The request path builds a `TraceRecord` and hands it to the trace writer, which only enqueues;
 each backend has its own bounded queue and background task (see `server.traces.writer`).
+
+Also here, shared by the backends: microsecond timestamps, keyset page tokens, redaction of
+passwords in DSNs and URLs, and a rate-limited logger. Backends never log record contents.
 """
 
 from __future__ import annotations
 
 import abc
+import base64
+import logging
+import re
+import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from datetime import datetime
+from dataclasses import dataclass, field, fields
+from datetime import UTC, datetime, timedelta
+from urllib.parse import urlsplit, urlunsplit
 
 
 def new_trace_id() -> str:
@@ -68,11 +76,13 @@ class TraceBackend(abc.ABC):
 
     name: str = "backend"
     readable: bool = True  # False for write-only backends (socket)
+    # The largest batch this backend wants; None takes the writer's batch_size.
+    batch_size: int | None = None
 
-    async def start(self) -> None:
+    async def start(self) -> None:  # noqa: B027 - optional hook, a no-op by default
         """Connect and migrate. Called once before the first write."""
 
-    async def close(self) -> None:
+    async def close(self) -> None:  # noqa: B027 - optional hook, a no-op by default
         """Release connections. Called once after the last write."""
 
     @abc.abstractmethod
@@ -84,3 +94,111 @@ class TraceBackend(abc.ABC):
 
     async def list(self, *, query: TraceQuery) -> list[TraceRecord]:
         raise NotImplementedError(f"{self.name} is write-only")
+
+
+# Every column a store keeps, in the order of the record's fields.
+TRACE_COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(TraceRecord))
+
+# Reads never return more than this many traces at once, whatever the query asks.
+MAX_LIST_LIMIT = 1000
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+
+
+def to_micros(value: datetime) -> int:
+    """Microseconds since the Unix epoch, exactly (naive datetimes are taken as UTC)."""
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    return (value - _EPOCH) // _MICROSECOND
+
+
+def from_micros(value: int) -> datetime:
+    """The timezone-aware UTC datetime of `to_micros`."""
+    return _EPOCH + timedelta(microseconds=value)
+
+
+def clamp_limit(limit: int) -> int:
+    """The page size a backend serves: the default for zero or less, capped at MAX_LIST_LIMIT."""
+    if limit <= 0:
+        return 50
+    return min(limit, MAX_LIST_LIMIT)
+
+
+def page_token(record: TraceRecord) -> str:
+    """The opaque token of the page after `record` (the last trace of a page)."""
+    raw = f"{to_micros(record.created_at)}:{record.id}".encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def parse_page_token(token: str) -> tuple[datetime, str]:
+    """The `TraceQuery.before` cursor of a `page_token`; ValueError when malformed."""
+    try:
+        padded = token + "=" * (-len(token) % 4)
+        micros, _, trace_id = base64.urlsafe_b64decode(padded.encode()).decode().partition(":")
+        if not trace_id:
+            raise ValueError("no trace id")
+        return from_micros(int(micros)), trace_id
+    except (ValueError, UnicodeDecodeError, OverflowError) as exc:
+        raise ValueError("malformed page token") from exc
+
+
+_DSN_PASSWORD = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
+
+
+def redact_url(url: str) -> str:
+    """`url` with the password of its userinfo (and any libpq `password=`) replaced by ***."""
+    try:
+        parts = urlsplit(url)
+        if parts.password is not None:
+            host = parts.netloc.rpartition("@")[2]
+            user = parts.username or ""
+            parts = parts._replace(netloc=f"{user}:***@{host}")
+        query = re.sub(r"(?i)((?:^|&)(?:password|key)=)[^&]*", r"\1***", parts.query)
+        url = urlunsplit(parts._replace(query=query))
+    except ValueError:
+        pass
+    return _DSN_PASSWORD.sub(r"\1***", url)
+
+
+_URL_USERINFO = re.compile(r"(://[^:/@\s]*:)[^@\s]+@")
+
+
+def redact_text(text: str, *secrets: str) -> str:
+    """`text` without the given secrets, URL passwords or libpq `password=` values."""
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "***")
+    text = _URL_USERINFO.sub(r"\1***@", text)
+    return _DSN_PASSWORD.sub(r"\1***", text)
+
+
+def describe_error(exc: BaseException, *secrets: str, limit: int = 300) -> str:
+    """A short, secret-free description of an exception for a log line."""
+    text = redact_text(str(exc), *secrets)
+    if len(text) > limit:
+        text = text[:limit] + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+class RateLimitedLog:
+    """Logs a warning at most once per `interval` seconds per key, counting what it held back."""
+
+    def __init__(self, logger: logging.Logger, interval: float = 10.0) -> None:
+        self._logger = logger
+        self._interval = interval
+        self._last: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+
+    def warning(self, key: str, message: str, *args: object) -> None:
+        now = time.monotonic()
+        last = self._last.get(key)
+        if last is not None and now - last < self._interval:
+            self._suppressed[key] = self._suppressed.get(key, 0) + 1
+            return
+        self._last[key] = now
+        held = self._suppressed.pop(key, 0)
+        if held:
+            message += " (%d similar warnings suppressed)"
+            args = (*args, held)
+        self._logger.warning(message, *args)

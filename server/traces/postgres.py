@@ -1,0 +1,232 @@
+"""Traces in PostgreSQL (table `provider_traces`, as in the seed), through an asyncpg pool.
+
+Batches go in with COPY, the fastest path; if a retried batch meets a trace that an earlier,
+ambiguous attempt already stored, the batch is written again with `ON CONFLICT DO NOTHING`.
+JSON columns are `text`: they hold what was sent and received byte for byte, and an empty
+response (a failed call) is not valid JSON.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+from urllib.parse import urlsplit
+
+import asyncpg
+
+from server.traces.base import (
+    TRACE_COLUMNS,
+    TraceBackend,
+    TraceQuery,
+    TraceRecord,
+    clamp_limit,
+    describe_error,
+    redact_url,
+)
+
+log = logging.getLogger(__name__)
+
+COMPONENT = "provider_traces"
+# pg_advisory_xact_lock key serializing migrations across gateway processes ("trac").
+_MIGRATION_LOCK = 0x74726163
+
+# Ordered; each entry brings the schema from version i to i + 1. Never edit a shipped entry.
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        """CREATE TABLE IF NOT EXISTS provider_traces (
+            id text PRIMARY KEY,
+            created_at timestamptz NOT NULL,
+            organization_id text NOT NULL DEFAULT '',
+            user_id text NOT NULL DEFAULT '',
+            step_id text NOT NULL DEFAULT '',
+            agent_id text NOT NULL DEFAULT '',
+            agent_tags text[] NOT NULL DEFAULT '{}',
+            run_id text NOT NULL DEFAULT '',
+            call_type text NOT NULL DEFAULT 'agent_step',
+            provider text NOT NULL DEFAULT '',
+            model text NOT NULL DEFAULT '',
+            model_endpoint_type text NOT NULL DEFAULT '',
+            is_byok boolean NOT NULL DEFAULT false,
+            request_json text NOT NULL DEFAULT '',
+            response_json text NOT NULL DEFAULT '',
+            error_type text NOT NULL DEFAULT '',
+            error_message text NOT NULL DEFAULT '',
+            prompt_tokens bigint NOT NULL DEFAULT 0,
+            completion_tokens bigint NOT NULL DEFAULT 0,
+            total_tokens bigint NOT NULL DEFAULT 0,
+            cached_tokens bigint NOT NULL DEFAULT 0,
+            reasoning_tokens bigint NOT NULL DEFAULT 0,
+            latency_ms double precision NOT NULL DEFAULT 0,
+            time_to_first_token_ms double precision NOT NULL DEFAULT 0,
+            llm_config_json text NOT NULL DEFAULT ''
+        )""",
+        "CREATE INDEX IF NOT EXISTS ix_provider_traces_step_id ON provider_traces (step_id)",
+        "CREATE INDEX IF NOT EXISTS ix_provider_traces_org_step ON provider_traces"
+        " (organization_id, step_id, created_at DESC, id DESC)",
+        "CREATE INDEX IF NOT EXISTS ix_provider_traces_run ON provider_traces (run_id, created_at DESC)",
+        "CREATE INDEX IF NOT EXISTS ix_provider_traces_org_created ON provider_traces"
+        " (organization_id, created_at DESC, id DESC)",
+    ),
+)
+
+_COLUMN_LIST = ", ".join(TRACE_COLUMNS)
+_SELECT = f"SELECT {_COLUMN_LIST} FROM provider_traces"
+_INSERT_IGNORE = (
+    f"INSERT INTO provider_traces ({_COLUMN_LIST})"
+    f" VALUES ({', '.join(f'${i}' for i in range(1, len(TRACE_COLUMNS) + 1))})"
+    " ON CONFLICT (id) DO NOTHING"
+)
+
+
+def _to_row(r: TraceRecord) -> tuple[Any, ...]:
+    row = (
+        r.id, r.created_at, r.organization_id, r.user_id, r.step_id, r.agent_id, list(r.agent_tags),
+        r.run_id, r.call_type, r.provider, r.model, r.model_endpoint_type, r.is_byok, r.request_json,
+        r.response_json, r.error_type, r.error_message, r.prompt_tokens, r.completion_tokens,
+        r.total_tokens, r.cached_tokens, r.reasoning_tokens, r.latency_ms, r.time_to_first_token_ms,
+        r.llm_config_json,
+    )  # fmt: skip
+    # PostgreSQL text cannot hold NUL; one such character would fail the whole batch forever.
+    if any(isinstance(v, str) and "\x00" in v for v in row) or any("\x00" in t for t in r.agent_tags):
+        row = tuple(_without_nul(v) for v in row)
+    return row
+
+
+def _without_nul(value: Any) -> Any:
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd")
+    if isinstance(value, list):
+        return [_without_nul(v) for v in value]
+    return value
+
+
+def _from_row(row: Any) -> TraceRecord:
+    values = list(row)
+    values[TRACE_COLUMNS.index("agent_tags")] = list(values[TRACE_COLUMNS.index("agent_tags")])
+    return TraceRecord(*values)
+
+
+def _password_of(dsn: str) -> str:
+    try:
+        return urlsplit(dsn).password or ""
+    except ValueError:
+        return ""
+
+
+class PostgresTraceBackend(TraceBackend):
+    """Traces in a PostgreSQL database."""
+
+    name = "postgres"
+    readable = True
+
+    def __init__(self, dsn: str, *, min_pool_size: int = 1, max_pool_size: int = 4) -> None:
+        self._dsn = dsn
+        self._min_pool_size = min_pool_size
+        self._max_pool_size = max_pool_size
+        self._password = _password_of(dsn)
+        self._pool: Any = None  # asyncpg.Pool
+
+    def __repr__(self) -> str:
+        return f"PostgresTraceBackend({redact_url(self._dsn)!r})"
+
+    async def start(self) -> None:
+        if self._pool is not None:
+            return
+        try:
+            pool = await asyncpg.create_pool(
+                self._dsn, min_size=self._min_pool_size, max_size=self._max_pool_size
+            )
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            # Say which server failed, never with its password.
+            raise ConnectionError(
+                f"cannot connect to postgres at {redact_url(self._dsn)}: "
+                f"{describe_error(exc, self._password)}"
+            ) from exc
+        try:
+            async with pool.acquire() as conn:
+                await migrate(conn)
+        except BaseException:
+            await pool.close()
+            raise
+        self._pool = pool
+        log.info("postgres trace store ready at %s", redact_url(self._dsn))
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            await pool.close()
+
+    def _require_pool(self) -> Any:
+        if self._pool is None:
+            raise RuntimeError("postgres trace store is not started")
+        return self._pool
+
+    async def write_batch(self, *, records: Sequence[TraceRecord]) -> None:
+        if not records:
+            return
+        rows = [_to_row(r) for r in records]
+        async with self._require_pool().acquire() as conn:
+            try:
+                await conn.copy_records_to_table("provider_traces", records=rows, columns=TRACE_COLUMNS)
+            except asyncpg.UniqueViolationError:
+                async with conn.transaction():
+                    await conn.executemany(_INSERT_IGNORE, rows)
+
+    async def get_latest(self, *, organization_id: str, step_id: str) -> TraceRecord | None:
+        row = await self._require_pool().fetchrow(
+            f"{_SELECT} WHERE organization_id = $1 AND step_id = $2"
+            " ORDER BY created_at DESC, id DESC LIMIT 1",
+            organization_id,
+            step_id,
+        )
+        return _from_row(row) if row is not None else None
+
+    async def list(self, *, query: TraceQuery) -> list[TraceRecord]:
+        params: list[Any] = [query.organization_id]
+        where = ["organization_id = $1"]
+
+        def add(condition: str, *values: Any) -> None:
+            placeholders = []
+            for value in values:
+                params.append(value)
+                placeholders.append(f"${len(params)}")
+            where.append(condition.format(*placeholders))
+
+        for column in ("step_id", "run_id", "agent_id"):
+            value = getattr(query, column)
+            if value:
+                add(column + " = {}", value)
+        if query.start_time is not None:
+            add("created_at >= {}", query.start_time)
+        if query.end_time is not None:
+            add("created_at < {}", query.end_time)
+        if query.before is not None:
+            add("(created_at, id) < ({}, {})", *query.before)
+        params.append(clamp_limit(query.limit))
+        sql = f"{_SELECT} WHERE {' AND '.join(where)} ORDER BY created_at DESC, id DESC LIMIT ${len(params)}"
+        rows = await self._require_pool().fetch(sql, *params)
+        return [_from_row(row) for row in rows]
+
+
+async def migrate(conn: Any) -> int:
+    """Apply the pending migrations in one transaction under an advisory lock; returns the version."""
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
+        await conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_version (component text PRIMARY KEY, version integer NOT NULL)"
+        )
+        version = await conn.fetchval("SELECT version FROM schema_version WHERE component = $1", COMPONENT)
+        version = int(version or 0)
+        for index in range(version, len(MIGRATIONS)):
+            for statement in MIGRATIONS[index]:
+                await conn.execute(statement)
+        if version < len(MIGRATIONS):
+            await conn.execute(
+                "INSERT INTO schema_version (component, version) VALUES ($1, $2)"
+                " ON CONFLICT (component) DO UPDATE SET version = excluded.version",
+                COMPONENT,
+                len(MIGRATIONS),
+            )
+            log.info("postgres trace schema migrated from version %d to %d", version, len(MIGRATIONS))
+        return len(MIGRATIONS) if version < len(MIGRATIONS) else version

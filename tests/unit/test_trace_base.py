@@ -1,0 +1,133 @@
+"""Shared pieces of the trace backends: timestamps, page tokens, redaction, the factory."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from server.traces.base import (
+    MAX_LIST_LIMIT,
+    RateLimitedLog,
+    TraceRecord,
+    clamp_limit,
+    from_micros,
+    new_trace_id,
+    page_token,
+    parse_page_token,
+    redact_text,
+    redact_url,
+    to_micros,
+)
+from server.traces.factory import create_backends
+
+moments = st.datetimes(min_value=datetime(1971, 1, 1), max_value=datetime(2200, 1, 1), timezones=st.just(UTC))
+
+
+@given(moments)
+def test_micros_round_trip_exactly(moment: datetime) -> None:
+    assert from_micros(to_micros(moment)) == moment
+
+
+def test_micros_order_at_sub_second_resolution() -> None:
+    base = datetime(2025, 1, 1, tzinfo=UTC)
+    assert to_micros(base + timedelta(microseconds=1)) - to_micros(base) == 1
+    assert to_micros(datetime(2025, 1, 1)) == to_micros(base)  # naive is UTC
+
+
+@given(moments, st.text(min_size=1))
+def test_page_token_round_trip(moment: datetime, trace_id: str) -> None:
+    token = page_token(TraceRecord(id=trace_id, created_at=moment))
+    assert parse_page_token(token) == (moment, trace_id)
+
+
+@pytest.mark.parametrize("token", ["", "!!!", "bm90LWEtbnVtYmVy", "MTIz"])
+def test_malformed_page_token(token: str) -> None:
+    with pytest.raises(ValueError):
+        parse_page_token(token)
+
+
+def test_clamp_limit() -> None:
+    assert clamp_limit(0) == 50 and clamp_limit(-1) == 50
+    assert clamp_limit(7) == 7 and clamp_limit(10**9) == MAX_LIST_LIMIT
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("postgresql://gw:s3cret@db:5432/traces", "postgresql://gw:***@db:5432/traces"),
+        ("postgresql://gw@db/traces", "postgresql://gw@db/traces"),
+        ("http://default:s3cret@127.0.0.1:8123/?database=x", "http://default:***@127.0.0.1:8123/?database=x"),
+        ("http://ch:8123/?user=u&password=s3cret", "http://ch:8123/?user=u&password=***"),
+        ("host=db user=gw password=s3cret dbname=t", "host=db user=gw password=*** dbname=t"),
+        ("host=db password='s3 cret' dbname=t", "host=db password=*** dbname=t"),
+    ],
+)
+def test_redact_url(url: str, expected: str) -> None:
+    assert redact_url(url) == expected
+    assert "s3cret" not in redact_url(url)
+
+
+def test_redact_text() -> None:
+    text = "failed: postgresql://gw:s3cret@db/t (key sk-abc)"
+    assert redact_text(text, "sk-abc") == "failed: postgresql://gw:***@db/t (key ***)"
+
+
+def test_rate_limited_log(caplog: pytest.LogCaptureFixture) -> None:
+    log = RateLimitedLog(logging.getLogger("test.rate"), interval=3600)
+    with caplog.at_level(logging.WARNING, logger="test.rate"):
+        for i in range(5):
+            log.warning("a", "problem %d", i)
+        log.warning("b", "other")
+    assert [r.getMessage() for r in caplog.records] == ["problem 0", "other"]
+
+
+def test_trace_ids_are_unique_and_prefixed() -> None:
+    ids = {new_trace_id() for _ in range(1000)}
+    assert len(ids) == 1000 and all(i.startswith("provider_trace-") for i in ids)
+
+
+def test_factory_builds_in_order() -> None:
+    backends = create_backends(
+        ["socket", "sqlite", "postgres", "clickhouse"],
+        sqlite_path="/tmp/x.db",
+        postgres_dsn="postgresql://u:p@h/d",
+        clickhouse_url="http://h:8123",
+        socket_path="/tmp/s.sock",
+    )
+    assert [b.name for b in backends] == ["socket", "sqlite", "postgres", "clickhouse"]
+    assert [b.readable for b in backends] == [False, True, True, True]
+    assert "p@" not in repr(backends[2]) and "u:***@h" in repr(backends[2])
+
+
+@pytest.mark.parametrize(
+    ("names", "kwargs"),
+    [
+        (["nope"], {}),
+        (["sqlite", "sqlite"], {"sqlite_path": "x"}),
+        (["postgres"], {}),
+        (["clickhouse"], {}),
+        (["clickhouse"], {"clickhouse_url": "ftp://h"}),
+        (["socket"], {}),
+        (["sqlite"], {}),
+    ],
+)
+def test_factory_refuses_bad_settings(names: list[str], kwargs: dict[str, str]) -> None:
+    with pytest.raises(ValueError):
+        create_backends(names, **kwargs)
+
+
+def test_factory_imports_only_the_drivers_it_uses() -> None:
+    code = (
+        "import sys\n"
+        "from server.traces.factory import create_backends\n"
+        "create_backends(['sqlite', 'socket'], sqlite_path='x.db', socket_path='s')\n"
+        "print(sorted(m for m in ('asyncpg', 'aiohttp', 'aiosqlite') if m in sys.modules))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "['aiosqlite']"

@@ -1,0 +1,254 @@
+"""The trace writer: fan-out, isolation of a dead backend, bounded queues, retries, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from datetime import UTC, datetime
+
+import pytest
+
+from server.traces.base import TraceBackend, TraceRecord, new_trace_id
+from server.traces.writer import TraceWriter, WriterRetry
+
+FAST_RETRY = WriterRetry(initial_delay=0.001, max_delay=0.01, jitter=0.0, max_attempts=1000)
+
+
+def make_record(i: int = 0) -> TraceRecord:
+    return TraceRecord(id=new_trace_id(), created_at=datetime.now(UTC), step_id=f"step-{i}")
+
+
+class MemoryBackend(TraceBackend):
+    """Keeps what it is given; can be told to fail, hang or be slow."""
+
+    def __init__(self, name: str = "memory", *, fail_times: int = 0, delay: float = 0.0) -> None:
+        self.name = name
+        self.records: list[TraceRecord] = []
+        self.batches: list[int] = []
+        self.fail_times = fail_times
+        self.delay = delay
+        self.started = False
+        self.closed = False
+
+    async def start(self) -> None:
+        self.started = True
+
+    async def close(self) -> None:
+        self.closed = True
+
+    async def write_batch(self, *, records: Sequence[TraceRecord]) -> None:
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        if self.fail_times > 0:
+            self.fail_times -= 1
+            raise ConnectionError("transient failure")
+        self.batches.append(len(records))
+        self.records.extend(records)
+
+
+class DeadBackend(TraceBackend):
+    """Every write raises."""
+
+    name = "dead"
+
+    def __init__(self) -> None:
+        self.attempts = 0
+
+    async def write_batch(self, *, records: Sequence[TraceRecord]) -> None:
+        self.attempts += 1
+        raise ConnectionError("connection refused to postgresql://gw:hunter2@db/traces")
+
+
+class HangingBackend(TraceBackend):
+    """Every write waits forever."""
+
+    name = "hanging"
+
+    async def write_batch(self, *, records: Sequence[TraceRecord]) -> None:
+        await asyncio.Event().wait()
+
+
+class NeverStartsBackend(TraceBackend):
+    name = "never-starts"
+
+    async def start(self) -> None:
+        raise OSError("no route to host")
+
+    async def write_batch(self, *, records: Sequence[TraceRecord]) -> None:
+        raise AssertionError("never started, never written")
+
+
+@pytest.mark.parametrize("dead", [DeadBackend, HangingBackend, NeverStartsBackend])
+async def test_a_dead_backend_does_not_stop_the_other(dead: type[TraceBackend]) -> None:
+    good = MemoryBackend()
+    writer = TraceWriter(
+        [dead(), good], queue_size=100, batch_size=10, retry=FAST_RETRY, write_timeout=0.05, start_timeout=0.2
+    )
+    await writer.start()
+    records = [make_record(i) for i in range(1000)]
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    for record in records:
+        writer.enqueue(record)
+        await asyncio.sleep(0)  # let the lanes run between requests, as a server would
+    enqueue_time = loop.time() - began
+    await asyncio.wait_for(_until(lambda: len(good.records) == len(records)), 10)
+    assert [r.id for r in good.records] == [r.id for r in records]
+    assert enqueue_time < 5
+    stats = writer.stats
+    assert stats[1].written == 1000 and stats[1].dropped == 0
+    # Bounded: at most the queue plus one batch in flight is kept, the rest is dropped.
+    assert stats[0].written == 0 and stats[0].dropped + stats[0].queued == 1000
+    assert stats[0].queued <= 100 + 10
+    await writer.close(timeout=0.2)
+    assert good.closed
+    assert writer.stats[0].dropped + writer.stats[0].written == 1000
+
+
+async def _until(condition: object, interval: float = 0.005) -> None:
+    assert callable(condition)
+    while not condition():
+        await asyncio.sleep(interval)
+
+
+async def test_batches_are_bounded_by_batch_size() -> None:
+    backend = MemoryBackend(delay=0.01)
+    writer = TraceWriter([backend], batch_size=50)
+    await writer.start()
+    for i in range(1000):
+        writer.enqueue(make_record(i))
+    await writer.flush(timeout=10)
+    assert sum(backend.batches) == 1000
+    assert max(backend.batches) <= 50
+    assert len(backend.batches) < 100  # batched, not one write per trace
+    await writer.close(timeout=1)
+
+
+async def test_queue_overflow_drops_the_oldest_and_counts_them(caplog: pytest.LogCaptureFixture) -> None:
+    backend = MemoryBackend()
+    writer = TraceWriter([backend], queue_size=10, batch_size=5)
+    records = [make_record(i) for i in range(25)]
+    with caplog.at_level(logging.WARNING, logger="server.traces.writer"):
+        for record in records:  # not started: nothing drains
+            writer.enqueue(record)
+    assert writer.stats_for("memory").dropped == 15
+    assert writer.stats_for("memory").queued == 10
+    overflow = [r for r in caplog.records if "full" in r.getMessage()]
+    assert len(overflow) == 1  # rate-limited: one warning for 15 drops
+    await writer.close(timeout=5)
+    assert [r.id for r in backend.records] == [r.id for r in records[15:]]
+    assert writer.stats_for("memory").written == 10
+
+
+async def test_retries_a_failed_batch_until_it_succeeds() -> None:
+    backend = MemoryBackend(fail_times=3)
+    writer = TraceWriter([backend], retry=FAST_RETRY)
+    await writer.start()
+    records = [make_record(i) for i in range(20)]
+    for record in records:
+        writer.enqueue(record)
+    await writer.flush(timeout=5)
+    assert [r.id for r in backend.records] == [r.id for r in records]
+    stats = writer.stats_for("memory")
+    assert stats.failed_batches == 3 and stats.written == 20 and stats.dropped == 0
+    await writer.close(timeout=1)
+
+
+async def test_gives_up_on_a_batch_after_max_attempts() -> None:
+    backend = MemoryBackend(fail_times=2)
+    retry = WriterRetry(initial_delay=0.001, max_delay=0.001, jitter=0, max_attempts=2)
+    writer = TraceWriter([backend], batch_size=10, retry=retry)
+    for i in range(10):
+        writer.enqueue(make_record(i))
+    await writer.start()
+    await writer.flush(timeout=5)
+    writer.enqueue(make_record(99))
+    await writer.flush(timeout=5)
+    stats = writer.stats_for("memory")
+    assert stats.dropped == 10 and stats.failed_batches == 2 and stats.written == 1
+    await writer.close(timeout=1)
+
+
+async def test_close_writes_everything_queued() -> None:
+    slow = MemoryBackend("slow", delay=0.005)
+    fast = MemoryBackend("fast")
+    writer = TraceWriter([slow, fast], batch_size=100)
+    await writer.start()
+    records = [make_record(i) for i in range(5000)]
+    for record in records:
+        writer.enqueue(record)
+    await writer.close(timeout=30)
+    for backend in (slow, fast):
+        assert [r.id for r in backend.records] == [r.id for r in records]
+        assert backend.closed
+    assert all(s.written == 5000 and s.dropped == 0 and s.queued == 0 for s in writer.stats)
+
+
+async def test_close_without_start_still_writes() -> None:
+    backend = MemoryBackend()
+    writer = TraceWriter([backend])
+    writer.enqueue(make_record())
+    await writer.close(timeout=5)
+    assert len(backend.records) == 1 and backend.started and backend.closed
+
+
+async def test_close_gives_up_on_a_hanging_backend_at_the_deadline() -> None:
+    good = MemoryBackend()
+    writer = TraceWriter([HangingBackend(), good], write_timeout=60)
+    await writer.start()
+    for i in range(10):
+        writer.enqueue(make_record(i))
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    await writer.close(timeout=0.3)
+    assert loop.time() - began < 5
+    assert len(good.records) == 10
+    assert writer.stats_for("hanging").dropped == 10
+
+
+async def test_enqueue_after_close_is_counted_not_raised() -> None:
+    backend = MemoryBackend()
+    writer = TraceWriter([backend])
+    await writer.start()
+    await writer.close(timeout=1)
+    writer.enqueue(make_record())
+    assert writer.stats_for("memory").dropped == 1
+    assert backend.records == []
+
+
+async def test_failure_logs_carry_no_password(caplog: pytest.LogCaptureFixture) -> None:
+    writer = TraceWriter([DeadBackend()], retry=FAST_RETRY)
+    with caplog.at_level(logging.DEBUG):
+        await writer.start()
+        writer.enqueue(make_record())
+        await asyncio.sleep(0.05)
+        await writer.close(timeout=0.05)
+    assert caplog.records
+    assert all("hunter2" not in r.getMessage() for r in caplog.records)
+
+
+async def test_reader_is_the_first_backend() -> None:
+    first, second = MemoryBackend("a"), MemoryBackend("b")
+    assert TraceWriter([first, second]).reader is first
+    assert TraceWriter([]).reader is None
+
+
+async def test_enqueue_is_cheap() -> None:
+    writer = TraceWriter([MemoryBackend("a"), MemoryBackend("b")], queue_size=200_000)
+    records = [make_record(i) for i in range(100_000)]
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    for record in records:
+        writer.enqueue(record)
+    per_trace_us = (loop.time() - began) / len(records) * 1e6
+    print(f"enqueue: {per_trace_us:.2f} us per trace with two backends")
+    assert writer.stats_for("a").queued == 100_000
+    await writer.close(timeout=30)
+
+
+def test_retry_delay_is_capped_and_grows() -> None:
+    retry = WriterRetry(initial_delay=0.1, multiplier=2, max_delay=1.0, jitter=0)
+    assert [retry.delay(n) for n in (1, 2, 3, 4, 10)] == [0.1, 0.2, 0.4, 0.8, 1.0]
+    jittered = WriterRetry(initial_delay=1, jitter=0.5)
+    assert all(1 <= jittered.delay(1) <= 1.5 for _ in range(100))
