@@ -1,0 +1,275 @@
+"""Calls to local LLM servers: render the prompt, call the server, parse the function call.
+
+Uses the pure pieces of this package (see its docstring for the order) and the gateway's shared
+machinery: endpoint policy, token guard, retries, deadline, tracing.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+import orjson
+from llmgateway.v1 import chat_pb2
+
+from server.auth.actor import Actor
+from server.core import tokens
+from server.core.completion import completion_from_json
+from server.core.keys import check_endpoint
+from server.core.messages import functions_to_dicts, to_openai_messages
+from server.core.retry import Deadline
+from server.errors import GatewayError, UpstreamBadResponse, UpstreamUnavailable
+from server.providers.base import UpstreamTarget
+from server.providers.local.completion import to_chat_completion
+from server.providers.local.deepseek import is_deepseek_r1, with_functions_in_system_prompt
+from server.providers.local.endpoints import (
+    auth_headers,
+    build_local_request,
+    extract_completion,
+    parse_stream_event,
+    stream_framing,
+)
+from server.providers.local.grammar import build_grammar
+from server.providers.local.parsing import parse_function_call
+from server.providers.local.wrappers import first_message_prefix, render_prompt, stop_strings, wrapper_uses_grammar
+from server.providers.openai_compat import open_stream, parse_json_object, post_json, sse_events
+
+if TYPE_CHECKING:
+    from server.gateway import ChatRequest, Gateway
+
+MAX_LINE_BYTES = 16 * 1024 * 1024
+
+
+def prompt_parts(request: ChatRequest) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The OpenAI-format messages (DeepSeek-R1 prompting applied, on a copy) and function dicts."""
+    config = request.llm_config
+    messages = to_openai_messages(request.messages, model=config.model)
+    functions = functions_to_dicts(request.functions)
+    if is_deepseek_r1(config.model):
+        messages = with_functions_in_system_prompt(messages, functions)
+    return messages, functions
+
+
+class _LocalCall:
+    """Everything planned for one local call, before anything is sent."""
+
+    def __init__(self, gateway: Gateway, request: ChatRequest, *, stream: bool) -> None:
+        config = request.llm_config
+        self.request = request
+        self.endpoint_type = config.model_endpoint_type
+        self.messages, self.functions = prompt_parts(request)
+        self.count = gateway.guard(request, self.messages, self.functions)
+        first_thoughts = not request.HasField("put_inner_thoughts_first") or request.put_inner_thoughts_first
+        wrapper = config.model_wrapper
+        self.prompt = render_prompt(
+            wrapper,
+            self.messages,
+            self.functions,
+            first_message=request.first_message,
+            put_inner_thoughts_in_kwargs=config.put_inner_thoughts_in_kwargs,
+            put_inner_thoughts_first=first_thoughts,
+        )
+        self.prefix = first_message_prefix(self.functions, first_message=request.first_message)
+        if self.prefix:
+            self.prompt += self.prefix
+        grammar = None
+        if wrapper_uses_grammar(wrapper) and self.functions:
+            grammar = build_grammar(
+                self.functions,
+                put_inner_thoughts_in_kwargs=config.put_inner_thoughts_in_kwargs,
+                put_inner_thoughts_first=first_thoughts,
+                first_message=request.first_message,
+            )
+        self.http_request = build_local_request(
+            self.endpoint_type,
+            base_url=config.model_endpoint,
+            model=config.model,
+            prompt=self.prompt,
+            context_window=config.context_window,
+            max_tokens=config.max_tokens if config.HasField("max_tokens") else None,
+            grammar=grammar,
+            user=request.user_id,
+            stop=stop_strings(wrapper),
+            stream=stream,
+            temperature=config.temperature if config.HasField("temperature") else None,
+        )
+
+    def completion_json(self, text: str, prompt_tokens: int | None, completion_tokens: int | None) -> dict[str, Any]:
+        """The OpenAI ChatCompletion JSON for the model's text (a parsed call, or plain text)."""
+        model = self.request.llm_config.model
+        encoding, _ = tokens.encoding_for_model(model)
+        if not prompt_tokens and self.count is not None:
+            prompt_tokens = self.count.total_tokens
+        if completion_tokens is None:
+            completion_tokens = len(encoding.encode_ordinary(text))
+        if not self.functions:
+            # Nothing to call: the text is the answer.
+            return {
+                "id": f"chatcmpl-local-{int(time.time() * 1000)}",
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text.strip()},
+                             "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": prompt_tokens or 0, "completion_tokens": completion_tokens,
+                          "total_tokens": (prompt_tokens or 0) + completion_tokens},
+            }
+        parsed = parse_function_call(text, primed_prefix=self.prefix)
+        return to_chat_completion(
+            parsed,
+            model=model,
+            inner_thoughts=parsed.inner_thoughts,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+        )
+
+
+async def _target(gateway: Gateway, request: ChatRequest, actor: Actor) -> UpstreamTarget:
+    """The endpoint must be allowed; the local key goes only to its own configured base URL."""
+    deps = gateway.deps
+    settings = deps.settings
+    config = request.llm_config
+    endpoint = await check_endpoint(config.model_endpoint, actor=actor, policy=deps.policy, byok_urls=deps.byok_urls)
+    headers: dict[str, str] = {}
+    secrets: tuple[str, ...] = ()
+    if settings.local_auth_type and settings.local_base_url and deps.policy.key_allowed_for(
+        endpoint, settings.local_base_url
+    ):
+        headers = auth_headers(settings.local_auth_type, settings.local_api_key)
+        secrets = (settings.local_api_key,)
+    return UpstreamTarget(endpoint.rstrip("/"), headers, config.model_endpoint_type, secrets=secrets)
+
+
+async def create_local(
+    gateway: Gateway, request: ChatRequest, actor: Actor, deadline: Deadline
+) -> chat_pb2.CreateResponse:
+    target = await _target(gateway, request, actor)
+    call = _LocalCall(gateway, request, stream=False)
+    payload = orjson.dumps(call.http_request.body)
+    record = gateway.new_trace(request, actor, target, payload)
+    started = time.perf_counter()
+    error: BaseException | None = None
+    with gateway.span("create", request.llm_config, target) as span:
+        try:
+            raw, answer = await post_json(
+                gateway.deps.http, target, call.http_request.url, payload, gateway.call_options(deadline, span)
+            )
+            record.response_json = raw.decode("utf-8", "replace")
+            local = extract_completion(call.endpoint_type, answer)
+            completion = completion_from_json(
+                call.completion_json(local.text, local.prompt_tokens, local.completion_tokens),
+                provider=target.provider,
+            )
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            if error is None:
+                _usage(record, completion)
+            gateway.finish_trace(record, started, error)
+    return chat_pb2.CreateResponse(completion=completion, provider_trace_id=record.id)
+
+
+async def stream_local(
+    gateway: Gateway, request: ChatRequest, actor: Actor, deadline: Deadline
+) -> AsyncIterator[chat_pb2.StreamCreateResponse]:
+    """Text deltas as the server produces them, then the completion with the parsed call."""
+    target = await _target(gateway, request, actor)
+    call = _LocalCall(gateway, request, stream=True)
+    payload = orjson.dumps(call.http_request.body)
+    record = gateway.new_trace(request, actor, target, payload)
+    started = time.perf_counter()
+    error: BaseException | None = None
+    scrub = gateway.deps.scrub
+    pieces: list[str] = []
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    with gateway.span("stream", request.llm_config, target) as span:
+        try:
+            response = await open_stream(
+                gateway.deps.http, target, call.http_request.url, payload, gateway.call_options(deadline, span)
+            )
+            clean = False
+            try:
+                finished = False
+                events = (
+                    _ndjson_events(response, provider=target.provider, scrub=scrub)
+                    if stream_framing(call.endpoint_type) == "ndjson"
+                    else sse_events(response, provider=target.provider, scrub=scrub)
+                )
+                async for event in events:
+                    if event is None:  # [DONE]
+                        finished = True
+                        break
+                    chunk = parse_stream_event(call.endpoint_type, event)
+                    if chunk.prompt_tokens is not None:
+                        prompt_tokens = chunk.prompt_tokens
+                    if chunk.completion_tokens is not None:
+                        completion_tokens = chunk.completion_tokens
+                    finished = finished or chunk.done
+                    if chunk.text:
+                        pieces.append(chunk.text)
+                        if not record.time_to_first_token_ms:
+                            record.time_to_first_token_ms = (time.perf_counter() - started) * 1000.0
+                        yield chat_pb2.StreamCreateResponse(delta=chat_pb2.ChatCompletionDelta(content=chunk.text))
+                if not finished:
+                    raise UpstreamBadResponse(
+                        f"{target.provider} ended the stream before it was complete",
+                        metadata={"provider": target.provider},
+                    )
+                clean = True
+            finally:
+                if clean:
+                    response.release()
+                else:
+                    response.close()
+            text = "".join(pieces)
+            record.response_json = orjson.dumps({"text": text}).decode()
+            completion = completion_from_json(
+                call.completion_json(text, prompt_tokens, completion_tokens), provider=target.provider
+            )
+        except BaseException as exc:
+            error = exc
+            if pieces and not record.response_json:
+                record.response_json = orjson.dumps({"text": "".join(pieces)}).decode()
+            raise
+        finally:
+            if error is None:
+                _usage(record, completion)
+            gateway.finish_trace(record, started, error)
+    yield chat_pb2.StreamCreateResponse(completion=completion, provider_trace_id=record.id)
+
+
+async def _ndjson_events(
+    response: aiohttp.ClientResponse, *, provider: str, scrub: Callable[[str], str]
+) -> AsyncIterator[dict[str, Any] | None]:
+    """Ollama streams one JSON object per line."""
+    buffer = b""
+    try:
+        async for piece in response.content.iter_any():
+            buffer += piece
+            if len(buffer) > MAX_LINE_BYTES:
+                raise UpstreamBadResponse(f"{provider} sent a line over {MAX_LINE_BYTES} bytes")
+            *lines, buffer = buffer.split(b"\n")
+            for line in lines:
+                if line.strip():
+                    yield parse_json_object(line, provider=provider, scrub=scrub)
+    except (aiohttp.ClientError, OSError) as exc:
+        raise UpstreamUnavailable(
+            f"{provider} broke the stream: {scrub(str(exc)) or type(exc).__name__}",
+            metadata={"provider": provider, "error_type": type(exc).__name__},
+        ) from exc
+    if buffer.strip():
+        yield parse_json_object(buffer, provider=provider, scrub=scrub)
+
+
+def _usage(record: Any, completion: chat_pb2.ChatCompletion) -> None:
+    usage = completion.usage
+    record.prompt_tokens = usage.prompt_tokens
+    record.completion_tokens = usage.completion_tokens
+    record.total_tokens = usage.total_tokens
+
+
+__all__ = ["GatewayError", "create_local", "prompt_parts", "stream_local"]
