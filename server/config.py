@@ -51,6 +51,8 @@ class Settings:
     log_level: str = "INFO"
     # Local LLM servers (seed: openllm_auth_type / openllm_api_key): "", "bearer_token" or "api_key".
     local_auth_type: str = ""
+    # The local server the local key belongs to; the key is sent to no other endpoint.
+    local_base_url: str = ""
     local_api_key: str = field(default="", repr=False)
     # Provider keys keep their usual names and are read from the environment only.
     openai_api_key: str = field(default="", repr=False)

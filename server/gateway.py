@@ -67,6 +67,7 @@ class Dependencies:
 
 class Gateway:
     def __init__(self, deps: Dependencies) -> None:
+        self.deps = deps
         self._deps = deps
         self._settings = deps.settings
 
@@ -74,27 +75,31 @@ class Gateway:
 
     def count_tokens(self, request: ChatRequest) -> chat_pb2.CountTokensResponse:
         validate_request(request)
-        body = build_chat_body(request, stream=False, endpoint=request.llm_config.model_endpoint)
-        count = self._count(request, body, request.llm_config.model_endpoint)
+        config = request.llm_config
+        if config.model_endpoint_type in LOCAL_TYPES:
+            from server.providers.local.provider import prompt_parts
+
+            messages, functions = prompt_parts(request)
+        else:
+            body = build_chat_body(request, stream=False, endpoint=config.model_endpoint)
+            messages, functions = body["messages"], prompt_functions(request, endpoint=config.model_endpoint)
+        count = tokens.count_request_tokens(messages, functions, config.model)
         return chat_pb2.CountTokensResponse(
             prompt_tokens=count.prompt_tokens,
             function_tokens=count.function_tokens,
             total_tokens=count.total_tokens,
-            context_window=request.llm_config.context_window,
+            context_window=config.context_window,
             encoding=count.encoding,
         )
 
-    def _count(self, request: ChatRequest, body: dict[str, Any], endpoint: str) -> tokens.TokenCount:
-        # Count the functions as sent to this endpoint (the inner-thoughts text depends on it).
-        functions = prompt_functions(request, endpoint=endpoint)
-        return tokens.count_request_tokens(body["messages"], functions, request.llm_config.model)
-
-    def _guard(self, request: ChatRequest, body: dict[str, Any], endpoint: str) -> tokens.TokenCount | None:
+    def guard(
+        self, request: ChatRequest, messages: list[dict[str, Any]], functions: list[dict[str, Any]]
+    ) -> tokens.TokenCount | None:
         """Refuse a prompt that cannot fit, before a byte leaves (0 means no window is known)."""
         window = request.llm_config.context_window
         if window <= 0:
             return None
-        count = self._count(request, body, endpoint)
+        count = tokens.count_request_tokens(messages, functions, request.llm_config.model)
         if count.total_tokens > window:
             raise ContextWindowExceeded(
                 f"Request exceeds maximum context length ({count.total_tokens} > {window} tokens)",
@@ -113,7 +118,6 @@ class Gateway:
     async def _plan(
         self, request: ChatRequest, actor: Actor, *, stream: bool
     ) -> tuple[UpstreamTarget, dict[str, Any], tokens.TokenCount | None]:
-        validate_request(request)
         config = request.llm_config
         target = await resolve_target(
             config,
@@ -124,10 +128,11 @@ class Gateway:
             byok_urls=self._deps.byok_urls,
         )
         body = build_chat_body(request, stream=stream, endpoint=target.base_url)
-        count = self._guard(request, body, target.base_url)
+        # Count the functions as sent to this endpoint (the inner-thoughts text depends on it).
+        count = self.guard(request, body["messages"], prompt_functions(request, endpoint=target.base_url))
         return target, body, count
 
-    def _options(self, deadline: Deadline, span: Any) -> CallOptions:
+    def call_options(self, deadline: Deadline, span: Any) -> CallOptions:
         def on_retry(attempt: int, delay: float, status: int) -> None:
             if span is not None:
                 span.add_event("llm_retry_attempt", {"attempt": attempt, "delay": delay, "status_code": status})
@@ -140,7 +145,7 @@ class Gateway:
             on_retry=on_retry,
         )
 
-    def _trace(self, request: ChatRequest, actor: Actor, target: UpstreamTarget | None, body: bytes) -> TraceRecord:
+    def new_trace(self, request: ChatRequest, actor: Actor, target: UpstreamTarget | None, body: bytes) -> TraceRecord:
         config = request.llm_config
         trace = request.trace
         return TraceRecord(
@@ -161,7 +166,7 @@ class Gateway:
             llm_config_json=json_format.MessageToJson(config, indent=None),
         )
 
-    def _span(self, name: str, config: chat_pb2.LLMConfig, target: UpstreamTarget) -> AbstractContextManager[Any]:
+    def span(self, name: str, config: chat_pb2.LLMConfig, target: UpstreamTarget) -> AbstractContextManager[Any]:
         tracer = self._deps.tracer
         if tracer is None:
             return nullcontext(None)
@@ -177,7 +182,7 @@ class Gateway:
             },
         )
 
-    def _finish(self, record: TraceRecord, started: float, error: BaseException | None) -> None:
+    def finish_trace(self, record: TraceRecord, started: float, error: BaseException | None) -> None:
         record.latency_ms = (time.perf_counter() - started) * 1000.0
         if error is not None:
             record.error_type = type(error).__name__ if not isinstance(error, GatewayError) else error.reason
@@ -193,18 +198,19 @@ class Gateway:
     # -- Create ------------------------------------------------------------------------------
 
     async def create(self, request: ChatRequest, actor: Actor, deadline: Deadline) -> chat_pb2.CreateResponse:
+        validate_request(request)
         if request.llm_config.model_endpoint_type in LOCAL_TYPES:
             return await self._create_local(request, actor, deadline)
         target, body, _ = await self._plan(request, actor, stream=False)
         payload = orjson.dumps(body)
-        record = self._trace(request, actor, target, payload)
+        record = self.new_trace(request, actor, target, payload)
         started = time.perf_counter()
         error: BaseException | None = None
-        with self._span("create", request.llm_config, target) as span:
+        with self.span("create", request.llm_config, target) as span:
             try:
                 raw, answer = await post_json(
                     self._deps.http, target, target.base_url + "/chat/completions", payload,
-                    self._options(deadline, span),
+                    self.call_options(deadline, span),
                 )
                 record.response_json = raw.decode("utf-8", "replace")
                 unpack_completion(answer, request)
@@ -216,7 +222,7 @@ class Gateway:
                 if error is None:
                     _record_usage(record, completion.usage)
                     _span_usage(span, completion)
-                self._finish(record, started, error)
+                self.finish_trace(record, started, error)
         return chat_pb2.CreateResponse(completion=completion, provider_trace_id=record.id)
 
     # -- StreamCreate ------------------------------------------------------------------------
@@ -224,21 +230,22 @@ class Gateway:
     async def stream(
         self, request: ChatRequest, actor: Actor, deadline: Deadline
     ) -> AsyncIterator[chat_pb2.StreamCreateResponse]:
+        validate_request(request)
         if request.llm_config.model_endpoint_type in LOCAL_TYPES:
             async for event in self._stream_local(request, actor, deadline):
                 yield event
             return
         target, body, count = await self._plan(request, actor, stream=True)
         payload = orjson.dumps(body)
-        record = self._trace(request, actor, target, payload)
+        record = self.new_trace(request, actor, target, payload)
         started = time.perf_counter()
         error: BaseException | None = None
         accumulator = StreamAccumulator()
-        with self._span("stream", request.llm_config, target) as span:
+        with self.span("stream", request.llm_config, target) as span:
             try:
                 response = await open_stream(
                     self._deps.http, target, target.base_url + "/chat/completions", payload,
-                    self._options(deadline, span),
+                    self.call_options(deadline, span),
                 )
                 clean = False
                 try:
@@ -279,7 +286,7 @@ class Gateway:
                 elif accumulator.chunks:
                     # What came before the failure is evidence; keep it with the error.
                     record.response_json = orjson.dumps(accumulator.completion()).decode()
-                self._finish(record, started, error)
+                self.finish_trace(record, started, error)
         yield chat_pb2.StreamCreateResponse(completion=completion, provider_trace_id=record.id)
 
     # -- local servers (filled in by server.providers.local) ---------------------------------

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 from datetime import UTC, datetime
 
 import grpc
@@ -12,7 +11,7 @@ from llmgateway.v1 import chat_pb2, traces_pb2
 from server.api.auth import KeyAuthenticator
 from server.api.context import Context, parse, run_unary
 from server.errors import FailedPrecondition, InvalidRequest, NotFound
-from server.traces.base import TraceBackend, TraceQuery, TraceRecord
+from server.traces.base import TraceBackend, TraceQuery, TraceRecord, page_token, parse_page_token
 
 SERVICE = "llmgateway.v1.ProviderTraceService"
 DEFAULT_PAGE_SIZE = 50
@@ -52,21 +51,11 @@ def trace_to_proto(record: TraceRecord) -> traces_pb2.ProviderTrace:
     )
 
 
-def encode_page_token(record: TraceRecord) -> str:
-    raw = f"{record.created_at.isoformat()}|{record.id}".encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
 def decode_page_token(token: str) -> tuple[datetime, str]:
     try:
-        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
-        when, _, trace_id = raw.partition("|")
-        created = datetime.fromisoformat(when)
-        if not trace_id or created.tzinfo is None:
-            raise ValueError(raw)
+        return parse_page_token(token)
     except ValueError as exc:
         raise InvalidRequest("page_token is not one this server issued", metadata={"field": "page_token"}) from exc
-    return created, trace_id
 
 
 def _time(value: timestamp_pb2.Timestamp, present: bool) -> datetime | None:
@@ -119,7 +108,7 @@ class ProviderTraceServicer:
             )
             records = await self._readable().list(query=query)
             page = records[:size]
-            token = encode_page_token(page[-1]) if len(records) > size else ""
+            token = page_token(page[-1]) if len(records) > size else ""
             return traces_pb2.ListProviderTracesResponse(
                 traces=[trace_to_proto(r) for r in page], next_page_token=token
             )

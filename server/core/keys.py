@@ -35,13 +35,22 @@ class ByokProvider:
 
 
 class EndpointChecker(Protocol):
-    def check(self, url: str, *, byok_base_urls: Sequence[str] = ()) -> None: ...
+    def check(self, url: str, *, byok_base_urls: Sequence[str] = ()) -> str: ...
 
     def key_allowed_for(self, url: str, key_base_url: str) -> bool: ...
 
 
 ByokLookup = Callable[[str, str], Awaitable[ByokProvider | None]]
 ByokUrls = Callable[[str], Awaitable[Sequence[str]]]
+
+
+async def check_endpoint(endpoint: str, *, actor: Actor, policy: EndpointChecker, byok_urls: ByokUrls) -> str:
+    """The canonical URL to call, or EndpointNotAllowed when this caller may not reach it."""
+    try:
+        return policy.check(endpoint)
+    except EndpointNotAllowed:
+        # The organization's BYOK base URLs are allowed too; look them up only when needed.
+        return policy.check(endpoint, byok_base_urls=await byok_urls(actor.organization_id))
 
 
 def _bearer(key: str) -> dict[str, str]:
@@ -75,20 +84,15 @@ async def resolve_target(
                 f"BYOK provider {provider.name!r} may only be called at its own base URL",
                 metadata={"provider_name": provider.name, "endpoint": _display(endpoint)},
             )
-        policy.check(endpoint, byok_base_urls=(base,))
         return UpstreamTarget(
-            base_url=endpoint,
+            base_url=policy.check(endpoint, byok_base_urls=(base,)).rstrip("/"),
             headers=_bearer(provider.api_key),
             provider=provider.name,
             is_byok=True,
             secrets=(provider.api_key,),
         )
 
-    try:
-        policy.check(endpoint)
-    except EndpointNotAllowed:
-        # The organization's BYOK base URLs are allowed too; look them up only when needed.
-        policy.check(endpoint, byok_base_urls=await byok_urls(actor.organization_id))
+    canonical = (await check_endpoint(endpoint, actor=actor, policy=policy, byok_urls=byok_urls)).rstrip("/")
 
     is_openrouter = "openrouter.ai" in endpoint or config.provider_name == "openrouter"
     if is_openrouter and settings.openrouter_api_key and policy.key_allowed_for(endpoint, settings.openrouter_base_url):
@@ -97,19 +101,19 @@ async def resolve_target(
             headers["HTTP-Referer"] = settings.openrouter_referer
         if settings.openrouter_title:
             headers["X-Title"] = settings.openrouter_title
-        return UpstreamTarget(endpoint, headers, "openrouter", secrets=(settings.openrouter_api_key,))
+        return UpstreamTarget(canonical, headers, "openrouter", secrets=(settings.openrouter_api_key,))
 
     if policy.key_allowed_for(endpoint, settings.openai_base_url):
         if settings.openai_api_key:
-            return UpstreamTarget(endpoint, _bearer(settings.openai_api_key), "openai",
+            return UpstreamTarget(canonical, _bearer(settings.openai_api_key), "openai",
                                   secrets=(settings.openai_api_key,))
-        if endpoint == settings.openai_base_url.rstrip("/"):
+        if canonical == policy.check(settings.openai_base_url).rstrip("/"):
             raise MissingApiKey(
                 "no OpenAI API key is configured for the official endpoint (set OPENAI_API_KEY)",
                 metadata={"missing_fields": "openai_api_key", "endpoint": _display(endpoint)},
             )
     provider_name = "openrouter" if is_openrouter else (config.provider_name or "openai")
-    return UpstreamTarget(endpoint, _bearer(PLACEHOLDER_API_KEY), provider_name)
+    return UpstreamTarget(canonical, _bearer(PLACEHOLDER_API_KEY), provider_name)
 
 
 def _display(url: str) -> str:
