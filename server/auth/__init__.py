@@ -1,0 +1,13 @@
+"""Gateway keys, BYOK providers, endpoint policy and secret redaction.
+
+actor.py      Actor, ANONYMOUS (the caller of a call)
+policy.py     LLMGW_AUTH decision, Authenticator (metadata -> Actor), require_admin
+store.py      AuthStore (keys + providers, caches) and create_auth_store(settings);
+              backends in store_sqlite.py / store_postgres.py, imported lazily
+crypto.py     AES-256-GCM encryption of BYOK keys under LLMGW_ENCRYPTION_KEY
+byok.py       create_byok_provider / resolve_byok
+endpoints.py  EndpointPolicy (which URLs a call may reach), key_allowed_for, is_forbidden_address
+resolver.py   SafeResolver: connection-time refusal of forbidden addresses (aiohttp)
+redact.py     Redactor, RedactingFilter
+cli.py        `llm-gateway keys create|list|revoke`
+"""

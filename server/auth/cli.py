@@ -1,0 +1,98 @@
+"""`llm-gateway keys create|list|revoke`: gateway key management against the configured store.
+
+Hook-up from `server/cli.py`:
+
+    keys = add_keys_subparser(subparsers)
+    config.add_arguments(keys)                # --sqlite-path, --postgres-dsn, ... for the store
+    ...
+    if args.command == "keys":
+        return run_keys_command(args, load_settings(args))
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from typing import TYPE_CHECKING, Any, TextIO
+
+from server.auth.store import DEFAULT_CACHE_TTL, create_auth_store
+from server.errors import GatewayError
+
+if TYPE_CHECKING:
+    from server.config import Settings
+
+
+def add_keys_subparser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add `keys` (create/list/revoke) to an argparse subparsers object; returns the `keys` parser."""
+    keys: argparse.ArgumentParser = subparsers.add_parser("keys", help="manage gateway keys")
+    actions = keys.add_subparsers(dest="keys_command", required=True, metavar="{create,list,revoke}")
+
+    create = actions.add_parser("create", help="create a key; prints it alone on the last line")
+    create.add_argument("--org", required=True, help="organization the key acts for")
+    create.add_argument("--user", default="", help="user id recorded on the key's calls")
+    create.add_argument("--admin", action="store_true", help="may manage BYOK providers")
+
+    listing = actions.add_parser("list", help="list keys (never their secrets)")
+    listing.add_argument("--org", default=None, help="only this organization's keys")
+
+    revoke = actions.add_parser("revoke", help="revoke a key by its id")
+    revoke.add_argument("key_id")
+    return keys
+
+
+def run_keys_command(
+    args: argparse.Namespace, settings: Settings, *, out: TextIO | None = None, err: TextIO | None = None
+) -> int:
+    """Run a parsed `keys` command; returns the process exit code."""
+    return asyncio.run(run_keys_command_async(args, settings, out=out, err=err))
+
+
+async def run_keys_command_async(
+    args: argparse.Namespace, settings: Settings, *, out: TextIO | None = None, err: TextIO | None = None
+) -> int:
+    """`run_keys_command` for callers already inside an event loop."""
+    out = out or sys.stdout
+    err = err or sys.stderr
+    store = create_auth_store(settings, cache_ttl=DEFAULT_CACHE_TTL)
+    try:
+        await store.start()
+        command = args.keys_command
+        if command == "create":
+            key_id, plaintext = await store.create_key(
+                organization_id=args.org, user_id=args.user, is_admin=args.admin
+            )
+            role = "admin" if args.admin else "non-admin"
+            user = f", user {args.user!r}" if args.user else ""
+            print(f"created {role} key {key_id} for organization {args.org!r}{user}", file=out)
+            print(
+                "store it now, it is not shown again; callers send `authorization: Bearer <key>`:", file=out
+            )
+            print(plaintext, file=out)
+            return 0
+        if command == "list":
+            keys = await store.list_keys(organization_id=args.org)
+            print("KEY_ID\tORGANIZATION\tUSER\tADMIN\tCREATED\tREVOKED", file=out)
+            for key in keys:
+                revoked = key.revoked_at.isoformat(timespec="seconds") if key.revoked_at else "-"
+                created = key.created_at.isoformat(timespec="seconds")
+                admin = "yes" if key.is_admin else "no"
+                row = (key.key_id, key.organization_id, key.user_id or "-", admin, created, revoked)
+                print("\t".join(row), file=out)
+            return 0
+        if command == "revoke":
+            if await store.revoke_key(key_id=args.key_id):
+                print(
+                    f"revoked key {args.key_id}; running servers refuse it within {DEFAULT_CACHE_TTL:g} s",
+                    file=out,
+                )
+                return 0
+            print(f"no active key {args.key_id}", file=err)
+            return 1
+        print(f"unknown keys command {command!r}", file=err)
+        return 2
+    except GatewayError as exc:
+        print(f"error: {exc.message}", file=err)
+        return 2
+    finally:
+        await store.close()

@@ -1,0 +1,354 @@
+"""Gateway keys and BYOK providers: the interface, the records, the caches, and the factory.
+
+Backends (`server.auth.store_sqlite.SqliteAuthStore`, `server.auth.store_postgres.PostgresAuthStore`)
+implement a handful of storage primitives; the public, keyword-only API lives here so key
+format, hashing and caching are written once.
+
+Gateway keys look like `llmgw_<key_id>_<secret>`: `key_id` is 16 hex characters (public: it is
+shown by `keys list` and used by `keys revoke`), `secret` is 256 random bits
+(`secrets.token_urlsafe(32)`). Only SHA-256 of the whole key is stored; a plain fast hash is
+enough because the secret has full entropy (nothing to brute-force), and the stored hash is
+compared in constant time after a primary-key lookup by `key_id`.
+
+Caching (the hot path must not hit the database on every call):
+  * `authenticate` caches positive results for `cache_ttl` seconds (default 5). A revoked key is
+    refused at once by the process that revoked it, and by every other process (other workers,
+    the CLI revoking against a running server) within `cache_ttl` seconds.
+  * `get_provider` / `byok_base_urls` cache an organization's providers (its own and the global
+    ones) for `cache_ttl` seconds, with the same bound for deletes/creates made elsewhere.
+"""
+
+from __future__ import annotations
+
+import abc
+import hashlib
+import hmac
+import re
+import secrets
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Self
+
+from server.auth.actor import Actor
+from server.errors import AlreadyExists, InvalidRequest
+
+if TYPE_CHECKING:
+    from server.config import Settings
+
+KEY_PREFIX = "llmgw"
+DEFAULT_CACHE_TTL = 5.0
+GLOBAL_ORGANIZATION = ""  # providers of this organization are visible to every organization
+_CACHE_MAX_ENTRIES = 10_000
+_KEY_RE = re.compile(r"llmgw_([0-9a-f]{16})_([A-Za-z0-9_-]{20,})")
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayKey:
+    """A gateway key as listed: never its secret nor its hash."""
+
+    key_id: str
+    organization_id: str
+    user_id: str
+    is_admin: bool
+    created_at: datetime
+    revoked_at: datetime | None = None
+
+    @property
+    def revoked(self) -> bool:
+        return self.revoked_at is not None
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRow:
+    """A stored gateway key, hash included (backends return this to the base class only)."""
+
+    key_id: str
+    key_hash: str
+    organization_id: str
+    user_id: str
+    is_admin: bool
+    created_at: datetime
+    revoked_at: datetime | None = None
+
+    def public(self) -> GatewayKey:
+        return GatewayKey(
+            key_id=self.key_id,
+            organization_id=self.organization_id,
+            user_id=self.user_id,
+            is_admin=self.is_admin,
+            created_at=self.created_at,
+            revoked_at=self.revoked_at,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderRecord:
+    """A BYOK provider. `api_key_encrypted` is the crypto token; never send it to a client."""
+
+    id: str
+    organization_id: str
+    name: str
+    endpoint_type: str
+    base_url: str
+    api_key_encrypted: str = field(repr=False)
+    api_key_last4: str
+    created_at: datetime
+
+    @property
+    def is_global(self) -> bool:
+        return self.organization_id == GLOBAL_ORGANIZATION
+
+
+class ProviderAlreadyExists(AlreadyExists):
+    """(organization, name) is taken."""
+
+    def __init__(self, *, organization_id: str, name: str) -> None:
+        super().__init__(
+            f"a provider named {name!r} already exists in organization {organization_id!r}",
+            metadata={"organization_id": organization_id, "name": name},
+        )
+
+
+def hash_key(plaintext: str) -> str:
+    """SHA-256 hex digest of a gateway key (what the database stores)."""
+    return hashlib.sha256(plaintext.encode()).hexdigest()
+
+
+def parse_key_id(plaintext: str) -> str | None:
+    """The key_id of a well-formed gateway key, or None (malformed keys never reach the database)."""
+    match = _KEY_RE.fullmatch(plaintext)
+    return match.group(1) if match else None
+
+
+def new_gateway_key() -> tuple[str, str]:
+    """A fresh (key_id, plaintext key)."""
+    key_id = secrets.token_hex(8)
+    return key_id, f"{KEY_PREFIX}_{key_id}_{secrets.token_urlsafe(32)}"
+
+
+def api_key_last4(api_key: str) -> str:
+    """The last four characters shown for recognition; nothing for keys too short to spare them."""
+    return api_key[-4:] if len(api_key) >= 12 else ""
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(slots=True)
+class _CachedActor:
+    key_hash: str
+    actor: Actor
+    expires: float
+
+
+class AuthStore(abc.ABC):
+    """Gateway keys and BYOK providers. Call `start()` once before use and `close()` at the end."""
+
+    name: str = "auth"
+
+    def __init__(self, *, cache_ttl: float = DEFAULT_CACHE_TTL, clock: Callable[[], float] = time.monotonic):
+        self.cache_ttl = cache_ttl
+        self._clock = clock
+        self._actors: OrderedDict[str, _CachedActor] = OrderedDict()
+        self._providers: OrderedDict[str, tuple[float, tuple[ProviderRecord, ...]]] = OrderedDict()
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def start(self) -> None:
+        """Connect and migrate (idempotent, safe against concurrent starts)."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Release connections."""
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # --- storage primitives (backends) ------------------------------------------------------
+
+    @abc.abstractmethod
+    async def _insert_key(self, *, row: KeyRow) -> None: ...
+
+    @abc.abstractmethod
+    async def _fetch_key(self, *, key_id: str) -> KeyRow | None: ...
+
+    @abc.abstractmethod
+    async def _select_keys(self, *, organization_id: str | None) -> list[KeyRow]: ...
+
+    @abc.abstractmethod
+    async def _mark_revoked(self, *, key_id: str, at: datetime) -> bool:
+        """Set revoked_at on an active key; False when no active key has that id."""
+
+    @abc.abstractmethod
+    async def _count_active_keys(self) -> int: ...
+
+    @abc.abstractmethod
+    async def _insert_provider(self, *, record: ProviderRecord) -> None:
+        """Insert, raising `ProviderAlreadyExists` on a duplicate (organization_id, name)."""
+
+    @abc.abstractmethod
+    async def _select_providers(self, *, organization_ids: Sequence[str]) -> list[ProviderRecord]:
+        """Providers of any of these organizations, ordered by (organization_id, name)."""
+
+    @abc.abstractmethod
+    async def _delete_provider(self, *, organization_id: str, name: str) -> bool: ...
+
+    # --- gateway keys -----------------------------------------------------------------------
+
+    async def create_key(
+        self, *, organization_id: str, user_id: str = "", is_admin: bool = False
+    ) -> tuple[str, str]:
+        """Create a key; returns (key_id, plaintext key). The plaintext is never stored or shown again."""
+        if not organization_id:
+            raise InvalidRequest("a gateway key needs an organization", metadata={"field": "organization_id"})
+        key_id, plaintext = new_gateway_key()
+        row = KeyRow(
+            key_id=key_id,
+            key_hash=hash_key(plaintext),
+            organization_id=organization_id,
+            user_id=user_id,
+            is_admin=is_admin,
+            created_at=utcnow(),
+        )
+        await self._insert_key(row=row)
+        return key_id, plaintext
+
+    async def list_keys(self, *, organization_id: str | None = None) -> list[GatewayKey]:
+        """Every key (revoked ones included), optionally of one organization, oldest first."""
+        return [row.public() for row in await self._select_keys(organization_id=organization_id)]
+
+    async def revoke_key(self, *, key_id: str) -> bool:
+        """Revoke a key; False when there is no active key with that id."""
+        self._actors.pop(key_id, None)
+        return await self._mark_revoked(key_id=key_id, at=utcnow())
+
+    async def has_keys(self) -> bool:
+        """True when at least one unrevoked key exists (for LLMGW_AUTH=auto)."""
+        return await self._count_active_keys() > 0
+
+    async def authenticate(self, *, token: str) -> Actor | None:
+        """The actor of a presented gateway key, or None when it is malformed, unknown or revoked."""
+        key_id = parse_key_id(token)
+        if key_id is None:
+            return None
+        digest = hash_key(token)
+        now = self._clock()
+        cached = self._actors.get(key_id)
+        if cached is not None and cached.expires > now:
+            return cached.actor if hmac.compare_digest(cached.key_hash, digest) else None
+        row = await self._fetch_key(key_id=key_id)
+        if row is None or row.revoked_at is not None or not hmac.compare_digest(row.key_hash, digest):
+            self._actors.pop(key_id, None)
+            return None
+        actor = Actor(
+            organization_id=row.organization_id, user_id=row.user_id, is_admin=row.is_admin, key_id=row.key_id
+        )
+        if self.cache_ttl > 0:
+            self._actors[key_id] = _CachedActor(row.key_hash, actor, now + self.cache_ttl)
+            self._actors.move_to_end(key_id)
+            while len(self._actors) > _CACHE_MAX_ENTRIES:
+                self._actors.popitem(last=False)
+        return actor
+
+    # --- BYOK providers ---------------------------------------------------------------------
+
+    async def create_provider(
+        self,
+        *,
+        organization_id: str,
+        name: str,
+        endpoint_type: str,
+        base_url: str,
+        api_key_encrypted: str,
+        api_key_last4: str,
+    ) -> ProviderRecord:
+        """Store a provider (its key already encrypted). Raises `ProviderAlreadyExists`."""
+        if not name:
+            raise InvalidRequest("a provider needs a name", metadata={"field": "name"})
+        record = ProviderRecord(
+            id=f"provider-{uuid.uuid4()}",
+            organization_id=organization_id,
+            name=name,
+            endpoint_type=endpoint_type,
+            base_url=base_url,
+            api_key_encrypted=api_key_encrypted,
+            api_key_last4=api_key_last4,
+            created_at=utcnow(),
+        )
+        await self._insert_provider(record=record)
+        self._providers.clear()
+        return record
+
+    async def list_providers(
+        self, *, organization_id: str, include_global: bool = False
+    ) -> list[ProviderRecord]:
+        """The organization's own providers (uncached), plus the global ones when asked."""
+        orgs = [organization_id]
+        if include_global and organization_id != GLOBAL_ORGANIZATION:
+            orgs.append(GLOBAL_ORGANIZATION)
+        return await self._select_providers(organization_ids=orgs)
+
+    async def get_provider(self, *, organization_id: str, name: str) -> ProviderRecord | None:
+        """The organization's provider of that name, else the global one, else None (cached)."""
+        visible = await self._visible_providers(organization_id)
+        fallback: ProviderRecord | None = None
+        for record in visible:
+            if record.name != name:
+                continue
+            if record.organization_id == organization_id:
+                return record
+            fallback = record
+        return fallback
+
+    async def byok_base_urls(self, *, organization_id: str) -> tuple[str, ...]:
+        """Base URLs of every provider the organization can use (its own and global; cached)."""
+        return tuple(dict.fromkeys(r.base_url for r in await self._visible_providers(organization_id)))
+
+    async def delete_provider(self, *, organization_id: str, name: str) -> bool:
+        """Delete the organization's own provider (never a global one from another organization)."""
+        deleted = await self._delete_provider(organization_id=organization_id, name=name)
+        self._providers.clear()
+        return deleted
+
+    def invalidate_caches(self) -> None:
+        """Forget cached actors and providers (tests, or an operator-triggered refresh)."""
+        self._actors.clear()
+        self._providers.clear()
+
+    async def _visible_providers(self, organization_id: str) -> tuple[ProviderRecord, ...]:
+        now = self._clock()
+        cached = self._providers.get(organization_id)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        orgs = dict.fromkeys([organization_id, GLOBAL_ORGANIZATION])
+        records = tuple(await self._select_providers(organization_ids=list(orgs)))
+        if self.cache_ttl > 0:
+            self._providers[organization_id] = (now + self.cache_ttl, records)
+            self._providers.move_to_end(organization_id)
+            while len(self._providers) > _CACHE_MAX_ENTRIES:
+                self._providers.popitem(last=False)
+        return records
+
+
+def create_auth_store(settings: Settings, *, cache_ttl: float = DEFAULT_CACHE_TTL) -> AuthStore:
+    """Postgres when `LLMGW_POSTGRES_DSN` is set, else the embedded SQLite file; not yet started.
+
+    Each backend module is imported here, lazily, so an unused driver is never imported.
+    """
+    if settings.postgres_dsn:
+        from server.auth.store_postgres import PostgresAuthStore
+
+        return PostgresAuthStore(dsn=settings.postgres_dsn, cache_ttl=cache_ttl)
+    from server.auth.store_sqlite import SqliteAuthStore
+
+    return SqliteAuthStore(path=settings.sqlite_path, cache_ttl=cache_ttl)
