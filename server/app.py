@@ -17,8 +17,8 @@ from server.api.auth import KeyAuthenticator
 from server.api.chat import ChatCompletionServicer
 from server.api.providers import ProviderServicer
 from server.api.traces import ProviderTraceServicer
-from server.auth.crypto import decrypt_async
-from server.auth.endpoints import EndpointPolicy, is_forbidden_address
+from server.auth.byok import resolve_byok
+from server.auth.endpoints import EndpointPolicy
 from server.auth.policy import Authenticator, auth_required
 from server.auth.redact import Redactor, install_log_redaction
 from server.auth.store import AuthStore, create_auth_store
@@ -85,20 +85,19 @@ class GatewayServer:
         writer = TraceWriter(backends)
         await writer.start()
 
-        http = HttpClient(is_forbidden_address=is_forbidden_address)
+        http = HttpClient()
         policy = EndpointPolicy.from_settings(settings)
 
         async def byok_provider(organization_id: str, name: str) -> ByokProvider | None:
-            record = await store.get_provider(organization_id=organization_id, name=name)
-            if record is None:
-                return None
-            if not settings.encryption_key:
-                from server.auth.crypto import EncryptionKeyMissing
-
-                raise EncryptionKeyMissing()
-            api_key = await decrypt_async(record.api_key_encrypted, settings.encryption_key)
-            redactor.add(api_key)
-            return ByokProvider(record.name, record.base_url, api_key, record.endpoint_type)
+            found = await resolve_byok(
+                store,
+                passphrase=settings.encryption_key,
+                organization_id=organization_id,
+                provider_name=name,
+                redactor=redactor,
+            )
+            record = found.provider
+            return ByokProvider(record.name, record.base_url, found.api_key, record.endpoint_type)
 
         async def byok_urls(organization_id: str) -> Sequence[str]:
             return await store.byok_base_urls(organization_id=organization_id)
@@ -133,7 +132,9 @@ class GatewayServer:
             (
                 ChatCompletionServicer(gateway, authenticator).handlers(),
                 ProviderTraceServicer(writer.reader, authenticator).handlers(),
-                ProviderServicer(store, authenticator, encryption_key=settings.encryption_key).handlers(),
+                ProviderServicer(
+                    store, authenticator, policy, encryption_key=settings.encryption_key
+                ).handlers(),
             )
         )
         health_servicer = health.aio.HealthServicer()
@@ -148,8 +149,13 @@ class GatewayServer:
         port = _bind(server, settings)
         await server.start()
         self._running = _Running(server, health_servicer, writer, store, http, port)
-        log.info("llm-gateway serving on %s (port %d), auth %s, traces %s", settings.listen, port,
-                 "required" if required else "off", ",".join(settings.trace_backends))
+        log.info(
+            "llm-gateway serving on %s (port %d), auth %s, traces %s",
+            settings.listen,
+            port,
+            "required" if required else "off",
+            ",".join(settings.trace_backends),
+        )
         return port
 
     async def stop(self, grace: float | None = None) -> None:
@@ -199,15 +205,20 @@ def _enable_v1_reflection(server: grpc.aio.Server) -> None:
     from grpc_reflection.v1alpha import reflection_pb2
     from grpc_reflection.v1alpha._async import ReflectionServicer
 
-    servicer = ReflectionServicer((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME,
-                                   "grpc.reflection.v1.ServerReflection"))
+    servicer = ReflectionServicer(
+        (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME, "grpc.reflection.v1.ServerReflection")
+    )
     handler = grpc.stream_stream_rpc_method_handler(
         servicer.ServerReflectionInfo,
         request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
         response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
     )
     server.add_generic_rpc_handlers(
-        (grpc.method_handlers_generic_handler("grpc.reflection.v1.ServerReflection", {"ServerReflectionInfo": handler}),)
+        (
+            grpc.method_handlers_generic_handler(
+                "grpc.reflection.v1.ServerReflection", {"ServerReflectionInfo": handler}
+            ),
+        )
     )
 
 
@@ -220,7 +231,9 @@ async def serve(settings: Settings) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop_requested.set)
     await stop_requested.wait()
-    log.info("shutting down: finishing in-flight calls (grace %.1f s) and flushing traces", settings.grace_period)
+    log.info(
+        "shutting down: finishing in-flight calls (grace %.1f s) and flushing traces", settings.grace_period
+    )
     await gateway.stop()
     log.info("stopped")
     return 0

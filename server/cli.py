@@ -46,7 +46,9 @@ def _serve(settings: Settings) -> int:
     # Each worker is a process with its own event loop bound to the same port (SO_REUSEPORT);
     # the kernel spreads connections over them.
     context = multiprocessing.get_context("spawn")
-    workers = [context.Process(target=_worker, args=(settings,), name=f"worker-{i}") for i in range(settings.workers)]
+    workers = [
+        context.Process(target=_worker, args=(settings,), name=f"worker-{i}") for i in range(settings.workers)
+    ]
     for process in workers:
         process.start()
 
@@ -65,7 +67,9 @@ def _serve(settings: Settings) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="llm-gateway", description="A gRPC gateway between agents and LLM providers.")
+    parser = argparse.ArgumentParser(
+        prog="llm-gateway", description="A gRPC gateway between agents and LLM providers."
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="run the gRPC server")
     add_arguments(serve)

@@ -26,7 +26,7 @@ and the `ErrorInfo.reason` of one row of the contract's status table, so the map
 
 Lower layers (HTTP client, drivers, JSON) are translated into these at the boundary with
 `raise ... from exc`. Messages and metadata must never carry a secret: callers pass values
-through `server.core.redact` when they may contain one.
+through `server.auth.redact` when they may contain one.
 """
 
 from __future__ import annotations

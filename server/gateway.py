@@ -135,7 +135,9 @@ class Gateway:
     def call_options(self, deadline: Deadline, span: Any) -> CallOptions:
         def on_retry(attempt: int, delay: float, status: int) -> None:
             if span is not None:
-                span.add_event("llm_retry_attempt", {"attempt": attempt, "delay": delay, "status_code": status})
+                span.add_event(
+                    "llm_retry_attempt", {"attempt": attempt, "delay": delay, "status_code": status}
+                )
 
         return CallOptions(
             deadline=deadline,
@@ -145,7 +147,9 @@ class Gateway:
             on_retry=on_retry,
         )
 
-    def new_trace(self, request: ChatRequest, actor: Actor, target: UpstreamTarget | None, body: bytes) -> TraceRecord:
+    def new_trace(
+        self, request: ChatRequest, actor: Actor, target: UpstreamTarget | None, body: bytes
+    ) -> TraceRecord:
         config = request.llm_config
         trace = request.trace
         return TraceRecord(
@@ -166,7 +170,9 @@ class Gateway:
             llm_config_json=json_format.MessageToJson(config, indent=None),
         )
 
-    def span(self, name: str, config: chat_pb2.LLMConfig, target: UpstreamTarget) -> AbstractContextManager[Any]:
+    def span(
+        self, name: str, config: chat_pb2.LLMConfig, target: UpstreamTarget
+    ) -> AbstractContextManager[Any]:
         tracer = self._deps.tracer
         if tracer is None:
             return nullcontext(None)
@@ -209,7 +215,10 @@ class Gateway:
         with self.span("create", request.llm_config, target) as span:
             try:
                 raw, answer = await post_json(
-                    self._deps.http, target, target.base_url + "/chat/completions", payload,
+                    self._deps.http,
+                    target,
+                    target.base_url + "/chat/completions",
+                    payload,
                     self.call_options(deadline, span),
                 )
                 record.response_json = raw.decode("utf-8", "replace")
@@ -244,7 +253,10 @@ class Gateway:
         with self.span("stream", request.llm_config, target) as span:
             try:
                 response = await open_stream(
-                    self._deps.http, target, target.base_url + "/chat/completions", payload,
+                    self._deps.http,
+                    target,
+                    target.base_url + "/chat/completions",
+                    payload,
                     self.call_options(deadline, span),
                 )
                 clean = False
@@ -291,7 +303,9 @@ class Gateway:
 
     # -- local servers (filled in by server.providers.local) ---------------------------------
 
-    async def _create_local(self, request: ChatRequest, actor: Actor, deadline: Deadline) -> chat_pb2.CreateResponse:
+    async def _create_local(
+        self, request: ChatRequest, actor: Actor, deadline: Deadline
+    ) -> chat_pb2.CreateResponse:
         from server.providers.local.provider import create_local
 
         return await create_local(self, request, actor, deadline)
@@ -328,11 +342,16 @@ def _span_usage(span: Any, completion: chat_pb2.ChatCompletion) -> None:
     span.set_attribute("gen_ai.usage.output_tokens", completion.usage.completion_tokens)
     span.set_attribute(
         "gen_ai.response.finish_reasons",
-        [chat_pb2.FinishReason.Name(c.finish_reason).removeprefix("FINISH_REASON_").lower() for c in completion.choices],
+        [
+            chat_pb2.FinishReason.Name(c.finish_reason).removeprefix("FINISH_REASON_").lower()
+            for c in completion.choices
+        ],
     )
 
 
-def _local_usage(answer: dict[str, Any], count: tokens.TokenCount | None, request: ChatRequest) -> dict[str, int]:
+def _local_usage(
+    answer: dict[str, Any], count: tokens.TokenCount | None, request: ChatRequest
+) -> dict[str, int]:
     """Usage counted here when the upstream sent none (the seed counted one token per chunk)."""
     encoding, _ = tokens.encoding_for_model(request.llm_config.model)
     completion_tokens = 0
@@ -342,7 +361,9 @@ def _local_usage(answer: dict[str, Any], count: tokens.TokenCount | None, reques
             if text:
                 completion_tokens += len(encoding.encode_ordinary(text))
         for call in message.get("tool_calls") or ():
-            completion_tokens += len(encoding.encode_ordinary(call["function"]["name"] + call["function"]["arguments"]))
+            completion_tokens += len(
+                encoding.encode_ordinary(call["function"]["name"] + call["function"]["arguments"])
+            )
     prompt_tokens = count.total_tokens if count is not None else 0
     return {
         "prompt_tokens": prompt_tokens,

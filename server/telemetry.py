@@ -51,7 +51,9 @@ def setup_tracing(environ: Mapping[str, str] | None = None) -> tuple[Any, Any] |
         exporter = OTLPSpanExporter()
         processor = BatchSpanProcessor(exporter)
     else:
-        log.warning("OTEL_TRACES_EXPORTER=%s is not supported here (otlp, console); tracing stays off", exporter_name)
+        log.warning(
+            "OTEL_TRACES_EXPORTER=%s is not supported here (otlp, console); tracing stays off", exporter_name
+        )
         return None
     resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", "llm-gateway")})
     provider = TracerProvider(resource=resource)

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-from urllib.parse import urlsplit
-
 import grpc
 from google.protobuf import timestamp_pb2
 from llmgateway.v1 import providers_pb2
 
 from server.api.auth import KeyAuthenticator
 from server.api.context import Context, parse, run_unary
-from server.auth.crypto import EncryptionKeyMissing, encrypt_async
-from server.auth.store import AuthStore, ProviderRecord, api_key_last4
+from server.auth.byok import create_byok_provider
+from server.auth.endpoints import EndpointPolicy
+from server.auth.store import AuthStore, ProviderRecord
 from server.core.validation import KNOWN_TYPES
 from server.errors import FieldViolation, InvalidRequest, NotFound
 
@@ -33,16 +32,12 @@ def provider_to_proto(record: ProviderRecord) -> providers_pb2.Provider:
 
 
 def _validate(request: providers_pb2.CreateProviderRequest) -> None:
+    """What the BYOK store does not check itself (it checks name, base URL and key)."""
     violations = []
-    if not request.name or len(request.name) > 128:
-        violations.append(FieldViolation("name", "required, at most 128 characters"))
+    if len(request.name) > 128:
+        violations.append(FieldViolation("name", "at most 128 characters"))
     if request.model_endpoint_type not in KNOWN_TYPES:
         violations.append(FieldViolation("model_endpoint_type", f"one of {', '.join(sorted(KNOWN_TYPES))}"))
-    parts = urlsplit(request.base_url)
-    if parts.scheme not in ("http", "https") or not parts.hostname or parts.username or parts.query:
-        violations.append(FieldViolation("base_url", "an http(s) URL without credentials or query"))
-    if not request.api_key:
-        violations.append(FieldViolation("api_key", "required"))
     if violations:
         raise InvalidRequest(
             "invalid provider: " + "; ".join(f"{v.field}: {v.description}" for v in violations),
@@ -52,9 +47,12 @@ def _validate(request: providers_pb2.CreateProviderRequest) -> None:
 
 
 class ProviderServicer:
-    def __init__(self, store: AuthStore, auth: KeyAuthenticator, *, encryption_key: str) -> None:
+    def __init__(
+        self, store: AuthStore, auth: KeyAuthenticator, policy: EndpointPolicy, *, encryption_key: str
+    ) -> None:
         self._store = store
         self._auth = auth
+        self._policy = policy
         self._encryption_key = encryption_key
 
     async def create(self, data: bytes, context: Context) -> providers_pb2.CreateProviderResponse:
@@ -62,16 +60,15 @@ class ProviderServicer:
             actor = await self._auth.admin_for(context)
             request = parse(providers_pb2.CreateProviderRequest, data)
             _validate(request)
-            if not self._encryption_key:
-                raise EncryptionKeyMissing()
-            encrypted = await encrypt_async(request.api_key, self._encryption_key)
-            record = await self._store.create_provider(
+            record = await create_byok_provider(
+                self._store,
+                self._policy,
+                passphrase=self._encryption_key,
                 organization_id=actor.organization_id,
                 name=request.name,
                 endpoint_type=request.model_endpoint_type,
-                base_url=request.base_url.rstrip("/"),
-                api_key_encrypted=encrypted,
-                api_key_last4=api_key_last4(request.api_key),
+                base_url=request.base_url,
+                api_key=request.api_key,
             )
             return providers_pb2.CreateProviderResponse(provider=provider_to_proto(record))
 
@@ -90,7 +87,9 @@ class ProviderServicer:
         async def call() -> providers_pb2.DeleteProviderResponse:
             actor = await self._auth.admin_for(context)
             request = parse(providers_pb2.DeleteProviderRequest, data)
-            if not await self._store.delete_provider(organization_id=actor.organization_id, name=request.name):
+            if not await self._store.delete_provider(
+                organization_id=actor.organization_id, name=request.name
+            ):
                 raise NotFound(f"no provider named {request.name!r}", metadata={"name": request.name})
             return providers_pb2.DeleteProviderResponse()
 
@@ -99,12 +98,18 @@ class ProviderServicer:
     def handlers(self) -> grpc.GenericRpcHandler:
         def unary(behaviour: object) -> grpc.RpcMethodHandler:
             return grpc.unary_unary_rpc_method_handler(
-                behaviour, request_deserializer=None, response_serializer=_serialize  # type: ignore[arg-type]
+                behaviour,
+                request_deserializer=None,
+                response_serializer=_serialize,  # type: ignore[arg-type]
             )
 
         return grpc.method_handlers_generic_handler(
             SERVICE,
-            {"CreateProvider": unary(self.create), "ListProviders": unary(self.list), "DeleteProvider": unary(self.delete)},
+            {
+                "CreateProvider": unary(self.create),
+                "ListProviders": unary(self.list),
+                "DeleteProvider": unary(self.delete),
+            },
         )
 
 

@@ -55,7 +55,9 @@ def decode_page_token(token: str) -> tuple[datetime, str]:
     try:
         return parse_page_token(token)
     except ValueError as exc:
-        raise InvalidRequest("page_token is not one this server issued", metadata={"field": "page_token"}) from exc
+        raise InvalidRequest(
+            "page_token is not one this server issued", metadata={"field": "page_token"}
+        ) from exc
 
 
 def _time(value: timestamp_pb2.Timestamp, present: bool) -> datetime | None:
@@ -71,7 +73,8 @@ class ProviderTraceServicer:
         if self._reader is None or not self._reader.readable:
             name = self._reader.name if self._reader is not None else "none"
             raise FailedPrecondition(
-                f"the first trace backend ({name}) is write-only; put a readable one first in LLMGW_TRACE_BACKENDS",
+                f"the first trace backend ({name}) is write-only; "
+                "put a readable one first in LLMGW_TRACE_BACKENDS",
                 metadata={"backend": name},
             )
         return self._reader
@@ -82,9 +85,13 @@ class ProviderTraceServicer:
             request = parse(traces_pb2.GetProviderTraceRequest, data)
             if not request.step_id:
                 raise InvalidRequest("step_id is required", metadata={"field": "step_id"})
-            record = await self._readable().get_latest(organization_id=actor.organization_id, step_id=request.step_id)
+            record = await self._readable().get_latest(
+                organization_id=actor.organization_id, step_id=request.step_id
+            )
             if record is None:
-                raise NotFound(f"no trace for step {request.step_id!r}", metadata={"step_id": request.step_id})
+                raise NotFound(
+                    f"no trace for step {request.step_id!r}", metadata={"step_id": request.step_id}
+                )
             return traces_pb2.GetProviderTraceResponse(trace=trace_to_proto(record))
 
         return await run_unary(context, call)
@@ -118,7 +125,9 @@ class ProviderTraceServicer:
     def handlers(self) -> grpc.GenericRpcHandler:
         def unary(behaviour: object) -> grpc.RpcMethodHandler:
             return grpc.unary_unary_rpc_method_handler(
-                behaviour, request_deserializer=None, response_serializer=_serialize  # type: ignore[arg-type]
+                behaviour,
+                request_deserializer=None,
+                response_serializer=_serialize,  # type: ignore[arg-type]
             )
 
         return grpc.method_handlers_generic_handler(

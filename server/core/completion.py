@@ -58,7 +58,9 @@ def _message_from_json(message: dict[str, Any]) -> chat_pb2.Message:
         )
     legacy = message.get("function_call")
     if legacy and not tool_calls:
-        tool_calls.append(chat_pb2.ToolCall(name=legacy.get("name") or "", arguments=legacy.get("arguments") or ""))
+        tool_calls.append(
+            chat_pb2.ToolCall(name=legacy.get("name") or "", arguments=legacy.get("arguments") or "")
+        )
     content = message.get("content")
     if isinstance(content, list):  # some servers answer with content parts
         content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
@@ -74,9 +76,7 @@ def completion_from_json(body: dict[str, Any], *, provider: str) -> chat_pb2.Cha
     """The typed completion; an answer without choices is a bad response, not an empty answer."""
     choices_json = body.get("choices")
     if not isinstance(choices_json, list) or not choices_json:
-        raise UpstreamBadResponse(
-            f"{provider} answered without choices", metadata={"provider": provider}
-        )
+        raise UpstreamBadResponse(f"{provider} answered without choices", metadata={"provider": provider})
     choices = []
     for position, choice in enumerate(choices_json):
         if not isinstance(choice, dict) or not isinstance(choice.get("message"), dict):

@@ -95,7 +95,11 @@ async def resolve_target(
     canonical = (await check_endpoint(endpoint, actor=actor, policy=policy, byok_urls=byok_urls)).rstrip("/")
 
     is_openrouter = "openrouter.ai" in endpoint or config.provider_name == "openrouter"
-    if is_openrouter and settings.openrouter_api_key and policy.key_allowed_for(endpoint, settings.openrouter_base_url):
+    if (
+        is_openrouter
+        and settings.openrouter_api_key
+        and policy.key_allowed_for(endpoint, settings.openrouter_base_url)
+    ):
         headers = _bearer(settings.openrouter_api_key)
         if settings.openrouter_referer:
             headers["HTTP-Referer"] = settings.openrouter_referer
@@ -105,8 +109,9 @@ async def resolve_target(
 
     if policy.key_allowed_for(endpoint, settings.openai_base_url):
         if settings.openai_api_key:
-            return UpstreamTarget(canonical, _bearer(settings.openai_api_key), "openai",
-                                  secrets=(settings.openai_api_key,))
+            return UpstreamTarget(
+                canonical, _bearer(settings.openai_api_key), "openai", secrets=(settings.openai_api_key,)
+            )
         if canonical == policy.check(settings.openai_base_url).rstrip("/"):
             raise MissingApiKey(
                 "no OpenAI API key is configured for the official endpoint (set OPENAI_API_KEY)",

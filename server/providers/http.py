@@ -9,46 +9,18 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import socket
-from collections.abc import Callable
 
 import aiohttp
-from aiohttp.abc import AbstractResolver, ResolveResult
+
+from server.auth.resolver import SafeResolver
 
 log = logging.getLogger("llmgateway.http")
-
-
-class GuardedResolver(AbstractResolver):
-    """Resolves names, then drops addresses the policy forbids (metadata, link-local).
-
-    Checking the addresses actually connected to (not only the name in the URL) closes the
-    DNS-rebinding hole: a name that resolves to 169.254.169.254 is refused at connect time.
-    """
-
-    def __init__(self, is_forbidden: Callable[[str], bool]) -> None:
-        self._inner = aiohttp.ThreadedResolver()
-        self._is_forbidden = is_forbidden
-
-    async def resolve(self, host: str, port: int = 0, family: int = socket.AF_INET) -> list[ResolveResult]:
-        results = await self._inner.resolve(host, port, family)
-        allowed = [r for r in results if not self._is_forbidden(r["host"])]
-        if not allowed:
-            raise OSError(f"{host} resolves only to addresses the gateway never calls")
-        return allowed
-
-    async def close(self) -> None:
-        await self._inner.close()
-
-
-def _never_forbidden(_: str) -> bool:
-    return False
 
 
 class HttpClient:
     """Owns the connection pool; created inside the running event loop."""
 
-    def __init__(self, *, is_forbidden_address: Callable[[str], bool] = _never_forbidden) -> None:
-        self._is_forbidden = is_forbidden_address
+    def __init__(self) -> None:
         self._session: aiohttp.ClientSession | None = None
 
     @property
@@ -57,7 +29,9 @@ class HttpClient:
             connector = aiohttp.TCPConnector(
                 limit=0,  # the gateway's own concurrency bounds it; a pool cap would queue silently
                 keepalive_timeout=30,
-                resolver=GuardedResolver(self._is_forbidden),
+                # Checks every address actually connected to, not only the name in the URL:
+                # a name that resolves to a metadata address is refused (DNS rebinding).
+                resolver=SafeResolver(),
                 ttl_dns_cache=60,
             )
             self._session = aiohttp.ClientSession(
