@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 from collections.abc import Sequence
@@ -10,7 +11,6 @@ from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 from llmgateway.v1 import chat_pb2, providers_pb2, traces_pb2
 
 from server.api.auth import KeyAuthenticator
@@ -27,6 +27,7 @@ from server.core import tokens
 from server.core.keys import ByokProvider
 from server.gateway import Dependencies, Gateway
 from server.providers.http import HttpClient
+from server.reflection import enable_reflection
 from server.telemetry import setup_tracing
 from server.traces.factory import create_backends
 from server.traces.writer import TraceWriter
@@ -65,6 +66,14 @@ class GatewayServer:
         return self._running.port
 
     async def start(self) -> int:
+        """Open stores, writer and pool, bind and serve; on any failure, close what was opened."""
+        async with contextlib.AsyncExitStack() as cleanup:
+            port = await self._start(cleanup)
+            cleanup.pop_all()  # started: stop() owns the resources now
+            return port
+        raise AssertionError("unreachable")
+
+    async def _start(self, cleanup: contextlib.AsyncExitStack) -> int:
         settings = self.settings
         redactor = Redactor.from_settings(settings)
         install_log_redaction(redactor)
@@ -73,6 +82,7 @@ class GatewayServer:
         await asyncio.to_thread(tokens.preload)
         store = create_auth_store(settings)
         await store.start()
+        cleanup.push_async_callback(store.close)
         required = auth_required(settings.auth, settings.listen, has_keys=await store.has_keys())
 
         backends = create_backends(
@@ -84,8 +94,10 @@ class GatewayServer:
         )
         writer = TraceWriter(backends)
         await writer.start()
+        cleanup.push_async_callback(writer.close, timeout=settings.grace_period)
 
         http = HttpClient()
+        cleanup.push_async_callback(http.close)
         policy = EndpointPolicy.from_settings(settings)
 
         async def byok_provider(organization_id: str, name: str) -> ByokProvider | None:
@@ -141,11 +153,9 @@ class GatewayServer:
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         for name in (*SERVICE_NAMES, ""):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-        reflection.enable_server_reflection(
-            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-        )
-        _enable_v1_reflection(server)
+        enable_reflection(server, (*SERVICE_NAMES, health.SERVICE_NAME))
 
+        cleanup.push_async_callback(server.stop, None)
         port = _bind(server, settings)
         await server.start()
         self._running = _Running(server, health_servicer, writer, store, http, port)
@@ -176,7 +186,7 @@ class GatewayServer:
         await self._stopped.wait()
 
 
-def _bind(server: grpc.aio.Server, settings: Settings) -> int:
+def _add_port(server: grpc.aio.Server, settings: Settings) -> int:
     if settings.tls_cert:
         with open(settings.tls_cert, "rb") as f:
             cert = f.read()
@@ -197,29 +207,11 @@ def _bind(server: grpc.aio.Server, settings: Settings) -> int:
     return port
 
 
-def _enable_v1_reflection(server: grpc.aio.Server) -> None:
-    """Serve `grpc.reflection.v1.ServerReflection` too: its messages are wire-identical to v1alpha's.
-
-    grpcio-reflection ships only v1alpha; newer clients (grpcurl >= 1.9, buf curl) ask v1 first.
-    """
-    from grpc_reflection.v1alpha import reflection_pb2
-    from grpc_reflection.v1alpha._async import ReflectionServicer
-
-    servicer = ReflectionServicer(
-        (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME, "grpc.reflection.v1.ServerReflection")
-    )
-    handler = grpc.stream_stream_rpc_method_handler(
-        servicer.ServerReflectionInfo,
-        request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
-        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
-    )
-    server.add_generic_rpc_handlers(
-        (
-            grpc.method_handlers_generic_handler(
-                "grpc.reflection.v1.ServerReflection", {"ServerReflectionInfo": handler}
-            ),
-        )
-    )
+def _bind(server: grpc.aio.Server, settings: Settings) -> int:
+    try:
+        return _add_port(server, settings)
+    except RuntimeError as exc:  # grpc's "Failed to bind to address ..."
+        raise OSError(f"could not listen on {settings.listen}: {exc}") from exc
 
 
 async def serve(settings: Settings) -> int:

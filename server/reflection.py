@@ -1,0 +1,75 @@
+"""Server reflection, v1alpha and v1, with JSON field names filled in.
+
+grpcio-reflection builds FileDescriptorProtos with `CopyToProto`, which leaves `json_name`
+empty; grpcurl 1.8 then prints snake_case field names instead of protojson's lowerCamelCase.
+We fill `json_name` the way protoc does. grpcio-reflection ships only v1alpha; v1's messages are
+wire-identical, so the same servicer answers both (grpcurl >= 1.9 and buf curl ask v1 first).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from functools import lru_cache
+from typing import Any
+
+import grpc
+from google.protobuf import descriptor_pb2
+from grpc_reflection.v1alpha import reflection_pb2
+from grpc_reflection.v1alpha._async import ReflectionServicer
+
+V1ALPHA = "grpc.reflection.v1alpha.ServerReflection"
+V1 = "grpc.reflection.v1.ServerReflection"
+
+
+def json_name(field_name: str) -> str:
+    """protoc's rule: drop underscores, capitalising the letter after each."""
+    parts = field_name.split("_")
+    return parts[0] + "".join(p[:1].upper() + p[1:] for p in parts[1:])
+
+
+def _fill_message(message: descriptor_pb2.DescriptorProto) -> None:
+    for field in message.field:
+        if not field.json_name:
+            field.json_name = json_name(field.name)
+    for field in message.extension:
+        if not field.json_name:
+            field.json_name = json_name(field.name)
+    for nested in message.nested_type:
+        _fill_message(nested)
+
+
+@lru_cache(maxsize=256)
+def with_json_names(serialized: bytes) -> bytes:
+    proto = descriptor_pb2.FileDescriptorProto.FromString(serialized)
+    for message in proto.message_type:
+        _fill_message(message)
+    return proto.SerializeToString()
+
+
+class JsonNameReflectionServicer(ReflectionServicer):  # type: ignore[misc]
+    async def ServerReflectionInfo(  # noqa: N802 - the generated method name
+        self, request_iterator: AsyncIterator[reflection_pb2.ServerReflectionRequest], context: Any
+    ) -> AsyncIterator[reflection_pb2.ServerReflectionResponse]:
+        async for response in super().ServerReflectionInfo(request_iterator, context):
+            if response.HasField("file_descriptor_response"):
+                files = response.file_descriptor_response.file_descriptor_proto
+                fixed = [with_json_names(bytes(f)) for f in files]
+                del files[:]
+                files.extend(fixed)
+            yield response
+
+
+def enable_reflection(server: grpc.aio.Server, service_names: Sequence[str]) -> None:
+    names = (*service_names, V1ALPHA, V1)
+    servicer = JsonNameReflectionServicer(names)
+    handler = grpc.stream_stream_rpc_method_handler(
+        servicer.ServerReflectionInfo,
+        request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+    )
+    server.add_generic_rpc_handlers(
+        tuple(
+            grpc.method_handlers_generic_handler(name, {"ServerReflectionInfo": handler})
+            for name in (V1ALPHA, V1)
+        )
+    )
