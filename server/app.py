@@ -204,12 +204,12 @@ def _add_port(server: grpc.aio.Server, settings: Settings) -> int:
         port = server.add_insecure_port(settings.listen)
     if port == 0:
         raise OSError(f"could not listen on {settings.listen}")
-    return port
+    return int(port)
 
 
 def _bind(server: grpc.aio.Server, settings: Settings) -> int:
     try:
-        return _add_port(server, settings)
+        return int(_add_port(server, settings))
     except RuntimeError as exc:  # grpc's "Failed to bind to address ..."
         raise OSError(f"could not listen on {settings.listen}: {exc}") from exc
 

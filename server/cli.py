@@ -28,7 +28,7 @@ def _run_one(settings: Settings) -> int:
     try:
         import uvloop
 
-        return uvloop.run(serve(settings))
+        return int(uvloop.run(serve(settings)))
     except ImportError:  # pragma: no cover - uvloop is a dependency; keep asyncio as the fallback
         return asyncio.run(serve(settings))
 

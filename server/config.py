@@ -136,6 +136,13 @@ def validate(settings: Settings) -> None:
         problems.append("LLMGW_TRACE_BACKENDS has postgres but LLMGW_POSTGRES_DSN is empty")
     if "clickhouse" in settings.trace_backends and not settings.clickhouse_url:
         problems.append("LLMGW_TRACE_BACKENDS has clickhouse but LLMGW_CLICKHOUSE_URL is empty")
+    if settings.local_auth_type not in ("", "bearer_token", "api_key"):
+        problems.append("LLMGW_LOCAL_AUTH_TYPE must be empty, bearer_token or api_key")
+    elif settings.local_auth_type and not (settings.local_api_key and settings.local_base_url):
+        problems.append(
+            "LLMGW_LOCAL_AUTH_TYPE needs LLMGW_LOCAL_API_KEY and LLMGW_LOCAL_BASE_URL "
+            "(the key is sent only to endpoints under that base URL)"
+        )
     if bool(settings.tls_cert) != bool(settings.tls_key):
         problems.append("--tls-cert and --tls-key go together")
     if problems:

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 from google.protobuf import json_format
@@ -23,7 +23,7 @@ from server.auth.actor import Actor
 from server.config import Settings
 from server.core import tokens
 from server.core.completion import completion_from_json, deltas_from_chunk
-from server.core.keys import ByokLookup, ByokUrls, EndpointChecker, resolve_target
+from server.core.keys import ByokLookup, ByokUrls, EndpointChecker, counting_endpoint, resolve_target
 from server.core.openai_request import build_chat_body, prompt_functions, unpack_completion
 from server.core.retry import Deadline
 from server.core.stream import StreamAccumulator
@@ -39,16 +39,10 @@ log = logging.getLogger("llmgateway.gateway")
 ChatRequest = chat_pb2.CreateRequest  # StreamCreateRequest/CountTokensRequest are wire-identical
 
 
-class TraceSink:
-    """Where finished trace records go (the trace writer, or nowhere)."""
+class TraceSink(Protocol):
+    """Where finished trace records go (the trace writer); enqueue never blocks."""
 
-    def enqueue(self, record: TraceRecord) -> None:  # pragma: no cover - interface
-        raise NotImplementedError
-
-
-class NullTraceSink(TraceSink):
-    def enqueue(self, record: TraceRecord) -> None:
-        return None
+    def enqueue(self, record: TraceRecord) -> None: ...
 
 
 @dataclass(slots=True)
@@ -73,7 +67,8 @@ class Gateway:
 
     # -- CountTokens -------------------------------------------------------------------------
 
-    def count_tokens(self, request: ChatRequest) -> chat_pb2.CountTokensResponse:
+    async def count_tokens(self, request: ChatRequest, actor: Actor) -> chat_pb2.CountTokensResponse:
+        """The counts the guard of Create would use for this request and caller."""
         validate_request(request)
         config = request.llm_config
         if config.model_endpoint_type in LOCAL_TYPES:
@@ -81,8 +76,13 @@ class Gateway:
 
             messages, functions = prompt_parts(request)
         else:
-            body = build_chat_body(request, stream=False, endpoint=config.model_endpoint)
-            messages, functions = body["messages"], prompt_functions(request, endpoint=config.model_endpoint)
+            # The prompt depends on the endpoint (LM Studio's inner-thoughts description): count
+            # it for the endpoint Create would call, a BYOK provider's base URL included.
+            endpoint = await counting_endpoint(
+                config, settings=self._settings, actor=actor, byok_provider=self._deps.byok_provider
+            )
+            body = build_chat_body(request, stream=False, endpoint=endpoint)
+            messages, functions = body["messages"], prompt_functions(request, endpoint=endpoint)
         count = tokens.count_request_tokens(messages, functions, config.model)
         return chat_pb2.CountTokensResponse(
             prompt_tokens=count.prompt_tokens,
@@ -133,18 +133,12 @@ class Gateway:
         return target, body, count
 
     def call_options(self, deadline: Deadline, span: Any) -> CallOptions:
-        def on_retry(attempt: int, delay: float, status: int) -> None:
-            if span is not None:
-                span.add_event(
-                    "llm_retry_attempt", {"attempt": attempt, "delay": delay, "status_code": status}
-                )
-
+        # `server.core.retry` logs every retry decision and adds it to the current span itself.
         return CallOptions(
             deadline=deadline,
             retry=self._settings.retry,
             default_timeout=self._settings.upstream_timeout,
             scrub=self._deps.scrub,
-            on_retry=on_retry,
         )
 
     def new_trace(
@@ -167,7 +161,7 @@ class Gateway:
             model_endpoint_type=config.model_endpoint_type,
             is_byok=bool(target and target.is_byok),
             request_json=self._deps.scrub(body.decode()),
-            llm_config_json=json_format.MessageToJson(config, indent=None),
+            llm_config_json=self._deps.scrub(json_format.MessageToJson(config, indent=None)),
         )
 
     def span(
@@ -229,8 +223,7 @@ class Gateway:
                 raise
             finally:
                 if error is None:
-                    _record_usage(record, completion.usage)
-                    _span_usage(span, completion)
+                    record_success(record, span, completion)
                 self.finish_trace(record, started, error)
         return chat_pb2.CreateResponse(completion=completion, provider_trace_id=record.id)
 
@@ -293,8 +286,7 @@ class Gateway:
                 raise
             finally:
                 if error is None:
-                    _record_usage(record, completion.usage)
-                    _span_usage(span, completion)
+                    record_success(record, span, completion)
                 elif accumulator.chunks:
                     # What came before the failure is evidence; keep it with the error.
                     record.response_json = orjson.dumps(accumulator.completion()).decode()
@@ -325,6 +317,12 @@ def _client_kind() -> Any:
     return SpanKind.CLIENT
 
 
+def record_success(record: TraceRecord, span: Any, completion: chat_pb2.ChatCompletion) -> None:
+    """Usage of a successful call onto its trace record and its span."""
+    _record_usage(record, completion.usage)
+    span_usage(span, completion)
+
+
 def _record_usage(record: TraceRecord, usage: chat_pb2.Usage) -> None:
     record.prompt_tokens = usage.prompt_tokens
     record.completion_tokens = usage.completion_tokens
@@ -333,7 +331,7 @@ def _record_usage(record: TraceRecord, usage: chat_pb2.Usage) -> None:
     record.reasoning_tokens = usage.reasoning_tokens
 
 
-def _span_usage(span: Any, completion: chat_pb2.ChatCompletion) -> None:
+def span_usage(span: Any, completion: chat_pb2.ChatCompletion) -> None:
     if span is None:
         return
     span.set_attribute("gen_ai.response.model", completion.model)

@@ -8,6 +8,7 @@ from llmgateway.v1 import providers_pb2
 
 from server.api.auth import KeyAuthenticator
 from server.api.context import Context, parse, run_unary
+from server.api.handlers import service, unary
 from server.auth.byok import create_byok_provider
 from server.auth.endpoints import EndpointPolicy
 from server.auth.store import AuthStore, ProviderRecord
@@ -96,14 +97,7 @@ class ProviderServicer:
         return await run_unary(context, call)
 
     def handlers(self) -> grpc.GenericRpcHandler:
-        def unary(behaviour: object) -> grpc.RpcMethodHandler:
-            return grpc.unary_unary_rpc_method_handler(
-                behaviour,
-                request_deserializer=None,
-                response_serializer=_serialize,  # type: ignore[arg-type]
-            )
-
-        return grpc.method_handlers_generic_handler(
+        return service(
             SERVICE,
             {
                 "CreateProvider": unary(self.create),
@@ -111,7 +105,3 @@ class ProviderServicer:
                 "DeleteProvider": unary(self.delete),
             },
         )
-
-
-def _serialize(message: providers_pb2.ListProvidersResponse) -> bytes:
-    return message.SerializeToString()

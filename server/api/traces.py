@@ -10,6 +10,7 @@ from llmgateway.v1 import chat_pb2, traces_pb2
 
 from server.api.auth import KeyAuthenticator
 from server.api.context import Context, parse, run_unary
+from server.api.handlers import service, unary
 from server.errors import FailedPrecondition, InvalidRequest, NotFound
 from server.traces.base import TraceBackend, TraceQuery, TraceRecord, page_token, parse_page_token
 
@@ -123,17 +124,4 @@ class ProviderTraceServicer:
         return await run_unary(context, call)
 
     def handlers(self) -> grpc.GenericRpcHandler:
-        def unary(behaviour: object) -> grpc.RpcMethodHandler:
-            return grpc.unary_unary_rpc_method_handler(
-                behaviour,
-                request_deserializer=None,
-                response_serializer=_serialize,  # type: ignore[arg-type]
-            )
-
-        return grpc.method_handlers_generic_handler(
-            SERVICE, {"GetProviderTrace": unary(self.get), "ListProviderTraces": unary(self.list)}
-        )
-
-
-def _serialize(message: traces_pb2.ListProviderTracesResponse) -> bytes:
-    return message.SerializeToString()
+        return service(SERVICE, {"GetProviderTrace": unary(self.get), "ListProviderTraces": unary(self.list)})

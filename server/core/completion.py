@@ -8,7 +8,7 @@ from llmgateway.v1 import chat_pb2
 
 from server.errors import UpstreamBadResponse
 
-_FINISH_REASONS = {
+_FINISH_REASONS: dict[str, chat_pb2.FinishReason] = {
     "stop": chat_pb2.FINISH_REASON_STOP,
     "length": chat_pb2.FINISH_REASON_LENGTH,
     "tool_calls": chat_pb2.FINISH_REASON_TOOL_CALLS,
@@ -23,7 +23,7 @@ _FINISH_REASONS = {
 }
 
 
-def finish_reason(value: object) -> int:
+def finish_reason(value: object) -> chat_pb2.FinishReason:
     if not value:
         return chat_pb2.FINISH_REASON_UNSPECIFIED
     return _FINISH_REASONS.get(str(value), chat_pb2.FINISH_REASON_UNSPECIFIED)

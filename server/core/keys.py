@@ -53,6 +53,40 @@ async def check_endpoint(endpoint: str, *, actor: Actor, policy: EndpointChecker
         return policy.check(endpoint, byok_base_urls=await byok_urls(actor.organization_id))
 
 
+def default_endpoint(config: chat_pb2.LLMConfig, settings: Settings) -> str:
+    """The endpoint of a config without `model_endpoint`: the configured OpenRouter base URL for
+    `provider_name == "openrouter"`, else the configured OpenAI base URL (BYOK: see below)."""
+    if config.provider_name == "openrouter":
+        return settings.openrouter_base_url.rstrip("/")
+    return settings.openai_base_url.rstrip("/")
+
+
+async def counting_endpoint(
+    config: chat_pb2.LLMConfig, *, settings: Settings, actor: Actor, byok_provider: ByokLookup
+) -> str:
+    """The endpoint `resolve_target` would call, without checking keys or the allowlist.
+
+    For CountTokens: the prompt depends on the endpoint (LM Studio's inner-thoughts description),
+    so it must be counted for the same endpoint the guard of Create sees, including a BYOK
+    provider's base URL when the request names no endpoint. Unknown BYOK provider: NotFound.
+    """
+    if config.model_endpoint:
+        return config.model_endpoint.rstrip("/")
+    if config.provider_category == chat_pb2.PROVIDER_CATEGORY_BYOK:
+        provider = await byok_provider(actor.organization_id, config.provider_name)
+        if provider is None:
+            raise _byok_not_found(config, actor)
+        return provider.base_url.rstrip("/")
+    return default_endpoint(config, settings)
+
+
+def _byok_not_found(config: chat_pb2.LLMConfig, actor: Actor) -> NotFound:
+    return NotFound(
+        f"no BYOK provider named {config.provider_name!r} in this organization",
+        metadata={"provider_name": config.provider_name, "organization_id": actor.organization_id},
+    )
+
+
 def _bearer(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 
@@ -67,15 +101,12 @@ async def resolve_target(
     byok_urls: ByokUrls,
 ) -> UpstreamTarget:
     """The upstream for an OpenAI-compatible request, or the error that stops it."""
-    endpoint = (config.model_endpoint or settings.openai_base_url).rstrip("/")
+    endpoint = config.model_endpoint.rstrip("/") or default_endpoint(config, settings)
 
     if config.provider_category == chat_pb2.PROVIDER_CATEGORY_BYOK:
         provider = await byok_provider(actor.organization_id, config.provider_name)
         if provider is None:
-            raise NotFound(
-                f"no BYOK provider named {config.provider_name!r} in this organization",
-                metadata={"provider_name": config.provider_name, "organization_id": actor.organization_id},
-            )
+            raise _byok_not_found(config, actor)
         base = provider.base_url.rstrip("/")
         if not config.model_endpoint:
             endpoint = base
@@ -94,12 +125,11 @@ async def resolve_target(
 
     canonical = (await check_endpoint(endpoint, actor=actor, policy=policy, byok_urls=byok_urls)).rstrip("/")
 
-    is_openrouter = "openrouter.ai" in endpoint or config.provider_name == "openrouter"
-    if (
-        is_openrouter
-        and settings.openrouter_api_key
-        and policy.key_allowed_for(endpoint, settings.openrouter_base_url)
-    ):
+    # OpenRouter: the seed's rules (host text, provider name), plus anything under the configured
+    # OpenRouter base URL (which may be a proxy in front of openrouter.ai). Its key goes only there.
+    under_openrouter = policy.key_allowed_for(endpoint, settings.openrouter_base_url)
+    is_openrouter = under_openrouter or "openrouter.ai" in endpoint or config.provider_name == "openrouter"
+    if is_openrouter and settings.openrouter_api_key and under_openrouter:
         headers = _bearer(settings.openrouter_api_key)
         if settings.openrouter_referer:
             headers["HTTP-Referer"] = settings.openrouter_referer

@@ -130,7 +130,8 @@ def struct_to_dict(s: struct_pb2.Struct) -> dict[str, Any]:
     if isinstance(props, dict) and props:
         required = d.get("required")
         if isinstance(required, list) and required:
-            order = [k for k in dict.fromkeys(required) if isinstance(k, str) and k in props]
+            # `required` is client input: anything but strings naming properties is ignored.
+            order = [k for k in dict.fromkeys(r for r in required if isinstance(r, str)) if k in props]
             if order:
                 seen = set(order)
                 order.extend(k for k in props if k not in seen)  # already sorted

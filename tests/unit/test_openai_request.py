@@ -556,3 +556,14 @@ def test_bounded_cache_evicts_oldest() -> None:
     cache.put(2, 2)
     cache.put(3, 3)
     assert cache.get(1) is None and cache.get(2) == 2 and cache.get(3) == 3 and len(cache) == 2
+
+
+def test_struct_with_unhashable_required_entries_does_not_crash() -> None:
+    """Found by the fuzz test: `required` holding lists or objects is ignored, not a crash."""
+    from google.protobuf import struct_pb2
+
+    from server.core.messages import struct_to_dict
+
+    schema = struct_pb2.Struct()
+    schema.update({"type": "object", "properties": {"a": {"type": "string"}}, "required": [["a"], {"x": 1}, "a"]})
+    assert list(struct_to_dict(schema)["properties"]) == ["a"]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import aiohttp
 import orjson
@@ -20,11 +20,19 @@ from server.core.completion import completion_from_json
 from server.core.keys import check_endpoint
 from server.core.messages import functions_to_dicts, to_openai_messages
 from server.core.retry import Deadline
-from server.errors import GatewayError, UpstreamBadResponse, UpstreamUnavailable
+from server.errors import (
+    FieldViolation,
+    GatewayError,
+    InvalidRequest,
+    UpstreamBadResponse,
+    UpstreamUnavailable,
+)
+from server.gateway import ChatRequest, Gateway, record_success
 from server.providers.base import UpstreamTarget
 from server.providers.local.completion import to_chat_completion
 from server.providers.local.deepseek import is_deepseek_r1, with_functions_in_system_prompt
 from server.providers.local.endpoints import (
+    accepts_grammar,
     auth_headers,
     build_local_request,
     extract_completion,
@@ -33,11 +41,13 @@ from server.providers.local.endpoints import (
 )
 from server.providers.local.grammar import build_grammar
 from server.providers.local.parsing import parse_function_call
-from server.providers.local.wrappers import first_message_prefix, render_prompt, stop_strings, wrapper_uses_grammar
+from server.providers.local.wrappers import (
+    first_message_prefix,
+    render_prompt,
+    stop_strings,
+    wrapper_uses_grammar,
+)
 from server.providers.openai_compat import open_stream, parse_json_object, post_json, sse_events
-
-if TYPE_CHECKING:
-    from server.gateway import ChatRequest, Gateway
 
 MAX_LINE_BYTES = 16 * 1024 * 1024
 
@@ -55,14 +65,27 @@ def prompt_parts(request: ChatRequest) -> tuple[list[dict[str, Any]], list[dict[
 class _LocalCall:
     """Everything planned for one local call, before anything is sent."""
 
-    def __init__(self, gateway: Gateway, request: ChatRequest, *, stream: bool) -> None:
+    def __init__(
+        self, gateway: Gateway, request: ChatRequest, target: UpstreamTarget, *, stream: bool
+    ) -> None:
         config = request.llm_config
         self.request = request
         self.endpoint_type = config.model_endpoint_type
+        wrapper = config.model_wrapper
+        if wrapper_uses_grammar(wrapper) and not accepts_grammar(self.endpoint_type):
+            # Refused whether or not there are functions: the caller asked for a grammar.
+            description = (
+                f"{self.endpoint_type} does not accept a grammar; use a wrapper without '-grammar', "
+                "or a llamacpp, koboldcpp or webui endpoint"
+            )
+            raise InvalidRequest(
+                description, field_violations=[FieldViolation("llm_config.model_wrapper", description)]
+            )
         self.messages, self.functions = prompt_parts(request)
         self.count = gateway.guard(request, self.messages, self.functions)
+        if self.count is None:  # no context window: still count, for usage
+            self.count = tokens.count_request_tokens(self.messages, self.functions, config.model)
         first_thoughts = not request.HasField("put_inner_thoughts_first") or request.put_inner_thoughts_first
-        wrapper = config.model_wrapper
         self.prompt = render_prompt(
             wrapper,
             self.messages,
@@ -71,9 +94,8 @@ class _LocalCall:
             put_inner_thoughts_in_kwargs=config.put_inner_thoughts_in_kwargs,
             put_inner_thoughts_first=first_thoughts,
         )
+        # render_prompt already ends the prompt with this prefix; the parser puts it back.
         self.prefix = first_message_prefix(self.functions, first_message=request.first_message)
-        if self.prefix:
-            self.prompt += self.prefix
         grammar = None
         if wrapper_uses_grammar(wrapper) and self.functions:
             grammar = build_grammar(
@@ -84,7 +106,7 @@ class _LocalCall:
             )
         self.http_request = build_local_request(
             self.endpoint_type,
-            base_url=config.model_endpoint,
+            base_url=target.base_url,
             model=config.model,
             prompt=self.prompt,
             context_window=config.context_window,
@@ -96,7 +118,9 @@ class _LocalCall:
             temperature=config.temperature if config.HasField("temperature") else None,
         )
 
-    def completion_json(self, text: str, prompt_tokens: int | None, completion_tokens: int | None) -> dict[str, Any]:
+    def completion_json(
+        self, text: str, prompt_tokens: int | None, completion_tokens: int | None
+    ) -> dict[str, Any]:
         """The OpenAI ChatCompletion JSON for the model's text (a parsed call, or plain text)."""
         model = self.request.llm_config.model
         encoding, _ = tokens.encoding_for_model(model)
@@ -111,10 +135,18 @@ class _LocalCall:
                 "object": "chat.completion",
                 "created": int(time.time()),
                 "model": model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text.strip()},
-                             "finish_reason": "stop"}],
-                "usage": {"prompt_tokens": prompt_tokens or 0, "completion_tokens": completion_tokens,
-                          "total_tokens": (prompt_tokens or 0) + completion_tokens},
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": text.strip()},
+                        "finish_reason": "stop",
+                    }
+                ],
+                "usage": {
+                    "prompt_tokens": prompt_tokens or 0,
+                    "completion_tokens": completion_tokens,
+                    "total_tokens": (prompt_tokens or 0) + completion_tokens,
+                },
             }
         parsed = parse_function_call(text, primed_prefix=self.prefix)
         return to_chat_completion(
@@ -131,11 +163,15 @@ async def _target(gateway: Gateway, request: ChatRequest, actor: Actor) -> Upstr
     deps = gateway.deps
     settings = deps.settings
     config = request.llm_config
-    endpoint = await check_endpoint(config.model_endpoint, actor=actor, policy=deps.policy, byok_urls=deps.byok_urls)
+    endpoint = await check_endpoint(
+        config.model_endpoint, actor=actor, policy=deps.policy, byok_urls=deps.byok_urls
+    )
     headers: dict[str, str] = {}
     secrets: tuple[str, ...] = ()
-    if settings.local_auth_type and settings.local_base_url and deps.policy.key_allowed_for(
-        endpoint, settings.local_base_url
+    if (
+        settings.local_auth_type
+        and settings.local_base_url
+        and deps.policy.key_allowed_for(endpoint, settings.local_base_url)
     ):
         headers = auth_headers(settings.local_auth_type, settings.local_api_key)
         secrets = (settings.local_api_key,)
@@ -146,7 +182,7 @@ async def create_local(
     gateway: Gateway, request: ChatRequest, actor: Actor, deadline: Deadline
 ) -> chat_pb2.CreateResponse:
     target = await _target(gateway, request, actor)
-    call = _LocalCall(gateway, request, stream=False)
+    call = _LocalCall(gateway, request, target, stream=False)
     payload = orjson.dumps(call.http_request.body)
     record = gateway.new_trace(request, actor, target, payload)
     started = time.perf_counter()
@@ -154,7 +190,11 @@ async def create_local(
     with gateway.span("create", request.llm_config, target) as span:
         try:
             raw, answer = await post_json(
-                gateway.deps.http, target, call.http_request.url, payload, gateway.call_options(deadline, span)
+                gateway.deps.http,
+                target,
+                call.http_request.url,
+                payload,
+                gateway.call_options(deadline, span),
             )
             record.response_json = raw.decode("utf-8", "replace")
             local = extract_completion(call.endpoint_type, answer)
@@ -167,7 +207,7 @@ async def create_local(
             raise
         finally:
             if error is None:
-                _usage(record, completion)
+                record_success(record, span, completion)
             gateway.finish_trace(record, started, error)
     return chat_pb2.CreateResponse(completion=completion, provider_trace_id=record.id)
 
@@ -177,7 +217,7 @@ async def stream_local(
 ) -> AsyncIterator[chat_pb2.StreamCreateResponse]:
     """Text deltas as the server produces them, then the completion with the parsed call."""
     target = await _target(gateway, request, actor)
-    call = _LocalCall(gateway, request, stream=True)
+    call = _LocalCall(gateway, request, target, stream=True)
     payload = orjson.dumps(call.http_request.body)
     record = gateway.new_trace(request, actor, target, payload)
     started = time.perf_counter()
@@ -189,7 +229,11 @@ async def stream_local(
     with gateway.span("stream", request.llm_config, target) as span:
         try:
             response = await open_stream(
-                gateway.deps.http, target, call.http_request.url, payload, gateway.call_options(deadline, span)
+                gateway.deps.http,
+                target,
+                call.http_request.url,
+                payload,
+                gateway.call_options(deadline, span),
             )
             clean = False
             try:
@@ -213,7 +257,8 @@ async def stream_local(
                         pieces.append(chunk.text)
                         if not record.time_to_first_token_ms:
                             record.time_to_first_token_ms = (time.perf_counter() - started) * 1000.0
-                        yield chat_pb2.StreamCreateResponse(delta=chat_pb2.ChatCompletionDelta(content=chunk.text))
+                        delta = chat_pb2.ChatCompletionDelta(content=chunk.text)
+                        yield chat_pb2.StreamCreateResponse(delta=delta)
                 if not finished:
                     raise UpstreamBadResponse(
                         f"{target.provider} ended the stream before it was complete",
@@ -237,7 +282,7 @@ async def stream_local(
             raise
         finally:
             if error is None:
-                _usage(record, completion)
+                record_success(record, span, completion)
             gateway.finish_trace(record, started, error)
     yield chat_pb2.StreamCreateResponse(completion=completion, provider_trace_id=record.id)
 
@@ -263,13 +308,6 @@ async def _ndjson_events(
         ) from exc
     if buffer.strip():
         yield parse_json_object(buffer, provider=provider, scrub=scrub)
-
-
-def _usage(record: Any, completion: chat_pb2.ChatCompletion) -> None:
-    usage = completion.usage
-    record.prompt_tokens = usage.prompt_tokens
-    record.completion_tokens = usage.completion_tokens
-    record.total_tokens = usage.total_tokens
 
 
 __all__ = ["GatewayError", "create_local", "prompt_parts", "stream_local"]
