@@ -75,7 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_arguments(serve)
     from server.auth.cli import add_keys_subparser
 
-    keys = add_keys_subparser(commands)
+    keys = add_keys_subparser(commands, lambda action: add_arguments(action, nested=True))
     add_arguments(keys)
     args = parser.parse_args(argv)
     try:

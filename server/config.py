@@ -90,13 +90,17 @@ def _configurable_fields() -> list[str]:
     return [f.name for f in fields(Settings) if f.name != "retry" and f.name not in _PROVIDER_KEYS]
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add one flag per setting (`--sqlite-path` for `LLMGW_SQLITE_PATH`)."""
+def add_arguments(parser: argparse.ArgumentParser, *, nested: bool = False) -> None:
+    """Add one flag per setting (`--sqlite-path` for `LLMGW_SQLITE_PATH`).
+
+    `nested` is for sub-commands: their flags leave alone a value the parent parser already read.
+    """
     for name in _configurable_fields():
         help_text = f"env LLMGW_{name.upper()}"
         if name in _SECRET_FIELDS:
             help_text += " (prefer the environment for secrets)"
-        parser.add_argument("--" + name.replace("_", "-"), dest=name, default=None, help=help_text)
+        default = argparse.SUPPRESS if nested else None
+        parser.add_argument("--" + name.replace("_", "-"), dest=name, default=default, help=help_text)
 
 
 def load_settings(

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TextIO
 
 from server.auth.store import DEFAULT_CACHE_TTL, create_auth_store
@@ -23,8 +24,14 @@ if TYPE_CHECKING:
     from server.config import Settings
 
 
-def add_keys_subparser(subparsers: Any) -> argparse.ArgumentParser:
-    """Add `keys` (create/list/revoke) to an argparse subparsers object; returns the `keys` parser."""
+def add_keys_subparser(
+    subparsers: Any, add_settings: Callable[[argparse.ArgumentParser], None] | None = None
+) -> argparse.ArgumentParser:
+    """Add `keys` (create/list/revoke) to an argparse subparsers object; returns the `keys` parser.
+
+    `add_settings` adds the server's settings flags to each action, so the store can be chosen
+    after the action too (`keys create --org X --sqlite-path DB`).
+    """
     keys: argparse.ArgumentParser = subparsers.add_parser("keys", help="manage gateway keys")
     actions = keys.add_subparsers(dest="keys_command", required=True, metavar="{create,list,revoke}")
 
@@ -38,6 +45,9 @@ def add_keys_subparser(subparsers: Any) -> argparse.ArgumentParser:
 
     revoke = actions.add_parser("revoke", help="revoke a key by its id")
     revoke.add_argument("key_id")
+    if add_settings is not None:
+        for action in (create, listing, revoke):
+            add_settings(action)
     return keys
 
 

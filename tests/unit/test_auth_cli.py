@@ -69,3 +69,27 @@ def test_org_is_required() -> None:
 def test_empty_org_is_an_error(tmp_path: Path) -> None:
     code, _, err = _run(Settings(sqlite_path=str(tmp_path / "gw.db")), "keys", "create", "--org", "")
     assert code == 2 and "organization" in err
+
+
+def test_store_flags_work_after_the_action(tmp_path: Path) -> None:
+    """`keys create --org X --sqlite-path DB`, as documented, uses that store."""
+    import subprocess
+    import sys
+
+    db = tmp_path / "after.db"
+    created = subprocess.run(
+        [sys.executable, "-m", "server", "keys", "create", "--org", "acme", "--sqlite-path", str(db)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    key = created.stdout.strip().splitlines()[-1]
+    assert key.startswith("llmgw_")
+    listed = subprocess.run(
+        [sys.executable, "-m", "server", "keys", "list", "--sqlite-path", str(db)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert key.split("_")[1] in listed.stdout
+    assert key not in listed.stdout
