@@ -184,15 +184,18 @@ class Gateway:
 
     def finish_trace(self, record: TraceRecord, started: float, error: BaseException | None) -> None:
         record.latency_ms = (time.perf_counter() - started) * 1000.0
-        if error is not None:
-            record.error_type = type(error).__name__ if not isinstance(error, GatewayError) else error.reason
-            record.error_message = self._deps.scrub(
-                error.message
-                if isinstance(error, GatewayError)
-                else "the caller cancelled the call"
-                if isinstance(error, asyncio.CancelledError | GeneratorExit)
-                else str(error)
-            )
+        if record.response_json:
+            # An upstream (a debugging proxy, say) may echo a key back, even split over chunks.
+            record.response_json = self._deps.scrub(record.response_json)
+        if isinstance(error, GatewayError):
+            record.error_type = error.reason
+            record.error_message = self._deps.scrub(error.message)
+        elif isinstance(error, asyncio.CancelledError | GeneratorExit):
+            record.error_type = "CANCELLED"
+            record.error_message = "the caller cancelled the call"
+        elif error is not None:
+            record.error_type = type(error).__name__
+            record.error_message = self._deps.scrub(str(error))
         self._deps.traces.enqueue(record)
 
     # -- Create ------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import pytest
 
 from tests.fake_upstream import FakeUpstream
 from tests.gateway_harness import RunningGateway, make_settings, running_gateway
+from tests.trace_services import clickhouse_server, postgres_server  # noqa: F401 - session fixtures
 
 
 @pytest.fixture

@@ -20,8 +20,12 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 INSTALL_SCRIPT = ROOT / "scripts" / "install-test-services"
@@ -306,3 +310,40 @@ def start_clickhouse(timeout: float = 90.0) -> ClickHouseServer:
             _stop(process, signal.SIGKILL, 10)
         shutil.rmtree(workdir, ignore_errors=True)
         raise
+
+
+# --- shared pytest fixtures ---------------------------------------------------------------
+# tests/conftest.py imports these, so each server starts at most once per session, on first use.
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """One real PostgreSQL for the whole session (tests/conftest.py makes it session-wide)."""
+    server = start_postgres()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def clickhouse_server() -> Iterator[ClickHouseServer]:
+    """One real ClickHouse for the whole session (tests/conftest.py makes it session-wide)."""
+    server = start_clickhouse()
+    yield server
+    server.stop()
+
+
+async def fresh_postgres_database(server: PostgresServer) -> str:
+    """The DSN of a new, empty database on `server`."""
+    import asyncpg
+
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    conn = await asyncpg.connect(server.dsn())
+    try:
+        await conn.execute(f"CREATE DATABASE {name}")
+    finally:
+        await conn.close()
+    return server.dsn(name)
+
+
+def fresh_clickhouse_database() -> str:
+    """A database name nobody used yet (the ClickHouse trace backend creates it)."""
+    return f"t_{uuid.uuid4().hex[:12]}"

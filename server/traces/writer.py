@@ -227,22 +227,25 @@ class TraceWriter:
             lane.push(record)
 
     async def start(self) -> None:
-        """Start each backend and its task; waits up to `start_timeout` for the backends, never raises.
+        """Start each backend and its task; waits up to `start_timeout` for the reader, never raises.
 
-        A backend that is not up by then keeps retrying in the background, its queue filling.
+        Only the first backend (the one reads come from) is waited for: the others only write,
+        and a dead one must not delay start-up. A backend that is not up keeps retrying in the
+        background, its queue filling.
         """
         if self._running or self._closed:
             return
         self._running = True
         for lane in self._lanes:
             lane.task = asyncio.create_task(lane.run(), name=f"trace-writer-{lane.backend.name}")
-        waits = [asyncio.create_task(lane.started.wait()) for lane in self._lanes]
+        awaited = self._lanes[:1]
+        waits = [asyncio.create_task(lane.started.wait()) for lane in awaited]
         if waits:
             _, pending = await asyncio.wait(waits, timeout=self.start_timeout)
             for wait in pending:
                 wait.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
-            for lane in self._lanes:
+            for lane in awaited:
                 if not lane.started.is_set():
                     log.warning(
                         "trace backend %s not started after %.1fs; retrying in the background",

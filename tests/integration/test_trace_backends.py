@@ -11,7 +11,7 @@ import logging
 import sqlite3
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -24,25 +24,10 @@ from server.traces.postgres import PostgresTraceBackend
 from server.traces.sqlite import MIGRATIONS as SQLITE_MIGRATIONS
 from server.traces.sqlite import SQLiteTraceBackend
 from server.traces.writer import TraceWriter
-from tests.trace_services import ClickHouseServer, PostgresServer, start_clickhouse, start_postgres
+from tests.trace_services import ClickHouseServer, PostgresServer
 
 BASE_TIME = datetime(2025, 6, 1, 12, 0, 0, tzinfo=UTC)
 NASTY = "it's \\ a \"quote\"\n\ttab ' OR 1=1 -- é 日本 \U0001f600 %s ? $1 {x}"
-
-
-@pytest.fixture(scope="session")
-def postgres_server() -> Iterator[PostgresServer]:
-    server = start_postgres()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="session")
-def clickhouse_server() -> Iterator[ClickHouseServer]:
-    server = start_clickhouse()
-    print(f"ClickHouse {server.version()}")
-    yield server
-    server.stop()
 
 
 async def fresh_postgres_dsn(server: PostgresServer) -> str:
