@@ -14,9 +14,7 @@ from tests.gateway_harness import RunningGateway, chat_request
 
 
 async def test_create_returns_typed_completion(gateway: RunningGateway, upstream: FakeUpstream) -> None:
-    upstream.script(
-        Reply(json_body=completion("Hello there", reasoning_content="The user greets me."))
-    )
+    upstream.script(Reply(json_body=completion("Hello there", reasoning_content="The user greets me.")))
     response = await gateway.chat.Create(chat_request(upstream.base_url), timeout=10)
 
     sent = upstream.requests[0]
@@ -38,17 +36,26 @@ async def test_create_returns_typed_completion(gateway: RunningGateway, upstream
     assert response.provider_trace_id.startswith("provider_trace-")
 
 
-async def test_create_sends_every_role_tools_and_options(gateway: RunningGateway, upstream: FakeUpstream) -> None:
+async def test_create_sends_every_role_tools_and_options(
+    gateway: RunningGateway, upstream: FakeUpstream
+) -> None:
     upstream.script(
-        Reply(json_body=completion(None, tool_calls=[tool_call("get_weather", {"city": "Paris"})],
-                                   finish_reason="tool_calls"))
+        Reply(
+            json_body=completion(
+                None, tool_calls=[tool_call("get_weather", {"city": "Paris"})], finish_reason="tool_calls"
+            )
+        )
     )
     params = struct_pb2.Struct()
     params.update({"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]})
     request = chat_pb2.CreateRequest(
         llm_config=chat_pb2.LLMConfig(
-            model="gpt-4o-mini", model_endpoint_type="openai", model_endpoint=upstream.base_url,
-            context_window=128000, temperature=0.3, max_tokens=256,
+            model="gpt-4o-mini",
+            model_endpoint_type="openai",
+            model_endpoint=upstream.base_url,
+            context_window=128000,
+            temperature=0.3,
+            max_tokens=256,
         ),
         messages=[
             chat_pb2.Message(role=chat_pb2.ROLE_SYSTEM, content="You are helpful."),
@@ -67,7 +74,11 @@ async def test_create_sends_every_role_tools_and_options(gateway: RunningGateway
     assert [m["role"] for m in body["messages"]] == ["system", "user", "assistant", "tool"]
     assert body["messages"][1]["name"] == "alice"
     assert body["messages"][2]["tool_calls"] == [
-        {"id": "call_0", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Lyon"}'}}
+        {
+            "id": "call_0",
+            "type": "function",
+            "function": {"name": "get_weather", "arguments": '{"city": "Lyon"}'},
+        }
     ]
     assert body["messages"][3] == {"role": "tool", "content": '{"temp": 21}', "tool_call_id": "call_0"}
     assert body["tools"][0]["type"] == "function"
@@ -81,7 +92,9 @@ async def test_create_sends_every_role_tools_and_options(gateway: RunningGateway
     assert response.completion.choices[0].finish_reason == chat_pb2.FINISH_REASON_TOOL_CALLS
 
 
-async def test_stream_relays_deltas_then_one_completion(gateway: RunningGateway, upstream: FakeUpstream) -> None:
+async def test_stream_relays_deltas_then_one_completion(
+    gateway: RunningGateway, upstream: FakeUpstream
+) -> None:
     upstream.script(Reply(sse=text_stream(["Hel", "lo", " world"])))
     events = [e async for e in gateway.chat.StreamCreate(chat_request(upstream.base_url), timeout=10)]
 
@@ -99,15 +112,37 @@ async def test_stream_relays_deltas_then_one_completion(gateway: RunningGateway,
     assert final.provider_trace_id.startswith("provider_trace-")
 
 
-async def test_stream_merges_tool_call_fragments_and_reasoning(gateway: RunningGateway, upstream: FakeUpstream) -> None:
+async def test_stream_merges_tool_call_fragments_and_reasoning(
+    gateway: RunningGateway, upstream: FakeUpstream
+) -> None:
     events = [
         chunk({"role": "assistant", "content": None, "reasoning_content": "Think"}),
         chunk({"reasoning_content": "ing."}),
-        chunk({"tool_calls": [{"index": 0, "id": "call_a", "type": "function",
-                               "function": {"name": "send_message", "arguments": ""}}]}),
+        chunk(
+            {
+                "tool_calls": [
+                    {
+                        "index": 0,
+                        "id": "call_a",
+                        "type": "function",
+                        "function": {"name": "send_message", "arguments": ""},
+                    }
+                ]
+            }
+        ),
         chunk({"tool_calls": [{"index": 0, "function": {"arguments": '{"mess'}}]}),
-        chunk({"tool_calls": [{"index": 1, "id": "call_b", "type": "function",
-                               "function": {"name": "search", "arguments": '{"q":'}}]}),
+        chunk(
+            {
+                "tool_calls": [
+                    {
+                        "index": 1,
+                        "id": "call_b",
+                        "type": "function",
+                        "function": {"name": "search", "arguments": '{"q":'},
+                    }
+                ]
+            }
+        ),
         chunk({"tool_calls": [{"index": 0, "function": {"arguments": 'age": "hi"}'}}]}),
         chunk({"tool_calls": [{"index": 1, "function": {"arguments": ' "x"}'}}]}),
         chunk({}, finish_reason="tool_calls"),
@@ -152,7 +187,9 @@ async def test_stream_skips_keepalives_and_blank_lines(
     assert out[-1].completion.usage.completion_tokens > 0
 
 
-async def test_stream_without_done_but_finished_is_complete(gateway: RunningGateway, upstream: FakeUpstream) -> None:
+async def test_stream_without_done_but_finished_is_complete(
+    gateway: RunningGateway, upstream: FakeUpstream
+) -> None:
     upstream.script(Reply(sse=text_stream(["x"])[:-1]))  # some servers close without [DONE]
     out = [e async for e in gateway.chat.StreamCreate(chat_request(upstream.base_url), timeout=10)]
     assert out[-1].completion.choices[0].message.content == "x"

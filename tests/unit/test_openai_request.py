@@ -565,5 +565,7 @@ def test_struct_with_unhashable_required_entries_does_not_crash() -> None:
     from server.core.messages import struct_to_dict
 
     schema = struct_pb2.Struct()
-    schema.update({"type": "object", "properties": {"a": {"type": "string"}}, "required": [["a"], {"x": 1}, "a"]})
+    schema.update(
+        {"type": "object", "properties": {"a": {"type": "string"}}, "required": [["a"], {"x": 1}, "a"]}
+    )
     assert list(struct_to_dict(schema)["properties"]) == ["a"]
