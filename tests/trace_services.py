@@ -158,30 +158,33 @@ def start_postgres(timeout: float = 60.0) -> PostgresServer:
     password = secrets.token_urlsafe(16)
     pwfile = workdir / "pwfile"
     pwfile.write_text(password + "\n")
-    run_as: dict[str, object] = {}
+    # Switch user with setpriv rather than Popen(user=...): Popen's user switching forks without
+    # exec first, and a fork of a process running gRPC's event engine can crash in the child
+    # (seen: postgres "exited (-11)" after grpc tests ran in the same pytest process).
+    run_as: list[str] = []
     if owner is not None:
         os.chown(workdir, owner.pw_uid, owner.pw_gid)
         os.chown(pwfile, owner.pw_uid, owner.pw_gid)
-        run_as = {"user": owner.pw_uid, "group": owner.pw_gid, "extra_groups": []}
+        run_as = ["setpriv", f"--reuid={owner.pw_uid}", f"--regid={owner.pw_gid}", "--clear-groups", "--"]
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C", "LANG": "C"}
     process: subprocess.Popen[bytes] | None = None
     try:
         result = subprocess.run(
-            [str(bindir / "initdb"), "-D", str(data), "-U", "postgres", f"--pwfile={pwfile}",
+            [*run_as, str(bindir / "initdb"), "-D", str(data), "-U", "postgres", f"--pwfile={pwfile}",
              "--auth-local=trust", "--auth-host=scram-sha-256", "-E", "UTF8", "--locale=C",
              "--no-sync"],
-            cwd=workdir, env=env, capture_output=True, timeout=120, check=False, **run_as,
+            cwd=workdir, env=env, capture_output=True, timeout=120, check=False,
         )  # fmt: skip
         if result.returncode != 0:
             raise ServiceError(f"initdb failed: {result.stderr.decode(errors='replace')[-2000:]}")
         port = free_port()
         with open(log_path, "wb") as log_file:
             process = subprocess.Popen(
-                [str(bindir / "postgres"), "-D", str(data), "-p", str(port), "-k", str(workdir),
+                [*run_as, str(bindir / "postgres"), "-D", str(data), "-p", str(port), "-k", str(workdir),
                  "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-c", "full_page_writes=off",
                  "-c", "synchronous_commit=off", "-c", "max_connections=50"],
                 cwd=workdir, env=env, stdout=log_file, stderr=subprocess.STDOUT,
-                start_new_session=True, **run_as,  # type: ignore[call-overload]
+                start_new_session=True,
             )  # fmt: skip
         server = PostgresServer(workdir, port, password, process, log_path)
         deadline = time.monotonic() + timeout
