@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -103,6 +104,8 @@ class Reply:
     hang: bool = False  # accept and never answer
     break_after: int | None = None  # close the connection after this many SSE events
     content_type: str | None = None
+    reset: bool = False  # close the connection without answering anything
+    hang_after: int | None = None  # after this many SSE events, keep the connection open and go silent
 
 
 @dataclass
@@ -111,6 +114,7 @@ class Recorded:
     headers: dict[str, str]
     body: Any
     raw: bytes
+    at: float = field(default_factory=time.monotonic)  # when the request arrived
 
 
 class FakeUpstream:
@@ -120,6 +124,8 @@ class FakeUpstream:
         self.default = Reply(json_body=completion())
         self.disconnects = 0  # requests whose client went away before the answer finished
         self.disconnected = asyncio.Event()
+        self.in_flight = 0  # requests being answered right now
+        self.arrived = asyncio.Event()  # set at each request (tests clear it to wait for the next)
         self._runner: web.AppRunner | None = None
         self.port = 0
 
@@ -133,7 +139,11 @@ class FakeUpstream:
     async def start(self) -> None:
         app = web.Application(client_max_size=256 * 1024 * 1024)
         app.router.add_route("*", "/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=0.1)
+        # handler_cancellation: a client that goes away cancels its handler, so `disconnected` is
+        # observable even while a reply hangs.
+        self._runner = web.AppRunner(
+            app, handle_signals=False, shutdown_timeout=0.1, handler_cancellation=True
+        )
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
         await site.start()
@@ -152,21 +162,31 @@ class FakeUpstream:
         except ValueError:
             body = None
         self.requests.append(Recorded(request.path, dict(request.headers), body, raw))
+        self.arrived.set()
         reply = self.replies.popleft() if self.replies else self.default
+        self.in_flight += 1
         try:
             return await self._answer(request, reply)
         except (asyncio.CancelledError, ConnectionResetError):
             self.disconnects += 1
             self.disconnected.set()
             raise
+        finally:
+            self.in_flight -= 1
 
     async def _answer(self, request: web.Request, reply: Reply) -> web.StreamResponse:
+        if reply.reset:
+            assert request.transport is not None
+            request.transport.close()
+            await asyncio.sleep(3600)  # the handler is cancelled as the connection goes
         if reply.hang:
             await asyncio.Event().wait()
         if reply.delay:
             await asyncio.sleep(reply.delay)
         if reply.sse is not None or reply.sse_raw is not None:
-            response = web.StreamResponse(status=reply.status, headers={"Content-Type": "text/event-stream", **reply.headers})
+            response = web.StreamResponse(
+                status=reply.status, headers={"Content-Type": "text/event-stream", **reply.headers}
+            )
             await response.prepare(request)
             if reply.sse_raw is not None:
                 await response.write(reply.sse_raw)
@@ -175,6 +195,8 @@ class FakeUpstream:
                     assert request.transport is not None
                     request.transport.close()
                     return response
+                if reply.hang_after is not None and n >= reply.hang_after:
+                    await asyncio.Event().wait()
                 data = event if isinstance(event, str) else json.dumps(event)
                 await response.write(f"data: {data}\n\n".encode())
                 if reply.chunk_delay:

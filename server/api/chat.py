@@ -8,9 +8,8 @@ from collections.abc import AsyncIterator
 import grpc
 from llmgateway.v1 import chat_pb2
 
-from server.api.context import Authenticator, Context, deadline_of, parse, run_unary
+from server.api.context import Authenticator, Context, deadline_of, map_exception, parse, run_unary
 from server.api.status import abort
-from server.errors import DeadlineExceeded, GatewayError
 from server.gateway import Gateway
 
 log = logging.getLogger("llmgateway.api")
@@ -32,30 +31,34 @@ class ChatCompletionServicer:
 
     async def count_tokens(self, data: bytes, context: Context) -> chat_pb2.CountTokensResponse:
         async def call() -> chat_pb2.CountTokensResponse:
-            await self._auth.actor_for(context)
+            actor = await self._auth.actor_for(context)
             # Wire-identical to CreateRequest by construction (same fields, same numbers).
-            return self._gateway.count_tokens(parse(chat_pb2.CreateRequest, data))
+            return await self._gateway.count_tokens(parse(chat_pb2.CreateRequest, data), actor)
 
         return await run_unary(context, call)
 
-    async def stream_create(self, data: bytes, context: Context) -> AsyncIterator[chat_pb2.StreamCreateResponse]:
+    async def stream_create(
+        self, data: bytes, context: Context
+    ) -> AsyncIterator[chat_pb2.StreamCreateResponse]:
+        # A failure after some deltas went out still ends the call with its status (never OK):
+        # the caller can tell a broken answer from a complete one.
         try:
             actor = await self._auth.actor_for(context)
             request = parse(chat_pb2.CreateRequest, data)
             async for event in self._gateway.stream(request, actor, deadline_of(context)):
                 yield event
-        except GatewayError as error:
-            await abort(context, error)
-        except TimeoutError:
-            await abort(context, DeadlineExceeded("the caller's deadline passed"))
-        except Exception:  # noqa: BLE001 - last line of defence, as in run_unary
-            log.exception("unexpected failure in StreamCreate")
-            await abort(context, GatewayError("internal error; see the gateway log"))
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - last line of defence, as in run_unary
+            error = map_exception(exc, "ChatCompletionServicer.stream_create")
+        else:
+            return
+        await abort(context, error)
 
     def handlers(self) -> grpc.GenericRpcHandler:
         def unary(behaviour: object) -> grpc.RpcMethodHandler:
             return grpc.unary_unary_rpc_method_handler(
-                behaviour, request_deserializer=None, response_serializer=_serialize  # type: ignore[arg-type]
+                behaviour, request_deserializer=None, response_serializer=_serialize  # type: ignore[arg-type, unused-ignore]
             )
 
         return grpc.method_handlers_generic_handler(
@@ -64,7 +67,7 @@ class ChatCompletionServicer:
                 "Create": unary(self.create),
                 "CountTokens": unary(self.count_tokens),
                 "StreamCreate": grpc.unary_stream_rpc_method_handler(
-                    self.stream_create, request_deserializer=None, response_serializer=_serialize  # type: ignore[arg-type]
+                    self.stream_create, request_deserializer=None, response_serializer=_serialize  # type: ignore[arg-type, unused-ignore]
                 ),
             },
         )

@@ -2,21 +2,23 @@
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Awaitable, Callable
-from typing import Protocol, TypeVar
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Protocol, TypeAlias, TypeVar
 
 import grpc
+from google.protobuf.descriptor import Descriptor
 from google.protobuf.message import DecodeError, Message
 
 from server.api.status import abort
 from server.auth.actor import Actor
 from server.core.retry import Deadline
-from server.errors import DeadlineExceeded, GatewayError, InvalidRequest
+from server.errors import DeadlineExceeded, FieldViolation, GatewayError, InvalidRequest
 
 log = logging.getLogger("llmgateway.api")
 M = TypeVar("M", bound=Message)
-Context = grpc.aio.ServicerContext  # type: ignore[type-arg]
+Context: TypeAlias = grpc.aio.ServicerContext  # type: ignore[type-arg, unused-ignore]
 
 
 class Authenticator(Protocol):
@@ -24,16 +26,62 @@ class Authenticator(Protocol):
 
 
 def parse(message_type: type[M], data: bytes) -> M:
-    """Decode request bytes; grpc.aio's own decoding would answer UNKNOWN on garbage."""
+    """Decode request bytes; grpc.aio's own decoding would answer UNKNOWN on garbage.
+
+    Well-known types that decode but hold impossible values (a Timestamp before year 1 or with
+    negative nanos) are refused here too, so no servicer trips over them later.
+    """
     message = message_type()
+    name = message_type.DESCRIPTOR.full_name
     try:
         message.ParseFromString(data)
-    except (DecodeError, RuntimeError, ValueError) as exc:
+    except (DecodeError, RuntimeError, ValueError, TypeError) as exc:
         raise InvalidRequest(
-            f"the request is not a valid {message_type.DESCRIPTOR.full_name}",
-            metadata={"message_type": message_type.DESCRIPTOR.full_name, "bytes": len(data)},
+            f"the request is not a valid {name}",
+            metadata={"message_type": name, "bytes": len(data)},
+            field_violations=[FieldViolation("", f"the request bytes do not decode as {name}")],
         ) from exc
+    violations = list(_bad_timestamps(message, ""))
+    if violations:
+        raise InvalidRequest(
+            f"invalid request: {violations[0].field}: {violations[0].description}",
+            metadata={"fields": ",".join(v.field for v in violations)},
+            field_violations=violations,
+        )
     return message
+
+
+# google.protobuf.Timestamp's valid range: 0001-01-01T00:00:00Z to 9999-12-31T23:59:59.999999999Z.
+_MIN_SECONDS = -62_135_596_800
+_MAX_SECONDS = 253_402_300_799
+_TIMESTAMP = "google.protobuf.Timestamp"
+
+
+@functools.cache
+def _timestamp_fields(descriptor: Descriptor) -> tuple[tuple[str, bool], ...]:
+    """(field name, is Timestamp itself) for the singular message fields that hold a Timestamp."""
+    out = []
+    for field in descriptor.fields:
+        if field.message_type is None or field.is_repeated:
+            continue
+        if field.message_type.full_name == _TIMESTAMP:
+            out.append((field.name, True))
+        elif field.message_type is not descriptor and _timestamp_fields(field.message_type):
+            out.append((field.name, False))
+    return tuple(out)
+
+
+def _bad_timestamps(message: Message, prefix: str) -> Iterator[FieldViolation]:
+    for name, is_timestamp in _timestamp_fields(message.DESCRIPTOR):
+        if not message.HasField(name):
+            continue
+        value = getattr(message, name)
+        if not is_timestamp:
+            yield from _bad_timestamps(value, f"{prefix}{name}.")
+        elif not (_MIN_SECONDS <= value.seconds <= _MAX_SECONDS and 0 <= value.nanos <= 999_999_999):
+            yield FieldViolation(
+                f"{prefix}{name}", "not a valid timestamp (years 1 to 9999, nanos 0 to 999999999)"
+            )
 
 
 def deadline_of(context: Context) -> Deadline:
@@ -43,15 +91,23 @@ def deadline_of(context: Context) -> Deadline:
     return Deadline.after(remaining)
 
 
+def map_exception(exc: Exception, where: str) -> GatewayError:
+    """The status for a failure that escaped a servicer (an unexpected one is INTERNAL, logged)."""
+    if isinstance(exc, GatewayError):
+        return exc
+    if isinstance(exc, TimeoutError):
+        return DeadlineExceeded("the caller's deadline passed")
+    log.exception("unexpected failure in %s", where)
+    return GatewayError("internal error; see the gateway log", metadata={"rpc": where})
+
+
 async def run_unary(context: Context, call: Callable[[], Awaitable[M]]) -> M:
     """Run one unary call, mapping every failure to its status (an unexpected one to INTERNAL)."""
     try:
         return await call()
-    except GatewayError as error:
-        await abort(context, error)
-    except TimeoutError:
-        await abort(context, DeadlineExceeded("the caller's deadline passed"))
-    except Exception:  # noqa: BLE001 - the last line of defence: log it, answer INTERNAL, stay up
-        log.exception("unexpected failure in %s", type(call).__name__)
-        await abort(context, GatewayError("internal error; see the gateway log"))
+    except grpc.aio.AbortError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the last line of defence: answer, log, stay up
+        error = map_exception(exc, getattr(call, "__qualname__", "call").removesuffix(".<locals>.call"))
+    await abort(context, error)
     raise AssertionError("unreachable: abort raises")

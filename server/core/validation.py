@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from urllib.parse import urlsplit
 
+import orjson
+from google.protobuf import struct_pb2
 from llmgateway.v1 import chat_pb2
 
 from server.errors import FieldViolation, InvalidRequest
@@ -17,6 +19,9 @@ KNOWN_TYPES = OPENAI_COMPATIBLE_TYPES | LOCAL_TYPES
 # early keeps one request from tying up the tokenizer and memory.
 MAX_MESSAGE_CHARS = 2_000_000
 MAX_MESSAGES = 10_000
+# All text of one request together (messages, parts, tool-call arguments).
+MAX_REQUEST_CHARS = 8_000_000
+MAX_FUNCTIONS = 1_000
 _FUNCTION_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _VALID_ROLES = frozenset(chat_pb2.Role.values()) - {chat_pb2.ROLE_UNSPECIFIED}
 
@@ -52,14 +57,29 @@ def validate_request(request: chat_pb2.CreateRequest) -> None:
         add(FieldViolation("messages", "at least one message is required"))
     elif len(request.messages) > MAX_MESSAGES:
         add(FieldViolation("messages", f"at most {MAX_MESSAGES} messages"))
+    total_chars = 0
     for i, message in enumerate(request.messages):
         if message.role not in _VALID_ROLES:
             add(FieldViolation(f"messages[{i}].role", "must be one of ROLE_SYSTEM, ROLE_DEVELOPER, "
                                                        "ROLE_USER, ROLE_ASSISTANT, ROLE_TOOL"))
-        if len(message.content) > MAX_MESSAGE_CHARS:
+        size = len(message.content) + sum(len(p.text) + len(p.image_url.url) for p in message.parts)
+        if size > MAX_MESSAGE_CHARS:
             add(FieldViolation(f"messages[{i}].content", f"longer than {MAX_MESSAGE_CHARS} characters"))
         if message.role == chat_pb2.ROLE_TOOL and not message.tool_call_id:
             add(FieldViolation(f"messages[{i}].tool_call_id", "required for tool messages"))
+        # Only an assistant's tool calls are sent (see server.core.messages).
+        for j, call in enumerate(message.tool_calls if message.role == chat_pb2.ROLE_ASSISTANT else ()):
+            where = f"messages[{i}].tool_calls[{j}]"
+            if not call.name:
+                add(FieldViolation(f"{where}.name", "required"))
+            size += len(call.arguments)
+            if not _is_json(call.arguments):
+                add(FieldViolation(f"{where}.arguments", "is not valid JSON"))
+        total_chars += size
+    if total_chars > MAX_REQUEST_CHARS:
+        add(FieldViolation("messages", f"more than {MAX_REQUEST_CHARS} characters in all"))
+    if len(request.functions) > MAX_FUNCTIONS:
+        add(FieldViolation("functions", f"at most {MAX_FUNCTIONS} functions"))
     names = set()
     for i, function in enumerate(request.functions):
         if not _FUNCTION_NAME.match(function.name):
@@ -67,6 +87,9 @@ def validate_request(request: chat_pb2.CreateRequest) -> None:
         elif function.name in names:
             add(FieldViolation(f"functions[{i}].name", f"duplicate function {function.name!r}"))
         names.add(function.name)
+        if function.HasField("parameters"):
+            for where, problem in schema_problems(function.parameters):
+                add(FieldViolation(f"functions[{i}].parameters{where}", problem))
     if violations:
         summary = "; ".join(f"{v.field}: {v.description}" for v in violations[:5])
         raise InvalidRequest(
@@ -74,3 +97,59 @@ def validate_request(request: chat_pb2.CreateRequest) -> None:
             metadata={"fields": ",".join(v.field for v in violations)},
             field_violations=violations,
         )
+
+
+def _is_json(text: str) -> bool:
+    try:
+        orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return False
+    return True
+
+
+# -- function parameter schemas ------------------------------------------------------------------
+
+_SCHEMA_CACHE: dict[bytes, tuple[tuple[str, str], ...]] = {}
+_SCHEMA_CACHE_SIZE = 2048
+_MAX_SCHEMA_PROBLEMS = 10
+
+
+def schema_problems(parameters: struct_pb2.Struct) -> tuple[tuple[str, str], ...]:
+    """(path, problem) for the JSON-Schema keywords that must have a fixed shape.
+
+    Wherever they appear, `properties` must be an object and `required` a list of strings (as
+    JSON Schema says); the request path relies on both. Cached by the schema's bytes: agents
+    send the same functions on every step.
+    """
+    key = parameters.SerializeToString(deterministic=True)
+    found = _SCHEMA_CACHE.get(key)
+    if found is None:
+        problems: list[tuple[str, str]] = []
+        _walk_schema(parameters, "", problems)
+        if len(_SCHEMA_CACHE) >= _SCHEMA_CACHE_SIZE:
+            _SCHEMA_CACHE.clear()
+        found = _SCHEMA_CACHE[key] = tuple(problems[:_MAX_SCHEMA_PROBLEMS])
+    return found
+
+
+def _walk_schema(struct: struct_pb2.Struct, path: str, problems: list[tuple[str, str]]) -> None:
+    fields = struct.fields
+    if "properties" in fields and fields["properties"].WhichOneof("kind") != "struct_value":
+        problems.append((f"{path}.properties", "must be an object"))
+    if "required" in fields:
+        required = fields["required"]
+        if required.WhichOneof("kind") != "list_value" or any(
+            v.WhichOneof("kind") != "string_value" for v in required.list_value.values
+        ):
+            problems.append((f"{path}.required", "must be a list of strings"))
+    for name, value in fields.items():
+        _walk_value(value, f"{path}.{name}", problems)
+
+
+def _walk_value(value: struct_pb2.Value, path: str, problems: list[tuple[str, str]]) -> None:
+    kind = value.WhichOneof("kind")
+    if kind == "struct_value":
+        _walk_schema(value.struct_value, path, problems)
+    elif kind == "list_value":
+        for j, item in enumerate(value.list_value.values):
+            _walk_value(item, f"{path}[{j}]", problems)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import html
+import re
 from collections.abc import Callable, Mapping
 
 import orjson
@@ -18,6 +20,7 @@ from server.errors import (
 )
 
 MAX_MESSAGE_CHARS = 1000
+_TITLE = re.compile(rb"<title[^>]*>(.*?)</title>", re.IGNORECASE | re.DOTALL)
 
 
 def upstream_message(body: bytes) -> str:
@@ -34,9 +37,11 @@ def upstream_message(body: bytes) -> str:
         elif err is not None:
             text = str(err)
     if not text:
-        text = body.decode("utf-8", "replace").strip()
-        if text.lstrip().lower().startswith(("<!doctype", "<html")):
-            text = "HTML error page"
+        text = body[: MAX_MESSAGE_CHARS * 4].decode("utf-8", "replace").strip()
+        if text.lower().startswith(("<!doctype", "<html", "<head", "<body")):
+            title = _TITLE.search(body[:65536])
+            name = " ".join(html.unescape(title.group(1).decode("utf-8", "replace")).split()) if title else ""
+            text = f"HTML error page: {name}" if name else "HTML error page"
     return text[:MAX_MESSAGE_CHARS]
 
 
@@ -51,11 +56,15 @@ def error_for_status(
     """The error for a non-2xx answer; RetryableError when a retry may help."""
     message = scrub(upstream_message(body))
     meta = {"http_status": status, "provider": provider}
-    text = f"{provider} answered HTTP {status}: {message}" if message else f"{provider} answered HTTP {status}"
+    text = f"{provider} answered HTTP {status}"
+    if message:
+        text += f": {message}"
     if status == 429:
         retry_after = parse_retry_after(headers)
         return RetryableError(
-            RateLimitExceeded(text, metadata=meta, retry_delay=retry_after if retry_after is not None else 1.0),
+            RateLimitExceeded(
+                text, metadata=meta, retry_delay=retry_after if retry_after is not None else 1.0
+            ),
             status=status,
             retry_after=retry_after,
         )
@@ -84,14 +93,41 @@ def connection_error(exc: BaseException, *, provider: str, scrub: Callable[[str]
     return RetryableError(error, status=0)
 
 
-def error_in_body(payload: Mapping[str, object], *, provider: str, scrub: Callable[[str], str]) -> GatewayError:
-    """A 200 (or an SSE event) that carries an `error` object instead of an answer."""
+def body_error(
+    payload: Mapping[str, object], *, provider: str, scrub: Callable[[str], str]
+) -> RetryableError | GatewayError:
+    """A 200 (or an SSE event) that carries an `error` object instead of an answer.
+
+    OpenRouter and some proxies answer HTTP 200 with `{"error": {"code": 429|502|..., ...}}`: a
+    numeric code maps as the HTTP status would (so a 429 or 5xx in the body is retryable);
+    anything else is UPSTREAM_BAD_RESPONSE with the provider's message.
+    """
     err = payload.get("error")
-    code = err.get("code") if isinstance(err, dict) else None
-    message = scrub(upstream_message(orjson.dumps(payload)))
-    if isinstance(code, int) and 400 <= code < 600:
-        mapped = error_for_status(code, orjson.dumps(payload), {}, provider=provider, scrub=scrub)
-        return mapped.error if isinstance(mapped, RetryableError) else mapped
+    code = err.get("code", err.get("status")) if isinstance(err, dict) else None
+    status = _http_code(code)
+    raw = orjson.dumps(payload, option=orjson.OPT_NON_STR_KEYS, default=str)
+    if status is not None:
+        return error_for_status(status, raw, {}, provider=provider, scrub=scrub)
+    message = scrub(upstream_message(raw))
     return UpstreamBadResponse(
-        f"{provider} answered with an error: {message}", metadata={"provider": provider, "upstream_code": code}
+        f"{provider} answered with an error: {message}",
+        metadata={"provider": provider, "upstream_code": scrub(str(code))[:100]},
     )
+
+
+def error_in_body(
+    payload: Mapping[str, object], *, provider: str, scrub: Callable[[str], str]
+) -> GatewayError:
+    """As `body_error`, when no retry is possible any more (the error the caller gets)."""
+    mapped = body_error(payload, provider=provider, scrub=scrub)
+    return mapped.error if isinstance(mapped, RetryableError) else mapped
+
+
+def _http_code(code: object) -> int | None:
+    if isinstance(code, bool):
+        return None
+    if isinstance(code, str) and code.strip().isdigit():
+        code = int(code.strip())
+    if isinstance(code, int) and 400 <= code < 600:
+        return code
+    return None

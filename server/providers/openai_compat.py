@@ -1,7 +1,15 @@
 """Calls to OpenAI-compatible `/chat/completions`: one JSON answer, or an SSE stream.
 
 Both paths retry through `server.core.retry` before anything was relayed; a stream is never
-retried after its first chunk. The caller's deadline bounds every attempt and every sleep.
+retried after its first event was handed on. The caller's deadline bounds every attempt and
+every sleep, and is the upstream timeout; without one, `upstream_timeout` bounds a unary call
+and every read of a stream.
+
+Failures map to the contract's table: HTTP statuses via `server.providers.errors`; transport
+failures (refused, reset, broken body) to UPSTREAM_UNAVAILABLE (retryable before the first
+event); anything unreadable (not JSON, not an object, choices of the wrong shape, an SSE event
+that is not JSON) to UPSTREAM_BAD_RESPONSE; running out of the caller's deadline to
+DEADLINE_EXCEEDED.
 """
 
 from __future__ import annotations
@@ -14,15 +22,23 @@ import aiohttp
 import orjson
 
 from server.config import RetrySettings
-from server.core.retry import Deadline, call_with_retries
-from server.errors import DeadlineExceeded, GatewayError, UpstreamBadResponse, UpstreamUnavailable
+from server.core.retry import Deadline, RetryableError, call_with_retries
+from server.errors import (
+    DeadlineExceeded,
+    GatewayError,
+    RateLimitExceeded,
+    UpstreamBadResponse,
+    UpstreamUnavailable,
+)
 from server.providers.base import UpstreamTarget
-from server.providers.errors import connection_error, error_for_status, error_in_body
+from server.providers.errors import body_error, connection_error, error_for_status, error_in_body
 from server.providers.http import HttpClient, read_limited
 
 MAX_BODY_BYTES = 64 * 1024 * 1024
 _JSON_HEADERS = {"Content-Type": "application/json", "Accept": "application/json"}
 _SSE_HEADERS = {"Content-Type": "application/json", "Accept": "text/event-stream"}
+_INT32_MAX = 2**31 - 1
+_INT64_MAX = 2**63 - 1
 
 
 @dataclass(slots=True)
@@ -51,6 +67,13 @@ def _headers(target: UpstreamTarget, base: dict[str, str]) -> dict[str, str]:
     return {**base, **target.headers}
 
 
+def _too_large(target: UpstreamTarget) -> UpstreamBadResponse:
+    return UpstreamBadResponse(
+        f"{target.provider} answered a body over {MAX_BODY_BYTES} bytes",
+        metadata={"provider": target.provider, "limit_bytes": MAX_BODY_BYTES},
+    )
+
+
 async def post_json(
     client: HttpClient, target: UpstreamTarget, url: str, body: bytes, options: CallOptions
 ) -> tuple[bytes, dict[str, Any]]:
@@ -65,16 +88,24 @@ async def post_json(
                 raw = await read_limited(response, MAX_BODY_BYTES)
                 status = response.status
                 response_headers = response.headers
-        except (aiohttp.ClientError, OSError, ValueError) as exc:
-            raise connection_error(exc, provider=target.provider, scrub=options.scrub) from exc
+        # aiohttp's read timeouts are both ClientError and TimeoutError: timeouts first.
         except TimeoutError as exc:
             raise _timed_out(options, target) from exc
+        except aiohttp.InvalidURL as exc:
+            raise UpstreamUnavailable(
+                f"{target.provider} endpoint is not a usable URL",
+                metadata={"provider": target.provider, "error_type": type(exc).__name__},
+            ) from exc
+        except (aiohttp.ClientError, OSError) as exc:
+            raise connection_error(exc, provider=target.provider, scrub=options.scrub) from exc
+        except ValueError as exc:  # read_limited: the body is over the limit
+            raise _too_large(target) from exc
         if status >= 300:
-            error = error_for_status(
+            raise error_for_status(
                 status, raw, response_headers, provider=target.provider, scrub=options.scrub
             )
-            raise error
-        return raw, parse_json_object(raw, provider=target.provider, scrub=options.scrub)
+        payload = parse_json_object(raw, provider=target.provider, scrub=options.scrub, retryable=True)
+        return raw, payload
 
     return await call_with_retries(attempt, settings=options.retry, deadline=options.deadline,
                                    on_retry=options.on_retry)
@@ -92,7 +123,14 @@ def _timed_out(options: CallOptions, target: UpstreamTarget) -> GatewayError:
     )
 
 
-def parse_json_object(raw: bytes, *, provider: str, scrub: Callable[[str], str]) -> dict[str, Any]:
+def parse_json_object(
+    raw: bytes, *, provider: str, scrub: Callable[[str], str], retryable: bool = False
+) -> dict[str, Any]:
+    """The answer as a JSON object whose `choices` (if any) have a shape we can read.
+
+    A body carrying an `error` object instead of choices raises its mapped error; with
+    `retryable`, a 429/5xx code in it raises `RetryableError` so the call is retried.
+    """
     try:
         payload = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
@@ -106,14 +144,149 @@ def parse_json_object(raw: bytes, *, provider: str, scrub: Callable[[str], str])
             f"{provider} answered JSON that is not an object", metadata={"provider": provider}
         )
     if payload.get("error") and not payload.get("choices"):
+        if retryable:
+            raise body_error(payload, provider=provider, scrub=scrub)
         raise error_in_body(payload, provider=provider, scrub=scrub)
+    check_shape(payload, provider=provider)
     return payload
+
+
+# -- shape checks: an answer with values of the wrong type is a bad response, not a crash ------
+
+
+def _bad_shape(provider: str, where: str) -> UpstreamBadResponse:
+    return UpstreamBadResponse(
+        f"{provider} answered a value of the wrong type at {where}",
+        metadata={"provider": provider, "field": where},
+    )
+
+
+def _is_int(value: object, limit: int) -> bool:
+    return value is None or (isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= limit)
+
+
+def _is_text(value: object) -> bool:
+    return value is None or isinstance(value, str)
+
+
+def _check_calls(calls: object, provider: str, where: str) -> None:
+    if calls is None:
+        return
+    if not isinstance(calls, list):
+        raise _bad_shape(provider, where)
+    for i, call in enumerate(calls):
+        if not isinstance(call, dict):
+            raise _bad_shape(provider, f"{where}[{i}]")
+        if not _is_int(call.get("index"), _INT32_MAX) or not _is_text(call.get("id")):
+            raise _bad_shape(provider, f"{where}[{i}]")
+        function = call.get("function")
+        if function is None:
+            continue
+        if not isinstance(function, dict) or not _is_text(function.get("name")) or not _is_text(
+            function.get("arguments")
+        ):
+            raise _bad_shape(provider, f"{where}[{i}].function")
+
+
+def _check_message(message: object, provider: str, where: str) -> None:
+    if message is None:
+        return
+    if not isinstance(message, dict):
+        raise _bad_shape(provider, where)
+    content = message.get("content")
+    if not (_is_text(content) or isinstance(content, list)):
+        raise _bad_shape(provider, f"{where}.content")
+    if isinstance(content, list) and not all(
+        isinstance(p, dict) and _is_text(p.get("text")) for p in content
+    ):
+        raise _bad_shape(provider, f"{where}.content")
+    for key in ("reasoning_content", "reasoning", "role", "refusal"):
+        if not _is_text(message.get(key)):
+            raise _bad_shape(provider, f"{where}.{key}")
+    _check_calls(message.get("tool_calls"), provider, f"{where}.tool_calls")
+    legacy = message.get("function_call")
+    if legacy is not None and (
+        not isinstance(legacy, dict)
+        or not _is_text(legacy.get("name"))
+        or not _is_text(legacy.get("arguments"))
+    ):
+        raise _bad_shape(provider, f"{where}.function_call")
+
+
+def _check_usage(usage: object, provider: str) -> None:
+    if usage is None:
+        return
+    if not isinstance(usage, dict):
+        raise _bad_shape(provider, "usage")
+    for key in ("prompt_tokens", "completion_tokens", "total_tokens", "prompt_cache_hit_tokens"):
+        if not _is_int(usage.get(key), _INT32_MAX):
+            raise _bad_shape(provider, f"usage.{key}")
+    for details, key in (
+        ("prompt_tokens_details", "cached_tokens"),
+        ("completion_tokens_details", "reasoning_tokens"),
+    ):
+        value = usage.get(details)
+        if value is None:
+            continue
+        if not isinstance(value, dict) or not _is_int(value.get(key), _INT32_MAX):
+            raise _bad_shape(provider, f"usage.{details}")
+
+
+def check_shape(payload: dict[str, Any], *, provider: str) -> None:
+    """Refuse a completion or chunk whose known fields have types no converter can read.
+
+    Covers chat completions (`message`), chat chunks (`delta`) and text completions (`text`);
+    unknown fields are left alone.
+    """
+    choices = payload.get("choices")
+    if choices is not None:
+        if not isinstance(choices, list):
+            raise _bad_shape(provider, "choices")
+        for i, choice in enumerate(choices):
+            where = f"choices[{i}]"
+            if not isinstance(choice, dict):
+                raise _bad_shape(provider, where)
+            if not _is_int(choice.get("index"), _INT32_MAX):
+                raise _bad_shape(provider, f"{where}.index")
+            if not _is_text(choice.get("finish_reason")) or not _is_text(choice.get("text")):
+                raise _bad_shape(provider, where)
+            _check_message(choice.get("message"), provider, f"{where}.message")
+            _check_message(choice.get("delta"), provider, f"{where}.delta")
+    created = payload.get("created")
+    if not _is_int(created, _INT64_MAX) and not (isinstance(created, float) and 0 <= created <= 2**62):
+        raise _bad_shape(provider, "created")
+    _check_usage(payload.get("usage"), provider)
+
+
+# -- streams -------------------------------------------------------------------------------
+
+
+_END = object()
+
+
+@dataclass(slots=True)
+class _Primed:
+    """The first event of an SSE answer, read inside the retry loop, and the parser to go on with."""
+
+    events: AsyncIterator[dict[str, Any] | None]
+    first: object  # dict, None for [DONE], or _END for an empty stream
+
+
+# The first SSE event read by `open_stream` rides on the response itself (so it lives and dies
+# with it) and `sse_events` picks it up there: callers keep handling a plain aiohttp response.
+_PRIMED_ATTR = "_llmgw_primed"
 
 
 async def open_stream(
     client: HttpClient, target: UpstreamTarget, url: str, body: bytes, options: CallOptions
 ) -> aiohttp.ClientResponse:
-    """Open an SSE stream (retries included); the caller must release the response."""
+    """Open a streamed answer (retries included); the caller must release or close the response.
+
+    For an SSE answer (`text/event-stream`) the first event is read here, so everything before
+    it is retried like a unary call: an error status, a refused or reset connection, a stream
+    that breaks before its first event, a first event that is an `error` with a 429/5xx code.
+    Once `open_stream` returned, nothing is retried: the first event may be relayed at once.
+    """
     headers = _headers(target, _SSE_HEADERS)
 
     async def attempt() -> aiohttp.ClientResponse:
@@ -121,24 +294,85 @@ async def open_stream(
             response = await client.session.post(
                 url, data=body, headers=headers, timeout=options.timeout(stream=True), allow_redirects=False
             )
-        except (aiohttp.ClientError, OSError) as exc:
-            raise connection_error(exc, provider=target.provider, scrub=options.scrub) from exc
         except TimeoutError as exc:
             raise _timed_out(options, target) from exc
-        if response.status >= 300:
-            try:
-                raw = await read_limited(response, MAX_BODY_BYTES)
-            except (aiohttp.ClientError, OSError, ValueError, TimeoutError):
-                raw = b""
-            finally:
-                response.release()
-            raise error_for_status(
-                response.status, raw, response.headers, provider=target.provider, scrub=options.scrub
-            )
+        except aiohttp.InvalidURL as exc:
+            raise UpstreamUnavailable(
+                f"{target.provider} endpoint is not a usable URL",
+                metadata={"provider": target.provider, "error_type": type(exc).__name__},
+            ) from exc
+        except (aiohttp.ClientError, OSError) as exc:
+            raise connection_error(exc, provider=target.provider, scrub=options.scrub) from exc
+        try:
+            if response.status >= 300:
+                raw = await _read_error_body(response)
+                raise error_for_status(
+                    response.status, raw, response.headers, provider=target.provider, scrub=options.scrub
+                )
+            if response.content_type in ("application/json", "text/html"):
+                # The upstream ignored `stream`, or answered an error object or page with a 200.
+                raw = await _read_error_body(response)
+                parse_json_object(raw, provider=target.provider, scrub=options.scrub, retryable=True)
+                raise UpstreamBadResponse(
+                    f"{target.provider} answered {response.content_type} instead of a stream",
+                    metadata={"provider": target.provider, "content_type": response.content_type},
+                )
+            if response.content_type == "text/event-stream":
+                events = _iter_events(response, provider=target.provider, scrub=options.scrub)
+                try:
+                    first = await anext(events, _END)
+                except TimeoutError as exc:
+                    raise _read_timed_out(exc, options, target) from exc
+                except (aiohttp.ClientError, OSError) as exc:
+                    raise connection_error(exc, provider=target.provider, scrub=options.scrub) from exc
+                except (RateLimitExceeded, UpstreamUnavailable) as exc:  # an error event; nothing relayed yet
+                    raise RetryableError(exc, status=_http_status(exc)) from exc
+                setattr(response, _PRIMED_ATTR, _Primed(events, first))
+        except BaseException:
+            response.close()
+            raise
         return response
 
     return await call_with_retries(attempt, settings=options.retry, deadline=options.deadline,
                                    on_retry=options.on_retry)
+
+
+async def _read_error_body(response: aiohttp.ClientResponse) -> bytes:
+    try:
+        return await read_limited(response, 1024 * 1024)
+    except TimeoutError:
+        raise
+    except (aiohttp.ClientError, OSError, ValueError):
+        return b""
+
+
+def _http_status(error: GatewayError) -> int:
+    try:
+        return int(error.metadata.get("http_status", "0"))
+    except ValueError:
+        return 0
+
+
+def _read_timed_out(exc: BaseException, options: CallOptions, target: UpstreamTarget) -> GatewayError:
+    if isinstance(exc, aiohttp.ServerTimeoutError) or options.deadline.at is None:
+        return UpstreamUnavailable(
+            f"{target.provider} sent nothing for {options.default_timeout:g} s",
+            metadata={"provider": target.provider, "timeout_seconds": options.default_timeout},
+        )
+    return DeadlineExceeded(
+        f"{target.provider} did not finish within the caller's deadline",
+        metadata={"provider": target.provider},
+    )
+
+
+async def _resume(primed: _Primed) -> AsyncIterator[dict[str, Any] | None]:
+    if primed.first is _END:
+        return
+    yield primed.first  # type: ignore[misc]
+    if primed.first is None:
+        return
+    async for event in primed.events:
+        yield event
 
 
 async def sse_events(
@@ -147,37 +381,72 @@ async def sse_events(
     """Yield each SSE event's JSON object; None once for `[DONE]`.
 
     Keep-alive comments (`: ...`), `event:`/`id:`/`retry:` fields and blank lines are skipped;
-    multi-line `data:` fields are joined with newlines as the SSE spec says.
+    multi-line `data:` fields are joined with newlines as the SSE spec says. A broken connection
+    is UPSTREAM_UNAVAILABLE, an upstream that goes silent past the read timeout too, and the
+    caller's deadline passing mid-stream DEADLINE_EXCEEDED.
     """
-    buffer = b""
-    data_lines: list[bytes] = []
+    primed: _Primed | None = getattr(response, _PRIMED_ATTR, None)
+    if primed is not None:
+        setattr(response, _PRIMED_ATTR, None)
+    events = _iter_events(response, provider=provider, scrub=scrub) if primed is None else _resume(primed)
     try:
-        async for piece in response.content.iter_any():
-            buffer += piece
-            if len(buffer) > MAX_BODY_BYTES:
-                raise UpstreamBadResponse(f"{provider} sent an SSE line over {MAX_BODY_BYTES} bytes")
-            lines = buffer.split(b"\n")
-            buffer = lines.pop()
-            for line in lines:
-                if line.endswith(b"\r"):
-                    line = line[:-1]
-                if not line:
-                    if data_lines:
-                        event = _decode_event(data_lines, provider=provider, scrub=scrub)
-                        data_lines = []
-                        yield event
-                        if event is None:
-                            return
-                    continue
-                if line.startswith(b"data:"):
-                    value = line[5:]
-                    data_lines.append(value[1:] if value.startswith(b" ") else value)
-                # Comments (":") and other fields are ignored.
+        async for event in events:
+            yield event
+    except aiohttp.ServerTimeoutError as exc:
+        raise UpstreamUnavailable(
+            f"{provider} stopped sending in the middle of the stream",
+            metadata={"provider": provider, "error_type": type(exc).__name__},
+        ) from exc
+    except TimeoutError as exc:
+        raise DeadlineExceeded(
+            f"{provider} did not finish within the caller's deadline", metadata={"provider": provider}
+        ) from exc
     except (aiohttp.ClientError, OSError) as exc:
         raise UpstreamUnavailable(
             f"{provider} broke the stream: {scrub(str(exc)) or type(exc).__name__}",
             metadata={"provider": provider, "error_type": type(exc).__name__},
         ) from exc
+
+
+async def _iter_events(
+    response: aiohttp.ClientResponse, *, provider: str, scrub: Callable[[str], str]
+) -> AsyncIterator[dict[str, Any] | None]:
+    """The SSE parser; transport exceptions pass through unchanged (callers translate them)."""
+    buffer = b""
+    data_lines: list[bytes] = []
+    data_size = 0
+    async for piece in response.content.iter_any():
+        buffer += piece
+        if len(buffer) > MAX_BODY_BYTES:
+            raise UpstreamBadResponse(
+                f"{provider} sent an SSE line over {MAX_BODY_BYTES} bytes",
+                metadata={"provider": provider, "limit_bytes": MAX_BODY_BYTES},
+            )
+        lines = buffer.split(b"\n")
+        buffer = lines.pop()
+        for line in lines:
+            if line.endswith(b"\r"):
+                line = line[:-1]
+            if not line:
+                if data_lines:
+                    event = _decode_event(data_lines, provider=provider, scrub=scrub)
+                    data_lines = []
+                    data_size = 0
+                    yield event
+                    if event is None:
+                        return
+                continue
+            if line.startswith(b"data:"):
+                value = line[5:]
+                value = value[1:] if value.startswith(b" ") else value
+                data_size += len(value)
+                if data_size > MAX_BODY_BYTES:
+                    raise UpstreamBadResponse(
+                        f"{provider} sent an SSE event over {MAX_BODY_BYTES} bytes",
+                        metadata={"provider": provider, "limit_bytes": MAX_BODY_BYTES},
+                    )
+                data_lines.append(value)
+            # Comments (":") and other fields are ignored.
     tail = buffer.rstrip(b"\r")
     if tail.startswith(b"data:"):
         value = tail[5:]
@@ -186,7 +455,9 @@ async def sse_events(
         yield _decode_event(data_lines, provider=provider, scrub=scrub)
 
 
-def _decode_event(data_lines: list[bytes], *, provider: str, scrub: Callable[[str], str]) -> dict[str, Any] | None:
+def _decode_event(
+    data_lines: list[bytes], *, provider: str, scrub: Callable[[str], str]
+) -> dict[str, Any] | None:
     data = data_lines[0] if len(data_lines) == 1 else b"\n".join(data_lines)
     if data.strip() == b"[DONE]":
         return None
@@ -194,11 +465,15 @@ def _decode_event(data_lines: list[bytes], *, provider: str, scrub: Callable[[st
         event = orjson.loads(data)
     except orjson.JSONDecodeError as exc:
         raise UpstreamBadResponse(
-            f"{provider} sent an SSE event that is not JSON: {scrub(data[:200].decode('utf-8', 'replace'))!r}",
+            f"{provider} sent an SSE event that is not JSON: "
+            f"{scrub(data[:200].decode('utf-8', 'replace'))!r}",
             metadata={"provider": provider},
         ) from exc
     if not isinstance(event, dict):
-        raise UpstreamBadResponse(f"{provider} sent an SSE event that is not an object", metadata={"provider": provider})
+        raise UpstreamBadResponse(
+            f"{provider} sent an SSE event that is not an object", metadata={"provider": provider}
+        )
     if event.get("error"):
         raise error_in_body(event, provider=provider, scrub=scrub)
+    check_shape(event, provider=provider)
     return event
