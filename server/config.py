@@ -75,15 +75,29 @@ def _split(value: str) -> tuple[str, ...]:
 
 
 def _coerce(name: str, raw: str, default: object) -> object:
-    if name in _TUPLE_FIELDS:
-        return _split(raw)
-    if isinstance(default, bool):
-        return raw.strip().lower() in ("1", "true", "yes", "on")
-    if isinstance(default, int):
-        return int(raw)
-    if isinstance(default, float):
-        return float(raw)
+    """The setting's value in the type of its default; a bad value names the setting."""
+    try:
+        if name in _TUPLE_FIELDS:
+            return _split(raw)
+        if isinstance(default, tuple):  # a list of numbers, e.g. LLMGW_RETRY_STATUSES
+            return tuple(int(part) for part in _split(raw))
+        if isinstance(default, bool):
+            return raw.strip().lower() in ("1", "true", "yes", "on")
+        if isinstance(default, int):
+            return int(raw)
+        if isinstance(default, float):
+            return float(raw)
+    except ValueError as exc:
+        raise ValueError(f"LLMGW_{name.upper()}: {exc}") from exc
     return raw
+
+
+def _retry_setting_names() -> dict[str, str]:
+    """Setting name (`LLMGW_<NAME>`, `--name`) -> RetrySettings field."""
+    names = {}
+    for f in fields(RetrySettings):
+        names[f.name if f.name.startswith("retry_") else "retry_" + f.name] = f.name
+    return names
 
 
 def _configurable_fields() -> list[str]:
@@ -95,7 +109,7 @@ def add_arguments(parser: argparse.ArgumentParser, *, nested: bool = False) -> N
 
     `nested` is for sub-commands: their flags leave alone a value the parent parser already read.
     """
-    for name in _configurable_fields():
+    for name in [*_configurable_fields(), *_retry_setting_names()]:
         help_text = f"env LLMGW_{name.upper()}"
         if name in _SECRET_FIELDS:
             help_text += " (prefer the environment for secrets)"
@@ -120,6 +134,16 @@ def load_settings(
             values[name] = _coerce(name, raw, getattr(defaults, name))
     for name, var in _PROVIDER_KEYS.items():
         values[name] = env.get(var, "")
+    retry_defaults = RetrySettings()
+    retry_values: dict[str, object] = {}
+    for name, field_name in _retry_setting_names().items():
+        raw = getattr(args, name, None) if args is not None else None
+        if raw is None:
+            raw = env.get("LLMGW_" + name.upper())
+        if raw is None:
+            continue
+        retry_values[field_name] = _coerce(name, raw, getattr(retry_defaults, field_name))
+    values["retry"] = RetrySettings(**retry_values)  # type: ignore[arg-type]
     settings = Settings(**values)  # type: ignore[arg-type]
     validate(settings)
     return settings
@@ -140,6 +164,9 @@ def validate(settings: Settings) -> None:
         problems.append("LLMGW_TRACE_BACKENDS has postgres but LLMGW_POSTGRES_DSN is empty")
     if "clickhouse" in settings.trace_backends and not settings.clickhouse_url:
         problems.append("LLMGW_TRACE_BACKENDS has clickhouse but LLMGW_CLICKHOUSE_URL is empty")
+    retry = settings.retry
+    if retry.max_attempts < 1 or retry.initial_delay < 0 or retry.max_delay < 0 or retry.multiplier < 1:
+        problems.append("LLMGW_RETRY_*: max_attempts must be >= 1, delays >= 0 and the multiplier >= 1")
     if settings.local_auth_type not in ("", "bearer_token", "api_key"):
         problems.append("LLMGW_LOCAL_AUTH_TYPE must be empty, bearer_token or api_key")
     elif settings.local_auth_type and not (settings.local_api_key and settings.local_base_url):

@@ -1,0 +1,87 @@
+"""Settings: flags over LLMGW_* over seed aliases over defaults, and refusals that name the setting."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from server.config import RetrySettings, Settings, add_arguments, load_settings
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_defaults_match_the_contract() -> None:
+    settings = load_settings(parse(), environ={})
+    assert settings.listen == "127.0.0.1:50051"
+    assert settings.trace_backends == ("sqlite",)
+    assert settings.openai_base_url == "https://api.openai.com/v1"
+    assert settings.auth == "auto"
+    assert settings.retry == RetrySettings()
+
+
+def test_flags_win_over_environment_which_wins_over_seed_aliases() -> None:
+    env = {
+        "LLMGW_TRACE_BACKENDS": "sqlite,socket",
+        "LETTA_TELEMETRY_PROVIDER_TRACE_BACKEND": "postgres",
+        "TELEMETRY_SOCKET": "/tmp/seed.sock",
+        "LLMGW_LISTEN": "127.0.0.1:6000",
+    }
+    settings = load_settings(parse("--listen", "127.0.0.1:7000"), environ=env)
+    assert settings.listen == "127.0.0.1:7000"
+    assert settings.trace_backends == ("sqlite", "socket")
+    assert settings.trace_socket == "/tmp/seed.sock"  # alias used when LLMGW_TRACE_SOCKET is absent
+
+
+def test_seed_alias_alone_selects_backends() -> None:
+    env = {"LETTA_TELEMETRY_PROVIDER_TRACE_BACKEND": "sqlite,socket"}
+    assert load_settings(parse(), environ=env).trace_backends == ("sqlite", "socket")
+
+
+def test_provider_keys_come_from_their_usual_names_only() -> None:
+    env = {"OPENAI_API_KEY": "sk-a", "OPENROUTER_API_KEY": "or-b", "LLMGW_OPENAI_API_KEY": "ignored"}
+    settings = load_settings(parse(), environ=env)
+    assert (settings.openai_api_key, settings.openrouter_api_key) == ("sk-a", "or-b")
+    assert "sk-a" not in repr(settings)
+
+
+def test_retry_policy_is_configurable() -> None:
+    env = {
+        "LLMGW_RETRY_MAX_ATTEMPTS": "3",
+        "LLMGW_RETRY_STATUSES": "429,503",
+        "LLMGW_RETRY_CONNECTION_ERRORS": "no",
+    }
+    settings = load_settings(parse("--retry-initial-delay", "0.25"), environ=env)
+    assert settings.retry == RetrySettings(
+        initial_delay=0.25, max_attempts=3, retry_statuses=(429, 503), retry_connection_errors=False
+    )
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"LLMGW_WORKERS": "many"}, "LLMGW_WORKERS"),
+        ({"LLMGW_WORKERS": "0"}, "LLMGW_WORKERS"),
+        ({"LLMGW_AUTH": "maybe"}, "LLMGW_AUTH"),
+        ({"LLMGW_TRACE_BACKENDS": "sqlite,mongo"}, "mongo"),
+        ({"LLMGW_TRACE_BACKENDS": "postgres"}, "LLMGW_POSTGRES_DSN"),
+        ({"LLMGW_TRACE_BACKENDS": "clickhouse"}, "LLMGW_CLICKHOUSE_URL"),
+        ({"LLMGW_TLS_CERT": "/x.pem"}, "--tls-key"),
+        ({"LLMGW_LOCAL_AUTH_TYPE": "basic"}, "LLMGW_LOCAL_AUTH_TYPE"),
+        ({"LLMGW_LOCAL_AUTH_TYPE": "bearer_token", "LLMGW_LOCAL_API_KEY": "k" * 12}, "LLMGW_LOCAL_BASE_URL"),
+        ({"LLMGW_RETRY_MAX_ATTEMPTS": "0"}, "LLMGW_RETRY_"),
+        ({"LLMGW_RETRY_STATUSES": "429,oops"}, "LLMGW_RETRY_STATUSES"),
+    ],
+)
+def test_bad_configuration_is_refused_naming_the_setting(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        load_settings(parse(), environ=env)
+
+
+def test_settings_are_frozen() -> None:
+    with pytest.raises(AttributeError):
+        Settings().listen = "x"  # type: ignore[misc]
