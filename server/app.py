@@ -8,6 +8,7 @@ import logging
 import signal
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -55,8 +56,9 @@ class _Running:
 class GatewayServer:
     """One server process. `start()` binds and serves; `stop()` drains and flushes traces."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, span_exporter: Any = None) -> None:
         self.settings = settings
+        self._span_exporter = span_exporter  # tests: an in-memory OpenTelemetry exporter
         self._running: _Running | None = None
         self._stopped = asyncio.Event()
 
@@ -114,7 +116,7 @@ class GatewayServer:
         async def byok_urls(organization_id: str) -> Sequence[str]:
             return await store.byok_base_urls(organization_id=organization_id)
 
-        telemetry = setup_tracing()
+        telemetry = setup_tracing(exporter_override=self._span_exporter)
         tracer, interceptors = (telemetry[0], [telemetry[1]]) if telemetry else (None, [])
         gateway = Gateway(
             Dependencies(

@@ -28,9 +28,14 @@ def exporter_requested(environ: Mapping[str, str] | None = None) -> str | None:
     return None
 
 
-def setup_tracing(environ: Mapping[str, str] | None = None) -> tuple[Any, Any] | None:
-    """Install a tracer provider; returns (tracer, server interceptor) or None when off."""
-    exporter_name = exporter_requested(environ)
+def setup_tracing(
+    environ: Mapping[str, str] | None = None, *, exporter_override: Any = None
+) -> tuple[Any, Any] | None:
+    """Install a tracer provider; returns (tracer, server interceptor) or None when off.
+
+    `exporter_override` (a SpanExporter) turns tracing on with that exporter, for tests.
+    """
+    exporter_name = "override" if exporter_override is not None else exporter_requested(environ)
     if exporter_name is None:
         return None
     from opentelemetry import trace
@@ -40,11 +45,14 @@ def setup_tracing(environ: Mapping[str, str] | None = None) -> tuple[Any, Any] |
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor, SpanExporter
 
     exporter: SpanExporter
-    if exporter_name == "console":
+    if exporter_override is not None:
+        exporter = exporter_override
+        processor: Any = SimpleSpanProcessor(exporter)
+    elif exporter_name == "console":
         from opentelemetry.sdk.trace.export import ConsoleSpanExporter
 
         exporter = ConsoleSpanExporter()
-        processor: Any = SimpleSpanProcessor(exporter)
+        processor = SimpleSpanProcessor(exporter)
     elif exporter_name == "otlp":
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
@@ -58,6 +66,7 @@ def setup_tracing(environ: Mapping[str, str] | None = None) -> tuple[Any, Any] |
     resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", "llm-gateway")})
     provider = TracerProvider(resource=resource)
     provider.add_span_processor(processor)
-    trace.set_tracer_provider(provider)
+    if exporter_override is None:
+        trace.set_tracer_provider(provider)  # global, for any library that traces too
     log.info("OpenTelemetry tracing on, exporter %s", exporter_name)
-    return trace.get_tracer("llmgateway"), aio_server_interceptor(tracer_provider=provider)
+    return provider.get_tracer("llmgateway"), aio_server_interceptor(tracer_provider=provider)

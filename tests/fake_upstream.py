@@ -73,8 +73,11 @@ def usage_chunk(prompt: int = 20, completion_tokens: int = 7) -> dict[str, Any]:
         "created": 1732000001,
         "model": "gpt-4o-mini-2024-07-18",
         "choices": [],
-        "usage": {"prompt_tokens": prompt, "completion_tokens": completion_tokens,
-                  "total_tokens": prompt + completion_tokens},
+        "usage": {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt + completion_tokens,
+        },
     }
 
 
@@ -204,7 +207,12 @@ class FakeUpstream:
             await response.write_eof()
             return response
         if reply.raw is not None:
-            return web.Response(status=reply.status, body=reply.raw, headers=reply.headers,
-                                content_type=reply.content_type or "text/plain")
-        return web.json_response(reply.json_body if reply.json_body is not None else {}, status=reply.status,
-                                 headers=reply.headers)
+            return web.Response(
+                status=reply.status,
+                body=reply.raw,
+                headers=reply.headers,
+                content_type=reply.content_type or "text/plain",
+            )
+        return web.json_response(
+            reply.json_body if reply.json_body is not None else {}, status=reply.status, headers=reply.headers
+        )

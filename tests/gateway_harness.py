@@ -50,8 +50,10 @@ def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
 
 
 @asynccontextmanager
-async def running_gateway(settings: Settings) -> AsyncIterator[RunningGateway]:
-    server = GatewayServer(settings)
+async def running_gateway(
+    settings: Settings, server: GatewayServer | None = None
+) -> AsyncIterator[RunningGateway]:
+    server = server or GatewayServer(settings)
     await server.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
     try:

@@ -318,6 +318,7 @@ def start_clickhouse(timeout: float = 90.0) -> ClickHouseServer:
 # --- shared pytest fixtures ---------------------------------------------------------------
 # tests/conftest.py imports these, so each server starts at most once per session, on first use.
 
+
 @pytest.fixture(scope="session")
 def postgres_server() -> Iterator[PostgresServer]:
     """One real PostgreSQL for the whole session (tests/conftest.py makes it session-wide)."""
