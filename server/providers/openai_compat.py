@@ -21,10 +21,12 @@ from typing import Any
 import aiohttp
 import orjson
 
+from server.auth.resolver import ForbiddenAddressError
 from server.config import RetrySettings
 from server.core.retry import Deadline, RetryableError, call_with_retries
 from server.errors import (
     DeadlineExceeded,
+    EndpointNotAllowed,
     GatewayError,
     RateLimitExceeded,
     UpstreamBadResponse,
@@ -55,8 +57,9 @@ class CallOptions:
         remaining = self.deadline.remaining()
         if remaining is None:
             if stream:  # a long answer may stream for longer; a silent upstream may not
-                return aiohttp.ClientTimeout(total=None, sock_connect=self.default_timeout,
-                                             sock_read=self.default_timeout)
+                return aiohttp.ClientTimeout(
+                    total=None, sock_connect=self.default_timeout, sock_read=self.default_timeout
+                )
             return aiohttp.ClientTimeout(total=self.default_timeout)
         if remaining <= 0:
             raise DeadlineExceeded("the caller's deadline passed before the upstream answered")
@@ -88,16 +91,8 @@ async def post_json(
                 raw = await read_limited(response, MAX_BODY_BYTES)
                 status = response.status
                 response_headers = response.headers
-        # aiohttp's read timeouts are both ClientError and TimeoutError: timeouts first.
-        except TimeoutError as exc:
-            raise _timed_out(options, target) from exc
-        except aiohttp.InvalidURL as exc:
-            raise UpstreamUnavailable(
-                f"{target.provider} endpoint is not a usable URL",
-                metadata={"provider": target.provider, "error_type": type(exc).__name__},
-            ) from exc
-        except (aiohttp.ClientError, OSError) as exc:
-            raise connection_error(exc, provider=target.provider, scrub=options.scrub) from exc
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            raise transport_error(exc, options, target) from exc
         except ValueError as exc:  # read_limited: the body is over the limit
             raise _too_large(target) from exc
         if status >= 300:
@@ -107,8 +102,31 @@ async def post_json(
         payload = parse_json_object(raw, provider=target.provider, scrub=options.scrub, retryable=True)
         return raw, payload
 
-    return await call_with_retries(attempt, settings=options.retry, deadline=options.deadline,
-                                   on_retry=options.on_retry)
+    return await call_with_retries(
+        attempt, settings=options.retry, deadline=options.deadline, on_retry=options.on_retry
+    )
+
+
+def transport_error(
+    exc: BaseException, options: CallOptions, target: UpstreamTarget
+) -> GatewayError | RetryableError:
+    """The error for a failure to talk to the upstream at all (connect, send, read)."""
+    # aiohttp's read timeouts are both ClientError and TimeoutError: timeouts first.
+    if isinstance(exc, TimeoutError):
+        return _timed_out(options, target)
+    if isinstance(exc, aiohttp.InvalidURL):
+        return UpstreamUnavailable(
+            f"{target.provider} endpoint is not a usable URL",
+            metadata={"provider": target.provider, "error_type": type(exc).__name__},
+        )
+    cause = getattr(exc, "os_error", None)
+    if isinstance(exc, ForbiddenAddressError) or isinstance(cause, ForbiddenAddressError):
+        # The name resolved to a metadata or link-local address at connect time: never retried.
+        return EndpointNotAllowed(
+            f"{target.provider} endpoint resolves only to addresses the gateway never calls",
+            metadata={"provider": target.provider},
+        )
+    return connection_error(exc, provider=target.provider, scrub=options.scrub)
 
 
 def _timed_out(options: CallOptions, target: UpstreamTarget) -> GatewayError:
@@ -182,8 +200,10 @@ def _check_calls(calls: object, provider: str, where: str) -> None:
         function = call.get("function")
         if function is None:
             continue
-        if not isinstance(function, dict) or not _is_text(function.get("name")) or not _is_text(
-            function.get("arguments")
+        if (
+            not isinstance(function, dict)
+            or not _is_text(function.get("name"))
+            or not _is_text(function.get("arguments"))
         ):
             raise _bad_shape(provider, f"{where}[{i}].function")
 
@@ -294,15 +314,8 @@ async def open_stream(
             response = await client.session.post(
                 url, data=body, headers=headers, timeout=options.timeout(stream=True), allow_redirects=False
             )
-        except TimeoutError as exc:
-            raise _timed_out(options, target) from exc
-        except aiohttp.InvalidURL as exc:
-            raise UpstreamUnavailable(
-                f"{target.provider} endpoint is not a usable URL",
-                metadata={"provider": target.provider, "error_type": type(exc).__name__},
-            ) from exc
-        except (aiohttp.ClientError, OSError) as exc:
-            raise connection_error(exc, provider=target.provider, scrub=options.scrub) from exc
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            raise transport_error(exc, options, target) from exc
         try:
             if response.status >= 300:
                 raw = await _read_error_body(response)
@@ -333,8 +346,9 @@ async def open_stream(
             raise
         return response
 
-    return await call_with_retries(attempt, settings=options.retry, deadline=options.deadline,
-                                   on_retry=options.on_retry)
+    return await call_with_retries(
+        attempt, settings=options.retry, deadline=options.deadline, on_retry=options.on_retry
+    )
 
 
 async def _read_error_body(response: aiohttp.ClientResponse) -> bytes:
