@@ -7,6 +7,7 @@ Servicers (`server.api`) hand proto requests to `Gateway` and get proto answers 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -31,7 +32,13 @@ from server.core.validation import LOCAL_TYPES, validate_request
 from server.errors import ContextWindowExceeded, GatewayError, UpstreamBadResponse
 from server.providers.base import UpstreamTarget
 from server.providers.http import HttpClient
-from server.providers.openai_compat import CallOptions, open_stream, post_json, sse_events
+from server.providers.openai_compat import (
+    CallOptions,
+    open_stream,
+    post_json,
+    released_when_done,
+    sse_events,
+)
 from server.traces.base import TraceRecord, new_trace_id
 
 log = logging.getLogger("llmgateway.gateway")
@@ -57,6 +64,21 @@ class Dependencies:
     byok_urls: ByokUrls
     scrub: Callable[[str], str]
     tracer: Any = None  # an OpenTelemetry tracer when an exporter is configured, else None
+
+
+@dataclass(slots=True)
+class TracedCall:
+    """What a call in progress fills in: its answer, its first token, its partial answer."""
+
+    record: TraceRecord
+    span: Any
+    started: float
+    completion: chat_pb2.ChatCompletion | None = None
+    partial: Callable[[], str] | None = None  # the answer so far, kept if the call fails
+
+    def first_token(self) -> None:
+        if not self.record.time_to_first_token_ms:
+            self.record.time_to_first_token_ms = (time.perf_counter() - self.started) * 1000.0
 
 
 class Gateway:
@@ -198,6 +220,27 @@ class Gateway:
             record.error_message = self._deps.scrub(str(error))
         self._deps.traces.enqueue(record)
 
+    @contextlib.asynccontextmanager
+    async def traced_call(
+        self, request: ChatRequest, actor: Actor, target: UpstreamTarget, payload: bytes, kind: str
+    ) -> AsyncIterator[TracedCall]:
+        """One upstream call: its span and its trace record, finished however the call ends."""
+        record = self.new_trace(request, actor, target, payload)
+        started = time.perf_counter()
+        with self.span(kind, request.llm_config, target) as span:
+            call = TracedCall(record, span, started)
+            try:
+                yield call
+            except BaseException as exc:
+                if call.partial is not None and not record.response_json:
+                    # What came before the failure is evidence; keep it with the error.
+                    record.response_json = call.partial()
+                self.finish_trace(record, started, exc)
+                raise
+            if call.completion is not None:
+                record_success(record, span, call.completion)
+            self.finish_trace(record, started, None)
+
     # -- Create ------------------------------------------------------------------------------
 
     async def create(self, request: ChatRequest, actor: Actor, deadline: Deadline) -> chat_pb2.CreateResponse:
@@ -206,29 +249,18 @@ class Gateway:
             return await self._create_local(request, actor, deadline)
         target, body, _ = await self._plan(request, actor, stream=False)
         payload = orjson.dumps(body)
-        record = self.new_trace(request, actor, target, payload)
-        started = time.perf_counter()
-        error: BaseException | None = None
-        with self.span("create", request.llm_config, target) as span:
-            try:
-                raw, answer = await post_json(
-                    self._deps.http,
-                    target,
-                    target.base_url + "/chat/completions",
-                    payload,
-                    self.call_options(deadline, span),
-                )
-                record.response_json = raw.decode("utf-8", "replace")
-                unpack_completion(answer, request)
-                completion = completion_from_json(answer, provider=target.provider)
-            except BaseException as exc:
-                error = exc
-                raise
-            finally:
-                if error is None:
-                    record_success(record, span, completion)
-                self.finish_trace(record, started, error)
-        return chat_pb2.CreateResponse(completion=completion, provider_trace_id=record.id)
+        async with self.traced_call(request, actor, target, payload, "create") as call:
+            raw, answer = await post_json(
+                self._deps.http,
+                target,
+                target.base_url + "/chat/completions",
+                payload,
+                self.call_options(deadline, call.span),
+            )
+            call.record.response_json = raw.decode("utf-8", "replace")
+            unpack_completion(answer, request)
+            call.completion = completion_from_json(answer, provider=target.provider)
+        return chat_pb2.CreateResponse(completion=call.completion, provider_trace_id=call.record.id)
 
     # -- StreamCreate ------------------------------------------------------------------------
 
@@ -242,59 +274,40 @@ class Gateway:
             return
         target, body, count = await self._plan(request, actor, stream=True)
         payload = orjson.dumps(body)
-        record = self.new_trace(request, actor, target, payload)
-        started = time.perf_counter()
-        error: BaseException | None = None
         accumulator = StreamAccumulator()
-        with self.span("stream", request.llm_config, target) as span:
-            try:
-                response = await open_stream(
-                    self._deps.http,
-                    target,
-                    target.base_url + "/chat/completions",
-                    payload,
-                    self.call_options(deadline, span),
-                )
-                clean = False
-                try:
-                    done = False
-                    async for chunk in sse_events(response, provider=target.provider, scrub=self._deps.scrub):
-                        if chunk is None:
-                            done = True
-                            break
-                        accumulator.add(chunk)
-                        for event in deltas_from_chunk(chunk):
-                            if not record.time_to_first_token_ms:
-                                record.time_to_first_token_ms = (time.perf_counter() - started) * 1000.0
-                            yield event
-                    if not done and not accumulator.finished:
-                        raise UpstreamBadResponse(
-                            f"{target.provider} ended the stream before it was complete",
-                            metadata={"provider": target.provider, "chunks": accumulator.chunks},
-                        )
-                    clean = True
-                finally:
-                    if clean:
-                        response.release()
-                    else:
-                        response.close()  # drop the connection: the upstream may still be sending
-                answer = accumulator.completion()
-                if accumulator.usage is None:
-                    answer["usage"] = _local_usage(answer, count, request)
-                record.response_json = orjson.dumps(answer).decode()
-                unpack_completion(answer, request)
-                completion = completion_from_json(answer, provider=target.provider)
-            except BaseException as exc:
-                error = exc
-                raise
-            finally:
-                if error is None:
-                    record_success(record, span, completion)
-                elif accumulator.chunks:
-                    # What came before the failure is evidence; keep it with the error.
-                    record.response_json = orjson.dumps(accumulator.completion()).decode()
-                self.finish_trace(record, started, error)
-        yield chat_pb2.StreamCreateResponse(completion=completion, provider_trace_id=record.id)
+        async with self.traced_call(request, actor, target, payload, "stream") as call:
+            call.partial = lambda: (
+                orjson.dumps(accumulator.completion()).decode() if accumulator.chunks else ""
+            )
+            response = await open_stream(
+                self._deps.http,
+                target,
+                target.base_url + "/chat/completions",
+                payload,
+                self.call_options(deadline, call.span),
+            )
+            with released_when_done(response):
+                done = False
+                async for chunk in sse_events(response, provider=target.provider, scrub=self._deps.scrub):
+                    if chunk is None:
+                        done = True
+                        break
+                    accumulator.add(chunk)
+                    for event in deltas_from_chunk(chunk):
+                        call.first_token()
+                        yield event
+                if not done and not accumulator.finished:
+                    raise UpstreamBadResponse(
+                        f"{target.provider} ended the stream before it was complete",
+                        metadata={"provider": target.provider, "chunks": accumulator.chunks},
+                    )
+            answer = accumulator.completion()
+            if accumulator.usage is None:
+                answer["usage"] = _local_usage(answer, count, request)
+            call.record.response_json = orjson.dumps(answer).decode()
+            unpack_completion(answer, request)
+            call.completion = completion_from_json(answer, provider=target.provider)
+        yield chat_pb2.StreamCreateResponse(completion=call.completion, provider_trace_id=call.record.id)
 
     # -- local servers (filled in by server.providers.local) ---------------------------------
 

@@ -14,7 +14,8 @@ DEADLINE_EXCEEDED.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+import contextlib
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -387,6 +388,20 @@ async def _resume(primed: _Primed) -> AsyncIterator[dict[str, Any] | None]:
         return
     async for event in primed.events:
         yield event
+
+
+@contextlib.contextmanager
+def released_when_done(response: aiohttp.ClientResponse) -> Iterator[aiohttp.ClientResponse]:
+    """Return a fully read stream's connection to the pool; close one abandoned half-way.
+
+    An abandoned stream's upstream may still be sending: only closing the connection stops it.
+    """
+    try:
+        yield response
+    except BaseException:
+        response.close()
+        raise
+    response.release()
 
 
 async def sse_events(

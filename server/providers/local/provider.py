@@ -27,7 +27,7 @@ from server.errors import (
     UpstreamBadResponse,
     UpstreamUnavailable,
 )
-from server.gateway import ChatRequest, Gateway, record_success
+from server.gateway import ChatRequest, Gateway
 from server.providers.base import UpstreamTarget
 from server.providers.local.completion import to_chat_completion
 from server.providers.local.deepseek import is_deepseek_r1, with_functions_in_system_prompt
@@ -47,7 +47,13 @@ from server.providers.local.wrappers import (
     stop_strings,
     wrapper_uses_grammar,
 )
-from server.providers.openai_compat import open_stream, parse_json_object, post_json, sse_events
+from server.providers.openai_compat import (
+    open_stream,
+    parse_json_object,
+    post_json,
+    released_when_done,
+    sse_events,
+)
 
 MAX_LINE_BYTES = 16 * 1024 * 1024
 
@@ -182,34 +188,23 @@ async def create_local(
     gateway: Gateway, request: ChatRequest, actor: Actor, deadline: Deadline
 ) -> chat_pb2.CreateResponse:
     target = await _target(gateway, request, actor)
-    call = _LocalCall(gateway, request, target, stream=False)
-    payload = orjson.dumps(call.http_request.body)
-    record = gateway.new_trace(request, actor, target, payload)
-    started = time.perf_counter()
-    error: BaseException | None = None
-    with gateway.span("create", request.llm_config, target) as span:
-        try:
-            raw, answer = await post_json(
-                gateway.deps.http,
-                target,
-                call.http_request.url,
-                payload,
-                gateway.call_options(deadline, span),
-            )
-            record.response_json = raw.decode("utf-8", "replace")
-            local = extract_completion(call.endpoint_type, answer)
-            completion = completion_from_json(
-                call.completion_json(local.text, local.prompt_tokens, local.completion_tokens),
-                provider=target.provider,
-            )
-        except BaseException as exc:
-            error = exc
-            raise
-        finally:
-            if error is None:
-                record_success(record, span, completion)
-            gateway.finish_trace(record, started, error)
-    return chat_pb2.CreateResponse(completion=completion, provider_trace_id=record.id)
+    plan = _LocalCall(gateway, request, target, stream=False)
+    payload = orjson.dumps(plan.http_request.body)
+    async with gateway.traced_call(request, actor, target, payload, "create") as call:
+        raw, answer = await post_json(
+            gateway.deps.http,
+            target,
+            plan.http_request.url,
+            payload,
+            gateway.call_options(deadline, call.span),
+        )
+        call.record.response_json = raw.decode("utf-8", "replace")
+        local = extract_completion(plan.endpoint_type, answer)
+        call.completion = completion_from_json(
+            plan.completion_json(local.text, local.prompt_tokens, local.completion_tokens),
+            provider=target.provider,
+        )
+    return chat_pb2.CreateResponse(completion=call.completion, provider_trace_id=call.record.id)
 
 
 async def stream_local(
@@ -217,74 +212,54 @@ async def stream_local(
 ) -> AsyncIterator[chat_pb2.StreamCreateResponse]:
     """Text deltas as the server produces them, then the completion with the parsed call."""
     target = await _target(gateway, request, actor)
-    call = _LocalCall(gateway, request, target, stream=True)
-    payload = orjson.dumps(call.http_request.body)
-    record = gateway.new_trace(request, actor, target, payload)
-    started = time.perf_counter()
-    error: BaseException | None = None
+    plan = _LocalCall(gateway, request, target, stream=True)
+    payload = orjson.dumps(plan.http_request.body)
     scrub = gateway.deps.scrub
     pieces: list[str] = []
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
-    with gateway.span("stream", request.llm_config, target) as span:
-        try:
-            response = await open_stream(
-                gateway.deps.http,
-                target,
-                call.http_request.url,
-                payload,
-                gateway.call_options(deadline, span),
+    async with gateway.traced_call(request, actor, target, payload, "stream") as call:
+        call.partial = lambda: orjson.dumps({"text": "".join(pieces)}).decode() if pieces else ""
+        response = await open_stream(
+            gateway.deps.http,
+            target,
+            plan.http_request.url,
+            payload,
+            gateway.call_options(deadline, call.span),
+        )
+        with released_when_done(response):
+            finished = False
+            events = (
+                _ndjson_events(response, provider=target.provider, scrub=scrub)
+                if stream_framing(plan.endpoint_type) == "ndjson"
+                else sse_events(response, provider=target.provider, scrub=scrub)
             )
-            clean = False
-            try:
-                finished = False
-                events = (
-                    _ndjson_events(response, provider=target.provider, scrub=scrub)
-                    if stream_framing(call.endpoint_type) == "ndjson"
-                    else sse_events(response, provider=target.provider, scrub=scrub)
+            async for event in events:
+                if event is None:  # [DONE]
+                    finished = True
+                    break
+                chunk = parse_stream_event(plan.endpoint_type, event)
+                if chunk.prompt_tokens is not None:
+                    prompt_tokens = chunk.prompt_tokens
+                if chunk.completion_tokens is not None:
+                    completion_tokens = chunk.completion_tokens
+                finished = finished or chunk.done
+                if chunk.text:
+                    pieces.append(chunk.text)
+                    call.first_token()
+                    delta = chat_pb2.ChatCompletionDelta(content=chunk.text)
+                    yield chat_pb2.StreamCreateResponse(delta=delta)
+            if not finished:
+                raise UpstreamBadResponse(
+                    f"{target.provider} ended the stream before it was complete",
+                    metadata={"provider": target.provider},
                 )
-                async for event in events:
-                    if event is None:  # [DONE]
-                        finished = True
-                        break
-                    chunk = parse_stream_event(call.endpoint_type, event)
-                    if chunk.prompt_tokens is not None:
-                        prompt_tokens = chunk.prompt_tokens
-                    if chunk.completion_tokens is not None:
-                        completion_tokens = chunk.completion_tokens
-                    finished = finished or chunk.done
-                    if chunk.text:
-                        pieces.append(chunk.text)
-                        if not record.time_to_first_token_ms:
-                            record.time_to_first_token_ms = (time.perf_counter() - started) * 1000.0
-                        delta = chat_pb2.ChatCompletionDelta(content=chunk.text)
-                        yield chat_pb2.StreamCreateResponse(delta=delta)
-                if not finished:
-                    raise UpstreamBadResponse(
-                        f"{target.provider} ended the stream before it was complete",
-                        metadata={"provider": target.provider},
-                    )
-                clean = True
-            finally:
-                if clean:
-                    response.release()
-                else:
-                    response.close()
-            text = "".join(pieces)
-            record.response_json = orjson.dumps({"text": text}).decode()
-            completion = completion_from_json(
-                call.completion_json(text, prompt_tokens, completion_tokens), provider=target.provider
-            )
-        except BaseException as exc:
-            error = exc
-            if pieces and not record.response_json:
-                record.response_json = orjson.dumps({"text": "".join(pieces)}).decode()
-            raise
-        finally:
-            if error is None:
-                record_success(record, span, completion)
-            gateway.finish_trace(record, started, error)
-    yield chat_pb2.StreamCreateResponse(completion=completion, provider_trace_id=record.id)
+        text = "".join(pieces)
+        call.record.response_json = orjson.dumps({"text": text}).decode()
+        call.completion = completion_from_json(
+            plan.completion_json(text, prompt_tokens, completion_tokens), provider=target.provider
+        )
+    yield chat_pb2.StreamCreateResponse(completion=call.completion, provider_trace_id=call.record.id)
 
 
 async def _ndjson_events(

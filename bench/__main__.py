@@ -1,0 +1,7 @@
+"""`python -m bench [--quick] [...]`: run the benchmark and print one table."""
+
+import sys
+
+from bench.runner import main
+
+sys.exit(main())

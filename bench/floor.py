@@ -1,0 +1,89 @@
+"""The floor: a bare grpc.aio server (uvloop, as the gateway) answering fixed bytes, no upstream.
+
+Same service and methods as the gateway, so the same load generator drives it: `Create` returns
+one pre-serialized CreateResponse, `StreamCreate` yields `--messages` pre-serialized events. Its
+CPU per call is what grpc.aio itself costs; the gateway's number minus this is ours to cut.
+
+Run: `python -m bench.floor --port 0 --ready-file PATH`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator
+
+
+def _messages(count: int) -> tuple[bytes, list[bytes]]:
+    from llmgateway.v1 import chat_pb2
+
+    completion = chat_pb2.ChatCompletion(id="chatcmpl-floor", model="gpt-4o-mini", created=1_760_000_000)
+    choice = completion.choices.add(index=0, finish_reason=chat_pb2.FINISH_REASON_STOP)
+    choice.message.role = chat_pb2.ROLE_ASSISTANT
+    choice.message.content = "The quick brown fox jumps over the lazy dog. " * 4
+    completion.usage.prompt_tokens = 212
+    unary = chat_pb2.CreateResponse(completion=completion, provider_trace_id="provider_trace-floor")
+    events = [
+        chat_pb2.StreamCreateResponse(
+            delta=chat_pb2.ChatCompletionDelta(index=0, content=f"tok{i} ")
+        ).SerializeToString()
+        for i in range(count - 1)
+    ]
+    events.append(
+        chat_pb2.StreamCreateResponse(completion=completion, provider_trace_id="t").SerializeToString()
+    )
+    return unary.SerializeToString(), events
+
+
+async def serve(port: int, ready_file: str | None, count: int) -> None:
+    import grpc
+
+    unary, events = _messages(count)
+
+    async def create(_request: bytes, _context: object) -> bytes:
+        return unary
+
+    async def stream_create(_request: bytes, _context: object) -> AsyncIterator[bytes]:
+        for event in events:
+            yield event
+
+    handler = grpc.method_handlers_generic_handler(
+        "llmgateway.v1.ChatCompletionService",
+        {
+            "Create": grpc.unary_unary_rpc_method_handler(create),
+            "StreamCreate": grpc.unary_stream_rpc_method_handler(stream_create),
+        },
+    )
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((handler,))
+    bound = server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    if ready_file:
+        with open(ready_file + ".tmp", "w") as f:
+            f.write(str(bound))
+        os.replace(ready_file + ".tmp", ready_file)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await server.stop(1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.floor")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--ready-file")
+    parser.add_argument("--messages", type=int, default=51, help="events per StreamCreate")
+    args = parser.parse_args(argv)
+    import uvloop
+
+    uvloop.run(serve(args.port, args.ready_file, args.messages))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,865 @@
+"""`python -m bench`: start the upstream, the gateway and (optionally) LiteLLM, load them, print one table."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+import os
+import platform
+import re
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench import load, procs, workload
+from bench.load import LoadResult
+
+ROOT = Path(__file__).resolve().parent.parent
+STREAM_CHUNKS = 50
+STREAM_MESSAGES = STREAM_CHUNKS + 1  # one delta per chunk, then the assembled completion
+
+
+@dataclass
+class Plan:
+    """How many requests each phase sends."""
+
+    cpu_requests: int
+    stream_requests: int
+    latency_requests: int
+    paced_requests: int
+    memory_requests: int
+    trace_records: int
+    litellm_requests: int
+    litellm_streams: int
+    concurrency: int = 32
+    load_processes: int = 2
+
+
+@dataclass
+class Row:
+    metric: str
+    gateway: str
+    litellm: str = ""
+    ratio: str = ""
+    budget: str = ""
+    verdict: str = ""
+
+
+@dataclass
+class Report:
+    rows: list[Row] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    raw: dict[str, object] = field(default_factory=dict)
+
+    def add(
+        self,
+        metric: str,
+        gateway: str,
+        litellm: str = "",
+        ratio: str = "",
+        budget: str = "",
+        verdict: str = "",
+    ) -> None:
+        self.rows.append(Row(metric, gateway, litellm, ratio, budget, verdict))
+
+
+# -- formatting -------------------------------------------------------------------------------
+
+
+def _us(v: float) -> str:
+    return "n/a" if v is None or math.isnan(v) else f"{v:,.0f} us"
+
+
+def _ms(v: float) -> str:
+    return "n/a" if v is None or math.isnan(v) else f"{v / 1000:,.2f} ms"
+
+
+def _ratio(other: float | None, ours: float | None) -> str:
+    if not other or not ours or math.isnan(other) or math.isnan(ours):
+        return ""
+    return f"{other / ours:,.1f}x"
+
+
+def _check(value: float | None, limit: float, higher_is_better: bool = False) -> str:
+    if value is None or math.isnan(value):
+        return "n/a"
+    ok = value >= limit if higher_is_better else value <= limit
+    return "ok" if ok else "OVER" if not higher_is_better else "UNDER"
+
+
+def render(rows: Sequence[Row]) -> str:
+    header = Row("metric", "llm-gateway", "LiteLLM", "LiteLLM/gw", "budget", "")
+    table = [header, *rows]
+    widths = [
+        max(len(getattr(r, f)) for r in table)
+        for f in ("metric", "gateway", "litellm", "ratio", "budget", "verdict")
+    ]
+
+    def line(r: Row) -> str:
+        cells = [r.metric, r.gateway, r.litellm, r.ratio, r.budget, r.verdict]
+        return " | ".join(
+            c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        )
+
+    sep = "-+-".join("-" * w for w in widths)
+    return "\n".join([line(header), sep, *(line(r) for r in rows)])
+
+
+# -- services ---------------------------------------------------------------------------------
+
+
+def start_upstream(workdir: Path, cpus: Sequence[int] | None) -> tuple[procs.Service, int]:
+    ready = workdir / "upstream.port"
+    service = procs.Service(
+        "upstream",
+        [sys.executable, "-m", "bench.upstream", "--port", "0", "--ready-file", str(ready)],
+        workdir / "upstream.log",
+        cpus=cpus,
+    )
+    deadline = time.monotonic() + 30
+    while not ready.exists():
+        if service.proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"upstream did not start:\n{service.log_text()}")
+        time.sleep(0.02)
+    return service, int(ready.read_text())
+
+
+def start_gateway(
+    workdir: Path, upstream_base: str, workers: int, cpus: Sequence[int] | None, tag: str
+) -> tuple[procs.Service, int]:
+    port = procs.free_port()
+    db = workdir / f"traces-{tag}.db"
+    argv = [
+        sys.executable,
+        "-m",
+        "server",
+        "serve",
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--sqlite-path",
+        str(db),
+        "--allowed-endpoints",
+        upstream_base,
+        "--workers",
+        str(workers),
+    ]
+    env = {"PYTHONUNBUFFERED": "1"}
+    service = procs.Service(f"gateway-{tag}", argv, workdir / f"gateway-{tag}.log", env=env, cpus=cpus)
+    service.wait_for_log("serving on", count=workers, timeout=120)
+    return service, port
+
+
+def wait_traces_settled(db: Path, timeout: float = 120.0) -> None:
+    """Wait until the gateway's trace count stops moving (its writer queue is drained)."""
+    deadline = time.monotonic() + timeout
+    last = -2
+    while time.monotonic() < deadline:
+        count = count_traces(db)[0]
+        if count == last:
+            return
+        last = count
+        time.sleep(1.0)
+
+
+def dropped_traces(log_text: str) -> int:
+    """The most traces the writer reported dropping (its rate-limited queue-overflow warning)."""
+    counts = [int(m) for m in re.findall(r"\((\d+) dropped so far\)", log_text)]
+    return max(counts, default=0)
+
+
+def count_traces(db: Path) -> tuple[int, int]:
+    """(traces, traces with an error) in a gateway's SQLite store; (-1, -1) when unreadable."""
+    try:
+        with sqlite3.connect(db) as conn:
+            total, failed = conn.execute(
+                "SELECT count(*), coalesce(sum(error_type != ''), 0) FROM provider_traces"
+            ).fetchone()
+            return int(total), int(failed)
+    except sqlite3.Error:
+        return -1, -1
+
+
+# -- phases -----------------------------------------------------------------------------------
+
+
+def _log(msg: str) -> None:
+    print(f"bench: {msg}", file=sys.stderr, flush=True)
+
+
+def _checked(result: LoadResult, what: str, report: Report) -> LoadResult:
+    if result.errors:
+        note = f"{what}: {result.errors} failed requests (first: {result.first_error or 'unexpected answer'})"
+        report.notes.append(note)
+        _log(note)
+    return result
+
+
+def run_bench(args: argparse.Namespace) -> Report:
+    quick = args.quick
+    n = args.requests or (300 if quick else 20_000)
+    plan = Plan(
+        cpu_requests=n,
+        stream_requests=args.stream_requests or max(100, n // 4),
+        latency_requests=args.latency_requests or (100 if quick else 5_000),
+        paced_requests=args.latency_requests or (200 if quick else 10_000),
+        memory_requests=args.memory_requests or (300 if quick else 100_000),
+        trace_records=args.trace_records or (2_000 if quick else 50_000),
+        litellm_requests=args.litellm_requests or max(200, n // 8),
+        litellm_streams=args.litellm_requests or max(100, n // 40),
+        concurrency=args.concurrency,
+    )
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    workdir = Path(args.workdir or ROOT / "bench" / "results" / stamp)
+    workdir.mkdir(parents=True, exist_ok=True)
+    report = Report()
+    cpus = procs.CPUS
+    pinned = len(cpus) >= 2 and not args.no_pin
+    gw_cpus = [cpus[0]] if pinned else None
+    client_cpus = cpus[1:] if pinned else None
+    report.notes.append(
+        f"pinning: gateway on CPU {gw_cpus[0]}, upstream + load generator on CPU "
+        f"{','.join(map(str, client_cpus))}"
+        if pinned and gw_cpus and client_cpus
+        else "pinning: off (everything shares every CPU)"
+    )
+    services: list[procs.Service] = []
+    try:
+        upstream, up_port = start_upstream(workdir, client_cpus)
+        services.append(upstream)
+        upstream_base = f"http://127.0.0.1:{up_port}/v1"
+        upstream_url = upstream_base + "/chat/completions"
+        grpc_body = workload.grpc_request_bytes(upstream_base)
+        unary_json = workload.openai_body(stream=False)
+        stream_json = workload.openai_body(stream=True)
+
+        use_h2load = args.loadgen == "h2load" or (args.loadgen == "auto" and load.h2load_path() is not None)
+
+        def go(saturate: bool = False, **kw: object) -> LoadResult:
+            """One load phase; saturating gRPC phases use h2load when it is there (cheapest client)."""
+            kw.setdefault("workdir", workdir)
+            kw.setdefault("cpus", client_cpus)
+            if saturate and use_h2load and kw["protocol"] == "grpc":
+                h2 = {k: kw[k] for k in ("target", "body", "requests", "concurrency", "cpus", "workdir")}
+                return load.run_h2load(
+                    method=str(kw.get("method", "Create")),
+                    connections=int(kw.get("connections", 4)),  # type: ignore[call-overload]
+                    watch=kw.get("watch"),  # type: ignore[arg-type]
+                    **h2,  # type: ignore[arg-type]
+                )
+            kw.setdefault("processes", plan.load_processes)
+            return load.run(**kw)  # type: ignore[arg-type]
+
+        # ---- the gateway, one worker -------------------------------------------------------
+        _log("gateway (1 worker): starting")
+        gw, gw_port = start_gateway(workdir, upstream_base, 1, gw_cpus, "w1")
+        services.append(gw)
+        target = f"127.0.0.1:{gw_port}"
+        watch = {"gw": gw.pid, "up": upstream.pid}
+        _log(f"unary at saturation: {plan.cpu_requests} requests, c={plan.concurrency}")
+        sat = _checked(
+            go(
+                saturate=True,
+                protocol="grpc",
+                target=target,
+                method="Create",
+                body=grpc_body,
+                requests=plan.cpu_requests,
+                concurrency=plan.concurrency,
+                watch=watch,
+            ),
+            "unary",
+            report,
+        )
+        _log(f"streams at saturation: {plan.stream_requests} streams, c={plan.concurrency}")
+        ssat = _checked(
+            go(
+                saturate=True,
+                protocol="grpc",
+                target=target,
+                method="StreamCreate",
+                body=grpc_body,
+                requests=plan.stream_requests,
+                concurrency=plan.concurrency,
+                expect_messages=STREAM_MESSAGES,
+                watch=watch,
+            ),
+            "stream",
+            report,
+        )
+        _log("direct upstream at saturation (upstream CPU per request)")
+        dsat = go(
+            protocol="http",
+            target=upstream_url,
+            body=unary_json,
+            requests=plan.cpu_requests,
+            concurrency=plan.concurrency,
+            watch={"up": upstream.pid},
+        )
+
+        _log(f"latency c=1: {plan.latency_requests} requests each, gateway and direct")
+        lat1 = _checked(
+            go(
+                protocol="grpc",
+                target=target,
+                body=grpc_body,
+                requests=plan.latency_requests,
+                concurrency=1,
+                processes=1,
+                warmup=50,
+            ),
+            "latency c=1",
+            report,
+        )
+        dlat1 = go(
+            protocol="http",
+            target=upstream_url,
+            body=unary_json,
+            requests=plan.latency_requests,
+            concurrency=1,
+            processes=1,
+            warmup=50,
+        )
+        slat1 = _checked(
+            go(
+                protocol="grpc",
+                target=target,
+                method="StreamCreate",
+                body=grpc_body,
+                requests=max(50, plan.latency_requests // 5),
+                concurrency=1,
+                processes=1,
+                warmup=20,
+                expect_messages=STREAM_MESSAGES,
+            ),
+            "stream latency c=1",
+            report,
+        )
+        dslat1 = go(
+            protocol="http",
+            target=upstream_url,
+            body=stream_json,
+            requests=max(50, plan.latency_requests // 5),
+            concurrency=1,
+            processes=1,
+            warmup=20,
+        )
+
+        rate = args.paced_fraction * sat.throughput
+        _log(
+            f"latency c={plan.concurrency} paced at {rate:,.0f} req/s "
+            f"({args.paced_fraction:.0%} of saturation)"
+        )
+        lat32 = _checked(
+            go(
+                protocol="grpc",
+                target=target,
+                body=grpc_body,
+                requests=plan.paced_requests,
+                concurrency=plan.concurrency,
+                rate=rate,
+            ),
+            "paced latency",
+            report,
+        )
+        dlat32 = go(
+            protocol="http",
+            target=upstream_url,
+            body=unary_json,
+            requests=plan.paced_requests,
+            concurrency=plan.concurrency,
+            rate=rate,
+        )
+
+        # RSS with the trace queue drained: a full queue holds ~10,000 records (tens of MiB).
+        wait_traces_settled(workdir / "traces-w1.db")
+        rss0 = procs.rss_bytes(gw.pid)
+        _log(f"memory: {plan.memory_requests} unary requests")
+        mem = _checked(
+            go(
+                saturate=True,
+                protocol="grpc",
+                target=target,
+                body=grpc_body,
+                requests=plan.memory_requests,
+                concurrency=plan.concurrency,
+                watch={"gw": gw.pid},
+            ),
+            "memory run",
+            report,
+        )
+        wait_traces_settled(workdir / "traces-w1.db")
+        rss1 = procs.rss_bytes(gw.pid)
+        gw.stop()
+        dropped = dropped_traces(gw.log_text())
+        services.remove(gw)
+        sent = (
+            plan.cpu_requests
+            + plan.stream_requests
+            + plan.latency_requests
+            + max(50, plan.latency_requests // 5)
+            + plan.paced_requests
+            + plan.memory_requests
+        )
+        traces, failed = count_traces(workdir / "traces-w1.db")
+        report.notes.append(
+            f"traces in SQLite after the 1-worker run: {traces:,} (measured requests {sent:,} plus warm-up), "
+            f"{failed:,} with an error"
+        )
+        if failed:
+            report.notes.append(f"{failed:,} failed requests recorded in the 1-worker gateway's traces")
+
+        # ---- the floor: bare grpc.aio, fixed answers ----------------------------------------
+        _log("bare grpc.aio floor (no upstream, no features)")
+        ready = workdir / "floor.port"
+        floor_svc = procs.Service(
+            "floor",
+            [
+                sys.executable,
+                "-m",
+                "bench.floor",
+                "--port",
+                "0",
+                "--ready-file",
+                str(ready),
+                "--messages",
+                str(STREAM_MESSAGES),
+            ],
+            workdir / "floor.log",
+            cpus=gw_cpus,
+        )
+        services.append(floor_svc)
+        deadline = time.monotonic() + 30
+        while not ready.exists() and time.monotonic() < deadline and floor_svc.proc.poll() is None:
+            time.sleep(0.02)
+        floor_target = f"127.0.0.1:{int(ready.read_text())}"
+        fsat = _checked(
+            go(
+                saturate=True,
+                protocol="grpc",
+                target=floor_target,
+                body=grpc_body,
+                requests=plan.cpu_requests,
+                concurrency=plan.concurrency,
+                watch={"gw": floor_svc.pid},
+            ),
+            "floor unary",
+            report,
+        )
+        fssat = _checked(
+            go(
+                saturate=True,
+                protocol="grpc",
+                target=floor_target,
+                method="StreamCreate",
+                body=grpc_body,
+                requests=plan.stream_requests,
+                concurrency=plan.concurrency,
+                expect_messages=STREAM_MESSAGES,
+                watch={"gw": floor_svc.pid},
+            ),
+            "floor stream",
+            report,
+        )
+        floor_svc.stop()
+        services.remove(floor_svc)
+
+        # ---- the gateway, two workers ------------------------------------------------------
+        sat2: LoadResult | None = None
+        if args.workers_scaling:
+            _log("gateway (2 workers, SO_REUSEPORT): starting; nothing pinned")
+            procs.pin(upstream.pid, None)
+            gw2, gw2_port = start_gateway(workdir, upstream_base, 2, None, "w2")
+            services.append(gw2)
+            sat2 = _checked(
+                go(
+                    saturate=True,
+                    protocol="grpc",
+                    target=f"127.0.0.1:{gw2_port}",
+                    body=grpc_body,
+                    requests=plan.cpu_requests,
+                    concurrency=plan.concurrency * 2,
+                    processes=4,
+                    connections=8,
+                    cpus=None,
+                    watch={"gw": gw2.pid, "up": upstream.pid},
+                ),
+                "2 workers",
+                report,
+            )
+            gw2.stop()
+            services.remove(gw2)
+            _, failed2 = count_traces(workdir / "traces-w2.db")
+            if failed2:
+                report.notes.append(f"2 workers: {failed2:,} failed requests recorded in the traces")
+            if client_cpus:
+                procs.pin(upstream.pid, client_cpus)
+
+        # ---- LiteLLM -----------------------------------------------------------------------
+        ll: dict[str, LoadResult] = {}
+        ll_version = ""
+        if not args.skip_litellm:
+            from bench import litellm_runner
+
+            ll_version = litellm_runner.ensure_installed(args.litellm_spec, workdir / "litellm-install.log")
+            _log(f"LiteLLM {ll_version}: starting (1 worker, no database)")
+            ll_port = procs.free_port()
+            lsvc = litellm_runner.start(workdir, ll_port, upstream_base, workload.MODEL, gw_cpus)
+            services.append(lsvc)
+            ll_url = f"http://127.0.0.1:{ll_port}/chat/completions"
+            lwatch = {"gw": lsvc.pid, "up": upstream.pid}
+            key = litellm_runner.MASTER_KEY
+            _log(f"LiteLLM unary at saturation: {plan.litellm_requests} requests")
+            ll["sat"] = _checked(
+                go(
+                    protocol="http",
+                    target=ll_url,
+                    body=unary_json,
+                    requests=plan.litellm_requests,
+                    concurrency=plan.concurrency,
+                    watch=lwatch,
+                    bearer=key,
+                    warmup=3,
+                ),
+                "LiteLLM unary",
+                report,
+            )
+            _log(f"LiteLLM streams at saturation: {plan.litellm_streams} streams")
+            ll["ssat"] = _checked(
+                go(
+                    protocol="http",
+                    target=ll_url,
+                    body=stream_json,
+                    requests=plan.litellm_streams,
+                    concurrency=plan.concurrency,
+                    watch=lwatch,
+                    bearer=key,
+                    warmup=2,
+                ),
+                "LiteLLM stream",
+                report,
+            )
+            ll["lat1"] = _checked(
+                go(
+                    protocol="http",
+                    target=ll_url,
+                    body=unary_json,
+                    requests=max(100, plan.latency_requests // 10),
+                    concurrency=1,
+                    processes=1,
+                    bearer=key,
+                    warmup=20,
+                ),
+                "LiteLLM latency",
+                report,
+            )
+            ll_rate = args.paced_fraction * ll["sat"].throughput
+            ll["lat32"] = _checked(
+                go(
+                    protocol="http",
+                    target=ll_url,
+                    body=unary_json,
+                    requests=max(200, plan.litellm_requests // 2),
+                    concurrency=plan.concurrency,
+                    rate=ll_rate,
+                    bearer=key,
+                    warmup=2,
+                ),
+                "LiteLLM paced latency",
+                report,
+            )
+            ll["dlat32"] = go(
+                protocol="http",
+                target=upstream_url,
+                body=unary_json,
+                requests=max(200, plan.litellm_requests // 2),
+                concurrency=plan.concurrency,
+                rate=ll_rate,
+            )
+            ll["rss"] = LoadResult(0, 0, 0, [], cpu={"rss": procs.rss_bytes(lsvc.pid)})
+            lsvc.stop()
+            services.remove(lsvc)
+
+        # ---- the trace writer --------------------------------------------------------------
+        _log(f"SQLite trace writer: {plan.trace_records} records")
+        tw = json.loads(
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "bench.traces_bench",
+                    "--records",
+                    str(plan.trace_records),
+                    "--path",
+                    str(workdir / "writer-bench.db"),
+                ],
+                check=True,
+                capture_output=True,
+                text=True,
+                cwd=ROOT,
+                timeout=900,
+            )
+            .stdout.strip()
+            .splitlines()[-1]
+        )
+    finally:
+        for service in reversed(services):
+            service.stop()
+        if not args.keep_data:  # the trace databases of a full run take about 1 GB
+            for path in workdir.glob("*.db*"):
+                path.unlink(missing_ok=True)
+
+    # ---- the table -----------------------------------------------------------------------------
+    def cpu_unary(r: LoadResult) -> float:
+        return r.cpu_per_request_us("gw")
+
+    up_unary = dsat.cpu_per_request_us("up")
+    report.add(
+        "CPU per unary request",
+        _us(cpu_unary(sat)),
+        _us(cpu_unary(ll["sat"])) if ll else "",
+        _ratio(cpu_unary(ll["sat"]), cpu_unary(sat)) if ll else "",
+        "<= 450 us",
+        _check(cpu_unary(sat), 450),
+    )
+    report.add("  of which bare grpc.aio (floor, no upstream)", _us(cpu_unary(fsat)))
+    report.add(
+        f"CPU per {STREAM_CHUNKS}-chunk stream",
+        _ms(cpu_unary(ssat)),
+        _ms(cpu_unary(ll["ssat"])) if ll else "",
+        _ratio(cpu_unary(ll["ssat"]), cpu_unary(ssat)) if ll else "",
+        "<= 2.50 ms",
+        _check(cpu_unary(ssat), 2500),
+    )
+    report.add(f"  of which bare grpc.aio, {STREAM_MESSAGES} messages (floor)", _ms(cpu_unary(fssat)))
+    report.add(
+        "throughput, 1 worker, unary (req/s)",
+        f"{sat.throughput:,.0f}",
+        f"{ll['sat'].throughput:,.0f}" if ll else "",
+        _ratio(sat.throughput, ll["sat"].throughput) if ll else "",
+    )
+    report.add(
+        "throughput, 1 worker, streams (streams/s)",
+        f"{ssat.throughput:,.0f}",
+        f"{ll['ssat'].throughput:,.0f}" if ll else "",
+        _ratio(ssat.throughput, ll["ssat"].throughput) if ll else "",
+    )
+
+    def added(r: LoadResult, d: LoadResult, q: float) -> float:
+        return r.percentile(q) - d.percentile(q)
+
+    report.add(
+        "added latency c=1 p50 (unary)",
+        _us(added(lat1, dlat1, 50)),
+        _us(added(ll["lat1"], dlat1, 50)) if ll else "",
+        _ratio(added(ll["lat1"], dlat1, 50), added(lat1, dlat1, 50)) if ll else "",
+    )
+    report.add(
+        "added latency c=1 p99 (unary)",
+        _us(added(lat1, dlat1, 99)),
+        _us(added(ll["lat1"], dlat1, 99)) if ll else "",
+        _ratio(added(ll["lat1"], dlat1, 99), added(lat1, dlat1, 99)) if ll else "",
+    )
+    report.add(
+        f"added latency c={plan.concurrency} p50 (unary, {args.paced_fraction:.0%} of sat.)",
+        _us(added(lat32, dlat32, 50)),
+        _us(added(ll["lat32"], ll["dlat32"], 50)) if ll else "",
+        _ratio(added(ll["lat32"], ll["dlat32"], 50), added(lat32, dlat32, 50)) if ll else "",
+        "<= 1,000 us",
+        _check(added(lat32, dlat32, 50), 1000),
+    )
+    report.add(
+        f"added latency c={plan.concurrency} p99 (unary, {args.paced_fraction:.0%} of sat.)",
+        _us(added(lat32, dlat32, 99)),
+        _us(added(ll["lat32"], ll["dlat32"], 99)) if ll else "",
+        _ratio(added(ll["lat32"], ll["dlat32"], 99), added(lat32, dlat32, 99)) if ll else "",
+        "<= 3,000 us",
+        _check(added(lat32, dlat32, 99), 3000),
+    )
+    report.add("added latency c=1 p50 (50-chunk stream, to last byte)", _us(added(slat1, dslat1, 50)))
+    report.add(
+        "direct upstream latency c=1 p50 / p99 (reference)",
+        f"{dlat1.percentile(50):,.0f} / {dlat1.percentile(99):,.0f} us",
+    )
+    if sat2 is not None:
+        scale = sat2.throughput / sat.throughput if sat.throughput else float("nan")
+        report.add("throughput, 2 workers, unary (req/s)", f"{sat2.throughput:,.0f}", budget="")
+        report.add(
+            "scaling 1 -> 2 workers (measured, shared cores)",
+            f"{scale:.2f}x",
+            budget=">= 1.8x",
+            verdict=_check(scale, 1.8, higher_is_better=True) + "*",
+        )
+        # What two free cores would give: each worker's requests per CPU-second of gateway time.
+        eff1 = sat.throughput / (sat.cpu["gw"] / sat.wall) if sat.cpu.get("gw") else float("nan")
+        eff2 = sat2.throughput / (sat2.cpu["gw"] / sat2.wall) if sat2.cpu.get("gw") else float("nan")
+        report.add("CPU per unary request, 2 workers", _us(cpu_unary(sat2)))
+        report.add(
+            "projected scaling with 2 free cores (per-core efficiency)",
+            f"{2 * eff2 / eff1:.2f}x",
+            budget=">= 1.8x",
+            verdict=_check(2 * eff2 / eff1, 1.8, higher_is_better=True),
+        )
+        report.notes.append(
+            "* the 2-worker run shares the 2 cores with the load generator and the upstream "
+            f"(gateway used {sat2.cpu['gw'] / sat2.wall:.2f} cores, load generator "
+            f"{sat2.client_cpu / sat2.wall:.2f}, upstream {sat2.cpu['up'] / sat2.wall:.2f}); the projection "
+            "multiplies requests per gateway CPU-second by 2 cores"
+        )
+    else:
+        report.add("throughput, 2 workers, unary (req/s)", "skipped")
+        report.add("scaling 1 -> 2 workers (measured, shared cores)", "skipped", budget=">= 1.8x")
+        report.add("CPU per unary request, 2 workers", "skipped")
+        report.add("projected scaling with 2 free cores (per-core efficiency)", "skipped", budget=">= 1.8x")
+    grow = rss1 - rss0
+    report.add(
+        f"RSS before -> after {plan.memory_requests:,} requests",
+        f"{rss0 / 2**20:,.1f} -> {rss1 / 2**20:,.1f} MiB",
+        f"{ll['rss'].cpu['rss'] / 2**20:,.1f} MiB" if ll else "",
+        budget="flat",
+        verdict="ok" if grow < max(8 * 2**20, 0.05 * rss0) else "GROWS",
+    )
+    report.add(
+        "SQLite trace writer (traces/s)",
+        f"{tw['traces_per_s']:,.0f}",
+        budget=">= 20,000",
+        verdict=_check(tw["traces_per_s"], 20_000, higher_is_better=True),
+    )
+    report.add(
+        "traces dropped by the writer (1 worker, whole run)",
+        f"{dropped:,}",
+        budget="0",
+        verdict="ok" if dropped == 0 else "DROPS",
+    )
+    report.add("upstream CPU per request (not counted above)", _us(up_unary))
+    report.add(
+        "load generator CPU per request (gRPC / HTTP)",
+        f"{sat.client_cpu / sat.requests * 1e6:,.0f} / {dsat.client_cpu / dsat.requests * 1e6:,.0f} us",
+    )
+
+    report.notes.append(
+        "saturation phases driven by "
+        + (
+            "h2load (nghttp2-client), 1 thread, 4 connections x 8 streams"
+            if use_h2load
+            else "the Python grpc.aio load generator (install nghttp2-client for h2load, a cheaper client)"
+        )
+    )
+    report.notes.append(
+        "CPU per request = utime+stime of the server process tree from /proc over the measured requests "
+        f"at c={plan.concurrency} (closed loop, saturation); added latency = percentile through the server "
+        "minus the same percentile calling the upstream directly over HTTP with the same client"
+    )
+    if ll_version:
+        report.notes.append(
+            f"LiteLLM {ll_version} proxy: 1 worker, no database, master key, offline env; "
+            f"RSS in the LiteLLM column is after its run; requests: {plan.litellm_requests:,} "
+            f"unary, {plan.litellm_streams:,} streams"
+        )
+    report.notes.append(f"logs and databases: {workdir}")
+    report.raw = {
+        "plan": plan.__dict__,
+        "trace_writer": tw,
+        "rss": [rss0, rss1],
+        "memory_cpu_us": mem.cpu_per_request_us("gw"),
+    }
+    return report
+
+
+def machine() -> str:
+    model = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    python = platform.python_version()
+    return f"{model or platform.machine()}, {os.cpu_count()} CPUs, {mem:.0f} GiB, Python {python}"
+
+
+def main(argv: Sequence[str] | None = None, out: Callable[[str], None] = print) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument(
+        "--quick", action="store_true", help="a few hundred requests, no LiteLLM (the test uses it)"
+    )
+    parser.add_argument(
+        "--requests", type=int, default=0, help="unary requests for the CPU/throughput phases"
+    )
+    parser.add_argument("--stream-requests", type=int, default=0)
+    parser.add_argument("--latency-requests", type=int, default=0)
+    parser.add_argument(
+        "--memory-requests",
+        type=int,
+        default=0,
+        help="requests between the two RSS readings (full run: 100,000)",
+    )
+    parser.add_argument(
+        "--trace-records", type=int, default=0, help="records for the trace writer (full: 50,000)"
+    )
+    parser.add_argument("--litellm-requests", type=int, default=0)
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument(
+        "--paced-fraction",
+        type=float,
+        default=0.5,
+        help="the paced latency run's rate as a fraction of the 1-worker saturation throughput",
+    )
+    parser.add_argument("--skip-litellm", action="store_true")
+    parser.add_argument("--litellm-spec", default="", help="pip requirement for LiteLLM (default: pinned)")
+    parser.add_argument(
+        "--workers-scaling",
+        dest="workers_scaling",
+        action="store_true",
+        default=True,
+        help="measure --workers 2 too (default)",
+    )
+    parser.add_argument("--no-workers-scaling", dest="workers_scaling", action="store_false")
+    parser.add_argument(
+        "--loadgen",
+        choices=("auto", "h2load", "python"),
+        default="auto",
+        help="saturation phases: h2load (apt nghttp2-client) when installed, else the Python client",
+    )
+    parser.add_argument(
+        "--no-pin", action="store_true", help="do not pin the gateway and the load to separate CPUs"
+    )
+    parser.add_argument("--workdir", help="where logs and databases go (default bench/results/<time>)")
+    parser.add_argument("--keep-data", action="store_true", help="keep the trace databases in the workdir")
+    parser.add_argument("--json", help="also write the rows and notes as JSON here")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.skip_litellm = True
+    if not args.litellm_spec:
+        from bench.litellm_runner import DEFAULT_SPEC
+
+        args.litellm_spec = DEFAULT_SPEC
+    # Stop the services (in `finally`) when the benchmark itself is terminated.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    started = time.perf_counter()
+    report = run_bench(args)
+    out(
+        f"llm-gateway benchmark, {dt.datetime.now().strftime('%Y-%m-%d %H:%M')}, {machine()}"
+        f"{' (quick: numbers are noisy)' if args.quick else ''}"
+    )
+    out(render(report.rows))
+    for note in report.notes:
+        out("  " + note)
+    out(f"  took {time.perf_counter() - started:,.0f} s")
+    if args.json:
+        Path(args.json).write_text(
+            json.dumps(
+                {"rows": [r.__dict__ for r in report.rows], "notes": report.notes, "raw": report.raw},
+                indent=2,
+            )
+        )
+    return 0

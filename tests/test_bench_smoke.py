@@ -1,0 +1,58 @@
+"""`python -m bench --quick` runs end to end and prints the whole table (timings are never asserted)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+ROWS = (
+    "CPU per unary request",
+    "CPU per 50-chunk stream",
+    "of which bare grpc.aio (floor",
+    "of which bare grpc.aio, 51 messages",
+    "throughput, 1 worker, unary",
+    "throughput, 1 worker, streams",
+    "added latency c=1 p50 (unary)",
+    "added latency c=1 p99 (unary)",
+    "added latency c=32 p50",
+    "added latency c=32 p99",
+    "added latency c=1 p50 (50-chunk stream",
+    "direct upstream latency c=1",
+    "throughput, 2 workers, unary",
+    "scaling 1 -> 2 workers",
+    "CPU per unary request, 2 workers",
+    "projected scaling with 2 free cores",
+    "RSS before -> after",
+    "SQLite trace writer (traces/s)",
+    "traces dropped by the writer",
+    "upstream CPU per request",
+    "load generator CPU per request",
+)
+
+
+@pytest.mark.timeout(300)
+def test_quick_benchmark_prints_every_row(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LLMGW_")}
+    result = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--workdir", str(tmp_path / "bench")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=280,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("llm-gateway benchmark"), result.stdout
+    assert lines[1].split("|")[0].strip() == "metric", result.stdout
+    table = [line.split("|")[0].strip() for line in lines[3:] if "|" in line]
+    for row in ROWS:
+        assert any(name.startswith(row) for name in table), f"missing row {row!r}:\n{result.stdout}"
+    # Every request in the quick run succeeded: failures are reported as notes.
+    assert "failed requests" not in result.stdout, result.stdout
