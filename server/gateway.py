@@ -86,6 +86,7 @@ class Gateway:
         self.deps = deps
         self._deps = deps
         self._settings = deps.settings
+        self._config_json_cache: dict[bytes, str] = {}
 
     # -- CountTokens -------------------------------------------------------------------------
 
@@ -183,8 +184,19 @@ class Gateway:
             model_endpoint_type=config.model_endpoint_type,
             is_byok=bool(target and target.is_byok),
             request_json=self._deps.scrub(body.decode()),
-            llm_config_json=self._deps.scrub(json_format.MessageToJson(config, indent=None)),
+            llm_config_json=self._config_json(config),
         )
+
+    def _config_json(self, config: chat_pb2.LLMConfig) -> str:
+        """The trace's copy of the LLMConfig, scrubbed; cached, as an agent resends the same one."""
+        key = config.SerializeToString()
+        cached = self._config_json_cache.get(key)
+        if cached is None:
+            cached = self._deps.scrub(json_format.MessageToJson(config, indent=None))
+            if len(self._config_json_cache) >= 1024:
+                self._config_json_cache.clear()
+            self._config_json_cache[key] = cached
+        return cached
 
     def span(
         self, name: str, config: chat_pb2.LLMConfig, target: UpstreamTarget

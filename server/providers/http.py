@@ -60,6 +60,9 @@ def is_ip_literal(host: str) -> bool:
 
 async def read_limited(response: aiohttp.ClientResponse, limit: int) -> bytes:
     """Read a body, refusing one larger than `limit` bytes (a broken upstream must not OOM us)."""
+    length = response.content_length
+    if length is not None and length <= limit:
+        return await response.read()  # the common case: one read, no chunk loop
     chunks: list[bytes] = []
     size = 0
     async for chunk in response.content.iter_any():

@@ -12,6 +12,7 @@ from __future__ import annotations
 import abc
 import base64
 import logging
+import random
 import re
 import time
 import uuid
@@ -22,7 +23,9 @@ from urllib.parse import urlsplit, urlunsplit
 
 
 def new_trace_id() -> str:
-    return f"provider_trace-{uuid.uuid4()}"
+    # A version-4 UUID from the process's seeded PRNG: unique enough for ids, and without the
+    # os.urandom system call uuid4() makes on every request (ids are not secrets).
+    return f"provider_trace-{uuid.UUID(int=random.getrandbits(128), version=4)}"
 
 
 @dataclass(slots=True)
@@ -78,6 +81,10 @@ class TraceBackend(abc.ABC):
     readable: bool = True  # False for write-only backends (socket)
     # The largest batch this backend wants; None takes the writer's batch_size.
     batch_size: int | None = None
+    # True when the backend's writes are blocking calls (a local file): the writer then gives its
+    # lane a dedicated thread that calls `write_batch_sync`, so writing never waits on a busy
+    # event loop and never runs on it. `start`, `close` and the reads stay on the loop.
+    threaded: bool = False
 
     async def start(self) -> None:  # noqa: B027 - optional hook, a no-op by default
         """Connect and migrate. Called once before the first write."""
@@ -88,6 +95,10 @@ class TraceBackend(abc.ABC):
     @abc.abstractmethod
     async def write_batch(self, *, records: Sequence[TraceRecord]) -> None:
         """Persist every record or raise; the writer retries the whole batch."""
+
+    def write_batch_sync(self, records: Sequence[TraceRecord]) -> None:
+        """`write_batch` as a blocking call, from the writer's thread; only when `threaded`."""
+        raise NotImplementedError(f"{self.name} has no blocking write")
 
     async def get_latest(self, *, organization_id: str, step_id: str) -> TraceRecord | None:
         raise NotImplementedError(f"{self.name} is write-only")
