@@ -23,7 +23,7 @@ from llmgateway.v1 import chat_pb2
 from server.auth.actor import Actor
 from server.config import Settings
 from server.core import tokens
-from server.core.completion import completion_from_json, deltas_from_chunk
+from server.core.completion import completion_from_json, deltas_from_chunks
 from server.core.keys import ByokLookup, ByokUrls, EndpointChecker, counting_endpoint, resolve_target
 from server.core.openai_request import build_chat_body, prompt_functions, unpack_completion
 from server.core.retry import Deadline
@@ -37,7 +37,7 @@ from server.providers.openai_compat import (
     open_stream,
     post_json,
     released_when_done,
-    sse_events,
+    sse_batches,
 )
 from server.traces.base import TraceRecord, new_trace_id
 
@@ -300,14 +300,19 @@ class Gateway:
             )
             with released_when_done(response):
                 done = False
-                async for chunk in sse_events(response, provider=target.provider, scrub=self._deps.scrub):
-                    if chunk is None:
-                        done = True
-                        break
-                    accumulator.add(chunk)
-                    for event in deltas_from_chunk(chunk):
+                # What one network read brought is relayed together: consecutive pieces of the
+                # same kind are merged into one delta event (deltas_from_chunks says which).
+                async for batch in sse_batches(response, provider=target.provider, scrub=self._deps.scrub):
+                    for chunk in batch:
+                        if chunk is None:
+                            done = True
+                            break
+                        accumulator.add(chunk)
+                    for event in deltas_from_chunks(batch):
                         call.first_token()
                         yield event
+                    if done:
+                        break
                 if not done and not accumulator.finished:
                     raise UpstreamBadResponse(
                         f"{target.provider} ended the stream before it was complete",

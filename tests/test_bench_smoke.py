@@ -15,7 +15,7 @@ ROWS = (
     "CPU per unary request",
     "CPU per 50-chunk stream",
     "of which bare grpc.aio (floor",
-    "of which bare grpc.aio, 51 messages",
+    "bare grpc.aio sending 51 messages",
     "throughput, 1 worker, unary",
     "throughput, 1 worker, streams",
     "added latency c=1 p50 (unary)",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from llmgateway.v1 import chat_pb2
@@ -103,39 +104,126 @@ def completion_from_json(body: dict[str, Any], *, provider: str) -> chat_pb2.Cha
 
 def deltas_from_chunk(chunk: dict[str, Any]) -> list[chat_pb2.StreamCreateResponse]:
     """One delta event per choice in the chunk that carries something."""
-    events = []
-    for choice in chunk.get("choices") or ():
-        delta = choice.get("delta") or {}
-        fragments = []
-        for fragment in delta.get("tool_calls") or ():
-            function = fragment.get("function") or {}
-            fragments.append(
-                chat_pb2.ToolCallDelta(
-                    index=int(fragment.get("index") or 0),
-                    id=fragment.get("id") or "",
-                    name=function.get("name") or "",
-                    arguments=function.get("arguments") or "",
+    return deltas_from_chunks((chunk,))
+
+
+# What a delta carries, in the order a client reads one message: reasoning, content, tool calls.
+_REASONING, _CONTENT, _TOOLS = 1, 2, 3
+
+
+class _PendingDelta:
+    """One delta event being assembled from consecutive chunks of the same choice."""
+
+    __slots__ = ("index", "kind", "reasoning", "content", "fragments", "finish")
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.kind = 0  # the last kind it carries (0: none yet)
+        self.reasoning: list[str] = []
+        self.content: list[str] = []
+        self.fragments: list[tuple[int, str, str, list[str]]] = []  # index, id, name, arguments
+        self.finish: chat_pb2.FinishReason = chat_pb2.FINISH_REASON_UNSPECIFIED
+
+    def event(self) -> chat_pb2.StreamCreateResponse:
+        event = chat_pb2.StreamCreateResponse()
+        delta = event.delta
+        delta.SetInParent()
+        if self.index:
+            delta.index = self.index
+        if self.reasoning:
+            delta.reasoning_content = "".join(self.reasoning)
+        if self.content:
+            delta.content = "".join(self.content)
+        for call_index, call_id, name, arguments in self.fragments:
+            fragment = delta.tool_calls.add()
+            if call_index:
+                fragment.index = call_index
+            if call_id:
+                fragment.id = call_id
+            if name:
+                fragment.name = name
+            if arguments:
+                fragment.arguments = "".join(arguments)
+        if self.finish:
+            delta.finish_reason = self.finish
+        return event
+
+
+def deltas_from_chunks(chunks: Iterable[dict[str, Any] | None]) -> list[chat_pb2.StreamCreateResponse]:
+    """The delta events of chunks that arrived together (up to a None, `[DONE]`), in order.
+
+    One event per choice per chunk that carries something, except that consecutive pieces of the
+    same choice and the same kind are sent as one event: content after content, reasoning after
+    reasoning, argument fragments of the same tool call (one without an id or a name of its own)
+    after it, and a finish reason after any of them. Nothing is merged across a change of choice,
+    of kind or of tool call, nor after a finish reason, so concatenating what the events carry,
+    in order, gives exactly what the chunks carried.
+    """
+    events: list[chat_pb2.StreamCreateResponse] = []
+    pending: _PendingDelta | None = None
+    for chunk in chunks:
+        if chunk is None:
+            break
+        for choice in chunk.get("choices") or ():
+            delta = choice.get("delta") or {}
+            reasoning = delta.get("reasoning_content") or delta.get("reasoning")
+            content = delta.get("content")
+            calls = delta.get("tool_calls")
+            legacy = delta.get("function_call")
+            reason = finish_reason(choice.get("finish_reason"))
+            if reasoning:
+                first = last = _REASONING
+                if content:
+                    last = _CONTENT
+            elif content:
+                first = last = _CONTENT
+            else:
+                first = last = 0
+            if calls or legacy:
+                last = _TOOLS
+                first = first or _TOOLS
+            if not (last or reason):
+                continue
+            index = int(choice.get("index") or 0)
+            if (
+                pending is None
+                or pending.index != index
+                or pending.finish
+                or (first and (first != last or first != pending.kind))
+            ):
+                if pending is not None:
+                    events.append(pending.event())
+                pending = _PendingDelta(index)
+            if last:
+                pending.kind = last
+            if reasoning:
+                pending.reasoning.append(reasoning)
+            if content:
+                pending.content.append(content)
+            fragments = pending.fragments
+            for fragment in calls or ():
+                function = fragment.get("function") or {}
+                _add_fragment(
+                    fragments,
+                    int(fragment.get("index") or 0),
+                    fragment.get("id") or "",
+                    function.get("name") or "",
+                    function.get("arguments") or "",
                 )
-            )
-        legacy = delta.get("function_call")
-        if legacy:
-            fragments.append(
-                chat_pb2.ToolCallDelta(name=legacy.get("name") or "", arguments=legacy.get("arguments") or "")
-            )
-        content = delta.get("content") or ""
-        reasoning = delta.get("reasoning_content") or delta.get("reasoning") or ""
-        reason = finish_reason(choice.get("finish_reason"))
-        if not (content or reasoning or fragments or reason):
-            continue
-        events.append(
-            chat_pb2.StreamCreateResponse(
-                delta=chat_pb2.ChatCompletionDelta(
-                    index=int(choice.get("index") or 0),
-                    content=content,
-                    reasoning_content=reasoning,
-                    tool_calls=fragments,
-                    finish_reason=reason,
-                )
-            )
-        )
+            if legacy:
+                _add_fragment(fragments, 0, "", legacy.get("name") or "", legacy.get("arguments") or "")
+            if reason:
+                pending.finish = reason
+    if pending is not None:
+        events.append(pending.event())
     return events
+
+
+def _add_fragment(
+    fragments: list[tuple[int, str, str, list[str]]], index: int, call_id: str, name: str, arguments: str
+) -> None:
+    """Append a tool-call fragment, onto the previous one when it only continues its arguments."""
+    if fragments and not call_id and not name and fragments[-1][0] == index:
+        fragments[-1][3].append(arguments)
+    else:
+        fragments.append((index, call_id, name, [arguments]))

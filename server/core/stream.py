@@ -41,50 +41,63 @@ class StreamAccumulator:
 
     def add(self, chunk: dict[str, Any]) -> None:
         self.chunks += 1
-        if chunk.get("id"):
-            self.id = chunk["id"]
-        if chunk.get("model"):
-            self.model = chunk["model"]
-        if chunk.get("created"):
-            self.created = int(chunk["created"])
-        if chunk.get("system_fingerprint"):
-            self.system_fingerprint = chunk["system_fingerprint"]
-        usage = chunk.get("usage")
-        if usage:
-            self.usage = usage
-        for choice in chunk.get("choices") or ():
+        get = chunk.get
+        value = get("id")
+        if value:
+            self.id = value
+        value = get("model")
+        if value:
+            self.model = value
+        value = get("created")
+        if value:
+            self.created = int(value)
+        value = get("system_fingerprint")
+        if value:
+            self.system_fingerprint = value
+        value = get("usage")
+        if value:
+            self.usage = value
+        for choice in get("choices") or ():
             index = int(choice.get("index") or 0)
             parts = self.choices.get(index)
             if parts is None:
                 parts = self.choices[index] = _ChoiceParts()
-            delta = choice.get("delta") or {}
-            text = delta.get("content")
-            if text:
-                parts.content.append(text)
-            reasoning = delta.get("reasoning_content") or delta.get("reasoning")
-            if reasoning:
-                parts.reasoning.append(reasoning)
-            for fragment in delta.get("tool_calls") or ():
-                call_index = int(fragment.get("index") or 0)
-                call = parts.tool_calls.get(call_index)
-                if call is None:
-                    call = parts.tool_calls[call_index] = _ToolCallParts()
-                if fragment.get("id"):
-                    call.id = fragment["id"]
-                function = fragment.get("function") or {}
-                if function.get("name"):
-                    call.name = function["name"]
-                if function.get("arguments"):
-                    call.arguments.append(function["arguments"])
-            legacy = delta.get("function_call")
-            if legacy:
-                call = parts.tool_calls.setdefault(0, _ToolCallParts())
-                if legacy.get("name"):
-                    call.name = legacy["name"]
-                if legacy.get("arguments"):
-                    call.arguments.append(legacy["arguments"])
-            if choice.get("finish_reason"):
-                parts.finish_reason = choice["finish_reason"]
+            delta = choice.get("delta")
+            if delta:
+                text = delta.get("content")
+                if text:
+                    parts.content.append(text)
+                reasoning = delta.get("reasoning_content") or delta.get("reasoning")
+                if reasoning:
+                    parts.reasoning.append(reasoning)
+                fragments = delta.get("tool_calls")
+                if fragments:
+                    self._add_fragments(parts, fragments)
+                legacy = delta.get("function_call")
+                if legacy:
+                    call = parts.tool_calls.setdefault(0, _ToolCallParts())
+                    if legacy.get("name"):
+                        call.name = legacy["name"]
+                    if legacy.get("arguments"):
+                        call.arguments.append(legacy["arguments"])
+            reason = choice.get("finish_reason")
+            if reason:
+                parts.finish_reason = reason
+
+    @staticmethod
+    def _add_fragments(parts: _ChoiceParts, fragments: list[dict[str, Any]]) -> None:
+        for fragment in fragments:
+            call_index = int(fragment.get("index") or 0)
+            call = parts.tool_calls.get(call_index)
+            if call is None:
+                call = parts.tool_calls[call_index] = _ToolCallParts()
+            if fragment.get("id"):
+                call.id = fragment["id"]
+            function = fragment.get("function") or {}
+            if function.get("name"):
+                call.name = function["name"]
+            if function.get("arguments"):
+                call.arguments.append(function["arguments"])
 
     @property
     def finished(self) -> bool:

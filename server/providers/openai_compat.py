@@ -421,67 +421,186 @@ async def sse_events(
     try:
         async for event in events:
             yield event
-    except aiohttp.ServerTimeoutError as exc:
-        raise UpstreamUnavailable(
+    except (aiohttp.ClientError, OSError) as exc:  # TimeoutError is an OSError
+        raise _broken_stream(exc, provider, scrub) from exc
+
+
+async def sse_batches(
+    response: aiohttp.ClientResponse, *, provider: str, scrub: Callable[[str], str]
+) -> AsyncIterator[list[dict[str, Any] | None]]:
+    """`sse_events`, but every event that arrived in one network read together, as one list.
+
+    Nothing waits for more data: each list holds what one read completed (never empty; a None
+    for `[DONE]` ends the last one). An event that fails to parse ends the stream with its error
+    after the events before it were handed out, exactly as `sse_events` would.
+    """
+    primed: _Primed | None = getattr(response, _PRIMED_ATTR, None)
+    if primed is not None:
+        setattr(response, _PRIMED_ATTR, None)
+    try:
+        if primed is None:
+            parser = _iter_events(response, provider=provider, scrub=scrub)
+        elif primed.first is _END:
+            return
+        elif primed.first is None or not isinstance(primed.events, _SSEParser):
+            async for event in _resume(primed):
+                yield [event]
+            return
+        else:
+            parser = primed.events
+            yield [primed.first, *parser.take_pending()]  # type: ignore[list-item]
+        while batch := await parser.next_batch():
+            yield batch
+    except (aiohttp.ClientError, OSError) as exc:  # TimeoutError is an OSError
+        raise _broken_stream(exc, provider, scrub) from exc
+
+
+def _broken_stream(exc: BaseException, provider: str, scrub: Callable[[str], str]) -> GatewayError:
+    """What a transport error in the middle of a stream means for the caller."""
+    if isinstance(exc, aiohttp.ServerTimeoutError):
+        return UpstreamUnavailable(
             f"{provider} stopped sending in the middle of the stream",
             metadata={"provider": provider, "error_type": type(exc).__name__},
-        ) from exc
-    except TimeoutError as exc:
-        raise DeadlineExceeded(
+        )
+    if isinstance(exc, TimeoutError):
+        return DeadlineExceeded(
             f"{provider} did not finish within the caller's deadline", metadata={"provider": provider}
-        ) from exc
-    except (aiohttp.ClientError, OSError) as exc:
-        raise UpstreamUnavailable(
-            f"{provider} broke the stream: {scrub(str(exc)) or type(exc).__name__}",
-            metadata={"provider": provider, "error_type": type(exc).__name__},
-        ) from exc
+        )
+    return UpstreamUnavailable(
+        f"{provider} broke the stream: {scrub(str(exc)) or type(exc).__name__}",
+        metadata={"provider": provider, "error_type": type(exc).__name__},
+    )
 
 
-async def _iter_events(
+def _iter_events(
     response: aiohttp.ClientResponse, *, provider: str, scrub: Callable[[str], str]
-) -> AsyncIterator[dict[str, Any] | None]:
+) -> _SSEParser:
     """The SSE parser; transport exceptions pass through unchanged (callers translate them)."""
-    buffer = b""
-    data_lines: list[bytes] = []
-    data_size = 0
-    async for piece in response.content.iter_any():
-        buffer += piece
+    return _SSEParser(response, provider=provider, scrub=scrub)
+
+
+class _SSEParser:
+    """SSE events of one response, one at a time (`async for`) or a network read at a time
+    (`next_batch`). Transport exceptions pass through unchanged (callers translate them).
+
+    Each read is parsed whole: its complete events are decoded and kept until handed out. An
+    error found on the way (an event that is not JSON, an `error` event, an oversized event) is
+    kept too and raised once the events before it were handed out, so callers see the same
+    sequence as with an event-by-event parser.
+    """
+
+    __slots__ = (
+        "_reads",
+        "_provider",
+        "_scrub",
+        "_buffer",
+        "_data_lines",
+        "_data_size",
+        "_pending",
+        "_error",
+        "_ended",
+    )
+
+    def __init__(
+        self, response: aiohttp.ClientResponse, *, provider: str, scrub: Callable[[str], str]
+    ) -> None:
+        self._reads = response.content.iter_any()
+        self._provider = provider
+        self._scrub = scrub
+        self._buffer = b""
+        self._data_lines: list[bytes] = []
+        self._data_size = 0
+        self._pending: list[dict[str, Any] | None] = []  # decoded, not handed out yet
+        self._error: Exception | None = None  # raised after the pending events
+        self._ended = False  # `[DONE]`, the end of the body, or an error: read no more
+
+    def __aiter__(self) -> _SSEParser:
+        return self
+
+    async def __anext__(self) -> dict[str, Any] | None:
+        if not self._pending:
+            self._pending = await self.next_batch()
+            if not self._pending:
+                raise StopAsyncIteration
+        return self._pending.pop(0)
+
+    def take_pending(self) -> list[dict[str, Any] | None]:
+        """The events of the last read not handed out yet."""
+        pending, self._pending = self._pending, []
+        return pending
+
+    async def next_batch(self) -> list[dict[str, Any] | None]:
+        """The events not handed out yet, or else every event the next read completes; [] at the end."""
+        if self._pending:
+            return self.take_pending()
+        while True:
+            if self._error is not None:
+                error, self._error = self._error, None
+                raise error
+            if self._ended:
+                return []
+            try:
+                piece = await self._reads.__anext__()
+            except StopAsyncIteration:
+                self._ended = True
+                return self._tail()
+            batch = self._feed(piece)
+            if batch:
+                return batch
+
+    def _feed(self, piece: bytes) -> list[dict[str, Any] | None]:
+        buffer = self._buffer + piece if self._buffer else piece
         if len(buffer) > MAX_BODY_BYTES:
+            self._ended = True
             raise UpstreamBadResponse(
-                f"{provider} sent an SSE line over {MAX_BODY_BYTES} bytes",
-                metadata={"provider": provider, "limit_bytes": MAX_BODY_BYTES},
+                f"{self._provider} sent an SSE line over {MAX_BODY_BYTES} bytes",
+                metadata={"provider": self._provider, "limit_bytes": MAX_BODY_BYTES},
             )
         lines = buffer.split(b"\n")
-        buffer = lines.pop()
-        for line in lines:
-            if line.endswith(b"\r"):
-                line = line[:-1]
-            if not line:
-                if data_lines:
-                    event = _decode_event(data_lines, provider=provider, scrub=scrub)
-                    data_lines = []
-                    data_size = 0
-                    yield event
-                    if event is None:
-                        return
-                continue
-            if line.startswith(b"data:"):
-                value = line[5:]
-                value = value[1:] if value.startswith(b" ") else value
-                data_size += len(value)
-                if data_size > MAX_BODY_BYTES:
-                    raise UpstreamBadResponse(
-                        f"{provider} sent an SSE event over {MAX_BODY_BYTES} bytes",
-                        metadata={"provider": provider, "limit_bytes": MAX_BODY_BYTES},
-                    )
-                data_lines.append(value)
-            # Comments (":") and other fields are ignored.
-    tail = buffer.rstrip(b"\r")
-    if tail.startswith(b"data:"):
-        value = tail[5:]
-        data_lines.append(value[1:] if value.startswith(b" ") else value)
-    if data_lines:
-        yield _decode_event(data_lines, provider=provider, scrub=scrub)
+        self._buffer = lines.pop()
+        events: list[dict[str, Any] | None] = []
+        data_lines = self._data_lines
+        try:
+            for line in lines:
+                if line.endswith(b"\r"):
+                    line = line[:-1]
+                if not line:
+                    if data_lines:
+                        event = _decode_event(data_lines, provider=self._provider, scrub=self._scrub)
+                        data_lines = self._data_lines = []
+                        self._data_size = 0
+                        events.append(event)
+                        if event is None:
+                            self._ended = True
+                            break
+                    continue
+                if line.startswith(b"data:"):
+                    value = line[5:]
+                    value = value[1:] if value.startswith(b" ") else value
+                    self._data_size += len(value)
+                    if self._data_size > MAX_BODY_BYTES:
+                        raise UpstreamBadResponse(
+                            f"{self._provider} sent an SSE event over {MAX_BODY_BYTES} bytes",
+                            metadata={"provider": self._provider, "limit_bytes": MAX_BODY_BYTES},
+                        )
+                    data_lines.append(value)
+                # Comments (":") and other fields are ignored.
+        except Exception as exc:
+            self._ended = True
+            if not events:
+                raise
+            self._error = exc
+        return events
+
+    def _tail(self) -> list[dict[str, Any] | None]:
+        tail = self._buffer.rstrip(b"\r")
+        data_lines = self._data_lines
+        if tail.startswith(b"data:"):
+            value = tail[5:]
+            data_lines.append(value[1:] if value.startswith(b" ") else value)
+        if data_lines:
+            return [_decode_event(data_lines, provider=self._provider, scrub=self._scrub)]
+        return []
 
 
 def _decode_event(
