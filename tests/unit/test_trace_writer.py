@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
@@ -252,3 +253,77 @@ def test_retry_delay_is_capped_and_grows() -> None:
     assert [retry.delay(n) for n in (1, 2, 3, 4, 10)] == [0.1, 0.2, 0.4, 0.8, 1.0]
     jittered = WriterRetry(initial_delay=1, jitter=0.5)
     assert all(1 <= jittered.delay(1) <= 1.5 for _ in range(100))
+
+
+# --- threaded lanes (backends that write with blocking calls from the writer's own thread) ---
+
+
+class ThreadedBackend(MemoryBackend):
+    """A MemoryBackend whose writes are blocking calls, run by the writer's thread."""
+
+    threaded = True
+
+    def __init__(self, name: str = "threaded", *, fail_times: int = 0, hang: bool = False) -> None:
+        super().__init__(name, fail_times=fail_times)
+        self.hang = threading.Event() if hang else None
+        self.threads: set[str] = set()
+
+    def write_batch_sync(self, records: Sequence[TraceRecord]) -> None:
+        self.threads.add(threading.current_thread().name)
+        if self.hang is not None:
+            self.hang.wait(5)
+            raise ConnectionError("hung")
+        if self.fail_times > 0:
+            self.fail_times -= 1
+            raise ConnectionError("transient failure")
+        self.batches.append(len(records))
+        self.records.extend(records)
+
+
+async def test_threaded_lane_writes_in_order_from_its_thread_and_flushes_on_close() -> None:
+    backend = ThreadedBackend(fail_times=2)
+    writer = TraceWriter([backend, MemoryBackend()], batch_size=100, retry=FAST_RETRY)
+    await writer.start()
+    records = [make_record(i) for i in range(5000)]
+    for record in records[:2500]:
+        writer.enqueue(record)
+    await writer.flush(timeout=10)
+    assert writer.stats_for("threaded").written == 2500 and writer.stats_for("threaded").queued == 0
+    for record in records[2500:]:
+        writer.enqueue(record)
+    await writer.close(timeout=10)
+    assert [r.id for r in backend.records] == [r.id for r in records]
+    assert backend.threads == {"trace-writer-threaded"} and backend.closed
+    stats = writer.stats_for("threaded")
+    assert (stats.written, stats.dropped, stats.failed_batches, stats.queued) == (5000, 0, 2, 0)
+
+
+async def test_threaded_lane_drops_the_oldest_and_gives_up_after_max_attempts() -> None:
+    backend = ThreadedBackend(fail_times=2)
+    retry = WriterRetry(initial_delay=0.001, max_delay=0.001, jitter=0, max_attempts=2)
+    writer = TraceWriter([backend], queue_size=10, batch_size=10, retry=retry)
+    records = [make_record(i) for i in range(25)]
+    for record in records:  # not started: the 15 oldest are dropped
+        writer.enqueue(record)
+    await writer.start()
+    await writer.flush(timeout=5)  # the first batch fails twice and is dropped
+    writer.enqueue(records[0])
+    await writer.close(timeout=5)
+    stats = writer.stats_for("threaded")
+    assert (stats.written, stats.dropped, stats.failed_batches) == (1, 25, 2)
+
+
+async def test_close_gives_up_on_a_hanging_threaded_backend_at_the_deadline() -> None:
+    hanging, good = ThreadedBackend(hang=True), MemoryBackend()
+    writer = TraceWriter([hanging, good], retry=FAST_RETRY)
+    await writer.start()
+    for i in range(10):
+        writer.enqueue(make_record(i))
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    await writer.close(timeout=0.3)
+    assert loop.time() - began < 2
+    assert len(good.records) == 10
+    assert writer.stats_for("threaded").dropped == 10 and writer.stats_for("threaded").written == 0
+    assert hanging.hang is not None
+    hanging.hang.set()
