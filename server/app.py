@@ -29,7 +29,7 @@ from server.core.keys import ByokProvider
 from server.gateway import Dependencies, Gateway
 from server.providers.http import HttpClient
 from server.reflection import enable_reflection
-from server.telemetry import setup_tracing
+from server.telemetry import Tracing, setup_tracing
 from server.traces.factory import create_backends
 from server.traces.writer import TraceWriter
 
@@ -51,6 +51,7 @@ class _Running:
     store: AuthStore
     http: HttpClient
     port: int
+    tracing: Tracing | None
 
 
 class GatewayServer:
@@ -116,8 +117,10 @@ class GatewayServer:
         async def byok_urls(organization_id: str) -> Sequence[str]:
             return await store.byok_base_urls(organization_id=organization_id)
 
-        telemetry = setup_tracing(exporter_override=self._span_exporter)
-        tracer, interceptors = (telemetry[0], [telemetry[1]]) if telemetry else (None, [])
+        tracing = setup_tracing(exporter_override=self._span_exporter)
+        if tracing is not None:
+            cleanup.callback(tracing.shutdown)
+        tracer, interceptors = (tracing.tracer, [tracing.interceptor]) if tracing else (None, [])
         gateway = Gateway(
             Dependencies(
                 settings=settings,
@@ -160,7 +163,7 @@ class GatewayServer:
         cleanup.push_async_callback(server.stop, None)
         port = _bind(server, settings)
         await server.start()
-        self._running = _Running(server, health_servicer, writer, store, http, port)
+        self._running = _Running(server, health_servicer, writer, store, http, port, tracing)
         log.info(
             "llm-gateway serving on %s (port %d), auth %s, traces %s",
             settings.listen,
@@ -182,6 +185,8 @@ class GatewayServer:
         await running.writer.close(timeout=max(grace, 5.0))
         await running.http.close()
         await running.store.close()
+        if running.tracing is not None:
+            running.tracing.shutdown()  # exports the spans still batched
         self._stopped.set()
 
     async def wait_stopped(self) -> None:

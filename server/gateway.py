@@ -246,7 +246,10 @@ class Gateway:
             except BaseException as exc:
                 if call.partial is not None and not record.response_json:
                     # What came before the failure is evidence; keep it with the error.
-                    record.response_json = call.partial()
+                    try:
+                        record.response_json = call.partial()
+                    except Exception:  # noqa: BLE001 - the trace must be written whatever the answer held
+                        log.warning("could not keep the partial answer of trace %s", record.id)
                 self.finish_trace(record, started, exc)
                 raise
             if call.completion is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 log = logging.getLogger("llmgateway.telemetry")
@@ -28,10 +29,22 @@ def exporter_requested(environ: Mapping[str, str] | None = None) -> str | None:
     return None
 
 
+@dataclass(frozen=True, slots=True)
+class Tracing:
+    """What the server needs of OpenTelemetry when it is on."""
+
+    tracer: Any
+    interceptor: Any
+    provider: Any  # shut down on stop, so the last spans are exported
+
+    def shutdown(self) -> None:
+        self.provider.shutdown()
+
+
 def setup_tracing(
     environ: Mapping[str, str] | None = None, *, exporter_override: Any = None
-) -> tuple[Any, Any] | None:
-    """Install a tracer provider; returns (tracer, server interceptor) or None when off.
+) -> Tracing | None:
+    """Install a tracer provider; returns the tracer and server interceptor, or None when off.
 
     `exporter_override` (a SpanExporter) turns tracing on with that exporter, for tests.
     """
@@ -69,4 +82,6 @@ def setup_tracing(
     if exporter_override is None:
         trace.set_tracer_provider(provider)  # global, for any library that traces too
     log.info("OpenTelemetry tracing on, exporter %s", exporter_name)
-    return provider.get_tracer("llmgateway"), aio_server_interceptor(tracer_provider=provider)
+    return Tracing(
+        provider.get_tracer("llmgateway"), aio_server_interceptor(tracer_provider=provider), provider
+    )

@@ -58,7 +58,9 @@ class ChatCompletionServicer:
     def handlers(self) -> grpc.GenericRpcHandler:
         def unary(behaviour: object) -> grpc.RpcMethodHandler:
             return grpc.unary_unary_rpc_method_handler(
-                behaviour, request_deserializer=None, response_serializer=_serialize  # type: ignore[arg-type, unused-ignore]
+                behaviour,
+                request_deserializer=None,
+                response_serializer=_serialize,  # type: ignore[arg-type, unused-ignore]
             )
 
         return grpc.method_handlers_generic_handler(
@@ -67,7 +69,9 @@ class ChatCompletionServicer:
                 "Create": unary(self.create),
                 "CountTokens": unary(self.count_tokens),
                 "StreamCreate": grpc.unary_stream_rpc_method_handler(
-                    self.stream_create, request_deserializer=None, response_serializer=_serialize  # type: ignore[arg-type, unused-ignore]
+                    self.stream_create,
+                    request_deserializer=None,
+                    response_serializer=_serialize,  # type: ignore[arg-type, unused-ignore]
                 ),
             },
         )

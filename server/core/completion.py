@@ -24,6 +24,15 @@ _FINISH_REASONS: dict[str, chat_pb2.FinishReason] = {
 }
 
 
+def text_of(value: object) -> str:
+    """Text of a content value: a string, or content parts (some servers send `[{"text": ...}]`)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        return "".join(p.get("text") or "" for p in value if isinstance(p, dict))
+    return ""
+
+
 def finish_reason(value: object) -> chat_pb2.FinishReason:
     if not value:
         return chat_pb2.FINISH_REASON_UNSPECIFIED
@@ -62,9 +71,7 @@ def _message_from_json(message: dict[str, Any]) -> chat_pb2.Message:
         tool_calls.append(
             chat_pb2.ToolCall(name=legacy.get("name") or "", arguments=legacy.get("arguments") or "")
         )
-    content = message.get("content")
-    if isinstance(content, list):  # some servers answer with content parts
-        content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+    content = text_of(message.get("content"))
     return chat_pb2.Message(
         role=chat_pb2.ROLE_ASSISTANT,
         content=content or "",
@@ -166,8 +173,8 @@ def deltas_from_chunks(chunks: Iterable[dict[str, Any] | None]) -> list[chat_pb2
             break
         for choice in chunk.get("choices") or ():
             delta = choice.get("delta") or {}
-            reasoning = delta.get("reasoning_content") or delta.get("reasoning")
-            content = delta.get("content")
+            reasoning = text_of(delta.get("reasoning_content") or delta.get("reasoning"))
+            content = text_of(delta.get("content"))
             calls = delta.get("tool_calls")
             legacy = delta.get("function_call")
             reason = finish_reason(choice.get("finish_reason"))

@@ -19,6 +19,7 @@ Unpacking decisions:
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
@@ -115,6 +116,31 @@ def unpack_inner_thoughts(completion: dict[str, Any]) -> None:
             message["content"] = "\n".join(thoughts)
 
 
+def _dump_exact(original: str, args: dict[str, Any]) -> str:
+    """Re-serialise arguments without changing any number.
+
+    orjson reads integers beyond 64 bits as floats; when the text holds such a number (rare),
+    the standard library, which keeps integers exact, re-reads and writes the arguments.
+    """
+    if any(isinstance(v, float) for v in _leaves(args)):
+        exact = json.loads(original)
+        exact.pop(INNER_THOUGHTS_KWARG, None)
+        exact.pop(LEGACY_INNER_THOUGHTS_KWARG, None)
+        return json.dumps(exact, ensure_ascii=False, separators=(",", ":"))
+    return orjson.dumps(args).decode()
+
+
+def _leaves(value: Any) -> Any:
+    if isinstance(value, dict):
+        for item in value.values():
+            yield from _leaves(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _leaves(item)
+    else:
+        yield value
+
+
 def _pop_thought(fn: dict[str, Any], ci: int, ti: int) -> str | None:
     arguments = fn.get("arguments")
     name = fn.get("name")
@@ -145,7 +171,7 @@ def _pop_thought(fn: dict[str, Any], ci: int, ti: int) -> str | None:
     legacy = args.pop(LEGACY_INNER_THOUGHTS_KWARG, None)
     if thought is None:
         thought = legacy
-    fn["arguments"] = orjson.dumps(args).decode()
+    fn["arguments"] = _dump_exact(arguments, args)
     if thought is None or isinstance(thought, str):
         return thought
     return orjson.dumps(thought).decode()

@@ -145,8 +145,9 @@ def backoff_delay(
     return max(0.0, min(settings.max_delay, base * (1.0 + settings.jitter * rand())))
 
 
-def _emit(event: str, level: int, *, attempt: int, delay: float | None, status: int, reason: str,
-          **extra: object) -> None:
+def _emit(
+    event: str, level: int, *, attempt: int, delay: float | None, status: int, reason: str, **extra: object
+) -> None:
     """One log line and one span event for a retry decision."""
     fields: dict[str, object] = {
         "attempt": attempt,
@@ -168,8 +169,9 @@ def _emit(event: str, level: int, *, attempt: int, delay: float | None, status: 
         return
     span = trace.get_current_span()
     if span.is_recording():
-        span.add_event(event, {k: v if isinstance(v, int | float | str | bool) else str(v)
-                               for k, v in fields.items()})
+        span.add_event(
+            event, {k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in fields.items()}
+        )
 
 
 def _status_of(error: GatewayError) -> int:
@@ -179,8 +181,9 @@ def _status_of(error: GatewayError) -> int:
         return 0
 
 
-def _give_up_error(last: RetryableError, delay: float | None, reason: str, attempts: int,
-                   settings: RetrySettings) -> GatewayError:
+def _give_up_error(
+    last: RetryableError, delay: float | None, reason: str, attempts: int, settings: RetrySettings
+) -> GatewayError:
     error = last.error
     metadata: dict[str, object] = dict(error.metadata)
     metadata.update({"attempts": attempts, "max_attempts": settings.max_attempts, "give_up": reason})
@@ -220,14 +223,22 @@ async def call_with_retries(
         except RetryableError as failure:
             status = failure.status
             if not is_retryable_status(settings, status):
-                _emit(EVENT_NON_RETRYABLE, logging.WARNING, attempt=attempt_number, delay=None, status=status,
-                      reason=failure.error.reason)
+                _emit(
+                    EVENT_NON_RETRYABLE,
+                    logging.WARNING,
+                    attempt=attempt_number,
+                    delay=None,
+                    status=status,
+                    reason=failure.error.reason,
+                )
                 raise failure.error from failure
             # The upstream's own hint wins over our backoff; a hint beyond max_delay is not worth
             # holding the caller for, so it is handed back in RetryInfo instead.
             hinted = failure.retry_after is not None
-            delay = failure.retry_after if failure.retry_after is not None else backoff_delay(
-                settings, attempt_number
+            delay = (
+                failure.retry_after
+                if failure.retry_after is not None
+                else backoff_delay(settings, attempt_number)
             )
             give_up: str | None = None
             if hinted and delay > settings.max_delay:
@@ -239,21 +250,48 @@ async def call_with_retries(
                 if remaining is not None and delay >= remaining:
                     give_up = "deadline"
             if give_up is not None:
-                _emit(EVENT_GIVE_UP, logging.WARNING, attempt=attempt_number, delay=delay, status=status,
-                      reason=failure.error.reason, give_up=give_up, max_attempts=max_attempts)
+                _emit(
+                    EVENT_GIVE_UP,
+                    logging.WARNING,
+                    attempt=attempt_number,
+                    delay=delay,
+                    status=status,
+                    reason=failure.error.reason,
+                    give_up=give_up,
+                    max_attempts=max_attempts,
+                )
                 raise _give_up_error(failure, delay, give_up, attempt_number, settings) from failure
-            _emit(EVENT_RETRY, logging.WARNING, attempt=attempt_number, delay=delay, status=status,
-                  reason=failure.error.reason, hinted=hinted)
+            _emit(
+                EVENT_RETRY,
+                logging.WARNING,
+                attempt=attempt_number,
+                delay=delay,
+                status=status,
+                reason=failure.error.reason,
+                hinted=hinted,
+            )
             if on_retry is not None:
                 on_retry(attempt_number, delay, status)
             await asyncio.sleep(delay)
         except GatewayError as error:
-            _emit(EVENT_NON_RETRYABLE, logging.WARNING, attempt=attempt_number, delay=None,
-                  status=_status_of(error), reason=error.reason)
+            _emit(
+                EVENT_NON_RETRYABLE,
+                logging.WARNING,
+                attempt=attempt_number,
+                delay=None,
+                status=_status_of(error),
+                reason=error.reason,
+            )
             raise
         except (asyncio.CancelledError, GeneratorExit):
             raise
         except Exception as exc:
-            _emit(EVENT_UNEXPECTED, logging.ERROR, attempt=attempt_number, delay=None, status=0,
-                  reason=type(exc).__name__)
+            _emit(
+                EVENT_UNEXPECTED,
+                logging.ERROR,
+                attempt=attempt_number,
+                delay=None,
+                status=0,
+                reason=type(exc).__name__,
+            )
             raise

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from server.core.completion import text_of
+
 
 @dataclass(slots=True)
 class _ToolCallParts:
@@ -25,6 +27,14 @@ class _ChoiceParts:
     tool_calls: dict[int, _ToolCallParts] = field(default_factory=dict)
     finish_reason: str | None = None
     role: str = "assistant"
+
+
+def _index_for(parts: _ChoiceParts, call_id: object) -> int:
+    if not parts.tool_calls:
+        return 0
+    last = max(parts.tool_calls)
+    current = parts.tool_calls[last].id
+    return last + 1 if call_id and current and call_id != current else last
 
 
 class StreamAccumulator:
@@ -64,10 +74,10 @@ class StreamAccumulator:
                 parts = self.choices[index] = _ChoiceParts()
             delta = choice.get("delta")
             if delta:
-                text = delta.get("content")
+                text = text_of(delta.get("content"))
                 if text:
                     parts.content.append(text)
-                reasoning = delta.get("reasoning_content") or delta.get("reasoning")
+                reasoning = text_of(delta.get("reasoning_content") or delta.get("reasoning"))
                 if reasoning:
                     parts.reasoning.append(reasoning)
                 fragments = delta.get("tool_calls")
@@ -87,7 +97,15 @@ class StreamAccumulator:
     @staticmethod
     def _add_fragments(parts: _ChoiceParts, fragments: list[dict[str, Any]]) -> None:
         for fragment in fragments:
-            call_index = int(fragment.get("index") or 0)
+            raw_index = fragment.get("index")
+            if raw_index is None:
+                # Some servers (Gemini's OpenAI endpoint, proxies) omit `index`: a fragment with a
+                # new id starts a new call. The index is written back into the chunk so the
+                # deltas relayed for it agree with the assembled answer.
+                call_index = _index_for(parts, fragment.get("id"))
+                fragment["index"] = call_index
+            else:
+                call_index = int(raw_index)
             call = parts.tool_calls.get(call_index)
             if call is None:
                 call = parts.tool_calls[call_index] = _ToolCallParts()

@@ -42,8 +42,12 @@ def validate_request(request: chat_pb2.CreateRequest) -> None:
             )
         )
     if config.model_endpoint:
-        parts = urlsplit(config.model_endpoint)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
+        try:
+            parts = urlsplit(config.model_endpoint)
+            usable = parts.scheme in ("http", "https") and bool(parts.hostname)
+        except ValueError:  # e.g. "http://[::1/v1": an unclosed IPv6 literal
+            usable = False
+        if not usable:
             add(FieldViolation("llm_config.model_endpoint", "must be an http(s) URL"))
     elif endpoint_type in LOCAL_TYPES:
         add(FieldViolation("llm_config.model_endpoint", f"required for {endpoint_type}"))
@@ -60,8 +64,12 @@ def validate_request(request: chat_pb2.CreateRequest) -> None:
     total_chars = 0
     for i, message in enumerate(request.messages):
         if message.role not in _VALID_ROLES:
-            add(FieldViolation(f"messages[{i}].role", "must be one of ROLE_SYSTEM, ROLE_DEVELOPER, "
-                                                       "ROLE_USER, ROLE_ASSISTANT, ROLE_TOOL"))
+            add(
+                FieldViolation(
+                    f"messages[{i}].role",
+                    "must be one of ROLE_SYSTEM, ROLE_DEVELOPER, ROLE_USER, ROLE_ASSISTANT, ROLE_TOOL",
+                )
+            )
         size = len(message.content) + sum(len(p.text) + len(p.image_url.url) for p in message.parts)
         if size > MAX_MESSAGE_CHARS:
             add(FieldViolation(f"messages[{i}].content", f"longer than {MAX_MESSAGE_CHARS} characters"))

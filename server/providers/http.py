@@ -40,7 +40,8 @@ class HttpClient:
                 timeout=aiohttp.ClientTimeout(total=None),
                 auto_decompress=True,
                 skip_auto_headers=("User-Agent",),
-                headers={"User-Agent": "llm-gateway/0.1"},
+                # Identity: answers are small JSON, and a compressed body could expand without bound.
+                headers={"User-Agent": "llm-gateway/0.1", "Accept-Encoding": "identity"},
             )
         return self._session
 
@@ -61,7 +62,8 @@ def is_ip_literal(host: str) -> bool:
 async def read_limited(response: aiohttp.ClientResponse, limit: int) -> bytes:
     """Read a body, refusing one larger than `limit` bytes (a broken upstream must not OOM us)."""
     length = response.content_length
-    if length is not None and length <= limit:
+    # Content-Length of a compressed body says nothing about its decompressed size.
+    if length is not None and length <= limit and "Content-Encoding" not in response.headers:
         return await response.read()  # the common case: one read, no chunk loop
     chunks: list[bytes] = []
     size = 0

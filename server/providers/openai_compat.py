@@ -422,7 +422,7 @@ async def sse_events(
         async for event in events:
             yield event
     except (aiohttp.ClientError, OSError) as exc:  # TimeoutError is an OSError
-        raise _broken_stream(exc, provider, scrub) from exc
+        raise broken_stream(exc, provider, scrub) from exc
 
 
 async def sse_batches(
@@ -452,10 +452,10 @@ async def sse_batches(
         while batch := await parser.next_batch():
             yield batch
     except (aiohttp.ClientError, OSError) as exc:  # TimeoutError is an OSError
-        raise _broken_stream(exc, provider, scrub) from exc
+        raise broken_stream(exc, provider, scrub) from exc
 
 
-def _broken_stream(exc: BaseException, provider: str, scrub: Callable[[str], str]) -> GatewayError:
+def broken_stream(exc: BaseException, provider: str, scrub: Callable[[str], str]) -> GatewayError:
     """What a transport error in the middle of a stream means for the caller."""
     if isinstance(exc, aiohttp.ServerTimeoutError):
         return UpstreamUnavailable(
@@ -623,5 +623,7 @@ def _decode_event(
         )
     if event.get("error"):
         raise error_in_body(event, provider=provider, scrub=scrub)
+    if event.get("object") == "error":  # vLLM and some proxies: {"object": "error", "message": ...}
+        raise error_in_body({"error": event}, provider=provider, scrub=scrub)
     check_shape(event, provider=provider)
     return event

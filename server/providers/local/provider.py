@@ -25,7 +25,6 @@ from server.errors import (
     GatewayError,
     InvalidRequest,
     UpstreamBadResponse,
-    UpstreamUnavailable,
 )
 from server.gateway import ChatRequest, Gateway
 from server.providers.base import UpstreamTarget
@@ -48,6 +47,7 @@ from server.providers.local.wrappers import (
     wrapper_uses_grammar,
 )
 from server.providers.openai_compat import (
+    broken_stream,
     open_stream,
     parse_json_object,
     post_json,
@@ -276,11 +276,8 @@ async def _ndjson_events(
             for line in lines:
                 if line.strip():
                     yield parse_json_object(line, provider=provider, scrub=scrub)
-    except (aiohttp.ClientError, OSError) as exc:
-        raise UpstreamUnavailable(
-            f"{provider} broke the stream: {scrub(str(exc)) or type(exc).__name__}",
-            metadata={"provider": provider, "error_type": type(exc).__name__},
-        ) from exc
+    except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+        raise broken_stream(exc, provider, scrub) from exc
     if buffer.strip():
         yield parse_json_object(buffer, provider=provider, scrub=scrub)
 
