@@ -1424,11 +1424,15 @@ async def canary_run(
             traces.ListProviderTraces(traces_pb2.ListProviderTracesRequest(), metadata=metadata, timeout=20)
         )
 
-    # Read every trace back through the API.
-    await asyncio.sleep(0.5)
-    listed = await traces.ListProviderTraces(
-        traces_pb2.ListProviderTracesRequest(page_size=1000), metadata=md, timeout=20
-    )
+    # Read every trace back through the API, once the writer has stored them (bounded wait).
+    deadline = asyncio.get_running_loop().time() + 15
+    while True:
+        listed = await traces.ListProviderTraces(
+            traces_pb2.ListProviderTracesRequest(page_size=1000), metadata=md, timeout=20
+        )
+        if len(listed.traces) >= 15 or asyncio.get_running_loop().time() > deadline:
+            break
+        await asyncio.sleep(0.05)
     assert len(listed.traces) >= 15, len(listed.traces)
     seen.append(json_format.MessageToJson(listed))
     seen.append(listed.SerializeToString().decode("latin-1"))
