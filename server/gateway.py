@@ -84,7 +84,6 @@ class TracedCall:
 class Gateway:
     def __init__(self, deps: Dependencies) -> None:
         self.deps = deps
-        self._deps = deps
         self._settings = deps.settings
         self._config_json_cache: dict[bytes, str] = {}
 
@@ -102,7 +101,7 @@ class Gateway:
             # The prompt depends on the endpoint (LM Studio's inner-thoughts description): count
             # it for the endpoint Create would call, a BYOK provider's base URL included.
             endpoint = await counting_endpoint(
-                config, settings=self._settings, actor=actor, byok_provider=self._deps.byok_provider
+                config, settings=self._settings, actor=actor, byok_provider=self.deps.byok_provider
             )
             body = build_chat_body(request, stream=False, endpoint=endpoint)
             messages, functions = body["messages"], prompt_functions(request, endpoint=endpoint)
@@ -146,9 +145,9 @@ class Gateway:
             config,
             settings=self._settings,
             actor=actor,
-            policy=self._deps.policy,
-            byok_provider=self._deps.byok_provider,
-            byok_urls=self._deps.byok_urls,
+            policy=self.deps.policy,
+            byok_provider=self.deps.byok_provider,
+            byok_urls=self.deps.byok_urls,
         )
         body = build_chat_body(request, stream=stream, endpoint=target.base_url)
         # Count the functions as sent to this endpoint (the inner-thoughts text depends on it).
@@ -161,7 +160,7 @@ class Gateway:
             deadline=deadline,
             retry=self._settings.retry,
             default_timeout=self._settings.upstream_timeout,
-            scrub=self._deps.scrub,
+            scrub=self.deps.scrub,
         )
 
     def new_trace(
@@ -183,7 +182,7 @@ class Gateway:
             model=config.model,
             model_endpoint_type=config.model_endpoint_type,
             is_byok=bool(target and target.is_byok),
-            request_json=self._deps.scrub(body.decode()),
+            request_json=self.deps.scrub(body.decode()),
             llm_config_json=self._config_json(config),
         )
 
@@ -192,7 +191,7 @@ class Gateway:
         key = config.SerializeToString()
         cached = self._config_json_cache.get(key)
         if cached is None:
-            cached = self._deps.scrub(json_format.MessageToJson(config, indent=None))
+            cached = self.deps.scrub(json_format.MessageToJson(config, indent=None))
             if len(self._config_json_cache) >= 1024:
                 self._config_json_cache.clear()
             self._config_json_cache[key] = cached
@@ -201,7 +200,7 @@ class Gateway:
     def span(
         self, name: str, config: chat_pb2.LLMConfig, target: UpstreamTarget
     ) -> AbstractContextManager[Any]:
-        tracer = self._deps.tracer
+        tracer = self.deps.tracer
         if tracer is None:
             return nullcontext(None)
         return tracer.start_as_current_span(  # type: ignore[no-any-return]
@@ -220,17 +219,17 @@ class Gateway:
         record.latency_ms = (time.perf_counter() - started) * 1000.0
         if record.response_json:
             # An upstream (a debugging proxy, say) may echo a key back, even split over chunks.
-            record.response_json = self._deps.scrub(record.response_json)
+            record.response_json = self.deps.scrub(record.response_json)
         if isinstance(error, GatewayError):
             record.error_type = error.reason
-            record.error_message = self._deps.scrub(error.message)
+            record.error_message = self.deps.scrub(error.message)
         elif isinstance(error, asyncio.CancelledError | GeneratorExit):
             record.error_type = "CANCELLED"
             record.error_message = "the caller cancelled the call"
         elif error is not None:
             record.error_type = type(error).__name__
-            record.error_message = self._deps.scrub(str(error))
-        self._deps.traces.enqueue(record)
+            record.error_message = self.deps.scrub(str(error))
+        self.deps.traces.enqueue(record)
 
     @contextlib.asynccontextmanager
     async def traced_call(
@@ -266,7 +265,7 @@ class Gateway:
         payload = orjson.dumps(body)
         async with self.traced_call(request, actor, target, payload, "create") as call:
             raw, answer = await post_json(
-                self._deps.http,
+                self.deps.http,
                 target,
                 target.base_url + "/chat/completions",
                 payload,
@@ -295,7 +294,7 @@ class Gateway:
                 orjson.dumps(accumulator.completion()).decode() if accumulator.chunks else ""
             )
             response = await open_stream(
-                self._deps.http,
+                self.deps.http,
                 target,
                 target.base_url + "/chat/completions",
                 payload,
@@ -305,7 +304,7 @@ class Gateway:
                 done = False
                 # What one network read brought is relayed together: consecutive pieces of the
                 # same kind are merged into one delta event (deltas_from_chunks says which).
-                async for batch in sse_batches(response, provider=target.provider, scrub=self._deps.scrub):
+                async for batch in sse_batches(response, provider=target.provider, scrub=self.deps.scrub):
                     for chunk in batch:
                         if chunk is None:
                             done = True
