@@ -28,6 +28,7 @@ import threading
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from server.traces.base import RateLimitedLog, TraceBackend, TraceRecord, describe_error
 
@@ -166,25 +167,10 @@ class _Lane:
                 self.stats.failed_batches += 1
                 if attempt >= writer.retry.max_attempts:
                     self.stats.dropped += len(batch)
-                    writer.warn(
-                        f"giveup:{id(self)}",
-                        "trace backend %s: dropping a batch of %d after %d attempts (%s)",
-                        self.backend.name,
-                        len(batch),
-                        attempt,
-                        describe_error(exc),
-                    )
+                    _warn_giveup(writer, self, len(batch), attempt, exc)
                     return
                 delay = writer.retry.delay(attempt)
-                writer.warn(
-                    f"retry:{id(self)}",
-                    "trace backend %s: batch of %d failed (%s); retry %d in %.2fs",
-                    self.backend.name,
-                    len(batch),
-                    describe_error(exc),
-                    attempt,
-                    delay,
-                )
+                _warn_retry(writer, self, len(batch), attempt, delay, exc)
                 await asyncio.sleep(delay)
 
 
@@ -345,25 +331,10 @@ class _ThreadedLane(_Lane):
                         if not self.abandoned:
                             self.dropped_in_thread += len(batch)
                             self.inflight = ()
-                    writer.warn(
-                        f"giveup:{id(self)}",
-                        "trace backend %s: dropping a batch of %d after %d attempts (%s)",
-                        self.backend.name,
-                        len(batch),
-                        attempt,
-                        describe_error(exc),
-                    )
+                    _warn_giveup(writer, self, len(batch), attempt, exc)
                     return
                 delay = writer.retry.delay(attempt)
-                writer.warn(
-                    f"retry:{id(self)}",
-                    "trace backend %s: batch of %d failed (%s); retry %d in %.2fs",
-                    self.backend.name,
-                    len(batch),
-                    describe_error(exc),
-                    attempt,
-                    delay,
-                )
+                _warn_retry(writer, self, len(batch), attempt, delay, exc)
                 if self.thread_stop.wait(delay):
                     return  # abandoned by close(): the batch is already counted as dropped
                 continue
@@ -511,3 +482,28 @@ class TraceWriter:
                     await lane.backend.close()
             except Exception as exc:
                 log.warning("trace backend %s failed to close: %s", lane.backend.name, describe_error(exc))
+
+
+def _warn_giveup(writer: TraceWriter, lane: Any, size: int, attempt: int, exc: BaseException) -> None:
+    writer.warn(
+        f"giveup:{id(lane)}",
+        "trace backend %s: dropping a batch of %d after %d attempts (%s)",
+        lane.backend.name,
+        size,
+        attempt,
+        describe_error(exc),
+    )
+
+
+def _warn_retry(
+    writer: TraceWriter, lane: Any, size: int, attempt: int, delay: float, exc: BaseException
+) -> None:
+    writer.warn(
+        f"retry:{id(lane)}",
+        "trace backend %s: batch of %d failed (%s); retry %d in %.2fs",
+        lane.backend.name,
+        size,
+        describe_error(exc),
+        attempt,
+        delay,
+    )
