@@ -9,6 +9,7 @@ import grpc
 from llmgateway.v1 import chat_pb2
 
 from server.api.context import Authenticator, Context, deadline_of, map_exception, parse, run_unary
+from server.api.handlers import server_stream, service, unary
 from server.api.status import abort
 from server.gateway import Gateway
 
@@ -56,26 +57,11 @@ class ChatCompletionServicer:
         await abort(context, error)
 
     def handlers(self) -> grpc.GenericRpcHandler:
-        def unary(behaviour: object) -> grpc.RpcMethodHandler:
-            return grpc.unary_unary_rpc_method_handler(
-                behaviour,
-                request_deserializer=None,
-                response_serializer=_serialize,  # type: ignore[arg-type, unused-ignore]
-            )
-
-        return grpc.method_handlers_generic_handler(
+        return service(
             SERVICE,
             {
                 "Create": unary(self.create),
                 "CountTokens": unary(self.count_tokens),
-                "StreamCreate": grpc.unary_stream_rpc_method_handler(
-                    self.stream_create,
-                    request_deserializer=None,
-                    response_serializer=_serialize,  # type: ignore[arg-type, unused-ignore]
-                ),
+                "StreamCreate": server_stream(self.stream_create),
             },
         )
-
-
-def _serialize(message: chat_pb2.CreateResponse) -> bytes:
-    return message.SerializeToString()

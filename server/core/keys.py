@@ -16,6 +16,7 @@ from typing import Protocol
 from llmgateway.v1 import chat_pb2
 
 from server.auth.actor import Actor
+from server.auth.endpoints import safe_display
 from server.config import Settings
 from server.errors import EndpointNotAllowed, MissingApiKey, NotFound
 from server.providers.base import UpstreamTarget
@@ -113,7 +114,7 @@ async def resolve_target(
         elif not policy.key_allowed_for(endpoint, base):
             raise EndpointNotAllowed(
                 f"BYOK provider {provider.name!r} may only be called at its own base URL",
-                metadata={"provider_name": provider.name, "endpoint": _display(endpoint)},
+                metadata={"provider_name": provider.name, "endpoint": safe_display(endpoint)},
             )
         return UpstreamTarget(
             base_url=policy.check(endpoint, byok_base_urls=(base,)).rstrip("/"),
@@ -145,17 +146,7 @@ async def resolve_target(
         if canonical == policy.check(settings.openai_base_url).rstrip("/"):
             raise MissingApiKey(
                 "no OpenAI API key is configured for the official endpoint (set OPENAI_API_KEY)",
-                metadata={"missing_fields": "openai_api_key", "endpoint": _display(endpoint)},
+                metadata={"missing_fields": "openai_api_key", "endpoint": safe_display(endpoint)},
             )
     provider_name = "openrouter" if is_openrouter else (config.provider_name or "openai")
     return UpstreamTarget(canonical, _bearer(PLACEHOLDER_API_KEY), provider_name)
-
-
-def _display(url: str) -> str:
-    """A URL safe to show: no userinfo, query or fragment (they may carry credentials)."""
-    from urllib.parse import urlsplit
-
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    port = f":{parts.port}" if parts.port else ""
-    return f"{parts.scheme}://{host}{port}{parts.path}"

@@ -7,7 +7,6 @@ forwarded request against 1,100 us for httpx's default transport. Providers see 
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 
 import aiohttp
@@ -49,14 +48,6 @@ class HttpClient:
         if self._session is not None:
             await self._session.close()
             self._session = None
-
-
-def is_ip_literal(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host.strip("[]"))
-    except ValueError:
-        return False
-    return True
 
 
 async def read_limited(response: aiohttp.ClientResponse, limit: int) -> bytes:

@@ -6,12 +6,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from server.core.inner_thoughts import INNER_THOUGHTS_DESCRIPTION, INNER_THOUGHTS_KWARG
 from server.errors import FieldViolation, InvalidRequest
-
-INNER_THOUGHTS_KWARG = "thinking"
-# Older agents (and older prompts) call it this; recognised when unpacking an answer.
-LEGACY_INNER_THOUGHTS_KWARG = "inner_thoughts"
-INNER_THOUGHTS_DESCRIPTION = "Deep inner monologue private to you only."
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,9 +28,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from server.core.inner_thoughts import INNER_THOUGHTS_KWARG, LEGACY_INNER_THOUGHTS_KWARG
 from server.errors import UnparseableModelOutput
 from server.providers.local import lenient_json
-from server.providers.local.functions import INNER_THOUGHTS_KWARG, LEGACY_INNER_THOUGHTS_KWARG
 
 RAW_OUTPUT_LIMIT = 500
 _MAX_CANDIDATES = 64

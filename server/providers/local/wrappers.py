@@ -21,11 +21,10 @@ import json
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from server.core.inner_thoughts import INNER_THOUGHTS_KWARG, LEGACY_INNER_THOUGHTS_KWARG
 from server.errors import FieldViolation, InvalidRequest
 from server.providers.local import lenient_json
 from server.providers.local.functions import (
-    INNER_THOUGHTS_KWARG,
-    LEGACY_INNER_THOUGHTS_KWARG,
     FunctionSpec,
     normalize_functions,
     prompt_functions,
