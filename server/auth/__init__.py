@@ -7,7 +7,7 @@ store.py      AuthStore (keys + providers, caches) and create_auth_store(setting
 crypto.py     AES-256-GCM encryption of BYOK keys under LLMGW_ENCRYPTION_KEY
 byok.py       create_byok_provider / resolve_byok
 endpoints.py  EndpointPolicy (which URLs a call may reach), key_allowed_for, is_forbidden_address
-resolver.py   SafeResolver: connection-time refusal of forbidden addresses (aiohttp)
+resolver.py   SafeResolver: connection-time refusal of forbidden addresses (HTTP client)
 redact.py     Redactor, RedactingFilter
 cli.py        `llm-gateway keys create|list|revoke`
 """

@@ -18,7 +18,7 @@ are refused outright. `check` returns the canonical URL; send *that* upstream.
 
 Host names are not resolved here: a check-time lookup proves nothing (DNS rebinding: the name can
 resolve differently when the HTTP client connects). Literal IPs are checked here; names are
-checked at connection time by `server.auth.resolver.SafeResolver` (aiohttp), which calls
+checked at connection time by `server.auth.resolver.SafeResolver` (used by the HTTP client), which calls
 `is_forbidden_address` on every address the client is about to connect to.
 
 BYOK base URLs are registered by organization admins, i.e. tenants, not the operator; unless

@@ -1,27 +1,29 @@
-"""Connection-time enforcement of the always-forbidden addresses, for aiohttp.
+"""Connection-time enforcement of the always-forbidden addresses.
 
 `EndpointPolicy.check` sees only the URL; a host name can resolve to 169.254.169.254 (or be
-rebound to it between check and connect). `SafeResolver` wraps aiohttp's resolver and drops
-every forbidden address from each lookup, so the client can only connect to what is left; when
-nothing is left it raises `ForbiddenAddressError`. aiohttp wraps that in
-`aiohttp.ClientConnectorDNSError`, whose `os_error` is the `ForbiddenAddressError`: map it to
-`EndpointNotAllowed`, not to UPSTREAM_UNAVAILABLE.
+rebound to it between check and connect). `SafeResolver` is the only way the HTTP client
+(`server.providers.http`) turns a host into addresses: it drops every forbidden address from each
+lookup, so the client can only connect to what is left, and raises `ForbiddenAddressError` when
+nothing is left. Literal IP hosts go through the same check (no lookup), so the rule holds even
+for a URL that skipped `EndpointPolicy.check`. Map the error to `EndpointNotAllowed`, never to
+UPSTREAM_UNAVAILABLE: it is not retried.
 
-aiohttp does not consult the resolver for literal IP hosts: those are covered by
-`EndpointPolicy.check` (send the canonical URL it returns). Disable redirects
-(`allow_redirects=False`) so a 3xx cannot move the request elsewhere.
-
-    connector = aiohttp.TCPConnector(resolver=SafeResolver())
+Lookups are cached for `ttl` seconds (new connections are rare with keep-alive, but a burst of
+them must not queue on the resolver thread pool); failures are never cached.
 """
 
 from __future__ import annotations
 
+import asyncio
+import ipaddress
 import socket
-
-from aiohttp.abc import AbstractResolver, ResolveResult
-from aiohttp.resolver import DefaultResolver
+import time
+from collections.abc import Awaitable, Callable
 
 from server.auth.endpoints import FORBIDDEN_HOSTNAMES, is_forbidden_address
+
+Address = tuple[socket.AddressFamily, str]
+Lookup = Callable[[str, int], Awaitable[list[Address]]]
 
 
 class ForbiddenAddressError(OSError):
@@ -32,22 +34,51 @@ class ForbiddenAddressError(OSError):
         self.host = host
 
 
-class SafeResolver(AbstractResolver):
-    """An aiohttp resolver that never returns a forbidden address."""
+async def system_lookup(host: str, port: int) -> list[Address]:
+    """The operating system's resolver (getaddrinfo on the loop's thread pool), order kept."""
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    seen: list[Address] = []
+    for family, _type, _proto, _name, sockaddr in infos:
+        address = (socket.AddressFamily(family), str(sockaddr[0]))
+        if address not in seen:
+            seen.append(address)
+    return seen
 
-    def __init__(self, inner: AbstractResolver | None = None) -> None:
-        self._inner = inner if inner is not None else DefaultResolver()
 
-    async def resolve(
-        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
-    ) -> list[ResolveResult]:
-        if host.lower().rstrip(".") in FORBIDDEN_HOSTNAMES:
+class SafeResolver:
+    """Host -> addresses the gateway may connect to; never a forbidden one."""
+
+    def __init__(self, lookup: Lookup | None = None, *, ttl: float = 60.0) -> None:
+        self._lookup = lookup if lookup is not None else system_lookup
+        self._ttl = ttl
+        self._cache: dict[tuple[str, int], tuple[float, list[Address]]] = {}
+
+    async def resolve(self, host: str, port: int) -> list[Address]:
+        name = host.lower().rstrip(".")
+        if name in FORBIDDEN_HOSTNAMES:
             raise ForbiddenAddressError(host)
-        results = await self._inner.resolve(host, port, family)
-        allowed = [r for r in results if not is_forbidden_address(r["host"])]
+        literal = _ip_literal(host)
+        if literal is not None:
+            if is_forbidden_address(literal):
+                raise ForbiddenAddressError(host)
+            family = socket.AF_INET6 if literal.version == 6 else socket.AF_INET
+            return [(family, str(literal))]
+        key = (name, port)
+        cached = self._cache.get(key)
+        now = time.monotonic()
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        allowed = [a for a in await self._lookup(host, port) if not is_forbidden_address(a[1])]
         if not allowed:
             raise ForbiddenAddressError(host)
+        if len(self._cache) > 1024:  # many distinct BYOK hosts: start over rather than grow
+            self._cache.clear()
+        self._cache[key] = (now + self._ttl, allowed)
         return allowed
 
-    async def close(self) -> None:
-        await self._inner.close()
+
+def _ip_literal(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(host.removeprefix("[").removesuffix("]"))
+    except ValueError:
+        return None

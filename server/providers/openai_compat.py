@@ -19,7 +19,6 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
 import orjson
 
 from server.auth.resolver import ForbiddenAddressError
@@ -28,14 +27,24 @@ from server.core.retry import Deadline, RetryableError, call_with_retries
 from server.errors import (
     DeadlineExceeded,
     EndpointNotAllowed,
+    FailedPrecondition,
     GatewayError,
     RateLimitExceeded,
+    UpstreamAuthFailed,
     UpstreamBadResponse,
     UpstreamUnavailable,
 )
 from server.providers.base import UpstreamTarget
 from server.providers.errors import body_error, connection_error, error_for_status, error_in_body
-from server.providers.http import HttpClient, read_limited
+from server.providers.http import (
+    BodyTooLargeError,
+    HttpClient,
+    IdleTimeoutError,
+    InvalidHeaderError,
+    InvalidURLError,
+    Response,
+    Timeout,
+)
 
 MAX_BODY_BYTES = 64 * 1024 * 1024
 _JSON_HEADERS = {"Content-Type": "application/json", "Accept": "application/json"}
@@ -54,17 +63,15 @@ class CallOptions:
     scrub: Callable[[str], str]
     on_retry: Callable[[int, float, int], None] | None = None
 
-    def timeout(self, *, stream: bool = False) -> aiohttp.ClientTimeout:
+    def timeout(self, *, stream: bool = False) -> Timeout:
         remaining = self.deadline.remaining()
         if remaining is None:
             if stream:  # a long answer may stream for longer; a silent upstream may not
-                return aiohttp.ClientTimeout(
-                    total=None, sock_connect=self.default_timeout, sock_read=self.default_timeout
-                )
-            return aiohttp.ClientTimeout(total=self.default_timeout)
+                return Timeout(total=None, idle=self.default_timeout)
+            return Timeout(total=self.default_timeout)
         if remaining <= 0:
             raise DeadlineExceeded("the caller's deadline passed before the upstream answered")
-        return aiohttp.ClientTimeout(total=remaining)
+        return Timeout(total=remaining)
 
 
 def _headers(target: UpstreamTarget, base: dict[str, str]) -> dict[str, str]:
@@ -86,19 +93,16 @@ async def post_json(
 
     async def attempt() -> tuple[bytes, dict[str, Any]]:
         try:
-            async with client.session.post(
-                url, data=body, headers=headers, timeout=options.timeout(), allow_redirects=False
-            ) as response:
-                raw = await read_limited(response, MAX_BODY_BYTES)
-                status = response.status
-                response_headers = response.headers
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            response = await client.post(url, body, headers, options.timeout())
+            raw = await response.read(MAX_BODY_BYTES)  # the connection goes back to the pool
+        except OSError as exc:  # TimeoutError and HttpClientError are OSErrors
             raise transport_error(exc, options, target) from exc
-        except ValueError as exc:  # read_limited: the body is over the limit
+        except BodyTooLargeError as exc:
             raise _too_large(target) from exc
+        status = response.status or 0
         if status >= 300:
             raise error_for_status(
-                status, raw, response_headers, provider=target.provider, scrub=options.scrub
+                status, raw, response.headers, provider=target.provider, scrub=options.scrub
             )
         payload = parse_json_object(raw, provider=target.provider, scrub=options.scrub, retryable=True)
         return raw, payload
@@ -112,16 +116,26 @@ def transport_error(
     exc: BaseException, options: CallOptions, target: UpstreamTarget
 ) -> GatewayError | RetryableError:
     """The error for a failure to talk to the upstream at all (connect, send, read)."""
-    # aiohttp's read timeouts are both ClientError and TimeoutError: timeouts first.
+    # Idle timeouts are both HttpClientError and TimeoutError: timeouts first.
     if isinstance(exc, TimeoutError):
         return _timed_out(options, target)
-    if isinstance(exc, aiohttp.InvalidURL):
+    if isinstance(exc, InvalidURLError):
         return UpstreamUnavailable(
             f"{target.provider} endpoint is not a usable URL",
             metadata={"provider": target.provider, "error_type": type(exc).__name__},
         )
-    cause = getattr(exc, "os_error", None)
-    if isinstance(exc, ForbiddenAddressError) or isinstance(cause, ForbiddenAddressError):
+    if isinstance(exc, InvalidHeaderError):
+        # A key (or configured header) with a line break: no upstream could be asked with it.
+        if exc.header.lower() == "authorization":
+            return UpstreamAuthFailed(
+                f"the API key for {target.provider} has characters an HTTP header cannot carry",
+                metadata={"provider": target.provider},
+            )
+        return FailedPrecondition(
+            f"the {exc.header} header for {target.provider} has characters an HTTP header cannot carry",
+            metadata={"provider": target.provider, "header": exc.header},
+        )
+    if isinstance(exc, ForbiddenAddressError):
         # The name resolved to a metadata or link-local address at connect time: never retried.
         return EndpointNotAllowed(
             f"{target.provider} endpoint resolves only to addresses the gateway never calls",
@@ -293,14 +307,13 @@ class _Primed:
     first: object  # dict, None for [DONE], or _END for an empty stream
 
 
-# The first SSE event read by `open_stream` rides on the response itself (so it lives and dies
-# with it) and `sse_events` picks it up there: callers keep handling a plain aiohttp response.
-_PRIMED_ATTR = "_llmgw_primed"
+# The first SSE event read by `open_stream` rides on the response itself (`reader_state`, so it
+# lives and dies with it) and `sse_events` picks it up there: callers handle a plain response.
 
 
 async def open_stream(
     client: HttpClient, target: UpstreamTarget, url: str, body: bytes, options: CallOptions
-) -> aiohttp.ClientResponse:
+) -> Response:
     """Open a streamed answer (retries included); the caller must release or close the response.
 
     For an SSE answer (`text/event-stream`) the first event is read here, so everything before
@@ -310,18 +323,17 @@ async def open_stream(
     """
     headers = _headers(target, _SSE_HEADERS)
 
-    async def attempt() -> aiohttp.ClientResponse:
+    async def attempt() -> Response:
         try:
-            response = await client.session.post(
-                url, data=body, headers=headers, timeout=options.timeout(stream=True), allow_redirects=False
-            )
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            response = await client.post(url, body, headers, options.timeout(stream=True))
+        except OSError as exc:  # TimeoutError and HttpClientError are OSErrors
             raise transport_error(exc, options, target) from exc
         try:
-            if response.status >= 300:
+            status = response.status or 0
+            if status >= 300:
                 raw = await _read_error_body(response)
                 raise error_for_status(
-                    response.status, raw, response.headers, provider=target.provider, scrub=options.scrub
+                    status, raw, response.headers, provider=target.provider, scrub=options.scrub
                 )
             if response.content_type in ("application/json", "text/html"):
                 # The upstream ignored `stream`, or answered an error object or page with a 200.
@@ -337,11 +349,11 @@ async def open_stream(
                     first = await anext(events, _END)
                 except TimeoutError as exc:
                     raise _read_timed_out(exc, options, target) from exc
-                except (aiohttp.ClientError, OSError) as exc:
+                except OSError as exc:
                     raise connection_error(exc, provider=target.provider, scrub=options.scrub) from exc
                 except (RateLimitExceeded, UpstreamUnavailable) as exc:  # an error event; nothing relayed yet
                     raise RetryableError(exc, status=_http_status(exc)) from exc
-                setattr(response, _PRIMED_ATTR, _Primed(events, first))
+                response.reader_state = _Primed(events, first)
         except BaseException:
             response.close()
             raise
@@ -352,12 +364,12 @@ async def open_stream(
     )
 
 
-async def _read_error_body(response: aiohttp.ClientResponse) -> bytes:
+async def _read_error_body(response: Response) -> bytes:
     try:
-        return await read_limited(response, 1024 * 1024)
+        return await response.read(1024 * 1024)
     except TimeoutError:
         raise
-    except (aiohttp.ClientError, OSError, ValueError):
+    except (OSError, BodyTooLargeError):
         return b""
 
 
@@ -369,7 +381,7 @@ def _http_status(error: GatewayError) -> int:
 
 
 def _read_timed_out(exc: BaseException, options: CallOptions, target: UpstreamTarget) -> GatewayError:
-    if isinstance(exc, aiohttp.ServerTimeoutError) or options.deadline.at is None:
+    if isinstance(exc, IdleTimeoutError) or options.deadline.at is None:
         return UpstreamUnavailable(
             f"{target.provider} sent nothing for {options.default_timeout:g} s",
             metadata={"provider": target.provider, "timeout_seconds": options.default_timeout},
@@ -391,7 +403,7 @@ async def _resume(primed: _Primed) -> AsyncIterator[dict[str, Any] | None]:
 
 
 @contextlib.contextmanager
-def released_when_done(response: aiohttp.ClientResponse) -> Iterator[aiohttp.ClientResponse]:
+def released_when_done(response: Response) -> Iterator[Response]:
     """Return a fully read stream's connection to the pool; close one abandoned half-way.
 
     An abandoned stream's upstream may still be sending: only closing the connection stops it.
@@ -405,7 +417,7 @@ def released_when_done(response: aiohttp.ClientResponse) -> Iterator[aiohttp.Cli
 
 
 async def sse_events(
-    response: aiohttp.ClientResponse, *, provider: str, scrub: Callable[[str], str]
+    response: Response, *, provider: str, scrub: Callable[[str], str]
 ) -> AsyncIterator[dict[str, Any] | None]:
     """Yield each SSE event's JSON object; None once for `[DONE]`.
 
@@ -414,19 +426,20 @@ async def sse_events(
     is UPSTREAM_UNAVAILABLE, an upstream that goes silent past the read timeout too, and the
     caller's deadline passing mid-stream DEADLINE_EXCEEDED.
     """
-    primed: _Primed | None = getattr(response, _PRIMED_ATTR, None)
-    if primed is not None:
-        setattr(response, _PRIMED_ATTR, None)
+    primed = response.reader_state
+    if not isinstance(primed, _Primed):
+        primed = None
+    response.reader_state = None
     events = _iter_events(response, provider=provider, scrub=scrub) if primed is None else _resume(primed)
     try:
         async for event in events:
             yield event
-    except (aiohttp.ClientError, OSError) as exc:  # TimeoutError is an OSError
+    except OSError as exc:  # TimeoutError and HttpClientError are OSErrors
         raise broken_stream(exc, provider, scrub) from exc
 
 
 async def sse_batches(
-    response: aiohttp.ClientResponse, *, provider: str, scrub: Callable[[str], str]
+    response: Response, *, provider: str, scrub: Callable[[str], str]
 ) -> AsyncIterator[list[dict[str, Any] | None]]:
     """`sse_events`, but every event that arrived in one network read together, as one list.
 
@@ -434,9 +447,10 @@ async def sse_batches(
     for `[DONE]` ends the last one). An event that fails to parse ends the stream with its error
     after the events before it were handed out, exactly as `sse_events` would.
     """
-    primed: _Primed | None = getattr(response, _PRIMED_ATTR, None)
-    if primed is not None:
-        setattr(response, _PRIMED_ATTR, None)
+    primed = response.reader_state
+    if not isinstance(primed, _Primed):
+        primed = None
+    response.reader_state = None
     try:
         if primed is None:
             parser = _iter_events(response, provider=provider, scrub=scrub)
@@ -451,13 +465,13 @@ async def sse_batches(
             yield [primed.first, *parser.take_pending()]  # type: ignore[list-item]
         while batch := await parser.next_batch():
             yield batch
-    except (aiohttp.ClientError, OSError) as exc:  # TimeoutError is an OSError
+    except OSError as exc:  # TimeoutError and HttpClientError are OSErrors
         raise broken_stream(exc, provider, scrub) from exc
 
 
 def broken_stream(exc: BaseException, provider: str, scrub: Callable[[str], str]) -> GatewayError:
     """What a transport error in the middle of a stream means for the caller."""
-    if isinstance(exc, aiohttp.ServerTimeoutError):
+    if isinstance(exc, IdleTimeoutError):
         return UpstreamUnavailable(
             f"{provider} stopped sending in the middle of the stream",
             metadata={"provider": provider, "error_type": type(exc).__name__},
@@ -473,7 +487,7 @@ def broken_stream(exc: BaseException, provider: str, scrub: Callable[[str], str]
 
 
 def _iter_events(
-    response: aiohttp.ClientResponse, *, provider: str, scrub: Callable[[str], str]
+    response: Response, *, provider: str, scrub: Callable[[str], str]
 ) -> _SSEParser:
     """The SSE parser; transport exceptions pass through unchanged (callers translate them)."""
     return _SSEParser(response, provider=provider, scrub=scrub)
@@ -490,7 +504,7 @@ class _SSEParser:
     """
 
     __slots__ = (
-        "_reads",
+        "_response",
         "_provider",
         "_scrub",
         "_buffer",
@@ -502,9 +516,9 @@ class _SSEParser:
     )
 
     def __init__(
-        self, response: aiohttp.ClientResponse, *, provider: str, scrub: Callable[[str], str]
+        self, response: Response, *, provider: str, scrub: Callable[[str], str]
     ) -> None:
-        self._reads = response.content.iter_any()
+        self._response = response
         self._provider = provider
         self._scrub = scrub
         self._buffer = b""
@@ -539,9 +553,8 @@ class _SSEParser:
                 raise error
             if self._ended:
                 return []
-            try:
-                piece = await self._reads.__anext__()
-            except StopAsyncIteration:
+            piece = await self._response.read_chunk()
+            if not piece:
                 self._ended = True
                 return self._tail()
             batch = self._feed(piece)

@@ -21,10 +21,7 @@ def acquired(gw: RunningGateway) -> int:
     """Pooled connections the gateway's HTTP client holds right now."""
     running = gw.server._running  # noqa: SLF001 - test introspection
     assert running is not None
-    session = running.http._session  # noqa: SLF001
-    if session is None:
-        return 0
-    return len(session.connector._acquired)  # type: ignore[union-attr]  # noqa: SLF001
+    return running.http.connections_in_use
 
 
 def task_count() -> int:

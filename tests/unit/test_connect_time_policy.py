@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import socket
-from typing import Any
 
 import pytest
-from aiohttp.abc import AbstractResolver, ResolveResult
 
+from server.auth.resolver import Address, SafeResolver
 from server.config import RetrySettings
 from server.core.retry import Deadline
 from server.errors import EndpointNotAllowed
@@ -16,28 +15,20 @@ from server.providers.http import HttpClient
 from server.providers.openai_compat import CallOptions, post_json
 
 
-class RebindingResolver(AbstractResolver):
+class RebindingLookup:
     """Answers every name with the cloud metadata address, as a rebinding DNS server would."""
 
     def __init__(self) -> None:
         self.calls = 0
 
-    async def resolve(self, host: str, port: int = 0, family: Any = socket.AF_INET) -> list[ResolveResult]:
+    async def __call__(self, host: str, port: int) -> list[Address]:
         self.calls += 1
-        return [
-            ResolveResult(
-                hostname=host, host="169.254.169.254", port=port, family=socket.AF_INET, proto=0, flags=0
-            )
-        ]
-
-    async def close(self) -> None:
-        return None
+        return [(socket.AF_INET, "169.254.169.254")]
 
 
-async def test_rebinding_name_is_endpoint_not_allowed_without_retry(monkeypatch: pytest.MonkeyPatch) -> None:
-    rebinding = RebindingResolver()
-    monkeypatch.setattr("server.auth.resolver.DefaultResolver", lambda: rebinding)
-    client = HttpClient()
+async def test_rebinding_name_is_endpoint_not_allowed_without_retry() -> None:
+    rebinding = RebindingLookup()
+    client = HttpClient(resolver=SafeResolver(rebinding))
     options = CallOptions(
         deadline=Deadline.after(5),
         retry=RetrySettings(initial_delay=0.0, max_attempts=3),

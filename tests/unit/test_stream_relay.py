@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -191,27 +190,24 @@ def test_accumulator_seed_rules() -> None:
 # -- SSE: a network read at a time -----------------------------------------------------------
 
 
-class _Content:
-    def __init__(self, reads: list[bytes | BaseException]) -> None:
-        self._reads = reads
-
-    async def _iter(self) -> AsyncIterator[bytes]:
-        for read in self._reads:
-            await asyncio.sleep(0)
-            if isinstance(read, BaseException):
-                raise read
-            yield read
-
-    def iter_any(self) -> AsyncIterator[bytes]:
-        return self._iter()
-
-
 class _FakeResponse:
+    """Stands in for server.providers.http.Response: `read_chunk` hands out scripted reads."""
+
     def __init__(self, reads: list[bytes | BaseException]) -> None:
-        self.content = _Content(reads)
+        self._reads = list(reads)
+        self.reader_state: object = None
+
+    async def read_chunk(self) -> bytes:
+        await asyncio.sleep(0)
+        if not self._reads:
+            return b""
+        read = self._reads.pop(0)
+        if isinstance(read, BaseException):
+            raise read
+        return read
 
 
-def _Response(reads: list[bytes | BaseException]) -> Any:  # noqa: N802 - stands in for aiohttp's
+def _Response(reads: list[bytes | BaseException]) -> Any:  # noqa: N802 - stands in for a class
     return _FakeResponse(reads)
 
 
@@ -265,10 +261,10 @@ async def test_an_error_comes_after_the_events_before_it() -> None:
 
 
 async def test_transport_errors_are_translated() -> None:
-    import aiohttp
+    from server.providers.http import ServerDisconnectedError
 
     a = _chunk({"content": "a"})
-    reads: list[bytes | BaseException] = [_sse(a), aiohttp.ClientPayloadError("reset")]
+    reads: list[bytes | BaseException] = [_sse(a), ServerDisconnectedError("reset")]
     batches = sse_batches(_Response(reads), provider="p", scrub=_scrub)
     assert await anext(batches) == [a]
     with pytest.raises(Exception) as raised:
@@ -282,6 +278,6 @@ async def test_primed_first_event_brings_the_rest_of_its_read() -> None:
     response = _Response([_sse(a, b), _sse(c, "[DONE]")])
     events = openai_compat._iter_events(response, provider="p", scrub=_scrub)
     first = await anext(events)
-    setattr(response, openai_compat._PRIMED_ATTR, openai_compat._Primed(events, first))
+    response.reader_state = openai_compat._Primed(events, first)
     assert await _batches(response) == [[a, b], [c, None]]
-    assert getattr(response, openai_compat._PRIMED_ATTR) is None
+    assert response.reader_state is None

@@ -10,7 +10,6 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-import aiohttp
 import orjson
 from llmgateway.v1 import chat_pb2
 
@@ -28,6 +27,7 @@ from server.errors import (
 )
 from server.gateway import ChatRequest, Gateway
 from server.providers.base import UpstreamTarget
+from server.providers.http import Response
 from server.providers.local.completion import to_chat_completion
 from server.providers.local.deepseek import is_deepseek_r1, with_functions_in_system_prompt
 from server.providers.local.endpoints import (
@@ -263,12 +263,12 @@ async def stream_local(
 
 
 async def _ndjson_events(
-    response: aiohttp.ClientResponse, *, provider: str, scrub: Callable[[str], str]
+    response: Response, *, provider: str, scrub: Callable[[str], str]
 ) -> AsyncIterator[dict[str, Any] | None]:
     """Ollama streams one JSON object per line."""
     buffer = b""
     try:
-        async for piece in response.content.iter_any():
+        while piece := await response.read_chunk():
             buffer += piece
             if len(buffer) > MAX_LINE_BYTES:
                 raise UpstreamBadResponse(f"{provider} sent a line over {MAX_LINE_BYTES} bytes")
@@ -276,7 +276,7 @@ async def _ndjson_events(
             for line in lines:
                 if line.strip():
                     yield parse_json_object(line, provider=provider, scrub=scrub)
-    except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+    except OSError as exc:  # TimeoutError and HttpClientError are OSErrors
         raise broken_stream(exc, provider, scrub) from exc
     if buffer.strip():
         yield parse_json_object(buffer, provider=provider, scrub=scrub)

@@ -1,0 +1,461 @@
+"""One keep-alive HTTP/1.1 connection (an asyncio protocol) and the response read from it.
+
+The parser is llhttp (via httptools, the C parser uvicorn uses): it handles Content-Length,
+chunked transfer coding and malformed framing; this module only moves bytes between it and one
+reader. Everything here runs in the event loop's callbacks, without tasks or locks, which is
+why it costs a fraction of a general-purpose client.
+
+A response is read by one consumer: `wait_head()`, then either `read(limit)` (the whole body;
+returns the connection to the pool) or `read_chunk()` until it returns b"" (then `release()`).
+`close()` drops the connection: the only way to stop an upstream that is still sending. Any
+await that is cancelled closes the connection too, so a cancelled caller never leaves a request
+running upstream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import zlib
+from typing import Protocol
+
+import httptools
+
+# Reading pauses while a slow consumer leaves this much unread, and resumes below a quarter.
+_PAUSE_ABOVE = 256 * 1024
+_RESUME_BELOW = 64 * 1024
+# A compressed stream is inflated at most this much per read (a small body must not become GBs).
+_INFLATE_STEP = 4 * 1024 * 1024
+
+
+class HttpClientError(OSError):
+    """The exchange with the upstream failed below HTTP semantics (connect, framing, reset)."""
+
+
+class ServerDisconnectedError(HttpClientError):
+    """The connection closed before the answer was complete."""
+
+
+class InvalidResponseError(HttpClientError):
+    """The upstream's bytes are not a valid HTTP/1.1 answer."""
+
+
+class IdleTimeoutError(HttpClientError, TimeoutError):
+    """Connecting, or waiting for the next bytes, took longer than the per-operation timeout."""
+
+
+class BodyTooLargeError(ValueError):
+    """The answer is larger than the caller's limit."""
+
+
+class ConnectionPool(Protocol):
+    def check_in(self, connection: Connection, *, reusable: bool) -> None: ...
+
+    def forget(self, connection: Connection) -> None: ...
+
+
+class Connection(asyncio.Protocol):
+    """A transport, its parser state, and the response being read from it (if any)."""
+
+    def __init__(self, pool: ConnectionPool, key: tuple[str, str, int]) -> None:
+        self.pool = pool
+        self.key = key
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self.idle_since = 0.0
+        self._response: Response | None = None
+        self._parser: httptools.HttpResponseParser | None = None
+        self._header_pairs: list[tuple[bytes, bytes]] = []
+        self._informational = False
+        self._keep_alive = False
+        self._until_eof = False  # no Content-Length, not chunked: the body ends with the connection
+        self._reading_paused = False
+
+    # -- used by the client and the response --------------------------------------------------
+
+    @property
+    def usable(self) -> bool:
+        return not self.closed and self.transport is not None and not self.transport.is_closing()
+
+    def start(self, response: Response, payload: bytes) -> None:
+        assert self.transport is not None
+        self._response = response
+        self._parser = httptools.HttpResponseParser(self)
+        self._header_pairs = []
+        self._informational = False
+        self._keep_alive = False
+        self._until_eof = False
+        self.transport.write(payload)
+
+    def finish(self, *, reusable: bool) -> None:
+        """The response is done with this connection: back to the pool, or closed."""
+        self._response = None
+        self._parser = None
+        self.resume_reading()
+        self.pool.check_in(self, reusable=reusable and self._keep_alive and self.usable)
+
+    def close(self) -> None:
+        self._response = None
+        self._parser = None
+        if self.transport is not None and not self.closed:
+            self.transport.close()
+        self.closed = True
+
+    def pause_reading(self) -> None:
+        if not self._reading_paused and self.transport is not None and not self.closed:
+            self._reading_paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self._reading_paused and self.transport is not None and not self.closed:
+            self._reading_paused = False
+            self.transport.resume_reading()
+
+    # -- asyncio.Protocol -----------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        parser = self._parser
+        if parser is None:  # bytes nobody asked for: this connection can no longer be trusted
+            self.close()
+            return
+        try:
+            parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._fail(InvalidResponseError("the upstream switched protocols, which was never asked for"))
+        except httptools.HttpParserError as exc:
+            self._fail(InvalidResponseError(f"the upstream sent a malformed HTTP answer ({exc})"))
+
+    def eof_received(self) -> bool:
+        return False  # close the transport; connection_lost decides what the EOF means
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        response = self._response
+        self._response = None
+        self._parser = None
+        if response is not None:
+            if self._until_eof and response.status is not None:
+                response.on_complete()  # the body was "everything until the connection closes"
+            else:
+                detail = f": {exc}" if exc else ""
+                response.on_error(
+                    ServerDisconnectedError(f"the upstream closed the connection mid-answer{detail}")
+                )
+        self.pool.forget(self)
+
+    # -- httptools callbacks ------------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        if self._parser is None:  # a second answer in one read: this connection is out of step
+            self._keep_alive = False
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._header_pairs.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        response, parser = self._response, self._parser
+        if response is None or parser is None:
+            return
+        status = parser.get_status_code()
+        if 100 <= status < 200:  # 100 Continue / 103 Early Hints: the real answer follows
+            self._informational = True
+            self._header_pairs = []
+            return
+        headers: dict[str, str] = {}
+        for raw_name, raw_value in self._header_pairs:
+            name = raw_name.decode("latin-1").lower()
+            value = raw_value.decode("latin-1")
+            headers[name] = f"{headers[name]}, {value}" if name in headers else value
+        self._header_pairs = []
+        self._keep_alive = parser.should_keep_alive()
+        self._until_eof = (
+            status not in (204, 304)
+            and "content-length" not in headers
+            and "chunked" not in headers.get("transfer-encoding", "").lower()
+        )
+        response.on_head(status, headers)
+
+    def on_body(self, body: bytes) -> None:
+        if self._response is not None and self._parser is not None and not self._informational:
+            self._response.on_body(body)
+
+    def on_message_complete(self) -> None:
+        if self._informational:
+            self._informational = False
+            return
+        response = self._response
+        # Whatever follows in this connection belongs to no request of ours.
+        self._parser = None
+        if response is not None:
+            response.on_complete()
+
+    def _fail(self, error: Exception) -> None:
+        response = self._response
+        self.close()
+        if response is not None:
+            response.on_error(error)
+
+
+class Response:
+    """Status, headers (lower-case names) and the body of one answer, as it arrives."""
+
+    __slots__ = (
+        "status",
+        "headers",
+        "_connection",
+        "_loop",
+        "_chunks",
+        "_buffered",
+        "_complete",
+        "_error",
+        "_waiter",
+        "_done",
+        "_deadline_timer",
+        "_idle_timeout",
+        "_idle_timer",
+        "_last_progress",
+        "_inflater",
+        "reader_state",
+    )
+
+    def __init__(
+        self,
+        connection: Connection,
+        loop: asyncio.AbstractEventLoop,
+        *,
+        deadline: float | None,
+        idle_timeout: float | None,
+    ) -> None:
+        self.status: int | None = None
+        self.headers: dict[str, str] = {}
+        self._connection: Connection | None = connection
+        self._loop = loop
+        self._chunks: list[bytes] = []
+        self._buffered = 0
+        self._complete = False  # every byte of the body arrived
+        self._error: Exception | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._done = False  # released or closed: the connection is no longer ours
+        self._deadline_timer = (
+            loop.call_at(deadline, self._deadline_passed) if deadline is not None else None
+        )
+        self._idle_timeout = idle_timeout
+        self._last_progress = loop.time()
+        self._idle_timer = (
+            loop.call_later(idle_timeout, self._check_idle) if idle_timeout is not None else None
+        )
+        self._inflater: _Inflater | None = None
+        # What a reader of the body left for the next one (a parser's read-ahead, for example).
+        self.reader_state: object = None
+
+    # -- what callers use -------------------------------------------------------------------------
+
+    @property
+    def content_type(self) -> str:
+        """The media type, lower-case, without parameters ('application/octet-stream' if absent)."""
+        value = self.headers.get("content-type")
+        if not value:
+            return "application/octet-stream"
+        return value.split(";", 1)[0].strip().lower()
+
+    @property
+    def content_length(self) -> int | None:
+        value = self.headers.get("content-length")
+        return int(value) if value is not None and value.isdigit() else None
+
+    async def wait_head(self) -> None:
+        while self.status is None:
+            if self._error is not None:
+                raise self._error
+            await self._wait()
+        self._inflater = _Inflater.for_encoding(self.headers.get("content-encoding"))
+
+    async def read(self, limit: int) -> bytes:
+        """The whole body (at most `limit` bytes, decoded); the connection goes back to the pool."""
+        try:
+            while not self._complete:
+                if self._error is not None:
+                    raise self._error
+                if self._buffered > limit:
+                    raise BodyTooLargeError(f"the answer is over {limit} bytes")
+                await self._wait()
+            body = b"".join(self._chunks) if len(self._chunks) != 1 else self._chunks[0]
+            if len(body) > limit:
+                raise BodyTooLargeError(f"the answer is over {limit} bytes")
+            self._chunks = []
+            self._buffered = 0
+            if self._inflater is not None:
+                body = self._inflater.inflate(body, limit=limit, final=True)
+        except BaseException:
+            self.close()
+            raise
+        self.release()
+        return body
+
+    async def read_chunk(self) -> bytes:
+        """What arrived since the last call (waiting if nothing did); b"" once the body ended."""
+        while True:
+            if self._inflater is not None and self._inflater.pending:
+                return self._inflater.inflate(b"", limit=_INFLATE_STEP, final=False)
+            if self._chunks:
+                data = b"".join(self._chunks) if len(self._chunks) != 1 else self._chunks[0]
+                self._chunks = []
+                self._buffered = 0
+                if self._connection is not None:
+                    self._connection.resume_reading()
+                if self._inflater is not None:
+                    data = self._inflater.inflate(data, limit=_INFLATE_STEP, final=False)
+                    if not data:
+                        continue
+                return data
+            if self._error is not None:
+                raise self._error
+            if self._complete:
+                return b""
+            await self._wait()
+
+    def release(self) -> None:
+        """Done reading: a complete answer's connection is reused; otherwise it is closed."""
+        if self._done:
+            return
+        if not self._complete or self._chunks:
+            self.close()
+            return
+        self._finish()
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            connection.finish(reusable=self._error is None)
+
+    def close(self) -> None:
+        """Drop the connection (an upstream still sending stops only this way)."""
+        if self._done:
+            return
+        self._finish()
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            connection.close()
+            connection.finish(reusable=False)
+
+    # -- fed by the connection --------------------------------------------------------------------
+
+    def on_head(self, status: int, headers: dict[str, str]) -> None:
+        self.status = status
+        self.headers = headers
+        self._progress()
+
+    def on_body(self, data: bytes) -> None:
+        self._chunks.append(data)
+        self._buffered += len(data)
+        if self._buffered > _PAUSE_ABOVE and self._connection is not None:
+            self._connection.pause_reading()
+        self._progress()
+
+    def on_complete(self) -> None:
+        self._complete = True
+        self._cancel_timers()
+        self._wake()
+
+    def on_error(self, error: Exception) -> None:
+        if self._complete or self._error is not None:
+            return  # the answer is already whole; a later reset changes nothing
+        self._error = error
+        self._cancel_timers()
+        self._wake()
+
+    # -- internals ------------------------------------------------------------------------------
+
+    async def _wait(self) -> None:
+        waiter = self._loop.create_future()
+        self._waiter = waiter
+        try:
+            await waiter
+        except BaseException:  # cancelled: stop the upstream request now
+            self.close()
+            raise
+        finally:
+            self._waiter = None
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _progress(self) -> None:
+        if self._idle_timer is not None:
+            self._last_progress = self._loop.time()
+        self._wake()
+
+    def _deadline_passed(self) -> None:
+        self._deadline_timer = None
+        self._fail(TimeoutError("the upstream did not answer in time"))
+
+    def _check_idle(self) -> None:
+        self._idle_timer = None
+        timeout = self._idle_timeout
+        if self._complete or self._done or timeout is None:
+            return
+        waited = self._loop.time() - self._last_progress
+        if waited >= timeout and not self._chunks:  # unread data means the reader is slow, not us
+            self._fail(IdleTimeoutError(f"the upstream sent nothing for {timeout:g} s"))
+            return
+        self._idle_timer = self._loop.call_later(max(timeout - waited, 0.05), self._check_idle)
+
+    def _fail(self, error: Exception) -> None:
+        if self._complete or self._error is not None:
+            return
+        self._error = error
+        connection, self._connection = self._connection, None
+        self._done = True
+        self._cancel_timers()
+        if connection is not None:
+            connection.close()
+            connection.finish(reusable=False)
+        self._wake()
+
+    def _finish(self) -> None:
+        self._done = True
+        self._cancel_timers()
+
+    def _cancel_timers(self) -> None:
+        if self._deadline_timer is not None:
+            self._deadline_timer.cancel()
+            self._deadline_timer = None
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+
+
+class _Inflater:
+    """gzip/deflate decoding for an upstream that compresses although we asked for identity."""
+
+    __slots__ = ("_decompressor", "pending")
+
+    def __init__(self, wbits: int) -> None:
+        self._decompressor = zlib.decompressobj(wbits)
+        self.pending = False  # input left over from a read capped at its step
+
+    @staticmethod
+    def for_encoding(encoding: str | None) -> _Inflater | None:
+        value = (encoding or "").strip().lower()
+        if value in ("", "identity"):
+            return None
+        if value in ("gzip", "x-gzip"):
+            return _Inflater(16 + zlib.MAX_WBITS)
+        if value == "deflate":
+            return _Inflater(zlib.MAX_WBITS)
+        raise InvalidResponseError(f"the upstream used an unsupported Content-Encoding: {value[:40]}")
+
+    def inflate(self, data: bytes, *, limit: int, final: bool) -> bytes:
+        decompressor = self._decompressor
+        source = decompressor.unconsumed_tail + data if decompressor.unconsumed_tail else data
+        try:
+            out = decompressor.decompress(source, limit + 1 if final else limit)
+        except zlib.error as exc:
+            raise InvalidResponseError(f"the upstream sent a body that does not decompress ({exc})") from exc
+        if final and (len(out) > limit or decompressor.unconsumed_tail):
+            raise BodyTooLargeError(f"the answer is over {limit} bytes once decompressed")
+        self.pending = bool(decompressor.unconsumed_tail)
+        return out
+
