@@ -131,3 +131,24 @@ def test_factory_imports_only_the_drivers_it_uses() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "['aiosqlite']"
+
+
+def test_trace_ids_are_time_ordered_version_7_uuids() -> None:
+    import time
+    import uuid
+
+    from server.traces.base import new_trace_id
+
+    before_ms = time.time_ns() // 1_000_000
+    ids = [new_trace_id() for _ in range(2000)]
+    after_ms = time.time_ns() // 1_000_000
+    assert len(set(ids)) == len(ids)
+    for trace_id in ids:
+        assert trace_id.startswith("provider_trace-")
+        parsed = uuid.UUID(trace_id.removeprefix("provider_trace-"))
+        assert str(parsed) == trace_id.removeprefix("provider_trace-")  # canonical lower-case form
+        assert parsed.version == 7 and parsed.variant == uuid.RFC_4122
+        assert before_ms <= int.from_bytes(parsed.bytes[:6], "big") <= after_ms
+    time.sleep(0.002)
+    later = new_trace_id()
+    assert all(later > trace_id for trace_id in ids)  # a later millisecond sorts after
