@@ -190,7 +190,7 @@ async def create_local(
     target = await _target(gateway, request, actor)
     plan = _LocalCall(gateway, request, target, stream=False)
     payload = orjson.dumps(plan.http_request.body)
-    async with gateway.traced_call(request, actor, target, payload, "create") as call:
+    with gateway.traced_call(request, actor, target, payload, "create") as call:
         raw, answer = await post_json(
             gateway.deps.http,
             target,
@@ -218,7 +218,7 @@ async def stream_local(
     pieces: list[str] = []
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
-    async with gateway.traced_call(request, actor, target, payload, "stream") as call:
+    with gateway.traced_call(request, actor, target, payload, "stream") as call:
         call.partial = lambda: orjson.dumps({"text": "".join(pieces)}).decode() if pieces else ""
         response = await open_stream(
             gateway.deps.http,
