@@ -70,7 +70,9 @@ def validate_request(request: chat_pb2.CreateRequest) -> None:
                     "must be one of ROLE_SYSTEM, ROLE_DEVELOPER, ROLE_USER, ROLE_ASSISTANT, ROLE_TOOL",
                 )
             )
-        size = len(message.content) + sum(len(p.text) + len(p.image_url.url) for p in message.parts)
+        size = len(message.content)
+        if message.parts:
+            size += sum(len(p.text) + len(p.image_url.url) for p in message.parts)
         if size > MAX_MESSAGE_CHARS:
             add(FieldViolation(f"messages[{i}].content", f"longer than {MAX_MESSAGE_CHARS} characters"))
         if message.role == chat_pb2.ROLE_TOOL and not message.tool_call_id:
@@ -129,7 +131,8 @@ def schema_problems(parameters: struct_pb2.Struct) -> tuple[tuple[str, str], ...
     JSON Schema says); the request path relies on both. Cached by the schema's bytes: agents
     send the same functions on every step.
     """
-    key = parameters.SerializeToString(deterministic=True)
+    # Not `deterministic=True` (slower): an unstable key costs a cache miss, never a wrong answer.
+    key = parameters.SerializeToString()
     found = _SCHEMA_CACHE.get(key)
     if found is None:
         problems: list[tuple[str, str]] = []

@@ -98,11 +98,11 @@ class Peer:
 
     async def wait_client_close(self, timeout: float = 5.0) -> None:
         """Read (and drop) whatever comes until the client closes the connection."""
-        with contextlib.suppress(TimeoutError, ConnectionError):
+        with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout):
-                while await self.reader.read(65536):
-                    pass
-                self.server.client_closed += 1
+                with contextlib.suppress(ConnectionError):  # a reset is a close too
+                    while await self.reader.read(65536):
+                        pass
                 self.server.client_gone.set()
 
     def reset(self) -> None:
@@ -123,8 +123,7 @@ class RawServer:
         self.connections = 0
         self.requests: list[Request] = []
         self.arrived = asyncio.Event()  # a request was read (tests clear it to wait for the next)
-        self.client_closed = 0  # connections the client closed while a handler watched
-        self.client_gone = asyncio.Event()
+        self.client_gone = asyncio.Event()  # a handler saw the client close its connection
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._writers: set[asyncio.StreamWriter] = set()
@@ -948,7 +947,7 @@ async def test_total_timeout_while_streaming(client: HttpClient) -> None:
             await asyncio.sleep(0.02)
 
     async with raw_server(handler) as server:
-        response = await client.post(server.url(), b"{}", {}, Timeout(total=0.3, idle=0.2))
+        response = await client.post(server.url(), b"{}", {}, Timeout(total=0.3, idle=1.0))
         with pytest.raises(TimeoutError) as caught:
             await read_all_chunks(response)
         assert not isinstance(caught.value, IdleTimeoutError)
