@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -118,14 +119,28 @@ def _parse_target(url: str) -> _Target:
     return _Target((scheme, host, port), host, line)
 
 
-def _header_block(headers: Mapping[str, str], body_length: int) -> bytes:
-    lines = [f"Content-Length: {body_length}\r\n"]
+# RFC 9110 token characters: what a header name may be made of.
+_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+# Control characters other than tab end or split a header line (CR, LF) or confuse parsers.
+_BAD_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+# The client frames the message itself; a caller's copy would contradict it (request smuggling).
+_FRAMING_HEADERS = frozenset({"content-length", "host", "transfer-encoding", "connection"})
+
+
+def _header_block(
+    defaults: Mapping[str, tuple[str, str]], headers: Mapping[str, str], body_length: int
+) -> bytes:
+    """The header lines after the request line: the defaults, overridden case-insensitively."""
+    merged = dict(defaults)
     for name, value in headers.items():
-        if not name.isascii() or not name.isprintable() or ":" in name or " " in name:
-            raise InvalidHeaderError(name.encode("ascii", "replace").decode()[:40])
-        if "\r" in value or "\n" in value or "\0" in value:
+        lower = name.lower()
+        if lower in _FRAMING_HEADERS or not _HEADER_NAME.fullmatch(name):
+            raise InvalidHeaderError(name.encode("ascii", "replace").decode()[:40] or "(empty)")
+        if _BAD_VALUE.search(value):
             raise InvalidHeaderError(name)
-        lines.append(f"{name}: {value}\r\n")
+        merged[lower] = (name, value)
+    lines = [f"Content-Length: {body_length}\r\n"]
+    lines.extend(f"{name}: {value}\r\n" for name, value in merged.values())
     lines.append("\r\n")
     return "".join(lines).encode("utf-8")
 
@@ -144,12 +159,14 @@ class HttpClient:
         self._resolver = resolver if resolver is not None else SafeResolver()
         self._ssl_context = ssl_context
         self._keepalive_timeout = keepalive_timeout
-        self._default_headers = dict(
+        defaults = (
             default_headers
             if default_headers is not None
             # Identity: answers are small JSON, and a compressed body could expand without bound.
             else {"User-Agent": USER_AGENT, "Accept-Encoding": "identity"}
         )
+        _header_block({}, defaults, 0)  # checked once here, as a caller's headers are per request
+        self._default_headers = {name.lower(): (name, value) for name, value in defaults.items()}
         self._idle: dict[tuple[str, str, int], list[Connection]] = {}
         self._in_use: set[Connection] = set()
         self._all: set[Connection] = set()
@@ -177,7 +194,7 @@ class HttpClient:
             raise HttpClientError("the HTTP client is closed")
         target = _parse_target(url)
         payload = b"".join(
-            (target.request_line, _header_block({**self._default_headers, **headers}, len(body)), body)
+            (target.request_line, _header_block(self._default_headers, headers, len(body)), body)
         )
         loop = asyncio.get_running_loop()
         deadline = None if timeout.total is None else loop.time() + timeout.total

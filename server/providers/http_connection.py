@@ -25,6 +25,8 @@ _PAUSE_ABOVE = 256 * 1024
 _RESUME_BELOW = 64 * 1024
 # A compressed stream is inflated at most this much per read (a small body must not become GBs).
 _INFLATE_STEP = 4 * 1024 * 1024
+# Status line and headers of one answer together (llhttp sets no limit of its own).
+MAX_HEAD_BYTES = 64 * 1024
 
 
 class HttpClientError(OSError):
@@ -65,6 +67,7 @@ class Connection(asyncio.Protocol):
         self._response: Response | None = None
         self._parser: httptools.HttpResponseParser | None = None
         self._header_pairs: list[tuple[bytes, bytes]] = []
+        self._head_bytes = 0
         self._informational = False
         self._keep_alive = False
         self._until_eof = False  # no Content-Length, not chunked: the body ends with the connection
@@ -81,6 +84,7 @@ class Connection(asyncio.Protocol):
         self._response = response
         self._parser = httptools.HttpResponseParser(self)
         self._header_pairs = []
+        self._head_bytes = 0
         self._informational = False
         self._keep_alive = False
         self._until_eof = False
@@ -120,6 +124,8 @@ class Connection(asyncio.Protocol):
         if parser is None:  # bytes nobody asked for: this connection can no longer be trusted
             self.close()
             return
+        if self._response is not None:
+            self._response.note_bytes()
         try:
             parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -136,7 +142,7 @@ class Connection(asyncio.Protocol):
         self._response = None
         self._parser = None
         if response is not None:
-            if self._until_eof and response.status is not None:
+            if self._until_eof and response.status is not None and exc is None:
                 response.on_complete()  # the body was "everything until the connection closes"
             else:
                 detail = f": {exc}" if exc else ""
@@ -152,6 +158,10 @@ class Connection(asyncio.Protocol):
             self._keep_alive = False
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        self._head_bytes += len(name) + len(value) + 4
+        if self._head_bytes > MAX_HEAD_BYTES:
+            self._fail(InvalidResponseError(f"the upstream sent headers over {MAX_HEAD_BYTES} bytes"))
+            raise InvalidResponseError("headers too large")  # stops the parser; already reported
         self._header_pairs.append((name, value))
 
     def on_headers_complete(self) -> None:
@@ -218,6 +228,7 @@ class Response:
         "_last_progress",
         "_inflater",
         "reader_state",
+        "_reading_whole",
     )
 
     def __init__(
@@ -249,6 +260,7 @@ class Response:
         self._inflater: _Inflater | None = None
         # What a reader of the body left for the next one (a parser's read-ahead, for example).
         self.reader_state: object = None
+        self._reading_whole = False
 
     # -- what callers use -------------------------------------------------------------------------
 
@@ -274,6 +286,9 @@ class Response:
 
     async def read(self, limit: int) -> bytes:
         """The whole body (at most `limit` bytes, decoded); the connection goes back to the pool."""
+        self._reading_whole = True
+        if self._connection is not None:
+            self._connection.resume_reading()
         try:
             while not self._complete:
                 if self._error is not None:
@@ -313,6 +328,8 @@ class Response:
             if self._error is not None:
                 raise self._error
             if self._complete:
+                if self._inflater is not None and self._inflater.fed and not self._inflater.finished:
+                    raise InvalidResponseError("the compressed body ends before its compressed stream does")
                 return b""
             await self._wait()
 
@@ -345,10 +362,15 @@ class Response:
         self.headers = headers
         self._progress()
 
+    def note_bytes(self) -> None:
+        """Bytes of this answer arrived (headers, 1xx answers and body alike): the upstream is alive."""
+        if self._idle_timer is not None:
+            self._last_progress = self._loop.time()
+
     def on_body(self, data: bytes) -> None:
         self._chunks.append(data)
         self._buffered += len(data)
-        if self._buffered > _PAUSE_ABOVE and self._connection is not None:
+        if self._buffered > _PAUSE_ABOVE and not self._reading_whole and self._connection is not None:
             self._connection.pause_reading()
         self._progress()
 
@@ -383,9 +405,7 @@ class Response:
             waiter.set_result(None)
 
     def _progress(self) -> None:
-        if self._idle_timer is not None:
-            self._last_progress = self._loop.time()
-        self._wake()
+        self._wake()  # the idle clock was reset by `note_bytes` for these bytes already
 
     def _deadline_passed(self) -> None:
         self._deadline_timer = None
@@ -397,7 +417,8 @@ class Response:
         if self._complete or self._done or timeout is None:
             return
         waited = self._loop.time() - self._last_progress
-        if waited >= timeout and not self._chunks:  # unread data means the reader is slow, not us
+        # Unread data means the reader is slow, not the upstream; unless the reader waits for more.
+        if waited >= timeout and (not self._chunks or self._waiter is not None):
             self._fail(IdleTimeoutError(f"the upstream sent nothing for {timeout:g} s"))
             return
         self._idle_timer = self._loop.call_later(max(timeout - waited, 0.05), self._check_idle)
@@ -430,11 +451,12 @@ class Response:
 class _Inflater:
     """gzip/deflate decoding for an upstream that compresses although we asked for identity."""
 
-    __slots__ = ("_decompressor", "pending")
+    __slots__ = ("_decompressor", "pending", "fed")
 
     def __init__(self, wbits: int) -> None:
         self._decompressor = zlib.decompressobj(wbits)
         self.pending = False  # input left over from a read capped at its step
+        self.fed = False  # any compressed input seen (an empty body is not a truncated one)
 
     @staticmethod
     def for_encoding(encoding: str | None) -> _Inflater | None:
@@ -447,15 +469,22 @@ class _Inflater:
             return _Inflater(zlib.MAX_WBITS)
         raise InvalidResponseError(f"the upstream used an unsupported Content-Encoding: {value[:40]}")
 
+    @property
+    def finished(self) -> bool:
+        return self._decompressor.eof
+
     def inflate(self, data: bytes, *, limit: int, final: bool) -> bytes:
         decompressor = self._decompressor
         source = decompressor.unconsumed_tail + data if decompressor.unconsumed_tail else data
+        self.fed = self.fed or bool(source)
         try:
             out = decompressor.decompress(source, limit + 1 if final else limit)
         except zlib.error as exc:
             raise InvalidResponseError(f"the upstream sent a body that does not decompress ({exc})") from exc
         if final and (len(out) > limit or decompressor.unconsumed_tail):
             raise BodyTooLargeError(f"the answer is over {limit} bytes once decompressed")
+        if final and self.fed and not decompressor.eof:
+            raise InvalidResponseError("the compressed body ends before its compressed stream does")
         self.pending = bool(decompressor.unconsumed_tail)
         return out
 
