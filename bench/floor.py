@@ -4,7 +4,12 @@ Same service and methods as the gateway, so the same load generator drives it: `
 one pre-serialized CreateResponse, `StreamCreate` yields `--messages` pre-serialized events. Its
 CPU per call is what grpc.aio itself costs; the gateway's number minus this is ours to cut.
 
-Run: `python -m bench.floor --port 0 --ready-file PATH`.
+With `--upstream URL --client aiohttp|gateway` it is the issue's "bare forwarder": `Create` first
+POSTs the workload's OpenAI body to `URL/chat/completions` with that HTTP client and reads the
+answer (no validation, no token guard, no traces), then returns the fixed answer. Its CPU per
+call calibrates the machine: the issue measured the aiohttp one at about 340 us.
+
+Run: `python -m bench.floor --port 0 --ready-file PATH [--upstream URL --client aiohttp]`.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import asyncio
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 
 def _messages(count: int) -> tuple[bytes, list[bytes]]:
@@ -38,12 +43,49 @@ def _messages(count: int) -> tuple[bytes, list[bytes]]:
     return unary.SerializeToString(), events
 
 
-async def serve(port: int, ready_file: str | None, count: int) -> None:
+def _forward(upstream: str, client: str) -> Callable[[], Awaitable[None]]:
+    """One POST of the workload body to the upstream, answer read whole, with `client`."""
+    from bench.workload import openai_body
+
+    url = upstream.rstrip("/") + "/chat/completions"
+    body = openai_body(stream=False)
+    headers = {"Content-Type": "application/json", "Authorization": "Bearer sk-bench-forwarder"}
+    if client == "aiohttp":
+        import aiohttp
+
+        session: aiohttp.ClientSession | None = None
+
+        async def forward_aiohttp() -> None:
+            nonlocal session
+            if session is None:
+                session = aiohttp.ClientSession()
+            async with session.post(url, data=body, headers=headers) as response:
+                await response.read()
+
+        return forward_aiohttp
+    from server.providers.http import HttpClient, Timeout
+
+    http = HttpClient()
+    timeout = Timeout(total=30.0)
+
+    async def forward_gateway_client() -> None:
+        response = await http.post(url, body, headers, timeout)
+        await response.read(1 << 26)
+
+    return forward_gateway_client
+
+
+async def serve(
+    port: int, ready_file: str | None, count: int, upstream: str | None = None, client: str = "aiohttp"
+) -> None:
     import grpc
 
     unary, events = _messages(count)
+    forward = _forward(upstream, client) if upstream else None
 
     async def create(_request: bytes, _context: object) -> bytes:
+        if forward is not None:
+            await forward()
         return unary
 
     async def stream_create(_request: bytes, _context: object) -> AsyncIterator[bytes]:
@@ -78,10 +120,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--ready-file")
     parser.add_argument("--messages", type=int, default=51, help="events per StreamCreate")
+    parser.add_argument("--upstream", help="forward each Create to this OpenAI-compatible base URL first")
+    parser.add_argument("--client", choices=("aiohttp", "gateway"), default="aiohttp")
     args = parser.parse_args(argv)
     import uvloop
 
-    uvloop.run(serve(args.port, args.ready_file, args.messages))
+    uvloop.run(serve(args.port, args.ready_file, args.messages, args.upstream, args.client))
     return 0
 
 
