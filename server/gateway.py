@@ -259,8 +259,9 @@ class Gateway:
             )
             call.record.response_json = raw.decode("utf-8", "replace")
             unpack_completion(answer, request)
-            call.completion = completion_from_json(answer, provider=target.provider)
-        return chat_pb2.CreateResponse(completion=call.completion, provider_trace_id=call.record.id)
+            response = chat_pb2.CreateResponse(provider_trace_id=call.record.id)
+            call.completion = completion_from_json(answer, provider=target.provider, into=response.completion)
+        return response
 
     # -- StreamCreate ------------------------------------------------------------------------
 
@@ -311,8 +312,9 @@ class Gateway:
                 answer["usage"] = _local_usage(answer, count, request)
             call.record.response_json = orjson.dumps(answer).decode()
             unpack_completion(answer, request)
-            call.completion = completion_from_json(answer, provider=target.provider)
-        yield chat_pb2.StreamCreateResponse(completion=call.completion, provider_trace_id=call.record.id)
+            last = chat_pb2.StreamCreateResponse(provider_trace_id=call.record.id)
+            call.completion = completion_from_json(answer, provider=target.provider, into=last.completion)
+        yield last
 
     # -- local servers (filled in by server.providers.local) ---------------------------------
 

@@ -334,6 +334,9 @@ class EndpointPolicy:
                     )
                 bases.append(base)
         self.bases: tuple[NormalizedURL, ...] = tuple(bases)
+        # url -> canonical URL, for URLs allowed by the fixed lists alone (the common case: every
+        # request of an agent names the same endpoint). Refusals are not cached.
+        self._allowed: dict[str, str] = {}
 
     @classmethod
     def from_settings(cls, settings: Settings, *, allow_private_byok: bool = False) -> EndpointPolicy:
@@ -354,6 +357,9 @@ class EndpointPolicy:
 
     def check(self, url: str, *, byok_base_urls: Sequence[str] = ()) -> str:
         """Raise `EndpointNotAllowed` unless `url` is allowed; returns the canonical URL to use."""
+        allowed = self._allowed.get(url)
+        if allowed is not None:
+            return allowed
         try:
             target = normalize_url(url)
         except InvalidEndpoint as exc:
@@ -366,9 +372,12 @@ class EndpointPolicy:
                 f"endpoint {target.display} is a link-local or cloud-metadata address and is never allowed",
                 metadata={"endpoint": target.display},
             )
-        if any(target.is_under(base) for base in self.bases) or any(
-            target.is_under(base) for base in self._byok_bases(byok_base_urls)
-        ):
+        if any(target.is_under(base) for base in self.bases):
+            if len(self._allowed) >= 4096:
+                self._allowed.clear()
+            self._allowed[url] = target.canonical
+            return target.canonical
+        if any(target.is_under(base) for base in self._byok_bases(byok_base_urls)):
             return target.canonical
         raise EndpointNotAllowed(
             f"endpoint {target.display} is not allowed: it is not under a configured provider base URL, "

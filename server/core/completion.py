@@ -24,6 +24,9 @@ _FINISH_REASONS: dict[str, chat_pb2.FinishReason] = {
 }
 
 
+_EMPTY: dict[str, Any] = {}
+
+
 def text_of(value: object) -> str:
     """Text of a content value: a string, or content parts (some servers send `[{"text": ...}]`)."""
     if isinstance(value, str):
@@ -39,74 +42,74 @@ def finish_reason(value: object) -> chat_pb2.FinishReason:
     return _FINISH_REASONS.get(str(value), chat_pb2.FINISH_REASON_UNSPECIFIED)
 
 
-def usage_from_json(usage: dict[str, Any] | None) -> chat_pb2.Usage:
+def usage_from_json(usage: dict[str, Any] | None, into: chat_pb2.Usage | None = None) -> chat_pb2.Usage:
+    out = into if into is not None else chat_pb2.Usage()
     if not usage:
-        return chat_pb2.Usage()
+        return out
     prompt_details = usage.get("prompt_tokens_details") or {}
     completion_details = usage.get("completion_tokens_details") or {}
     prompt = int(usage.get("prompt_tokens") or 0)
     completion = int(usage.get("completion_tokens") or 0)
-    return chat_pb2.Usage(
-        prompt_tokens=prompt,
-        completion_tokens=completion,
-        total_tokens=int(usage.get("total_tokens") or prompt + completion),
-        cached_tokens=int(prompt_details.get("cached_tokens") or usage.get("prompt_cache_hit_tokens") or 0),
-        reasoning_tokens=int(completion_details.get("reasoning_tokens") or 0),
-    )
+    out.prompt_tokens = prompt
+    out.completion_tokens = completion
+    out.total_tokens = int(usage.get("total_tokens") or prompt + completion)
+    out.cached_tokens = int(prompt_details.get("cached_tokens") or usage.get("prompt_cache_hit_tokens") or 0)
+    out.reasoning_tokens = int(completion_details.get("reasoning_tokens") or 0)
+    return out
 
 
-def _message_from_json(message: dict[str, Any]) -> chat_pb2.Message:
-    tool_calls = []
+def _fill_message(out: chat_pb2.Message, message: dict[str, Any]) -> None:
+    out.role = chat_pb2.ROLE_ASSISTANT
+    calls = out.tool_calls
     for call in message.get("tool_calls") or ():
-        function = call.get("function") or {}
-        tool_calls.append(
-            chat_pb2.ToolCall(
-                id=call.get("id") or "",
-                name=function.get("name") or "",
-                arguments=function.get("arguments") or "",
-            )
+        function = call.get("function") or _EMPTY
+        calls.add(
+            id=call.get("id") or "",
+            name=function.get("name") or "",
+            arguments=function.get("arguments") or "",
         )
     legacy = message.get("function_call")
-    if legacy and not tool_calls:
-        tool_calls.append(
-            chat_pb2.ToolCall(name=legacy.get("name") or "", arguments=legacy.get("arguments") or "")
-        )
+    if legacy and not calls:
+        calls.add(name=legacy.get("name") or "", arguments=legacy.get("arguments") or "")
     content = text_of(message.get("content"))
-    return chat_pb2.Message(
-        role=chat_pb2.ROLE_ASSISTANT,
-        content=content or "",
-        tool_calls=tool_calls,
-        reasoning_content=message.get("reasoning_content") or message.get("reasoning") or "",
-    )
+    if content:
+        out.content = content
+    reasoning = message.get("reasoning_content") or message.get("reasoning")
+    if reasoning:
+        out.reasoning_content = reasoning
 
 
-def completion_from_json(body: dict[str, Any], *, provider: str) -> chat_pb2.ChatCompletion:
-    """The typed completion; an answer without choices is a bad response, not an empty answer."""
+def completion_from_json(
+    body: dict[str, Any], *, provider: str, into: chat_pb2.ChatCompletion | None = None
+) -> chat_pb2.ChatCompletion:
+    """The typed completion; an answer without choices is a bad response, not an empty answer.
+
+    Filled in place into `into` when given (the completion field of the response about to be
+    sent: building it there saves copying the whole message into the response).
+    """
     choices_json = body.get("choices")
     if not isinstance(choices_json, list) or not choices_json:
         raise UpstreamBadResponse(f"{provider} answered without choices", metadata={"provider": provider})
-    choices = []
     for position, choice in enumerate(choices_json):
         if not isinstance(choice, dict) or not isinstance(choice.get("message"), dict):
             raise UpstreamBadResponse(
                 f"{provider} answered a choice without a message",
                 metadata={"provider": provider, "choice": position},
             )
-        choices.append(
-            chat_pb2.Choice(
-                index=int(choice.get("index") or position),
-                message=_message_from_json(choice["message"]),
-                finish_reason=finish_reason(choice.get("finish_reason")),
-            )
-        )
-    return chat_pb2.ChatCompletion(
-        id=str(body.get("id") or ""),
-        model=str(body.get("model") or ""),
-        created=int(body.get("created") or 0),
-        choices=choices,
-        usage=usage_from_json(body.get("usage")),
-        system_fingerprint=str(body.get("system_fingerprint") or ""),
-    )
+    out = into if into is not None else chat_pb2.ChatCompletion()
+    out.id = str(body.get("id") or "")
+    out.model = str(body.get("model") or "")
+    out.created = int(body.get("created") or 0)
+    out.system_fingerprint = str(body.get("system_fingerprint") or "")
+    choices = out.choices
+    for position, choice in enumerate(choices_json):
+        added = choices.add()
+        added.index = int(choice.get("index") or position)
+        _fill_message(added.message, choice["message"])
+        added.finish_reason = finish_reason(choice.get("finish_reason"))
+    out.usage.SetInParent()  # always present, as an answer without usage reports zeros
+    usage_from_json(body.get("usage"), out.usage)
+    return out
 
 
 def deltas_from_chunk(chunk: dict[str, Any]) -> list[chat_pb2.StreamCreateResponse]:

@@ -294,23 +294,46 @@ def count_function_tokens(functions: Sequence[Mapping[str, Any]], encoding: tikt
         return 0
     count = _counter(encoding)
     total = _FUNCTIONS_OVERHEAD
+    memo = _FUNCTION_TOKENS
     for entry in functions:
-        function = entry.get("function") if entry.get("type") == "function" else None
-        if not isinstance(function, Mapping):
-            function = entry
-        total += count(function.get("name") or "")
-        description = function.get("description")
-        if isinstance(description, str):
-            total += count(description)
-        parameters = function.get("parameters")
-        if isinstance(parameters, Mapping):
-            properties = parameters.get("properties")
-            if isinstance(properties, Mapping):
-                for name, spec in properties.items():
-                    total += count(name)
-                    if isinstance(spec, Mapping):
-                        total += _property_tokens(spec, count)
-                total += _PROPERTIES_OVERHEAD
+        # The request path hands in the same (cached, read-only) dict objects on every step of an
+        # agent: their count is remembered per object. The entry keeps the dict alive, so its id
+        # cannot be reused while remembered; a dict mutated after counting would be miscounted.
+        key = (id(entry), encoding.name)
+        known = memo.get(key)
+        if known is not None and known[0] is entry:
+            total += known[1]
+            continue
+        tokens = _one_function_tokens(entry, count)
+        if len(memo) >= 4096:
+            memo.clear()
+        memo[key] = (entry, tokens)
+        total += tokens
+    return total
+
+
+_FUNCTION_TOKENS: dict[tuple[int, str], tuple[Mapping[str, Any], int]] = {}
+
+
+def _one_function_tokens(entry: Mapping[str, Any], count: _Count) -> int:
+    """One function's share of `count_function_tokens` (everything but the overall 12)."""
+    total = 0
+    function = entry.get("function") if entry.get("type") == "function" else None
+    if not isinstance(function, Mapping):
+        function = entry
+    total += count(function.get("name") or "")
+    description = function.get("description")
+    if isinstance(description, str):
+        total += count(description)
+    parameters = function.get("parameters")
+    if isinstance(parameters, Mapping):
+        properties = parameters.get("properties")
+        if isinstance(properties, Mapping):
+            for name, spec in properties.items():
+                total += count(name)
+                if isinstance(spec, Mapping):
+                    total += _property_tokens(spec, count)
+            total += _PROPERTIES_OVERHEAD
     return total
 
 
