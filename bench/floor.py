@@ -123,6 +123,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--upstream", help="forward each Create to this OpenAI-compatible base URL first")
     parser.add_argument("--client", choices=("aiohttp", "gateway"), default="aiohttp")
     args = parser.parse_args(argv)
+    if args.upstream:
+        # The calibration point is the stock forwarder: stock gRPC runtime too.
+        os.environ["GRPC_EXPERIMENTS"] = ""
+    else:
+        # The floor is what grpc.aio costs the gateway: the gateway's gRPC runtime.
+        from server.grpc_runtime import apply_grpc_defaults
+
+        apply_grpc_defaults()
     import uvloop
 
     uvloop.run(serve(args.port, args.ready_file, args.messages, args.upstream, args.client))

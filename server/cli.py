@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from server.config import Settings, add_arguments, load_settings
+from server.grpc_runtime import apply_grpc_defaults
 
 
 def _configure_logging(level: str) -> None:
@@ -39,6 +40,8 @@ def _worker(settings: Settings) -> None:
 
 
 def _serve(settings: Settings) -> int:
+    # Before anything imports grpc; spawned workers inherit the environment.
+    apply_grpc_defaults()
     if settings.workers == 1:
         return _run_one(settings)
     if settings.listen.rsplit(":", 1)[-1] == "0":

@@ -1,13 +1,18 @@
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from pathlib import Path
+from server.grpc_runtime import apply_grpc_defaults
 
-import pytest
+# The same gRPC runtime as `llm-gateway serve`, set before anything loads grpc.
+apply_grpc_defaults()
 
-from tests.fake_upstream import FakeUpstream
-from tests.gateway_harness import RunningGateway, make_settings, running_gateway
-from tests.trace_services import clickhouse_server, postgres_server  # noqa: F401 - session fixtures
+from collections.abc import AsyncIterator  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+from tests.fake_upstream import FakeUpstream  # noqa: E402
+from tests.gateway_harness import RunningGateway, make_settings, running_gateway  # noqa: E402
+from tests.trace_services import clickhouse_server, postgres_server  # noqa: E402, F401 - session fixtures
 
 
 @pytest.fixture
