@@ -25,7 +25,13 @@ from server.config import Settings
 from server.core import tokens
 from server.core.completion import completion_from_json, deltas_from_chunks
 from server.core.keys import ByokLookup, ByokUrls, EndpointChecker, counting_endpoint, resolve_target
-from server.core.openai_request import build_chat_body, prompt_functions, unpack_completion
+from server.core.openai_request import (
+    FunctionKeys,
+    build_chat_body,
+    function_keys,
+    prompt_functions,
+    unpack_completion,
+)
 from server.core.retry import Deadline
 from server.core.stream import StreamAccumulator
 from server.core.validation import LOCAL_TYPES, validate_request
@@ -138,7 +144,7 @@ class Gateway:
     # -- planning ----------------------------------------------------------------------------
 
     async def _plan(
-        self, request: ChatRequest, actor: Actor, *, stream: bool
+        self, request: ChatRequest, actor: Actor, *, stream: bool, keys: FunctionKeys
     ) -> tuple[UpstreamTarget, dict[str, Any], tokens.TokenCount | None]:
         config = request.llm_config
         target = await resolve_target(
@@ -149,9 +155,10 @@ class Gateway:
             byok_provider=self.deps.byok_provider,
             byok_urls=self.deps.byok_urls,
         )
-        body = build_chat_body(request, stream=stream, endpoint=target.base_url)
+        body = build_chat_body(request, stream=stream, endpoint=target.base_url, keys=keys)
         # Count the functions as sent to this endpoint (the inner-thoughts text depends on it).
-        count = self.guard(request, body["messages"], prompt_functions(request, endpoint=target.base_url))
+        functions = prompt_functions(request, endpoint=target.base_url, keys=keys)
+        count = self.guard(request, body["messages"], functions)
         return target, body, count
 
     def call_options(self, deadline: Deadline, span: Any) -> CallOptions:
@@ -244,10 +251,11 @@ class Gateway:
     # -- Create ------------------------------------------------------------------------------
 
     async def create(self, request: ChatRequest, actor: Actor, deadline: Deadline) -> chat_pb2.CreateResponse:
-        validate_request(request)
+        keys = function_keys(request.functions)  # the cache key of all function handling below
+        validate_request(request, keys)
         if request.llm_config.model_endpoint_type in LOCAL_TYPES:
             return await self._create_local(request, actor, deadline)
-        target, body, _ = await self._plan(request, actor, stream=False)
+        target, body, _ = await self._plan(request, actor, stream=False, keys=keys)
         payload = orjson.dumps(body)
         with self.traced_call(request, actor, target, payload, "create") as call:
             raw, answer = await post_json(
@@ -268,12 +276,13 @@ class Gateway:
     async def stream(
         self, request: ChatRequest, actor: Actor, deadline: Deadline
     ) -> AsyncIterator[chat_pb2.StreamCreateResponse]:
-        validate_request(request)
+        keys = function_keys(request.functions)
+        validate_request(request, keys)
         if request.llm_config.model_endpoint_type in LOCAL_TYPES:
             async for event in self._stream_local(request, actor, deadline):
                 yield event
             return
-        target, body, count = await self._plan(request, actor, stream=True)
+        target, body, count = await self._plan(request, actor, stream=True, keys=keys)
         payload = orjson.dumps(body)
         accumulator = StreamAccumulator()
         with self.traced_call(request, actor, target, payload, "stream") as call:

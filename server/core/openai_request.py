@@ -71,12 +71,18 @@ _NO_THOUGHTS, _FIRST, _LAST, _FIRST_LM, _LAST_LM = range(5)
 _PROMPT_CACHE: BoundedCache[tuple[bytes, int], dict[str, Any]] = BoundedCache(2048)
 # key (fn bytes, thoughts variant, strict, tools-shape) -> entry of `tools` or `functions`
 _SENT_CACHE: BoundedCache[tuple[bytes, int, bool, bool], dict[str, Any]] = BoundedCache(2048)
+# The same, per whole function list (an agent sends the same list every step).
+FunctionKeys = tuple[bytes, ...]
+_PROMPT_LISTS: BoundedCache[tuple[FunctionKeys, int], list[dict[str, Any]]] = BoundedCache(1024)
+_SENT_LISTS: BoundedCache[tuple[FunctionKeys, int, bool, bool], list[dict[str, Any]]] = BoundedCache(1024)
 
 
 def clear_caches() -> None:
     """Forget every prepared function (tests; a warning is logged once per cache miss)."""
     _PROMPT_CACHE.clear()
     _SENT_CACHE.clear()
+    _PROMPT_LISTS.clear()
+    _SENT_LISTS.clear()
 
 
 def _thoughts_variant(request: chat_pb2.CreateRequest, endpoint: str) -> int:
@@ -107,26 +113,53 @@ def _prompt_function(fn: chat_pb2.FunctionDefinition, index: int, key: bytes, va
     return d
 
 
-def prompt_functions(request: chat_pb2.CreateRequest, *, endpoint: str | None = None) -> list[dict[str, Any]]:
+def function_keys(functions: Sequence[chat_pb2.FunctionDefinition]) -> FunctionKeys:
+    """Each function's serialized bytes: the cache key of everything derived from it.
+
+    Compute it once per request and pass it to `validate_request`, `build_chat_body` and
+    `prompt_functions` (each computes it itself when not given).
+    """
+    return tuple(fn.SerializeToString() for fn in functions)
+
+
+def prompt_functions(
+    request: chat_pb2.CreateRequest,
+    *,
+    endpoint: str | None = None,
+    keys: FunctionKeys | None = None,
+) -> list[dict[str, Any]]:
     """The functions as the token guard must count them: with inner thoughts, before strict.
 
     `endpoint` defaults to `llm_config.model_endpoint` (it selects the LM Studio description).
-    The dicts are shared, read-only.
+    The list and its dicts are shared, read-only: agents send the same functions every step.
     """
     if endpoint is None:
         endpoint = request.llm_config.model_endpoint
+    if keys is None:
+        keys = function_keys(request.functions)
     variant = _thoughts_variant(request, endpoint)
-    return [
-        _prompt_function(fn, i, fn.SerializeToString(), variant) for i, fn in enumerate(request.functions)
-    ]
+    cache_key = (keys, variant)
+    found = _PROMPT_LISTS.get(cache_key)
+    if found is None:
+        pairs = enumerate(zip(request.functions, keys, strict=True))
+        prepared = [_prompt_function(fn, i, key, variant) for i, (fn, key) in pairs]
+        found = _PROMPT_LISTS.put(cache_key, prepared)
+    return found
 
 
 def _sent_functions(
-    functions: Sequence[chat_pb2.FunctionDefinition], variant: int, strict: bool, tool_shape: bool
+    functions: Sequence[chat_pb2.FunctionDefinition],
+    keys: FunctionKeys,
+    variant: int,
+    strict: bool,
+    tool_shape: bool,
 ) -> list[dict[str, Any]]:
+    list_key = (keys, variant, strict, tool_shape)
+    found = _SENT_LISTS.get(list_key)
+    if found is not None:
+        return found
     out: list[dict[str, Any]] = []
-    for i, fn in enumerate(functions):
-        key = fn.SerializeToString()
+    for i, (fn, key) in enumerate(zip(functions, keys, strict=True)):
         cache_key = (key, variant, strict, tool_shape)
         entry = _SENT_CACHE.get(cache_key)
         if entry is None:
@@ -135,12 +168,15 @@ def _sent_functions(
                 d = strict_or_unchanged(d)
             entry = _SENT_CACHE.put(cache_key, {"type": "function", "function": d} if tool_shape else d)
         out.append(entry)
-    return out
+    return _SENT_LISTS.put(list_key, out)
 
 
-def build_chat_body(request: chat_pb2.CreateRequest, *, stream: bool, endpoint: str) -> dict[str, Any]:
+def build_chat_body(
+    request: chat_pb2.CreateRequest, *, stream: bool, endpoint: str, keys: FunctionKeys | None = None
+) -> dict[str, Any]:
     """The exact JSON body for `POST {endpoint}/chat/completions`.
 
+    The `tools`/`functions` list in it is shared and read-only (cached per function set).
     `request` may be any of CreateRequest/StreamCreateRequest/CountTokensRequest (same fields).
     Raises InvalidRequest for invalid messages, functions or tool forcing.
     """
@@ -167,16 +203,18 @@ def build_chat_body(request: chat_pb2.CreateRequest, *, stream: bool, endpoint: 
     if functions:
         use_tool_naming = not request.HasField("use_tool_naming") or request.use_tool_naming
         variant = _thoughts_variant(request, endpoint)
+        if keys is None:
+            keys = function_keys(functions)
         if use_tool_naming:
             strict = tools.supports_structured_output(endpoint)
-            body["tools"] = _sent_functions(functions, variant, strict, True)
+            body["tools"] = _sent_functions(functions, keys, variant, strict, True)
             if choice is not None:
                 body["tool_choice"] = choice
             if tools.supports_parallel_tool_calls(model):
                 body["parallel_tool_calls"] = False
         else:
             # The seed converts only `tools` to strict form; legacy functions go as they are.
-            body["functions"] = _sent_functions(functions, variant, False, False)
+            body["functions"] = _sent_functions(functions, keys, variant, False, False)
             legacy = tools.legacy_function_call(choice, names)
             if legacy is not None:
                 body["function_call"] = legacy

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from urllib.parse import urlsplit
 
 import orjson
@@ -26,8 +27,11 @@ _FUNCTION_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _VALID_ROLES = frozenset(chat_pb2.Role.values()) - {chat_pb2.ROLE_UNSPECIFIED}
 
 
-def validate_request(request: chat_pb2.CreateRequest) -> None:
-    """Raise InvalidRequest listing every invalid field of a Create/StreamCreate/CountTokens request."""
+def validate_request(request: chat_pb2.CreateRequest, keys: tuple[bytes, ...] | None = None) -> None:
+    """Raise InvalidRequest listing every invalid field of a Create/StreamCreate/CountTokens request.
+
+    `keys`: the functions' serialized bytes (`openai_request.function_keys`), if already made.
+    """
     violations: list[FieldViolation] = []
     add = violations.append
     config = request.llm_config
@@ -88,10 +92,34 @@ def validate_request(request: chat_pb2.CreateRequest) -> None:
         total_chars += size
     if total_chars > MAX_REQUEST_CHARS:
         add(FieldViolation("messages", f"more than {MAX_REQUEST_CHARS} characters in all"))
-    if len(request.functions) > MAX_FUNCTIONS:
+    violations.extend(_function_violations(request.functions, keys))
+    if violations:
+        summary = "; ".join(f"{v.field}: {v.description}" for v in violations[:5])
+        raise InvalidRequest(
+            f"invalid request: {summary}",
+            metadata={"fields": ",".join(v.field for v in violations)},
+            field_violations=violations,
+        )
+
+
+# Problems of a whole function list, by its functions' bytes: agents send the same list each step.
+_FUNCTION_PROBLEMS: dict[tuple[bytes, ...], tuple[FieldViolation, ...]] = {}
+
+
+def _function_violations(
+    functions: Sequence[chat_pb2.FunctionDefinition], keys: tuple[bytes, ...] | None
+) -> tuple[FieldViolation, ...]:
+    if keys is None:
+        keys = tuple(fn.SerializeToString() for fn in functions)
+    found = _FUNCTION_PROBLEMS.get(keys)
+    if found is not None:
+        return found
+    violations: list[FieldViolation] = []
+    add = violations.append
+    if len(functions) > MAX_FUNCTIONS:
         add(FieldViolation("functions", f"at most {MAX_FUNCTIONS} functions"))
     names = set()
-    for i, function in enumerate(request.functions):
+    for i, function in enumerate(functions):
         if not _FUNCTION_NAME.match(function.name):
             add(FieldViolation(f"functions[{i}].name", "must match ^[A-Za-z0-9_-]{1,64}$"))
         elif function.name in names:
@@ -100,13 +128,11 @@ def validate_request(request: chat_pb2.CreateRequest) -> None:
         if function.HasField("parameters"):
             for where, problem in schema_problems(function.parameters):
                 add(FieldViolation(f"functions[{i}].parameters{where}", problem))
-    if violations:
-        summary = "; ".join(f"{v.field}: {v.description}" for v in violations[:5])
-        raise InvalidRequest(
-            f"invalid request: {summary}",
-            metadata={"fields": ",".join(v.field for v in violations)},
-            field_violations=violations,
-        )
+    found = tuple(violations)
+    if len(_FUNCTION_PROBLEMS) >= _SCHEMA_CACHE_SIZE:
+        _FUNCTION_PROBLEMS.clear()
+    _FUNCTION_PROBLEMS[keys] = found
+    return found
 
 
 def _is_json(text: str) -> bool:

@@ -533,8 +533,11 @@ def test_repeated_requests_share_prepared_functions() -> None:
     first = body_of(make(functions=(SEND, SEARCH)))
     second = body_of(make(functions=(SEND, SEARCH)))
     assert first == second
-    assert first["tools"] is not second["tools"]  # a fresh list per request ...
+    assert first["tools"] is second["tools"]  # one shared, read-only list per function set ...
     assert first["tools"][0] is second["tools"][0]  # ... of shared, read-only entries
+    counted = prompt_functions(make(functions=(SEND, SEARCH)))
+    assert counted is prompt_functions(make(functions=(SEND, SEARCH)))
+    assert body_of(make(functions=(SEARCH, SEND)))["tools"] == [first["tools"][1], first["tools"][0]]
     # options that change the result are part of the key
     thoughts = body_of(make(functions=(SEND, SEARCH), config={"put_inner_thoughts_in_kwargs": True}))
     assert "thinking" in thoughts["tools"][0]["function"]["parameters"]["properties"]
