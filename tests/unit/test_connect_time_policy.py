@@ -9,7 +9,7 @@ import pytest
 from server.auth.resolver import Address, SafeResolver
 from server.config import RetrySettings
 from server.core.retry import Deadline
-from server.errors import EndpointNotAllowed
+from server.errors import EndpointNotAllowed, GatewayError
 from server.providers.base import UpstreamTarget
 from server.providers.http import HttpClient
 from server.providers.openai_compat import CallOptions, post_json
@@ -42,3 +42,32 @@ async def test_rebinding_name_is_endpoint_not_allowed_without_retry() -> None:
     finally:
         await client.close()
     assert rebinding.calls == 1  # refused once, never retried
+
+
+@pytest.mark.parametrize(
+    ("headers", "reason"),
+    [
+        ({"Authorization": "Bearer sk-canary-1234567890\r\nX-Injected: 1"}, "UPSTREAM_AUTH_FAILED"),
+        ({"X-Title": "agents\nX-Injected: 1"}, "FAILED_PRECONDITION"),
+    ],
+)
+async def test_a_header_with_a_line_break_is_refused_before_any_connection(
+    headers: dict[str, str], reason: str
+) -> None:
+    lookup = RebindingLookup()  # any lookup at all would mean a connection attempt
+    client = HttpClient(resolver=SafeResolver(lookup))
+    options = CallOptions(
+        deadline=Deadline.after(5),
+        retry=RetrySettings(initial_delay=0.0, max_attempts=3),
+        default_timeout=5,
+        scrub=lambda text: text,
+    )
+    target = UpstreamTarget("http://looks-fine.test/v1", headers, "openai")
+    try:
+        with pytest.raises(GatewayError) as raised:
+            await post_json(client, target, "http://looks-fine.test/v1/chat/completions", b"{}", options)
+    finally:
+        await client.close()
+    assert raised.value.reason == reason
+    assert "canary" not in raised.value.message and "Injected" not in raised.value.message
+    assert lookup.calls == 0
