@@ -22,6 +22,7 @@ from server.auth.store import (
     ProviderAlreadyExists,
     ProviderRecord,
 )
+from server.sqlite_file import NEW_FILE_PRAGMAS
 
 # Each entry migrates from version i to i + 1. Append only; never edit a released entry.
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
@@ -122,7 +123,8 @@ class SqliteAuthStore(AuthStore):
         db = await aiosqlite.connect(self.path, isolation_level=None)
         try:
             await db.execute("PRAGMA busy_timeout = 10000")
-            await db.execute("PRAGMA journal_mode = WAL")
+            for pragma in NEW_FILE_PRAGMAS:  # page size before WAL (see server/sqlite_file.py)
+                await db.execute(pragma)
             await self._migrate(db)
         except BaseException:
             await db.close()

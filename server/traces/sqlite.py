@@ -31,6 +31,7 @@ from typing import Any
 import aiosqlite
 import orjson
 
+from server.sqlite_file import NEW_FILE_PRAGMAS
 from server.traces.base import (
     TRACE_COLUMNS,
     TraceBackend,
@@ -86,7 +87,7 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
 )
 
 PRAGMAS = (
-    "PRAGMA journal_mode=WAL",
+    *NEW_FILE_PRAGMAS,  # page size, then WAL: in that order (see server/sqlite_file.py)
     # In WAL mode NORMAL loses at most the last transactions on power loss, never corrupts.
     "PRAGMA synchronous=NORMAL",
     "PRAGMA busy_timeout=10000",
