@@ -249,9 +249,7 @@ class Response:
         self._error: Exception | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._done = False  # released or closed: the connection is no longer ours
-        self._deadline_timer = (
-            loop.call_at(deadline, self._deadline_passed) if deadline is not None else None
-        )
+        self._deadline_timer = loop.call_at(deadline, self._deadline_passed) if deadline is not None else None
         self._idle_timeout = idle_timeout
         self._last_progress = loop.time()
         self._idle_timer = (
@@ -487,4 +485,3 @@ class _Inflater:
             raise InvalidResponseError("the compressed body ends before its compressed stream does")
         self.pending = bool(decompressor.unconsumed_tail)
         return out
-

@@ -486,9 +486,7 @@ def broken_stream(exc: BaseException, provider: str, scrub: Callable[[str], str]
     )
 
 
-def _iter_events(
-    response: Response, *, provider: str, scrub: Callable[[str], str]
-) -> _SSEParser:
+def _iter_events(response: Response, *, provider: str, scrub: Callable[[str], str]) -> _SSEParser:
     """The SSE parser; transport exceptions pass through unchanged (callers translate them)."""
     return _SSEParser(response, provider=provider, scrub=scrub)
 
@@ -515,9 +513,7 @@ class _SSEParser:
         "_ended",
     )
 
-    def __init__(
-        self, response: Response, *, provider: str, scrub: Callable[[str], str]
-    ) -> None:
+    def __init__(self, response: Response, *, provider: str, scrub: Callable[[str], str]) -> None:
         self._response = response
         self._provider = provider
         self._scrub = scrub
