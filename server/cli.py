@@ -40,8 +40,6 @@ def _worker(settings: Settings) -> None:
 
 
 def _serve(settings: Settings) -> int:
-    # Before anything imports grpc; spawned workers inherit the environment.
-    apply_grpc_defaults()
     if settings.workers == 1:
         return _run_one(settings)
     if settings.listen.rsplit(":", 1)[-1] == "0":
@@ -70,6 +68,9 @@ def _serve(settings: Settings) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # First, before anything below imports grpc (the keys sub-commands do, via server.errors):
+    # grpc reads these variables once, when it loads. Spawned workers inherit them.
+    apply_grpc_defaults()
     parser = argparse.ArgumentParser(
         prog="llm-gateway", description="A gRPC gateway between agents and LLM providers."
     )
