@@ -36,7 +36,10 @@ class ForbiddenAddressError(OSError):
 
 async def system_lookup(host: str, port: int) -> list[Address]:
     """The operating system's resolver (getaddrinfo on the loop's thread pool), order kept."""
-    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except UnicodeError:  # the IDNA codec refuses it (a label over 63 characters, say)
+        raise OSError(f"{host[:100]} is not a valid host name") from None
     seen: list[Address] = []
     for family, _type, _proto, _name, sockaddr in infos:
         address = (socket.AddressFamily(family), str(sockaddr[0]))

@@ -73,6 +73,15 @@ _PROMPT_CACHE: BoundedCache[tuple[bytes, int], dict[str, Any]] = BoundedCache(20
 _SENT_CACHE: BoundedCache[tuple[bytes, int, bool, bool], dict[str, Any]] = BoundedCache(2048)
 # The same, per whole function list (an agent sends the same list every step).
 FunctionKeys = tuple[bytes, ...]
+# A function list is cached whole only up to this many bytes (the caches count entries, not
+# bytes, and a request may carry megabytes of schemas; a larger one is prepared every time).
+MAX_CACHED_LIST_BYTES = 256 * 1024
+
+
+def cacheable(keys: FunctionKeys) -> bool:
+    return sum(map(len, keys)) <= MAX_CACHED_LIST_BYTES
+
+
 _PROMPT_LISTS: BoundedCache[tuple[FunctionKeys, int], list[dict[str, Any]]] = BoundedCache(1024)
 _SENT_LISTS: BoundedCache[tuple[FunctionKeys, int, bool, bool], list[dict[str, Any]]] = BoundedCache(1024)
 
@@ -143,7 +152,7 @@ def prompt_functions(
     if found is None:
         pairs = enumerate(zip(request.functions, keys, strict=True))
         prepared = [_prompt_function(fn, i, key, variant) for i, (fn, key) in pairs]
-        found = _PROMPT_LISTS.put(cache_key, prepared)
+        found = _PROMPT_LISTS.put(cache_key, prepared) if cacheable(keys) else prepared
     return found
 
 
@@ -168,7 +177,7 @@ def _sent_functions(
                 d = strict_or_unchanged(d)
             entry = _SENT_CACHE.put(cache_key, {"type": "function", "function": d} if tool_shape else d)
         out.append(entry)
-    return _SENT_LISTS.put(list_key, out)
+    return _SENT_LISTS.put(list_key, out) if cacheable(keys) else out
 
 
 def build_chat_body(

@@ -305,7 +305,7 @@ def count_function_tokens(functions: Sequence[Mapping[str, Any]], encoding: tikt
             total += known[1]
             continue
         tokens = _one_function_tokens(entry, count)
-        if len(memo) >= 4096:
+        if len(memo) >= _FUNCTION_TOKENS_MAX:  # fresh dicts (local servers' path) must not pile up
             memo.clear()
         memo[key] = (entry, tokens)
         total += tokens
@@ -313,6 +313,7 @@ def count_function_tokens(functions: Sequence[Mapping[str, Any]], encoding: tikt
 
 
 _FUNCTION_TOKENS: dict[tuple[int, str], tuple[Mapping[str, Any], int]] = {}
+_FUNCTION_TOKENS_MAX = 512
 
 
 def _one_function_tokens(entry: Mapping[str, Any], count: _Count) -> int:

@@ -103,7 +103,9 @@ def validate_request(request: chat_pb2.CreateRequest, keys: tuple[bytes, ...] | 
 
 
 # Problems of a whole function list, by its functions' bytes: agents send the same list each step.
+# Lists over 256 KiB are checked every time (the cache counts entries, not bytes).
 _FUNCTION_PROBLEMS: dict[tuple[bytes, ...], tuple[FieldViolation, ...]] = {}
+_MAX_CACHED_KEY_BYTES = 256 * 1024
 
 
 def _function_violations(
@@ -129,9 +131,10 @@ def _function_violations(
             for where, problem in schema_problems(function.parameters):
                 add(FieldViolation(f"functions[{i}].parameters{where}", problem))
     found = tuple(violations)
-    if len(_FUNCTION_PROBLEMS) >= _SCHEMA_CACHE_SIZE:
-        _FUNCTION_PROBLEMS.clear()
-    _FUNCTION_PROBLEMS[keys] = found
+    if sum(map(len, keys)) <= _MAX_CACHED_KEY_BYTES:
+        if len(_FUNCTION_PROBLEMS) >= _SCHEMA_CACHE_SIZE:
+            _FUNCTION_PROBLEMS.clear()
+        _FUNCTION_PROBLEMS[keys] = found
     return found
 
 

@@ -24,10 +24,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import socket
 import ssl
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, partial
 from urllib.parse import quote, urlsplit
 
 from server.auth.resolver import ForbiddenAddressError, SafeResolver
@@ -292,28 +293,79 @@ class HttpClient:
                 raise
             raise ConnectError(f"cannot resolve {host}: {exc.strerror or exc}") from None
         context = self._tls_context() if scheme == "https" else None
-        last: OSError | None = None
-        for family, address in addresses:
-            try:
-                _transport, connection = await loop.create_connection(
-                    lambda: Connection(self, target.key),
-                    address,
-                    port,
-                    family=family,
-                    ssl=context,
-                    server_hostname=host if context is not None else None,
-                )
-            except OSError as exc:
-                last = exc
-                continue
-            self._all.add(connection)
+
+        async def connect(family: socket.AddressFamily, address: str) -> Connection:
+            _transport, connection = await loop.create_connection(
+                lambda: Connection(self, target.key),
+                address,
+                port,
+                family=family,
+                ssl=context,
+                server_hostname=host if context is not None else None,
+            )
             return connection
-        raise ConnectError(f"cannot connect to {host}:{port}: {last}") from None
+
+        try:
+            if len(addresses) == 1:
+                connection = await connect(*addresses[0])
+            else:
+                connection = await _happy_eyeballs([partial(connect, f, a) for f, a in addresses])
+        except OSError as exc:
+            raise ConnectError(f"cannot connect to {host}:{port}: {exc}") from None
+        self._all.add(connection)
+        return connection
 
     def _tls_context(self) -> ssl.SSLContext:
         if self._ssl_context is None:
             self._ssl_context = ssl.create_default_context()
         return self._ssl_context
+
+
+HAPPY_EYEBALLS_DELAY = 0.25  # RFC 8305's recommended connection attempt delay
+
+
+async def _happy_eyeballs(attempts: Sequence[Callable[[], Awaitable[Connection]]]) -> Connection:
+    """Connect to the first address that answers (RFC 8305, simplified).
+
+    The next address is tried when the previous attempt failed or after `HAPPY_EYEBALLS_DELAY`,
+    whichever comes first, so an address that silently drops packets (a broken IPv6 route, say)
+    costs a quarter of a second, not the whole timeout. The first connection wins; the other
+    attempts are cancelled, and any that connected anyway are closed.
+    """
+    started: list[asyncio.Task[Connection]] = []
+    running: set[asyncio.Task[Connection]] = set()
+    errors: list[BaseException] = []
+    winner: asyncio.Task[Connection] | None = None
+    try:
+        for index, attempt in enumerate(attempts):
+            task = asyncio.ensure_future(attempt())
+            started.append(task)
+            running.add(task)
+            last = index == len(attempts) - 1
+            while running and winner is None:
+                done, running = await asyncio.wait(
+                    running,
+                    timeout=None if last else HAPPY_EYEBALLS_DELAY,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                for finished in done:
+                    if finished.exception() is None:
+                        winner = winner or finished
+                    else:
+                        errors.append(finished.exception())  # type: ignore[arg-type]
+                if not last:
+                    break  # the delay passed or an attempt failed: start the next one now
+            if winner is not None:
+                return winner.result()
+        raise errors[-1] if errors else OSError("no address to connect to")
+    finally:
+        for task in started:
+            if task is winner:
+                continue
+            if not task.done():
+                task.cancel()
+            elif not task.cancelled() and task.exception() is None:
+                task.result().close()  # connected too late: not needed
 
 
 def _earliest(a: float | None, b: float | None) -> float | None:

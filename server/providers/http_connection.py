@@ -97,22 +97,29 @@ class Connection(asyncio.Protocol):
         self.resume_reading()
         self.pool.check_in(self, reusable=reusable and self._keep_alive and self.usable)
 
-    def close(self) -> None:
+    def close(self, error: Exception | None = None) -> None:
+        """Close the transport; a response still reading from it fails with `error`."""
+        response = self._response
         self._response = None
         self._parser = None
         if self.transport is not None and not self.closed:
             self.transport.close()
         self.closed = True
+        if response is not None:  # e.g. HttpClient.close() while an answer is being read
+            response.on_error(error or ServerDisconnectedError("the connection was closed by the gateway"))
 
     def pause_reading(self) -> None:
         if not self._reading_paused and self.transport is not None and not self.closed:
             self._reading_paused = True
             self.transport.pause_reading()
 
-    def resume_reading(self) -> None:
+    def resume_reading(self) -> bool:
+        """Resume a paused transport; True if it was paused."""
         if self._reading_paused and self.transport is not None and not self.closed:
             self._reading_paused = False
             self.transport.resume_reading()
+            return True
+        return False
 
     # -- asyncio.Protocol -----------------------------------------------------------------------
 
@@ -202,10 +209,7 @@ class Connection(asyncio.Protocol):
             response.on_complete()
 
     def _fail(self, error: Exception) -> None:
-        response = self._response
-        self.close()
-        if response is not None:
-            response.on_error(error)
+        self.close(error)
 
 
 class Response:
@@ -316,8 +320,9 @@ class Response:
                 data = b"".join(self._chunks) if len(self._chunks) != 1 else self._chunks[0]
                 self._chunks = []
                 self._buffered = 0
-                if self._connection is not None:
-                    self._connection.resume_reading()
+                if self._connection is not None and self._connection.resume_reading():
+                    # Reading was paused for a slow reader: the upstream's silence so far is ours.
+                    self._last_progress = self._loop.time()
                 if self._inflater is not None:
                     data = self._inflater.inflate(data, limit=_INFLATE_STEP, final=False)
                     if not data:
@@ -347,6 +352,8 @@ class Response:
         """Drop the connection (an upstream still sending stops only this way)."""
         if self._done:
             return
+        if not self._complete and self._error is None:  # a later read fails, never waits
+            self._error = ServerDisconnectedError("the response was closed before its end")
         self._finish()
         connection, self._connection = self._connection, None
         if connection is not None:

@@ -1426,3 +1426,93 @@ async def test_oversized_response_headers_are_refused() -> None:
     finally:
         server.close()
         await server.wait_closed()
+
+
+# --- review fixes: shutdown, closed responses, dual-stack hosts, bad names ------------------------
+
+
+async def test_closing_the_client_fails_an_answer_being_read() -> None:
+    async with raw_server(then_silent(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial")) as server:
+        http = HttpClient()
+        response = await http.post(server.url(), b"{}", {}, Timeout(total=30.0, idle=30.0))
+        reader = asyncio.ensure_future(response.read(LIMIT))
+        await asyncio.sleep(0.05)
+        await http.close()
+        async with asyncio.timeout(2):  # promptly, not at a timer
+            with pytest.raises(ServerDisconnectedError):
+                await reader
+        assert http.connections_in_use == 0
+
+
+async def test_reading_a_closed_response_fails_instead_of_waiting(client: HttpClient) -> None:
+    async with raw_server(then_silent(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n")) as server:
+        response = await client.post(server.url(), b"{}", {}, BOUNDED)
+        response.close()
+        async with asyncio.timeout(2):
+            with pytest.raises(ServerDisconnectedError):
+                await response.read_chunk()
+        assert client.connections_in_use == 0
+
+
+async def test_an_address_that_never_answers_costs_a_quarter_second(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A dual-stack name whose first address drops packets (a broken IPv6 route, say).
+    async with raw_server(replying(http_answer(b"ok"))) as server:
+        lookup = StaticLookup("192.0.2.1", "127.0.0.1")  # TEST-NET-1 first: made to hang below
+        loop = asyncio.get_running_loop()
+        real = loop.create_connection
+        late: list[Any] = []
+
+        async def hang_for_test_net(factory: Any, host: str, *args: Any, **kwargs: Any) -> Any:
+            if host == "192.0.2.1":
+                await asyncio.sleep(30)
+            late.append(host)
+            return await real(factory, host, *args, **kwargs)
+
+        monkeypatch.setattr(loop, "create_connection", hang_for_test_net)
+        async with open_client(resolver=SafeResolver(lookup)) as http:
+            started = loop.time()
+            response = await http.post(
+                f"http://dual.example:{server.port}/v1", b"{}", {}, Timeout(total=10.0)
+            )
+            assert await response.read(LIMIT) == b"ok"
+            assert loop.time() - started < 2.0
+            assert late == ["127.0.0.1"]
+            assert http.connections_in_use == 0 and http.connections_idle == 1
+
+
+async def test_first_address_refusing_moves_on_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    async with raw_server(replying(http_answer(b"ok"))) as server:
+        refused = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+        refused_port = refused.sockets[0].getsockname()[1]
+        refused.close()
+        await refused.wait_closed()
+        loop = asyncio.get_running_loop()
+        real = loop.create_connection
+
+        async def first_refuses(factory: Any, host: str, port: int, *args: Any, **kwargs: Any) -> Any:
+            if host == "127.0.0.2":
+                port = refused_port  # nothing listens there any more: ECONNREFUSED
+            return await real(factory, host, port, *args, **kwargs)
+
+        monkeypatch.setattr(loop, "create_connection", first_refuses)
+        async with open_client(resolver=SafeResolver(StaticLookup("127.0.0.2", "127.0.0.1"))) as http:
+            started = loop.time()
+            response = await http.post(f"http://dual.example:{server.port}/v1", b"{}", {}, BOUNDED)
+            assert await response.read(LIMIT) == b"ok"
+            assert loop.time() - started < 0.2  # did not wait out the attempt delay
+
+
+async def test_every_address_failing_is_connect_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    closed = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    port = closed.sockets[0].getsockname()[1]
+    closed.close()
+    await closed.wait_closed()
+    async with open_client(resolver=SafeResolver(StaticLookup("127.0.0.1", "127.0.0.1"))) as http:
+        with pytest.raises(ConnectError, match="cannot connect"):
+            await http.post(f"http://dual.example:{port}/v1", b"{}", {}, BOUNDED)
+        assert http.connections_in_use == 0
+
+
+async def test_a_host_name_the_idna_codec_refuses_is_connect_error(client: HttpClient) -> None:
+    with pytest.raises(ConnectError):
+        await client.post(f"http://{'a' * 70}.example/v1", b"{}", {}, BOUNDED)
