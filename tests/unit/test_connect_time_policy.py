@@ -26,19 +26,25 @@ class RebindingLookup:
         return [(socket.AF_INET, "169.254.169.254")]
 
 
-async def test_rebinding_name_is_endpoint_not_allowed_without_retry() -> None:
-    rebinding = RebindingLookup()
-    client = HttpClient(resolver=SafeResolver(rebinding))
-    options = CallOptions(
+URL = "http://looks-fine.test/v1/chat/completions"
+
+
+def call_options() -> CallOptions:
+    return CallOptions(
         deadline=Deadline.after(5),
         retry=RetrySettings(initial_delay=0.0, max_attempts=3),
         default_timeout=5,
         scrub=lambda text: text,
     )
+
+
+async def test_rebinding_name_is_endpoint_not_allowed_without_retry() -> None:
+    rebinding = RebindingLookup()
+    client = HttpClient(resolver=SafeResolver(rebinding))
     target = UpstreamTarget("http://looks-fine.test/v1", {}, "openai")
     try:
         with pytest.raises(EndpointNotAllowed):
-            await post_json(client, target, "http://looks-fine.test/v1/chat/completions", b"{}", options)
+            await post_json(client, target, URL, b"{}", call_options())
     finally:
         await client.close()
     assert rebinding.calls == 1  # refused once, never retried
@@ -56,16 +62,10 @@ async def test_a_header_with_a_line_break_is_refused_before_any_connection(
 ) -> None:
     lookup = RebindingLookup()  # any lookup at all would mean a connection attempt
     client = HttpClient(resolver=SafeResolver(lookup))
-    options = CallOptions(
-        deadline=Deadline.after(5),
-        retry=RetrySettings(initial_delay=0.0, max_attempts=3),
-        default_timeout=5,
-        scrub=lambda text: text,
-    )
     target = UpstreamTarget("http://looks-fine.test/v1", headers, "openai")
     try:
         with pytest.raises(GatewayError) as raised:
-            await post_json(client, target, "http://looks-fine.test/v1/chat/completions", b"{}", options)
+            await post_json(client, target, URL, b"{}", call_options())
     finally:
         await client.close()
     assert raised.value.reason == reason
