@@ -25,16 +25,10 @@ from server.config import Settings
 from server.core import tokens
 from server.core.completion import completion_from_json, deltas_from_chunks
 from server.core.keys import ByokLookup, ByokUrls, EndpointChecker, counting_endpoint, resolve_target
-from server.core.openai_request import (
-    FunctionKeys,
-    build_chat_body,
-    function_keys,
-    prompt_functions,
-    unpack_completion,
-)
+from server.core.openai_request import build_chat_body, prompt_functions, unpack_completion
 from server.core.retry import Deadline
 from server.core.stream import StreamAccumulator
-from server.core.validation import LOCAL_TYPES, validate_request
+from server.core.validation import LOCAL_TYPES, FunctionKeys, function_keys, validate_request
 from server.errors import ContextWindowExceeded, GatewayError, UpstreamBadResponse
 from server.providers.base import UpstreamTarget
 from server.providers.http import HttpClient
@@ -97,7 +91,8 @@ class Gateway:
 
     async def count_tokens(self, request: ChatRequest, actor: Actor) -> chat_pb2.CountTokensResponse:
         """The counts the guard of Create would use for this request and caller."""
-        validate_request(request)
+        keys = function_keys(request.functions)
+        validate_request(request, keys)
         config = request.llm_config
         if config.model_endpoint_type in LOCAL_TYPES:
             from server.providers.local.provider import prompt_parts
@@ -109,8 +104,9 @@ class Gateway:
             endpoint = await counting_endpoint(
                 config, settings=self._settings, actor=actor, byok_provider=self.deps.byok_provider
             )
-            body = build_chat_body(request, stream=False, endpoint=endpoint)
-            messages, functions = body["messages"], prompt_functions(request, endpoint=endpoint)
+            body = build_chat_body(request, stream=False, endpoint=endpoint, keys=keys)
+            messages = body["messages"]
+            functions = prompt_functions(request, endpoint=endpoint, keys=keys)
         count = tokens.count_request_tokens(messages, functions, config.model)
         return chat_pb2.CountTokensResponse(
             prompt_tokens=count.prompt_tokens,

@@ -29,6 +29,7 @@ from llmgateway.v1 import chat_pb2
 from server.core import inner_thoughts, tools
 from server.core.messages import function_to_dict, to_openai_messages
 from server.core.strict_schema import strict_or_unchanged
+from server.core.validation import FunctionKeys, cacheable, function_keys
 from server.errors import FieldViolation, InvalidRequest
 
 K = TypeVar("K", bound=Hashable)
@@ -72,15 +73,6 @@ _PROMPT_CACHE: BoundedCache[tuple[bytes, int], dict[str, Any]] = BoundedCache(20
 # key (fn bytes, thoughts variant, strict, tools-shape) -> entry of `tools` or `functions`
 _SENT_CACHE: BoundedCache[tuple[bytes, int, bool, bool], dict[str, Any]] = BoundedCache(2048)
 # The same, per whole function list (an agent sends the same list every step).
-FunctionKeys = tuple[bytes, ...]
-# A function list is cached whole only up to this many bytes (the caches count entries, not
-# bytes, and a request may carry megabytes of schemas; a larger one is prepared every time).
-MAX_CACHED_LIST_BYTES = 256 * 1024
-
-
-def cacheable(keys: FunctionKeys) -> bool:
-    return sum(map(len, keys)) <= MAX_CACHED_LIST_BYTES
-
 
 _PROMPT_LISTS: BoundedCache[tuple[FunctionKeys, int], list[dict[str, Any]]] = BoundedCache(1024)
 _SENT_LISTS: BoundedCache[tuple[FunctionKeys, int, bool, bool], list[dict[str, Any]]] = BoundedCache(1024)
@@ -120,15 +112,6 @@ def _prompt_function(fn: chat_pb2.FunctionDefinition, index: int, key: bytes, va
             )
         _PROMPT_CACHE.put(cache_key, d)
     return d
-
-
-def function_keys(functions: Sequence[chat_pb2.FunctionDefinition]) -> FunctionKeys:
-    """Each function's serialized bytes: the cache key of everything derived from it.
-
-    Compute it once per request and pass it to `validate_request`, `build_chat_body` and
-    `prompt_functions` (each computes it itself when not given).
-    """
-    return tuple(fn.SerializeToString() for fn in functions)
 
 
 def prompt_functions(

@@ -27,7 +27,7 @@ _FUNCTION_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _VALID_ROLES = frozenset(chat_pb2.Role.values()) - {chat_pb2.ROLE_UNSPECIFIED}
 
 
-def validate_request(request: chat_pb2.CreateRequest, keys: tuple[bytes, ...] | None = None) -> None:
+def validate_request(request: chat_pb2.CreateRequest, keys: FunctionKeys | None = None) -> None:
     """Raise InvalidRequest listing every invalid field of a Create/StreamCreate/CountTokens request.
 
     `keys`: the functions' serialized bytes (`openai_request.function_keys`), if already made.
@@ -102,17 +102,35 @@ def validate_request(request: chat_pb2.CreateRequest, keys: tuple[bytes, ...] | 
         )
 
 
+FunctionKeys = tuple[bytes, ...]
+# A function list is cached whole only up to this many bytes (the caches count entries, not
+# bytes, and a request may carry megabytes of schemas; a larger one is prepared every time).
+MAX_CACHED_LIST_BYTES = 256 * 1024
+
+
+def function_keys(functions: Sequence[chat_pb2.FunctionDefinition]) -> FunctionKeys:
+    """Each function's serialized bytes: the cache key of everything derived from it.
+
+    Compute it once per request and pass it to `validate_request`, `build_chat_body` and
+    `prompt_functions` (each computes it itself when not given).
+    """
+    return tuple(fn.SerializeToString() for fn in functions)
+
+
+def cacheable(keys: FunctionKeys) -> bool:
+    """Whether a whole function list is small enough to be cached under `keys`."""
+    return sum(map(len, keys)) <= MAX_CACHED_LIST_BYTES
+
+
 # Problems of a whole function list, by its functions' bytes: agents send the same list each step.
-# Lists over 256 KiB are checked every time (the cache counts entries, not bytes).
-_FUNCTION_PROBLEMS: dict[tuple[bytes, ...], tuple[FieldViolation, ...]] = {}
-_MAX_CACHED_KEY_BYTES = 256 * 1024
+_FUNCTION_PROBLEMS: dict[FunctionKeys, tuple[FieldViolation, ...]] = {}
 
 
 def _function_violations(
-    functions: Sequence[chat_pb2.FunctionDefinition], keys: tuple[bytes, ...] | None
+    functions: Sequence[chat_pb2.FunctionDefinition], keys: FunctionKeys | None
 ) -> tuple[FieldViolation, ...]:
     if keys is None:
-        keys = tuple(fn.SerializeToString() for fn in functions)
+        keys = function_keys(functions)
     found = _FUNCTION_PROBLEMS.get(keys)
     if found is not None:
         return found
@@ -131,7 +149,7 @@ def _function_violations(
             for where, problem in schema_problems(function.parameters):
                 add(FieldViolation(f"functions[{i}].parameters{where}", problem))
     found = tuple(violations)
-    if sum(map(len, keys)) <= _MAX_CACHED_KEY_BYTES:
+    if cacheable(keys):
         if len(_FUNCTION_PROBLEMS) >= _SCHEMA_CACHE_SIZE:
             _FUNCTION_PROBLEMS.clear()
         _FUNCTION_PROBLEMS[keys] = found

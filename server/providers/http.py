@@ -246,17 +246,21 @@ class HttpClient:
         idle = self._idle.get(key)
         while idle:
             connection = idle.pop()  # the most recently used: the warmest
-            if connection.usable and now - connection.idle_since < self._keepalive_timeout:
+            if self._fresh(connection, now):
                 return connection
             connection.close()
         return None
+
+    def _fresh(self, connection: Connection, now: float) -> bool:
+        """Open, and idle for less than the keep-alive timeout (upstreams drop older ones)."""
+        return connection.usable and now - connection.idle_since < self._keepalive_timeout
 
     def _sweep(self) -> None:
         """Close connections idle longer than the keep-alive timeout (upstreams drop them anyway)."""
         self._sweeper = None
         now = asyncio.get_running_loop().time()
         for key, idle in list(self._idle.items()):
-            keep = [c for c in idle if c.usable and now - c.idle_since < self._keepalive_timeout]
+            keep = [c for c in idle if self._fresh(c, now)]
             for connection in idle:
                 if connection not in keep:
                     connection.close()

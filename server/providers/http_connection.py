@@ -365,7 +365,7 @@ class Response:
     def on_head(self, status: int, headers: dict[str, str]) -> None:
         self.status = status
         self.headers = headers
-        self._progress()
+        self._wake()
 
     def note_bytes(self) -> None:
         """Bytes of this answer arrived (headers, 1xx answers and body alike): the upstream is alive."""
@@ -377,7 +377,7 @@ class Response:
         self._buffered += len(data)
         if self._buffered > _PAUSE_ABOVE and not self._reading_whole and self._connection is not None:
             self._connection.pause_reading()
-        self._progress()
+        self._wake()
 
     def on_complete(self) -> None:
         self._complete = True
@@ -408,9 +408,6 @@ class Response:
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
-
-    def _progress(self) -> None:
-        self._wake()  # the idle clock was reset by `note_bytes` for these bytes already
 
     def _deadline_passed(self) -> None:
         self._deadline_timer = None

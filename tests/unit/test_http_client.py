@@ -1436,7 +1436,7 @@ async def test_closing_the_client_fails_an_answer_being_read() -> None:
         http = HttpClient()
         response = await http.post(server.url(), b"{}", {}, Timeout(total=30.0, idle=30.0))
         reader = asyncio.ensure_future(response.read(LIMIT))
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0)  # let the reader start waiting for the rest of the body
         await http.close()
         async with asyncio.timeout(2):  # promptly, not at a timer
             with pytest.raises(ServerDisconnectedError):
