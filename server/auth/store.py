@@ -12,10 +12,14 @@ compared in constant time after a primary-key lookup by `key_id`.
 
 Caching (the hot path must not hit the database on every call):
   * `authenticate` caches positive results for `cache_ttl` seconds (default 5). A revoked key is
-    refused at once by the process that revoked it, and by every other process (other workers,
-    the CLI revoking against a running server) within `cache_ttl` seconds.
+    refused by the process that revoked it from the moment `revoke_key` is called (a tombstone
+    is checked after every lookup, so an authentication already in flight cannot put the key
+    back into the cache or return it), and by every other process (other workers, the CLI
+    revoking against a running server) within `cache_ttl` seconds.
   * `get_provider` / `byok_base_urls` cache an organization's providers (its own and the global
-    ones) for `cache_ttl` seconds, with the same bound for deletes/creates made elsewhere.
+    ones) for `cache_ttl` seconds, with the same bound for deletes/creates made elsewhere. A
+    generation counter, bumped by every create/delete/rotation of this process, keeps a lookup
+    that was already in flight from caching the list as it was before the change.
 """
 
 from __future__ import annotations
@@ -155,7 +159,11 @@ class AuthStore(abc.ABC):
         self.cache_ttl = cache_ttl
         self._clock = clock
         self._actors: OrderedDict[str, _CachedActor] = OrderedDict()
+        # Key ids this process revoked. Revocation is final, so a tombstone never goes stale; one
+        # is a 16-character id, so even a process that revokes a million keys holds a few MB.
+        self._revoked: set[str] = set()
         self._providers: OrderedDict[str, tuple[float, tuple[ProviderRecord, ...]]] = OrderedDict()
+        self._providers_generation = 0
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -203,6 +211,14 @@ class AuthStore(abc.ABC):
     @abc.abstractmethod
     async def _delete_provider(self, *, organization_id: str, name: str) -> bool: ...
 
+    @abc.abstractmethod
+    async def _select_all_providers(self) -> list[ProviderRecord]:
+        """Every provider of every organization, ordered by (organization_id, name)."""
+
+    @abc.abstractmethod
+    async def _replace_provider_key(self, *, provider_id: str, old: str, new: str) -> bool:
+        """Set api_key_encrypted to `new` where it is still `old` (compare and set); False otherwise."""
+
     # --- gateway keys -----------------------------------------------------------------------
 
     async def create_key(
@@ -228,7 +244,13 @@ class AuthStore(abc.ABC):
         return [row.public() for row in await self._select_keys(organization_id=organization_id)]
 
     async def revoke_key(self, *, key_id: str) -> bool:
-        """Revoke a key; False when there is no active key with that id."""
+        """Revoke a key; False when there is no active key with that id.
+
+        The tombstone goes in before the database write, so from this call on this process
+        refuses the key, whatever authentications are in flight (and even if the write fails:
+        refusing a key the operator meant to revoke is the safe side).
+        """
+        self._revoked.add(key_id)
         self._actors.pop(key_id, None)
         return await self._mark_revoked(key_id=key_id, at=utcnow())
 
@@ -241,12 +263,17 @@ class AuthStore(abc.ABC):
         key_id = parse_key_id(token)
         if key_id is None:
             return None
+        if key_id in self._revoked:
+            return None
         digest = hash_key(token)
         now = self._clock()
         cached = self._actors.get(key_id)
         if cached is not None and cached.expires > now:
             return cached.actor if hmac.compare_digest(cached.key_hash, digest) else None
         row = await self._fetch_key(key_id=key_id)
+        if key_id in self._revoked:
+            # Revoked by this process while the lookup ran: the row may predate the revocation.
+            return None
         if row is None or row.revoked_at is not None or not hmac.compare_digest(row.key_hash, digest):
             self._actors.pop(key_id, None)
             return None
@@ -286,7 +313,7 @@ class AuthStore(abc.ABC):
             created_at=utcnow(),
         )
         await self._insert_provider(record=record)
-        self._providers.clear()
+        self._providers_changed()
         return record
 
     async def list_providers(
@@ -317,12 +344,28 @@ class AuthStore(abc.ABC):
     async def delete_provider(self, *, organization_id: str, name: str) -> bool:
         """Delete the organization's own provider (never a global one from another organization)."""
         deleted = await self._delete_provider(organization_id=organization_id, name=name)
-        self._providers.clear()
+        self._providers_changed()
         return deleted
+
+    async def all_providers(self) -> list[ProviderRecord]:
+        """Every provider of every organization, global ones included (uncached; for rotation)."""
+        return await self._select_all_providers()
+
+    async def replace_provider_key(self, *, provider_id: str, old: str, new: str) -> bool:
+        """Swap a provider's encrypted key if it is still `old`; False when it changed or is gone."""
+        replaced = await self._replace_provider_key(provider_id=provider_id, old=old, new=new)
+        self._providers_changed()
+        return replaced
 
     def invalidate_caches(self) -> None:
         """Forget cached actors and providers (tests, or an operator-triggered refresh)."""
         self._actors.clear()
+        self._providers_changed()
+
+    def _providers_changed(self) -> None:
+        # Called after the write: a lookup still in flight may hold the old rows, so it must not
+        # cache them (see `_visible_providers`).
+        self._providers_generation += 1
         self._providers.clear()
 
     async def _visible_providers(self, organization_id: str) -> tuple[ProviderRecord, ...]:
@@ -331,8 +374,9 @@ class AuthStore(abc.ABC):
         if cached is not None and cached[0] > now:
             return cached[1]
         orgs = dict.fromkeys([organization_id, GLOBAL_ORGANIZATION])
+        generation = self._providers_generation
         records = tuple(await self._select_providers(organization_ids=list(orgs)))
-        if self.cache_ttl > 0:
+        if self.cache_ttl > 0 and generation == self._providers_generation:
             self._providers[organization_id] = (now + self.cache_ttl, records)
             self._providers.move_to_end(organization_id)
             while len(self._providers) > _CACHE_MAX_ENTRIES:

@@ -189,3 +189,18 @@ class PostgresAuthStore(AuthStore):
             "DELETE FROM providers WHERE organization_id = $1 AND name = $2", organization_id, name
         )
         return str(status) != "DELETE 0"
+
+    async def _select_all_providers(self) -> list[ProviderRecord]:
+        rows = await self.pool.fetch(
+            f"SELECT {_PROVIDER_COLUMNS} FROM providers ORDER BY organization_id, name"
+        )
+        return [_provider(row) for row in rows]
+
+    async def _replace_provider_key(self, *, provider_id: str, old: str, new: str) -> bool:
+        status = await self.pool.execute(
+            "UPDATE providers SET api_key_encrypted = $1 WHERE id = $2 AND api_key_encrypted = $3",
+            new,
+            provider_id,
+            old,
+        )
+        return str(status) != "UPDATE 0"

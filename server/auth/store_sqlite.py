@@ -227,3 +227,16 @@ class SqliteAuthStore(AuthStore):
             "DELETE FROM providers WHERE organization_id = ? AND name = ?", (organization_id, name)
         ) as cur:
             return bool(cur.rowcount)
+
+    async def _select_all_providers(self) -> list[ProviderRecord]:
+        async with self.db.execute(
+            f"SELECT {_PROVIDER_COLUMNS} FROM providers ORDER BY organization_id, name"
+        ) as cur:
+            return [_provider(row) for row in await cur.fetchall()]
+
+    async def _replace_provider_key(self, *, provider_id: str, old: str, new: str) -> bool:
+        async with self.db.execute(
+            "UPDATE providers SET api_key_encrypted = ? WHERE id = ? AND api_key_encrypted = ?",
+            (new, provider_id, old),
+        ) as cur:
+            return bool(cur.rowcount)
