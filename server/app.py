@@ -19,6 +19,7 @@ from server.api.chat import ChatCompletionServicer
 from server.api.providers import ProviderServicer
 from server.api.traces import ProviderTraceServicer
 from server.auth.byok import resolve_byok
+from server.auth.crypto import Keyring
 from server.auth.endpoints import EndpointPolicy
 from server.auth.policy import Authenticator, auth_required
 from server.auth.redact import Redactor, install_log_redaction
@@ -103,10 +104,13 @@ class GatewayServer:
         cleanup.push_async_callback(http.close)
         policy = EndpointPolicy.from_settings(settings)
 
+        keyring = Keyring.from_settings(settings)
+        redactor.add(settings.encryption_key_previous)
+
         async def byok_provider(organization_id: str, name: str) -> ByokProvider | None:
             found = await resolve_byok(
                 store,
-                passphrase=settings.encryption_key,
+                keyring=keyring,
                 organization_id=organization_id,
                 provider_name=name,
                 redactor=redactor,
@@ -149,9 +153,7 @@ class GatewayServer:
             (
                 ChatCompletionServicer(gateway, authenticator).handlers(),
                 ProviderTraceServicer(writer.reader, authenticator).handlers(),
-                ProviderServicer(
-                    store, authenticator, policy, encryption_key=settings.encryption_key
-                ).handlers(),
+                ProviderServicer(store, authenticator, policy, keyring=keyring).handlers(),
             )
         )
         health_servicer = health.aio.HealthServicer()

@@ -41,6 +41,8 @@ class Settings:
     openrouter_title: str = ""
     allowed_endpoints: tuple[str, ...] = ()
     encryption_key: str = field(default="", repr=False)
+    # Also accepted for reading BYOK keys, never for writing: the other passphrase of a rotation.
+    encryption_key_previous: str = field(default="", repr=False)
     auth: str = "auto"
     tls_cert: str = ""
     tls_key: str = ""
@@ -67,7 +69,13 @@ _ALIASES = {
 }
 _PROVIDER_KEYS = {"openai_api_key": "OPENAI_API_KEY", "openrouter_api_key": "OPENROUTER_API_KEY"}
 _TUPLE_FIELDS = {"trace_backends", "allowed_endpoints"}
-_SECRET_FIELDS = {"encryption_key", "local_api_key", "openai_api_key", "openrouter_api_key"}
+_SECRET_FIELDS = {
+    "encryption_key",
+    "encryption_key_previous",
+    "local_api_key",
+    "openai_api_key",
+    "openrouter_api_key",
+}
 
 
 def _split(value: str) -> tuple[str, ...]:

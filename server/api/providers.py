@@ -10,6 +10,7 @@ from server.api.auth import KeyAuthenticator
 from server.api.context import Context, parse, run_unary
 from server.api.handlers import service, unary
 from server.auth.byok import create_byok_provider
+from server.auth.crypto import Keyring
 from server.auth.endpoints import EndpointPolicy
 from server.auth.store import AuthStore, ProviderRecord
 from server.core.validation import KNOWN_TYPES
@@ -49,12 +50,12 @@ def _validate(request: providers_pb2.CreateProviderRequest) -> None:
 
 class ProviderServicer:
     def __init__(
-        self, store: AuthStore, auth: KeyAuthenticator, policy: EndpointPolicy, *, encryption_key: str
+        self, store: AuthStore, auth: KeyAuthenticator, policy: EndpointPolicy, *, keyring: Keyring
     ) -> None:
         self._store = store
         self._auth = auth
         self._policy = policy
-        self._encryption_key = encryption_key
+        self._keyring = keyring
 
     async def create(self, data: bytes, context: Context) -> providers_pb2.CreateProviderResponse:
         async def call() -> providers_pb2.CreateProviderResponse:
@@ -64,7 +65,7 @@ class ProviderServicer:
             record = await create_byok_provider(
                 self._store,
                 self._policy,
-                passphrase=self._encryption_key,
+                keyring=self._keyring,
                 organization_id=actor.organization_id,
                 name=request.name,
                 endpoint_type=request.model_endpoint_type,

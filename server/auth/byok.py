@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
-from server.auth.crypto import EncryptionKeyMissing, decrypt_async, encrypt_async
+from server.auth.crypto import Binding, DecryptionFailed, EncryptionKeyMissing, Keyring
 from server.auth.endpoints import EndpointPolicy
 from server.auth.redact import Redactor
 from server.auth.store import AuthStore, ProviderRecord, api_key_last4
 from server.errors import FieldViolation, InvalidRequest, NotFound
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,7 +30,7 @@ async def create_byok_provider(
     store: AuthStore,
     policy: EndpointPolicy,
     *,
-    passphrase: str,
+    keyring: Keyring,
     organization_id: str,
     name: str,
     endpoint_type: str,
@@ -46,15 +49,17 @@ async def create_byok_provider(
             metadata={"fields": ",".join(v.field for v in violations)},
             field_violations=violations,
         )
-    if not passphrase:
+    if not keyring.configured:
         raise EncryptionKeyMissing()
     canonical = policy.validate_byok_base_url(base_url)
+    # Bound to exactly what the row will say, so the row decrypts only as itself.
+    binding = Binding(organization_id=organization_id, provider_name=name, base_url=canonical)
     return await store.create_provider(
         organization_id=organization_id,
         name=name,
         endpoint_type=endpoint_type,
         base_url=canonical,
-        api_key_encrypted=await encrypt_async(api_key, passphrase),
+        api_key_encrypted=await keyring.encrypt_async(api_key, binding),
         api_key_last4=api_key_last4(api_key),
     )
 
@@ -62,7 +67,7 @@ async def create_byok_provider(
 async def resolve_byok(
     store: AuthStore,
     *,
-    passphrase: str,
+    keyring: Keyring,
     organization_id: str,
     provider_name: str,
     redactor: Redactor | None = None,
@@ -77,9 +82,62 @@ async def resolve_byok(
             f"no provider named {provider_name!r} for organization {organization_id!r}",
             metadata={"provider_name": provider_name, "organization_id": organization_id},
         )
-    if not passphrase:
+    if not keyring.configured and not keyring.previous:
         raise EncryptionKeyMissing()
-    api_key = await decrypt_async(record.api_key_encrypted, passphrase)
+    api_key = await keyring.decrypt_async(record.api_key_encrypted, binding_of(record))
     if redactor is not None:
         redactor.add(api_key)
     return ByokCredentials(provider=record, api_key=api_key)
+
+
+def binding_of(record: ProviderRecord) -> Binding:
+    """What a stored provider's key is bound to: its organization, name and base URL."""
+    return Binding(
+        organization_id=record.organization_id, provider_name=record.name, base_url=record.base_url
+    )
+
+
+@dataclass(slots=True)
+class RotationReport:
+    """What `rotate_encryption` did; `failed` names providers (never keys) with the reason."""
+
+    rotated: int = 0
+    unchanged: int = 0
+    changed_meanwhile: int = 0
+    failed: list[tuple[str, str, str]] = field(default_factory=list)  # (organization, name, cause)
+
+
+async def rotate_encryption(store: AuthStore, keyring: Keyring) -> RotationReport:
+    """Re-encrypt every provider key not yet in the current format under the current passphrase.
+
+    Readers are never locked out: each row is swapped in one compare-and-set UPDATE, from a value
+    servers holding either passphrase can read to one they can read too. Idempotent: run it again
+    after a failure, or after a server that still wrote under the old passphrase has restarted.
+    """
+    if not keyring.configured:
+        raise EncryptionKeyMissing()
+    report = RotationReport()
+    for record in await store.all_providers():
+        token = record.api_key_encrypted
+        binding = binding_of(record)
+        try:
+            api_key = await keyring.decrypt_async(token, binding)
+            if not keyring.needs_rotation(token):  # derived above: no PBKDF2 here
+                report.unchanged += 1
+                continue
+            fresh = await keyring.encrypt_async(api_key, binding)
+        except DecryptionFailed as exc:
+            report.failed.append((record.organization_id, record.name, exc.cause))
+            continue
+        if await store.replace_provider_key(provider_id=record.id, old=token, new=fresh):
+            report.rotated += 1
+        else:
+            report.changed_meanwhile += 1  # deleted, or re-created, while we ran: nothing to do
+    log.info(
+        "BYOK key rotation: %d re-encrypted, %d already current, %d changed meanwhile, %d failed",
+        report.rotated,
+        report.unchanged,
+        report.changed_meanwhile,
+        len(report.failed),
+    )
+    return report

@@ -1,12 +1,36 @@
 """AES-256-GCM encryption of BYOK provider keys under the `LLMGW_ENCRYPTION_KEY` passphrase.
 
-Format (seed-compatible): base64(salt[16] | iv[12] | ciphertext | tag[16]), the AES key derived
-from the passphrase with PBKDF2-HMAC-SHA256, 100,000 iterations, over the token's own salt.
+Two record formats, told apart by their first characters (a v1 record is plain base64, whose
+alphabet has no `$`):
 
-PBKDF2 at 100k iterations costs tens of milliseconds, so derived keys are cached per
-(passphrase, salt): every stored provider has its own salt, and after the first use its key
-decrypts in microseconds. `decrypt_async`/`encrypt_async` run a cache miss in a worker thread
-so the event loop is never blocked by the derivation.
+  * v1 (seed-compatible, read only): base64(salt[16] | iv[12] | ciphertext | tag[16]), the AES
+    key PBKDF2-HMAC-SHA256(passphrase, salt, 100,000), no associated data.
+  * v2 (written today): `v2$` + base64(header | nonce[12] | ciphertext | tag[16]) with
+    header = 0x02 | iterations (u32, big endian) | kdf_salt[16] | key_id[8].
+    prk = PBKDF2-HMAC-SHA256(passphrase, kdf_salt, iterations) (600,000 by default, OWASP's
+    figure); the AES key and the key id are HMAC-SHA256(prk, label) under two labels. The
+    associated data is the header plus the record's organization, provider name and base URL,
+    so a row copied onto another provider, organization or base URL does not decrypt, and a
+    header edited in place (fewer iterations, another key id) does not either.
+
+Why a kdf_salt per writing process and not per record: PBKDF2 at 600k costs ~0.4 s, and a
+per-record salt would make every process pay that for every provider it ever reads. A process
+draws one random kdf_salt per `Keyring` and writes all its records under it (fresh random nonce
+each: 96-bit random nonces are safe far beyond any provider count), so readers derive once per
+(passphrase, kdf_salt): a handful per deployment, and one after `keys rotate-encryption`.
+
+Why the key id is derived from the prk and not from the passphrase alone: a fast fingerprint of
+the passphrase (or one over a fixed salt) would let whoever holds the database test passphrase
+guesses far cheaper than 600k iterations each, or precompute them once for every deployment.
+Derived from the salted prk it costs an attacker exactly what the ciphertext already does; it
+lets a reader that knows several passphrases (`LLMGW_ENCRYPTION_KEY` and
+`LLMGW_ENCRYPTION_KEY_PREVIOUS`, during a rotation) tell "not one of my passphrases" from
+"bound to another provider, or corrupt".
+
+Derivations are cached (a process-wide LRU keyed by an HMAC of the passphrase under a random
+per-process key, never the passphrase itself). `Keyring.decrypt_async`/`encrypt_async` run a
+cache miss in a worker thread, one derivation per key at a time however many calls wait for it,
+so the event loop never runs PBKDF2.
 """
 
 from __future__ import annotations
@@ -15,21 +39,42 @@ import asyncio
 import base64
 import binascii
 import hashlib
+import hmac
 import os
+import struct
 import threading
 from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from server.errors import FailedPrecondition
 
+if TYPE_CHECKING:
+    from server.config import Settings
+
 SALT_BYTES = 16
 IV_BYTES = 12
 TAG_BYTES = 16
 KEY_BYTES = 32
-PBKDF2_ITERATIONS = 100_000
+KEY_ID_BYTES = 8
+PBKDF2_ITERATIONS = 600_000
+V1_ITERATIONS = 100_000
+# A stored record names its own iteration count; one from a tampered row must not pin a worker
+# thread for minutes, so counts beyond this are refused before any derivation.
+MAX_ITERATIONS = 10_000_000
+V2_PREFIX = "v2$"
+_V2_VERSION = 2
+_V2_HEADER = struct.Struct(">BI16s8s")  # version, iterations, kdf_salt, key_id
+_AES_LABEL = b"llmgw/byok/aes-256-gcm/v2"
+_KEY_ID_LABEL = b"llmgw/byok/key-id/v2"
+_AAD_LABEL = b"llmgw/byok/binding/v2"
 _CACHE_SIZE = 4096
+# Cache identities are HMACs under this, so even a memory dump of the cache names no passphrase.
+_PROCESS_SECRET = os.urandom(32)
 
 
 class EncryptionKeyMissing(FailedPrecondition):
@@ -44,33 +89,57 @@ class EncryptionKeyMissing(FailedPrecondition):
 
 
 class DecryptionFailed(FailedPrecondition):
-    """A stored key could not be decrypted: wrong passphrase, or the stored value was altered."""
+    """A stored key could not be decrypted: unknown passphrase, another binding, or an altered value."""
 
-    def __init__(self) -> None:
+    def __init__(self, cause: str = "mismatch") -> None:
         # Deliberately says nothing about the token or the passphrase.
+        messages = {
+            "unknown_key": "a stored BYOK provider key was encrypted under a passphrase that is neither "
+            "LLMGW_ENCRYPTION_KEY nor LLMGW_ENCRYPTION_KEY_PREVIOUS",
+            "binding": "a stored BYOK provider key does not belong to this provider (its row was copied "
+            "from another provider, organization or base URL) or the stored value is corrupt",
+            "mismatch": "a stored BYOK provider key could not be decrypted: LLMGW_ENCRYPTION_KEY differs "
+            "from the one it was stored with, or the stored value is corrupt",
+            "malformed": "a stored BYOK provider key is not a valid encrypted record",
+        }
         super().__init__(
-            "a stored BYOK provider key could not be decrypted: LLMGW_ENCRYPTION_KEY differs from "
-            "the one it was stored with, or the stored value is corrupt",
-            metadata={"setting": "LLMGW_ENCRYPTION_KEY"},
+            messages.get(cause, messages["mismatch"]),
+            metadata={"setting": "LLMGW_ENCRYPTION_KEY", "cause": cause},
         )
+        self.cause = cause
+
+
+@dataclass(frozen=True, slots=True)
+class Binding:
+    """What a v2 record is bound to (AES-GCM associated data): its provider's identity."""
+
+    organization_id: str
+    provider_name: str
+    base_url: str
+
+    def associated_data(self, header: bytes) -> bytes:
+        # Length-prefixed, so no two different bindings encode to the same bytes.
+        parts = [_AAD_LABEL, header]
+        parts += [value.encode() for value in (self.organization_id, self.provider_name, self.base_url)]
+        return b"".join(struct.pack(">I", len(part)) + part for part in parts)
 
 
 class _KeyCache:
-    """A small thread-safe LRU of derived AES keys, keyed by (sha256(passphrase), salt)."""
+    """A small thread-safe LRU of derived prks, keyed by (hmac(passphrase), salt, iterations)."""
 
     def __init__(self, size: int) -> None:
         self._size = size
-        self._items: OrderedDict[tuple[bytes, bytes], bytes] = OrderedDict()
+        self._items: OrderedDict[tuple[bytes, bytes, int], bytes] = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, ident: tuple[bytes, bytes]) -> bytes | None:
+    def get(self, ident: tuple[bytes, bytes, int]) -> bytes | None:
         with self._lock:
             key = self._items.get(ident)
             if key is not None:
                 self._items.move_to_end(ident)
             return key
 
-    def put(self, ident: tuple[bytes, bytes], key: bytes) -> None:
+    def put(self, ident: tuple[bytes, bytes, int], key: bytes) -> None:
         with self._lock:
             self._items[ident] = key
             self._items.move_to_end(ident)
@@ -85,79 +154,220 @@ class _KeyCache:
 _cache = _KeyCache(_CACHE_SIZE)
 
 
-def _ident(passphrase: str, salt: bytes) -> tuple[bytes, bytes]:
-    # The cache holds a digest of the passphrase, not the passphrase itself.
-    return hashlib.sha256(passphrase.encode()).digest(), salt
+def _ident(passphrase: str, salt: bytes, iterations: int) -> tuple[bytes, bytes, int]:
+    return hmac.digest(_PROCESS_SECRET, passphrase.encode(), "sha256"), salt, iterations
 
 
-def _derive(passphrase: str, salt: bytes) -> bytes:
-    ident = _ident(passphrase, salt)
+def _derive(passphrase: str, salt: bytes, iterations: int) -> bytes:
+    ident = _ident(passphrase, salt, iterations)
     key = _cache.get(ident)
     if key is None:
-        key = hashlib.pbkdf2_hmac("sha256", passphrase.encode(), salt, PBKDF2_ITERATIONS, KEY_BYTES)
+        key = hashlib.pbkdf2_hmac("sha256", passphrase.encode(), salt, iterations, KEY_BYTES)
         _cache.put(ident, key)
     return key
 
 
-def _require(passphrase: str) -> None:
-    if not passphrase:
-        raise EncryptionKeyMissing()
+def _is_cached(passphrase: str, salt: bytes, iterations: int) -> bool:
+    return _cache.get(_ident(passphrase, salt, iterations)) is not None
 
 
-def encrypt(plaintext: str, passphrase: str) -> str:
-    """Encrypt `plaintext` under `passphrase` with a fresh salt and IV; returns base64 text."""
-    _require(passphrase)
-    salt = os.urandom(SALT_BYTES)
-    iv = os.urandom(IV_BYTES)
-    sealed = AESGCM(_derive(passphrase, salt)).encrypt(iv, plaintext.encode(), None)  # ct | tag
-    return base64.b64encode(salt + iv + sealed).decode("ascii")
+def _subkey(prk: bytes, label: bytes) -> bytes:
+    return hmac.digest(prk, label, "sha256")
 
 
-def _split(token: str) -> tuple[bytes, bytes, bytes]:
+@dataclass(frozen=True, slots=True)
+class _Record:
+    version: int
+    iterations: int
+    kdf_salt: bytes
+    key_id: bytes  # empty for v1
+    header: bytes  # empty for v1
+    nonce: bytes
+    sealed: bytes  # ciphertext | tag
+
+
+def _b64(text: str) -> bytes:
     try:
-        raw = base64.b64decode(token.encode("ascii"), validate=True)
+        return base64.b64decode(text.encode("ascii"), validate=True)
     except (binascii.Error, UnicodeEncodeError, ValueError):
-        raise DecryptionFailed() from None
+        raise DecryptionFailed("malformed") from None
+
+
+def _parse(token: str) -> _Record:
+    if token.startswith(V2_PREFIX):
+        raw = _b64(token[len(V2_PREFIX) :])
+        if len(raw) < _V2_HEADER.size + IV_BYTES + TAG_BYTES:
+            raise DecryptionFailed("malformed")
+        version, iterations, kdf_salt, key_id = _V2_HEADER.unpack_from(raw)
+        if version != _V2_VERSION or not 1 <= iterations <= MAX_ITERATIONS:
+            raise DecryptionFailed("malformed")
+        body = raw[_V2_HEADER.size :]
+        return _Record(
+            version=_V2_VERSION,
+            iterations=iterations,
+            kdf_salt=kdf_salt,
+            key_id=key_id,
+            header=raw[: _V2_HEADER.size],
+            nonce=body[:IV_BYTES],
+            sealed=body[IV_BYTES:],
+        )
+    if "$" in token:
+        raise DecryptionFailed("malformed")  # a format version this build does not know
+    raw = _b64(token)
     if len(raw) < SALT_BYTES + IV_BYTES + TAG_BYTES:
-        raise DecryptionFailed()
-    return raw[:SALT_BYTES], raw[SALT_BYTES : SALT_BYTES + IV_BYTES], raw[SALT_BYTES + IV_BYTES :]
+        raise DecryptionFailed("malformed")
+    return _Record(
+        version=1,
+        iterations=V1_ITERATIONS,
+        kdf_salt=raw[:SALT_BYTES],
+        key_id=b"",
+        header=b"",
+        nonce=raw[SALT_BYTES : SALT_BYTES + IV_BYTES],
+        sealed=raw[SALT_BYTES + IV_BYTES :],
+    )
 
 
-def decrypt(token: str, passphrase: str) -> str:
-    """Decrypt a token made by `encrypt`; raises `DecryptionFailed` on a wrong passphrase or tampering."""
-    _require(passphrase)
-    salt, iv, sealed = _split(token)
+def record_version(token: str) -> int:
+    """1 or 2 for a well-formed record; raises `DecryptionFailed` otherwise."""
+    return _parse(token).version
+
+
+@dataclass(slots=True)
+class Keyring:
+    """The passphrases a process knows: `current` encrypts and is tried first; `previous` only decrypts.
+
+    `iterations` is the PBKDF2 count of new records; lower it only in tests (the record stores its
+    count, so a reader needs no setting to read it).
+    """
+
+    current: str = field(repr=False)
+    previous: str = field(default="", repr=False)
+    iterations: int = PBKDF2_ITERATIONS
+    _write_salt: bytes = field(default_factory=lambda: os.urandom(SALT_BYTES), init=False, repr=False)
+    _inflight: dict[tuple[bytes, bytes, int], asyncio.Future[bytes]] = field(
+        default_factory=dict, init=False, repr=False
+    )
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.iterations <= MAX_ITERATIONS:
+            raise ValueError(f"PBKDF2 iterations must be between 1 and {MAX_ITERATIONS}")
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Keyring:
+        return cls(settings.encryption_key, settings.encryption_key_previous)
+
+    @property
+    def configured(self) -> bool:
+        return bool(self.current)
+
+    def _candidates(self) -> Sequence[str]:
+        if not self.current and not self.previous:
+            raise EncryptionKeyMissing()
+        return [p for p in dict.fromkeys((self.current, self.previous)) if p]
+
+    # --- writing ----------------------------------------------------------------------------
+
+    def encrypt(self, plaintext: str, binding: Binding) -> str:
+        """A v2 record of `plaintext` under the current passphrase, bound to `binding`."""
+        if not self.current:
+            raise EncryptionKeyMissing()
+        prk = _derive(self.current, self._write_salt, self.iterations)
+        header = _V2_HEADER.pack(
+            _V2_VERSION, self.iterations, self._write_salt, _subkey(prk, _KEY_ID_LABEL)[:KEY_ID_BYTES]
+        )
+        nonce = os.urandom(IV_BYTES)
+        sealed = AESGCM(_subkey(prk, _AES_LABEL)).encrypt(
+            nonce, plaintext.encode(), binding.associated_data(header)
+        )
+        return V2_PREFIX + base64.b64encode(header + nonce + sealed).decode("ascii")
+
+    async def encrypt_async(self, plaintext: str, binding: Binding) -> str:
+        """`encrypt`, deriving the write key (once per keyring) in a worker thread."""
+        if not self.current:
+            raise EncryptionKeyMissing()
+        await self._derive_async(self.current, self._write_salt, self.iterations)
+        return self.encrypt(plaintext, binding)
+
+    # --- reading ----------------------------------------------------------------------------
+
+    def decrypt(self, token: str, binding: Binding) -> str:
+        """The plaintext of a v1 or v2 record; raises `DecryptionFailed` (never naming a secret)."""
+        candidates = self._candidates()
+        record = _parse(token)
+        if record.version == 1:
+            for passphrase in candidates:
+                plain = _open(_derive(passphrase, record.kdf_salt, record.iterations), record, None)
+                if plain is not None:
+                    return plain
+            raise DecryptionFailed("mismatch")
+        for passphrase in candidates:
+            prk = _derive(passphrase, record.kdf_salt, record.iterations)
+            if hmac.compare_digest(_subkey(prk, _KEY_ID_LABEL)[:KEY_ID_BYTES], record.key_id):
+                plain = _open(_subkey(prk, _AES_LABEL), record, binding.associated_data(record.header))
+                if plain is None:
+                    raise DecryptionFailed("binding")
+                return plain
+        raise DecryptionFailed("unknown_key")
+
+    async def decrypt_async(self, token: str, binding: Binding) -> str:
+        """`decrypt`, running every PBKDF2 it needs in a worker thread, never on the event loop."""
+        candidates = self._candidates()
+        record = _parse(token)
+        while (missing := self._next_missing(record, candidates)) is not None:
+            await self._derive_async(missing, record.kdf_salt, record.iterations)
+        return self.decrypt(token, binding)
+
+    def needs_derivation(self, token: str) -> bool:
+        """True when decrypting `token` would run PBKDF2 (too slow for the event loop)."""
+        try:
+            return self._next_missing(_parse(token), self._candidates()) is not None
+        except DecryptionFailed:
+            return False  # fails fast, no derivation
+
+    def needs_rotation(self, token: str) -> bool:
+        """True unless `token` is a v2 record under the current passphrase at the current count."""
+        record = _parse(token)
+        if record.version != _V2_VERSION or record.iterations != self.iterations or not self.current:
+            return True
+        prk = _derive(self.current, record.kdf_salt, record.iterations)
+        return not hmac.compare_digest(_subkey(prk, _KEY_ID_LABEL)[:KEY_ID_BYTES], record.key_id)
+
+    def _next_missing(self, record: _Record, candidates: Sequence[str]) -> str | None:
+        """The next passphrase to derive before `decrypt` can decide, or None if it can decide now."""
+        for passphrase in candidates:
+            if not _is_cached(passphrase, record.kdf_salt, record.iterations):
+                return passphrase
+            prk = _derive(passphrase, record.kdf_salt, record.iterations)  # cached: no PBKDF2
+            if record.version == 1:
+                if _open(prk, record, None) is not None:
+                    return None
+            elif hmac.compare_digest(_subkey(prk, _KEY_ID_LABEL)[:KEY_ID_BYTES], record.key_id):
+                return None
+        return None
+
+    async def _derive_async(self, passphrase: str, salt: bytes, iterations: int) -> None:
+        if _is_cached(passphrase, salt, iterations):
+            return
+        ident = _ident(passphrase, salt, iterations)
+        loop = asyncio.get_running_loop()
+        pending = self._inflight.get(ident)
+        if pending is None or pending.get_loop() is not loop:
+            # One derivation per key, however many calls need it at once: they all wait for it
+            # instead of each taking a worker thread for ~0.4 s.
+            pending = asyncio.ensure_future(asyncio.to_thread(_derive, passphrase, salt, iterations))
+            self._inflight[ident] = pending
+            pending.add_done_callback(lambda _f: self._inflight.pop(ident, None))
+        # shield: a cancelled caller must not cancel the derivation others wait for.
+        await asyncio.shield(pending)
+
+
+def _open(key: bytes, record: _Record, aad: bytes | None) -> str | None:
     try:
-        plain = AESGCM(_derive(passphrase, salt)).decrypt(iv, sealed, None)
-        return plain.decode()
+        return AESGCM(key).decrypt(record.nonce, record.sealed, aad).decode()
     except (InvalidTag, UnicodeDecodeError):
-        # `from None`: the underlying exception adds nothing and must not chain into logs.
-        raise DecryptionFailed() from None
-
-
-def is_key_cached(token: str, passphrase: str) -> bool:
-    """True when decrypting `token` needs no PBKDF2 derivation (cheap enough for the event loop)."""
-    try:
-        salt, _, _ = _split(token)
-    except DecryptionFailed:
-        return True  # fails fast, no derivation
-    return _cache.get(_ident(passphrase, salt)) is not None
-
-
-async def decrypt_async(token: str, passphrase: str) -> str:
-    """`decrypt`, running a PBKDF2 cache miss in a worker thread instead of on the event loop."""
-    _require(passphrase)
-    if is_key_cached(token, passphrase):
-        return decrypt(token, passphrase)
-    return await asyncio.to_thread(decrypt, token, passphrase)
-
-
-async def encrypt_async(plaintext: str, passphrase: str) -> str:
-    """`encrypt` in a worker thread (a fresh salt always costs one PBKDF2 derivation)."""
-    _require(passphrase)
-    return await asyncio.to_thread(encrypt, plaintext, passphrase)
+        return None
 
 
 def clear_key_cache() -> None:
-    """Forget every derived key (tests; or after rotating LLMGW_ENCRYPTION_KEY)."""
+    """Forget every derived key (tests)."""
     _cache.clear()

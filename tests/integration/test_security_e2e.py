@@ -841,9 +841,12 @@ async def test_byok_is_stored_encrypted_at_rest(tmp_path: Path) -> None:
         async with SqliteAuthStore(path=str(db)) as store:
             (record,) = await store.list_providers(organization_id="org-a")
         assert record.api_key_encrypted and byok_key not in record.api_key_encrypted
-        from server.auth.crypto import decrypt
+        from server.auth.byok import binding_of
+        from server.auth.crypto import Keyring
 
-        assert decrypt(record.api_key_encrypted, settings.encryption_key) == byok_key
+        assert (
+            Keyring(settings.encryption_key).decrypt(record.api_key_encrypted, binding_of(record)) == byok_key
+        )
 
 
 async def test_byok_without_encryption_key_fails_with_the_reason(

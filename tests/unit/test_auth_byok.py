@@ -8,13 +8,14 @@ from pathlib import Path
 import pytest
 
 from server.auth.byok import create_byok_provider, resolve_byok
-from server.auth.crypto import DecryptionFailed, EncryptionKeyMissing
+from server.auth.crypto import DecryptionFailed, EncryptionKeyMissing, Keyring
 from server.auth.endpoints import EndpointPolicy
 from server.auth.redact import REDACTED, Redactor
 from server.auth.store_sqlite import SqliteAuthStore
 from server.errors import EndpointNotAllowed, InvalidRequest, NotFound
 
 PASS = "byok-passphrase"
+KEYRING = Keyring(PASS, iterations=1_000)
 KEY = "sk-byok-customer-key-0123456789"
 POLICY = EndpointPolicy(provider_base_urls=("https://api.openai.com/v1",))
 
@@ -29,7 +30,7 @@ async def test_store_and_resolve(store: SqliteAuthStore, tmp_path: Path) -> None
     record = await create_byok_provider(
         store,
         POLICY,
-        passphrase=PASS,
+        keyring=KEYRING,
         organization_id="acme",
         name="mine",
         endpoint_type="openai",
@@ -41,15 +42,17 @@ async def test_store_and_resolve(store: SqliteAuthStore, tmp_path: Path) -> None
     assert KEY not in record.api_key_encrypted
     redactor = Redactor()
     creds = await resolve_byok(
-        store, passphrase=PASS, organization_id="acme", provider_name="mine", redactor=redactor
+        store, keyring=KEYRING, organization_id="acme", provider_name="mine", redactor=redactor
     )
     assert creds.api_key == KEY and creds.base_url == "https://llm.example.com/v1"
     assert KEY not in repr(creds)
     assert redactor.redact(f"x {KEY}") == f"x {REDACTED}"
     with pytest.raises(NotFound):
-        await resolve_byok(store, passphrase=PASS, organization_id="beta", provider_name="mine")
+        await resolve_byok(store, keyring=KEYRING, organization_id="beta", provider_name="mine")
     with pytest.raises(DecryptionFailed):
-        await resolve_byok(store, passphrase="wrong", organization_id="acme", provider_name="mine")
+        await resolve_byok(
+            store, keyring=Keyring("wrong", iterations=1_000), organization_id="acme", provider_name="mine"
+        )
     await store.close()
     raw = b"".join(p.read_bytes() for p in tmp_path.iterdir() if p.name.startswith("gw.db"))
     assert KEY.encode() not in raw
@@ -61,7 +64,7 @@ async def test_needs_the_encryption_key(store: SqliteAuthStore) -> None:
         await create_byok_provider(
             store,
             POLICY,
-            passphrase="",
+            keyring=Keyring(""),
             organization_id="acme",
             name="mine",
             endpoint_type="openai",
@@ -85,7 +88,7 @@ async def test_rejected(store: SqliteAuthStore, base_url: str, api_key: str, err
         await create_byok_provider(
             store,
             POLICY,
-            passphrase=PASS,
+            keyring=KEYRING,
             organization_id="acme",
             name="mine",
             endpoint_type="openai",

@@ -1,95 +1,79 @@
-"""AES-256-GCM encryption of BYOK keys (server.auth.crypto)."""
+"""AES-256-GCM encryption of BYOK keys (server.auth.crypto); the v2 format details are in
+tests/unit/test_hardening_byok_crypto.py."""
 
 from __future__ import annotations
 
 import base64
-import hashlib
-import time
 
 import pytest
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from server.auth import crypto
-from server.auth.crypto import DecryptionFailed, EncryptionKeyMissing, decrypt, decrypt_async, encrypt
+from server.auth.crypto import Binding, DecryptionFailed, EncryptionKeyMissing, Keyring
 
 PASS = "correct horse battery staple"
 SECRET = "sk-test-0123456789abcdefghij"
+BOUND = Binding(organization_id="acme", provider_name="p", base_url="https://llm.example.com/v1")
+KEYRING = Keyring(PASS, iterations=1_000)  # the default (600k) is tested once, elsewhere
 
 
 def test_round_trip() -> None:
-    token = encrypt(SECRET, PASS)
-    assert decrypt(token, PASS) == SECRET
+    token = KEYRING.encrypt(SECRET, BOUND)
+    assert KEYRING.decrypt(token, BOUND) == SECRET
     assert SECRET not in token
 
 
 def test_unicode_round_trip() -> None:
-    assert decrypt(encrypt("ключ-🔑", PASS), PASS) == "ключ-🔑"
+    assert KEYRING.decrypt(KEYRING.encrypt("ключ-🔑", BOUND), BOUND) == "ключ-🔑"
 
 
-def test_format_salt_iv_ciphertext_tag() -> None:
-    token = encrypt(SECRET, PASS)
-    raw = base64.b64decode(token, validate=True)
-    assert len(raw) == 16 + 12 + len(SECRET.encode()) + 16
-    salt, iv, sealed = raw[:16], raw[16:28], raw[28:]
-    # Independent re-derivation: PBKDF2-HMAC-SHA256, 100k iterations, 32-byte key.
-    key = hashlib.pbkdf2_hmac("sha256", PASS.encode(), salt, 100_000, 32)
-    assert AESGCM(key).decrypt(iv, sealed, None) == SECRET.encode()
-
-
-def test_fresh_salt_and_iv_every_time() -> None:
-    a, b = encrypt(SECRET, PASS), encrypt(SECRET, PASS)
+def test_fresh_iv_every_time() -> None:
+    a, b = KEYRING.encrypt(SECRET, BOUND), KEYRING.encrypt(SECRET, BOUND)
     assert a != b
-    assert base64.b64decode(a)[:28] != base64.b64decode(b)[:28]
+    assert base64.b64decode(a[3:])[29:41] != base64.b64decode(b[3:])[29:41]
 
 
 def test_wrong_passphrase_is_a_clear_error_without_secrets() -> None:
-    token = encrypt(SECRET, PASS)
+    token = KEYRING.encrypt(SECRET, BOUND)
     with pytest.raises(DecryptionFailed) as info:
-        decrypt(token, "another passphrase")
+        Keyring("another passphrase", iterations=1_000).decrypt(token, BOUND)
     text = str(info.value) + repr(info.value.metadata)
     assert "LLMGW_ENCRYPTION_KEY" in text
     for leaked in (SECRET, PASS, "another passphrase", token):
         assert leaked not in text
-    assert info.value.__cause__ is None and info.value.__suppress_context__
+    assert info.value.__cause__ is None
 
 
 @pytest.mark.parametrize("position", [0, 20, 30, -1])
 def test_tampering_is_detected(position: int) -> None:
-    raw = bytearray(base64.b64decode(encrypt(SECRET, PASS)))
+    raw = bytearray(base64.b64decode(KEYRING.encrypt(SECRET, BOUND)[3:]))
     raw[position] ^= 0x01
     with pytest.raises(DecryptionFailed):
-        decrypt(base64.b64encode(bytes(raw)).decode(), PASS)
+        KEYRING.decrypt("v2$" + base64.b64encode(bytes(raw)).decode(), BOUND)
 
 
 @pytest.mark.parametrize("token", ["", "not base64!!", base64.b64encode(b"short").decode(), "é"])
 def test_garbage_tokens(token: str) -> None:
     with pytest.raises(DecryptionFailed):
-        decrypt(token, PASS)
+        KEYRING.decrypt(token, BOUND)
 
 
 def test_missing_passphrase_names_the_setting() -> None:
     with pytest.raises(EncryptionKeyMissing, match="LLMGW_ENCRYPTION_KEY"):
-        encrypt(SECRET, "")
+        Keyring("").encrypt(SECRET, BOUND)
     with pytest.raises(EncryptionKeyMissing):
-        decrypt(encrypt(SECRET, PASS), "")
+        Keyring("").decrypt(KEYRING.encrypt(SECRET, BOUND), BOUND)
 
 
-def test_derived_keys_are_cached_per_salt() -> None:
+def test_derived_keys_are_cached() -> None:
     crypto.clear_key_cache()
-    token = encrypt(SECRET, PASS)  # derivation cached for this salt
-    assert crypto.is_key_cached(token, PASS)
-    assert not crypto.is_key_cached(token, "other")
-    start = time.perf_counter()
-    for _ in range(200):
-        decrypt(token, PASS)
-    # 200 uncached PBKDF2 runs would take seconds.
-    assert time.perf_counter() - start < 0.5
+    token = KEYRING.encrypt(SECRET, BOUND)  # derivation cached for this keyring's salt
+    assert not KEYRING.needs_derivation(token)
+    assert Keyring("other", iterations=1_000).needs_derivation(token)
 
 
 async def test_decrypt_async() -> None:
+    token = KEYRING.encrypt(SECRET, BOUND)
     crypto.clear_key_cache()
-    token = encrypt(SECRET, PASS)
-    crypto.clear_key_cache()
-    assert await decrypt_async(token, PASS) == SECRET  # miss: runs in a thread
-    assert await decrypt_async(token, PASS) == SECRET  # hit: inline
-    assert await crypto.encrypt_async(SECRET, PASS) != token
+    assert await KEYRING.decrypt_async(token, BOUND) == SECRET  # miss: runs in a thread
+    assert await KEYRING.decrypt_async(token, BOUND) == SECRET  # hit: inline
+    assert await KEYRING.encrypt_async(SECRET, BOUND) != token
