@@ -1,4 +1,9 @@
-"""`llm-gateway keys create|list|revoke`: gateway key management against the configured store.
+"""`llm-gateway keys create|list|revoke|rotate-encryption`: key management against the configured store.
+
+`rotate-encryption` re-encrypts every BYOK provider key under `LLMGW_ENCRYPTION_KEY` (the new
+passphrase), reading each with it or with `LLMGW_ENCRYPTION_KEY_PREVIOUS` (the old one); both
+also as `--encryption-key` / `--encryption-key-previous`, but the environment keeps them out of
+the process list.
 
 Hook-up from `server/cli.py`:
 
@@ -17,10 +22,13 @@ import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TextIO
 
+from server.auth.byok import rotate_encryption
+from server.auth.crypto import Keyring
 from server.auth.store import DEFAULT_CACHE_TTL, create_auth_store
 from server.errors import GatewayError
 
 if TYPE_CHECKING:
+    from server.auth.store import AuthStore
     from server.config import Settings
 
 
@@ -33,7 +41,9 @@ def add_keys_subparser(
     after the action too (`keys create --org X --sqlite-path DB`).
     """
     keys: argparse.ArgumentParser = subparsers.add_parser("keys", help="manage gateway keys")
-    actions = keys.add_subparsers(dest="keys_command", required=True, metavar="{create,list,revoke}")
+    actions = keys.add_subparsers(
+        dest="keys_command", required=True, metavar="{create,list,revoke,rotate-encryption}"
+    )
 
     create = actions.add_parser("create", help="create a key; prints it alone on the last line")
     create.add_argument("--org", required=True, help="organization the key acts for")
@@ -45,8 +55,14 @@ def add_keys_subparser(
 
     revoke = actions.add_parser("revoke", help="revoke a key by its id")
     revoke.add_argument("key_id")
+
+    rotate = actions.add_parser(
+        "rotate-encryption",
+        help="re-encrypt every BYOK provider key under LLMGW_ENCRYPTION_KEY, reading with it or "
+        "LLMGW_ENCRYPTION_KEY_PREVIOUS",
+    )
     if add_settings is not None:
-        for action in (create, listing, revoke):
+        for action in (create, listing, revoke, rotate):
             add_settings(action)
     return keys
 
@@ -99,6 +115,8 @@ async def run_keys_command_async(
                 return 0
             print(f"no active key {args.key_id}", file=err)
             return 1
+        if command == "rotate-encryption":
+            return await _rotate(store, Keyring.from_settings(settings), out=out, err=err)
         print(f"unknown keys command {command!r}", file=err)
         return 2
     except GatewayError as exc:
@@ -106,3 +124,24 @@ async def run_keys_command_async(
         return 2
     finally:
         await store.close()
+
+
+async def _rotate(store: AuthStore, keyring: Keyring, *, out: TextIO, err: TextIO) -> int:
+    if not keyring.configured:
+        print("error: set LLMGW_ENCRYPTION_KEY to the new passphrase", file=err)
+        return 2
+    if not keyring.previous:
+        print(
+            "note: LLMGW_ENCRYPTION_KEY_PREVIOUS is not set; only keys already readable with "
+            "LLMGW_ENCRYPTION_KEY are re-encrypted (old-format records are upgraded)",
+            file=err,
+        )
+    report = await rotate_encryption(store, keyring)
+    print(
+        f"re-encrypted {report.rotated} provider keys, {report.unchanged} already current, "
+        f"{report.changed_meanwhile} changed while rotating, {len(report.failed)} failed",
+        file=out,
+    )
+    for organization_id, name, cause in report.failed:
+        print(f"cannot decrypt provider {name!r} of organization {organization_id!r}: {cause}", file=err)
+    return 1 if report.failed else 0
