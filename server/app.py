@@ -105,7 +105,7 @@ class GatewayServer:
         policy = EndpointPolicy.from_settings(settings)
 
         keyring = Keyring.from_settings(settings)
-        redactor.add(settings.encryption_key_previous)
+        redactor.add(settings.encryption_key_previous)  # as secret as the current passphrase
 
         async def byok_provider(organization_id: str, name: str) -> ByokProvider | None:
             found = await resolve_byok(

@@ -17,6 +17,7 @@ from pathlib import Path
 import grpc
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from google.protobuf import json_format
 from llmgateway.v1 import chat_pb2, providers_pb2
 
 from server.auth.byok import binding_of, resolve_byok
@@ -26,7 +27,15 @@ from server.auth.store_postgres import PostgresAuthStore
 from server.auth.store_sqlite import SqliteAuthStore
 from tests.fake_upstream import FakeUpstream
 from tests.gateway_harness import RunningGateway, chat_request, make_settings, running_gateway
-from tests.integration.test_security_e2e import bearer, error_info, expect_error, make_key, run_cli, upstreams
+from tests.integration.test_security_e2e import (
+    bearer,
+    error_info,
+    expect_error,
+    make_key,
+    run_cli,
+    upstreams,
+    wait_trace,
+)
 from tests.trace_services import PostgresServer, fresh_postgres_database
 
 OLD = "old-passphrase-" + secrets.token_hex(8)
@@ -220,3 +229,22 @@ async def test_rotation_on_postgres(tmp_path: Path, postgres_server: PostgresSer
         with pytest.raises(DecryptionFailed):
             await resolve_byok(store, keyring=Keyring(OLD), organization_id="org-a", provider_name="legacy")
     assert not (tmp_path / "unused.db").exists()
+
+
+async def test_the_previous_passphrase_is_scrubbed_like_the_current_one(
+    tmp_path: Path, upstream: FakeUpstream
+) -> None:
+    settings = make_settings(
+        tmp_path, encryption_key=NEW, encryption_key_previous=OLD, allowed_endpoints=(upstream.base_url,)
+    )
+    async with running_gateway(settings) as gw:
+        request = chat_request(
+            upstream.base_url,
+            (chat_pb2.ROLE_USER, f"the old one was {OLD} and the new one {NEW}"),
+            trace=chat_pb2.TraceContext(step_id="scrub-step"),
+        )
+        await gw.chat.Create(request, timeout=20)
+        trace = await wait_trace(gw.traces, "scrub-step")
+    text = json_format.MessageToJson(trace)
+    assert "the old one was" in text
+    assert OLD not in text and NEW not in text
