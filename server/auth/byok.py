@@ -108,7 +108,7 @@ class RotationReport:
 
 
 async def rotate_encryption(store: AuthStore, keyring: Keyring) -> RotationReport:
-    """Re-encrypt every provider key not yet in the current format under the current passphrase.
+    """Re-encrypt every provider key not yet under the current passphrase, count and one salt.
 
     Readers are never locked out: each row is swapped in one compare-and-set UPDATE, from a value
     servers holding either passphrase can read to one they can read too. Idempotent: run it again
@@ -117,7 +117,16 @@ async def rotate_encryption(store: AuthStore, keyring: Keyring) -> RotationRepor
     if not keyring.configured:
         raise EncryptionKeyMissing()
     report = RotationReport()
-    for record in await store.all_providers():
+    records = await store.all_providers()
+    for record in records:
+        # Keep the salt of a row already under the current passphrase, so all rows end under one.
+        try:
+            await keyring.decrypt_async(record.api_key_encrypted, binding_of(record))
+        except DecryptionFailed:
+            continue
+        if keyring.adopt_write_salt(record.api_key_encrypted):
+            break
+    for record in records:
         token = record.api_key_encrypted
         binding = binding_of(record)
         try:

@@ -325,12 +325,27 @@ class Keyring:
             return False  # fails fast, no derivation
 
     def needs_rotation(self, token: str) -> bool:
-        """True unless `token` is a v2 record under the current passphrase at the current count."""
+        """True unless `token` is a v2 record under the current passphrase, count and write salt."""
         record = _parse(token)
+        return not self._is_current(record) or record.kdf_salt != self._write_salt
+
+    def adopt_write_salt(self, token: str) -> bool:
+        """Write under `token`'s salt if it is a v2 record under the current passphrase and count.
+
+        Rotation uses it so every row ends under one salt (a reader derives once, not once per
+        writer) and a second run rewrites nothing.
+        """
+        record = _parse(token)
+        if not self._is_current(record):
+            return False
+        self._write_salt = record.kdf_salt
+        return True
+
+    def _is_current(self, record: _Record) -> bool:
         if record.version != _V2_VERSION or record.iterations != self.iterations or not self.current:
-            return True
+            return False
         prk = _derive(self.current, record.kdf_salt, record.iterations)
-        return not hmac.compare_digest(_subkey(prk, _KEY_ID_LABEL)[:KEY_ID_BYTES], record.key_id)
+        return hmac.compare_digest(_subkey(prk, _KEY_ID_LABEL)[:KEY_ID_BYTES], record.key_id)
 
     def _next_missing(self, record: _Record, candidates: Sequence[str]) -> str | None:
         """The next passphrase to derive before `decrypt` can decide, or None if it can decide now."""

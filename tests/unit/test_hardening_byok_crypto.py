@@ -13,12 +13,15 @@ import hmac
 import struct
 import threading
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from server.auth import crypto
+from server.auth.byok import binding_of, rotate_encryption
 from server.auth.crypto import Binding, DecryptionFailed, EncryptionKeyMissing, Keyring
+from server.auth.store_sqlite import SqliteAuthStore
 
 OLD = "old passphrase 0123456789"
 NEW = "new passphrase 9876543210"
@@ -207,3 +210,31 @@ async def test_a_cancelled_reader_does_not_cancel_the_derivation_others_wait_for
     assert await asyncio.wait_for(second, 10) == SECRET
     with pytest.raises(asyncio.CancelledError):
         await first
+
+
+async def test_rotation_leaves_every_row_under_one_salt_and_a_second_run_is_a_no_op(
+    tmp_path: Path, derivations: list[tuple[int, str]]
+) -> None:
+    """Rows written by several server processes (one salt each) end under one: one derivation per reader."""
+    async with SqliteAuthStore(path=str(tmp_path / "gw.db")) as store:
+        for i in range(3):
+            binding = Binding(organization_id="acme", provider_name=f"p{i}", base_url=BOUND.base_url)
+            writer = Keyring(NEW, iterations=FAST)  # a fresh process: a fresh salt
+            await store.create_provider(
+                organization_id="acme",
+                name=f"p{i}",
+                endpoint_type="openai",
+                base_url=BOUND.base_url,
+                api_key_encrypted=writer.encrypt(f"{SECRET}-{i}", binding),
+                api_key_last4="",
+            )
+        report = await rotate_encryption(store, Keyring(NEW, iterations=FAST))
+        assert (report.rotated, report.unchanged, report.failed) == (2, 1, [])
+        again = await rotate_encryption(store, Keyring(NEW, iterations=FAST))
+        assert (again.rotated, again.unchanged) == (0, 3)
+        crypto.clear_key_cache()
+        derivations.clear()
+        reader = Keyring(NEW, iterations=FAST)
+        for record in await store.all_providers():
+            assert reader.decrypt(record.api_key_encrypted, binding_of(record)).startswith(SECRET)
+        assert len(derivations) == 1
