@@ -88,7 +88,9 @@ def error_for_status(
 # What a server answers for a path it does not serve (the usual cause: a base URL without /v1):
 # Go's mux (Ollama) "404 page not found", FastAPI (vLLM) {"detail": "Not Found"}, aiohttp
 # "404: Not Found", nginx and llama.cpp HTML pages, or nothing at all.
-_BARE_NOT_FOUND = re.compile(r"(?:404[:\s]*)?(?:page |file )?not found\.?|404|html error page(?:: .*)?", re.IGNORECASE)
+_BARE_NOT_FOUND = re.compile(
+    r"(?:404[:\s]*)?(?:page |file )?not found\.?|404|html error page(?:: .*)?", re.IGNORECASE
+)
 _LOCAL_ROOT_PATHS = frozenset({"ollama", "llamacpp", "koboldcpp"})
 
 
