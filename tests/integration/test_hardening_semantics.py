@@ -185,7 +185,7 @@ STRICT_ROWS: list[tuple[str, dict[str, Any], dict[str, Any] | None]] = [
                     "type": ["object", "null"],
                     "properties": {"x": {"type": ["boolean", "null"]}, "y": {"type": "string"}},
                     "additionalProperties": False,
-                    "required": ["x", "y"],
+                    "required": ["y", "x"],  # the gateway's key order: required first, then sorted
                 }
             },
             "additionalProperties": False,
