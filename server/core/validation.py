@@ -94,6 +94,8 @@ def validate_request(request: chat_pb2.CreateRequest, keys: FunctionKeys | None 
     if total_chars > MAX_REQUEST_CHARS:
         add(FieldViolation("messages", f"more than {MAX_REQUEST_CHARS} characters in all"))
     violations.extend(_function_violations(request.functions, keys))
+    if config.put_inner_thoughts_in_kwargs:
+        violations.extend(_thought_clashes(request.functions))
     if violations:
         summary = "; ".join(f"{v.field}: {v.description}" for v in violations[:5])
         raise InvalidRequest(
@@ -160,6 +162,36 @@ def _function_violations(
             _FUNCTION_PROBLEMS.clear()
         _FUNCTION_PROBLEMS[keys] = found
     return found
+
+
+# The argument names inner thoughts travel in (server.core.inner_thoughts; not imported, to
+# keep validation free of the request-building modules).
+_THOUGHT_ARGUMENTS = ("thinking", "inner_thoughts")
+
+
+def _thought_clashes(functions: Sequence[chat_pb2.FunctionDefinition]) -> list[FieldViolation]:
+    """A function argument that put_inner_thoughts_in_kwargs would silently take over.
+
+    The injected `thinking` replaces a property of that name, and unpacking pops `thinking` and
+    `inner_thoughts` from every answer: the tool would never receive its own argument.
+    """
+    out: list[FieldViolation] = []
+    for i, function in enumerate(functions):
+        if not function.HasField("parameters"):
+            continue
+        properties = function.parameters.fields.get("properties")
+        if properties is None or properties.WhichOneof("kind") != "struct_value":
+            continue
+        for name in _THOUGHT_ARGUMENTS:
+            if name in properties.struct_value.fields:
+                out.append(
+                    FieldViolation(
+                        f"functions[{i}].parameters.properties.{name}",
+                        f"function {function.name!r} has an argument {name!r}, which "
+                        "put_inner_thoughts_in_kwargs uses for the inner thoughts; rename it",
+                    )
+                )
+    return out
 
 
 def _is_json(text: str) -> bool:

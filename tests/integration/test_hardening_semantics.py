@@ -462,3 +462,23 @@ async def test_a_schema_past_the_decode_nesting_limit_says_so(
     assert d.metadata["max_schema_object_depth"] == "33"
     assert "functions[].parameters" in d.violations
     assert upstream.requests == []
+
+
+# -- same class: a tool argument the inner-thoughts option would swallow ---------------------------
+
+
+@pytest.mark.parametrize("name", ["thinking", "inner_thoughts"])
+async def test_a_tool_argument_named_like_the_inner_thoughts_is_refused(
+    gateway: RunningGateway, upstream: FakeUpstream, name: str
+) -> None:
+    """Inner thoughts would replace the tool's own argument and pop it from every answer."""
+    params = {"type": "object", "properties": {name: {"type": "integer"}, "q": {"type": "string"}}}
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await gateway.chat.Create(with_function(upstream.base_url, params, thoughts=True), timeout=10)
+    d = expect(info.value, grpc.StatusCode.INVALID_ARGUMENT, "INVALID_REQUEST")
+    field = f"functions[0].parameters.properties.{name}"
+    assert "put_inner_thoughts_in_kwargs" in d.violations[field]
+    assert upstream.requests == []
+    # Without the option the argument is the tool's own and is sent as it is.
+    await gateway.chat.Create(with_function(upstream.base_url, params), timeout=10)
+    assert name in upstream.requests[0].body["tools"][0]["function"]["parameters"]["properties"]
