@@ -102,6 +102,9 @@ class Answer:
     # Streams: after the first event, wait for this before sending the rest (a test sets it once
     # the first delta reached the gRPC client, proving deltas are relayed as they come).
     gate: asyncio.Event | None = None
+    # The generation hit the token limit: each server's own way of saying so (ollama
+    # done_reason "length", llama.cpp stop_type "limit" + stopped_limit, the others "length").
+    cut: bool = False
 
     def pieces(self) -> list[str]:
         if self.chunks is not None:
@@ -264,13 +267,14 @@ class LocalServer:
 
     def _whole(self, body: dict[str, Any], answer: Answer) -> dict[str, Any]:
         text, p, c = answer.text, answer.prompt_tokens, answer.completion_tokens
+        reason = "length" if answer.cut else "stop"
         if self.kind == "ollama":
             return {
                 "model": body["model"],
                 "created_at": "2025-01-01T00:00:00.000000Z",
                 "response": text,
                 "done": True,
-                "done_reason": "stop",
+                "done_reason": reason,
                 "context": [1, 2, 3],
                 "total_duration": 5_000_000,
                 "load_duration": 1_000_000,
@@ -293,20 +297,21 @@ class LocalServer:
                 "prompt": body["prompt"],
                 "has_new_line": False,
                 "truncated": False,
-                "stop_type": "eos",
+                "stop_type": "limit" if answer.cut else "eos",
+                "stopped_limit": answer.cut,
                 "stopping_word": "",
                 "tokens_cached": p + c,
                 "timings": {"prompt_n": p, "prompt_ms": 1.0, "predicted_n": c, "predicted_ms": 2.0},
             }
         if self.kind == "koboldcpp":
-            return {"results": [{"text": text, "finish_reason": "stop", "logprobs": None}]}
+            return {"results": [{"text": text, "finish_reason": reason, "logprobs": None}]}
         return {
             "id": "cmpl-fake",
             "object": "text_completion",
             "created": 1732000000,
             "model": body.get("model", "local-model"),
             "choices": [
-                {"index": 0, "text": text, "logprobs": None, "finish_reason": "stop", "stop_reason": None}
+                {"index": 0, "text": text, "logprobs": None, "finish_reason": reason, "stop_reason": None}
             ],
             "usage": {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c},
         }
@@ -344,6 +349,7 @@ class LocalServer:
 
     def _stream_events(self, body: dict[str, Any], answer: Answer) -> list[tuple[str | None, Any]]:
         pieces, p, c = answer.pieces(), answer.prompt_tokens, answer.completion_tokens
+        reason = "length" if answer.cut else "stop"
         if self.kind == "ollama":
             stamp = "2025-01-01T00:00:00.000000Z"
             events: list[tuple[str | None, Any]] = [
@@ -358,7 +364,7 @@ class LocalServer:
                         "created_at": stamp,
                         "response": "",
                         "done": True,
-                        "done_reason": "stop",
+                        "done_reason": reason,
                         "context": [1, 2, 3],
                         "total_duration": 5_000_000,
                         "prompt_eval_count": p,
@@ -395,7 +401,8 @@ class LocalServer:
                         "model": "model.gguf",
                         "tokens_predicted": c,
                         "tokens_evaluated": p,
-                        "stop_type": "eos",
+                        "stop_type": "limit" if answer.cut else "eos",
+                        "stopped_limit": answer.cut,
                         "stopping_word": "",
                         "timings": {"prompt_n": p, "predicted_n": c},
                     },
@@ -404,7 +411,7 @@ class LocalServer:
             return events
         if self.kind == "koboldcpp":
             events = [("message", {"token": t, "finish_reason": None}) for t in pieces]
-            events.append(("message", {"token": "", "finish_reason": "stop"}))
+            events.append(("message", {"token": "", "finish_reason": reason}))
             return events
 
         def chunk(text: str, finish: str | None) -> dict[str, Any]:
@@ -419,7 +426,7 @@ class LocalServer:
             }
 
         events = [(None, chunk(t, None)) for t in pieces]
-        events.append((None, chunk("", "stop")))
+        events.append((None, chunk("", reason)))
         if body.get("stream_options", {}).get("include_usage"):
             events.append(
                 (

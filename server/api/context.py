@@ -14,6 +14,7 @@ from google.protobuf.message import DecodeError, Message
 from server.api.status import abort
 from server.auth.actor import Actor
 from server.core.retry import Deadline
+from server.core.validation import undecodable
 from server.errors import DeadlineExceeded, FieldViolation, GatewayError, InvalidRequest
 
 log = logging.getLogger("llmgateway.api")
@@ -36,11 +37,7 @@ def parse(message_type: type[M], data: bytes) -> M:
     try:
         message.ParseFromString(data)
     except (DecodeError, RuntimeError, ValueError, TypeError) as exc:
-        raise InvalidRequest(
-            f"the request is not a valid {name}",
-            metadata={"message_type": name, "bytes": len(data)},
-            field_violations=[FieldViolation("", f"the request bytes do not decode as {name}")],
-        ) from exc
+        raise undecodable(name, data, exc) from exc
     violations = list(_bad_timestamps(message, ""))
     if violations:
         raise InvalidRequest(

@@ -14,6 +14,10 @@ Unpacking decisions:
   feed it text from two sources as one monologue;
 - arguments that are not JSON raise `UpstreamBadResponse` (choice and call index in the
   metadata; the text itself is not echoed); JSON that is not an object is left alone;
+- except in a choice that stopped for length (`finish_reason` "length"/"max_tokens"): there
+  the model was cut off mid-call, which is an answer, not a broken upstream (and a retry would
+  be billed again for the same cut). Such a call keeps its arguments exactly as the model wrote
+  them (no thoughts popped, content untouched) and the caller sees FINISH_REASON_LENGTH;
 - only arguments that lost a kwarg are re-serialized (compact JSON), the rest keep their text.
 """
 
@@ -31,6 +35,8 @@ logger = logging.getLogger(__name__)
 
 INNER_THOUGHTS_KWARG = "thinking"
 LEGACY_INNER_THOUGHTS_KWARG = "inner_thoughts"
+# finish_reason values meaning "stopped at the token limit" (server.core.completion maps both).
+_LENGTH_STOPS = frozenset({"length", "max_tokens"})
 INNER_THOUGHTS_DESCRIPTION = "Deep inner monologue private to you only."
 INNER_THOUGHTS_DESCRIPTION_GO_FIRST = (
     "Deep inner monologue private to you only. Think before you act, so always generate arg "
@@ -99,8 +105,11 @@ def unpack_inner_thoughts(completion: dict[str, Any]) -> None:
             calls.append(legacy)
         if not calls:
             continue
+        cut = choice.get("finish_reason") in _LENGTH_STOPS
         thoughts: list[str] = []
         for ti, fn in enumerate(calls):
+            if cut and not _is_json_text(fn.get("arguments")):
+                continue  # cut off mid-call: returned as written, see the module docstring
             thought = _pop_thought(fn, ci, ti)
             if thought:
                 thoughts.append(thought)
@@ -114,6 +123,16 @@ def unpack_inner_thoughts(completion: dict[str, Any]) -> None:
                     extra={"choice_index": ci},
                 )
             message["content"] = "\n".join(thoughts)
+
+
+def _is_json_text(arguments: object) -> bool:
+    if not isinstance(arguments, str):
+        return False
+    try:
+        orjson.loads(arguments)
+    except orjson.JSONDecodeError:
+        return False
+    return True
 
 
 def _dump_exact(original: str, args: dict[str, Any]) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 from urllib.parse import urlsplit
@@ -93,6 +94,8 @@ def validate_request(request: chat_pb2.CreateRequest, keys: FunctionKeys | None 
     if total_chars > MAX_REQUEST_CHARS:
         add(FieldViolation("messages", f"more than {MAX_REQUEST_CHARS} characters in all"))
     violations.extend(_function_violations(request.functions, keys))
+    if config.put_inner_thoughts_in_kwargs:
+        violations.extend(_thought_clashes(request.functions))
     if violations:
         summary = "; ".join(f"{v.field}: {v.description}" for v in violations[:5])
         raise InvalidRequest(
@@ -147,13 +150,48 @@ def _function_violations(
         names.add(function.name)
         if function.HasField("parameters"):
             for where, problem in schema_problems(function.parameters):
-                add(FieldViolation(f"functions[{i}].parameters{where}", problem))
+                # The name too: a path alone does not say which of many tools to fix.
+                add(
+                    FieldViolation(
+                        f"functions[{i}].parameters{where}", f"{problem} (function {function.name!r})"
+                    )
+                )
     found = tuple(violations)
     if cacheable(keys):
         if len(_FUNCTION_PROBLEMS) >= _SCHEMA_CACHE_SIZE:
             _FUNCTION_PROBLEMS.clear()
         _FUNCTION_PROBLEMS[keys] = found
     return found
+
+
+# The argument names inner thoughts travel in (server.core.inner_thoughts; not imported, to
+# keep validation free of the request-building modules).
+_THOUGHT_ARGUMENTS = ("thinking", "inner_thoughts")
+
+
+def _thought_clashes(functions: Sequence[chat_pb2.FunctionDefinition]) -> list[FieldViolation]:
+    """A function argument that put_inner_thoughts_in_kwargs would silently take over.
+
+    The injected `thinking` replaces a property of that name, and unpacking pops `thinking` and
+    `inner_thoughts` from every answer: the tool would never receive its own argument.
+    """
+    out: list[FieldViolation] = []
+    for i, function in enumerate(functions):
+        if not function.HasField("parameters"):
+            continue
+        properties = function.parameters.fields.get("properties")
+        if properties is None or properties.WhichOneof("kind") != "struct_value":
+            continue
+        for name in _THOUGHT_ARGUMENTS:
+            if name in properties.struct_value.fields:
+                out.append(
+                    FieldViolation(
+                        f"functions[{i}].parameters.properties.{name}",
+                        f"function {function.name!r} has an argument {name!r}, which "
+                        "put_inner_thoughts_in_kwargs uses for the inner thoughts; rename it",
+                    )
+                )
+    return out
 
 
 def _is_json(text: str) -> bool:
@@ -175,8 +213,10 @@ def schema_problems(parameters: struct_pb2.Struct) -> tuple[tuple[str, str], ...
     """(path, problem) for the JSON-Schema keywords that must have a fixed shape.
 
     Wherever they appear, `properties` must be an object and `required` a list of strings (as
-    JSON Schema says); the request path relies on both. Cached by the schema's bytes: agents
-    send the same functions on every step.
+    JSON Schema says); the request path relies on both. No number may be NaN or infinite: a
+    Struct carries them, JSON cannot, and the body serializer would send `null` in their place
+    (a `maximum: Infinity` silently becoming `maximum: null` is a different schema). Cached by
+    the schema's bytes: agents send the same functions on every step.
     """
     # Not `deterministic=True` (slower): an unstable key costs a cache miss, never a wrong answer.
     key = parameters.SerializeToString()
@@ -211,3 +251,50 @@ def _walk_value(value: struct_pb2.Value, path: str, problems: list[tuple[str, st
     elif kind == "list_value":
         for j, item in enumerate(value.list_value.values):
             _walk_value(item, f"{path}[{j}]", problems)
+    elif kind == "number_value" and not math.isfinite(value.number_value):
+        problems.append((path, f"is {value.number_value}: not a finite number, which JSON cannot carry"))
+
+
+# -- request bytes that do not decode ------------------------------------------------------------
+
+# upb (the protobuf runtime) refuses messages nested deeper than 100 levels
+# (kUpb_WireFormat_DefaultDepthLimit; Python offers no way to raise it). In a chat request only a
+# function's `parameters` (google.protobuf.Struct) can nest: CreateRequest and FunctionDefinition
+# are 2 levels, the parameters Struct 1, and each JSON object inside adds 3 (map entry, Value,
+# Struct), so at most 33 nested JSON objects decode, the parameters object included: 16 levels
+# of `properties` (measured in tests/integration/test_hardening_semantics.py).
+MAX_MESSAGE_DEPTH = 100
+MAX_SCHEMA_OBJECT_DEPTH = 33
+_DEPTH_ERROR = ("maxdepth", "depth", "recursion", "nesting")
+
+
+def undecodable(name: str, data: bytes, exc: BaseException) -> InvalidRequest:
+    """The INVALID_REQUEST for request bytes of message type `name` that do not decode.
+
+    A nesting past the decode limit is named as such (with the limits): "not a valid
+    CreateRequest" alone sends the caller looking for corrupt bytes in a well-formed request.
+    """
+    metadata: dict[str, object] = {"message_type": name, "bytes": len(data)}
+    if any(word in str(exc).lower() for word in _DEPTH_ERROR):
+        metadata["max_message_depth"] = MAX_MESSAGE_DEPTH
+        if name == chat_pb2.CreateRequest.DESCRIPTOR.full_name:
+            metadata["max_schema_object_depth"] = MAX_SCHEMA_OBJECT_DEPTH
+            description = (
+                f"a function schema nests deeper than protobuf can decode: at most "
+                f"{MAX_SCHEMA_OBJECT_DEPTH} nested JSON objects (16 levels of properties), "
+                f"{MAX_MESSAGE_DEPTH} message levels in all"
+            )
+            field = "functions[].parameters"
+        else:
+            description = f"the request nests messages deeper than protobuf's limit of {MAX_MESSAGE_DEPTH}"
+            field = ""
+        return InvalidRequest(
+            f"the request is not a valid {name}: {description}",
+            metadata=metadata,
+            field_violations=[FieldViolation(field, description)],
+        )
+    return InvalidRequest(
+        f"the request is not a valid {name}",
+        metadata=metadata,
+        field_violations=[FieldViolation("", f"the request bytes do not decode as {name}")],
+    )

@@ -12,6 +12,7 @@ from server.core.retry import RetryableError, parse_retry_after
 from server.errors import (
     GatewayError,
     ModelNotFound,
+    NotFound,
     RateLimitExceeded,
     UpstreamAuthFailed,
     UpstreamBadResponse,
@@ -71,7 +72,7 @@ def error_for_status(
     if status in (401, 403):
         return UpstreamAuthFailed(text, metadata=meta)
     if status == 404:
-        return ModelNotFound(text, metadata=meta)
+        return not_found_error(body, text, meta, provider=provider)
     if status == 408 or status >= 500:
         retry_after = parse_retry_after(headers)
         return RetryableError(
@@ -82,6 +83,51 @@ def error_for_status(
     if 400 <= status < 500:
         return UpstreamRejected(text, metadata=meta)
     return UpstreamBadResponse(text, metadata=meta)
+
+
+# What a server answers for a path it does not serve (the usual cause: a base URL without /v1):
+# Go's mux (Ollama) "404 page not found", FastAPI (vLLM) {"detail": "Not Found"}, aiohttp
+# "404: Not Found", nginx and llama.cpp HTML pages, or nothing at all.
+_BARE_NOT_FOUND = re.compile(
+    r"(?:404[:\s]*)?(?:page |file )?not found\.?|404|html error page(?:: .*)?", re.IGNORECASE
+)
+_LOCAL_ROOT_PATHS = frozenset({"ollama", "llamacpp", "koboldcpp"})
+
+
+def not_found_error(
+    body: bytes, text: str, meta: dict[str, object], *, provider: str
+) -> ModelNotFound | NotFound:
+    """A 404: MODEL_NOT_FOUND only when the body says the model is unknown.
+
+    Providers that do not know a model say so (OpenAI's `code: model_not_found`, Ollama's
+    `model "x" not found`, vLLM's `The model `x` does not exist`). A bare 404 means the path is
+    not served, which is nearly always a base URL missing its `/v1` (Ollama, vLLM, LM Studio):
+    reporting that as an unknown model sends the operator looking in the wrong place. It is
+    NOT_FOUND with reason NOT_FOUND (the contract's "no such thing" row), `not_found: endpoint`
+    and a hint. Any other provider message keeps MODEL_NOT_FOUND, as the contract's 404 row.
+    """
+    message = upstream_message(body).strip()
+    if _says_model(body, message) or (message and not _BARE_NOT_FOUND.fullmatch(message)):
+        return ModelNotFound(text, metadata={**meta, "not_found": "model"})
+    if provider in _LOCAL_ROOT_PATHS:
+        hint = "check the base URL: it should be the server's root (no /v1 or other path)"
+    else:
+        hint = "check that the base URL ends with /v1 (e.g. http://127.0.0.1:11434/v1 for Ollama)"
+    return NotFound(
+        f"{provider} answered HTTP 404 for the chat path: the endpoint does not exist there; {hint}",
+        metadata={**meta, "not_found": "endpoint", "hint": hint},
+    )
+
+
+def _says_model(body: bytes, message: str) -> bool:
+    try:
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        payload = None
+    err = payload.get("error") if isinstance(payload, dict) else None
+    if isinstance(err, dict) and err.get("code") == "model_not_found":
+        return True
+    return "model" in message.lower()
 
 
 def connection_error(exc: BaseException, *, provider: str, scrub: Callable[[str], str]) -> RetryableError:

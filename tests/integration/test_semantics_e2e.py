@@ -702,7 +702,8 @@ RICH_SCHEMA = {
         "tags": {
             "type": "array",
             "items": {"type": "string", "pattern": "^[a-z]+$"},
-            "uniqueItems": True,
+            # (no uniqueItems: strict mode cannot say it, so it would send the function
+            # non-strict; tests/integration/test_hardening_semantics.py has that row)
             "maxItems": 5,
         },
     },
@@ -717,16 +718,21 @@ RICH_STRICT = {
         "parameters": {
             "type": "object",
             "properties": {
+                # Optional properties are required and nullable (OpenAI's pattern for optional).
                 "city": {"type": "string", "description": "City", "minLength": 1},
-                "days": {"type": "integer", "minimum": 1, "maximum": 7, "default": 3},
+                "days": {"type": ["integer", "null"], "minimum": 1, "maximum": 7, "default": 3},
                 "opts": {
-                    "type": "object",
-                    "properties": {"detailed": {"type": "boolean"}},
+                    "type": ["object", "null"],
+                    "properties": {"detailed": {"type": ["boolean", "null"]}},
                     "additionalProperties": False,
                     "required": ["detailed"],
                 },
-                "tags": {"type": "array", "items": {"type": "string", "pattern": "^[a-z]+$"}, "maxItems": 5},
-                "unit": {"type": "string", "enum": ["c", "f"], "title": "Unit"},
+                "tags": {
+                    "type": ["array", "null"],
+                    "items": {"type": "string", "pattern": "^[a-z]+$"},
+                    "maxItems": 5,
+                },
+                "unit": {"type": ["string", "null"], "enum": ["c", "f", None], "title": "Unit"},
                 "when": {"type": ["string", "null"], "description": "ISO date", "format": "date"},
             },
             "additionalProperties": False,

@@ -300,7 +300,12 @@ def test_missing_text_is_upstream_bad_response(
             [LocalStreamChunk("x"), LocalStreamChunk("", True), LocalStreamChunk("", False, 11, 5)],
         ),
         ("lmstudio", [{"choices": [{"text": "y", "finish_reason": None}]}], [LocalStreamChunk("y")]),
-        ("webui", [{"choices": [{"text": "z", "finish_reason": "length"}]}], [LocalStreamChunk("z", True)]),
+        # A "length" finish is also reported as cut by the token limit (issue 12 item 10).
+        (
+            "webui",
+            [{"choices": [{"text": "z", "finish_reason": "length"}]}],
+            [LocalStreamChunk("z", True, truncated=True)],
+        ),
         (
             "koboldcpp",
             [{"token": "tok", "finish_reason": None}, {"token": "", "finish_reason": "stop"}],

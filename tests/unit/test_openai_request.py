@@ -61,7 +61,8 @@ SEARCH_STRICT = {
         "strict": True,
         "parameters": {
             "type": "object",
-            "properties": {"query": {"type": "string"}, "page": {"type": "integer", "minimum": 0}},
+            # `page` was optional: required and nullable, OpenAI's pattern for optional.
+            "properties": {"query": {"type": "string"}, "page": {"type": ["integer", "null"], "minimum": 0}},
             "additionalProperties": False,
             "required": ["query", "page"],
         },

@@ -54,11 +54,10 @@ CASES: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
                 "type": "object",
                 "description": "O",
                 "properties": {
-                    "inner": {"type": "object", "properties": {"x": {"type": "boolean"}}, "required": []},
+                    "inner": {"type": "object", "properties": {"x": {"type": "boolean"}}, "required": ["x"]},
                     "y": {"type": "string"},
                 },
-                "required": ["y"],
-                "additionalProperties": True,
+                "required": ["inner", "y"],
             }
         },
         {
@@ -86,7 +85,11 @@ CASES: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
                 "type": "array",
                 "minItems": 1,
                 "maxItems": 5,
-                "items": {"type": "object", "properties": {"k": {"type": "string"}, "v": {"type": "number"}}},
+                "items": {
+                    "type": "object",
+                    "properties": {"k": {"type": "string"}, "v": {"type": "number"}},
+                    "required": ["k", "v"],
+                },
             }
         },
         {
@@ -126,7 +129,14 @@ CASES: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
     ),
     (
         "anyOf with an object option converted recursively",
-        {"x": {"anyOf": [{"type": "object", "properties": {"q": {"type": "string"}}}, {"type": "null"}]}},
+        {
+            "x": {
+                "anyOf": [
+                    {"type": "object", "properties": {"q": {"type": "string"}}, "required": ["q"]},
+                    {"type": "null"},
+                ]
+            }
+        },
         {
             "x": {
                 "anyOf": [
@@ -143,7 +153,7 @@ CASES: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
     ),
     (
         "nullable object via a type list",
-        {"o": {"type": ["object", "null"], "properties": {"z": {"type": "string"}}}},
+        {"o": {"type": ["object", "null"], "properties": {"z": {"type": "string"}}, "required": ["z"]}},
         {
             "o": {
                 "type": ["object", "null"],
@@ -155,15 +165,17 @@ CASES: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
     ),
     (
         "$ref kept with its description",
-        {"item": {"$ref": "#/$defs/Item", "description": "I"}},
-        {"item": {"$ref": "#/$defs/Item", "description": "I"}},
+        {"item": {"$ref": "#", "description": "I"}},
+        {"item": {"$ref": "#", "description": "I"}},
     ),
 ]
 
 
 @pytest.mark.parametrize(("case", "properties", "expected"), CASES, ids=[c[0] for c in CASES])
 def test_conversion(case: str, properties: dict[str, Any], expected: dict[str, Any]) -> None:
-    source = fn(properties, required=[])
+    # Every property required: these rows are about keywords; optional ones are
+    # test_hardening_strict_schema.py's (they become nullable).
+    source = fn(properties, required=list(properties))
     assert to_strict_function(source) == {
         "name": "f",
         "description": "does f",
@@ -175,7 +187,12 @@ def test_conversion(case: str, properties: dict[str, Any], expected: dict[str, A
 def test_defs_are_converted() -> None:
     source = fn(
         {"item": {"$ref": "#/$defs/Item"}},
-        **{"$defs": {"Item": {"type": "object", "properties": {"id": {"type": "integer"}}}}},
+        required=["item"],
+        **{
+            "$defs": {
+                "Item": {"type": "object", "properties": {"id": {"type": "integer"}}, "required": ["id"]}
+            }
+        },
     )
     assert to_strict_function(source)["parameters"] == strict_params(
         {"item": {"$ref": "#/$defs/Item"}},

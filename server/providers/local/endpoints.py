@@ -78,6 +78,7 @@ class LocalCompletion:
     text: str
     prompt_tokens: int | None
     completion_tokens: int | None
+    truncated: bool = False  # the server stopped at the token limit (see _hit_limit)
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +89,7 @@ class LocalStreamChunk:
     done: bool = False
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    truncated: bool = False  # this (last) event says the token limit stopped the generation
 
 
 def check_endpoint_type(endpoint_type: str) -> str:
@@ -203,22 +205,25 @@ def extract_completion(endpoint_type: str, payload: dict[str, Any]) -> LocalComp
     if kind == "ollama":
         text = _require_text(kind, payload.get("response"), "response", payload)
         return LocalCompletion(
-            text, _prompt_count(payload.get("prompt_eval_count")), _count(payload.get("eval_count"))
+            text,
+            _prompt_count(payload.get("prompt_eval_count")),
+            _count(payload.get("eval_count")),
+            _hit_limit(kind, payload),
         )
     if kind == "llamacpp":
         text = _require_text(kind, payload.get("content"), "content", payload)
         prompt, completion = _llamacpp_counts(payload)
-        return LocalCompletion(text, prompt, completion)
+        return LocalCompletion(text, prompt, completion, _hit_limit(kind, payload))
     if kind == "koboldcpp":
         results = payload.get("results")
         first = results[0] if isinstance(results, list) and results and isinstance(results[0], dict) else {}
         text = _require_text(kind, first.get("text"), "results[0].text", payload)
-        return LocalCompletion(text, None, None)
+        return LocalCompletion(text, None, None, _hit_limit(kind, first))
     choices = payload.get("choices")
     first = choices[0] if isinstance(choices, list) and choices and isinstance(choices[0], dict) else {}
     text = _require_text(kind, first.get("text"), "choices[0].text", payload)
     prompt, completion = _openai_usage(payload)
-    return LocalCompletion(text, prompt, completion)
+    return LocalCompletion(text, prompt, completion, _hit_limit(kind, first))
 
 
 def parse_stream_event(endpoint_type: str, event: dict[str, Any]) -> LocalStreamChunk:
@@ -236,19 +241,43 @@ def parse_stream_event(endpoint_type: str, event: dict[str, Any]) -> LocalStream
             done,
             _prompt_count(event.get("prompt_eval_count")) if done else None,
             _count(event.get("eval_count")) if done else None,
+            done and _hit_limit(kind, event),
         )
     if kind == "llamacpp":
         done = event.get("stop") is True
         prompt, completion = _llamacpp_counts(event) if done else (None, None)
-        return LocalStreamChunk(_str(event.get("content")), done, prompt, completion)
+        return LocalStreamChunk(
+            _str(event.get("content")), done, prompt, completion, done and _hit_limit(kind, event)
+        )
     if kind == "koboldcpp":
-        return LocalStreamChunk(_str(event.get("token")), event.get("finish_reason") not in (None, ""))
+        return LocalStreamChunk(
+            _str(event.get("token")),
+            event.get("finish_reason") not in (None, ""),
+            truncated=_hit_limit(kind, event),
+        )
     choices = event.get("choices")
     first = choices[0] if isinstance(choices, list) and choices and isinstance(choices[0], dict) else {}
     prompt, completion = _openai_usage(event)
     return LocalStreamChunk(
-        _str(first.get("text")), first.get("finish_reason") is not None, prompt, completion
+        _str(first.get("text")),
+        first.get("finish_reason") is not None,
+        prompt,
+        completion,
+        _hit_limit(kind, first),
     )
+
+
+def _hit_limit(kind: str, payload: dict[str, Any]) -> bool:
+    """Whether the server says the generation stopped at the token limit.
+
+    ollama `done_reason: "length"`; llama.cpp `stop_type: "limit"` (older builds:
+    `stopped_limit: true`); the OpenAI-style servers and koboldcpp `finish_reason: "length"`.
+    """
+    if kind == "ollama":
+        return payload.get("done_reason") == "length"
+    if kind == "llamacpp":
+        return payload.get("stop_type") == "limit" or payload.get("stopped_limit") is True
+    return payload.get("finish_reason") == "length"
 
 
 def extract_stream_text(endpoint_type: str, event: dict[str, Any]) -> str:

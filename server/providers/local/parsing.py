@@ -15,6 +15,11 @@ What is tolerated (each case has an example in tests/fixtures/local_outputs.json
   `{"function_call": {...}}`, and one wrapping object around any of these;
 - several JSON objects (a duplicated answer): the first one that is a function call wins.
 
+A completion the server cut at the token limit (`truncated=True`) is read without the repairs
+that close what was left open at the end of the text: closing a cut call would make up a
+complete-looking call whose last value was cut mid-word. Only a call that was complete before
+the cut counts; otherwise the caller returns the text as written (FINISH_REASON_LENGTH).
+
 Inner thoughts (`thinking`, or the older `inner_thoughts`) are popped from the params; an
 inner-thoughts key beside `function` is taken too. Anything else is `UnparseableModelOutput`,
 with the raw text (cut to 500 characters) in its metadata under `raw_output`.
@@ -57,8 +62,13 @@ class _NotACall(Exception):
     """A JSON value that is not (or not quite) a function call; the message says why."""
 
 
-def parse_function_call(text: str, *, primed_prefix: str = "", pop_inner_thoughts: bool = True) -> ParsedCall:
-    """Read the one function call in `text` (a completion that may continue `primed_prefix`)."""
+def parse_function_call(
+    text: str, *, primed_prefix: str = "", pop_inner_thoughts: bool = True, truncated: bool = False
+) -> ParsedCall:
+    """Read the one function call in `text` (a completion that may continue `primed_prefix`).
+
+    `truncated`: the server stopped at the token limit (see the module docstring).
+    """
     cleaned, think = _clean(text)
     variants = [cleaned]
     unfenced = _FENCE.sub("", cleaned)
@@ -78,7 +88,7 @@ def parse_function_call(text: str, *, primed_prefix: str = "", pop_inner_thought
     reasons: list[str] = []
     for attempt in attempts:
         try:
-            call = _first_call(attempt)
+            call = _first_call(attempt, truncated=truncated)
         except _NotACall as exc:
             reasons.append(str(exc))
             continue
@@ -105,16 +115,22 @@ def _clean(text: str) -> tuple[str, str | None]:
     return text, think
 
 
-def _first_call(text: str) -> tuple[str, dict[str, Any], Any]:
+def _first_call(text: str, *, truncated: bool = False) -> tuple[str, dict[str, Any], Any]:
     reason: str | None = None
     pos = text.find("{")
     tried = 0
+    text_end = len(text.rstrip())
     while pos != -1 and tried < _MAX_CANDIDATES:
         tried += 1
         try:
-            value, end, _ = lenient_json.decode_at(text, pos)
+            value, end, repaired = lenient_json.decode_at(text, pos)
         except lenient_json.LenientJSONError as exc:
             reason = reason or f"invalid JSON: {exc}"
+            pos = text.find("{", pos + 1)
+            continue
+        if truncated and repaired and end >= text_end:
+            # Read to the end of a cut text with repairs: what was open there was closed by us.
+            reason = reason or "the output was cut off by the token limit before the call was complete"
             pos = text.find("{", pos + 1)
             continue
         if isinstance(value, dict):

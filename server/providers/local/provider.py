@@ -23,12 +23,13 @@ from server.errors import (
     FieldViolation,
     GatewayError,
     InvalidRequest,
+    UnparseableModelOutput,
     UpstreamBadResponse,
 )
 from server.gateway import ChatRequest, Gateway
 from server.providers.base import UpstreamTarget
 from server.providers.http import Response
-from server.providers.local.completion import to_chat_completion
+from server.providers.local.completion import cut_completion, to_chat_completion
 from server.providers.local.deepseek import is_deepseek_r1, with_functions_in_system_prompt
 from server.providers.local.endpoints import (
     accepts_grammar,
@@ -125,9 +126,14 @@ class _LocalCall:
         )
 
     def completion_json(
-        self, text: str, prompt_tokens: int | None, completion_tokens: int | None
+        self, text: str, prompt_tokens: int | None, completion_tokens: int | None, truncated: bool = False
     ) -> dict[str, Any]:
-        """The OpenAI ChatCompletion JSON for the model's text (a parsed call, or plain text)."""
+        """The OpenAI ChatCompletion JSON for the model's text (a parsed call, or plain text).
+
+        `truncated` (the server stopped at the token limit): finish_reason "length", and a call
+        that was cut before it was complete is returned as the text the model wrote, not as
+        UNPARSEABLE_MODEL_OUTPUT (a retry would pay again for the same cut).
+        """
         model = self.request.llm_config.model
         encoding, _ = tokens.encoding_for_model(model)
         if not prompt_tokens and self.count is not None:
@@ -145,7 +151,7 @@ class _LocalCall:
                     {
                         "index": 0,
                         "message": {"role": "assistant", "content": text.strip()},
-                        "finish_reason": "stop",
+                        "finish_reason": "length" if truncated else "stop",
                     }
                 ],
                 "usage": {
@@ -154,7 +160,14 @@ class _LocalCall:
                     "total_tokens": (prompt_tokens or 0) + completion_tokens,
                 },
             }
-        parsed = parse_function_call(text, primed_prefix=self.prefix)
+        try:
+            parsed = parse_function_call(text, primed_prefix=self.prefix, truncated=truncated)
+        except UnparseableModelOutput:
+            if not truncated:
+                raise
+            return cut_completion(
+                text, model=model, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens
+            )
         return to_chat_completion(
             parsed,
             model=model,
@@ -201,7 +214,7 @@ async def create_local(
         call.record.response_json = raw.decode("utf-8", "replace")
         local = extract_completion(plan.endpoint_type, answer)
         call.completion = completion_from_json(
-            plan.completion_json(local.text, local.prompt_tokens, local.completion_tokens),
+            plan.completion_json(local.text, local.prompt_tokens, local.completion_tokens, local.truncated),
             provider=target.provider,
         )
     return chat_pb2.CreateResponse(completion=call.completion, provider_trace_id=call.record.id)
@@ -218,6 +231,7 @@ async def stream_local(
     pieces: list[str] = []
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    truncated = False
     with gateway.traced_call(request, actor, target, payload, "stream") as call:
         call.partial = lambda: orjson.dumps({"text": "".join(pieces)}).decode() if pieces else ""
         response = await open_stream(
@@ -244,6 +258,7 @@ async def stream_local(
                 if chunk.completion_tokens is not None:
                     completion_tokens = chunk.completion_tokens
                 finished = finished or chunk.done
+                truncated = truncated or chunk.truncated
                 if chunk.text:
                     pieces.append(chunk.text)
                     call.first_token()
@@ -257,7 +272,7 @@ async def stream_local(
         text = "".join(pieces)
         call.record.response_json = orjson.dumps({"text": text}).decode()
         call.completion = completion_from_json(
-            plan.completion_json(text, prompt_tokens, completion_tokens), provider=target.provider
+            plan.completion_json(text, prompt_tokens, completion_tokens, truncated), provider=target.provider
         )
     yield chat_pb2.StreamCreateResponse(completion=call.completion, provider_trace_id=call.record.id)
 

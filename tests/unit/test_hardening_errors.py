@@ -1,0 +1,61 @@
+"""Issue 12 item 12: a 404 says whether the model or the path is unknown (error_for_status)."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from server.errors import ModelNotFound, NotFound
+from server.providers.errors import error_for_status
+
+
+def _error(body: bytes, provider: str = "openai") -> object:
+    return error_for_status(404, body, {}, provider=provider, scrub=lambda s: s)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"404: Not Found",  # aiohttp
+        b"404 page not found",  # Go's mux (Ollama)
+        orjson.dumps({"detail": "Not Found"}),  # FastAPI (vLLM)
+        orjson.dumps(
+            {"error": {"code": 404, "message": "File Not Found", "type": "not_found_error"}}
+        ),  # llama.cpp
+        b"",
+        b"<!DOCTYPE html><html><head><title>404 Not Found</title></head><body>nginx</body></html>",
+    ],
+)
+def test_a_bare_404_is_an_endpoint_not_found_with_a_hint(body: bytes) -> None:
+    error = _error(body)
+    assert isinstance(error, NotFound)
+    assert (error.reason, error.metadata["not_found"], error.metadata["http_status"]) == (
+        "NOT_FOUND",
+        "endpoint",
+        "404",
+    )
+    assert "ends with /v1" in error.metadata["hint"] and error.metadata["hint"] in error.message
+
+
+def test_a_local_server_type_gets_the_root_hint() -> None:
+    # ollama/llamacpp/koboldcpp types take the server's root; their paths are added by the gateway.
+    error = _error(b"404 page not found", provider="ollama")
+    assert isinstance(error, NotFound)
+    assert "root" in error.metadata["hint"] and "/v1" in error.metadata["hint"]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        orjson.dumps({"error": {"message": "no such thing", "code": "model_not_found"}}),
+        orjson.dumps({"error": 'model "qwen" not found, try pulling it first'}),
+        orjson.dumps(
+            {"error": {"message": "No endpoints found matching your data policy"}}
+        ),  # a real message
+    ],
+)
+def test_a_404_that_says_something_else_stays_model_not_found(body: bytes) -> None:
+    error = _error(body)
+    assert isinstance(error, ModelNotFound)
+    assert error.metadata["not_found"] == "model"
+    assert "hint" not in error.metadata
