@@ -28,8 +28,9 @@ from server.auth.store import AuthStore, create_auth_store
 from server.config import Settings
 from server.core import tokens
 from server.core.keys import ByokProvider
+from server.errors import ShuttingDown
 from server.gateway import Dependencies, Gateway
-from server.inflight import InFlight
+from server.inflight import InFlight, uncancel_current
 from server.providers.http import HttpClient
 from server.reflection import enable_reflection
 from server.telemetry import Tracing, setup_tracing
@@ -52,10 +53,44 @@ SETTLE_LIMIT = 1.0
 CUT_ALLOWANCE = 2.0
 
 
+class _Health(health.aio.HealthServicer):  # type: ignore[misc]
+    """grpc's health servicer, except that its Watch streams end when the server stops.
+
+    grpc's Watch never returns: one left open held `server.stop()` for the whole grace period
+    (with no call in flight) and then ended with grpc's bare status. `end_watches` ends them
+    with UNAVAILABLE SHUTTING_DOWN, after they were told NOT_SERVING.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._watches: set[asyncio.Task[Any]] = set()
+        self._ending = False
+
+    async def Watch(self, request: health_pb2.HealthCheckRequest, context: Any) -> None:  # noqa: N802 - gRPC's name
+        task = asyncio.current_task()
+        if task is not None:
+            self._watches.add(task)
+        try:
+            await super().Watch(request, context)
+        except asyncio.CancelledError:
+            if not self._ending:
+                raise  # the watcher went away
+            uncancel_current()
+        finally:
+            if task is not None:
+                self._watches.discard(task)
+        await abort(context, ShuttingDown("the server is shutting down", metadata={"phase": "health"}))
+
+    def end_watches(self) -> None:
+        self._ending = True
+        for task in self._watches:
+            task.cancel()
+
+
 @dataclass(slots=True)
 class _Running:
     server: grpc.aio.Server
-    health: health.aio.HealthServicer
+    health: _Health
     writer: TraceWriter
     store: AuthStore
     http: HttpClient
@@ -165,7 +200,7 @@ class GatewayServer:
             assert isinstance(handlers, Service), handlers
             handlers.track(calls)
         server.add_generic_rpc_handlers(services)
-        health_servicer = health.aio.HealthServicer()
+        health_servicer = _Health()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         for name in (*SERVICE_NAMES, ""):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -209,10 +244,13 @@ class GatewayServer:
                 cut,
             )
             await calls.wait_idle(CUT_ALLOWANCE)
+        running.health.end_watches()  # they saw NOT_SERVING; nothing is left to watch
         await stopping
         # A handler grpc cancelled itself may still be unwinding (writing its trace).
         if not await calls.wait_idle(CUT_ALLOWANCE):
-            log.warning("%d calls still unwinding after the server stopped; their traces may be lost", len(calls))
+            log.warning(
+                "%d calls still unwinding after the server stopped; their traces may be lost", len(calls)
+            )
         await running.writer.close(timeout=max(grace, 5.0))
         await running.http.close()
         await running.store.close()

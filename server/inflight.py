@@ -108,7 +108,9 @@ class InFlight:
             metadata={"phase": "cut", "grace_period_seconds": f"{self._grace:g}"},
         )
 
-    def unary(self, behaviour: Callable[[bytes, Context], Awaitable[R]]) -> Callable[[bytes, Context], Awaitable[R]]:
+    def unary(
+        self, behaviour: Callable[[bytes, Context], Awaitable[R]]
+    ) -> Callable[[bytes, Context], Awaitable[R]]:
         """`behaviour`, tracked: cut by shutdown, it ends with UNAVAILABLE SHUTTING_DOWN."""
 
         async def tracked(data: bytes, context: Context) -> R:
@@ -122,7 +124,7 @@ class InFlight:
                 except asyncio.CancelledError:
                     if not call.cut:
                         raise  # the caller went away or its deadline passed: nothing to send
-                    _uncancel()
+                    uncancel_current()
                 call.running = False
                 await self._abort(context, self.shutdown_error(refused=False))
                 raise AssertionError("unreachable: abort raises")
@@ -153,7 +155,7 @@ class InFlight:
                         except asyncio.CancelledError:
                             if not call.cut:
                                 raise
-                            _uncancel()
+                            uncancel_current()
                             break
                         finally:
                             call.running = False
@@ -210,8 +212,8 @@ class InFlight:
         return len(calls)
 
 
-def _uncancel() -> None:
-    """The cancellation was ours (shutdown) and is handled: let the abort below await normally."""
+def uncancel_current() -> None:
+    """The cancellation was ours (shutdown) and is handled: later awaits (the abort) run normally."""
     task = asyncio.current_task()
     if task is not None:
         task.uncancel()

@@ -27,14 +27,14 @@ def server_stream(behaviour: StreamBehaviour) -> grpc.RpcMethodHandler:
     return grpc.unary_stream_rpc_method_handler(behaviour, response_serializer=_serialize)
 
 
-class Service(grpc.GenericRpcHandler):
+class Service(grpc.GenericRpcHandler):  # type: ignore[misc]
     """One service's method handlers, found by full method name; `track` puts them under shutdown."""
 
     def __init__(self, name: str, methods: Mapping[str, grpc.RpcMethodHandler]) -> None:
         self._handlers = {f"/{name}/{method}": handler for method, handler in methods.items()}
 
     def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
-        return self._handlers.get(handler_call_details.method)  # type: ignore[attr-defined, no-any-return]
+        return self._handlers.get(handler_call_details.method)
 
     def track(self, calls: InFlight) -> None:
         """Wrap every method once (not per call) so `calls` can drain and cut them."""

@@ -13,8 +13,8 @@ from llmgateway.v1 import chat_pb2, chat_pb2_grpc, traces_pb2
 from tests.fake_upstream import FakeUpstream, Reply, text_stream
 from tests.gateway_harness import RunningGateway, chat_request
 from tests.integration.test_hardening_shutdown import error_reason, stored_traces, wait_until
-from tests.process_harness import async_server_process
 from tests.integration.test_security_e2e import error_info
+from tests.process_harness import async_server_process
 from tests.trace_polling import wait_for_trace
 
 
@@ -38,7 +38,9 @@ async def test_deadline_and_cancel_are_traced_distinctly_by_the_real_server(
     count = 6
     slow_stream = Reply(sse=text_stream([f"w{i} " for i in range(100)]), chunk_delay=0.1)
     db = tmp_path / "gateway.db"
-    async with async_server_process(tmp_path, allowed_endpoints=(upstream.base_url,), sqlite_path=db) as server:
+    async with async_server_process(
+        tmp_path, allowed_endpoints=(upstream.base_url,), sqlite_path=db
+    ) as server:
         async with grpc.aio.insecure_channel(server.address) as channel:
             chat = chat_pb2_grpc.ChatCompletionServiceStub(channel)
             codes: list[grpc.StatusCode] = []
@@ -93,7 +95,9 @@ async def test_a_200_with_an_error_code_says_200_in_status_and_trace(
     info = error_info(error)
     assert info.reason == "UPSTREAM_UNAVAILABLE"
     assert info.metadata["http_status"] == "200" and info.metadata["upstream_code"] == "502", info.metadata
-    assert "HTTP 200" in (error.details() or "") and "HTTP 502" not in (error.details() or ""), error.details()
+    assert "HTTP 200" in (error.details() or "") and "HTTP 502" not in (error.details() or ""), (
+        error.details()
+    )
     assert len(upstream.requests) == gateway.settings.retry.max_attempts
     trace = await trace_of(gateway, step)
     assert (trace.error_type, trace.error_message) == (info.reason, error.details())
