@@ -16,7 +16,9 @@ from llmgateway.v1 import chat_pb2, providers_pb2, traces_pb2
 
 from server.api.auth import KeyAuthenticator
 from server.api.chat import ChatCompletionServicer
+from server.api.handlers import Service
 from server.api.providers import ProviderServicer
+from server.api.status import abort
 from server.api.traces import ProviderTraceServicer
 from server.auth.byok import resolve_byok
 from server.auth.crypto import Keyring
@@ -27,7 +29,9 @@ from server.auth.store import AuthStore, create_auth_store
 from server.config import Settings
 from server.core import tokens
 from server.core.keys import ByokProvider
+from server.errors import ShuttingDown
 from server.gateway import Dependencies, Gateway
+from server.inflight import InFlight, uncancel_current
 from server.providers.http import HttpClient
 from server.reflection import enable_reflection
 from server.telemetry import Tracing, setup_tracing
@@ -42,17 +46,58 @@ SERVICE_NAMES = (
     providers_pb2.DESCRIPTOR.services_by_name["ProviderService"].full_name,
 )
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+# Shutdown: calls still queued inside grpc when the signal came start within this much quiet
+# (bounded by SETTLE_LIMIT); calls cut at the end of the grace period get CUT_ALLOWANCE to send
+# their status and trace before grpc cancels whatever is left.
+SETTLE_QUIET = 0.1
+SETTLE_LIMIT = 1.0
+CUT_ALLOWANCE = 2.0
+
+
+class _Health(health.aio.HealthServicer):  # type: ignore[misc]
+    """grpc's health servicer, except that its Watch streams end when the server stops.
+
+    grpc's Watch never returns: one left open held `server.stop()` for the whole grace period
+    (with no call in flight) and then ended with grpc's bare status. `end_watches` ends them
+    with UNAVAILABLE SHUTTING_DOWN, after they were told NOT_SERVING.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._watches: set[asyncio.Task[Any]] = set()
+        self._ending = False
+
+    async def Watch(self, request: health_pb2.HealthCheckRequest, context: Any) -> None:  # noqa: N802 - gRPC's name
+        task = asyncio.current_task()
+        if task is not None:
+            self._watches.add(task)
+        try:
+            await super().Watch(request, context)
+        except asyncio.CancelledError:
+            if not self._ending:
+                raise  # the watcher went away
+            uncancel_current()
+        finally:
+            if task is not None:
+                self._watches.discard(task)
+        await abort(context, ShuttingDown("the server is shutting down", metadata={"phase": "health"}))
+
+    def end_watches(self) -> None:
+        self._ending = True
+        for task in self._watches:
+            task.cancel()
 
 
 @dataclass(slots=True)
 class _Running:
     server: grpc.aio.Server
-    health: health.aio.HealthServicer
+    health: _Health
     writer: TraceWriter
     store: AuthStore
     http: HttpClient
     port: int
     tracing: Tracing | None
+    calls: InFlight
 
 
 class GatewayServer:
@@ -149,14 +194,17 @@ class GatewayServer:
                 ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
             ],
         )
-        server.add_generic_rpc_handlers(
-            (
-                ChatCompletionServicer(gateway, authenticator).handlers(),
-                ProviderTraceServicer(writer.reader, authenticator).handlers(),
-                ProviderServicer(store, authenticator, policy, keyring=keyring).handlers(),
-            )
+        services = (
+            ChatCompletionServicer(gateway, authenticator).handlers(),
+            ProviderTraceServicer(writer.reader, authenticator).handlers(),
+            ProviderServicer(store, authenticator, policy, keyring=keyring).handlers(),
         )
-        health_servicer = health.aio.HealthServicer()
+        calls = InFlight(abort)
+        for handlers in services:
+            assert isinstance(handlers, Service), handlers
+            handlers.track(calls)
+        server.add_generic_rpc_handlers(services)
+        health_servicer = _Health()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         for name in (*SERVICE_NAMES, ""):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -165,7 +213,7 @@ class GatewayServer:
         cleanup.push_async_callback(server.stop, None)
         port = _bind(server, settings)
         await server.start()
-        self._running = _Running(server, health_servicer, writer, store, http, port, tracing)
+        self._running = _Running(server, health_servicer, writer, store, http, port, tracing, calls)
         log.info(
             "llm-gateway serving on %s (port %d), auth %s, traces %s",
             settings.listen,
@@ -182,8 +230,31 @@ class GatewayServer:
             return
         self._running = None
         grace = self.settings.grace_period if grace is None else grace
+        loop = asyncio.get_running_loop()
+        ends = loop.time() + grace
+        calls = running.calls
         await running.health.enter_graceful_shutdown()
-        await running.server.stop(grace)
+        # Calls that arrived before the signal but still wait inside grpc for a handler would be
+        # cancelled by grpc (a bare CANCELLED) the moment server.stop() begins: let them start.
+        await calls.settle(quiet=SETTLE_QUIET, limit=min(SETTLE_LIMIT, grace / 2))
+        # New calls are refused from here (GOAWAY). grpc's own cancel at the end of its grace is
+        # only the fallback: it sends no ErrorInfo, and handlers unwind after stop() returned.
+        stopping = asyncio.create_task(running.server.stop(max(0.0, ends - loop.time()) + CUT_ALLOWANCE))
+        if not await calls.wait_idle(ends - loop.time()):
+            cut = calls.cut(grace)
+            log.warning(
+                "grace period of %g s over: ending %d calls still running with UNAVAILABLE SHUTTING_DOWN",
+                grace,
+                cut,
+            )
+            await calls.wait_idle(CUT_ALLOWANCE)
+        running.health.end_watches()  # they saw NOT_SERVING; nothing is left to watch
+        await stopping
+        # A handler grpc cancelled itself may still be unwinding (writing its trace).
+        if not await calls.wait_idle(CUT_ALLOWANCE):
+            log.warning(
+                "%d calls still unwinding after the server stopped; their traces may be lost", len(calls)
+            )
         await running.writer.close(timeout=max(grace, 5.0))
         await running.http.close()
         await running.store.close()

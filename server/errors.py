@@ -16,6 +16,8 @@ and the `ErrorInfo.reason` of one row of the contract's status table, so the map
     ├── UpstreamBadResponse        UNAVAILABLE          UPSTREAM_BAD_RESPONSE
     ├── UnparseableModelOutput     UNAVAILABLE          UNPARSEABLE_MODEL_OUTPUT
     ├── DeadlineExceeded           DEADLINE_EXCEEDED    DEADLINE_EXCEEDED
+    ├── ShuttingDown               UNAVAILABLE          SHUTTING_DOWN
+    ├── InternalTimeout            UNAVAILABLE          INTERNAL_TIMEOUT
     ├── Unauthenticated            UNAUTHENTICATED      UNAUTHENTICATED
     ├── EndpointNotAllowed         PERMISSION_DENIED    ENDPOINT_NOT_ALLOWED
     ├── PermissionDenied           PERMISSION_DENIED    PERMISSION_DENIED
@@ -120,6 +122,28 @@ class UnparseableModelOutput(GatewayError):
 class DeadlineExceeded(GatewayError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
     reason = "DEADLINE_EXCEEDED"
+
+
+class ShuttingDown(GatewayError):
+    """The gateway is stopping: the call was cut at the end of the grace period, or came too late.
+
+    UNAVAILABLE, as gRPC means it: transient, retry (another instance answers). Not
+    UPSTREAM_UNAVAILABLE: the upstream did nothing wrong, and alerts on it must not fire.
+    """
+
+    code = grpc.StatusCode.UNAVAILABLE
+    reason = "SHUTTING_DOWN"
+
+
+class InternalTimeout(GatewayError):
+    """Something inside the gateway timed out (a database pool, the key store, a lock).
+
+    Not DEADLINE_EXCEEDED: only the caller's own deadline passing may say that. UNAVAILABLE
+    because a busy pool or a slow store is transient; metadata says what timed out.
+    """
+
+    code = grpc.StatusCode.UNAVAILABLE
+    reason = "INTERNAL_TIMEOUT"
 
 
 class Unauthenticated(GatewayError):

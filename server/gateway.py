@@ -30,6 +30,7 @@ from server.core.retry import Deadline
 from server.core.stream import StreamAccumulator
 from server.core.validation import LOCAL_TYPES, FunctionKeys, function_keys, validate_request
 from server.errors import ContextWindowExceeded, GatewayError, UpstreamBadResponse
+from server.inflight import InFlightCall, cancel_cause, current_call
 from server.providers.base import UpstreamTarget
 from server.providers.http import HttpClient
 from server.providers.openai_compat import (
@@ -218,7 +219,14 @@ class Gateway:
             },
         )
 
-    def finish_trace(self, record: TraceRecord, started: float, error: BaseException | None) -> None:
+    def finish_trace(
+        self,
+        record: TraceRecord,
+        started: float,
+        error: BaseException | None,
+        in_flight: InFlightCall | None = None,
+    ) -> None:
+        """Complete the record and queue it; `in_flight` says why a cancelled call was cancelled."""
         record.latency_ms = (time.perf_counter() - started) * 1000.0
         if record.response_json:
             # An upstream (a debugging proxy, say) may echo a key back, even split over chunks.
@@ -227,8 +235,8 @@ class Gateway:
             record.error_type = error.reason
             record.error_message = self.deps.scrub(error.message)
         elif isinstance(error, asyncio.CancelledError | GeneratorExit):
-            record.error_type = "CANCELLED"
-            record.error_message = "the caller cancelled the call"
+            # The caller cancelling, its deadline passing and shutdown all arrive as a cancellation.
+            record.error_type, record.error_message = cancel_cause(in_flight or current_call())
         elif error is not None:
             record.error_type = type(error).__name__
             record.error_message = self.deps.scrub(str(error))
@@ -401,7 +409,17 @@ def _local_usage(
 class _TraceScope:
     """`Gateway.traced_call`: opens the span and the record on entry, finishes both on exit."""
 
-    __slots__ = ("_gateway", "_request", "_actor", "_target", "_payload", "_kind", "_call", "_span_scope")
+    __slots__ = (
+        "_gateway",
+        "_request",
+        "_actor",
+        "_target",
+        "_payload",
+        "_kind",
+        "_call",
+        "_span_scope",
+        "_in_flight",
+    )
 
     def __init__(
         self,
@@ -420,6 +438,8 @@ class _TraceScope:
         self._kind = kind
         self._call: TracedCall | None = None
         self._span_scope: AbstractContextManager[Any] | None = None
+        # Taken now: a stream abandoned mid-way is closed later, maybe from another task.
+        self._in_flight = current_call()
 
     def __enter__(self) -> TracedCall:
         gateway = self._gateway
@@ -449,6 +469,6 @@ class _TraceScope:
                         record.response_json = call.partial()
                     except Exception:  # noqa: BLE001 - the trace must be written whatever the answer held
                         log.warning("could not keep the partial answer of trace %s", record.id)
-                gateway.finish_trace(record, call.started, exc)
+                gateway.finish_trace(record, call.started, exc, self._in_flight)
         finally:
             span_scope.__exit__(exc_type, exc, tb)  # the exception, if any, goes on

@@ -51,7 +51,7 @@ class ChatCompletionServicer:
         except grpc.aio.AbortError:
             raise
         except Exception as exc:  # noqa: BLE001 - last line of defence, as in run_unary
-            error = map_exception(exc, "ChatCompletionServicer.stream_create")
+            error = map_exception(exc, "ChatCompletionServicer.stream_create", context)
         else:
             return
         await abort(context, error)

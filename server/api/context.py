@@ -15,7 +15,7 @@ from server.api.status import abort
 from server.auth.actor import Actor
 from server.core.retry import Deadline
 from server.core.validation import undecodable
-from server.errors import DeadlineExceeded, FieldViolation, GatewayError, InvalidRequest
+from server.errors import DeadlineExceeded, FieldViolation, GatewayError, InternalTimeout, InvalidRequest
 
 log = logging.getLogger("llmgateway.api")
 M = TypeVar("M", bound=Message)
@@ -88,14 +88,36 @@ def deadline_of(context: Context) -> Deadline:
     return Deadline.after(remaining)
 
 
-def map_exception(exc: Exception, where: str) -> GatewayError:
+def map_exception(exc: Exception, where: str, context: Context | None = None) -> GatewayError:
     """The status for a failure that escaped a servicer (an unexpected one is INTERNAL, logged)."""
     if isinstance(exc, GatewayError):
         return exc
     if isinstance(exc, TimeoutError):
-        return DeadlineExceeded("the caller's deadline passed")
+        # Only the caller's own deadline is DEADLINE_EXCEEDED; a pool, a store or a lock timing
+        # out says what it was, so callers and operators do not chase the wrong clock.
+        remaining = context.time_remaining() if context is not None else None
+        if remaining is not None and remaining <= 0:
+            return DeadlineExceeded("the caller's deadline passed")
+        operation = _timed_out_operation(exc)
+        log.warning("%s timed out inside %s", operation, where, exc_info=exc)
+        return InternalTimeout(
+            f"an internal operation timed out ({operation}), not the caller's deadline; see the gateway log",
+            metadata={"rpc": where, "operation": operation},
+        )
     log.exception("unexpected failure in %s", where)
     return GatewayError("internal error; see the gateway log", metadata={"rpc": where})
+
+
+def _timed_out_operation(exc: BaseException) -> str:
+    """Where a TimeoutError came from: the innermost frame outside asyncio (module.function)."""
+    found = "unknown"
+    tb = exc.__traceback__
+    while tb is not None:
+        module = str(tb.tb_frame.f_globals.get("__name__", ""))
+        if module and not module.startswith(("asyncio", "contextlib")):
+            found = f"{module}.{tb.tb_frame.f_code.co_name}"
+        tb = tb.tb_next
+    return found
 
 
 async def run_unary(context: Context, call: Callable[[], Awaitable[M]]) -> M:
@@ -105,6 +127,8 @@ async def run_unary(context: Context, call: Callable[[], Awaitable[M]]) -> M:
     except grpc.aio.AbortError:
         raise
     except Exception as exc:  # noqa: BLE001 - the last line of defence: answer, log, stay up
-        error = map_exception(exc, getattr(call, "__qualname__", "call").removesuffix(".<locals>.call"))
+        error = map_exception(
+            exc, getattr(call, "__qualname__", "call").removesuffix(".<locals>.call"), context
+        )
     await abort(context, error)
     raise AssertionError("unreachable: abort raises")

@@ -8,6 +8,7 @@ import grpc
 from google.protobuf.message import Message
 
 from server.api.context import Context
+from server.inflight import InFlight
 
 UnaryBehaviour = Callable[[bytes, Context], Awaitable[Message]]
 StreamBehaviour = Callable[[bytes, Context], AsyncIterator[Message]]
@@ -26,5 +27,28 @@ def server_stream(behaviour: StreamBehaviour) -> grpc.RpcMethodHandler:
     return grpc.unary_stream_rpc_method_handler(behaviour, response_serializer=_serialize)
 
 
-def service(name: str, methods: Mapping[str, grpc.RpcMethodHandler]) -> grpc.GenericRpcHandler:
-    return grpc.method_handlers_generic_handler(name, dict(methods))
+class Service(grpc.GenericRpcHandler):  # type: ignore[misc]
+    """One service's method handlers, found by full method name; `track` puts them under shutdown."""
+
+    def __init__(self, name: str, methods: Mapping[str, grpc.RpcMethodHandler]) -> None:
+        self._handlers = {f"/{name}/{method}": handler for method, handler in methods.items()}
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        return self._handlers.get(handler_call_details.method)
+
+    def track(self, calls: InFlight) -> None:
+        """Wrap every method once (not per call) so `calls` can drain and cut them."""
+        for method, handler in self._handlers.items():
+            if handler.unary_unary is not None:
+                handler = grpc.unary_unary_rpc_method_handler(
+                    calls.unary(handler.unary_unary), response_serializer=handler.response_serializer
+                )
+            elif handler.unary_stream is not None:
+                handler = grpc.unary_stream_rpc_method_handler(
+                    calls.stream(handler.unary_stream), response_serializer=handler.response_serializer
+                )
+            self._handlers[method] = handler
+
+
+def service(name: str, methods: Mapping[str, grpc.RpcMethodHandler]) -> Service:
+    return Service(name, methods)

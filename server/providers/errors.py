@@ -53,11 +53,19 @@ def error_for_status(
     *,
     provider: str,
     scrub: Callable[[str], str],
+    in_body: bool = False,
 ) -> RetryableError | GatewayError:
-    """The error for a non-2xx answer; RetryableError when a retry may help."""
+    """The error for a non-2xx answer; RetryableError when a retry may help.
+
+    `in_body`: the status is the code of an `error` object a 200 carried; it is classified (and
+    retried) as that status, but the message and metadata say what was actually answered.
+    """
     message = scrub(upstream_message(body))
-    meta = {"http_status": status, "provider": provider}
+    meta: dict[str, object] = {"http_status": status, "provider": provider}
     text = f"{provider} answered HTTP {status}"
+    if in_body:
+        meta = {"http_status": 200, "upstream_code": status, "provider": provider}
+        text = f"{provider} answered HTTP 200 with an error object (code {status})"
     if message:
         text += f": {message}"
     if status == 429:
@@ -145,15 +153,16 @@ def body_error(
     """A 200 (or an SSE event) that carries an `error` object instead of an answer.
 
     OpenRouter and some proxies answer HTTP 200 with `{"error": {"code": 429|502|..., ...}}`: a
-    numeric code maps as the HTTP status would (so a 429 or 5xx in the body is retryable);
-    anything else is UPSTREAM_BAD_RESPONSE with the provider's message.
+    numeric code maps as the HTTP status would (so a 429 or 5xx in the body is retryable, and
+    the caller's retry policy sees the same code it would for that status), with metadata
+    `http_status` 200 and `upstream_code`; anything else is UPSTREAM_BAD_RESPONSE.
     """
     err = payload.get("error")
     code = err.get("code", err.get("status")) if isinstance(err, dict) else None
     status = _http_code(code)
     raw = orjson.dumps(payload, option=orjson.OPT_NON_STR_KEYS, default=str)
     if status is not None:
-        return error_for_status(status, raw, {}, provider=provider, scrub=scrub)
+        return error_for_status(status, raw, {}, provider=provider, scrub=scrub, in_body=True)
     message = scrub(upstream_message(raw))
     return UpstreamBadResponse(
         f"{provider} answered with an error: {message}",

@@ -374,8 +374,9 @@ async def _read_error_body(response: Response) -> bytes:
 
 
 def _http_status(error: GatewayError) -> int:
+    # An error event carries its code as `upstream_code` (the HTTP status was 200): retry by it.
     try:
-        return int(error.metadata.get("http_status", "0"))
+        return int(error.metadata.get("upstream_code") or error.metadata.get("http_status", "0"))
     except ValueError:
         return 0
 

@@ -25,6 +25,8 @@ TABLE = [
     (errors.UpstreamBadResponse, grpc.StatusCode.UNAVAILABLE, "UPSTREAM_BAD_RESPONSE"),
     (errors.UnparseableModelOutput, grpc.StatusCode.UNAVAILABLE, "UNPARSEABLE_MODEL_OUTPUT"),
     (errors.DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED, "DEADLINE_EXCEEDED"),
+    (errors.ShuttingDown, grpc.StatusCode.UNAVAILABLE, "SHUTTING_DOWN"),
+    (errors.InternalTimeout, grpc.StatusCode.UNAVAILABLE, "INTERNAL_TIMEOUT"),
     (errors.Unauthenticated, grpc.StatusCode.UNAUTHENTICATED, "UNAUTHENTICATED"),
     (errors.EndpointNotAllowed, grpc.StatusCode.PERMISSION_DENIED, "ENDPOINT_NOT_ALLOWED"),
     (errors.PermissionDenied, grpc.StatusCode.PERMISSION_DENIED, "PERMISSION_DENIED"),

@@ -1,0 +1,229 @@
+"""The calls in flight: shutdown drains them, cuts the ones the grace period could not finish,
+and every trace can say why its call was cancelled (the caller, its deadline, or shutdown).
+
+grpc.aio's own `server.stop(grace)` is not enough on its own:
+- It stops handing calls to handlers at once, and grpc core then cancels the calls that had
+  already arrived but were still queued for a handler: the caller gets a bare CANCELLED for a
+  call the gateway never looked at. `InFlight.settle` lets that queue drain first.
+- At the end of the grace period it cancels every call in core, so a stream still running ends
+  with a bare status (or looks complete), and its handler unwinds only after `stop()` returned,
+  when the trace writer may be closed. `InFlight.cut` ends them first, from the inside, with
+  UNAVAILABLE SHUTTING_DOWN, while grpc still sends a status; `wait_idle` waits for their traces.
+
+`InFlight.unary` / `InFlight.stream` wrap a servicer method; `current_call()` is the call the
+running task is handling (a ContextVar, so the request path needs no extra argument).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextvars import ContextVar
+from typing import Any, TypeAlias, TypeVar
+
+import grpc
+
+from server.errors import GatewayError, ShuttingDown
+
+Context: TypeAlias = grpc.aio.ServicerContext  # type: ignore[type-arg, unused-ignore]
+R = TypeVar("R")
+Aborter = Callable[[Context, GatewayError], Awaitable[None]]
+
+# Trace error types of a cancelled call (the same words as the statuses the caller sees).
+CANCELLED_BY_SHUTDOWN = ("SHUTTING_DOWN", "cancelled by shutdown: still running when the grace period ended")
+CANCELLED_BY_DEADLINE = ("DEADLINE_EXCEEDED", "the caller's deadline passed")
+CANCELLED_BY_CALLER = ("CANCELLED", "the caller cancelled the call")
+SETTLE_PROBE = 0.02
+
+
+class InFlightCall:
+    """One call being handled: its task and context, and whether shutdown cut it."""
+
+    __slots__ = ("task", "context", "cut", "running")
+
+    def __init__(self, task: asyncio.Task[Any] | None, context: Context) -> None:
+        self.task = task
+        self.context = context
+        self.cut = False  # shutdown ended it (set before its task is cancelled)
+        self.running = True  # in the servicer's code (not in grpc's write of a stream message)
+
+    def deadline_passed(self) -> bool:
+        remaining = self.context.time_remaining()
+        return remaining is not None and remaining <= 0
+
+
+_CURRENT: ContextVar[InFlightCall | None] = ContextVar("llmgateway_call", default=None)
+
+
+def current_call() -> InFlightCall | None:
+    """The call the running task is handling (None outside a tracked servicer method)."""
+    return _CURRENT.get()
+
+
+def cancel_cause(call: InFlightCall | None) -> tuple[str, str]:
+    """(error_type, error_message) for the trace of a call that was cancelled."""
+    if call is not None and call.cut:
+        return CANCELLED_BY_SHUTDOWN
+    if call is not None and call.deadline_passed():
+        return CANCELLED_BY_DEADLINE
+    return CANCELLED_BY_CALLER
+
+
+class InFlight:
+    """The registry of one server's calls in flight."""
+
+    def __init__(self, abort: Aborter) -> None:
+        self._abort = abort
+        self._calls: set[InFlightCall] = set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._entered = 0  # calls ever handed to a handler (settle watches it move)
+        self._last_entered = 0.0  # loop time of the latest one
+        self._grace = 0.0
+        self.closed = False  # after the cut: a call arriving now is refused at once
+
+    def __len__(self) -> int:
+        return len(self._calls)
+
+    def _enter(self, context: Context) -> InFlightCall:
+        call = InFlightCall(asyncio.current_task(), context)
+        self._calls.add(call)
+        self._entered += 1
+        self._last_entered = asyncio.get_running_loop().time()
+        self._idle.clear()
+        _CURRENT.set(call)  # the handler's task has its own context: this stays with the call
+        return call
+
+    def _leave(self, call: InFlightCall) -> None:
+        self._calls.discard(call)
+        if not self._calls:
+            self._idle.set()
+
+    def shutdown_error(self, *, refused: bool) -> ShuttingDown:
+        if refused:
+            return ShuttingDown(
+                "the gateway is shutting down and takes no new calls; retry on another instance",
+                metadata={"phase": "refused"},
+            )
+        return ShuttingDown(
+            f"the gateway is shutting down: the call was still running when the {self._grace:g} s "
+            "grace period ended; retry it",
+            metadata={"phase": "cut", "grace_period_seconds": f"{self._grace:g}"},
+        )
+
+    def unary(
+        self, behaviour: Callable[[bytes, Context], Awaitable[R]]
+    ) -> Callable[[bytes, Context], Awaitable[R]]:
+        """`behaviour`, tracked: cut by shutdown, it ends with UNAVAILABLE SHUTTING_DOWN."""
+
+        async def tracked(data: bytes, context: Context) -> R:
+            call = self._enter(context)
+            try:
+                if self.closed:
+                    call.running = False
+                    await self._abort(context, self.shutdown_error(refused=True))
+                try:
+                    return await behaviour(data, context)
+                except asyncio.CancelledError:
+                    if not call.cut:
+                        raise  # the caller went away or its deadline passed: nothing to send
+                    uncancel_current()
+                call.running = False
+                await self._abort(context, self.shutdown_error(refused=False))
+                raise AssertionError("unreachable: abort raises")
+            finally:
+                self._leave(call)
+
+        return tracked
+
+    def stream(
+        self, behaviour: Callable[[bytes, Context], AsyncIterator[R]]
+    ) -> Callable[[bytes, Context], AsyncIterator[R]]:
+        """`behaviour` (a server stream), tracked: cut, it ends with UNAVAILABLE SHUTTING_DOWN."""
+
+        async def tracked(data: bytes, context: Context) -> AsyncIterator[R]:
+            call = self._enter(context)
+            try:
+                if self.closed:
+                    call.running = False
+                    await self._abort(context, self.shutdown_error(refused=True))
+                messages = behaviour(data, context)
+                try:
+                    while not call.cut:  # cut while grpc was writing our last message
+                        call.running = True
+                        try:
+                            message = await anext(messages)
+                        except StopAsyncIteration:
+                            return
+                        except asyncio.CancelledError:
+                            if not call.cut:
+                                raise
+                            uncancel_current()
+                            break
+                        finally:
+                            call.running = False
+                        yield message
+                finally:
+                    # Closing it unwinds the request path (its trace says SHUTTING_DOWN, as `cut`
+                    # is set) before the status goes out; a no-op for one that already ended.
+                    aclose = getattr(messages, "aclose", None)
+                    if aclose is not None:
+                        await aclose()
+                await self._abort(context, self.shutdown_error(refused=False))
+            finally:
+                self._leave(call)
+
+        return tracked
+
+    async def settle(self, *, quiet: float, limit: float) -> None:
+        """Wait until no call was handed to a handler for `quiet` seconds (at most `limit`).
+
+        Calls that reached the server before the signal may still be queued inside grpc, which
+        cancels them (bare CANCELLED) the moment `server.stop()` begins: let them start first.
+        """
+        loop = asyncio.get_running_loop()
+        end = loop.time() + limit
+        seen = self._entered
+        if loop.time() - self._last_entered >= quiet:
+            # Idle before the signal: one short look (grpc's callbacks queued behind a busy loop
+            # run now) instead of the whole quiet period; tests stop many idle servers.
+            await asyncio.sleep(min(SETTLE_PROBE, limit))
+            if self._entered == seen:
+                return
+            seen = self._entered
+        while loop.time() < end:
+            await asyncio.sleep(min(quiet, max(0.0, end - loop.time())))
+            if self._entered == seen:
+                return
+            seen = self._entered
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait until no call is in flight; False if some still are after `timeout` seconds."""
+        try:
+            async with asyncio.timeout(max(0.0, timeout)):
+                await self._idle.wait()
+        except TimeoutError:
+            return False
+        return True
+
+    def cut(self, grace: float) -> int:
+        """End every call still in flight (the grace period is over); how many were cut.
+
+        A call in the servicer's code is cancelled; one whose message grpc is writing is marked
+        and ends before its next message. Each then sends UNAVAILABLE SHUTTING_DOWN.
+        """
+        self._grace = grace
+        self.closed = True
+        calls = list(self._calls)
+        for call in calls:
+            call.cut = True
+            if call.running and call.task is not None:
+                call.task.cancel()
+        return len(calls)
+
+
+def uncancel_current() -> None:
+    """The cancellation was ours (shutdown) and is handled: later awaits (the abort) run normally."""
+    task = asyncio.current_task()
+    if task is not None:
+        task.uncancel()
