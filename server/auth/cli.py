@@ -144,4 +144,13 @@ async def _rotate(store: AuthStore, keyring: Keyring, *, out: TextIO, err: TextI
     )
     for organization_id, name, cause in report.failed:
         print(f"cannot decrypt provider {name!r} of organization {organization_id!r}: {cause}", file=err)
-    return 1 if report.failed else 0
+    if report.failed:
+        return 1
+    if keyring.read_v1:
+        # Until servers refuse them, an unbound old-format row planted in the table still decrypts.
+        print(
+            "every BYOK key is now bound to its provider: set LLMGW_BYOK_READ_V1=false on every "
+            "server, so an old-format row (one restored from a backup, say) is refused",
+            file=out,
+        )
+    return 0

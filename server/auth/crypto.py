@@ -34,6 +34,11 @@ for it, so the event loop never runs PBKDF2. Not on the loop's default executor:
 resolves host names (`loop.getaddrinfo`) for every upstream call, and a burst of derivations
 (first reads of v1 rows, each with its own salt; rows with a large stored count) queued there
 would stall every call's connect, BYOK or not.
+
+Why v1 records can be refused (`LLMGW_BYOK_READ_V1=false`): they are bound to nothing, so whoever
+can write the providers table could plant one (from a backup taken before the rotation, say) on
+a provider whose base URL they chose, and the server would send the decrypted key there. Once
+`keys rotate-encryption` has rewritten every row, no legitimate v1 record is left to read.
 """
 
 from __future__ import annotations
@@ -108,6 +113,9 @@ class DecryptionFailed(FailedPrecondition):
             "mismatch": "a stored BYOK provider key could not be decrypted: LLMGW_ENCRYPTION_KEY differs "
             "from the one it was stored with, or the stored value is corrupt",
             "malformed": "a stored BYOK provider key is not a valid encrypted record",
+            "unbound": "a stored BYOK provider key is an old-format record, bound to no provider, and "
+            "this server refuses those (LLMGW_BYOK_READ_V1=false); run `llm-gateway keys "
+            "rotate-encryption` with LLMGW_BYOK_READ_V1=true if the row is genuine",
         }
         super().__init__(
             messages.get(cause, messages["mismatch"]),
@@ -239,12 +247,14 @@ class Keyring:
     """The passphrases a process knows: `current` encrypts and is tried first; `previous` only decrypts.
 
     `iterations` is the PBKDF2 count of new records; lower it only in tests (the record stores its
-    count, so a reader needs no setting to read it).
+    count, so a reader needs no setting to read it). `read_v1=False` refuses unbound v1 records
+    (see the module docstring).
     """
 
     current: str = field(repr=False)
     previous: str = field(default="", repr=False)
     iterations: int = PBKDF2_ITERATIONS
+    read_v1: bool = True
     _write_salt: bytes = field(default_factory=lambda: os.urandom(SALT_BYTES), init=False, repr=False)
     _inflight: dict[tuple[bytes, bytes, int], asyncio.Future[bytes]] = field(
         default_factory=dict, init=False, repr=False
@@ -256,7 +266,7 @@ class Keyring:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Keyring:
-        return cls(settings.encryption_key, settings.encryption_key_previous)
+        return cls(settings.encryption_key, settings.encryption_key_previous, read_v1=settings.byok_read_v1)
 
     @property
     def configured(self) -> bool:
@@ -298,7 +308,7 @@ class Keyring:
         Runs PBKDF2 on the calling thread when the key is not cached: `decrypt_async` on a loop.
         """
         candidates = self._candidates()
-        record = _parse(token)
+        record = self._readable(token)
         for passphrase in candidates:
             plain = _open_with(_derive(passphrase, record.kdf_salt, record.iterations), record, binding)
             if plain is not None:
@@ -308,13 +318,19 @@ class Keyring:
     async def decrypt_async(self, token: str, binding: Binding) -> str:
         """`decrypt`, running every PBKDF2 it needs on the KDF threads, never on the event loop."""
         candidates = self._candidates()
-        record = _parse(token)
+        record = self._readable(token)
         for passphrase in candidates:
             prk = await self._derive_async(passphrase, record.kdf_salt, record.iterations)
             plain = _open_with(prk, record, binding)
             if plain is not None:
                 return plain
         raise _not_mine(record)
+
+    def _readable(self, token: str) -> _Record:
+        record = _parse(token)
+        if record.version == 1 and not self.read_v1:
+            raise DecryptionFailed("unbound")  # before any derivation: a planted row costs nothing
+        return record
 
     def needs_rotation(self, token: str) -> bool:
         """True unless `token` is a v2 record under the current passphrase, count and write salt."""

@@ -6,6 +6,9 @@ Each test failed on the reviewed code (3c40acc):
     each with its own salt, or rows with a large stored count) stalled every call's connect.
   * With fewer cache slots than the (passphrase, salt) pairs in use, `decrypt_async` derived,
     found its key evicted, derived again, forever.
+  * A v1 record is bound to nothing: whoever can write the providers table can copy one (from a
+    backup taken before the rotation, say) onto any provider, and it decrypts there, so the key
+    goes to the copier's base URL. `LLMGW_BYOK_READ_V1=false` refuses them once rotated.
 """
 
 from __future__ import annotations
@@ -16,12 +19,16 @@ import hashlib
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from server.auth import crypto
-from server.auth.crypto import Binding, Keyring
+from server.auth.byok import resolve_byok
+from server.auth.crypto import Binding, DecryptionFailed, Keyring
+from server.auth.store_sqlite import SqliteAuthStore
+from server.config import load_settings
 
 OLD = "old passphrase 0123456789"
 NEW = "new passphrase 9876543210"
@@ -98,3 +105,42 @@ async def test_decrypt_async_ends_even_when_the_cache_cannot_hold_both_passphras
     assert plain == SECRET
     assert len(derivations) == 2  # current, then previous; never one on the loop's thread
     assert threading.current_thread().name not in derivations
+
+
+async def test_a_v1_row_copied_onto_another_provider_is_refused_once_v1_reading_is_off(
+    tmp_path: Path,
+) -> None:
+    """The downgrade: an unbound v1 row (an old backup's) planted on a provider pointing elsewhere."""
+    async with SqliteAuthStore(path=str(tmp_path / "gw.db")) as store:
+        await store.create_provider(
+            organization_id="evil",
+            name="mine",
+            endpoint_type="openai",
+            base_url="https://collector.example.net/v1",
+            api_key_encrypted=v1_record(SECRET, NEW),  # acme's row, before its rotation
+            api_key_last4="",
+        )
+        reading = load_settings(environ={"LLMGW_ENCRYPTION_KEY": NEW})
+        found = await resolve_byok(
+            store, keyring=Keyring.from_settings(reading), organization_id="evil", provider_name="mine"
+        )
+        assert found.api_key == SECRET  # the documented default: v1 rows are read, bound to nothing
+
+        refusing = load_settings(environ={"LLMGW_ENCRYPTION_KEY": NEW, "LLMGW_BYOK_READ_V1": "false"})
+        with pytest.raises(DecryptionFailed) as info:
+            await resolve_byok(
+                store, keyring=Keyring.from_settings(refusing), organization_id="evil", provider_name="mine"
+            )
+    assert info.value.cause == "unbound"
+    assert "LLMGW_BYOK_READ_V1" in info.value.message and SECRET not in info.value.message
+
+
+def test_refusing_v1_still_reads_v2_and_costs_no_derivation(derivations: list[str]) -> None:
+    keyring = Keyring(NEW, iterations=FAST, read_v1=False)
+    token = keyring.encrypt(SECRET, BOUND)
+    assert keyring.decrypt(token, BOUND) == SECRET
+    planted = v1_record(SECRET, NEW)
+    derivations.clear()
+    with pytest.raises(DecryptionFailed) as info:
+        keyring.decrypt(planted, BOUND)
+    assert info.value.cause == "unbound" and derivations == []
