@@ -1,5 +1,6 @@
-"""Review of BYOK at rest (issue 12, item 3) through the real CLI: after a rotation the operator is
-told to refuse unbound v1 records, and once refused a planted one is named, not decrypted."""
+"""Review of issue 12 items 3 and 4 through the real CLI: after a rotation the operator is told to
+refuse unbound v1 records (then a planted one is named, not decrypted); a whole key given to
+`keys revoke` revokes it and is never echoed."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from server.auth.crypto import Binding
 from server.auth.store_sqlite import SqliteAuthStore
-from tests.integration.test_security_e2e import run_cli
+from tests.integration.test_security_e2e import make_key, run_cli
 
 NEW = "new passphrase 9876543210"
 SECRET = "sk-byok-0123456789abcdefghij"
@@ -51,3 +52,18 @@ def test_the_cli_says_when_v1_records_can_be_refused_and_then_names_a_planted_on
     assert done.returncode == 1
     assert "'planted' of organization 'acme': unbound" in done.stderr
     assert "LLMGW_BYOK_READ_V1=false" not in done.stdout and SECRET not in done.stdout + done.stderr
+
+
+def test_revoking_with_the_whole_key_revokes_it_and_never_echoes_the_secret(tmp_path: Path) -> None:
+    """A careless operator pastes the key instead of its id (in a CI job, whose log is kept)."""
+    db = tmp_path / "gateway.db"
+    key_id, key = asyncio.run(make_key(db, "acme"))
+    done = run_cli(db, "revoke", key)
+    assert done.returncode == 0, done.stderr
+    assert key_id in done.stdout and key not in done.stdout + done.stderr
+
+    async def authenticated() -> bool:
+        async with SqliteAuthStore(path=str(db)) as store:
+            return await store.authenticate(token=key) is not None
+
+    assert not asyncio.run(authenticated())
