@@ -55,7 +55,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -100,28 +100,29 @@ class EncryptionKeyMissing(FailedPrecondition):
         )
 
 
+DecryptionCause = Literal["unknown_key", "binding", "mismatch", "malformed", "unbound"]
+# Deliberately say nothing about the token or the passphrase.
+_CAUSES: dict[DecryptionCause, str] = {
+    "unknown_key": "a stored BYOK provider key was encrypted under a passphrase that is neither "
+    "LLMGW_ENCRYPTION_KEY nor LLMGW_ENCRYPTION_KEY_PREVIOUS",
+    "binding": "a stored BYOK provider key does not belong to this provider (its row was copied "
+    "from another provider, organization or base URL) or the stored value is corrupt",
+    "mismatch": "a stored BYOK provider key could not be decrypted: LLMGW_ENCRYPTION_KEY differs "
+    "from the one it was stored with, or the stored value is corrupt",
+    "malformed": "a stored BYOK provider key is not a valid encrypted record",
+    # Not "rotate it": rotation would bind a planted row to the provider it was planted on.
+    "unbound": "a stored BYOK provider key is an old-format record, bound to no provider, which "
+    "this server refuses (LLMGW_BYOK_READ_V1=false); create the provider again with its key",
+}
+
+
 class DecryptionFailed(FailedPrecondition):
     """A stored key could not be decrypted: unknown passphrase, another binding, or an altered value."""
 
-    def __init__(self, cause: str = "mismatch") -> None:
-        # Deliberately says nothing about the token or the passphrase.
-        messages = {
-            "unknown_key": "a stored BYOK provider key was encrypted under a passphrase that is neither "
-            "LLMGW_ENCRYPTION_KEY nor LLMGW_ENCRYPTION_KEY_PREVIOUS",
-            "binding": "a stored BYOK provider key does not belong to this provider (its row was copied "
-            "from another provider, organization or base URL) or the stored value is corrupt",
-            "mismatch": "a stored BYOK provider key could not be decrypted: LLMGW_ENCRYPTION_KEY differs "
-            "from the one it was stored with, or the stored value is corrupt",
-            "malformed": "a stored BYOK provider key is not a valid encrypted record",
-            "unbound": "a stored BYOK provider key is an old-format record, bound to no provider, and "
-            "this server refuses those (LLMGW_BYOK_READ_V1=false); run `llm-gateway keys "
-            "rotate-encryption` with LLMGW_BYOK_READ_V1=true if the row is genuine",
-        }
-        super().__init__(
-            messages.get(cause, messages["mismatch"]),
-            metadata={"setting": "LLMGW_ENCRYPTION_KEY", "cause": cause},
-        )
-        self.cause = cause
+    def __init__(self, cause: DecryptionCause) -> None:
+        setting = "LLMGW_BYOK_READ_V1" if cause == "unbound" else "LLMGW_ENCRYPTION_KEY"
+        super().__init__(_CAUSES[cause], metadata={"setting": setting, "cause": cause})
+        self.cause: DecryptionCause = cause
 
 
 @dataclass(frozen=True, slots=True)

@@ -131,7 +131,7 @@ async def test_a_v1_row_copied_onto_another_provider_is_refused_once_v1_reading_
             await resolve_byok(
                 store, keyring=Keyring.from_settings(refusing), organization_id="evil", provider_name="mine"
             )
-    assert info.value.cause == "unbound"
+    assert info.value.cause == "unbound" and info.value.metadata["setting"] == "LLMGW_BYOK_READ_V1"
     assert "LLMGW_BYOK_READ_V1" in info.value.message and SECRET not in info.value.message
 
 
