@@ -43,6 +43,8 @@ class Settings:
     encryption_key: str = field(default="", repr=False)
     # Also accepted for reading BYOK keys, never for writing: the other passphrase of a rotation.
     encryption_key_previous: str = field(default="", repr=False)
+    # false once `keys rotate-encryption` has run: unbound v1 records are then refused.
+    byok_read_v1: bool = True
     auth: str = "auto"
     tls_cert: str = ""
     tls_key: str = ""

@@ -82,8 +82,6 @@ async def resolve_byok(
             f"no provider named {provider_name!r} for organization {organization_id!r}",
             metadata={"provider_name": provider_name, "organization_id": organization_id},
         )
-    if not keyring.configured and not keyring.previous:
-        raise EncryptionKeyMissing()
     api_key = await keyring.decrypt_async(record.api_key_encrypted, binding_of(record))
     if redactor is not None:
         redactor.add(api_key)

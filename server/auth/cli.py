@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from server.auth.byok import rotate_encryption
 from server.auth.crypto import Keyring
-from server.auth.store import DEFAULT_CACHE_TTL, create_auth_store
+from server.auth.store import DEFAULT_CACHE_TTL, create_auth_store, parse_key_id
 from server.errors import GatewayError
 
 if TYPE_CHECKING:
@@ -53,7 +53,7 @@ def add_keys_subparser(
     listing = actions.add_parser("list", help="list keys (never their secrets)")
     listing.add_argument("--org", default=None, help="only this organization's keys")
 
-    revoke = actions.add_parser("revoke", help="revoke a key by its id")
+    revoke = actions.add_parser("revoke", help="revoke a key by its id (or the key itself)")
     revoke.add_argument("key_id")
 
     rotate = actions.add_parser(
@@ -107,13 +107,15 @@ async def run_keys_command_async(
                 print("\t".join(row), file=out)
             return 0
         if command == "revoke":
-            if await store.revoke_key(key_id=args.key_id):
+            # A whole key pasted instead of its id: revoke it by its id, and never echo the secret.
+            key_id = parse_key_id(args.key_id) or args.key_id
+            if await store.revoke_key(key_id=key_id):
                 print(
-                    f"revoked key {args.key_id}; running servers refuse it within {DEFAULT_CACHE_TTL:g} s",
+                    f"revoked key {key_id}; running servers refuse it within {DEFAULT_CACHE_TTL:g} s",
                     file=out,
                 )
                 return 0
-            print(f"no active key {args.key_id}", file=err)
+            print(f"no active key {key_id}", file=err)
             return 1
         if command == "rotate-encryption":
             return await _rotate(store, Keyring.from_settings(settings), out=out, err=err)
@@ -144,4 +146,13 @@ async def _rotate(store: AuthStore, keyring: Keyring, *, out: TextIO, err: TextI
     )
     for organization_id, name, cause in report.failed:
         print(f"cannot decrypt provider {name!r} of organization {organization_id!r}: {cause}", file=err)
-    return 1 if report.failed else 0
+    if report.failed:
+        return 1
+    if keyring.read_v1:
+        # Until servers refuse them, an unbound old-format row planted in the table still decrypts.
+        print(
+            "every BYOK key is now bound to its provider: set LLMGW_BYOK_READ_V1=false on every "
+            "server, so an old-format row (one restored from a backup, say) is refused",
+            file=out,
+        )
+    return 0

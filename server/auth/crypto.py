@@ -29,8 +29,16 @@ lets a reader that knows several passphrases (`LLMGW_ENCRYPTION_KEY` and
 
 Derivations are cached (a process-wide LRU keyed by an HMAC of the passphrase under a random
 per-process key, never the passphrase itself). `Keyring.decrypt_async`/`encrypt_async` run a
-cache miss in a worker thread, one derivation per key at a time however many calls wait for it,
-so the event loop never runs PBKDF2.
+cache miss on PBKDF2's own two threads, one derivation per key at a time however many calls wait
+for it, so the event loop never runs PBKDF2. Not on the loop's default executor: that one also
+resolves host names (`loop.getaddrinfo`) for every upstream call, and a burst of derivations
+(first reads of v1 rows, each with its own salt; rows with a large stored count) queued there
+would stall every call's connect, BYOK or not.
+
+Why v1 records can be refused (`LLMGW_BYOK_READ_V1=false`): they are bound to nothing, so whoever
+can write the providers table could plant one (from a backup taken before the rotation, say) on
+a provider whose base URL they chose, and the server would send the decrypted key there. Once
+`keys rotate-encryption` has rewritten every row, no legitimate v1 record is left to read.
 """
 
 from __future__ import annotations
@@ -45,8 +53,9 @@ import struct
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -75,6 +84,9 @@ _AAD_LABEL = b"llmgw/byok/binding/v2"
 _CACHE_SIZE = 4096
 # Cache identities are HMACs under this, so even a memory dump of the cache names no passphrase.
 _PROCESS_SECRET = os.urandom(32)
+# Threads are started on first use; two keep one slow derivation from delaying every other one
+# while bounding the CPU a burst can take.
+_KDF_EXECUTOR = ThreadPoolExecutor(max_workers=2, thread_name_prefix="llmgw-pbkdf2")
 
 
 class EncryptionKeyMissing(FailedPrecondition):
@@ -88,25 +100,29 @@ class EncryptionKeyMissing(FailedPrecondition):
         )
 
 
+DecryptionCause = Literal["unknown_key", "binding", "mismatch", "malformed", "unbound"]
+# Deliberately say nothing about the token or the passphrase.
+_CAUSES: dict[DecryptionCause, str] = {
+    "unknown_key": "a stored BYOK provider key was encrypted under a passphrase that is neither "
+    "LLMGW_ENCRYPTION_KEY nor LLMGW_ENCRYPTION_KEY_PREVIOUS",
+    "binding": "a stored BYOK provider key does not belong to this provider (its row was copied "
+    "from another provider, organization or base URL) or the stored value is corrupt",
+    "mismatch": "a stored BYOK provider key could not be decrypted: LLMGW_ENCRYPTION_KEY differs "
+    "from the one it was stored with, or the stored value is corrupt",
+    "malformed": "a stored BYOK provider key is not a valid encrypted record",
+    # Not "rotate it": rotation would bind a planted row to the provider it was planted on.
+    "unbound": "a stored BYOK provider key is an old-format record, bound to no provider, which "
+    "this server refuses (LLMGW_BYOK_READ_V1=false); create the provider again with its key",
+}
+
+
 class DecryptionFailed(FailedPrecondition):
     """A stored key could not be decrypted: unknown passphrase, another binding, or an altered value."""
 
-    def __init__(self, cause: str = "mismatch") -> None:
-        # Deliberately says nothing about the token or the passphrase.
-        messages = {
-            "unknown_key": "a stored BYOK provider key was encrypted under a passphrase that is neither "
-            "LLMGW_ENCRYPTION_KEY nor LLMGW_ENCRYPTION_KEY_PREVIOUS",
-            "binding": "a stored BYOK provider key does not belong to this provider (its row was copied "
-            "from another provider, organization or base URL) or the stored value is corrupt",
-            "mismatch": "a stored BYOK provider key could not be decrypted: LLMGW_ENCRYPTION_KEY differs "
-            "from the one it was stored with, or the stored value is corrupt",
-            "malformed": "a stored BYOK provider key is not a valid encrypted record",
-        }
-        super().__init__(
-            messages.get(cause, messages["mismatch"]),
-            metadata={"setting": "LLMGW_ENCRYPTION_KEY", "cause": cause},
-        )
-        self.cause = cause
+    def __init__(self, cause: DecryptionCause) -> None:
+        setting = "LLMGW_BYOK_READ_V1" if cause == "unbound" else "LLMGW_ENCRYPTION_KEY"
+        super().__init__(_CAUSES[cause], metadata={"setting": setting, "cause": cause})
+        self.cause: DecryptionCause = cause
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,12 +183,12 @@ def _derive(passphrase: str, salt: bytes, iterations: int) -> bytes:
     return key
 
 
-def _is_cached(passphrase: str, salt: bytes, iterations: int) -> bool:
-    return _cache.get(_ident(passphrase, salt, iterations)) is not None
-
-
 def _subkey(prk: bytes, label: bytes) -> bytes:
     return hmac.digest(prk, label, "sha256")
+
+
+def _key_id(prk: bytes) -> bytes:
+    return _subkey(prk, _KEY_ID_LABEL)[:KEY_ID_BYTES]
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,22 +243,19 @@ def _parse(token: str) -> _Record:
     )
 
 
-def record_version(token: str) -> int:
-    """1 or 2 for a well-formed record; raises `DecryptionFailed` otherwise."""
-    return _parse(token).version
-
-
 @dataclass(slots=True)
 class Keyring:
     """The passphrases a process knows: `current` encrypts and is tried first; `previous` only decrypts.
 
     `iterations` is the PBKDF2 count of new records; lower it only in tests (the record stores its
-    count, so a reader needs no setting to read it).
+    count, so a reader needs no setting to read it). `read_v1=False` refuses unbound v1 records
+    (see the module docstring).
     """
 
     current: str = field(repr=False)
     previous: str = field(default="", repr=False)
     iterations: int = PBKDF2_ITERATIONS
+    read_v1: bool = True
     _write_salt: bytes = field(default_factory=lambda: os.urandom(SALT_BYTES), init=False, repr=False)
     _inflight: dict[tuple[bytes, bytes, int], asyncio.Future[bytes]] = field(
         default_factory=dict, init=False, repr=False
@@ -254,7 +267,7 @@ class Keyring:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Keyring:
-        return cls(settings.encryption_key, settings.encryption_key_previous)
+        return cls(settings.encryption_key, settings.encryption_key_previous, read_v1=settings.byok_read_v1)
 
     @property
     def configured(self) -> bool:
@@ -271,58 +284,54 @@ class Keyring:
         """A v2 record of `plaintext` under the current passphrase, bound to `binding`."""
         if not self.current:
             raise EncryptionKeyMissing()
-        prk = _derive(self.current, self._write_salt, self.iterations)
-        header = _V2_HEADER.pack(
-            _V2_VERSION, self.iterations, self._write_salt, _subkey(prk, _KEY_ID_LABEL)[:KEY_ID_BYTES]
-        )
+        return self._seal(_derive(self.current, self._write_salt, self.iterations), plaintext, binding)
+
+    async def encrypt_async(self, plaintext: str, binding: Binding) -> str:
+        """`encrypt`, deriving the write key (once per keyring) on the KDF threads."""
+        if not self.current:
+            raise EncryptionKeyMissing()
+        prk = await self._derive_async(self.current, self._write_salt, self.iterations)
+        return self._seal(prk, plaintext, binding)
+
+    def _seal(self, prk: bytes, plaintext: str, binding: Binding) -> str:
+        header = _V2_HEADER.pack(_V2_VERSION, self.iterations, self._write_salt, _key_id(prk))
         nonce = os.urandom(IV_BYTES)
         sealed = AESGCM(_subkey(prk, _AES_LABEL)).encrypt(
             nonce, plaintext.encode(), binding.associated_data(header)
         )
         return V2_PREFIX + base64.b64encode(header + nonce + sealed).decode("ascii")
 
-    async def encrypt_async(self, plaintext: str, binding: Binding) -> str:
-        """`encrypt`, deriving the write key (once per keyring) in a worker thread."""
-        if not self.current:
-            raise EncryptionKeyMissing()
-        await self._derive_async(self.current, self._write_salt, self.iterations)
-        return self.encrypt(plaintext, binding)
-
     # --- reading ----------------------------------------------------------------------------
 
     def decrypt(self, token: str, binding: Binding) -> str:
-        """The plaintext of a v1 or v2 record; raises `DecryptionFailed` (never naming a secret)."""
+        """The plaintext of a v1 or v2 record; raises `DecryptionFailed` (never naming a secret).
+
+        Runs PBKDF2 on the calling thread when the key is not cached: `decrypt_async` on a loop.
+        """
         candidates = self._candidates()
-        record = _parse(token)
-        if record.version == 1:
-            for passphrase in candidates:
-                plain = _open(_derive(passphrase, record.kdf_salt, record.iterations), record, None)
-                if plain is not None:
-                    return plain
-            raise DecryptionFailed("mismatch")
+        record = self._readable(token)
         for passphrase in candidates:
-            prk = _derive(passphrase, record.kdf_salt, record.iterations)
-            if hmac.compare_digest(_subkey(prk, _KEY_ID_LABEL)[:KEY_ID_BYTES], record.key_id):
-                plain = _open(_subkey(prk, _AES_LABEL), record, binding.associated_data(record.header))
-                if plain is None:
-                    raise DecryptionFailed("binding")
+            plain = _open_with(_derive(passphrase, record.kdf_salt, record.iterations), record, binding)
+            if plain is not None:
                 return plain
-        raise DecryptionFailed("unknown_key")
+        raise _not_mine(record)
 
     async def decrypt_async(self, token: str, binding: Binding) -> str:
-        """`decrypt`, running every PBKDF2 it needs in a worker thread, never on the event loop."""
+        """`decrypt`, running every PBKDF2 it needs on the KDF threads, never on the event loop."""
         candidates = self._candidates()
-        record = _parse(token)
-        while (missing := self._next_missing(record, candidates)) is not None:
-            await self._derive_async(missing, record.kdf_salt, record.iterations)
-        return self.decrypt(token, binding)
+        record = self._readable(token)
+        for passphrase in candidates:
+            prk = await self._derive_async(passphrase, record.kdf_salt, record.iterations)
+            plain = _open_with(prk, record, binding)
+            if plain is not None:
+                return plain
+        raise _not_mine(record)
 
-    def needs_derivation(self, token: str) -> bool:
-        """True when decrypting `token` would run PBKDF2 (too slow for the event loop)."""
-        try:
-            return self._next_missing(_parse(token), self._candidates()) is not None
-        except DecryptionFailed:
-            return False  # fails fast, no derivation
+    def _readable(self, token: str) -> _Record:
+        record = _parse(token)
+        if record.version == 1 and not self.read_v1:
+            raise DecryptionFailed("unbound")  # before any derivation: a planted row costs nothing
+        return record
 
     def needs_rotation(self, token: str) -> bool:
         """True unless `token` is a v2 record under the current passphrase, count and write salt."""
@@ -345,35 +354,46 @@ class Keyring:
         if record.version != _V2_VERSION or record.iterations != self.iterations or not self.current:
             return False
         prk = _derive(self.current, record.kdf_salt, record.iterations)
-        return hmac.compare_digest(_subkey(prk, _KEY_ID_LABEL)[:KEY_ID_BYTES], record.key_id)
+        return hmac.compare_digest(_key_id(prk), record.key_id)
 
-    def _next_missing(self, record: _Record, candidates: Sequence[str]) -> str | None:
-        """The next passphrase to derive before `decrypt` can decide, or None if it can decide now."""
-        for passphrase in candidates:
-            if not _is_cached(passphrase, record.kdf_salt, record.iterations):
-                return passphrase
-            prk = _derive(passphrase, record.kdf_salt, record.iterations)  # cached: no PBKDF2
-            if record.version == 1:
-                if _open(prk, record, None) is not None:
-                    return None
-            elif hmac.compare_digest(_subkey(prk, _KEY_ID_LABEL)[:KEY_ID_BYTES], record.key_id):
-                return None
-        return None
-
-    async def _derive_async(self, passphrase: str, salt: bytes, iterations: int) -> None:
-        if _is_cached(passphrase, salt, iterations):
-            return
+    async def _derive_async(self, passphrase: str, salt: bytes, iterations: int) -> bytes:
+        """The prk itself, not "now cached": with more keys in use than cache slots, it may be
+        evicted before the caller looks it up again."""
         ident = _ident(passphrase, salt, iterations)
+        cached = _cache.get(ident)
+        if cached is not None:
+            return cached
         loop = asyncio.get_running_loop()
         pending = self._inflight.get(ident)
         if pending is None or pending.get_loop() is not loop:
             # One derivation per key, however many calls need it at once: they all wait for it
-            # instead of each taking a worker thread for ~0.4 s.
-            pending = asyncio.ensure_future(asyncio.to_thread(_derive, passphrase, salt, iterations))
+            # instead of each taking a KDF thread for ~0.4 s.
+            pending = loop.run_in_executor(_KDF_EXECUTOR, _derive, passphrase, salt, iterations)
             self._inflight[ident] = pending
             pending.add_done_callback(lambda _f: self._inflight.pop(ident, None))
         # shield: a cancelled caller must not cancel the derivation others wait for.
-        await asyncio.shield(pending)
+        return await asyncio.shield(pending)
+
+
+def _open_with(prk: bytes, record: _Record, binding: Binding) -> str | None:
+    """The plaintext if `prk` is the record's key; None if the record is under another passphrase.
+
+    A v2 record whose key id matches but whose tag does not is bound elsewhere (or corrupt): no
+    other passphrase can open it, so that raises at once.
+    """
+    if record.version == 1:
+        return _open(prk, record, None)
+    if not hmac.compare_digest(_key_id(prk), record.key_id):
+        return None
+    plain = _open(_subkey(prk, _AES_LABEL), record, binding.associated_data(record.header))
+    if plain is None:
+        raise DecryptionFailed("binding")
+    return plain
+
+
+def _not_mine(record: _Record) -> DecryptionFailed:
+    # A v1 record has no key id, so "another passphrase" and "corrupt" look the same.
+    return DecryptionFailed("mismatch" if record.version == 1 else "unknown_key")
 
 
 def _open(key: bytes, record: _Record, aad: bytes | None) -> str | None:

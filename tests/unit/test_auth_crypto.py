@@ -4,6 +4,7 @@ tests/unit/test_hardening_byok_crypto.py."""
 from __future__ import annotations
 
 import base64
+import hashlib
 
 import pytest
 
@@ -64,11 +65,16 @@ def test_missing_passphrase_names_the_setting() -> None:
         Keyring("").decrypt(KEYRING.encrypt(SECRET, BOUND), BOUND)
 
 
-def test_derived_keys_are_cached() -> None:
+def test_derived_keys_are_cached(monkeypatch: pytest.MonkeyPatch) -> None:
     crypto.clear_key_cache()
     token = KEYRING.encrypt(SECRET, BOUND)  # derivation cached for this keyring's salt
-    assert not KEYRING.needs_derivation(token)
-    assert Keyring("other", iterations=1_000).needs_derivation(token)
+    runs: list[int] = []
+    real = hashlib.pbkdf2_hmac
+    monkeypatch.setattr(hashlib, "pbkdf2_hmac", lambda *a: runs.append(1) or real(*a))
+    assert KEYRING.decrypt(token, BOUND) == SECRET and runs == []
+    with pytest.raises(DecryptionFailed):
+        Keyring("other", iterations=1_000).decrypt(token, BOUND)
+    assert runs == [1]
 
 
 async def test_decrypt_async() -> None:

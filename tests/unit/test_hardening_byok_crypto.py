@@ -81,7 +81,6 @@ def test_new_records_are_v2_at_600k_iterations_bound_to_their_provider() -> None
 
 def test_old_v1_records_are_still_read() -> None:
     token = v1_record(SECRET, OLD)
-    assert crypto.record_version(token) == 1
     assert Keyring(OLD, iterations=FAST).decrypt(token, BOUND) == SECRET
     assert Keyring(NEW, OLD, iterations=FAST).decrypt(token, BOUND) == SECRET  # via the previous one
     with pytest.raises(DecryptionFailed):
@@ -127,7 +126,6 @@ def test_an_absurd_iteration_count_is_refused_before_any_derivation(
     raw[1:5] = struct.pack(">I", 2**31)
     derivations.clear()
     token = "v2$" + base64.b64encode(bytes(raw)).decode()
-    assert not keyring.needs_derivation(token)
     with pytest.raises(DecryptionFailed) as info:
         keyring.decrypt(token, BOUND)
     assert info.value.cause == "malformed" and derivations == []
@@ -186,14 +184,12 @@ async def test_concurrent_reads_derive_once_and_off_the_event_loop(
     crypto.clear_key_cache()
     derivations.clear()
     reader = Keyring(NEW, OLD, iterations=FAST)
-    assert reader.needs_derivation(token)
     results = await asyncio.gather(*(reader.decrypt_async(token, BOUND) for _ in range(20)))
     assert results == [SECRET] * 20
     # One derivation per passphrase tried (the current one first, then the previous), not per call.
     assert len(derivations) == 2
     loop_thread = threading.current_thread().name
     assert all(name != loop_thread for _, name in derivations)
-    assert not reader.needs_derivation(token)
     derivations.clear()
     assert await reader.decrypt_async(token, BOUND) == SECRET
     assert derivations == []
