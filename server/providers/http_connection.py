@@ -58,9 +58,10 @@ class ConnectionPool(Protocol):
 class Connection(asyncio.Protocol):
     """A transport, its parser state, and the response being read from it (if any)."""
 
-    def __init__(self, pool: ConnectionPool, key: tuple[str, str, int]) -> None:
+    def __init__(self, pool: ConnectionPool, key: tuple[str, str, int], address: str) -> None:
         self.pool = pool
         self.key = key
+        self.address = address  # the IP connected to: checked again before each reuse
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.idle_since = 0.0

@@ -93,7 +93,7 @@ async def post_json(
 
     async def attempt() -> tuple[bytes, dict[str, Any]]:
         try:
-            response = await client.post(url, body, headers, options.timeout())
+            response = await client.post(url, body, headers, options.timeout(), private_ok=target.private_ok)
             raw = await response.read(MAX_BODY_BYTES)  # the connection goes back to the pool
         except OSError as exc:  # TimeoutError and HttpClientError are OSErrors
             raise transport_error(exc, options, target) from exc
@@ -325,7 +325,9 @@ async def open_stream(
 
     async def attempt() -> Response:
         try:
-            response = await client.post(url, body, headers, options.timeout(stream=True))
+            response = await client.post(
+                url, body, headers, options.timeout(stream=True), private_ok=target.private_ok
+            )
         except OSError as exc:  # TimeoutError and HttpClientError are OSErrors
             raise transport_error(exc, options, target) from exc
         try:
