@@ -18,9 +18,10 @@ verifies certificates and host names with the system trust store (`SSL_CERT_FILE
 line breaks are refused, and their values never appear in an error.
 
 Timeouts (`Timeout`): `total` bounds the whole exchange, body included (the caller's deadline);
-`idle` bounds connecting, the wait for the whole response head (status line, headers, any 1xx
-answers: an upstream trickling header bytes does not restart it), and every wait for the next
-body bytes (a stream with no deadline may run long, a silent upstream may not).
+`idle` bounds connecting and every wait for the next bytes (a stream with no deadline may run
+long, a silent upstream may not), and without a `total` also the time from sending to the
+complete response head (status line, headers, 1xx answers), which bytes trickling in do not
+extend. The head's size is capped too (`http_connection.MAX_HEAD_BYTES` and its neighbours).
 """
 
 from __future__ import annotations
@@ -88,7 +89,8 @@ class ConnectError(HttpClientError):
 @dataclass(frozen=True, slots=True)
 class Timeout:
     total: float | None = None  # seconds for the whole exchange, from the call
-    idle: float | None = None  # seconds for connecting and for each wait for more bytes
+    # seconds for connecting and for each wait for more bytes; without `total`, also for the head
+    idle: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
