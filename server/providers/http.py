@@ -36,7 +36,8 @@ from dataclasses import dataclass
 from functools import lru_cache, partial
 from urllib.parse import quote, urlsplit
 
-from server.auth.resolver import ForbiddenAddressError, SafeResolver, address_allowed
+from server.auth.endpoints import is_public_address
+from server.auth.resolver import ForbiddenAddressError, SafeResolver
 from server.providers.http_connection import (
     BodyTooLargeError,
     Connection,
@@ -270,7 +271,7 @@ class HttpClient:
             if not self._fresh(connection, now):
                 del idle[index]
                 connection.close()
-            elif address_allowed(connection.address, private_ok=private_ok):
+            elif private_ok or connection.public:  # the resolver's rule, decided once at connect
                 del idle[index]
                 return connection
             # else: opened for an operator-listed call to a private address; stays for those
@@ -328,8 +329,9 @@ class HttpClient:
         context = self._tls_context() if scheme == "https" else None
 
         async def connect(family: socket.AddressFamily, address: str) -> Connection:
+            public = is_public_address(address)
             _transport, connection = await loop.create_connection(
-                lambda: Connection(self, target.key, address),
+                lambda: Connection(self, target.key, public=public),
                 address,
                 port,
                 family=family,

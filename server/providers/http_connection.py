@@ -73,10 +73,11 @@ class ConnectionPool(Protocol):
 class Connection(asyncio.Protocol):
     """A transport, its parser state, and the response being read from it (if any)."""
 
-    def __init__(self, pool: ConnectionPool, key: tuple[str, str, int], address: str) -> None:
+    def __init__(self, pool: ConnectionPool, key: tuple[str, str, int], *, public: bool) -> None:
         self.pool = pool
         self.key = key
-        self.address = address  # the IP connected to: checked again before each reuse
+        # Connected to a public address: reusable by calls whose target the operator did not list.
+        self.public = public
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.idle_since = 0.0
