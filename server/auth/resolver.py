@@ -33,6 +33,12 @@ from server.auth.endpoints import FORBIDDEN_HOSTNAMES, is_forbidden_address, is_
 Address = tuple[socket.AddressFamily, str]
 Lookup = Callable[[str, int], Awaitable[list[Address]]]
 
+# Lookups in flight at once for targets the operator did not list. A tenant controls its BYOK
+# host's DNS and can make every lookup take the resolver's full timeout; without a bound, slow
+# names would hold every thread of the loop's executor (where getaddrinfo runs) and stall the
+# lookups of the operator's own endpoints, which have no such bound.
+TENANT_LOOKUPS = 4
+
 
 def address_allowed(address: str, *, private_ok: bool) -> bool:
     """May a call connect to `address`? (`private_ok`: the target is operator-listed.)"""
@@ -77,6 +83,9 @@ class SafeResolver:
         self._lookup = lookup if lookup is not None else system_lookup
         self._ttl = ttl
         self._cache: dict[tuple[str, int], tuple[float, list[Address]]] = {}
+        # One lookup per name at a time: a burst of new connections to one host shares it.
+        self._pending: dict[tuple[str, int], asyncio.Future[list[Address]]] = {}
+        self._tenant_slots = asyncio.Semaphore(TENANT_LOOKUPS)
 
     async def resolve(self, host: str, port: int, *, private_ok: bool = False) -> list[Address]:
         """The usable addresses of `host`; `private_ok` only for operator-listed targets."""
@@ -95,15 +104,40 @@ class SafeResolver:
         if cached is not None and cached[0] > now:
             found = cached[1]
         else:
-            found = await self._lookup(host, port)
-            if len(self._cache) > 1024:  # many distinct BYOK hosts: start over rather than grow
-                self._cache.clear()
-            self._cache[key] = (now + self._ttl, found)
+            found = await self._shared_lookup(host, port, key, tenant=not private_ok)
         # Filtered on every use, cached or not: the rule belongs to the call, not to the name.
         allowed = [a for a in found if address_allowed(a[1], private_ok=private_ok)]
         if not allowed:
             raise ForbiddenAddressError(host, private_ok=private_ok)
         return allowed
+
+    async def _shared_lookup(
+        self, host: str, port: int, key: tuple[str, int], *, tenant: bool
+    ) -> list[Address]:
+        pending = self._pending.get(key)
+        if pending is None:
+            pending = asyncio.ensure_future(self._run_lookup(host, port, key, tenant=tenant))
+            self._pending[key] = pending
+            pending.add_done_callback(lambda done: self._lookup_done(key, done))
+        # Shielded: a caller that gives up (its deadline) does not cancel the others' lookup.
+        return await asyncio.shield(pending)
+
+    async def _run_lookup(self, host: str, port: int, key: tuple[str, int], *, tenant: bool) -> list[Address]:
+        if tenant:
+            async with self._tenant_slots:
+                found = await self._lookup(host, port)
+        else:
+            found = await self._lookup(host, port)
+        if len(self._cache) > 1024:  # many distinct BYOK hosts: start over rather than grow
+            self._cache.clear()
+        self._cache[key] = (time.monotonic() + self._ttl, found)
+        return found
+
+    def _lookup_done(self, key: tuple[str, int], done: asyncio.Future[list[Address]]) -> None:
+        if self._pending.get(key) is done:
+            del self._pending[key]
+        if not done.cancelled():
+            done.exception()  # retrieved: a lookup every caller gave up on is not an error to log
 
 
 def _ip_literal(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
