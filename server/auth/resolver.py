@@ -16,8 +16,9 @@ error to `EndpointNotAllowed`, never to UPSTREAM_UNAVAILABLE: it is not retried.
 Lookups are cached for `ttl` seconds (new connections are rare with keep-alive, but a burst of
 them must not queue on the resolver thread pool). The cache holds the lookup's raw answer and
 every use filters it again under that call's rule, so an answer cached for an operator-listed
-call is never handed unchecked to a tenant's call; failures are never cached. The HTTP client
-also checks a kept-alive connection's address (`address_allowed`) before reusing it.
+call is never handed unchecked to a tenant's call; failures are never cached. Concurrent
+lookups of one name share one, and lookups for tenants' targets run `TENANT_LOOKUPS` at a time.
+The HTTP client also checks a kept-alive connection's address class before reusing it.
 """
 
 from __future__ import annotations
