@@ -22,9 +22,12 @@ checked at connection time by `server.auth.resolver.SafeResolver` (used by the H
 `is_forbidden_address` on every address the client is about to connect to.
 
 BYOK base URLs are registered by organization admins, i.e. tenants, not the operator; unless
-`allow_private_byok` is set, a BYOK URL whose host is a literal loopback/private/unspecified
-address or `localhost` grants nothing by itself (the operator can still list it in
+`allow_private_byok` is set, a BYOK URL whose host is a literal non-public address
+(`is_public_address`) or `localhost` grants nothing by itself (the operator can still list it in
 `LLMGW_ALLOWED_ENDPOINTS`), so a tenant cannot point the gateway at its own internal network.
+A host *name* cannot be judged here; `operator_listed` tells the HTTP client whether the call
+may connect to non-public addresses at all, and `SafeResolver` enforces it on every address
+(`localtest.me`, `*.nip.io`, a Kubernetes service name all end there).
 """
 
 from __future__ import annotations
@@ -64,6 +67,32 @@ FORBIDDEN_HOSTNAMES: frozenset[str] = frozenset(
     {"metadata.google.internal", "metadata.goog", "instance-data.ec2.internal"}
 )
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
+# IANA special-purpose IPv4 ranges that are not globally reachable unicast (RFC 6890 and later).
+_NON_PUBLIC_V4: tuple[ipaddress.IPv4Network, ...] = tuple(
+    ipaddress.IPv4Network(n)
+    for n in (
+        "0.0.0.0/8",  # "this network": 0.0.0.0 connects to the host itself on Linux
+        "10.0.0.0/8",
+        "100.64.0.0/10",  # CGNAT (RFC 6598), also Alibaba's metadata 100.100.100.200
+        "127.0.0.0/8",
+        "169.254.0.0/16",
+        "172.16.0.0/12",
+        "192.0.0.0/24",  # IETF protocol assignments
+        "192.0.2.0/24",  # TEST-NET-1
+        "192.88.99.0/24",  # 6to4 relay anycast (deprecated)
+        "192.168.0.0/16",
+        "198.18.0.0/15",  # benchmarking
+        "198.51.100.0/24",  # TEST-NET-2
+        "203.0.113.0/24",  # TEST-NET-3
+        "224.0.0.0/4",  # multicast
+        "240.0.0.0/4",  # reserved, includes 255.255.255.255
+    )
+)
+_GLOBAL_UNICAST_V6 = ipaddress.IPv6Network("2000::/3")
+# Inside 2000::/3 but not public: Teredo and the other IETF assignments, documentation.
+_NON_PUBLIC_V6: tuple[ipaddress.IPv6Network, ...] = tuple(
+    ipaddress.IPv6Network(n) for n in ("2001::/23", "2001:db8::/32", "3fff::/20")
+)
 _BAD_CHARS = re.compile(r"[\x00-\x20\x7f\\]")
 _HOST_CHARS = re.compile(r"[a-z0-9.-]+")
 _PORT = re.compile(r"[0-9]{1,5}")
@@ -114,11 +143,44 @@ def is_forbidden_address(ip: str | IPAddress) -> bool:
     return False
 
 
+def is_public_address(ip: str | IPAddress) -> bool:
+    """True only for a globally routable unicast address (and no non-public IPv4 embedded in it).
+
+    What a target the operator did not list may connect to: never loopback, RFC 1918, CGNAT,
+    "this network" (connecting to 0.0.0.0 or :: reaches the host itself), ULA, multicast,
+    documentation or reserved ranges, nor an IPv6 form that carries one of those IPv4 addresses
+    (mapped, compatible, translated, NAT64, 6to4; Teredo is refused outright). IPv6 outside
+    2000::/3 is not global unicast, so it is refused whatever it is; the explicit tables do not
+    rely on `ipaddress.is_global`, whose answer changed between Python patch releases.
+    Unparseable -> False.
+    """
+    if isinstance(ip, str):
+        text = ip.strip().removeprefix("[").removesuffix("]").split("%", 1)[0]
+        try:
+            addr: IPAddress = ipaddress.ip_address(text)
+        except ValueError:
+            return False
+    else:
+        addr = ip
+    if isinstance(addr, ipaddress.IPv4Address):
+        return _is_public_v4(addr)
+    if addr.ipv4_mapped is not None:  # ::ffff:a.b.c.d is the IPv4 address itself to the kernel
+        return _is_public_v4(addr.ipv4_mapped)
+    if addr in _NAT64:  # DNS64 networks map every public IPv4 host here: judge the IPv4 inside
+        return _is_public_v4(ipaddress.IPv4Address(int(addr) & 0xFFFFFFFF))
+    if addr not in _GLOBAL_UNICAST_V6 or any(addr in net for net in _NON_PUBLIC_V6):
+        return False
+    if addr.sixtofour is not None and not _is_public_v4(addr.sixtofour):
+        return False
+    return addr.is_global
+
+
+def _is_public_v4(addr: ipaddress.IPv4Address) -> bool:
+    return not any(addr in net for net in _NON_PUBLIC_V4) and addr.is_global
+
+
 def _is_private_address(addr: IPAddress) -> bool:
-    candidates: list[IPAddress] = [addr]
-    if isinstance(addr, ipaddress.IPv6Address):
-        candidates.extend(_embedded_ipv4(addr))
-    return any(not c.is_global or c.is_unspecified for c in candidates)
+    return not is_public_address(addr)
 
 
 def is_forbidden_host(host: str) -> bool:
@@ -188,6 +250,7 @@ class NormalizedURL:
 
     @property
     def is_local_or_private(self) -> bool:
+        """A literal non-public address, or a `localhost` name (other names: see SafeResolver)."""
         if self.ip is not None:
             return _is_private_address(self.ip)
         return self.host == "localhost" or self.host.endswith(".localhost")
@@ -384,6 +447,22 @@ class EndpointPolicy:
             "LLMGW_ALLOWED_ENDPOINTS or one of the organization's providers",
             metadata={"endpoint": target.display},
         )
+
+    def operator_listed(self, url: str) -> bool:
+        """May a call to `url` connect to loopback and private addresses? (The connect-time rule.)
+
+        Only when the operator listed it: under a configured provider base URL or an
+        `LLMGW_ALLOWED_ENDPOINTS` entry (or `allow_private_byok` is set). A URL allowed only as
+        an organization's BYOK base URL is a tenant's choice: whatever its host name resolves
+        to, it may reach public addresses only.
+        """
+        if self.allow_private_byok:
+            return True
+        try:
+            target = normalize_url(url)
+        except InvalidEndpoint:
+            return False
+        return any(target.is_under(base) for base in self.bases)
 
     def is_allowed(self, url: str, *, byok_base_urls: Sequence[str] = ()) -> bool:
         try:

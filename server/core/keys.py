@@ -40,6 +40,20 @@ class EndpointChecker(Protocol):
 
     def key_allowed_for(self, url: str, key_base_url: str) -> bool: ...
 
+    def operator_listed(self, url: str) -> bool: ...
+
+
+def private_ok(url: str, *, policy: EndpointChecker, settings: Settings) -> bool:
+    """May a call to `url` reach loopback/private addresses? Only if the operator listed it.
+
+    The operator's lists are the provider base URLs and `LLMGW_ALLOWED_ENDPOINTS` (the policy's)
+    and `LLMGW_LOCAL_BASE_URL`; a URL allowed only as a tenant's BYOK base URL reaches public
+    addresses only, whatever its host name resolves to (`SafeResolver` enforces it).
+    """
+    if policy.operator_listed(url):
+        return True
+    return bool(settings.local_base_url) and policy.key_allowed_for(url, settings.local_base_url)
+
 
 ByokLookup = Callable[[str, str], Awaitable[ByokProvider | None]]
 ByokUrls = Callable[[str], Awaitable[Sequence[str]]]
@@ -116,15 +130,18 @@ async def resolve_target(
                 f"BYOK provider {provider.name!r} may only be called at its own base URL",
                 metadata={"provider_name": provider.name, "endpoint": safe_display(endpoint)},
             )
+        canonical = policy.check(endpoint, byok_base_urls=(base,)).rstrip("/")
         return UpstreamTarget(
-            base_url=policy.check(endpoint, byok_base_urls=(base,)).rstrip("/"),
+            base_url=canonical,
             headers=_bearer(provider.api_key),
             provider=provider.name,
             is_byok=True,
             secrets=(provider.api_key,),
+            private_ok=private_ok(canonical, policy=policy, settings=settings),
         )
 
     canonical = (await check_endpoint(endpoint, actor=actor, policy=policy, byok_urls=byok_urls)).rstrip("/")
+    listed = private_ok(canonical, policy=policy, settings=settings)
 
     # OpenRouter: the seed's rules (host text, provider name), plus anything under the configured
     # OpenRouter base URL (which may be a proxy in front of openrouter.ai). Its key goes only there.
@@ -136,12 +153,18 @@ async def resolve_target(
             headers["HTTP-Referer"] = settings.openrouter_referer
         if settings.openrouter_title:
             headers["X-Title"] = settings.openrouter_title
-        return UpstreamTarget(canonical, headers, "openrouter", secrets=(settings.openrouter_api_key,))
+        return UpstreamTarget(
+            canonical, headers, "openrouter", secrets=(settings.openrouter_api_key,), private_ok=listed
+        )
 
     if policy.key_allowed_for(endpoint, settings.openai_base_url):
         if settings.openai_api_key:
             return UpstreamTarget(
-                canonical, _bearer(settings.openai_api_key), "openai", secrets=(settings.openai_api_key,)
+                canonical,
+                _bearer(settings.openai_api_key),
+                "openai",
+                secrets=(settings.openai_api_key,),
+                private_ok=listed,
             )
         if canonical == policy.check(settings.openai_base_url).rstrip("/"):
             raise MissingApiKey(
@@ -149,4 +172,4 @@ async def resolve_target(
                 metadata={"missing_fields": "openai_api_key", "endpoint": safe_display(endpoint)},
             )
     provider_name = "openrouter" if is_openrouter else (config.provider_name or "openai")
-    return UpstreamTarget(canonical, _bearer(PLACEHOLDER_API_KEY), provider_name)
+    return UpstreamTarget(canonical, _bearer(PLACEHOLDER_API_KEY), provider_name, private_ok=listed)

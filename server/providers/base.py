@@ -15,3 +15,6 @@ class UpstreamTarget:
     is_byok: bool = False
     # Secrets in play for this call, scrubbed from anything the call produces (errors, traces).
     secrets: tuple[str, ...] = field(default=(), repr=False)
+    # The operator listed this base URL (EndpointPolicy.operator_listed): it may resolve to
+    # loopback or private addresses. False (the safe default) allows public addresses only.
+    private_ok: bool = False

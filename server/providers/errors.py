@@ -21,11 +21,30 @@ from server.errors import (
 )
 
 MAX_MESSAGE_CHARS = 1000
+# Longer than any secret the gateway holds: how far past a cut an unscrubbed key prefix can reach.
+_SECRET_MARGIN = 4096
 _TITLE = re.compile(rb"<title[^>]*>(.*?)</title>", re.IGNORECASE | re.DOTALL)
 
 
-def upstream_message(body: bytes) -> str:
-    """The provider's own error message, from the usual JSON shapes or the raw text."""
+def scrubbed_prefix(text: str | bytes, scrub: Callable[[str], str], limit: int) -> str:
+    """At most `limit` characters of `text` (bytes: decoded as UTF-8), scrubbed *before* the cut.
+
+    Cutting first would leave the prefix of a key that straddles the cut, which no scrubber
+    recognizes. The scrubbed window grows until the place where it was cut lies at least
+    `_SECRET_MARGIN` characters past `limit` (scrubbing shrinks text), so whatever is left of a
+    partial key at the window's end is cut off too.
+    """
+    window = limit * 4 + _SECRET_MARGIN
+    while True:
+        piece = text[:window]
+        scrubbed = scrub(piece if isinstance(piece, str) else piece.decode("utf-8", "replace"))
+        if len(text) <= window or len(scrubbed) >= limit + _SECRET_MARGIN:
+            return scrubbed[:limit]
+        window *= 4
+
+
+def upstream_message(body: bytes, scrub: Callable[[str], str] = str) -> str:
+    """The provider's own error message (scrubbed), from the usual JSON shapes or the raw text."""
     text = ""
     try:
         payload = orjson.loads(body)
@@ -38,12 +57,14 @@ def upstream_message(body: bytes) -> str:
         elif err is not None:
             text = str(err)
     if not text:
-        text = body[: MAX_MESSAGE_CHARS * 4].decode("utf-8", "replace").strip()
-        if text.lower().startswith(("<!doctype", "<html", "<head", "<body")):
+        start = body[:64].lstrip().lower()
+        if start.startswith((b"<!doctype", b"<html", b"<head", b"<body")):
             title = _TITLE.search(body[:65536])
             name = " ".join(html.unescape(title.group(1).decode("utf-8", "replace")).split()) if title else ""
             text = f"HTML error page: {name}" if name else "HTML error page"
-    return text[:MAX_MESSAGE_CHARS]
+        else:
+            return scrubbed_prefix(body.strip(), scrub, MAX_MESSAGE_CHARS)
+    return scrubbed_prefix(text, scrub, MAX_MESSAGE_CHARS)
 
 
 def error_for_status(
@@ -60,7 +81,7 @@ def error_for_status(
     `in_body`: the status is the code of an `error` object a 200 carried; it is classified (and
     retried) as that status, but the message and metadata say what was actually answered.
     """
-    message = scrub(upstream_message(body))
+    message = upstream_message(body, scrub)
     meta: dict[str, object] = {"http_status": status, "provider": provider}
     text = f"{provider} answered HTTP {status}"
     if in_body:
@@ -163,7 +184,7 @@ def body_error(
     raw = orjson.dumps(payload, option=orjson.OPT_NON_STR_KEYS, default=str)
     if status is not None:
         return error_for_status(status, raw, {}, provider=provider, scrub=scrub, in_body=True)
-    message = scrub(upstream_message(raw))
+    message = upstream_message(raw, scrub)
     return UpstreamBadResponse(
         f"{provider} answered with an error: {message}",
         metadata={"provider": provider, "upstream_code": scrub(str(code))[:100]},

@@ -9,14 +9,19 @@ parser (httptools) and costs a few tens of microseconds. Providers see only this
 choice can change in one place.
 
 Security: every address connected to comes from `SafeResolver`, which refuses link-local and
-cloud-metadata addresses at connect time (a name rebound to 169.254.169.254 gets nowhere); TLS
+cloud-metadata addresses at connect time (a name rebound to 169.254.169.254 gets nowhere), and
+every non-public address unless the call says its target is operator-listed (`post(...,
+private_ok=True)`); a kept-alive connection is reused only if its address passes the same rule
+for the new call (one origin can serve an operator-listed and a tenant's target); TLS
 verifies certificates and host names with the system trust store (`SSL_CERT_FILE` and
 `SSL_CERT_DIR` are honoured, as OpenSSL does); no proxy variables are read; header values with
 line breaks are refused, and their values never appear in an error.
 
 Timeouts (`Timeout`): `total` bounds the whole exchange, body included (the caller's deadline);
 `idle` bounds connecting and every wait for the next bytes (a stream with no deadline may run
-long, a silent upstream may not).
+long, a silent upstream may not), and without a `total` also the time from sending to the
+complete response head (status line, headers, 1xx answers), which bytes trickling in do not
+extend. The head's size is capped too (`http_connection.MAX_HEAD_BYTES` and its neighbours).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from dataclasses import dataclass
 from functools import lru_cache, partial
 from urllib.parse import quote, urlsplit
 
+from server.auth.endpoints import is_public_address
 from server.auth.resolver import ForbiddenAddressError, SafeResolver
 from server.providers.http_connection import (
     BodyTooLargeError,
@@ -84,7 +90,8 @@ class ConnectError(HttpClientError):
 @dataclass(frozen=True, slots=True)
 class Timeout:
     total: float | None = None  # seconds for the whole exchange, from the call
-    idle: float | None = None  # seconds for connecting and for each wait for more bytes
+    # seconds for connecting and for each wait for more bytes; without `total`, also for the head
+    idle: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,8 +190,19 @@ class HttpClient:
     def connections_idle(self) -> int:
         return sum(len(idle) for idle in self._idle.values())
 
-    async def post(self, url: str, body: bytes, headers: Mapping[str, str], timeout: Timeout) -> Response:
+    async def post(
+        self,
+        url: str,
+        body: bytes,
+        headers: Mapping[str, str],
+        timeout: Timeout,
+        *,
+        private_ok: bool = False,
+    ) -> Response:
         """Send a POST and return once the answer's status and headers arrived.
+
+        `private_ok`: the target is operator-listed, so it may be on loopback or a private
+        network; otherwise only public addresses are connected to (or reused).
 
         The caller then reads the body (`read`, `read_chunk`) and releases or closes the response.
         A failure is never retried here, not even on a kept-alive connection the upstream had
@@ -199,9 +217,9 @@ class HttpClient:
         )
         loop = asyncio.get_running_loop()
         deadline = None if timeout.total is None else loop.time() + timeout.total
-        connection = self._idle_connection(target.key, loop.time())
+        connection = self._idle_connection(target.key, loop.time(), private_ok=private_ok)
         if connection is None:
-            connection = await self._connect(target, loop, deadline, timeout.idle)
+            connection = await self._connect(target, loop, deadline, timeout.idle, private_ok=private_ok)
         self._in_use.add(connection)
         response = Response(connection, loop, deadline=deadline, idle_timeout=timeout.idle)
         connection.start(response, payload)
@@ -242,13 +260,21 @@ class HttpClient:
         if idle and connection in idle:
             idle.remove(connection)
 
-    def _idle_connection(self, key: tuple[str, str, int], now: float) -> Connection | None:
+    def _idle_connection(
+        self, key: tuple[str, str, int], now: float, *, private_ok: bool
+    ) -> Connection | None:
         idle = self._idle.get(key)
-        while idle:
-            connection = idle.pop()  # the most recently used: the warmest
-            if self._fresh(connection, now):
+        if not idle:
+            return None
+        for index in range(len(idle) - 1, -1, -1):  # the most recently used first: the warmest
+            connection = idle[index]
+            if not self._fresh(connection, now):
+                del idle[index]
+                connection.close()
+            elif private_ok or connection.public:  # the resolver's rule, decided once at connect
+                del idle[index]
                 return connection
-            connection.close()
+            # else: opened for an operator-listed call to a private address; stays for those
         return None
 
     def _fresh(self, connection: Connection, now: float) -> bool:
@@ -277,21 +303,25 @@ class HttpClient:
         loop: asyncio.AbstractEventLoop,
         deadline: float | None,
         idle_timeout: float | None,
+        *,
+        private_ok: bool,
     ) -> Connection:
         scheme, host, port = target.key
         limit = _earliest(deadline, None if idle_timeout is None else loop.time() + idle_timeout)
         try:
             async with asyncio.timeout_at(limit):
-                return await self._open(target, loop)
+                return await self._open(target, loop, private_ok=private_ok)
         except TimeoutError:
             if deadline is not None and limit == deadline:
                 raise TimeoutError(f"connecting to {host}:{port} did not finish in time") from None
             raise IdleTimeoutError(f"connecting to {host}:{port} took over {idle_timeout:g} s") from None
 
-    async def _open(self, target: _Target, loop: asyncio.AbstractEventLoop) -> Connection:
+    async def _open(
+        self, target: _Target, loop: asyncio.AbstractEventLoop, *, private_ok: bool
+    ) -> Connection:
         scheme, host, port = target.key
         try:
-            addresses = await self._resolver.resolve(host, port)
+            addresses = await self._resolver.resolve(host, port, private_ok=private_ok)
         except OSError as exc:
             if isinstance(exc, (HttpClientError, ForbiddenAddressError)):
                 raise
@@ -299,8 +329,9 @@ class HttpClient:
         context = self._tls_context() if scheme == "https" else None
 
         async def connect(family: socket.AddressFamily, address: str) -> Connection:
+            public = is_public_address(address)
             _transport, connection = await loop.create_connection(
-                lambda: Connection(self, target.key),
+                lambda: Connection(self, target.key, public=public),
                 address,
                 port,
                 family=family,

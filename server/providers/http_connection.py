@@ -25,8 +25,19 @@ _PAUSE_ABOVE = 256 * 1024
 _RESUME_BELOW = 64 * 1024
 # A compressed stream is inflated at most this much per read (a small body must not become GBs).
 _INFLATE_STEP = 4 * 1024 * 1024
-# Status line and headers of one answer together (llhttp sets no limit of its own).
+# Limits on what an upstream may send around the body (llhttp sets none of its own, and
+# httptools accumulates a header's name and value in memory until the header ends):
+# - every byte fed to the parser before the final head is complete (status lines, header lines,
+#   1xx answers), so one endless header line or status line is cut as early as many headers;
 MAX_HEAD_BYTES = 64 * 1024
+# - one header line (name and value), and the number of header lines, of one head;
+MAX_HEADER_LINE = 16 * 1024
+MAX_HEADERS = 100
+# - 1xx answers (100 Continue, 103 Early Hints) before the real one;
+MAX_INFORMATIONAL = 10
+# - bytes in a row that carry no body once the head is done: chunk-size lines, chunk
+#   extensions, trailers. Counted per read, so the bound is this plus at most one read.
+MAX_FRAMING_BYTES = 64 * 1024
 
 
 class HttpClientError(OSError):
@@ -49,6 +60,10 @@ class BodyTooLargeError(ValueError):
     """The answer is larger than the caller's limit."""
 
 
+class _StopParsing(Exception):
+    """Raised from a parser callback after the failure was reported: abandons `feed_data`."""
+
+
 class ConnectionPool(Protocol):
     def check_in(self, connection: Connection, *, reusable: bool) -> None: ...
 
@@ -58,16 +73,23 @@ class ConnectionPool(Protocol):
 class Connection(asyncio.Protocol):
     """A transport, its parser state, and the response being read from it (if any)."""
 
-    def __init__(self, pool: ConnectionPool, key: tuple[str, str, int]) -> None:
+    def __init__(self, pool: ConnectionPool, key: tuple[str, str, int], *, public: bool) -> None:
         self.pool = pool
         self.key = key
+        # Connected to a public address: reusable by calls whose target the operator did not list.
+        self.public = public
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.idle_since = 0.0
         self._response: Response | None = None
         self._parser: httptools.HttpResponseParser | None = None
         self._header_pairs: list[tuple[bytes, bytes]] = []
-        self._head_bytes = 0
+        self._head_fed = 0  # bytes fed to the parser before the final head completed
+        self._head_done = False
+        self._header_count = 0
+        self._informational_count = 0
+        self._framing_run = 0  # bytes fed since the last body bytes (after the head)
+        self._body_pieces = 0
         self._informational = False
         self._keep_alive = False
         self._until_eof = False  # no Content-Length, not chunked: the body ends with the connection
@@ -84,7 +106,12 @@ class Connection(asyncio.Protocol):
         self._response = response
         self._parser = httptools.HttpResponseParser(self)
         self._header_pairs = []
-        self._head_bytes = 0
+        self._head_fed = 0
+        self._head_done = False
+        self._header_count = 0
+        self._informational_count = 0
+        self._framing_run = 0
+        self._body_pieces = 0
         self._informational = False
         self._keep_alive = False
         self._until_eof = False
@@ -131,14 +158,49 @@ class Connection(asyncio.Protocol):
         if parser is None:  # bytes nobody asked for: this connection can no longer be trusted
             self.close()
             return
-        if self._response is not None:
-            self._response.note_bytes()
         try:
+            if self._response is not None:
+                self._response.note_bytes()
+            if not self._head_done:
+                data = self._feed_head(parser, data)
+                if not data:
+                    return
+                if self._parser is not parser:  # the answer ended with bytes after it
+                    self._keep_alive = False  # out of step: never reuse this connection
+                    return
+            pieces = self._body_pieces
             parser.feed_data(data)
+            if self._parser is not parser:
+                return
+            self._framing_run = 0 if self._body_pieces != pieces else self._framing_run + len(data)
+            if self._framing_run > MAX_FRAMING_BYTES:
+                self._fail(
+                    InvalidResponseError(
+                        f"the upstream sent over {MAX_FRAMING_BYTES} bytes of chunk framing or trailers "
+                        "without body"
+                    )
+                )
+        except _StopParsing:
+            return
         except httptools.HttpParserUpgrade:
             self._fail(InvalidResponseError("the upstream switched protocols, which was never asked for"))
         except httptools.HttpParserError as exc:
             self._fail(InvalidResponseError(f"the upstream sent a malformed HTTP answer ({exc})"))
+
+    def _feed_head(self, parser: httptools.HttpResponseParser, data: bytes) -> bytes:
+        """Feed what the head budget allows; returns the bytes left once the head completed."""
+        budget = MAX_HEAD_BYTES - self._head_fed
+        if len(data) <= budget:
+            self._head_fed += len(data)
+            parser.feed_data(data)
+            return b""
+        head, rest = data[:budget], data[budget:]
+        self._head_fed += len(head)
+        parser.feed_data(head)
+        if self._parser is parser and not self._head_done:
+            self._fail(InvalidResponseError(f"the upstream's response head is over {MAX_HEAD_BYTES} bytes"))
+            return b""
+        return rest
 
     def eof_received(self) -> bool:
         return False  # close the transport; connection_lost decides what the EOF means
@@ -165,10 +227,15 @@ class Connection(asyncio.Protocol):
             self._keep_alive = False
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._head_bytes += len(name) + len(value) + 4
-        if self._head_bytes > MAX_HEAD_BYTES:
-            self._fail(InvalidResponseError(f"the upstream sent headers over {MAX_HEAD_BYTES} bytes"))
-            raise InvalidResponseError("headers too large")  # stops the parser; already reported
+        if self._head_done:
+            return  # a trailer: never used; MAX_FRAMING_BYTES bounds what it can cost
+        if len(name) + len(value) > MAX_HEADER_LINE:
+            self._fail(InvalidResponseError(f"the upstream sent a header line over {MAX_HEADER_LINE} bytes"))
+            raise _StopParsing
+        self._header_count += 1
+        if self._header_count > MAX_HEADERS:
+            self._fail(InvalidResponseError(f"the upstream sent over {MAX_HEADERS} headers"))
+            raise _StopParsing
         self._header_pairs.append((name, value))
 
     def on_headers_complete(self) -> None:
@@ -179,7 +246,13 @@ class Connection(asyncio.Protocol):
         if 100 <= status < 200:  # 100 Continue / 103 Early Hints: the real answer follows
             self._informational = True
             self._header_pairs = []
+            self._header_count = 0
+            self._informational_count += 1
+            if self._informational_count > MAX_INFORMATIONAL:
+                self._fail(InvalidResponseError(f"the upstream sent over {MAX_INFORMATIONAL} 1xx answers"))
+                raise _StopParsing
             return
+        self._head_done = True
         headers: dict[str, str] = {}
         for raw_name, raw_value in self._header_pairs:
             name = raw_name.decode("latin-1").lower()
@@ -196,6 +269,7 @@ class Connection(asyncio.Protocol):
 
     def on_body(self, body: bytes) -> None:
         if self._response is not None and self._parser is not None and not self._informational:
+            self._body_pieces += 1
             self._response.on_body(body)
 
     def on_message_complete(self) -> None:
@@ -229,6 +303,7 @@ class Response:
         "_deadline_timer",
         "_idle_timeout",
         "_idle_timer",
+        "_head_timer",
         "_last_progress",
         "_inflater",
         "reader_state",
@@ -258,6 +333,14 @@ class Response:
         self._last_progress = loop.time()
         self._idle_timer = (
             loop.call_later(idle_timeout, self._check_idle) if idle_timeout is not None else None
+        )
+        # The head (status, headers, any 1xx answers) must be complete within the deadline, or
+        # without one within the idle timeout counted from now: bytes trickling in keep the idle
+        # clock alive but do not extend this bound.
+        self._head_timer = (
+            loop.call_later(idle_timeout, self._head_overdue)
+            if deadline is None and idle_timeout is not None
+            else None
         )
         self._inflater: _Inflater | None = None
         # What a reader of the body left for the next one (a parser's read-ahead, for example).
@@ -365,6 +448,9 @@ class Response:
     def on_head(self, status: int, headers: dict[str, str]) -> None:
         self.status = status
         self.headers = headers
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
         self._wake()
 
     def note_bytes(self) -> None:
@@ -413,6 +499,15 @@ class Response:
         self._deadline_timer = None
         self._fail(TimeoutError("the upstream did not answer in time"))
 
+    def _head_overdue(self) -> None:
+        self._head_timer = None
+        if self.status is None:
+            self._fail(
+                IdleTimeoutError(
+                    f"the upstream sent no complete response head within {self._idle_timeout:g} s"
+                )
+            )
+
     def _check_idle(self) -> None:
         self._idle_timer = None
         timeout = self._idle_timeout
@@ -442,6 +537,9 @@ class Response:
         self._cancel_timers()
 
     def _cancel_timers(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
         if self._deadline_timer is not None:
             self._deadline_timer.cancel()
             self._deadline_timer = None

@@ -35,7 +35,13 @@ from server.errors import (
     UpstreamUnavailable,
 )
 from server.providers.base import UpstreamTarget
-from server.providers.errors import body_error, connection_error, error_for_status, error_in_body
+from server.providers.errors import (
+    body_error,
+    connection_error,
+    error_for_status,
+    error_in_body,
+    scrubbed_prefix,
+)
 from server.providers.http import (
     BodyTooLargeError,
     HttpClient,
@@ -93,7 +99,7 @@ async def post_json(
 
     async def attempt() -> tuple[bytes, dict[str, Any]]:
         try:
-            response = await client.post(url, body, headers, options.timeout())
+            response = await client.post(url, body, headers, options.timeout(), private_ok=target.private_ok)
             raw = await response.read(MAX_BODY_BYTES)  # the connection goes back to the pool
         except OSError as exc:  # TimeoutError and HttpClientError are OSErrors
             raise transport_error(exc, options, target) from exc
@@ -167,7 +173,7 @@ def parse_json_object(
     try:
         payload = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
-        snippet = scrub(raw[:200].decode("utf-8", "replace"))
+        snippet = scrubbed_prefix(raw, scrub, 200)
         raise UpstreamBadResponse(
             f"{provider} answered something that is not JSON: {snippet!r}",
             metadata={"provider": provider, "bytes": len(raw)},
@@ -325,7 +331,9 @@ async def open_stream(
 
     async def attempt() -> Response:
         try:
-            response = await client.post(url, body, headers, options.timeout(stream=True))
+            response = await client.post(
+                url, body, headers, options.timeout(stream=True), private_ok=target.private_ok
+            )
         except OSError as exc:  # TimeoutError and HttpClientError are OSErrors
             raise transport_error(exc, options, target) from exc
         try:
@@ -623,8 +631,7 @@ def _decode_event(
         event = orjson.loads(data)
     except orjson.JSONDecodeError as exc:
         raise UpstreamBadResponse(
-            f"{provider} sent an SSE event that is not JSON: "
-            f"{scrub(data[:200].decode('utf-8', 'replace'))!r}",
+            f"{provider} sent an SSE event that is not JSON: {scrubbed_prefix(data, scrub, 200)!r}",
             metadata={"provider": provider},
         ) from exc
     if not isinstance(event, dict):

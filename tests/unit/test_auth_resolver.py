@@ -50,16 +50,17 @@ async def test_forbidden_literal_is_refused_without_lookup(host: str) -> None:
 async def test_allowed_literal_is_used_as_is() -> None:
     lookup = StaticLookup([])
     resolver = SafeResolver(lookup)
-    assert await resolver.resolve("127.0.0.1", 80) == [(socket.AF_INET, "127.0.0.1")]
-    assert await resolver.resolve("[::1]", 80) == [(socket.AF_INET6, "::1")]
+    # Loopback literals: as an operator-listed target may use them (tenants' are refused).
+    assert await resolver.resolve("127.0.0.1", 80, private_ok=True) == [(socket.AF_INET, "127.0.0.1")]
+    assert await resolver.resolve("[::1]", 80, private_ok=True) == [(socket.AF_INET6, "::1")]
     assert lookup.calls == 0
 
 
 async def test_lookups_are_cached_but_refusals_are_not() -> None:
     lookup = StaticLookup(["127.0.0.1"])
     resolver = SafeResolver(lookup, ttl=60)
-    assert await resolver.resolve("localhost", 11434) == [(socket.AF_INET, "127.0.0.1")]
-    assert await resolver.resolve("LOCALHOST.", 11434) == [(socket.AF_INET, "127.0.0.1")]
+    assert await resolver.resolve("localhost", 11434, private_ok=True) == [(socket.AF_INET, "127.0.0.1")]
+    assert await resolver.resolve("LOCALHOST.", 11434, private_ok=True) == [(socket.AF_INET, "127.0.0.1")]
     assert lookup.calls == 1
     lookup.addresses = ["169.254.169.254"]
     expired = SafeResolver(lookup, ttl=0)
@@ -70,5 +71,5 @@ async def test_lookups_are_cached_but_refusals_are_not() -> None:
 
 
 async def test_system_lookup_resolves_localhost() -> None:
-    addresses = await SafeResolver().resolve("localhost", 80)
+    addresses = await SafeResolver().resolve("localhost", 80, private_ok=True)
     assert {address for _family, address in addresses} & {"127.0.0.1", "::1"}

@@ -16,7 +16,7 @@ from llmgateway.v1 import chat_pb2
 from server.auth.actor import Actor
 from server.core import tokens
 from server.core.completion import completion_from_json
-from server.core.keys import check_endpoint
+from server.core.keys import check_endpoint, private_ok
 from server.core.messages import functions_to_dicts, to_openai_messages
 from server.core.retry import Deadline
 from server.errors import (
@@ -194,7 +194,13 @@ async def _target(gateway: Gateway, request: ChatRequest, actor: Actor) -> Upstr
     ):
         headers = auth_headers(settings.local_auth_type, settings.local_api_key)
         secrets = (settings.local_api_key,)
-    return UpstreamTarget(endpoint.rstrip("/"), headers, config.model_endpoint_type, secrets=secrets)
+    return UpstreamTarget(
+        endpoint.rstrip("/"),
+        headers,
+        config.model_endpoint_type,
+        secrets=secrets,
+        private_ok=private_ok(endpoint, policy=deps.policy, settings=settings),
+    )
 
 
 async def create_local(
