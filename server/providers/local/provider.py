@@ -68,29 +68,46 @@ def prompt_parts(request: ChatRequest) -> tuple[list[dict[str, Any]], list[dict[
     return messages, functions
 
 
+async def _plan(
+    gateway: Gateway, request: ChatRequest, target: UpstreamTarget, *, stream: bool
+) -> _LocalCall:
+    """Check, count (the guard; off the loop when large) and render one local call."""
+    config = request.llm_config
+    wrapper = config.model_wrapper
+    if wrapper_uses_grammar(wrapper) and not accepts_grammar(config.model_endpoint_type):
+        # Refused whether or not there are functions: the caller asked for a grammar.
+        description = (
+            f"{config.model_endpoint_type} does not accept a grammar; use a wrapper without "
+            "'-grammar', or a llamacpp, koboldcpp or webui endpoint"
+        )
+        raise InvalidRequest(
+            description, field_violations=[FieldViolation("llm_config.model_wrapper", description)]
+        )
+    messages, functions = prompt_parts(request)
+    count = await gateway.guard(request, messages, functions)
+    if count is None:  # no context window: still count, for usage
+        count = await tokens.count_request_tokens_async(messages, functions, config.model)
+    return _LocalCall(request, target, messages, functions, count, stream=stream)
+
+
 class _LocalCall:
     """Everything planned for one local call, before anything is sent."""
 
     def __init__(
-        self, gateway: Gateway, request: ChatRequest, target: UpstreamTarget, *, stream: bool
+        self,
+        request: ChatRequest,
+        target: UpstreamTarget,
+        messages: list[dict[str, Any]],
+        functions: list[dict[str, Any]],
+        count: tokens.TokenCount,
+        *,
+        stream: bool,
     ) -> None:
         config = request.llm_config
         self.request = request
         self.endpoint_type = config.model_endpoint_type
         wrapper = config.model_wrapper
-        if wrapper_uses_grammar(wrapper) and not accepts_grammar(self.endpoint_type):
-            # Refused whether or not there are functions: the caller asked for a grammar.
-            description = (
-                f"{self.endpoint_type} does not accept a grammar; use a wrapper without '-grammar', "
-                "or a llamacpp, koboldcpp or webui endpoint"
-            )
-            raise InvalidRequest(
-                description, field_violations=[FieldViolation("llm_config.model_wrapper", description)]
-            )
-        self.messages, self.functions = prompt_parts(request)
-        self.count = gateway.guard(request, self.messages, self.functions)
-        if self.count is None:  # no context window: still count, for usage
-            self.count = tokens.count_request_tokens(self.messages, self.functions, config.model)
+        self.messages, self.functions, self.count = messages, functions, count
         first_thoughts = not request.HasField("put_inner_thoughts_first") or request.put_inner_thoughts_first
         self.prompt = render_prompt(
             wrapper,
@@ -124,16 +141,15 @@ class _LocalCall:
             temperature=config.temperature if config.HasField("temperature") else None,
         )
 
-    def completion_json(
+    async def completion_json(
         self, text: str, prompt_tokens: int | None, completion_tokens: int | None
     ) -> dict[str, Any]:
         """The OpenAI ChatCompletion JSON for the model's text (a parsed call, or plain text)."""
         model = self.request.llm_config.model
-        encoding, _ = tokens.encoding_for_model(model)
-        if not prompt_tokens and self.count is not None:
+        if not prompt_tokens:
             prompt_tokens = self.count.total_tokens
-        if completion_tokens is None:
-            completion_tokens = len(encoding.encode_ordinary(text))
+        if completion_tokens is None:  # the server reported none (koboldcpp never does)
+            completion_tokens = await tokens.count_texts_async([text], model)
         if not self.functions:
             # Nothing to call: the text is the answer.
             return {
@@ -188,7 +204,7 @@ async def create_local(
     gateway: Gateway, request: ChatRequest, actor: Actor, deadline: Deadline
 ) -> chat_pb2.CreateResponse:
     target = await _target(gateway, request, actor)
-    plan = _LocalCall(gateway, request, target, stream=False)
+    plan = await _plan(gateway, request, target, stream=False)
     payload = orjson.dumps(plan.http_request.body)
     with gateway.traced_call(request, actor, target, payload, "create") as call:
         raw, answer = await post_json(
@@ -201,7 +217,7 @@ async def create_local(
         call.record.response_json = raw.decode("utf-8", "replace")
         local = extract_completion(plan.endpoint_type, answer)
         call.completion = completion_from_json(
-            plan.completion_json(local.text, local.prompt_tokens, local.completion_tokens),
+            await plan.completion_json(local.text, local.prompt_tokens, local.completion_tokens),
             provider=target.provider,
         )
     return chat_pb2.CreateResponse(completion=call.completion, provider_trace_id=call.record.id)
@@ -212,7 +228,7 @@ async def stream_local(
 ) -> AsyncIterator[chat_pb2.StreamCreateResponse]:
     """Text deltas as the server produces them, then the completion with the parsed call."""
     target = await _target(gateway, request, actor)
-    plan = _LocalCall(gateway, request, target, stream=True)
+    plan = await _plan(gateway, request, target, stream=True)
     payload = orjson.dumps(plan.http_request.body)
     scrub = gateway.deps.scrub
     pieces: list[str] = []
@@ -257,7 +273,7 @@ async def stream_local(
         text = "".join(pieces)
         call.record.response_json = orjson.dumps({"text": text}).decode()
         call.completion = completion_from_json(
-            plan.completion_json(text, prompt_tokens, completion_tokens), provider=target.provider
+            await plan.completion_json(text, prompt_tokens, completion_tokens), provider=target.provider
         )
     yield chat_pb2.StreamCreateResponse(completion=call.completion, provider_trace_id=call.record.id)
 
