@@ -34,6 +34,12 @@ from server.providers.local import lenient_json
 
 RAW_OUTPUT_LIMIT = 500
 _MAX_CANDIDATES = 64
+# Candidates nest: each one re-reads the text after it, so 64 of them over one long broken
+# stretch cost 64 times its length (100,000 characters: ~6 s of pure Python). Reading stops once
+# the candidates together have read this many times the text (plus a small allowance): a call
+# after a long broken draft is still found, nested re-reads of the same stretch are not made.
+_SCAN_FACTOR = 1
+_SCAN_ALLOWANCE = 65_536
 _SPECIAL_TOKENS = re.compile(
     r"<\|(?:im_end|im_start|eot_id|end_of_text|endoftext|end|start_header_id|end_header_id)\|>|</s>|<s>"
 )
@@ -109,14 +115,20 @@ def _first_call(text: str) -> tuple[str, dict[str, Any], Any]:
     reason: str | None = None
     pos = text.find("{")
     tried = 0
+    budget = _SCAN_FACTOR * len(text) + _SCAN_ALLOWANCE
     while pos != -1 and tried < _MAX_CANDIDATES:
+        if budget <= 0:
+            reason = reason or "gave up reading candidates"
+            break
         tried += 1
         try:
             value, end, _ = lenient_json.decode_at(text, pos)
         except lenient_json.LenientJSONError as exc:
+            budget -= max(exc.offset, pos + 1) - pos
             reason = reason or f"invalid JSON: {exc}"
             pos = text.find("{", pos + 1)
             continue
+        budget -= max(end, pos + 1) - pos
         if isinstance(value, dict):
             try:
                 return _interpret(value, depth=0)
