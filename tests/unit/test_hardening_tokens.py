@@ -133,3 +133,38 @@ async def test_offload_runs_at_most_pool_size_jobs_and_cancelled_waiters_never_r
     # The slots all came back: a full round runs again.
     again = await asyncio.gather(*[offload.run(lambda: 1) for _ in range(offload.POOL_SIZE * 2)])
     assert again == [1] * (offload.POOL_SIZE * 2)
+
+
+async def test_a_cancelled_caller_keeps_its_slot_until_its_running_job_ends() -> None:
+    # A job already running cannot be stopped: its slot must stay taken until it ends, or a
+    # caller that keeps cancelling could start any number of threads' worth of work.
+    release = threading.Event()
+    started = threading.Event()
+    running = 0
+    most = 0
+    lock = threading.Lock()
+
+    def job() -> None:
+        nonlocal running, most
+        with lock:
+            running += 1
+            most = max(most, running)
+        started.set()
+        release.wait(10)
+        with lock:
+            running -= 1
+
+    first = [asyncio.create_task(offload.run(job)) for _ in range(offload.POOL_SIZE)]
+    await asyncio.to_thread(started.wait, 10)
+    await asyncio.sleep(0.05)
+    for task in first:
+        task.cancel()
+    await asyncio.gather(*first, return_exceptions=True)
+    later = asyncio.create_task(offload.run(job))
+    await asyncio.sleep(0.1)
+    assert not later.done()  # still waiting: every slot is held by a job that is still running
+    # ...on the semaphore, not in the executor's unbounded queue.
+    assert offload._executor()._work_queue.qsize() == 0  # noqa: SLF001 - the property under test
+    release.set()
+    await later
+    assert most == offload.POOL_SIZE
