@@ -217,3 +217,17 @@ async def test_huge_local_prompt_and_answer_leave_other_calls_answered(tmp_path:
     assert answer.completion.usage.prompt_tokens > 250_000
     assert completed >= 3, completed
     assert worst < MAX_GAP_S, f"a health check waited {worst:.2f} s behind the local counts"
+
+
+async def test_a_text_tiktoken_panics_on_is_counted_not_a_hung_call(
+    gateway: RunningGateway, upstream: FakeUpstream
+) -> None:
+    # ~1M spaces overflow fancy-regex's stack under o200k_base: tiktoken raised PanicException,
+    # a BaseException, which escaped every handler; the call hung until the caller's deadline.
+    text = "word " + " " * 1_200_000 + "end"
+    request = chat_request(upstream.base_url, (chat_pb2.ROLE_USER, text), context_window=1_000_000)
+    counted = await gateway.chat.CountTokens(request, timeout=10)
+    assert counted.encoding == "o200k_base"
+    assert 1_200_000 // 128 <= counted.prompt_tokens <= 1_200_000 // 64
+    answer = await gateway.chat.Create(request, timeout=10)
+    assert answer.completion.choices[0].message.content == "Hello!"
