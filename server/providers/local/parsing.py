@@ -39,6 +39,12 @@ from server.providers.local import lenient_json
 
 RAW_OUTPUT_LIMIT = 500
 _MAX_CANDIDATES = 64
+# Candidates nest: each one re-reads the text after it, so 64 of them over one long broken
+# stretch cost 64 times its length (100,000 characters: ~6 s of pure Python). Reading stops once
+# the candidates together have read this many times the text (plus a small allowance): a call
+# after a long broken draft is still found, nested re-reads of the same stretch are not made.
+_SCAN_FACTOR = 1
+_SCAN_ALLOWANCE = 65_536
 _SPECIAL_TOKENS = re.compile(
     r"<\|(?:im_end|im_start|eot_id|end_of_text|endoftext|end|start_header_id|end_header_id)\|>|</s>|<s>"
 )
@@ -120,14 +126,20 @@ def _first_call(text: str, *, truncated: bool = False) -> tuple[str, dict[str, A
     pos = text.find("{")
     tried = 0
     text_end = len(text.rstrip())
+    budget = _SCAN_FACTOR * len(text) + _SCAN_ALLOWANCE
     while pos != -1 and tried < _MAX_CANDIDATES:
+        if budget <= 0:
+            reason = reason or "gave up reading candidates"
+            break
         tried += 1
         try:
             value, end, repaired = lenient_json.decode_at(text, pos)
         except lenient_json.LenientJSONError as exc:
+            budget -= max(exc.offset, pos + 1) - pos
             reason = reason or f"invalid JSON: {exc}"
             pos = text.find("{", pos + 1)
             continue
+        budget -= max(end, pos + 1) - pos
         if truncated and repaired and end >= text_end:
             # Read to the end of a cut text with repairs: what was open there was closed by us.
             reason = reason or "the output was cut off by the token limit before the call was complete"
