@@ -1,0 +1,188 @@
+"""Review of issue 12 item 11: the strict converter on hostile schemas, and the way back.
+
+- schemas a Struct can carry that crashed the converter (a TypeError, so a request failing
+  INTERNAL) are sent non-strict instead;
+- an optional `type: [x, "null"]` with an `enum` lacking null was forced to a value;
+- `restore_absent`: the nulls strict mode added are dropped, exactly those, at every level,
+  never a null the caller's schema allowed, never a hang or a stack overflow, numbers exact.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from llmgateway.v1 import chat_pb2
+
+from server.core.openai_request import build_chat_body, clear_caches, unpack_completion
+from server.core.strict_schema import (
+    UnsupportedSchema,
+    convert_function,
+    restore_absent,
+    strict_or_unchanged,
+    to_strict_function,
+)
+
+
+def fn(properties: dict[str, Any], required: list[str] | None = None, **extra: Any) -> dict[str, Any]:
+    params: dict[str, Any] = {"type": "object", "properties": properties, **extra}
+    if required is not None:
+        params["required"] = required
+    return {"name": "f", "description": "d", "parameters": params}
+
+
+# -- schemas that crashed the converter -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "prop",
+    [
+        {"type": [["string"]]},  # a list inside `type` (unhashable)
+        {"type": {"string": True}},  # an object as `type`
+        {"type": 1.0},  # a number as `type`
+        {"type": []},  # no type at all
+        {"anyOf": [{"type": {"a": 1}}, {"type": "string"}]},
+    ],
+)
+def test_a_malformed_type_is_unsupported_not_a_crash(prop: dict[str, Any]) -> None:
+    with pytest.raises(UnsupportedSchema):
+        to_strict_function(fn({"a": prop}))
+    source = fn({"a": prop})
+    assert strict_or_unchanged(source) is source
+
+
+@pytest.mark.parametrize("required", [[["a"]], [{"a": 1}], [1]])
+def test_required_with_non_names_is_unsupported_not_a_crash(required: list[Any]) -> None:
+    source = fn({"a": {"type": "string"}}, required)
+    assert strict_or_unchanged(source) is source
+
+
+def test_optional_nullable_type_with_an_enum_without_null_may_still_be_absent() -> None:
+    """`type: [string, null]` + `enum: [a, b]` never accepted null: as a required strict
+    property the model had to pick a or b for an argument the caller left optional."""
+    out = to_strict_function(fn({"mode": {"type": ["string", "null"], "enum": ["a", "b"]}}))
+    assert out["parameters"]["properties"]["mode"] == {"type": ["string", "null"], "enum": ["a", "b", None]}
+
+
+# -- the way back ----------------------------------------------------------------------------------
+
+
+def answer(arguments: str, name: str = "f", finish_reason: str = "tool_calls") -> dict[str, Any]:
+    call = {"id": "c", "type": "function", "function": {"name": name, "arguments": arguments}}
+    message = {"role": "assistant", "content": None, "tool_calls": [call]}
+    return {"choices": [{"index": 0, "message": message, "finish_reason": finish_reason}]}
+
+
+def restored(function: dict[str, Any], arguments: str) -> str:
+    strict, restore = convert_function(function)
+    body = answer(arguments)
+    if restore is not None:
+        restore_absent(body, {"f": restore})
+    text: str = body["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"]
+    return text
+
+
+def test_no_property_made_nullable_means_no_restore() -> None:
+    _, restore = convert_function(fn({"a": {"type": "string"}, "b": {"type": ["integer", "null"]}}, ["a"]))
+    assert restore is None  # b was nullable already: nothing to undo, nothing to walk
+
+
+def test_anyof_with_two_options_of_the_same_keys_is_left_alone() -> None:
+    """Option 1 made `x` nullable, option 2 allows null itself: a null x is ambiguous."""
+    f = fn(
+        {
+            "v": {
+                "anyOf": [
+                    {"type": "object", "properties": {"x": {"type": "string"}}},
+                    {"type": "object", "properties": {"x": {"type": ["string", "null"]}}, "required": ["x"]},
+                ]
+            }
+        },
+        ["v"],
+    )
+    assert json.loads(restored(f, '{"v":{"x":null}}')) == {"v": {"x": None}}
+
+
+def test_anyof_object_option_picked_by_its_keys() -> None:
+    f = fn(
+        {
+            "v": {
+                "anyOf": [
+                    {"type": "object", "properties": {"x": {"type": "string"}}},
+                    {"type": "object", "properties": {"y": {"type": ["string", "null"]}}, "required": ["y"]},
+                ]
+            }
+        },
+        ["v"],
+    )
+    assert json.loads(restored(f, '{"v":{"x":null}}')) == {"v": {}}
+    assert json.loads(restored(f, '{"v":{"y":null}}')) == {"v": {"y": None}}
+
+
+def test_const_and_enum_with_null() -> None:
+    f = fn(
+        {
+            "c": {"type": "string", "const": "x"},
+            "e": {"type": "string", "enum": ["a", None]},  # type says string: null is new
+            "n": {"type": ["string", "null"], "enum": ["a", None]},  # a real null
+        }
+    )
+    assert json.loads(restored(f, '{"c":null,"e":null,"n":null}')) == {"n": None}
+
+
+def test_a_definition_that_is_only_a_ref_to_itself_does_not_hang() -> None:
+    f = fn(
+        {"a": {"$ref": "#/$defs/A"}, "b": {"type": "string"}},
+        ["a"],
+        **{"$defs": {"A": {"$ref": "#/$defs/A"}}},
+    )
+    assert json.loads(restored(f, '{"a":{"z":null},"b":null}')) == {"a": {"z": None}}
+
+
+def test_a_deep_answer_through_a_ref_cycle_does_not_overflow() -> None:
+    f = fn({"next": {"$ref": "#"}, "v": {"type": "string"}})
+    text = '{"v":null,"next":' * 900 + "null" + "}" * 900
+    out = json.loads(restored(f, text))
+    assert "v" not in out and "v" not in out["next"]  # the top levels are restored
+
+
+def test_numbers_stay_exact() -> None:
+    f = fn({"n": {"type": "integer"}, "x": {"type": "number"}, "s": {"type": "string"}}, ["n", "x"])
+    big = "123456789012345678901234567890"
+    assert restored(f, '{"n":' + big + ',"x":0.1,"s":null}') == '{"n":' + big + ',"x":0.1}'
+
+
+def test_arguments_that_are_not_an_object_are_left_as_written() -> None:
+    f = fn({"s": {"type": "string"}})
+    for text in ('{"s":nul', "null", "[null]", '"null"'):
+        assert restored(f, text) == text
+
+
+def test_only_the_named_function_is_restored() -> None:
+    _, restore = convert_function(fn({"s": {"type": "string"}}))
+    assert restore is not None
+    body = answer('{"s":null}', name="other")
+    restore_absent(body, {"f": restore})
+    assert body["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"] == '{"s":null}'
+
+
+def test_the_restore_is_cached_with_the_function_list() -> None:
+    clear_caches()
+    req = chat_pb2.CreateRequest()
+    req.llm_config.model = "gpt-4o-mini"
+    req.messages.add(role=chat_pb2.ROLE_USER, content="hi")
+    f = req.functions.add(name="f")
+    f.parameters.update({"type": "object", "properties": {"s": {"type": "string"}}})
+    g = req.functions.add(name="g")
+    g.parameters.update({"type": "object", "properties": {"s": {"type": "string"}}, "required": ["s"]})
+    body = build_chat_body(req, stream=False, endpoint="https://api.openai.com/v1")
+    again = build_chat_body(req, stream=False, endpoint="https://api.openai.com/v1")
+    assert again["tools"] is body["tools"]
+    assert set(body["tools"].restores) == {"f"}  # g made nothing nullable
+    out = answer('{"s":null}')
+    unpack_completion(out, req, body)
+    assert out["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"] == "{}"
+    out = answer('{"s":null}')
+    unpack_completion(out, req)  # without the sent body: nothing is touched
+    assert out["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"] == '{"s":null}'
