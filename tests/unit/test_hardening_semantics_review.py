@@ -186,3 +186,54 @@ def test_the_restore_is_cached_with_the_function_list() -> None:
     out = answer('{"s":null}')
     unpack_completion(out, req)  # without the sent body: nothing is touched
     assert out["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"] == '{"s":null}'
+
+
+# -- item 12: a 404 for a path, in the words of servers that explain it ----------------------------
+
+
+def _404(body: bytes, provider: str = "openai") -> object:
+    from server.providers.errors import error_for_status
+
+    return error_for_status(404, body, {}, provider=provider, scrub=lambda s: s)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        # OpenAI itself, for a base URL without /v1 (https://api.openai.com + /chat/completions)
+        b'{"error": {"message": "Invalid URL (POST /chat/completions)", "type": "invalid_request_error",'
+        b' "param": null, "code": null}}',
+        # OpenAI's other wording; note the "models" in the path it quotes
+        b'{"error": {"message": "Unknown request URL: POST /models/chat/completions. Please check the URL'
+        b' for typos, or see the docs at https://platform.openai.com/docs/api-reference/.",'
+        b' "type": "invalid_request_error", "param": null, "code": "unknown_url"}}',
+        # LM Studio (Express) when it does answer 404
+        b'{"error": "Unexpected endpoint or method. (POST /chat/completions)"}',
+        # Express's default
+        b"Cannot POST /chat/completions",
+        # Azure, a path it does not serve
+        b'{"error": {"code": "404", "message": "Resource not found"}}',
+    ],
+)
+def test_a_404_naming_the_url_is_the_endpoint_not_the_model(body: bytes) -> None:
+    from server.errors import NotFound
+
+    error = _404(body)
+    assert isinstance(error, NotFound), error
+    assert error.metadata["not_found"] == "endpoint"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"error": {"message": "The model `gpt-9` does not exist or you do not have access to it.",'
+        b' "type": "invalid_request_error", "param": null, "code": "model_not_found"}}',
+        b'{"error": {"code": "DeploymentNotFound", "message": "The API deployment for this resource does'
+        b' not exist."}}',
+        b"\xff\xfe model \xc3\x28 not found",  # not UTF-8
+    ],
+)
+def test_a_404_for_the_model_stays_model_not_found(body: bytes) -> None:
+    from server.errors import ModelNotFound
+
+    assert isinstance(_404(body), ModelNotFound)
