@@ -228,3 +228,36 @@ async def test_a_malformed_type_goes_non_strict_not_internal(
     [tool] = upstream.requests[-1].body["tools"]
     assert "strict" not in tool["function"]
     assert tool["function"]["parameters"] == schema
+
+
+@pytest.mark.parametrize(("depth", "leaf"), [(300, "1"), (300, "1.5"), (900, "1")])
+async def test_deeply_nested_arguments_with_inner_thoughts_are_not_internal(
+    gateway: RunningGateway, upstream: FakeUpstream, depth: int, leaf: str
+) -> None:
+    """orjson reads 1,024 levels but writes only 255 (TypeError), and the float scan recursed
+    (RecursionError): a model's deep, valid arguments ended in INTERNAL once the thoughts were
+    popped."""
+    schema = {"type": "object", "properties": {"data": {"type": "array", "items": {}}}, "required": ["data"]}
+    inner = "[" * depth + leaf + "]" * depth
+    raw = '{"thinking":"deep","data":' + inner + "}"
+    upstream.script(Reply(json_body=completion(None, tool_calls=[tool_call("send_message", raw)])))
+    response = await gateway.chat.Create(request_for(upstream.base_url, schema, thoughts=True), timeout=10)
+    [choice] = response.completion.choices
+    assert choice.message.content == "deep"
+    assert choice.message.tool_calls[0].arguments == '{"data":' + inner + "}"
+
+
+async def test_arguments_too_deep_to_rewrite_come_back_as_written(
+    gateway: RunningGateway, upstream: FakeUpstream
+) -> None:
+    schema = {"type": "object", "properties": {"data": {"type": "array", "items": {}}}, "required": ["data"]}
+    raw = '{"thinking":"deep","data":' + "[" * 1020 + "1.5" + "]" * 1020 + "}"
+    upstream.script(Reply(json_body=completion(None, tool_calls=[tool_call("send_message", raw)])))
+    response = await gateway.chat.Create(request_for(upstream.base_url, schema, thoughts=True), timeout=10)
+    [choice] = response.completion.choices
+    call = choice.message.tool_calls[0]
+    # Unpacked, or (past what Python's json writes) the model's text untouched: never INTERNAL.
+    assert (choice.message.content, call.arguments) in (
+        ("deep", raw.replace('"thinking":"deep",', "")),
+        ("", raw),
+    )
