@@ -237,3 +237,56 @@ def test_a_404_for_the_model_stays_model_not_found(body: bytes) -> None:
     from server.errors import ModelNotFound
 
     assert isinstance(_404(body), ModelNotFound)
+
+
+# -- schema validation: property names and data are not keywords ---------------------------------
+
+
+def _problems(parameters: dict[str, Any]) -> tuple[tuple[str, str], ...]:
+    from google.protobuf import struct_pb2
+
+    from server.core.validation import schema_problems
+
+    s = struct_pb2.Struct()
+    s.update(parameters)
+    return schema_problems(s)
+
+
+@pytest.mark.parametrize(
+    "parameters",
+    [
+        # a form-building tool: an argument named "required" (a flag), another named "properties"
+        {
+            "type": "object",
+            "properties": {"required": {"type": "boolean"}, "properties": {"type": "string"}},
+            "required": ["required"],
+        },
+        # definitions named like keywords
+        {"type": "object", "properties": {}, "$defs": {"required": {"type": "string"}}},
+        # data that happens to hold those keys
+        {
+            "type": "object",
+            "properties": {"f": {"type": "object", "properties": {}, "default": {"required": 1}}},
+        },
+        {"type": "object", "properties": {"f": {"type": "object", "enum": [{"properties": "x"}]}}},
+    ],
+)
+def test_names_and_data_are_not_taken_for_keywords(parameters: dict[str, Any]) -> None:
+    assert _problems(parameters) == ()
+
+
+def test_keywords_and_numbers_are_still_checked() -> None:
+    problems = _problems(
+        {
+            "type": "object",
+            "properties": {
+                "required": {"type": "object", "properties": {}, "required": "x"},
+                "n": {"type": "number", "default": [[float("nan")]], "enum": [float("inf")]},
+            },
+        }
+    )
+    assert sorted(p for p, _ in problems) == [  # a Struct's fields come in no fixed order
+        ".properties.n.default[0][0]",
+        ".properties.n.enum[0]",
+        ".properties.required.required",
+    ]
