@@ -43,12 +43,25 @@ def fn(properties: dict[str, Any], required: list[str] | None = None, **extra: A
         {"type": 1.0},  # a number as `type`
         {"type": []},  # no type at all
         {"anyOf": [{"type": {"a": 1}}, {"type": "string"}]},
+        {"anyOf": [{"type": [{"a": 1}]}, {"type": "string"}]},  # an object inside an option's type list
     ],
 )
 def test_a_malformed_type_is_unsupported_not_a_crash(prop: dict[str, Any]) -> None:
     with pytest.raises(UnsupportedSchema):
         to_strict_function(fn({"a": prop}))
     source = fn({"a": prop})
+    assert strict_or_unchanged(source) is source
+
+
+def test_an_unforeseen_converter_error_sends_the_function_unchanged(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Defence in depth: a converter bug costs strict mode for one function, not an INTERNAL."""
+    import server.core.strict_schema as strict_schema
+
+    def broken(schema: Any, path: str, walk: Any, depth: int) -> Any:
+        raise TypeError("a bug")
+
+    monkeypatch.setattr(strict_schema, "_node", broken)
+    source = fn({"a": {"type": "string"}})
     assert strict_or_unchanged(source) is source
 
 
