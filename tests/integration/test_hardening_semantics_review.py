@@ -261,3 +261,87 @@ async def test_arguments_too_deep_to_rewrite_come_back_as_written(
         ("deep", raw.replace('"thinking":"deep",', "")),
         ("", raw),
     )
+
+
+# -- item 10, attacked: several choices, valid JSON at a length stop, no call ---------------------
+
+SEND = {"type": "object", "properties": {"message": {"type": "string"}}, "required": ["message"]}
+
+
+async def test_length_choices_are_judged_one_by_one(gateway: RunningGateway, upstream: FakeUpstream) -> None:
+    whole = '{"thinking":"ok","message":"hi"}'
+    cut = '{"thinking":"I will wri'
+    body = completion(None, tool_calls=[tool_call("send_message", whole)], finish_reason="length")
+    second = {
+        "index": 1,
+        "message": {"role": "assistant", "content": None, "tool_calls": [tool_call("send_message", cut)]},
+        "logprobs": None,
+        "finish_reason": "length",
+    }
+    third = {
+        "index": 2,
+        "message": {"role": "assistant", "content": "Roses are red, vio"},
+        "logprobs": None,
+        "finish_reason": "length",
+    }
+    body["choices"] += [second, third]
+    upstream.script(Reply(json_body=body))
+    response = await gateway.chat.Create(request_for(upstream.base_url, SEND, thoughts=True), timeout=10)
+    a, b, c = response.completion.choices
+    # valid JSON at a length stop: a complete call, unpacked as any other
+    assert (a.finish_reason, a.message.content, a.message.tool_calls[0].arguments) == (
+        chat_pb2.FINISH_REASON_LENGTH,
+        "ok",
+        '{"message":"hi"}',
+    )
+    # cut: as written, content untouched
+    assert (b.finish_reason, b.message.content, b.message.tool_calls[0].arguments) == (
+        chat_pb2.FINISH_REASON_LENGTH,
+        "",
+        cut,
+    )
+    assert (c.finish_reason, c.message.content, list(c.message.tool_calls)) == (
+        chat_pb2.FINISH_REASON_LENGTH,
+        "Roses are red, vio",
+        [],
+    )
+
+
+async def test_stream_cut_in_the_second_of_two_calls(gateway: RunningGateway, upstream: FakeUpstream) -> None:
+    def start(i: int) -> dict[str, Any]:
+        return {
+            "index": i,
+            "id": f"call_{i}",
+            "type": "function",
+            "function": {"name": "send_message", "arguments": ""},
+        }
+
+    upstream.script(
+        Reply(
+            sse=[
+                chunk({"role": "assistant", "content": None, "tool_calls": [start(0)]}),
+                chunk(
+                    {
+                        "tool_calls": [
+                            {"index": 0, "function": {"arguments": '{"thinking":"a","message":"x"}'}}
+                        ]
+                    }
+                ),
+                chunk({"tool_calls": [start(1)]}),
+                chunk({"tool_calls": [{"index": 1, "function": {"arguments": '{"thinking":"b","mess'}}]}),
+                chunk({}, finish_reason="length"),
+                usage_chunk(),
+                "[DONE]",
+            ]
+        )
+    )
+    events = [
+        e
+        async for e in gateway.chat.StreamCreate(
+            request_for(upstream.base_url, SEND, thoughts=True), timeout=10
+        )
+    ]
+    [choice] = events[-1].completion.choices
+    assert choice.finish_reason == chat_pb2.FINISH_REASON_LENGTH
+    assert choice.message.content == "a"
+    assert [c.arguments for c in choice.message.tool_calls] == ['{"message":"x"}', '{"thinking":"b","mess']
