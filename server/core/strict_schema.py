@@ -39,6 +39,13 @@ Outside strict mode, so sent unconverted (`UnsupportedSchema`, a warning with th
   than 15,000 characters, more than 120,000 characters of property names, definition names,
   enum and const values in all.
 
+On the way back, the nulls this conversion added are taken out again (`restore_absent`): a
+`null` for a property the caller left optional and did not allow null means "absent". The
+converter records where it made properties nullable (a `Restore`, None when it made none) and
+the caller caches it with the converted function; real nulls (the caller's `type: [.., null]`,
+`nullable: true`, an enum holding null, a `$ref` to a definition that accepts null) are kept,
+and a value that could be an instance of several anyOf options is left alone.
+
 Conversion is pure and allocates new containers for every object it touches; the caller
 (`server.core.openai_request`) caches results per function fingerprint.
 """
