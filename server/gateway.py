@@ -272,7 +272,7 @@ class Gateway:
                 self.call_options(deadline, call.span),
             )
             call.record.response_json = raw.decode("utf-8", "replace")
-            unpack_completion(answer, request)
+            unpack_completion(answer, request, body)
             response = chat_pb2.CreateResponse(provider_trace_id=call.record.id)
             call.completion = completion_from_json(answer, provider=target.provider, into=response.completion)
         return response
@@ -332,7 +332,7 @@ class Gateway:
                     )
                 answer["usage"] = await _local_usage(answer, count, request)
             call.record.response_json = orjson.dumps(answer).decode()
-            unpack_completion(answer, request)
+            unpack_completion(answer, request, body)
             last = chat_pb2.StreamCreateResponse(provider_trace_id=call.record.id)
             call.completion = completion_from_json(answer, provider=target.provider, into=last.completion)
         yield last

@@ -18,7 +18,8 @@ Unpacking decisions:
   the model was cut off mid-call, which is an answer, not a broken upstream (and a retry would
   be billed again for the same cut). Such a call keeps its arguments exactly as the model wrote
   them (no thoughts popped, content untouched) and the caller sees FINISH_REASON_LENGTH;
-- only arguments that lost a kwarg are re-serialized (compact JSON), the rest keep their text.
+- only arguments that lost a kwarg are re-serialized (compact JSON), the rest keep their text;
+  arguments nested too deep to re-serialize (about 1,000 levels) are left as written.
 """
 
 from __future__ import annotations
@@ -139,25 +140,33 @@ def _dump_exact(original: str, args: dict[str, Any]) -> str:
     """Re-serialise arguments without changing any number.
 
     orjson reads integers beyond 64 bits as floats; when the text holds such a number (rare),
-    the standard library, which keeps integers exact, re-reads and writes the arguments.
+    the standard library, which keeps integers exact, re-reads and writes the arguments. orjson
+    writes at most 255 levels (it reads 1,024): deeper, the standard library writes them. May
+    raise RecursionError (nested past what the standard library takes).
     """
-    if any(isinstance(v, float) for v in _leaves(args)):
+    if _has_float(args):
         exact = json.loads(original)
         exact.pop(INNER_THOUGHTS_KWARG, None)
         exact.pop(LEGACY_INNER_THOUGHTS_KWARG, None)
         return json.dumps(exact, ensure_ascii=False, separators=(",", ":"))
-    return orjson.dumps(args).decode()
+    try:
+        return orjson.dumps(args).decode()
+    except TypeError:  # "Recursion limit reached"
+        return json.dumps(args, ensure_ascii=False, separators=(",", ":"))
 
 
-def _leaves(value: Any) -> Any:
-    if isinstance(value, dict):
-        for item in value.values():
-            yield from _leaves(item)
-    elif isinstance(value, list):
-        for item in value:
-            yield from _leaves(item)
-    else:
-        yield value
+def _has_float(value: Any) -> bool:
+    """Whether a parsed JSON value holds a float (iterative: arguments may nest 1,024 deep)."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, float):
+            return True
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
 
 
 def _pop_thought(fn: dict[str, Any], ci: int, ti: int) -> str | None:
@@ -190,7 +199,18 @@ def _pop_thought(fn: dict[str, Any], ci: int, ti: int) -> str | None:
     legacy = args.pop(LEGACY_INNER_THOUGHTS_KWARG, None)
     if thought is None:
         thought = legacy
-    fn["arguments"] = _dump_exact(arguments, args)
+    try:
+        fn["arguments"] = _dump_exact(arguments, args)
+    except RecursionError:
+        # Valid JSON nested past what the serializers write: returned as the model wrote it.
+        logger.warning(
+            "choice %d, tool call %d (%s): arguments nest too deep to unpack the inner thoughts",
+            ci,
+            ti,
+            name,
+            extra={"choice_index": ci, "tool_call_index": ti, "function_name": name},
+        )
+        return None
     if thought is None or isinstance(thought, str):
         return thought
     return orjson.dumps(thought).decode()

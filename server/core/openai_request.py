@@ -28,7 +28,7 @@ from llmgateway.v1 import chat_pb2
 
 from server.core import inner_thoughts, tools
 from server.core.messages import function_to_dict, to_openai_messages
-from server.core.strict_schema import strict_or_unchanged
+from server.core.strict_schema import Restore, restore_absent, strict_with_restore
 from server.core.validation import FunctionKeys, cacheable, function_keys
 from server.errors import FieldViolation, InvalidRequest
 
@@ -70,12 +70,29 @@ _NO_THOUGHTS, _FIRST, _LAST, _FIRST_LM, _LAST_LM = range(5)
 
 # key (fn bytes, thoughts variant) -> function dict as counted and (non-strict) sent
 _PROMPT_CACHE: BoundedCache[tuple[bytes, int], dict[str, Any]] = BoundedCache(2048)
-# key (fn bytes, thoughts variant, strict, tools-shape) -> entry of `tools` or `functions`
-_SENT_CACHE: BoundedCache[tuple[bytes, int, bool, bool], dict[str, Any]] = BoundedCache(2048)
+
+
+class SentFunctions(list[dict[str, Any]]):
+    """The `tools`/`functions` list of a body (serialized as a plain list), with `restores`:
+    by function name, what undoes the nulls strict conversion added (None when it added none,
+    so the answer is not walked at all)."""
+
+    __slots__ = ("restores",)
+
+    def __init__(self, entries: list[dict[str, Any]], restores: dict[str, Restore] | None) -> None:
+        super().__init__(entries)
+        self.restores = restores
+
+
+# key (fn bytes, thoughts variant, strict, tools-shape) -> (entry of `tools` or `functions`,
+# the Restore of its strict form or None)
+_SENT_CACHE: BoundedCache[tuple[bytes, int, bool, bool], tuple[dict[str, Any], Restore | None]] = (
+    BoundedCache(2048)
+)
 # The same, per whole function list (an agent sends the same list every step).
 
 _PROMPT_LISTS: BoundedCache[tuple[FunctionKeys, int], list[dict[str, Any]]] = BoundedCache(1024)
-_SENT_LISTS: BoundedCache[tuple[FunctionKeys, int, bool, bool], list[dict[str, Any]]] = BoundedCache(1024)
+_SENT_LISTS: BoundedCache[tuple[FunctionKeys, int, bool, bool], SentFunctions] = BoundedCache(1024)
 
 
 def clear_caches() -> None:
@@ -145,22 +162,29 @@ def _sent_functions(
     variant: int,
     strict: bool,
     tool_shape: bool,
-) -> list[dict[str, Any]]:
+) -> SentFunctions:
     list_key = (keys, variant, strict, tool_shape)
     found = _SENT_LISTS.get(list_key)
     if found is not None:
         return found
     out: list[dict[str, Any]] = []
+    restores: dict[str, Restore] = {}
     for i, (fn, key) in enumerate(zip(functions, keys, strict=True)):
         cache_key = (key, variant, strict, tool_shape)
-        entry = _SENT_CACHE.get(cache_key)
-        if entry is None:
+        cached = _SENT_CACHE.get(cache_key)
+        if cached is None:
             d = _prompt_function(fn, i, key, variant)
+            restore = None
             if strict:
-                d = strict_or_unchanged(d)
-            entry = _SENT_CACHE.put(cache_key, {"type": "function", "function": d} if tool_shape else d)
+                d, restore = strict_with_restore(d)
+            entry = {"type": "function", "function": d} if tool_shape else d
+            cached = _SENT_CACHE.put(cache_key, (entry, restore))
+        entry, restore = cached
         out.append(entry)
-    return _SENT_LISTS.put(list_key, out) if cacheable(keys) else out
+        if restore is not None:
+            restores[fn.name] = restore
+    sent = SentFunctions(out, restores or None)
+    return _SENT_LISTS.put(list_key, sent) if cacheable(keys) else sent
 
 
 def build_chat_body(
@@ -231,7 +255,18 @@ def build_chat_body(
     return body
 
 
-def unpack_completion(body: dict[str, Any], request: chat_pb2.CreateRequest) -> None:
-    """Move inner thoughts from tool-call arguments into the content, in place, when enabled."""
+def unpack_completion(
+    body: dict[str, Any], request: chat_pb2.CreateRequest, sent: dict[str, Any] | None = None
+) -> None:
+    """The answer as the caller's functions mean it, in place: inner thoughts moved from the
+    tool-call arguments into the content (when enabled), and, when `sent` (the body built by
+    `build_chat_body` for this call) had strict tools that made optional properties nullable,
+    the `null` of each such property removed: the tool's own schema meant "absent" there.
+    Without `sent` or without such properties nothing is walked.
+    """
     if request.llm_config.put_inner_thoughts_in_kwargs:
         inner_thoughts.unpack_inner_thoughts(body)
+    if sent is not None:
+        restores = getattr(sent.get("tools"), "restores", None)
+        if restores:
+            restore_absent(body, restores)

@@ -241,16 +241,34 @@ def _walk_schema(struct: struct_pb2.Struct, path: str, problems: list[tuple[str,
         ):
             problems.append((f"{path}.required", "must be a list of strings"))
     for name, value in fields.items():
-        _walk_value(value, f"{path}.{name}", problems)
+        where = f"{path}.{name}"
+        if name in _SCHEMA_MAPS and value.WhichOneof("kind") == "struct_value":
+            # Names -> schemas: a property may be called "required" or "properties".
+            for key, schema in value.struct_value.fields.items():
+                _walk_value(schema, f"{where}.{key}", problems, schema=True)
+        else:
+            _walk_value(value, where, problems, schema=name not in _DATA_KEYWORDS)
 
 
-def _walk_value(value: struct_pb2.Value, path: str, problems: list[tuple[str, str]]) -> None:
+# Keywords whose value maps names to schemas, and keywords whose value is data (an instance,
+# never a schema: an enum member may be any object). Both are still scanned for NaN/Infinity.
+_SCHEMA_MAPS = frozenset({"properties", "$defs", "definitions", "patternProperties", "dependentSchemas"})
+_DATA_KEYWORDS = frozenset({"enum", "const", "default", "examples", "example"})
+
+
+def _walk_value(
+    value: struct_pb2.Value, path: str, problems: list[tuple[str, str]], *, schema: bool = True
+) -> None:
     kind = value.WhichOneof("kind")
     if kind == "struct_value":
-        _walk_schema(value.struct_value, path, problems)
+        if schema:
+            _walk_schema(value.struct_value, path, problems)
+        else:
+            for key, item in value.struct_value.fields.items():
+                _walk_value(item, f"{path}.{key}", problems, schema=False)
     elif kind == "list_value":
         for j, item in enumerate(value.list_value.values):
-            _walk_value(item, f"{path}[{j}]", problems)
+            _walk_value(item, f"{path}[{j}]", problems, schema=schema)
     elif kind == "number_value" and not math.isfinite(value.number_value):
         problems.append((path, f"is {value.number_value}: not a finite number, which JSON cannot carry"))
 

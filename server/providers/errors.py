@@ -120,6 +120,14 @@ def error_for_status(
 _BARE_NOT_FOUND = re.compile(
     r"(?:404[:\s]*)?(?:page |file )?not found\.?|404|html error page(?:: .*)?", re.IGNORECASE
 )
+# Servers that explain a path they do not serve: OpenAI ("Invalid URL (POST /chat/completions)",
+# "Unknown request URL: ...", code `unknown_url`), LM Studio ("Unexpected endpoint or method."),
+# Express ("Cannot POST /chat/completions"), Azure ("Resource not found"). Checked before the
+# word "model", which such a message may quote in its path.
+_ENDPOINT_MESSAGE = re.compile(
+    r"invalid url\b|unknown request url\b|unexpected endpoint\b|^cannot [a-z]+ /|^resource not found\.?$",
+    re.IGNORECASE,
+)
 _LOCAL_ROOT_PATHS = frozenset({"ollama", "llamacpp", "koboldcpp"})
 
 
@@ -136,7 +144,11 @@ def not_found_error(
     and a hint. Any other provider message keeps MODEL_NOT_FOUND, as the contract's 404 row.
     """
     message = upstream_message(body).strip()
-    if _says_model(body, message) or (message and not _BARE_NOT_FOUND.fullmatch(message)):
+    code = _error_code(body)
+    endpoint = code == "unknown_url" or bool(_ENDPOINT_MESSAGE.search(message))
+    if code == "model_not_found" or (
+        not endpoint and ("model" in message.lower() or (message and not _BARE_NOT_FOUND.fullmatch(message)))
+    ):
         return ModelNotFound(text, metadata={**meta, "not_found": "model"})
     if provider in _LOCAL_ROOT_PATHS:
         hint = "check the base URL: it should be the server's root (no /v1 or other path)"
@@ -148,15 +160,13 @@ def not_found_error(
     )
 
 
-def _says_model(body: bytes, message: str) -> bool:
+def _error_code(body: bytes) -> object:
     try:
         payload = orjson.loads(body)
     except orjson.JSONDecodeError:
-        payload = None
+        return None
     err = payload.get("error") if isinstance(payload, dict) else None
-    if isinstance(err, dict) and err.get("code") == "model_not_found":
-        return True
-    return "model" in message.lower()
+    return err.get("code") if isinstance(err, dict) else None
 
 
 def connection_error(exc: BaseException, *, provider: str, scrub: Callable[[str], str]) -> RetryableError:
