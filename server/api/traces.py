@@ -11,8 +11,16 @@ from llmgateway.v1 import chat_pb2, traces_pb2
 from server.api.auth import KeyAuthenticator
 from server.api.context import Context, parse, run_unary
 from server.api.handlers import service, unary
+from server.auth.actor import Actor
 from server.errors import FailedPrecondition, InvalidRequest, NotFound
-from server.traces.base import TraceBackend, TraceQuery, TraceRecord, page_token, parse_page_token
+from server.traces.base import (
+    TraceBackend,
+    TraceQuery,
+    TraceRecord,
+    page_token,
+    parse_page_token,
+    trace_owner,
+)
 
 SERVICE = "llmgateway.v1.ProviderTraceService"
 DEFAULT_PAGE_SIZE = 50
@@ -61,6 +69,16 @@ def decode_page_token(token: str) -> tuple[datetime, str]:
         ) from exc
 
 
+def readable_owner(actor: Actor) -> str | None:
+    """Whose traces `actor` may read: None for the whole organization (admins, auth off).
+
+    A non-admin key reads the traces of its own user, or, when it has no user, those it made.
+    """
+    if actor.is_admin:
+        return None
+    return trace_owner(user_id=actor.user_id, key_id=actor.key_id)
+
+
 def _time(value: timestamp_pb2.Timestamp, present: bool) -> datetime | None:
     return value.ToDatetime(tzinfo=UTC) if present else None
 
@@ -87,7 +105,9 @@ class ProviderTraceServicer:
             if not request.step_id:
                 raise InvalidRequest("step_id is required", metadata={"field": "step_id"})
             record = await self._readable().get_latest(
-                organization_id=actor.organization_id, step_id=request.step_id
+                organization_id=actor.organization_id,
+                step_id=request.step_id,
+                owner=readable_owner(actor),
             )
             if record is None:
                 raise NotFound(
@@ -106,6 +126,7 @@ class ProviderTraceServicer:
             size = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
             query = TraceQuery(
                 organization_id=actor.organization_id,
+                owner=readable_owner(actor),
                 step_id=request.step_id,
                 run_id=request.run_id,
                 agent_id=request.agent_id,

@@ -69,6 +69,24 @@ class TraceRecord:
     latency_ms: float = 0.0
     time_to_first_token_ms: float = 0.0  # streams only
     llm_config_json: str = ""  # the request's LLMConfig as JSON text (socket protocol field)
+    # Who may read the trace besides the organization's admins: `trace_owner` of the gateway key
+    # that made the call, never anything the request says ("" for traces made with auth off and
+    # for traces stored before this column existed: admins only).
+    owner: str = ""
+
+
+def trace_owner(*, user_id: str, key_id: str) -> str:
+    """The `owner` of traces made with a key: its user, or the key itself when it has no user.
+
+    Every key of one user shares that user's traces (a rotated key keeps reading them); a key
+    without a user (an organization-level key) owns only what it made. The prefixes keep a user
+    id from ever equalling a key's owner. "" for the anonymous actor (auth off).
+    """
+    if user_id:
+        return "user:" + user_id
+    if key_id:
+        return "key:" + key_id
+    return ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +94,8 @@ class TraceQuery:
     """Filters of ListProviderTraces; empty strings and None match everything."""
 
     organization_id: str
+    # None reads the whole organization (admin keys, auth off); else only traces of this owner.
+    owner: str | None = None
     step_id: str = ""
     run_id: str = ""
     agent_id: str = ""
@@ -112,7 +132,10 @@ class TraceBackend(abc.ABC):
         """`write_batch` as a blocking call, from the writer's thread; only when `threaded`."""
         raise NotImplementedError(f"{self.name} has no blocking write")
 
-    async def get_latest(self, *, organization_id: str, step_id: str) -> TraceRecord | None:
+    async def get_latest(
+        self, *, organization_id: str, step_id: str, owner: str | None = None
+    ) -> TraceRecord | None:
+        """The newest trace of the step; `owner` as in `TraceQuery`."""
         raise NotImplementedError(f"{self.name} is write-only")
 
     async def list(self, *, query: TraceQuery) -> list[TraceRecord]:

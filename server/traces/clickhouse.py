@@ -82,6 +82,11 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         PARTITION BY toYYYYMM(created_at)
         ORDER BY (organization_id, step_id, created_at_us, id)""",
     ),
+    (
+        # Who may read a trace besides admins (issue 12): rows written before stay admin-only
+        # (the column's default is '').
+        f"ALTER TABLE {{database}}.{TABLE} ADD COLUMN owner String",
+    ),
 )
 
 # Columns as selected: created_at comes back as created_at_us for full resolution.
@@ -133,6 +138,7 @@ def _to_row(r: TraceRecord) -> dict[str, Any]:
         "total_tokens": r.total_tokens, "cached_tokens": r.cached_tokens,
         "reasoning_tokens": r.reasoning_tokens, "latency_ms": r.latency_ms,
         "time_to_first_token_ms": r.time_to_first_token_ms, "llm_config_json": r.llm_config_json,
+        "owner": r.owner,
     }  # fmt: skip
 
 
@@ -226,14 +232,19 @@ class ClickHouseTraceBackend(TraceBackend):
         body = b"\n".join(orjson.dumps(_to_row(r)) for r in records)
         await self._request(f"INSERT INTO {self._table} FORMAT JSONEachRow", body=body)
 
-    async def get_latest(self, *, organization_id: str, step_id: str) -> TraceRecord | None:
-        rows = await self._select(
-            f"organization_id = {quote(organization_id)} AND step_id = {quote(step_id)}", 1
-        )
+    async def get_latest(
+        self, *, organization_id: str, step_id: str, owner: str | None = None
+    ) -> TraceRecord | None:
+        where = f"organization_id = {quote(organization_id)} AND step_id = {quote(step_id)}"
+        if owner is not None:
+            where += f" AND owner = {quote(owner)}"
+        rows = await self._select(where, 1)
         return rows[0] if rows else None
 
     async def list(self, *, query: TraceQuery) -> list[TraceRecord]:
         where = [f"organization_id = {quote(query.organization_id)}"]
+        if query.owner is not None:
+            where.append(f"owner = {quote(query.owner)}")
         for column in ("step_id", "run_id", "agent_id"):
             value = getattr(query, column)
             if value:

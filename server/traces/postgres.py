@@ -68,6 +68,12 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX IF NOT EXISTS ix_provider_traces_org_created ON provider_traces"
         " (organization_id, created_at DESC, id DESC)",
     ),
+    (
+        # Who may read a trace besides admins (issue 12): rows written before stay admin-only.
+        "ALTER TABLE provider_traces ADD COLUMN IF NOT EXISTS owner text NOT NULL DEFAULT ''",
+        "CREATE INDEX IF NOT EXISTS ix_provider_traces_org_owner_created ON provider_traces"
+        " (organization_id, owner, created_at DESC, id DESC)",
+    ),
 )
 
 _COLUMN_LIST = ", ".join(TRACE_COLUMNS)
@@ -85,7 +91,7 @@ def _to_row(r: TraceRecord) -> tuple[Any, ...]:
         r.run_id, r.call_type, r.provider, r.model, r.model_endpoint_type, r.is_byok, r.request_json,
         r.response_json, r.error_type, r.error_message, r.prompt_tokens, r.completion_tokens,
         r.total_tokens, r.cached_tokens, r.reasoning_tokens, r.latency_ms, r.time_to_first_token_ms,
-        r.llm_config_json,
+        r.llm_config_json, r.owner,
     )  # fmt: skip
     # PostgreSQL text cannot hold NUL; one such character would fail the whole batch forever.
     if any(isinstance(v, str) and "\x00" in v for v in row) or any("\x00" in t for t in r.agent_tags):
@@ -173,12 +179,16 @@ class PostgresTraceBackend(TraceBackend):
                 async with conn.transaction():
                     await conn.executemany(_INSERT_IGNORE, rows)
 
-    async def get_latest(self, *, organization_id: str, step_id: str) -> TraceRecord | None:
+    async def get_latest(
+        self, *, organization_id: str, step_id: str, owner: str | None = None
+    ) -> TraceRecord | None:
+        params: list[Any] = [organization_id, step_id]
+        where = "organization_id = $1 AND step_id = $2"
+        if owner is not None:
+            params.append(owner)
+            where += " AND owner = $3"
         row = await self._require_pool().fetchrow(
-            f"{_SELECT} WHERE organization_id = $1 AND step_id = $2"
-            " ORDER BY created_at DESC, id DESC LIMIT 1",
-            organization_id,
-            step_id,
+            f"{_SELECT} WHERE {where} ORDER BY created_at DESC, id DESC LIMIT 1", *params
         )
         return _from_row(row) if row is not None else None
 
@@ -193,6 +203,8 @@ class PostgresTraceBackend(TraceBackend):
                 placeholders.append(f"${len(params)}")
             where.append(condition.format(*placeholders))
 
+        if query.owner is not None:
+            add("owner = {}", query.owner)
         for column in ("step_id", "run_id", "agent_id"):
             value = getattr(query, column)
             if value:

@@ -84,6 +84,12 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX ix_provider_traces_org_created ON provider_traces (organization_id, created_at, id)",
         "CREATE INDEX ix_provider_traces_created ON provider_traces (created_at)",
     ),
+    (
+        # Who may read a trace besides admins (issue 12): rows written before stay admin-only.
+        "ALTER TABLE provider_traces ADD COLUMN owner TEXT NOT NULL DEFAULT ''",
+        "CREATE INDEX ix_provider_traces_org_owner_created ON provider_traces"
+        " (organization_id, owner, created_at, id)",
+    ),
 )
 
 PRAGMAS = (
@@ -127,7 +133,7 @@ def _to_row(record: TraceRecord) -> tuple[Any, ...]:
         orjson.dumps(r.agent_tags).decode(), r.run_id, r.call_type, r.provider, r.model,
         r.model_endpoint_type, int(r.is_byok), r.request_json, r.response_json, r.error_type,
         r.error_message, r.prompt_tokens, r.completion_tokens, r.total_tokens, r.cached_tokens,
-        r.reasoning_tokens, r.latency_ms, r.time_to_first_token_ms, r.llm_config_json,
+        r.reasoning_tokens, r.latency_ms, r.time_to_first_token_ms, r.llm_config_json, r.owner,
     )  # fmt: skip
 
 
@@ -271,16 +277,22 @@ class SQLiteTraceBackend(TraceBackend):
                 self._unchecked = 0
                 self._checkpoint_wake.set()
 
-    async def get_latest(self, *, organization_id: str, step_id: str) -> TraceRecord | None:
-        rows = await self._fetch(
-            f"{_SELECT} WHERE organization_id = ? AND step_id = ? ORDER BY created_at DESC, id DESC LIMIT 1",
-            (organization_id, step_id),
-        )
+    async def get_latest(
+        self, *, organization_id: str, step_id: str, owner: str | None = None
+    ) -> TraceRecord | None:
+        where, params = "organization_id = ? AND step_id = ?", [organization_id, step_id]
+        if owner is not None:
+            where += " AND owner = ?"
+            params.append(owner)
+        rows = await self._fetch(f"{_SELECT} WHERE {where} ORDER BY created_at DESC, id DESC LIMIT 1", params)
         return _from_row(rows[0]) if rows else None
 
     async def list(self, *, query: TraceQuery) -> list[TraceRecord]:
         where = ["organization_id = ?"]
         params: list[Any] = [query.organization_id]
+        if query.owner is not None:
+            where.append("owner = ?")
+            params.append(query.owner)
         for column in ("step_id", "run_id", "agent_id"):
             value = getattr(query, column)
             if value:
