@@ -35,6 +35,9 @@ class Settings:
     postgres_dsn: str = ""
     clickhouse_url: str = ""
     trace_socket: str = "/var/run/telemetry/telemetry.sock"
+    # Per trace backend: the most trace text its queue holds while the store is slow (oldest
+    # dropped first, counted), besides the 10,000-trace bound.
+    trace_queue_bytes: int = 256 * 1024 * 1024
     openai_base_url: str = DEFAULT_OPENAI_BASE_URL
     openrouter_base_url: str = DEFAULT_OPENROUTER_BASE_URL
     openrouter_referer: str = ""
@@ -174,6 +177,8 @@ def validate(settings: Settings) -> None:
         problems.append("LLMGW_TRACE_BACKENDS has postgres but LLMGW_POSTGRES_DSN is empty")
     if "clickhouse" in settings.trace_backends and not settings.clickhouse_url:
         problems.append("LLMGW_TRACE_BACKENDS has clickhouse but LLMGW_CLICKHOUSE_URL is empty")
+    if settings.trace_queue_bytes < 1:
+        problems.append("LLMGW_TRACE_QUEUE_BYTES must be at least 1")
     retry = settings.retry
     if retry.max_attempts < 1 or retry.initial_delay < 0 or retry.max_delay < 0 or retry.multiplier < 1:
         problems.append("LLMGW_RETRY_*: max_attempts must be >= 1, delays >= 0 and the multiplier >= 1")

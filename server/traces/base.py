@@ -128,6 +128,13 @@ class TraceBackend(abc.ABC):
     async def write_batch(self, *, records: Sequence[TraceRecord]) -> None:
         """Persist every record or raise; the writer retries the whole batch."""
 
+    def rejects(self, exc: BaseException) -> bool:
+        """True when `exc` says some trace of the batch can never be stored (not a passing failure).
+
+        The writer then splits the batch until the offending trace is alone and drops only it.
+        """
+        return isinstance(exc, ENCODING_ERRORS)
+
     def write_batch_sync(self, records: Sequence[TraceRecord]) -> None:
         """`write_batch` as a blocking call, from the writer's thread; only when `threaded`."""
         raise NotImplementedError(f"{self.name} has no blocking write")
@@ -140,6 +147,33 @@ class TraceBackend(abc.ABC):
 
     async def list(self, *, query: TraceQuery) -> list[TraceRecord]:
         raise NotImplementedError(f"{self.name} is write-only")
+
+
+# Errors raised while encoding rows (a lone surrogate in a str, an integer beyond 64 bits): the
+# data itself cannot be stored, so retrying the same trace cannot help.
+ENCODING_ERRORS: tuple[type[BaseException], ...] = (UnicodeError, TypeError, ValueError, OverflowError)
+
+_RECORD_OVERHEAD = 512  # the record object, its small fields and its row
+
+
+def record_size(record: TraceRecord) -> int:
+    """About how many bytes a queued trace pins: its text fields' lengths plus a fixed overhead.
+
+    Characters, not encoded bytes: cheap (no encoding on the request path) and exact for the
+    ASCII that JSON with escapes and base64 images mostly is.
+    """
+    r = record
+    return (
+        _RECORD_OVERHEAD
+        + len(r.request_json)
+        + len(r.response_json)
+        + len(r.llm_config_json)
+        + len(r.error_message)
+        + len(r.step_id)
+        + len(r.run_id)
+        + len(r.agent_id)
+        + sum(len(tag) for tag in r.agent_tags)
+    )
 
 
 # Every column a store keeps, in the order of the record's fields.

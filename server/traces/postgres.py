@@ -179,6 +179,12 @@ class PostgresTraceBackend(TraceBackend):
                 async with conn.transaction():
                     await conn.executemany(_INSERT_IGNORE, rows)
 
+    def rejects(self, exc: BaseException) -> bool:
+        # Data exceptions (class 22: a value out of range, invalid text) and program limits
+        # (class 54: an index entry over btree's 2704 bytes, e.g. a caller's huge step_id) fail
+        # the same row every time.
+        return isinstance(exc, (asyncpg.DataError, asyncpg.ProgramLimitExceededError)) or super().rejects(exc)
+
     async def get_latest(
         self, *, organization_id: str, step_id: str, owner: str | None = None
     ) -> TraceRecord | None:

@@ -277,6 +277,10 @@ class SQLiteTraceBackend(TraceBackend):
                 self._unchecked = 0
                 self._checkpoint_wake.set()
 
+    def rejects(self, exc: BaseException) -> bool:
+        # DataError: a value SQLite refuses (SQLITE_TOOBIG); a full disk is not one (it may clear).
+        return isinstance(exc, sqlite3.DataError) or super().rejects(exc)
+
     async def get_latest(
         self, *, organization_id: str, step_id: str, owner: str | None = None
     ) -> TraceRecord | None:
