@@ -196,7 +196,9 @@ class GatewayServer:
         )
         services = (
             ChatCompletionServicer(gateway, authenticator).handlers(),
-            ProviderTraceServicer(writer.reader, authenticator).handlers(),
+            ProviderTraceServicer(
+                writer.reader, authenticator, page_bytes=settings.trace_page_bytes
+            ).handlers(),
             ProviderServicer(store, authenticator, policy, keyring=keyring).handlers(),
         )
         calls = InFlight(abort)

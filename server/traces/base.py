@@ -102,6 +102,9 @@ class TraceQuery:
     start_time: datetime | None = None  # inclusive
     end_time: datetime | None = None  # exclusive
     limit: int = 50
+    # Stop reading once the traces read hold this many bytes (`record_size`), the trace that
+    # crosses the bound included: a page of big traces is never all loaded. None: no bound.
+    max_bytes: int | None = None
     # Keyset cursor: traces strictly older than (created_at, id) in newest-first order.
     before: tuple[datetime, str] | None = None
 
@@ -154,6 +157,22 @@ class TraceBackend(abc.ABC):
 ENCODING_ERRORS: tuple[type[BaseException], ...] = (UnicodeError, TypeError, ValueError, OverflowError)
 
 _RECORD_OVERHEAD = 512  # the record object, its small fields and its row
+# `record_size` as SQL over a trace row (octet_length / length: bytes, close enough), for stores
+# that bound a read in bytes before loading the rows.
+RECORD_SIZE_COLUMNS = (
+    "request_json",
+    "response_json",
+    "llm_config_json",
+    "error_message",
+    "step_id",
+    "run_id",
+    "agent_id",
+)
+
+
+def record_size_sql(length_function: str) -> str:
+    """The SQL expression of `record_size` with `length_function` (e.g. octet_length)."""
+    return " + ".join([str(_RECORD_OVERHEAD), *(f"{length_function}({c})" for c in RECORD_SIZE_COLUMNS)])
 
 
 def record_size(record: TraceRecord) -> int:

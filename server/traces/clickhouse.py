@@ -32,6 +32,7 @@ from server.traces.base import (
     TraceRecord,
     clamp_limit,
     from_micros,
+    record_size_sql,
     redact_url,
     to_micros,
 )
@@ -256,7 +257,31 @@ class ClickHouseTraceBackend(TraceBackend):
         if query.before is not None:
             micros, trace_id = to_micros(query.before[0]), quote(query.before[1])
             where.append(f"(created_at_us < {micros} OR (created_at_us = {micros} AND id < {trace_id}))")
-        return await self._select(" AND ".join(where), clamp_limit(query.limit))
+        limit = clamp_limit(query.limit)
+        if query.max_bytes is not None:
+            # Old servers have no window functions: read the sizes first, then only the rows
+            # that fit (and the one that crosses the bound).
+            body = await self._request(
+                f"SELECT id, {record_size_sql('length')} AS size FROM {self._table}"
+                f" WHERE {' AND '.join(where)}"
+                f" ORDER BY created_at_us DESC, id DESC LIMIT 1 BY id LIMIT {int(limit)}"
+                " FORMAT JSONEachRow",
+                settings={"wait_end_of_query": "1"},
+            )
+            ids: builtins.list[str] = []
+            total = 0
+            for line in body.splitlines():
+                if total >= query.max_bytes:
+                    break
+                if line.strip():
+                    row = orjson.loads(line)
+                    ids.append(row["id"])
+                    total += int(row["size"])
+            if not ids:
+                return []
+            where.append(f"id IN ({', '.join(quote(i) for i in ids)})")
+            limit = len(ids)
+        return await self._select(" AND ".join(where), limit)
 
     async def _select(self, where: str, limit: int) -> builtins.list[TraceRecord]:
         body = await self._request(

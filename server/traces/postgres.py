@@ -22,6 +22,7 @@ from server.traces.base import (
     TraceRecord,
     clamp_limit,
     describe_error,
+    record_size_sql,
     redact_url,
 )
 
@@ -78,6 +79,8 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
 
 _COLUMN_LIST = ", ".join(TRACE_COLUMNS)
 _SELECT = f"SELECT {_COLUMN_LIST} FROM provider_traces"
+# octet_length of a TOASTed text reads its header only: the sizes cost no detoasting.
+_SIZE = record_size_sql("octet_length")
 _INSERT_IGNORE = (
     f"INSERT INTO provider_traces ({_COLUMN_LIST})"
     f" VALUES ({', '.join(f'${i}' for i in range(1, len(TRACE_COLUMNS) + 1))})"
@@ -222,7 +225,18 @@ class PostgresTraceBackend(TraceBackend):
         if query.before is not None:
             add("(created_at, id) < ({}, {})", *query.before)
         params.append(clamp_limit(query.limit))
-        sql = f"{_SELECT} WHERE {' AND '.join(where)} ORDER BY created_at DESC, id DESC LIMIT ${len(params)}"
+        order = "ORDER BY created_at DESC, id DESC"
+        sql = f"{_SELECT} WHERE {' AND '.join(where)} {order} LIMIT ${len(params)}"
+        if query.max_bytes is not None:
+            # Keep the rows whose predecessors hold less than max_bytes (a running sum), so the
+            # server sends, and we load, at most one trace past the bound.
+            params.append(query.max_bytes)
+            sql = (
+                f"SELECT {_COLUMN_LIST} FROM (SELECT {_COLUMN_LIST},"
+                f" sum({_SIZE}) OVER ({order}) - ({_SIZE}) AS bytes_before"
+                f" FROM provider_traces WHERE {' AND '.join(where)} {order} LIMIT ${len(params) - 1})"
+                f" AS page WHERE bytes_before < ${len(params)} {order}"
+            )
         rows = await self._require_pool().fetch(sql, *params)
         return [_from_row(row) for row in rows]
 

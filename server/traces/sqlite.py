@@ -39,6 +39,7 @@ from server.traces.base import (
     TraceRecord,
     clamp_limit,
     from_micros,
+    record_size,
     to_micros,
 )
 
@@ -313,7 +314,21 @@ class SQLiteTraceBackend(TraceBackend):
             params.extend((to_micros(query.before[0]), query.before[1]))
         params.append(clamp_limit(query.limit))
         sql = f"{_SELECT} WHERE {' AND '.join(where)} ORDER BY created_at DESC, id DESC LIMIT ?"
-        return [_from_row(row) for row in await self._fetch(sql, params)]
+        if query.max_bytes is None:
+            return [_from_row(row) for row in await self._fetch(sql, params)]
+        if self._reader is None:
+            raise RuntimeError("sqlite trace store is not started")
+        # Row by row: SQLite steps lazily, so the rows after the byte bound are never read.
+        out: builtins.list[TraceRecord] = []
+        total = 0
+        async with self._reader.execute(sql, params) as cursor:
+            while total < query.max_bytes:
+                row = await cursor.fetchone()
+                if row is None:
+                    break
+                out.append(_from_row(row))
+                total += record_size(out[-1])
+        return out
 
     async def _fetch(self, sql: str, params: Sequence[Any]) -> builtins.list[Any]:
         if self._reader is None:
