@@ -190,6 +190,7 @@ class _Lane:
                     async with asyncio.timeout(writer.write_timeout):
                         await self.backend.write_batch(records=part)
                     self.stats.written += len(part)
+                    self.last_error = ""  # the store works again
                     break
                 except Exception as exc:
                     self.stats.failed_batches += 1
@@ -412,6 +413,7 @@ class _ThreadedLane(_Lane):
                 with self.lock:
                     if not self.abandoned:  # else close() counted it as dropped already
                         self.stats.written += len(part)
+                self.last_error = ""  # the store works again
                 break
         with self.lock:
             if not self.abandoned:
