@@ -94,6 +94,7 @@ class _Lane:
         self.task: asyncio.Task[None] | None = None
         self.batch_size = backend.batch_size or writer.batch_size
         self.queued_bytes = 0  # `record_size` of the deque and the batch in flight
+        self.inflight_bytes = 0  # `record_size` of the batch in flight, counted when it was taken
         self.last_error = ""  # why the last write failed, for the shutdown log
 
     def push(self, record: TraceRecord, size: int) -> None:
@@ -121,6 +122,7 @@ class _Lane:
                 break
             batch.append(queue.popleft())
             total += size
+        self.inflight_bytes = total
         return batch
 
     def notify_close(self) -> None:
@@ -157,7 +159,7 @@ class _Lane:
             batch = self.inflight = self.take_batch()
             await self._write(batch)
             self.inflight = ()
-            self.queued_bytes -= sum(record_size(r) for r in batch)
+            self.queued_bytes -= self.inflight_bytes
 
     async def _start_backend(self) -> None:
         attempt = 0
@@ -378,6 +380,7 @@ class _ThreadedLane(_Lane):
                 size = record_size(taken)
             batch.append(taken)
             total += size
+        self.inflight_bytes = total
         return batch
 
     def _write_sync(self, batch: list[TraceRecord]) -> None:
@@ -418,7 +421,7 @@ class _ThreadedLane(_Lane):
         with self.lock:
             if not self.abandoned:
                 self.inflight = ()
-                self.bytes_done += sum(record_size(r) for r in batch)
+                self.bytes_done += self.inflight_bytes
 
     def _count_dropped(self, count: int) -> None:
         with self.lock:
