@@ -141,7 +141,7 @@ class GatewayServer:
             clickhouse_url=settings.clickhouse_url,
             socket_path=settings.trace_socket,
         )
-        writer = TraceWriter(backends)
+        writer = TraceWriter(backends, queue_bytes=settings.trace_queue_bytes)
         await writer.start()
         cleanup.push_async_callback(writer.close, timeout=settings.grace_period)
 
@@ -196,7 +196,9 @@ class GatewayServer:
         )
         services = (
             ChatCompletionServicer(gateway, authenticator).handlers(),
-            ProviderTraceServicer(writer.reader, authenticator).handlers(),
+            ProviderTraceServicer(
+                writer.reader, authenticator, page_bytes=settings.trace_page_bytes
+            ).handlers(),
             ProviderServicer(store, authenticator, policy, keyring=keyring).handlers(),
         )
         calls = InFlight(abort)

@@ -35,6 +35,12 @@ class Settings:
     postgres_dsn: str = ""
     clickhouse_url: str = ""
     trace_socket: str = "/var/run/telemetry/telemetry.sock"
+    # Per trace backend: the most trace text its queue holds while the store is slow (oldest
+    # dropped first, counted), besides the 10,000-trace bound.
+    trace_queue_bytes: int = 256 * 1024 * 1024
+    # The most one ListProviderTraces page or GetProviderTrace answer carries (default: the 4 MiB
+    # every gRPC client receives by default); a bigger trace comes back cut, marked `truncated`.
+    trace_page_bytes: int = 4 * 1024 * 1024
     openai_base_url: str = DEFAULT_OPENAI_BASE_URL
     openrouter_base_url: str = DEFAULT_OPENROUTER_BASE_URL
     openrouter_referer: str = ""
@@ -174,6 +180,11 @@ def validate(settings: Settings) -> None:
         problems.append("LLMGW_TRACE_BACKENDS has postgres but LLMGW_POSTGRES_DSN is empty")
     if "clickhouse" in settings.trace_backends and not settings.clickhouse_url:
         problems.append("LLMGW_TRACE_BACKENDS has clickhouse but LLMGW_CLICKHOUSE_URL is empty")
+    if settings.trace_queue_bytes < 1:
+        problems.append("LLMGW_TRACE_QUEUE_BYTES must be at least 1")
+    # Below the server's 64 MiB gRPC send limit (server/app.py MAX_MESSAGE_BYTES), with room.
+    if not 4096 <= settings.trace_page_bytes <= 60 * 1024 * 1024:
+        problems.append("LLMGW_TRACE_PAGE_BYTES must be between 4096 and 62914560 (60 MiB)")
     retry = settings.retry
     if retry.max_attempts < 1 or retry.initial_delay < 0 or retry.max_delay < 0 or retry.multiplier < 1:
         problems.append("LLMGW_RETRY_*: max_attempts must be >= 1, delays >= 0 and the multiplier >= 1")

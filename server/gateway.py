@@ -40,7 +40,7 @@ from server.providers.openai_compat import (
     released_when_done,
     sse_batches,
 )
-from server.traces.base import TraceRecord, new_trace_id
+from server.traces.base import TraceRecord, new_trace_id, trace_owner
 
 log = logging.getLogger("llmgateway.gateway")
 
@@ -190,6 +190,7 @@ class Gateway:
             is_byok=bool(target and target.is_byok),
             request_json=self.deps.scrub(body.decode()),
             llm_config_json=self._config_json(config),
+            owner=trace_owner(user_id=actor.user_id, key_id=actor.key_id),  # never the request's
         )
 
     def _config_json(self, config: chat_pb2.LLMConfig) -> str:

@@ -1,4 +1,9 @@
-"""ProviderTraceService: read traces from the first configured backend, scoped to the caller."""
+"""ProviderTraceService: read traces from the first configured backend, scoped to the caller.
+
+Answers are bounded in bytes (`page_bytes`, LLMGW_TRACE_PAGE_BYTES), below what gRPC can send:
+a page ends early (with a next_page_token) before the trace that would cross the bound, and a
+single trace larger than the bound comes back with its long texts cut and `truncated` set.
+"""
 
 from __future__ import annotations
 
@@ -11,12 +16,30 @@ from llmgateway.v1 import chat_pb2, traces_pb2
 from server.api.auth import KeyAuthenticator
 from server.api.context import Context, parse, run_unary
 from server.api.handlers import service, unary
+from server.auth.actor import Actor
 from server.errors import FailedPrecondition, InvalidRequest, NotFound
-from server.traces.base import TraceBackend, TraceQuery, TraceRecord, page_token, parse_page_token
+from server.traces.base import (
+    TraceBackend,
+    TraceQuery,
+    TraceRecord,
+    page_token,
+    parse_page_token,
+    record_size,
+    trace_owner,
+)
 
 SERVICE = "llmgateway.v1.ProviderTraceService"
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
+# The default client receive limit of every gRPC implementation: pages fit any client as it is.
+DEFAULT_PAGE_BYTES = 4 * 1024 * 1024
+# Ids and tokens are short; longer filters would only make a store's query fail (ClickHouse
+# caps a query at 256 KiB) or scan for nothing.
+MAX_FILTER_CHARS = 4096
+# The fields a trace too big for a page is cut in; field numbers below 16: one-byte tags.
+_TRUNCATABLE = ("request_json", "response_json", "error_message")
+_FIELD_FRAME = 6  # a one-byte tag and a length of up to five bytes
+_PAGE_FRAME = 128  # the response's next_page_token, framed
 
 
 def trace_to_proto(record: TraceRecord) -> traces_pb2.ProviderTrace:
@@ -52,7 +75,59 @@ def trace_to_proto(record: TraceRecord) -> traces_pb2.ProviderTrace:
     )
 
 
+def _framed(size: int) -> int:
+    return size + _FIELD_FRAME
+
+
+def truncate(trace: traces_pb2.ProviderTrace, budget: int) -> traces_pb2.ProviderTrace:
+    """`trace` cut to at most `budget` serialized bytes: the long texts keep their beginnings.
+
+    The room left by the other fields is shared fairly: a text shorter than its share keeps it
+    whole and leaves the rest to the others. Cuts fall on UTF-8 character boundaries.
+    """
+    texts = {name: getattr(trace, name).encode() for name in _TRUNCATABLE}
+    cut = traces_pb2.ProviderTrace()
+    cut.CopyFrom(trace)
+    for name in _TRUNCATABLE:
+        cut.ClearField(name)
+    cut.truncated = True
+    room = budget - cut.ByteSize() - _FIELD_FRAME * len(_TRUNCATABLE)
+    if room < 0:  # only with a page bound far below any real trace's metadata
+        raise FailedPrecondition(
+            f"trace {trace.id} does not fit in {budget} bytes even without its texts; "
+            "raise LLMGW_TRACE_PAGE_BYTES",
+            metadata={"trace_id": trace.id, "size": str(trace.ByteSize()), "limit": str(budget)},
+        )
+    left = len(texts)
+    for name in sorted(texts, key=lambda n: len(texts[n])):
+        share = room // left
+        text = texts[name]
+        taken = text[: min(len(text), share)]
+        setattr(cut, name, taken.decode(errors="ignore"))  # drops a split last character
+        room -= len(taken)
+        left -= 1
+    return cut
+
+
+def fit_page(records: list[TraceRecord], budget: int) -> list[traces_pb2.ProviderTrace]:
+    """The traces of `records` that fit in `budget` bytes, in order; the first one always (cut)."""
+    page: list[traces_pb2.ProviderTrace] = []
+    total = _PAGE_FRAME
+    for record in records:
+        proto = trace_to_proto(record)
+        size = _framed(proto.ByteSize())
+        if total + size > budget:
+            if not page:
+                page.append(truncate(proto, budget - total - _FIELD_FRAME))
+            break
+        page.append(proto)
+        total += size
+    return page
+
+
 def decode_page_token(token: str) -> tuple[datetime, str]:
+    if len(token) > MAX_FILTER_CHARS:
+        raise InvalidRequest("page_token is not one this server issued", metadata={"field": "page_token"})
     try:
         return parse_page_token(token)
     except ValueError as exc:
@@ -61,14 +136,35 @@ def decode_page_token(token: str) -> tuple[datetime, str]:
         ) from exc
 
 
+def readable_owner(actor: Actor) -> str | None:
+    """Whose traces `actor` may read: None for the whole organization (admins, auth off).
+
+    A non-admin key reads the traces of its own user, or, when it has no user, those it made.
+    """
+    if actor.is_admin:
+        return None
+    return trace_owner(user_id=actor.user_id, key_id=actor.key_id)
+
+
 def _time(value: timestamp_pb2.Timestamp, present: bool) -> datetime | None:
     return value.ToDatetime(tzinfo=UTC) if present else None
 
 
+def _check_filter(field: str, value: str) -> None:
+    if len(value) > MAX_FILTER_CHARS:
+        raise InvalidRequest(
+            f"{field} is longer than {MAX_FILTER_CHARS} characters",
+            metadata={"field": field, "limit": str(MAX_FILTER_CHARS), "length": str(len(value))},
+        )
+
+
 class ProviderTraceServicer:
-    def __init__(self, reader: TraceBackend | None, auth: KeyAuthenticator) -> None:
+    def __init__(
+        self, reader: TraceBackend | None, auth: KeyAuthenticator, *, page_bytes: int = DEFAULT_PAGE_BYTES
+    ) -> None:
         self._reader = reader
         self._auth = auth
+        self._page_bytes = page_bytes
 
     def _readable(self) -> TraceBackend:
         if self._reader is None or not self._reader.readable:
@@ -86,14 +182,21 @@ class ProviderTraceServicer:
             request = parse(traces_pb2.GetProviderTraceRequest, data)
             if not request.step_id:
                 raise InvalidRequest("step_id is required", metadata={"field": "step_id"})
+            _check_filter("step_id", request.step_id)
             record = await self._readable().get_latest(
-                organization_id=actor.organization_id, step_id=request.step_id
+                organization_id=actor.organization_id,
+                step_id=request.step_id,
+                owner=readable_owner(actor),
             )
             if record is None:
                 raise NotFound(
                     f"no trace for step {request.step_id!r}", metadata={"step_id": request.step_id}
                 )
-            return traces_pb2.GetProviderTraceResponse(trace=trace_to_proto(record))
+            trace = trace_to_proto(record)
+            budget = self._page_bytes - _FIELD_FRAME
+            if trace.ByteSize() > budget:
+                trace = truncate(trace, budget)
+            return traces_pb2.GetProviderTraceResponse(trace=trace)
 
         return await run_unary(context, call)
 
@@ -104,22 +207,27 @@ class ProviderTraceServicer:
             if request.page_size < 0:
                 raise InvalidRequest("page_size must not be negative", metadata={"field": "page_size"})
             size = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+            for field in ("step_id", "run_id", "agent_id"):
+                _check_filter(field, getattr(request, field))
             query = TraceQuery(
                 organization_id=actor.organization_id,
+                owner=readable_owner(actor),
                 step_id=request.step_id,
                 run_id=request.run_id,
                 agent_id=request.agent_id,
                 start_time=_time(request.start_time, request.HasField("start_time")),
                 end_time=_time(request.end_time, request.HasField("end_time")),
                 limit=size + 1,  # one more tells whether another page exists
+                max_bytes=self._page_bytes,  # the store stops reading past one page of bytes
                 before=decode_page_token(request.page_token) if request.page_token else None,
             )
             records = await self._readable().list(query=query)
-            page = records[:size]
-            token = page_token(page[-1]) if len(records) > size else ""
-            return traces_pb2.ListProviderTracesResponse(
-                traces=[trace_to_proto(r) for r in page], next_page_token=token
-            )
+            page = fit_page(records[:size], self._page_bytes)
+            # More may follow when the page ended before the rows read did, or when the store
+            # stopped reading at the byte bound.
+            more = len(page) < len(records) or sum(map(record_size, records)) >= self._page_bytes
+            token = page_token(records[len(page) - 1]) if page and more else ""
+            return traces_pb2.ListProviderTracesResponse(traces=page, next_page_token=token)
 
         return await run_unary(context, call)
 

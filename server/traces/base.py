@@ -69,6 +69,24 @@ class TraceRecord:
     latency_ms: float = 0.0
     time_to_first_token_ms: float = 0.0  # streams only
     llm_config_json: str = ""  # the request's LLMConfig as JSON text (socket protocol field)
+    # Who may read the trace besides the organization's admins: `trace_owner` of the gateway key
+    # that made the call, never anything the request says ("" for traces made with auth off and
+    # for traces stored before this column existed: admins only).
+    owner: str = ""
+
+
+def trace_owner(*, user_id: str, key_id: str) -> str:
+    """The `owner` of traces made with a key: its user, or the key itself when it has no user.
+
+    Every key of one user shares that user's traces (a rotated key keeps reading them); a key
+    without a user (an organization-level key) owns only what it made. The prefixes keep a user
+    id from ever equalling a key's owner. "" for the anonymous actor (auth off).
+    """
+    if user_id:
+        return "user:" + user_id
+    if key_id:
+        return "key:" + key_id
+    return ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,12 +94,17 @@ class TraceQuery:
     """Filters of ListProviderTraces; empty strings and None match everything."""
 
     organization_id: str
+    # None reads the whole organization (admin keys, auth off); else only traces of this owner.
+    owner: str | None = None
     step_id: str = ""
     run_id: str = ""
     agent_id: str = ""
     start_time: datetime | None = None  # inclusive
     end_time: datetime | None = None  # exclusive
     limit: int = 50
+    # Stop reading once the traces read hold this many bytes (`record_size`), the trace that
+    # crosses the bound included: a page of big traces is never all loaded. None: no bound.
+    max_bytes: int | None = None
     # Keyset cursor: traces strictly older than (created_at, id) in newest-first order.
     before: tuple[datetime, str] | None = None
 
@@ -108,15 +131,68 @@ class TraceBackend(abc.ABC):
     async def write_batch(self, *, records: Sequence[TraceRecord]) -> None:
         """Persist every record or raise; the writer retries the whole batch."""
 
+    def rejects(self, exc: BaseException) -> bool:
+        """True when `exc` says some trace of the batch can never be stored (not a passing failure).
+
+        The writer then splits the batch until the offending trace is alone and drops only it.
+        """
+        return isinstance(exc, ENCODING_ERRORS)
+
     def write_batch_sync(self, records: Sequence[TraceRecord]) -> None:
         """`write_batch` as a blocking call, from the writer's thread; only when `threaded`."""
         raise NotImplementedError(f"{self.name} has no blocking write")
 
-    async def get_latest(self, *, organization_id: str, step_id: str) -> TraceRecord | None:
+    async def get_latest(
+        self, *, organization_id: str, step_id: str, owner: str | None = None
+    ) -> TraceRecord | None:
+        """The newest trace of the step; `owner` as in `TraceQuery`."""
         raise NotImplementedError(f"{self.name} is write-only")
 
     async def list(self, *, query: TraceQuery) -> list[TraceRecord]:
         raise NotImplementedError(f"{self.name} is write-only")
+
+
+# Errors raised while encoding rows (a lone surrogate in a str, an integer beyond 64 bits): the
+# data itself cannot be stored, so retrying the same trace cannot help.
+ENCODING_ERRORS: tuple[type[BaseException], ...] = (UnicodeError, TypeError, ValueError, OverflowError)
+
+_RECORD_OVERHEAD = 512  # the record object, its small fields and its row
+# `record_size` as SQL over a trace row (octet_length / length: bytes, close enough), for stores
+# that bound a read in bytes before loading the rows.
+RECORD_SIZE_COLUMNS = (
+    "request_json",
+    "response_json",
+    "llm_config_json",
+    "error_message",
+    "step_id",
+    "run_id",
+    "agent_id",
+)
+
+
+def record_size_sql(length_function: str) -> str:
+    """The SQL expression of `record_size` with `length_function` (e.g. octet_length)."""
+    return " + ".join([str(_RECORD_OVERHEAD), *(f"{length_function}({c})" for c in RECORD_SIZE_COLUMNS)])
+
+
+def record_size(record: TraceRecord) -> int:
+    """About how many bytes a queued trace pins: its text fields' lengths plus a fixed overhead.
+
+    Characters, not encoded bytes: cheap (no encoding on the request path) and exact for the
+    ASCII that JSON with escapes and base64 images mostly is.
+    """
+    r = record
+    return (
+        _RECORD_OVERHEAD
+        + len(r.request_json)
+        + len(r.response_json)
+        + len(r.llm_config_json)
+        + len(r.error_message)
+        + len(r.step_id)
+        + len(r.run_id)
+        + len(r.agent_id)
+        + sum(len(tag) for tag in r.agent_tags)
+    )
 
 
 # Every column a store keeps, in the order of the record's fields.

@@ -32,6 +32,7 @@ from server.traces.base import (
     TraceRecord,
     clamp_limit,
     from_micros,
+    record_size_sql,
     redact_url,
     to_micros,
 )
@@ -81,6 +82,11 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         ) ENGINE = ReplacingMergeTree()
         PARTITION BY toYYYYMM(created_at)
         ORDER BY (organization_id, step_id, created_at_us, id)""",
+    ),
+    (
+        # Who may read a trace besides admins (issue 12): rows written before stay admin-only
+        # (the column's default is '').
+        f"ALTER TABLE {{database}}.{TABLE} ADD COLUMN owner String",
     ),
 )
 
@@ -133,6 +139,7 @@ def _to_row(r: TraceRecord) -> dict[str, Any]:
         "total_tokens": r.total_tokens, "cached_tokens": r.cached_tokens,
         "reasoning_tokens": r.reasoning_tokens, "latency_ms": r.latency_ms,
         "time_to_first_token_ms": r.time_to_first_token_ms, "llm_config_json": r.llm_config_json,
+        "owner": r.owner,
     }  # fmt: skip
 
 
@@ -226,14 +233,19 @@ class ClickHouseTraceBackend(TraceBackend):
         body = b"\n".join(orjson.dumps(_to_row(r)) for r in records)
         await self._request(f"INSERT INTO {self._table} FORMAT JSONEachRow", body=body)
 
-    async def get_latest(self, *, organization_id: str, step_id: str) -> TraceRecord | None:
-        rows = await self._select(
-            f"organization_id = {quote(organization_id)} AND step_id = {quote(step_id)}", 1
-        )
+    async def get_latest(
+        self, *, organization_id: str, step_id: str, owner: str | None = None
+    ) -> TraceRecord | None:
+        where = f"organization_id = {quote(organization_id)} AND step_id = {quote(step_id)}"
+        if owner is not None:
+            where += f" AND owner = {quote(owner)}"
+        rows = await self._select(where, 1)
         return rows[0] if rows else None
 
     async def list(self, *, query: TraceQuery) -> list[TraceRecord]:
         where = [f"organization_id = {quote(query.organization_id)}"]
+        if query.owner is not None:
+            where.append(f"owner = {quote(query.owner)}")
         for column in ("step_id", "run_id", "agent_id"):
             value = getattr(query, column)
             if value:
@@ -245,7 +257,31 @@ class ClickHouseTraceBackend(TraceBackend):
         if query.before is not None:
             micros, trace_id = to_micros(query.before[0]), quote(query.before[1])
             where.append(f"(created_at_us < {micros} OR (created_at_us = {micros} AND id < {trace_id}))")
-        return await self._select(" AND ".join(where), clamp_limit(query.limit))
+        limit = clamp_limit(query.limit)
+        if query.max_bytes is not None:
+            # Old servers have no window functions: read the sizes first, then only the rows
+            # that fit (and the one that crosses the bound).
+            body = await self._request(
+                f"SELECT id, {record_size_sql('length')} AS size FROM {self._table}"
+                f" WHERE {' AND '.join(where)}"
+                f" ORDER BY created_at_us DESC, id DESC LIMIT 1 BY id LIMIT {int(limit)}"
+                " FORMAT JSONEachRow",
+                settings={"wait_end_of_query": "1"},
+            )
+            ids: builtins.list[str] = []
+            total = 0
+            for line in body.splitlines():
+                if total >= query.max_bytes:
+                    break
+                if line.strip():
+                    row = orjson.loads(line)
+                    ids.append(row["id"])
+                    total += int(row["size"])
+            if not ids:
+                return []
+            where.append(f"id IN ({', '.join(quote(i) for i in ids)})")
+            limit = len(ids)
+        return await self._select(" AND ".join(where), limit)
 
     async def _select(self, where: str, limit: int) -> builtins.list[TraceRecord]:
         body = await self._request(

@@ -22,6 +22,7 @@ from server.traces.base import (
     TraceRecord,
     clamp_limit,
     describe_error,
+    record_size_sql,
     redact_url,
 )
 
@@ -68,10 +69,18 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX IF NOT EXISTS ix_provider_traces_org_created ON provider_traces"
         " (organization_id, created_at DESC, id DESC)",
     ),
+    (
+        # Who may read a trace besides admins (issue 12): rows written before stay admin-only.
+        "ALTER TABLE provider_traces ADD COLUMN IF NOT EXISTS owner text NOT NULL DEFAULT ''",
+        "CREATE INDEX IF NOT EXISTS ix_provider_traces_org_owner_created ON provider_traces"
+        " (organization_id, owner, created_at DESC, id DESC)",
+    ),
 )
 
 _COLUMN_LIST = ", ".join(TRACE_COLUMNS)
 _SELECT = f"SELECT {_COLUMN_LIST} FROM provider_traces"
+# octet_length of a TOASTed text reads its header only: the sizes cost no detoasting.
+_SIZE = record_size_sql("octet_length")
 _INSERT_IGNORE = (
     f"INSERT INTO provider_traces ({_COLUMN_LIST})"
     f" VALUES ({', '.join(f'${i}' for i in range(1, len(TRACE_COLUMNS) + 1))})"
@@ -85,7 +94,7 @@ def _to_row(r: TraceRecord) -> tuple[Any, ...]:
         r.run_id, r.call_type, r.provider, r.model, r.model_endpoint_type, r.is_byok, r.request_json,
         r.response_json, r.error_type, r.error_message, r.prompt_tokens, r.completion_tokens,
         r.total_tokens, r.cached_tokens, r.reasoning_tokens, r.latency_ms, r.time_to_first_token_ms,
-        r.llm_config_json,
+        r.llm_config_json, r.owner,
     )  # fmt: skip
     # PostgreSQL text cannot hold NUL; one such character would fail the whole batch forever.
     if any(isinstance(v, str) and "\x00" in v for v in row) or any("\x00" in t for t in r.agent_tags):
@@ -173,12 +182,22 @@ class PostgresTraceBackend(TraceBackend):
                 async with conn.transaction():
                     await conn.executemany(_INSERT_IGNORE, rows)
 
-    async def get_latest(self, *, organization_id: str, step_id: str) -> TraceRecord | None:
+    def rejects(self, exc: BaseException) -> bool:
+        # Data exceptions (class 22: a value out of range, invalid text) and program limits
+        # (class 54: an index entry over btree's 2704 bytes, e.g. a caller's huge step_id) fail
+        # the same row every time.
+        return isinstance(exc, (asyncpg.DataError, asyncpg.ProgramLimitExceededError)) or super().rejects(exc)
+
+    async def get_latest(
+        self, *, organization_id: str, step_id: str, owner: str | None = None
+    ) -> TraceRecord | None:
+        params: list[Any] = [organization_id, step_id]
+        where = "organization_id = $1 AND step_id = $2"
+        if owner is not None:
+            params.append(owner)
+            where += " AND owner = $3"
         row = await self._require_pool().fetchrow(
-            f"{_SELECT} WHERE organization_id = $1 AND step_id = $2"
-            " ORDER BY created_at DESC, id DESC LIMIT 1",
-            organization_id,
-            step_id,
+            f"{_SELECT} WHERE {where} ORDER BY created_at DESC, id DESC LIMIT 1", *params
         )
         return _from_row(row) if row is not None else None
 
@@ -193,6 +212,8 @@ class PostgresTraceBackend(TraceBackend):
                 placeholders.append(f"${len(params)}")
             where.append(condition.format(*placeholders))
 
+        if query.owner is not None:
+            add("owner = {}", query.owner)
         for column in ("step_id", "run_id", "agent_id"):
             value = getattr(query, column)
             if value:
@@ -204,7 +225,18 @@ class PostgresTraceBackend(TraceBackend):
         if query.before is not None:
             add("(created_at, id) < ({}, {})", *query.before)
         params.append(clamp_limit(query.limit))
-        sql = f"{_SELECT} WHERE {' AND '.join(where)} ORDER BY created_at DESC, id DESC LIMIT ${len(params)}"
+        order = "ORDER BY created_at DESC, id DESC"
+        sql = f"{_SELECT} WHERE {' AND '.join(where)} {order} LIMIT ${len(params)}"
+        if query.max_bytes is not None:
+            # Keep the rows whose predecessors hold less than max_bytes (a running sum), so the
+            # server sends, and we load, at most one trace past the bound.
+            params.append(query.max_bytes)
+            sql = (
+                f"SELECT {_COLUMN_LIST} FROM (SELECT {_COLUMN_LIST},"
+                f" sum({_SIZE}) OVER ({order}) - ({_SIZE}) AS bytes_before"
+                f" FROM provider_traces WHERE {' AND '.join(where)} {order} LIMIT ${len(params) - 1})"
+                f" AS page WHERE bytes_before < ${len(params)} {order}"
+            )
         rows = await self._require_pool().fetch(sql, *params)
         return [_from_row(row) for row in rows]
 

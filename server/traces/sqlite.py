@@ -39,6 +39,7 @@ from server.traces.base import (
     TraceRecord,
     clamp_limit,
     from_micros,
+    record_size,
     to_micros,
 )
 
@@ -84,6 +85,12 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX ix_provider_traces_org_created ON provider_traces (organization_id, created_at, id)",
         "CREATE INDEX ix_provider_traces_created ON provider_traces (created_at)",
     ),
+    (
+        # Who may read a trace besides admins (issue 12): rows written before stay admin-only.
+        "ALTER TABLE provider_traces ADD COLUMN owner TEXT NOT NULL DEFAULT ''",
+        "CREATE INDEX ix_provider_traces_org_owner_created ON provider_traces"
+        " (organization_id, owner, created_at, id)",
+    ),
 )
 
 PRAGMAS = (
@@ -127,7 +134,7 @@ def _to_row(record: TraceRecord) -> tuple[Any, ...]:
         orjson.dumps(r.agent_tags).decode(), r.run_id, r.call_type, r.provider, r.model,
         r.model_endpoint_type, int(r.is_byok), r.request_json, r.response_json, r.error_type,
         r.error_message, r.prompt_tokens, r.completion_tokens, r.total_tokens, r.cached_tokens,
-        r.reasoning_tokens, r.latency_ms, r.time_to_first_token_ms, r.llm_config_json,
+        r.reasoning_tokens, r.latency_ms, r.time_to_first_token_ms, r.llm_config_json, r.owner,
     )  # fmt: skip
 
 
@@ -271,16 +278,26 @@ class SQLiteTraceBackend(TraceBackend):
                 self._unchecked = 0
                 self._checkpoint_wake.set()
 
-    async def get_latest(self, *, organization_id: str, step_id: str) -> TraceRecord | None:
-        rows = await self._fetch(
-            f"{_SELECT} WHERE organization_id = ? AND step_id = ? ORDER BY created_at DESC, id DESC LIMIT 1",
-            (organization_id, step_id),
-        )
+    def rejects(self, exc: BaseException) -> bool:
+        # DataError: a value SQLite refuses (SQLITE_TOOBIG); a full disk is not one (it may clear).
+        return isinstance(exc, sqlite3.DataError) or super().rejects(exc)
+
+    async def get_latest(
+        self, *, organization_id: str, step_id: str, owner: str | None = None
+    ) -> TraceRecord | None:
+        where, params = "organization_id = ? AND step_id = ?", [organization_id, step_id]
+        if owner is not None:
+            where += " AND owner = ?"
+            params.append(owner)
+        rows = await self._fetch(f"{_SELECT} WHERE {where} ORDER BY created_at DESC, id DESC LIMIT 1", params)
         return _from_row(rows[0]) if rows else None
 
     async def list(self, *, query: TraceQuery) -> list[TraceRecord]:
         where = ["organization_id = ?"]
         params: list[Any] = [query.organization_id]
+        if query.owner is not None:
+            where.append("owner = ?")
+            params.append(query.owner)
         for column in ("step_id", "run_id", "agent_id"):
             value = getattr(query, column)
             if value:
@@ -297,7 +314,21 @@ class SQLiteTraceBackend(TraceBackend):
             params.extend((to_micros(query.before[0]), query.before[1]))
         params.append(clamp_limit(query.limit))
         sql = f"{_SELECT} WHERE {' AND '.join(where)} ORDER BY created_at DESC, id DESC LIMIT ?"
-        return [_from_row(row) for row in await self._fetch(sql, params)]
+        if query.max_bytes is None:
+            return [_from_row(row) for row in await self._fetch(sql, params)]
+        if self._reader is None:
+            raise RuntimeError("sqlite trace store is not started")
+        # Row by row: SQLite steps lazily, so the rows after the byte bound are never read.
+        out: builtins.list[TraceRecord] = []
+        total = 0
+        async with self._reader.execute(sql, params) as cursor:
+            while total < query.max_bytes:
+                row = await cursor.fetchone()
+                if row is None:
+                    break
+                out.append(_from_row(row))
+                total += record_size(out[-1])
+        return out
 
     async def _fetch(self, sql: str, params: Sequence[Any]) -> builtins.list[Any]:
         if self._reader is None:

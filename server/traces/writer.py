@@ -2,14 +2,20 @@
 
 Each backend has a lane: its own bounded deque and its own task, which takes batches from the
 deque and writes them. A slow, hanging or dead backend therefore only fills its own deque:
-past the bound the oldest traces are dropped (counted, with a rate-limited warning), and the
-other backends and the request path go on at full speed. A failed batch is retried with
-capped exponential backoff, then dropped after `max_attempts` so one poisonous batch cannot
-block a lane forever. `close()` writes everything queued before returning, within a timeout.
+past the bound (`queue_size` traces or `queue_bytes` of trace text, whichever comes first: a
+trace holds the whole request and answer, base64 images included) the oldest traces are
+dropped (counted, with a rate-limited warning), and the other backends and the request path go
+on at full speed. A failed batch is retried with capped exponential backoff, then dropped after
+`max_attempts`. A batch the backend *rejects* (`TraceBackend.rejects`: the data itself cannot
+be stored, so no retry can help) is split in halves until the offending traces are alone, and
+only those are dropped: one poisonous trace never takes the traces around it, nor blocks the
+lane. Every drop is counted and logged with its reason. `close()` writes everything queued
+before returning, within a timeout.
 
 A lane's batches hold at most `batch_size` traces, or the backend's own `batch_size` when it
-sets one (SQLite prefers larger transactions). Batching is natural: a lane writes whatever has
-queued while its previous batch was in flight, so a quiet gateway writes each trace at once.
+sets one (SQLite prefers larger transactions), and at most `batch_bytes` of trace text (but at
+least one trace). Batching is natural: a lane writes whatever has queued while its previous
+batch was in flight, so a quiet gateway writes each trace at once.
 
 A backend that sets `threaded` (SQLite: blocking calls on a local file) gets a lane whose
 batches are taken and written by a dedicated thread instead of a task: a saturated event loop
@@ -30,13 +36,17 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from server.traces.base import RateLimitedLog, TraceBackend, TraceRecord, describe_error
+from server.traces.base import RateLimitedLog, TraceBackend, TraceRecord, describe_error, record_size
 
 log = logging.getLogger(__name__)
 
 
 # How long a threaded lane waits for a batch to gather before writing less than a full one.
 THREAD_LINGER = 0.02
+# Per lane: what a slow store may pin in memory (LLMGW_TRACE_QUEUE_BYTES), and the most one
+# batch carries (a COPY, an INSERT body, a transaction), whatever the count bounds allow.
+DEFAULT_QUEUE_BYTES = 256 * 1024 * 1024
+DEFAULT_BATCH_BYTES = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +74,7 @@ class BackendStats:
     dropped: int = 0  # traces lost: queue overflow, retries exhausted, or close timed out
     failed_batches: int = 0  # failed write attempts (each retry counts)
     queued: int = 0  # traces waiting, including a batch in flight
+    queued_bytes: int = 0  # their `record_size`
 
 
 class _Lane:
@@ -82,22 +93,37 @@ class _Lane:
         self.closing = False
         self.task: asyncio.Task[None] | None = None
         self.batch_size = backend.batch_size or writer.batch_size
+        self.queued_bytes = 0  # `record_size` of the deque and the batch in flight
+        self.inflight_bytes = 0  # `record_size` of the batch in flight, counted when it was taken
+        self.last_error = ""  # why the last write failed, for the shutdown log
 
-    def push(self, record: TraceRecord) -> None:
+    def push(self, record: TraceRecord, size: int) -> None:
         queue = self.queue
-        if len(queue) >= self.writer.queue_size:
-            queue.popleft()
+        writer = self.writer
+        # A trace larger than the whole byte bound still queues when it is alone.
+        while queue and (len(queue) >= writer.queue_size or self.queued_bytes + size > writer.queue_bytes):
+            self.queued_bytes -= record_size(queue.popleft())
             self.stats.dropped += 1
-            self.writer.warn(
-                f"overflow:{id(self)}",
-                "trace queue of %s full (%d); dropping the oldest traces (%d dropped so far)",
-                self.backend.name,
-                self.writer.queue_size,
-                self.stats.dropped,
-            )
+            _warn_overflow(writer, self, self.stats.dropped)
         queue.append(record)
+        self.queued_bytes += size
         self.idle.clear()
         self.wake.set()
+
+    def take_batch(self) -> list[TraceRecord]:
+        """The next batch from the deque: up to `batch_size` traces and `batch_bytes`, at least one."""
+        queue = self.queue
+        batch: list[TraceRecord] = []
+        total = 0
+        limit = self.writer.batch_bytes
+        while queue and len(batch) < self.batch_size:
+            size = record_size(queue[0])
+            if batch and total + size > limit:
+                break
+            batch.append(queue.popleft())
+            total += size
+        self.inflight_bytes = total
+        return batch
 
     def notify_close(self) -> None:
         """Ask the lane to finish once its queue is empty (called by `TraceWriter.close`)."""
@@ -107,14 +133,16 @@ class _Lane:
     def snapshot(self) -> BackendStats:
         s = self.stats
         queued = len(self.queue) + len(self.inflight)
-        return BackendStats(s.backend, s.written, s.dropped, s.failed_batches, queued)
+        return BackendStats(s.backend, s.written, s.dropped, s.failed_batches, queued, self.queued_bytes)
 
     def abandon(self) -> int:
         """Give up on what is still queued or in flight (close timed out); returns how many."""
         lost = len(self.queue) + len(self.inflight)
         self.queue.clear()
         self.inflight = ()
+        self.queued_bytes = 0
         self.stats.dropped += lost
+        _log_abandoned(self, lost)
         return lost
 
     async def run(self) -> None:
@@ -128,10 +156,10 @@ class _Lane:
                 self.wake.clear()
                 await self.wake.wait()
                 continue
-            size = min(self.batch_size, len(queue))
-            self.inflight = [queue.popleft() for _ in range(size)]
-            await self._write(self.inflight)
+            batch = self.inflight = self.take_batch()
+            await self._write(batch)
             self.inflight = ()
+            self.queued_bytes -= self.inflight_bytes
 
     async def _start_backend(self) -> None:
         attempt = 0
@@ -155,23 +183,35 @@ class _Lane:
 
     async def _write(self, batch: Sequence[TraceRecord]) -> None:
         writer = self.writer
-        attempt = 0
-        while True:
-            try:
-                async with asyncio.timeout(writer.write_timeout):
-                    await self.backend.write_batch(records=batch)
-                self.stats.written += len(batch)
-                return
-            except Exception as exc:
-                attempt += 1
-                self.stats.failed_batches += 1
-                if attempt >= writer.retry.max_attempts:
-                    self.stats.dropped += len(batch)
-                    _warn_giveup(writer, self, len(batch), attempt, exc)
-                    return
-                delay = writer.retry.delay(attempt)
-                _warn_retry(writer, self, len(batch), attempt, delay, exc)
-                await asyncio.sleep(delay)
+        pending: list[Sequence[TraceRecord]] = [batch]  # parts still to write, the next one last
+        while pending:
+            part = pending.pop()
+            attempt = 0
+            while True:
+                try:
+                    async with asyncio.timeout(writer.write_timeout):
+                        await self.backend.write_batch(records=part)
+                    self.stats.written += len(part)
+                    self.last_error = ""  # the store works again
+                    break
+                except Exception as exc:
+                    self.stats.failed_batches += 1
+                    self.last_error = describe_error(exc)
+                    if self.backend.rejects(exc):
+                        if len(part) > 1:
+                            pending.extend(_halves(part))
+                        else:
+                            self.stats.dropped += 1
+                            _warn_rejected(writer, self, exc)
+                        break
+                    attempt += 1
+                    if attempt >= writer.retry.max_attempts:
+                        self.stats.dropped += len(part)
+                        _warn_giveup(writer, self, len(part), attempt, exc)
+                        break
+                    delay = writer.retry.delay(attempt)
+                    _warn_retry(writer, self, len(part), attempt, delay, exc)
+                    await asyncio.sleep(delay)
 
 
 class _ThreadedLane(_Lane):
@@ -195,25 +235,26 @@ class _ThreadedLane(_Lane):
         self.sleeping = False
         self.abandoned = False
         self.dropped_in_thread = 0
+        # Bytes queued = queued_bytes (added by pushes, less overflow drops: the loop's) minus
+        # bytes_done (batches finished or given up: the thread's); one writer each, no lost update.
+        self.bytes_done = 0
         self.loop: asyncio.AbstractEventLoop | None = None
 
-    def push(self, record: TraceRecord) -> None:
+    def push(self, record: TraceRecord, size: int) -> None:
         queue = self.queue
-        if len(queue) >= self.writer.queue_size:
+        writer = self.writer
+        while queue and (
+            len(queue) >= writer.queue_size or self.queued_bytes - self.bytes_done + size > writer.queue_bytes
+        ):
             try:
-                queue.popleft()
+                oldest = queue.popleft()
             except IndexError:  # the thread took the whole queue meanwhile
-                pass
-            else:
-                self.stats.dropped += 1
-                self.writer.warn(
-                    f"overflow:{id(self)}",
-                    "trace queue of %s full (%d); dropping the oldest traces (%d dropped so far)",
-                    self.backend.name,
-                    self.writer.queue_size,
-                    self.stats.dropped + self.dropped_in_thread,
-                )
+                break
+            self.queued_bytes -= record_size(oldest)
+            self.stats.dropped += 1
+            _warn_overflow(writer, self, self.stats.dropped + self.dropped_in_thread)
         queue.append(record)
+        self.queued_bytes += size
         self.idle.clear()
         if self.sleeping:
             self.sleeping = False
@@ -229,7 +270,12 @@ class _ThreadedLane(_Lane):
         with self.lock:
             queued = len(self.queue) + len(self.inflight)
             return BackendStats(
-                s.backend, s.written, s.dropped + self.dropped_in_thread, s.failed_batches, queued
+                s.backend,
+                s.written,
+                s.dropped + self.dropped_in_thread,
+                s.failed_batches,
+                queued,
+                self.queued_bytes - self.bytes_done,
             )
 
     def abandon(self) -> int:
@@ -241,6 +287,8 @@ class _ThreadedLane(_Lane):
             self.queue.clear()
             self.inflight = ()
             self.stats.dropped += lost
+            self.bytes_done = self.queued_bytes  # the thread no longer touches it
+        _log_abandoned(self, lost)
         return lost
 
     async def run(self) -> None:
@@ -288,15 +336,8 @@ class _ThreadedLane(_Lane):
                 with self.lock:
                     if self.abandoned:
                         return
-                    size = min(self.batch_size, len(queue))
-                    batch: list[TraceRecord] = []
-                    if size:
-                        popleft = queue.popleft
-                        try:
-                            for _ in range(size):
-                                batch.append(popleft())
-                        except IndexError:  # an overflow on the loop took the oldest meanwhile
-                            pass
+                    batch = self._take_batch_threaded()
+                    if batch:
                         self.inflight = batch
                 if batch:
                     self._write_sync(batch)
@@ -317,32 +358,75 @@ class _ThreadedLane(_Lane):
         finally:
             self._call_on_loop(finished)
 
-    def _write_sync(self, batch: list[TraceRecord]) -> None:
-        writer = self.writer
-        attempt = 0
-        while True:
+    def _take_batch_threaded(self) -> list[TraceRecord]:
+        """`take_batch` from the thread, under `lock`: the loop may pop the oldest meanwhile."""
+        queue = self.queue
+        batch: list[TraceRecord] = []
+        total = 0
+        limit = self.writer.batch_bytes
+        while len(batch) < self.batch_size:
             try:
-                self.backend.write_batch_sync(batch)
-            except Exception as exc:
-                attempt += 1
-                self.stats.failed_batches += 1
-                if attempt >= writer.retry.max_attempts:
-                    with self.lock:
-                        if not self.abandoned:
-                            self.dropped_in_thread += len(batch)
-                            self.inflight = ()
-                    _warn_giveup(writer, self, len(batch), attempt, exc)
-                    return
-                delay = writer.retry.delay(attempt)
-                _warn_retry(writer, self, len(batch), attempt, delay, exc)
-                if self.thread_stop.wait(delay):
-                    return  # abandoned by close(): the batch is already counted as dropped
-                continue
-            with self.lock:
-                if not self.abandoned:  # else close() counted it as dropped already
-                    self.stats.written += len(batch)
-                    self.inflight = ()
-            return
+                oldest = queue[0]
+            except IndexError:
+                break
+            size = record_size(oldest)
+            if batch and total + size > limit:
+                break
+            try:
+                taken = queue.popleft()
+            except IndexError:  # an overflow on the loop took the oldest meanwhile
+                break
+            if taken is not oldest:  # the loop dropped `oldest` between the two calls
+                size = record_size(taken)
+            batch.append(taken)
+            total += size
+        self.inflight_bytes = total
+        return batch
+
+    def _write_sync(self, batch: list[TraceRecord]) -> None:
+        """Write `batch`, splitting it when the backend rejects some trace; returns early when abandoned."""
+        writer = self.writer
+        pending: list[Sequence[TraceRecord]] = [batch]  # parts still to write, the next one last
+        while pending:
+            part = pending.pop()
+            attempt = 0
+            while True:
+                try:
+                    self.backend.write_batch_sync(part)
+                except Exception as exc:
+                    self.stats.failed_batches += 1
+                    self.last_error = describe_error(exc)
+                    if self.backend.rejects(exc):
+                        if len(part) > 1:
+                            pending.extend(_halves(part))
+                        else:
+                            self._count_dropped(1)
+                            _warn_rejected(writer, self, exc)
+                        break
+                    attempt += 1
+                    if attempt >= writer.retry.max_attempts:
+                        self._count_dropped(len(part))
+                        _warn_giveup(writer, self, len(part), attempt, exc)
+                        break
+                    delay = writer.retry.delay(attempt)
+                    _warn_retry(writer, self, len(part), attempt, delay, exc)
+                    if self.thread_stop.wait(delay):
+                        return  # abandoned by close(): the batch is already counted as dropped
+                    continue
+                with self.lock:
+                    if not self.abandoned:  # else close() counted it as dropped already
+                        self.stats.written += len(part)
+                self.last_error = ""  # the store works again
+                break
+        with self.lock:
+            if not self.abandoned:
+                self.inflight = ()
+                self.bytes_done += self.inflight_bytes
+
+    def _count_dropped(self, count: int) -> None:
+        with self.lock:
+            if not self.abandoned:  # else close() counted the whole batch already
+                self.dropped_in_thread += count
 
 
 class TraceWriter:
@@ -353,17 +437,21 @@ class TraceWriter:
         backends: Sequence[TraceBackend],
         *,
         queue_size: int = 10_000,
+        queue_bytes: int = DEFAULT_QUEUE_BYTES,
         batch_size: int = 500,
+        batch_bytes: int = DEFAULT_BATCH_BYTES,
         retry: WriterRetry | None = None,
         write_timeout: float = 30.0,
         start_timeout: float = 10.0,
         warn_interval: float = 10.0,
     ) -> None:
-        if queue_size < 1 or batch_size < 1:
-            raise ValueError("queue_size and batch_size must be at least 1")
+        if min(queue_size, queue_bytes, batch_size, batch_bytes) < 1:
+            raise ValueError("queue_size, queue_bytes, batch_size and batch_bytes must be at least 1")
         self._backends = list(backends)
         self.queue_size = queue_size
+        self.queue_bytes = queue_bytes
         self.batch_size = batch_size
+        self.batch_bytes = batch_bytes
         self.retry = retry or WriterRetry()
         self.write_timeout = write_timeout
         self.start_timeout = start_timeout
@@ -405,8 +493,9 @@ class TraceWriter:
                 lane.stats.dropped += 1
             self.warn("closed", "trace writer is closed; dropping a trace")
             return
+        size = record_size(record)
         for lane in self._lanes:
-            lane.push(record)
+            lane.push(record, size)
 
     async def start(self) -> None:
         """Start each backend and its task; waits up to `start_timeout` for the reader, never raises.
@@ -482,6 +571,43 @@ class TraceWriter:
                     await lane.backend.close()
             except Exception as exc:
                 log.warning("trace backend %s failed to close: %s", lane.backend.name, describe_error(exc))
+
+
+def _halves(part: Sequence[TraceRecord]) -> list[Sequence[TraceRecord]]:
+    """`part` split in two, as a `pending` stack: the first half is popped (written) first."""
+    half = len(part) // 2
+    return [part[half:], part[:half]]
+
+
+def _warn_overflow(writer: TraceWriter, lane: Any, dropped: int) -> None:
+    writer.warn(
+        f"overflow:{id(lane)}",
+        "trace queue of %s full (%d traces or %d bytes); dropping the oldest traces (%d dropped so far)",
+        lane.backend.name,
+        writer.queue_size,
+        writer.queue_bytes,
+        dropped,
+    )
+
+
+def _warn_rejected(writer: TraceWriter, lane: Any, exc: BaseException) -> None:
+    writer.warn(
+        f"rejected:{id(lane)}",
+        "trace backend %s rejected a trace; dropping it, the others of its batch are written (%s)",
+        lane.backend.name,
+        describe_error(exc),
+    )
+
+
+def _log_abandoned(lane: Any, lost: int) -> None:
+    """Say why traces were lost at shutdown when the store was failing (close() logs the count)."""
+    if lost and lane.last_error:
+        log.warning(
+            "trace backend %s: %d traces dropped at shutdown; its last write failed: %s",
+            lane.backend.name,
+            lost,
+            lane.last_error,
+        )
 
 
 def _warn_giveup(writer: TraceWriter, lane: Any, size: int, attempt: int, exc: BaseException) -> None:

@@ -19,7 +19,9 @@ import asyncpg
 import pytest
 
 from server.traces.base import TraceBackend, TraceQuery, TraceRecord, new_trace_id
+from server.traces.clickhouse import MIGRATIONS as CLICKHOUSE_MIGRATIONS
 from server.traces.clickhouse import ClickHouseError, ClickHouseTraceBackend
+from server.traces.postgres import MIGRATIONS as POSTGRES_MIGRATIONS
 from server.traces.postgres import PostgresTraceBackend
 from server.traces.sqlite import MIGRATIONS as SQLITE_MIGRATIONS
 from server.traces.sqlite import SQLiteTraceBackend
@@ -338,7 +340,7 @@ async def test_postgres_table_and_indexes(postgres_server: PostgresServer) -> No
     finally:
         await conn.close()
     assert {"ix_provider_traces_step_id", "ix_provider_traces_org_step"} <= indexes
-    assert version == 1
+    assert version == len(POSTGRES_MIGRATIONS)
 
 
 @pytest.mark.slow
@@ -382,8 +384,8 @@ async def test_clickhouse_table_and_version(clickhouse_server: ClickHouseServer)
     backend = ClickHouseTraceBackend(clickhouse_server.url(database))
     await backend.start()
     try:
-        assert await backend.schema_version() == 1
-        assert await backend.migrate() == 1  # idempotent
+        assert await backend.schema_version() == len(CLICKHOUSE_MIGRATIONS)
+        assert await backend.migrate() == len(CLICKHOUSE_MIGRATIONS)  # idempotent
         engine = clickhouse_server.query(
             f"SELECT engine, sorting_key FROM system.tables WHERE database = '{database}'"
             " AND name = 'provider_traces' FORMAT TSV"
