@@ -150,7 +150,7 @@ class GatewayServer:
                 ChatCompletionServicer(gateway, authenticator).handlers(),
                 ProviderTraceServicer(writer.reader, authenticator).handlers(),
                 ProviderServicer(
-                    store, authenticator, policy, encryption_key=settings.encryption_key
+                    store, authenticator, policy, encryption_key=settings.encryption_key, redactor=redactor
                 ).handlers(),
             )
         )
