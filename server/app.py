@@ -131,6 +131,7 @@ class GatewayServer:
                 byok_urls=byok_urls,
                 scrub=redactor.redact,
                 tracer=tracer,
+                redactor=redactor,
             )
         )
         authenticator = KeyAuthenticator(Authenticator(store, enabled=required))
