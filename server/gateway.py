@@ -461,6 +461,9 @@ class _TraceScope:
                         record.response_json = call.partial()
                     except Exception:  # noqa: BLE001 - the trace must be written whatever the answer held
                         log.warning("could not keep the partial answer of trace %s", record.id)
+                if isinstance(exc, GatewayError) and gateway.deps.redactor is not None:
+                    # Before the span records it: an upstream may have put a key in a value.
+                    gateway.deps.redactor.redact_error(exc)
                 gateway.finish_trace(record, call.started, exc)
         finally:
             span_scope.__exit__(exc_type, exc, tb)  # the exception, if any, goes on
