@@ -268,7 +268,8 @@ class _Tier:
         if windows.keys().isdisjoint(samples):  # the common case: one C loop, nothing found
             return
         for key in windows.keys() & set(samples):
-            found.update(windows[key])
+            # .get: a log line redacted in another thread may race a provider being dropped.
+            found.update(windows.get(key, ()))
 
 
 class Redactor:
@@ -285,6 +286,8 @@ class Redactor:
         self._sorted: list[str] = []
         self._heads: dict[str, int] = {}  # 1..3-character prefixes of spellings -> count
         self._lengths: dict[int, int] = {}  # spelling length -> count
+        self._longest = 0
+        self._firsts: dict[str, int] = {}  # first characters of spellings -> count
         self.add_many(secrets)
 
     @classmethod
@@ -373,6 +376,8 @@ class Redactor:
             head = spelling[:size]
             self._heads[head] = self._heads.get(head, 0) + 1
         self._lengths[len(spelling)] = self._lengths.get(len(spelling), 0) + 1
+        self._longest = max(self._longest, len(spelling))
+        self._firsts[spelling[0]] = self._firsts.get(spelling[0], 0) + 1
 
     def _unindex(self, spelling: str) -> None:
         data = _utf8(spelling)
@@ -392,6 +397,12 @@ class Redactor:
             self._lengths[len(spelling)] = left
         else:
             self._lengths.pop(len(spelling), None)
+            self._longest = max(self._lengths, default=0)
+        left = self._firsts.get(spelling[0], 0) - 1
+        if left > 0:
+            self._firsts[spelling[0]] = left
+        else:
+            self._firsts.pop(spelling[0], None)
 
     def __contains__(self, secret: str) -> bool:
         return secret in self._refs
@@ -402,7 +413,7 @@ class Redactor:
     @property
     def max_spelling_length(self) -> int:
         """The longest spelling of a known secret (0 when none is known)."""
-        return max(self._lengths, default=0)
+        return self._longest
 
     def redact_known(self, text: str) -> str:
         """`text` with every known secret (in every spelling) replaced; no pattern rules."""
@@ -428,16 +439,32 @@ class Redactor:
         spelling; the stream scrubber holds that tail back until more text decides it.
         """
         end = len(text)
-        longest = self.max_spelling_length
+        low = max(start, end - self._longest + 1)
+        if low >= end:
+            return end
+        firsts = self._firsts
+        if len(firsts) <= 8:
+            # Few distinct first characters (a handful of server keys): jump to them with find.
+            positions: list[int] = []
+            for first in firsts:
+                found = text.find(first, low)
+                while found >= 0:
+                    positions.append(found)
+                    found = text.find(first, found + 1)
+            if not positions:
+                return end
+            positions.sort()
+        else:
+            positions = [p for p in range(low, end) if text[p] in firsts]
         heads = self._heads
         spellings = self._sorted
-        for position in range(max(start, end - longest + 1), end):
-            tail = text[position:]
-            if tail[:3] not in heads:
+        for position in positions:
+            if text[position : position + 3] not in heads:
                 continue
-            if len(tail) <= 3:
+            if end - position <= 3:
                 # A 1..3-character head of some spelling (every spelling is longer): a prefix.
                 return position
+            tail = text[position:]
             found = bisect.bisect_left(spellings, tail)
             if found < len(spellings) and spellings[found] == tail:
                 found += 1

@@ -69,7 +69,7 @@ class AnswerScrubber:
             return events
         out: list[chat_pb2.StreamCreateResponse] = []
         for event in events:
-            if event.WhichOneof("event") != "delta" or self._scrub_delta(event.delta):
+            if not event.HasField("delta") or self._scrub_delta(event.delta):
                 out.append(event)
         return out
 
@@ -89,8 +89,11 @@ class AnswerScrubber:
 
     def _channel(self, channel: _Channel, text: str) -> str:
         """What of `text` (after what this channel held) can go out now; keeps the rest."""
-        pending = self.text(self._held.pop(channel, "") + text)
-        cut = min(source.hold_from(pending) for source in self._sources)
+        held = self._held.pop(channel, None)
+        pending = self.text(held + text if held else text)
+        cut = len(pending)
+        for source in self._sources:
+            cut = min(cut, source.hold_from(pending))
         if cut < len(pending):
             self._held[channel] = pending[cut:]
         return pending[:cut]
@@ -99,34 +102,46 @@ class AnswerScrubber:
         return self.text(self._held.pop(channel, ""))
 
     def _scrub_delta(self, delta: chat_pb2.ChatCompletionDelta) -> bool:
+        # Each field is read once and written only when scrubbing changed it: this runs per delta.
         choice = delta.index
-        if delta.reasoning_content:
-            delta.reasoning_content = self._channel((choice, _REASONING, 0), delta.reasoning_content)
-        if delta.content:
-            delta.content = self._channel((choice, _CONTENT, 0), delta.content)
-        if len(delta.tool_calls):
-            fragments: list[chat_pb2.ToolCallDelta] = []
-            for fragment in delta.tool_calls:
-                if fragment.id or fragment.name:
-                    # A new call starts: what earlier calls of this choice hold is their end.
-                    for channel in [c for c in self._held if c[0] == choice and c[1] == _ARGUMENTS]:
-                        if channel[2] != fragment.index:
-                            fragments.append(
-                                chat_pb2.ToolCallDelta(index=channel[2], arguments=self._release(channel))
-                            )
-                copy = chat_pb2.ToolCallDelta()
-                copy.CopyFrom(fragment)
-                copy.id = self.text(copy.id)
-                copy.name = self.text(copy.name)
-                if copy.arguments:
-                    copy.arguments = self._channel((choice, _ARGUMENTS, copy.index), copy.arguments)
-                if copy.id or copy.name or copy.arguments:
-                    fragments.append(copy)
-            delta.ClearField("tool_calls")
-            delta.tool_calls.extend(fragments)
+        reasoning = delta.reasoning_content
+        if reasoning:
+            scrubbed = self._channel((choice, _REASONING, 0), reasoning)
+            if scrubbed != reasoning:
+                delta.reasoning_content = reasoning = scrubbed
+        content = delta.content
+        if content:
+            scrubbed = self._channel((choice, _CONTENT, 0), content)
+            if scrubbed != content:
+                delta.content = content = scrubbed
+        calls = delta.tool_calls
+        if calls:
+            self._scrub_fragments(choice, delta)
         if delta.finish_reason:
             self._release_choice(choice, delta)
-        return bool(delta.content or delta.reasoning_content or len(delta.tool_calls) or delta.finish_reason)
+            return True
+        return bool(content or reasoning or len(delta.tool_calls))
+
+    def _scrub_fragments(self, choice: int, delta: chat_pb2.ChatCompletionDelta) -> None:
+        fragments: list[chat_pb2.ToolCallDelta] = []
+        for fragment in delta.tool_calls:
+            if fragment.id or fragment.name:
+                # A new call starts: what earlier calls of this choice hold is their end.
+                for channel in [c for c in self._held if c[0] == choice and c[1] == _ARGUMENTS]:
+                    if channel[2] != fragment.index:
+                        fragments.append(
+                            chat_pb2.ToolCallDelta(index=channel[2], arguments=self._release(channel))
+                        )
+            copy = chat_pb2.ToolCallDelta()
+            copy.CopyFrom(fragment)
+            copy.id = self.text(copy.id)
+            copy.name = self.text(copy.name)
+            if copy.arguments:
+                copy.arguments = self._channel((choice, _ARGUMENTS, copy.index), copy.arguments)
+            if copy.id or copy.name or copy.arguments:
+                fragments.append(copy)
+        delta.ClearField("tool_calls")
+        delta.tool_calls.extend(fragments)
 
     def _release_choice(self, choice: int, delta: chat_pb2.ChatCompletionDelta) -> None:
         """Append everything held for `choice` to `delta` (its finish, or the end of the stream)."""
