@@ -41,7 +41,8 @@ if TYPE_CHECKING:
 
 REDACTED = "[REDACTED]"
 MIN_SECRET_LENGTH = 8
-# BYOK keys kept at once (least recently used dropped first): bounds the index (~2 KB per key).
+# BYOK keys kept at once (least recently used dropped first): bounds the index (~2.5 KB per key,
+# so at most ~50 MiB).
 # A dropped key is registered again by its provider's next call, before the call is sent.
 MAX_SECRETS = 20_000
 
@@ -239,7 +240,9 @@ class _Tier:
         self.stride = stride
         self.min_bytes = stride + block - 1
         self.fmt: Literal["Q", "I"] = "Q" if block == 8 else "I"
-        self.windows: dict[int, tuple[str, ...]] = {}
+        # Window -> the spelling (a plain str: almost every window belongs to one spelling, and
+        # a tuple per window would cost ~15 MB per 10,000 keys) or a tuple of several.
+        self.windows: dict[int, str | tuple[str, ...]] = {}
 
     def keys_of(self, data: bytes) -> set[int]:
         keys: set[int] = set()
@@ -248,16 +251,28 @@ class _Tier:
         return keys
 
     def add(self, spelling: str, data: bytes) -> None:
+        windows = self.windows
         for key in self.keys_of(data):
-            self.windows[key] = (*self.windows.get(key, ()), spelling)
+            present = windows.get(key)
+            if present is None:
+                windows[key] = spelling
+            elif isinstance(present, str):
+                windows[key] = (present, spelling)
+            else:
+                windows[key] = (*present, spelling)
 
     def remove(self, spelling: str, data: bytes) -> None:
+        windows = self.windows
         for key in self.keys_of(data):
-            rest = tuple(s for s in self.windows.get(key, ()) if s != spelling)
-            if rest:
-                self.windows[key] = rest
+            present = windows.get(key)
+            if present is None or present == spelling:
+                windows.pop(key, None)
+                continue
+            rest = tuple(s for s in ((present,) if isinstance(present, str) else present) if s != spelling)
+            if not rest:
+                windows.pop(key, None)
             else:
-                self.windows.pop(key, None)
+                windows[key] = rest[0] if len(rest) == 1 else rest
 
     def candidates(self, data: bytes, found: set[str]) -> None:
         usable = len(data) - len(data) % self.block
@@ -269,7 +284,11 @@ class _Tier:
             return
         for key in windows.keys() & set(samples):
             # .get: a log line redacted in another thread may race a provider being dropped.
-            found.update(windows.get(key, ()))
+            present = windows.get(key, ())
+            if isinstance(present, str):
+                found.add(present)
+            else:
+                found.update(present)
 
 
 class Redactor:

@@ -157,3 +157,17 @@ async def test_resolve_byok_replaces_and_drops_the_providers_key(tmp_path: Path)
     redactor.add_owned(redaction_owner("acme", "mine"), first)
     assert first in redactor
     await store.close()
+
+
+def test_keys_sharing_windows_stay_findable_when_one_goes() -> None:
+    # Same 40-character start ("sk-proj-..." keys share their first windows): the index entries
+    # they share must keep the other key when one is dropped.
+    common = _key(40, "sk-proj-")
+    first, second, third = common + "AAAA1111", common + "BBBB2222", common + "CCCC3333"
+    redactor = Redactor()
+    for owner, key in (("a", first), ("b", second), ("c", third)):
+        redactor.add_owned(owner, key)
+    redactor.discard_owner("b")
+    assert redactor.redact_known(f"x {first} {third} {second}") == f"x {REDACTED} {REDACTED} {second}"
+    redactor.discard_owner("a")
+    assert redactor.redact_known(f"{first}|{third}") == f"{first}|{REDACTED}"
