@@ -15,10 +15,10 @@ Answers (`redact_known`) get only the first net: a model may legitimately write 
 `Bearer <token>` in an answer, but never a key the server holds.
 
 Known secrets are found without one search per secret: the text's UTF-8 bytes are sampled every
-32 bytes (8-byte windows) and the samples looked up in one dict of every window a secret can
-present at a sample point (see `_Tier`); only a hit costs a substring check. The common case (no
-secret present) is one C-level loop over ~3,000 samples per 100 KB, whatever the number of
-secrets. Values shorter than `MIN_SECRET_LENGTH` are not registered: redacting every occurrence
+32 bytes (8-byte windows) and the samples that could be a window looked up in one dict of every
+window a secret can present at a sample point (see `_Tier`); only a hit costs a substring check.
+The cost depends on the text, not on the number of secrets. Values shorter than
+`MIN_SECRET_LENGTH` are not registered: redacting every occurrence
 of a 3-character "key" would shred the traces and protects nothing real.
 """
 
@@ -226,14 +226,25 @@ def _utf8(text: str) -> bytes:
 _TIERS: tuple[tuple[int, int], ...] = ((8, 32), (8, 16), (8, 8), (4, 4))  # (block bytes, stride bytes)
 
 
+# Candidate samples beyond which one C loop over every sample is cheaper than checking them one
+# by one (text made of key characters, such as base64, makes nearly every sample a candidate).
+_CANDIDATE_BUDGET = 256
+
+
 class _Tier:
     """Spellings indexed by every `block`-byte window starting in their first `stride` bytes.
 
     The text is sampled at every `stride` bytes; an occurrence of a spelling of at least
     `stride + block - 1` bytes always contains one sample, which is one of its indexed windows.
+
+    Most samples of ordinary text contain a byte no indexed window has (a space, a quote, a
+    period): `bytes.translate` marks the bytes windows can have, big-int shifts AND each
+    sample's marks together, and only the samples left marked are looked up. Looking every
+    sample up costs a Python int and a dict probe (a cache miss with 10,000 keys) each: about
+    twice as much, which stays the way for text made of key characters (base64).
     """
 
-    __slots__ = ("block", "stride", "min_bytes", "windows", "fmt")
+    __slots__ = ("block", "stride", "min_bytes", "windows", "fmt", "byte_refs", "_table")
 
     def __init__(self, block: int, stride: int) -> None:
         self.block = block
@@ -243,6 +254,14 @@ class _Tier:
         # Window -> the spelling (a plain str: almost every window belongs to one spelling, and
         # a tuple per window would cost ~15 MB per 10,000 keys) or a tuple of several.
         self.windows: dict[int, str | tuple[str, ...]] = {}
+        self.byte_refs = [0] * 256  # byte value -> spellings of this tier that contain it
+        self._table: bytes | None = None  # translate table: 1 for those bytes, else 0
+
+    def table(self) -> bytes:
+        table = self._table
+        if table is None:
+            table = self._table = bytes(1 if refs else 0 for refs in self.byte_refs)
+        return table
 
     def keys_of(self, data: bytes) -> set[int]:
         keys: set[int] = set()
@@ -260,6 +279,10 @@ class _Tier:
                 windows[key] = (present, spelling)
             else:
                 windows[key] = (*present, spelling)
+        for byte in set(data):
+            self.byte_refs[byte] += 1
+            if self.byte_refs[byte] == 1:
+                self._table = None
 
     def remove(self, spelling: str, data: bytes) -> None:
         windows = self.windows
@@ -273,17 +296,50 @@ class _Tier:
                 windows.pop(key, None)
             else:
                 windows[key] = rest[0] if len(rest) == 1 else rest
+        for byte in set(data):
+            self.byte_refs[byte] -= 1
+            if self.byte_refs[byte] == 0:
+                self._table = None
 
     def candidates(self, data: bytes, found: set[str]) -> None:
-        usable = len(data) - len(data) % self.block
-        if usable < self.block or not self.windows:
-            return
-        samples = memoryview(data)[:usable].cast(self.fmt)[:: self.stride // self.block]
+        block = self.block
+        usable = len(data) - len(data) % block
         windows = self.windows
-        if windows.keys().isdisjoint(samples):  # the common case: one C loop, nothing found
+        if usable < block or not windows:
+            return
+        samples = memoryview(data)[:usable].cast(self.fmt)[:: self.stride // block]
+        sampled = samples.tobytes()
+        # 1 per byte some window has, then each sample's bytes ANDed into its first byte, all in
+        # big-int operations over the whole buffer (C loops, no object per sample).
+        marks = int.from_bytes(sampled.translate(self.table()), "little")
+        width = 8
+        while width < block * 8:
+            marks &= marks >> width
+            width *= 2
+        selected = marks.to_bytes(len(sampled), "little")[::block]  # 1: this sample may be a window
+        count = selected.count(1)
+        if not count:
+            return
+        if count > _CANDIDATE_BUDGET:
+            self._look_up_all(samples, found)
+            return
+        position = selected.find(1)
+        while position >= 0:
+            start = position * block
+            # .get: a log line redacted in another thread may race a provider being dropped.
+            present = windows.get(int.from_bytes(sampled[start : start + block], "little"))
+            if present is not None:
+                if isinstance(present, str):
+                    found.add(present)
+                else:
+                    found.update(present)
+            position = selected.find(1, position + 1)
+
+    def _look_up_all(self, samples: memoryview, found: set[str]) -> None:
+        windows = self.windows
+        if windows.keys().isdisjoint(samples):  # one C loop over every sample
             return
         for key in windows.keys() & set(samples):
-            # .get: a log line redacted in another thread may race a provider being dropped.
             present = windows.get(key, ())
             if isinstance(present, str):
                 found.add(present)

@@ -171,3 +171,17 @@ def test_keys_sharing_windows_stay_findable_when_one_goes() -> None:
     assert redactor.redact_known(f"x {first} {third} {second}") == f"x {REDACTED} {REDACTED} {second}"
     redactor.discard_owner("a")
     assert redactor.redact_known(f"{first}|{third}") == f"{first}|{REDACTED}"
+
+
+def test_text_made_of_key_characters_still_finds_the_secret() -> None:
+    # Base64-like text: nearly every sample could be a window (the path that looks every sample
+    # up); the secret is still found at every alignment, and a text without it is left alone.
+    secrets_ = [_key(40) for _ in range(200)]
+    redactor = Redactor()
+    for position, key in enumerate(secrets_):
+        redactor.add_owned(str(position), key)
+    noise = "".join(RNG.choices(ALPHABET, k=60_000))
+    assert redactor.redact_known(noise) == noise
+    for offset in range(0, 64, 7):
+        text = noise[: 30_000 + offset] + secrets_[17] + noise[30_000 + offset :]
+        assert redactor.redact_known(text) == noise[: 30_000 + offset] + REDACTED + noise[30_000 + offset :]
