@@ -150,7 +150,6 @@ class GatewayServer:
         policy = EndpointPolicy.from_settings(settings)
 
         keyring = Keyring.from_settings(settings)
-        redactor.add(settings.encryption_key_previous)  # as secret as the current passphrase
 
         async def byok_provider(organization_id: str, name: str) -> ByokProvider | None:
             found = await resolve_byok(
@@ -180,6 +179,7 @@ class GatewayServer:
                 byok_urls=byok_urls,
                 scrub=redactor.redact,
                 tracer=tracer,
+                redactor=redactor,
             )
         )
         authenticator = KeyAuthenticator(Authenticator(store, enabled=required))
@@ -199,7 +199,7 @@ class GatewayServer:
             ProviderTraceServicer(
                 writer.reader, authenticator, page_bytes=settings.trace_page_bytes
             ).handlers(),
-            ProviderServicer(store, authenticator, policy, keyring=keyring).handlers(),
+            ProviderServicer(store, authenticator, policy, keyring=keyring, redactor=redactor).handlers(),
         )
         calls = InFlight(abort)
         for handlers in services:

@@ -21,8 +21,10 @@ from google.protobuf import json_format
 from llmgateway.v1 import chat_pb2
 
 from server.auth.actor import Actor
+from server.auth.redact import Redactor
 from server.config import Settings
 from server.core import tokens
+from server.core.answer_scrub import AnswerScrubber
 from server.core.completion import completion_from_json, deltas_from_chunks
 from server.core.keys import ByokLookup, ByokUrls, EndpointChecker, counting_endpoint, resolve_target
 from server.core.openai_request import build_chat_body, prompt_functions, unpack_completion
@@ -65,6 +67,7 @@ class Dependencies:
     byok_urls: ByokUrls
     scrub: Callable[[str], str]
     tracer: Any = None  # an OpenTelemetry tracer when an exporter is configured, else None
+    redactor: Redactor | None = None  # the known secrets, scrubbed from answers too
 
 
 @dataclass(slots=True)
@@ -159,6 +162,10 @@ class Gateway:
         functions = prompt_functions(request, endpoint=target.base_url, keys=keys)
         count = await self.guard(request, body["messages"], functions)
         return target, body, count
+
+    def answer_scrubber(self, target: UpstreamTarget) -> AnswerScrubber:
+        """Scrubs the answer of a call to `target` of every known secret and of the key it sent."""
+        return AnswerScrubber(self.deps.redactor, target.secrets)
 
     def call_options(self, deadline: Deadline, span: Any) -> CallOptions:
         # `server.core.retry` logs every retry decision and adds it to the current span itself.
@@ -276,6 +283,7 @@ class Gateway:
             unpack_completion(answer, request, body)
             response = chat_pb2.CreateResponse(provider_trace_id=call.record.id)
             call.completion = completion_from_json(answer, provider=target.provider, into=response.completion)
+            self.answer_scrubber(target).completion(response.completion)  # an upstream may echo a key
         return response
 
     # -- StreamCreate ------------------------------------------------------------------------
@@ -292,6 +300,7 @@ class Gateway:
         target, body, count = await self._plan(request, actor, stream=True, keys=keys)
         payload = orjson.dumps(body)
         accumulator = StreamAccumulator()
+        scrubber = self.answer_scrubber(target)  # an upstream may echo a key, even split over chunks
         with self.traced_call(request, actor, target, payload, "stream") as call:
             call.partial = lambda: (
                 orjson.dumps(accumulator.completion()).decode() if accumulator.chunks else ""
@@ -313,7 +322,7 @@ class Gateway:
                             done = True
                             break
                         accumulator.add(chunk)
-                    for event in deltas_from_chunks(batch):
+                    for event in scrubber.events(deltas_from_chunks(batch)):
                         call.first_token()
                         yield event
                     if done:
@@ -323,6 +332,8 @@ class Gateway:
                         f"{target.provider} ended the stream before it was complete",
                         metadata={"provider": target.provider, "chunks": accumulator.chunks},
                     )
+            for event in scrubber.flush():
+                yield event
             answer = accumulator.completion()
             if accumulator.usage is None:
                 if count is None:  # no window, so the guard counted nothing: count for usage
@@ -336,6 +347,7 @@ class Gateway:
             unpack_completion(answer, request, body)
             last = chat_pb2.StreamCreateResponse(provider_trace_id=call.record.id)
             call.completion = completion_from_json(answer, provider=target.provider, into=last.completion)
+            scrubber.completion(last.completion)
         yield last
 
     # -- local servers (filled in by server.providers.local) ---------------------------------
@@ -477,6 +489,9 @@ class _TraceScope:
                         record.response_json = call.partial()
                     except Exception:  # noqa: BLE001 - the trace must be written whatever the answer held
                         log.warning("could not keep the partial answer of trace %s", record.id)
+                if isinstance(exc, GatewayError) and gateway.deps.redactor is not None:
+                    # Before the span records it: an upstream may have put a key in a value.
+                    gateway.deps.redactor.redact_error(exc)
                 gateway.finish_trace(record, call.started, exc, self._in_flight)
         finally:
             span_scope.__exit__(exc_type, exc, tb)  # the exception, if any, goes on

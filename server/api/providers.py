@@ -9,9 +9,10 @@ from llmgateway.v1 import providers_pb2
 from server.api.auth import KeyAuthenticator
 from server.api.context import Context, parse, run_unary
 from server.api.handlers import service, unary
-from server.auth.byok import create_byok_provider
+from server.auth.byok import create_byok_provider, redaction_owner
 from server.auth.crypto import Keyring
 from server.auth.endpoints import EndpointPolicy
+from server.auth.redact import Redactor
 from server.auth.store import AuthStore, ProviderRecord
 from server.core.validation import KNOWN_TYPES
 from server.errors import FieldViolation, InvalidRequest, NotFound
@@ -50,9 +51,16 @@ def _validate(request: providers_pb2.CreateProviderRequest) -> None:
 
 class ProviderServicer:
     def __init__(
-        self, store: AuthStore, auth: KeyAuthenticator, policy: EndpointPolicy, *, keyring: Keyring
+        self,
+        store: AuthStore,
+        auth: KeyAuthenticator,
+        policy: EndpointPolicy,
+        *,
+        keyring: Keyring,
+        redactor: Redactor | None = None,
     ) -> None:
         self._store = store
+        self._redactor = redactor
         self._auth = auth
         self._policy = policy
         self._keyring = keyring
@@ -93,6 +101,9 @@ class ProviderServicer:
                 organization_id=actor.organization_id, name=request.name
             ):
                 raise NotFound(f"no provider named {request.name!r}", metadata={"name": request.name})
+            if self._redactor is not None:
+                # The redactor keeps no key of a deleted provider (it stays bounded by live ones).
+                self._redactor.discard_owner(redaction_owner(actor.organization_id, request.name))
             return providers_pb2.DeleteProviderResponse()
 
         return await run_unary(context, call)

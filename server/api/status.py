@@ -13,6 +13,7 @@ import grpc
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2  # type: ignore[import-untyped, unused-ignore]
 
+from server.auth.redact import installed_redactor
 from server.errors import GatewayError
 
 DOMAIN = "llmgateway"
@@ -101,4 +102,8 @@ def trailing_metadata(error: GatewayError) -> tuple[tuple[str, bytes], ...]:
 
 async def abort(context: grpc.aio.ServicerContext, error: GatewayError) -> None:  # type: ignore[type-arg, unused-ignore]
     """End the call with the error's status; never returns."""
+    redactor = installed_redactor()
+    if redactor is not None:
+        # The last door before the caller: no known secret or key-shaped value leaves in an error.
+        redactor.redact_error(error)
     await context.abort(error.code, status_message(error), trailing_metadata(error))

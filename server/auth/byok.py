@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from server.auth.crypto import Binding, DecryptionFailed, EncryptionKeyMissing, Keyring
 from server.auth.endpoints import EndpointPolicy
 from server.auth.redact import Redactor
-from server.auth.store import AuthStore, ProviderRecord, api_key_last4
+from server.auth.store import GLOBAL_ORGANIZATION, AuthStore, ProviderRecord, api_key_last4
 from server.errors import FieldViolation, InvalidRequest, NotFound
 
 log = logging.getLogger(__name__)
@@ -24,6 +24,11 @@ class ByokCredentials:
     @property
     def base_url(self) -> str:
         return self.provider.base_url
+
+
+def redaction_owner(organization_id: str, name: str) -> str:
+    """The redactor entry of a provider's key (`Redactor.add_owned`)."""
+    return f"byok\x00{organization_id}\x00{name}"
 
 
 async def create_byok_provider(
@@ -78,13 +83,18 @@ async def resolve_byok(
     """
     record = await store.get_provider(organization_id=organization_id, name=provider_name)
     if record is None:
+        if redactor is not None:
+            # Deleted (perhaps by another process): its key leaves the redactor with it.
+            redactor.discard_owner(redaction_owner(organization_id, provider_name))
+            redactor.discard_owner(redaction_owner(GLOBAL_ORGANIZATION, provider_name))
         raise NotFound(
             f"no provider named {provider_name!r} for organization {organization_id!r}",
             metadata={"provider_name": provider_name, "organization_id": organization_id},
         )
     api_key = await keyring.decrypt_async(record.api_key_encrypted, binding_of(record))
     if redactor is not None:
-        redactor.add(api_key)
+        # One entry per provider: a replaced key replaces the old one in the redactor.
+        redactor.add_owned(redaction_owner(record.organization_id, record.name), api_key)
     return ByokCredentials(provider=record, api_key=api_key)
 
 

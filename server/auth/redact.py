@@ -1,34 +1,50 @@
-"""Scrubbing secrets from everything the gateway writes: traces, logs, errors, span attributes.
+"""Scrubbing secrets from everything the gateway writes: traces, logs, errors, span attributes, answers.
 
 A `Redactor` combines two nets:
-  * the exact values it was told about (`add`): server keys, BYOK keys as they are decrypted,
-    the encryption passphrase; each also in its URL-encoded and JSON-escaped spellings;
+  * the exact values it was told about: server keys and the encryption passphrase (`add`, kept
+    for the life of the process) and BYOK keys as they are decrypted (`add_owned`, one entry per
+    provider: replaced when the provider's key changes, dropped when the provider is deleted, and
+    at most `MAX_SECRETS` of them, least recently used dropped first); each also in its
+    URL-encoded and JSON-escaped spellings;
   * patterns for secrets it was not told about: gateway keys (`llmgw_<id>_<secret>`, so every
     gateway key is caught without registering each one), OpenAI-style `sk-...` and Google
     `AIza...` keys, `Authorization`/`api-key` header values, `Bearer` tokens, and URL query
     parameters such as `?key=`, `api_key=`, `token=`.
 
-The common case (no secret present) costs one substring search per known secret plus a
-lower-casing of the text and a few substring searches; a regex only runs when its trigger
-substring is present. Values shorter than `MIN_SECRET_LENGTH` are not registered: redacting every
-occurrence of a 3-character "key" would shred the traces and protects nothing real.
+Answers (`redact_known`) get only the first net: a model may legitimately write `api_key=...` or
+`Bearer <token>` in an answer, but never a key the server holds.
+
+Known secrets are found without one search per secret: the text's UTF-8 bytes are sampled every
+32 bytes (8-byte windows) and the samples that could be a window looked up in one dict of every
+window a secret can present at a sample point (see `_Tier`); only a hit costs a substring check.
+The cost depends on the text, not on the number of secrets. Values shorter than
+`MIN_SECRET_LENGTH` are not registered: redacting every occurrence
+of a 3-character "key" would shred the traces and protects nothing real.
 """
 
 from __future__ import annotations
 
+import bisect
+import dataclasses
 import json
 import logging
 import re
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 from urllib.parse import quote
 
 if TYPE_CHECKING:
     from server.config import Settings
+    from server.errors import GatewayError
 
 REDACTED = "[REDACTED]"
 MIN_SECRET_LENGTH = 8
+# BYOK keys kept at once (least recently used dropped first): bounds the index (~2.5 KB per key,
+# so at most ~50 MiB).
+# A dropped key is registered again by its provider's next call, before the call is sent.
+MAX_SECRETS = 20_000
 
 SENSITIVE_HEADERS = frozenset(
     {
@@ -200,12 +216,153 @@ def _spellings(secret: str) -> set[str]:
     return {f for f in forms if len(f) >= MIN_SECRET_LENGTH}
 
 
+def _utf8(text: str) -> bytes:
+    # Lone surrogates (from `errors="surrogateescape"` decoding) must not make scrubbing fail.
+    return text.encode("utf-8", "surrogatepass")
+
+
+# A stride of 32 bytes needs secrets of 39 bytes (most provider keys: OpenAI 51/164, Anthropic 108,
+# OpenRouter 73, Groq 56); shorter ones go to denser tiers, paid for only when such secrets exist.
+_TIERS: tuple[tuple[int, int], ...] = ((8, 32), (8, 16), (8, 8), (4, 4))  # (block bytes, stride bytes)
+
+
+# Candidate samples beyond which one C loop over every sample is cheaper than checking them one
+# by one (text made of key characters, such as base64, makes nearly every sample a candidate).
+_CANDIDATE_BUDGET = 256
+
+
+class _Tier:
+    """Spellings indexed by every `block`-byte window starting in their first `stride` bytes.
+
+    The text is sampled at every `stride` bytes; an occurrence of a spelling of at least
+    `stride + block - 1` bytes always contains one sample, which is one of its indexed windows.
+
+    Most samples of ordinary text contain a byte no indexed window has (a space, a quote, a
+    period): `bytes.translate` marks the bytes windows can have, big-int shifts AND each
+    sample's marks together, and only the samples left marked are looked up. Looking every
+    sample up costs a Python int and a dict probe (a cache miss with 10,000 keys) each: about
+    twice as much, which stays the way for text made of key characters (base64).
+    """
+
+    __slots__ = ("block", "stride", "min_bytes", "windows", "fmt", "byte_refs", "_table")
+
+    def __init__(self, block: int, stride: int) -> None:
+        self.block = block
+        self.stride = stride
+        self.min_bytes = stride + block - 1
+        self.fmt: Literal["Q", "I"] = "Q" if block == 8 else "I"
+        # Window -> the spelling (a plain str: almost every window belongs to one spelling, and
+        # a tuple per window would cost ~15 MB per 10,000 keys) or a tuple of several.
+        self.windows: dict[int, str | tuple[str, ...]] = {}
+        self.byte_refs = [0] * 256  # byte value -> spellings of this tier that contain it
+        self._table: bytes | None = None  # translate table: 1 for those bytes, else 0
+
+    def table(self) -> bytes:
+        table = self._table
+        if table is None:
+            table = self._table = bytes(1 if refs else 0 for refs in self.byte_refs)
+        return table
+
+    def keys_of(self, data: bytes) -> set[int]:
+        keys: set[int] = set()
+        for offset in range(self.stride):
+            keys.add(int.from_bytes(data[offset : offset + self.block], "little"))
+        return keys
+
+    def add(self, spelling: str, data: bytes) -> None:
+        windows = self.windows
+        for key in self.keys_of(data):
+            present = windows.get(key)
+            if present is None:
+                windows[key] = spelling
+            elif isinstance(present, str):
+                windows[key] = (present, spelling)
+            else:
+                windows[key] = (*present, spelling)
+        for byte in set(data):
+            self.byte_refs[byte] += 1
+            if self.byte_refs[byte] == 1:
+                self._table = None
+
+    def remove(self, spelling: str, data: bytes) -> None:
+        windows = self.windows
+        for key in self.keys_of(data):
+            present = windows.get(key)
+            if present is None or present == spelling:
+                windows.pop(key, None)
+                continue
+            rest = tuple(s for s in ((present,) if isinstance(present, str) else present) if s != spelling)
+            if not rest:
+                windows.pop(key, None)
+            else:
+                windows[key] = rest[0] if len(rest) == 1 else rest
+        for byte in set(data):
+            self.byte_refs[byte] -= 1
+            if self.byte_refs[byte] == 0:
+                self._table = None
+
+    def candidates(self, data: bytes, found: set[str]) -> None:
+        block = self.block
+        usable = len(data) - len(data) % block
+        windows = self.windows
+        if usable < block or not windows:
+            return
+        samples = memoryview(data)[:usable].cast(self.fmt)[:: self.stride // block]
+        sampled = samples.tobytes()
+        # 1 per byte some window has, then each sample's bytes ANDed into its first byte, all in
+        # big-int operations over the whole buffer (C loops, no object per sample).
+        marks = int.from_bytes(sampled.translate(self.table()), "little")
+        width = 8
+        while width < block * 8:
+            marks &= marks >> width
+            width *= 2
+        selected = marks.to_bytes(len(sampled), "little")[::block]  # 1: this sample may be a window
+        count = selected.count(1)
+        if not count:
+            return
+        if count > _CANDIDATE_BUDGET:
+            self._look_up_all(samples, found)
+            return
+        position = selected.find(1)
+        while position >= 0:
+            start = position * block
+            # .get: a log line redacted in another thread may race a provider being dropped.
+            present = windows.get(int.from_bytes(sampled[start : start + block], "little"))
+            if present is not None:
+                if isinstance(present, str):
+                    found.add(present)
+                else:
+                    found.update(present)
+            position = selected.find(1, position + 1)
+
+    def _look_up_all(self, samples: memoryview, found: set[str]) -> None:
+        windows = self.windows
+        if windows.keys().isdisjoint(samples):  # one C loop over every sample
+            return
+        for key in windows.keys() & set(samples):
+            present = windows.get(key, ())
+            if isinstance(present, str):
+                found.add(present)
+            else:
+                found.update(present)
+
+
 class Redactor:
     """Knows the secrets in play and scrubs them (and secret-looking values) from text and JSON."""
 
-    def __init__(self, secrets: Iterable[str] = ()) -> None:
-        self._secrets: tuple[str, ...] = ()
-        self._known: set[str] = set()
+    def __init__(self, secrets: Iterable[str] = (), *, max_secrets: int = MAX_SECRETS) -> None:
+        self._max_owned = max_secrets
+        self._pinned: set[str] = set()
+        self._owned: OrderedDict[str, str] = OrderedDict()  # owner -> secret, least recent first
+        self._refs: dict[str, int] = {}  # secret -> holders (pinned counts as one)
+        self._spelling_refs: dict[str, int] = {}
+        self._tiers = tuple(_Tier(block, stride) for block, stride in _TIERS)
+        # For the stream scrubber: is a piece of text the start of a known spelling?
+        self._sorted: list[str] = []
+        self._heads: dict[str, int] = {}  # 1..3-character prefixes of spellings -> count
+        self._lengths: dict[int, int] = {}  # spelling length -> count
+        self._longest = 0
+        self._firsts: dict[str, int] = {}  # first characters of spellings -> count
         self.add_many(secrets)
 
     @classmethod
@@ -217,37 +374,185 @@ class Redactor:
                 settings.openrouter_api_key,
                 settings.local_api_key,
                 settings.encryption_key,
+                settings.encryption_key_previous,
             )
         )
 
     def add(self, *secrets: str) -> None:
-        """Register secret values (empty ones are skipped; idempotent; cheap when already known)."""
+        """Register server-held secret values for good (empty and short ones are skipped; idempotent)."""
         self.add_many(secrets)
 
     def add_many(self, secrets: Iterable[str]) -> None:
-        new = {s for s in secrets if s and len(s) >= MIN_SECRET_LENGTH and s not in self._known}
-        if not new:
+        for secret in secrets:
+            if _registrable(secret) and secret not in self._pinned:
+                self._pinned.add(secret)
+                self._retain(secret)
+
+    def add_owned(self, owner: str, secret: str) -> None:
+        """Register the secret of `owner` (a BYOK provider), replacing the one it had before.
+
+        Cheap when unchanged (every call of a provider registers its key again, which also keeps
+        it among the most recently used).
+        """
+        owned = self._owned
+        if owned.get(owner) == secret:
+            owned.move_to_end(owner)
             return
-        self._known |= new
-        forms = set(self._secrets)
-        for secret in new:
-            forms |= _spellings(secret)
-        # Longest first, so a secret containing another is replaced whole. Swapped atomically.
-        self._secrets = tuple(sorted(forms, key=len, reverse=True))
+        self.discard_owner(owner)
+        if not _registrable(secret):
+            return
+        owned[owner] = secret
+        self._retain(secret)
+        while len(owned) > self._max_owned:
+            _, evicted = owned.popitem(last=False)
+            self._release(evicted)
+
+    def discard_owner(self, owner: str) -> None:
+        """Forget the secret of `owner` (its provider was deleted); pinned values stay."""
+        secret = self._owned.pop(owner, None)
+        if secret is not None:
+            self._release(secret)
+
+    def _retain(self, secret: str) -> None:
+        count = self._refs.get(secret, 0)
+        self._refs[secret] = count + 1
+        if count:
+            return
+        for spelling in _spellings(secret):
+            refs = self._spelling_refs.get(spelling, 0)
+            self._spelling_refs[spelling] = refs + 1
+            if not refs:
+                self._index(spelling)
+
+    def _release(self, secret: str) -> None:
+        count = self._refs.get(secret, 0) - 1
+        if count > 0:
+            self._refs[secret] = count
+            return
+        self._refs.pop(secret, None)
+        for spelling in _spellings(secret):
+            refs = self._spelling_refs.get(spelling, 0) - 1
+            if refs > 0:
+                self._spelling_refs[spelling] = refs
+                continue
+            self._spelling_refs.pop(spelling, None)
+            self._unindex(spelling)
+
+    def _tier_for(self, data: bytes) -> _Tier:
+        for tier in self._tiers:
+            if len(data) >= tier.min_bytes:
+                return tier
+        raise AssertionError("every registrable spelling fits the last tier")
+
+    def _index(self, spelling: str) -> None:
+        data = _utf8(spelling)
+        self._tier_for(data).add(spelling, data)
+        bisect.insort(self._sorted, spelling)
+        for size in range(1, 4):
+            head = spelling[:size]
+            self._heads[head] = self._heads.get(head, 0) + 1
+        self._lengths[len(spelling)] = self._lengths.get(len(spelling), 0) + 1
+        self._longest = max(self._longest, len(spelling))
+        self._firsts[spelling[0]] = self._firsts.get(spelling[0], 0) + 1
+
+    def _unindex(self, spelling: str) -> None:
+        data = _utf8(spelling)
+        self._tier_for(data).remove(spelling, data)
+        position = bisect.bisect_left(self._sorted, spelling)
+        if position < len(self._sorted) and self._sorted[position] == spelling:
+            del self._sorted[position]
+        for size in range(1, 4):
+            head = spelling[:size]
+            left = self._heads.get(head, 0) - 1
+            if left > 0:
+                self._heads[head] = left
+            else:
+                self._heads.pop(head, None)
+        left = self._lengths.get(len(spelling), 0) - 1
+        if left > 0:
+            self._lengths[len(spelling)] = left
+        else:
+            self._lengths.pop(len(spelling), None)
+            self._longest = max(self._lengths, default=0)
+        left = self._firsts.get(spelling[0], 0) - 1
+        if left > 0:
+            self._firsts[spelling[0]] = left
+        else:
+            self._firsts.pop(spelling[0], None)
 
     def __contains__(self, secret: str) -> bool:
-        return secret in self._known
+        return secret in self._refs
 
     def __len__(self) -> int:
-        return len(self._known)
+        return len(self._refs)
+
+    @property
+    def max_spelling_length(self) -> int:
+        """The longest spelling of a known secret (0 when none is known)."""
+        return self._longest
+
+    def redact_known(self, text: str) -> str:
+        """`text` with every known secret (in every spelling) replaced; no pattern rules."""
+        if len(text) < MIN_SECRET_LENGTH or not self._spelling_refs:
+            return text
+        data = _utf8(text)
+        found: set[str] = set()
+        for tier in self._tiers:
+            if len(data) >= tier.min_bytes:
+                tier.candidates(data, found)
+        if not found:
+            return text
+        # Longest first, so a secret containing another is replaced whole.
+        for spelling in sorted(found, key=len, reverse=True):
+            if spelling in text:
+                text = text.replace(spelling, REDACTED)
+        return text
+
+    def hold_from(self, text: str, start: int = 0) -> int:
+        """Where the tail of `text` that could begin a known spelling starts (`len(text)`: none).
+
+        The smallest position at or after `start` whose suffix is a proper prefix of a known
+        spelling; the stream scrubber holds that tail back until more text decides it.
+        """
+        end = len(text)
+        low = max(start, end - self._longest + 1)
+        if low >= end:
+            return end
+        firsts = self._firsts
+        if len(firsts) <= 8:
+            # Few distinct first characters (a handful of server keys): jump to them with find.
+            positions: list[int] = []
+            for first in firsts:
+                found = text.find(first, low)
+                while found >= 0:
+                    positions.append(found)
+                    found = text.find(first, found + 1)
+            if not positions:
+                return end
+            positions.sort()
+        else:
+            positions = [p for p in range(low, end) if text[p] in firsts]
+        heads = self._heads
+        spellings = self._sorted
+        for position in positions:
+            if text[position : position + 3] not in heads:
+                continue
+            if end - position <= 3:
+                # A 1..3-character head of some spelling (every spelling is longer): a prefix.
+                return position
+            tail = text[position:]
+            found = bisect.bisect_left(spellings, tail)
+            if found < len(spellings) and spellings[found] == tail:
+                found += 1
+            if found < len(spellings) and spellings[found].startswith(tail):
+                return position
+        return end
 
     def redact(self, text: str) -> str:
         """`text` with every known secret and secret-looking value replaced by `[REDACTED]`."""
         if not text:
             return text
-        for secret in self._secrets:
-            if secret in text:
-                text = text.replace(secret, REDACTED)
+        text = self.redact_known(text)
         lowered: str | None = None
         for rule in _RULES:
             if rule.ignore_case:
@@ -269,6 +574,19 @@ class Redactor:
     def redact_exception(self, exc: BaseException) -> str:
         """`Type: message` of an exception, redacted (for error texts and trace error_message)."""
         return self.redact(f"{type(exc).__name__}: {exc}")
+
+    def redact_error(self, error: GatewayError) -> None:
+        """Scrub, in place, all an error shows: message, exception args, ErrorInfo metadata, violations.
+
+        Upstream texts are scrubbed where errors are made; this catches every value that was not
+        (a function name or a code an upstream chose, say) before it reaches a caller or a span.
+        """
+        error.message = self.redact(error.message)
+        error.args = tuple(self.redact(arg) if isinstance(arg, str) else arg for arg in error.args)
+        error.metadata = {key: self.redact(value) for key, value in error.metadata.items()}
+        error.field_violations = tuple(
+            dataclasses.replace(v, description=self.redact(v.description)) for v in error.field_violations
+        )
 
     def redact_headers(self, headers: Mapping[str, str] | Iterable[tuple[str, str]]) -> dict[str, str]:
         """A copy with credential headers replaced and every other value redacted as text."""
@@ -360,6 +678,11 @@ def install_log_redaction(redactor: Redactor) -> None:
     logging.setLogRecordFactory(factory)
 
 
+def installed_redactor() -> Redactor | None:
+    """The redactor of `install_log_redaction` (the process's known secrets), if any."""
+    return _installed[0] if _installed else None
+
+
 def uninstall_log_redaction() -> None:
     """Undo `install_log_redaction` (tests)."""
     global _original_factory
@@ -367,3 +690,7 @@ def uninstall_log_redaction() -> None:
         logging.setLogRecordFactory(_original_factory)
         _original_factory = None
     _installed.clear()
+
+
+def _registrable(secret: str) -> bool:
+    return bool(secret) and len(secret) >= MIN_SECRET_LENGTH

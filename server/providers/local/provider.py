@@ -253,6 +253,7 @@ async def create_local(
             ),
             provider=target.provider,
         )
+        gateway.answer_scrubber(target).completion(call.completion)  # a server may echo the key
     return chat_pb2.CreateResponse(completion=call.completion, provider_trace_id=call.record.id)
 
 
@@ -264,6 +265,7 @@ async def stream_local(
     plan = await _plan(gateway, request, target, stream=True)
     payload = orjson.dumps(plan.http_request.body)
     scrub = gateway.deps.scrub
+    scrubber = gateway.answer_scrubber(target)  # a server may echo the key, even split over pieces
     pieces: list[str] = []
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
@@ -299,18 +301,22 @@ async def stream_local(
                     pieces.append(chunk.text)
                     call.first_token()
                     delta = chat_pb2.ChatCompletionDelta(content=chunk.text)
-                    yield chat_pb2.StreamCreateResponse(delta=delta)
+                    for scrubbed in scrubber.events((chat_pb2.StreamCreateResponse(delta=delta),)):
+                        yield scrubbed
             if not finished:
                 raise UpstreamBadResponse(
                     f"{target.provider} ended the stream before it was complete",
                     metadata={"provider": target.provider},
                 )
+        for scrubbed in scrubber.flush():
+            yield scrubbed
         text = "".join(pieces)
         call.record.response_json = orjson.dumps({"text": text}).decode()
         call.completion = completion_from_json(
             await plan.completion_json(text, prompt_tokens, completion_tokens, truncated),
             provider=target.provider,
         )
+        scrubber.completion(call.completion)
     yield chat_pb2.StreamCreateResponse(completion=call.completion, provider_trace_id=call.record.id)
 
 
