@@ -13,6 +13,7 @@ from urllib.parse import quote
 import pytest
 
 from server.auth.byok import create_byok_provider, redaction_owner, resolve_byok
+from server.auth.crypto import Keyring
 from server.auth.endpoints import EndpointPolicy
 from server.auth.redact import REDACTED, Redactor
 from server.auth.store_sqlite import SqliteAuthStore
@@ -122,13 +123,14 @@ async def test_resolve_byok_replaces_and_drops_the_providers_key(tmp_path: Path)
     await store.start()
     policy = EndpointPolicy.from_settings(Settings())
     redactor = Redactor()
+    keyring = Keyring("pass-phrase-1", iterations=1_000)
     first, second = _key(44, "sk-"), _key(44, "sk-")
 
     async def create(key: str) -> None:
         await create_byok_provider(
             store,
             policy,
-            passphrase="pass-phrase-1",
+            keyring=keyring,
             organization_id="acme",
             name="mine",
             endpoint_type="openai",
@@ -138,7 +140,7 @@ async def test_resolve_byok_replaces_and_drops_the_providers_key(tmp_path: Path)
 
     async def resolve() -> None:
         await resolve_byok(
-            store, passphrase="pass-phrase-1", organization_id="acme", provider_name="mine", redactor=redactor
+            store, keyring=keyring, organization_id="acme", provider_name="mine", redactor=redactor
         )
 
     await create(first)
