@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import socket
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import grpc
@@ -18,6 +19,7 @@ from llmgateway.v1 import chat_pb2, providers_pb2
 import server.auth.resolver as resolver_module
 from server.auth.resolver import Address
 from tests.gateway_harness import chat_request, make_settings, running_gateway
+from tests.integration.test_hardening_http_head_e2e import endless_header
 from tests.integration.test_security_e2e import (
     ByteSink,
     bearer,
@@ -26,6 +28,7 @@ from tests.integration.test_security_e2e import (
     expect_stream_error,
     make_key,
 )
+from tests.unit.test_http_client import Peer, raw_server
 
 _real_lookup = resolver_module.system_lookup
 
@@ -82,3 +85,43 @@ async def test_a_tenant_cannot_reach_the_unlisted_local_base_url_through_a_byok_
         assert (sink.connections, sink.received) == (0, 0)
     finally:
         await sink.stop()
+
+
+async def _garbage_head(peer: Peer) -> None:
+    await peer.read_request()
+    try:
+        await peer.send(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nX: a\x00b\r\n\r\n{}")
+        await asyncio.sleep(30)
+    except (ConnectionError, OSError):
+        pass
+
+
+async def _many_informational(peer: Peer) -> None:
+    await peer.read_request()
+    try:
+        await peer.send(b"HTTP/1.1 100 Continue\r\n\r\n" * 50)
+        await asyncio.sleep(30)
+    except (ConnectionError, OSError):
+        pass
+
+
+@pytest.mark.parametrize("handler", [endless_header, _garbage_head, _many_informational])
+async def test_an_unreadable_head_is_upstream_bad_response_and_not_retried(
+    tmp_path: Path, handler: Callable[[Peer], Awaitable[None]]
+) -> None:
+    """An upstream whose head is over the limits or not HTTP answers the same again: retrying it
+    (up to LLMGW_RETRY_MAX_ATTEMPTS, each reading up to 64 KiB) only multiplies the cost. The
+    README's table: "upstream answered something unreadable" is UNAVAILABLE UPSTREAM_BAD_RESPONSE."""
+    async with raw_server(handler) as server:
+        base = server.url(path="/v1")
+        async with running_gateway(make_settings(tmp_path, allowed_endpoints=(base,))) as gw:
+            async with asyncio.timeout(60):  # a bound against hanging, not a measurement
+                for error in (
+                    await expect_error(gw.chat.Create(chat_request(base), timeout=30)),
+                    await expect_stream_error(gw.chat.StreamCreate(chat_request(base), timeout=30)),
+                ):
+                    assert error.code() == grpc.StatusCode.UNAVAILABLE, error.details()
+                    info = error_info(error)
+                    assert info.reason == "UPSTREAM_BAD_RESPONSE", error.details()
+                    assert info.metadata["provider"] == "openai"
+        assert len(server.requests) == 2  # one per call: never retried
