@@ -1,0 +1,99 @@
+"""Review of h/net (issue 12 items 1 and 13): what a malicious upstream's unreadable answer maps to.
+
+An answer whose head is over the limits or is no HTTP at all is "upstream answered something
+unreadable": UNAVAILABLE UPSTREAM_BAD_RESPONSE, and not retried (the same upstream answers the
+same bytes again; each attempt would read up to the head limit again). A refused, reset or
+dropped connection stays UPSTREAM_UNAVAILABLE and retried. Raw loopback servers only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from server.config import RetrySettings
+from server.core.retry import Deadline, RetryableError
+from server.errors import GatewayError, UpstreamBadResponse
+from server.providers.base import UpstreamTarget
+from server.providers.errors import connection_error
+from server.providers.http import ConnectError, HttpClient, InvalidResponseError, ServerDisconnectedError
+from server.providers.openai_compat import CallOptions, broken_stream, open_stream, post_json, sse_events
+from tests.unit.test_hardening_http_head import endless
+from tests.unit.test_http_client import Peer, raw_server
+
+
+def _options(attempts: int = 3) -> CallOptions:
+    return CallOptions(
+        deadline=Deadline.after(20),
+        retry=RetrySettings(initial_delay=0.0, jitter=0.0, max_attempts=attempts),
+        default_timeout=20,
+        scrub=lambda text: text,
+    )
+
+
+def test_unreadable_answers_are_bad_responses_and_dropped_connections_stay_retryable() -> None:
+    bad = connection_error(InvalidResponseError("head over 65536 bytes"), provider="p", scrub=str)
+    assert isinstance(bad, UpstreamBadResponse) and bad.reason == "UPSTREAM_BAD_RESPONSE"
+    assert bad.metadata == {"provider": "p", "error_type": "InvalidResponseError"}
+    for exc in (ConnectError("refused"), ServerDisconnectedError("closed mid-answer")):
+        again = connection_error(exc, provider="p", scrub=str)
+        assert isinstance(again, RetryableError) and again.error.reason == "UPSTREAM_UNAVAILABLE"
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"HTTP/1.1 200 OK\r\nX-Long: ",  # then endless
+        b"HTTP/1.1 200 OK\r\nX: a\r\n folded\r\n\r\n",  # obs-fold
+        b"SSH-2.0-OpenSSH_9.6\r\n\r\n",  # not HTTP at all
+        (
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"fffffffffffffffffff\r\n"
+        ),  # chunk size overflow
+    ],
+)
+async def test_an_unreadable_answer_is_sent_once(head: bytes) -> None:
+    async def handler(peer: Peer) -> None:
+        await endless(peer, head, b"a", total=256 * 1024)
+
+    async with raw_server(handler) as server:
+        client = HttpClient()
+        target = UpstreamTarget(server.url(path="/v1"), {}, "openai", private_ok=True)
+        try:
+            for call in (post_json, open_stream):
+                async with asyncio.timeout(20):  # a bound against hanging, not a measurement
+                    with pytest.raises(GatewayError) as raised:
+                        await call(client, target, server.url(), b"{}", _options())
+                assert raised.value.reason == "UPSTREAM_BAD_RESPONSE", raised.value.message
+        finally:
+            await client.close()
+        assert len(server.requests) == 2  # one per call
+
+
+async def test_a_stream_whose_framing_breaks_after_the_first_event_is_a_bad_response() -> None:
+    async def handler(peer: Peer) -> None:
+        await peer.read_request()
+        event = b'data: {"id":"1","choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n'
+        await peer.send(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+            + b"%x\r\n%s\r\n" % (len(event), event)
+        )
+        await asyncio.sleep(0.05)
+        await peer.send(b"zz\r\n")  # no chunk size
+        await asyncio.sleep(5)
+
+    async with raw_server(handler) as server:
+        client = HttpClient()
+        target = UpstreamTarget(server.url(path="/v1"), {}, "openai", private_ok=True)
+        try:
+            async with asyncio.timeout(20):
+                response = await open_stream(client, target, server.url(), b"{}", _options())
+                with pytest.raises(GatewayError) as raised:
+                    async for _ in sse_events(response, provider="openai", scrub=str):
+                        pass
+        finally:
+            await client.close()
+        assert raised.value.reason == "UPSTREAM_BAD_RESPONSE", raised.value.message
+        # A connection dropped mid-stream is still UPSTREAM_UNAVAILABLE.
+        assert broken_stream(ServerDisconnectedError("gone"), "p", str).reason == "UPSTREAM_UNAVAILABLE"
