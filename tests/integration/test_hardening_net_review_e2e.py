@@ -65,7 +65,10 @@ async def test_a_tenant_cannot_reach_the_unlisted_local_base_url_through_a_byok_
         async with running_gateway(settings) as gw:
             await gw.providers.CreateProvider(
                 providers_pb2.CreateProviderRequest(
-                    name="mine", model_endpoint_type="openai", base_url=local, api_key="byok-" + secrets.token_hex(16)
+                    name="mine",
+                    model_endpoint_type="openai",
+                    base_url=local,
+                    api_key="byok-" + secrets.token_hex(16),
                 ),
                 metadata=bearer(admin),
                 timeout=10,
@@ -77,7 +80,9 @@ async def test_a_tenant_cannot_reach_the_unlisted_local_base_url_through_a_byok_
                 request = chat_request("", llm_config=config)
                 for error in (
                     await expect_error(gw.chat.Create(request, metadata=bearer(user), timeout=10)),
-                    await expect_stream_error(gw.chat.StreamCreate(request, metadata=bearer(user), timeout=10)),
+                    await expect_stream_error(
+                        gw.chat.StreamCreate(request, metadata=bearer(user), timeout=10)
+                    ),
                 ):
                     assert error.code() == grpc.StatusCode.PERMISSION_DENIED, (endpoint_type, error.details())
                     assert error_info(error).reason == "ENDPOINT_NOT_ALLOWED"
