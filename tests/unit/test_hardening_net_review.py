@@ -97,3 +97,37 @@ async def test_a_stream_whose_framing_breaks_after_the_first_event_is_a_bad_resp
         assert raised.value.reason == "UPSTREAM_BAD_RESPONSE", raised.value.message
         # A connection dropped mid-stream is still UPSTREAM_UNAVAILABLE.
         assert broken_stream(ServerDisconnectedError("gone"), "p", str).reason == "UPSTREAM_UNAVAILABLE"
+
+
+async def test_the_local_key_is_not_lent_to_a_tenant_byok_url_on_the_unlisted_local_base_url() -> None:
+    """LLMGW_LOCAL_BASE_URL names where the local key may go; reaching it needs
+    LLMGW_ALLOWED_ENDPOINTS. A tenant's BYOK base URL on that host must not get the operator's
+    key attached (it would use the operator's local server with the operator's credentials)."""
+    from types import SimpleNamespace
+
+    from llmgateway.v1 import chat_pb2
+
+    from server.auth.actor import Actor
+    from server.auth.endpoints import EndpointPolicy
+    from server.config import Settings
+    from server.providers.local.provider import _target
+
+    local = "http://ollama.example.com:11434"
+    key = "local-" + "k" * 24
+    request = chat_pb2.CreateRequest(
+        llm_config=chat_pb2.LLMConfig(model="m", model_endpoint_type="ollama", model_endpoint=local)
+    )
+
+    async def byok_urls(organization_id: str) -> list[str]:
+        return [local]  # the tenant registered a BYOK provider on the local server's URL
+
+    for listed, expect_key in (((), False), ((local,), True)):
+        settings = Settings(
+            local_base_url=local, local_auth_type="bearer_token", local_api_key=key, allowed_endpoints=listed
+        )
+        deps = SimpleNamespace(
+            settings=settings, policy=EndpointPolicy.from_settings(settings), byok_urls=byok_urls
+        )
+        target = await _target(SimpleNamespace(deps=deps), request, Actor(organization_id="org-a"))  # type: ignore[arg-type]
+        assert (key in str(target.headers)) is expect_key, listed
+        assert target.private_ok is expect_key
