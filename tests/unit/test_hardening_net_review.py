@@ -9,6 +9,7 @@ dropped connection stays UPSTREAM_UNAVAILABLE and retried. Raw loopback servers 
 from __future__ import annotations
 
 import asyncio
+import socket
 
 import pytest
 
@@ -131,3 +132,32 @@ async def test_the_local_key_is_not_lent_to_a_tenant_byok_url_on_the_unlisted_lo
         target = await _target(SimpleNamespace(deps=deps), request, Actor(organization_id="org-a"))  # type: ignore[arg-type]
         assert (key in str(target.headers)) is expect_key, listed
         assert target.private_ok is expect_key
+
+
+async def test_an_operator_lookup_never_waits_for_a_tenant_slot_on_a_shared_name() -> None:
+    """A tenant may register a BYOK URL on the operator's own host outside the listed path
+    (`https://api.openai.com/x`): its lookups are tenant lookups. When the tenant slots are held
+    by slow names and a tenant lookup of that host is queued, the operator's calls to the same
+    host (cache expired) must not join the queued tenant lookup and wait for a slot."""
+    from server.auth.resolver import TENANT_LOOKUPS, SafeResolver
+    from tests.unit.test_hardening_resolver_load import BlockingLookup
+
+    lookup = BlockingLookup()
+    resolver = SafeResolver(lookup)
+    slow = [asyncio.ensure_future(resolver.resolve(f"n{i}.slow.test", 443)) for i in range(TENANT_LOOKUPS)]
+    try:
+        async with asyncio.timeout(5):
+            while lookup.in_flight < TENANT_LOOKUPS:
+                await asyncio.sleep(0)
+        queued = asyncio.ensure_future(resolver.resolve("api.example.test", 443, private_ok=False))
+        await asyncio.sleep(0)
+        async with asyncio.timeout(2):  # the operator's lookup runs now, not after a tenant slot
+            assert await resolver.resolve("api.example.test", 443, private_ok=True) == [
+                (socket.AF_INET, "127.0.0.1")
+            ]
+    finally:
+        lookup.release.set()
+    async with asyncio.timeout(5):
+        await asyncio.gather(*slow)
+        with pytest.raises(OSError):  # 127.0.0.1 is no address for a tenant's call
+            await queued
