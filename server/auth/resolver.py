@@ -17,7 +17,8 @@ Lookups are cached for `ttl` seconds (new connections are rare with keep-alive, 
 them must not queue on the resolver thread pool). The cache holds the lookup's raw answer and
 every use filters it again under that call's rule, so an answer cached for an operator-listed
 call is never handed unchecked to a tenant's call; failures are never cached. Concurrent
-lookups of one name share one, and lookups for tenants' targets run `TENANT_LOOKUPS` at a time.
+lookups of one name share one (tenants' apart from the operator's), and lookups for tenants'
+targets run `TENANT_LOOKUPS` at a time.
 The HTTP client also checks a kept-alive connection's address class before reusing it.
 """
 
@@ -84,8 +85,11 @@ class SafeResolver:
         self._lookup = lookup if lookup is not None else system_lookup
         self._ttl = ttl
         self._cache: dict[tuple[str, int], tuple[float, list[Address]]] = {}
-        # One lookup per name at a time: a burst of new connections to one host shares it.
-        self._pending: dict[tuple[str, int], asyncio.Future[list[Address]]] = {}
+        # One lookup per name at a time: a burst of new connections to one host shares it. Kept
+        # apart for tenant and operator lookups: a tenant may name the operator's own host (on a
+        # path the operator did not list), and an operator call must never join a lookup that
+        # waits for a tenant slot.
+        self._pending: dict[tuple[str, int, bool], asyncio.Future[list[Address]]] = {}
         self._tenant_slots = asyncio.Semaphore(TENANT_LOOKUPS)
 
     async def resolve(self, host: str, port: int, *, private_ok: bool = False) -> list[Address]:
@@ -115,11 +119,12 @@ class SafeResolver:
     async def _shared_lookup(
         self, host: str, port: int, key: tuple[str, int], *, tenant: bool
     ) -> list[Address]:
-        pending = self._pending.get(key)
+        shared = (*key, tenant)
+        pending = self._pending.get(shared)
         if pending is None:
             pending = asyncio.ensure_future(self._run_lookup(host, port, key, tenant=tenant))
-            self._pending[key] = pending
-            pending.add_done_callback(lambda done: self._lookup_done(key, done))
+            self._pending[shared] = pending
+            pending.add_done_callback(lambda done: self._lookup_done(shared, done))
         # Shielded: a caller that gives up (its deadline) does not cancel the others' lookup.
         return await asyncio.shield(pending)
 
@@ -134,7 +139,7 @@ class SafeResolver:
         self._cache[key] = (time.monotonic() + self._ttl, found)
         return found
 
-    def _lookup_done(self, key: tuple[str, int], done: asyncio.Future[list[Address]]) -> None:
+    def _lookup_done(self, key: tuple[str, int, bool], done: asyncio.Future[list[Address]]) -> None:
         if self._pending.get(key) is done:
             del self._pending[key]
         if not done.cancelled():

@@ -46,13 +46,16 @@ class EndpointChecker(Protocol):
 def private_ok(url: str, *, policy: EndpointChecker, settings: Settings) -> bool:
     """May a call to `url` reach loopback/private addresses? Only if the operator listed it.
 
-    The operator's lists are the provider base URLs and `LLMGW_ALLOWED_ENDPOINTS` (the policy's)
-    and `LLMGW_LOCAL_BASE_URL`; a URL allowed only as a tenant's BYOK base URL reaches public
-    addresses only, whatever its host name resolves to (`SafeResolver` enforces it).
+    The operator's lists are the provider base URLs and `LLMGW_ALLOWED_ENDPOINTS` (the policy's).
+    `LLMGW_LOCAL_BASE_URL` is not one: it only says where the local key may go, and a request
+    reaches it only when it is listed in `LLMGW_ALLOWED_ENDPOINTS` (then `operator_listed` holds).
+    Counting it here granted the private-address rule to exactly one more case: a tenant's BYOK
+    base URL on the local server's (private) host name. A URL allowed only as a tenant's BYOK
+    base URL reaches public addresses only, whatever its host name resolves to (`SafeResolver`
+    enforces it). `settings` is kept for the callers' sake.
     """
-    if policy.operator_listed(url):
-        return True
-    return bool(settings.local_base_url) and policy.key_allowed_for(url, settings.local_base_url)
+    del settings
+    return policy.operator_listed(url)
 
 
 ByokLookup = Callable[[str, str], Awaitable[ByokProvider | None]]

@@ -19,6 +19,7 @@ from server.errors import (
     UpstreamRejected,
     UpstreamUnavailable,
 )
+from server.providers.http_connection import InvalidResponseError
 
 MAX_MESSAGE_CHARS = 1000
 # Longer than any secret the gateway holds: how far past a cut an unscrubbed key prefix can reach.
@@ -169,8 +170,19 @@ def _error_code(body: bytes) -> object:
     return err.get("code") if isinstance(err, dict) else None
 
 
-def connection_error(exc: BaseException, *, provider: str, scrub: Callable[[str], str]) -> RetryableError:
+def connection_error(
+    exc: BaseException, *, provider: str, scrub: Callable[[str], str]
+) -> RetryableError | UpstreamBadResponse:
+    """A transport failure: retryable (refused, reset, dropped), unless the upstream *answered*
+    bytes that are no HTTP answer we accept (a head over the limits, malformed framing, an
+    unsupported encoding). Those are UPSTREAM_BAD_RESPONSE and not retried: the same upstream
+    answers the same garbage again, and each attempt would read up to the head limit again."""
     detail = scrub(str(exc)) or type(exc).__name__
+    if isinstance(exc, InvalidResponseError):
+        return UpstreamBadResponse(
+            f"{provider} answered something that is not a usable HTTP answer: {detail}",
+            metadata={"provider": provider, "error_type": type(exc).__name__},
+        )
     error = UpstreamUnavailable(
         f"{provider} could not be reached: {detail}",
         metadata={"provider": provider, "error_type": type(exc).__name__},

@@ -47,6 +47,7 @@ from server.providers.http import (
     HttpClient,
     IdleTimeoutError,
     InvalidHeaderError,
+    InvalidResponseError,
     InvalidURLError,
     Response,
     Timeout,
@@ -488,6 +489,11 @@ def broken_stream(exc: BaseException, provider: str, scrub: Callable[[str], str]
     if isinstance(exc, TimeoutError):
         return DeadlineExceeded(
             f"{provider} did not finish within the caller's deadline", metadata={"provider": provider}
+        )
+    if isinstance(exc, InvalidResponseError):  # broken framing: unreadable, as before the first event
+        return UpstreamBadResponse(
+            f"{provider} broke the stream's HTTP framing: {scrub(str(exc))}",
+            metadata={"provider": provider, "error_type": type(exc).__name__},
         )
     return UpstreamUnavailable(
         f"{provider} broke the stream: {scrub(str(exc)) or type(exc).__name__}",

@@ -19,7 +19,7 @@ async def endless_header(peer: Peer) -> None:
     await endless(peer, b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nX-Long: ", b"a")
 
 
-async def test_an_endless_header_line_ends_the_call_with_upstream_unavailable(tmp_path: Path) -> None:
+async def test_an_endless_header_line_ends_the_call_with_upstream_bad_response(tmp_path: Path) -> None:
     async with raw_server(endless_header) as server:
         base = server.url(path="/v1")
         async with running_gateway(make_settings(tmp_path, allowed_endpoints=(base,))) as gw:
@@ -30,8 +30,10 @@ async def test_an_endless_header_line_ends_the_call_with_upstream_unavailable(tm
                 ):
                     assert error.code() == grpc.StatusCode.UNAVAILABLE, error.details()
                     info = error_info(error)
-                    assert info.reason == "UPSTREAM_UNAVAILABLE" and info.domain == "llmgateway"
+                    # Not retried (rev-net): the same upstream would answer the same head again.
+                    assert info.reason == "UPSTREAM_BAD_RESPONSE" and info.domain == "llmgateway"
                     assert "head" in str(error.details())
+        assert len(server.requests) == 2
 
 
 async def test_a_trickled_head_of_a_stream_without_deadline_is_bounded(tmp_path: Path) -> None:

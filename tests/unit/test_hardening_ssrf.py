@@ -217,9 +217,21 @@ async def test_targets_carry_whether_the_operator_listed_them() -> None:
     listed = ByokProvider("mine", "http://vllm.internal:8000/v1", "byok-key-0123456789")
     assert (await _resolve(byok, settings, listed)).private_ok
     assert (await _resolve(chat_pb2.LLMConfig(model="gpt-4o"), settings, None)).private_ok
+    # LLMGW_LOCAL_BASE_URL lists nothing (rev-net): only LLMGW_ALLOWED_ENDPOINTS does.
     local = Settings(
         local_base_url="http://tenant.internal:8000", local_auth_type="bearer_token", local_api_key="k" * 12
     )
-    assert private_ok(
+    assert not private_ok(
         "http://tenant.internal:8000/v1", policy=EndpointPolicy.from_settings(local), settings=local
+    )
+    listed_local = Settings(
+        local_base_url="http://tenant.internal:8000",
+        local_auth_type="bearer_token",
+        local_api_key="k" * 12,
+        allowed_endpoints=("http://tenant.internal:8000",),
+    )
+    assert private_ok(
+        "http://tenant.internal:8000/v1",
+        policy=EndpointPolicy.from_settings(listed_local),
+        settings=listed_local,
     )

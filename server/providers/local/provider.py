@@ -215,9 +215,13 @@ async def _target(gateway: Gateway, request: ChatRequest, actor: Actor) -> Upstr
     )
     headers: dict[str, str] = {}
     secrets: tuple[str, ...] = ()
+    # Operator-listed (LLMGW_ALLOWED_ENDPOINTS): else the endpoint was allowed only as a tenant's
+    # BYOK URL, and the operator's local key is not lent to it, even on the local server's host.
+    listed = private_ok(endpoint, policy=deps.policy, settings=settings)
     if (
         settings.local_auth_type
         and settings.local_base_url
+        and listed
         and deps.policy.key_allowed_for(endpoint, settings.local_base_url)
     ):
         headers = auth_headers(settings.local_auth_type, settings.local_api_key)
@@ -227,7 +231,7 @@ async def _target(gateway: Gateway, request: ChatRequest, actor: Actor) -> Upstr
         headers,
         config.model_endpoint_type,
         secrets=secrets,
-        private_ok=private_ok(endpoint, policy=deps.policy, settings=settings),
+        private_ok=listed,
     )
 
 
