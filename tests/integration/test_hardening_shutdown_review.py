@@ -344,3 +344,49 @@ async def test_a_hung_trace_backend_at_shutdown_is_bounded_and_counted(
     assert took < 14, f"{took:.1f} s to stop with a hung trace backend:\n{server.log[-2000:]}"
     assert {f"h{i}" for i in range(3)} <= set(stored_traces(db)), server.log[-3000:]
     assert "clickhouse" in server.log and "not written" in server.log, server.log[-3000:]
+
+
+async def test_a_stream_whose_completion_is_being_written_at_the_cut_ends_ok(
+    tmp_path: Path, upstream: FakeUpstream
+) -> None:
+    # The whole answer comes at once: one ~40 KB delta fits the caller's 64 KB flow-control window,
+    # the ~40 KB completion does not, so grpc's write of the completion waits for the caller, who
+    # reads nothing until the grace period is over. The stream had nothing left to send: it must
+    # end OK, not with the completion followed by UNAVAILABLE SHUTTING_DOWN.
+    text = "x" * 40_000
+    upstream.script(Reply(sse=text_stream([text])))
+    db = tmp_path / "gateway.db"
+    server = await asyncio.to_thread(
+        start_server_process,
+        tmp_path,
+        allowed_endpoints=[upstream.base_url],
+        extra_args=["--grace-period", "1"],
+        sqlite_path=db,
+    )
+    try:
+        options = [("grpc.http2.bdp_probe", 0)]
+        async with grpc.aio.insecure_channel(server.address, options=options) as channel:
+            stream = chat_pb2_grpc.ChatCompletionServiceStub(channel).StreamCreate(
+                chat_pb2.StreamCreateRequest.FromString(traced(upstream, "c0").SerializeToString()),
+                timeout=60,
+            )
+            end = time.monotonic() + 10
+            while not upstream.requests and time.monotonic() < end:
+                await asyncio.sleep(0.02)
+            await asyncio.sleep(0.5)  # the answer is relayed; the completion's write is waiting
+            server.send_signal(signal.SIGTERM)
+            await asyncio.sleep(2.5)  # past the grace period and the cut
+            events = []
+            try:
+                while (event := await stream.read()) is not grpc.aio.EOF:
+                    events.append(event.WhichOneof("event"))
+                outcome: object = "OK"
+            except grpc.aio.AioRpcError as exc:
+                outcome = exc
+            code = await asyncio.to_thread(server.wait, 20)
+    finally:
+        server.close()
+    assert code == 0, server.log[-3000:]
+    assert events and events[-1] == "completion", events
+    assert outcome == "OK", f"a complete answer ended with {outcome!r} after {events}"
+    assert stored_traces(db).get("c0", ("?",))[0] == "", server.log[-3000:]
