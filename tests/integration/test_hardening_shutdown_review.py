@@ -390,3 +390,50 @@ async def test_a_stream_whose_completion_is_being_written_at_the_cut_ends_ok(
     assert events and events[-1] == "completion", events
     assert outcome == "OK", f"a complete answer ended with {outcome!r} after {events}"
     assert stored_traces(db).get("c0", ("?",))[0] == "", server.log[-3000:]
+
+
+async def test_a_second_sigterm_and_a_caller_leaving_during_the_grace_period(
+    tmp_path: Path, upstream: FakeUpstream
+) -> None:
+    # Two streams: one whose caller cancels during the grace period, one cut at its end; a second
+    # SIGTERM (an impatient operator) during the grace period changes nothing.
+    words = [f"w{i} " for i in range(60)]
+    upstream.script(*(Reply(sse=text_stream(words), chunk_delay=0.2) for _ in range(2)))
+    db = tmp_path / "gateway.db"
+    server = await asyncio.to_thread(
+        start_server_process,
+        tmp_path,
+        allowed_endpoints=[upstream.base_url],
+        extra_args=["--grace-period", "2"],
+        sqlite_path=db,
+    )
+    try:
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            chat = chat_pb2_grpc.ChatCompletionServiceStub(channel)
+            leaving, staying = (
+                chat.StreamCreate(
+                    chat_pb2.StreamCreateRequest.FromString(traced(upstream, step).SerializeToString()),
+                    timeout=60,
+                )
+                for step in ("leaves", "stays")
+            )
+            await leaving.read()
+            await staying.read()
+            server.send_signal(signal.SIGTERM)
+            await asyncio.sleep(0.5)
+            leaving.cancel()
+            server.send_signal(signal.SIGTERM)
+            try:
+                while await staying.read() is not grpc.aio.EOF:
+                    pass
+                outcome: object = "OK"
+            except grpc.aio.AioRpcError as exc:
+                outcome = exc
+            code = await asyncio.to_thread(server.wait, 20)
+    finally:
+        server.close()
+    assert code == 0, server.log[-3000:]
+    assert isinstance(outcome, grpc.aio.AioRpcError) and error_reason(outcome) == "SHUTTING_DOWN", outcome
+    traces = stored_traces(db)
+    assert traces.get("leaves", ("?",))[0] == "CANCELLED", (traces, server.log[-2000:])
+    assert traces.get("stays", ("?",))[0] == "SHUTTING_DOWN", (traces, server.log[-2000:])
