@@ -142,8 +142,11 @@ class GatewayServer:
             socket_path=settings.trace_socket,
         )
         writer = TraceWriter(backends, queue_bytes=settings.trace_queue_bytes)
+        # Before start(): a signal while it waits for a slow backend cancels it, and the lanes it
+        # already started (the SQLite one holds a non-daemon thread) must still be closed. Only a
+        # failed or interrupted start-up gets here: nothing was served, so no trace is queued.
+        cleanup.push_async_callback(writer.close, timeout=1.0)
         await writer.start()
-        cleanup.push_async_callback(writer.close, timeout=settings.grace_period)
 
         http = HttpClient()
         cleanup.push_async_callback(http.close)
@@ -296,15 +299,34 @@ def _bind(server: grpc.aio.Server, settings: Settings) -> int:
         raise OSError(f"could not listen on {settings.listen}: {exc}") from exc
 
 
-async def serve(settings: Settings) -> int:
-    """Run until SIGTERM/SIGINT, then shut down gracefully; the process exit code."""
-    gateway = GatewayServer(settings)
-    await gateway.start()
+async def serve(settings: Settings, *, signalled: Sequence[int] = ()) -> int:
+    """Run until SIGTERM/SIGINT, then shut down gracefully; the process exit code.
+
+    The handlers are in place before start-up, and a signal during start-up (`signalled`: one
+    that came even earlier, while the process was importing) stops it: a killed server exits
+    -15 with nothing cleaned up, and PID 1 in a container ignores a SIGTERM it does not handle.
+    """
     loop = asyncio.get_running_loop()
     stop_requested = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop_requested.set)
-    await stop_requested.wait()
+    if signalled:
+        stop_requested.set()
+    gateway = GatewayServer(settings)
+    starting = asyncio.create_task(gateway.start())
+    waiting = asyncio.create_task(stop_requested.wait())
+    await asyncio.wait((starting, waiting), return_when=asyncio.FIRST_COMPLETED)
+    if not starting.done():
+        log.info("signal during start-up: stopping before serving")
+        starting.cancel()  # start() closes what it had opened
+        with contextlib.suppress(asyncio.CancelledError):
+            await starting
+        if not starting.cancelled() and starting.exception() is None:
+            await gateway.stop()  # it finished starting as it was cancelled
+        log.info("stopped")
+        return 0
+    starting.result()  # a start-up failure raises here
+    await waiting
     log.info(
         "shutting down: finishing in-flight calls (grace %.1f s) and flushing traces", settings.grace_period
     )

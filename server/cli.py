@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import multiprocessing
 import os
@@ -13,6 +14,8 @@ from collections.abc import Sequence
 
 from server.config import Settings, add_arguments, load_settings
 from server.grpc_runtime import apply_grpc_defaults
+
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 def _configure_logging(level: str) -> None:
@@ -24,14 +27,26 @@ def _configure_logging(level: str) -> None:
 
 
 def _run_one(settings: Settings) -> int:
-    from server.app import serve
+    # Until serve() installs its handlers: importing the server takes a while, and a SIGTERM then
+    # must stop it cleanly (not kill it; PID 1 in a container would even ignore it).
+    signalled: list[int] = []
 
+    def remember(signum: int, _frame: object) -> None:
+        signalled.append(signum)
+
+    previous = {sig: signal.signal(sig, remember) for sig in _STOP_SIGNALS}
     try:
-        import uvloop
+        from server.app import serve
 
-        return int(uvloop.run(serve(settings)))
-    except ImportError:  # pragma: no cover - uvloop is a dependency; keep asyncio as the fallback
-        return asyncio.run(serve(settings))
+        try:
+            import uvloop
+
+            return int(uvloop.run(serve(settings, signalled=signalled)))
+        except ImportError:  # pragma: no cover - uvloop is a dependency; asyncio is the fallback
+            return asyncio.run(serve(settings, signalled=signalled))
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _worker(settings: Settings) -> None:
@@ -50,21 +65,40 @@ def _serve(settings: Settings) -> int:
     workers = [
         context.Process(target=_worker, args=(settings,), name=f"worker-{i}") for i in range(settings.workers)
     ]
-    for process in workers:
-        process.start()
+    # The handler is in place before the first worker starts: a signal while they start is
+    # forwarded to each (a worker still importing takes it as a stop, see `_run_one`).
+    forwarded: list[int] = []
+    started: list[multiprocessing.process.BaseProcess] = []
 
     def forward(signum: int, _frame: object) -> None:
-        for process in workers:
+        forwarded.append(signum)
+        for process in started:
             if process.pid is not None and process.is_alive():
-                os.kill(process.pid, signum)
+                with contextlib.suppress(ProcessLookupError):  # it exited in between
+                    os.kill(process.pid, signum)
 
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
+    for sig in _STOP_SIGNALS:
+        signal.signal(sig, forward)
+    for process in workers:
+        process.start()
+        started.append(process)
+        if forwarded and process.pid is not None:
+            os.kill(process.pid, forwarded[-1])  # the signal came while it was being spawned
     codes = []
     for process in workers:
         process.join()
-        codes.append(process.exitcode or 0)
+        codes.append(_exit_code(process.exitcode, forwarded))
     return max(codes)
+
+
+def _exit_code(code: int | None, forwarded: Sequence[int]) -> int:
+    """A worker's exit code for the parent's own: killed by a signal is 128 + N (as a shell says),
+    not 0; except the stop signal we forwarded, which a worker still spawning dies of."""
+    if code is None or code >= 0:
+        return code or 0
+    if -code in forwarded:
+        return 0
+    return 128 - code
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -149,7 +149,14 @@ class InFlight:
                     await self._abort(context, self.shutdown_error(refused=True))
                 messages = behaviour(data, context)
                 try:
-                    while not call.cut:  # cut while grpc was writing our last message
+                    while True:
+                        if call.cut:
+                            # Cut while grpc was writing our last message: if that was the last
+                            # one (the stream ends without waiting for anything), it is complete
+                            # and ends OK; else it is cut.
+                            if await _ends_now(messages):
+                                return
+                            break
                         call.running = True
                         try:
                             message = await anext(messages)
@@ -220,6 +227,37 @@ class InFlight:
             if call.running and call.task is not None:
                 call.task.cancel()
         return len(calls)
+
+
+async def _ends_now(messages: AsyncIterator[Any]) -> bool:
+    """Whether `messages` ends without suspending (its next message is cancelled, dropped)."""
+    task = asyncio.current_task()
+    assert task is not None
+    fired = False
+
+    def cancel() -> None:
+        nonlocal fired
+        fired = True
+        task.cancel()
+
+    # Runs at the loop's next turn: only if the stream waits for something (the upstream).
+    handle = asyncio.get_running_loop().call_soon(cancel)
+    try:
+        await anext(messages)
+    except StopAsyncIteration:
+        if fired:
+            uncancel_current()
+        return not fired
+    except asyncio.CancelledError:
+        if not fired:
+            raise  # not ours: the caller went away
+        uncancel_current()
+        return False
+    finally:
+        handle.cancel()
+    if fired:
+        uncancel_current()
+    return False  # it had more to say: cut
 
 
 def uncancel_current() -> None:
