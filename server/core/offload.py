@@ -71,3 +71,10 @@ async def run(fn: Callable[[], T]) -> T:
     # wrap_future: cancelling this await cancels a job still queued, never one running, and the
     # slot is released by the job's own completion either way.
     return await asyncio.wrap_future(job)
+
+
+async def run_if(off: bool, fn: Callable[[], T]) -> T:
+    """`fn()` in the pool when `off`, else right here (no thread hop for normal requests)."""
+    if off:
+        return await run(fn)
+    return fn()

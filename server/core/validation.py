@@ -120,6 +120,18 @@ def function_keys(functions: Sequence[chat_pb2.FunctionDefinition]) -> FunctionK
     return tuple(fn.SerializeToString() for fn in functions)
 
 
+# A function set larger than this (serialized) is validated, converted, rendered and counted in
+# `server.core.offload`'s pool: a 10 MB set (1,000 functions of 30 properties with 20-option
+# enums) costs seconds of pure Python on its first request. A normal agent's tools (tens of KB)
+# stay on the loop and pay no thread hop.
+OFFLOAD_FUNCTION_BYTES = 64 * 1024
+
+
+def off_loop(keys: FunctionKeys) -> bool:
+    """Whether the function work of a request with these functions runs off the event loop."""
+    return sum(map(len, keys)) > OFFLOAD_FUNCTION_BYTES
+
+
 def cacheable(keys: FunctionKeys) -> bool:
     """Whether a whole function list is small enough to be cached under `keys`."""
     return sum(map(len, keys)) <= MAX_CACHED_LIST_BYTES
