@@ -559,11 +559,17 @@ async def finish_count(pending: PendingCount) -> TokenCount:
     """Encode what `start_request_count` left, in the offload pool, and complete the count."""
     encoding = pending.encoding
     texts = pending.prompt_left + pending.function_left
-    lengths = await offload.run(lambda: [encoded_length(encoding, text) for text in texts])
-    # Remembered here, on the loop, so the memo is only ever written from one thread.
     remember = _memo(encoding).remember
-    for text, tokens in zip(texts, lengths, strict=True):
-        remember(text, tokens)
+
+    def job() -> list[int]:
+        lengths = [encoded_length(encoding, text) for text in texts]
+        # Remembered in the job, not after the await: a caller past its deadline retries the same
+        # prompt, and a count slower than its deadline would otherwise never complete.
+        for text, tokens in zip(texts, lengths, strict=True):
+            remember(text, tokens)
+        return lengths
+
+    lengths = await offload.run(job)
     split = len(pending.prompt_left)
     return TokenCount(
         prompt_tokens=pending.prompt_tokens + sum(lengths[:split]),

@@ -10,11 +10,17 @@ while the huge call is in flight (>= 3 of them, no gap of 1 s or more).
 
 from __future__ import annotations
 
+import asyncio
+import threading
+import time
+from typing import Any
+
+import grpc
 import pytest
 from google.protobuf import struct_pb2
 from llmgateway.v1 import chat_pb2
 
-from server.core import openai_request, tokens, validation
+from server.core import offload, openai_request, tokens, validation
 from server.core.validation import MAX_FUNCTIONS
 from tests.fake_upstream import FakeUpstream
 from tests.gateway_harness import RunningGateway, chat_request
@@ -84,3 +90,46 @@ async def test_huge_tool_set_leaves_other_calls_answered(
         assert answer.function_tokens > 1_000_000
     assert completed >= 3, completed
     assert worst < MAX_GAP_S, f"a health check waited {worst:.2f} s behind the tool set"
+
+
+async def test_callers_past_their_deadline_while_waiting_for_the_pool_never_run(
+    gateway: RunningGateway, upstream: FakeUpstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The pool is full (POOL_SIZE counts held running); the calls queued behind it end
+    # DEADLINE_EXCEEDED at their deadline, their counts never start, and the slots come back.
+    release = threading.Event()
+    encoded: list[str] = []
+    original = tokens.encoded_length
+
+    def held(encoding: Any, text: str) -> int:
+        if len(text) > tokens.INLINE_CHARS:
+            encoded.append(text[:8])
+            release.wait(30)
+        return original(encoding, text)
+
+    monkeypatch.setattr(tokens, "encoded_length", held)
+
+    def request(tag: str) -> chat_pb2.CreateRequest:
+        return chat_request(upstream.base_url, (chat_pb2.ROLE_USER, tag + "x" * (tokens.INLINE_CHARS + 10)))
+
+    running = [
+        as_task(gateway.chat.CountTokens(request(f"run{n:04d}"), timeout=60))
+        for n in range(offload.POOL_SIZE)
+    ]
+    while len(encoded) < offload.POOL_SIZE:
+        await asyncio.sleep(0.01)
+    started = time.monotonic()
+    late = [as_task(gateway.chat.CountTokens(request(f"late{n:03d}"), timeout=0.5)) for n in range(3)]
+    outcomes = await asyncio.gather(*late, return_exceptions=True)
+    assert time.monotonic() - started < 3
+    assert all(isinstance(o, grpc.aio.AioRpcError) for o in outcomes), outcomes
+    assert {o.code() for o in outcomes if isinstance(o, grpc.aio.AioRpcError)} == {
+        grpc.StatusCode.DEADLINE_EXCEEDED
+    }
+    await asyncio.sleep(0.2)  # the server saw the deadlines pass
+    release.set()
+    answers = await asyncio.gather(*running)
+    assert all(a.prompt_tokens > tokens.INLINE_CHARS // 8 for a in answers)
+    after = await gateway.chat.CountTokens(request("after000"), timeout=10)
+    assert after.prompt_tokens > 0
+    assert not [tag for tag in encoded if tag.startswith("late")], encoded

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import gc
+import threading
+import weakref
 from typing import Any
 
 import pytest
 
-from server.core import tokens
+from server.core import offload, tokens
 from server.core.validation import MAX_FUNCTIONS
 
 
@@ -77,3 +81,113 @@ def test_many_medium_messages_share_one_inline_budget() -> None:
     started = tokens.start_request_count(messages, None, "gpt-4o")
     assert isinstance(started, tokens.PendingCount)
     assert len(started.prompt_left) == 249
+
+
+# -- offload.run -----------------------------------------------------------------------------------
+
+
+def test_a_loop_that_waited_for_a_slot_is_not_kept_alive() -> None:
+    # asyncio.Semaphore remembers the loop it first waited on; kept as the value of a
+    # WeakKeyDictionary keyed by that loop, it kept every such loop (and its selector) forever.
+    gate = threading.Event()
+
+    async def contend() -> None:
+        jobs = [offload.run(gate.wait) for _ in range(offload.POOL_SIZE + 2)]
+        asyncio.get_running_loop().call_later(0.05, gate.set)
+        await asyncio.gather(*jobs)
+
+    refs = []
+    for _ in range(3):
+        gate.clear()
+        loop = asyncio.new_event_loop()
+        loop.run_until_complete(contend())
+        loop.close()
+        refs.append(weakref.ref(loop))
+        del loop
+    gc.collect()
+    assert [ref for ref in refs if ref() is not None] == []
+
+
+async def test_slots_stay_bounded_and_come_back_after_cancelled_waiters() -> None:
+    gate = threading.Event()
+    running = 0
+    most = 0
+    lock = threading.Lock()
+
+    def job() -> int:
+        nonlocal running, most
+        with lock:
+            running += 1
+            most = max(most, running)
+        gate.wait()
+        with lock:
+            running -= 1
+        return 1
+
+    jobs = [asyncio.ensure_future(offload.run(job)) for _ in range(offload.POOL_SIZE * 3)]
+    await asyncio.sleep(0.05)
+    for waiter in jobs[offload.POOL_SIZE : offload.POOL_SIZE * 2]:
+        waiter.cancel()
+    await asyncio.sleep(0)
+    gate.set()
+    done = await asyncio.gather(*jobs, return_exceptions=True)
+    assert sum(1 for d in done if d == 1) == offload.POOL_SIZE * 2
+    assert most <= offload.POOL_SIZE
+    # Every slot came back: POOL_SIZE jobs run at once again.
+    gate.clear()
+    again = [asyncio.ensure_future(offload.run(job)) for _ in range(offload.POOL_SIZE)]
+    await asyncio.sleep(0.05)
+    assert running == offload.POOL_SIZE
+    gate.set()
+    await asyncio.gather(*again)
+
+
+async def test_a_base_exception_in_the_pool_reaches_the_caller_as_an_exception() -> None:
+    # pyo3's PanicException derives from BaseException: escaping a job it would pass every
+    # `except Exception` of the servicers and leave the call unanswered until its deadline.
+    class PanicException(BaseException):
+        pass
+
+    def panics() -> None:
+        raise PanicException("boom")
+
+    with pytest.raises(Exception, match="boom") as caught:
+        await offload.run(panics)
+    assert isinstance(caught.value.__cause__, PanicException)
+
+
+# -- a caller that goes away -----------------------------------------------------------------------
+
+
+async def test_a_count_whose_caller_gave_up_is_still_remembered(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A caller past its deadline retries the same prompt: the count its first attempt paid for
+    # must not be thrown away, or a count slower than the deadline would never succeed.
+    text = "\u4e00" * (tokens.INLINE_CHARS + 10)
+    started = threading.Event()
+    release = threading.Event()
+    finished = threading.Event()
+    original = tokens.encoded_length
+
+    def slow(encoding: Any, value: str) -> int:
+        if value != text:  # the role, counted inline
+            return original(encoding, value)
+        started.set()
+        release.wait()
+        try:
+            return original(encoding, value)
+        finally:
+            finished.set()
+
+    monkeypatch.setattr(tokens, "encoded_length", slow)
+    caller = asyncio.ensure_future(
+        tokens.count_request_tokens_async([{"role": "user", "content": text}], None, "gpt-4o")
+    )
+    await asyncio.to_thread(started.wait, 5)
+    caller.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await caller
+    release.set()
+    await asyncio.to_thread(finished.wait, 5)
+    await asyncio.sleep(0.05)
+    encoding, _ = tokens.encoding_for_model("gpt-4o")
+    assert tokens._memo(encoding).cache.get(text) == original(encoding, text)
