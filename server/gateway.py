@@ -28,7 +28,7 @@ from server.core.keys import ByokLookup, ByokUrls, EndpointChecker, counting_end
 from server.core.openai_request import build_chat_body, prompt_functions, unpack_completion
 from server.core.retry import Deadline
 from server.core.stream import StreamAccumulator
-from server.core.validation import LOCAL_TYPES, FunctionKeys, function_keys, off_loop, validate_request
+from server.core.validation import LOCAL_TYPES, FunctionKeys, function_keys_async, off_loop, validate_request
 from server.errors import ContextWindowExceeded, GatewayError, UpstreamBadResponse
 from server.inflight import InFlightCall, cancel_cause, current_call
 from server.providers.base import UpstreamTarget
@@ -92,7 +92,7 @@ class Gateway:
 
     async def count_tokens(self, request: ChatRequest, actor: Actor) -> chat_pb2.CountTokensResponse:
         """The counts the guard of Create would use for this request and caller."""
-        keys = function_keys(request.functions)
+        keys = await function_keys_async(request.functions)
         off = off_loop(keys)  # a huge function set: its work runs in the offload pool
         await offload.run_if(off, lambda: validate_request(request, keys))
         config = request.llm_config
@@ -280,7 +280,7 @@ class Gateway:
     # -- Create ------------------------------------------------------------------------------
 
     async def create(self, request: ChatRequest, actor: Actor, deadline: Deadline) -> chat_pb2.CreateResponse:
-        keys = function_keys(request.functions)  # the cache key of all function handling below
+        keys = await function_keys_async(request.functions)  # the cache key of all function handling below
         await offload.run_if(off_loop(keys), lambda: validate_request(request, keys))
         if request.llm_config.model_endpoint_type in LOCAL_TYPES:
             return await self._create_local(request, actor, deadline, keys)
@@ -305,7 +305,7 @@ class Gateway:
     async def stream(
         self, request: ChatRequest, actor: Actor, deadline: Deadline
     ) -> AsyncIterator[chat_pb2.StreamCreateResponse]:
-        keys = function_keys(request.functions)
+        keys = await function_keys_async(request.functions)
         await offload.run_if(off_loop(keys), lambda: validate_request(request, keys))
         if request.llm_config.model_endpoint_type in LOCAL_TYPES:
             async for event in self._stream_local(request, actor, deadline, keys):

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from server.core import offload, tokens
+from server.core import offload, tokens, validation
 from server.core.validation import MAX_FUNCTIONS
 
 
@@ -191,3 +191,60 @@ async def test_a_count_whose_caller_gave_up_is_still_remembered(monkeypatch: pyt
     await asyncio.sleep(0.05)
     encoding, _ = tokens.encoding_for_model("gpt-4o")
     assert tokens._memo(encoding).cache.get(text) == original(encoding, text)
+
+
+# -- the function-set key itself -------------------------------------------------------------------
+
+
+def _runs_without_suspending(coro: Any) -> Any:
+    try:
+        coro.send(None)
+    except StopIteration as done:
+        return done.value
+    coro.close()
+    raise AssertionError("suspended: it went off the loop")
+
+
+def _definitions(functions: int, properties: int) -> list[Any]:
+    from google.protobuf import struct_pb2
+    from llmgateway.v1 import chat_pb2
+
+    out = []
+    for n, d in enumerate(_function(f, properties) for f in range(functions)):
+        parameters = struct_pb2.Struct()
+        parameters.update(d["parameters"])
+        out.append(
+            chat_pb2.FunctionDefinition(name=d["name"], description=d["description"], parameters=parameters)
+        )
+        assert n == len(out) - 1
+    return out
+
+
+def test_a_normal_function_set_is_keyed_on_the_loop() -> None:
+    functions = _definitions(20, 5)
+    assert _runs_without_suspending(validation.function_keys_async(functions)) == validation.function_keys(
+        functions
+    )
+
+
+async def test_a_huge_function_set_is_keyed_in_the_pool_past_the_threshold(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Serializing a 10 MB function set is itself ~50 ms of the loop per request (every request:
+    # the bytes are the cache key): only the first OFFLOAD_FUNCTION_BYTES are serialized here.
+    functions = _definitions(300, 10)
+    keys = validation.function_keys(functions)
+    assert validation.off_loop(keys)
+    on_loop: list[int] = []
+    loop_thread = threading.get_ident()
+    original = validation._serialized
+
+    def spy(function: Any) -> bytes:
+        if threading.get_ident() == loop_thread:
+            on_loop.append(1)
+        return original(function)
+
+    monkeypatch.setattr(validation, "_serialized", spy)
+    assert await validation.function_keys_async(functions) == keys
+    assert 0 < sum(on_loop) < 300
+    assert sum(map(len, keys[: sum(on_loop) - 1])) <= validation.OFFLOAD_FUNCTION_BYTES
