@@ -57,7 +57,10 @@ class _Slots:
             if waiter.done() and not waiter.cancelled():
                 self.release()  # handed a slot, then cancelled: the next waiter gets it
             else:
-                self.waiters.remove(waiter)
+                try:
+                    self.waiters.remove(waiter)
+                except ValueError:  # a release already passed over it
+                    pass
             raise
 
     def release(self) -> None:

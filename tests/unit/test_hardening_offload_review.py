@@ -248,3 +248,50 @@ async def test_a_huge_function_set_is_keyed_in_the_pool_past_the_threshold(
     assert await validation.function_keys_async(functions) == keys
     assert 0 < sum(on_loop) < 300
     assert sum(map(len, keys[: sum(on_loop) - 1])) <= validation.OFFLOAD_FUNCTION_BYTES
+
+
+async def test_a_slot_released_between_a_waiters_cancellation_and_its_wakeup_is_not_lost() -> None:
+    slots = offload._Slots(1)
+    await slots.acquire()
+    first = asyncio.ensure_future(slots.acquire())
+    second = asyncio.ensure_future(slots.acquire())
+    await asyncio.sleep(0)
+    first.cancel()
+    slots.release()  # before `first` runs its cancellation: the slot must go to `second`
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    await asyncio.wait_for(second, 1)
+    slots.release()
+    assert slots.free == 1
+    assert not slots.waiters
+
+
+async def test_slots_under_random_cancellation_end_where_they_started() -> None:
+    import random
+
+    rng = random.Random(12)
+    slots = offload._Slots(3)
+    held = 0
+    most = 0
+
+    async def user() -> None:
+        nonlocal held, most
+        await slots.acquire()
+        held += 1
+        most = max(most, held)
+        try:
+            for _ in range(rng.randrange(3)):
+                await asyncio.sleep(0)
+        finally:
+            held -= 1
+            slots.release()
+
+    for _ in range(20):
+        tasks = [asyncio.ensure_future(user()) for _ in range(30)]
+        for _ in range(5):
+            await asyncio.sleep(0)
+            for task in rng.sample(tasks, 4):
+                task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        assert (slots.free, len(slots.waiters), held) == (3, 0, 0)
+    assert most <= 3
