@@ -23,14 +23,14 @@ from llmgateway.v1 import chat_pb2
 from server.auth.actor import Actor
 from server.auth.redact import Redactor
 from server.config import Settings
-from server.core import tokens
+from server.core import offload, tokens
 from server.core.answer_scrub import AnswerScrubber
 from server.core.completion import completion_from_json, deltas_from_chunks
 from server.core.keys import ByokLookup, ByokUrls, EndpointChecker, counting_endpoint, resolve_target
 from server.core.openai_request import build_chat_body, prompt_functions, unpack_completion
 from server.core.retry import Deadline
 from server.core.stream import StreamAccumulator
-from server.core.validation import LOCAL_TYPES, FunctionKeys, function_keys, validate_request
+from server.core.validation import LOCAL_TYPES, FunctionKeys, function_keys_async, off_loop, validate_request
 from server.errors import ContextWindowExceeded, GatewayError, UpstreamBadResponse
 from server.inflight import InFlightCall, cancel_cause, current_call
 from server.providers.base import UpstreamTarget
@@ -95,23 +95,29 @@ class Gateway:
 
     async def count_tokens(self, request: ChatRequest, actor: Actor) -> chat_pb2.CountTokensResponse:
         """The counts the guard of Create would use for this request and caller."""
-        keys = function_keys(request.functions)
-        validate_request(request, keys)
+        keys = await function_keys_async(request.functions)
+        off = off_loop(keys)  # a huge function set: its work runs in the offload pool
+        await offload.run_if(off, lambda: validate_request(request, keys))
         config = request.llm_config
         if config.model_endpoint_type in LOCAL_TYPES:
             from server.providers.local.provider import prompt_parts
 
-            messages, functions = prompt_parts(request)
+            messages, functions = await offload.run_if(off, lambda: prompt_parts(request))
         else:
             # The prompt depends on the endpoint (LM Studio's inner-thoughts description): count
             # it for the endpoint Create would call, a BYOK provider's base URL included.
             endpoint = await counting_endpoint(
                 config, settings=self._settings, actor=actor, byok_provider=self.deps.byok_provider
             )
-            body = build_chat_body(request, stream=False, endpoint=endpoint, keys=keys)
+            body, functions = await offload.run_if(
+                off,
+                lambda: (
+                    build_chat_body(request, stream=False, endpoint=endpoint, keys=keys),
+                    prompt_functions(request, endpoint=endpoint, keys=keys),
+                ),
+            )
             messages = body["messages"]
-            functions = prompt_functions(request, endpoint=endpoint, keys=keys)
-        count = await tokens.count_request_tokens_async(messages, functions, config.model)
+        count = await tokens.count_request_tokens_async(messages, functions, config.model, off=off)
         return chat_pb2.CountTokensResponse(
             prompt_tokens=count.prompt_tokens,
             function_tokens=count.function_tokens,
@@ -121,15 +127,26 @@ class Gateway:
         )
 
     async def guard(
-        self, request: ChatRequest, messages: list[dict[str, Any]], functions: list[dict[str, Any]]
+        self,
+        request: ChatRequest,
+        messages: list[dict[str, Any]],
+        functions: list[dict[str, Any]],
+        *,
+        off: bool = False,
     ) -> tokens.TokenCount | None:
-        """Refuse a prompt that cannot fit, before a byte leaves (0 means no window is known)."""
+        """Refuse a prompt that cannot fit, before a byte leaves (0 means no window is known).
+
+        `off`: a huge function set (`validation.off_loop`), counted whole in the offload pool."""
         window = request.llm_config.context_window
         if window <= 0:
             return None
         # Inline for a normal request; a large one finishes in the offload pool (tokens.py).
-        started = tokens.start_request_count(messages, functions, request.llm_config.model)
-        count = started if isinstance(started, tokens.TokenCount) else await tokens.finish_count(started)
+        model = request.llm_config.model
+        if off:
+            count = await tokens.count_request_tokens_async(messages, functions, model, off=True)
+        else:
+            started = tokens.start_request_count(messages, functions, model)
+            count = started if isinstance(started, tokens.TokenCount) else await tokens.finish_count(started)
         if count.total_tokens > window:
             raise ContextWindowExceeded(
                 f"Request exceeds maximum context length ({count.total_tokens} > {window} tokens)",
@@ -157,10 +174,16 @@ class Gateway:
             byok_provider=self.deps.byok_provider,
             byok_urls=self.deps.byok_urls,
         )
-        body = build_chat_body(request, stream=stream, endpoint=target.base_url, keys=keys)
         # Count the functions as sent to this endpoint (the inner-thoughts text depends on it).
-        functions = prompt_functions(request, endpoint=target.base_url, keys=keys)
-        count = await self.guard(request, body["messages"], functions)
+        off = off_loop(keys)  # a huge function set: converted (strict too) and counted in the pool
+        body, functions = await offload.run_if(
+            off,
+            lambda: (
+                build_chat_body(request, stream=stream, endpoint=target.base_url, keys=keys),
+                prompt_functions(request, endpoint=target.base_url, keys=keys),
+            ),
+        )
+        count = await self.guard(request, body["messages"], functions, off=off)
         return target, body, count
 
     def answer_scrubber(self, target: UpstreamTarget) -> AnswerScrubber:
@@ -265,10 +288,10 @@ class Gateway:
     # -- Create ------------------------------------------------------------------------------
 
     async def create(self, request: ChatRequest, actor: Actor, deadline: Deadline) -> chat_pb2.CreateResponse:
-        keys = function_keys(request.functions)  # the cache key of all function handling below
-        validate_request(request, keys)
+        keys = await function_keys_async(request.functions)  # the cache key of all function handling below
+        await offload.run_if(off_loop(keys), lambda: validate_request(request, keys))
         if request.llm_config.model_endpoint_type in LOCAL_TYPES:
-            return await self._create_local(request, actor, deadline)
+            return await self._create_local(request, actor, deadline, keys)
         target, body, _ = await self._plan(request, actor, stream=False, keys=keys)
         payload = orjson.dumps(body)
         with self.traced_call(request, actor, target, payload, "create") as call:
@@ -291,10 +314,10 @@ class Gateway:
     async def stream(
         self, request: ChatRequest, actor: Actor, deadline: Deadline
     ) -> AsyncIterator[chat_pb2.StreamCreateResponse]:
-        keys = function_keys(request.functions)
-        validate_request(request, keys)
+        keys = await function_keys_async(request.functions)
+        await offload.run_if(off_loop(keys), lambda: validate_request(request, keys))
         if request.llm_config.model_endpoint_type in LOCAL_TYPES:
-            async for event in self._stream_local(request, actor, deadline):
+            async for event in self._stream_local(request, actor, deadline, keys):
                 yield event
             return
         target, body, count = await self._plan(request, actor, stream=True, keys=keys)
@@ -341,6 +364,7 @@ class Gateway:
                         body["messages"],
                         prompt_functions(request, endpoint=target.base_url, keys=keys),
                         request.llm_config.model,
+                        off=off_loop(keys),
                     )
                 answer["usage"] = await _local_usage(answer, count, request)
             call.record.response_json = orjson.dumps(answer).decode()
@@ -353,18 +377,18 @@ class Gateway:
     # -- local servers (filled in by server.providers.local) ---------------------------------
 
     async def _create_local(
-        self, request: ChatRequest, actor: Actor, deadline: Deadline
+        self, request: ChatRequest, actor: Actor, deadline: Deadline, keys: FunctionKeys = ()
     ) -> chat_pb2.CreateResponse:
         from server.providers.local.provider import create_local
 
-        return await create_local(self, request, actor, deadline)
+        return await create_local(self, request, actor, deadline, off=off_loop(keys))
 
     async def _stream_local(
-        self, request: ChatRequest, actor: Actor, deadline: Deadline
+        self, request: ChatRequest, actor: Actor, deadline: Deadline, keys: FunctionKeys = ()
     ) -> AsyncIterator[chat_pb2.StreamCreateResponse]:
         from server.providers.local.provider import stream_local
 
-        async for event in stream_local(self, request, actor, deadline):
+        async for event in stream_local(self, request, actor, deadline, off=off_loop(keys)):
             yield event
 
 

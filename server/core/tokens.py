@@ -9,7 +9,9 @@ with a warning, and every result names the encoding actually used.
 
 On the request path counts are async (`start_request_count`/`finish_count`,
 `count_request_tokens_async`, `count_texts_async`): up to `INLINE_CHARS` new characters are
-encoded on the event loop, the rest in `server.core.offload`'s bounded pool.
+encoded on the event loop, the rest in `server.core.offload`'s bounded pool. A request whose
+function set is huge (`validation.off_loop`) is counted whole in the pool (`off=True`): walking
+600,000 enum options costs seconds even when every string is remembered.
 """
 
 from __future__ import annotations
@@ -17,12 +19,14 @@ from __future__ import annotations
 import base64
 import hashlib
 import logging
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Final
 
+import orjson
 import tiktoken
 from tiktoken.model import encoding_name_for_model
 
@@ -234,6 +238,11 @@ def _length_in_pieces(encoding: tiktoken.Encoding, text: str) -> int:
     return total
 
 
+# Memo writes come from the loop and from the offload pool's threads (a count done there is
+# remembered there, so a caller that gave up does not waste it); reads are plain dict lookups.
+_MEMO_LOCK: Final = threading.Lock()
+
+
 class _Memo:
     """Counts of strings already seen, for one encoding, within a character budget."""
 
@@ -246,11 +255,12 @@ class _Memo:
     def remember(self, text: str, tokens: int) -> None:
         size = len(text)
         if size <= _CACHE_MAX_TEXT_CHARS:
-            self.held += size + _CACHE_ENTRY_CHARS
-            if self.held > _CACHE_BUDGET_CHARS:
-                self.cache.clear()  # the same dict: counters hold its bound `get`
-                self.held = size + _CACHE_ENTRY_CHARS
-            self.cache[text] = tokens
+            with _MEMO_LOCK:
+                self.held += size + _CACHE_ENTRY_CHARS
+                if self.held > _CACHE_BUDGET_CHARS:
+                    self.cache.clear()  # the same dict: counters hold its bound `get`
+                    self.held = size + _CACHE_ENTRY_CHARS
+                self.cache[text] = tokens
 
 
 @lru_cache(maxsize=4)
@@ -265,7 +275,10 @@ def clear_memo() -> None:
             memo = _memo(encoding)
             memo.cache.clear()
             memo.held = 0
-    _FUNCTION_TOKENS.clear()
+    global _FUNCTION_TOKENS_HELD
+    with _MEMO_LOCK:
+        _FUNCTION_TOKENS.clear()
+        _FUNCTION_TOKENS_HELD = 0
 
 
 @lru_cache(maxsize=4)
@@ -442,15 +455,39 @@ def _function_tokens(
         if len(left) != pending:
             total += tokens
             continue
-        if len(memo) >= _FUNCTION_TOKENS_MAX:  # fresh dicts (local servers' path) must not pile up
-            memo.clear()
-        memo[key] = (entry, tokens)
+        _remember_function(key, entry, tokens)
         total += tokens
     return total
 
 
+# The memo pins the dicts it counted: bounded in entries (a full tool set of MAX_FUNCTIONS fits,
+# in both encodings, or an agent past 512 tools would recount every step) and in their size as
+# JSON (fresh dicts, the local servers' path, must not pile up either).
 _FUNCTION_TOKENS: dict[tuple[int, str], tuple[Mapping[str, Any], int]] = {}
-_FUNCTION_TOKENS_MAX = 512
+_FUNCTION_TOKENS_MAX = 4096
+_FUNCTION_TOKENS_BUDGET_BYTES = 32 * 1024 * 1024
+_FUNCTION_TOKENS_HELD = 0
+
+
+def _function_weight(entry: Mapping[str, Any], tokens: int) -> int:
+    try:
+        return len(orjson.dumps(entry)) + 64
+    except TypeError:  # not JSON-ready (a caller's own mapping): a token is a few bytes
+        return 8 * tokens + 64
+
+
+def _remember_function(key: tuple[int, str], entry: Mapping[str, Any], tokens: int) -> None:
+    global _FUNCTION_TOKENS_HELD
+    weight = _function_weight(entry, tokens)
+    if weight > _FUNCTION_TOKENS_BUDGET_BYTES:
+        return
+    with _MEMO_LOCK:
+        memo = _FUNCTION_TOKENS
+        _FUNCTION_TOKENS_HELD += weight
+        if len(memo) >= _FUNCTION_TOKENS_MAX or _FUNCTION_TOKENS_HELD > _FUNCTION_TOKENS_BUDGET_BYTES:
+            memo.clear()
+            _FUNCTION_TOKENS_HELD = weight
+        memo[key] = (entry, tokens)
 
 
 def _one_function_tokens(entry: Mapping[str, Any], count: _Count) -> int:
@@ -522,11 +559,17 @@ async def finish_count(pending: PendingCount) -> TokenCount:
     """Encode what `start_request_count` left, in the offload pool, and complete the count."""
     encoding = pending.encoding
     texts = pending.prompt_left + pending.function_left
-    lengths = await offload.run(lambda: [encoded_length(encoding, text) for text in texts])
-    # Remembered here, on the loop, so the memo is only ever written from one thread.
     remember = _memo(encoding).remember
-    for text, tokens in zip(texts, lengths, strict=True):
-        remember(text, tokens)
+
+    def job() -> list[int]:
+        lengths = [encoded_length(encoding, text) for text in texts]
+        # Remembered in the job, not after the await: a caller past its deadline retries the same
+        # prompt, and a count slower than its deadline would otherwise never complete.
+        for text, tokens in zip(texts, lengths, strict=True):
+            remember(text, tokens)
+        return lengths
+
+    lengths = await offload.run(job)
     split = len(pending.prompt_left)
     return TokenCount(
         prompt_tokens=pending.prompt_tokens + sum(lengths[:split]),
@@ -539,8 +582,13 @@ async def count_request_tokens_async(
     messages: Sequence[Mapping[str, Any]],
     functions: Sequence[Mapping[str, Any]] | None,
     model: str,
+    *,
+    off: bool = False,
 ) -> TokenCount:
-    """`count_request_tokens` that never holds the event loop for a large request."""
+    """`count_request_tokens` that never holds the event loop for a large request; `off`: the
+    whole count in the pool (a huge function set, `validation.off_loop`)."""
+    if off:
+        return await offload.run(lambda: count_request_tokens(messages, functions, model))
     started = start_request_count(messages, functions, model)
     if isinstance(started, TokenCount):
         return started

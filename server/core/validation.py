@@ -11,6 +11,7 @@ import orjson
 from google.protobuf import struct_pb2
 from llmgateway.v1 import chat_pb2
 
+from server.core import offload
 from server.errors import FieldViolation, InvalidRequest
 
 OPENAI_COMPATIBLE_TYPES = frozenset({"openai"})
@@ -118,6 +119,39 @@ def function_keys(functions: Sequence[chat_pb2.FunctionDefinition]) -> FunctionK
     `prompt_functions` (each computes it itself when not given).
     """
     return tuple(fn.SerializeToString() for fn in functions)
+
+
+def _serialized(function: chat_pb2.FunctionDefinition) -> bytes:
+    return function.SerializeToString()
+
+
+async def function_keys_async(functions: Sequence[chat_pb2.FunctionDefinition]) -> FunctionKeys:
+    """`function_keys` (the request path's): serialized on the loop until the set passes
+    `OFFLOAD_FUNCTION_BYTES`, the rest in the offload pool (~50 ms per 10 MB, every request)."""
+    keys: list[bytes] = []
+    held = 0
+    for function in functions:
+        if held > OFFLOAD_FUNCTION_BYTES:
+            break
+        key = _serialized(function)
+        keys.append(key)
+        held += len(key)
+    if len(keys) < len(functions):
+        rest = functions[len(keys) :]
+        keys.extend(await offload.run(lambda: [_serialized(fn) for fn in rest]))
+    return tuple(keys)
+
+
+# A function set larger than this (serialized) is validated, converted, rendered and counted in
+# `server.core.offload`'s pool: a 10 MB set (1,000 functions of 30 properties with 20-option
+# enums) costs seconds of pure Python on its first request. A normal agent's tools (tens of KB)
+# stay on the loop and pay no thread hop.
+OFFLOAD_FUNCTION_BYTES = 64 * 1024
+
+
+def off_loop(keys: FunctionKeys) -> bool:
+    """Whether the function work of a request with these functions runs off the event loop."""
+    return sum(map(len, keys)) > OFFLOAD_FUNCTION_BYTES
 
 
 def cacheable(keys: FunctionKeys) -> bool:

@@ -76,9 +76,12 @@ def prompt_parts(request: ChatRequest) -> tuple[list[dict[str, Any]], list[dict[
 
 
 async def _plan(
-    gateway: Gateway, request: ChatRequest, target: UpstreamTarget, *, stream: bool
+    gateway: Gateway, request: ChatRequest, target: UpstreamTarget, *, stream: bool, off: bool = False
 ) -> _LocalCall:
-    """Check, count (the guard; off the loop when large) and render one local call."""
+    """Check, count (the guard; off the loop when large) and render one local call.
+
+    `off`: a huge function set (`validation.off_loop`): converted, counted and rendered (prompt
+    and grammar) in the offload pool; a normal request does all of it here."""
     config = request.llm_config
     wrapper = config.model_wrapper
     if wrapper_uses_grammar(wrapper) and not accepts_grammar(config.model_endpoint_type):
@@ -90,11 +93,14 @@ async def _plan(
         raise InvalidRequest(
             description, field_violations=[FieldViolation("llm_config.model_wrapper", description)]
         )
-    messages, functions = prompt_parts(request)
-    count = await gateway.guard(request, messages, functions)
+    messages, functions = await offload.run_if(off, lambda: prompt_parts(request))
+    count = await gateway.guard(request, messages, functions, off=off)
     if count is None:  # no context window: still count, for usage
-        count = await tokens.count_request_tokens_async(messages, functions, config.model)
-    return _LocalCall(request, target, messages, functions, count, stream=stream)
+        count = await tokens.count_request_tokens_async(messages, functions, config.model, off=off)
+    counted = count
+    return await offload.run_if(
+        off, lambda: _LocalCall(request, target, messages, functions, counted, stream=stream)
+    )
 
 
 class _LocalCall:
@@ -236,10 +242,10 @@ async def _target(gateway: Gateway, request: ChatRequest, actor: Actor) -> Upstr
 
 
 async def create_local(
-    gateway: Gateway, request: ChatRequest, actor: Actor, deadline: Deadline
+    gateway: Gateway, request: ChatRequest, actor: Actor, deadline: Deadline, *, off: bool = False
 ) -> chat_pb2.CreateResponse:
     target = await _target(gateway, request, actor)
-    plan = await _plan(gateway, request, target, stream=False)
+    plan = await _plan(gateway, request, target, stream=False, off=off)
     payload = orjson.dumps(plan.http_request.body)
     with gateway.traced_call(request, actor, target, payload, "create") as call:
         raw, answer = await post_json(
@@ -262,11 +268,11 @@ async def create_local(
 
 
 async def stream_local(
-    gateway: Gateway, request: ChatRequest, actor: Actor, deadline: Deadline
+    gateway: Gateway, request: ChatRequest, actor: Actor, deadline: Deadline, *, off: bool = False
 ) -> AsyncIterator[chat_pb2.StreamCreateResponse]:
     """Text deltas as the server produces them, then the completion with the parsed call."""
     target = await _target(gateway, request, actor)
-    plan = await _plan(gateway, request, target, stream=True)
+    plan = await _plan(gateway, request, target, stream=True, off=off)
     payload = orjson.dumps(plan.http_request.body)
     scrub = gateway.deps.scrub
     scrubber = gateway.answer_scrubber(target)  # a server may echo the key, even split over pieces
