@@ -47,6 +47,10 @@ from server.providers.http import (
 )
 
 MAX_BODY_BYTES = 64 * 1024 * 1024
+# One SSE event (its data lines) or one NDJSON line, and any single line of a stream: bigger is
+# UPSTREAM_BAD_RESPONSE. Real chunks are a few hundred bytes; this leaves room for a proxy that
+# sends a whole answer as one event, up to the default answer cap (LLMGW_MAX_ANSWER_BYTES).
+MAX_EVENT_BYTES = 32 * 1024 * 1024
 _JSON_HEADERS = {"Content-Type": "application/json", "Accept": "application/json"}
 _SSE_HEADERS = {"Content-Type": "application/json", "Accept": "text/event-stream"}
 _INT32_MAX = 2**31 - 1
@@ -491,6 +495,64 @@ def _iter_events(response: Response, *, provider: str, scrub: Callable[[str], st
     return _SSEParser(response, provider=provider, scrub=scrub)
 
 
+def event_too_large(provider: str) -> UpstreamBadResponse:
+    return UpstreamBadResponse(
+        f"{provider} sent a stream event over {MAX_EVENT_BYTES} bytes",
+        metadata={"provider": provider, "limit_bytes": MAX_EVENT_BYTES},
+    )
+
+
+class LineReader:
+    """The complete lines of a byte stream, in time linear in its size.
+
+    A line ends at LF, CRLF or a lone CR (the SSE rule; NDJSON never has a raw CR, as JSON
+    escapes it). The unfinished last line is kept as a list of pieces, and only each new piece
+    is searched for a line end: re-joining and re-splitting the whole buffer on every read made
+    one 16 MiB line in 64 KiB reads cost 2.6 s of CPU. `held` is the size of that unfinished line,
+    for the caller's cap.
+    """
+
+    __slots__ = ("_partial", "held", "_after_cr")
+
+    def __init__(self) -> None:
+        self._partial: list[bytes] = []
+        self.held = 0
+        self._after_cr = False  # the last piece ended with CR: an LF opening the next one is its pair
+
+    def feed(self, piece: bytes) -> list[bytes]:
+        """The lines this piece completes (without their line ends), in order."""
+        if self._after_cr:
+            self._after_cr = False
+            if piece.startswith(b"\n"):
+                piece = piece[1:]
+        if b"\r" in piece:
+            self._after_cr = piece.endswith(b"\r")
+            piece = piece.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        lines = piece.split(b"\n")
+        tail = lines.pop()
+        partial = self._partial
+        if not lines:  # no line end: hold the piece (split handed back the same object, no copy)
+            if tail:
+                partial.append(tail)
+                self.held += len(tail)
+            return lines
+        if partial:
+            partial.append(lines[0])
+            lines[0] = b"".join(partial)
+            partial.clear()
+        self.held = len(tail)
+        if tail:
+            partial.append(tail)
+        return lines
+
+    def rest(self) -> bytes:
+        """The unfinished last line, at the end of the stream."""
+        rest = b"".join(self._partial)
+        self._partial = []
+        self.held = 0
+        return rest
+
+
 class _SSEParser:
     """SSE events of one response, one at a time (`async for`) or a network read at a time
     (`next_batch`). Transport exceptions pass through unchanged (callers translate them).
@@ -505,7 +567,7 @@ class _SSEParser:
         "_response",
         "_provider",
         "_scrub",
-        "_buffer",
+        "_lines",
         "_data_lines",
         "_data_size",
         "_pending",
@@ -517,7 +579,7 @@ class _SSEParser:
         self._response = response
         self._provider = provider
         self._scrub = scrub
-        self._buffer = b""
+        self._lines = LineReader()
         self._data_lines: list[bytes] = []
         self._data_size = 0
         self._pending: list[dict[str, Any] | None] = []  # decoded, not handed out yet
@@ -558,21 +620,10 @@ class _SSEParser:
                 return batch
 
     def _feed(self, piece: bytes) -> list[dict[str, Any] | None]:
-        buffer = self._buffer + piece if self._buffer else piece
-        if len(buffer) > MAX_BODY_BYTES:
-            self._ended = True
-            raise UpstreamBadResponse(
-                f"{self._provider} sent an SSE line over {MAX_BODY_BYTES} bytes",
-                metadata={"provider": self._provider, "limit_bytes": MAX_BODY_BYTES},
-            )
-        lines = buffer.split(b"\n")
-        self._buffer = lines.pop()
         events: list[dict[str, Any] | None] = []
         data_lines = self._data_lines
         try:
-            for line in lines:
-                if line.endswith(b"\r"):
-                    line = line[:-1]
+            for line in self._lines.feed(piece):
                 if not line:
                     if data_lines:
                         event = _decode_event(data_lines, provider=self._provider, scrub=self._scrub)
@@ -587,13 +638,13 @@ class _SSEParser:
                     value = line[5:]
                     value = value[1:] if value.startswith(b" ") else value
                     self._data_size += len(value)
-                    if self._data_size > MAX_BODY_BYTES:
-                        raise UpstreamBadResponse(
-                            f"{self._provider} sent an SSE event over {MAX_BODY_BYTES} bytes",
-                            metadata={"provider": self._provider, "limit_bytes": MAX_BODY_BYTES},
-                        )
+                    if self._data_size > MAX_EVENT_BYTES:
+                        raise event_too_large(self._provider)
                     data_lines.append(value)
                 # Comments (":") and other fields are ignored.
+            if not self._ended and self._data_size + self._lines.held > MAX_EVENT_BYTES:
+                # An unfinished line (data or not) that is already over the cap: stop reading.
+                raise event_too_large(self._provider)
         except Exception as exc:
             self._ended = True
             if not events:
@@ -602,7 +653,7 @@ class _SSEParser:
         return events
 
     def _tail(self) -> list[dict[str, Any] | None]:
-        tail = self._buffer.rstrip(b"\r")
+        tail = self._lines.rest()
         data_lines = self._data_lines
         if tail.startswith(b"data:"):
             value = tail[5:]

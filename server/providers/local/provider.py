@@ -26,6 +26,7 @@ from server.errors import (
     UpstreamBadResponse,
 )
 from server.gateway import ChatRequest, Gateway
+from server.providers import openai_compat
 from server.providers.base import UpstreamTarget
 from server.providers.http import Response
 from server.providers.local.completion import to_chat_completion
@@ -47,15 +48,15 @@ from server.providers.local.wrappers import (
     wrapper_uses_grammar,
 )
 from server.providers.openai_compat import (
+    LineReader,
     broken_stream,
+    event_too_large,
     open_stream,
     parse_json_object,
     post_json,
     released_when_done,
     sse_events,
 )
-
-MAX_LINE_BYTES = 16 * 1024 * 1024
 
 
 def prompt_parts(request: ChatRequest) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -265,21 +266,22 @@ async def stream_local(
 async def _ndjson_events(
     response: Response, *, provider: str, scrub: Callable[[str], str]
 ) -> AsyncIterator[dict[str, Any] | None]:
-    """Ollama streams one JSON object per line."""
-    buffer = b""
+    """Ollama streams one JSON object per line (each at most MAX_EVENT_BYTES)."""
+    lines = LineReader()
     try:
         while piece := await response.read_chunk():
-            buffer += piece
-            if len(buffer) > MAX_LINE_BYTES:
-                raise UpstreamBadResponse(f"{provider} sent a line over {MAX_LINE_BYTES} bytes")
-            *lines, buffer = buffer.split(b"\n")
-            for line in lines:
+            for line in lines.feed(piece):
+                if len(line) > openai_compat.MAX_EVENT_BYTES:
+                    raise event_too_large(provider)
                 if line.strip():
                     yield parse_json_object(line, provider=provider, scrub=scrub)
+            if lines.held > openai_compat.MAX_EVENT_BYTES:
+                raise event_too_large(provider)
     except OSError as exc:  # TimeoutError and HttpClientError are OSErrors
         raise broken_stream(exc, provider, scrub) from exc
-    if buffer.strip():
-        yield parse_json_object(buffer, provider=provider, scrub=scrub)
+    rest = lines.rest()
+    if rest.strip():
+        yield parse_json_object(rest, provider=provider, scrub=scrub)
 
 
 __all__ = ["GatewayError", "create_local", "prompt_parts", "stream_local"]
