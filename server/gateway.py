@@ -23,7 +23,14 @@ from llmgateway.v1 import chat_pb2
 from server.auth.actor import Actor
 from server.config import Settings
 from server.core import tokens
-from server.core.completion import completion_from_json, deltas_from_chunks
+from server.core.completion import (
+    answer_bytes,
+    check_answer_size,
+    completion_from_json,
+    deltas_from_chunks,
+    leave_out_streamed,
+    streamed_texts,
+)
 from server.core.keys import ByokLookup, ByokUrls, EndpointChecker, counting_endpoint, resolve_target
 from server.core.openai_request import build_chat_body, prompt_functions, unpack_completion
 from server.core.retry import Deadline
@@ -262,6 +269,7 @@ class Gateway:
                 self.call_options(deadline, call.span),
             )
             call.record.response_json = raw.decode("utf-8", "replace")
+            check_answer_size(answer_bytes(answer), self._settings.max_answer_bytes, provider=target.provider)
             unpack_completion(answer, request)
             response = chat_pb2.CreateResponse(provider_trace_id=call.record.id)
             call.completion = completion_from_json(answer, provider=target.provider, into=response.completion)
@@ -280,7 +288,10 @@ class Gateway:
             return
         target, body, count = await self._plan(request, actor, stream=True, keys=keys)
         payload = orjson.dumps(body)
-        accumulator = StreamAccumulator()
+        # Over LLMGW_MAX_ANSWER_BYTES the accumulator raises before the piece is kept or relayed.
+        accumulator = StreamAccumulator(
+            provider=target.provider, max_answer_bytes=self._settings.max_answer_bytes
+        )
         with self.traced_call(request, actor, target, payload, "stream") as call:
             call.partial = lambda: (
                 orjson.dumps(accumulator.completion()).decode() if accumulator.chunks else ""
@@ -316,9 +327,12 @@ class Gateway:
             if accumulator.usage is None:
                 answer["usage"] = _local_usage(answer, count, request)
             call.record.response_json = orjson.dumps(answer).decode()
+            streamed = streamed_texts(answer) if request.final_completion_without_deltas else None
             unpack_completion(answer, request)
             last = chat_pb2.StreamCreateResponse(provider_trace_id=call.record.id)
             call.completion = completion_from_json(answer, provider=target.provider, into=last.completion)
+            if streamed is not None:
+                leave_out_streamed(last.completion, streamed)
         yield last
 
     # -- local servers (filled in by server.providers.local) ---------------------------------

@@ -15,10 +15,17 @@ from llmgateway.v1 import chat_pb2
 
 from server.auth.actor import Actor
 from server.core import tokens
-from server.core.completion import completion_from_json
+from server.core.completion import (
+    answer_too_large,
+    check_answer_size,
+    completion_from_json,
+    leave_out_streamed,
+    text_bytes,
+)
 from server.core.keys import check_endpoint
 from server.core.messages import functions_to_dicts, to_openai_messages
 from server.core.retry import Deadline
+from server.core.stream import TextParts
 from server.errors import (
     FieldViolation,
     GatewayError,
@@ -201,6 +208,8 @@ async def create_local(
         )
         call.record.response_json = raw.decode("utf-8", "replace")
         local = extract_completion(plan.endpoint_type, answer)
+        limit = gateway.deps.settings.max_answer_bytes
+        check_answer_size(text_bytes(local.text), limit, provider=target.provider)
         call.completion = completion_from_json(
             plan.completion_json(local.text, local.prompt_tokens, local.completion_tokens),
             provider=target.provider,
@@ -216,11 +225,13 @@ async def stream_local(
     plan = _LocalCall(gateway, request, target, stream=True)
     payload = orjson.dumps(plan.http_request.body)
     scrub = gateway.deps.scrub
-    pieces: list[str] = []
+    limit = gateway.deps.settings.max_answer_bytes
+    pieces = TextParts()  # a local model's tokens, kept compactly
+    size = 0  # UTF-8 bytes so far, against LLMGW_MAX_ANSWER_BYTES
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     with gateway.traced_call(request, actor, target, payload, "stream") as call:
-        call.partial = lambda: orjson.dumps({"text": "".join(pieces)}).decode() if pieces else ""
+        call.partial = lambda: orjson.dumps({"text": pieces.text()}).decode() if pieces else ""
         response = await open_stream(
             gateway.deps.http,
             target,
@@ -246,6 +257,9 @@ async def stream_local(
                     completion_tokens = chunk.completion_tokens
                 finished = finished or chunk.done
                 if chunk.text:
+                    size += text_bytes(chunk.text)
+                    if size > limit:
+                        raise answer_too_large(target.provider, limit, size)
                     pieces.append(chunk.text)
                     call.first_token()
                     delta = chat_pb2.ChatCompletionDelta(content=chunk.text)
@@ -255,11 +269,13 @@ async def stream_local(
                     f"{target.provider} ended the stream before it was complete",
                     metadata={"provider": target.provider},
                 )
-        text = "".join(pieces)
+        text = pieces.text()
         call.record.response_json = orjson.dumps({"text": text}).decode()
         call.completion = completion_from_json(
             plan.completion_json(text, prompt_tokens, completion_tokens), provider=target.provider
         )
+        if request.final_completion_without_deltas:
+            leave_out_streamed(call.completion, [(text, "", ())])
     yield chat_pb2.StreamCreateResponse(completion=call.completion, provider_trace_id=call.record.id)
 
 
