@@ -586,6 +586,7 @@ class _SSEParser:
         "_data_lines",
         "_data_size",
         "_pending",
+        "_taken",
         "_error",
         "_ended",
     )
@@ -598,6 +599,9 @@ class _SSEParser:
         self._data_lines: list[bytes] = []
         self._data_size = 0
         self._pending: list[dict[str, Any] | None] = []  # decoded, not handed out yet
+        # How many of `_pending` `__anext__` handed out: an index, as list.pop(0) per event was
+        # quadratic in the events of one read (a compressed body inflates 4 MiB per read).
+        self._taken = 0
         self._error: Exception | None = None  # raised after the pending events
         self._ended = False  # `[DONE]`, the end of the body, or an error: read no more
 
@@ -605,21 +609,26 @@ class _SSEParser:
         return self
 
     async def __anext__(self) -> dict[str, Any] | None:
-        if not self._pending:
-            self._pending = await self.next_batch()
-            if not self._pending:
+        if self._taken >= len(self._pending):
+            batch = await self.next_batch()
+            if not batch:
                 raise StopAsyncIteration
-        return self._pending.pop(0)
+            self._pending, self._taken = batch, 0
+        event = self._pending[self._taken]
+        self._taken += 1
+        return event
 
     def take_pending(self) -> list[dict[str, Any] | None]:
         """The events of the last read not handed out yet."""
-        pending, self._pending = self._pending, []
+        pending = self._pending[self._taken :] if self._taken else self._pending
+        self._pending, self._taken = [], 0
         return pending
 
     async def next_batch(self) -> list[dict[str, Any] | None]:
         """The events not handed out yet, or else every event the next read completes; [] at the end."""
-        if self._pending:
+        if self._taken < len(self._pending):
             return self.take_pending()
+        self._pending, self._taken = [], 0
         while True:
             if self._error is not None:
                 error, self._error = self._error, None

@@ -162,3 +162,20 @@ async def test_comments_fields_and_multi_line_data_are_kept() -> None:
         b"data: [DONE]\n\n",
     ]
     assert await _all_batches(reads) == [[{"id": "c", "choices": []}], [None]]
+
+
+async def test_many_events_of_one_read_are_handed_out_one_by_one_in_linear_time() -> None:
+    # A compressed body inflates up to 4 MiB per read: half a million tiny events in one read.
+    # Handing them out with list.pop(0) moved every pointer left for each one (quadratic).
+    count = 500_000
+    body = b"data: {}\n\n" * count + b"data: [DONE]\n\n"
+
+    async def read_all() -> int:
+        n = 0
+        async for _ in sse_events(_Reads([body]), provider="p", scrub=_scrub):
+            n += 1
+            if n % 10_000 == 0:
+                await asyncio.sleep(0)  # let the bound's timeout in
+        return n
+
+    assert await asyncio.wait_for(read_all(), _BOUND_SECONDS) == count + 1
