@@ -75,8 +75,8 @@ async def test_one_huge_ndjson_line_in_small_reads_is_read_in_linear_time() -> N
     line = json.dumps({"message": {"content": "y" * _BIG}, "done": True}).encode() + b"\n"
 
     async def read_all() -> list[Any]:
-        events = local_provider._ndjson_events(_Reads(_split(line, _READ)), provider="ollama", scrub=_scrub)
-        return [e async for e in events]
+        batches = local_provider._ndjson_batches(_Reads(_split(line, _READ)), provider="ollama", scrub=_scrub)
+        return [e async for batch in batches for e in batch]
 
     events = await asyncio.wait_for(read_all(), _BOUND_SECONDS)
     assert len(events) == 1 and len(events[0]["message"]["content"]) == _BIG
@@ -125,10 +125,10 @@ async def test_an_ndjson_line_over_the_cap_is_a_bad_response(monkeypatch: pytest
     monkeypatch.setattr(openai_compat, "MAX_EVENT_BYTES", 4096)
     first = {"message": {"content": "a"}, "done": False}
     reads = [json.dumps(first).encode() + b"\n", *_split(b'{"message": "' + b"q" * 5000, 600)]
-    events = local_provider._ndjson_events(_Reads(reads), provider="ollama", scrub=_scrub)
-    assert await anext(events) == first
+    batches = local_provider._ndjson_batches(_Reads(reads), provider="ollama", scrub=_scrub)
+    assert await anext(batches) == [first]
     with pytest.raises(UpstreamBadResponse) as caught:
-        await anext(events)
+        await anext(batches)
     _assert_cap_error(caught.value, "ollama", 4096)
 
 

@@ -62,7 +62,7 @@ from server.providers.openai_compat import (
     parse_json_object,
     post_json,
     released_when_done,
-    sse_events,
+    sse_batches,
 )
 
 
@@ -241,29 +241,39 @@ async def stream_local(
         )
         with released_when_done(response):
             finished = False
-            events = (
-                _ndjson_events(response, provider=target.provider, scrub=scrub)
+            batches = (
+                _ndjson_batches(response, provider=target.provider, scrub=scrub)
                 if stream_framing(plan.endpoint_type) == "ndjson"
-                else sse_events(response, provider=target.provider, scrub=scrub)
+                else sse_batches(response, provider=target.provider, scrub=scrub)
             )
-            async for event in events:
-                if event is None:  # [DONE]
+            # What one network read brought is relayed as one delta, as on the OpenAI-compatible
+            # path: one message per token cost a gRPC message per ~60 bytes a fast server sent.
+            async for batch in batches:
+                texts: list[str] = []
+                done = False
+                for event in batch:
+                    if event is None:  # [DONE]
+                        done = True
+                        break
+                    chunk = parse_stream_event(plan.endpoint_type, event)
+                    if chunk.prompt_tokens is not None:
+                        prompt_tokens = chunk.prompt_tokens
+                    if chunk.completion_tokens is not None:
+                        completion_tokens = chunk.completion_tokens
+                    finished = finished or chunk.done
+                    if chunk.text:
+                        size += text_bytes(chunk.text)
+                        if size > limit:
+                            raise answer_too_large(target.provider, limit, size)
+                        pieces.append(chunk.text)
+                        texts.append(chunk.text)
+                if texts:
+                    call.first_token()
+                    delta = chat_pb2.ChatCompletionDelta(content="".join(texts))
+                    yield chat_pb2.StreamCreateResponse(delta=delta)
+                if done:
                     finished = True
                     break
-                chunk = parse_stream_event(plan.endpoint_type, event)
-                if chunk.prompt_tokens is not None:
-                    prompt_tokens = chunk.prompt_tokens
-                if chunk.completion_tokens is not None:
-                    completion_tokens = chunk.completion_tokens
-                finished = finished or chunk.done
-                if chunk.text:
-                    size += text_bytes(chunk.text)
-                    if size > limit:
-                        raise answer_too_large(target.provider, limit, size)
-                    pieces.append(chunk.text)
-                    call.first_token()
-                    delta = chat_pb2.ChatCompletionDelta(content=chunk.text)
-                    yield chat_pb2.StreamCreateResponse(delta=delta)
             if not finished:
                 raise UpstreamBadResponse(
                     f"{target.provider} ended the stream before it was complete",
@@ -279,25 +289,34 @@ async def stream_local(
     yield chat_pb2.StreamCreateResponse(completion=call.completion, provider_trace_id=call.record.id)
 
 
-async def _ndjson_events(
+async def _ndjson_batches(
     response: Response, *, provider: str, scrub: Callable[[str], str]
-) -> AsyncIterator[dict[str, Any] | None]:
-    """Ollama streams one JSON object per line (each at most MAX_EVENT_BYTES)."""
+) -> AsyncIterator[list[dict[str, Any] | None]]:
+    """Ollama streams one JSON object per line (each at most MAX_EVENT_BYTES): the objects one
+    network read completed, together; an error comes after the objects before it."""
     lines = LineReader()
     try:
         while piece := await response.read_chunk():
-            for line in lines.feed(piece):
-                if len(line) > openai_compat.MAX_EVENT_BYTES:
+            batch: list[dict[str, Any] | None] = []
+            try:
+                for line in lines.feed(piece):
+                    if len(line) > openai_compat.MAX_EVENT_BYTES:
+                        raise event_too_large(provider)
+                    if line.strip():
+                        batch.append(parse_json_object(line, provider=provider, scrub=scrub))
+                if lines.held > openai_compat.MAX_EVENT_BYTES:
                     raise event_too_large(provider)
-                if line.strip():
-                    yield parse_json_object(line, provider=provider, scrub=scrub)
-            if lines.held > openai_compat.MAX_EVENT_BYTES:
-                raise event_too_large(provider)
+            except GatewayError:
+                if batch:
+                    yield batch
+                raise
+            if batch:
+                yield batch
     except OSError as exc:  # TimeoutError and HttpClientError are OSErrors
         raise broken_stream(exc, provider, scrub) from exc
     rest = lines.rest()
     if rest.strip():
-        yield parse_json_object(rest, provider=provider, scrub=scrub)
+        yield [parse_json_object(rest, provider=provider, scrub=scrub)]
 
 
 __all__ = ["GatewayError", "create_local", "prompt_parts", "stream_local"]
