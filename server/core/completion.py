@@ -28,8 +28,10 @@ _EMPTY: dict[str, Any] = {}
 
 # Bounds on what one answer may hold (issue 12): an upstream's chunk with 100,000 choices became
 # 100,000 gRPC messages. The request asks for one choice; 16 leaves room for servers that answer
-# a few. An index must be below its count (a client may allocate by index), labels (ids, model,
-# function names) are short in every real answer.
+# a few. An index must be below its count (a client may allocate by index). The completion's
+# id, model and system_fingerprint are short in every real answer; the accumulator keeps only the
+# latest of each, so they are checked once, in the final completion. Tool-call ids and names are
+# relayed in deltas and count against the answer cap instead.
 MAX_CHOICES = 16
 MAX_TOOL_CALLS = 128  # per choice
 MAX_LABEL_CHARS = 1024
@@ -155,6 +157,13 @@ def completion_from_json(
             raise UpstreamBadResponse(
                 f"{provider} answered a choice without a message",
                 metadata={"provider": provider, "choice": position},
+            )
+    for key in ("id", "model", "system_fingerprint"):
+        label = body.get(key)
+        if isinstance(label, str) and len(label) > MAX_LABEL_CHARS:
+            raise UpstreamBadResponse(
+                f"{provider} answered a {key} over {MAX_LABEL_CHARS} characters",
+                metadata={"provider": provider, "field": key, "limit": MAX_LABEL_CHARS},
             )
     out = into if into is not None else chat_pb2.ChatCompletion()
     out.id = str(body.get("id") or "")

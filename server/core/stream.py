@@ -7,6 +7,7 @@ from the usage chunk (`stream_options.include_usage`).
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -79,7 +80,7 @@ def _index_for(parts: _ChoiceParts, call_id: object) -> int:
 class StreamAccumulator:
     """Feed every chunk with `add`; `completion()` returns the assembled ChatCompletion JSON."""
 
-    def __init__(self, *, provider: str = "upstream", max_answer_bytes: int | None = None) -> None:
+    def __init__(self, *, provider: str = "upstream", max_answer_bytes: int = sys.maxsize) -> None:
         self.provider = provider
         self.max_answer_bytes = max_answer_bytes
         self.size = 0  # UTF-8 bytes of content, reasoning and tool calls so far (what the cap counts)
@@ -120,7 +121,11 @@ class StreamAccumulator:
             if delta:
                 text = text_of(delta.get("content"))
                 if text:
-                    self._grow(text)
+                    # _grow inlined: this runs for every token of every stream.
+                    size = self.size + (len(text) if text.isascii() else text_bytes(text))
+                    if size > self.max_answer_bytes:
+                        raise answer_too_large(self.provider, self.max_answer_bytes, size)
+                    self.size = size
                     parts.content.append(text)
                 reasoning = text_of(delta.get("reasoning_content") or delta.get("reasoning"))
                 if reasoning:
@@ -147,7 +152,7 @@ class StreamAccumulator:
     def _grow(self, text: str) -> None:
         """Count a piece against the answer cap before it is kept."""
         size = self.size + text_bytes(text)
-        if self.max_answer_bytes is not None and size > self.max_answer_bytes:
+        if size > self.max_answer_bytes:
             raise answer_too_large(self.provider, self.max_answer_bytes, size)
         self.size = size
 

@@ -23,7 +23,7 @@ import orjson
 
 from server.auth.resolver import ForbiddenAddressError
 from server.config import RetrySettings
-from server.core.completion import MAX_CHOICES, MAX_LABEL_CHARS, MAX_TOOL_CALLS, too_many
+from server.core.completion import MAX_CHOICES, MAX_TOOL_CALLS, too_many
 from server.core.retry import Deadline, RetryableError, call_with_retries
 from server.errors import (
     DeadlineExceeded,
@@ -207,11 +207,6 @@ def _is_text(value: object) -> bool:
     return value is None or isinstance(value, str)
 
 
-def _is_label(value: object) -> bool:
-    """An id, a name, a model: text, and short (it is repeated in every chunk and the answer)."""
-    return value is None or (isinstance(value, str) and len(value) <= MAX_LABEL_CHARS)
-
-
 def _check_calls(calls: object, provider: str, where: str) -> None:
     if calls is None:
         return
@@ -224,14 +219,14 @@ def _check_calls(calls: object, provider: str, where: str) -> None:
             raise _bad_shape(provider, f"{where}[{i}]")
         if not _is_int(call.get("index"), MAX_TOOL_CALLS - 1):
             raise _bad_shape(provider, f"{where}[{i}].index")
-        if not _is_label(call.get("id")):
+        if not _is_text(call.get("id")):
             raise _bad_shape(provider, f"{where}[{i}]")
         function = call.get("function")
         if function is None:
             continue
         if (
             not isinstance(function, dict)
-            or not _is_label(function.get("name"))
+            or not _is_text(function.get("name"))
             or not _is_text(function.get("arguments"))
         ):
             raise _bad_shape(provider, f"{where}[{i}].function")
@@ -256,7 +251,7 @@ def _check_message(message: object, provider: str, where: str) -> None:
     legacy = message.get("function_call")
     if legacy is not None and (
         not isinstance(legacy, dict)
-        or not _is_label(legacy.get("name"))
+        or not _is_text(legacy.get("name"))
         or not _is_text(legacy.get("arguments"))
     ):
         raise _bad_shape(provider, f"{where}.function_call")
@@ -299,13 +294,10 @@ def check_shape(payload: dict[str, Any], *, provider: str) -> None:
                 raise _bad_shape(provider, where)
             if not _is_int(choice.get("index"), MAX_CHOICES - 1):
                 raise _bad_shape(provider, f"{where}.index")
-            if not _is_label(choice.get("finish_reason")) or not _is_text(choice.get("text")):
+            if not _is_text(choice.get("finish_reason")) or not _is_text(choice.get("text")):
                 raise _bad_shape(provider, where)
             _check_message(choice.get("message"), provider, f"{where}.message")
             _check_message(choice.get("delta"), provider, f"{where}.delta")
-    for key in ("id", "model", "system_fingerprint"):
-        if not _is_label(payload.get(key)):
-            raise _bad_shape(provider, key)
     created = payload.get("created")
     if not _is_int(created, _INT64_MAX) and not (isinstance(created, float) and 0 <= created <= 2**62):
         raise _bad_shape(provider, "created")

@@ -76,21 +76,24 @@ def test_index_values_and_tool_call_counts_are_bounded(where: str, payload: dict
 
 
 @pytest.mark.parametrize("field", ["id", "model", "system_fingerprint"])
-def test_a_huge_label_is_refused(field: str) -> None:
+def test_a_huge_label_is_refused_in_the_completion(field: str) -> None:
+    # Streamed chunks repeat them, the accumulator keeps the latest: checked once, at the end.
+    body: dict[str, Any] = {"choices": [{"index": 0, "message": {"content": "x"}}]}
     with pytest.raises(UpstreamBadResponse) as caught:
-        check_shape({field: "x" * (MAX_LABEL_CHARS + 1), "choices": []}, provider="p")
-    assert caught.value.metadata["field"] == field
-    check_shape({field: "x" * MAX_LABEL_CHARS, "choices": []}, provider="p")
+        completion_from_json({**body, field: "x" * (MAX_LABEL_CHARS + 1)}, provider="p")
+    assert caught.value.metadata == {"provider": "p", "field": field, "limit": str(MAX_LABEL_CHARS)}
+    completion_from_json({**body, field: "x" * MAX_LABEL_CHARS}, provider="p")
+    accumulator = StreamAccumulator(provider="p")
+    accumulator.add({**_chunk({"content": "x"}), field: "y" * 5000})
+    with pytest.raises(UpstreamBadResponse):
+        completion_from_json(accumulator.completion(), provider="p")
 
 
-def test_huge_tool_call_ids_and_names_are_refused() -> None:
-    for key, call in (
-        ("id", {"index": 0, "id": "i" * 2000}),
-        ("function", {"index": 0, "function": {"name": "n" * 2000}}),
-    ):
-        with pytest.raises(UpstreamBadResponse) as caught:
-            check_shape({"choices": [{"index": 0, "delta": {"tool_calls": [call]}}]}, provider="p")
-        assert caught.value.metadata["field"].startswith("choices[0].delta.tool_calls[0]"), key
+def test_tool_call_ids_and_names_count_against_the_answer_cap() -> None:
+    accumulator = StreamAccumulator(provider="p", max_answer_bytes=3000)
+    accumulator.add(_chunk({"tool_calls": [{"index": 0, "id": "i" * 2000, "function": {"name": "n"}}]}))
+    with pytest.raises(UpstreamBadResponse):
+        accumulator.add(_chunk({"tool_calls": [{"index": 1, "id": "j", "function": {"name": "m" * 2000}}]}))
 
 
 def test_the_accumulator_bounds_choices_across_chunks() -> None:
