@@ -547,9 +547,10 @@ class LineReader:
             partial.append(lines[0])
             lines[0] = b"".join(partial)
             partial.clear()
-        self.held = len(tail)
-        if tail:
+            self.held = 0
+        if tail:  # the usual read ends at an event's end: nothing to hold
             partial.append(tail)
+            self.held = len(tail)
         return lines
 
     def rest(self) -> bytes:
@@ -618,9 +619,10 @@ class _SSEParser:
 
     async def next_batch(self) -> list[dict[str, Any] | None]:
         """The events not handed out yet, or else every event the next read completes; [] at the end."""
-        if self._taken < len(self._pending):
-            return self.take_pending()
-        self._pending, self._taken = [], 0
+        if self._pending:
+            if self._taken < len(self._pending):
+                return self.take_pending()
+            self._pending, self._taken = [], 0
         while True:
             if self._error is not None:
                 error, self._error = self._error, None
@@ -658,7 +660,8 @@ class _SSEParser:
                         raise event_too_large(self._provider)
                     data_lines.append(value)
                 # Comments (":") and other fields are ignored.
-            if not self._ended and self._data_size + self._lines.held > MAX_EVENT_BYTES:
+            held = self._lines.held
+            if held and self._data_size + held > MAX_EVENT_BYTES and not self._ended:
                 # An unfinished line (data or not) that is already over the cap: stop reading.
                 raise event_too_large(self._provider)
         except Exception as exc:
