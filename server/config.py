@@ -9,6 +9,10 @@ from dataclasses import dataclass, field, fields
 
 DEFAULT_OPENAI_BASE_URL = "https://api.openai.com/v1"
 DEFAULT_OPENROUTER_BASE_URL = "https://openrouter.ai/api/v1"
+# The gRPC server sends messages up to 64 MiB (server.app): an answer's final message is its text
+# plus small, bounded labels and framing, so the cap may go up to 63 MiB and defaults to half.
+MAX_ANSWER_BYTES_LIMIT = 63 * 1024 * 1024
+DEFAULT_MAX_ANSWER_BYTES = 32 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +62,8 @@ class Settings:
     grace_period: float = 10.0
     # Bound on an upstream call when the caller set no deadline (streams: between two reads).
     upstream_timeout: float = 600.0
+    # UTF-8 bytes of text one answer may carry (content, reasoning, tool calls; streamed or unary).
+    max_answer_bytes: int = DEFAULT_MAX_ANSWER_BYTES
     log_level: str = "INFO"
     # Local LLM servers (seed: openllm_auth_type / openllm_api_key): "", "bearer_token" or "api_key".
     local_auth_type: str = ""
@@ -188,6 +194,11 @@ def validate(settings: Settings) -> None:
     retry = settings.retry
     if retry.max_attempts < 1 or retry.initial_delay < 0 or retry.max_delay < 0 or retry.multiplier < 1:
         problems.append("LLMGW_RETRY_*: max_attempts must be >= 1, delays >= 0 and the multiplier >= 1")
+    if not 1 <= settings.max_answer_bytes <= MAX_ANSWER_BYTES_LIMIT:
+        problems.append(
+            f"LLMGW_MAX_ANSWER_BYTES must be between 1 and {MAX_ANSWER_BYTES_LIMIT} "
+            "(the final gRPC message must stay under the server's 64 MiB send limit)"
+        )
     if settings.local_auth_type not in ("", "bearer_token", "api_key"):
         problems.append("LLMGW_LOCAL_AUTH_TYPE must be empty, bearer_token or api_key")
     elif settings.local_auth_type and not (settings.local_api_key and settings.local_base_url):

@@ -25,7 +25,14 @@ from server.auth.redact import Redactor
 from server.config import Settings
 from server.core import offload, tokens
 from server.core.answer_scrub import AnswerScrubber
-from server.core.completion import completion_from_json, deltas_from_chunks
+from server.core.completion import (
+    answer_bytes,
+    check_answer_size,
+    completion_from_json,
+    deltas_from_chunks,
+    leave_out_streamed,
+    streamed_texts,
+)
 from server.core.keys import ByokLookup, ByokUrls, EndpointChecker, counting_endpoint, resolve_target
 from server.core.openai_request import build_chat_body, prompt_functions, unpack_completion
 from server.core.retry import Deadline
@@ -303,6 +310,7 @@ class Gateway:
                 self.call_options(deadline, call.span),
             )
             call.record.response_json = raw.decode("utf-8", "replace")
+            check_answer_size(answer_bytes(answer), self._settings.max_answer_bytes, provider=target.provider)
             unpack_completion(answer, request, body)
             response = chat_pb2.CreateResponse(provider_trace_id=call.record.id)
             call.completion = completion_from_json(answer, provider=target.provider, into=response.completion)
@@ -322,7 +330,10 @@ class Gateway:
             return
         target, body, count = await self._plan(request, actor, stream=True, keys=keys)
         payload = orjson.dumps(body)
-        accumulator = StreamAccumulator()
+        # Over LLMGW_MAX_ANSWER_BYTES the accumulator raises before the piece is kept or relayed.
+        accumulator = StreamAccumulator(
+            provider=target.provider, max_answer_bytes=self._settings.max_answer_bytes
+        )
         scrubber = self.answer_scrubber(target)  # an upstream may echo a key, even split over chunks
         with self.traced_call(request, actor, target, payload, "stream") as call:
             call.partial = lambda: (
@@ -368,10 +379,13 @@ class Gateway:
                     )
                 answer["usage"] = await _local_usage(answer, count, request)
             call.record.response_json = orjson.dumps(answer).decode()
+            streamed = streamed_texts(answer) if request.final_completion_without_deltas else None
             unpack_completion(answer, request, body)
             last = chat_pb2.StreamCreateResponse(provider_trace_id=call.record.id)
             call.completion = completion_from_json(answer, provider=target.provider, into=last.completion)
             scrubber.completion(last.completion)
+            if streamed is not None:
+                leave_out_streamed(last.completion, streamed)
         yield last
 
     # -- local servers (filled in by server.providers.local) ---------------------------------

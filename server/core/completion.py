@@ -26,6 +26,66 @@ _FINISH_REASONS: dict[str, chat_pb2.FinishReason] = {
 
 _EMPTY: dict[str, Any] = {}
 
+# Bounds on what one answer may hold (issue 12): an upstream's chunk with 100,000 choices became
+# 100,000 gRPC messages. The request asks for one choice; 16 leaves room for servers that answer
+# a few. An index must be below its count (a client may allocate by index). The completion's
+# id, model and system_fingerprint are short in every real answer; the accumulator keeps only the
+# latest of each, so they are checked once, in the final completion. Tool-call ids and names are
+# relayed in deltas and count against the answer cap instead.
+MAX_CHOICES = 16
+MAX_TOOL_CALLS = 128  # per choice
+MAX_LABEL_CHARS = 1024
+
+
+def text_bytes(text: str) -> int:
+    """UTF-8 size of a text (isascii is O(1) in CPython: the common case costs no encoding)."""
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
+def answer_bytes(body: dict[str, Any]) -> int:
+    """The size the answer cap counts: UTF-8 bytes of every choice's content, reasoning and tool
+    calls (id, name, arguments). What the final message adds to it is small and bounded (the
+    completion's id and model are at most MAX_LABEL_CHARS; framing per choice and call)."""
+    size = 0
+    for choice in body.get("choices") or ():
+        message = choice.get("message") if isinstance(choice, dict) else None
+        if not isinstance(message, dict):
+            continue
+        for key in ("content", "reasoning_content", "reasoning"):
+            size += text_bytes(text_of(message.get(key)))
+        for call in message.get("tool_calls") or ():
+            function = call.get("function") if isinstance(call, dict) else None
+            if isinstance(function, dict):
+                size += text_bytes(function.get("name") or "") + text_bytes(function.get("arguments") or "")
+            if isinstance(call, dict):
+                size += text_bytes(call.get("id") or "")
+        legacy = message.get("function_call")
+        if isinstance(legacy, dict):
+            size += text_bytes(legacy.get("name") or "") + text_bytes(legacy.get("arguments") or "")
+    return size
+
+
+def answer_too_large(provider: str, limit: int, size: int) -> UpstreamBadResponse:
+    # UPSTREAM_BAD_RESPONSE like a unary body over 64 MiB: the upstream answered more than the
+    # gateway carries. Not RESOURCE_EXHAUSTED: the contract keeps that for rate limits and quotas,
+    # where waiting helps; here it does not.
+    return UpstreamBadResponse(
+        f"{provider} answered more than {limit} bytes of text (LLMGW_MAX_ANSWER_BYTES)",
+        metadata={"provider": provider, "limit_bytes": limit, "answer_bytes": size},
+    )
+
+
+def check_answer_size(size: int, limit: int, *, provider: str) -> None:
+    if size > limit:
+        raise answer_too_large(provider, limit, size)
+
+
+def too_many(provider: str, where: str, count: int, limit: int) -> UpstreamBadResponse:
+    return UpstreamBadResponse(
+        f"{provider} answered {count} at {where}, over the limit of {limit}",
+        metadata={"provider": provider, "field": where, "count": count, "limit": limit},
+    )
+
 
 def text_of(value: object) -> str:
     """Text of a content value: a string, or content parts (some servers send `[{"text": ...}]`)."""
@@ -90,11 +150,20 @@ def completion_from_json(
     choices_json = body.get("choices")
     if not isinstance(choices_json, list) or not choices_json:
         raise UpstreamBadResponse(f"{provider} answered without choices", metadata={"provider": provider})
+    if len(choices_json) > MAX_CHOICES:
+        raise too_many(provider, "choices", len(choices_json), MAX_CHOICES)
     for position, choice in enumerate(choices_json):
         if not isinstance(choice, dict) or not isinstance(choice.get("message"), dict):
             raise UpstreamBadResponse(
                 f"{provider} answered a choice without a message",
                 metadata={"provider": provider, "choice": position},
+            )
+    for key in ("id", "model", "system_fingerprint"):
+        label = body.get(key)
+        if isinstance(label, str) and len(label) > MAX_LABEL_CHARS:
+            raise UpstreamBadResponse(
+                f"{provider} answered a {key} over {MAX_LABEL_CHARS} characters",
+                metadata={"provider": provider, "field": key, "limit": MAX_LABEL_CHARS},
             )
     out = into if into is not None else chat_pb2.ChatCompletion()
     out.id = str(body.get("id") or "")
@@ -110,6 +179,43 @@ def completion_from_json(
     out.usage.SetInParent()  # always present, as an answer without usage reports zeros
     usage_from_json(body.get("usage"), out.usage)
     return out
+
+
+# What the deltas of one choice carried: content, reasoning, each tool call's arguments.
+StreamedText = tuple[str, str, tuple[str, ...]]
+
+
+def streamed_texts(body: dict[str, Any]) -> list[StreamedText]:
+    """Per choice, the text the deltas carried: take it from the assembled answer before the
+    gateway changes it (inner thoughts unpacked)."""
+    texts: list[StreamedText] = []
+    for choice in body.get("choices") or ():
+        message = choice.get("message") or _EMPTY
+        arguments = tuple(
+            (call.get("function") or _EMPTY).get("arguments") or ""
+            for call in message.get("tool_calls") or ()
+        )
+        reasoning = message.get("reasoning_content") or message.get("reasoning") or ""
+        texts.append((text_of(message.get("content")), str(reasoning), arguments))
+    return texts
+
+
+def leave_out_streamed(completion: chat_pb2.ChatCompletion, streamed: list[StreamedText]) -> None:
+    """Empty every text of the final completion that equals what the deltas carried.
+
+    `final_completion_without_deltas`: an answer over 4 MiB (a default client's receive limit)
+    then still reaches a default client whole, assembled from the deltas. A text the gateway
+    changed is kept, so an empty field always means "what the deltas carried".
+    """
+    for choice, (content, reasoning, arguments) in zip(completion.choices, streamed, strict=False):
+        message = choice.message
+        if message.content == content:
+            message.ClearField("content")
+        if message.reasoning_content == reasoning:
+            message.ClearField("reasoning_content")
+        for call, raw in zip(message.tool_calls, arguments, strict=False):
+            if call.arguments == raw:
+                call.ClearField("arguments")
 
 
 def deltas_from_chunk(chunk: dict[str, Any]) -> list[chat_pb2.StreamCreateResponse]:

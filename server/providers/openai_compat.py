@@ -23,6 +23,7 @@ import orjson
 
 from server.auth.resolver import ForbiddenAddressError
 from server.config import RetrySettings
+from server.core.completion import MAX_CHOICES, MAX_TOOL_CALLS, too_many
 from server.core.retry import Deadline, RetryableError, call_with_retries
 from server.errors import (
     DeadlineExceeded,
@@ -54,6 +55,10 @@ from server.providers.http import (
 )
 
 MAX_BODY_BYTES = 64 * 1024 * 1024
+# One SSE event (its data lines) or one NDJSON line, and any single line of a stream: bigger is
+# UPSTREAM_BAD_RESPONSE. Real chunks are a few hundred bytes; this leaves room for a proxy that
+# sends a whole answer as one event, up to the default answer cap (LLMGW_MAX_ANSWER_BYTES).
+MAX_EVENT_BYTES = 32 * 1024 * 1024
 _JSON_HEADERS = {"Content-Type": "application/json", "Accept": "application/json"}
 _SSE_HEADERS = {"Content-Type": "application/json", "Accept": "text/event-stream"}
 _INT32_MAX = 2**31 - 1
@@ -196,7 +201,7 @@ def parse_json_object(
 
 def _bad_shape(provider: str, where: str) -> UpstreamBadResponse:
     return UpstreamBadResponse(
-        f"{provider} answered a value of the wrong type at {where}",
+        f"{provider} answered a value of the wrong type, or out of range, at {where}",
         metadata={"provider": provider, "field": where},
     )
 
@@ -214,10 +219,14 @@ def _check_calls(calls: object, provider: str, where: str) -> None:
         return
     if not isinstance(calls, list):
         raise _bad_shape(provider, where)
+    if len(calls) > MAX_TOOL_CALLS:
+        raise too_many(provider, where, len(calls), MAX_TOOL_CALLS)
     for i, call in enumerate(calls):
         if not isinstance(call, dict):
             raise _bad_shape(provider, f"{where}[{i}]")
-        if not _is_int(call.get("index"), _INT32_MAX) or not _is_text(call.get("id")):
+        if not _is_int(call.get("index"), MAX_TOOL_CALLS - 1):
+            raise _bad_shape(provider, f"{where}[{i}].index")
+        if not _is_text(call.get("id")):
             raise _bad_shape(provider, f"{where}[{i}]")
         function = call.get("function")
         if function is None:
@@ -284,11 +293,13 @@ def check_shape(payload: dict[str, Any], *, provider: str) -> None:
     if choices is not None:
         if not isinstance(choices, list):
             raise _bad_shape(provider, "choices")
+        if len(choices) > MAX_CHOICES:
+            raise too_many(provider, "choices", len(choices), MAX_CHOICES)
         for i, choice in enumerate(choices):
             where = f"choices[{i}]"
             if not isinstance(choice, dict):
                 raise _bad_shape(provider, where)
-            if not _is_int(choice.get("index"), _INT32_MAX):
+            if not _is_int(choice.get("index"), MAX_CHOICES - 1):
                 raise _bad_shape(provider, f"{where}.index")
             if not _is_text(choice.get("finish_reason")) or not _is_text(choice.get("text")):
                 raise _bad_shape(provider, where)
@@ -506,6 +517,65 @@ def _iter_events(response: Response, *, provider: str, scrub: Callable[[str], st
     return _SSEParser(response, provider=provider, scrub=scrub)
 
 
+def event_too_large(provider: str) -> UpstreamBadResponse:
+    return UpstreamBadResponse(
+        f"{provider} sent a stream event over {MAX_EVENT_BYTES} bytes",
+        metadata={"provider": provider, "limit_bytes": MAX_EVENT_BYTES},
+    )
+
+
+class LineReader:
+    """The complete lines of a byte stream, in time linear in its size.
+
+    A line ends at LF, CRLF or a lone CR (the SSE rule; NDJSON never has a raw CR, as JSON
+    escapes it). The unfinished last line is kept as a list of pieces, and only each new piece
+    is searched for a line end: re-joining and re-splitting the whole buffer on every read made
+    one 16 MiB line in 64 KiB reads cost 2.6 s of CPU. `held` is the size of that unfinished line,
+    for the caller's cap.
+    """
+
+    __slots__ = ("_partial", "held", "_after_cr")
+
+    def __init__(self) -> None:
+        self._partial: list[bytes] = []
+        self.held = 0
+        self._after_cr = False  # the last piece ended with CR: an LF opening the next one is its pair
+
+    def feed(self, piece: bytes) -> list[bytes]:
+        """The lines this piece completes (without their line ends), in order."""
+        if self._after_cr:
+            self._after_cr = False
+            if piece.startswith(b"\n"):
+                piece = piece[1:]
+        if b"\r" in piece:
+            self._after_cr = piece.endswith(b"\r")
+            piece = piece.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        lines = piece.split(b"\n")
+        tail = lines.pop()
+        partial = self._partial
+        if not lines:  # no line end: hold the piece (split handed back the same object, no copy)
+            if tail:
+                partial.append(tail)
+                self.held += len(tail)
+            return lines
+        if partial:
+            partial.append(lines[0])
+            lines[0] = b"".join(partial)
+            partial.clear()
+            self.held = 0
+        if tail:  # the usual read ends at an event's end: nothing to hold
+            partial.append(tail)
+            self.held = len(tail)
+        return lines
+
+    def rest(self) -> bytes:
+        """The unfinished last line, at the end of the stream."""
+        rest = b"".join(self._partial)
+        self._partial = []
+        self.held = 0
+        return rest
+
+
 class _SSEParser:
     """SSE events of one response, one at a time (`async for`) or a network read at a time
     (`next_batch`). Transport exceptions pass through unchanged (callers translate them).
@@ -520,10 +590,11 @@ class _SSEParser:
         "_response",
         "_provider",
         "_scrub",
-        "_buffer",
+        "_lines",
         "_data_lines",
         "_data_size",
         "_pending",
+        "_taken",
         "_error",
         "_ended",
     )
@@ -532,10 +603,13 @@ class _SSEParser:
         self._response = response
         self._provider = provider
         self._scrub = scrub
-        self._buffer = b""
+        self._lines = LineReader()
         self._data_lines: list[bytes] = []
         self._data_size = 0
         self._pending: list[dict[str, Any] | None] = []  # decoded, not handed out yet
+        # How many of `_pending` `__anext__` handed out: an index, as list.pop(0) per event was
+        # quadratic in the events of one read (a compressed body inflates 4 MiB per read).
+        self._taken = 0
         self._error: Exception | None = None  # raised after the pending events
         self._ended = False  # `[DONE]`, the end of the body, or an error: read no more
 
@@ -543,21 +617,27 @@ class _SSEParser:
         return self
 
     async def __anext__(self) -> dict[str, Any] | None:
-        if not self._pending:
-            self._pending = await self.next_batch()
-            if not self._pending:
+        if self._taken >= len(self._pending):
+            batch = await self.next_batch()
+            if not batch:
                 raise StopAsyncIteration
-        return self._pending.pop(0)
+            self._pending, self._taken = batch, 0
+        event = self._pending[self._taken]
+        self._taken += 1
+        return event
 
     def take_pending(self) -> list[dict[str, Any] | None]:
         """The events of the last read not handed out yet."""
-        pending, self._pending = self._pending, []
+        pending = self._pending[self._taken :] if self._taken else self._pending
+        self._pending, self._taken = [], 0
         return pending
 
     async def next_batch(self) -> list[dict[str, Any] | None]:
         """The events not handed out yet, or else every event the next read completes; [] at the end."""
         if self._pending:
-            return self.take_pending()
+            if self._taken < len(self._pending):
+                return self.take_pending()
+            self._pending, self._taken = [], 0
         while True:
             if self._error is not None:
                 error, self._error = self._error, None
@@ -573,21 +653,10 @@ class _SSEParser:
                 return batch
 
     def _feed(self, piece: bytes) -> list[dict[str, Any] | None]:
-        buffer = self._buffer + piece if self._buffer else piece
-        if len(buffer) > MAX_BODY_BYTES:
-            self._ended = True
-            raise UpstreamBadResponse(
-                f"{self._provider} sent an SSE line over {MAX_BODY_BYTES} bytes",
-                metadata={"provider": self._provider, "limit_bytes": MAX_BODY_BYTES},
-            )
-        lines = buffer.split(b"\n")
-        self._buffer = lines.pop()
         events: list[dict[str, Any] | None] = []
         data_lines = self._data_lines
         try:
-            for line in lines:
-                if line.endswith(b"\r"):
-                    line = line[:-1]
+            for line in self._lines.feed(piece):
                 if not line:
                     if data_lines:
                         event = _decode_event(data_lines, provider=self._provider, scrub=self._scrub)
@@ -602,13 +671,14 @@ class _SSEParser:
                     value = line[5:]
                     value = value[1:] if value.startswith(b" ") else value
                     self._data_size += len(value)
-                    if self._data_size > MAX_BODY_BYTES:
-                        raise UpstreamBadResponse(
-                            f"{self._provider} sent an SSE event over {MAX_BODY_BYTES} bytes",
-                            metadata={"provider": self._provider, "limit_bytes": MAX_BODY_BYTES},
-                        )
+                    if self._data_size > MAX_EVENT_BYTES:
+                        raise event_too_large(self._provider)
                     data_lines.append(value)
                 # Comments (":") and other fields are ignored.
+            held = self._lines.held
+            if held and self._data_size + held > MAX_EVENT_BYTES and not self._ended:
+                # An unfinished line (data or not) that is already over the cap: stop reading.
+                raise event_too_large(self._provider)
         except Exception as exc:
             self._ended = True
             if not events:
@@ -617,7 +687,7 @@ class _SSEParser:
         return events
 
     def _tail(self) -> list[dict[str, Any] | None]:
-        tail = self._buffer.rstrip(b"\r")
+        tail = self._lines.rest()
         data_lines = self._data_lines
         if tail.startswith(b"data:"):
             value = tail[5:]

@@ -144,7 +144,7 @@ class TraceContext(_message.Message):
     def __init__(self, step_id: _Optional[str] = ..., agent_id: _Optional[str] = ..., run_id: _Optional[str] = ..., call_type: _Optional[str] = ..., tags: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class CreateRequest(_message.Message):
-    __slots__ = ("llm_config", "messages", "functions", "function_call", "force_tool_call", "use_tool_naming", "put_inner_thoughts_first", "first_message", "user_id", "name", "trace")
+    __slots__ = ("llm_config", "messages", "functions", "function_call", "force_tool_call", "use_tool_naming", "put_inner_thoughts_first", "first_message", "user_id", "name", "trace", "final_completion_without_deltas")
     LLM_CONFIG_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     FUNCTIONS_FIELD_NUMBER: _ClassVar[int]
@@ -156,6 +156,7 @@ class CreateRequest(_message.Message):
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     TRACE_FIELD_NUMBER: _ClassVar[int]
+    FINAL_COMPLETION_WITHOUT_DELTAS_FIELD_NUMBER: _ClassVar[int]
     llm_config: LLMConfig
     messages: _containers.RepeatedCompositeFieldContainer[Message]
     functions: _containers.RepeatedCompositeFieldContainer[FunctionDefinition]
@@ -167,10 +168,11 @@ class CreateRequest(_message.Message):
     user_id: str
     name: str
     trace: TraceContext
-    def __init__(self, llm_config: _Optional[_Union[LLMConfig, _Mapping]] = ..., messages: _Optional[_Iterable[_Union[Message, _Mapping]]] = ..., functions: _Optional[_Iterable[_Union[FunctionDefinition, _Mapping]]] = ..., function_call: _Optional[str] = ..., force_tool_call: _Optional[str] = ..., use_tool_naming: _Optional[bool] = ..., put_inner_thoughts_first: _Optional[bool] = ..., first_message: _Optional[bool] = ..., user_id: _Optional[str] = ..., name: _Optional[str] = ..., trace: _Optional[_Union[TraceContext, _Mapping]] = ...) -> None: ...
+    final_completion_without_deltas: bool
+    def __init__(self, llm_config: _Optional[_Union[LLMConfig, _Mapping]] = ..., messages: _Optional[_Iterable[_Union[Message, _Mapping]]] = ..., functions: _Optional[_Iterable[_Union[FunctionDefinition, _Mapping]]] = ..., function_call: _Optional[str] = ..., force_tool_call: _Optional[str] = ..., use_tool_naming: _Optional[bool] = ..., put_inner_thoughts_first: _Optional[bool] = ..., first_message: _Optional[bool] = ..., user_id: _Optional[str] = ..., name: _Optional[str] = ..., trace: _Optional[_Union[TraceContext, _Mapping]] = ..., final_completion_without_deltas: _Optional[bool] = ...) -> None: ...
 
 class StreamCreateRequest(_message.Message):
-    __slots__ = ("llm_config", "messages", "functions", "function_call", "force_tool_call", "use_tool_naming", "put_inner_thoughts_first", "first_message", "user_id", "name", "trace")
+    __slots__ = ("llm_config", "messages", "functions", "function_call", "force_tool_call", "use_tool_naming", "put_inner_thoughts_first", "first_message", "user_id", "name", "trace", "final_completion_without_deltas")
     LLM_CONFIG_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     FUNCTIONS_FIELD_NUMBER: _ClassVar[int]
@@ -182,6 +184,7 @@ class StreamCreateRequest(_message.Message):
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     TRACE_FIELD_NUMBER: _ClassVar[int]
+    FINAL_COMPLETION_WITHOUT_DELTAS_FIELD_NUMBER: _ClassVar[int]
     llm_config: LLMConfig
     messages: _containers.RepeatedCompositeFieldContainer[Message]
     functions: _containers.RepeatedCompositeFieldContainer[FunctionDefinition]
@@ -193,10 +196,11 @@ class StreamCreateRequest(_message.Message):
     user_id: str
     name: str
     trace: TraceContext
-    def __init__(self, llm_config: _Optional[_Union[LLMConfig, _Mapping]] = ..., messages: _Optional[_Iterable[_Union[Message, _Mapping]]] = ..., functions: _Optional[_Iterable[_Union[FunctionDefinition, _Mapping]]] = ..., function_call: _Optional[str] = ..., force_tool_call: _Optional[str] = ..., use_tool_naming: _Optional[bool] = ..., put_inner_thoughts_first: _Optional[bool] = ..., first_message: _Optional[bool] = ..., user_id: _Optional[str] = ..., name: _Optional[str] = ..., trace: _Optional[_Union[TraceContext, _Mapping]] = ...) -> None: ...
+    final_completion_without_deltas: bool
+    def __init__(self, llm_config: _Optional[_Union[LLMConfig, _Mapping]] = ..., messages: _Optional[_Iterable[_Union[Message, _Mapping]]] = ..., functions: _Optional[_Iterable[_Union[FunctionDefinition, _Mapping]]] = ..., function_call: _Optional[str] = ..., force_tool_call: _Optional[str] = ..., use_tool_naming: _Optional[bool] = ..., put_inner_thoughts_first: _Optional[bool] = ..., first_message: _Optional[bool] = ..., user_id: _Optional[str] = ..., name: _Optional[str] = ..., trace: _Optional[_Union[TraceContext, _Mapping]] = ..., final_completion_without_deltas: _Optional[bool] = ...) -> None: ...
 
 class CountTokensRequest(_message.Message):
-    __slots__ = ("llm_config", "messages", "functions", "function_call", "force_tool_call", "use_tool_naming", "put_inner_thoughts_first", "first_message", "user_id", "name", "trace")
+    __slots__ = ("llm_config", "messages", "functions", "function_call", "force_tool_call", "use_tool_naming", "put_inner_thoughts_first", "first_message", "user_id", "name", "trace", "final_completion_without_deltas")
     LLM_CONFIG_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     FUNCTIONS_FIELD_NUMBER: _ClassVar[int]
@@ -208,6 +212,7 @@ class CountTokensRequest(_message.Message):
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     TRACE_FIELD_NUMBER: _ClassVar[int]
+    FINAL_COMPLETION_WITHOUT_DELTAS_FIELD_NUMBER: _ClassVar[int]
     llm_config: LLMConfig
     messages: _containers.RepeatedCompositeFieldContainer[Message]
     functions: _containers.RepeatedCompositeFieldContainer[FunctionDefinition]
@@ -219,7 +224,8 @@ class CountTokensRequest(_message.Message):
     user_id: str
     name: str
     trace: TraceContext
-    def __init__(self, llm_config: _Optional[_Union[LLMConfig, _Mapping]] = ..., messages: _Optional[_Iterable[_Union[Message, _Mapping]]] = ..., functions: _Optional[_Iterable[_Union[FunctionDefinition, _Mapping]]] = ..., function_call: _Optional[str] = ..., force_tool_call: _Optional[str] = ..., use_tool_naming: _Optional[bool] = ..., put_inner_thoughts_first: _Optional[bool] = ..., first_message: _Optional[bool] = ..., user_id: _Optional[str] = ..., name: _Optional[str] = ..., trace: _Optional[_Union[TraceContext, _Mapping]] = ...) -> None: ...
+    final_completion_without_deltas: bool
+    def __init__(self, llm_config: _Optional[_Union[LLMConfig, _Mapping]] = ..., messages: _Optional[_Iterable[_Union[Message, _Mapping]]] = ..., functions: _Optional[_Iterable[_Union[FunctionDefinition, _Mapping]]] = ..., function_call: _Optional[str] = ..., force_tool_call: _Optional[str] = ..., use_tool_naming: _Optional[bool] = ..., put_inner_thoughts_first: _Optional[bool] = ..., first_message: _Optional[bool] = ..., user_id: _Optional[str] = ..., name: _Optional[str] = ..., trace: _Optional[_Union[TraceContext, _Mapping]] = ..., final_completion_without_deltas: _Optional[bool] = ...) -> None: ...
 
 class Usage(_message.Message):
     __slots__ = ("prompt_tokens", "completion_tokens", "total_tokens", "cached_tokens", "reasoning_tokens")

@@ -15,10 +15,17 @@ from llmgateway.v1 import chat_pb2
 
 from server.auth.actor import Actor
 from server.core import offload, tokens
-from server.core.completion import completion_from_json
+from server.core.completion import (
+    answer_too_large,
+    check_answer_size,
+    completion_from_json,
+    leave_out_streamed,
+    text_bytes,
+)
 from server.core.keys import check_endpoint, private_ok
 from server.core.messages import functions_to_dicts, to_openai_messages
 from server.core.retry import Deadline
+from server.core.stream import TextParts
 from server.errors import (
     FieldViolation,
     GatewayError,
@@ -27,6 +34,7 @@ from server.errors import (
     UpstreamBadResponse,
 )
 from server.gateway import ChatRequest, Gateway
+from server.providers import openai_compat
 from server.providers.base import UpstreamTarget
 from server.providers.http import Response
 from server.providers.local.completion import cut_completion, to_chat_completion
@@ -48,15 +56,16 @@ from server.providers.local.wrappers import (
     wrapper_uses_grammar,
 )
 from server.providers.openai_compat import (
+    LineReader,
     broken_stream,
+    event_too_large,
     open_stream,
     parse_json_object,
     post_json,
     released_when_done,
-    sse_events,
+    sse_batches,
 )
 
-MAX_LINE_BYTES = 16 * 1024 * 1024
 # Outputs longer than this are parsed in the offload pool: the lenient reader is pure Python
 # (~1-2 us per character read, a few reads per output), and a normal answer (a few hundred
 # characters) must not pay a thread hop. It holds the GIL, but a thread gives the GIL back to
@@ -257,6 +266,8 @@ async def create_local(
         )
         call.record.response_json = raw.decode("utf-8", "replace")
         local = extract_completion(plan.endpoint_type, answer)
+        limit = gateway.deps.settings.max_answer_bytes
+        check_answer_size(text_bytes(local.text), limit, provider=target.provider)
         call.completion = completion_from_json(
             await plan.completion_json(
                 local.text, local.prompt_tokens, local.completion_tokens, local.truncated
@@ -276,12 +287,14 @@ async def stream_local(
     payload = orjson.dumps(plan.http_request.body)
     scrub = gateway.deps.scrub
     scrubber = gateway.answer_scrubber(target)  # a server may echo the key, even split over pieces
-    pieces: list[str] = []
+    limit = gateway.deps.settings.max_answer_bytes
+    pieces = TextParts()  # a local model's tokens, kept compactly
+    size = 0  # UTF-8 bytes so far, against LLMGW_MAX_ANSWER_BYTES
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     truncated = False
     with gateway.traced_call(request, actor, target, payload, "stream") as call:
-        call.partial = lambda: orjson.dumps({"text": "".join(pieces)}).decode() if pieces else ""
+        call.partial = lambda: orjson.dumps({"text": pieces.text()}).decode() if pieces else ""
         response = await open_stream(
             gateway.deps.http,
             target,
@@ -291,28 +304,41 @@ async def stream_local(
         )
         with released_when_done(response):
             finished = False
-            events = (
-                _ndjson_events(response, provider=target.provider, scrub=scrub)
+            batches = (
+                _ndjson_batches(response, provider=target.provider, scrub=scrub)
                 if stream_framing(plan.endpoint_type) == "ndjson"
-                else sse_events(response, provider=target.provider, scrub=scrub)
+                else sse_batches(response, provider=target.provider, scrub=scrub)
             )
-            async for event in events:
-                if event is None:  # [DONE]
-                    finished = True
-                    break
-                chunk = parse_stream_event(plan.endpoint_type, event)
-                if chunk.prompt_tokens is not None:
-                    prompt_tokens = chunk.prompt_tokens
-                if chunk.completion_tokens is not None:
-                    completion_tokens = chunk.completion_tokens
-                finished = finished or chunk.done
-                truncated = truncated or chunk.truncated
-                if chunk.text:
-                    pieces.append(chunk.text)
+            # What one network read brought is relayed as one delta, as on the OpenAI-compatible
+            # path: one message per token cost a gRPC message per ~60 bytes a fast server sent.
+            async for batch in batches:
+                texts: list[str] = []
+                done = False
+                for event in batch:
+                    if event is None:  # [DONE]
+                        done = True
+                        break
+                    chunk = parse_stream_event(plan.endpoint_type, event)
+                    if chunk.prompt_tokens is not None:
+                        prompt_tokens = chunk.prompt_tokens
+                    if chunk.completion_tokens is not None:
+                        completion_tokens = chunk.completion_tokens
+                    finished = finished or chunk.done
+                    truncated = truncated or chunk.truncated
+                    if chunk.text:
+                        size += text_bytes(chunk.text)
+                        if size > limit:
+                            raise answer_too_large(target.provider, limit, size)
+                        pieces.append(chunk.text)
+                        texts.append(chunk.text)
+                if texts:
                     call.first_token()
-                    delta = chat_pb2.ChatCompletionDelta(content=chunk.text)
+                    delta = chat_pb2.ChatCompletionDelta(content="".join(texts))
                     for scrubbed in scrubber.events((chat_pb2.StreamCreateResponse(delta=delta),)):
                         yield scrubbed
+                if done:
+                    finished = True
+                    break
             if not finished:
                 raise UpstreamBadResponse(
                     f"{target.provider} ended the stream before it was complete",
@@ -320,34 +346,46 @@ async def stream_local(
                 )
         for scrubbed in scrubber.flush():
             yield scrubbed
-        text = "".join(pieces)
+        text = pieces.text()
         call.record.response_json = orjson.dumps({"text": text}).decode()
         call.completion = completion_from_json(
             await plan.completion_json(text, prompt_tokens, completion_tokens, truncated),
             provider=target.provider,
         )
         scrubber.completion(call.completion)
+        if request.final_completion_without_deltas:
+            leave_out_streamed(call.completion, [(text, "", ())])
     yield chat_pb2.StreamCreateResponse(completion=call.completion, provider_trace_id=call.record.id)
 
 
-async def _ndjson_events(
+async def _ndjson_batches(
     response: Response, *, provider: str, scrub: Callable[[str], str]
-) -> AsyncIterator[dict[str, Any] | None]:
-    """Ollama streams one JSON object per line."""
-    buffer = b""
+) -> AsyncIterator[list[dict[str, Any] | None]]:
+    """Ollama streams one JSON object per line (each at most MAX_EVENT_BYTES): the objects one
+    network read completed, together; an error comes after the objects before it."""
+    lines = LineReader()
     try:
         while piece := await response.read_chunk():
-            buffer += piece
-            if len(buffer) > MAX_LINE_BYTES:
-                raise UpstreamBadResponse(f"{provider} sent a line over {MAX_LINE_BYTES} bytes")
-            *lines, buffer = buffer.split(b"\n")
-            for line in lines:
-                if line.strip():
-                    yield parse_json_object(line, provider=provider, scrub=scrub)
+            batch: list[dict[str, Any] | None] = []
+            try:
+                for line in lines.feed(piece):
+                    if len(line) > openai_compat.MAX_EVENT_BYTES:
+                        raise event_too_large(provider)
+                    if line.strip():
+                        batch.append(parse_json_object(line, provider=provider, scrub=scrub))
+                if lines.held > openai_compat.MAX_EVENT_BYTES:
+                    raise event_too_large(provider)
+            except GatewayError:
+                if batch:
+                    yield batch
+                raise
+            if batch:
+                yield batch
     except OSError as exc:  # TimeoutError and HttpClientError are OSErrors
         raise broken_stream(exc, provider, scrub) from exc
-    if buffer.strip():
-        yield parse_json_object(buffer, provider=provider, scrub=scrub)
+    rest = lines.rest()
+    if rest.strip():
+        yield [parse_json_object(rest, provider=provider, scrub=scrub)]
 
 
 __all__ = ["GatewayError", "create_local", "prompt_parts", "stream_local"]
