@@ -497,9 +497,10 @@ class _SchemaConverter:
             raise self.refuse(path, "$ref", "must point into the root $defs (Gemini has no $ref)")
         if ref in refs:
             raise self.refuse(path, "$ref", "is recursive, which Gemini cannot express")
-        # Siblings of a $ref (description, title) annotate it; the definition's own win.
+        # Siblings of a $ref (description, title, default) say what this use of the definition
+        # means, so they win over the definition's own.
         siblings = {k: v for k, v in schema.items() if k != "$ref"}
-        return self.node({**siblings, **self.defs[ref]}, path, (*refs, ref))
+        return self.node({**self.defs[ref], **siblings}, path, (*refs, ref))
 
     def kinds(self, schema: dict[str, Any], path: str) -> tuple[list[str], bool]:
         """The schema's non-null JSON types, and whether null is allowed by `type`."""
@@ -791,8 +792,9 @@ def _candidate_message(candidate: dict[str, Any], message: dict[str, Any]) -> st
     parts = _read_parts(content.get("parts", []) if isinstance(content, dict) else [], 0)
     reason = candidate.get("finishReason")
     finish = _finish_reason(reason, candidate, bool(parts.tool_calls))
-    if parts.content:
-        message["content"] = "".join(parts.content)
+    text = "".join(parts.content)
+    if text:
+        message["content"] = text
     if parts.reasoning:
         message["reasoning_content"] = "".join(parts.reasoning)
     if parts.tool_calls:
@@ -801,7 +803,7 @@ def _candidate_message(candidate: dict[str, Any], message: dict[str, Any]) -> st
         message["thinking_blocks"] = [{"type": THOUGHT_SIGNATURE_BLOCK, "signature": parts.signature}]
     if finish == "content_filter":
         message["refusal"] = _refusal(str(reason), candidate.get("finishMessage"))
-    elif not (parts.content or parts.tool_calls or parts.reasoning) and finish == "stop":
+    elif not (text or parts.tool_calls or parts.reasoning) and finish == "stop":
         raise _bad(f"an empty candidate (finishReason {reason})", finish_reason=str(reason))
     return finish
 
@@ -816,7 +818,8 @@ class StreamDecoder:
     Text parts are content deltas, thought parts reasoning deltas, every `functionCall` part a
     complete tool call with its own index. Usage rides on the chunks (the last is final), so it
     is emitted by `finish()`, at the end of the body, with the end marker None. A body that ends
-    before a finishReason (or a blocked prompt) is UPSTREAM_BAD_RESPONSE, never a short answer.
+    before a finishReason (or a blocked prompt), or a STOP with nothing before it, is
+    UPSTREAM_BAD_RESPONSE, never a short or empty answer.
     """
 
     def __init__(self, *, model: str = "", scrub: Callable[[str], str] = str) -> None:
@@ -828,6 +831,7 @@ class StreamDecoder:
         self._usage: object = None
         self._finished = False
         self._started = False
+        self._produced = False  # any content, reasoning or tool call relayed
 
     def feed(self, event: str | None, data: bytes) -> list[dict[str, Any] | None]:
         del event  # Gemini names no events
@@ -868,12 +872,15 @@ class StreamDecoder:
         self._calls += len(parts.tool_calls)
         out: list[dict[str, Any] | None] = []
         delta = _delta(parts, first_call)
+        self._produced = self._produced or bool(delta.keys() - {"thinking_blocks"})
         if delta or not self._started:
             out.append(self._chunk(delta, None))
         reason = candidate.get("finishReason")
         if reason:
             self._finished = True
             finish = _finish_reason(reason, candidate, self._calls > 0)
+            if finish == "stop" and not self._produced:
+                raise _bad(f"an empty stream (finishReason {reason})", finish_reason=str(reason))
             extra = {"refusal": _refusal(str(reason), candidate.get("finishMessage"))}
             out.append(self._chunk(extra if finish == "content_filter" else {}, finish))
         return out

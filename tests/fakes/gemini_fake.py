@@ -11,6 +11,7 @@ end marker; errors are Google's `{"error": {"code", "message", "status", "detail
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections import deque
 from dataclasses import dataclass, field
@@ -191,7 +192,7 @@ class GeminiFake:
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
         await site.start()
         server = site._server  # noqa: SLF001 - aiohttp offers no public accessor for the bound port
-        assert server is not None and server.sockets
+        assert isinstance(server, asyncio.Server) and server.sockets
         port = server.sockets[0].getsockname()[1]
         self.root_url = f"http://127.0.0.1:{port}"
 
