@@ -42,7 +42,7 @@ from tests.fakes.gemini_fake import (
 )
 
 SIG = "c2lnbmF0dXJlLWJ5dGVz"
-WEATHER = {
+WEATHER: dict[str, Any] = {
     "type": "function",
     "function": {
         "name": "get_weather",
