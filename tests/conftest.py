@@ -31,3 +31,39 @@ async def gateway(tmp_path: Path, upstream: FakeUpstream) -> AsyncIterator[Runni
     settings = make_settings(tmp_path, allowed_endpoints=(upstream.base_url,))
     async with running_gateway(settings) as running:
         yield running
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """A failed run must end, not hang: a test that fails half-way can leak an open aiosqlite
+    connection, whose worker thread is not a daemon and would keep the interpreter alive forever
+    (CI would then wait out its whole time limit instead of reporting the failure)."""
+    import os
+    import sys
+    import threading
+    import time
+
+    status = getattr(config, "_llmgw_exitstatus", 0)
+    if not status:
+        return
+    deadline = time.monotonic() + 10.0
+    while time.monotonic() < deadline:
+        # ThreadPoolExecutor workers end by themselves at exit; anything else would block it.
+        stuck = [
+            t
+            for t in threading.enumerate()
+            if t is not threading.main_thread()
+            and not t.daemon
+            and t.is_alive()
+            and not t.name.startswith(("ThreadPoolExecutor", "asyncio_"))
+        ]
+        if not stuck:
+            return
+        time.sleep(0.2)
+    names = ", ".join(sorted(t.name for t in stuck))
+    sys.stderr.write(f"\nconftest: exiting past threads a failed test left running: {names}\n")
+    sys.stderr.flush()
+    os._exit(int(status))
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    session.config._llmgw_exitstatus = exitstatus  # type: ignore[attr-defined]
