@@ -24,12 +24,12 @@ Unpacking decisions:
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any
 
 import orjson
 
+from server.core.exact_json import dump_exact
 from server.errors import UpstreamBadResponse
 
 logger = logging.getLogger(__name__)
@@ -136,37 +136,14 @@ def _is_json_text(arguments: object) -> bool:
     return True
 
 
+def _without_thoughts(args: dict[str, Any]) -> None:
+    args.pop(INNER_THOUGHTS_KWARG, None)
+    args.pop(LEGACY_INNER_THOUGHTS_KWARG, None)
+
+
 def _dump_exact(original: str, args: dict[str, Any]) -> str:
-    """Re-serialise arguments without changing any number.
-
-    orjson reads integers beyond 64 bits as floats; when the text holds such a number (rare),
-    the standard library, which keeps integers exact, re-reads and writes the arguments. orjson
-    writes at most 255 levels (it reads 1,024): deeper, the standard library writes them. May
-    raise RecursionError (nested past what the standard library takes).
-    """
-    if _has_float(args):
-        exact = json.loads(original)
-        exact.pop(INNER_THOUGHTS_KWARG, None)
-        exact.pop(LEGACY_INNER_THOUGHTS_KWARG, None)
-        return json.dumps(exact, ensure_ascii=False, separators=(",", ":"))
-    try:
-        return orjson.dumps(args).decode()
-    except TypeError:  # "Recursion limit reached"
-        return json.dumps(args, ensure_ascii=False, separators=(",", ":"))
-
-
-def _has_float(value: Any) -> bool:
-    """Whether a parsed JSON value holds a float (iterative: arguments may nest 1,024 deep)."""
-    stack = [value]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, float):
-            return True
-        if isinstance(item, dict):
-            stack.extend(item.values())
-        elif isinstance(item, list):
-            stack.extend(item)
-    return False
+    """The arguments without the thoughts, numbers exact (`server.core.exact_json`)."""
+    return dump_exact(original, args, _without_thoughts)
 
 
 def _pop_thought(fn: dict[str, Any], ci: int, ti: int) -> str | None:

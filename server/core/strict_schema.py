@@ -52,12 +52,13 @@ Conversion is pure and allocates new containers for every object it touches; the
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
+
+from server.core.exact_json import dump_exact
 
 logger = logging.getLogger(__name__)
 
@@ -540,17 +541,8 @@ def restore_absent(completion: dict[str, Any], restores: dict[str, Restore]) -> 
 
 
 def _dump_exact(original: str, args: dict[str, Any], restore: Restore) -> str:
-    """`args` as compact JSON, numbers exact: orjson reads integers past 64 bits as floats, so
-    with a float in it the standard library re-reads the text (and the nulls are dropped again);
-    orjson also refuses more than 255 levels, where the standard library takes over."""
-    if _has_float(args):
-        exact = json.loads(original)
-        _drop_nulls(exact, restore.root, restore, 0)
-        return json.dumps(exact, ensure_ascii=False, separators=(",", ":"))
-    try:
-        return orjson.dumps(args).decode()
-    except TypeError:
-        return json.dumps(args, ensure_ascii=False, separators=(",", ":"))
+    """`args` without the dropped nulls, numbers exact (`server.core.exact_json`)."""
+    return dump_exact(original, args, lambda exact: _drop_nulls(exact, restore.root, restore, 0))
 
 
 def _drop_nulls(value: Any, shape: Shape | None, restore: Restore, depth: int) -> bool:
@@ -600,17 +592,3 @@ def _drop_in_option(
     if len(picked) != 1 or picked[0] is None:
         return False
     return _drop_nulls(value, picked[0], restore, depth + 1)
-
-
-def _has_float(value: Any) -> bool:
-    """Whether a parsed JSON value holds a float anywhere (iterative: answers nest deep)."""
-    stack = [value]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, float):
-            return True
-        if isinstance(item, dict):
-            stack.extend(item.values())
-        elif isinstance(item, list):
-            stack.extend(item)
-    return False
