@@ -24,7 +24,7 @@ from server.traces.base import (
     TraceRecord,
     page_token,
     parse_page_token,
-    record_size,
+    record_bytes,
     trace_owner,
 )
 
@@ -225,7 +225,7 @@ class ProviderTraceServicer:
             page = fit_page(records[:size], self._page_bytes)
             # More may follow when the page ended before the rows read did, or when the store
             # stopped reading at the byte bound.
-            more = len(page) < len(records) or sum(map(record_size, records)) >= self._page_bytes
+            more = len(page) < len(records) or sum(map(record_bytes, records)) >= self._page_bytes
             token = page_token(records[len(page) - 1]) if page and more else ""
             return traces_pb2.ListProviderTracesResponse(traces=page, next_page_token=token)
 

@@ -102,7 +102,7 @@ class TraceQuery:
     start_time: datetime | None = None  # inclusive
     end_time: datetime | None = None  # exclusive
     limit: int = 50
-    # Stop reading once the traces read hold this many bytes (`record_size`), the trace that
+    # Stop reading once the traces read hold this many bytes (`record_bytes`), the trace that
     # crosses the bound included: a page of big traces is never all loaded. None: no bound.
     max_bytes: int | None = None
     # Keyset cursor: traces strictly older than (created_at, id) in newest-first order.
@@ -192,6 +192,25 @@ def record_size(record: TraceRecord) -> int:
         + len(r.run_id)
         + len(r.agent_id)
         + sum(len(tag) for tag in r.agent_tags)
+    )
+
+
+def _utf8(text: str) -> int:
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
+def record_bytes(record: TraceRecord) -> int:
+    """`record_size_sql` of a trace read from a store, in Python: UTF-8 bytes, never less.
+
+    Every store stops reading a page once the traces read hold `TraceQuery.max_bytes` of this
+    (SQLite in Python, PostgreSQL with octet_length, ClickHouse with length, both bytes), so the
+    reader tells with it whether a store stopped at the bound (and more traces may follow).
+    """
+    r = record
+    return (
+        _RECORD_OVERHEAD
+        + sum(_utf8(getattr(r, column)) for column in RECORD_SIZE_COLUMNS)
+        + sum(_utf8(tag) for tag in r.agent_tags)
     )
 
 

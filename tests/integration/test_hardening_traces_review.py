@@ -1,0 +1,124 @@
+"""Review of the trace hardening (issue 12 items 2, 9, 13): defects found attacking it.
+
+Through the real server on each store: paging never loses traces of non-ASCII text (the stores
+bound a page in UTF-8 bytes), and the ids and tags a caller puts in a trace are bounded on the
+write path, so no trace can be too big to list.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2, status_pb2
+from llmgateway.v1 import chat_pb2, traces_pb2
+
+from tests.fake_upstream import FakeUpstream
+from tests.gateway_harness import RunningGateway, chat_request, make_settings, running_gateway
+from tests.trace_polling import list_all, wait_for_trace
+from tests.trace_services import fresh_clickhouse_database, fresh_postgres_database
+
+PAGE_BYTES = 200_000
+
+BACKENDS = [
+    pytest.param("sqlite"),
+    pytest.param("postgres", marks=pytest.mark.slow),
+    pytest.param("clickhouse", marks=pytest.mark.slow),
+]
+
+
+@pytest.fixture(params=BACKENDS)
+async def gw(
+    request: pytest.FixtureRequest, tmp_path: Path, upstream: FakeUpstream
+) -> AsyncIterator[RunningGateway]:
+    overrides: dict[str, Any] = {"trace_backends": (request.param,)}
+    if request.param == "postgres":
+        overrides["postgres_dsn"] = await fresh_postgres_database(request.getfixturevalue("postgres_server"))
+    elif request.param == "clickhouse":
+        server = request.getfixturevalue("clickhouse_server")
+        overrides["clickhouse_url"] = server.url(fresh_clickhouse_database())
+    settings = make_settings(
+        tmp_path, allowed_endpoints=(upstream.base_url,), trace_page_bytes=PAGE_BYTES, **overrides
+    )
+    async with running_gateway(settings) as running:
+        yield running
+
+
+async def create(gw: RunningGateway, upstream: FakeUpstream, step: str, text: str, run: str) -> str:
+    request = chat_request(
+        upstream.base_url,
+        (chat_pb2.ROLE_USER, text),
+        context_window=2_000_000,
+        trace=chat_pb2.TraceContext(step_id=step, run_id=run),
+    )
+    response = await gw.chat.Create(request, timeout=30)
+    return response.provider_trace_id
+
+
+async def test_paging_never_loses_traces_of_non_ascii_text(
+    gw: RunningGateway, upstream: FakeUpstream
+) -> None:
+    # 70,000 CJK characters: 210 kB of UTF-8, 70 kB of characters. PostgreSQL and ClickHouse stop
+    # a page at the byte bound after one such trace; the page must still say more follow.
+    ids = [await create(gw, upstream, f"cjk{i}", "中" * 70_000, "run-cjk") for i in range(3)]
+    await wait_for_trace(gw.traces, "cjk2", trace_id=ids[-1])
+    await wait_for_trace(gw.traces, "cjk0", trace_id=ids[0])
+    traces = await list_all(gw.traces, traces_pb2.ListProviderTracesRequest(run_id="run-cjk", page_size=50))
+    assert [t.id for t in traces] == list(reversed(ids))
+    assert all(t.truncated for t in traces)
+
+
+def violations(error: grpc.aio.AioRpcError) -> dict[str, str]:
+    found: dict[str, str] = {}
+    for key, value in error.trailing_metadata() or ():
+        if key == "grpc-status-details-bin":
+            for detail in status_pb2.Status.FromString(value).details:
+                bad = error_details_pb2.BadRequest()
+                if detail.Unpack(bad):
+                    found.update({v.field: v.description for v in bad.field_violations})
+    return found
+
+
+@pytest.mark.parametrize(
+    ("trace", "user_id", "field"),
+    [
+        (chat_pb2.TraceContext(step_id="s" * 257), "", "trace.step_id"),
+        (chat_pb2.TraceContext(run_id="r" * 257), "", "trace.run_id"),
+        (chat_pb2.TraceContext(agent_id="a" * 257), "", "trace.agent_id"),
+        (chat_pb2.TraceContext(call_type="c" * 257), "", "trace.call_type"),
+        (chat_pb2.TraceContext(tags=["t"] * 257), "", "trace.tags"),
+        (chat_pb2.TraceContext(tags=["ok", "t" * 257]), "", "trace.tags[1]"),
+        (chat_pb2.TraceContext(), "u" * 257, "user_id"),
+    ],
+)
+async def test_trace_ids_and_tags_are_bounded_on_the_write_path(
+    tmp_path: Path, upstream: FakeUpstream, trace: chat_pb2.TraceContext, user_id: str, field: str
+) -> None:
+    settings = make_settings(tmp_path, allowed_endpoints=(upstream.base_url,))
+    async with running_gateway(settings) as gw:
+        request = chat_request(upstream.base_url, trace=trace, user_id=user_id)
+        for rpc in (gw.chat.Create, gw.chat.CountTokens):
+            with pytest.raises(grpc.aio.AioRpcError) as failure:
+                await rpc(request, timeout=10)
+            assert failure.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert field in violations(failure.value), failure.value.details()
+
+
+async def test_letta_ids_and_tags_at_the_limits_are_accepted(tmp_path: Path, upstream: FakeUpstream) -> None:
+    settings = make_settings(tmp_path, allowed_endpoints=(upstream.base_url,))
+    async with running_gateway(settings) as gw:
+        trace = chat_pb2.TraceContext(
+            step_id="step-" + "0" * 251,
+            run_id="run-6f1d2c3e-8a9b-4c5d-9e0f-123456789abc",
+            agent_id="agent-6f1d2c3e-8a9b-4c5d-9e0f-123456789abc",
+            call_type="summarization",
+            tags=["t" * 256] * 256,
+        )
+        request = chat_request(upstream.base_url, trace=trace, user_id="user-" + "1" * 251)
+        response = await gw.chat.Create(request, timeout=10)
+        got = await wait_for_trace(gw.traces, trace.step_id, trace_id=response.provider_trace_id)
+        assert list(got.agent_tags) == list(trace.tags)
+
