@@ -175,23 +175,30 @@ def record_size_sql(length_function: str) -> str:
     return " + ".join([str(_RECORD_OVERHEAD), *(f"{length_function}({c})" for c in RECORD_SIZE_COLUMNS)])
 
 
-def record_size(record: TraceRecord) -> int:
-    """About how many bytes a queued trace pins: its text fields' lengths plus a fixed overhead.
+def _pinned(text: str) -> int:
+    """An upper bound of the bytes `text` pins, in O(1): CPython keeps ASCII at one byte a
+    character and any other text at up to four (`str.isascii` reads a flag, it does not scan)."""
+    return len(text) if text.isascii() else 4 * len(text)
 
-    Characters, not encoded bytes: cheap (no encoding on the request path) and exact for the
-    ASCII that JSON with escapes and base64 images mostly is.
+
+def record_size(record: TraceRecord) -> int:
+    """About how many bytes a queued trace pins: its text fields plus a fixed overhead.
+
+    Never less than the memory the texts hold, and cheap (no scan, no encoding on the request
+    path): exact for the ASCII that JSON with escapes and base64 images mostly is, four bytes a
+    character for other text (CJK, emoji), so non-ASCII text cannot pin 4x the bound.
     """
     r = record
     return (
         _RECORD_OVERHEAD
-        + len(r.request_json)
-        + len(r.response_json)
-        + len(r.llm_config_json)
-        + len(r.error_message)
-        + len(r.step_id)
-        + len(r.run_id)
-        + len(r.agent_id)
-        + sum(len(tag) for tag in r.agent_tags)
+        + _pinned(r.request_json)
+        + _pinned(r.response_json)
+        + _pinned(r.llm_config_json)
+        + _pinned(r.error_message)
+        + _pinned(r.step_id)
+        + _pinned(r.run_id)
+        + _pinned(r.agent_id)
+        + sum(_pinned(tag) for tag in r.agent_tags)
     )
 
 

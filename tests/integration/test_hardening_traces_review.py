@@ -7,7 +7,9 @@ write path, so no trace can be too big to list.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +18,13 @@ import pytest
 from google.rpc import error_details_pb2, status_pb2
 from llmgateway.v1 import chat_pb2, traces_pb2
 
+from server.traces.base import TraceRecord, new_trace_id
+from server.traces.postgres import PostgresTraceBackend
+from server.traces.writer import TraceWriter, WriterRetry
 from tests.fake_upstream import FakeUpstream
 from tests.gateway_harness import RunningGateway, chat_request, make_settings, running_gateway
 from tests.trace_polling import list_all, wait_for_trace
-from tests.trace_services import fresh_clickhouse_database, fresh_postgres_database
+from tests.trace_services import free_port, fresh_clickhouse_database, fresh_postgres_database
 
 PAGE_BYTES = 200_000
 
@@ -122,3 +127,25 @@ async def test_letta_ids_and_tags_at_the_limits_are_accepted(tmp_path: Path, ups
         got = await wait_for_trace(gw.traces, trace.step_id, trace_id=response.provider_trace_id)
         assert list(got.agent_tags) == list(trace.tags)
 
+
+# --- item 9: the byte bound holds for non-ASCII text --------------------------------------------
+
+
+async def test_a_lane_is_bounded_in_memory_for_non_ascii_text() -> None:
+    # 100,000 emoji: 100 kB counted as characters, ~400 kB of memory (four bytes each in CPython).
+    text = "\U0001f600" * 100_000
+    dead = PostgresTraceBackend(f"postgresql://u:pw@127.0.0.1:{free_port()}/db")
+    writer = TraceWriter(
+        [dead], queue_bytes=1_000_000, retry=WriterRetry(initial_delay=0.01), start_timeout=0.01
+    )
+    await writer.start()
+    queued: list[TraceRecord] = []
+    for _ in range(20):
+        queued.append(
+            TraceRecord(id=new_trace_id(), created_at=datetime.now(UTC), request_json=text + str(_))
+        )
+        writer.enqueue(queued[-1])
+    stats = writer.stats_for("postgres")
+    pinned = sum(sys.getsizeof(r.request_json) for r in queued[len(queued) - stats.queued :])
+    assert pinned <= 1_000_000, (stats.queued, pinned)
+    await writer.close(timeout=0.2)
