@@ -7,9 +7,10 @@ write path, so no trace can be too big to list.
 
 from __future__ import annotations
 
+import random
 import sys
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +19,10 @@ import pytest
 from google.rpc import error_details_pb2, status_pb2
 from llmgateway.v1 import chat_pb2, traces_pb2
 
+from server.api.traces import truncate
 from server.traces.base import TraceRecord, new_trace_id
 from server.traces.postgres import PostgresTraceBackend
+from server.traces.sqlite import SQLiteTraceBackend
 from server.traces.writer import TraceWriter, WriterRetry
 from tests.fake_upstream import FakeUpstream
 from tests.gateway_harness import RunningGateway, chat_request, make_settings, running_gateway
@@ -149,3 +152,61 @@ async def test_a_lane_is_bounded_in_memory_for_non_ascii_text() -> None:
     pinned = sum(sys.getsizeof(r.request_json) for r in queued[len(queued) - stats.queued :])
     assert pinned <= 1_000_000, (stats.queued, pinned)
     await writer.close(timeout=0.2)
+
+
+# --- item 13: no stored trace is too big to list ------------------------------------------------
+
+
+async def test_a_trace_with_huge_metadata_does_not_block_the_listing(
+    tmp_path: Path, upstream: FakeUpstream
+) -> None:
+    # Stored before the write path bounded tags and ids: 300 kB of tags, a 50 kB step_id.
+    settings = make_settings(tmp_path, allowed_endpoints=(upstream.base_url,), trace_page_bytes=PAGE_BYTES)
+    store = SQLiteTraceBackend(settings.sqlite_path)
+    await store.start()
+    now = datetime.now(UTC)
+    old = TraceRecord(id=new_trace_id(), created_at=now, organization_id="default", run_id="r", step_id="old")
+    huge = TraceRecord(
+        id=new_trace_id(),
+        created_at=now + timedelta(seconds=1),
+        organization_id="default",
+        run_id="r",
+        step_id="s" * 50_000,
+        agent_tags=["t" * 1000] * 300,
+        request_json="{}",
+    )
+    await store.write_batch(records=[old, huge])
+    await store.close()
+    async with running_gateway(settings) as gw:
+        traces = await list_all(gw.traces, traces_pb2.ListProviderTracesRequest(run_id="r"))
+    assert [t.id for t in traces] == [huge.id, old.id]
+    assert traces[0].truncated and traces[0].ByteSize() <= PAGE_BYTES
+    assert not traces[1].truncated
+
+
+def test_truncate_stays_within_its_budget_and_keeps_prefixes() -> None:
+    rng = random.Random(12)
+    alphabet = 'aé中😀"\\{}'
+    for _ in range(200):
+
+        def text(n: int) -> str:
+            return "".join(rng.choice(alphabet) for _ in range(rng.randrange(n)))
+
+        trace = traces_pb2.ProviderTrace(
+            id=new_trace_id(),
+            step_id=text(3000),
+            run_id=text(300),
+            user_id=text(300),
+            agent_tags=[text(200) for _ in range(rng.randrange(100))],
+            request_json=text(20_000),
+            response_json=text(5000),
+            error_message=text(500),
+        )
+        budget = rng.randrange(4096, 40_000)
+        if trace.ByteSize() <= budget:
+            continue
+        cut = truncate(trace, budget)
+        assert cut.ByteSize() <= budget and cut.truncated and cut.id == trace.id
+        for name in ("step_id", "run_id", "user_id", "request_json", "response_json", "error_message"):
+            assert getattr(trace, name).startswith(getattr(cut, name)), name
+        assert list(trace.agent_tags[: len(cut.agent_tags)]) == list(cut.agent_tags)
