@@ -7,6 +7,7 @@ write path, so no trace can be too big to list.
 
 from __future__ import annotations
 
+import base64
 import random
 import sys
 from collections.abc import AsyncIterator
@@ -210,3 +211,40 @@ def test_truncate_stays_within_its_budget_and_keeps_prefixes() -> None:
         for name in ("step_id", "run_id", "user_id", "request_json", "response_json", "error_message"):
             assert getattr(trace, name).startswith(getattr(cut, name)), name
         assert list(trace.agent_tags[: len(cut.agent_tags)]) == list(cut.agent_tags)
+
+
+# --- filters a caller controls: never INTERNAL, never another owner's traces --------------------
+
+HOSTILE = [
+    "a\x00b",
+    "x' OR 1=1 --",
+    "x\\' OR 1=1 --",
+    "x\\",
+    "\u2028\ud7ff\U0010ffff",
+    "x`; DROP TABLE provider_traces",
+]
+
+
+async def test_hostile_filters_match_nothing_and_fail_nothing(
+    gw: RunningGateway, upstream: FakeUpstream
+) -> None:
+    trace_id = await create(gw, upstream, "mine", "hello", "run-h")
+    await wait_for_trace(gw.traces, "mine", trace_id=trace_id)
+    for value in HOSTILE:
+        for field in ("step_id", "run_id", "agent_id"):
+            page = await gw.traces.ListProviderTraces(
+                traces_pb2.ListProviderTracesRequest(**{field: value}), timeout=10
+            )
+            assert not page.traces, (field, value)
+        with pytest.raises(grpc.aio.AioRpcError) as failure:
+            await gw.traces.GetProviderTrace(traces_pb2.GetProviderTraceRequest(step_id=value), timeout=10)
+        assert failure.value.code() == grpc.StatusCode.NOT_FOUND, (value, failure.value.details())
+        token = base64.urlsafe_b64encode(f"99999999999999999:{value}".encode()).decode().rstrip("=")
+        page = await gw.traces.ListProviderTraces(
+            traces_pb2.ListProviderTracesRequest(page_token=token), timeout=10
+        )
+        assert len(page.traces) <= 1, value
+    # A step id with a NUL (PostgreSQL stores it as U+FFFD) is found by the id it was written with.
+    nul_id = await create(gw, upstream, "nul\x00step", "hello", "run-h")
+    got = await wait_for_trace(gw.traces, "nul\x00step", trace_id=nul_id)
+    assert got.id == nul_id
