@@ -8,6 +8,7 @@ write path, so no trace can be too big to list.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import random
 import sys
 from collections.abc import AsyncIterator
@@ -21,6 +22,9 @@ from google.rpc import error_details_pb2, status_pb2
 from llmgateway.v1 import chat_pb2, traces_pb2
 
 from server.api.traces import truncate
+from server.auth.actor import ANONYMOUS_ORGANIZATION
+from server.auth.store import create_auth_store
+from server.config import Settings
 from server.traces.base import TraceRecord, new_trace_id
 from server.traces.postgres import PostgresTraceBackend
 from server.traces.sqlite import SQLiteTraceBackend
@@ -248,3 +252,102 @@ async def test_hostile_filters_match_nothing_and_fail_nothing(
     nul_id = await create(gw, upstream, "nul\x00step", "hello", "run-h")
     got = await wait_for_trace(gw.traces, "nul\x00step", trace_id=nul_id)
     assert got.id == nul_id
+
+
+# --- item 2: scopes across organizations, copied page tokens, auth off then on -------------------
+
+
+def bearer(key: str) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {key}"),)
+
+
+async def make_key(settings: Settings, org: str, *, admin: bool = False, user: str = "") -> str:
+    store = create_auth_store(settings)
+    await store.start()
+    try:
+        _, key = await store.create_key(organization_id=org, user_id=user, is_admin=admin)
+        return key
+    finally:
+        await store.close()
+
+
+async def scoped_settings(request: pytest.FixtureRequest, tmp_path: Path, upstream: FakeUpstream) -> Settings:
+    backend = request.node.callspec.params["backend"]
+    overrides: dict[str, Any] = {"trace_backends": (backend,)}
+    if backend == "postgres":
+        overrides["postgres_dsn"] = await fresh_postgres_database(request.getfixturevalue("postgres_server"))
+    elif backend == "clickhouse":
+        overrides["clickhouse_url"] = request.getfixturevalue("clickhouse_server").url(
+            fresh_clickhouse_database()
+        )
+    return make_settings(tmp_path, auth="off", allowed_endpoints=(upstream.base_url,), **overrides)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+async def test_scopes_hold_across_orgs_tokens_and_auth_off_then_on(
+    request: pytest.FixtureRequest, tmp_path: Path, upstream: FakeUpstream, backend: str
+) -> None:
+    settings = await scoped_settings(request, tmp_path, upstream)
+    async with running_gateway(settings) as gw:  # auth off: owner ""
+        response = await gw.chat.Create(
+            chat_request(upstream.base_url, trace=chat_pb2.TraceContext(step_id="anon", run_id="run")),
+            timeout=10,
+        )
+        await wait_for_trace(gw.traces, "anon", trace_id=response.provider_trace_id)
+    settings = dataclasses.replace(settings, auth="required")
+    alice_a = await make_key(settings, "org-a", user="alice")
+    alice_b = await make_key(settings, "org-b", user="alice")  # the same user id, another organization
+    admin_a = await make_key(settings, "org-a", admin=True)
+    user_default = await make_key(settings, ANONYMOUS_ORGANIZATION, user="carol")
+    keyless_default = await make_key(settings, ANONYMOUS_ORGANIZATION)
+    admin_default = await make_key(settings, ANONYMOUS_ORGANIZATION, admin=True)
+    async with running_gateway(settings) as gw:
+        for i in range(3):
+            for key, who in ((alice_a, "a"), (alice_b, "b"), (admin_a, "admin")):
+                request_ = chat_request(
+                    upstream.base_url, trace=chat_pb2.TraceContext(step_id=f"{who}-{i}", run_id="run")
+                )
+                response = await gw.chat.Create(request_, metadata=bearer(key), timeout=10)
+        await wait_for_trace(
+            gw.traces, "admin-2", metadata=bearer(admin_a), trace_id=response.provider_trace_id
+        )
+        await wait_for_trace(gw.traces, "a-2", metadata=bearer(alice_a))
+        await wait_for_trace(gw.traces, "b-2", metadata=bearer(alice_b))
+
+        async def steps(key: str) -> list[str]:
+            traces = await list_all(
+                gw.traces,
+                traces_pb2.ListProviderTracesRequest(run_id="run", page_size=1),
+                metadata=bearer(key),
+            )
+            return [t.step_id for t in traces]
+
+        assert await steps(alice_a) == ["a-2", "a-1", "a-0"]
+        assert await steps(alice_b) == ["b-2", "b-1", "b-0"]
+        assert await steps(admin_a) == ["admin-2", "a-2", "admin-1", "a-1", "admin-0", "a-0"]
+        # Auth-off traces: the anonymous organization's admins only.
+        assert await steps(admin_default) == ["anon"]
+        assert await steps(user_default) == []
+        assert await steps(keyless_default) == []
+        # A page token copied from the admin's listing moves the cursor, never the scope.
+        first = await gw.traces.ListProviderTraces(
+            traces_pb2.ListProviderTracesRequest(page_size=1), metadata=bearer(admin_a), timeout=10
+        )
+        assert first.traces[0].step_id == "admin-2"
+        for key, expected in (
+            (alice_a, ["a-2", "a-1", "a-0"]),
+            (alice_b, ["b-2", "b-1", "b-0"]),
+            (user_default, []),
+        ):
+            page = await gw.traces.ListProviderTraces(
+                traces_pb2.ListProviderTracesRequest(page_size=10, page_token=first.next_page_token),
+                metadata=bearer(key),
+                timeout=10,
+            )
+            assert [t.step_id for t in page.traces] == expected
+        for key in (alice_b, user_default):
+            with pytest.raises(grpc.aio.AioRpcError) as failure:
+                await gw.traces.GetProviderTrace(
+                    traces_pb2.GetProviderTraceRequest(step_id="a-0"), metadata=bearer(key)
+                )
+            assert failure.value.code() == grpc.StatusCode.NOT_FOUND
