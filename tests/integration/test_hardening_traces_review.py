@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import math
 import random
 import sys
 from collections.abc import AsyncIterator
@@ -25,14 +26,20 @@ from server.api.traces import truncate
 from server.auth.actor import ANONYMOUS_ORGANIZATION
 from server.auth.store import create_auth_store
 from server.config import Settings
-from server.traces.base import TraceRecord, new_trace_id
+from server.traces.base import TraceQuery, TraceRecord, new_trace_id
+from server.traces.clickhouse import ClickHouseTraceBackend
 from server.traces.postgres import PostgresTraceBackend
 from server.traces.sqlite import SQLiteTraceBackend
 from server.traces.writer import TraceWriter, WriterRetry
 from tests.fake_upstream import FakeUpstream
 from tests.gateway_harness import RunningGateway, chat_request, make_settings, running_gateway
 from tests.trace_polling import list_all, wait_for_trace
-from tests.trace_services import free_port, fresh_clickhouse_database, fresh_postgres_database
+from tests.trace_services import (
+    ClickHouseServer,
+    free_port,
+    fresh_clickhouse_database,
+    fresh_postgres_database,
+)
 
 PAGE_BYTES = 200_000
 
@@ -351,3 +358,30 @@ async def test_scopes_hold_across_orgs_tokens_and_auth_off_then_on(
                     traces_pb2.GetProviderTraceRequest(step_id="a-0"), metadata=bearer(key)
                 )
             assert failure.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+@pytest.mark.slow
+async def test_clickhouse_reads_back_a_trace_with_non_finite_floats(
+    clickhouse_server: ClickHouseServer,
+) -> None:
+    # ClickHouse stores NaN and infinities and answers them as JSON null: one such row made every
+    # read that reached it fail (float(None)), INTERNAL.
+    backend = ClickHouseTraceBackend(clickhouse_server.url(fresh_clickhouse_database()))
+    await backend.start()
+    try:
+        odd = TraceRecord(
+            id=new_trace_id(),
+            created_at=datetime.now(UTC),
+            organization_id="o",
+            step_id="odd",
+            latency_ms=math.nan,
+            time_to_first_token_ms=math.inf,
+        )
+        await backend.write_batch(records=[odd])
+        got = await backend.get_latest(organization_id="o", step_id="odd")
+        assert got is not None and got.id == odd.id
+        assert [
+            r.id for r in await backend.list(query=TraceQuery(organization_id="o", max_bytes=10_000))
+        ] == [odd.id]
+    finally:
+        await backend.close()
