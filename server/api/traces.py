@@ -24,7 +24,7 @@ from server.traces.base import (
     TraceRecord,
     page_token,
     parse_page_token,
-    record_size,
+    record_bytes,
     trace_owner,
 )
 
@@ -79,11 +79,54 @@ def _framed(size: int) -> int:
     return size + _FIELD_FRAME
 
 
+# Cut only when a trace's metadata alone does not fit (stored before the write path bounded it).
+_METADATA = (
+    "step_id", "agent_id", "run_id", "user_id", "call_type", "model", "provider",
+    "model_endpoint_type", "error_type",
+)  # fmt: skip
+
+
+def _share(cut: traces_pb2.ProviderTrace, texts: dict[str, bytes], room: int) -> int:
+    """Set the fields of `texts` on `cut`, each cut to a fair share of `room`; the room left.
+
+    A text shorter than its share keeps it whole and leaves the rest to the others. Cuts fall on
+    UTF-8 character boundaries.
+    """
+    left = len(texts)
+    for name in sorted(texts, key=lambda n: len(texts[n])):
+        share = max(room, 0) // left
+        text = texts[name]
+        taken = text[: min(len(text), share)]
+        setattr(cut, name, taken.decode(errors="ignore"))  # drops a split last character
+        room -= len(taken)
+        left -= 1
+    return room
+
+
+def _cut_metadata(cut: traces_pb2.ProviderTrace, budget: int) -> None:
+    """Cut `cut`'s ids and tags (never its id, organization or times) to leave room in `budget`."""
+    strings = {name: getattr(cut, name).encode() for name in _METADATA}
+    tags = list(cut.agent_tags)
+    for name in _METADATA:
+        cut.ClearField(name)
+    del cut.agent_tags[:]
+    room = budget - cut.ByteSize() - _FIELD_FRAME * len(_METADATA)
+    # Half the room at most for the ids, then whole tags while they fit in half of what is left.
+    room = _share(cut, strings, room // 2) + room - room // 2
+    tag_room = room // 2
+    for tag in tags:
+        size = _framed(len(tag.encode()))
+        if size > tag_room:
+            break
+        cut.agent_tags.append(tag)
+        tag_room -= size
+
+
 def truncate(trace: traces_pb2.ProviderTrace, budget: int) -> traces_pb2.ProviderTrace:
     """`trace` cut to at most `budget` serialized bytes: the long texts keep their beginnings.
 
-    The room left by the other fields is shared fairly: a text shorter than its share keeps it
-    whole and leaves the rest to the others. Cuts fall on UTF-8 character boundaries.
+    The room left by the other fields is shared fairly (`_share`). When the other fields alone do
+    not fit, the ids and tags are cut too (`_cut_metadata`).
     """
     texts = {name: getattr(trace, name).encode() for name in _TRUNCATABLE}
     cut = traces_pb2.ProviderTrace()
@@ -91,21 +134,17 @@ def truncate(trace: traces_pb2.ProviderTrace, budget: int) -> traces_pb2.Provide
     for name in _TRUNCATABLE:
         cut.ClearField(name)
     cut.truncated = True
-    room = budget - cut.ByteSize() - _FIELD_FRAME * len(_TRUNCATABLE)
+    frames = _FIELD_FRAME * len(_TRUNCATABLE)
+    if cut.ByteSize() + frames > budget:
+        _cut_metadata(cut, budget - frames)
+    room = budget - cut.ByteSize() - frames
     if room < 0:  # only with a page bound far below any real trace's metadata
         raise FailedPrecondition(
             f"trace {trace.id} does not fit in {budget} bytes even without its texts; "
             "raise LLMGW_TRACE_PAGE_BYTES",
             metadata={"trace_id": trace.id, "size": str(trace.ByteSize()), "limit": str(budget)},
         )
-    left = len(texts)
-    for name in sorted(texts, key=lambda n: len(texts[n])):
-        share = room // left
-        text = texts[name]
-        taken = text[: min(len(text), share)]
-        setattr(cut, name, taken.decode(errors="ignore"))  # drops a split last character
-        room -= len(taken)
-        left -= 1
+    _share(cut, texts, room)
     return cut
 
 
@@ -225,7 +264,7 @@ class ProviderTraceServicer:
             page = fit_page(records[:size], self._page_bytes)
             # More may follow when the page ended before the rows read did, or when the store
             # stopped reading at the byte bound.
-            more = len(page) < len(records) or sum(map(record_size, records)) >= self._page_bytes
+            more = len(page) < len(records) or sum(map(record_bytes, records)) >= self._page_bytes
             token = page_token(records[len(page) - 1]) if page and more else ""
             return traces_pb2.ListProviderTracesResponse(traces=page, next_page_token=token)
 

@@ -25,6 +25,13 @@ MAX_MESSAGES = 10_000
 # All text of one request together (messages, parts, tool-call arguments).
 MAX_REQUEST_CHARS = 8_000_000
 MAX_FUNCTIONS = 1_000
+# What a caller puts in its trace (and user_id, kept in the trace's user_id field): ids are short
+# (Letta's are a prefix and a UUID, ~45 characters). Unbounded, one request could store a trace
+# whose metadata alone is larger than a trace page, or a step_id PostgreSQL cannot index.
+MAX_TRACE_ID_CHARS = 256  # trace.step_id, agent_id, run_id, call_type; user_id
+MAX_TRACE_TAGS = 256
+MAX_TRACE_TAG_CHARS = 256
+MAX_MODEL_CHARS = 1024
 _FUNCTION_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _VALID_ROLES = frozenset(chat_pb2.Role.values()) - {chat_pb2.ROLE_UNSPECIFIED}
 
@@ -39,6 +46,9 @@ def validate_request(request: chat_pb2.CreateRequest, keys: FunctionKeys | None 
     config = request.llm_config
     if not config.model:
         add(FieldViolation("llm_config.model", "required"))
+    elif len(config.model) > MAX_MODEL_CHARS:
+        add(FieldViolation("llm_config.model", f"longer than {MAX_MODEL_CHARS} characters"))
+    violations.extend(_trace_violations(request))
     endpoint_type = config.model_endpoint_type
     if endpoint_type not in KNOWN_TYPES:
         add(
@@ -104,6 +114,30 @@ def validate_request(request: chat_pb2.CreateRequest, keys: FunctionKeys | None 
             metadata={"fields": ",".join(v.field for v in violations)},
             field_violations=violations,
         )
+
+
+def _trace_violations(request: chat_pb2.CreateRequest) -> list[FieldViolation]:
+    found: list[FieldViolation] = []
+    trace = request.trace
+    for name, value in (
+        ("trace.step_id", trace.step_id),
+        ("trace.agent_id", trace.agent_id),
+        ("trace.run_id", trace.run_id),
+        ("trace.call_type", trace.call_type),
+        ("user_id", request.user_id),
+    ):
+        if len(value) > MAX_TRACE_ID_CHARS:
+            found.append(FieldViolation(name, f"longer than {MAX_TRACE_ID_CHARS} characters"))
+    if len(trace.tags) > MAX_TRACE_TAGS:
+        found.append(FieldViolation("trace.tags", f"at most {MAX_TRACE_TAGS} tags"))
+    else:
+        for i, tag in enumerate(trace.tags):
+            if len(tag) > MAX_TRACE_TAG_CHARS:
+                found.append(
+                    FieldViolation(f"trace.tags[{i}]", f"longer than {MAX_TRACE_TAG_CHARS} characters")
+                )
+                break
+    return found
 
 
 FunctionKeys = tuple[bytes, ...]

@@ -102,7 +102,7 @@ class TraceQuery:
     start_time: datetime | None = None  # inclusive
     end_time: datetime | None = None  # exclusive
     limit: int = 50
-    # Stop reading once the traces read hold this many bytes (`record_size`), the trace that
+    # Stop reading once the traces read hold this many bytes (`record_bytes`), the trace that
     # crosses the bound included: a page of big traces is never all loaded. None: no bound.
     max_bytes: int | None = None
     # Keyset cursor: traces strictly older than (created_at, id) in newest-first order.
@@ -175,23 +175,49 @@ def record_size_sql(length_function: str) -> str:
     return " + ".join([str(_RECORD_OVERHEAD), *(f"{length_function}({c})" for c in RECORD_SIZE_COLUMNS)])
 
 
-def record_size(record: TraceRecord) -> int:
-    """About how many bytes a queued trace pins: its text fields' lengths plus a fixed overhead.
+def _pinned(text: str) -> int:
+    """An upper bound of the bytes `text` pins, in O(1): CPython keeps ASCII at one byte a
+    character and any other text at up to four (`str.isascii` reads a flag, it does not scan)."""
+    return len(text) if text.isascii() else 4 * len(text)
 
-    Characters, not encoded bytes: cheap (no encoding on the request path) and exact for the
-    ASCII that JSON with escapes and base64 images mostly is.
+
+def record_size(record: TraceRecord) -> int:
+    """About how many bytes a queued trace pins: its text fields plus a fixed overhead.
+
+    Never less than the memory the texts hold, and cheap (no scan, no encoding on the request
+    path): exact for the ASCII that JSON with escapes and base64 images mostly is, four bytes a
+    character for other text (CJK, emoji), so non-ASCII text cannot pin 4x the bound.
     """
     r = record
     return (
         _RECORD_OVERHEAD
-        + len(r.request_json)
-        + len(r.response_json)
-        + len(r.llm_config_json)
-        + len(r.error_message)
-        + len(r.step_id)
-        + len(r.run_id)
-        + len(r.agent_id)
-        + sum(len(tag) for tag in r.agent_tags)
+        + _pinned(r.request_json)
+        + _pinned(r.response_json)
+        + _pinned(r.llm_config_json)
+        + _pinned(r.error_message)
+        + _pinned(r.step_id)
+        + _pinned(r.run_id)
+        + _pinned(r.agent_id)
+        + sum(_pinned(tag) for tag in r.agent_tags)
+    )
+
+
+def _utf8(text: str) -> int:
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
+def record_bytes(record: TraceRecord) -> int:
+    """`record_size_sql` of a trace read from a store, in Python: UTF-8 bytes, never less.
+
+    Every store stops reading a page once the traces read hold `TraceQuery.max_bytes` of this
+    (SQLite in Python, PostgreSQL with octet_length, ClickHouse with length, both bytes), so the
+    reader tells with it whether a store stopped at the bound (and more traces may follow).
+    """
+    r = record
+    return (
+        _RECORD_OVERHEAD
+        + sum(_utf8(getattr(r, column)) for column in RECORD_SIZE_COLUMNS)
+        + sum(_utf8(tag) for tag in r.agent_tags)
     )
 
 

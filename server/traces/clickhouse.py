@@ -147,8 +147,9 @@ def _from_row(row: Mapping[str, Any]) -> TraceRecord:
     values: dict[str, Any] = {c: row[c] for c in TRACE_COLUMNS if c != "created_at"}
     values["created_at"] = from_micros(int(row["created_at_us"]))
     values["is_byok"] = bool(int(row["is_byok"]))
-    values["latency_ms"] = float(row["latency_ms"])
-    values["time_to_first_token_ms"] = float(row["time_to_first_token_ms"])
+    # NaN and infinities come back as JSON null: read as 0 rather than fail every read of the row.
+    values["latency_ms"] = float(row["latency_ms"] or 0.0)
+    values["time_to_first_token_ms"] = float(row["time_to_first_token_ms"] or 0.0)
     for column in _INT_COLUMNS:
         values[column] = int(row[column])  # 64-bit integers come back as JSON strings
     values["agent_tags"] = list(row["agent_tags"])

@@ -191,10 +191,12 @@ class PostgresTraceBackend(TraceBackend):
     async def get_latest(
         self, *, organization_id: str, step_id: str, owner: str | None = None
     ) -> TraceRecord | None:
-        params: list[Any] = [organization_id, step_id]
+        # Filters go through _without_nul as the rows did (text cannot hold NUL: a NUL in a
+        # filter would fail the query, INTERNAL; replaced, it finds the trace written with it).
+        params: list[Any] = [organization_id, _without_nul(step_id)]
         where = "organization_id = $1 AND step_id = $2"
         if owner is not None:
-            params.append(owner)
+            params.append(_without_nul(owner))
             where += " AND owner = $3"
         row = await self._require_pool().fetchrow(
             f"{_SELECT} WHERE {where} ORDER BY created_at DESC, id DESC LIMIT 1", *params
@@ -208,7 +210,7 @@ class PostgresTraceBackend(TraceBackend):
         def add(condition: str, *values: Any) -> None:
             placeholders = []
             for value in values:
-                params.append(value)
+                params.append(_without_nul(value))  # as the rows were written
                 placeholders.append(f"${len(params)}")
             where.append(condition.format(*placeholders))
 

@@ -39,7 +39,7 @@ from server.traces.base import (
     TraceRecord,
     clamp_limit,
     from_micros,
-    record_size,
+    record_bytes,
     to_micros,
 )
 
@@ -327,7 +327,7 @@ class SQLiteTraceBackend(TraceBackend):
                 if row is None:
                     break
                 out.append(_from_row(row))
-                total += record_size(out[-1])
+                total += record_bytes(out[-1])
         return out
 
     async def _fetch(self, sql: str, params: Sequence[Any]) -> builtins.list[Any]:
