@@ -1,0 +1,138 @@
+"""Review of issue 12 items 5 and 13 (redaction, keys echoed in answers): attacks on the stream
+scrubber that let a known key out, each fixed in `server/core/answer_scrub.py`."""
+
+from __future__ import annotations
+
+import gc
+import json
+
+from llmgateway.v1 import chat_pb2
+
+from server.auth.redact import REDACTED, Redactor
+from server.core.answer_scrub import AnswerScrubber
+
+KEY = "sk-proj-" + "Q7" * 10 + "w9" * 10
+LONGER = KEY + "XYZxyz0123456789"  # a second known key that starts with the first
+
+
+def _delta(**fields: object) -> chat_pb2.StreamCreateResponse:
+    calls = fields.pop("calls", ())
+    event = chat_pb2.StreamCreateResponse(delta=chat_pb2.ChatCompletionDelta(**fields))  # type: ignore[arg-type]
+    for call in calls:  # type: ignore[attr-defined]
+        event.delta.tool_calls.add(**call)
+    return event
+
+
+def _stream(
+    scrubber: AnswerScrubber, events: list[chat_pb2.StreamCreateResponse]
+) -> dict[tuple[object, ...], str]:
+    """Everything the client got, concatenated per field (choice, channel, tool-call index)."""
+    sent: list[chat_pb2.StreamCreateResponse] = []
+    for event in events:
+        sent += scrubber.events([event])
+    sent += scrubber.flush()
+    texts: dict[tuple[object, ...], str] = {}
+
+    def add(key: tuple[object, ...], text: str) -> None:
+        texts[key] = texts.get(key, "") + text
+
+    for event in sent:
+        delta = event.delta
+        add((delta.index, "content"), delta.content)
+        add((delta.index, "reasoning"), delta.reasoning_content)
+        for fragment in delta.tool_calls:
+            add((delta.index, "arguments", fragment.index), fragment.arguments)
+            add((delta.index, "name", fragment.index), fragment.name)
+            add((delta.index, "id", fragment.index), fragment.id)
+    return texts
+
+
+def _leaks(texts: dict[tuple[object, ...], str], secret: str) -> dict[tuple[object, ...], str]:
+    # The secret, or a 16-character piece of it past its public "sk-proj-" start.
+    pieces = [secret[i : i + 16] for i in range(8, len(secret) - 15)]
+    return {k: v for k, v in texts.items() if any(p in v for p in pieces)}
+
+
+def test_a_key_that_starts_another_known_key_is_not_cut_at_a_delta_boundary() -> None:
+    # The colleague's admitted leak: the delta ends with KEY exactly, the next carries the rest of
+    # LONGER; KEY was replaced on its own and the rest of LONGER went out.
+    scrubber = AnswerScrubber(Redactor([KEY, LONGER]))
+    texts = _stream(
+        scrubber,
+        [_delta(content="x " + KEY), _delta(content=LONGER[len(KEY) :] + " y"), _delta(finish_reason=1)],
+    )
+    assert texts[(0, "content")] == f"x {REDACTED} y"
+
+
+def test_the_shorter_key_alone_is_still_replaced_when_the_longer_does_not_follow() -> None:
+    scrubber = AnswerScrubber(Redactor([KEY, LONGER]))
+    texts = _stream(scrubber, [_delta(content="x " + KEY), _delta(content=" y"), _delta(finish_reason=1)])
+    assert texts[(0, "content")] == f"x {REDACTED} y"
+    texts = _stream(AnswerScrubber(Redactor([KEY, LONGER])), [_delta(content="x " + KEY)])
+    assert texts[(0, "content")] == f"x {REDACTED}"  # held whole, released scrubbed at the end
+
+
+def test_tool_call_index_switching_mid_secret() -> None:
+    # Call 0 stops halfway through the key, call 1 starts, call 0 goes on: the held half of
+    # call 0 was released when call 1 started, and the rest followed.
+    scrubber = AnswerScrubber(Redactor([KEY]))
+    texts = _stream(
+        scrubber,
+        [
+            _delta(calls=[{"index": 0, "id": "c0", "name": "f", "arguments": '{"a": "' + KEY[:15]}]),
+            _delta(calls=[{"index": 1, "id": "c1", "name": "g", "arguments": "{}"}]),
+            _delta(calls=[{"index": 0, "arguments": KEY[15:] + '"}'}]),
+            _delta(finish_reason=chat_pb2.FINISH_REASON_TOOL_CALLS),
+        ],
+    )
+    assert not _leaks(texts, KEY)
+    assert json.loads(texts[(0, "arguments", 0)]) == {"a": REDACTED}
+    assert json.loads(texts[(0, "arguments", 1)]) == {}
+
+
+def test_tool_call_name_and_id_split_over_fragments() -> None:
+    for field in ("name", "id"):
+        scrubber = AnswerScrubber(Redactor([KEY]))
+        other = "id" if field == "name" else "name"
+        for split in (3, 15):
+            scrubber = AnswerScrubber(Redactor([KEY]))
+            texts = _stream(
+                scrubber,
+                [
+                    _delta(calls=[{"index": 0, other: "x", field: "f_" + KEY[:split]}]),
+                    _delta(calls=[{"index": 0, field: KEY[split:]}]),
+                    _delta(calls=[{"index": 0, "arguments": "{}"}]),
+                    _delta(finish_reason=chat_pb2.FINISH_REASON_TOOL_CALLS),
+                ],
+            )
+            assert not _leaks(texts, KEY), (field, split, texts)
+
+
+def test_a_name_is_never_cut_by_the_scrubber() -> None:
+    # "tools" ends with "s", a head of "sk-...": the name still goes out whole, at once.
+    scrubber = AnswerScrubber(Redactor([KEY]))
+    sent = list(scrubber.events([_delta(calls=[{"index": 0, "id": "call_s", "name": "tools"}])]))
+    assert [(f.id, f.name) for f in sent[0].delta.tool_calls] == [("call_s", "tools")]
+
+
+def test_text_after_a_choice_finished_does_not_complete_a_held_secret() -> None:
+    scrubber = AnswerScrubber(Redactor([KEY]))
+    texts = _stream(scrubber, [_delta(content=KEY[:15], finish_reason=1), _delta(content=KEY[15:] + " ok")])
+    assert KEY[15:] not in texts[(0, "content")]
+    assert texts[(0, "content")].endswith(f"{REDACTED} ok")
+
+
+def test_a_call_key_evicted_from_the_shared_redactor_mid_call_stays_known() -> None:
+    # 20,001 BYOK providers: the LRU drops this call's key while its stream runs; the trace and
+    # the rest of the answer are scrubbed with the shared redactor.
+    redactor = Redactor(max_secrets=2)
+    redactor.add_owned("byok\x00org\x00mine", KEY)
+    scrubber = AnswerScrubber(redactor, [KEY])
+    redactor.add_owned("byok\x00org\x00a", "a" * 40)
+    redactor.add_owned("byok\x00org\x00b", "b" * 40)
+    assert redactor.redact(f"echo {KEY}") == f"echo {REDACTED}"
+    texts = _stream(scrubber, [_delta(content=KEY[:20]), _delta(content=KEY[20:]), _delta(finish_reason=1)])
+    assert texts[(0, "content")] == REDACTED
+    del scrubber
+    gc.collect()
+    assert KEY not in redactor  # dropped once the call is over: the bound holds
