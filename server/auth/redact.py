@@ -508,6 +508,27 @@ class Redactor:
                 text = text.replace(spelling, REDACTED)
         return text
 
+    def known_in(self, text: str) -> list[str]:
+        """The known spellings that occur in `text` (the index lookup of `redact_known`)."""
+        if len(text) < MIN_SECRET_LENGTH or not self._spelling_refs:
+            return []
+        data = _utf8(text)
+        found: set[str] = set()
+        for tier in self._tiers:
+            if len(data) >= tier.min_bytes:
+                tier.candidates(data, found)
+        return [spelling for spelling in found if spelling in text]
+
+    def retain(self, secret: str) -> None:
+        """Keep `secret` known until `release` (a call in flight), whatever LRU eviction drops."""
+        if _registrable(secret):
+            self._retain(secret)
+
+    def release(self, secret: str) -> None:
+        """Undo one `retain`."""
+        if _registrable(secret) and secret in self._refs:
+            self._release(secret)
+
     def hold_from(self, text: str, start: int = 0) -> int:
         """Where the tail of `text` that could begin a known spelling starts (`len(text)`: none).
 
