@@ -136,3 +136,45 @@ def test_a_call_key_evicted_from_the_shared_redactor_mid_call_stays_known() -> N
     del scrubber
     gc.collect()
     assert KEY not in redactor  # dropped once the call is over: the bound holds
+
+
+def test_a_key_echoed_by_common_json_encoders_is_redacted() -> None:
+    # Go's encoding/json escapes <, > and & (\u003c...), PHP's json_encode escapes "/" ("\/"):
+    # a debugging proxy written in either echoes a key with those characters in that spelling.
+    secret = "AbC/dEf+gHi&jKl<mNo>pQr/sTu=vWx0123456789yZ"
+    redactor = Redactor([secret])
+    go = secret.replace("&", "\\u0026").replace("<", "\\u003c").replace(">", "\\u003e")
+    php = secret.replace("/", "\\/")
+    both = go.replace("/", "\\/")
+    for spelling in (go, php, both):
+        assert redactor.redact_known(f'{{"auth": "{spelling}"}}') == f'{{"auth": "{REDACTED}"}}', spelling
+        assert json.loads(f'"{spelling}"') == secret  # what a client parsing the arguments gets
+
+
+def test_log_extra_fields_are_redacted() -> None:
+    # A structured (JSON, OpenTelemetry) handler shows `extra=` fields: an upstream's tool call
+    # named after a key reaches them (core/inner_thoughts.py logs `function_name`).
+    import logging
+
+    from server.auth.redact import install_log_redaction, uninstall_log_redaction
+
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    logger = logging.getLogger("test.redact.review")
+    handler = Keep()
+    logger.addHandler(handler)
+    install_log_redaction(Redactor([KEY]))
+    try:
+        logger.warning("call %s", KEY, extra={"function_name": KEY, "fields": {"name": KEY}, "n": 3})
+    finally:
+        uninstall_log_redaction()
+        logger.removeHandler(handler)
+    (record,) = records
+    assert record.getMessage() == f"call {REDACTED}"
+    assert record.function_name == REDACTED  # type: ignore[attr-defined]
+    assert record.fields == {"name": REDACTED}  # type: ignore[attr-defined]
+    assert record.n == 3  # type: ignore[attr-defined]
