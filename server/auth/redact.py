@@ -212,7 +212,15 @@ def _apply(rule: _Rule, text: str, haystack: str) -> str:
 
 
 def _spellings(secret: str) -> set[str]:
-    forms = {secret, quote(secret, safe=""), quote(secret, safe="/"), json.dumps(secret)[1:-1]}
+    escaped = json.dumps(secret)[1:-1]
+    forms = {secret, quote(secret, safe=""), quote(secret, safe="/"), escaped}
+    # Other JSON encoders' spellings (only for keys with those characters): Go's encoding/json
+    # escapes <, > and & (HTML-safe), PHP's json_encode escapes "/".
+    if "<" in escaped or ">" in escaped or "&" in escaped:
+        go = escaped.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+        forms.update((go, go.replace("/", "\\/")))
+    if "/" in escaped:
+        forms.add(escaped.replace("/", "\\/"))
     return {f for f in forms if len(f) >= MIN_SECRET_LENGTH}
 
 
@@ -689,6 +697,7 @@ def install_log_redaction(redactor: Redactor) -> None:
     original = logging.getLogRecordFactory()
     _original_factory = original
     _installed.append(redactor)
+    _wrap_make_record()
 
     def factory(*args: object, **kwargs: object) -> logging.LogRecord:
         record = original(*args, **kwargs)
@@ -699,6 +708,35 @@ def install_log_redaction(redactor: Redactor) -> None:
     logging.setLogRecordFactory(factory)
 
 
+_original_make_record: Callable[..., logging.LogRecord] | None = None
+
+
+def _wrap_make_record() -> None:
+    """`extra=` fields are set on a record after the factory made it (`Logger.makeRecord`), and
+    structured handlers (JSON, OpenTelemetry) show them: redact them there too."""
+    global _original_make_record
+    if _original_make_record is not None:
+        return
+    original = logging.Logger.makeRecord
+    _original_make_record = original
+
+    def make_record(self: logging.Logger, *args: object, **kwargs: object) -> logging.LogRecord:
+        record = original(self, *args, **kwargs)  # type: ignore[arg-type]
+        extra = kwargs.get("extra", args[8] if len(args) > 8 else None)
+        if extra and _installed and isinstance(extra, Mapping):
+            redactor = _installed[0]
+            fields = record.__dict__
+            for key in extra:
+                value = fields.get(key)
+                if isinstance(value, str):
+                    fields[key] = redactor.redact(value)
+                elif isinstance(value, dict | list | tuple):
+                    fields[key] = redactor.redact_json(value)
+        return record
+
+    logging.Logger.makeRecord = make_record  # type: ignore[method-assign]
+
+
 def installed_redactor() -> Redactor | None:
     """The redactor of `install_log_redaction` (the process's known secrets), if any."""
     return _installed[0] if _installed else None
@@ -707,9 +745,13 @@ def installed_redactor() -> Redactor | None:
 def uninstall_log_redaction() -> None:
     """Undo `install_log_redaction` (tests)."""
     global _original_factory
+    global _original_make_record
     if _original_factory is not None:
         logging.setLogRecordFactory(_original_factory)
         _original_factory = None
+    if _original_make_record is not None:
+        logging.Logger.makeRecord = _original_make_record  # type: ignore[method-assign]
+        _original_make_record = None
     _installed.clear()
 
 
