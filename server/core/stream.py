@@ -1,7 +1,8 @@
 """Assemble a streamed chat completion from its chunks (OpenAI `chat.completion.chunk` JSON).
 
-Content and reasoning_content are concatenated, tool-call fragments merged by `index` (id and
-name appended as clients concatenate them, a repeat of the whole value ignored; arguments appended), finish_reason and model taken from the latest chunk, usage
+Content and reasoning_content are concatenated, tool-call fragments merged by `index` (id, name
+and arguments appended, as clients join them; an id or name repeated whole is not doubled),
+finish_reason and model taken from the latest chunk, usage
 from the usage chunk (`stream_options.include_usage`).
 """
 

@@ -39,7 +39,7 @@ class ScriptedEcho:
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
         await site.start()
         server = site._server  # noqa: SLF001 - aiohttp offers no public accessor for the bound port
-        assert server is not None and server.sockets
+        assert isinstance(server, asyncio.Server) and server.sockets
         self.base_url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1"
 
     async def stop(self) -> None:
@@ -53,7 +53,7 @@ class ScriptedEcho:
         deltas = self.script(key)
         for number, delta in enumerate(deltas):
             finish = delta.pop("finish_reason", None)
-            chunk = {
+            chunk: dict[str, Any] = {
                 "id": "chatcmpl-1",
                 "object": "chat.completion.chunk",
                 "model": "gpt-4o-mini",
