@@ -29,6 +29,7 @@ import dataclasses
 import json
 import logging
 import re
+import sys
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -274,7 +275,8 @@ class _Tier:
     def keys_of(self, data: bytes) -> set[int]:
         keys: set[int] = set()
         for offset in range(self.stride):
-            keys.add(int.from_bytes(data[offset : offset + self.block], "little"))
+            # Native order: the samples are read as native integers (memoryview.cast).
+            keys.add(int.from_bytes(data[offset : offset + self.block], sys.byteorder))
         return keys
 
     def add(self, spelling: str, data: bytes) -> None:
@@ -333,9 +335,8 @@ class _Tier:
             return
         position = selected.find(1)
         while position >= 0:
-            start = position * block
             # .get: a log line redacted in another thread may race a provider being dropped.
-            present = windows.get(int.from_bytes(sampled[start : start + block], "little"))
+            present = windows.get(samples[position])  # the sample as an int, no slice or copy
             if present is not None:
                 if isinstance(present, str):
                     found.add(present)
