@@ -28,6 +28,7 @@ class ScriptedEcho:
 
     def __init__(self) -> None:
         self.script: Script = lambda key: [{"content": key}]
+        self.unary: Callable[[str], dict[str, Any]] | None = None  # the answer to a Create
         self._runner: web.AppRunner | None = None
         self.base_url = ""
 
@@ -48,16 +49,19 @@ class ScriptedEcho:
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         key = request.headers.get("Authorization", "").removeprefix("Bearer ")
+        if self.unary is not None and not (await request.json()).get("stream"):
+            return web.json_response(self.unary(key))
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
         deltas = self.script(key)
         for number, delta in enumerate(deltas):
             finish = delta.pop("finish_reason", None)
+            index = delta.pop("choice_index", 0)
             chunk: dict[str, Any] = {
                 "id": "chatcmpl-1",
                 "object": "chat.completion.chunk",
                 "model": "gpt-4o-mini",
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+                "choices": [{"index": index, "delta": delta, "finish_reason": finish}],
             }
             if number == len(deltas) - 1:
                 chunk["usage"] = {"prompt_tokens": 5, "completion_tokens": 5, "total_tokens": 10}
@@ -162,3 +166,51 @@ async def test_a_key_that_starts_a_longer_known_secret_is_not_cut_in_a_stream(
     content = "".join(e.delta.content for e in events[:-1])
     assert content == "x [REDACTED] y"
     assert events[-1].completion.choices[0].message.content == "x [REDACTED] y"
+
+
+@pytest.mark.parametrize("where", ["choice", "tool_call"])
+async def test_a_key_echoed_as_an_index_is_a_bad_response_and_not_in_spans(
+    tmp_path: Path, upstream: ScriptedEcho, where: str
+) -> None:
+    # `int(index)` raised a bare ValueError quoting the value: INTERNAL for the caller, and the
+    # key in the exception the span recorded (exception.message, exception.stacktrace).
+    import grpc
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from server.app import GatewayServer
+
+    key = "byok-" + secrets.token_hex(24)  # no known key shape: only the known value can catch it
+    upstream.unary = lambda got: {
+        "id": "c",
+        "model": "m",
+        "choices": [
+            {"index": got, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}
+        ],
+    }
+    if where == "choice":
+        upstream.script = lambda got: [{"content": "hi", "choice_index": got}, {"finish_reason": "stop"}]
+    else:
+        upstream.script = lambda got: [
+            {"tool_calls": [{"index": got, "id": "c0", "function": {"name": "f", "arguments": "{}"}}]},
+            {"finish_reason": "tool_calls"},
+        ]
+    exporter = InMemorySpanExporter()
+    settings = make_settings(tmp_path, openai_api_key=key, openai_base_url=upstream.base_url)
+    async with running_gateway(settings, server=GatewayServer(settings, span_exporter=exporter)) as gw:
+        config = chat_pb2.LLMConfig(
+            model="gpt-4o-mini", model_endpoint_type="openai", model_endpoint=upstream.base_url
+        )
+        request = chat_request("", llm_config=config, functions=[SEND])
+        stream = gw.chat.StreamCreate(chat_pb2.StreamCreateRequest.FromString(request.SerializeToString()))
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            async for _ in stream:
+                pass
+        with pytest.raises(grpc.aio.AioRpcError) as unary:
+            await gw.chat.Create(request, timeout=20)
+    for error in (caught.value, unary.value):
+        assert error.code() == grpc.StatusCode.UNAVAILABLE, error.details()
+        assert key not in str(error.details()) + str(error.trailing_metadata())
+    spans = exporter.get_finished_spans()
+    texts = [str(dict(span.attributes or {})) for span in spans]
+    texts += [str(dict(event.attributes or {})) for span in spans for event in span.events]
+    assert not [text for text in texts if key in text]
