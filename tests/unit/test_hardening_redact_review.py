@@ -123,19 +123,55 @@ def test_text_after_a_choice_finished_does_not_complete_a_held_secret() -> None:
 
 
 def test_a_call_key_evicted_from_the_shared_redactor_mid_call_stays_known() -> None:
-    # 20,001 BYOK providers: the LRU drops this call's key while its stream runs; the trace and
-    # the rest of the answer are scrubbed with the shared redactor.
+    # 20,001 BYOK providers (or the provider's key replaced or deleted) while a call runs: the LRU
+    # dropped this call's key, and the rest of the answer and the trace were scrubbed without it.
+    # The call's target holds a lease on its key (server.app's BYOK lookup makes it).
     redactor = Redactor(max_secrets=2)
     redactor.add_owned("byok\x00org\x00mine", KEY)
+    lease = redactor.lease(KEY)
     scrubber = AnswerScrubber(redactor, [KEY])
     redactor.add_owned("byok\x00org\x00a", "a" * 40)
     redactor.add_owned("byok\x00org\x00b", "b" * 40)
-    assert redactor.redact(f"echo {KEY}") == f"echo {REDACTED}"
+    redactor.discard_owner("byok\x00org\x00mine")
+    assert redactor.redact_known(f"echo {KEY}") == f"echo {REDACTED}"  # the trace's scrub
     texts = _stream(scrubber, [_delta(content=KEY[:20]), _delta(content=KEY[20:]), _delta(finish_reason=1)])
     assert texts[(0, "content")] == REDACTED
-    del scrubber
+    del lease
     gc.collect()
     assert KEY not in redactor  # dropped once the call is over: the bound holds
+
+
+async def test_the_byok_target_carries_the_lease() -> None:
+    import tempfile
+    from pathlib import Path
+
+    from server.auth.actor import Actor
+    from server.auth.endpoints import EndpointPolicy
+    from server.core.keys import ByokProvider, resolve_target
+    from tests.gateway_harness import make_settings
+
+    settings = make_settings(Path(tempfile.mkdtemp()), allowed_endpoints=("http://127.0.0.1:9/v1",))
+    redactor = Redactor()
+    keep = redactor.lease(KEY)
+
+    async def lookup(organization_id: str, name: str) -> ByokProvider:
+        return ByokProvider(name, "http://127.0.0.1:9/v1", KEY, keep=keep)
+
+    async def urls(organization_id: str) -> list[str]:
+        return ["http://127.0.0.1:9/v1"]
+
+    config = chat_pb2.LLMConfig(
+        model="m", provider_name="mine", provider_category=chat_pb2.PROVIDER_CATEGORY_BYOK
+    )
+    target = await resolve_target(
+        config,
+        settings=settings,
+        actor=Actor(organization_id="org", user_id="", is_admin=True),
+        policy=EndpointPolicy.from_settings(settings),
+        byok_provider=lookup,
+        byok_urls=urls,
+    )
+    assert target.keep is keep
 
 
 def test_a_key_echoed_by_common_json_encoders_is_redacted() -> None:
