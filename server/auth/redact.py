@@ -528,15 +528,13 @@ class Redactor:
                 tier.candidates(data, found)
         return [spelling for spelling in found if spelling in text]
 
-    def retain(self, secret: str) -> None:
-        """Keep `secret` known until `release` (a call in flight), whatever LRU eviction drops."""
-        if _registrable(secret):
-            self._retain(secret)
-
-    def release(self, secret: str) -> None:
-        """Undo one `retain`."""
-        if _registrable(secret) and secret in self._refs:
-            self._release(secret)
+    def lease(self, secret: str) -> object | None:
+        """Keep `secret` known while the returned object lives (a call in flight holds it), even if
+        its provider's entry is replaced, deleted or dropped by the LRU bound meanwhile."""
+        if not _registrable(secret):
+            return None
+        self._retain(secret)
+        return _Lease(self, secret)
 
     def hold_from(self, text: str, start: int = 0) -> int:
         """Where the tail of `text` that could begin a known spelling starts (`len(text)`: none).
@@ -647,6 +645,19 @@ class Redactor:
         if isinstance(obj, list | tuple):
             return [self.redact_json(item) for item in obj]
         return obj
+
+
+class _Lease:
+    __slots__ = ("_redactor", "_secret")
+
+    def __init__(self, redactor: Redactor, secret: str) -> None:
+        self._redactor = redactor
+        self._secret = secret
+
+    def __del__(self) -> None:
+        redactor = self._redactor
+        if self._secret in redactor._refs:  # noqa: SLF001 - the lease is part of the redactor
+            redactor._release(self._secret)  # noqa: SLF001
 
 
 def _redact_record(record: logging.LogRecord, redactor: Redactor) -> None:

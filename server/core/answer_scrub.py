@@ -14,7 +14,6 @@ may legitimately write `api_key="sk-..."` in an answer.
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Iterable
 
 from llmgateway.v1 import chat_pb2
@@ -34,7 +33,7 @@ _FIELD_HOLD = 4
 class AnswerScrubber:
     """Scrubs one call's answer: a whole completion, or a stream's deltas as they come."""
 
-    __slots__ = ("_sources", "_held", "_context", "__weakref__")
+    __slots__ = ("_sources", "_held", "_context")
 
     def __init__(self, redactor: Redactor | None, call_secrets: Iterable[str] = ()) -> None:
         sources: list[Redactor] = [redactor] if redactor is not None else []
@@ -45,16 +44,7 @@ class AnswerScrubber:
             sources.append(Redactor(extra))
         self._sources = tuple(r for r in sources if len(r))
         self._held: dict[_Channel, str] = {}
-        self._context: dict[_Channel, str] = {}  # id/name: the last characters let out
-        if redactor is not None:
-            # The key of this call stays known to the shared redactor until the call is over
-            # (the scrubber is dropped), even if LRU eviction drops its provider's entry meanwhile:
-            # the answer, the trace and the errors are scrubbed with it.
-            kept = [s for s in call_secrets if s and s in redactor]
-            for secret in kept:
-                redactor.retain(secret)
-            if kept:
-                weakref.finalize(self, _release_all, redactor, kept)
+        self._context: dict[_Channel, str] = {}  # what went out last: ids, names, at a finish
 
     def text(self, text: str) -> str:
         for source in self._sources:
@@ -253,8 +243,3 @@ def _starts(text: str, spelling: str) -> Iterable[int]:
     while start >= 0:
         yield start
         start = text.find(spelling, start + 1)
-
-
-def _release_all(redactor: Redactor, secrets: list[str]) -> None:
-    for secret in secrets:
-        redactor.release(secret)
