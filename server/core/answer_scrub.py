@@ -94,15 +94,16 @@ class AnswerScrubber:
 
     # -- internals ---------------------------------------------------------------------------
 
-    def _cut(self, pending: str) -> int:
+    def _cut(self, pending: str) -> tuple[int, bool]:
         """Where the tail to hold back starts: the earliest position whose suffix may begin a
         known spelling, moved before any known spelling it would cut in two (a secret that is a
-        prefix of another one is held whole until the text decides which one it is)."""
+        prefix of another one is held whole until the text decides which one it is); and whether
+        `pending` holds a known spelling at all (when nothing is held: not looked at, True)."""
         cut = len(pending)
         for source in self._sources:
             cut = min(cut, source.hold_from(pending))
         if cut == len(pending):
-            return cut
+            return cut, True
         spans = [
             (start, start + len(spelling))
             for source in self._sources
@@ -115,7 +116,7 @@ class AnswerScrubber:
             for begin, end in spans:
                 if begin < cut < end:
                     cut, moved = begin, True
-        return cut
+        return cut, bool(spans)
 
     def _channel(self, channel: _Channel, text: str) -> str:
         """What of `text` (after what this channel held) can go out now; keeps the rest."""
@@ -125,11 +126,11 @@ class AnswerScrubber:
             # More text after this channel's choice finished (an upstream out of protocol): what
             # the finish let out may have begun a secret; the rest of it does not follow.
             pending = self._continued(self._context.pop(channel), pending)
-        cut = self._cut(pending)
+        cut, known = self._cut(pending)
         if cut < len(pending):
             self._held[channel] = pending[cut:]
             pending = pending[:cut]
-        return self.text(pending)
+        return self.text(pending) if known else pending
 
     def _field(self, channel: _Channel, text: str) -> str:
         """A tool call's id or name fragment: all of it now, or held whole until the next one."""
@@ -137,7 +138,7 @@ class AnswerScrubber:
         context = self._context.get(channel, "")
         pending = held + text
         combined = context + pending
-        if len(combined) - self._cut(combined) >= _FIELD_HOLD:
+        if len(combined) - self._cut(combined)[0] >= _FIELD_HOLD:
             self._held[channel] = pending
             return ""
         return self._let_out(channel, context, pending)
