@@ -371,6 +371,7 @@ class Redactor:
         self._heads: dict[str, int] = {}  # 1..3-character prefixes of spellings -> count
         self._lengths: dict[int, int] = {}  # spelling length -> count
         self._longest = 0
+        self._shortest = 0  # the shortest spelling (0: none)
         self._firsts: dict[str, int] = {}  # first characters of spellings -> count
         self.add_many(secrets)
 
@@ -462,6 +463,7 @@ class Redactor:
             self._heads[head] = self._heads.get(head, 0) + 1
         self._lengths[len(spelling)] = self._lengths.get(len(spelling), 0) + 1
         self._longest = max(self._longest, len(spelling))
+        self._shortest = min(self._shortest or len(spelling), len(spelling))
         self._firsts[spelling[0]] = self._firsts.get(spelling[0], 0) + 1
 
     def _unindex(self, spelling: str) -> None:
@@ -483,6 +485,7 @@ class Redactor:
         else:
             self._lengths.pop(len(spelling), None)
             self._longest = max(self._lengths, default=0)
+            self._shortest = min(self._lengths, default=0)
         left = self._firsts.get(spelling[0], 0) - 1
         if left > 0:
             self._firsts[spelling[0]] = left
@@ -519,7 +522,7 @@ class Redactor:
 
     def known_in(self, text: str) -> list[str]:
         """The known spellings that occur in `text` (the index lookup of `redact_known`)."""
-        if len(text) < MIN_SECRET_LENGTH or not self._spelling_refs:
+        if len(text) < self._shortest or not self._spelling_refs:
             return []
         data = _utf8(text)
         found: set[str] = set()
