@@ -163,7 +163,14 @@ class GatewayServer:
                 redactor=redactor,
             )
             record = found.provider
-            return ByokProvider(record.name, record.base_url, found.api_key, record.endpoint_type)
+            # The lease travels with the call's target: its key stays known until the call ends.
+            return ByokProvider(
+                record.name,
+                record.base_url,
+                found.api_key,
+                record.endpoint_type,
+                keep=redactor.lease(found.api_key),
+            )
 
         async def byok_urls(organization_id: str) -> Sequence[str]:
             return await store.byok_base_urls(organization_id=organization_id)

@@ -29,6 +29,7 @@ import dataclasses
 import json
 import logging
 import re
+import sys
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -212,7 +213,15 @@ def _apply(rule: _Rule, text: str, haystack: str) -> str:
 
 
 def _spellings(secret: str) -> set[str]:
-    forms = {secret, quote(secret, safe=""), quote(secret, safe="/"), json.dumps(secret)[1:-1]}
+    escaped = json.dumps(secret)[1:-1]
+    forms = {secret, quote(secret, safe=""), quote(secret, safe="/"), escaped}
+    # Other JSON encoders' spellings (only for keys with those characters): Go's encoding/json
+    # escapes <, > and & (HTML-safe), PHP's json_encode escapes "/".
+    if "<" in escaped or ">" in escaped or "&" in escaped:
+        go = escaped.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+        forms.update((go, go.replace("/", "\\/")))
+    if "/" in escaped:
+        forms.add(escaped.replace("/", "\\/"))
     return {f for f in forms if len(f) >= MIN_SECRET_LENGTH}
 
 
@@ -266,7 +275,8 @@ class _Tier:
     def keys_of(self, data: bytes) -> set[int]:
         keys: set[int] = set()
         for offset in range(self.stride):
-            keys.add(int.from_bytes(data[offset : offset + self.block], "little"))
+            # Native order: the samples are read as native integers (memoryview.cast).
+            keys.add(int.from_bytes(data[offset : offset + self.block], sys.byteorder))
         return keys
 
     def add(self, spelling: str, data: bytes) -> None:
@@ -325,9 +335,8 @@ class _Tier:
             return
         position = selected.find(1)
         while position >= 0:
-            start = position * block
             # .get: a log line redacted in another thread may race a provider being dropped.
-            present = windows.get(int.from_bytes(sampled[start : start + block], "little"))
+            present = windows.get(samples[position])  # the sample as an int, no slice or copy
             if present is not None:
                 if isinstance(present, str):
                     found.add(present)
@@ -362,6 +371,7 @@ class Redactor:
         self._heads: dict[str, int] = {}  # 1..3-character prefixes of spellings -> count
         self._lengths: dict[int, int] = {}  # spelling length -> count
         self._longest = 0
+        self._shortest = 0  # the shortest spelling (0: none)
         self._firsts: dict[str, int] = {}  # first characters of spellings -> count
         self.add_many(secrets)
 
@@ -453,6 +463,7 @@ class Redactor:
             self._heads[head] = self._heads.get(head, 0) + 1
         self._lengths[len(spelling)] = self._lengths.get(len(spelling), 0) + 1
         self._longest = max(self._longest, len(spelling))
+        self._shortest = min(self._shortest or len(spelling), len(spelling))
         self._firsts[spelling[0]] = self._firsts.get(spelling[0], 0) + 1
 
     def _unindex(self, spelling: str) -> None:
@@ -474,6 +485,7 @@ class Redactor:
         else:
             self._lengths.pop(len(spelling), None)
             self._longest = max(self._lengths, default=0)
+            self._shortest = min(self._lengths, default=0)
         left = self._firsts.get(spelling[0], 0) - 1
         if left > 0:
             self._firsts[spelling[0]] = left
@@ -507,6 +519,25 @@ class Redactor:
             if spelling in text:
                 text = text.replace(spelling, REDACTED)
         return text
+
+    def known_in(self, text: str) -> list[str]:
+        """The known spellings that occur in `text` (the index lookup of `redact_known`)."""
+        if len(text) < self._shortest or not self._spelling_refs:
+            return []
+        data = _utf8(text)
+        found: set[str] = set()
+        for tier in self._tiers:
+            if len(data) >= tier.min_bytes:
+                tier.candidates(data, found)
+        return [spelling for spelling in found if spelling in text]
+
+    def lease(self, secret: str) -> object | None:
+        """Keep `secret` known while the returned object lives (a call in flight holds it), even if
+        its provider's entry is replaced, deleted or dropped by the LRU bound meanwhile."""
+        if not _registrable(secret):
+            return None
+        self._retain(secret)
+        return _Lease(self, secret)
 
     def hold_from(self, text: str, start: int = 0) -> int:
         """Where the tail of `text` that could begin a known spelling starts (`len(text)`: none).
@@ -619,6 +650,19 @@ class Redactor:
         return obj
 
 
+class _Lease:
+    __slots__ = ("_redactor", "_secret")
+
+    def __init__(self, redactor: Redactor, secret: str) -> None:
+        self._redactor = redactor
+        self._secret = secret
+
+    def __del__(self) -> None:
+        redactor = self._redactor
+        if self._secret in redactor._refs:  # noqa: SLF001 - the lease is part of the redactor
+            redactor._release(self._secret)  # noqa: SLF001
+
+
 def _redact_record(record: logging.LogRecord, redactor: Redactor) -> None:
     try:
         message = record.getMessage()
@@ -668,6 +712,7 @@ def install_log_redaction(redactor: Redactor) -> None:
     original = logging.getLogRecordFactory()
     _original_factory = original
     _installed.append(redactor)
+    _wrap_make_record()
 
     def factory(*args: object, **kwargs: object) -> logging.LogRecord:
         record = original(*args, **kwargs)
@@ -678,6 +723,35 @@ def install_log_redaction(redactor: Redactor) -> None:
     logging.setLogRecordFactory(factory)
 
 
+_original_make_record: Callable[..., logging.LogRecord] | None = None
+
+
+def _wrap_make_record() -> None:
+    """`extra=` fields are set on a record after the factory made it (`Logger.makeRecord`), and
+    structured handlers (JSON, OpenTelemetry) show them: redact them there too."""
+    global _original_make_record
+    if _original_make_record is not None:
+        return
+    original = logging.Logger.makeRecord
+    _original_make_record = original
+
+    def make_record(self: logging.Logger, *args: object, **kwargs: object) -> logging.LogRecord:
+        record = original(self, *args, **kwargs)  # type: ignore[arg-type]
+        extra = kwargs.get("extra", args[8] if len(args) > 8 else None)
+        if extra and _installed and isinstance(extra, Mapping):
+            redactor = _installed[0]
+            fields = record.__dict__
+            for key in extra:
+                value = fields.get(key)
+                if isinstance(value, str):
+                    fields[key] = redactor.redact(value)
+                elif isinstance(value, dict | list | tuple):
+                    fields[key] = redactor.redact_json(value)
+        return record
+
+    logging.Logger.makeRecord = make_record  # type: ignore[method-assign]
+
+
 def installed_redactor() -> Redactor | None:
     """The redactor of `install_log_redaction` (the process's known secrets), if any."""
     return _installed[0] if _installed else None
@@ -686,9 +760,13 @@ def installed_redactor() -> Redactor | None:
 def uninstall_log_redaction() -> None:
     """Undo `install_log_redaction` (tests)."""
     global _original_factory
+    global _original_make_record
     if _original_factory is not None:
         logging.setLogRecordFactory(_original_factory)
         _original_factory = None
+    if _original_make_record is not None:
+        logging.Logger.makeRecord = _original_make_record  # type: ignore[method-assign]
+        _original_make_record = None
     _installed.clear()
 
 

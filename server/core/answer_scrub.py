@@ -18,16 +18,22 @@ from collections.abc import Iterable
 
 from llmgateway.v1 import chat_pb2
 
-from server.auth.redact import Redactor
+from server.auth.redact import REDACTED, Redactor
 
-_REASONING, _CONTENT, _ARGUMENTS = 0, 1, 2
+_REASONING, _CONTENT, _ARGUMENTS, _ID, _NAME = 0, 1, 2, 3, 4
 _Channel = tuple[int, int, int]  # (choice index, kind, tool-call index)
+# A tool call's id and name are relayed whole, never cut (clients that take the name of a
+# fragment as the whole name must keep working): a fragment whose end may begin a secret is held
+# whole until the next fragment of its call. Tails shorter than this are let through (a name
+# ending in "s" when a key starts "sk-"); the few characters let through are remembered, so a
+# secret continued in the next fragment is still found.
+_FIELD_HOLD = 4
 
 
 class AnswerScrubber:
     """Scrubs one call's answer: a whole completion, or a stream's deltas as they come."""
 
-    __slots__ = ("_sources", "_held")
+    __slots__ = ("_sources", "_held", "_context")
 
     def __init__(self, redactor: Redactor | None, call_secrets: Iterable[str] = ()) -> None:
         sources: list[Redactor] = [redactor] if redactor is not None else []
@@ -38,6 +44,7 @@ class AnswerScrubber:
             sources.append(Redactor(extra))
         self._sources = tuple(r for r in sources if len(r))
         self._held: dict[_Channel, str] = {}
+        self._context: dict[_Channel, str] = {}  # what went out last: ids, names, at a finish
 
     def text(self, text: str) -> str:
         for source in self._sources:
@@ -87,19 +94,82 @@ class AnswerScrubber:
 
     # -- internals ---------------------------------------------------------------------------
 
-    def _channel(self, channel: _Channel, text: str) -> str:
-        """What of `text` (after what this channel held) can go out now; keeps the rest."""
-        held = self._held.pop(channel, None)
-        pending = self.text(held + text if held else text)
+    def _cut(self, pending: str) -> tuple[int, bool]:
+        """Where the tail to hold back starts: the earliest position whose suffix may begin a
+        known spelling, moved before any known spelling it would cut in two (a secret that is a
+        prefix of another one is held whole until the text decides which one it is); and whether
+        `pending` holds a known spelling at all (when nothing is held: not looked at, True)."""
         cut = len(pending)
         for source in self._sources:
             cut = min(cut, source.hold_from(pending))
+        if cut == len(pending):
+            return cut, True
+        spans = [
+            (start, start + len(spelling))
+            for source in self._sources
+            for spelling in source.known_in(pending)
+            for start in _starts(pending, spelling)
+        ]
+        moved = True
+        while moved:
+            moved = False
+            for begin, end in spans:
+                if begin < cut < end:
+                    cut, moved = begin, True
+        return cut, bool(spans)
+
+    def _channel(self, channel: _Channel, text: str) -> str:
+        """What of `text` (after what this channel held) can go out now; keeps the rest."""
+        held = self._held.pop(channel, None)
+        pending = held + text if held else text
+        if self._context and channel in self._context:
+            # More text after this channel's choice finished (an upstream out of protocol): what
+            # the finish let out may have begun a secret; the rest of it does not follow.
+            pending = self._continued(self._context.pop(channel), pending)
+        cut, known = self._cut(pending)
         if cut < len(pending):
             self._held[channel] = pending[cut:]
-        return pending[:cut]
+            pending = pending[:cut]
+        return self.text(pending) if known else pending
+
+    def _field(self, channel: _Channel, text: str) -> str:
+        """A tool call's id or name fragment: all of it now, or held whole until the next one."""
+        held = self._held.pop(channel, "")
+        context = self._context.get(channel, "")
+        pending = held + text
+        combined = context + pending
+        if len(combined) - self._cut(combined)[0] >= _FIELD_HOLD:
+            self._held[channel] = pending
+            return ""
+        return self._let_out(channel, context, pending)
+
+    def _let_out(self, channel: _Channel, context: str, pending: str) -> str:
+        combined = context + pending
+        pending = self._continued(context, pending)
+        self._context[channel] = combined[-(_FIELD_HOLD - 1) :]
+        return self.text(pending)
+
+    def _continued(self, context: str, pending: str) -> str:
+        """`pending` without the rest of a known spelling begun in `context` (already let out)."""
+        if not context:
+            return pending
+        combined = context + pending
+        ends = [
+            start + len(spelling)
+            for source in self._sources
+            for spelling in source.known_in(combined)
+            for start in _starts(combined, spelling)
+            if start < len(context) < start + len(spelling)
+        ]
+        if not ends:
+            return pending
+        return REDACTED + pending[max(ends) - len(context) :]
 
     def _release(self, channel: _Channel) -> str:
-        return self.text(self._held.pop(channel, ""))
+        held = self._held.pop(channel, "")
+        if channel[1] in (_ID, _NAME):
+            return self._let_out(channel, self._context.get(channel, ""), held) if held else ""
+        return self.text(held)
 
     def _scrub_delta(self, delta: chat_pb2.ChatCompletionDelta) -> bool:
         # Each field is read once and written only when scrubbing changed it: this runs per delta.
@@ -123,21 +193,20 @@ class AnswerScrubber:
         return bool(content or reasoning or len(delta.tool_calls))
 
     def _scrub_fragments(self, choice: int, delta: chat_pb2.ChatCompletionDelta) -> None:
+        # A new call starting does not release what an earlier call holds: its arguments may go
+        # on later (fragments are by index), and what is held goes out at the finish at the latest.
         fragments: list[chat_pb2.ToolCallDelta] = []
         for fragment in delta.tool_calls:
-            if fragment.id or fragment.name:
-                # A new call starts: what earlier calls of this choice hold is their end.
-                for channel in [c for c in self._held if c[0] == choice and c[1] == _ARGUMENTS]:
-                    if channel[2] != fragment.index:
-                        fragments.append(
-                            chat_pb2.ToolCallDelta(index=channel[2], arguments=self._release(channel))
-                        )
             copy = chat_pb2.ToolCallDelta()
             copy.CopyFrom(fragment)
-            copy.id = self.text(copy.id)
-            copy.name = self.text(copy.name)
+            index = copy.index
+            id_channel, name_channel = (choice, _ID, index), (choice, _NAME, index)
+            if copy.id or id_channel in self._held:
+                copy.id = self._field(id_channel, copy.id) if copy.id else self._release(id_channel)
+            if copy.name or name_channel in self._held:
+                copy.name = self._field(name_channel, copy.name) if copy.name else self._release(name_channel)
             if copy.arguments:
-                copy.arguments = self._channel((choice, _ARGUMENTS, copy.index), copy.arguments)
+                copy.arguments = self._channel((choice, _ARGUMENTS, index), copy.arguments)
             if copy.id or copy.name or copy.arguments:
                 fragments.append(copy)
         delta.ClearField("tool_calls")
@@ -146,6 +215,8 @@ class AnswerScrubber:
     def _release_choice(self, choice: int, delta: chat_pb2.ChatCompletionDelta) -> None:
         """Append everything held for `choice` to `delta` (its finish, or the end of the stream)."""
         for channel in [c for c in self._held if c[0] == choice]:
+            if channel[1] not in (_ID, _NAME):
+                self._context[channel] = self._held[channel]
             released = self._release(channel)
             if not released:
                 continue
@@ -157,7 +228,19 @@ class AnswerScrubber:
             else:
                 for fragment in reversed(delta.tool_calls):
                     if fragment.index == channel[2]:
-                        fragment.arguments += released
                         break
                 else:
-                    delta.tool_calls.add(index=channel[2], arguments=released)
+                    fragment = delta.tool_calls.add(index=channel[2])
+                if kind == _ID:
+                    fragment.id += released
+                elif kind == _NAME:
+                    fragment.name += released
+                else:
+                    fragment.arguments += released
+
+
+def _starts(text: str, spelling: str) -> Iterable[int]:
+    start = text.find(spelling)
+    while start >= 0:
+        yield start
+        start = text.find(spelling, start + 1)

@@ -33,6 +33,7 @@ class ByokProvider:
     base_url: str
     api_key: str = field(repr=False)
     endpoint_type: str = "openai"
+    keep: object = field(default=None, repr=False, compare=False)  # Redactor.lease of the key
 
 
 class EndpointChecker(Protocol):
@@ -141,6 +142,7 @@ async def resolve_target(
             is_byok=True,
             secrets=(provider.api_key,),
             private_ok=private_ok(canonical, policy=policy, settings=settings),
+            keep=provider.keep,
         )
 
     canonical = (await check_endpoint(endpoint, actor=actor, policy=policy, byok_urls=byok_urls)).rstrip("/")

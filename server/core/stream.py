@@ -1,7 +1,8 @@
 """Assemble a streamed chat completion from its chunks (OpenAI `chat.completion.chunk` JSON).
 
-Content and reasoning_content are concatenated, tool-call fragments merged by `index` (id and
-name set once, arguments appended), finish_reason and model taken from the latest chunk, usage
+Content and reasoning_content are concatenated, tool-call fragments merged by `index` (id, name
+and arguments appended, as clients join them; an id or name repeated whole is not doubled),
+finish_reason and model taken from the latest chunk, usage
 from the usage chunk (`stream_options.include_usage`).
 """
 
@@ -172,13 +173,18 @@ class StreamAccumulator:
                 if call_index >= MAX_TOOL_CALLS or len(parts.tool_calls) >= MAX_TOOL_CALLS:
                     raise too_many(self.provider, "tool_calls", call_index + 1, MAX_TOOL_CALLS)
                 call = parts.tool_calls[call_index] = _ToolCallParts()
-            if fragment.get("id"):
-                self._grow(fragment["id"])
-                call.id = fragment["id"]
+            # An id or a name split over fragments is joined, as a client joins the deltas (the
+            # latest piece alone could be the end of an echoed key, which nothing would match);
+            # servers that repeat the whole value in every fragment are not doubled.
+            call_id = fragment.get("id")
+            if call_id and call_id != call.id:
+                self._grow(call_id)
+                call.id += call_id
             function = fragment.get("function") or {}
-            if function.get("name"):
-                self._grow(function["name"])
-                call.name = function["name"]
+            name = function.get("name")
+            if name and name != call.name:
+                self._grow(name)
+                call.name += name
             if function.get("arguments"):
                 self._grow(function["arguments"])
                 call.arguments.append(function["arguments"])

@@ -18,3 +18,6 @@ class UpstreamTarget:
     # The operator listed this base URL (EndpointPolicy.operator_listed): it may resolve to
     # loopback or private addresses. False (the safe default) allows public addresses only.
     private_ok: bool = False
+    # Held for the call's lifetime: keeps its BYOK key known to the redactor (`Redactor.lease`)
+    # even if the provider's entry is replaced, deleted or evicted while the call runs.
+    keep: object = field(default=None, repr=False, compare=False)
