@@ -10,13 +10,18 @@ from __future__ import annotations
 import random
 import string
 import time
+import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 
 from server.core import tokens
+from server.errors import UpstreamBadResponse
+from server.providers.local import provider as local_provider
+from server.providers.openai_compat import MAX_EVENT_BYTES, LineReader, sse_batches
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -160,3 +165,110 @@ def test_a_long_prompt_is_sliced_and_still_exact_when_it_has_spaces(monkeypatch:
     assert max(recorder.lengths) <= tokens.SLICE_CHARS
     monkeypatch.undo()
     assert counted.prompt_tokens == 3 + 3 + _whole(encoding, "user") + _whole(encoding, text)
+
+
+# -- SSE and NDJSON framing --------------------------------------------------------------------
+
+
+class _Reads:
+    """Stands in for server.providers.http.Response: `read_chunk` hands out scripted reads."""
+
+    def __init__(self, reads: list[bytes]) -> None:
+        self._reads = iter(reads)
+        self.reader_state: object = None
+
+    async def read_chunk(self) -> bytes:
+        return next(self._reads, b"")
+
+
+def _chunk(content: str) -> dict[str, Any]:
+    return {"id": "c", "choices": [{"index": 0, "delta": {"content": content}}]}
+
+
+def _keep(text: str) -> str:
+    return text
+
+
+async def _events(reads: list[bytes]) -> list[Any]:
+    return [e async for batch in sse_batches(_Reads(reads), provider="p", scrub=_keep) for e in batch]
+
+
+async def test_a_crlf_split_between_reads_is_one_line_end_inside_a_multi_line_event() -> None:
+    # Two data lines of one event: were CR and LF two line ends, the first line would be an event
+    # of its own ('{"id": "c",' is not JSON).
+    reads = [b'data: {"id": "c",\r', b'\ndata: "choices": []}\r', b"\n\r", b"\n", b"data: [DONE]\r\n\r\n"]
+    assert await _events(reads) == [{"id": "c", "choices": []}, None]
+
+
+async def test_a_byte_order_mark_opening_the_stream_is_ignored() -> None:
+    # The SSE spec: one leading U+FEFF is ignored. It was kept, so the first line was no `data:`
+    # field and the first event was dropped without a word.
+    body = b"\xef\xbb\xbf" + b"data: " + orjson.dumps(_chunk("first")) + b"\n\ndata: [DONE]\n\n"
+    assert await _events([body]) == [_chunk("first"), None]
+    # Split across reads, too.
+    assert await _events([body[:1], body[1:2], body[2:]]) == [_chunk("first"), None]
+
+
+async def test_fields_comments_and_empty_lines_are_skipped() -> None:
+    body = (
+        b": keep-alive\n\n\n\n"
+        + b"event: message\nid: 7\nretry: 1000\ndata:"
+        + orjson.dumps(_chunk("a"))
+        + b"\n\n"
+        + b"\n" * 100_000
+        + b"data: [DONE]\n\n"
+    )
+    assert await _events([body]) == [_chunk("a"), None]
+    assert await _events([b": only comments\n\n" * 1000]) == []
+
+
+def _event_of(size: int) -> dict[str, Any]:
+    empty = len(orjson.dumps(_chunk("")))
+    return _chunk("x" * (size - empty))
+
+
+@pytest.mark.parametrize("cut", [0, 6 + MAX_EVENT_BYTES], ids=["one-read", "cut-before-the-line-end"])
+async def test_an_event_of_exactly_the_cap_passes_whatever_the_reads(cut: int) -> None:
+    # The unfinished line was measured with its "data: " prefix: the same event passed when its
+    # line end came in the same read and was refused when it came in the next one.
+    event = _event_of(MAX_EVENT_BYTES)
+    data = orjson.dumps(event)
+    assert len(data) == MAX_EVENT_BYTES
+    body = b"data: " + data + b"\n\ndata: [DONE]\n\n"
+    reads = [body[:cut], body[cut:]] if cut else [body]
+    assert await _events(reads) == [event, None]
+
+
+async def test_an_event_one_byte_over_the_cap_is_refused_whatever_the_reads() -> None:
+    body = b"data: " + orjson.dumps(_event_of(MAX_EVENT_BYTES + 1)) + b"\n\n"
+    for read in (65_536, len(body)):
+        with pytest.raises(UpstreamBadResponse):
+            await _events([body[i : i + read] for i in range(0, len(body), read)])
+
+
+def _held_after(feed: Any, line: bytes) -> int:
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(0, len(line), 2):  # 2 bytes: 1-byte objects are cached singletons
+            feed(line[i : i + 2])
+        return tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+
+
+def test_a_line_arriving_a_byte_per_read_is_held_compactly() -> None:
+    # One bytes object per read (33 bytes of header, 8 of list slot): a 32 MiB line two bytes at a
+    # time held ~700 MB. Held in joined blocks, it costs about its size.
+    reader = LineReader()
+    line = b"y" * 256 * 1024
+    held = _held_after(reader.feed, line)
+    assert held < 3 * len(line), held
+    assert reader.feed(b"\n") == [line]
+
+
+async def test_an_ndjson_line_split_at_every_byte_is_one_line() -> None:
+    line = orjson.dumps({"message": {"content": "é" * 2000}, "done": True}) + b"\n"
+    reads = [line[i : i + 1] for i in range(len(line))]
+    batches = local_provider._ndjson_batches(_Reads(reads), provider="ollama", scrub=_keep)
+    assert [e async for batch in batches for e in batch] == [orjson.loads(line)]
