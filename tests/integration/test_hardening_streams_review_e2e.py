@@ -9,8 +9,12 @@ import grpc
 import pytest
 from llmgateway.v1 import chat_pb2
 
-from tests.fake_upstream import FakeUpstream, Reply, text_stream
+from server.auth.redact import REDACTED
+from tests.echo_upstream import EchoUpstream
+from tests.fake_upstream import FakeUpstream, Reply, chunk, text_stream, usage_chunk
 from tests.gateway_harness import RunningGateway, chat_request, make_settings, running_gateway
+from tests.integration.test_hardening_semantics import SEND
+from tests.integration.test_hardening_semantics_review import RAW, SCHEMA, request_for, sse_for
 from tests.integration.test_local_servers import local_request, trace_of
 from tests.local_fakes import Answer, LocalServer
 
@@ -18,10 +22,12 @@ from tests.local_fakes import Answer, LocalServer
 async def test_a_final_message_the_client_refuses_is_not_traced_as_a_success(
     gateway: RunningGateway, upstream: FakeUpstream
 ) -> None:
-    # 5 MiB: the final completion repeats it, over the 4 MiB a default client accepts. The server's
-    # send of that message fails (the client resets the stream); the trace said success anyway,
-    # because `yield last` ran after the trace was recorded.
-    upstream.script(Reply(sse=text_stream(["w" * 4096] * 1280)))
+    # 16 MiB: the final completion repeats it, over the 4 MiB a default client accepts. The
+    # server's send of that message fails (the client resets the stream); the trace said success
+    # anyway, because `yield last` ran after the trace was recorded. The size matters: a final
+    # message that fits in HTTP/2's flow-control window (grown to a few MiB by the deltas) is
+    # "sent" before the client refuses it, and grpc never tells the server (see the notes).
+    upstream.script(Reply(sse=text_stream(["w" * 65536] * 256)))
     request = chat_request(upstream.base_url, trace=chat_pb2.TraceContext(step_id="refused-final"))
     err = None
     try:
@@ -41,7 +47,7 @@ async def test_a_local_final_message_the_client_refuses_is_not_traced_as_a_succe
     try:
         settings = make_settings(tmp_path, allowed_endpoints=(server.root_url,))
         async with running_gateway(settings) as gw:
-            big = "z" * (5 * 1024 * 1024)
+            big = "z" * (16 * 1024 * 1024)
             server.script(Answer(text=big, chunks=[big[i : i + 65536] for i in range(0, len(big), 65536)]))
             with pytest.raises(grpc.aio.AioRpcError) as caught:
                 async for _ in gw.chat.StreamCreate(
@@ -53,3 +59,156 @@ async def test_a_local_final_message_the_client_refuses_is_not_traced_as_a_succe
             assert trace.error_type == "CANCELLED", "the refused final message was traced as a success"
     finally:
         await server.stop()
+
+
+# -- final_completion_without_deltas: a real client rebuilds the whole answer ------------------
+
+
+def rebuild(events: list[chat_pb2.StreamCreateResponse]) -> chat_pb2.ChatCompletion:
+    """What a client does with `final_completion_without_deltas`, as the README says: a text of
+    the final completion left empty is the one the deltas carried; tool call k of the final is
+    the k-th tool-call index the deltas carried, in increasing order."""
+    *deltas, last = events
+    final = chat_pb2.ChatCompletion()
+    final.CopyFrom(last.completion)
+    for choice in final.choices:
+        mine = [e.delta for e in deltas if e.delta.index == choice.index]
+        message = choice.message
+        if not message.content:
+            message.content = "".join(d.content for d in mine)
+        if not message.reasoning_content:
+            message.reasoning_content = "".join(d.reasoning_content for d in mine)
+        arguments: dict[int, str] = {}
+        for d in mine:
+            for fragment in d.tool_calls:
+                arguments[fragment.index] = arguments.get(fragment.index, "") + fragment.arguments
+        for call, index in zip(message.tool_calls, sorted(arguments), strict=True):
+            if not call.arguments:
+                call.arguments = arguments[index]
+    return final
+
+
+def _calls(*fragments: tuple[int, str, str, str]) -> list[dict[str, object]]:
+    events: list[dict[str, object]] = []
+    for index, call_id, name, arguments in fragments:
+        fragment: dict[str, object] = {"index": index, "function": {"arguments": arguments}}
+        if call_id:
+            fragment["id"] = call_id
+            fragment["type"] = "function"
+            fragment["function"] = {"name": name, "arguments": arguments}
+        events.append(chunk({"tool_calls": [fragment]}))
+    return events
+
+
+TWO_CALLS = [
+    chunk({"role": "assistant", "content": None}),
+    *_calls(
+        (1, "call_a", "send_message", '{"message": '),
+        (3, "call_b", "send_message", '{"message": "b'),
+        (1, "", "", '"a"}'),
+        (3, "", "", '"}'),
+    ),
+    chunk({}, finish_reason="tool_calls"),
+    usage_chunk(),
+    "[DONE]",
+]
+THOUGHTS = [
+    chunk({"role": "assistant", "content": None}),
+    *_calls(
+        (0, "call_t", "send_message", '{"inner_thoughts": "I should greet", '),
+        (0, "", "", '"message": "hello"}'),
+    ),
+    chunk({}, finish_reason="tool_calls"),
+    usage_chunk(),
+    "[DONE]",
+]
+REASONING = [
+    chunk({"role": "assistant", "reasoning_content": "Let me think. "}),
+    chunk({"reasoning_content": "Done."}),
+    chunk({"content": "The answer "}),
+    chunk({"content": "is 42."}),
+    chunk({}, finish_reason="stop"),
+    usage_chunk(),
+    "[DONE]",
+]
+
+
+@pytest.mark.parametrize(
+    "case", ["text", "reasoning", "two-sparse-calls", "inner-thoughts", "strict-nulls", "secret"]
+)
+async def test_a_client_rebuilds_the_whole_answer_from_deltas_and_final(
+    tmp_path: Path, upstream: FakeUpstream, case: str
+) -> None:
+    key = "sk-review-" + "k7Qz" * 8
+    settings = make_settings(
+        tmp_path,
+        allowed_endpoints=(upstream.base_url,),
+        openai_api_key=key,
+        openai_base_url=upstream.base_url,
+    )
+    request = chat_request(upstream.base_url)
+    if case == "text":
+        sse = text_stream(["Hello", ", ", "world"] * 50)
+    elif case == "reasoning":
+        sse = REASONING
+    elif case == "two-sparse-calls":
+        sse = TWO_CALLS
+        request.functions.add(name="send_message", description="Send").parameters.update(SEND)
+    elif case == "inner-thoughts":
+        sse = THOUGHTS
+        request.llm_config.put_inner_thoughts_in_kwargs = True
+        request.functions.add(name="send_message", description="Send").parameters.update(SEND)
+    elif case == "strict-nulls":
+        sse = sse_for(RAW)
+        request = request_for(upstream.base_url, SCHEMA)
+    else:
+        sse = text_stream(["The key is ", key[:9], key[9:], " ok", " and again " + key])
+    async with running_gateway(settings) as gw:
+        upstream.script(Reply(sse=sse), Reply(sse=sse))
+        whole = [e async for e in gw.chat.StreamCreate(request, timeout=20)]
+        request.final_completion_without_deltas = True
+        lean = [e async for e in gw.chat.StreamCreate(request, timeout=20)]
+    expected = whole[-1].completion
+    rebuilt = rebuild(lean)
+    assert rebuilt.choices == expected.choices
+    assert key not in str(lean)
+    # And it is lean: a text the deltas carried unchanged is not repeated.
+    message = lean[-1].completion.choices[0].message
+    if case in ("text", "reasoning", "secret"):
+        assert message.content == "", case
+    if case == "reasoning":
+        assert message.reasoning_content == ""
+    if case == "two-sparse-calls":
+        assert [c.arguments for c in message.tool_calls] == ["", ""]
+        assert [c.id for c in message.tool_calls] == ["call_a", "call_b"]
+
+
+async def test_a_local_answer_with_a_scrubbed_key_is_still_left_out_of_the_final(tmp_path: Path) -> None:
+    # The final text (scrubbed) was compared with the raw text the deltas carried before their
+    # scrubbing: never equal when a key was echoed, so the whole answer came again in the final
+    # message, past a default client's 4 MiB for a big answer, the very case the option is for.
+    key = "local-" + "Zq81" * 8
+    echo = EchoUpstream()
+    await echo.start()
+    try:
+        settings = make_settings(
+            tmp_path,
+            local_auth_type="bearer_token",
+            local_base_url=echo.root_url,
+            local_api_key=key,
+            allowed_endpoints=(echo.root_url,),
+        )
+        async with running_gateway(settings) as gw:
+            config = chat_pb2.LLMConfig(
+                model="llama",
+                model_endpoint_type="llamacpp",
+                model_endpoint=echo.root_url,
+                context_window=8192,
+            )
+            request = chat_request("", llm_config=config, final_completion_without_deltas=True)
+            events = [e async for e in gw.chat.StreamCreate(request, timeout=20)]
+        assert "".join(e.delta.content for e in events[:-1]) == f"you sent Bearer {REDACTED} ok"
+        assert events[-1].completion.choices[0].message.content == ""
+        assert key not in str(events)
+    finally:
+        await echo.stop()
