@@ -15,6 +15,7 @@ DEADLINE_EXCEEDED.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -613,6 +614,8 @@ class _SSEParser:
         "_error",
         "_ended",
         "_bom",
+        "_idle",
+        "_last_event",
     )
 
     def __init__(self, response: Response, *, provider: str, scrub: Callable[[str], str]) -> None:
@@ -629,6 +632,10 @@ class _SSEParser:
         self._error: Exception | None = None  # raised after the pending events
         self._ended = False  # `[DONE]`, the end of the body, or an error: read no more
         self._bom = True  # the first line is still to come: the SSE spec ignores a BOM opening it
+        # Without a caller deadline reads are bounded by the idle timeout, but keep-alive comments
+        # are bytes: they alone must not hold a call longer than that bound either.
+        self._idle: float | None = getattr(response, "idle_timeout", None)
+        self._last_event = time.monotonic()
 
     def __aiter__(self) -> _SSEParser:
         return self
@@ -666,8 +673,17 @@ class _SSEParser:
                 self._ended = True
                 return self._tail()
             batch = self._feed(piece)
+            idle = self._idle
             if batch:
+                if idle is not None:
+                    self._last_event = time.monotonic()
                 return batch
+            if idle is not None and time.monotonic() - self._last_event >= idle:
+                self._ended = True
+                raise UpstreamUnavailable(
+                    f"{self._provider} sent only keep-alive comments for {idle:g} s",
+                    metadata={"provider": self._provider},
+                )
 
     def _feed(self, piece: bytes) -> list[dict[str, Any] | None]:
         events: list[dict[str, Any] | None] = []

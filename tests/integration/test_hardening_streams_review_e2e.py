@@ -3,16 +3,22 @@ upstreams, real gRPC clients."""
 
 from __future__ import annotations
 
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import grpc
 import pytest
+from aiohttp import web
 from llmgateway.v1 import chat_pb2
 
 from server.auth.redact import REDACTED
 from tests.echo_upstream import EchoUpstream
 from tests.fake_upstream import FakeUpstream, Reply, chunk, text_stream, usage_chunk
 from tests.gateway_harness import RunningGateway, chat_request, make_settings, running_gateway
+from tests.integration.test_errors_support import expect
 from tests.integration.test_hardening_semantics import SEND
 from tests.integration.test_hardening_semantics_review import RAW, SCHEMA, request_for, sse_for
 from tests.integration.test_local_servers import local_request, trace_of
@@ -212,3 +218,58 @@ async def test_a_local_answer_with_a_scrubbed_key_is_still_left_out_of_the_final
         assert key not in str(events)
     finally:
         await echo.stop()
+
+
+# -- an upstream that sends nothing but keep-alive comments ----------------------------------------
+
+
+@asynccontextmanager
+async def keep_alive_upstream(first: bytes) -> AsyncIterator[str]:
+    """An SSE upstream that sends `first`, then a keep-alive comment every 0.1 s, forever."""
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(first)
+        while True:
+            await response.write(b": keep-alive\n\n")
+            await asyncio.sleep(0.1)
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handler)
+    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=0.1, handler_cancellation=True)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    server = site._server  # noqa: SLF001 - aiohttp offers no public accessor for the bound port
+    assert server is not None and server.sockets
+    try:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1"
+    finally:
+        await runner.cleanup()
+
+
+ROLE = b'data: {"id":"c","choices":[{"index":0,"delta":{"role":"assistant","content":"hi"}}]}\n\n'
+
+
+@pytest.mark.parametrize("first", [ROLE, b""], ids=["after-an-event", "from-the-start"])
+async def test_keep_alive_comments_forever_end_within_the_upstream_timeout(
+    tmp_path: Path, first: bytes
+) -> None:
+    # Comments are bytes, so the between-reads bound (LLMGW_UPSTREAM_TIMEOUT, no caller deadline)
+    # never fired: the call was held for as long as the upstream cared to ping.
+    async with keep_alive_upstream(first) as base_url:
+        settings = make_settings(tmp_path, allowed_endpoints=(base_url,), upstream_timeout=1.0)
+        async with running_gateway(settings) as gw:
+            started = time.monotonic()
+
+            async def read() -> None:
+                async for _ in gw.chat.StreamCreate(chat_request(base_url)):
+                    pass
+
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await asyncio.wait_for(read(), 8)
+            assert time.monotonic() - started < 4
+            d = expect(caught.value, grpc.StatusCode.UNAVAILABLE, "UPSTREAM_UNAVAILABLE")
+            assert "keep-alive" in d.message
