@@ -16,7 +16,7 @@ from llmgateway.v1 import chat_pb2
 
 from server.auth.redact import REDACTED
 from tests.echo_upstream import EchoUpstream
-from tests.fake_upstream import FakeUpstream, Reply, chunk, text_stream, usage_chunk
+from tests.fake_upstream import FakeUpstream, Reply, chunk, completion, text_stream, usage_chunk
 from tests.gateway_harness import RunningGateway, chat_request, make_settings, running_gateway
 from tests.integration.test_errors_support import expect
 from tests.integration.test_hardening_semantics import SEND
@@ -273,3 +273,144 @@ async def test_keep_alive_comments_forever_end_within_the_upstream_timeout(
             assert time.monotonic() - started < 4
             d = expect(caught.value, grpc.StatusCode.UNAVAILABLE, "UPSTREAM_UNAVAILABLE")
             assert "keep-alive" in d.message
+
+
+# -- amplification and the answer cap, attacked from outside ---------------------------------------
+
+
+async def _outcome(
+    gw: RunningGateway, request: chat_pb2.CreateRequest
+) -> tuple[list[chat_pb2.StreamCreateResponse], grpc.aio.AioRpcError | None]:
+    events: list[chat_pb2.StreamCreateResponse] = []
+    try:
+        async for event in gw.chat.StreamCreate(request, timeout=30):
+            events.append(event)
+    except grpc.aio.AioRpcError as err:
+        return events, err
+    return events, None
+
+
+async def test_100000_fragments_of_one_call_in_one_chunk_are_refused_fast(
+    gateway: RunningGateway, upstream: FakeUpstream
+) -> None:
+    fragments = [{"index": 0, "function": {"arguments": "a"}} for _ in range(100_000)]
+    fragments[0] = {
+        "index": 0,
+        "id": "call_1",
+        "type": "function",
+        "function": {"name": "f", "arguments": ""},
+    }
+    upstream.script(
+        Reply(sse=[chunk({"role": "assistant", "content": "x"}), chunk({"tool_calls": fragments})])
+    )
+    started = time.monotonic()
+    events, err = await _outcome(gateway, chat_request(upstream.base_url))
+    assert err is not None
+    d = expect(err, grpc.StatusCode.UNAVAILABLE, "UPSTREAM_BAD_RESPONSE")
+    assert d.error_infos[0].metadata["limit"] == "128"
+    assert time.monotonic() - started < 5
+    assert not any(e.delta.tool_calls for e in events)
+
+
+@pytest.mark.parametrize("where", ["tool_call", "choice"])
+@pytest.mark.parametrize("index", ["1", -1, True, 1.5, 1.0, None, 2**40], ids=repr)
+async def test_an_index_that_is_not_a_small_natural_number_is_refused(
+    gateway: RunningGateway, upstream: FakeUpstream, where: str, index: object
+) -> None:
+    call = {"index": index, "id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    if where == "tool_call":
+        bad = chunk({"tool_calls": [call]})
+    else:
+        bad = chunk({"content": "y"})
+        bad["choices"][0]["index"] = index
+    upstream.script(
+        Reply(
+            sse=[chunk({"role": "assistant", "content": "x"}), bad, chunk({}, finish_reason="stop"), "[DONE]"]
+        )
+    )
+    events, err = await _outcome(gateway, chat_request(upstream.base_url))
+    if index is None:  # absent: the first call / choice, as OpenAI-compatible servers mean it
+        assert err is None, err
+        return
+    assert err is not None, f"index {index!r} was accepted"
+    expect(err, grpc.StatusCode.UNAVAILABLE, "UPSTREAM_BAD_RESPONSE")
+
+
+async def test_a_unary_answer_with_17_choices_is_refused(
+    gateway: RunningGateway, upstream: FakeUpstream
+) -> None:
+    body = completion("hi")
+    body["choices"] = [dict(body["choices"][0], index=i) for i in range(17)]
+    upstream.script(Reply(json_body=body))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await gateway.chat.Create(chat_request(upstream.base_url), timeout=10)
+    d = expect(caught.value, grpc.StatusCode.UNAVAILABLE, "UPSTREAM_BAD_RESPONSE")
+    assert d.error_infos[0].metadata["count"] == "17"
+
+
+CAP = 64 * 1024
+
+
+@pytest.mark.parametrize("extra", [0, 1], ids=["at-the-cap", "one-byte-over"])
+async def test_the_cap_sums_reasoning_content_and_tool_calls_in_utf8_bytes(
+    tmp_path: Path, upstream: FakeUpstream, extra: int
+) -> None:
+    # 2-, 3- and 4-byte characters, in every channel the cap counts, summing to exactly the cap.
+    reasoning = "é" * 8192  # 16 KiB
+    content = "€" * 5461 + "a"  # 16 KiB
+    call_id, name = "call_1", "f"
+    arguments = "😀" * 4096  # 16 KiB
+    used = sum(len(t.encode()) for t in (reasoning, content, call_id, name, arguments))
+    tail = "z" * (CAP - used + extra)
+    sse = [
+        chunk({"role": "assistant", "reasoning_content": reasoning}),
+        chunk({"content": content}),
+        chunk(
+            {
+                "tool_calls": [
+                    {
+                        "index": 0,
+                        "id": call_id,
+                        "type": "function",
+                        "function": {"name": name, "arguments": arguments},
+                    }
+                ]
+            }
+        ),
+        chunk({"tool_calls": [{"index": 0, "function": {"arguments": tail}}]}),
+        chunk({}, finish_reason="tool_calls"),
+        usage_chunk(),
+        "[DONE]",
+    ]
+    settings = make_settings(tmp_path, allowed_endpoints=(upstream.base_url,), max_answer_bytes=CAP)
+    async with running_gateway(settings) as gw:
+        upstream.script(
+            Reply(sse=sse),
+            Reply(
+                json_body=completion(
+                    content,
+                    reasoning_content=reasoning,
+                    tool_calls=[
+                        {
+                            "id": call_id,
+                            "type": "function",
+                            "function": {"name": name, "arguments": arguments + tail},
+                        }
+                    ],
+                )
+            ),
+        )
+        events, err = await _outcome(gw, chat_request(upstream.base_url))
+        unary_error = None
+        try:
+            await gw.chat.Create(chat_request(upstream.base_url), timeout=10)
+        except grpc.aio.AioRpcError as exc:
+            unary_error = exc
+    if extra:
+        assert err is not None and unary_error is not None
+        for e in (err, unary_error):
+            d = expect(e, grpc.StatusCode.UNAVAILABLE, "UPSTREAM_BAD_RESPONSE")
+            assert d.error_infos[0].metadata["answer_bytes"] == str(CAP + 1)
+    else:
+        assert err is None and unary_error is None, (err, unary_error)
+        assert events[-1].completion.choices[0].message.tool_calls[0].arguments == arguments + tail
