@@ -385,8 +385,11 @@ class Gateway:
             call.completion = completion_from_json(answer, provider=target.provider, into=last.completion)
             scrubber.completion(last.completion)
             if streamed is not None:
-                leave_out_streamed(last.completion, streamed)
-        yield last
+                leave_out_streamed(last.completion, scrubber.streamed(streamed))
+            # Inside the scope: the trace is finished once grpc asks for the next message, i.e.
+            # after this one was written; a send that fails (a client's receive limit) closes this
+            # generator here, and the trace says so instead of success.
+            yield last
 
     # -- local servers (filled in by server.providers.local) ---------------------------------
 

@@ -19,6 +19,7 @@ from collections.abc import Iterable
 from llmgateway.v1 import chat_pb2
 
 from server.auth.redact import REDACTED, Redactor
+from server.core.completion import StreamedText
 
 _REASONING, _CONTENT, _ARGUMENTS, _ID, _NAME = 0, 1, 2, 3, 4
 _Channel = tuple[int, int, int]  # (choice index, kind, tool-call index)
@@ -67,6 +68,17 @@ class AnswerScrubber:
                 call.id = text(call.id)
                 call.name = text(call.name)
                 call.arguments = text(call.arguments)
+
+    def streamed(self, texts: list[StreamedText]) -> list[StreamedText]:
+        """`streamed_texts` as the deltas carried them: scrubbed. No secret spans a point where
+        `events` released text, so a channel's deltas joined equal its whole text scrubbed."""
+        if not self._sources:
+            return texts
+        text = self.text
+        return [
+            (text(content), text(reasoning), tuple(text(a) for a in arguments))
+            for content, reasoning, arguments in texts
+        ]
 
     def events(
         self, events: Iterable[chat_pb2.StreamCreateResponse]

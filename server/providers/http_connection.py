@@ -358,6 +358,11 @@ class Response:
         return value.split(";", 1)[0].strip().lower()
 
     @property
+    def idle_timeout(self) -> float | None:
+        """The bound between reads (a stream without a caller deadline), else None."""
+        return self._idle_timeout
+
+    @property
     def content_length(self) -> int | None:
         value = self.headers.get("content-length")
         return int(value) if value is not None and value.isdigit() else None

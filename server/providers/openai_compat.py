@@ -15,6 +15,7 @@ DEADLINE_EXCEEDED.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -517,6 +518,9 @@ def _iter_events(response: Response, *, provider: str, scrub: Callable[[str], st
     return _SSEParser(response, provider=provider, scrub=scrub)
 
 
+_BOM = b"\xef\xbb\xbf"
+
+
 def event_too_large(provider: str) -> UpstreamBadResponse:
     return UpstreamBadResponse(
         f"{provider} sent a stream event over {MAX_EVENT_BYTES} bytes",
@@ -531,13 +535,17 @@ class LineReader:
     escapes it). The unfinished last line is kept as a list of pieces, and only each new piece
     is searched for a line end: re-joining and re-splitting the whole buffer on every read made
     one 16 MiB line in 64 KiB reads cost 2.6 s of CPU. `held` is the size of that unfinished line,
-    for the caller's cap.
+    for the caller's cap. Every `_FOLD` pieces of it are joined into one block: a line arriving a
+    few bytes per read held a bytes object (~40 bytes of overhead) per read, 20 times its size.
     """
 
-    __slots__ = ("_partial", "held", "_after_cr")
+    __slots__ = ("_partial", "_folded", "held", "_after_cr")
+
+    _FOLD = 256
 
     def __init__(self) -> None:
         self._partial: list[bytes] = []
+        self._folded = 0  # the first `_folded` entries of `_partial` are joined blocks
         self.held = 0
         self._after_cr = False  # the last piece ended with CR: an LF opening the next one is its pair
 
@@ -557,11 +565,18 @@ class LineReader:
             if tail:
                 partial.append(tail)
                 self.held += len(tail)
+                folded = self._folded
+                if len(partial) - folded >= self._FOLD:
+                    block = b"".join(partial[folded:])
+                    del partial[folded:]
+                    partial.append(block)
+                    self._folded = folded + 1
             return lines
         if partial:
             partial.append(lines[0])
             lines[0] = b"".join(partial)
             partial.clear()
+            self._folded = 0
             self.held = 0
         if tail:  # the usual read ends at an event's end: nothing to hold
             partial.append(tail)
@@ -572,6 +587,7 @@ class LineReader:
         """The unfinished last line, at the end of the stream."""
         rest = b"".join(self._partial)
         self._partial = []
+        self._folded = 0
         self.held = 0
         return rest
 
@@ -597,6 +613,9 @@ class _SSEParser:
         "_taken",
         "_error",
         "_ended",
+        "_bom",
+        "_idle",
+        "_last_event",
     )
 
     def __init__(self, response: Response, *, provider: str, scrub: Callable[[str], str]) -> None:
@@ -612,6 +631,11 @@ class _SSEParser:
         self._taken = 0
         self._error: Exception | None = None  # raised after the pending events
         self._ended = False  # `[DONE]`, the end of the body, or an error: read no more
+        self._bom = True  # the first line is still to come: the SSE spec ignores a BOM opening it
+        # Without a caller deadline reads are bounded by the idle timeout, but keep-alive comments
+        # are bytes: they alone must not hold a call longer than that bound either.
+        self._idle: float | None = getattr(response, "idle_timeout", None)
+        self._last_event = time.monotonic()
 
     def __aiter__(self) -> _SSEParser:
         return self
@@ -649,14 +673,27 @@ class _SSEParser:
                 self._ended = True
                 return self._tail()
             batch = self._feed(piece)
+            idle = self._idle
             if batch:
+                if idle is not None:
+                    self._last_event = time.monotonic()
                 return batch
+            if idle is not None and time.monotonic() - self._last_event >= idle:
+                self._ended = True
+                raise UpstreamUnavailable(
+                    f"{self._provider} sent only keep-alive comments for {idle:g} s",
+                    metadata={"provider": self._provider},
+                )
 
     def _feed(self, piece: bytes) -> list[dict[str, Any] | None]:
         events: list[dict[str, Any] | None] = []
         data_lines = self._data_lines
         try:
-            for line in self._lines.feed(piece):
+            lines = self._lines.feed(piece)
+            if self._bom and lines:
+                self._bom = False
+                lines[0] = lines[0].removeprefix(_BOM)
+            for line in lines:
                 if not line:
                     if data_lines:
                         event = _decode_event(data_lines, provider=self._provider, scrub=self._scrub)
@@ -676,7 +713,8 @@ class _SSEParser:
                     data_lines.append(value)
                 # Comments (":") and other fields are ignored.
             held = self._lines.held
-            if held and self._data_size + held > MAX_EVENT_BYTES and not self._ended:
+            # The held line still has its "data: " prefix (6 bytes), which the cap does not count.
+            if held and self._data_size + held > MAX_EVENT_BYTES + 6 and not self._ended:
                 # An unfinished line (data or not) that is already over the cap: stop reading.
                 raise event_too_large(self._provider)
         except Exception as exc:
@@ -688,6 +726,8 @@ class _SSEParser:
 
     def _tail(self) -> list[dict[str, Any] | None]:
         tail = self._lines.rest()
+        if self._bom:
+            tail = tail.removeprefix(_BOM)
         data_lines = self._data_lines
         if tail.startswith(b"data:"):
             value = tail[5:]

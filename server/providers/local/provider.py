@@ -354,8 +354,9 @@ async def stream_local(
         )
         scrubber.completion(call.completion)
         if request.final_completion_without_deltas:
-            leave_out_streamed(call.completion, [(text, "", ())])
-    yield chat_pb2.StreamCreateResponse(completion=call.completion, provider_trace_id=call.record.id)
+            leave_out_streamed(call.completion, scrubber.streamed([(text, "", ())]))
+        # Inside the scope, as in Gateway.stream: a final message the client refuses is traced.
+        yield chat_pb2.StreamCreateResponse(completion=call.completion, provider_trace_id=call.record.id)
 
 
 async def _ndjson_batches(
