@@ -354,7 +354,10 @@ async def stream_local(
         )
         scrubber.completion(call.completion)
         if request.final_completion_without_deltas:
-            leave_out_streamed(call.completion, scrubber.streamed([(text, "", ())]))
+            streamed = scrubber.streamed([(text, "", ())])
+            if not plan.functions:  # the plain answer is the deltas' text, only stripped
+                streamed = [(content.strip(), "", ()) for content, _, _ in streamed]
+            leave_out_streamed(call.completion, streamed)
         # Inside the scope, as in Gateway.stream: a final message the client refuses is traced.
         yield chat_pb2.StreamCreateResponse(completion=call.completion, provider_trace_id=call.record.id)
 
