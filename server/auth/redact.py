@@ -498,11 +498,6 @@ class Redactor:
     def __len__(self) -> int:
         return len(self._refs)
 
-    @property
-    def max_spelling_length(self) -> int:
-        """The longest spelling of a known secret (0 when none is known)."""
-        return self._longest
-
     def redact_known(self, text: str) -> str:
         """`text` with every known secret (in every spelling) replaced; no pattern rules."""
         if len(text) < MIN_SECRET_LENGTH or not self._spelling_refs:
