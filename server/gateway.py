@@ -371,11 +371,12 @@ class Gateway:
             answer = accumulator.completion()
             if accumulator.usage is None:
                 if count is None:  # no window, so the guard counted nothing: count for usage
+                    off = off_loop(keys)  # a huge function set: prepared in the pool, as in _plan
+                    functions = await offload.run_if(
+                        off, lambda: prompt_functions(request, endpoint=target.base_url, keys=keys)
+                    )
                     count = await tokens.count_request_tokens_async(
-                        body["messages"],
-                        prompt_functions(request, endpoint=target.base_url, keys=keys),
-                        request.llm_config.model,
-                        off=off_loop(keys),
+                        body["messages"], functions, request.llm_config.model, off=off
                     )
                 answer["usage"] = await _local_usage(answer, count, request)
             call.record.response_json = orjson.dumps(answer).decode()
