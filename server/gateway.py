@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -23,7 +23,7 @@ from llmgateway.v1 import chat_pb2
 from server.auth.actor import Actor
 from server.auth.redact import Redactor
 from server.config import Settings
-from server.core import offload, tokens
+from server.core import offload, tokens, trace_scrub
 from server.core.answer_scrub import AnswerScrubber
 from server.core.completion import (
     answer_bytes,
@@ -60,6 +60,8 @@ class TraceSink(Protocol):
     """Where finished trace records go (the trace writer); enqueue never blocks."""
 
     def enqueue(self, record: TraceRecord) -> None: ...
+
+    def enqueue_after(self, record: TraceRecord, ready: Awaitable[object]) -> None: ...
 
 
 @dataclass(slots=True)
@@ -225,7 +227,7 @@ class Gateway:
             model=config.model,
             model_endpoint_type=config.model_endpoint_type,
             is_byok=bool(target and target.is_byok),
-            request_json=self.deps.scrub(body.decode()),
+            request_json=trace_scrub.scrub_request(body.decode(), self.deps.scrub),  # huge: at finish
             llm_config_json=self._config_json(config),
             owner=trace_owner(user_id=actor.user_id, key_id=actor.key_id),  # never the request's
         )
@@ -268,9 +270,6 @@ class Gateway:
     ) -> None:
         """Complete the record and queue it; `in_flight` says why a cancelled call was cancelled."""
         record.latency_ms = (time.perf_counter() - started) * 1000.0
-        if record.response_json:
-            # An upstream (a debugging proxy, say) may echo a key back, even split over chunks.
-            record.response_json = self.deps.scrub(record.response_json)
         if isinstance(error, GatewayError):
             record.error_type = error.reason
             record.error_message = self.deps.scrub(error.message)
@@ -280,7 +279,8 @@ class Gateway:
         elif error is not None:
             record.error_type = type(error).__name__
             record.error_message = self.deps.scrub(str(error))
-        self.deps.traces.enqueue(record)
+        # The answer (and a huge request) scrubbed, in the offload pool when huge, then queued.
+        trace_scrub.queue(record, self.deps.scrub, self.deps.traces)
 
     def traced_call(
         self, request: ChatRequest, actor: Actor, target: UpstreamTarget, payload: bytes, kind: str

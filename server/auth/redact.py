@@ -30,6 +30,7 @@ import json
 import logging
 import re
 import sys
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -253,7 +254,7 @@ class _Tier:
     twice as much, which stays the way for text made of key characters (base64).
     """
 
-    __slots__ = ("block", "stride", "min_bytes", "windows", "fmt", "byte_refs", "_table")
+    __slots__ = ("block", "stride", "min_bytes", "windows", "fmt", "byte_refs", "table")
 
     def __init__(self, block: int, stride: int) -> None:
         self.block = block
@@ -264,13 +265,13 @@ class _Tier:
         # a tuple per window would cost ~15 MB per 10,000 keys) or a tuple of several.
         self.windows: dict[int, str | tuple[str, ...]] = {}
         self.byte_refs = [0] * 256  # byte value -> spellings of this tier that contain it
-        self._table: bytes | None = None  # translate table: 1 for those bytes, else 0
+        # Translate table: 1 for those bytes, else 0. Immutable, replaced whole after `windows` has
+        # the new spelling (never rebuilt lazily by a reader: a scan in another thread would cache
+        # a table older than the last `add`, and miss that secret for good).
+        self.table = bytes(256)
 
-    def table(self) -> bytes:
-        table = self._table
-        if table is None:
-            table = self._table = bytes(1 if refs else 0 for refs in self.byte_refs)
-        return table
+    def _new_table(self) -> None:
+        self.table = bytes(1 if refs else 0 for refs in self.byte_refs)
 
     def keys_of(self, data: bytes) -> set[int]:
         keys: set[int] = set()
@@ -289,10 +290,12 @@ class _Tier:
                 windows[key] = (present, spelling)
             else:
                 windows[key] = (*present, spelling)
+        changed = False
         for byte in set(data):
             self.byte_refs[byte] += 1
-            if self.byte_refs[byte] == 1:
-                self._table = None
+            changed = changed or self.byte_refs[byte] == 1
+        if changed:
+            self._new_table()
 
     def remove(self, spelling: str, data: bytes) -> None:
         windows = self.windows
@@ -306,14 +309,19 @@ class _Tier:
                 windows.pop(key, None)
             else:
                 windows[key] = rest[0] if len(rest) == 1 else rest
+        changed = False
         for byte in set(data):
             self.byte_refs[byte] -= 1
-            if self.byte_refs[byte] == 0:
-                self._table = None
+            changed = changed or self.byte_refs[byte] == 0
+        if changed:
+            self._new_table()
 
     def candidates(self, data: bytes, found: set[str]) -> None:
         block = self.block
         usable = len(data) - len(data) % block
+        # Read once: `add`/`remove` (another thread) change `windows` in place, one atomic dict
+        # operation at a time, and replace `table` whole after `windows` holds a new spelling.
+        table = self.table
         windows = self.windows
         if usable < block or not windows:
             return
@@ -321,7 +329,7 @@ class _Tier:
         sampled = samples.tobytes()
         # 1 per byte some window has, then each sample's bytes ANDed into its first byte, all in
         # big-int operations over the whole buffer (C loops, no object per sample).
-        marks = int.from_bytes(sampled.translate(self.table()), "little")
+        marks = int.from_bytes(sampled.translate(table), "little")
         width = 8
         while width < block * 8:
             marks &= marks >> width
@@ -357,9 +365,17 @@ class _Tier:
 
 
 class Redactor:
-    """Knows the secrets in play and scrubs them (and secret-looking values) from text and JSON."""
+    """Knows the secrets in play and scrubs them (and secret-looking values) from text and JSON.
+
+    Scrubbing may run in any thread (the offload pool scrubs huge traces, handlers log) while the
+    loop adds and drops secrets: changes are serialized by a lock (a lease may be released by the
+    garbage collector in any thread), and a scan takes no lock: it reads each tier's immutable
+    table once and the window dict one atomic lookup at a time, so it never raises and always
+    finds every secret registered before it started.
+    """
 
     def __init__(self, secrets: Iterable[str] = (), *, max_secrets: int = MAX_SECRETS) -> None:
+        self._lock = threading.RLock()  # reentrant: a lease's __del__ may run inside a change
         self._max_owned = max_secrets
         self._pinned: set[str] = set()
         self._owned: OrderedDict[str, str] = OrderedDict()  # owner -> secret, least recent first
@@ -393,10 +409,11 @@ class Redactor:
         self.add_many(secrets)
 
     def add_many(self, secrets: Iterable[str]) -> None:
-        for secret in secrets:
-            if _registrable(secret) and secret not in self._pinned:
-                self._pinned.add(secret)
-                self._retain(secret)
+        with self._lock:
+            for secret in secrets:
+                if _registrable(secret) and secret not in self._pinned:
+                    self._pinned.add(secret)
+                    self._retain(secret)
 
     def add_owned(self, owner: str, secret: str) -> None:
         """Register the secret of `owner` (a BYOK provider), replacing the one it had before.
@@ -404,24 +421,26 @@ class Redactor:
         Cheap when unchanged (every call of a provider registers its key again, which also keeps
         it among the most recently used).
         """
-        owned = self._owned
-        if owned.get(owner) == secret:
-            owned.move_to_end(owner)
-            return
-        self.discard_owner(owner)
-        if not _registrable(secret):
-            return
-        owned[owner] = secret
-        self._retain(secret)
-        while len(owned) > self._max_owned:
-            _, evicted = owned.popitem(last=False)
-            self._release(evicted)
+        with self._lock:
+            owned = self._owned
+            if owned.get(owner) == secret:
+                owned.move_to_end(owner)
+                return
+            self.discard_owner(owner)
+            if not _registrable(secret):
+                return
+            owned[owner] = secret
+            self._retain(secret)
+            while len(owned) > self._max_owned:
+                _, evicted = owned.popitem(last=False)
+                self._release(evicted)
 
     def discard_owner(self, owner: str) -> None:
         """Forget the secret of `owner` (its provider was deleted); pinned values stay."""
-        secret = self._owned.pop(owner, None)
-        if secret is not None:
-            self._release(secret)
+        with self._lock:
+            secret = self._owned.pop(owner, None)
+            if secret is not None:
+                self._release(secret)
 
     def _retain(self, secret: str) -> None:
         count = self._refs.get(secret, 0)
@@ -531,7 +550,8 @@ class Redactor:
         its provider's entry is replaced, deleted or dropped by the LRU bound meanwhile."""
         if not _registrable(secret):
             return None
-        self._retain(secret)
+        with self._lock:
+            self._retain(secret)
         return _Lease(self, secret)
 
     def hold_from(self, text: str, start: int = 0) -> int:
@@ -548,7 +568,7 @@ class Redactor:
         if len(firsts) <= 8:
             # Few distinct first characters (a handful of server keys): jump to them with find.
             positions: list[int] = []
-            for first in firsts:
+            for first in tuple(firsts):  # a copy: a lease's __del__ may change it meanwhile
                 found = text.find(first, low)
                 while found >= 0:
                     positions.append(found)
@@ -654,8 +674,9 @@ class _Lease:
 
     def __del__(self) -> None:
         redactor = self._redactor
-        if self._secret in redactor._refs:  # noqa: SLF001 - the lease is part of the redactor
-            redactor._release(self._secret)  # noqa: SLF001
+        with redactor._lock:  # noqa: SLF001 - the lease is part of the redactor
+            if self._secret in redactor._refs:  # noqa: SLF001
+                redactor._release(self._secret)  # noqa: SLF001
 
 
 def _redact_record(record: logging.LogRecord, redactor: Redactor) -> None:

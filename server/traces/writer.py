@@ -23,6 +23,11 @@ then neither delays its batches (no round trip through the loop per statement) n
 building its rows. The deque, the bound, the counters, the retries and `close()` are the same.
 
 `enqueue` must be called from the event loop's thread (it wakes asyncio events).
+
+`enqueue_after(record, ready)` queues a trace once `ready` (its scrub, run in the offload pool
+for huge texts) has finished; `flush()` and `close()` wait for those first, so a trace still being
+scrubbed at shutdown is written, not lost. A scrub that fails drops its trace (counted, logged):
+an unscrubbed text never reaches a backend.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ import logging
 import random
 import threading
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -461,6 +466,7 @@ class TraceWriter:
         ]
         self._running = False
         self._closed = False
+        self._preparing: set[asyncio.Task[None]] = set()  # `enqueue_after` traces not ready yet
 
     @property
     def backends(self) -> list[TraceBackend]:
@@ -497,6 +503,33 @@ class TraceWriter:
         for lane in self._lanes:
             lane.push(record, size)
 
+    def enqueue_after(self, record: TraceRecord, ready: Awaitable[object]) -> None:
+        """Queue `record` once `ready` has finished (it scrubs the record); never blocks.
+
+        If `ready` raises (or is cancelled: close() timed out), the trace is dropped, counted and
+        logged, never queued as it is. Call from the event loop's thread.
+        """
+        task = asyncio.ensure_future(self._when_ready(record, ready))
+        self._preparing.add(task)
+        task.add_done_callback(self._preparing.discard)
+
+    async def _when_ready(self, record: TraceRecord, ready: Awaitable[object]) -> None:
+        try:
+            await ready
+        except BaseException as exc:
+            for lane in self._lanes:
+                lane.stats.dropped += 1
+            reason = describe_error(exc)
+            self.warn("unready", "dropping trace %s: its scrub did not finish (%s)", record.id, reason)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        self.enqueue(record)
+
+    async def _await_preparing(self) -> None:
+        while self._preparing:  # a trace made ready may not add another, but be safe
+            await asyncio.gather(*self._preparing, return_exceptions=True)
+
     async def start(self) -> None:
         """Start each backend and its task; waits up to `start_timeout` for the reader, never raises.
 
@@ -527,6 +560,7 @@ class TraceWriter:
     async def flush(self, timeout: float | None = None) -> None:
         """Wait until every queue is empty and written; TimeoutError after `timeout` seconds."""
         async with asyncio.timeout(timeout):
+            await self._await_preparing()
             for lane in self._lanes:
                 await lane.idle.wait()
 
@@ -539,6 +573,14 @@ class TraceWriter:
             return
         if not self._running:
             await self.start()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        if self._preparing:  # traces still being scrubbed: queue them before closing
+            _, late = await asyncio.wait(set(self._preparing), timeout=timeout)
+            for task in late:
+                task.cancel()  # dropped and counted by _when_ready
+            await asyncio.gather(*late, return_exceptions=True)
+            timeout = max(0.0, deadline - loop.time())
         self._closed = True
         for lane in self._lanes:
             lane.notify_close()
