@@ -23,6 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from llmgateway.v1 import chat_pb2, chat_pb2_grpc
 
 from server.auth.redact import REDACTED, Redactor
+from server.config import Settings
 from server.traces.base import TraceRecord
 from server.traces.writer import TraceWriter
 from tests.fake_upstream import FakeUpstream, Reply, completion
@@ -40,7 +41,7 @@ def huge_answer(repeats: int, filler: int = 0) -> str:
     return "token=abc&" * repeats + "lorem ipsum " * (filler // 12) + f" the key is {SERVER_KEY} done"
 
 
-def settings_for(tmp_path: Path, upstream: FakeUpstream) -> object:
+def settings_for(tmp_path: Path, upstream: FakeUpstream) -> Settings:
     return make_settings(
         tmp_path,
         allowed_endpoints=(upstream.base_url,),
@@ -81,7 +82,7 @@ async def wait_stored(path: str, step: str, timeout: float = 60.0) -> list[tuple
 
 @pytest.fixture
 async def big_gateway(tmp_path: Path, upstream: FakeUpstream) -> AsyncIterator[RunningGateway]:
-    async with running_gateway(settings_for(tmp_path, upstream)) as gw:  # type: ignore[arg-type]
+    async with running_gateway(settings_for(tmp_path, upstream)) as gw:
         yield gw
 
 
