@@ -19,7 +19,8 @@ from server.auth.actor import Actor
 from server.auth.endpoints import safe_display
 from server.config import Settings
 from server.errors import EndpointNotAllowed, MissingApiKey, NotFound
-from server.providers.base import UpstreamTarget
+from server.providers.base import Provider, UpstreamTarget
+from server.providers.openai_compat import OPENAI
 
 # The seed sends this to keyless endpoints (local proxies) because OpenAI clients need some key.
 PLACEHOLDER_API_KEY = "DUMMY_API_KEY"
@@ -106,10 +107,6 @@ def _byok_not_found(config: chat_pb2.LLMConfig, actor: Actor) -> NotFound:
     )
 
 
-def _bearer(key: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {key}"}
-
-
 async def resolve_target(
     config: chat_pb2.LLMConfig,
     *,
@@ -118,31 +115,34 @@ async def resolve_target(
     policy: EndpointChecker,
     byok_provider: ByokLookup,
     byok_urls: ByokUrls,
+    dialect: Provider = OPENAI,
 ) -> UpstreamTarget:
-    """The upstream for an OpenAI-compatible request, or the error that stops it."""
+    """The upstream for a request in `dialect`, or the error that stops it.
+
+    The key goes in `dialect`'s auth headers."""
     endpoint = config.model_endpoint.rstrip("/") or default_endpoint(config, settings)
 
     if config.provider_category == chat_pb2.PROVIDER_CATEGORY_BYOK:
-        provider = await byok_provider(actor.organization_id, config.provider_name)
-        if provider is None:
+        byok = await byok_provider(actor.organization_id, config.provider_name)
+        if byok is None:
             raise _byok_not_found(config, actor)
-        base = provider.base_url.rstrip("/")
+        base = byok.base_url.rstrip("/")
         if not config.model_endpoint:
             endpoint = base
         elif not policy.key_allowed_for(endpoint, base):
             raise EndpointNotAllowed(
-                f"BYOK provider {provider.name!r} may only be called at its own base URL",
-                metadata={"provider_name": provider.name, "endpoint": safe_display(endpoint)},
+                f"BYOK provider {byok.name!r} may only be called at its own base URL",
+                metadata={"provider_name": byok.name, "endpoint": safe_display(endpoint)},
             )
         canonical = policy.check(endpoint, byok_base_urls=(base,)).rstrip("/")
         return UpstreamTarget(
             base_url=canonical,
-            headers=_bearer(provider.api_key),
-            provider=provider.name,
+            headers=dialect.auth_headers(byok.api_key),
+            provider=byok.name,
             is_byok=True,
-            secrets=(provider.api_key,),
+            secrets=(byok.api_key,),
             private_ok=private_ok(canonical, policy=policy, settings=settings),
-            keep=provider.keep,
+            keep=byok.keep,
         )
 
     canonical = (await check_endpoint(endpoint, actor=actor, policy=policy, byok_urls=byok_urls)).rstrip("/")
@@ -153,7 +153,7 @@ async def resolve_target(
     under_openrouter = policy.key_allowed_for(endpoint, settings.openrouter_base_url)
     is_openrouter = under_openrouter or "openrouter.ai" in endpoint or config.provider_name == "openrouter"
     if is_openrouter and settings.openrouter_api_key and under_openrouter:
-        headers = _bearer(settings.openrouter_api_key)
+        headers = dialect.auth_headers(settings.openrouter_api_key)
         if settings.openrouter_referer:
             headers["HTTP-Referer"] = settings.openrouter_referer
         if settings.openrouter_title:
@@ -166,7 +166,7 @@ async def resolve_target(
         if settings.openai_api_key:
             return UpstreamTarget(
                 canonical,
-                _bearer(settings.openai_api_key),
+                dialect.auth_headers(settings.openai_api_key),
                 "openai",
                 secrets=(settings.openai_api_key,),
                 private_ok=listed,
@@ -177,4 +177,6 @@ async def resolve_target(
                 metadata={"missing_fields": "openai_api_key", "endpoint": safe_display(endpoint)},
             )
     provider_name = "openrouter" if is_openrouter else (config.provider_name or "openai")
-    return UpstreamTarget(canonical, _bearer(PLACEHOLDER_API_KEY), provider_name, private_ok=listed)
+    return UpstreamTarget(
+        canonical, dialect.auth_headers(PLACEHOLDER_API_KEY), provider_name, private_ok=listed
+    )
