@@ -122,7 +122,12 @@ class OpenAICompatible:
         return {"Authorization": f"Bearer {api_key}"}
 
     def build_body(self, body: dict[str, Any], *, stream: bool) -> tuple[dict[str, Any], list[str]]:
-        return body, []
+        messages = body["messages"]
+        if not any(_has_opaque_parts(m) for m in messages):
+            return body, []
+        # A history from Anthropic or Gemini: their opaque reasoning parts mean nothing here,
+        # and OpenAI refuses unknown message fields.
+        return {**body, "messages": [_without_opaque_parts(m) for m in messages]}, ["thinking_blocks"]
 
     def parse_answer(
         self, raw: bytes, *, provider: str, model: str, scrub: Callable[[str], str]
@@ -145,6 +150,23 @@ class OpenAICompatible:
 
 
 OPENAI: Provider = OpenAICompatible()
+
+
+def _has_opaque_parts(message: dict[str, Any]) -> bool:
+    if "thinking_blocks" in message:
+        return True
+    return any("thought_signature" in call for call in message.get("tool_calls") or ())
+
+
+def _without_opaque_parts(message: dict[str, Any]) -> dict[str, Any]:
+    if not _has_opaque_parts(message):
+        return message
+    out = {k: v for k, v in message.items() if k != "thinking_blocks"}
+    if message.get("tool_calls"):
+        out["tool_calls"] = [
+            {k: v for k, v in call.items() if k != "thought_signature"} for call in message["tool_calls"]
+        ]
+    return out
 
 
 def _headers(target: UpstreamTarget, base: dict[str, str]) -> dict[str, str]:

@@ -7,11 +7,13 @@ endpoint types are handled by `server.providers.local`.
 
 from __future__ import annotations
 
+from server.providers.anthropic import AnthropicProvider
 from server.providers.base import Provider
 from server.providers.openai_compat import OPENAI
 
 PROVIDERS: dict[str, Provider] = {
     "openai": OPENAI,
+    "anthropic": AnthropicProvider(),
 }
 
 
