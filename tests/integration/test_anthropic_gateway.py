@@ -351,7 +351,8 @@ async def test_three_step_agent_loop(
         req = request(*messages, functions=[weather_function()], function_call="auto")
         if streamed:
             return (await stream_all(gateway, req))[-1].completion
-        return (await gateway.chat.Create(req, timeout=10)).completion
+        response: chat_pb2.CreateResponse = await gateway.chat.Create(req, timeout=10)
+        return response.completion
 
     history = [chat_pb2.Message(role=USER, content="Weather in Paris?")]
     first = await step(*history)  # 1: the model calls the tool
