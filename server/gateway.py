@@ -448,6 +448,7 @@ def _record_usage(record: TraceRecord, usage: chat_pb2.Usage) -> None:
     record.total_tokens = usage.total_tokens
     record.cached_tokens = usage.cached_tokens
     record.reasoning_tokens = usage.reasoning_tokens
+    record.cache_write_tokens = usage.cache_write_tokens
 
 
 def span_usage(span: Any, completion: chat_pb2.ChatCompletion) -> None:

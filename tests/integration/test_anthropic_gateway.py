@@ -558,5 +558,9 @@ async def test_trace_records_the_call_without_the_key(
     stored = await wait_for_trace(gateway.traces, "step-ant", trace_id=response.provider_trace_id)
     assert (stored.provider, stored.model_endpoint_type) == ("anthropic", "anthropic")
     assert '"max_tokens":4096' in stored.request_json  # the body sent upstream
-    assert (stored.usage.prompt_tokens, stored.usage.cached_tokens) == (175, 100)
+    assert (stored.usage.prompt_tokens, stored.usage.cached_tokens, stored.usage.cache_write_tokens) == (
+        175,
+        100,
+        50,
+    )
     assert KEY not in stored.request_json + stored.response_json
