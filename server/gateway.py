@@ -42,6 +42,7 @@ from server.errors import ContextWindowExceeded, GatewayError, UpstreamBadRespon
 from server.inflight import InFlightCall, cancel_cause, current_call
 from server.providers.base import Provider, UpstreamTarget
 from server.providers.http import HttpClient
+from server.providers.local.provider import create_local, prompt_parts, stream_local
 from server.providers.openai_compat import (
     CallOptions,
     open_stream,
@@ -120,8 +121,6 @@ class Gateway:
         await offload.run_if(off, lambda: validate_request(request, keys))
         config = request.llm_config
         if config.model_endpoint_type in LOCAL_TYPES:
-            from server.providers.local.provider import prompt_parts
-
             messages, functions = await offload.run_if(off, lambda: prompt_parts(request))
         else:
             # The prompt depends on the endpoint (LM Studio's inner-thoughts description): count
@@ -412,20 +411,16 @@ class Gateway:
             # generator here, and the trace says so instead of success.
             yield last
 
-    # -- local servers (filled in by server.providers.local) ---------------------------------
+    # -- local servers (server.providers.local, called with this gateway as its CallHost) ------
 
     async def _create_local(
         self, request: ChatRequest, actor: Actor, deadline: Deadline, keys: FunctionKeys = ()
     ) -> chat_pb2.CreateResponse:
-        from server.providers.local.provider import create_local
-
         return await create_local(self, request, actor, deadline, off=off_loop(keys))
 
     async def _stream_local(
         self, request: ChatRequest, actor: Actor, deadline: Deadline, keys: FunctionKeys = ()
     ) -> AsyncIterator[chat_pb2.StreamCreateResponse]:
-        from server.providers.local.provider import stream_local
-
         async for event in stream_local(self, request, actor, deadline, off=off_loop(keys)):
             yield event
 

@@ -564,3 +564,14 @@ async def test_trace_records_the_call_without_the_key(
         50,
     )
     assert KEY not in stored.request_json + stored.response_json
+
+
+async def test_count_tokens_counts_with_tiktoken_and_names_the_encoding(gateway: RunningGateway) -> None:
+    count_req = chat_pb2.CountTokensRequest.FromString(
+        request(functions=[weather_function()]).SerializeToString()
+    )
+    counted = await gateway.chat.CountTokens(count_req, timeout=10)
+    assert counted.prompt_tokens > 0 and counted.function_tokens > 0
+    assert counted.total_tokens == counted.prompt_tokens + counted.function_tokens
+    assert counted.encoding  # an approximation of Claude's tokenizer, and it says which
+    assert counted.context_window == 200_000

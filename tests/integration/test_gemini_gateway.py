@@ -355,3 +355,10 @@ async def test_the_key_reaches_no_trace(gateway: RunningGateway, gemini: GeminiF
     assert (stored.provider, stored.model_endpoint_type) == ("google_ai", "google_ai")
     assert '"contents"' in stored.request_json
     assert KEY not in stored.request_json + stored.response_json
+
+
+async def test_count_tokens_needs_no_key_and_names_the_encoding(tmp_path: Path) -> None:
+    async with running_gateway(make_settings(tmp_path)) as gw:
+        count_req = chat_pb2.CountTokensRequest.FromString(request().SerializeToString())
+        counted = await gw.chat.CountTokens(count_req, timeout=10)
+    assert counted.prompt_tokens > 0 and counted.encoding

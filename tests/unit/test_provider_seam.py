@@ -22,8 +22,6 @@ def test_every_registered_provider_is_a_known_endpoint_type() -> None:
 
 def test_no_provider_module_imports_the_gateway() -> None:
     for path in PROVIDERS_DIR.rglob("*.py"):
-        if path.parent.name == "local":
-            continue  # issue 13 point 1: the local path still calls back into Gateway (left)
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom):
                 assert node.module != "server.gateway", path
