@@ -9,6 +9,8 @@ from dataclasses import dataclass, field, fields
 
 DEFAULT_OPENAI_BASE_URL = "https://api.openai.com/v1"
 DEFAULT_OPENROUTER_BASE_URL = "https://openrouter.ai/api/v1"
+DEFAULT_ANTHROPIC_BASE_URL = "https://api.anthropic.com/v1"
+DEFAULT_GOOGLE_AI_BASE_URL = "https://generativelanguage.googleapis.com/v1beta"
 # The gRPC server sends messages up to 64 MiB (server.app): an answer's final message is its text
 # plus small, bounded labels and framing, so the cap may go up to 63 MiB and defaults to half.
 MAX_ANSWER_BYTES_LIMIT = 63 * 1024 * 1024
@@ -49,6 +51,8 @@ class Settings:
     openrouter_base_url: str = DEFAULT_OPENROUTER_BASE_URL
     openrouter_referer: str = ""
     openrouter_title: str = ""
+    anthropic_base_url: str = DEFAULT_ANTHROPIC_BASE_URL
+    google_ai_base_url: str = DEFAULT_GOOGLE_AI_BASE_URL
     allowed_endpoints: tuple[str, ...] = ()
     encryption_key: str = field(default="", repr=False)
     # Also accepted for reading BYOK keys, never for writing: the other passphrase of a rotation.
@@ -73,7 +77,22 @@ class Settings:
     # Provider keys keep their usual names and are read from the environment only.
     openai_api_key: str = field(default="", repr=False)
     openrouter_api_key: str = field(default="", repr=False)
+    anthropic_api_key: str = field(default="", repr=False)
+    gemini_api_key: str = field(default="", repr=False)
     retry: RetrySettings = field(default_factory=RetrySettings)
+
+    def provider_base_urls(self) -> tuple[str, ...]:
+        """The base URLs of the providers the server holds keys for (always callable)."""
+        return (
+            self.openai_base_url,
+            self.openrouter_base_url,
+            self.anthropic_base_url,
+            self.google_ai_base_url,
+        )
+
+    def secrets(self) -> tuple[str, ...]:
+        """Every server-held secret value (for the redactor)."""
+        return tuple(getattr(self, name) for name in sorted(SECRET_FIELDS))
 
 
 # Seed names accepted as aliases so its users can switch without edits.
@@ -81,15 +100,16 @@ _ALIASES = {
     "trace_backends": ("LETTA_TELEMETRY_PROVIDER_TRACE_BACKEND",),
     "trace_socket": ("TELEMETRY_SOCKET",),
 }
-_PROVIDER_KEYS = {"openai_api_key": "OPENAI_API_KEY", "openrouter_api_key": "OPENROUTER_API_KEY"}
-_TUPLE_FIELDS = {"trace_backends", "allowed_endpoints"}
-_SECRET_FIELDS = {
-    "encryption_key",
-    "encryption_key_previous",
-    "local_api_key",
-    "openai_api_key",
-    "openrouter_api_key",
+# Provider key field -> its variables, the first set one wins (GOOGLE_API_KEY: the google-genai
+# SDK's other name for the Gemini key).
+_PROVIDER_KEYS = {
+    "openai_api_key": ("OPENAI_API_KEY",),
+    "openrouter_api_key": ("OPENROUTER_API_KEY",),
+    "anthropic_api_key": ("ANTHROPIC_API_KEY",),
+    "gemini_api_key": ("GEMINI_API_KEY", "GOOGLE_API_KEY"),
 }
+_TUPLE_FIELDS = {"trace_backends", "allowed_endpoints"}
+SECRET_FIELDS = frozenset({"encryption_key", "encryption_key_previous", "local_api_key", *_PROVIDER_KEYS})
 
 
 def _split(value: str) -> tuple[str, ...]:
@@ -133,7 +153,7 @@ def add_arguments(parser: argparse.ArgumentParser, *, nested: bool = False) -> N
     """
     for name in [*_configurable_fields(), *_retry_setting_names()]:
         help_text = f"env LLMGW_{name.upper()}"
-        if name in _SECRET_FIELDS:
+        if name in SECRET_FIELDS:
             help_text += " (prefer the environment for secrets)"
         default = argparse.SUPPRESS if nested else None
         parser.add_argument("--" + name.replace("_", "-"), dest=name, default=default, help=help_text)
@@ -154,8 +174,8 @@ def load_settings(
             raw = next((env[a] for a in _ALIASES.get(name, ()) if a in env), None)
         if raw is not None:
             values[name] = _coerce(name, raw, getattr(defaults, name))
-    for name, var in _PROVIDER_KEYS.items():
-        values[name] = env.get(var, "")
+    for name, variables in _PROVIDER_KEYS.items():
+        values[name] = next((env[v] for v in variables if env.get(v)), "")
     retry_defaults = RetrySettings()
     retry_values: dict[str, object] = {}
     for name, field_name in _retry_setting_names().items():

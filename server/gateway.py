@@ -40,8 +40,9 @@ from server.core.stream import StreamAccumulator
 from server.core.validation import LOCAL_TYPES, FunctionKeys, function_keys_async, off_loop, validate_request
 from server.errors import ContextWindowExceeded, GatewayError, UpstreamBadResponse
 from server.inflight import InFlightCall, cancel_cause, current_call
-from server.providers.base import UpstreamTarget
+from server.providers.base import Provider, UpstreamTarget
 from server.providers.http import HttpClient
+from server.providers.local.provider import create_local, prompt_parts, stream_local
 from server.providers.openai_compat import (
     CallOptions,
     open_stream,
@@ -49,6 +50,7 @@ from server.providers.openai_compat import (
     released_when_done,
     sse_batches,
 )
+from server.providers.registry import provider_for
 from server.traces.base import TraceRecord, new_trace_id, trace_owner
 
 log = logging.getLogger("llmgateway.gateway")
@@ -77,6 +79,18 @@ class Dependencies:
     scrub: Callable[[str], str]
     tracer: Any = None  # an OpenTelemetry tracer when an exporter is configured, else None
     redactor: Redactor | None = None  # the known secrets, scrubbed from answers too
+
+
+@dataclass(slots=True)
+class Plan:
+    """Where a call goes and what it sends: the internal (OpenAI-shaped) body the answer is
+    unpacked against, and the provider's own body."""
+
+    target: UpstreamTarget
+    provider: Provider
+    body: dict[str, Any]
+    payload: bytes
+    count: tokens.TokenCount | None
 
 
 @dataclass(slots=True)
@@ -109,8 +123,6 @@ class Gateway:
         await offload.run_if(off, lambda: validate_request(request, keys))
         config = request.llm_config
         if config.model_endpoint_type in LOCAL_TYPES:
-            from server.providers.local.provider import prompt_parts
-
             messages, functions = await offload.run_if(off, lambda: prompt_parts(request))
         else:
             # The prompt depends on the endpoint (LM Studio's inner-thoughts description): count
@@ -171,10 +183,9 @@ class Gateway:
 
     # -- planning ----------------------------------------------------------------------------
 
-    async def _plan(
-        self, request: ChatRequest, actor: Actor, *, stream: bool, keys: FunctionKeys
-    ) -> tuple[UpstreamTarget, dict[str, Any], tokens.TokenCount | None]:
+    async def _plan(self, request: ChatRequest, actor: Actor, *, stream: bool, keys: FunctionKeys) -> Plan:
         config = request.llm_config
+        provider = provider_for(config.model_endpoint_type)
         target = await resolve_target(
             config,
             settings=self._settings,
@@ -182,6 +193,7 @@ class Gateway:
             policy=self.deps.policy,
             byok_provider=self.deps.byok_provider,
             byok_urls=self.deps.byok_urls,
+            dialect=provider,
         )
         # Count the functions as sent to this endpoint (the inner-thoughts text depends on it).
         off = off_loop(keys)  # a huge function set: converted (strict too) and counted in the pool
@@ -193,7 +205,10 @@ class Gateway:
             ),
         )
         count = await self.guard(request, body["messages"], functions, off=off)
-        return target, body, count
+        upstream, notes = provider.build_body(body, stream=stream)
+        if notes:
+            log.info("%s: parameters not sent as given: %s", target.provider, ", ".join(notes))
+        return Plan(target, provider, body, orjson.dumps(upstream), count)
 
     def answer_scrubber(self, target: UpstreamTarget) -> AnswerScrubber:
         """Scrubs the answer of a call to `target` of every known secret and of the key it sent."""
@@ -299,15 +314,17 @@ class Gateway:
         await offload.run_if(off_loop(keys), lambda: validate_request(request, keys))
         if request.llm_config.model_endpoint_type in LOCAL_TYPES:
             return await self._create_local(request, actor, deadline, keys)
-        target, body, _ = await self._plan(request, actor, stream=False, keys=keys)
-        payload = orjson.dumps(body)
-        with self.traced_call(request, actor, target, payload, "create") as call:
+        plan = await self._plan(request, actor, stream=False, keys=keys)
+        target, body, model = plan.target, plan.body, request.llm_config.model
+        with self.traced_call(request, actor, target, plan.payload, "create") as call:
             raw, answer = await post_json(
                 self.deps.http,
                 target,
-                target.base_url + "/chat/completions",
-                payload,
+                plan.provider.endpoint_url(target.base_url, model, stream=False),
+                plan.payload,
                 self.call_options(deadline, call.span),
+                dialect=plan.provider,
+                model=model,
             )
             call.record.response_json = raw.decode("utf-8", "replace")
             check_answer_size(answer_bytes(answer), self._settings.max_answer_bytes, provider=target.provider)
@@ -328,23 +345,25 @@ class Gateway:
             async for event in self._stream_local(request, actor, deadline, keys):
                 yield event
             return
-        target, body, count = await self._plan(request, actor, stream=True, keys=keys)
-        payload = orjson.dumps(body)
+        plan = await self._plan(request, actor, stream=True, keys=keys)
+        target, body, count, model = plan.target, plan.body, plan.count, request.llm_config.model
         # Over LLMGW_MAX_ANSWER_BYTES the accumulator raises before the piece is kept or relayed.
         accumulator = StreamAccumulator(
             provider=target.provider, max_answer_bytes=self._settings.max_answer_bytes
         )
         scrubber = self.answer_scrubber(target)  # an upstream may echo a key, even split over chunks
-        with self.traced_call(request, actor, target, payload, "stream") as call:
+        with self.traced_call(request, actor, target, plan.payload, "stream") as call:
             call.partial = lambda: (
                 orjson.dumps(accumulator.completion()).decode() if accumulator.chunks else ""
             )
             response = await open_stream(
                 self.deps.http,
                 target,
-                target.base_url + "/chat/completions",
-                payload,
+                plan.provider.endpoint_url(target.base_url, model, stream=True),
+                plan.payload,
                 self.call_options(deadline, call.span),
+                dialect=plan.provider,
+                model=model,
             )
             with released_when_done(response):
                 done = False
@@ -392,20 +411,16 @@ class Gateway:
             # generator here, and the trace says so instead of success.
             yield last
 
-    # -- local servers (filled in by server.providers.local) ---------------------------------
+    # -- local servers (server.providers.local, called with this gateway as its CallHost) ------
 
     async def _create_local(
         self, request: ChatRequest, actor: Actor, deadline: Deadline, keys: FunctionKeys = ()
     ) -> chat_pb2.CreateResponse:
-        from server.providers.local.provider import create_local
-
         return await create_local(self, request, actor, deadline, off=off_loop(keys))
 
     async def _stream_local(
         self, request: ChatRequest, actor: Actor, deadline: Deadline, keys: FunctionKeys = ()
     ) -> AsyncIterator[chat_pb2.StreamCreateResponse]:
-        from server.providers.local.provider import stream_local
-
         async for event in stream_local(self, request, actor, deadline, off=off_loop(keys)):
             yield event
 
@@ -428,6 +443,7 @@ def _record_usage(record: TraceRecord, usage: chat_pb2.Usage) -> None:
     record.total_tokens = usage.total_tokens
     record.cached_tokens = usage.cached_tokens
     record.reasoning_tokens = usage.reasoning_tokens
+    record.cache_write_tokens = usage.cache_write_tokens
 
 
 def span_usage(span: Any, completion: chat_pb2.ChatCompletion) -> None:

@@ -68,6 +68,7 @@ def trace_to_proto(record: TraceRecord) -> traces_pb2.ProviderTrace:
             total_tokens=record.total_tokens,
             cached_tokens=record.cached_tokens,
             reasoning_tokens=record.reasoning_tokens,
+            cache_write_tokens=record.cache_write_tokens,
         ),
         latency_ms=record.latency_ms,
         time_to_first_token_ms=record.time_to_first_token_ms,

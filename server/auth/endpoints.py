@@ -404,7 +404,7 @@ class EndpointPolicy:
     @classmethod
     def from_settings(cls, settings: Settings, *, allow_private_byok: bool = False) -> EndpointPolicy:
         return cls(
-            provider_base_urls=(settings.openai_base_url, settings.openrouter_base_url),
+            provider_base_urls=settings.provider_base_urls(),
             allowed_endpoints=settings.allowed_endpoints,
             allow_private_byok=allow_private_byok,
         )

@@ -394,15 +394,7 @@ class Redactor:
     @classmethod
     def from_settings(cls, settings: Settings) -> Redactor:
         """A redactor that knows every server-held secret of the settings."""
-        return cls(
-            (
-                settings.openai_api_key,
-                settings.openrouter_api_key,
-                settings.local_api_key,
-                settings.encryption_key,
-                settings.encryption_key_previous,
-            )
-        )
+        return cls(settings.secrets())
 
     def add(self, *secrets: str) -> None:
         """Register server-held secret values for good (empty and short ones are skipped; idempotent)."""

@@ -64,6 +64,11 @@ class AnswerScrubber:
             message = choice.message
             message.content = text(message.content)
             message.reasoning_content = text(message.reasoning_content)
+            message.refusal = text(message.refusal)
+            for block in message.thinking_blocks:
+                # The reasoning text only: signatures and redacted data are the provider's opaque
+                # (encrypted) bytes, which must go back unchanged and cannot carry a key as text.
+                block.text = text(block.text)
             for call in message.tool_calls:
                 call.id = text(call.id)
                 call.name = text(call.name)

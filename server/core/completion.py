@@ -7,6 +7,7 @@ from typing import Any
 
 from llmgateway.v1 import chat_pb2
 
+from server.core.messages import thinking_block_into
 from server.errors import UpstreamBadResponse
 
 _FINISH_REASONS: dict[str, chat_pb2.FinishReason] = {
@@ -115,7 +116,13 @@ def usage_from_json(usage: dict[str, Any] | None, into: chat_pb2.Usage | None = 
     out.total_tokens = int(usage.get("total_tokens") or prompt + completion)
     out.cached_tokens = int(prompt_details.get("cached_tokens") or usage.get("prompt_cache_hit_tokens") or 0)
     out.reasoning_tokens = int(completion_details.get("reasoning_tokens") or 0)
+    out.cache_write_tokens = int(usage.get("cache_write_tokens") or 0)
     return out
+
+
+def _signature(value: object) -> str:
+    # Only Gemini's translator sets it; an OpenAI-compatible upstream's own value may be anything.
+    return value if isinstance(value, str) else ""
 
 
 def _fill_message(out: chat_pb2.Message, message: dict[str, Any]) -> None:
@@ -127,6 +134,7 @@ def _fill_message(out: chat_pb2.Message, message: dict[str, Any]) -> None:
             id=call.get("id") or "",
             name=function.get("name") or "",
             arguments=function.get("arguments") or "",
+            thought_signature=_signature(call.get("thought_signature")),
         )
     legacy = message.get("function_call")
     if legacy and not calls:
@@ -137,6 +145,12 @@ def _fill_message(out: chat_pb2.Message, message: dict[str, Any]) -> None:
     reasoning = message.get("reasoning_content") or message.get("reasoning")
     if reasoning:
         out.reasoning_content = reasoning
+    refusal = message.get("refusal")
+    if refusal:
+        out.refusal = refusal
+    for block in message.get("thinking_blocks") or ():
+        if isinstance(block, dict):
+            thinking_block_into(out.thinking_blocks.add(), block)
 
 
 def completion_from_json(

@@ -19,7 +19,8 @@ from server.auth.actor import Actor
 from server.auth.endpoints import safe_display
 from server.config import Settings
 from server.errors import EndpointNotAllowed, MissingApiKey, NotFound
-from server.providers.base import UpstreamTarget
+from server.providers.base import Provider, UpstreamTarget
+from server.providers.openai_compat import OPENAI
 
 # The seed sends this to keyless endpoints (local proxies) because OpenAI clients need some key.
 PLACEHOLDER_API_KEY = "DUMMY_API_KEY"
@@ -72,12 +73,45 @@ async def check_endpoint(endpoint: str, *, actor: Actor, policy: EndpointChecker
         return policy.check(endpoint, byok_base_urls=await byok_urls(actor.organization_id))
 
 
+@dataclass(frozen=True, slots=True)
+class ServerKey:
+    """A provider key the server holds: the settings fields of its base URL and key, and how the
+    MISSING_API_KEY error names it."""
+
+    base_url_field: str
+    key_field: str
+    label: str
+    variable: str
+
+    def base_url(self, settings: Settings) -> str:
+        return str(getattr(settings, self.base_url_field))
+
+    def key(self, settings: Settings) -> str:
+        return str(getattr(settings, self.key_field))
+
+
+_OPENAI_KEY = ServerKey("openai_base_url", "openai_api_key", "OpenAI", "OPENAI_API_KEY")
+# model_endpoint_type -> its server key; any other type is OpenAI-compatible and uses OpenAI's.
+# OpenRouter's (an OpenAI-compatible endpoint chosen by URL or provider name, not by type) is
+# handled in `resolve_target` itself.
+SERVER_KEYS = {
+    "anthropic": ServerKey("anthropic_base_url", "anthropic_api_key", "Anthropic", "ANTHROPIC_API_KEY"),
+    "google_ai": ServerKey("google_ai_base_url", "gemini_api_key", "Gemini", "GEMINI_API_KEY"),
+}
+
+
+def server_key(endpoint_type: str) -> ServerKey:
+    return SERVER_KEYS.get(endpoint_type, _OPENAI_KEY)
+
+
 def default_endpoint(config: chat_pb2.LLMConfig, settings: Settings) -> str:
     """The endpoint of a config without `model_endpoint`: the configured OpenRouter base URL for
-    `provider_name == "openrouter"`, else the configured OpenAI base URL (BYOK: see below)."""
-    if config.provider_name == "openrouter":
+    `provider_name == "openrouter"`, else the configured base URL of its endpoint type (BYOK: see
+    below)."""
+    key = server_key(config.model_endpoint_type)
+    if config.provider_name == "openrouter" and key is _OPENAI_KEY:
         return settings.openrouter_base_url.rstrip("/")
-    return settings.openai_base_url.rstrip("/")
+    return key.base_url(settings).rstrip("/")
 
 
 async def counting_endpoint(
@@ -106,10 +140,6 @@ def _byok_not_found(config: chat_pb2.LLMConfig, actor: Actor) -> NotFound:
     )
 
 
-def _bearer(key: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {key}"}
-
-
 async def resolve_target(
     config: chat_pb2.LLMConfig,
     *,
@@ -118,42 +148,50 @@ async def resolve_target(
     policy: EndpointChecker,
     byok_provider: ByokLookup,
     byok_urls: ByokUrls,
+    dialect: Provider = OPENAI,
 ) -> UpstreamTarget:
-    """The upstream for an OpenAI-compatible request, or the error that stops it."""
+    """The upstream for a request in `dialect`, or the error that stops it.
+
+    The key goes in `dialect`'s auth headers."""
     endpoint = config.model_endpoint.rstrip("/") or default_endpoint(config, settings)
 
     if config.provider_category == chat_pb2.PROVIDER_CATEGORY_BYOK:
-        provider = await byok_provider(actor.organization_id, config.provider_name)
-        if provider is None:
+        byok = await byok_provider(actor.organization_id, config.provider_name)
+        if byok is None:
             raise _byok_not_found(config, actor)
-        base = provider.base_url.rstrip("/")
+        base = byok.base_url.rstrip("/")
         if not config.model_endpoint:
             endpoint = base
         elif not policy.key_allowed_for(endpoint, base):
             raise EndpointNotAllowed(
-                f"BYOK provider {provider.name!r} may only be called at its own base URL",
-                metadata={"provider_name": provider.name, "endpoint": safe_display(endpoint)},
+                f"BYOK provider {byok.name!r} may only be called at its own base URL",
+                metadata={"provider_name": byok.name, "endpoint": safe_display(endpoint)},
             )
         canonical = policy.check(endpoint, byok_base_urls=(base,)).rstrip("/")
         return UpstreamTarget(
             base_url=canonical,
-            headers=_bearer(provider.api_key),
-            provider=provider.name,
+            headers=dialect.auth_headers(byok.api_key),
+            provider=byok.name,
             is_byok=True,
-            secrets=(provider.api_key,),
+            secrets=(byok.api_key,),
             private_ok=private_ok(canonical, policy=policy, settings=settings),
-            keep=provider.keep,
+            keep=byok.keep,
         )
 
     canonical = (await check_endpoint(endpoint, actor=actor, policy=policy, byok_urls=byok_urls)).rstrip("/")
     listed = private_ok(canonical, policy=policy, settings=settings)
+
+    key = server_key(config.model_endpoint_type)
+    if key is not _OPENAI_KEY:
+        name = config.provider_name or dialect.name
+        return _server_key_target(endpoint, canonical, name, key, dialect, settings, policy, listed)
 
     # OpenRouter: the seed's rules (host text, provider name), plus anything under the configured
     # OpenRouter base URL (which may be a proxy in front of openrouter.ai). Its key goes only there.
     under_openrouter = policy.key_allowed_for(endpoint, settings.openrouter_base_url)
     is_openrouter = under_openrouter or "openrouter.ai" in endpoint or config.provider_name == "openrouter"
     if is_openrouter and settings.openrouter_api_key and under_openrouter:
-        headers = _bearer(settings.openrouter_api_key)
+        headers = dialect.auth_headers(settings.openrouter_api_key)
         if settings.openrouter_referer:
             headers["HTTP-Referer"] = settings.openrouter_referer
         if settings.openrouter_title:
@@ -162,19 +200,32 @@ async def resolve_target(
             canonical, headers, "openrouter", secrets=(settings.openrouter_api_key,), private_ok=listed
         )
 
-    if policy.key_allowed_for(endpoint, settings.openai_base_url):
-        if settings.openai_api_key:
+    name = "openrouter" if is_openrouter else (config.provider_name or "openai")
+    return _server_key_target(endpoint, canonical, name, key, dialect, settings, policy, listed)
+
+
+def _server_key_target(
+    endpoint: str,
+    canonical: str,
+    name: str,
+    key: ServerKey,
+    dialect: Provider,
+    settings: Settings,
+    policy: EndpointChecker,
+    listed: bool,
+) -> UpstreamTarget:
+    """The server's key under its own base URL; MISSING_API_KEY at the official endpoint without
+    one; anywhere else the placeholder key (a server key never goes to a client-chosen URL)."""
+    base_url = key.base_url(settings)
+    if policy.key_allowed_for(endpoint, base_url):
+        value = key.key(settings)
+        if value:
             return UpstreamTarget(
-                canonical,
-                _bearer(settings.openai_api_key),
-                "openai",
-                secrets=(settings.openai_api_key,),
-                private_ok=listed,
+                canonical, dialect.auth_headers(value), dialect.name, secrets=(value,), private_ok=listed
             )
-        if canonical == policy.check(settings.openai_base_url).rstrip("/"):
+        if canonical == policy.check(base_url).rstrip("/"):
             raise MissingApiKey(
-                "no OpenAI API key is configured for the official endpoint (set OPENAI_API_KEY)",
-                metadata={"missing_fields": "openai_api_key", "endpoint": safe_display(endpoint)},
+                f"no {key.label} API key is configured for the official endpoint (set {key.variable})",
+                metadata={"missing_fields": key.key_field, "endpoint": safe_display(endpoint)},
             )
-    provider_name = "openrouter" if is_openrouter else (config.provider_name or "openai")
-    return UpstreamTarget(canonical, _bearer(PLACEHOLDER_API_KEY), provider_name, private_ok=listed)
+    return UpstreamTarget(canonical, dialect.auth_headers(PLACEHOLDER_API_KEY), name, private_ok=listed)

@@ -59,10 +59,13 @@ def to_openai_messages(messages: Sequence[chat_pb2.Message], *, model: str) -> l
         if m.parts:
             content = _parts(m, i)
         d: dict[str, Any] = {"role": role, "content": content}
-        if role_value == _ASSISTANT and m.tool_calls:
-            d["tool_calls"] = _tool_calls(m, i)
-            if not content:
-                d["content"] = None
+        if role_value == _ASSISTANT:
+            if m.tool_calls:
+                d["tool_calls"] = _tool_calls(m, i)
+                if not content:
+                    d["content"] = None
+            if m.thinking_blocks:
+                d["thinking_blocks"] = [thinking_block_json(b) for b in m.thinking_blocks]
         elif role_value == _TOOL:
             d["tool_call_id"] = m.tool_call_id
         if m.name:
@@ -102,8 +105,39 @@ def _tool_calls(m: chat_pb2.Message, i: int) -> list[dict[str, Any]]:
             raise _invalid(
                 f"messages[{i}].tool_calls[{j}].arguments", "is not valid JSON", tool_call_id=tc.id
             ) from None
-        calls.append({"id": tc.id, "type": "function", "function": {"name": tc.name, "arguments": args}})
+        call: dict[str, Any] = {
+            "id": tc.id,
+            "type": "function",
+            "function": {"name": tc.name, "arguments": args},
+        }
+        if tc.thought_signature:
+            call["thought_signature"] = tc.thought_signature
+        calls.append(call)
     return calls
+
+
+def thinking_block_json(block: chat_pb2.ThinkingBlock) -> dict[str, Any]:
+    """A ThinkingBlock as the provider-native dict the translators take (inverse of
+    `thinking_block_into`): `text` is Anthropic's `thinking`; empty fields are left out, except
+    that a thinking block always has its text and signature (Anthropic requires both)."""
+    out: dict[str, Any] = {"type": block.type}
+    thinking = block.type == "thinking"
+    if block.text or thinking:
+        out["thinking"] = block.text
+    if block.signature or thinking:
+        out["signature"] = block.signature
+    if block.data:
+        out["data"] = block.data
+    return out
+
+
+def thinking_block_into(out: chat_pb2.ThinkingBlock, block: dict[str, Any]) -> None:
+    """A translator's thinking-block dict into its proto form (values of other types dropped)."""
+    out.type = str(block.get("type") or "")
+    for key, attribute in (("thinking", "text"), ("signature", "signature"), ("data", "data")):
+        value = block.get(key)
+        if isinstance(value, str):
+            setattr(out, attribute, value)
 
 
 def _value(v: struct_pb2.Value) -> Any:

@@ -1,8 +1,9 @@
 """Assemble a streamed chat completion from its chunks (OpenAI `chat.completion.chunk` JSON).
 
-Content and reasoning_content are concatenated, tool-call fragments merged by `index` (id, name
-and arguments appended, as clients join them; an id or name repeated whole is not doubled),
-finish_reason and model taken from the latest chunk, usage
+Content, reasoning_content and refusal are concatenated, tool-call fragments merged by `index`
+(id, name and arguments appended, as clients join them; an id or name repeated whole is not
+doubled; Gemini's thought_signature set once), thinking_blocks (the opaque parts a provider needs
+back next turn) appended in order, finish_reason and model taken from the latest chunk, usage
 from the usage chunk (`stream_options.include_usage`).
 """
 
@@ -11,6 +12,8 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 from typing import Any
+
+import orjson
 
 from server.core.completion import (
     MAX_CHOICES,
@@ -59,12 +62,15 @@ class _ToolCallParts:
     id: str = ""
     name: str = ""
     arguments: TextParts = field(default_factory=TextParts)
+    thought_signature: str = ""
 
 
 @dataclass(slots=True)
 class _ChoiceParts:
     content: TextParts = field(default_factory=TextParts)
     reasoning: TextParts = field(default_factory=TextParts)
+    refusal: TextParts = field(default_factory=TextParts)
+    thinking_blocks: list[dict[str, Any]] = field(default_factory=list)
     tool_calls: dict[int, _ToolCallParts] = field(default_factory=dict)
     finish_reason: str | None = None
     role: str = "assistant"
@@ -135,6 +141,13 @@ class StreamAccumulator:
                 fragments = delta.get("tool_calls")
                 if fragments:
                     self._add_fragments(parts, fragments)
+                refusal = text_of(delta.get("refusal"))
+                if refusal:
+                    self._grow(refusal)
+                    parts.refusal.append(refusal)
+                blocks = delta.get("thinking_blocks")
+                if blocks:
+                    self._add_blocks(parts, blocks)
                 legacy = delta.get("function_call")
                 if legacy:
                     call = parts.tool_calls.get(0)
@@ -188,6 +201,16 @@ class StreamAccumulator:
             if function.get("arguments"):
                 self._grow(function["arguments"])
                 call.arguments.append(function["arguments"])
+            signature = fragment.get("thought_signature")
+            if signature:
+                self._grow(signature)
+                call.thought_signature = signature
+
+    def _add_blocks(self, parts: _ChoiceParts, blocks: list[dict[str, Any]]) -> None:
+        for block in blocks:
+            # Opaque, but counted: a signature or redacted thinking can be large.
+            self._grow(orjson.dumps(block).decode())
+            parts.thinking_blocks.append(block)
 
     @property
     def finished(self) -> bool:
@@ -201,15 +224,12 @@ class StreamAccumulator:
             message: dict[str, Any] = {"role": parts.role, "content": parts.content.text() or None}
             if parts.reasoning:
                 message["reasoning_content"] = parts.reasoning.text()
+            if parts.refusal:
+                message["refusal"] = parts.refusal.text()
+            if parts.thinking_blocks:
+                message["thinking_blocks"] = parts.thinking_blocks
             if parts.tool_calls:
-                message["tool_calls"] = [
-                    {
-                        "id": call.id,
-                        "type": "function",
-                        "function": {"name": call.name, "arguments": call.arguments.text()},
-                    }
-                    for _, call in sorted(parts.tool_calls.items())
-                ]
+                message["tool_calls"] = [_tool_call(call) for _, call in sorted(parts.tool_calls.items())]
             choices.append({"index": index, "message": message, "finish_reason": parts.finish_reason})
         body: dict[str, Any] = {
             "id": self.id,
@@ -223,3 +243,14 @@ class StreamAccumulator:
         if self.usage is not None:
             body["usage"] = self.usage
         return body
+
+
+def _tool_call(call: _ToolCallParts) -> dict[str, Any]:
+    assembled: dict[str, Any] = {
+        "id": call.id,
+        "type": "function",
+        "function": {"name": call.name, "arguments": call.arguments.text()},
+    }
+    if call.thought_signature:
+        assembled["thought_signature"] = call.thought_signature
+    return assembled

@@ -386,6 +386,16 @@ def _tool_call_tokens(tool_calls: Sequence[Mapping[str, Any]], count: _Count) ->
     return total
 
 
+def _thinking_tokens(blocks: Sequence[Any], count: _Count) -> int:
+    # Only the reasoning text is prompt text; signatures and redacted data are opaque tokens
+    # the provider does not bill as their characters.
+    return sum(
+        count(block["thinking"])
+        for block in blocks
+        if isinstance(block, Mapping) and isinstance(block.get("thinking"), str)
+    )
+
+
 def _content_parts_tokens(parts: Sequence[Any], count: _Count) -> int:
     total = 0
     for part in parts:
@@ -403,7 +413,8 @@ def count_message_tokens(messages: Sequence[Mapping[str, Any]], encoding: tiktok
     (role included); a `tool_calls` list costs 12 plus, per call, its id and 2 + each of type,
     function name and arguments; the reply priming costs 3. Special-token text counts as
     ordinary text. One fix over the seed, which raised on any non-string value: a `content`
-    list of parts counts the text of its text parts (images and other parts count nothing).
+    list of parts counts the text of its text parts (images and other parts count nothing);
+    `thinking_blocks` (a past answer's reasoning, sent back to Anthropic/Gemini) count their text.
     Any other non-string value is a caller bug and raises TypeError.
     """
     return _message_tokens(messages, _counter(encoding))
@@ -422,6 +433,8 @@ def _message_tokens(messages: Sequence[Mapping[str, Any]], count: _Count) -> int
                 total += _tool_call_tokens(value, count)
             elif key == "content" and isinstance(value, list | tuple):
                 total += _content_parts_tokens(value, count)
+            elif key == "thinking_blocks" and isinstance(value, list | tuple):
+                total += _thinking_tokens(value, count)
             elif isinstance(value, str):
                 total += count(value)
             else:

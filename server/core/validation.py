@@ -13,10 +13,10 @@ from llmgateway.v1 import chat_pb2
 
 from server.core import offload
 from server.errors import FieldViolation, InvalidRequest
+from server.providers.registry import PROVIDERS
 
-OPENAI_COMPATIBLE_TYPES = frozenset({"openai"})
 LOCAL_TYPES = frozenset({"ollama", "llamacpp", "vllm", "lmstudio", "koboldcpp", "webui"})
-KNOWN_TYPES = OPENAI_COMPATIBLE_TYPES | LOCAL_TYPES
+KNOWN_TYPES = frozenset(PROVIDERS) | LOCAL_TYPES
 
 # A single message this large is never a real prompt (about 500k tokens of text); refusing it
 # early keeps one request from tying up the tokenizer and memory.

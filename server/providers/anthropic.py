@@ -73,6 +73,7 @@ from server.errors import (
     UpstreamUnavailable,
 )
 from server.providers.errors import not_found_error, upstream_message
+from server.providers.openai_compat import load_json_object
 
 NAME = "anthropic"
 DEFAULT_BASE_URL = "https://api.anthropic.com/v1"
@@ -838,3 +839,37 @@ def _context_window(match: re.Match[str], text: str, meta: dict[str, object]) ->
     if match.group(1):
         counts = {"prompt_tokens": int(match.group(1)), "context_window": int(match.group(2))}
     return ContextWindowExceeded(text, metadata={**meta, **counts})
+
+
+class AnthropicProvider:
+    """This module as the gateway's `Provider` (server.providers.registry)."""
+
+    name = NAME
+
+    def endpoint_url(self, base_url: str, model: str, *, stream: bool) -> str:
+        return endpoint_url(base_url, model, stream=stream)
+
+    def auth_headers(self, api_key: str) -> dict[str, str]:
+        return auth_headers(api_key)
+
+    def build_body(self, body: dict[str, Any], *, stream: bool) -> tuple[dict[str, Any], list[str]]:
+        return build_body_with_notes(body, stream=stream)
+
+    def parse_answer(
+        self, raw: bytes, *, provider: str, model: str, scrub: Callable[[str], str]
+    ) -> dict[str, Any]:
+        return parse_completion(load_json_object(raw, provider=provider, scrub=scrub), model=model)
+
+    def stream_decoder(self, *, provider: str, model: str, scrub: Callable[[str], str]) -> StreamDecoder:
+        return StreamDecoder(scrub=scrub, model=model)
+
+    def error_for_status(
+        self,
+        status: int,
+        body: bytes,
+        headers: Mapping[str, str],
+        *,
+        provider: str,
+        scrub: Callable[[str], str],
+    ) -> RetryableError | GatewayError:
+        return error_for_status(status, body, headers, scrub=scrub)

@@ -1,4 +1,9 @@
-"""Calls to OpenAI-compatible `/chat/completions`: one JSON answer, or an SSE stream.
+"""Upstream calls: one JSON answer, or an SSE stream; and the OpenAI-compatible dialect.
+
+The plumbing here (`post_json`, `open_stream`, `sse_batches`, `sse_events`) is shared by every
+provider: it takes the provider's URL and headers (`UpstreamTarget`) and its `Provider` for what
+differs (error classification, answer parsing, the stream decoder). `OPENAI` is the
+OpenAI-compatible `Provider` (`/chat/completions`, Bearer auth, the body as built internally).
 
 Both paths retry through `server.core.retry` before anything was relayed; a stream is never
 retried after its first event was handed on. The caller's deadline bounds every attempt and
@@ -16,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,11 +41,11 @@ from server.errors import (
     UpstreamBadResponse,
     UpstreamUnavailable,
 )
-from server.providers.base import UpstreamTarget
+from server.providers import errors
+from server.providers.base import Provider, StreamDecoder, UpstreamTarget
 from server.providers.errors import (
     body_error,
     connection_error,
-    error_for_status,
     error_in_body,
     scrubbed_prefix,
 )
@@ -87,6 +92,83 @@ class CallOptions:
         return Timeout(total=remaining)
 
 
+class OpenAIStreamDecoder:
+    """OpenAI `chat.completion.chunk` events: each `data:` is one chunk, `[DONE]` the end."""
+
+    __slots__ = ("_provider", "_scrub")
+
+    def __init__(self, *, provider: str, scrub: Callable[[str], str]) -> None:
+        self._provider = provider
+        self._scrub = scrub
+
+    def feed(self, event: str | None, data: bytes) -> list[dict[str, Any] | None]:
+        # The event name is ignored: OpenAI sends none, and proxies' names carry nothing more.
+        return [_decode_event(data, provider=self._provider, scrub=self._scrub)]
+
+    def finish(self) -> list[dict[str, Any] | None]:
+        # No `[DONE]` before the end of the body: the gateway decides from the finish reasons.
+        return []
+
+
+class OpenAICompatible:
+    """The OpenAI Chat Completions dialect: the internal body is sent as it is."""
+
+    name = "openai"
+
+    def endpoint_url(self, base_url: str, model: str, *, stream: bool) -> str:
+        return base_url + "/chat/completions"
+
+    def auth_headers(self, api_key: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {api_key}"}
+
+    def build_body(self, body: dict[str, Any], *, stream: bool) -> tuple[dict[str, Any], list[str]]:
+        messages = body["messages"]
+        if not any(_has_opaque_parts(m) for m in messages):
+            return body, []
+        # A history from Anthropic or Gemini: their opaque reasoning parts mean nothing here,
+        # and OpenAI refuses unknown message fields.
+        return {**body, "messages": [_without_opaque_parts(m) for m in messages]}, ["thinking_blocks"]
+
+    def parse_answer(
+        self, raw: bytes, *, provider: str, model: str, scrub: Callable[[str], str]
+    ) -> dict[str, Any]:
+        return parse_json_object(raw, provider=provider, scrub=scrub, retryable=True)
+
+    def stream_decoder(self, *, provider: str, model: str, scrub: Callable[[str], str]) -> StreamDecoder:
+        return OpenAIStreamDecoder(provider=provider, scrub=scrub)
+
+    def error_for_status(
+        self,
+        status: int,
+        body: bytes,
+        headers: Mapping[str, str],
+        *,
+        provider: str,
+        scrub: Callable[[str], str],
+    ) -> RetryableError | GatewayError:
+        return errors.error_for_status(status, body, headers, provider=provider, scrub=scrub)
+
+
+OPENAI: Provider = OpenAICompatible()
+
+
+def _has_opaque_parts(message: dict[str, Any]) -> bool:
+    if "thinking_blocks" in message:
+        return True
+    return any("thought_signature" in call for call in message.get("tool_calls") or ())
+
+
+def _without_opaque_parts(message: dict[str, Any]) -> dict[str, Any]:
+    if not _has_opaque_parts(message):
+        return message
+    out = {k: v for k, v in message.items() if k != "thinking_blocks"}
+    if message.get("tool_calls"):
+        out["tool_calls"] = [
+            {k: v for k, v in call.items() if k != "thought_signature"} for call in message["tool_calls"]
+        ]
+    return out
+
+
 def _headers(target: UpstreamTarget, base: dict[str, str]) -> dict[str, str]:
     return {**base, **target.headers}
 
@@ -99,9 +181,17 @@ def _too_large(target: UpstreamTarget) -> UpstreamBadResponse:
 
 
 async def post_json(
-    client: HttpClient, target: UpstreamTarget, url: str, body: bytes, options: CallOptions
+    client: HttpClient,
+    target: UpstreamTarget,
+    url: str,
+    body: bytes,
+    options: CallOptions,
+    *,
+    dialect: Provider = OPENAI,
+    model: str = "",
 ) -> tuple[bytes, dict[str, Any]]:
-    """POST a JSON body; return the raw answer and its parsed JSON object (retries included)."""
+    """POST a JSON body; return the raw answer and its internal (OpenAI-shaped) JSON (retries
+    included). `dialect` classifies error statuses and parses the answer."""
     headers = _headers(target, _JSON_HEADERS)
 
     async def attempt() -> tuple[bytes, dict[str, Any]]:
@@ -114,11 +204,10 @@ async def post_json(
             raise _too_large(target) from exc
         status = response.status or 0
         if status >= 300:
-            raise error_for_status(
+            raise dialect.error_for_status(
                 status, raw, response.headers, provider=target.provider, scrub=options.scrub
             )
-        payload = parse_json_object(raw, provider=target.provider, scrub=options.scrub, retryable=True)
-        return raw, payload
+        return raw, dialect.parse_answer(raw, provider=target.provider, model=model, scrub=options.scrub)
 
     return await call_with_retries(
         attempt, settings=options.retry, deadline=options.deadline, on_retry=options.on_retry
@@ -169,14 +258,8 @@ def _timed_out(options: CallOptions, target: UpstreamTarget) -> GatewayError:
     )
 
 
-def parse_json_object(
-    raw: bytes, *, provider: str, scrub: Callable[[str], str], retryable: bool = False
-) -> dict[str, Any]:
-    """The answer as a JSON object whose `choices` (if any) have a shape we can read.
-
-    A body carrying an `error` object instead of choices raises its mapped error; with
-    `retryable`, a 429/5xx code in it raises `RetryableError` so the call is retried.
-    """
+def load_json_object(raw: bytes, *, provider: str, scrub: Callable[[str], str]) -> dict[str, Any]:
+    """The answer as a JSON object, or UPSTREAM_BAD_RESPONSE (any dialect)."""
     try:
         payload = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
@@ -189,6 +272,18 @@ def parse_json_object(
         raise UpstreamBadResponse(
             f"{provider} answered JSON that is not an object", metadata={"provider": provider}
         )
+    return payload
+
+
+def parse_json_object(
+    raw: bytes, *, provider: str, scrub: Callable[[str], str], retryable: bool = False
+) -> dict[str, Any]:
+    """The answer as a JSON object whose `choices` (if any) have a shape we can read.
+
+    A body carrying an `error` object instead of choices raises its mapped error; with
+    `retryable`, a 429/5xx code in it raises `RetryableError` so the call is retried.
+    """
+    payload = load_json_object(raw, provider=provider, scrub=scrub)
     if payload.get("error") and not payload.get("choices"):
         if retryable:
             raise body_error(payload, provider=provider, scrub=scrub)
@@ -331,9 +426,18 @@ class _Primed:
 
 
 async def open_stream(
-    client: HttpClient, target: UpstreamTarget, url: str, body: bytes, options: CallOptions
+    client: HttpClient,
+    target: UpstreamTarget,
+    url: str,
+    body: bytes,
+    options: CallOptions,
+    *,
+    dialect: Provider = OPENAI,
+    model: str = "",
 ) -> Response:
     """Open a streamed answer (retries included); the caller must release or close the response.
+
+    `dialect` classifies error statuses and decodes the events (a new decoder per attempt).
 
     For an SSE answer (`text/event-stream`) the first event is read here, so everything before
     it is retried like a unary call: an error status, a refused or reset connection, a stream
@@ -353,7 +457,7 @@ async def open_stream(
             status = response.status or 0
             if status >= 300:
                 raw = await _read_error_body(response)
-                raise error_for_status(
+                raise dialect.error_for_status(
                     status, raw, response.headers, provider=target.provider, scrub=options.scrub
                 )
             if response.content_type in ("application/json", "text/html"):
@@ -365,7 +469,10 @@ async def open_stream(
                     metadata={"provider": target.provider, "content_type": response.content_type},
                 )
             if response.content_type == "text/event-stream":
-                events = _iter_events(response, provider=target.provider, scrub=options.scrub)
+                decoder = dialect.stream_decoder(provider=target.provider, model=model, scrub=options.scrub)
+                events = _iter_events(
+                    response, provider=target.provider, scrub=options.scrub, decoder=decoder
+                )
                 try:
                     first = await anext(events, _END)
                 except TimeoutError as exc:
@@ -441,7 +548,10 @@ def released_when_done(response: Response) -> Iterator[Response]:
 async def sse_events(
     response: Response, *, provider: str, scrub: Callable[[str], str]
 ) -> AsyncIterator[dict[str, Any] | None]:
-    """Yield each SSE event's JSON object; None once for `[DONE]`.
+    """Yield each SSE event's chunk; None once for the end (`[DONE]`).
+
+    The events are decoded by the decoder `open_stream` chose (OpenAI's for a response it did
+    not open).
 
     Keep-alive comments (`: ...`), `event:`/`id:`/`retry:` fields and blank lines are skipped;
     multi-line `data:` fields are joined with newlines as the SSE spec says. A broken connection
@@ -463,7 +573,8 @@ async def sse_events(
 async def sse_batches(
     response: Response, *, provider: str, scrub: Callable[[str], str]
 ) -> AsyncIterator[list[dict[str, Any] | None]]:
-    """`sse_events`, but every event that arrived in one network read together, as one list.
+    """`sse_events`, but the chunks of every event that arrived in one network read together,
+    as one list (the decoder `open_stream` chose; OpenAI's for a response it did not open).
 
     Nothing waits for more data: each list holds what one read completed (never empty; a None
     for `[DONE]` ends the last one). An event that fails to parse ends the stream with its error
@@ -513,9 +624,13 @@ def broken_stream(exc: BaseException, provider: str, scrub: Callable[[str], str]
     )
 
 
-def _iter_events(response: Response, *, provider: str, scrub: Callable[[str], str]) -> _SSEParser:
+def _iter_events(
+    response: Response, *, provider: str, scrub: Callable[[str], str], decoder: StreamDecoder | None = None
+) -> _SSEParser:
     """The SSE parser; transport exceptions pass through unchanged (callers translate them)."""
-    return _SSEParser(response, provider=provider, scrub=scrub)
+    if decoder is None:
+        decoder = OpenAIStreamDecoder(provider=provider, scrub=scrub)
+    return _SSEParser(response, provider=provider, decoder=decoder)
 
 
 _BOM = b"\xef\xbb\xbf"
@@ -596,17 +711,19 @@ class _SSEParser:
     """SSE events of one response, one at a time (`async for`) or a network read at a time
     (`next_batch`). Transport exceptions pass through unchanged (callers translate them).
 
-    Each read is parsed whole: its complete events are decoded and kept until handed out. An
-    error found on the way (an event that is not JSON, an `error` event, an oversized event) is
-    kept too and raised once the events before it were handed out, so callers see the same
-    sequence as with an event-by-event parser.
+    Each read is parsed whole: its complete events (their `event:` name and joined `data:`) are
+    handed to the decoder and the chunks kept until handed out. An error found on the way (an
+    event the decoder refuses, an `error` event, an oversized event) is kept too and raised once
+    the chunks before it were handed out, so callers see the same sequence as with an
+    event-by-event parser.
     """
 
     __slots__ = (
         "_response",
         "_provider",
-        "_scrub",
+        "_decoder",
         "_lines",
+        "_event_name",
         "_data_lines",
         "_data_size",
         "_pending",
@@ -618,11 +735,12 @@ class _SSEParser:
         "_last_event",
     )
 
-    def __init__(self, response: Response, *, provider: str, scrub: Callable[[str], str]) -> None:
+    def __init__(self, response: Response, *, provider: str, decoder: StreamDecoder) -> None:
         self._response = response
         self._provider = provider
-        self._scrub = scrub
+        self._decoder = decoder
         self._lines = LineReader()
+        self._event_name: str | None = None  # the `event:` field of the event being read
         self._data_lines: list[bytes] = []
         self._data_size = 0
         self._pending: list[dict[str, Any] | None] = []  # decoded, not handed out yet
@@ -688,6 +806,7 @@ class _SSEParser:
     def _feed(self, piece: bytes) -> list[dict[str, Any] | None]:
         events: list[dict[str, Any] | None] = []
         data_lines = self._data_lines
+        feed = self._decoder.feed
         try:
             lines = self._lines.feed(piece)
             if self._bom and lines:
@@ -696,13 +815,18 @@ class _SSEParser:
             for line in lines:
                 if not line:
                     if data_lines:
-                        event = _decode_event(data_lines, provider=self._provider, scrub=self._scrub)
+                        data = data_lines[0] if len(data_lines) == 1 else b"\n".join(data_lines)
+                        chunks = feed(self._event_name, data)
                         data_lines = self._data_lines = []
                         self._data_size = 0
-                        events.append(event)
-                        if event is None:
-                            self._ended = True
-                            break
+                        self._event_name = None
+                        if chunks:
+                            events += chunks
+                            if chunks[-1] is None:
+                                self._ended = True
+                                break
+                    else:
+                        self._event_name = None  # an event without data is not dispatched
                     continue
                 if line.startswith(b"data:"):
                     value = line[5:]
@@ -711,6 +835,11 @@ class _SSEParser:
                     if self._data_size > MAX_EVENT_BYTES:
                         raise event_too_large(self._provider)
                     data_lines.append(value)
+                elif line.startswith(b"event:"):
+                    name = line[6:]
+                    self._event_name = (name[1:] if name.startswith(b" ") else name).decode(
+                        "utf-8", "replace"
+                    )
                 # Comments (":") and other fields are ignored.
             held = self._lines.held
             # The held line still has its "data: " prefix (6 bytes), which the cap does not count.
@@ -725,6 +854,7 @@ class _SSEParser:
         return events
 
     def _tail(self) -> list[dict[str, Any] | None]:
+        """The end of the body: an event cut off without its blank line, then the decoder's rest."""
         tail = self._lines.rest()
         if self._bom:
             tail = tail.removeprefix(_BOM)
@@ -732,15 +862,16 @@ class _SSEParser:
         if tail.startswith(b"data:"):
             value = tail[5:]
             data_lines.append(value[1:] if value.startswith(b" ") else value)
+        chunks: list[dict[str, Any] | None] = []
         if data_lines:
-            return [_decode_event(data_lines, provider=self._provider, scrub=self._scrub)]
-        return []
+            chunks += self._decoder.feed(self._event_name, b"\n".join(data_lines))
+            if chunks and chunks[-1] is None:
+                return chunks
+        return chunks + self._decoder.finish()
 
 
-def _decode_event(
-    data_lines: list[bytes], *, provider: str, scrub: Callable[[str], str]
-) -> dict[str, Any] | None:
-    data = data_lines[0] if len(data_lines) == 1 else b"\n".join(data_lines)
+def _decode_event(data: bytes, *, provider: str, scrub: Callable[[str], str]) -> dict[str, Any] | None:
+    """One OpenAI SSE event's data: its chunk, None for `[DONE]`; an error event raises."""
     if data.strip() == b"[DONE]":
         return None
     try:

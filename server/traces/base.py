@@ -73,6 +73,9 @@ class TraceRecord:
     # that made the call, never anything the request says ("" for traces made with auth off and
     # for traces stored before this column existed: admins only).
     owner: str = ""
+    # Prompt tokens written to the provider's cache (Anthropic), part of prompt_tokens. Last, so
+    # the column order of older tables stays a prefix (each backend's migration 3 adds it).
+    cache_write_tokens: int = 0
 
 
 def trace_owner(*, user_id: str, key_id: str) -> str:

@@ -88,12 +88,21 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         # (the column's default is '').
         f"ALTER TABLE {{database}}.{TABLE} ADD COLUMN owner String",
     ),
+    # Usage.cache_write_tokens (issue 13): rows written before read 0.
+    (f"ALTER TABLE {{database}}.{TABLE} ADD COLUMN cache_write_tokens Int64",),
 )
 
 # Columns as selected: created_at comes back as created_at_us for full resolution.
 _SELECT_COLUMNS = ", ".join("created_at_us" if c == "created_at" else c for c in TRACE_COLUMNS)
 _INT_COLUMNS = frozenset(
-    ("prompt_tokens", "completion_tokens", "total_tokens", "cached_tokens", "reasoning_tokens")
+    (
+        "prompt_tokens",
+        "completion_tokens",
+        "total_tokens",
+        "cached_tokens",
+        "reasoning_tokens",
+        "cache_write_tokens",
+    )
 )
 _CONTROL_ESCAPES = {"\\": "\\\\", "'": "\\'", "\n": "\\n", "\r": "\\r", "\t": "\\t", "\0": "\\0"}
 _CONTROL_RE = re.compile(r"[\\'\n\r\t\0]")
@@ -139,7 +148,7 @@ def _to_row(r: TraceRecord) -> dict[str, Any]:
         "total_tokens": r.total_tokens, "cached_tokens": r.cached_tokens,
         "reasoning_tokens": r.reasoning_tokens, "latency_ms": r.latency_ms,
         "time_to_first_token_ms": r.time_to_first_token_ms, "llm_config_json": r.llm_config_json,
-        "owner": r.owner,
+        "owner": r.owner, "cache_write_tokens": r.cache_write_tokens,
     }  # fmt: skip
 
 

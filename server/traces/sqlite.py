@@ -91,6 +91,8 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX ix_provider_traces_org_owner_created ON provider_traces"
         " (organization_id, owner, created_at, id)",
     ),
+    # Usage.cache_write_tokens (issue 13): rows written before report 0.
+    ("ALTER TABLE provider_traces ADD COLUMN cache_write_tokens INTEGER NOT NULL DEFAULT 0",),
 )
 
 PRAGMAS = (
@@ -135,6 +137,7 @@ def _to_row(record: TraceRecord) -> tuple[Any, ...]:
         r.model_endpoint_type, int(r.is_byok), r.request_json, r.response_json, r.error_type,
         r.error_message, r.prompt_tokens, r.completion_tokens, r.total_tokens, r.cached_tokens,
         r.reasoning_tokens, r.latency_ms, r.time_to_first_token_ms, r.llm_config_json, r.owner,
+        r.cache_write_tokens,
     )  # fmt: skip
 
 

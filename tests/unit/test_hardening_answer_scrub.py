@@ -143,3 +143,15 @@ def test_answers_keep_key_shaped_text_that_is_no_known_secret() -> None:
     scrubber = AnswerScrubber(Redactor(["a-known-secret-value"]))
     example = 'client = OpenAI(api_key="sk-abcdefghijklmnopqrstuvwxyz0123")'
     assert scrubber.text(example) == example
+
+
+def test_refusal_and_thinking_text_of_a_completion_are_scrubbed() -> None:
+    secret = _key(51, "sk-ant-")
+    completion = chat_pb2.ChatCompletion()
+    message = completion.choices.add().message
+    message.refusal = f"I will not use {secret}"
+    message.thinking_blocks.add(type="thinking", text=f"the key is {secret}", signature="EqQBCgIYAh")
+    AnswerScrubber(Redactor([secret])).completion(completion)
+    assert secret not in message.refusal and REDACTED in message.refusal
+    assert secret not in message.thinking_blocks[0].text
+    assert message.thinking_blocks[0].signature == "EqQBCgIYAh"  # opaque: sent back unchanged

@@ -97,7 +97,7 @@ def test_error_object_event_ends_the_stream_with_an_error() -> None:
     """vLLM-style `{"object": "error", ...}` mid-stream must not be skipped as an empty chunk."""
     with pytest.raises(GatewayError) as caught:
         _decode_event(
-            [b'{"object": "error", "message": "CUDA out of memory", "code": 500}'],
+            b'{"object": "error", "message": "CUDA out of memory", "code": 500}',
             provider="vllm",
             scrub=lambda t: t,
         )

@@ -1,20 +1,24 @@
 """Calls to local LLM servers: render the prompt, call the server, parse the function call.
 
 Uses the pure pieces of this package (see its docstring for the order) and the gateway's shared
-machinery: endpoint policy, token guard, retries, deadline, tracing.
+machinery: endpoint policy, token guard, retries, deadline, tracing. The gateway hands itself in
+as a `CallHost` (the protocol below), so this module never imports `server.gateway`.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from contextlib import AbstractContextManager
+from typing import Any, Protocol
 
 import orjson
 from llmgateway.v1 import chat_pb2
 
 from server.auth.actor import Actor
+from server.config import Settings
 from server.core import offload, tokens
+from server.core.answer_scrub import AnswerScrubber
 from server.core.completion import (
     answer_too_large,
     check_answer_size,
@@ -22,7 +26,7 @@ from server.core.completion import (
     leave_out_streamed,
     text_bytes,
 )
-from server.core.keys import check_endpoint, private_ok
+from server.core.keys import ByokUrls, EndpointChecker, check_endpoint, private_ok
 from server.core.messages import functions_to_dicts, to_openai_messages
 from server.core.retry import Deadline
 from server.core.stream import TextParts
@@ -33,10 +37,9 @@ from server.errors import (
     UnparseableModelOutput,
     UpstreamBadResponse,
 )
-from server.gateway import ChatRequest, Gateway
 from server.providers import openai_compat
 from server.providers.base import UpstreamTarget
-from server.providers.http import Response
+from server.providers.http import HttpClient, Response
 from server.providers.local.completion import cut_completion, to_chat_completion
 from server.providers.local.deepseek import is_deepseek_r1, with_functions_in_system_prompt
 from server.providers.local.endpoints import (
@@ -65,6 +68,60 @@ from server.providers.openai_compat import (
     released_when_done,
     sse_batches,
 )
+from server.traces.base import TraceRecord
+
+ChatRequest = chat_pb2.CreateRequest  # StreamCreateRequest/CountTokensRequest are wire-identical
+
+
+class HostDependencies(Protocol):
+    """The gateway's dependencies this module uses (`server.gateway.Dependencies`)."""
+
+    @property
+    def settings(self) -> Settings: ...
+    @property
+    def http(self) -> HttpClient: ...
+    @property
+    def policy(self) -> EndpointChecker: ...
+    @property
+    def byok_urls(self) -> ByokUrls: ...
+    @property
+    def scrub(self) -> Callable[[str], str]: ...
+
+
+class HostCall(Protocol):
+    """One traced call in progress (`server.gateway.TracedCall`)."""
+
+    record: TraceRecord
+    span: Any
+    completion: chat_pb2.ChatCompletion | None
+    partial: Callable[[], str] | None
+
+    def first_token(self) -> None: ...
+
+
+class CallHost(Protocol):
+    """What the local path needs of the orchestrator (`server.gateway.Gateway` is one)."""
+
+    @property
+    def deps(self) -> HostDependencies: ...
+
+    async def guard(
+        self,
+        request: ChatRequest,
+        messages: list[dict[str, Any]],
+        functions: list[dict[str, Any]],
+        *,
+        off: bool = False,
+    ) -> tokens.TokenCount | None: ...
+
+    def traced_call(
+        self, request: ChatRequest, actor: Actor, target: UpstreamTarget, payload: bytes, kind: str
+    ) -> AbstractContextManager[HostCall]: ...
+
+    def call_options(self, deadline: Deadline, span: Any) -> openai_compat.CallOptions: ...
+
+    def answer_scrubber(self, target: UpstreamTarget) -> AnswerScrubber: ...
+
 
 # Outputs longer than this are parsed in the offload pool: the lenient reader is pure Python
 # (~1-2 us per character read, a few reads per output), and a normal answer (a few hundred
@@ -85,7 +142,7 @@ def prompt_parts(request: ChatRequest) -> tuple[list[dict[str, Any]], list[dict[
 
 
 async def _plan(
-    gateway: Gateway, request: ChatRequest, target: UpstreamTarget, *, stream: bool, off: bool = False
+    gateway: CallHost, request: ChatRequest, target: UpstreamTarget, *, stream: bool, off: bool = False
 ) -> _LocalCall:
     """Check, count (the guard; off the loop when large) and render one local call.
 
@@ -220,7 +277,7 @@ class _LocalCall:
         )
 
 
-async def _target(gateway: Gateway, request: ChatRequest, actor: Actor) -> UpstreamTarget:
+async def _target(gateway: CallHost, request: ChatRequest, actor: Actor) -> UpstreamTarget:
     """The endpoint must be allowed; the local key goes only to its own configured base URL."""
     deps = gateway.deps
     settings = deps.settings
@@ -251,7 +308,7 @@ async def _target(gateway: Gateway, request: ChatRequest, actor: Actor) -> Upstr
 
 
 async def create_local(
-    gateway: Gateway, request: ChatRequest, actor: Actor, deadline: Deadline, *, off: bool = False
+    gateway: CallHost, request: ChatRequest, actor: Actor, deadline: Deadline, *, off: bool = False
 ) -> chat_pb2.CreateResponse:
     target = await _target(gateway, request, actor)
     plan = await _plan(gateway, request, target, stream=False, off=off)
@@ -279,7 +336,7 @@ async def create_local(
 
 
 async def stream_local(
-    gateway: Gateway, request: ChatRequest, actor: Actor, deadline: Deadline, *, off: bool = False
+    gateway: CallHost, request: ChatRequest, actor: Actor, deadline: Deadline, *, off: bool = False
 ) -> AsyncIterator[chat_pb2.StreamCreateResponse]:
     """Text deltas as the server produces them, then the completion with the parsed call."""
     target = await _target(gateway, request, actor)

@@ -1,0 +1,24 @@
+"""model_endpoint_type -> the `Provider` that speaks its dialect.
+
+Adding a provider is one module implementing `server.providers.base.Provider` plus a line here
+(and its key and base URL in `server.core.keys` and `server.config`). The local servers'
+endpoint types are handled by `server.providers.local`.
+"""
+
+from __future__ import annotations
+
+from server.providers.anthropic import AnthropicProvider
+from server.providers.base import Provider
+from server.providers.gemini import GeminiProvider
+from server.providers.openai_compat import OPENAI
+
+PROVIDERS: dict[str, Provider] = {
+    "openai": OPENAI,
+    "anthropic": AnthropicProvider(),
+    "google_ai": GeminiProvider(),
+}
+
+
+def provider_for(endpoint_type: str) -> Provider:
+    """The provider of a validated endpoint type (validation refused unknown ones)."""
+    return PROVIDERS[endpoint_type]
