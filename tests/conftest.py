@@ -47,14 +47,14 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         return
     deadline = time.monotonic() + 10.0
     while time.monotonic() < deadline:
-        # ThreadPoolExecutor workers end by themselves at exit; anything else would block it.
+        # Executor workers (ours are named llmgw-*) end by themselves at exit; anything else blocks it.
         stuck = [
             t
             for t in threading.enumerate()
             if t is not threading.main_thread()
             and not t.daemon
             and t.is_alive()
-            and not t.name.startswith(("ThreadPoolExecutor", "asyncio_"))
+            and not t.name.startswith(("ThreadPoolExecutor", "asyncio_", "llmgw-"))
         ]
         if not stuck:
             return
