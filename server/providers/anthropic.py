@@ -73,7 +73,7 @@ from server.errors import (
     UpstreamUnavailable,
 )
 from server.providers.errors import not_found_error, upstream_message
-from server.providers.openai_compat import load_json_object
+from server.providers.openai_compat import MAX_EVENT_BYTES, load_json_object
 
 NAME = "anthropic"
 DEFAULT_BASE_URL = "https://api.anthropic.com/v1"
@@ -551,7 +551,8 @@ class _Block:
     tool_index: int = -1
     sent_arguments: bool = False
     thinking: list[str] = field(default_factory=list)
-    signature: str = ""
+    signature: list[str] = field(default_factory=list)  # joined at content_block_stop
+    signature_chars: int = 0
     data: str = ""
 
 
@@ -685,8 +686,18 @@ class StreamDecoder:
         if kind == "thinking_delta":
             return self._thinking_delta(block, str(delta.get("thinking") or ""))
         if kind == "signature_delta":
-            block.signature += str(delta.get("signature") or "")
+            self._signature_delta(block, str(delta.get("signature") or ""))
         return []  # citations and delta types added later carry nothing the answer needs
+
+    @staticmethod
+    def _signature_delta(block: _Block, piece: str) -> None:
+        """Keep a signature piece. Nothing is emitted before content_block_stop, so the answer cap
+        cannot see the signature yet: it is bounded here, by what one SSE event may carry, and
+        kept as pieces (joining with `+=` copied the whole signature for every event)."""
+        block.signature_chars += len(piece)
+        if block.signature_chars > MAX_EVENT_BYTES:
+            raise _bad("a thinking signature over the event size limit", limit_bytes=MAX_EVENT_BYTES)
+        block.signature.append(piece)
 
     def _text_delta(self, text: str) -> list[dict[str, Any] | None]:
         if not text:
@@ -712,7 +723,11 @@ class StreamDecoder:
     def _block_stop(self, payload: dict[str, Any]) -> list[dict[str, Any] | None]:
         block = self._block(payload)
         if block.kind == "thinking":
-            opaque = {"type": "thinking", "thinking": "".join(block.thinking), "signature": block.signature}
+            opaque = {
+                "type": "thinking",
+                "thinking": "".join(block.thinking),
+                "signature": "".join(block.signature),
+            }
             return [self._chunk({"thinking_blocks": [opaque]})]
         if block.kind == "redacted_thinking":
             return [self._chunk({"thinking_blocks": [{"type": "redacted_thinking", "data": block.data}]})]

@@ -1,0 +1,99 @@
+"""Review of the provider seam (issue 13): attacks on the Anthropic/Gemini paths through the real
+gateway in front of the loopback fakes."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+from llmgateway.v1 import chat_pb2
+
+from server.core.validation import MAX_REQUEST_CHARS
+from tests.fakes import anthropic_fake as fake
+from tests.fakes.anthropic_fake import AnthropicFake, Reply
+from tests.gateway_harness import RunningGateway, make_settings, running_gateway
+from tests.integration.test_errors_support import expect
+
+KEY = "sk-ant-api03-" + "r" * 40
+USER = chat_pb2.ROLE_USER
+ASSISTANT = chat_pb2.ROLE_ASSISTANT
+
+
+@pytest.fixture
+async def anthropic() -> AsyncIterator[AnthropicFake]:
+    server = AnthropicFake()
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+@pytest.fixture
+async def gateway(tmp_path: Path, anthropic: AnthropicFake) -> AsyncIterator[RunningGateway]:
+    settings = make_settings(
+        tmp_path, anthropic_base_url=anthropic.base_url, anthropic_api_key=KEY, max_answer_bytes=1024 * 1024
+    )
+    async with running_gateway(settings) as running:
+        yield running
+
+
+def request(*messages: chat_pb2.Message) -> chat_pb2.CreateRequest:
+    llm = chat_pb2.LLMConfig(model=fake.MODEL, model_endpoint_type="anthropic", context_window=200_000)
+    msgs = list(messages) or [chat_pb2.Message(role=USER, content="Say hello")]
+    return chat_pb2.CreateRequest(llm_config=llm, messages=msgs)
+
+
+async def test_a_huge_streamed_signature_is_refused_in_linear_time(
+    gateway: RunningGateway, anthropic: AnthropicFake
+) -> None:
+    """A thinking block's signature arrives as many signature_delta events and nothing is emitted
+    until content_block_stop, so the answer cap cannot see it. The decoder joined it with `+=` on an
+    attribute (quadratic: each event copied the whole signature so far, on the event loop) and with
+    no bound. An upstream (a tenant's BYOK base URL) could pin the loop for minutes."""
+    piece = "s" * 8192
+    events = [
+        fake.message_start(),
+        fake.block_start(0, {"type": "thinking", "thinking": "", "signature": ""}),
+        fake.block_delta(0, {"type": "thinking_delta", "thinking": "hmm"}),
+        *(fake.block_delta(0, {"type": "signature_delta", "signature": piece}) for _ in range(6000)),
+        fake.block_stop(0),
+        *fake.text_events(1, ["Hi"]),
+        fake.message_delta("end_turn", 5),
+        fake.MESSAGE_STOP,
+    ]
+    anthropic.script(Reply(sse=events))
+    stream_req = chat_pb2.StreamCreateRequest.FromString(request().SerializeToString())
+    started = time.monotonic()
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        async for event in gateway.chat.StreamCreate(stream_req, timeout=30):
+            assert not event.HasField("completion")
+    elapsed = time.monotonic() - started
+    d = expect(info.value, grpc.StatusCode.UNAVAILABLE, "UPSTREAM_BAD_RESPONSE")
+    assert d.metadata["provider"] == "anthropic"
+    assert elapsed < 8, f"took {elapsed:.1f} s"
+
+
+async def test_thinking_blocks_count_toward_the_request_size_limit(
+    gateway: RunningGateway, anthropic: AnthropicFake
+) -> None:
+    """MAX_REQUEST_CHARS bounds all text of a request; a client's thinking_blocks and
+    thought_signature (sent upstream as they are) were not counted."""
+    anthropic.script(Reply(json_body=fake.message([fake.text_block("ok")])))
+    half = MAX_REQUEST_CHARS // 2 + 1
+    history = chat_pb2.Message(
+        role=ASSISTANT,
+        content="",
+        thinking_blocks=[chat_pb2.ThinkingBlock(type="thinking", text="t", signature="s" * half)],
+        tool_calls=[chat_pb2.ToolCall(id="toolu_1", name="f", arguments="{}", thought_signature="g" * half)],
+    )
+    req = request(
+        chat_pb2.Message(role=USER, content="hi"), history, chat_pb2.Message(role=USER, content="go")
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await gateway.chat.Create(req, timeout=30)
+    expect(info.value, grpc.StatusCode.INVALID_ARGUMENT, "INVALID_REQUEST")
+    assert anthropic.requests == []
