@@ -98,9 +98,12 @@ def validate_request(request: chat_pb2.CreateRequest, keys: FunctionKeys | None 
             where = f"messages[{i}].tool_calls[{j}]"
             if not call.name:
                 add(FieldViolation(f"{where}.name", "required"))
-            size += len(call.arguments)
+            size += len(call.arguments) + len(call.thought_signature)
             if not _is_json(call.arguments):
                 add(FieldViolation(f"{where}.arguments", "is not valid JSON"))
+        # Opaque provider state sent back as it came (Anthropic thinking, Gemini signatures).
+        for block in message.thinking_blocks:
+            size += len(block.type) + len(block.text) + len(block.signature) + len(block.data)
         total_chars += size
     if total_chars > MAX_REQUEST_CHARS:
         add(FieldViolation("messages", f"more than {MAX_REQUEST_CHARS} characters in all"))
