@@ -554,6 +554,7 @@ class _Block:
     signature: list[str] = field(default_factory=list)  # joined at content_block_stop
     signature_chars: int = 0
     data: str = ""
+    stopped: bool = False
 
 
 class StreamDecoder:
@@ -722,6 +723,7 @@ class StreamDecoder:
 
     def _block_stop(self, payload: dict[str, Any]) -> list[dict[str, Any] | None]:
         block = self._block(payload)
+        block.stopped = True
         if block.kind == "thinking":
             opaque = {
                 "type": "thinking",
@@ -749,6 +751,10 @@ class StreamDecoder:
     def _message_stop(self, payload: dict[str, Any]) -> list[dict[str, Any] | None]:
         if self._stop_reason is None:
             raise _bad("message_stop before any stop reason")
+        # A block never stopped was cut (a tool call with half its arguments): not an answer.
+        unfinished = [index for index, block in self._blocks.items() if not block.stopped]
+        if unfinished:
+            raise _bad("message_stop with a content block still open", index=unfinished[0])
         self._done = True
         finish = _finish_reason(
             self._stop_reason, answered_by_tool=self._answered_by_tool and not self._tools

@@ -97,3 +97,36 @@ async def test_thinking_blocks_count_toward_the_request_size_limit(
         await gateway.chat.Create(req, timeout=30)
     expect(info.value, grpc.StatusCode.INVALID_ARGUMENT, "INVALID_REQUEST")
     assert anthropic.requests == []
+
+
+async def test_the_answer_cap_counts_thinking_blocks_and_refusal_in_a_unary_answer(
+    gateway: RunningGateway, anthropic: AnthropicFake
+) -> None:
+    """The stream counts thinking blocks and refusal against LLMGW_MAX_ANSWER_BYTES; the unary
+    answer's size (`answer_bytes`) did not, so the same answer passed the cap unary only."""
+    huge = "s" * (1024 * 1024 + 1)
+    anthropic.script(Reply(json_body=fake.message([fake.thinking_block("hmm", huge), fake.text_block("Hi")])))
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await gateway.chat.Create(request(), timeout=30)
+    d = expect(info.value, grpc.StatusCode.UNAVAILABLE, "UPSTREAM_BAD_RESPONSE")
+    assert d.metadata["limit_bytes"] == str(1024 * 1024)
+
+
+async def test_message_stop_with_a_content_block_still_open_is_not_a_complete_answer(
+    gateway: RunningGateway, anthropic: AnthropicFake
+) -> None:
+    """A tool_use block cut mid-input (no content_block_stop) followed by message_stop must not
+    become a completed tool call with half its arguments."""
+    events = [
+        fake.message_start(),
+        fake.block_start(0, {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {}}),
+        fake.block_delta(0, {"type": "input_json_delta", "partial_json": '{"city": "Pa'}),
+        fake.message_delta("tool_use", 5),
+        fake.MESSAGE_STOP,
+    ]
+    anthropic.script(Reply(sse=events))
+    stream_req = chat_pb2.StreamCreateRequest.FromString(request().SerializeToString())
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        async for event in gateway.chat.StreamCreate(stream_req, timeout=30):
+            assert not event.HasField("completion")
+    expect(info.value, grpc.StatusCode.UNAVAILABLE, "UPSTREAM_BAD_RESPONSE")
