@@ -45,8 +45,9 @@ def text_bytes(text: str) -> int:
 
 def answer_bytes(body: dict[str, Any]) -> int:
     """The size the answer cap counts: UTF-8 bytes of every choice's content, reasoning, refusal,
-    thinking blocks and tool calls (id, name, arguments, thought_signature). What the final message adds to it is small and bounded (the
-    completion's id and model are at most MAX_LABEL_CHARS; framing per choice and call)."""
+    thinking blocks and tool calls (id, name, arguments, thought_signature). What the final
+    message adds to it is small and bounded (the completion's id and model are at most
+    MAX_LABEL_CHARS; framing per choice and call)."""
     size = 0
     for choice in body.get("choices") or ():
         message = choice.get("message") if isinstance(choice, dict) else None

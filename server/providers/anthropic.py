@@ -72,8 +72,9 @@ from server.errors import (
     UpstreamRejected,
     UpstreamUnavailable,
 )
+from server.providers import base
 from server.providers.errors import not_found_error, upstream_message
-from server.providers.openai_compat import MAX_EVENT_BYTES, load_json_object
+from server.providers.openai_compat import MAX_EVENT_BYTES, ShapeChecked, checked_completion, load_json_object
 
 NAME = "anthropic"
 DEFAULT_BASE_URL = "https://api.anthropic.com/v1"
@@ -879,10 +880,11 @@ class AnthropicProvider:
     def parse_answer(
         self, raw: bytes, *, provider: str, model: str, scrub: Callable[[str], str]
     ) -> dict[str, Any]:
-        return parse_completion(load_json_object(raw, provider=provider, scrub=scrub), model=model)
+        completion = parse_completion(load_json_object(raw, provider=provider, scrub=scrub), model=model)
+        return checked_completion(completion, provider=provider)
 
-    def stream_decoder(self, *, provider: str, model: str, scrub: Callable[[str], str]) -> StreamDecoder:
-        return StreamDecoder(scrub=scrub, model=model)
+    def stream_decoder(self, *, provider: str, model: str, scrub: Callable[[str], str]) -> base.StreamDecoder:
+        return ShapeChecked(StreamDecoder(scrub=scrub, model=model), provider=provider)
 
     def error_for_status(
         self,

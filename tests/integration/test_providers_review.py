@@ -13,7 +13,9 @@ from llmgateway.v1 import chat_pb2
 
 from server.core.validation import MAX_REQUEST_CHARS
 from tests.fakes import anthropic_fake as fake
+from tests.fakes import gemini_fake
 from tests.fakes.anthropic_fake import AnthropicFake, Reply
+from tests.fakes.gemini_fake import GeminiFake
 from tests.gateway_harness import RunningGateway, make_settings, running_gateway
 from tests.integration.test_errors_support import expect
 
@@ -125,6 +127,79 @@ async def test_message_stop_with_a_content_block_still_open_is_not_a_complete_an
         fake.MESSAGE_STOP,
     ]
     anthropic.script(Reply(sse=events))
+    stream_req = chat_pb2.StreamCreateRequest.FromString(request().SerializeToString())
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        async for event in gateway.chat.StreamCreate(stream_req, timeout=30):
+            assert not event.HasField("completion")
+    expect(info.value, grpc.StatusCode.UNAVAILABLE, "UPSTREAM_BAD_RESPONSE")
+
+
+@pytest.fixture
+async def gemini() -> AsyncIterator[GeminiFake]:
+    server = GeminiFake()
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+@pytest.fixture
+async def gemini_gateway(tmp_path: Path, gemini: GeminiFake) -> AsyncIterator[RunningGateway]:
+    settings = make_settings(tmp_path, google_ai_base_url=gemini.base_url, gemini_api_key="AIza" + "g" * 35)
+    async with running_gateway(settings) as running:
+        yield running
+
+
+def gemini_request() -> chat_pb2.CreateRequest:
+    llm = chat_pb2.LLMConfig(
+        model=gemini_fake.MODEL_VERSION, model_endpoint_type="google_ai", context_window=1_000_000
+    )
+    return chat_pb2.CreateRequest(llm_config=llm, messages=[chat_pb2.Message(role=USER, content="hi")])
+
+
+async def test_a_unary_anthropic_answer_with_too_many_tool_calls_is_refused(
+    gateway: RunningGateway, anthropic: AnthropicFake
+) -> None:
+    """The OpenAI path caps tool calls (check_shape) unary and stream; the Anthropic unary path
+    converted any number of tool_use blocks."""
+    blocks = [fake.tool_use_block("f", {}, f"toolu_{i}") for i in range(200)]
+    anthropic.script(Reply(json_body=fake.message(blocks, stop_reason="tool_use")))
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await gateway.chat.Create(request(), timeout=30)
+    d = expect(info.value, grpc.StatusCode.UNAVAILABLE, "UPSTREAM_BAD_RESPONSE")
+    assert d.metadata["provider"] == "anthropic"
+
+
+async def test_a_unary_gemini_answer_with_too_many_tool_calls_is_refused(
+    gemini_gateway: RunningGateway, gemini: GeminiFake
+) -> None:
+    parts = [gemini_fake.function_call("f", {}) for _ in range(200)]
+    gemini.push(gemini_fake.Reply(body=gemini_fake.response(parts)))
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await gemini_gateway.chat.Create(gemini_request(), timeout=30)
+    d = expect(info.value, grpc.StatusCode.UNAVAILABLE, "UPSTREAM_BAD_RESPONSE")
+    assert d.metadata["provider"] == "google_ai"
+
+
+@pytest.mark.parametrize("tokens", [2**40, -5])
+async def test_out_of_range_anthropic_usage_is_a_bad_response(
+    gateway: RunningGateway, anthropic: AnthropicFake, tokens: int
+) -> None:
+    """check_shape refuses usage outside int32 on the OpenAI path; the Anthropic path must map it
+    to the contract too, not fail in the proto conversion."""
+    anthropic.script(Reply(json_body=fake.message(usage_=fake.usage(tokens, 3))))
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await gateway.chat.Create(request(), timeout=30)
+    expect(info.value, grpc.StatusCode.UNAVAILABLE, "UPSTREAM_BAD_RESPONSE")
+
+
+async def test_out_of_range_usage_in_an_anthropic_stream_is_a_bad_response(
+    gateway: RunningGateway, anthropic: AnthropicFake
+) -> None:
+    anthropic.script(
+        Reply(sse=[*fake.text_stream(["Hi"])[:-2], fake.message_delta("end_turn", 2**40), fake.MESSAGE_STOP])
+    )
     stream_req = chat_pb2.StreamCreateRequest.FromString(request().SerializeToString())
     with pytest.raises(grpc.aio.AioRpcError) as info:
         async for event in gateway.chat.StreamCreate(stream_req, timeout=30):
