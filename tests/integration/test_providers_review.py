@@ -205,3 +205,41 @@ async def test_out_of_range_usage_in_an_anthropic_stream_is_a_bad_response(
         async for event in gateway.chat.StreamCreate(stream_req, timeout=30):
             assert not event.HasField("completion")
     expect(info.value, grpc.StatusCode.UNAVAILABLE, "UPSTREAM_BAD_RESPONSE")
+
+
+async def test_a_key_echoed_in_streamed_thinking_is_scrubbed(
+    gateway: RunningGateway, anthropic: AnthropicFake
+) -> None:
+    events = [
+        fake.message_start(),
+        *fake.thinking_events(0, [f"the key is {KEY[:20]}", f"{KEY[20:]} ok"], signature="sig"),
+        *fake.text_events(1, [f"also {KEY}"]),
+        fake.message_delta("end_turn", 5),
+        fake.MESSAGE_STOP,
+    ]
+    anthropic.script(Reply(sse=events))
+    stream_req = chat_pb2.StreamCreateRequest.FromString(request().SerializeToString())
+    seen = [event async for event in gateway.chat.StreamCreate(stream_req, timeout=30)]
+    assert seen[-1].HasField("completion")
+    assert KEY not in str(seen)
+    assert KEY[:20] not in str(seen)
+
+
+async def test_a_key_echoed_in_a_unary_refusal_and_thinking_is_scrubbed(
+    gateway: RunningGateway, anthropic: AnthropicFake
+) -> None:
+    content = [fake.thinking_block(f"thinking {KEY}"), fake.text_block(f"no: {KEY}")]
+    anthropic.script(Reply(json_body=fake.message(content, stop_reason="refusal")))
+    response = await gateway.chat.Create(request(), timeout=30)
+    assert KEY not in str(response)
+
+
+async def test_a_gemini_key_echoed_in_an_error_body_is_scrubbed(
+    gemini_gateway: RunningGateway, gemini: GeminiFake
+) -> None:
+    key = "AIza" + "g" * 35
+    body = gemini_fake.error_body(400, f"API key {key} not valid; see ?key={key}")
+    gemini.push(gemini_fake.Reply(body=body, status=400))
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await gemini_gateway.chat.Create(gemini_request(), timeout=30)
+    assert key not in str(info.value.trailing_metadata()) and key not in (info.value.details() or "")
