@@ -9,8 +9,9 @@ from pathlib import Path
 
 import grpc
 import pytest
-from llmgateway.v1 import chat_pb2
+from llmgateway.v1 import chat_pb2, providers_pb2
 
+from server.auth.store_sqlite import SqliteAuthStore
 from server.core.validation import MAX_REQUEST_CHARS
 from tests.fakes import anthropic_fake as fake
 from tests.fakes import gemini_fake
@@ -243,3 +244,41 @@ async def test_a_gemini_key_echoed_in_an_error_body_is_scrubbed(
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await gemini_gateway.chat.Create(gemini_request(), timeout=30)
     assert key not in str(info.value.trailing_metadata()) and key not in (info.value.details() or "")
+
+
+async def test_a_byok_anthropic_provider_on_a_loopback_name_is_not_called(
+    tmp_path: Path, anthropic: AnthropicFake
+) -> None:
+    """SSRF: a tenant's BYOK base URL (not operator-listed) on a name resolving to loopback."""
+    db = tmp_path / "gateway.db"
+    async with SqliteAuthStore(path=str(db)) as store:
+        _, admin = await store.create_key(organization_id="org-a", user_id="", is_admin=True)
+    metadata = (("authorization", f"Bearer {admin}"),)
+    loopback_name = anthropic.base_url.replace("127.0.0.1", "localhost")
+    settings = make_settings(
+        tmp_path, auth="required", encryption_key="pass-" + "p" * 16, anthropic_api_key=KEY
+    )
+    async with running_gateway(settings) as gw:
+        try:
+            await gw.providers.CreateProvider(
+                providers_pb2.CreateProviderRequest(
+                    name="team-claude",
+                    model_endpoint_type="anthropic",
+                    base_url=loopback_name,
+                    api_key="byok-" + "b" * 30,
+                ),
+                metadata=metadata,
+                timeout=10,
+            )
+        except grpc.aio.AioRpcError:
+            return  # refused at creation: as good
+        llm = chat_pb2.LLMConfig(
+            model=fake.MODEL,
+            model_endpoint_type="anthropic",
+            provider_name="team-claude",
+            provider_category=chat_pb2.PROVIDER_CATEGORY_BYOK,
+        )
+        req = chat_pb2.CreateRequest(llm_config=llm, messages=[chat_pb2.Message(role=USER, content="hi")])
+        with pytest.raises(grpc.aio.AioRpcError):
+            await gw.chat.Create(req, metadata=metadata, timeout=10)
+    assert anthropic.requests == []
