@@ -12,7 +12,7 @@ import pytest
 from llmgateway.v1 import chat_pb2, providers_pb2
 
 from server.auth.store_sqlite import SqliteAuthStore
-from server.core.validation import MAX_REQUEST_CHARS
+from server.core.validation import MAX_REQUEST_CHARS, MAX_THINKING_BLOCKS
 from tests.fakes import anthropic_fake as fake
 from tests.fakes import gemini_fake
 from tests.fakes.anthropic_fake import AnthropicFake, Reply
@@ -281,4 +281,21 @@ async def test_a_byok_anthropic_provider_on_a_loopback_name_is_not_called(
         req = chat_pb2.CreateRequest(llm_config=llm, messages=[chat_pb2.Message(role=USER, content="hi")])
         with pytest.raises(grpc.aio.AioRpcError):
             await gw.chat.Create(req, metadata=metadata, timeout=10)
+    assert anthropic.requests == []
+
+
+async def test_the_number_of_thinking_blocks_is_bounded(
+    gateway: RunningGateway, anthropic: AnthropicFake
+) -> None:
+    """Empty ThinkingBlocks are 2 bytes each: a 64 MiB request carried ~32M of them, each iterated
+    (validation, conversion to dicts) on the event loop."""
+    history = chat_pb2.Message(role=ASSISTANT, content="x")
+    history.thinking_blocks.extend([chat_pb2.ThinkingBlock()] * (MAX_THINKING_BLOCKS + 1))
+    req = request(
+        chat_pb2.Message(role=USER, content="hi"), history, chat_pb2.Message(role=USER, content="go")
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await gateway.chat.Create(req, timeout=30)
+    d = expect(info.value, grpc.StatusCode.INVALID_ARGUMENT, "INVALID_REQUEST")
+    assert "messages[1].thinking_blocks" in d.metadata["fields"]
     assert anthropic.requests == []
