@@ -44,22 +44,31 @@ def text_bytes(text: str) -> int:
 
 
 def answer_bytes(body: dict[str, Any]) -> int:
-    """The size the answer cap counts: UTF-8 bytes of every choice's content, reasoning and tool
-    calls (id, name, arguments). What the final message adds to it is small and bounded (the
-    completion's id and model are at most MAX_LABEL_CHARS; framing per choice and call)."""
+    """The size the answer cap counts: UTF-8 bytes of every choice's content, reasoning, refusal,
+    thinking blocks and tool calls (id, name, arguments, thought_signature). What the final
+    message adds to it is small and bounded (the completion's id and model are at most
+    MAX_LABEL_CHARS; framing per choice and call)."""
     size = 0
     for choice in body.get("choices") or ():
         message = choice.get("message") if isinstance(choice, dict) else None
         if not isinstance(message, dict):
             continue
-        for key in ("content", "reasoning_content", "reasoning"):
+        for key in ("content", "reasoning_content", "reasoning", "refusal"):
             size += text_bytes(text_of(message.get(key)))
+        # Opaque signatures and redacted thinking can be large (the stream counts them too); only
+        # string fields are kept (thinking_block_into), so only they are counted.
+        for block in message.get("thinking_blocks") or ():
+            if isinstance(block, dict):
+                size += sum(text_bytes(v) for v in block.values() if isinstance(v, str))
         for call in message.get("tool_calls") or ():
             function = call.get("function") if isinstance(call, dict) else None
             if isinstance(function, dict):
                 size += text_bytes(function.get("name") or "") + text_bytes(function.get("arguments") or "")
             if isinstance(call, dict):
                 size += text_bytes(call.get("id") or "")
+                signature = call.get("thought_signature")
+                if isinstance(signature, str):
+                    size += text_bytes(signature)
         legacy = message.get("function_call")
         if isinstance(legacy, dict):
             size += text_bytes(legacy.get("name") or "") + text_bytes(legacy.get("arguments") or "")

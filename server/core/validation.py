@@ -25,6 +25,8 @@ MAX_MESSAGES = 10_000
 # All text of one request together (messages, parts, tool-call arguments).
 MAX_REQUEST_CHARS = 8_000_000
 MAX_FUNCTIONS = 1_000
+# Thinking blocks of one assistant message (a turn has a few: one per thinking step between tools).
+MAX_THINKING_BLOCKS = 1_024
 # What a caller puts in its trace (and user_id, kept in the trace's user_id field): ids are short
 # (Letta's are a prefix and a UUID, ~45 characters). Unbounded, one request could store a trace
 # whose metadata alone is larger than a trace page, or a step_id PostgreSQL cannot index.
@@ -98,9 +100,16 @@ def validate_request(request: chat_pb2.CreateRequest, keys: FunctionKeys | None 
             where = f"messages[{i}].tool_calls[{j}]"
             if not call.name:
                 add(FieldViolation(f"{where}.name", "required"))
-            size += len(call.arguments)
+            size += len(call.arguments) + len(call.thought_signature)
             if not _is_json(call.arguments):
                 add(FieldViolation(f"{where}.arguments", "is not valid JSON"))
+        # Opaque provider state sent back as it came (Anthropic thinking, Gemini signatures). An
+        # empty block is 2 bytes on the wire: the count is bounded before anything iterates them.
+        if len(message.thinking_blocks) > MAX_THINKING_BLOCKS:
+            add(FieldViolation(f"messages[{i}].thinking_blocks", f"at most {MAX_THINKING_BLOCKS} blocks"))
+        else:
+            for block in message.thinking_blocks:
+                size += len(block.type) + len(block.text) + len(block.signature) + len(block.data)
         total_chars += size
     if total_chars > MAX_REQUEST_CHARS:
         add(FieldViolation("messages", f"more than {MAX_REQUEST_CHARS} characters in all"))

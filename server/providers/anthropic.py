@@ -72,8 +72,9 @@ from server.errors import (
     UpstreamRejected,
     UpstreamUnavailable,
 )
+from server.providers import base
 from server.providers.errors import not_found_error, upstream_message
-from server.providers.openai_compat import load_json_object
+from server.providers.openai_compat import MAX_EVENT_BYTES, ShapeChecked, checked_completion, load_json_object
 
 NAME = "anthropic"
 DEFAULT_BASE_URL = "https://api.anthropic.com/v1"
@@ -551,8 +552,10 @@ class _Block:
     tool_index: int = -1
     sent_arguments: bool = False
     thinking: list[str] = field(default_factory=list)
-    signature: str = ""
+    signature: list[str] = field(default_factory=list)  # joined at content_block_stop
+    signature_chars: int = 0
     data: str = ""
+    stopped: bool = False
 
 
 class StreamDecoder:
@@ -685,8 +688,18 @@ class StreamDecoder:
         if kind == "thinking_delta":
             return self._thinking_delta(block, str(delta.get("thinking") or ""))
         if kind == "signature_delta":
-            block.signature += str(delta.get("signature") or "")
+            self._signature_delta(block, str(delta.get("signature") or ""))
         return []  # citations and delta types added later carry nothing the answer needs
+
+    @staticmethod
+    def _signature_delta(block: _Block, piece: str) -> None:
+        """Keep a signature piece. Nothing is emitted before content_block_stop, so the answer cap
+        cannot see the signature yet: it is bounded here, by what one SSE event may carry, and
+        kept as pieces (joining with `+=` copied the whole signature for every event)."""
+        block.signature_chars += len(piece)
+        if block.signature_chars > MAX_EVENT_BYTES:
+            raise _bad("a thinking signature over the event size limit", limit_bytes=MAX_EVENT_BYTES)
+        block.signature.append(piece)
 
     def _text_delta(self, text: str) -> list[dict[str, Any] | None]:
         if not text:
@@ -711,8 +724,13 @@ class StreamDecoder:
 
     def _block_stop(self, payload: dict[str, Any]) -> list[dict[str, Any] | None]:
         block = self._block(payload)
+        block.stopped = True
         if block.kind == "thinking":
-            opaque = {"type": "thinking", "thinking": "".join(block.thinking), "signature": block.signature}
+            opaque = {
+                "type": "thinking",
+                "thinking": "".join(block.thinking),
+                "signature": "".join(block.signature),
+            }
             return [self._chunk({"thinking_blocks": [opaque]})]
         if block.kind == "redacted_thinking":
             return [self._chunk({"thinking_blocks": [{"type": "redacted_thinking", "data": block.data}]})]
@@ -734,6 +752,10 @@ class StreamDecoder:
     def _message_stop(self, payload: dict[str, Any]) -> list[dict[str, Any] | None]:
         if self._stop_reason is None:
             raise _bad("message_stop before any stop reason")
+        # A block never stopped was cut (a tool call with half its arguments): not an answer.
+        unfinished = [index for index, block in self._blocks.items() if not block.stopped]
+        if unfinished:
+            raise _bad("message_stop with a content block still open", index=unfinished[0])
         self._done = True
         finish = _finish_reason(
             self._stop_reason, answered_by_tool=self._answered_by_tool and not self._tools
@@ -858,10 +880,11 @@ class AnthropicProvider:
     def parse_answer(
         self, raw: bytes, *, provider: str, model: str, scrub: Callable[[str], str]
     ) -> dict[str, Any]:
-        return parse_completion(load_json_object(raw, provider=provider, scrub=scrub), model=model)
+        completion = parse_completion(load_json_object(raw, provider=provider, scrub=scrub), model=model)
+        return checked_completion(completion, provider=provider)
 
-    def stream_decoder(self, *, provider: str, model: str, scrub: Callable[[str], str]) -> StreamDecoder:
-        return StreamDecoder(scrub=scrub, model=model)
+    def stream_decoder(self, *, provider: str, model: str, scrub: Callable[[str], str]) -> base.StreamDecoder:
+        return ShapeChecked(StreamDecoder(scrub=scrub, model=model), provider=provider)
 
     def error_for_status(
         self,

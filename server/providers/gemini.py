@@ -80,8 +80,9 @@ from server.errors import (
     UpstreamRejected,
     UpstreamUnavailable,
 )
+from server.providers import base
 from server.providers.errors import error_in_body, upstream_message
-from server.providers.openai_compat import load_json_object
+from server.providers.openai_compat import ShapeChecked, checked_completion, load_json_object
 
 NAME = "google_ai"
 DEFAULT_BASE_URL = "https://generativelanguage.googleapis.com/v1beta"
@@ -1034,10 +1035,11 @@ class GeminiProvider:
     def parse_answer(
         self, raw: bytes, *, provider: str, model: str, scrub: Callable[[str], str]
     ) -> dict[str, Any]:
-        return parse_completion(load_json_object(raw, provider=provider, scrub=scrub), model=model)
+        completion = parse_completion(load_json_object(raw, provider=provider, scrub=scrub), model=model)
+        return checked_completion(completion, provider=provider)
 
-    def stream_decoder(self, *, provider: str, model: str, scrub: Callable[[str], str]) -> StreamDecoder:
-        return StreamDecoder(model=model, scrub=scrub)
+    def stream_decoder(self, *, provider: str, model: str, scrub: Callable[[str], str]) -> base.StreamDecoder:
+        return ShapeChecked(StreamDecoder(model=model, scrub=scrub), provider=provider)
 
     def error_for_status(
         self,

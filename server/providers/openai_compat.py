@@ -407,6 +407,36 @@ def check_shape(payload: dict[str, Any], *, provider: str) -> None:
     _check_usage(payload.get("usage"), provider)
 
 
+class ShapeChecked:
+    """A translating dialect's decoder whose chunks get the OpenAI path's `check_shape` (usage
+    inside int32, at most MAX_TOOL_CALLS calls per chunk, ...): what reaches the accumulator and
+    the proto conversion is held to the same rules whichever provider answered."""
+
+    __slots__ = ("_inner", "_provider")
+
+    def __init__(self, inner: StreamDecoder, *, provider: str) -> None:
+        self._inner = inner
+        self._provider = provider
+
+    def _checked(self, chunks: list[dict[str, Any] | None]) -> list[dict[str, Any] | None]:
+        for chunk in chunks:
+            if chunk is not None:
+                check_shape(chunk, provider=self._provider)
+        return chunks
+
+    def feed(self, event: str | None, data: bytes) -> list[dict[str, Any] | None]:
+        return self._checked(self._inner.feed(event, data))
+
+    def finish(self) -> list[dict[str, Any] | None]:
+        return self._checked(self._inner.finish())
+
+
+def checked_completion(completion: dict[str, Any], *, provider: str) -> dict[str, Any]:
+    """A translated unary answer, held to the OpenAI path's shape rules (see ShapeChecked)."""
+    check_shape(completion, provider=provider)
+    return completion
+
+
 # -- streams -------------------------------------------------------------------------------
 
 
