@@ -97,6 +97,7 @@ _OPENAI_KEY = ServerKey("openai_base_url", "openai_api_key", "OpenAI", "OPENAI_A
 SERVER_KEYS = {
     "anthropic": ServerKey("anthropic_base_url", "anthropic_api_key", "Anthropic", "ANTHROPIC_API_KEY"),
     "google_ai": ServerKey("google_ai_base_url", "gemini_api_key", "Gemini", "GEMINI_API_KEY"),
+    "groq": ServerKey("groq_base_url", "groq_api_key", "Groq", "GROQ_API_KEY"),
 }
 
 

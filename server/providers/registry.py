@@ -10,12 +10,14 @@ from __future__ import annotations
 from server.providers.anthropic import AnthropicProvider
 from server.providers.base import Provider
 from server.providers.gemini import GeminiProvider
+from server.providers.groq import GroqProvider
 from server.providers.openai_compat import OPENAI
 
 PROVIDERS: dict[str, Provider] = {
     "openai": OPENAI,
     "anthropic": AnthropicProvider(),
     "google_ai": GeminiProvider(),
+    "groq": GroqProvider(),
 }
 
 
