@@ -12,6 +12,7 @@ DEFAULT_OPENROUTER_BASE_URL = "https://openrouter.ai/api/v1"
 DEFAULT_ANTHROPIC_BASE_URL = "https://api.anthropic.com/v1"
 DEFAULT_GOOGLE_AI_BASE_URL = "https://generativelanguage.googleapis.com/v1beta"
 DEFAULT_GROQ_BASE_URL = "https://api.groq.com/openai/v1"
+DEFAULT_DEEPSEEK_BASE_URL = "https://api.deepseek.com/v1"
 # The gRPC server sends messages up to 64 MiB (server.app): an answer's final message is its text
 # plus small, bounded labels and framing, so the cap may go up to 63 MiB and defaults to half.
 MAX_ANSWER_BYTES_LIMIT = 63 * 1024 * 1024
@@ -55,6 +56,7 @@ class Settings:
     anthropic_base_url: str = DEFAULT_ANTHROPIC_BASE_URL
     google_ai_base_url: str = DEFAULT_GOOGLE_AI_BASE_URL
     groq_base_url: str = DEFAULT_GROQ_BASE_URL
+    deepseek_base_url: str = DEFAULT_DEEPSEEK_BASE_URL
     allowed_endpoints: tuple[str, ...] = ()
     encryption_key: str = field(default="", repr=False)
     # Also accepted for reading BYOK keys, never for writing: the other passphrase of a rotation.
@@ -82,6 +84,7 @@ class Settings:
     anthropic_api_key: str = field(default="", repr=False)
     gemini_api_key: str = field(default="", repr=False)
     groq_api_key: str = field(default="", repr=False)
+    deepseek_api_key: str = field(default="", repr=False)
     retry: RetrySettings = field(default_factory=RetrySettings)
 
     def provider_base_urls(self) -> tuple[str, ...]:
@@ -92,6 +95,7 @@ class Settings:
             self.anthropic_base_url,
             self.google_ai_base_url,
             self.groq_base_url,
+            self.deepseek_base_url,
         )
 
     def secrets(self) -> tuple[str, ...]:
@@ -112,6 +116,7 @@ _PROVIDER_KEYS = {
     "anthropic_api_key": ("ANTHROPIC_API_KEY",),
     "gemini_api_key": ("GEMINI_API_KEY", "GOOGLE_API_KEY"),
     "groq_api_key": ("GROQ_API_KEY",),
+    "deepseek_api_key": ("DEEPSEEK_API_KEY",),
 }
 _TUPLE_FIELDS = {"trace_backends", "allowed_endpoints"}
 SECRET_FIELDS = frozenset({"encryption_key", "encryption_key_previous", "local_api_key", *_PROVIDER_KEYS})

@@ -98,6 +98,7 @@ SERVER_KEYS = {
     "anthropic": ServerKey("anthropic_base_url", "anthropic_api_key", "Anthropic", "ANTHROPIC_API_KEY"),
     "google_ai": ServerKey("google_ai_base_url", "gemini_api_key", "Gemini", "GEMINI_API_KEY"),
     "groq": ServerKey("groq_base_url", "groq_api_key", "Groq", "GROQ_API_KEY"),
+    "deepseek": ServerKey("deepseek_base_url", "deepseek_api_key", "DeepSeek", "DEEPSEEK_API_KEY"),
 }
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from server.providers.anthropic import AnthropicProvider
 from server.providers.base import Provider
+from server.providers.deepseek import DeepSeekProvider
 from server.providers.gemini import GeminiProvider
 from server.providers.groq import GroqProvider
 from server.providers.openai_compat import OPENAI
@@ -18,6 +19,7 @@ PROVIDERS: dict[str, Provider] = {
     "anthropic": AnthropicProvider(),
     "google_ai": GeminiProvider(),
     "groq": GroqProvider(),
+    "deepseek": DeepSeekProvider(),
 }
 
 
