@@ -11,6 +11,10 @@ DEFAULT_OPENAI_BASE_URL = "https://api.openai.com/v1"
 DEFAULT_OPENROUTER_BASE_URL = "https://openrouter.ai/api/v1"
 DEFAULT_ANTHROPIC_BASE_URL = "https://api.anthropic.com/v1"
 DEFAULT_GOOGLE_AI_BASE_URL = "https://generativelanguage.googleapis.com/v1beta"
+DEFAULT_GROQ_BASE_URL = "https://api.groq.com/openai/v1"
+DEFAULT_DEEPSEEK_BASE_URL = "https://api.deepseek.com/v1"
+# Azure OpenAI has no default resource; this is the latest GA data-plane API version.
+DEFAULT_AZURE_API_VERSION = "2024-10-21"
 # The gRPC server sends messages up to 64 MiB (server.app): an answer's final message is its text
 # plus small, bounded labels and framing, so the cap may go up to 63 MiB and defaults to half.
 MAX_ANSWER_BYTES_LIMIT = 63 * 1024 * 1024
@@ -53,6 +57,11 @@ class Settings:
     openrouter_title: str = ""
     anthropic_base_url: str = DEFAULT_ANTHROPIC_BASE_URL
     google_ai_base_url: str = DEFAULT_GOOGLE_AI_BASE_URL
+    groq_base_url: str = DEFAULT_GROQ_BASE_URL
+    deepseek_base_url: str = DEFAULT_DEEPSEEK_BASE_URL
+    # The Azure resource (`https://<name>.openai.azure.com`) or its v1 API (`.../openai/v1`).
+    azure_base_url: str = ""
+    azure_api_version: str = DEFAULT_AZURE_API_VERSION
     allowed_endpoints: tuple[str, ...] = ()
     encryption_key: str = field(default="", repr=False)
     # Also accepted for reading BYOK keys, never for writing: the other passphrase of a rotation.
@@ -79,16 +88,24 @@ class Settings:
     openrouter_api_key: str = field(default="", repr=False)
     anthropic_api_key: str = field(default="", repr=False)
     gemini_api_key: str = field(default="", repr=False)
+    groq_api_key: str = field(default="", repr=False)
+    deepseek_api_key: str = field(default="", repr=False)
+    azure_api_key: str = field(default="", repr=False)
     retry: RetrySettings = field(default_factory=RetrySettings)
 
     def provider_base_urls(self) -> tuple[str, ...]:
-        """The base URLs of the providers the server holds keys for (always callable)."""
-        return (
+        """The base URLs of the providers the server holds keys for (always callable); Azure's
+        only when one is configured."""
+        urls = (
             self.openai_base_url,
             self.openrouter_base_url,
             self.anthropic_base_url,
             self.google_ai_base_url,
+            self.groq_base_url,
+            self.deepseek_base_url,
+            self.azure_base_url,
         )
+        return tuple(url for url in urls if url)
 
     def secrets(self) -> tuple[str, ...]:
         """Every server-held secret value (for the redactor)."""
@@ -99,6 +116,9 @@ class Settings:
 _ALIASES = {
     "trace_backends": ("LETTA_TELEMETRY_PROVIDER_TRACE_BACKEND",),
     "trace_socket": ("TELEMETRY_SOCKET",),
+    # Letta's names for the Azure settings.
+    "azure_base_url": ("AZURE_BASE_URL",),
+    "azure_api_version": ("AZURE_API_VERSION",),
 }
 # Provider key field -> its variables, the first set one wins (GOOGLE_API_KEY: the google-genai
 # SDK's other name for the Gemini key).
@@ -107,6 +127,9 @@ _PROVIDER_KEYS = {
     "openrouter_api_key": ("OPENROUTER_API_KEY",),
     "anthropic_api_key": ("ANTHROPIC_API_KEY",),
     "gemini_api_key": ("GEMINI_API_KEY", "GOOGLE_API_KEY"),
+    "groq_api_key": ("GROQ_API_KEY",),
+    "deepseek_api_key": ("DEEPSEEK_API_KEY",),
+    "azure_api_key": ("AZURE_API_KEY",),
 }
 _TUPLE_FIELDS = {"trace_backends", "allowed_endpoints"}
 SECRET_FIELDS = frozenset({"encryption_key", "encryption_key_previous", "local_api_key", *_PROVIDER_KEYS})

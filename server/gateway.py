@@ -185,7 +185,7 @@ class Gateway:
 
     async def _plan(self, request: ChatRequest, actor: Actor, *, stream: bool, keys: FunctionKeys) -> Plan:
         config = request.llm_config
-        provider = provider_for(config.model_endpoint_type)
+        provider = provider_for(config.model_endpoint_type, self._settings)
         target = await resolve_target(
             config,
             settings=self._settings,

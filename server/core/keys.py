@@ -82,6 +82,8 @@ class ServerKey:
     key_field: str
     label: str
     variable: str
+    # The base URL's variable when it has no default (Azure): unset, the call is MISSING_API_KEY.
+    base_url_variable: str = ""
 
     def base_url(self, settings: Settings) -> str:
         return str(getattr(settings, self.base_url_field))
@@ -97,6 +99,9 @@ _OPENAI_KEY = ServerKey("openai_base_url", "openai_api_key", "OpenAI", "OPENAI_A
 SERVER_KEYS = {
     "anthropic": ServerKey("anthropic_base_url", "anthropic_api_key", "Anthropic", "ANTHROPIC_API_KEY"),
     "google_ai": ServerKey("google_ai_base_url", "gemini_api_key", "Gemini", "GEMINI_API_KEY"),
+    "groq": ServerKey("groq_base_url", "groq_api_key", "Groq", "GROQ_API_KEY"),
+    "deepseek": ServerKey("deepseek_base_url", "deepseek_api_key", "DeepSeek", "DEEPSEEK_API_KEY"),
+    "azure": ServerKey("azure_base_url", "azure_api_key", "Azure OpenAI", "AZURE_API_KEY", "AZURE_BASE_URL"),
 }
 
 
@@ -178,10 +183,12 @@ async def resolve_target(
             keep=byok.keep,
         )
 
+    key = server_key(config.model_endpoint_type)
+    if not endpoint:  # a provider without a default base URL (Azure) and none configured
+        raise _missing_base_url(key, settings)
     canonical = (await check_endpoint(endpoint, actor=actor, policy=policy, byok_urls=byok_urls)).rstrip("/")
     listed = private_ok(canonical, policy=policy, settings=settings)
 
-    key = server_key(config.model_endpoint_type)
     if key is not _OPENAI_KEY:
         name = config.provider_name or dialect.name
         return _server_key_target(endpoint, canonical, name, key, dialect, settings, policy, listed)
@@ -202,6 +209,18 @@ async def resolve_target(
 
     name = "openrouter" if is_openrouter else (config.provider_name or "openai")
     return _server_key_target(endpoint, canonical, name, key, dialect, settings, policy, listed)
+
+
+def _missing_base_url(key: ServerKey, settings: Settings) -> MissingApiKey:
+    missing = [key.base_url_field] + ([] if key.key(settings) else [key.key_field])
+    variables = [key.base_url_variable or key.base_url_field.upper()] + (
+        [] if key.key(settings) else [key.variable]
+    )
+    return MissingApiKey(
+        f"no {key.label} endpoint is configured (set {' and '.join(variables)}, or name model_endpoint "
+        "or a BYOK provider)",
+        metadata={"missing_fields": ",".join(missing)},
+    )
 
 
 def _server_key_target(

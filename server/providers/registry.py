@@ -7,18 +7,36 @@ endpoint types are handled by `server.providers.local`.
 
 from __future__ import annotations
 
+from server.config import Settings
 from server.providers.anthropic import AnthropicProvider
+from server.providers.azure import AzureProvider
 from server.providers.base import Provider
+from server.providers.deepseek import DeepSeekProvider
 from server.providers.gemini import GeminiProvider
+from server.providers.groq import GroqProvider
 from server.providers.openai_compat import OPENAI
 
 PROVIDERS: dict[str, Provider] = {
     "openai": OPENAI,
     "anthropic": AnthropicProvider(),
     "google_ai": GeminiProvider(),
+    "groq": GroqProvider(),
+    "deepseek": DeepSeekProvider(),
+    "azure": AzureProvider(),
 }
 
 
-def provider_for(endpoint_type: str) -> Provider:
-    """The provider of a validated endpoint type (validation refused unknown ones)."""
+_AZURE_BY_VERSION: dict[str, AzureProvider] = {}
+
+
+def provider_for(endpoint_type: str, settings: Settings | None = None) -> Provider:
+    """The provider of a validated endpoint type (validation refused unknown ones).
+
+    With `settings`, Azure's provider uses their `azure_api_version` (one instance per version)."""
+    if endpoint_type == "azure" and settings is not None:
+        version = settings.azure_api_version
+        provider = _AZURE_BY_VERSION.get(version)
+        if provider is None:
+            provider = _AZURE_BY_VERSION[version] = AzureProvider(version)
+        return provider
     return PROVIDERS[endpoint_type]
