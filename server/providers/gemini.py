@@ -80,9 +80,7 @@ from server.errors import (
     UpstreamRejected,
     UpstreamUnavailable,
 )
-from server.providers import base
 from server.providers.errors import error_in_body, upstream_message
-from server.providers.openai_compat import ShapeChecked, checked_completion, load_json_object
 
 NAME = "google_ai"
 DEFAULT_BASE_URL = "https://generativelanguage.googleapis.com/v1beta"
@@ -1016,38 +1014,3 @@ def _retryable(
     else:
         error = UpstreamUnavailable(text, metadata=meta, retry_delay=hint)
     return RetryableError(error, status=status, retry_after=hint)
-
-
-class GeminiProvider:
-    """This module as the gateway's `Provider` (server.providers.registry)."""
-
-    name = NAME
-
-    def endpoint_url(self, base_url: str, model: str, *, stream: bool) -> str:
-        return endpoint_url(base_url, model, stream=stream)
-
-    def auth_headers(self, api_key: str) -> dict[str, str]:
-        return auth_headers(api_key)
-
-    def build_body(self, body: dict[str, Any], *, stream: bool) -> tuple[dict[str, Any], list[str]]:
-        return build_body_with_notes(body, stream=stream)
-
-    def parse_answer(
-        self, raw: bytes, *, provider: str, model: str, scrub: Callable[[str], str]
-    ) -> dict[str, Any]:
-        completion = parse_completion(load_json_object(raw, provider=provider, scrub=scrub), model=model)
-        return checked_completion(completion, provider=provider)
-
-    def stream_decoder(self, *, provider: str, model: str, scrub: Callable[[str], str]) -> base.StreamDecoder:
-        return ShapeChecked(StreamDecoder(model=model, scrub=scrub), provider=provider)
-
-    def error_for_status(
-        self,
-        status: int,
-        body: bytes,
-        headers: Mapping[str, str],
-        *,
-        provider: str,
-        scrub: Callable[[str], str],
-    ) -> RetryableError | GatewayError:
-        return error_for_status(status, body, headers, scrub=scrub)

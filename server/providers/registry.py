@@ -8,18 +8,18 @@ endpoint types are handled by `server.providers.local`.
 from __future__ import annotations
 
 from server.config import Settings
-from server.providers.anthropic import AnthropicProvider
+from server.providers import anthropic, gemini
 from server.providers.azure import AzureProvider
 from server.providers.base import Provider
 from server.providers.deepseek import DeepSeekProvider
-from server.providers.gemini import GeminiProvider
 from server.providers.groq import GroqProvider
 from server.providers.openai_compat import OPENAI
+from server.providers.translated import TranslatedProvider
 
 PROVIDERS: dict[str, Provider] = {
     "openai": OPENAI,
-    "anthropic": AnthropicProvider(),
-    "google_ai": GeminiProvider(),
+    "anthropic": TranslatedProvider(anthropic),
+    "google_ai": TranslatedProvider(gemini),
     "groq": GroqProvider(),
     "deepseek": DeepSeekProvider(),
     "azure": AzureProvider(),
