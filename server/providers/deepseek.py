@@ -59,8 +59,10 @@ class DeepSeekProvider(OpenAICompatible):
         out = {k: v for k, v in body.items() if k not in ignored}
         notes = list(ignored)
         if opaque:
+            cleaned = set(opaque)
             out["messages"] = [
-                without_opaque_parts(m, keep_reasoning=i in keep) for i, m in enumerate(messages)
+                without_opaque_parts(m, keep_reasoning=i in keep) if i in cleaned else m
+                for i, m in enumerate(messages)
             ]
             if any("reasoning_content" in messages[i] and i not in keep for i in opaque):
                 notes.append("messages[].reasoning_content")
@@ -99,7 +101,7 @@ def _has_thinking_parts(message: dict[str, Any]) -> bool:
 def _needs_cleaning(message: dict[str, Any], keep_reasoning: bool) -> bool:
     if _has_thinking_parts(message):
         return True
-    return "reasoning_content" in message and not keep_reasoning
+    return message.get("role") == "assistant" and "reasoning_content" in message and not keep_reasoning
 
 
 def _without_strict(tool: dict[str, Any]) -> dict[str, Any]:
