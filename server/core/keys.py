@@ -185,7 +185,8 @@ async def resolve_target(
         byok = await byok_provider(actor.organization_id, config.provider_name)
         if byok is None:
             raise _byok_not_found(config, actor)
-        if byok.endpoint_type and byok.endpoint_type != config.model_endpoint_type:
+        requested = config.model_endpoint_type  # "" only in direct calls: validation refuses it
+        if byok.endpoint_type and requested and byok.endpoint_type != requested:
             raise _byok_type_mismatch(config, byok)
         base = byok.base_url.rstrip("/")
         if not config.model_endpoint:

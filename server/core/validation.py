@@ -130,8 +130,9 @@ def validate_request(request: chat_pb2.CreateRequest, keys: FunctionKeys | None 
 # Stop sequences: OpenAI takes 4, Gemini 5, DeepSeek 16; a provider's own lower cap is its 400.
 MAX_STOP_SEQUENCES = 16
 MAX_STOP_CHARS = 256
-# The response_format schema is sent whole on every call, like a function's parameters.
-MAX_RESPONSE_SCHEMA_BYTES = 1_000_000
+# The response_format schema is converted on the event loop on every call (not cached like the
+# functions): OpenAI caps a structured-output schema near 120k characters anyway.
+MAX_RESPONSE_SCHEMA_BYTES = 256 * 1024
 RESPONSE_FORMAT_TYPES = ("text", "json_object", "json_schema")
 _SCHEMA_NAME = _FUNCTION_NAME
 

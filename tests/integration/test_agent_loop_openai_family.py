@@ -115,7 +115,8 @@ async def test_three_step_agent_loop(gateway: RunningGateway, case: Case, stream
         if streamed:
             stream_req = chat_pb2.StreamCreateRequest.FromString(req.SerializeToString())
             events = [e async for e in gateway.chat.StreamCreate(stream_req, timeout=10)]
-            return events[-1].completion
+            last: chat_pb2.ChatCompletion = events[-1].completion
+            return last
         response: chat_pb2.CreateResponse = await gateway.chat.Create(req, timeout=10)
         return response.completion
 

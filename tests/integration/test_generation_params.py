@@ -18,9 +18,12 @@ from google.protobuf import struct_pb2
 from llmgateway.v1 import chat_pb2, providers_pb2
 
 from server.auth.store_sqlite import SqliteAuthStore
+from server.core.validation import generation_violations
+from server.traces.base import MAX_TRACE_NOTE_CHARS, MAX_TRACE_NOTES, trace_notes
 from tests.fake_upstream import FakeUpstream, Reply, completion, text_stream
 from tests.fakes import anthropic_fake
 from tests.fakes.anthropic_fake import AnthropicFake
+from tests.fakes.anthropic_fake import Reply as AnthropicReply
 from tests.fakes.gemini_fake import GeminiFake
 from tests.gateway_harness import RunningGateway, make_settings, running_gateway
 from tests.integration.test_errors_support import expect
@@ -49,7 +52,7 @@ def json_schema_format(schema: dict[str, Any] = SCHEMA, **fields: Any) -> chat_p
     return chat_pb2.ResponseFormat(type="json_schema", json_schema=spec)
 
 
-ALL = {
+ALL: dict[str, Any] = {
     "top_p": 0.9,
     "seed": 42,
     "stop": ["END", "\n\nUser:"],
@@ -249,8 +252,8 @@ async def anthropic() -> AsyncIterator[AnthropicFake]:
 async def test_anthropic_parameters_and_trace_notes(tmp_path: Path, anthropic: AnthropicFake) -> None:
     settings = make_settings(tmp_path, anthropic_base_url=anthropic.base_url, anthropic_api_key=ANTHROPIC_KEY)
     anthropic.script(
-        Reply(json_body=anthropic_fake.message([anthropic_fake.text_block('{"city": "Paris"}')])),
-        Reply(sse=anthropic_fake.text_stream(['{"city":', ' "Paris"}'])),
+        AnthropicReply(json_body=anthropic_fake.message([anthropic_fake.text_block('{"city": "Paris"}')])),
+        AnthropicReply(sse=anthropic_fake.text_stream(['{"city":', ' "Paris"}'])),
     )
     req = request(
         "ant-step",
@@ -283,7 +286,7 @@ async def test_anthropic_drops_thinking_when_a_tool_is_forced_and_notes_it(
 ) -> None:
     settings = make_settings(tmp_path, anthropic_base_url=anthropic.base_url, anthropic_api_key=ANTHROPIC_KEY)
     anthropic.script(
-        Reply(
+        AnthropicReply(
             json_body=anthropic_fake.message(
                 [anthropic_fake.tool_use_block("get_weather", {"city": "Paris"}, "toolu_1")],
                 stop_reason="tool_use",
@@ -322,7 +325,7 @@ async def gemini() -> AsyncIterator[GeminiFake]:
 
 async def test_gemini_generation_config(tmp_path: Path, gemini: GeminiFake) -> None:
     settings = make_settings(tmp_path, google_ai_base_url=gemini.base_url, gemini_api_key=GEMINI_KEY)
-    base = {"model": "gemini-2.5-flash", "model_endpoint_type": "google_ai"}
+    base: dict[str, Any] = {"model": "gemini-2.5-flash", "model_endpoint_type": "google_ai"}
     async with running_gateway(settings) as gw:
         await gw.chat.Create(request(response_format=json_schema_format(), **base, **ALL), timeout=10)
         json_object = chat_pb2.ResponseFormat(type="json_object")
@@ -431,7 +434,11 @@ async def test_llamacpp_gets_sampling_and_stops_and_refuses_a_json_format(
     gateway: RunningGateway, upstream: FakeUpstream
 ) -> None:
     upstream.script(Reply(json_body={"content": "Sunny.", "stop": True, "tokens_predicted": 2}))
-    base = {"model": "local", "model_endpoint_type": "llamacpp", "model_endpoint": upstream.base_url}
+    base: dict[str, Any] = {
+        "model": "local",
+        "model_endpoint_type": "llamacpp",
+        "model_endpoint": upstream.base_url,
+    }
     await gateway.chat.Create(request(**base, **ALL), timeout=10)
     body = upstream.requests[0].body
     assert {k: body[k] for k in ("top_p", "seed", "frequency_penalty", "presence_penalty")} == {
@@ -520,7 +527,10 @@ async def test_a_byok_provider_is_called_only_in_its_stored_dialect(
             metadata=metadata,
             timeout=10,
         )
-        byok = {"provider_name": "team-claude", "provider_category": chat_pb2.PROVIDER_CATEGORY_BYOK}
+        byok: dict[str, Any] = {
+            "provider_name": "team-claude",
+            "provider_category": chat_pb2.PROVIDER_CATEGORY_BYOK,
+        }
         for wrong in ("openai", "google_ai", "groq"):
             req = request(model="claude-sonnet-4-5", model_endpoint_type=wrong, **byok)
             err = await fail(gw.chat.Create(req, timeout=10, metadata=metadata))
@@ -537,3 +547,19 @@ async def test_a_byok_provider_is_called_only_in_its_stored_dialect(
     (rec,) = anthropic.requests
     assert rec.path == "/v1/messages"
     assert rec.headers["x-api-key"] == byok_key
+
+
+def test_trace_notes_are_bounded_and_scrubbed() -> None:
+    key = "sk-proj-" + "s" * 40
+    notes = trace_notes(
+        [f"seed {key}", "n" * 5000, *["x"] * 100], lambda text: text.replace(key, "[REDACTED]")
+    )
+    assert notes[0] == "seed [REDACTED]"
+    assert len(notes[1]) == MAX_TRACE_NOTE_CHARS
+    assert len(notes) == MAX_TRACE_NOTES
+
+
+def test_a_response_schema_over_the_size_bound_is_refused() -> None:
+    props = {f"p{i}": {"type": "string", "description": "x" * 100} for i in range(3000)}
+    cfg = chat_pb2.LLMConfig(response_format=json_schema_format({"type": "object", "properties": props}))
+    assert [v.field for v in generation_violations(cfg)] == ["llm_config.response_format.json_schema.schema"]
