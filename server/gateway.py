@@ -51,7 +51,7 @@ from server.providers.openai_compat import (
     sse_batches,
 )
 from server.providers.registry import provider_for
-from server.traces.base import TraceRecord, new_trace_id, trace_owner
+from server.traces.base import TraceRecord, new_trace_id, trace_notes, trace_owner
 
 log = logging.getLogger("llmgateway.gateway")
 
@@ -91,6 +91,7 @@ class Plan:
     body: dict[str, Any]
     payload: bytes
     count: tokens.TokenCount | None
+    notes: list[str]  # parameters not sent as given, for the trace
 
 
 @dataclass(slots=True)
@@ -208,7 +209,9 @@ class Gateway:
         upstream, notes = provider.build_body(body, stream=stream)
         if notes:
             log.info("%s: parameters not sent as given: %s", target.provider, ", ".join(notes))
-        return Plan(target, provider, body, orjson.dumps(upstream), count)
+        return Plan(
+            target, provider, body, orjson.dumps(upstream), count, trace_notes(notes, self.deps.scrub)
+        )
 
     def answer_scrubber(self, target: UpstreamTarget) -> AnswerScrubber:
         """Scrubs the answer of a call to `target` of every known secret and of the key it sent."""
@@ -317,6 +320,7 @@ class Gateway:
         plan = await self._plan(request, actor, stream=False, keys=keys)
         target, body, model = plan.target, plan.body, request.llm_config.model
         with self.traced_call(request, actor, target, plan.payload, "create") as call:
+            call.record.notes = plan.notes
             raw, answer = await post_json(
                 self.deps.http,
                 target,
@@ -353,6 +357,7 @@ class Gateway:
         )
         scrubber = self.answer_scrubber(target)  # an upstream may echo a key, even split over chunks
         with self.traced_call(request, actor, target, plan.payload, "stream") as call:
+            call.record.notes = plan.notes
             call.partial = lambda: (
                 orjson.dumps(accumulator.completion()).decode() if accumulator.chunks else ""
             )

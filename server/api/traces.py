@@ -73,6 +73,7 @@ def trace_to_proto(record: TraceRecord) -> traces_pb2.ProviderTrace:
         latency_ms=record.latency_ms,
         time_to_first_token_ms=record.time_to_first_token_ms,
         created_at=created,
+        notes=record.notes,
     )
 
 

@@ -18,7 +18,7 @@ from llmgateway.v1 import chat_pb2
 from server.auth.actor import Actor
 from server.auth.endpoints import safe_display
 from server.config import Settings
-from server.errors import EndpointNotAllowed, MissingApiKey, NotFound
+from server.errors import EndpointNotAllowed, FieldViolation, InvalidRequest, MissingApiKey, NotFound
 from server.providers.base import Provider, UpstreamTarget
 from server.providers.openai_compat import OPENAI
 
@@ -138,6 +138,27 @@ async def counting_endpoint(
     return default_endpoint(config, settings)
 
 
+def _byok_type_mismatch(config: chat_pb2.LLMConfig, byok: ByokProvider) -> InvalidRequest:
+    """A BYOK provider's key speaks the dialect it was stored with: called in another one, its
+    key would go in the wrong header to a server that answers in another shape. Refused rather
+    than silently switched, because the request's type also chose its validation and tokens."""
+    field = "llm_config.model_endpoint_type"
+    description = (
+        f"BYOK provider {byok.name!r} was created with model_endpoint_type {byok.endpoint_type!r}; "
+        "send that type"
+    )
+    return InvalidRequest(
+        f"{field} {config.model_endpoint_type!r} does not match the provider: {description}",
+        metadata={
+            "field": field,
+            "provider_name": byok.name,
+            "model_endpoint_type": config.model_endpoint_type,
+            "provider_endpoint_type": byok.endpoint_type,
+        },
+        field_violations=[FieldViolation(field, description)],
+    )
+
+
 def _byok_not_found(config: chat_pb2.LLMConfig, actor: Actor) -> NotFound:
     return NotFound(
         f"no BYOK provider named {config.provider_name!r} in this organization",
@@ -164,6 +185,9 @@ async def resolve_target(
         byok = await byok_provider(actor.organization_id, config.provider_name)
         if byok is None:
             raise _byok_not_found(config, actor)
+        requested = config.model_endpoint_type  # "" only in direct calls: validation refuses it
+        if byok.endpoint_type and requested and byok.endpoint_type != requested:
+            raise _byok_type_mismatch(config, byok)
         base = byok.base_url.rstrip("/")
         if not config.model_endpoint:
             endpoint = base

@@ -66,6 +66,10 @@ def to_openai_messages(messages: Sequence[chat_pb2.Message], *, model: str) -> l
                     d["content"] = None
             if m.thinking_blocks:
                 d["thinking_blocks"] = [thinking_block_json(b) for b in m.thinking_blocks]
+            if m.reasoning_content:
+                # Only DeepSeek's thinking mode takes it back (server.providers.deepseek); every
+                # other provider's build_body leaves it out.
+                d["reasoning_content"] = m.reasoning_content
         elif role_value == _TOOL:
             d["tool_call_id"] = m.tool_call_id
         if m.name:

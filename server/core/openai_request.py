@@ -6,11 +6,13 @@ Body, in this key order (absent keys are not sent):
     tools + tool_choice + parallel_tool_calls (false; not for reasoning families)
         or, when use_tool_naming is false, functions + function_call,
     max_completion_tokens (from llm_config.max_tokens), temperature, reasoning_effort,
+    top_p, seed, stop, frequency_penalty, presence_penalty, response_format (each when set),
     user (from user_id), stream + stream_options {"include_usage": true} (streaming only).
 
 Temperature: sent when the caller set one; the o1/o3/o4/gpt-5 families get 1.0 instead,
-the only value they accept. `parallel_tool_calls: false` mirrors the seed's payload
-preparation (its agents expect one call per step; unpacking handles several anyway).
+the only value they accept. `parallel_tool_calls` is the caller's `llm_config.parallel_tool_calls`,
+else false, which mirrors the seed's payload preparation (its agents expect one call per step;
+unpacking handles several anyway).
 
 Function preparation (Struct -> dict, inner-thoughts injection, strict conversion) is cached
 per function, keyed on the function's serialized proto bytes plus the options that change the
@@ -27,7 +29,7 @@ from typing import Any, Generic, TypeVar
 from llmgateway.v1 import chat_pb2
 
 from server.core import inner_thoughts, tools
-from server.core.messages import function_to_dict, to_openai_messages
+from server.core.messages import function_to_dict, struct_to_dict, to_openai_messages
 from server.core.strict_schema import Restore, restore_absent, strict_with_restore
 from server.core.validation import FunctionKeys, cacheable, function_keys
 from server.errors import FieldViolation, InvalidRequest
@@ -227,7 +229,9 @@ def build_chat_body(
             if choice is not None:
                 body["tool_choice"] = choice
             if tools.supports_parallel_tool_calls(model):
-                body["parallel_tool_calls"] = False
+                # The caller's choice, else false as the seed sent (one call per step).
+                parallel = cfg.parallel_tool_calls if cfg.HasField("parallel_tool_calls") else False
+                body["parallel_tool_calls"] = parallel
         else:
             # The seed converts only `tools` to strict form; legacy functions go as they are.
             body["functions"] = _sent_functions(functions, keys, variant, False, False)
@@ -247,12 +251,49 @@ def build_chat_body(
         body["temperature"] = cfg.temperature if tools.supports_temperature_param(model) else 1.0
     if cfg.reasoning_effort:
         body["reasoning_effort"] = cfg.reasoning_effort
+    generation_parameters(cfg, body)
     if request.user_id:
         body["user"] = request.user_id
     if stream:
         body["stream"] = True
         body["stream_options"] = {"include_usage": True}
     return body
+
+
+def generation_parameters(cfg: chat_pb2.LLMConfig, body: dict[str, Any]) -> None:
+    """top_p, seed, stop, the penalties and response_format, into `body` as OpenAI names them
+    (validated by `server.core.validation`). Each provider's `build_body` drops or renames what
+    its API takes differently, and says so in its notes."""
+    if cfg.HasField("top_p"):
+        body["top_p"] = cfg.top_p
+    if cfg.HasField("seed"):
+        body["seed"] = cfg.seed
+    if cfg.stop:
+        body["stop"] = list(cfg.stop)
+    if cfg.HasField("frequency_penalty"):
+        body["frequency_penalty"] = cfg.frequency_penalty
+    if cfg.HasField("presence_penalty"):
+        body["presence_penalty"] = cfg.presence_penalty
+    if cfg.HasField("response_format"):
+        fmt = response_format_json(cfg.response_format)
+        if fmt is not None:
+            body["response_format"] = fmt
+
+
+def response_format_json(fmt: chat_pb2.ResponseFormat) -> dict[str, Any] | None:
+    """OpenAI's `response_format` object; None for plain text (the default, nothing to send)."""
+    if fmt.type in ("", "text"):
+        return None
+    if fmt.type != "json_schema":
+        return {"type": fmt.type}
+    spec = fmt.json_schema
+    schema: dict[str, Any] = {"name": spec.name}
+    if spec.description:
+        schema["description"] = spec.description
+    schema["schema"] = struct_to_dict(spec.schema)
+    if spec.HasField("strict"):
+        schema["strict"] = spec.strict
+    return {"type": "json_schema", "json_schema": schema}
 
 
 def unpack_completion(

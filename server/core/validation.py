@@ -75,6 +75,7 @@ def validate_request(request: chat_pb2.CreateRequest, keys: FunctionKeys | None 
         add(FieldViolation("llm_config.max_tokens", "must be at least 1"))
     if config.HasField("temperature") and not 0.0 <= config.temperature <= 2.0:
         add(FieldViolation("llm_config.temperature", "must be between 0 and 2"))
+    violations.extend(generation_violations(config))
     if not request.messages:
         add(FieldViolation("messages", "at least one message is required"))
     elif len(request.messages) > MAX_MESSAGES:
@@ -110,6 +111,7 @@ def validate_request(request: chat_pb2.CreateRequest, keys: FunctionKeys | None 
         else:
             for block in message.thinking_blocks:
                 size += len(block.type) + len(block.text) + len(block.signature) + len(block.data)
+        size += len(message.reasoning_content)  # sent back to DeepSeek (server.core.messages)
         total_chars += size
     if total_chars > MAX_REQUEST_CHARS:
         add(FieldViolation("messages", f"more than {MAX_REQUEST_CHARS} characters in all"))
@@ -123,6 +125,73 @@ def validate_request(request: chat_pb2.CreateRequest, keys: FunctionKeys | None 
             metadata={"fields": ",".join(v.field for v in violations)},
             field_violations=violations,
         )
+
+
+# Stop sequences: OpenAI takes 4, Gemini 5, DeepSeek 16; a provider's own lower cap is its 400.
+MAX_STOP_SEQUENCES = 16
+MAX_STOP_CHARS = 256
+# The response_format schema is converted on the event loop on every call (not cached like the
+# functions): OpenAI caps a structured-output schema near 120k characters anyway.
+MAX_RESPONSE_SCHEMA_BYTES = 256 * 1024
+RESPONSE_FORMAT_TYPES = ("text", "json_object", "json_schema")
+_SCHEMA_NAME = _FUNCTION_NAME
+
+
+def _in_range(value: float, low: float, high: float) -> bool:
+    return math.isfinite(value) and low <= value <= high  # NaN fails every comparison anyway
+
+
+def generation_violations(config: chat_pb2.LLMConfig) -> list[FieldViolation]:
+    """top_p, stop, the penalties and response_format of `config` (issue 13, point 8)."""
+    found: list[FieldViolation] = []
+    add = found.append
+    if config.HasField("top_p") and not _in_range(config.top_p, 0.0, 1.0):
+        add(FieldViolation("llm_config.top_p", "must be between 0 and 1"))
+    for name in ("frequency_penalty", "presence_penalty"):
+        if config.HasField(name) and not _in_range(getattr(config, name), -2.0, 2.0):
+            add(FieldViolation(f"llm_config.{name}", "must be between -2 and 2"))
+    stop = config.stop
+    if len(stop) > MAX_STOP_SEQUENCES:  # bounded before anything iterates them
+        add(FieldViolation("llm_config.stop", f"at most {MAX_STOP_SEQUENCES} stop sequences"))
+    else:
+        for i, sequence in enumerate(stop):
+            if len(sequence) > MAX_STOP_CHARS:
+                add(FieldViolation(f"llm_config.stop[{i}]", f"longer than {MAX_STOP_CHARS} characters"))
+            elif not sequence.strip():
+                # OpenAI and Anthropic refuse empty and whitespace-only sequences.
+                add(FieldViolation(f"llm_config.stop[{i}]", "must contain a non-whitespace character"))
+    if config.HasField("response_format"):
+        found.extend(_response_format_violations(config.response_format))
+    return found
+
+
+def _response_format_violations(fmt: chat_pb2.ResponseFormat) -> list[FieldViolation]:
+    where = "llm_config.response_format"
+    kind = fmt.type or "text"
+    if kind not in RESPONSE_FORMAT_TYPES:
+        return [FieldViolation(f"{where}.type", f"must be one of {', '.join(RESPONSE_FORMAT_TYPES)}")]
+    if kind != "json_schema":
+        if fmt.HasField("json_schema"):
+            return [FieldViolation(f"{where}.json_schema", "only with type json_schema")]
+        return []
+    spec = fmt.json_schema
+    found: list[FieldViolation] = []
+    if not _SCHEMA_NAME.match(spec.name):
+        found.append(FieldViolation(f"{where}.json_schema.name", "must match ^[A-Za-z0-9_-]{1,64}$"))
+    if len(spec.description) > MAX_MESSAGE_CHARS:
+        found.append(
+            FieldViolation(f"{where}.json_schema.description", f"longer than {MAX_MESSAGE_CHARS} characters")
+        )
+    if not spec.HasField("schema"):
+        found.append(FieldViolation(f"{where}.json_schema.schema", "required for type json_schema"))
+    elif spec.schema.ByteSize() > MAX_RESPONSE_SCHEMA_BYTES:
+        found.append(
+            FieldViolation(f"{where}.json_schema.schema", f"larger than {MAX_RESPONSE_SCHEMA_BYTES} bytes")
+        )
+    else:
+        for path, problem in schema_problems(spec.schema):
+            found.append(FieldViolation(f"{where}.json_schema.schema{path}", problem))
+    return found
 
 
 def _trace_violations(request: chat_pb2.CreateRequest) -> list[FieldViolation]:

@@ -26,7 +26,9 @@ the trace):
 - temperature: clamped to Anthropic's 0..1; dropped with thinking (not allowed). top_p: sent;
   dropped with thinking below 0.95 (the range Anthropic allows with thinking). stop ->
   stop_sequences; user -> metadata.user_id.
-- response_format json_schema / json_object: Anthropic 2023-06-01 has no JSON mode, so the
+- response_format json_schema on Claude 4.5 and later: `output_config.format` {type:
+  json_schema, schema} (structured outputs, GA: the text answer is JSON matching the schema).
+- response_format json_object, or json_schema on older models (no JSON mode there): the
   schema is offered as a tool named RESPONSE_TOOL_PREFIX + schema name and forced (or, beside
   the caller's tools under tool_choice auto, `any`); the answer's call to it comes back as the
   message content (finish "stop"). With required/named forcing the answer is a tool call
@@ -159,7 +161,9 @@ def build_body_with_notes(body: dict[str, Any], *, stream: bool) -> tuple[dict[s
     system, messages = _convert_messages(body.get("messages") or [])
     tools = _convert_tools(body)
     choice = _tool_choice(body, bool(tools), notes)
-    tools, choice = _response_format(body.get("response_format"), tools, choice, notes)
+    output_format = _native_output_format(body)
+    if output_format is None:
+        tools, choice = _response_format(body.get("response_format"), tools, choice, notes)
     forced = choice is not None and choice["type"] in ("any", "tool")
     budget = _thinking_budget(body, forced, notes)
     out: dict[str, Any] = {"model": body.get("model"), "max_tokens": _max_tokens(body, budget)}
@@ -173,6 +177,8 @@ def build_body_with_notes(body: dict[str, Any], *, stream: bool) -> tuple[dict[s
     if budget is not None:
         out["thinking"] = {"type": "enabled", "budget_tokens": budget}
     _sampling(body, out, thinking=budget is not None, notes=notes)
+    if output_format is not None:
+        out["output_config"] = {"format": output_format}
     if body.get("user"):
         out["metadata"] = {"user_id": str(body["user"])}
     if stream:
@@ -377,6 +383,34 @@ def _response_format(
     if (tools and choice is None) or (choice is not None and choice["type"] == "auto"):
         return offered, {"type": "any", **parallel}  # a tool call or the answer, never free text
     return offered, {"type": "tool", "name": tool_name}
+
+
+# Claude 4.5 and later take structured outputs natively (`output_config.format`, GA; Anthropic's
+# "Structured outputs" guide); `claude-<family>-<major>[-<minor>]`, a date is not a minor.
+_CLAUDE_VERSION = re.compile(r"claude-(?:opus|sonnet|haiku)-(\d+)(?:-(\d{1,2})(?!\d))?")
+_STRUCTURED_OUTPUTS_SINCE = (4, 5)
+
+
+def structured_outputs(model: str) -> bool:
+    """Whether `model` takes `output_config.format` (JSON outputs constrained to a schema)."""
+    match = _CLAUDE_VERSION.search(model)
+    if match is None:
+        return False
+    version = (int(match.group(1)), int(match.group(2) or 0))
+    return version >= _STRUCTURED_OUTPUTS_SINCE
+
+
+def _native_output_format(body: dict[str, Any]) -> dict[str, Any] | None:
+    """`output_config.format` for a json_schema response format on a model that takes it; None
+    means the tool emulation (`_response_format`): json_object has no native form, and models
+    before Claude 4.5 have no structured outputs."""
+    response_format = body.get("response_format")
+    if not isinstance(response_format, dict) or response_format.get("type") != "json_schema":
+        return None
+    if not structured_outputs(str(body.get("model") or "")):
+        return None
+    spec = response_format.get("json_schema") or {}
+    return {"type": "json_schema", "schema": spec.get("schema") or {"type": "object"}}
 
 
 def _thinking_budget(body: dict[str, Any], forced: bool, notes: list[str]) -> int | None:

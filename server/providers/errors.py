@@ -91,6 +91,11 @@ def error_for_status(
     if message:
         text += f": {message}"
     if status == 429:
+        if _is_quota_exhausted(body):
+            # OpenAI's "You exceeded your current quota" (billing): waiting never clears it, so
+            # it is not retried and carries no RetryInfo.
+            meta["upstream_code"] = INSUFFICIENT_QUOTA
+            return RateLimitExceeded(f"{text} (the account's quota is used up: not retried)", metadata=meta)
         retry_after = parse_retry_after(headers)
         return RetryableError(
             RateLimitExceeded(
@@ -159,6 +164,21 @@ def not_found_error(
         f"{provider} answered HTTP 404 for the chat path: the endpoint does not exist there; {hint}",
         metadata={**meta, "not_found": "endpoint", "hint": hint},
     )
+
+
+INSUFFICIENT_QUOTA = "insufficient_quota"
+
+
+def _is_quota_exhausted(body: bytes) -> bool:
+    """An OpenAI-style 429 whose error code or type is `insufficient_quota`."""
+    if INSUFFICIENT_QUOTA.encode() not in body[:65536]:  # most 429s: no JSON parse at all
+        return False
+    try:
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return False
+    err = payload.get("error") if isinstance(payload, dict) else None
+    return isinstance(err, dict) and INSUFFICIENT_QUOTA in (err.get("code"), err.get("type"))
 
 
 def _error_code(body: bytes) -> object:

@@ -432,6 +432,8 @@ _TYPES = {
 # annotation-only by default) and the Gemini API rejects some of them, so they are dropped.
 _FORMATS = {"STRING": {"enum", "date-time"}, "NUMBER": {"float", "double"}, "INTEGER": {"int32", "int64"}}
 _MAX_DEPTH = 64
+# Schema nodes one converted schema may have, $refs inlined (a large real tool has hundreds).
+MAX_SCHEMA_NODES = 20_000
 
 
 def convert_schema(schema: dict[str, Any], field: str) -> dict[str, Any]:
@@ -443,13 +445,16 @@ def convert_schema(schema: dict[str, Any], field: str) -> dict[str, Any]:
     for key in ("$defs", "definitions"):
         if isinstance(schema.get(key), dict):
             defs.update({f"#/{key}/{name}": value for name, value in schema[key].items()})
-    return _SchemaConverter(field, defs).node(schema, "", ())
+    return _SchemaConverter(field, defs, [0]).node(schema, "", ())
 
 
 @dataclass(frozen=True, slots=True)
 class _SchemaConverter:
     field: str
     defs: dict[str, Any]
+    # Nodes emitted so far: inlining $refs can grow a small schema exponentially (a definition
+    # using the next one twice, 30 deep, is 2**30 nodes), which would pin the event loop.
+    emitted: list[int]
 
     def refuse(self, path: str, keyword: str, why: str) -> InvalidRequest:
         where = path or "/"
@@ -464,6 +469,9 @@ class _SchemaConverter:
             raise self.refuse(path, "schema", "must be an object")
         if len(refs) > _MAX_DEPTH or path.count("/") > _MAX_DEPTH:
             raise self.refuse(path, "schema", "nests too deep")
+        self.emitted[0] += 1
+        if self.emitted[0] > MAX_SCHEMA_NODES:
+            raise self.refuse(path, "$ref", f"expands the schema past {MAX_SCHEMA_NODES} nodes once inlined")
         if "$ref" in schema:
             return self.ref(schema, path, refs)
         for keyword in schema:
@@ -580,6 +588,7 @@ class _SchemaConverter:
 
 # ---- generation parameters
 
+_INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
 _THINKING_BUDGETS = {"none": 0, "minimal": 512, "low": 1024, "medium": 8192, "high": 24576}
 _GEMINI_MAJOR = re.compile(r"gemini-(\d+)")
 
@@ -598,6 +607,9 @@ def _generation_config(body: dict[str, Any]) -> dict[str, Any]:
     ):
         if body.get(source) is not None:
             config[target] = body[source]
+    seed = config.get("seed")
+    if seed is not None and not _INT32_MIN <= seed <= _INT32_MAX:
+        raise _invalid("llm_config.seed", "must fit in 32 bits for google_ai (Gemini's seed is an int32)")
     stop = body.get("stop")
     if stop:
         config["stopSequences"] = [stop] if isinstance(stop, str) else list(stop)
@@ -622,7 +634,7 @@ def _response_format(response_format: object) -> dict[str, Any]:
         return {"responseMimeType": "application/json"}
     return {
         "responseMimeType": "application/json",
-        "responseSchema": convert_schema(schema, "response_format.json_schema.schema"),
+        "responseSchema": convert_schema(schema, "llm_config.response_format.json_schema.schema"),
     }
 
 

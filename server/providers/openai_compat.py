@@ -29,6 +29,7 @@ import orjson
 
 from server.auth.resolver import ForbiddenAddressError
 from server.config import RetrySettings
+from server.core import tools
 from server.core.completion import MAX_CHOICES, MAX_TOOL_CALLS, too_many
 from server.core.retry import Deadline, RetryableError, call_with_retries
 from server.errors import (
@@ -122,12 +123,20 @@ class OpenAICompatible:
         return {"Authorization": f"Bearer {api_key}"}
 
     def build_body(self, body: dict[str, Any], *, stream: bool) -> tuple[dict[str, Any], list[str]]:
+        notes: list[str] = []
+        refused = [key for key in REASONING_MODEL_REFUSES if key in body]
+        if refused and tools.is_openai_reasoning_model(str(body.get("model", ""))):
+            # o1/o3/o4/gpt-5 answer 400 "Unsupported parameter" for these (temperature is
+            # already sent as 1.0 for them by build_chat_body).
+            body = {k: v for k, v in body.items() if k not in REASONING_MODEL_REFUSES}
+            notes.extend(refused)
         messages = body["messages"]
         if not any(_has_opaque_parts(m) for m in messages):
-            return body, []
-        # A history from Anthropic or Gemini: their opaque reasoning parts mean nothing here,
-        # and OpenAI refuses unknown message fields.
-        return {**body, "messages": [_without_opaque_parts(m) for m in messages]}, ["thinking_blocks"]
+            return body, notes
+        # A history from Anthropic or Gemini (or a DeepSeek reasoning_content): their opaque
+        # reasoning parts mean nothing here, and OpenAI refuses unknown message fields.
+        out = {**body, "messages": [without_opaque_parts(m) for m in messages]}
+        return out, [*notes, *_opaque_notes(messages)]
 
     def parse_answer(
         self, raw: bytes, *, provider: str, model: str, scrub: Callable[[str], str]
@@ -152,16 +161,38 @@ class OpenAICompatible:
 OPENAI: Provider = OpenAICompatible()
 
 
+# Sampling parameters OpenAI's reasoning families refuse.
+REASONING_MODEL_REFUSES = ("top_p", "frequency_penalty", "presence_penalty")
+# Message fields only some providers take back: other providers' thinking parts, and the
+# reasoning_content a client returns for DeepSeek's thinking mode (server.providers.deepseek).
+OPAQUE_MESSAGE_FIELDS = ("thinking_blocks", "reasoning_content")
+
+
 def _has_opaque_parts(message: dict[str, Any]) -> bool:
-    if "thinking_blocks" in message:
+    if "thinking_blocks" in message or "reasoning_content" in message:
         return True
     return any("thought_signature" in call for call in message.get("tool_calls") or ())
 
 
-def _without_opaque_parts(message: dict[str, Any]) -> dict[str, Any]:
+def _opaque_notes(messages: list[dict[str, Any]]) -> list[str]:
+    notes = []
+    if any(
+        "thinking_blocks" in m or any("thought_signature" in c for c in m.get("tool_calls") or ())
+        for m in messages
+    ):
+        notes.append("thinking_blocks")
+    if any("reasoning_content" in m for m in messages):
+        notes.append("messages[].reasoning_content")
+    return notes
+
+
+def without_opaque_parts(message: dict[str, Any], *, keep_reasoning: bool = False) -> dict[str, Any]:
+    """`message` without other providers' thinking parts (and, unless `keep_reasoning`, without
+    its reasoning_content); the same object when it has none."""
     if not _has_opaque_parts(message):
         return message
-    out = {k: v for k, v in message.items() if k != "thinking_blocks"}
+    drop = ("thinking_blocks",) if keep_reasoning else OPAQUE_MESSAGE_FIELDS
+    out = {k: v for k, v in message.items() if k not in drop}
     if message.get("tool_calls"):
         out["tool_calls"] = [
             {k: v for k, v in call.items() if k != "thought_signature"} for call in message["tool_calls"]

@@ -15,7 +15,7 @@ import logging
 import random
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime, timedelta
 from urllib.parse import urlsplit, urlunsplit
@@ -76,6 +76,20 @@ class TraceRecord:
     # Prompt tokens written to the provider's cache (Anthropic), part of prompt_tokens. Last, so
     # the column order of older tables stays a prefix (each backend's migration 3 adds it).
     cache_write_tokens: int = 0
+    # The parameters the provider was not sent as given (`Provider.build_body` notes, through
+    # `trace_notes`); after cache_write_tokens for the same reason (each backend's migration 4).
+    notes: list[str] = field(default_factory=list)
+
+
+# Notes are parameter names the gateway wrote; the bounds only keep a trace small whatever a
+# provider module returns.
+MAX_TRACE_NOTES = 32
+MAX_TRACE_NOTE_CHARS = 200
+
+
+def trace_notes(notes: Sequence[str], scrub: Callable[[str], str]) -> list[str]:
+    """`notes` bounded in number and length and scrubbed of keys, as a trace stores them."""
+    return [scrub(note)[:MAX_TRACE_NOTE_CHARS] for note in notes[:MAX_TRACE_NOTES]]
 
 
 def trace_owner(*, user_id: str, key_id: str) -> str:
@@ -202,6 +216,7 @@ def record_size(record: TraceRecord) -> int:
         + _pinned(r.run_id)
         + _pinned(r.agent_id)
         + sum(_pinned(tag) for tag in r.agent_tags)
+        + sum(_pinned(note) for note in r.notes)
     )
 
 

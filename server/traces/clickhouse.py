@@ -90,6 +90,8 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ),
     # Usage.cache_write_tokens (issue 13): rows written before read 0.
     (f"ALTER TABLE {{database}}.{TABLE} ADD COLUMN cache_write_tokens Int64",),
+    # ProviderTrace.notes (issue 13): rows written before read an empty list.
+    (f"ALTER TABLE {{database}}.{TABLE} ADD COLUMN notes Array(String)",),
 )
 
 # Columns as selected: created_at comes back as created_at_us for full resolution.
@@ -148,7 +150,7 @@ def _to_row(r: TraceRecord) -> dict[str, Any]:
         "total_tokens": r.total_tokens, "cached_tokens": r.cached_tokens,
         "reasoning_tokens": r.reasoning_tokens, "latency_ms": r.latency_ms,
         "time_to_first_token_ms": r.time_to_first_token_ms, "llm_config_json": r.llm_config_json,
-        "owner": r.owner, "cache_write_tokens": r.cache_write_tokens,
+        "owner": r.owner, "cache_write_tokens": r.cache_write_tokens, "notes": r.notes,
     }  # fmt: skip
 
 
@@ -162,6 +164,7 @@ def _from_row(row: Mapping[str, Any]) -> TraceRecord:
     for column in _INT_COLUMNS:
         values[column] = int(row[column])  # 64-bit integers come back as JSON strings
     values["agent_tags"] = list(row["agent_tags"])
+    values["notes"] = list(row["notes"])
     return TraceRecord(**values)
 
 

@@ -77,6 +77,8 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ),
     # Usage.cache_write_tokens (issue 13): rows written before report 0.
     ("ALTER TABLE provider_traces ADD COLUMN IF NOT EXISTS cache_write_tokens bigint NOT NULL DEFAULT 0",),
+    # ProviderTrace.notes (issue 13): rows written before have none.
+    ("ALTER TABLE provider_traces ADD COLUMN IF NOT EXISTS notes text[] NOT NULL DEFAULT '{}'",),
 )
 
 _COLUMN_LIST = ", ".join(TRACE_COLUMNS)
@@ -96,10 +98,14 @@ def _to_row(r: TraceRecord) -> tuple[Any, ...]:
         r.run_id, r.call_type, r.provider, r.model, r.model_endpoint_type, r.is_byok, r.request_json,
         r.response_json, r.error_type, r.error_message, r.prompt_tokens, r.completion_tokens,
         r.total_tokens, r.cached_tokens, r.reasoning_tokens, r.latency_ms, r.time_to_first_token_ms,
-        r.llm_config_json, r.owner, r.cache_write_tokens,
+        r.llm_config_json, r.owner, r.cache_write_tokens, list(r.notes),
     )  # fmt: skip
     # PostgreSQL text cannot hold NUL; one such character would fail the whole batch forever.
-    if any(isinstance(v, str) and "\x00" in v for v in row) or any("\x00" in t for t in r.agent_tags):
+    if (
+        any(isinstance(v, str) and "\x00" in v for v in row)
+        or any("\x00" in t for t in r.agent_tags)
+        or any("\x00" in n for n in r.notes)
+    ):
         row = tuple(_without_nul(v) for v in row)
     return row
 
@@ -115,6 +121,7 @@ def _without_nul(value: Any) -> Any:
 def _from_row(row: Any) -> TraceRecord:
     values = list(row)
     values[TRACE_COLUMNS.index("agent_tags")] = list(values[TRACE_COLUMNS.index("agent_tags")])
+    values[TRACE_COLUMNS.index("notes")] = list(values[TRACE_COLUMNS.index("notes")])
     return TraceRecord(*values)
 
 

@@ -57,6 +57,8 @@ def to_record(trace: TraceRecord) -> dict[str, Any]:
         "model": trace.model,
         "is_byok": trace.is_byok,
         "latency_ms": trace.latency_ms,
+        # Not in the seed's record: parameters the provider was not sent as given (issue 13).
+        "notes": list(trace.notes),
     }
 
 

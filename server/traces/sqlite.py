@@ -93,6 +93,8 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ),
     # Usage.cache_write_tokens (issue 13): rows written before report 0.
     ("ALTER TABLE provider_traces ADD COLUMN cache_write_tokens INTEGER NOT NULL DEFAULT 0",),
+    # ProviderTrace.notes (issue 13), a JSON list like agent_tags: rows written before have none.
+    ("ALTER TABLE provider_traces ADD COLUMN notes TEXT NOT NULL DEFAULT '[]'",),
 )
 
 PRAGMAS = (
@@ -127,6 +129,7 @@ _CHECKPOINT_ROWS = 2000
 _CREATED = TRACE_COLUMNS.index("created_at")
 _TAGS = TRACE_COLUMNS.index("agent_tags")
 _BYOK = TRACE_COLUMNS.index("is_byok")
+_NOTES = TRACE_COLUMNS.index("notes")
 
 
 def _to_row(record: TraceRecord) -> tuple[Any, ...]:
@@ -137,7 +140,7 @@ def _to_row(record: TraceRecord) -> tuple[Any, ...]:
         r.model_endpoint_type, int(r.is_byok), r.request_json, r.response_json, r.error_type,
         r.error_message, r.prompt_tokens, r.completion_tokens, r.total_tokens, r.cached_tokens,
         r.reasoning_tokens, r.latency_ms, r.time_to_first_token_ms, r.llm_config_json, r.owner,
-        r.cache_write_tokens,
+        r.cache_write_tokens, orjson.dumps(r.notes).decode(),
     )  # fmt: skip
 
 
@@ -145,6 +148,7 @@ def _from_row(row: Sequence[Any]) -> TraceRecord:
     values = list(row)
     values[_CREATED] = from_micros(values[_CREATED])
     values[_TAGS] = orjson.loads(values[_TAGS])
+    values[_NOTES] = orjson.loads(values[_NOTES])
     values[_BYOK] = bool(values[_BYOK])
     return TraceRecord(*values)
 

@@ -20,6 +20,7 @@ from server.providers.registry import provider_for
 from tests.fake_upstream import FakeUpstream, Reply, chunk, completion, tool_call, usage_chunk
 from tests.gateway_harness import make_settings, running_gateway
 from tests.integration.test_errors_support import expect
+from tests.trace_polling import wait_for_trace
 
 KEY = "sk-" + "d" * 32
 OPENAI_KEY = "sk-proj-" + "o" * 40
@@ -98,12 +99,16 @@ async def test_reasoning_and_cache_usage_unary_and_stream(tmp_path: Path, deepse
     }
 
 
-async def test_reasoning_content_is_not_sent_back_and_tools_are_not_strict(
+async def test_reasoning_content_of_tool_call_turns_is_sent_back_and_tools_are_not_strict(
     tmp_path: Path, deepseek: FakeUpstream
 ) -> None:
+    """DeepSeek's thinking mode: the reasoning_content of a user-to-user segment with tool calls
+    goes back (else 400); a segment without tool calls loses it (DeepSeek ignores it there)."""
     settings = make_settings(tmp_path, deepseek_base_url=deepseek.base_url, deepseek_api_key=KEY)
     call = chat_pb2.ToolCall(id="call_1", name="get_weather", arguments='{"city": "Paris"}')
     history = [
+        chat_pb2.Message(role=USER, content="Hi"),
+        chat_pb2.Message(role=ASSISTANT, content="Hello.", reasoning_content="A greeting."),
         chat_pb2.Message(role=USER, content="Weather in Paris?"),
         chat_pb2.Message(
             role=ASSISTANT, content="", reasoning_content="I should call it.", tool_calls=[call]
@@ -113,22 +118,49 @@ async def test_reasoning_content_is_not_sent_back_and_tools_are_not_strict(
         chat_pb2.Message(role=USER, content="Thanks"),
     ]
     async with running_gateway(settings) as gw:
-        await gw.chat.Create(request(*history, functions=[weather_function()]), timeout=10)
+        unary = request(*history, functions=[weather_function()], trace=chat_pb2.TraceContext(step_id="ds-1"))
+        response = await gw.chat.Create(unary, timeout=10)
+        traces = [await wait_for_trace(gw.traces, "ds-1", trace_id=response.provider_trace_id)]
         stream_req = chat_pb2.StreamCreateRequest.FromString(
-            request(*history, functions=[weather_function()]).SerializeToString()
+            request(
+                *history, functions=[weather_function()], trace=chat_pb2.TraceContext(step_id="ds-2")
+            ).SerializeToString()
         )
         deepseek.script(Reply(sse=[chunk({"content": "ok"}), chunk({}, finish_reason="stop"), "[DONE]"]))
-        [e async for e in gw.chat.StreamCreate(stream_req, timeout=10)]
+        events = [e async for e in gw.chat.StreamCreate(stream_req, timeout=10)]
+        traces.append(await wait_for_trace(gw.traces, "ds-2", trace_id=events[-1].provider_trace_id))
+    assert len(deepseek.requests) == 2
     for rec in deepseek.requests:
         messages = rec.body["messages"]
-        assert "reasoning_content" not in rec.raw.decode()
-        assert messages[1] == {
+        assert messages[1] == {"role": "assistant", "content": "Hello."}  # no tool call: stripped
+        assert messages[3] == {
             "role": "assistant",
             "content": None,
             "tool_calls": [tool_call("get_weather", '{"city": "Paris"}')],
+            "reasoning_content": "I should call it.",
         }
-        assert messages[3] == {"role": "assistant", "content": "It is sunny."}
+        assert messages[5] == {"role": "assistant", "content": "It is sunny.", "reasoning_content": "Easy."}
         assert rec.body["tools"] and all("strict" not in t["function"] for t in rec.body["tools"])
+    for trace in traces:
+        assert list(trace.notes) == ["messages[].reasoning_content", "tools[].function.strict"]
+
+
+async def test_other_providers_never_get_reasoning_content(tmp_path: Path, deepseek: FakeUpstream) -> None:
+    """The same history to an OpenAI-compatible endpoint: reasoning_content is left out (noted)."""
+    settings = make_settings(tmp_path, allowed_endpoints=(deepseek.base_url,))
+    call = chat_pb2.ToolCall(id="call_1", name="get_weather", arguments="{}")
+    history = [
+        chat_pb2.Message(role=USER, content="Weather?"),
+        chat_pb2.Message(role=ASSISTANT, reasoning_content="I should call it.", tool_calls=[call]),
+        chat_pb2.Message(role=TOOL, content="Sunny", tool_call_id="call_1"),
+    ]
+    llm = chat_pb2.LLMConfig(model="gpt-4o", model_endpoint_type="openai", model_endpoint=deepseek.base_url)
+    async with running_gateway(settings) as gw:
+        req = request(*history, llm_config=llm, trace=chat_pb2.TraceContext(step_id="oa-1"))
+        response = await gw.chat.Create(req, timeout=10)
+        trace = await wait_for_trace(gw.traces, "oa-1", trace_id=response.provider_trace_id)
+    assert "reasoning_content" not in deepseek.requests[0].raw.decode()
+    assert list(trace.notes) == ["messages[].reasoning_content"]
 
 
 async def test_official_endpoint_without_a_key_is_missing_api_key(tmp_path: Path) -> None:
@@ -187,22 +219,35 @@ async def test_byok_deepseek_provider(tmp_path: Path, deepseek: FakeUpstream) ->
     assert KEY not in str(rec.headers)
 
 
-def test_build_body_strips_reasoning_from_assistant_history_only() -> None:
+def test_build_body_keeps_reasoning_only_in_segments_with_tool_calls() -> None:
+    call = {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}
     body: dict[str, Any] = {
         "model": MODEL,
         "messages": [
             {"role": "user", "content": "hi", "reasoning_content": "user text is left alone"},
-            {"role": "assistant", "content": "x", "reasoning_content": "r", "reasoning": "r"},
+            {"role": "assistant", "content": "x", "reasoning_content": "r0"},
+            {"role": "user", "content": "call it"},
+            {"role": "assistant", "content": None, "tool_calls": [call], "reasoning_content": "r1"},
+            {"role": "tool", "content": "ok", "tool_call_id": "c"},
+            {"role": "assistant", "content": None, "tool_calls": [call], "reasoning_content": "r2",
+             "thinking_blocks": [{"type": "thinking", "thinking": "t", "signature": "s"}]},
         ],
         "tools": [{"type": "function", "function": {"name": "f", "parameters": {}, "strict": True}}],
-    }
+    }  # fmt: skip
     sent, notes = provider_for("deepseek").build_body(body, stream=False)
     assert sent["messages"] == [
         {"role": "user", "content": "hi", "reasoning_content": "user text is left alone"},
         {"role": "assistant", "content": "x"},
+        {"role": "user", "content": "call it"},
+        {"role": "assistant", "content": None, "tool_calls": [call], "reasoning_content": "r1"},
+        {"role": "tool", "content": "ok", "tool_call_id": "c"},
+        # The current tool loop (no user message after it yet) keeps it too; Anthropic's blocks go.
+        {"role": "assistant", "content": None, "tool_calls": [call], "reasoning_content": "r2"},
     ]
     assert sent["tools"] == [{"type": "function", "function": {"name": "f", "parameters": {}}}]
-    assert notes == ["messages[].reasoning_content", "tools[].function.strict"]
-    assert body["messages"][1]["reasoning_content"] == "r"  # the internal body is not changed
+    assert notes == ["messages[].reasoning_content", "thinking_blocks", "tools[].function.strict"]
+    assert body["messages"][1]["reasoning_content"] == "r0"  # the internal body is not changed
     plain = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
     assert provider_for("deepseek").build_body(plain, stream=True) == (plain, [])
+    kept = {"model": MODEL, "messages": body["messages"][2:5]}
+    assert provider_for("deepseek").build_body(kept, stream=False) == (kept, [])  # nothing to do: no copy

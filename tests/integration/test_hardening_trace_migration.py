@@ -28,7 +28,9 @@ async def check_legacy_rows_are_admin_only(backend: TraceBackend) -> None:
         await backend.write_batch(records=[new])
         everything = await backend.list(query=TraceQuery(organization_id="org-1"))
         assert {r.id for r in everything} == {LEGACY_ID, new.id}
-        assert next(r for r in everything if r.id == LEGACY_ID).owner == ""
+        legacy = next(r for r in everything if r.id == LEGACY_ID)
+        assert legacy.owner == ""
+        assert (legacy.cache_write_tokens, legacy.notes) == (0, [])  # columns of later migrations
         alice = await backend.list(query=TraceQuery(organization_id="org-1", owner="user:alice"))
         assert [r.id for r in alice] == [new.id]
         # The legacy row's own user (what the request said) gives no access either.
@@ -57,7 +59,7 @@ async def test_sqlite_store_of_version_1_migrates(tmp_path: Path) -> None:
     conn.close()
     await check_legacy_rows_are_admin_only(sqlite.SQLiteTraceBackend(str(path)))
     with sqlite3.connect(path) as check:
-        assert sqlite.schema_version(check) == len(sqlite.MIGRATIONS) == 3
+        assert sqlite.schema_version(check) == len(sqlite.MIGRATIONS) == 4
 
 
 @pytest.mark.slow

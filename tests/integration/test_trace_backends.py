@@ -132,6 +132,8 @@ async def test_every_field_round_trips(backend: TraceBackend) -> None:
         latency_ms=812.5,
         time_to_first_token_ms=95.25,
         llm_config_json='{"model": "x", "temperature": 0.7}',
+        cache_write_tokens=42,
+        notes=["seed", "messages[].reasoning_content", NASTY],
     )
     await backend.write_batch(records=[record])
     assert await backend.get_latest(organization_id="org-x", step_id="step-x") == record
@@ -348,10 +350,11 @@ async def test_postgres_nul_characters_do_not_poison_a_batch(postgres_server: Po
     backend = PostgresTraceBackend(await fresh_postgres_dsn(postgres_server))
     await backend.start()
     try:
-        record = trace(error_message="bad\x00byte", agent_tags=["a\x00"])
+        record = trace(error_message="bad\x00byte", agent_tags=["a\x00"], notes=["n\x00"])
         await backend.write_batch(records=[record, trace(step="ok")])
         stored = await backend.get_latest(organization_id="org-1", step_id="step-1")
         assert stored is not None and stored.error_message == "bad\ufffdbyte"
+        assert stored.notes == ["n\ufffd"]
         assert await backend.get_latest(organization_id="org-1", step_id="ok") is not None
     finally:
         await backend.close()

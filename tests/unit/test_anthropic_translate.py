@@ -290,11 +290,37 @@ ANSWER_TOOL = {"name": "json_response__answer", "description": "Give the answer 
 def test_json_schema_is_a_forced_tool(
     fields: dict[str, Any], tools: list[dict[str, Any]], choice: dict[str, Any], notes: list[str]
 ) -> None:
-    out, dropped = ant.build_body_with_notes(_body(response_format=JSON_SCHEMA, **fields), stream=False)
+    # A model before Claude 4.5: no structured outputs, so the schema becomes a forced tool.
+    body = {**_body(response_format=JSON_SCHEMA, **fields), "model": "claude-sonnet-4-20250514"}
+    out, dropped = ant.build_body_with_notes(body, stream=False)
     assert out["tools"] == tools
     assert out["tool_choice"] == choice
     assert "thinking" not in out
     assert dropped == notes
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [{}, {"tools": [WEATHER]}, {"tools": [WEATHER], "tool_choice": "required"}, {"reasoning_effort": "low"}],
+)
+def test_json_schema_is_native_structured_output_on_claude_4_5(fields: dict[str, Any]) -> None:
+    out, dropped = ant.build_body_with_notes(_body(response_format=JSON_SCHEMA, **fields), stream=False)
+    assert out["output_config"] == {"format": {"type": "json_schema", "schema": SCHEMA}}
+    # No emulation tool, and the caller's tool choice and thinking are kept as they were.
+    assert all(t["name"] != "json_response__answer" for t in out.get("tools", []))
+    assert "response_format" not in dropped
+
+
+@pytest.mark.parametrize(
+    ("model", "native"),
+    [
+        ("claude-sonnet-4-5", True), ("claude-sonnet-4-5-20250929", True), ("claude-haiku-4-5", True),
+        ("claude-opus-4-6", True), ("claude-opus-5", True), ("claude-opus-4-1", False),
+        ("claude-sonnet-4-20250514", False), ("claude-3-7-sonnet-latest", False), ("gpt-4o", False),
+    ],
+)  # fmt: skip
+def test_structured_outputs_models(model: str, native: bool) -> None:
+    assert ant.structured_outputs(model) is native
 
 
 def test_json_object_and_text_formats() -> None:

@@ -48,7 +48,7 @@ FINISH_REASON_CONTENT_FILTER: FinishReason
 FINISH_REASON_FUNCTION_CALL: FinishReason
 
 class LLMConfig(_message.Message):
-    __slots__ = ("model", "model_endpoint_type", "model_endpoint", "context_window", "handle", "provider_name", "provider_category", "put_inner_thoughts_in_kwargs", "model_wrapper", "temperature", "max_tokens", "reasoning_effort")
+    __slots__ = ("model", "model_endpoint_type", "model_endpoint", "context_window", "handle", "provider_name", "provider_category", "put_inner_thoughts_in_kwargs", "model_wrapper", "temperature", "max_tokens", "reasoning_effort", "top_p", "seed", "stop", "frequency_penalty", "presence_penalty", "parallel_tool_calls", "response_format")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MODEL_ENDPOINT_TYPE_FIELD_NUMBER: _ClassVar[int]
     MODEL_ENDPOINT_FIELD_NUMBER: _ClassVar[int]
@@ -61,6 +61,13 @@ class LLMConfig(_message.Message):
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     REASONING_EFFORT_FIELD_NUMBER: _ClassVar[int]
+    TOP_P_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    STOP_FIELD_NUMBER: _ClassVar[int]
+    FREQUENCY_PENALTY_FIELD_NUMBER: _ClassVar[int]
+    PRESENCE_PENALTY_FIELD_NUMBER: _ClassVar[int]
+    PARALLEL_TOOL_CALLS_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_FORMAT_FIELD_NUMBER: _ClassVar[int]
     model: str
     model_endpoint_type: str
     model_endpoint: str
@@ -73,7 +80,34 @@ class LLMConfig(_message.Message):
     temperature: float
     max_tokens: int
     reasoning_effort: str
-    def __init__(self, model: _Optional[str] = ..., model_endpoint_type: _Optional[str] = ..., model_endpoint: _Optional[str] = ..., context_window: _Optional[int] = ..., handle: _Optional[str] = ..., provider_name: _Optional[str] = ..., provider_category: _Optional[_Union[ProviderCategory, str]] = ..., put_inner_thoughts_in_kwargs: _Optional[bool] = ..., model_wrapper: _Optional[str] = ..., temperature: _Optional[float] = ..., max_tokens: _Optional[int] = ..., reasoning_effort: _Optional[str] = ...) -> None: ...
+    top_p: float
+    seed: int
+    stop: _containers.RepeatedScalarFieldContainer[str]
+    frequency_penalty: float
+    presence_penalty: float
+    parallel_tool_calls: bool
+    response_format: ResponseFormat
+    def __init__(self, model: _Optional[str] = ..., model_endpoint_type: _Optional[str] = ..., model_endpoint: _Optional[str] = ..., context_window: _Optional[int] = ..., handle: _Optional[str] = ..., provider_name: _Optional[str] = ..., provider_category: _Optional[_Union[ProviderCategory, str]] = ..., put_inner_thoughts_in_kwargs: _Optional[bool] = ..., model_wrapper: _Optional[str] = ..., temperature: _Optional[float] = ..., max_tokens: _Optional[int] = ..., reasoning_effort: _Optional[str] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., frequency_penalty: _Optional[float] = ..., presence_penalty: _Optional[float] = ..., parallel_tool_calls: _Optional[bool] = ..., response_format: _Optional[_Union[ResponseFormat, _Mapping]] = ...) -> None: ...
+
+class ResponseFormat(_message.Message):
+    __slots__ = ("type", "json_schema")
+    TYPE_FIELD_NUMBER: _ClassVar[int]
+    JSON_SCHEMA_FIELD_NUMBER: _ClassVar[int]
+    type: str
+    json_schema: JsonSchemaFormat
+    def __init__(self, type: _Optional[str] = ..., json_schema: _Optional[_Union[JsonSchemaFormat, _Mapping]] = ...) -> None: ...
+
+class JsonSchemaFormat(_message.Message):
+    __slots__ = ("name", "description", "schema", "strict")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    SCHEMA_FIELD_NUMBER: _ClassVar[int]
+    STRICT_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    description: str
+    schema: _struct_pb2.Struct
+    strict: bool
+    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., schema: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., strict: _Optional[bool] = ...) -> None: ...
 
 class ImageUrl(_message.Message):
     __slots__ = ("url", "detail")

@@ -39,6 +39,7 @@ Streaming (`stream=True`), the events `parse_stream_event` reads, one decoded JS
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -123,8 +124,13 @@ def build_local_request(
     stop: list[str],
     stream: bool,
     temperature: float | None = None,
+    sampling: Mapping[str, Any] | None = None,
 ) -> LocalRequest:
-    """The URL and JSON body for one completion on a local server of `endpoint_type`."""
+    """The URL and JSON body for one completion on a local server of `endpoint_type`.
+
+    `sampling`: top_p, seed, frequency_penalty, presence_penalty as the caller set them
+    (`local_sampling`), sent under each server's own names (koboldcpp has no OpenAI penalties:
+    its rep_pen means something else, so they are not sent there)."""
     kind = check_endpoint_type(endpoint_type)
     if grammar is not None and kind not in GRAMMAR_ENDPOINT_TYPES:
         description = (
@@ -169,9 +175,34 @@ def build_local_request(
             body["grammar_string"] = grammar
     if temperature is not None and kind != "ollama":
         body["temperature"] = temperature
+    if sampling:
+        if kind == "ollama":
+            body["options"].update(sampling)
+        elif kind == "koboldcpp":
+            if "top_p" in sampling:
+                body["top_p"] = sampling["top_p"]
+            if "seed" in sampling:
+                body["sampler_seed"] = sampling["seed"]
+        else:
+            body.update(sampling)
 
     path = _KOBOLDCPP_STREAM_PATH if kind == "koboldcpp" and stream else _PATHS[kind]
     return LocalRequest(url=join_url(base_url, path), body=body)
+
+
+_SAMPLING = ("top_p", "seed", "frequency_penalty", "presence_penalty")
+
+
+def local_sampling(config: Any) -> dict[str, Any]:
+    """The sampling parameters an LLMConfig sets, by their OpenAI names (see build_local_request).
+
+    A JSON response format is INVALID_ARGUMENT here: the local path renders a prompt and parses
+    text, and ignoring the format would change the answer's shape."""
+    if config.HasField("response_format") and config.response_format.type not in ("", "text"):
+        raise _invalid(
+            "llm_config.response_format.type", "is not supported for local endpoint types (only text)"
+        )
+    return {name: getattr(config, name) for name in _SAMPLING if config.HasField(name)}
 
 
 def join_url(base_url: str, path: str) -> str:

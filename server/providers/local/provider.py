@@ -47,6 +47,7 @@ from server.providers.local.endpoints import (
     auth_headers,
     build_local_request,
     extract_completion,
+    local_sampling,
     parse_stream_event,
     stream_framing,
 )
@@ -215,9 +216,10 @@ class _LocalCall:
             max_tokens=config.max_tokens if config.HasField("max_tokens") else None,
             grammar=grammar,
             user=request.user_id,
-            stop=stop_strings(wrapper),
+            stop=[*stop_strings(wrapper), *config.stop],
             stream=stream,
             temperature=config.temperature if config.HasField("temperature") else None,
+            sampling=local_sampling(config),
         )
 
     async def completion_json(
