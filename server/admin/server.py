@@ -108,8 +108,6 @@ class AdminServer:
             return _headers(web.Response(status=403, text="cross-origin request refused"))
         try:
             response = await handler(request)
-        except web.HTTPException as exc:  # redirects and 404s: answers too, with the same headers
-            response = exc
         except Refused as refused:
             response = self._refused(request, refused)
         except GatewayError as error:  # a bad filter: INVALID_REQUEST
@@ -118,7 +116,7 @@ class AdminServer:
 
     def _refused(self, request: web.Request, refused: Refused) -> web.StreamResponse:
         if refused.status == 401 and not _is_api(request) and request.path != "/metrics":
-            return web.HTTPSeeOther("/login")
+            return _redirect("/login")
         return self._answer(request, refused.status, refused.message, None)
 
     def _answer(
@@ -152,14 +150,14 @@ class AdminServer:
         name = request.match_info["name"]
         body = self._static.get(name)
         if body is None:
-            raise web.HTTPNotFound()
+            return web.Response(status=404, text="not found")
         return web.Response(
             body=body, content_type=_STATIC_TYPES[name], headers={"Cache-Control": "max-age=3600"}
         )
 
     async def _login_form(self, request: web.Request) -> web.StreamResponse:
         if not self._access.required:
-            raise web.HTTPSeeOther("/")
+            return _redirect("/")
         return _html(pages.login_page())
 
     async def _login(self, request: web.Request) -> web.StreamResponse:
@@ -169,19 +167,19 @@ class AdminServer:
         if actor is None:
             return _headers(_html(pages.login_page("That key cannot open this console."), status=401))
         session_id = self._access.sessions.open(token)
-        response = web.HTTPSeeOther("/")
+        response = _redirect("/")
         response.set_cookie(
             COOKIE, session_id, httponly=True, samesite="Strict", path="/", max_age=SESSION_SECONDS
         )
-        raise response
+        return response
 
     async def _logout(self, request: web.Request) -> web.StreamResponse:
         session_id = request.cookies.get(COOKIE)
         if session_id:
             self._access.sessions.close(session_id)
-        response = web.HTTPSeeOther("/login" if self._access.required else "/")
+        response = _redirect("/login" if self._access.required else "/")
         response.del_cookie(COOKIE, path="/")
-        raise response
+        return response
 
     async def _overview(self, request: web.Request) -> web.StreamResponse:
         actor = await self._actor(request)
@@ -253,6 +251,10 @@ def _same_origin(request: web.Request) -> bool:
             and "Referer" not in request.headers
         )
     return origin == f"{request.scheme}://{request.host}"
+
+
+def _redirect(location: str) -> web.Response:
+    return web.Response(status=303, headers={"Location": location})
 
 
 def _html(body: str, *, status: int = 200) -> web.Response:
