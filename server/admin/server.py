@@ -268,7 +268,9 @@ def _json(value: object, *, status: int = 200) -> web.Response:
 def _headers(response: web.StreamResponse) -> web.StreamResponse:
     response.headers.setdefault("Content-Security-Policy", _CSP)
     response.headers.setdefault("X-Content-Type-Options", "nosniff")
-    response.headers.setdefault("Referrer-Policy", "no-referrer")
+    # same-origin, not no-referrer: with no-referrer a browser sends `Origin: null` on our own
+    # form posts, and the CSRF check could not tell them from a foreign page's.
+    response.headers.setdefault("Referrer-Policy", "same-origin")
     response.headers.setdefault("X-Frame-Options", "DENY")
     if "Cache-Control" not in response.headers:
         response.headers["Cache-Control"] = "no-store"
