@@ -14,6 +14,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from llmgateway.v1 import chat_pb2, providers_pb2, traces_pb2
 
+from server.admin.server import AdminServer
+from server.admin.setup import start_admin
 from server.api.auth import KeyAuthenticator
 from server.api.chat import ChatCompletionServicer
 from server.api.handlers import Service
@@ -108,6 +110,8 @@ class GatewayServer:
         self._span_exporter = span_exporter  # tests: an in-memory OpenTelemetry exporter
         self._running: _Running | None = None
         self._stopped = asyncio.Event()
+        self.admin: AdminServer | None = None  # the admin listener, when this process serves it
+        self._admin_stack = contextlib.AsyncExitStack()
 
     @property
     def port(self) -> int:
@@ -192,7 +196,15 @@ class GatewayServer:
                 redactor=redactor,
             )
         )
-        authenticator = KeyAuthenticator(Authenticator(store, enabled=required))
+        policy_authenticator = Authenticator(store, enabled=required)
+        authenticator = KeyAuthenticator(policy_authenticator)
+        # Its own stack: closed by stop() after the traces are flushed (their last counts scraped).
+        admin_stack = contextlib.AsyncExitStack()
+        cleanup.push_async_callback(admin_stack.aclose)
+        self.admin = await start_admin(
+            settings, admin_stack, writer=writer, http=http, authenticator=policy_authenticator
+        )
+        self._admin_stack = admin_stack
 
         server = grpc.aio.server(
             interceptors=interceptors,
@@ -268,6 +280,7 @@ class GatewayServer:
                 "%d calls still unwinding after the server stopped; their traces may be lost", len(calls)
             )
         await running.writer.close(timeout=max(grace, 5.0))
+        await self._admin_stack.aclose()
         await running.http.close()
         await running.store.close()
         if running.tracing is not None:

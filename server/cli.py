@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 from server.config import Settings, add_arguments, load_settings
 from server.grpc_runtime import apply_grpc_defaults
+from server.metrics_dir import WORKER_ENV, multiprocess_metrics
 
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -49,7 +50,8 @@ def _run_one(settings: Settings) -> int:
             signal.signal(sig, handler)
 
 
-def _worker(settings: Settings) -> None:
+def _worker(settings: Settings, index: int) -> None:
+    os.environ[WORKER_ENV] = str(index)  # worker 0 serves the admin listener
     _configure_logging(settings.log_level)
     sys.exit(_run_one(settings))
 
@@ -61,9 +63,15 @@ def _serve(settings: Settings) -> int:
         raise SystemExit("LLMGW_WORKERS > 1 needs a fixed port: the workers share it with SO_REUSEPORT")
     # Each worker is a process with its own event loop bound to the same port (SO_REUSEPORT);
     # the kernel spreads connections over them.
+    with multiprocess_metrics():  # one scrape of worker 0 sums every worker's metrics
+        return _serve_workers(settings)
+
+
+def _serve_workers(settings: Settings) -> int:
     context = multiprocessing.get_context("spawn")
     workers = [
-        context.Process(target=_worker, args=(settings,), name=f"worker-{i}") for i in range(settings.workers)
+        context.Process(target=_worker, args=(settings, i), name=f"worker-{i}")
+        for i in range(settings.workers)
     ]
     # The handler is in place before the first worker starts: a signal while they start is
     # forwarded to each (a worker still importing takes it as a stop, see `_run_one`).

@@ -51,6 +51,11 @@ class Settings:
     # The most one ListProviderTraces page or GetProviderTrace answer carries (default: the 4 MiB
     # every gRPC client receives by default); a bigger trace comes back cut, marked `truncated`.
     trace_page_bytes: int = 4 * 1024 * 1024
+    # The admin HTTP listener: /metrics, the console and its JSON API ("" turns it off). With
+    # several workers, worker 0 serves it and its /metrics sums every worker's.
+    admin_listen: str = "127.0.0.1:9464"
+    # Distinct model names a process labels metrics with; later ones are counted as "other".
+    metrics_max_models: int = 50
     openai_base_url: str = DEFAULT_OPENAI_BASE_URL
     openrouter_base_url: str = DEFAULT_OPENROUTER_BASE_URL
     openrouter_referer: str = ""
@@ -229,6 +234,10 @@ def validate(settings: Settings) -> None:
         problems.append("LLMGW_TRACE_BACKENDS has postgres but LLMGW_POSTGRES_DSN is empty")
     if "clickhouse" in settings.trace_backends and not settings.clickhouse_url:
         problems.append("LLMGW_TRACE_BACKENDS has clickhouse but LLMGW_CLICKHOUSE_URL is empty")
+    if settings.admin_listen and settings.admin_listen.rpartition(":")[2] in ("", settings.admin_listen):
+        problems.append("LLMGW_ADMIN_LISTEN must be host:port (or empty to turn it off)")
+    if settings.metrics_max_models < 1:
+        problems.append("LLMGW_METRICS_MAX_MODELS must be at least 1")
     if settings.trace_queue_bytes < 1:
         problems.append("LLMGW_TRACE_QUEUE_BYTES must be at least 1")
     # Below the server's 64 MiB gRPC send limit (server/app.py MAX_MESSAGE_BYTES), with room.

@@ -20,6 +20,7 @@ import orjson
 from google.protobuf import json_format
 from llmgateway.v1 import chat_pb2
 
+from server import metrics
 from server.auth.actor import Actor
 from server.auth.redact import Redactor
 from server.config import Settings
@@ -299,6 +300,7 @@ class Gateway:
             record.error_message = self.deps.scrub(str(error))
         # The answer (and a huge request) scrubbed, in the offload pool when huge, then queued.
         trace_scrub.queue(record, self.deps.scrub, self.deps.traces)
+        metrics.record_trace(record)
 
     def traced_call(
         self, request: ChatRequest, actor: Actor, target: UpstreamTarget, payload: bytes, kind: str

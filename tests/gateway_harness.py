@@ -44,6 +44,7 @@ def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
         "grace_period": 2.0,
         "retry": FAST_RETRY,
         "upstream_timeout": 10.0,
+        "admin_listen": "",  # off: tests running side by side would fight over 127.0.0.1:9464
     }
     values.update(overrides)
     return Settings(**values)

@@ -148,7 +148,8 @@ def start_server_process(
     process = subprocess.Popen(
         args,
         cwd=REPO_ROOT,
-        env=clean_env(env),
+        # The admin listener off unless asked for: servers side by side would share its port.
+        env=clean_env({"LLMGW_ADMIN_LISTEN": "", **(env or {})}),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 import grpc
 from llmgateway.v1 import chat_pb2
 
+from server import metrics
 from server.api.context import Authenticator, Context, deadline_of, map_exception, parse, run_unary
 from server.api.handlers import server_stream, service, unary
 from server.api.status import abort
@@ -26,35 +27,42 @@ class ChatCompletionServicer:
         async def call() -> chat_pb2.CreateResponse:
             actor = await self._auth.actor_for(context)
             request = parse(chat_pb2.CreateRequest, data)
+            scope.labels(request.llm_config)
             return await self._gateway.create(request, actor, deadline_of(context))
 
-        return await run_unary(context, call)
+        with metrics.RequestScope("Create", "unary", context) as scope:
+            return await run_unary(context, call)
 
     async def count_tokens(self, data: bytes, context: Context) -> chat_pb2.CountTokensResponse:
         async def call() -> chat_pb2.CountTokensResponse:
             actor = await self._auth.actor_for(context)
             # Wire-identical to CreateRequest by construction (same fields, same numbers).
-            return await self._gateway.count_tokens(parse(chat_pb2.CreateRequest, data), actor)
+            request = parse(chat_pb2.CreateRequest, data)
+            scope.labels(request.llm_config)
+            return await self._gateway.count_tokens(request, actor)
 
-        return await run_unary(context, call)
+        with metrics.RequestScope("CountTokens", "unary", context) as scope:
+            return await run_unary(context, call)
 
     async def stream_create(
         self, data: bytes, context: Context
     ) -> AsyncIterator[chat_pb2.StreamCreateResponse]:
         # A failure after some deltas went out still ends the call with its status (never OK):
         # the caller can tell a broken answer from a complete one.
-        try:
-            actor = await self._auth.actor_for(context)
-            request = parse(chat_pb2.CreateRequest, data)
-            async for event in self._gateway.stream(request, actor, deadline_of(context)):
-                yield event
-        except grpc.aio.AbortError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - last line of defence, as in run_unary
-            error = map_exception(exc, "ChatCompletionServicer.stream_create", context)
-        else:
-            return
-        await abort(context, error)
+        with metrics.RequestScope("StreamCreate", "stream", context) as scope:
+            try:
+                actor = await self._auth.actor_for(context)
+                request = parse(chat_pb2.CreateRequest, data)
+                scope.labels(request.llm_config)
+                async for event in self._gateway.stream(request, actor, deadline_of(context)):
+                    yield event
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - last line of defence, as in run_unary
+                error = map_exception(exc, "ChatCompletionServicer.stream_create", context)
+            else:
+                return
+            await abort(context, error)
 
     def handlers(self) -> grpc.GenericRpcHandler:
         return service(

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from datetime import UTC
 from typing import TypeVar
 
+from server import metrics
 from server.config import RetrySettings
 from server.errors import GatewayError, RateLimitExceeded, UpstreamUnavailable
 
@@ -270,6 +271,7 @@ async def call_with_retries(
                 reason=failure.error.reason,
                 hinted=hinted,
             )
+            metrics.record_retry(failure.error.reason)
             if on_retry is not None:
                 on_retry(attempt_number, delay, status)
             await asyncio.sleep(delay)

@@ -190,6 +190,17 @@ class HttpClient:
     def connections_idle(self) -> int:
         return sum(len(idle) for idle in self._idle.values())
 
+    def pool_sizes(self) -> dict[tuple[str, str], int]:
+        """Open connections by (origin, "idle" | "in_use"), for the metrics sampler."""
+        sizes: dict[tuple[str, str], int] = {}
+        for connection in self._in_use:
+            key = (_origin(connection.key), "in_use")
+            sizes[key] = sizes.get(key, 0) + 1
+        for origin, idle in self._idle.items():
+            if idle:
+                sizes[(_origin(origin), "idle")] = len(idle)
+        return sizes
+
     async def post(
         self,
         url: str,
@@ -401,6 +412,11 @@ async def _happy_eyeballs(attempts: Sequence[Callable[[], Awaitable[Connection]]
                 task.cancel()
             elif not task.cancelled() and task.exception() is None:
                 task.result().close()  # connected too late: not needed
+
+
+def _origin(key: tuple[str, str, int]) -> str:
+    scheme, host, port = key
+    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
 
 
 def _earliest(a: float | None, b: float | None) -> float | None:

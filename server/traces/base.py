@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import abc
 import base64
+import builtins
 import logging
 import random
 import re
@@ -124,6 +125,39 @@ class TraceQuery:
     max_bytes: int | None = None
     # Keyset cursor: traces strictly older than (created_at, id) in newest-first order.
     before: tuple[datetime, str] | None = None
+    # The console's filters (ListProviderTraces sets none of them).
+    trace_id: str = ""  # exactly this trace (the console's trace page)
+    model: str = ""
+    provider: str = ""
+    error_type: str = ""  # exactly this ErrorInfo reason
+    status: str = ""  # "ok": no error; "error": any error; "": both
+    tag: str = ""  # one of the trace's agent_tags
+
+
+# The most rows `TraceBackend.points` returns: the overview of a busy week is drawn from the
+# newest this many traces of the window (and says so), not from an unbounded read.
+MAX_POINTS = 100_000
+STATUSES = ("", "ok", "error")
+
+
+@dataclass(frozen=True, slots=True)
+class TracePoint:
+    """The few numbers of one trace the console's overview charts (no request or answer text)."""
+
+    created_at_us: int
+    provider: str
+    model: str
+    error_type: str
+    latency_ms: float
+    time_to_first_token_ms: float
+    prompt_tokens: int
+    completion_tokens: int
+
+
+POINT_COLUMNS = (
+    "provider", "model", "error_type", "latency_ms", "time_to_first_token_ms", "prompt_tokens",
+    "completion_tokens",
+)  # fmt: skip
 
 
 class TraceBackend(abc.ABC):
@@ -166,6 +200,11 @@ class TraceBackend(abc.ABC):
         raise NotImplementedError(f"{self.name} is write-only")
 
     async def list(self, *, query: TraceQuery) -> list[TraceRecord]:
+        raise NotImplementedError(f"{self.name} is write-only")
+
+    async def points(self, *, query: TraceQuery) -> builtins.list[TracePoint]:
+        """`TracePoint`s of the traces `query` matches, newest first, at most `query.limit`
+        (capped at MAX_POINTS); its cursor and byte bound are ignored."""
         raise NotImplementedError(f"{self.name} is write-only")
 
 

@@ -26,8 +26,11 @@ import aiohttp
 import orjson
 
 from server.traces.base import (
+    MAX_POINTS,
+    POINT_COLUMNS,
     TRACE_COLUMNS,
     TraceBackend,
+    TracePoint,
     TraceQuery,
     TraceRecord,
     clamp_limit,
@@ -255,18 +258,50 @@ class ClickHouseTraceBackend(TraceBackend):
         rows = await self._select(where, 1)
         return rows[0] if rows else None
 
-    async def list(self, *, query: TraceQuery) -> list[TraceRecord]:
+    def _where(self, query: TraceQuery) -> builtins.list[str]:
         where = [f"organization_id = {quote(query.organization_id)}"]
         if query.owner is not None:
             where.append(f"owner = {quote(query.owner)}")
-        for column in ("step_id", "run_id", "agent_id"):
+        for column in ("step_id", "run_id", "agent_id", "model", "provider", "error_type"):
             value = getattr(query, column)
             if value:
                 where.append(f"{column} = {quote(value)}")
+        if query.trace_id:
+            where.append(f"id = {quote(query.trace_id)}")
+        if query.status == "ok":
+            where.append("error_type = ''")
+        elif query.status == "error":
+            where.append("error_type != ''")
+        if query.tag:
+            where.append(f"has(agent_tags, {quote(query.tag)})")
         if query.start_time is not None:
             where.append(f"created_at_us >= {to_micros(query.start_time)}")
         if query.end_time is not None:
             where.append(f"created_at_us < {to_micros(query.end_time)}")
+        return where
+
+    async def points(self, *, query: TraceQuery) -> builtins.list[TracePoint]:
+        where = self._where(query)
+        limit = min(clamp_limit(query.limit) if query.limit <= 0 else query.limit, MAX_POINTS)
+        body = await self._request(
+            f"SELECT created_at_us, {', '.join(POINT_COLUMNS)} FROM {self._table}"
+            f" WHERE {' AND '.join(where)}"
+            f" ORDER BY created_at_us DESC, id DESC LIMIT 1 BY id LIMIT {int(limit)}"
+            " FORMAT JSONCompactEachRow",
+            settings={"wait_end_of_query": "1"},
+        )
+        out: builtins.list[TracePoint] = []
+        for line in body.splitlines():
+            if line.strip():
+                row = orjson.loads(line)
+                out.append(
+                    TracePoint(int(row[0]), row[1], row[2], row[3], float(row[4]), float(row[5]),
+                               int(row[6]), int(row[7]))
+                )  # fmt: skip
+        return out
+
+    async def list(self, *, query: TraceQuery) -> list[TraceRecord]:
+        where = self._where(query)
         if query.before is not None:
             micros, trace_id = to_micros(query.before[0]), quote(query.before[1])
             where.append(f"(created_at_us < {micros} OR (created_at_us = {micros} AND id < {trace_id}))")

@@ -8,6 +8,7 @@ response (a failed call) is not valid JSON.
 
 from __future__ import annotations
 
+import builtins
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -16,8 +17,11 @@ from urllib.parse import urlsplit
 import asyncpg
 
 from server.traces.base import (
+    MAX_POINTS,
+    POINT_COLUMNS,
     TRACE_COLUMNS,
     TraceBackend,
+    TracePoint,
     TraceQuery,
     TraceRecord,
     clamp_limit,
@@ -79,6 +83,13 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ("ALTER TABLE provider_traces ADD COLUMN IF NOT EXISTS cache_write_tokens bigint NOT NULL DEFAULT 0",),
     # ProviderTrace.notes (issue 13): rows written before have none.
     ("ALTER TABLE provider_traces ADD COLUMN IF NOT EXISTS notes text[] NOT NULL DEFAULT '{}'",),
+    # The console's trace list filtered by model or by error reason, newest first (issue 18).
+    (
+        "CREATE INDEX IF NOT EXISTS ix_provider_traces_org_model_created ON provider_traces"
+        " (organization_id, model, created_at DESC, id DESC)",
+        "CREATE INDEX IF NOT EXISTS ix_provider_traces_org_error_created ON provider_traces"
+        " (organization_id, error_type, created_at DESC, id DESC)",
+    ),
 )
 
 _COLUMN_LIST = ", ".join(TRACE_COLUMNS)
@@ -213,6 +224,14 @@ class PostgresTraceBackend(TraceBackend):
         return _from_row(row) if row is not None else None
 
     async def list(self, *, query: TraceQuery) -> list[TraceRecord]:
+        return await self._read(query, points=False)  # type: ignore[return-value]
+
+    async def points(self, *, query: TraceQuery) -> builtins.list[TracePoint]:
+        return await self._read(query, points=True)  # type: ignore[return-value]
+
+    async def _read(
+        self, query: TraceQuery, *, points: bool
+    ) -> builtins.list[TraceRecord] | builtins.list[TracePoint]:
         params: list[Any] = [query.organization_id]
         where = ["organization_id = $1"]
 
@@ -225,16 +244,33 @@ class PostgresTraceBackend(TraceBackend):
 
         if query.owner is not None:
             add("owner = {}", query.owner)
-        for column in ("step_id", "run_id", "agent_id"):
+        for column in ("step_id", "run_id", "agent_id", "model", "provider", "error_type"):
             value = getattr(query, column)
             if value:
                 add(column + " = {}", value)
+        if query.trace_id:
+            add("id = {}", query.trace_id)
+        if query.status == "ok":
+            where.append("error_type = ''")
+        elif query.status == "error":
+            where.append("error_type <> ''")
+        if query.tag:
+            add("{} = ANY(agent_tags)", query.tag)
         if query.start_time is not None:
             add("created_at >= {}", query.start_time)
         if query.end_time is not None:
             add("created_at < {}", query.end_time)
-        if query.before is not None:
+        if query.before is not None and not points:
             add("(created_at, id) < ({}, {})", *query.before)
+        if points:
+            params.append(min(clamp_limit(query.limit) if query.limit <= 0 else query.limit, MAX_POINTS))
+            rows = await self._require_pool().fetch(
+                f"SELECT (extract(epoch FROM created_at) * 1000000)::bigint, {', '.join(POINT_COLUMNS)}"
+                f" FROM provider_traces WHERE {' AND '.join(where)}"
+                f" ORDER BY created_at DESC, id DESC LIMIT ${len(params)}",
+                *params,
+            )
+            return [TracePoint(*row) for row in rows]
         params.append(clamp_limit(query.limit))
         order = "ORDER BY created_at DESC, id DESC"
         sql = f"{_SELECT} WHERE {' AND '.join(where)} {order} LIMIT ${len(params)}"

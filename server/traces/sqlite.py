@@ -33,8 +33,11 @@ import orjson
 
 from server.sqlite_file import NEW_FILE_PRAGMAS
 from server.traces.base import (
+    MAX_POINTS,
+    POINT_COLUMNS,
     TRACE_COLUMNS,
     TraceBackend,
+    TracePoint,
     TraceQuery,
     TraceRecord,
     clamp_limit,
@@ -95,6 +98,13 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ("ALTER TABLE provider_traces ADD COLUMN cache_write_tokens INTEGER NOT NULL DEFAULT 0",),
     # ProviderTrace.notes (issue 13), a JSON list like agent_tags: rows written before have none.
     ("ALTER TABLE provider_traces ADD COLUMN notes TEXT NOT NULL DEFAULT '[]'",),
+    # The console's trace list filtered by model or by error reason, newest first (issue 18).
+    (
+        "CREATE INDEX ix_provider_traces_org_model_created ON provider_traces"
+        " (organization_id, model, created_at, id)",
+        "CREATE INDEX ix_provider_traces_org_error_created ON provider_traces"
+        " (organization_id, error_type, created_at, id)",
+    ),
 )
 
 PRAGMAS = (
@@ -300,25 +310,7 @@ class SQLiteTraceBackend(TraceBackend):
         return _from_row(rows[0]) if rows else None
 
     async def list(self, *, query: TraceQuery) -> list[TraceRecord]:
-        where = ["organization_id = ?"]
-        params: list[Any] = [query.organization_id]
-        if query.owner is not None:
-            where.append("owner = ?")
-            params.append(query.owner)
-        for column in ("step_id", "run_id", "agent_id"):
-            value = getattr(query, column)
-            if value:
-                where.append(f"{column} = ?")
-                params.append(value)
-        if query.start_time is not None:
-            where.append("created_at >= ?")
-            params.append(to_micros(query.start_time))
-        if query.end_time is not None:
-            where.append("created_at < ?")
-            params.append(to_micros(query.end_time))
-        if query.before is not None:
-            where.append("(created_at, id) < (?, ?)")
-            params.extend((to_micros(query.before[0]), query.before[1]))
+        where, params = _where(query)
         params.append(clamp_limit(query.limit))
         sql = f"{_SELECT} WHERE {' AND '.join(where)} ORDER BY created_at DESC, id DESC LIMIT ?"
         if query.max_bytes is None:
@@ -337,11 +329,54 @@ class SQLiteTraceBackend(TraceBackend):
                 total += record_bytes(out[-1])
         return out
 
+    async def points(self, *, query: TraceQuery) -> builtins.list[TracePoint]:
+        where, params = _where(query, cursor=False)
+        params.append(min(clamp_limit(query.limit) if query.limit <= 0 else query.limit, MAX_POINTS))
+        sql = (
+            f"SELECT created_at, {', '.join(POINT_COLUMNS)} FROM provider_traces"
+            f" WHERE {' AND '.join(where)} ORDER BY created_at DESC, id DESC LIMIT ?"
+        )
+        return [TracePoint(*row) for row in await self._fetch(sql, params)]
+
     async def _fetch(self, sql: str, params: Sequence[Any]) -> builtins.list[Any]:
         if self._reader is None:
             raise RuntimeError("sqlite trace store is not started")
         async with self._reader.execute(sql, params) as cursor:
             return list(await cursor.fetchall())
+
+
+def _where(query: TraceQuery, *, cursor: bool = True) -> tuple[list[str], list[Any]]:
+    """The WHERE conditions (ANDed) and parameters of `query`."""
+    where = ["organization_id = ?"]
+    params: list[Any] = [query.organization_id]
+    if query.owner is not None:
+        where.append("owner = ?")
+        params.append(query.owner)
+    for column in ("step_id", "run_id", "agent_id", "model", "provider", "error_type"):
+        value = getattr(query, column)
+        if value:
+            where.append(f"{column} = ?")
+            params.append(value)
+    if query.trace_id:
+        where.append("id = ?")
+        params.append(query.trace_id)
+    if query.status == "ok":
+        where.append("error_type = ''")
+    elif query.status == "error":
+        where.append("error_type != ''")
+    if query.tag:
+        where.append("EXISTS (SELECT 1 FROM json_each(agent_tags) WHERE value = ?)")
+        params.append(query.tag)
+    if query.start_time is not None:
+        where.append("created_at >= ?")
+        params.append(to_micros(query.start_time))
+    if query.end_time is not None:
+        where.append("created_at < ?")
+        params.append(to_micros(query.end_time))
+    if cursor and query.before is not None:
+        where.append("(created_at, id) < (?, ?)")
+        params.extend((to_micros(query.before[0]), query.before[1]))
+    return where, params
 
 
 def _rollback(conn: sqlite3.Connection) -> None:

@@ -1,0 +1,412 @@
+"""Prometheus metrics of the gateway: the metric objects and the one-line hooks that update them.
+
+Names follow the OpenTelemetry GenAI conventions where one exists, in their Prometheus form
+(`gen_ai.client.operation.duration` in seconds is `gen_ai_client_operation_duration_seconds`),
+and `llmgw_*` for the rest. Label values are bounded: models beyond `LLMGW_METRICS_MAX_MODELS`
+distinct ones (per process) and unknown endpoint types are folded into `other`, and no label
+ever holds an id, a key or free text.
+
+With `--workers N` the parent points `PROMETHEUS_MULTIPROC_DIR` at a directory of its own run
+before it spawns the workers (`server.metrics_dir`), so every worker writes its values to memory-
+mapped files there and the one admin listener (worker 0) scrapes them all with prometheus_client's
+`MultiProcessCollector`. prometheus_client picks its value store when it is first imported; the
+workers are spawned (fresh interpreters), so they see the variable from their first import.
+
+The hooks cost a few microseconds per request (`python -m bench.metrics_bench`): labelled
+children are cached in plain dicts, so a hot path does one dict lookup and one locked add.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import threading
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import multiprocess as _multiprocess
+
+from server.metrics_dir import MULTIPROC_ENV
+
+if TYPE_CHECKING:
+    from server.providers.http import HttpClient
+    from server.traces.base import TraceRecord
+    from server.traces.writer import TraceWriter
+
+OTHER = "other"
+DEFAULT_MAX_MODELS = 50
+MAX_ORIGINS = 50
+MAX_REASONS = 64
+_MAX_LABEL_CHARS = 100
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+# The GenAI conventions' explicit bucket boundaries.
+DURATION_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92)
+TOKEN_BUCKETS = (
+    1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216, 67108864,
+)  # fmt: skip
+TTFC_BUCKETS = (
+    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+)  # fmt: skip
+
+_GENAI = ("gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model")
+
+# Metrics live in a registry of their own (not prometheus_client's global one), so importing a
+# library that registers metrics globally changes nothing here.
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+OPERATION_DURATION = Histogram(
+    "gen_ai_client_operation_duration_seconds",
+    "GenAI operation duration: one upstream call, first byte sent to the answer's end (retries included).",
+    [*_GENAI, "error_type"],
+    buckets=DURATION_BUCKETS,
+    registry=REGISTRY,
+)
+TOKEN_USAGE = Histogram(
+    "gen_ai_client_token_usage",
+    "Number of input and output tokens used per upstream call, by gen_ai_token_type.",
+    [*_GENAI, "gen_ai_token_type"],
+    buckets=TOKEN_BUCKETS,
+    registry=REGISTRY,
+)
+TIME_TO_FIRST_CHUNK = Histogram(
+    "gen_ai_client_operation_time_to_first_chunk_seconds",
+    "Time from the upstream call's start to the first streamed chunk relayed (streams only).",
+    list(_GENAI),
+    buckets=TTFC_BUCKETS,
+    registry=REGISTRY,
+)
+REQUESTS = Counter(
+    "llmgw_requests",
+    "gRPC calls of ChatCompletionService answered, by RPC, provider (endpoint type), model and status code.",
+    ["rpc", "provider", "model", "code"],
+    registry=REGISTRY,
+)
+UPSTREAM_ERRORS = Counter(
+    "llmgw_upstream_errors",
+    "Upstream calls that failed, by provider and the ErrorInfo reason of the failure.",
+    ["provider", "reason"],
+    registry=REGISTRY,
+)
+RETRIES = Counter(
+    "llmgw_retries",
+    "Upstream attempts retried, by the ErrorInfo reason of the failed attempt.",
+    ["reason"],
+    registry=REGISTRY,
+)
+FALLBACKS = Counter(
+    "llmgw_fallbacks",
+    "Calls that moved on to a fallback deployment, by reason.",
+    ["reason"],
+    registry=REGISTRY,
+)
+COST = Counter(
+    "llmgw_cost_usd",
+    "Cost of upstream calls in US dollars, by provider and model.",
+    ["provider", "model"],
+    registry=REGISTRY,
+)
+IN_FLIGHT = Gauge(
+    "llmgw_in_flight",
+    "ChatCompletionService calls running now, by kind (unary or stream).",
+    ["kind"],
+    registry=REGISTRY,
+    multiprocess_mode="livesum",
+)
+TRACE_QUEUE_DEPTH = Gauge(
+    "llmgw_trace_queue_depth",
+    "Traces waiting in a backend's lane (a batch in flight included).",
+    ["backend"],
+    registry=REGISTRY,
+    multiprocess_mode="livesum",
+)
+TRACE_QUEUE_BYTES = Gauge(
+    "llmgw_trace_queue_bytes",
+    "Bytes the traces waiting in a backend's lane pin.",
+    ["backend"],
+    registry=REGISTRY,
+    multiprocess_mode="livesum",
+)
+TRACES_WRITTEN = Counter("llmgw_traces_written", "Traces a backend stored.", ["backend"], registry=REGISTRY)
+TRACES_DROPPED = Counter(
+    "llmgw_traces_dropped",
+    "Traces lost: queue overflow, retries exhausted, or shutdown timed out.",
+    ["backend"],
+    registry=REGISTRY,
+)
+TRACE_WRITE_FAILURES = Counter(
+    "llmgw_trace_write_failures",
+    "Failed batch writes (every retry counts).",
+    ["backend"],
+    registry=REGISTRY,
+)
+POOL_CONNECTIONS = Gauge(
+    "llmgw_upstream_pool_connections",
+    "Upstream HTTP connections open, by origin and state (idle or in_use).",
+    ["origin", "state"],
+    registry=REGISTRY,
+    multiprocess_mode="livesum",
+)
+
+
+class _Fold:
+    """Admits the first `limit` distinct values of a label; later ones are `other`."""
+
+    __slots__ = ("_seen", "limit", "_lock")
+
+    def __init__(self, limit: int) -> None:
+        self._seen: set[str] = set()
+        self.limit = limit
+        self._lock = threading.Lock()
+
+    def __call__(self, value: str) -> str:
+        if value in self._seen:
+            return value
+        if not value:
+            return ""
+        if len(value) > _MAX_LABEL_CHARS or not value.isprintable():
+            return OTHER
+        with self._lock:
+            if len(self._seen) >= self.limit:
+                return OTHER
+            self._seen.add(value)
+        return value
+
+    def reset(self, limit: int) -> None:
+        with self._lock:
+            self._seen.clear()
+            self.limit = limit
+
+
+models = _Fold(DEFAULT_MAX_MODELS)
+_origins = _Fold(MAX_ORIGINS)
+_reasons = _Fold(MAX_REASONS)
+_known_providers: frozenset[str] = frozenset()
+
+
+def configure(*, max_models: int) -> None:
+    """Set the model label budget (LLMGW_METRICS_MAX_MODELS); called once per server start."""
+    global _known_providers
+    from server.core.validation import KNOWN_TYPES
+
+    _known_providers = frozenset(KNOWN_TYPES)
+    if models.limit != max_models:
+        models.reset(max_models)
+
+
+def provider_label(endpoint_type: str) -> str:
+    """An endpoint type as a label: a known one as is, anything else (a client's typo) `other`."""
+    if endpoint_type in _known_providers or not endpoint_type:
+        return endpoint_type
+    return OTHER
+
+
+def _reason(reason: str) -> str:
+    return _reasons(reason)
+
+
+# -- the hooks ---------------------------------------------------------------------------------
+
+_request_children: dict[tuple[str, str, str, str], Any] = {}
+_call_children: dict[tuple[str, str, str], tuple[Any, Any, Any, Any]] = {}
+
+
+def record_request(rpc: str, endpoint_type: str, model: str, code: str) -> None:
+    """One ChatCompletionService call answered with status `code` (e.g. "OK", "UNAVAILABLE")."""
+    key = (rpc, endpoint_type, model, code)
+    child = _request_children.get(key)
+    if child is None:
+        child = REQUESTS.labels(rpc, provider_label(endpoint_type), models(model), code)
+        if len(_request_children) < 10_000:
+            _request_children[key] = child
+    child.inc()
+
+
+# Failures that are the caller's or the server's doing, not the upstream's (server.inflight).
+_NOT_UPSTREAM = frozenset({"CANCELLED", "DEADLINE_EXCEEDED", "SHUTTING_DOWN"})
+
+
+def record_trace(record: TraceRecord) -> None:
+    """One upstream call finished (its trace is complete): duration, tokens, TTFC, error."""
+    endpoint_type, model, error_type = record.model_endpoint_type, record.model, record.error_type
+    key = (endpoint_type, model, error_type)
+    children = _call_children.get(key)
+    if children is None:
+        labels = ("chat", provider_label(endpoint_type), models(model))
+        children = (
+            OPERATION_DURATION.labels(*labels, _reason(error_type) if error_type else ""),
+            TOKEN_USAGE.labels(*labels, "input"),
+            TOKEN_USAGE.labels(*labels, "output"),
+            TIME_TO_FIRST_CHUNK.labels(*labels),
+        )
+        if len(_call_children) < 10_000:
+            _call_children[key] = children
+    duration, tokens_in, tokens_out, first_chunk = children
+    duration.observe(record.latency_ms / 1000.0)
+    if error_type:
+        if error_type not in _NOT_UPSTREAM:
+            UPSTREAM_ERRORS.labels(provider_label(endpoint_type), _reason(error_type)).inc()
+    else:
+        tokens_in.observe(record.prompt_tokens)
+        tokens_out.observe(record.completion_tokens)
+    if record.time_to_first_token_ms > 0:
+        first_chunk.observe(record.time_to_first_token_ms / 1000.0)
+
+
+def record_retry(reason: str) -> None:
+    """One failed upstream attempt that will be retried."""
+    RETRIES.labels(_reason(reason)).inc()
+
+
+def record_fallback(reason: str) -> None:
+    """One call moved on to a fallback deployment (the routing code calls this)."""
+    FALLBACKS.labels(_reason(reason)).inc()
+
+
+def record_cost(provider: str, model: str, usd: float) -> None:
+    """Cost of one upstream call (the pricing code calls this)."""
+    if usd > 0:
+        COST.labels(provider_label(provider), models(model)).inc(usd)
+
+
+@contextlib.contextmanager
+def in_flight(kind: str) -> Iterator[None]:
+    """Counts a ChatCompletionService call as running while the block runs."""
+    gauge = IN_FLIGHT.labels(kind)
+    gauge.inc()
+    try:
+        yield
+    finally:
+        gauge.dec()
+
+
+# -- sampled state (no cost on the request path) ---------------------------------------------
+
+
+class Sampler:
+    """Copies the trace lanes' and the HTTP pool's state into metrics, once a second.
+
+    A background task rather than a scrape-time collector: with several workers each worker's
+    values must be in its own files for worker 0's scrape to see them. Counters of the lanes
+    advance by the difference since the last sample, so they stay counters.
+    """
+
+    def __init__(self, writer: TraceWriter, http: HttpClient, *, interval: float = 1.0) -> None:
+        self._writer = writer
+        self._http = http
+        self._interval = interval
+        self._seen: dict[tuple[str, str], int] = {}
+        self._origins: set[tuple[str, str]] = set()
+        self._task: asyncio.Task[None] | None = None
+
+    def sample(self) -> None:
+        for stats in self._writer.stats:
+            name = stats.backend
+            TRACE_QUEUE_DEPTH.labels(name).set(stats.queued)
+            TRACE_QUEUE_BYTES.labels(name).set(stats.queued_bytes)
+            for counter, value, field in (
+                (TRACES_WRITTEN, stats.written, "written"),
+                (TRACES_DROPPED, stats.dropped, "dropped"),
+                (TRACE_WRITE_FAILURES, stats.failed_batches, "failed"),
+            ):
+                previous = self._seen.get((name, field), 0)
+                if value > previous:
+                    counter.labels(name).inc(value - previous)
+                self._seen[(name, field)] = value
+        totals: dict[tuple[str, str], int] = {}
+        for (origin, state), count in self._http.pool_sizes().items():
+            label = (_origins(origin), state)
+            totals[label] = totals.get(label, 0) + count
+        for label in self._origins - set(totals):
+            POOL_CONNECTIONS.labels(*label).set(0)  # that origin's connections all closed
+        for label, count in totals.items():
+            POOL_CONNECTIONS.labels(*label).set(count)
+        self._origins |= set(totals)
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="llmgw-metrics-sampler")
+
+    async def _run(self) -> None:
+        while True:
+            self.sample()
+            await asyncio.sleep(self._interval)
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self.sample()  # the last counts (a final flush's written traces) reach the files
+
+
+# -- exposition --------------------------------------------------------------------------------
+
+
+def multiprocess_enabled() -> bool:
+    return bool(os.environ.get(MULTIPROC_ENV))
+
+
+def render() -> bytes:
+    """The text exposition of every metric: all workers' when several run, this process's else."""
+    if multiprocess_enabled():
+        registry = CollectorRegistry()
+        _multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        return bytes(generate_latest(registry))
+    return bytes(generate_latest(REGISTRY))
+
+
+def mark_process_dead(pid: int) -> None:
+    """Drops a worker's live gauges (in-flight, queue depth) once it exited."""
+    path = os.environ.get(MULTIPROC_ENV)
+    if path:
+        _multiprocess.mark_process_dead(pid, path)  # type: ignore[no-untyped-call]
+
+
+# -- the RPC scope -----------------------------------------------------------------------------
+
+_CODE_NAMES: dict[object, str] = {code.value[0]: code.name for code in grpc.StatusCode}
+_CODE_NAMES.update({code: code.name for code in grpc.StatusCode})
+
+
+class RequestScope:
+    """One ChatCompletionService call: in flight while inside, counted by status code at the end.
+
+    The servicer sets `endpoint_type` and `model` once the request is parsed (a call refused
+    before that, e.g. UNAUTHENTICATED, counts with empty ones). The code is the one the call's
+    abort set on the context; a call ended by its caller or cut by a closed stream is CANCELLED.
+    A plain class, not a generator-based context manager: this is on every call's path.
+    """
+
+    __slots__ = ("_rpc", "_gauge", "_context", "endpoint_type", "model")
+
+    def __init__(self, rpc: str, kind: str, context: Any) -> None:
+        self._rpc = rpc
+        self._gauge = IN_FLIGHT.labels(kind)
+        self._context = context
+        self.endpoint_type = ""
+        self.model = ""
+
+    def labels(self, config: Any) -> None:
+        """The provider and model labels, from the request's LLMConfig."""
+        self.endpoint_type = config.model_endpoint_type
+        self.model = config.model
+
+    def __enter__(self) -> RequestScope:
+        self._gauge.inc()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        self._gauge.dec()
+        if exc is None:
+            code = "OK"
+        else:
+            try:
+                raw = self._context.code()
+            except Exception:  # noqa: BLE001 - a context without a code: say so rather than fail
+                raw = None
+            code = _CODE_NAMES.get(raw, "CANCELLED" if raw is None else "UNKNOWN")
+        record_request(self._rpc, self.endpoint_type, self.model, code)
