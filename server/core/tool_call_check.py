@@ -1,8 +1,8 @@
 """An answer's tool calls against what the request asked for, on every provider's path.
 
 - The caller required a call (`function_call: "required"`) or forced one (`force_tool_call`,
-  or `function_call` naming a function) and the answer has no call (or, forced, none of that function): TOOL_CALL_MISSING (UNAVAILABLE, as
-  UNPARSEABLE_MODEL_OUTPUT: the model's output is not what was promised, and sampling again may
+  or `function_call` naming a function) and the answer has no call (or, forced, none of that
+  function): TOOL_CALL_MISSING (UNAVAILABLE, as UNPARSEABLE_MODEL_OUTPUT: the model's output is not what was promised, and sampling again may
   give it). Never OK: an agent promised a call would take the text for a final answer. The
   model's text stays in the trace (response_json is set before the check). An answer cut at the
   token limit (`finish_reason: "length"`) is not checked: it is OK/LENGTH, the call may be what
