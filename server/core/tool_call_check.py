@@ -2,15 +2,15 @@
 
 - The caller required a call (`function_call: "required"`) or forced one (`force_tool_call`,
   or `function_call` naming a function) and the answer has no call (or, forced, none of that
-  function): TOOL_CALL_MISSING (UNAVAILABLE, as UNPARSEABLE_MODEL_OUTPUT: the model's output is not what was promised, and sampling again may
-  give it). Never OK: an agent promised a call would take the text for a final answer. The
-  model's text stays in the trace (response_json is set before the check). An answer cut at the
-  token limit (`finish_reason: "length"`) is not checked: it is OK/LENGTH, the call may be what
-  was cut (the caller retries with a larger max_tokens).
+  function): TOOL_CALL_MISSING (UNAVAILABLE, as UNPARSEABLE_MODEL_OUTPUT: the model's output
+  is not what was promised, and sampling again may give it). Never OK: an agent promised a
+  call would take the text for a final answer. The model's text stays in the trace
+  (response_json is set before the check). An answer cut at the token limit
+  (`finish_reason: "length"`) is not checked: it is OK/LENGTH, the call may be what was cut.
 - At most one call was asked for (`parallel_tool_calls: false`, or a local wrapper) of a server
   known to ignore it (llama.cpp's, recognized as in `tools.takes_named_tool_choice`) and the
-  answer has several: the first is kept; the others are returned for the
-  trace (`trimmed_json`), so what the model said is not lost.
+  answer has several: the first is kept; the others are listed in the trace's stored response
+  JSON under DROPPED_KEY, so what the model said is not lost.
 """
 
 from __future__ import annotations

@@ -1,3 +1,4 @@
+# ruff: noqa: E501 - the servers' error messages are quoted whole
 """Issue 14's fixes that fakes can prove: overflow shapes, tool-call checks, error bodies, names."""
 
 from __future__ import annotations
