@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 NODE_STAMP := tests/node/node_modules/.installed-stamp
 
-.PHONY: setup run test test-services node-deps generate lint bench clean
+.PHONY: setup run test test-real test-services node-deps generate lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,12 @@ node-deps: $(NODE_STAMP)
 
 test: setup test-services node-deps
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# llama.cpp's own llama-server (built once from the llama-cpp-python sdist, cached under
+# ~/.cache/llm-gateway) with tiny models: tests/real/ (deselected by `make test`).
+test-real: setup
+	PYTHON=$(PY) scripts/build-llama-server
+	$(PY) -m pytest -m real tests/real $(PYTEST_ARGS)
 
 generate: setup
 	scripts/generate-protos

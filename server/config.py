@@ -88,6 +88,9 @@ class Settings:
     # The local server the local key belongs to; the key is sent to no other endpoint.
     local_base_url: str = ""
     local_api_key: str = field(default="", repr=False)
+    # llamacpp/vllm endpoints: the guard counts the prompt with the server's /tokenize (one
+    # extra loopback round trip, cached per prompt prefix; server.providers.local.exact_count).
+    local_exact_tokens: bool = False
     # Provider keys keep their usual names and are read from the environment only.
     openai_api_key: str = field(default="", repr=False)
     openrouter_api_key: str = field(default="", repr=False)

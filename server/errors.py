@@ -15,6 +15,7 @@ and the `ErrorInfo.reason` of one row of the contract's status table, so the map
     ├── UpstreamUnavailable        UNAVAILABLE          UPSTREAM_UNAVAILABLE  (+ RetryInfo)
     ├── UpstreamBadResponse        UNAVAILABLE          UPSTREAM_BAD_RESPONSE
     ├── UnparseableModelOutput     UNAVAILABLE          UNPARSEABLE_MODEL_OUTPUT
+    ├── ToolCallMissing            UNAVAILABLE          TOOL_CALL_MISSING
     ├── DeadlineExceeded           DEADLINE_EXCEEDED    DEADLINE_EXCEEDED
     ├── ShuttingDown               UNAVAILABLE          SHUTTING_DOWN
     ├── InternalTimeout            UNAVAILABLE          INTERNAL_TIMEOUT
@@ -52,6 +53,9 @@ class GatewayError(Exception):
 
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
     reason: str = "INTERNAL"
+    # What the upstream answered with the error status, scrubbed and bounded, for the trace's
+    # response_json (set by `server.providers.errors.keep_error_body`); never sent to the caller.
+    trace_body: str = ""
 
     def __init__(
         self,
@@ -117,6 +121,13 @@ class UpstreamBadResponse(GatewayError):
 class UnparseableModelOutput(GatewayError):
     code = grpc.StatusCode.UNAVAILABLE
     reason = "UNPARSEABLE_MODEL_OUTPUT"
+
+
+class ToolCallMissing(GatewayError):
+    """A required or forced tool call answered without one (`server.core.tool_call_check`)."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+    reason = "TOOL_CALL_MISSING"
 
 
 class DeadlineExceeded(GatewayError):

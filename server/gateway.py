@@ -24,7 +24,7 @@ from server import metrics
 from server.auth.actor import Actor
 from server.auth.redact import Redactor
 from server.config import Settings
-from server.core import offload, tokens, trace_scrub
+from server.core import offload, tokens, tool_call_check, trace_scrub
 from server.core.answer_scrub import AnswerScrubber
 from server.core.completion import (
     answer_bytes,
@@ -335,6 +335,9 @@ class Gateway:
             call.record.response_json = raw.decode("utf-8", "replace")
             check_answer_size(answer_bytes(answer), self._settings.max_answer_bytes, provider=target.provider)
             unpack_completion(answer, request, body)
+            tool_call_check.enforce(
+                answer, tool_call_check.expected(request, body), call.record, provider=target.provider
+            )
             response = chat_pb2.CreateResponse(provider_trace_id=call.record.id)
             call.completion = completion_from_json(answer, provider=target.provider, into=response.completion)
             self.answer_scrubber(target).completion(response.completion)  # an upstream may echo a key
@@ -358,6 +361,7 @@ class Gateway:
             provider=target.provider, max_answer_bytes=self._settings.max_answer_bytes
         )
         scrubber = self.answer_scrubber(target)  # an upstream may echo a key, even split over chunks
+        want = tool_call_check.expected(request, body)
         with self.traced_call(request, actor, target, plan.payload, "stream") as call:
             call.record.notes = plan.notes
             call.partial = lambda: (
@@ -382,7 +386,8 @@ class Gateway:
                             done = True
                             break
                         accumulator.add(chunk)
-                    for event in scrubber.events(deltas_from_chunks(batch)):
+                    deltas = tool_call_check.first_call_only(deltas_from_chunks(batch), want)
+                    for event in scrubber.events(deltas):
                         call.first_token()
                         yield event
                     if done:
@@ -406,6 +411,7 @@ class Gateway:
                     )
                 answer["usage"] = await _local_usage(answer, count, request)
             call.record.response_json = orjson.dumps(answer).decode()
+            tool_call_check.enforce(answer, want, call.record, provider=target.provider)
             streamed = streamed_texts(answer) if request.final_completion_without_deltas else None
             unpack_completion(answer, request, body)
             last = chat_pb2.StreamCreateResponse(provider_trace_id=call.record.id)
@@ -554,6 +560,8 @@ class _TraceScope:
                         record.response_json = call.partial()
                     except Exception:  # noqa: BLE001 - the trace must be written whatever the answer held
                         log.warning("could not keep the partial answer of trace %s", record.id)
+                if isinstance(exc, GatewayError) and exc.trace_body and not record.response_json:
+                    record.response_json = exc.trace_body  # the upstream's error body, scrubbed
                 if isinstance(exc, GatewayError) and gateway.deps.redactor is not None:
                     # Before the span records it: an upstream may have put a key in a value.
                     gateway.deps.redactor.redact_error(exc)

@@ -167,6 +167,8 @@ class FakeUpstream:
         self.requests.append(Recorded(request.path, dict(request.headers), body, raw))
         self.arrived.set()
         reply = self.replies.popleft() if self.replies else self.default
+        if reply is self.default and isinstance(body, dict) and not body.get("stream"):
+            reply = _forced_reply(body) or reply  # as OpenAI: a forced function is called
         self.in_flight += 1
         try:
             return await self._answer(request, reply)
@@ -216,3 +218,15 @@ class FakeUpstream:
         return web.json_response(
             reply.json_body if reply.json_body is not None else {}, status=reply.status, headers=reply.headers
         )
+
+
+def _forced_reply(body: dict[str, Any]) -> Reply | None:
+    """The default answer to a request forcing one function: a call of it (a model honours it)."""
+    choice = body.get("tool_choice", body.get("function_call"))
+    name = ""
+    if isinstance(choice, dict):
+        name = str((choice.get("function") or choice).get("name") or "")
+    if not name:
+        return None
+    call = tool_call(name, {}, "call_forced")
+    return Reply(json_body=completion(None, tool_calls=[call], finish_reason="tool_calls"))

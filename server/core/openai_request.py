@@ -4,6 +4,7 @@ its answer.
 Body, in this key order (absent keys are not sent):
     model, messages,
     tools + tool_choice + parallel_tool_calls (false; not for reasoning families)
+        (a forced call to llama.cpp's server: the forced tool alone, tool_choice "required")
         or, when use_tool_naming is false, functions + function_call,
     max_completion_tokens (from llm_config.max_tokens), temperature, reasoning_effort,
     top_p, seed, stop, frequency_penalty, presence_penalty, response_format (each when set),
@@ -189,6 +190,13 @@ def _sent_functions(
     return _SENT_LISTS.put(list_key, sent) if cacheable(keys) else sent
 
 
+def _only_forced(sent: SentFunctions, name: str) -> SentFunctions:
+    """The forced function alone (for servers that take no named tool_choice), its restore kept."""
+    entries = [entry for entry in sent if entry["function"]["name"] == name]
+    restores = {name: sent.restores[name]} if sent.restores and name in sent.restores else None
+    return SentFunctions(entries, restores)
+
+
 def build_chat_body(
     request: chat_pb2.CreateRequest, *, stream: bool, endpoint: str, keys: FunctionKeys | None = None
 ) -> dict[str, Any]:
@@ -225,7 +233,11 @@ def build_chat_body(
             keys = function_keys(functions)
         if use_tool_naming:
             strict = tools.supports_structured_output(endpoint)
-            body["tools"] = _sent_functions(functions, keys, variant, strict, True)
+            sent = _sent_functions(functions, keys, variant, strict, True)
+            if isinstance(choice, dict) and not tools.takes_named_tool_choice(handle=cfg.handle, model=model):
+                sent = _only_forced(sent, choice["function"]["name"])
+                choice = "required"
+            body["tools"] = sent
             if choice is not None:
                 body["tool_choice"] = choice
             if tools.supports_parallel_tool_calls(model):
@@ -305,9 +317,24 @@ def unpack_completion(
     the `null` of each such property removed: the tool's own schema meant "absent" there.
     Without `sent` or without such properties nothing is walked.
     """
+    if _names_a_file(body.get("model")):
+        # llama.cpp's server names its model file ("/models/qwen2.5-7b-q4.gguf"): the caller's
+        # model name is kept; the server's stays in the trace (response_json is the raw answer).
+        body["model"] = request.llm_config.model
     if request.llm_config.put_inner_thoughts_in_kwargs:
         inner_thoughts.unpack_inner_thoughts(body)
     if sent is not None:
         restores = getattr(sent.get("tools"), "restores", None)
         if restores:
             restore_absent(body, restores)
+
+
+_MODEL_FILE_SUFFIXES = (".gguf", ".bin", ".safetensors", ".ggml")
+
+
+def _names_a_file(model: object) -> bool:
+    """Whether an answer's `model` is a file path rather than a model name."""
+    if not isinstance(model, str):
+        return False
+    lowered = model.lower()
+    return lowered.endswith(_MODEL_FILE_SUFFIXES) or model.startswith(("/", "./", "~")) or "\\" in model

@@ -108,6 +108,19 @@ def resolve_tool_choice(
     return {"type": "function", "function": {"name": forced}}
 
 
+_NO_NAMED_CHOICE_MARKS = ("llamacpp", "llama.cpp", "llama-cpp", "llama_cpp", "llama-server")
+
+
+def takes_named_tool_choice(*, handle: str, model: str) -> bool:
+    """False for llama.cpp's `llama-server` on the OpenAI-compatible path: it ignores an object
+    `tool_choice` (logs "Wrong type supplied for parameter 'tool_choice'" and acts as "auto").
+    Recognized, as vLLM and MLX are, by its name in the lowercased handle or model
+    (e.g. handle "llamacpp/qwen2.5"). A forced call is then sent as the forced function alone
+    with `tool_choice: "required"`, which it honours (see `build_chat_body`)."""
+    text = f"{handle} {model}".lower()
+    return not any(mark in text for mark in _NO_NAMED_CHOICE_MARKS)
+
+
 def legacy_function_call(
     tool_choice: str | dict[str, Any] | None, function_names: Sequence[str]
 ) -> str | dict[str, Any] | None:

@@ -19,6 +19,7 @@ from server.errors import (
     UpstreamRejected,
     UpstreamUnavailable,
 )
+from server.providers import context_overflow
 from server.providers.http_connection import InvalidResponseError
 
 MAX_MESSAGE_CHARS = 1000
@@ -116,8 +117,26 @@ def error_for_status(
             retry_after=retry_after,
         )
     if 400 <= status < 500:
-        return UpstreamRejected(text, metadata=meta)
+        overflow = context_overflow.overflow_error(status, body, text, meta)
+        return overflow if overflow is not None else UpstreamRejected(text, metadata=meta)
     return UpstreamBadResponse(text, metadata=meta)
+
+
+# An error body kept for the trace: enough for any server's error object, bounded.
+TRACE_BODY_CHARS = 16384
+
+
+def keep_error_body(
+    error: RetryableError | GatewayError, status: int, body: bytes, scrub: Callable[[str], str]
+) -> RetryableError | GatewayError:
+    """`error` with the answer's body (scrubbed before it is cut, at most TRACE_BODY_CHARS) as
+    its `trace_body`: a trace of a refused call shows what the upstream said, not nothing."""
+    inner = error.error if isinstance(error, RetryableError) else error
+    text = scrubbed_prefix(body, scrub, TRACE_BODY_CHARS)
+    inner.trace_body = orjson.dumps(
+        {"http_status": status, "body": text, "truncated": len(body) > len(text.encode())}
+    ).decode()
+    return error
 
 
 # What a server answers for a path it does not serve (the usual cause: a base URL without /v1):

@@ -235,8 +235,13 @@ async def post_json(
             raise _too_large(target) from exc
         status = response.status or 0
         if status >= 300:
-            raise dialect.error_for_status(
-                status, raw, response.headers, provider=target.provider, scrub=options.scrub
+            raise errors.keep_error_body(
+                dialect.error_for_status(
+                    status, raw, response.headers, provider=target.provider, scrub=options.scrub
+                ),
+                status,
+                raw,
+                options.scrub,
             )
         return raw, dialect.parse_answer(raw, provider=target.provider, model=model, scrub=options.scrub)
 
@@ -518,8 +523,13 @@ async def open_stream(
             status = response.status or 0
             if status >= 300:
                 raw = await _read_error_body(response)
-                raise dialect.error_for_status(
-                    status, raw, response.headers, provider=target.provider, scrub=options.scrub
+                raise errors.keep_error_body(
+                    dialect.error_for_status(
+                        status, raw, response.headers, provider=target.provider, scrub=options.scrub
+                    ),
+                    status,
+                    raw,
+                    options.scrub,
                 )
             if response.content_type in ("application/json", "text/html"):
                 # The upstream ignored `stream`, or answered an error object or page with a 200.

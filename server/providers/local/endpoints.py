@@ -49,8 +49,10 @@ ENDPOINT_TYPES = ("ollama", "llamacpp", "vllm", "lmstudio", "koboldcpp", "webui"
 GRAMMAR_ENDPOINT_TYPES = frozenset({"llamacpp", "koboldcpp", "webui"})
 OPENAI_COMPLETIONS_TYPES = frozenset({"vllm", "lmstudio", "webui"})
 # Used when the caller sets no max_tokens; servers' own defaults are far too short (vLLM 16,
-# koboldcpp 100) for a function call carrying inner thoughts.
-DEFAULT_MAX_TOKENS = 3000
+# koboldcpp 100) for a function call carrying inner thoughts, and llama.cpp's (-1) is unbounded.
+# A call with a few sentences of inner thoughts is 100-300 tokens: 1024 leaves room, and bounds
+# what a weak model that never stops costs (it was 3000: 116 s on a small CPU server).
+DEFAULT_MAX_TOKENS = 1024
 
 _PATHS = {
     "ollama": "/api/generate",

@@ -8,6 +8,7 @@ as a `CallHost` (the protocol below), so this module never imports `server.gatew
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractContextManager
 from typing import Any, Protocol
@@ -17,7 +18,7 @@ from llmgateway.v1 import chat_pb2
 
 from server.auth.actor import Actor
 from server.config import Settings
-from server.core import offload, tokens
+from server.core import offload, tokens, tool_call_check, tools
 from server.core.answer_scrub import AnswerScrubber
 from server.core.completion import (
     answer_too_large,
@@ -40,6 +41,7 @@ from server.errors import (
 from server.providers import openai_compat
 from server.providers.base import UpstreamTarget
 from server.providers.http import HttpClient, Response
+from server.providers.local import exact_count
 from server.providers.local.completion import cut_completion, to_chat_completion
 from server.providers.local.deepseek import is_deepseek_r1, with_functions_in_system_prompt
 from server.providers.local.endpoints import (
@@ -137,13 +139,45 @@ def prompt_parts(request: ChatRequest) -> tuple[list[dict[str, Any]], list[dict[
     config = request.llm_config
     messages = to_openai_messages(request.messages, model=config.model)
     functions = functions_to_dicts(request.functions)
+    forced = forced_function(request)
+    if forced:  # the prompt (and the grammar) offer the forced function alone
+        functions = [fn for fn in functions if fn["name"] == forced]
     if is_deepseek_r1(config.model):
         messages = with_functions_in_system_prompt(messages, functions)
     return messages, functions
 
 
+def forced_function(request: ChatRequest) -> str:
+    """The function the caller forced (`force_tool_call`, or `function_call` naming one), or "";
+    InvalidRequest for a name that is not among the functions, as on the OpenAI-compatible path."""
+    config = request.llm_config
+    choice = tools.resolve_tool_choice(
+        function_call=request.function_call,
+        force_tool_call=request.force_tool_call,
+        function_names=[fn.name for fn in request.functions],
+        handle=config.handle,
+        endpoint=config.model_endpoint,
+        model=config.model,
+    )
+    return str(choice["function"]["name"]) if isinstance(choice, dict) else ""
+
+
+def keep_counts(record: TraceRecord, prompt_tokens: int | None, completion_tokens: int | None) -> None:
+    """The server's token counts on the trace of an answer that failed (unparseable, no call):
+    the tokens were spent and are billed whatever the gateway made of them."""
+    record.prompt_tokens = prompt_tokens or 0
+    record.completion_tokens = completion_tokens or 0
+    record.total_tokens = record.prompt_tokens + record.completion_tokens
+
+
 async def _plan(
-    gateway: CallHost, request: ChatRequest, target: UpstreamTarget, *, stream: bool, off: bool = False
+    gateway: CallHost,
+    request: ChatRequest,
+    target: UpstreamTarget,
+    deadline: Deadline,
+    *,
+    stream: bool,
+    off: bool = False,
 ) -> _LocalCall:
     """Check, count (the guard; off the loop when large) and render one local call.
 
@@ -161,13 +195,25 @@ async def _plan(
             description, field_violations=[FieldViolation("llm_config.model_wrapper", description)]
         )
     messages, functions = await offload.run_if(off, lambda: prompt_parts(request))
-    count = await gateway.guard(request, messages, functions, off=off)
-    if count is None:  # no context window: still count, for usage
+    exact = gateway.deps.settings.local_exact_tokens and config.model_endpoint_type in exact_count.SUPPORTED
+    count = None if exact else await gateway.guard(request, messages, functions, off=off)
+    if count is None:  # no context window (or the server counts): still count, for usage
         count = await tokens.count_request_tokens_async(messages, functions, config.model, off=off)
     counted = count
-    return await offload.run_if(
+    plan = await offload.run_if(
         off, lambda: _LocalCall(request, target, messages, functions, counted, stream=stream)
     )
+    if exact:
+        options = gateway.call_options(deadline, None)
+        served = await exact_count.count_prompt(
+            gateway.deps.http, target, plan.endpoint_type, config.model, plan.prompt, options
+        )
+        if served is None:  # the server could not count: the tiktoken guard decides
+            await gateway.guard(request, messages, functions, off=off)
+        else:
+            exact_count.check_window(served, config.context_window, provider=target.provider)
+            plan.count = tokens.TokenCount(served, 0, exact_count.ENCODING)
+    return plan
 
 
 class _LocalCall:
@@ -188,6 +234,7 @@ class _LocalCall:
         self.endpoint_type = config.model_endpoint_type
         wrapper = config.model_wrapper
         self.messages, self.functions, self.count = messages, functions, count
+        self.want = tool_call_check.expected(request)
         first_thoughts = not request.HasField("put_inner_thoughts_first") or request.put_inner_thoughts_first
         self.prompt = render_prompt(
             wrapper,
@@ -239,7 +286,7 @@ class _LocalCall:
         if not self.functions:
             # Nothing to call: the text is the answer.
             return {
-                "id": f"chatcmpl-local-{int(time.time() * 1000)}",
+                "id": f"chatcmpl-local-{uuid.uuid4()}",  # unique under concurrency, as with calls
                 "object": "chat.completion",
                 "created": int(time.time()),
                 "model": model,
@@ -313,7 +360,7 @@ async def create_local(
     gateway: CallHost, request: ChatRequest, actor: Actor, deadline: Deadline, *, off: bool = False
 ) -> chat_pb2.CreateResponse:
     target = await _target(gateway, request, actor)
-    plan = await _plan(gateway, request, target, stream=False, off=off)
+    plan = await _plan(gateway, request, target, deadline, stream=False, off=off)
     payload = orjson.dumps(plan.http_request.body)
     with gateway.traced_call(request, actor, target, payload, "create") as call:
         raw, answer = await post_json(
@@ -327,12 +374,15 @@ async def create_local(
         local = extract_completion(plan.endpoint_type, answer)
         limit = gateway.deps.settings.max_answer_bytes
         check_answer_size(text_bytes(local.text), limit, provider=target.provider)
-        call.completion = completion_from_json(
-            await plan.completion_json(
+        try:
+            answer = await plan.completion_json(
                 local.text, local.prompt_tokens, local.completion_tokens, local.truncated
-            ),
-            provider=target.provider,
-        )
+            )
+            tool_call_check.enforce(answer, plan.want, call.record, provider=target.provider)
+        except GatewayError:
+            keep_counts(call.record, local.prompt_tokens, local.completion_tokens)
+            raise
+        call.completion = completion_from_json(answer, provider=target.provider)
         gateway.answer_scrubber(target).completion(call.completion)  # a server may echo the key
     return chat_pb2.CreateResponse(completion=call.completion, provider_trace_id=call.record.id)
 
@@ -342,7 +392,7 @@ async def stream_local(
 ) -> AsyncIterator[chat_pb2.StreamCreateResponse]:
     """Text deltas as the server produces them, then the completion with the parsed call."""
     target = await _target(gateway, request, actor)
-    plan = await _plan(gateway, request, target, stream=True, off=off)
+    plan = await _plan(gateway, request, target, deadline, stream=True, off=off)
     payload = orjson.dumps(plan.http_request.body)
     scrub = gateway.deps.scrub
     scrubber = gateway.answer_scrubber(target)  # a server may echo the key, even split over pieces
@@ -407,10 +457,13 @@ async def stream_local(
             yield scrubbed
         text = pieces.text()
         call.record.response_json = orjson.dumps({"text": text}).decode()
-        call.completion = completion_from_json(
-            await plan.completion_json(text, prompt_tokens, completion_tokens, truncated),
-            provider=target.provider,
-        )
+        try:
+            answer = await plan.completion_json(text, prompt_tokens, completion_tokens, truncated)
+            tool_call_check.enforce(answer, plan.want, call.record, provider=target.provider)
+        except GatewayError:
+            keep_counts(call.record, prompt_tokens, completion_tokens)
+            raise
+        call.completion = completion_from_json(answer, provider=target.provider)
         scrubber.completion(call.completion)
         if request.final_completion_without_deltas:
             streamed = scrubber.streamed([(text, "", ())])

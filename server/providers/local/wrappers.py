@@ -11,8 +11,12 @@ ends primed with `{"function": "send_message",`; `first_message_prefix` gives th
 parser can put it back in front of the completion.
 
 ChatML turns:    <|im_start|>ROLE\\nTEXT<|im_end|>\\n ... <|im_start|>assistant\\n
-Llama 3 turns:   <|begin_of_text|><|start_header_id|>ROLE<|end_header_id|>\\n\\nTEXT<|eot_id|> ...
+Llama 3 turns:   <|start_header_id|>ROLE<|end_header_id|>\\n\\nTEXT<|eot_id|> ...
                  <|start_header_id|>assistant<|end_header_id|>\\n\\n
+
+No wrapper writes a BOS (`<|begin_of_text|>`): every local server adds the model's own BOS when
+it tokenizes a prompt (llama.cpp by the GGUF's `add_bos_token`, vLLM's tokenizer by default,
+Ollama, koboldcpp and the web UI as llama.cpp), so one written here was a second one.
 """
 
 from __future__ import annotations
@@ -110,7 +114,7 @@ def render_prompt(
         put_inner_thoughts_first=put_inner_thoughts_first,
     )
     turn: Callable[[str, str], str] = _chatml_turn if base == "chatml" else _llama3_turn
-    parts: list[str] = ["<|begin_of_text|>"] if base == "llama3" else []
+    parts: list[str] = []  # no BOS: the server adds it (see the module docstring)
 
     function_block = render_function_block(specs)
     rest = list(enumerate(messages))
