@@ -76,6 +76,12 @@ class TraceRecord:
     # Prompt tokens written to the provider's cache (Anthropic), part of prompt_tokens. Last, so
     # the column order of older tables stays a prefix (each backend's migration 3 adds it).
     cache_write_tokens: int = 0
+    # Routed calls (issue 16): the route the request named, the deployment of this call, and
+    # every attempt of the call so far as JSON text (`server.routing.attempts_json`). Last, as
+    # above (each backend's migration 4 adds them).
+    route: str = ""
+    deployment: str = ""
+    attempts_json: str = ""
 
 
 def trace_owner(*, user_id: str, key_id: str) -> str:

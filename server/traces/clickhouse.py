@@ -90,6 +90,12 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ),
     # Usage.cache_write_tokens (issue 13): rows written before read 0.
     (f"ALTER TABLE {{database}}.{TABLE} ADD COLUMN cache_write_tokens Int64",),
+    # Routes (issue 16): rows written before were direct calls (the columns' default is '').
+    (
+        f"ALTER TABLE {{database}}.{TABLE} ADD COLUMN route String",
+        f"ALTER TABLE {{database}}.{TABLE} ADD COLUMN deployment String",
+        f"ALTER TABLE {{database}}.{TABLE} ADD COLUMN attempts_json String",
+    ),
 )
 
 # Columns as selected: created_at comes back as created_at_us for full resolution.
@@ -148,7 +154,8 @@ def _to_row(r: TraceRecord) -> dict[str, Any]:
         "total_tokens": r.total_tokens, "cached_tokens": r.cached_tokens,
         "reasoning_tokens": r.reasoning_tokens, "latency_ms": r.latency_ms,
         "time_to_first_token_ms": r.time_to_first_token_ms, "llm_config_json": r.llm_config_json,
-        "owner": r.owner, "cache_write_tokens": r.cache_write_tokens,
+        "owner": r.owner, "cache_write_tokens": r.cache_write_tokens, "route": r.route,
+        "deployment": r.deployment, "attempts_json": r.attempts_json,
     }  # fmt: skip
 
 

@@ -57,6 +57,10 @@ def to_record(trace: TraceRecord) -> dict[str, Any]:
         "model": trace.model,
         "is_byok": trace.is_byok,
         "latency_ms": trace.latency_ms,
+        # Routed calls (issue 16); absent keys read as a direct call in the seed's sidecar.
+        "route": trace.route or None,
+        "deployment": trace.deployment or None,
+        "attempts": _json_or_none(trace.attempts_json),
     }
 
 

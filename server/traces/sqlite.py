@@ -93,6 +93,12 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ),
     # Usage.cache_write_tokens (issue 13): rows written before report 0.
     ("ALTER TABLE provider_traces ADD COLUMN cache_write_tokens INTEGER NOT NULL DEFAULT 0",),
+    # Routes (issue 16): rows written before were direct calls.
+    (
+        "ALTER TABLE provider_traces ADD COLUMN route TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE provider_traces ADD COLUMN deployment TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE provider_traces ADD COLUMN attempts_json TEXT NOT NULL DEFAULT ''",
+    ),
 )
 
 PRAGMAS = (
@@ -137,7 +143,7 @@ def _to_row(record: TraceRecord) -> tuple[Any, ...]:
         r.model_endpoint_type, int(r.is_byok), r.request_json, r.response_json, r.error_type,
         r.error_message, r.prompt_tokens, r.completion_tokens, r.total_tokens, r.cached_tokens,
         r.reasoning_tokens, r.latency_ms, r.time_to_first_token_ms, r.llm_config_json, r.owner,
-        r.cache_write_tokens,
+        r.cache_write_tokens, r.route, r.deployment, r.attempts_json,
     )  # fmt: skip
 
 
