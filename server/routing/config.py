@@ -238,8 +238,10 @@ def parse_routes(text: str, *, path: str, settings: Settings, environ: Mapping[s
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        # tomllib's messages say "(at line L, column C)" and never quote the value.
-        raise RoutesFileError(path, None, f"is not valid TOML: {exc}") from None
+        # tomllib's messages say "(at line L, column C)" or "(at end of document)" and never
+        # quote a value.
+        line = len(text.rstrip("\n").split("\n")) if "end of document" in str(exc) else None
+        raise RoutesFileError(path, line, f"is not valid TOML: {exc}") from None
     return _Loader(path, _Lines.scan(text), settings, environ).table(data)
 
 
@@ -408,7 +410,7 @@ class _Loader:
         byok = data.get("byok", "")
         if not isinstance(byok, str):
             raise self.fail(at("byok"), f"{where}: byok must be a provider name")
-        variables = self.variables(data, at, where)
+        variables, keys_line = self.variables(data, at, where)
         keys: tuple[Key, ...] = ()
         keyless: UpstreamTarget | None = None
         if byok:
@@ -426,7 +428,7 @@ class _Loader:
                 raise self.fail(
                     line, f"{where}: base_url is required ({provider} has no configured base URL)"
                 )
-            keys = tuple(self.key(v, destination, dialect, provider, at, where) for v in variables)
+            keys = tuple(self.key(v, destination, dialect, provider, keys_line, where) for v in variables)
         elif not base_url or (configured and key_allowed_for(base_url, configured)):
             mode = "server"
         else:
@@ -463,7 +465,7 @@ class _Loader:
             keyless_target=keyless,
         )
 
-    def variables(self, data: dict[str, Any], at: Any, where: str) -> list[str]:
+    def variables(self, data: dict[str, Any], at: Any, where: str) -> tuple[list[str], int | None]:
         if "key" in data and "keys" in data:
             raise self.fail(at("keys"), f"{where}: give key or keys, not both")
         if "key" in data:
@@ -485,10 +487,11 @@ class _Loader:
             if value in names:
                 raise self.fail(line, f"{where}: variable {value} is listed twice")
             names.append(value)
-        return names
+        return names, line
 
-    def key(self, variable: str, destination: str, dialect: Any, provider: str, at: Any, where: str) -> Key:
-        line = at("keys") or at("key")
+    def key(
+        self, variable: str, destination: str, dialect: Any, provider: str, line: int | None, where: str
+    ) -> Key:
         value = self.environ.get(variable, "")
         if not value:
             raise self.fail(line, f"{where}: variable {variable} is not set or empty")
