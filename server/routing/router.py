@@ -483,7 +483,8 @@ class _Call:
         into.name = c.deployment.name if c.deployment is not None else c.label
         into.model_endpoint_type = config.model_endpoint_type
         into.model = config.model
-        into.attempts = sum(1 for r in self.results if not r.status.startswith("SKIPPED_"))
+        # The answering attempt of a stream is recorded only once its trace closes, after this.
+        into.attempts = self.sent - sum(1 for r in self.results if r.status.startswith("SKIPPED_"))
 
     def failed(self, c: _Candidate, attempt: Attempt, error: GatewayError, deadline: Deadline) -> None:
         """Decide after a failed attempt: return to try the next candidate, or raise."""

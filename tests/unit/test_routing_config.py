@@ -78,7 +78,11 @@ def test_a_good_file_loads_with_modes_weights_and_defaults(tmp_path: Path) -> No
     assert KEY_A not in repr(a) and KEY_A not in repr(table)
     assert (b.mode, b.weight, b.base_url) == ("server", 0.5, "")
     (c,) = table.routes["backup"].deployments
-    assert (c.mode, c.byok, c.config.provider_category) == ("byok", "team-anthropic", chat_pb2.PROVIDER_CATEGORY_BYOK)
+    assert (c.mode, c.byok, c.config.provider_category) == (
+        "byok",
+        "team-anthropic",
+        chat_pb2.PROVIDER_CATEGORY_BYOK,
+    )
     assert chat.fallbacks == ("backup",)
 
 
@@ -102,7 +106,10 @@ def test_tiny_and_huge_weights_that_fit_are_kept_exactly() -> None:
 
 
 def test_fallback_cycles_are_refused() -> None:
-    text = GOOD + '\n[routes.backup2]\nfallbacks = ["chat"]\n[[routes.backup2.deployments]]\nprovider = "openai"\nmodel = "m"\n'
+    text = (
+        GOOD
+        + '\n[routes.backup2]\nfallbacks = ["chat"]\n[[routes.backup2.deployments]]\nprovider = "openai"\nmodel = "m"\n'
+    )
     text = text.replace('fallbacks = ["backup"]', 'fallbacks = ["backup2"]')
     error = refused(text)
     assert "cycle" in str(error) and "chat -> backup2 -> chat" in str(error)
@@ -151,14 +158,16 @@ def test_a_server_key_may_only_go_to_its_own_base_url() -> None:
 
 def test_byok_deployments_take_no_base_url_or_key_and_local_types_are_refused() -> None:
     assert "byok" in str(refused(GOOD.replace('byok = "team-anthropic"', 'byok = "x"\nkey = "ROUTE_KEY_A"')))
-    assert "provider must be one of" in str(refused(GOOD.replace('provider = "anthropic"', 'provider = "ollama"')))
+    assert "provider must be one of" in str(
+        refused(GOOD.replace('provider = "anthropic"', 'provider = "ollama"'))
+    )
     error = refused(GOOD.replace("http://127.0.0.1:9/v1", "http://169.254.169.254/v1"))
     assert "metadata" in str(error) and error.line == 10
 
 
 def test_duplicate_names_and_empty_routes_are_refused() -> None:
     assert "two deployments" in str(refused(GOOD.replace('name = "b"', 'name = "a"')))
-    assert "no deployments" in str(refused('[routes.empty]\nfallbacks = []\n'))
+    assert "no deployments" in str(refused("[routes.empty]\nfallbacks = []\n"))
 
 
 def test_cooldown_extends_and_never_shortens() -> None:
