@@ -108,7 +108,8 @@ def test_tiny_and_huge_weights_that_fit_are_kept_exactly() -> None:
 def test_fallback_cycles_are_refused() -> None:
     text = (
         GOOD
-        + '\n[routes.backup2]\nfallbacks = ["chat"]\n[[routes.backup2.deployments]]\nprovider = "openai"\nmodel = "m"\n'
+        + '\n[routes.backup2]\nfallbacks = ["chat"]\n'
+        + '[[routes.backup2.deployments]]\nprovider = "openai"\nmodel = "m"\n'
     )
     text = text.replace('fallbacks = ["backup"]', 'fallbacks = ["backup2"]')
     error = refused(text)
