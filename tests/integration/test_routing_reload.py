@@ -39,7 +39,8 @@ async def fakes() -> AsyncIterator[list[FakeUpstream]]:
 def routes(name: str, base_url: str, variable: str) -> str:
     return (
         "[routes.chat]\n[[routes.chat.deployments]]\n"
-        f'name = "{name}"\nprovider = "openai"\nmodel = "m-{name}"\nbase_url = "{base_url}"\nkey = "{variable}"\n'
+        f'name = "{name}"\nprovider = "openai"\nmodel = "m-{name}"\n'
+        f'base_url = "{base_url}"\nkey = "{variable}"\n'
     )
 
 
