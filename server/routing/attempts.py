@@ -39,25 +39,25 @@ class Attempt:
     started: float = field(default_factory=time.perf_counter)
     recorded: bool = False
 
-    def finish(self, error: BaseException | None) -> AttemptResult:
+    def finish(self, error: BaseException | None) -> None:
         """Append this attempt's result to the call's list (once)."""
+        if self.recorded:
+            return
         if error is None:
             status = OK
         elif isinstance(error, GatewayError):
             status = error.reason
         else:
             status = type(error).__name__
-        return self.finish_as(status)
+        self.finish_as(status)
 
-    def finish_as(self, status: str) -> AttemptResult:
-        result = AttemptResult(
-            self.route, self.deployment, status, (time.perf_counter() - self.started) * 1000.0
-        )
-        if not self.recorded:
-            self.recorded = True
-            if len(self.results) < MAX_RECORDED:
-                self.results.append(result)
-        return result
+    def finish_as(self, status: str) -> None:
+        if self.recorded:
+            return
+        self.recorded = True
+        if len(self.results) < MAX_RECORDED:
+            latency = (time.perf_counter() - self.started) * 1000.0
+            self.results.append(AttemptResult(self.route, self.deployment, status, latency))
 
     def annotate(self, record: TraceRecord, error: BaseException | None) -> None:
         """The trace of this attempt: route, deployment and every attempt so far (this one last)."""
@@ -74,7 +74,7 @@ def attempts_json(results: list[AttemptResult]) -> str:
                 "route": r.route,
                 "deployment": r.deployment,
                 "status": r.status,
-                "latency_ms": round(r.latency_ms, 3),
+                "latency_ms": r.latency_ms,
             }
             for r in results
         ]

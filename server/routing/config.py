@@ -32,7 +32,7 @@ import math
 import re
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from llmgateway.v1 import chat_pb2
@@ -104,6 +104,7 @@ class Key:
 
     variable: str
     target: UpstreamTarget = field(repr=False)
+    unit: str = ""  # its name in the router's health (`route/deployment#VARIABLE`)
 
 
 @dataclass(frozen=True, slots=True)
@@ -428,7 +429,12 @@ class _Loader:
                 raise self.fail(
                     line, f"{where}: base_url is required ({provider} has no configured base URL)"
                 )
-            keys = tuple(self.key(v, destination, dialect, provider, keys_line, where) for v in variables)
+            keys = tuple(
+                replace(
+                    self.key(v, destination, dialect, provider, keys_line, where), unit=f"{route}/{name}#{v}"
+                )
+                for v in variables
+            )
         elif not base_url or (configured and key_allowed_for(base_url, configured)):
             mode = "server"
         else:

@@ -69,9 +69,20 @@ class Health:
         self._disabled: set[str] = set()
         self._windows: dict[str, MinuteWindow] = {}
 
-    def cooling_until(self, unit: str) -> float:
-        """The clock time `unit` recovers at (0.0: it is not cooling down)."""
-        return self._until.get(unit, 0.0)
+    def calm(self) -> bool:
+        """Nothing cooling down and nothing disabled: every unit is healthy (the common case)."""
+        return not self._until and not self._disabled
+
+    def cooling_until(self, unit: str, now: float | None = None) -> float:
+        """The clock time `unit` recovers at (0.0: it is not cooling down). With `now`, an
+        expired entry is dropped, so `calm` holds again once every cooldown is over."""
+        until = self._until.get(unit)
+        if until is None:
+            return 0.0
+        if now is not None and until <= now:
+            del self._until[unit]
+            return 0.0
+        return until
 
     def cool(self, unit: str, seconds: float) -> float:
         """Cool `unit` for `seconds` from now; a longer cooldown already running is kept."""

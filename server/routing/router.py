@@ -33,7 +33,7 @@ import math
 import random
 import re
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
@@ -94,7 +94,7 @@ class _Candidate:
     deployment: Deployment | None
     inline: chat_pb2.LLMConfig | None
     unit: str = ""  # health unit of the deployment ("" for inline configs)
-    keys: tuple[tuple[Key, str], ...] = ()  # (key, its health unit)
+    keys: tuple[Key, ...] = ()
 
     @property
     def weight(self) -> float:
@@ -126,6 +126,9 @@ class Router:
         self._register = register_secrets
         self._rotation: dict[str, int] = {}
         self._single = replace(settings.retry, max_attempts=1)
+        # The candidates of each route of `self.table` (routes without BYOK deployments, whose
+        # health units do not depend on the caller): built once, not on every call.
+        self._compiled: tuple[RouteTable, dict[str, tuple[_Candidate, ...]]] = (table, {})
         self._register_table(table)
 
     @classmethod
@@ -169,6 +172,28 @@ class Router:
         self.health.forget_disabled()
         log.info("routes reloaded from %s: %d route(s)", path, len(table.routes))
         return True
+
+    def candidates(self, table: RouteTable, route: Route, organization_id: str) -> tuple[_Candidate, ...]:
+        compiled_for, cache = self._compiled
+        if compiled_for is table:
+            found = cache.get(route.name)
+            if found is not None:
+                return found
+        candidates = tuple(
+            _Candidate(
+                d.id, route.name, d, None, d.id + "@" + organization_id if d.mode == "byok" else d.id, d.keys
+            )
+            for d in route.deployments
+        )
+        if any(d.mode == "byok" for d in route.deployments):
+            return candidates
+        if compiled_for is not table:
+            if table is not self.table:
+                return candidates  # a call still on the table before a reload
+            cache = {}
+            self._compiled = (table, cache)
+        cache[route.name] = candidates
+        return candidates
 
     # -- the calls ------------------------------------------------------------------------------
 
@@ -240,8 +265,7 @@ class _Call:
     table: RouteTable
     request: ChatRequest
     actor: Actor
-    tiers: list[list[_Candidate]] = field(default_factory=list)
-    original: chat_pb2.LLMConfig = field(default_factory=chat_pb2.LLMConfig)
+    tiers: list[Sequence[_Candidate]] = field(default_factory=list)
     results: list[AttemptResult] = field(default_factory=list)
     tried: set[str] = field(default_factory=set)
     last_error: GatewayError | None = None
@@ -250,10 +274,10 @@ class _Call:
     waits: int = 0
     key: Key | None = None  # the key of the attempt in progress
     skip_metadata: dict[str, str] = field(default_factory=dict)
+    skipped: int = 0  # attempts that sent nothing (SKIPPED_*)
 
     def __post_init__(self) -> None:
         request = self.request
-        self.original.CopyFrom(request.llm_config)
         if request.route:
             route = self.table.routes.get(request.route)
             if route is None or not route.allows(self.actor.organization_id):
@@ -264,8 +288,10 @@ class _Call:
                 )
             self._add_route(route, set())
         else:
-            self.tiers.append([_Candidate("llm_config", "", None, self.original)])
+            self.tiers.append([_Candidate("llm_config", "", None, request.llm_config)])
         fallbacks = request.fallbacks
+        if not fallbacks and request.route:
+            return  # the routes file holds no local types
         if len(fallbacks) > MAX_INLINE_FALLBACKS:
             raise InvalidRequest(
                 f"at most {MAX_INLINE_FALLBACKS} fallbacks per request",
@@ -276,7 +302,11 @@ class _Call:
             self.tiers.append([_Candidate(f"fallbacks[{i}]", "", None, config)])
         for tier in self.tiers:
             for c in tier:
-                if c.inline is not None and c.inline.model_endpoint_type in LOCAL_TYPES:
+                if (
+                    c.deployment is None
+                    and c.inline is not None
+                    and c.inline.model_endpoint_type in LOCAL_TYPES
+                ):
                     where = "llm_config" if c.label == "llm_config" else c.label
                     raise InvalidRequest(
                         f"{where}: local server types cannot be routed or fall back",
@@ -288,13 +318,7 @@ class _Call:
         if route.name in seen:  # the file has no cycles; a route reached twice is tried once
             return
         seen.add(route.name)
-        org = self.actor.organization_id
-        tier = []
-        for d in route.deployments:
-            unit = d.id + "@" + org if d.mode == "byok" else d.id
-            keys = tuple((k, d.id + "#" + k.variable) for k in d.keys)
-            tier.append(_Candidate(d.id, route.name, d, None, unit, keys))
-        self.tiers.append(tier)
+        self.tiers.append(self.router.candidates(self.table, route, self.actor.organization_id))
         for name in route.fallbacks:
             fallback = self.table.routes.get(name)
             if fallback is not None:
@@ -302,15 +326,22 @@ class _Call:
 
     # -- selection ------------------------------------------------------------------------------
 
-    def _state(self, c: _Candidate, now: float) -> tuple[bool, Key | None, float]:
-        """(usable now, the key to use, when it may be usable if not now: inf for never)."""
+    def _state(self, c: _Candidate, now: float, calm: bool = False) -> tuple[bool, Key | None, float]:
+        """(usable now, the key to use, when it may be usable if not now: inf for never).
+
+        `calm`: nothing cools down, nothing is disabled, nothing was tried (the first pick of a
+        call, nearly always): only the per-minute limits can stand in the way."""
         if c.deployment is None:
             return (c.label not in self.tried, None, _INF)
-        health = self.router.health
         d = c.deployment
+        if calm and not (d.requests_per_minute or d.tokens_per_minute):
+            if c.keys:
+                return (True, c.keys[self.router._rotation.get(c.unit, 0) % len(c.keys)], 0.0)
+            return (True, None, 0.0)
+        health = self.router.health
         if not c.keys and (c.unit in self.tried or health.disabled(c.unit)):
             return (False, None, _INF)
-        until = health.cooling_until(c.unit)
+        until = health.cooling_until(c.unit, now)
         at = until if until > now else 0.0
         if d.requests_per_minute or d.tokens_per_minute:
             window = health.window(c.unit)
@@ -325,10 +356,11 @@ class _Call:
             start = self.router._rotation.get(c.unit, 0)
             n = len(c.keys)
             for i in range(n):
-                k, unit = c.keys[(start + i) % n]
+                k = c.keys[(start + i) % n]
+                unit = k.unit
                 if unit in self.tried or health.disabled(unit):
                     continue
-                k_until = health.cooling_until(unit)
+                k_until = health.cooling_until(unit, now)
                 if k_until > now:
                     key_at = min(key_at, k_until)
                     continue
@@ -343,12 +375,14 @@ class _Call:
     def _pick(self) -> tuple[_Candidate, Key | None, bool] | float | None:
         """The next candidate (and whether it is the last one usable now), the earliest time one
         recovers when none is usable, or None when every candidate was tried."""
-        now = self.router.health.clock()
+        health = self.router.health
+        now = health.clock()
+        calm = not self.tried and health.calm()
         earliest = _INF
         for index, tier in enumerate(self.tiers):
             usable: list[tuple[_Candidate, Key | None]] = []
             for c in tier:
-                ok, key, at = self._state(c, now)
+                ok, key, at = self._state(c, now, calm)
                 if ok:
                     usable.append((c, key))
                 elif at < earliest:
@@ -373,8 +407,8 @@ class _Call:
 
     def _more_after(self, chosen: _Candidate, key: Key | None, index: int, now: float) -> bool:
         if chosen.keys and key is not None:
-            for k, unit in chosen.keys:
-                if k is not key and unit not in self.tried and not self.router.health.disabled(unit):
+            for k in chosen.keys:
+                if k is not key and k.unit not in self.tried and not self.router.health.disabled(k.unit):
                     return True
         for tier in self.tiers[index + 1 :]:
             for c in tier:
@@ -434,14 +468,12 @@ class _Call:
         target = None
         if d is None:
             assert c.inline is not None
-            if c.inline is not self.original:
+            if c.inline is not config:  # llm_config itself is tried first, as it came
                 config.CopyFrom(c.inline)
-            else:
-                config.CopyFrom(self.original)
             self.tried.add(c.label)
         else:
-            # The caller's generation parameters, the deployment's model, endpoint and window.
-            config.CopyFrom(self.original)
+            # The caller's generation parameters stay; the deployment's model, endpoint and window
+            # replace whatever the request said (route deployments come before inline configs).
             dc = d.config
             config.model = dc.model
             config.model_endpoint_type = dc.model_endpoint_type
@@ -452,8 +484,7 @@ class _Call:
             config.handle = ""
             if key is not None:
                 target = key.target
-                unit = next(u for k, u in c.keys if k is key)
-                self.tried.add(unit)
+                self.tried.add(key.unit)
                 rotation = self.router._rotation
                 rotation[c.unit] = (rotation.get(c.unit, 0) + 1) % len(c.keys)
             else:
@@ -484,7 +515,7 @@ class _Call:
         into.model_endpoint_type = config.model_endpoint_type
         into.model = config.model
         # The answering attempt of a stream is recorded only once its trace closes, after this.
-        into.attempts = self.sent - sum(1 for r in self.results if r.status.startswith("SKIPPED_"))
+        into.attempts = self.sent - self.skipped
 
     def failed(self, c: _Candidate, attempt: Attempt, error: GatewayError, deadline: Deadline) -> None:
         """Decide after a failed attempt: return to try the next candidate, or raise."""
@@ -496,6 +527,7 @@ class _Call:
         # Nothing was sent: the next candidate may take it.
         if isinstance(error, ContextWindowExceeded) and not attempt.recorded:
             attempt.finish_as("SKIPPED_CONTEXT_WINDOW")
+            self.skipped += 1
             self.windows_skipped.append(self.request.llm_config.context_window)
             self._remember_skip(error)
             return
@@ -503,6 +535,7 @@ class _Call:
             isinstance(error, NotFound) and not attempt.recorded and error.metadata.get("provider_name")
         ):
             attempt.finish_as("SKIPPED_" + error.reason)
+            self.skipped += 1
             self.last_error = self.last_error or error
             return
         attempt.finish(error)
@@ -521,8 +554,7 @@ class _Call:
             raise self._annotated(error)
         if isinstance(error, RateLimitExceeded):
             if d is not None:
-                unit = next((u for k, u in c.keys if k is key), c.unit) if key is not None else c.unit
-                health.cool(unit, max(_retry_after(error), d.cooldown))
+                health.cool(key.unit if key is not None else c.unit, max(_retry_after(error), d.cooldown))
             return
         if isinstance(error, UpstreamUnavailable):
             if d is not None:
@@ -533,8 +565,7 @@ class _Call:
         if isinstance(error, UpstreamAuthFailed) and d is not None and d.mode != "byok":
             # A server key was refused: out of use until the routes file is reloaded.
             if key is not None:
-                unit = next(u for k, u in c.keys if k is key)
-                health.disable(unit)
+                health.disable(key.unit)
                 log.warning(
                     "routing: %s refused the key in %s (%s); that key is disabled until the routes file "
                     "is reloaded",
@@ -607,7 +638,8 @@ class _Call:
             if best is not None:
                 if best.deployment is None:
                     assert best.inline is not None
-                    self.request.llm_config.CopyFrom(best.inline)
+                    if best.inline is not self.request.llm_config:
+                        self.request.llm_config.CopyFrom(best.inline)
                 else:
                     config = self.request.llm_config
                     dc = best.deployment.config
