@@ -404,6 +404,9 @@ class _Loader:
                 raise self.fail(
                     at("base_url"), f"{where}: base_url is a link-local or cloud-metadata address"
                 )
+            if normalized.query:
+                # A query is where a pasted key would ride along into traces; keys go in variables.
+                raise self.fail(at("base_url"), f"{where}: base_url must not have a query string")
             base_url = normalized.canonical.rstrip("/")
         dialect = provider_for(provider, self.settings)
         configured = server_key(provider).base_url(self.settings).rstrip("/")

@@ -90,8 +90,10 @@ class Health:
         until = now + max(0.0, seconds)
         current = self._until.get(unit, 0.0)
         if until > current:
-            if len(self._until) >= MAX_UNITS:
+            if unit not in self._until and len(self._until) >= MAX_UNITS:
                 self._until = {k: v for k, v in self._until.items() if v > now}
+                if len(self._until) >= MAX_UNITS:
+                    return current  # full of live cooldowns: this one is not recorded (bounded)
             self._until[unit] = until
             return until
         return current

@@ -13,7 +13,7 @@ from llmgateway.v1 import chat_pb2
 from server.auth.actor import Actor
 from server.config import Settings
 from server.routing.config import RoutesFileError, load_routes, parse_routes
-from server.routing.health import Health, MinuteWindow
+from server.routing.health import MAX_UNITS, Health, MinuteWindow
 from server.routing.router import Router, _Call
 
 KEY_A = "sk-route-a-" + "a" * 32
@@ -164,6 +164,8 @@ def test_byok_deployments_take_no_base_url_or_key_and_local_types_are_refused() 
     )
     error = refused(GOOD.replace("http://127.0.0.1:9/v1", "http://169.254.169.254/v1"))
     assert "metadata" in str(error) and error.line == 10
+    error = refused(GOOD.replace("http://127.0.0.1:9/v1", f"http://127.0.0.1:9/v1?key={KEY_A}"))
+    assert "query" in str(error) and error.line == 10
 
 
 def test_duplicate_names_and_empty_routes_are_refused() -> None:
@@ -179,6 +181,21 @@ def test_cooldown_extends_and_never_shortens() -> None:
     assert health.cool("d", 1.0) == 110.0  # a shorter one never shortens it
     now[0] = 111.0
     assert health.cooling_until("d") < now[0]
+
+
+def test_cooldowns_are_bounded_and_expire() -> None:
+    now = [0.0]
+    health = Health(clock=lambda: now[0])
+    for i in range(MAX_UNITS + 50):
+        health.cool(f"u{i}", 10.0)
+    assert len(health._until) == MAX_UNITS  # noqa: SLF001
+    now[0] = 20.0
+    health.cool("fresh", 5.0)
+    assert len(health._until) == 1 and not health.calm()  # noqa: SLF001 - the expired ones went
+    assert health.cooling_until("u1", now[0]) == 0.0
+    assert health.cooling_until("fresh", now[0]) == 25.0
+    now[0] = 30.0
+    assert health.cooling_until("fresh", now[0]) == 0.0 and health.calm()
 
 
 def test_minute_window_counts_and_frees() -> None:
