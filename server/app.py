@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ from server.gateway import Dependencies, Gateway
 from server.inflight import InFlight, uncancel_current
 from server.providers.http import HttpClient
 from server.reflection import enable_reflection
+from server.routing.router import Router
 from server.telemetry import Tracing, setup_tracing
 from server.traces.factory import create_backends
 from server.traces.writer import TraceWriter
@@ -100,6 +102,7 @@ class _Running:
     port: int
     tracing: Tracing | None
     calls: InFlight
+    router: Router
 
 
 class GatewayServer:
@@ -179,6 +182,9 @@ class GatewayServer:
         async def byok_urls(organization_id: str) -> Sequence[str]:
             return await store.byok_base_urls(organization_id=organization_id)
 
+        # A routes file that cannot be used stops start-up (the message names its line).
+        router = Router.from_settings(settings, environ=os.environ, register_secrets=redactor.add_many)
+
         tracing = setup_tracing(exporter_override=self._span_exporter)
         if tracing is not None:
             cleanup.callback(tracing.shutdown)
@@ -194,6 +200,7 @@ class GatewayServer:
                 scrub=redactor.redact,
                 tracer=tracer,
                 redactor=redactor,
+                router=router,
             )
         )
         policy_authenticator = Authenticator(store, enabled=required)
@@ -237,7 +244,7 @@ class GatewayServer:
         cleanup.push_async_callback(server.stop, None)
         port = _bind(server, settings)
         await server.start()
-        self._running = _Running(server, health_servicer, writer, store, http, port, tracing, calls)
+        self._running = _Running(server, health_servicer, writer, store, http, port, tracing, calls, router)
         log.info(
             "llm-gateway serving on %s (port %d), auth %s, traces %s",
             settings.listen,
@@ -246,6 +253,11 @@ class GatewayServer:
             ",".join(settings.trace_backends),
         )
         return port
+
+    async def reload_routes(self) -> bool:
+        """SIGHUP: read the routes file again; calls in flight finish on the routes they started with."""
+        running = self._running
+        return await running.router.reload() if running is not None else False
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop serving: NOT_SERVING, refuse new calls, let in-flight ones finish, flush traces."""
@@ -333,6 +345,14 @@ async def serve(settings: Settings, *, signalled: Sequence[int] = ()) -> int:
     if signalled:
         stop_requested.set()
     gateway = GatewayServer(settings)
+    reloads: set[asyncio.Task[bool]] = set()
+
+    def reload_routes() -> None:
+        task = asyncio.create_task(gateway.reload_routes())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, reload_routes)
     starting = asyncio.create_task(gateway.start())
     waiting = asyncio.create_task(stop_requested.wait())
     await asyncio.wait((starting, waiting), return_when=asyncio.FIRST_COMPLETED)

@@ -36,6 +36,9 @@ def _run_one(settings: Settings) -> int:
         signalled.append(signum)
 
     previous = {sig: signal.signal(sig, remember) for sig in _STOP_SIGNALS}
+    # SIGHUP reloads the routes once serving; until then it must not kill the process (the
+    # routes file is read during start-up anyway).
+    previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
         from server.app import serve
 
@@ -87,6 +90,15 @@ def _serve_workers(settings: Settings) -> int:
 
     for sig in _STOP_SIGNALS:
         signal.signal(sig, forward)
+
+    def forward_reload(signum: int, _frame: object) -> None:
+        # Each worker reloads the routes file itself; the parent only passes SIGHUP on.
+        for process in started:
+            if process.pid is not None and process.is_alive():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(process.pid, signum)
+
+    signal.signal(signal.SIGHUP, forward_reload)
     for process in workers:
         process.start()
         started.append(process)

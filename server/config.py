@@ -83,6 +83,8 @@ class Settings:
     # UTF-8 bytes of text one answer may carry (content, reasoning, tool calls; streamed or unary).
     max_answer_bytes: int = DEFAULT_MAX_ANSWER_BYTES
     log_level: str = "INFO"
+    # The routes file (TOML, `server.routing.config`); reloaded on SIGHUP. "": no routes.
+    routes_file: str = ""
     # Local LLM servers (seed: openllm_auth_type / openllm_api_key): "", "bearer_token" or "api_key".
     local_auth_type: str = ""
     # The local server the local key belongs to; the key is sent to no other endpoint.

@@ -52,6 +52,8 @@ from server.providers.openai_compat import (
     sse_batches,
 )
 from server.providers.registry import provider_for
+from server.routing.attempts import Attempt
+from server.routing.router import Router, wants_routing
 from server.traces.base import TraceRecord, new_trace_id, trace_notes, trace_owner
 
 log = logging.getLogger("llmgateway.gateway")
@@ -80,6 +82,7 @@ class Dependencies:
     scrub: Callable[[str], str]
     tracer: Any = None  # an OpenTelemetry tracer when an exporter is configured, else None
     redactor: Redactor | None = None  # the known secrets, scrubbed from answers too
+    router: Router | None = None  # LLMGW_ROUTES_FILE's routes (None: no routes file)
 
 
 @dataclass(slots=True)
@@ -115,11 +118,14 @@ class Gateway:
         self.deps = deps
         self._settings = deps.settings
         self._config_json_cache: dict[bytes, str] = {}
+        self.router = deps.router or Router(deps.settings)
 
     # -- CountTokens -------------------------------------------------------------------------
 
     async def count_tokens(self, request: ChatRequest, actor: Actor) -> chat_pb2.CountTokensResponse:
         """The counts the guard of Create would use for this request and caller."""
+        if wants_routing(request):  # counted for the deployment Create would likely try first
+            self.router.for_counting(request, actor)
         keys = await function_keys_async(request.functions)
         off = off_loop(keys)  # a huge function set: its work runs in the offload pool
         await offload.run_if(off, lambda: validate_request(request, keys))
@@ -185,17 +191,30 @@ class Gateway:
 
     # -- planning ----------------------------------------------------------------------------
 
-    async def _plan(self, request: ChatRequest, actor: Actor, *, stream: bool, keys: FunctionKeys) -> Plan:
+    async def _plan(
+        self,
+        request: ChatRequest,
+        actor: Actor,
+        *,
+        stream: bool,
+        keys: FunctionKeys,
+        via: Attempt | None = None,
+    ) -> Plan:
         config = request.llm_config
         provider = provider_for(config.model_endpoint_type, self._settings)
-        target = await resolve_target(
-            config,
-            settings=self._settings,
-            actor=actor,
-            policy=self.deps.policy,
-            byok_provider=self.deps.byok_provider,
-            byok_urls=self.deps.byok_urls,
-            dialect=provider,
+        # A routed attempt may bring its deployment's own target (a key of the routes file).
+        target = (
+            via.target
+            if via is not None and via.target is not None
+            else await resolve_target(
+                config,
+                settings=self._settings,
+                actor=actor,
+                policy=self.deps.policy,
+                byok_provider=self.deps.byok_provider,
+                byok_urls=self.deps.byok_urls,
+                dialect=provider,
+            )
         )
         # Count the functions as sent to this endpoint (the inner-thoughts text depends on it).
         off = off_loop(keys)  # a huge function set: converted (strict too) and counted in the pool
@@ -218,11 +237,11 @@ class Gateway:
         """Scrubs the answer of a call to `target` of every known secret and of the key it sent."""
         return AnswerScrubber(self.deps.redactor, target.secrets)
 
-    def call_options(self, deadline: Deadline, span: Any) -> CallOptions:
+    def call_options(self, deadline: Deadline, span: Any, via: Attempt | None = None) -> CallOptions:
         # `server.core.retry` logs every retry decision and adds it to the current span itself.
         return CallOptions(
             deadline=deadline,
-            retry=self._settings.retry,
+            retry=via.retry if via is not None else self._settings.retry,
             default_timeout=self._settings.upstream_timeout,
             scrub=self.deps.scrub,
         )
@@ -303,32 +322,42 @@ class Gateway:
         metrics.record_trace(record)
 
     def traced_call(
-        self, request: ChatRequest, actor: Actor, target: UpstreamTarget, payload: bytes, kind: str
+        self,
+        request: ChatRequest,
+        actor: Actor,
+        target: UpstreamTarget,
+        payload: bytes,
+        kind: str,
+        via: Attempt | None = None,
     ) -> _TraceScope:
         """One upstream call: its span and its trace record, finished however the call ends.
 
         A plain (synchronous) context manager: entering and leaving awaits nothing, and this is
         on every request's path (an async generator-based one cost several microseconds more).
         """
-        return _TraceScope(self, request, actor, target, payload, kind)
+        return _TraceScope(self, request, actor, target, payload, kind, via)
 
     # -- Create ------------------------------------------------------------------------------
 
-    async def create(self, request: ChatRequest, actor: Actor, deadline: Deadline) -> chat_pb2.CreateResponse:
+    async def create(
+        self, request: ChatRequest, actor: Actor, deadline: Deadline, via: Attempt | None = None
+    ) -> chat_pb2.CreateResponse:
+        if via is None and wants_routing(request):  # a route or fallbacks: each attempt comes back here
+            return await self.router.create(self, request, actor, deadline)
         keys = await function_keys_async(request.functions)  # the cache key of all function handling below
         await offload.run_if(off_loop(keys), lambda: validate_request(request, keys))
         if request.llm_config.model_endpoint_type in LOCAL_TYPES:
             return await self._create_local(request, actor, deadline, keys)
-        plan = await self._plan(request, actor, stream=False, keys=keys)
+        plan = await self._plan(request, actor, stream=False, keys=keys, via=via)
         target, body, model = plan.target, plan.body, request.llm_config.model
-        with self.traced_call(request, actor, target, plan.payload, "create") as call:
+        with self.traced_call(request, actor, target, plan.payload, "create", via) as call:
             call.record.notes = plan.notes
             raw, answer = await post_json(
                 self.deps.http,
                 target,
                 plan.provider.endpoint_url(target.base_url, model, stream=False),
                 plan.payload,
-                self.call_options(deadline, call.span),
+                self.call_options(deadline, call.span, via),
                 dialect=plan.provider,
                 model=model,
             )
@@ -346,15 +375,19 @@ class Gateway:
     # -- StreamCreate ------------------------------------------------------------------------
 
     async def stream(
-        self, request: ChatRequest, actor: Actor, deadline: Deadline
+        self, request: ChatRequest, actor: Actor, deadline: Deadline, via: Attempt | None = None
     ) -> AsyncIterator[chat_pb2.StreamCreateResponse]:
+        if via is None and wants_routing(request):  # falls back only before the first event
+            async for routed in self.router.stream(self, request, actor, deadline):
+                yield routed
+            return
         keys = await function_keys_async(request.functions)
         await offload.run_if(off_loop(keys), lambda: validate_request(request, keys))
         if request.llm_config.model_endpoint_type in LOCAL_TYPES:
             async for event in self._stream_local(request, actor, deadline, keys):
                 yield event
             return
-        plan = await self._plan(request, actor, stream=True, keys=keys)
+        plan = await self._plan(request, actor, stream=True, keys=keys, via=via)
         target, body, count, model = plan.target, plan.body, plan.count, request.llm_config.model
         # Over LLMGW_MAX_ANSWER_BYTES the accumulator raises before the piece is kept or relayed.
         accumulator = StreamAccumulator(
@@ -362,7 +395,7 @@ class Gateway:
         )
         scrubber = self.answer_scrubber(target)  # an upstream may echo a key, even split over chunks
         want = tool_call_check.expected(request, body)
-        with self.traced_call(request, actor, target, plan.payload, "stream") as call:
+        with self.traced_call(request, actor, target, plan.payload, "stream", via) as call:
             call.record.notes = plan.notes
             call.partial = lambda: (
                 orjson.dumps(accumulator.completion()).decode() if accumulator.chunks else ""
@@ -372,7 +405,7 @@ class Gateway:
                 target,
                 plan.provider.endpoint_url(target.base_url, model, stream=True),
                 plan.payload,
-                self.call_options(deadline, call.span),
+                self.call_options(deadline, call.span, via),
                 dialect=plan.provider,
                 model=model,
             )
@@ -510,6 +543,7 @@ class _TraceScope:
         "_call",
         "_span_scope",
         "_in_flight",
+        "_via",
     )
 
     def __init__(
@@ -520,6 +554,7 @@ class _TraceScope:
         target: UpstreamTarget,
         payload: bytes,
         kind: str,
+        via: Attempt | None = None,
     ) -> None:
         self._gateway = gateway
         self._request = request
@@ -531,6 +566,7 @@ class _TraceScope:
         self._span_scope: AbstractContextManager[Any] | None = None
         # Taken now: a stream abandoned mid-way is closed later, maybe from another task.
         self._in_flight = current_call()
+        self._via = via
 
     def __enter__(self) -> TracedCall:
         gateway = self._gateway
@@ -548,6 +584,8 @@ class _TraceScope:
         call, span_scope = self._call, self._span_scope
         assert call is not None and span_scope is not None
         record, gateway = call.record, self._gateway
+        if self._via is not None:
+            self._via.annotate(record, exc)  # route, deployment and the call's attempts so far
         try:
             if exc is None:
                 if call.completion is not None:

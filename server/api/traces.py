@@ -18,6 +18,7 @@ from server.api.context import Context, parse, run_unary
 from server.api.handlers import service, unary
 from server.auth.actor import Actor
 from server.errors import FailedPrecondition, InvalidRequest, NotFound
+from server.routing.attempts import route_attempts
 from server.traces.base import (
     TraceBackend,
     TraceQuery,
@@ -74,6 +75,9 @@ def trace_to_proto(record: TraceRecord) -> traces_pb2.ProviderTrace:
         time_to_first_token_ms=record.time_to_first_token_ms,
         created_at=created,
         notes=record.notes,
+        route=record.route,
+        deployment=record.deployment,
+        attempts=route_attempts(record.attempts_json),
     )
 
 

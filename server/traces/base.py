@@ -80,6 +80,12 @@ class TraceRecord:
     # The parameters the provider was not sent as given (`Provider.build_body` notes, through
     # `trace_notes`); after cache_write_tokens for the same reason (each backend's migration 4).
     notes: list[str] = field(default_factory=list)
+    # Routed calls (issue 16): the route the request named, the deployment of this call, and
+    # every attempt of the call so far as JSON text (`server.routing.attempts_json`). Last, as
+    # above (a migration of each backend adds them).
+    route: str = ""
+    deployment: str = ""
+    attempts_json: str = ""
 
 
 # Notes are parameter names the gateway wrote; the bounds only keep a trace small whatever a

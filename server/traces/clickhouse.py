@@ -95,6 +95,12 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     (f"ALTER TABLE {{database}}.{TABLE} ADD COLUMN cache_write_tokens Int64",),
     # ProviderTrace.notes (issue 13): rows written before read an empty list.
     (f"ALTER TABLE {{database}}.{TABLE} ADD COLUMN notes Array(String)",),
+    # Routes (issue 16): rows written before were direct calls (the columns' default is '').
+    (
+        f"ALTER TABLE {{database}}.{TABLE} ADD COLUMN route String",
+        f"ALTER TABLE {{database}}.{TABLE} ADD COLUMN deployment String",
+        f"ALTER TABLE {{database}}.{TABLE} ADD COLUMN attempts_json String",
+    ),
 )
 
 # Columns as selected: created_at comes back as created_at_us for full resolution.
@@ -154,6 +160,7 @@ def _to_row(r: TraceRecord) -> dict[str, Any]:
         "reasoning_tokens": r.reasoning_tokens, "latency_ms": r.latency_ms,
         "time_to_first_token_ms": r.time_to_first_token_ms, "llm_config_json": r.llm_config_json,
         "owner": r.owner, "cache_write_tokens": r.cache_write_tokens, "notes": r.notes,
+        "route": r.route, "deployment": r.deployment, "attempts_json": r.attempts_json,
     }  # fmt: skip
 
 

@@ -90,6 +90,12 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX IF NOT EXISTS ix_provider_traces_org_error_created ON provider_traces"
         " (organization_id, error_type, created_at DESC, id DESC)",
     ),
+    # Routes (issue 16): rows written before were direct calls.
+    (
+        "ALTER TABLE provider_traces ADD COLUMN IF NOT EXISTS route text NOT NULL DEFAULT ''",
+        "ALTER TABLE provider_traces ADD COLUMN IF NOT EXISTS deployment text NOT NULL DEFAULT ''",
+        "ALTER TABLE provider_traces ADD COLUMN IF NOT EXISTS attempts_json text NOT NULL DEFAULT ''",
+    ),
 )
 
 _COLUMN_LIST = ", ".join(TRACE_COLUMNS)
@@ -109,7 +115,8 @@ def _to_row(r: TraceRecord) -> tuple[Any, ...]:
         r.run_id, r.call_type, r.provider, r.model, r.model_endpoint_type, r.is_byok, r.request_json,
         r.response_json, r.error_type, r.error_message, r.prompt_tokens, r.completion_tokens,
         r.total_tokens, r.cached_tokens, r.reasoning_tokens, r.latency_ms, r.time_to_first_token_ms,
-        r.llm_config_json, r.owner, r.cache_write_tokens, list(r.notes),
+        r.llm_config_json, r.owner, r.cache_write_tokens, list(r.notes), r.route, r.deployment,
+        r.attempts_json,
     )  # fmt: skip
     # PostgreSQL text cannot hold NUL; one such character would fail the whole batch forever.
     if (

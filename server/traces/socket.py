@@ -59,6 +59,10 @@ def to_record(trace: TraceRecord) -> dict[str, Any]:
         "latency_ms": trace.latency_ms,
         # Not in the seed's record: parameters the provider was not sent as given (issue 13).
         "notes": list(trace.notes),
+        # Routed calls (issue 16); absent keys read as a direct call in the seed's sidecar.
+        "route": trace.route or None,
+        "deployment": trace.deployment or None,
+        "attempts": _json_or_none(trace.attempts_json),
     }
 
 

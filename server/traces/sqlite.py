@@ -105,6 +105,12 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX ix_provider_traces_org_error_created ON provider_traces"
         " (organization_id, error_type, created_at, id)",
     ),
+    # Routes (issue 16): rows written before were direct calls.
+    (
+        "ALTER TABLE provider_traces ADD COLUMN route TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE provider_traces ADD COLUMN deployment TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE provider_traces ADD COLUMN attempts_json TEXT NOT NULL DEFAULT ''",
+    ),
 )
 
 PRAGMAS = (
@@ -150,7 +156,7 @@ def _to_row(record: TraceRecord) -> tuple[Any, ...]:
         r.model_endpoint_type, int(r.is_byok), r.request_json, r.response_json, r.error_type,
         r.error_message, r.prompt_tokens, r.completion_tokens, r.total_tokens, r.cached_tokens,
         r.reasoning_tokens, r.latency_ms, r.time_to_first_token_ms, r.llm_config_json, r.owner,
-        r.cache_write_tokens, orjson.dumps(r.notes).decode(),
+        r.cache_write_tokens, orjson.dumps(r.notes).decode(), r.route, r.deployment, r.attempts_json,
     )  # fmt: skip
 
 

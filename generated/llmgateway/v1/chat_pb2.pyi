@@ -196,7 +196,7 @@ class TraceContext(_message.Message):
     def __init__(self, step_id: _Optional[str] = ..., agent_id: _Optional[str] = ..., run_id: _Optional[str] = ..., call_type: _Optional[str] = ..., tags: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class CreateRequest(_message.Message):
-    __slots__ = ("llm_config", "messages", "functions", "function_call", "force_tool_call", "use_tool_naming", "put_inner_thoughts_first", "first_message", "user_id", "name", "trace", "final_completion_without_deltas")
+    __slots__ = ("llm_config", "messages", "functions", "function_call", "force_tool_call", "use_tool_naming", "put_inner_thoughts_first", "first_message", "user_id", "name", "trace", "final_completion_without_deltas", "route", "fallbacks")
     LLM_CONFIG_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     FUNCTIONS_FIELD_NUMBER: _ClassVar[int]
@@ -209,6 +209,8 @@ class CreateRequest(_message.Message):
     NAME_FIELD_NUMBER: _ClassVar[int]
     TRACE_FIELD_NUMBER: _ClassVar[int]
     FINAL_COMPLETION_WITHOUT_DELTAS_FIELD_NUMBER: _ClassVar[int]
+    ROUTE_FIELD_NUMBER: _ClassVar[int]
+    FALLBACKS_FIELD_NUMBER: _ClassVar[int]
     llm_config: LLMConfig
     messages: _containers.RepeatedCompositeFieldContainer[Message]
     functions: _containers.RepeatedCompositeFieldContainer[FunctionDefinition]
@@ -221,10 +223,12 @@ class CreateRequest(_message.Message):
     name: str
     trace: TraceContext
     final_completion_without_deltas: bool
-    def __init__(self, llm_config: _Optional[_Union[LLMConfig, _Mapping]] = ..., messages: _Optional[_Iterable[_Union[Message, _Mapping]]] = ..., functions: _Optional[_Iterable[_Union[FunctionDefinition, _Mapping]]] = ..., function_call: _Optional[str] = ..., force_tool_call: _Optional[str] = ..., use_tool_naming: _Optional[bool] = ..., put_inner_thoughts_first: _Optional[bool] = ..., first_message: _Optional[bool] = ..., user_id: _Optional[str] = ..., name: _Optional[str] = ..., trace: _Optional[_Union[TraceContext, _Mapping]] = ..., final_completion_without_deltas: _Optional[bool] = ...) -> None: ...
+    route: str
+    fallbacks: _containers.RepeatedCompositeFieldContainer[LLMConfig]
+    def __init__(self, llm_config: _Optional[_Union[LLMConfig, _Mapping]] = ..., messages: _Optional[_Iterable[_Union[Message, _Mapping]]] = ..., functions: _Optional[_Iterable[_Union[FunctionDefinition, _Mapping]]] = ..., function_call: _Optional[str] = ..., force_tool_call: _Optional[str] = ..., use_tool_naming: _Optional[bool] = ..., put_inner_thoughts_first: _Optional[bool] = ..., first_message: _Optional[bool] = ..., user_id: _Optional[str] = ..., name: _Optional[str] = ..., trace: _Optional[_Union[TraceContext, _Mapping]] = ..., final_completion_without_deltas: _Optional[bool] = ..., route: _Optional[str] = ..., fallbacks: _Optional[_Iterable[_Union[LLMConfig, _Mapping]]] = ...) -> None: ...
 
 class StreamCreateRequest(_message.Message):
-    __slots__ = ("llm_config", "messages", "functions", "function_call", "force_tool_call", "use_tool_naming", "put_inner_thoughts_first", "first_message", "user_id", "name", "trace", "final_completion_without_deltas")
+    __slots__ = ("llm_config", "messages", "functions", "function_call", "force_tool_call", "use_tool_naming", "put_inner_thoughts_first", "first_message", "user_id", "name", "trace", "final_completion_without_deltas", "route", "fallbacks")
     LLM_CONFIG_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     FUNCTIONS_FIELD_NUMBER: _ClassVar[int]
@@ -237,6 +241,8 @@ class StreamCreateRequest(_message.Message):
     NAME_FIELD_NUMBER: _ClassVar[int]
     TRACE_FIELD_NUMBER: _ClassVar[int]
     FINAL_COMPLETION_WITHOUT_DELTAS_FIELD_NUMBER: _ClassVar[int]
+    ROUTE_FIELD_NUMBER: _ClassVar[int]
+    FALLBACKS_FIELD_NUMBER: _ClassVar[int]
     llm_config: LLMConfig
     messages: _containers.RepeatedCompositeFieldContainer[Message]
     functions: _containers.RepeatedCompositeFieldContainer[FunctionDefinition]
@@ -249,10 +255,12 @@ class StreamCreateRequest(_message.Message):
     name: str
     trace: TraceContext
     final_completion_without_deltas: bool
-    def __init__(self, llm_config: _Optional[_Union[LLMConfig, _Mapping]] = ..., messages: _Optional[_Iterable[_Union[Message, _Mapping]]] = ..., functions: _Optional[_Iterable[_Union[FunctionDefinition, _Mapping]]] = ..., function_call: _Optional[str] = ..., force_tool_call: _Optional[str] = ..., use_tool_naming: _Optional[bool] = ..., put_inner_thoughts_first: _Optional[bool] = ..., first_message: _Optional[bool] = ..., user_id: _Optional[str] = ..., name: _Optional[str] = ..., trace: _Optional[_Union[TraceContext, _Mapping]] = ..., final_completion_without_deltas: _Optional[bool] = ...) -> None: ...
+    route: str
+    fallbacks: _containers.RepeatedCompositeFieldContainer[LLMConfig]
+    def __init__(self, llm_config: _Optional[_Union[LLMConfig, _Mapping]] = ..., messages: _Optional[_Iterable[_Union[Message, _Mapping]]] = ..., functions: _Optional[_Iterable[_Union[FunctionDefinition, _Mapping]]] = ..., function_call: _Optional[str] = ..., force_tool_call: _Optional[str] = ..., use_tool_naming: _Optional[bool] = ..., put_inner_thoughts_first: _Optional[bool] = ..., first_message: _Optional[bool] = ..., user_id: _Optional[str] = ..., name: _Optional[str] = ..., trace: _Optional[_Union[TraceContext, _Mapping]] = ..., final_completion_without_deltas: _Optional[bool] = ..., route: _Optional[str] = ..., fallbacks: _Optional[_Iterable[_Union[LLMConfig, _Mapping]]] = ...) -> None: ...
 
 class CountTokensRequest(_message.Message):
-    __slots__ = ("llm_config", "messages", "functions", "function_call", "force_tool_call", "use_tool_naming", "put_inner_thoughts_first", "first_message", "user_id", "name", "trace", "final_completion_without_deltas")
+    __slots__ = ("llm_config", "messages", "functions", "function_call", "force_tool_call", "use_tool_naming", "put_inner_thoughts_first", "first_message", "user_id", "name", "trace", "final_completion_without_deltas", "route", "fallbacks")
     LLM_CONFIG_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     FUNCTIONS_FIELD_NUMBER: _ClassVar[int]
@@ -265,6 +273,8 @@ class CountTokensRequest(_message.Message):
     NAME_FIELD_NUMBER: _ClassVar[int]
     TRACE_FIELD_NUMBER: _ClassVar[int]
     FINAL_COMPLETION_WITHOUT_DELTAS_FIELD_NUMBER: _ClassVar[int]
+    ROUTE_FIELD_NUMBER: _ClassVar[int]
+    FALLBACKS_FIELD_NUMBER: _ClassVar[int]
     llm_config: LLMConfig
     messages: _containers.RepeatedCompositeFieldContainer[Message]
     functions: _containers.RepeatedCompositeFieldContainer[FunctionDefinition]
@@ -277,7 +287,9 @@ class CountTokensRequest(_message.Message):
     name: str
     trace: TraceContext
     final_completion_without_deltas: bool
-    def __init__(self, llm_config: _Optional[_Union[LLMConfig, _Mapping]] = ..., messages: _Optional[_Iterable[_Union[Message, _Mapping]]] = ..., functions: _Optional[_Iterable[_Union[FunctionDefinition, _Mapping]]] = ..., function_call: _Optional[str] = ..., force_tool_call: _Optional[str] = ..., use_tool_naming: _Optional[bool] = ..., put_inner_thoughts_first: _Optional[bool] = ..., first_message: _Optional[bool] = ..., user_id: _Optional[str] = ..., name: _Optional[str] = ..., trace: _Optional[_Union[TraceContext, _Mapping]] = ..., final_completion_without_deltas: _Optional[bool] = ...) -> None: ...
+    route: str
+    fallbacks: _containers.RepeatedCompositeFieldContainer[LLMConfig]
+    def __init__(self, llm_config: _Optional[_Union[LLMConfig, _Mapping]] = ..., messages: _Optional[_Iterable[_Union[Message, _Mapping]]] = ..., functions: _Optional[_Iterable[_Union[FunctionDefinition, _Mapping]]] = ..., function_call: _Optional[str] = ..., force_tool_call: _Optional[str] = ..., use_tool_naming: _Optional[bool] = ..., put_inner_thoughts_first: _Optional[bool] = ..., first_message: _Optional[bool] = ..., user_id: _Optional[str] = ..., name: _Optional[str] = ..., trace: _Optional[_Union[TraceContext, _Mapping]] = ..., final_completion_without_deltas: _Optional[bool] = ..., route: _Optional[str] = ..., fallbacks: _Optional[_Iterable[_Union[LLMConfig, _Mapping]]] = ...) -> None: ...
 
 class Usage(_message.Message):
     __slots__ = ("prompt_tokens", "completion_tokens", "total_tokens", "cached_tokens", "reasoning_tokens", "cache_write_tokens")
@@ -322,12 +334,28 @@ class ChatCompletion(_message.Message):
     def __init__(self, id: _Optional[str] = ..., model: _Optional[str] = ..., created: _Optional[int] = ..., choices: _Optional[_Iterable[_Union[Choice, _Mapping]]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., system_fingerprint: _Optional[str] = ...) -> None: ...
 
 class CreateResponse(_message.Message):
-    __slots__ = ("completion", "provider_trace_id")
+    __slots__ = ("completion", "provider_trace_id", "deployment")
     COMPLETION_FIELD_NUMBER: _ClassVar[int]
     PROVIDER_TRACE_ID_FIELD_NUMBER: _ClassVar[int]
+    DEPLOYMENT_FIELD_NUMBER: _ClassVar[int]
     completion: ChatCompletion
     provider_trace_id: str
-    def __init__(self, completion: _Optional[_Union[ChatCompletion, _Mapping]] = ..., provider_trace_id: _Optional[str] = ...) -> None: ...
+    deployment: RouteDeployment
+    def __init__(self, completion: _Optional[_Union[ChatCompletion, _Mapping]] = ..., provider_trace_id: _Optional[str] = ..., deployment: _Optional[_Union[RouteDeployment, _Mapping]] = ...) -> None: ...
+
+class RouteDeployment(_message.Message):
+    __slots__ = ("route", "name", "model_endpoint_type", "model", "attempts")
+    ROUTE_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_ENDPOINT_TYPE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
+    route: str
+    name: str
+    model_endpoint_type: str
+    model: str
+    attempts: int
+    def __init__(self, route: _Optional[str] = ..., name: _Optional[str] = ..., model_endpoint_type: _Optional[str] = ..., model: _Optional[str] = ..., attempts: _Optional[int] = ...) -> None: ...
 
 class ToolCallDelta(_message.Message):
     __slots__ = ("index", "id", "name", "arguments")
@@ -356,14 +384,16 @@ class ChatCompletionDelta(_message.Message):
     def __init__(self, index: _Optional[int] = ..., content: _Optional[str] = ..., reasoning_content: _Optional[str] = ..., tool_calls: _Optional[_Iterable[_Union[ToolCallDelta, _Mapping]]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ...) -> None: ...
 
 class StreamCreateResponse(_message.Message):
-    __slots__ = ("delta", "completion", "provider_trace_id")
+    __slots__ = ("delta", "completion", "provider_trace_id", "deployment")
     DELTA_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_FIELD_NUMBER: _ClassVar[int]
     PROVIDER_TRACE_ID_FIELD_NUMBER: _ClassVar[int]
+    DEPLOYMENT_FIELD_NUMBER: _ClassVar[int]
     delta: ChatCompletionDelta
     completion: ChatCompletion
     provider_trace_id: str
-    def __init__(self, delta: _Optional[_Union[ChatCompletionDelta, _Mapping]] = ..., completion: _Optional[_Union[ChatCompletion, _Mapping]] = ..., provider_trace_id: _Optional[str] = ...) -> None: ...
+    deployment: RouteDeployment
+    def __init__(self, delta: _Optional[_Union[ChatCompletionDelta, _Mapping]] = ..., completion: _Optional[_Union[ChatCompletion, _Mapping]] = ..., provider_trace_id: _Optional[str] = ..., deployment: _Optional[_Union[RouteDeployment, _Mapping]] = ...) -> None: ...
 
 class CountTokensResponse(_message.Message):
     __slots__ = ("prompt_tokens", "function_tokens", "total_tokens", "context_window", "encoding")

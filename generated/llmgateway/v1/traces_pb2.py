@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from llmgateway.v1 import chat_pb2 as llmgateway_dot_v1_dot_chat__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1allmgateway/v1/traces.proto\x12\rllmgateway.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18llmgateway/v1/chat.proto\"\xf1\x03\n\rProviderTrace\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07step_id\x18\x02 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x03 \x01(\t\x12\x12\n\nagent_tags\x18\x04 \x03(\t\x12\x0e\n\x06run_id\x18\x05 \x01(\t\x12\x11\n\tcall_type\x18\x06 \x01(\t\x12\x17\n\x0forganization_id\x18\x07 \x01(\t\x12\x0f\n\x07user_id\x18\x08 \x01(\t\x12\x10\n\x08provider\x18\t \x01(\t\x12\r\n\x05model\x18\n \x01(\t\x12\x1b\n\x13model_endpoint_type\x18\x0b \x01(\t\x12\x0f\n\x07is_byok\x18\x0c \x01(\x08\x12\x14\n\x0crequest_json\x18\r \x01(\t\x12\x15\n\rresponse_json\x18\x0e \x01(\t\x12\x12\n\nerror_type\x18\x0f \x01(\t\x12\x15\n\rerror_message\x18\x10 \x01(\t\x12#\n\x05usage\x18\x11 \x01(\x0b\x32\x14.llmgateway.v1.Usage\x12\x12\n\nlatency_ms\x18\x12 \x01(\x01\x12\x1e\n\x16time_to_first_token_ms\x18\x13 \x01(\x01\x12.\n\ncreated_at\x18\x14 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\ttruncated\x18\x15 \x01(\x08\x12\r\n\x05notes\x18\x16 \x03(\t\"*\n\x17GetProviderTraceRequest\x12\x0f\n\x07step_id\x18\x01 \x01(\t\"G\n\x18GetProviderTraceResponse\x12+\n\x05trace\x18\x01 \x01(\x0b\x32\x1c.llmgateway.v1.ProviderTrace\"\xd3\x01\n\x19ListProviderTracesRequest\x12\x0f\n\x07step_id\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x03 \x01(\t\x12.\n\nstart_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tpage_size\x18\x06 \x01(\x05\x12\x12\n\npage_token\x18\x07 \x01(\t\"c\n\x1aListProviderTracesResponse\x12,\n\x06traces\x18\x01 \x03(\x0b\x32\x1c.llmgateway.v1.ProviderTrace\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\xe6\x01\n\x14ProviderTraceService\x12\x63\n\x10GetProviderTrace\x12&.llmgateway.v1.GetProviderTraceRequest\x1a\'.llmgateway.v1.GetProviderTraceResponse\x12i\n\x12ListProviderTraces\x12(.llmgateway.v1.ListProviderTracesRequest\x1a).llmgateway.v1.ListProviderTracesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1allmgateway/v1/traces.proto\x12\rllmgateway.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18llmgateway/v1/chat.proto\"\xc3\x04\n\rProviderTrace\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07step_id\x18\x02 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x03 \x01(\t\x12\x12\n\nagent_tags\x18\x04 \x03(\t\x12\x0e\n\x06run_id\x18\x05 \x01(\t\x12\x11\n\tcall_type\x18\x06 \x01(\t\x12\x17\n\x0forganization_id\x18\x07 \x01(\t\x12\x0f\n\x07user_id\x18\x08 \x01(\t\x12\x10\n\x08provider\x18\t \x01(\t\x12\r\n\x05model\x18\n \x01(\t\x12\x1b\n\x13model_endpoint_type\x18\x0b \x01(\t\x12\x0f\n\x07is_byok\x18\x0c \x01(\x08\x12\x14\n\x0crequest_json\x18\r \x01(\t\x12\x15\n\rresponse_json\x18\x0e \x01(\t\x12\x12\n\nerror_type\x18\x0f \x01(\t\x12\x15\n\rerror_message\x18\x10 \x01(\t\x12#\n\x05usage\x18\x11 \x01(\x0b\x32\x14.llmgateway.v1.Usage\x12\x12\n\nlatency_ms\x18\x12 \x01(\x01\x12\x1e\n\x16time_to_first_token_ms\x18\x13 \x01(\x01\x12.\n\ncreated_at\x18\x14 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\ttruncated\x18\x15 \x01(\x08\x12\r\n\x05notes\x18\x16 \x03(\t\x12\r\n\x05route\x18\x17 \x01(\t\x12\x12\n\ndeployment\x18\x18 \x01(\t\x12-\n\x08\x61ttempts\x18\x19 \x03(\x0b\x32\x1b.llmgateway.v1.RouteAttempt\"U\n\x0cRouteAttempt\x12\r\n\x05route\x18\x01 \x01(\t\x12\x12\n\ndeployment\x18\x02 \x01(\t\x12\x0e\n\x06status\x18\x03 \x01(\t\x12\x12\n\nlatency_ms\x18\x04 \x01(\x01\"*\n\x17GetProviderTraceRequest\x12\x0f\n\x07step_id\x18\x01 \x01(\t\"G\n\x18GetProviderTraceResponse\x12+\n\x05trace\x18\x01 \x01(\x0b\x32\x1c.llmgateway.v1.ProviderTrace\"\xd3\x01\n\x19ListProviderTracesRequest\x12\x0f\n\x07step_id\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x03 \x01(\t\x12.\n\nstart_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tpage_size\x18\x06 \x01(\x05\x12\x12\n\npage_token\x18\x07 \x01(\t\"c\n\x1aListProviderTracesResponse\x12,\n\x06traces\x18\x01 \x03(\x0b\x32\x1c.llmgateway.v1.ProviderTrace\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\xe6\x01\n\x14ProviderTraceService\x12\x63\n\x10GetProviderTrace\x12&.llmgateway.v1.GetProviderTraceRequest\x1a\'.llmgateway.v1.GetProviderTraceResponse\x12i\n\x12ListProviderTraces\x12(.llmgateway.v1.ListProviderTracesRequest\x1a).llmgateway.v1.ListProviderTracesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,15 +34,17 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'llmgateway.v1.traces_pb2', 
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_PROVIDERTRACE']._serialized_start=105
-  _globals['_PROVIDERTRACE']._serialized_end=602
-  _globals['_GETPROVIDERTRACEREQUEST']._serialized_start=604
-  _globals['_GETPROVIDERTRACEREQUEST']._serialized_end=646
-  _globals['_GETPROVIDERTRACERESPONSE']._serialized_start=648
-  _globals['_GETPROVIDERTRACERESPONSE']._serialized_end=719
-  _globals['_LISTPROVIDERTRACESREQUEST']._serialized_start=722
-  _globals['_LISTPROVIDERTRACESREQUEST']._serialized_end=933
-  _globals['_LISTPROVIDERTRACESRESPONSE']._serialized_start=935
-  _globals['_LISTPROVIDERTRACESRESPONSE']._serialized_end=1034
-  _globals['_PROVIDERTRACESERVICE']._serialized_start=1037
-  _globals['_PROVIDERTRACESERVICE']._serialized_end=1267
+  _globals['_PROVIDERTRACE']._serialized_end=684
+  _globals['_ROUTEATTEMPT']._serialized_start=686
+  _globals['_ROUTEATTEMPT']._serialized_end=771
+  _globals['_GETPROVIDERTRACEREQUEST']._serialized_start=773
+  _globals['_GETPROVIDERTRACEREQUEST']._serialized_end=815
+  _globals['_GETPROVIDERTRACERESPONSE']._serialized_start=817
+  _globals['_GETPROVIDERTRACERESPONSE']._serialized_end=888
+  _globals['_LISTPROVIDERTRACESREQUEST']._serialized_start=891
+  _globals['_LISTPROVIDERTRACESREQUEST']._serialized_end=1102
+  _globals['_LISTPROVIDERTRACESRESPONSE']._serialized_start=1104
+  _globals['_LISTPROVIDERTRACESRESPONSE']._serialized_end=1203
+  _globals['_PROVIDERTRACESERVICE']._serialized_start=1206
+  _globals['_PROVIDERTRACESERVICE']._serialized_end=1436
 # @@protoc_insertion_point(module_scope)

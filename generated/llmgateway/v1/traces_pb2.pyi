@@ -11,7 +11,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ProviderTrace(_message.Message):
-    __slots__ = ("id", "step_id", "agent_id", "agent_tags", "run_id", "call_type", "organization_id", "user_id", "provider", "model", "model_endpoint_type", "is_byok", "request_json", "response_json", "error_type", "error_message", "usage", "latency_ms", "time_to_first_token_ms", "created_at", "truncated", "notes")
+    __slots__ = ("id", "step_id", "agent_id", "agent_tags", "run_id", "call_type", "organization_id", "user_id", "provider", "model", "model_endpoint_type", "is_byok", "request_json", "response_json", "error_type", "error_message", "usage", "latency_ms", "time_to_first_token_ms", "created_at", "truncated", "notes", "route", "deployment", "attempts")
     ID_FIELD_NUMBER: _ClassVar[int]
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
@@ -34,6 +34,9 @@ class ProviderTrace(_message.Message):
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     TRUNCATED_FIELD_NUMBER: _ClassVar[int]
     NOTES_FIELD_NUMBER: _ClassVar[int]
+    ROUTE_FIELD_NUMBER: _ClassVar[int]
+    DEPLOYMENT_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
     id: str
     step_id: str
     agent_id: str
@@ -56,7 +59,22 @@ class ProviderTrace(_message.Message):
     created_at: _timestamp_pb2.Timestamp
     truncated: bool
     notes: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, id: _Optional[str] = ..., step_id: _Optional[str] = ..., agent_id: _Optional[str] = ..., agent_tags: _Optional[_Iterable[str]] = ..., run_id: _Optional[str] = ..., call_type: _Optional[str] = ..., organization_id: _Optional[str] = ..., user_id: _Optional[str] = ..., provider: _Optional[str] = ..., model: _Optional[str] = ..., model_endpoint_type: _Optional[str] = ..., is_byok: _Optional[bool] = ..., request_json: _Optional[str] = ..., response_json: _Optional[str] = ..., error_type: _Optional[str] = ..., error_message: _Optional[str] = ..., usage: _Optional[_Union[_chat_pb2.Usage, _Mapping]] = ..., latency_ms: _Optional[float] = ..., time_to_first_token_ms: _Optional[float] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., truncated: _Optional[bool] = ..., notes: _Optional[_Iterable[str]] = ...) -> None: ...
+    route: str
+    deployment: str
+    attempts: _containers.RepeatedCompositeFieldContainer[RouteAttempt]
+    def __init__(self, id: _Optional[str] = ..., step_id: _Optional[str] = ..., agent_id: _Optional[str] = ..., agent_tags: _Optional[_Iterable[str]] = ..., run_id: _Optional[str] = ..., call_type: _Optional[str] = ..., organization_id: _Optional[str] = ..., user_id: _Optional[str] = ..., provider: _Optional[str] = ..., model: _Optional[str] = ..., model_endpoint_type: _Optional[str] = ..., is_byok: _Optional[bool] = ..., request_json: _Optional[str] = ..., response_json: _Optional[str] = ..., error_type: _Optional[str] = ..., error_message: _Optional[str] = ..., usage: _Optional[_Union[_chat_pb2.Usage, _Mapping]] = ..., latency_ms: _Optional[float] = ..., time_to_first_token_ms: _Optional[float] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., truncated: _Optional[bool] = ..., notes: _Optional[_Iterable[str]] = ..., route: _Optional[str] = ..., deployment: _Optional[str] = ..., attempts: _Optional[_Iterable[_Union[RouteAttempt, _Mapping]]] = ...) -> None: ...
+
+class RouteAttempt(_message.Message):
+    __slots__ = ("route", "deployment", "status", "latency_ms")
+    ROUTE_FIELD_NUMBER: _ClassVar[int]
+    DEPLOYMENT_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_MS_FIELD_NUMBER: _ClassVar[int]
+    route: str
+    deployment: str
+    status: str
+    latency_ms: float
+    def __init__(self, route: _Optional[str] = ..., deployment: _Optional[str] = ..., status: _Optional[str] = ..., latency_ms: _Optional[float] = ...) -> None: ...
 
 class GetProviderTraceRequest(_message.Message):
     __slots__ = ("step_id",)

@@ -1,0 +1,104 @@
+"""What a routed call records: one `Attempt` handed to the gateway per upstream attempt, the
+list of attempts on the trace (`attempts_json`), and the answering deployment on the response."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import orjson
+from llmgateway.v1 import traces_pb2
+
+from server.config import RetrySettings
+from server.errors import GatewayError
+from server.providers.base import UpstreamTarget
+from server.traces.base import TraceRecord
+
+MAX_RECORDED = 32  # attempts kept on a trace; a call makes few, this bounds a pathological one
+OK = "OK"
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptResult:
+    route: str
+    deployment: str
+    status: str  # "OK", an ErrorInfo reason, or SKIPPED_* when nothing was sent
+    latency_ms: float
+
+
+@dataclass(slots=True)
+class Attempt:
+    """One try of one deployment, as the gateway sees it (`via`): where to send it, with which
+    retry policy, and the call's attempt list its trace records."""
+
+    route: str  # the route the request named ("" for llm_config / inline fallbacks)
+    deployment: str  # "route/name", "llm_config" or "fallbacks[i]"
+    target: UpstreamTarget | None  # prebuilt (file keys, keyless); None: resolved as a direct call
+    retry: RetrySettings
+    results: list[AttemptResult]
+    started: float = field(default_factory=time.perf_counter)
+    recorded: bool = False
+
+    def finish(self, error: BaseException | None) -> None:
+        """Append this attempt's result to the call's list (once)."""
+        if self.recorded:
+            return
+        if error is None:
+            status = OK
+        elif isinstance(error, GatewayError):
+            status = error.reason
+        else:
+            status = type(error).__name__
+        self.finish_as(status)
+
+    def finish_as(self, status: str) -> None:
+        if self.recorded:
+            return
+        self.recorded = True
+        if len(self.results) < MAX_RECORDED:
+            latency = (time.perf_counter() - self.started) * 1000.0
+            self.results.append(AttemptResult(self.route, self.deployment, status, latency))
+
+    def annotate(self, record: TraceRecord, error: BaseException | None) -> None:
+        """The trace of this attempt: route, deployment and every attempt so far (this one last)."""
+        self.finish(error)
+        record.route = self.route
+        record.deployment = self.deployment
+        record.attempts_json = attempts_json(self.results)
+
+
+def attempts_json(results: list[AttemptResult]) -> str:
+    return orjson.dumps(
+        [
+            {
+                "route": r.route,
+                "deployment": r.deployment,
+                "status": r.status,
+                "latency_ms": r.latency_ms,
+            }
+            for r in results
+        ]
+    ).decode()
+
+
+def route_attempts(text: str) -> list[traces_pb2.RouteAttempt]:
+    """The trace's attempts as protos (a row written before routes, or unreadable: none)."""
+    if not text:
+        return []
+    try:
+        items = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return []
+    out = []
+    for item in items if isinstance(items, list) else ():
+        if isinstance(item, dict):
+            latency = item.get("latency_ms")
+            out.append(
+                traces_pb2.RouteAttempt(
+                    route=str(item.get("route", "")),
+                    deployment=str(item.get("deployment", "")),
+                    status=str(item.get("status", "")),
+                    latency_ms=float(latency) if isinstance(latency, int | float) else 0.0,
+                )
+            )
+    return out
