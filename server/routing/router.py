@@ -560,8 +560,12 @@ class _Call:
             if d is not None:
                 health.cool(c.unit, max(_retry_after(error), d.cooldown))
             return
-        if isinstance(error, UpstreamRejected) and CONTEXT_LENGTH.search(error.message):
-            return  # the prompt, not the deployment: a bigger one may take it
+        # The provider's own context-length error (mapped to CONTEXT_WINDOW_EXCEEDED by the provider
+        # modules, or a 400 whose text says so): the prompt, not the deployment; a bigger one may take it.
+        if isinstance(error, ContextWindowExceeded) or (
+            isinstance(error, UpstreamRejected) and CONTEXT_LENGTH.search(error.message)
+        ):
+            return
         if isinstance(error, UpstreamAuthFailed) and d is not None and d.mode != "byok":
             # A server key was refused: out of use until the routes file is reloaded.
             if key is not None:
