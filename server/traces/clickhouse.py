@@ -237,6 +237,12 @@ class ClickHouseTraceBackend(TraceBackend):
             log.info("clickhouse trace schema migrated to version %d", index + 1)
         return max(version, len(MIGRATIONS))
 
+    async def apply_retention(self, seconds: float) -> None:
+        # ClickHouse expires rows itself, as parts merge: a table TTL instead of deletes.
+        await self._request(
+            f"ALTER TABLE {self._table} MODIFY TTL created_at + INTERVAL {int(seconds)} SECOND"
+        )
+
     async def write_batch(self, *, records: Sequence[TraceRecord]) -> None:
         if not records:
             return
