@@ -62,7 +62,8 @@ class HealthMonitor:
         self.counters = counters
         self.serving = True  # what the monitor last decided (shutdown aside)
         self._failing_backends: set[str] = set()
-        self._failed_batches = {s.backend: s.failed_batches for s in writer.stats}
+        self._failures = {s.backend: s.failed_batches + s.failed_starts for s in writer.stats}
+        self._written = {s.backend: s.written for s in writer.stats}
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -105,9 +106,12 @@ class HealthMonitor:
     def _check_trace_backends(self) -> None:
         for stats in self._writer.stats:
             name = stats.backend
-            before = self._failed_batches.get(name, 0)
-            self._failed_batches[name] = stats.failed_batches
-            if stats.failed_batches > before and name not in self._failing_backends:
+            failures = stats.failed_batches + stats.failed_starts
+            before = self._failures.get(name, 0)
+            self._failures[name] = failures
+            wrote = stats.written > self._written.get(name, 0)
+            self._written[name] = stats.written
+            if failures > before and name not in self._failing_backends:
                 self._failing_backends.add(name)
                 self.counters.trace_backend_outages[name] = (
                     self.counters.trace_backend_outages.get(name, 0) + 1
@@ -117,6 +121,6 @@ class HealthMonitor:
                     name,
                     stats.queued,
                 )
-            elif stats.failed_batches == before and name in self._failing_backends and not stats.queued:
+            elif failures == before and wrote and name in self._failing_backends:
                 self._failing_backends.discard(name)
                 log.warning("trace backend %s is writing again", name)
