@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from server.errors import ShuttingDown
 from server.gateway import Dependencies, Gateway
 from server.inflight import InFlight, uncancel_current
 from server.providers.http import HttpClient
+from server.providers.proxy import ProxyConfig
 from server.reflection import enable_reflection
 from server.serving_health import HealthMonitor
 from server.telemetry import Tracing, setup_tracing
@@ -131,6 +133,7 @@ class GatewayServer:
         settings = self.settings
         redactor = Redactor.from_settings(settings)
         install_log_redaction(redactor)
+        proxies = ProxyConfig.from_environ(os.environ)  # a garbled HTTPS_PROXY refuses to start
 
         # Load the tokenizers now so the first request does not pay for it (~0.4 s).
         await asyncio.to_thread(tokens.preload)
@@ -163,7 +166,9 @@ class GatewayServer:
             await pruner.start()
             cleanup.push_async_callback(pruner.close)
 
-        http = HttpClient()
+        http = HttpClient(proxies=proxies)
+        if proxies is not None:
+            log.info("egress through a proxy: %s", proxies.describe())
         cleanup.push_async_callback(http.close)
         policy = EndpointPolicy.from_settings(settings)
 
