@@ -46,8 +46,9 @@ class Settings:
     # Made absolute once, by load_settings (logged at start-up): workers and `keys` agree on it.
     sqlite_path: str = "llm-gateway.db"
     postgres_dsn: str = ""
-    # Where gateway keys and BYOK providers live: "sqlite" (LLMGW_SQLITE_PATH) or "postgres".
-    key_store: str = "sqlite"
+    # Where gateway keys and BYOK providers live: "sqlite" (LLMGW_SQLITE_PATH) or "postgres";
+    # "" is SQLite too, not chosen explicitly (server/auth/factory.py then checks an older layout).
+    key_store: str = ""
     # Seconds a trace is kept (LLMGW_TRACE_RETENTION=30d); 0 keeps every trace.
     trace_retention: float = 0.0
     clickhouse_url: str = ""
@@ -241,7 +242,7 @@ def validate(settings: Settings) -> None:
         problems.append(f"LLMGW_TRACE_BACKENDS: unknown backend(s) {', '.join(unknown)}")
     if "postgres" in settings.trace_backends and not settings.postgres_dsn:
         problems.append("LLMGW_TRACE_BACKENDS has postgres but LLMGW_POSTGRES_DSN is empty")
-    if settings.key_store not in ("sqlite", "postgres"):
+    if settings.key_store not in ("", "sqlite", "postgres"):
         problems.append("LLMGW_KEY_STORE must be sqlite or postgres")
     elif settings.key_store == "postgres" and not settings.postgres_dsn:
         problems.append("LLMGW_KEY_STORE is postgres but LLMGW_POSTGRES_DSN is empty")

@@ -56,9 +56,14 @@ def check_port_free(listen: str) -> None:
     then split the traffic silently. A plain bind here fails on a port anyone holds.
     """
     host, _, port = listen.rpartition(":")
+    if not port.isdigit() or host.startswith("unix"):
+        return  # not a TCP address (a Unix socket): SO_REUSEPORT does not apply
     host = host.strip("[]") or "0.0.0.0"  # noqa: S104 - an empty host means every address, as grpc reads it
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:
+        # As grpc's listeners: connections of an earlier server left in TIME_WAIT do not count,
+        # a socket listening on the port does.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((host, int(port)))
         except OSError as exc:

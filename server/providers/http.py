@@ -49,7 +49,7 @@ from server.providers.http_connection import (
     Response,
     ServerDisconnectedError,
 )
-from server.providers.proxy import Proxy, ProxyConfig, open_tunnel
+from server.providers.proxy import Proxy, ProxyConfig, ProxyRefused, open_tunnel
 
 log = logging.getLogger("llmgateway.http")
 
@@ -378,8 +378,10 @@ class HttpClient:
         try:
             transport, _ = await open_tunnel(loop, proxy, authority)
         except OSError as exc:
+            # The proxy's own address stays out of the message (it reaches tenants).
+            reason = str(exc) if isinstance(exc, ProxyRefused) else exc.strerror or type(exc).__name__
             raise ConnectError(
-                f"cannot connect to {host}:{port} through the proxy: {exc.strerror or exc}"
+                f"cannot connect to {host}:{port} through the egress proxy: {reason}"
             ) from None
         connection = Connection(self, target.key, public=is_public_address(address))
         try:
@@ -395,7 +397,7 @@ class HttpClient:
             transport.close()
             if isinstance(exc, ConnectError):
                 raise
-            raise ConnectError(f"cannot connect to {host}:{port} through the proxy: {exc}") from None
+            raise ConnectError(f"cannot connect to {host}:{port} through the egress proxy: {exc}") from None
         except BaseException:
             transport.close()
             raise

@@ -165,6 +165,10 @@ class ProxyConfig:
         return ", ".join(parts)
 
 
+class ProxyRefused(OSError):
+    """The proxy answered CONNECT with something other than a tunnel (message safe to show)."""
+
+
 class _ConnectHead(asyncio.Protocol):
     """Reads the proxy's answer to CONNECT, and nothing after it."""
 
@@ -184,11 +188,11 @@ class _ConnectHead(asyncio.Protocol):
             self.extra = len(self._buffer) - end - 4
             self.head.set_result(bytes(self._buffer[: end + 4]))
         elif len(self._buffer) > MAX_CONNECT_HEAD:
-            self.head.set_exception(OSError("the proxy's answer to CONNECT is too long"))
+            self.head.set_exception(ProxyRefused("the egress proxy's answer to CONNECT is too long"))
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.head.done():
-            self.head.set_exception(OSError("the proxy closed the connection during CONNECT"))
+            self.head.set_exception(ProxyRefused("the egress proxy closed the connection during CONNECT"))
 
 
 def connect_request(proxy: Proxy, authority: str) -> bytes:
@@ -201,9 +205,11 @@ def connect_request(proxy: Proxy, authority: str) -> bytes:
 async def open_tunnel(
     loop: asyncio.AbstractEventLoop, proxy: Proxy, authority: str
 ) -> tuple[asyncio.Transport, _ConnectHead]:
-    """A TCP connection to `proxy` tunnelled to `authority` (`host:port`); OSError on refusal.
+    """A TCP connection to `proxy` tunnelled to `authority` (`host:port`); OSError on failure,
+    ProxyRefused when the proxy answered but gave no tunnel.
 
-    Messages name the proxy by host and port, never its credentials.
+    Messages never name the proxy (callers' errors reach tenants: the proxy's address is the
+    operator's business, and its credentials nobody's); the start-up log says which it is.
     """
     transport, protocol = await loop.create_connection(lambda: _ConnectHead(loop), proxy.host, proxy.port)
     try:
@@ -211,15 +217,13 @@ async def open_tunnel(
         head = await protocol.head
         match = _STATUS_LINE.match(head)
         if match is None:
-            raise OSError(f"the proxy {proxy.host}:{proxy.port} did not answer CONNECT with HTTP")
+            raise ProxyRefused("the egress proxy did not answer CONNECT with HTTP")
         status = int(match.group(1))
         if status != 200:
             reason = _PRINTABLE.sub("", match.group(2).decode("latin-1")).strip()[:80]
-            raise OSError(
-                f"the proxy {proxy.host}:{proxy.port} refused the tunnel to {authority}: {status} {reason}"
-            )
+            raise ProxyRefused(f"the egress proxy refused the tunnel to {authority}: {status} {reason}")
         if protocol.extra:
-            raise OSError(f"the proxy {proxy.host}:{proxy.port} sent bytes after its answer to CONNECT")
+            raise ProxyRefused("the egress proxy sent bytes after its answer to CONNECT")
     except BaseException:
         transport.close()
         raise

@@ -242,6 +242,14 @@ class ClickHouseTraceBackend(TraceBackend):
 
     async def apply_retention(self, seconds: float) -> None:
         # ClickHouse expires rows itself, as parts merge: a table TTL instead of deletes.
+        ttl = f"toIntervalSecond({int(seconds)})"
+        created = await self._request(
+            f"SELECT create_table_query FROM system.tables WHERE database = {quote(self.database)}"
+            f" AND name = {quote(TABLE)}"
+        )
+        if ttl.encode() in created:  # already so: MODIFY TTL rewrites every part, skip it
+            self._ttl = True
+            return
         try:
             await self._request(
                 f"ALTER TABLE {self._table} MODIFY TTL created_at + INTERVAL {int(seconds)} SECOND"

@@ -89,6 +89,9 @@ async def test_https_through_tinyproxy_with_credentials(
                         server.url(scheme="https", host="localhost"), b"{}", {}, BOUNDED, private_ok=True
                     )
             assert PASSWORD not in str(refused.value)
+            assert str(proxy.port) not in str(
+                refused.value
+            )  # the proxy's address is not the caller's business
         connects = proxy.connects()
     assert server.connections == 1 and len(server.requests) == 2
     # TLS end to end: the upstream never saw the proxy's header, the proxy saw one CONNECT by name

@@ -29,8 +29,9 @@ from tests.fake_upstream import FakeUpstream
 from tests.gateway_harness import chat_request, make_settings, running_gateway
 from tests.process_harness import REPO_ROOT, clean_env, server_process
 from tests.trace_polling import wait_for_count
-from tests.trace_services import PostgresServer, fresh_postgres_database
+from tests.trace_services import PostgresServer, free_port, fresh_postgres_database
 
+PASSWORD = "dsn-S3cret-password"
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -64,6 +65,26 @@ async def test_keys_kept_in_postgres_by_an_older_version_stop_the_server_from_st
     assert "set LLMGW_KEY_STORE=postgres" in done.stderr
     assert "serving on" not in done.stderr
     assert postgres_server.password not in done.stderr
+
+
+async def test_a_dsn_that_cannot_be_checked_with_an_empty_sqlite_store_refuses_until_the_operator_chooses(
+    tmp_path: Path,
+) -> None:
+    """Postgres down at the first start after the upgrade: the server cannot tell "keys were
+    there" from a fresh install, and an empty store on loopback would turn auth off."""
+    dsn = f"postgresql://gw:{PASSWORD}@127.0.0.1:{free_port()}/gone"
+    db = tmp_path / "gateway.db"
+    args = ("serve", "--listen", "127.0.0.1:0", "--sqlite-path", str(db))
+    done = await asyncio.to_thread(run_cli, *args, env={"LLMGW_POSTGRES_DSN": dsn})
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "cannot check LLMGW_POSTGRES_DSN for gateway keys of an older version" in done.stderr
+    assert "Set LLMGW_KEY_STORE=sqlite or LLMGW_KEY_STORE=postgres" in done.stderr
+    assert PASSWORD not in done.stderr
+    # The operator's explicit choice skips the check: it serves (traces in SQLite only).
+    env = {"LLMGW_POSTGRES_DSN": dsn, "LLMGW_KEY_STORE": "sqlite"}
+    with server_process(tmp_path, env=env, sqlite_path=db) as server:
+        pass
+    assert "cannot check" not in server.log and PASSWORD not in server.log
 
 
 async def test_the_postgres_key_store_serves_those_keys_and_the_log_says_where_things_live(

@@ -166,8 +166,14 @@ def test_a_relative_sqlite_path_is_resolved_once(tmp_path: Path, monkeypatch: py
     assert load_settings(parse(), environ={"LLMGW_SQLITE_PATH": ":memory:"}).sqlite_path == ":memory:"
 
 
-def test_the_key_store_is_sqlite_unless_told_even_with_a_dsn() -> None:
-    settings = load_settings(parse(), environ={"LLMGW_POSTGRES_DSN": "postgresql://u@db/x"})
-    assert settings.key_store == "sqlite"
+def test_the_key_store_is_sqlite_unless_told_even_with_a_dsn(tmp_path: Path) -> None:
+    from server.auth.factory import create_auth_store
+    from server.auth.store_sqlite import SqliteAuthStore
+
+    env = {"LLMGW_POSTGRES_DSN": "postgresql://u@db/x", "LLMGW_SQLITE_PATH": str(tmp_path / "gw.db")}
+    settings = load_settings(parse(), environ=env)
+    assert settings.key_store == ""  # not chosen: SQLite, with the check for an older layout
+    assert isinstance(create_auth_store(settings), SqliteAuthStore)
+    assert load_settings(parse(), environ={**env, "LLMGW_KEY_STORE": "sqlite"}).key_store == "sqlite"
     env = {"LLMGW_POSTGRES_DSN": "postgresql://u@db/x", "LLMGW_KEY_STORE": "postgres"}
     assert load_settings(parse(), environ=env).key_store == "postgres"
