@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests.trace_services import _install as install_test_services
 from tests.trace_services import free_port
 
 
@@ -42,6 +43,8 @@ class Tinyproxy:
 def tinyproxy(directory: Path, *, basic_auth: tuple[str, str] | None = None) -> Iterator[Tinyproxy]:
     """tinyproxy on a free loopback port, every CONNECT port allowed (no ConnectPort line)."""
     binary = shutil.which("tinyproxy") or "/usr/bin/tinyproxy"
+    if not Path(binary).exists():
+        install_test_services()  # scripts/install-test-services; a failure is an error, never a skip
     directory.mkdir(parents=True, exist_ok=True)
     port = free_port()
     log_path = directory / "tinyproxy.log"
