@@ -26,9 +26,10 @@ from server.api.traces import ProviderTraceServicer
 from server.auth.byok import resolve_byok
 from server.auth.crypto import Keyring
 from server.auth.endpoints import EndpointPolicy
+from server.auth.factory import create_auth_store, key_store_location, stranded_keys
 from server.auth.policy import Authenticator, auth_required
 from server.auth.redact import Redactor, install_log_redaction
-from server.auth.store import AuthStore, create_auth_store
+from server.auth.store import AuthStore
 from server.config import Settings
 from server.core import tokens
 from server.core.keys import ByokProvider
@@ -36,10 +37,13 @@ from server.errors import ShuttingDown
 from server.gateway import Dependencies, Gateway
 from server.inflight import InFlight, uncancel_current
 from server.providers.http import HttpClient
+from server.providers.proxy import ProxyConfig
 from server.reflection import enable_reflection
 from server.routing.router import Router
+from server.serving_health import HealthMonitor
 from server.telemetry import Tracing, setup_tracing
-from server.traces.factory import create_backends
+from server.traces.factory import create_backends, describe_backends
+from server.traces.retention import RetentionPruner
 from server.traces.writer import TraceWriter
 
 log = logging.getLogger("llmgateway")
@@ -103,6 +107,8 @@ class _Running:
     tracing: Tracing | None
     calls: InFlight
     router: Router
+    monitor: HealthMonitor
+    pruner: RetentionPruner | None
 
 
 class GatewayServer:
@@ -133,12 +139,18 @@ class GatewayServer:
         settings = self.settings
         redactor = Redactor.from_settings(settings)
         install_log_redaction(redactor)
+        proxies = ProxyConfig.from_environ(os.environ)  # a garbled HTTPS_PROXY refuses to start
 
         # Load the tokenizers now so the first request does not pay for it (~0.4 s).
         await asyncio.to_thread(tokens.preload)
         store = create_auth_store(settings)
         await store.start()
         cleanup.push_async_callback(store.close)
+        stranded = await stranded_keys(settings, store)
+        if stranded is not None:
+            if stranded[1]:  # an empty store would even turn `LLMGW_AUTH=auto` off: refuse
+                raise ValueError(stranded[0])
+            log.warning("%s", stranded[0])
         required = auth_required(settings.auth, settings.listen, has_keys=await store.has_keys())
 
         backends = create_backends(
@@ -154,8 +166,15 @@ class GatewayServer:
         # failed or interrupted start-up gets here: nothing was served, so no trace is queued.
         cleanup.push_async_callback(writer.close, timeout=1.0)
         await writer.start()
+        pruner = None
+        if settings.trace_retention:
+            pruner = RetentionPruner(writer.backends, settings.trace_retention)
+            await pruner.start()
+            cleanup.push_async_callback(pruner.close)
 
-        http = HttpClient()
+        http = HttpClient(proxies=proxies)
+        if proxies is not None:
+            log.info("egress through a proxy: %s", proxies.describe())
         cleanup.push_async_callback(http.close)
         policy = EndpointPolicy.from_settings(settings)
 
@@ -218,7 +237,9 @@ class GatewayServer:
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.so_reuseport", 1),
+                # Only workers of one gateway share a port: a second server on a taken port
+                # must fail to start, not split the traffic with the first.
+                ("grpc.so_reuseport", 1 if settings.workers > 1 else 0),
                 ("grpc.keepalive_permit_without_calls", 1),
                 ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
             ],
@@ -244,13 +265,39 @@ class GatewayServer:
         cleanup.push_async_callback(server.stop, None)
         port = _bind(server, settings)
         await server.start()
-        self._running = _Running(server, health_servicer, writer, store, http, port, tracing, calls, router)
+
+        async def set_serving(serving: bool) -> None:
+            status = (
+                health_pb2.HealthCheckResponse.SERVING
+                if serving
+                else health_pb2.HealthCheckResponse.NOT_SERVING
+            )
+            for name in (*SERVICE_NAMES, ""):
+                await health_servicer.set(name, status)
+
+        monitor = HealthMonitor(store=store, auth_required=required, writer=writer, set_serving=set_serving)
+        monitor.start()
+        cleanup.push_async_callback(monitor.close)
+        self._running = _Running(
+            server, health_servicer, writer, store, http, port, tracing, calls, router, monitor, pruner
+        )
         log.info(
             "llm-gateway serving on %s (port %d), auth %s, traces %s",
             settings.listen,
             port,
             "required" if required else "off",
             ",".join(settings.trace_backends),
+        )
+        log.info(
+            "keys and BYOK providers in %s; traces in %s",
+            key_store_location(settings),
+            describe_backends(
+                settings.trace_backends,
+                sqlite_path=settings.sqlite_path,
+                postgres_dsn=settings.postgres_dsn,
+                clickhouse_url=settings.clickhouse_url,
+                socket_path=settings.trace_socket,
+            ),
         )
         return port
 
@@ -269,6 +316,7 @@ class GatewayServer:
         loop = asyncio.get_running_loop()
         ends = loop.time() + grace
         calls = running.calls
+        await running.monitor.close()  # it must not turn a stopping server SERVING again
         await running.health.enter_graceful_shutdown()
         # Calls that arrived before the signal but still wait inside grpc for a handler would be
         # cancelled by grpc (a bare CANCELLED) the moment server.stop() begins: let them start.
@@ -291,6 +339,8 @@ class GatewayServer:
             log.warning(
                 "%d calls still unwinding after the server stopped; their traces may be lost", len(calls)
             )
+        if running.pruner is not None:
+            await running.pruner.close()
         await running.writer.close(timeout=max(grace, 5.0))
         await self._admin_stack.aclose()
         await running.http.close()

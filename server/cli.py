@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
-import multiprocessing
 import os
 import signal
 import sys
@@ -64,61 +62,11 @@ def _serve(settings: Settings) -> int:
         return _run_one(settings)
     if settings.listen.rsplit(":", 1)[-1] == "0":
         raise SystemExit("LLMGW_WORKERS > 1 needs a fixed port: the workers share it with SO_REUSEPORT")
-    # Each worker is a process with its own event loop bound to the same port (SO_REUSEPORT);
-    # the kernel spreads connections over them.
+    from server.supervisor import Supervisor, check_port_free
+
+    check_port_free(settings.listen)
     with multiprocess_metrics():  # one scrape of worker 0 sums every worker's metrics
-        return _serve_workers(settings)
-
-
-def _serve_workers(settings: Settings) -> int:
-    context = multiprocessing.get_context("spawn")
-    workers = [
-        context.Process(target=_worker, args=(settings, i), name=f"worker-{i}")
-        for i in range(settings.workers)
-    ]
-    # The handler is in place before the first worker starts: a signal while they start is
-    # forwarded to each (a worker still importing takes it as a stop, see `_run_one`).
-    forwarded: list[int] = []
-    started: list[multiprocessing.process.BaseProcess] = []
-
-    def forward(signum: int, _frame: object) -> None:
-        forwarded.append(signum)
-        for process in started:
-            if process.pid is not None and process.is_alive():
-                with contextlib.suppress(ProcessLookupError):  # it exited in between
-                    os.kill(process.pid, signum)
-
-    for sig in _STOP_SIGNALS:
-        signal.signal(sig, forward)
-
-    def forward_reload(signum: int, _frame: object) -> None:
-        # Each worker reloads the routes file itself; the parent only passes SIGHUP on.
-        for process in started:
-            if process.pid is not None and process.is_alive():
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(process.pid, signum)
-
-    signal.signal(signal.SIGHUP, forward_reload)
-    for process in workers:
-        process.start()
-        started.append(process)
-        if forwarded and process.pid is not None:
-            os.kill(process.pid, forwarded[-1])  # the signal came while it was being spawned
-    codes = []
-    for process in workers:
-        process.join()
-        codes.append(_exit_code(process.exitcode, forwarded))
-    return max(codes)
-
-
-def _exit_code(code: int | None, forwarded: Sequence[int]) -> int:
-    """A worker's exit code for the parent's own: killed by a signal is 128 + N (as a shell says),
-    not 0; except the stop signal we forwarded, which a worker still spawning dies of."""
-    if code is None or code >= 0:
-        return code or 0
-    if -code in forwarded:
-        return 0
-    return 128 - code
+        return Supervisor(settings.workers, _worker, (settings,)).run()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

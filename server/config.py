@@ -7,6 +7,8 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 
+from server.config_values import parse_bool, parse_non_negative, parse_retention
+
 DEFAULT_OPENAI_BASE_URL = "https://api.openai.com/v1"
 DEFAULT_OPENROUTER_BASE_URL = "https://openrouter.ai/api/v1"
 DEFAULT_ANTHROPIC_BASE_URL = "https://api.anthropic.com/v1"
@@ -41,8 +43,14 @@ class Settings:
     listen: str = "127.0.0.1:50051"
     workers: int = 1
     trace_backends: tuple[str, ...] = ("sqlite",)
+    # Made absolute once, by load_settings (logged at start-up): workers and `keys` agree on it.
     sqlite_path: str = "llm-gateway.db"
     postgres_dsn: str = ""
+    # Where gateway keys and BYOK providers live: "sqlite" (LLMGW_SQLITE_PATH) or "postgres";
+    # "" is SQLite too, not chosen explicitly (server/auth/factory.py then checks an older layout).
+    key_store: str = ""
+    # Seconds a trace is kept (LLMGW_TRACE_RETENTION=30d); 0 keeps every trace.
+    trace_retention: float = 0.0
     clickhouse_url: str = ""
     trace_socket: str = "/var/run/telemetry/telemetry.sock"
     # Per trace backend: the most trace text its queue holds while the store is slow (oldest
@@ -142,6 +150,7 @@ _PROVIDER_KEYS = {
     "azure_api_key": ("AZURE_API_KEY",),
 }
 _TUPLE_FIELDS = {"trace_backends", "allowed_endpoints"}
+_RETENTION_FIELDS = {"trace_retention"}
 SECRET_FIELDS = frozenset({"encryption_key", "encryption_key_previous", "local_api_key", *_PROVIDER_KEYS})
 
 
@@ -154,14 +163,16 @@ def _coerce(name: str, raw: str, default: object) -> object:
     try:
         if name in _TUPLE_FIELDS:
             return _split(raw)
+        if name in _RETENTION_FIELDS:
+            return parse_retention(raw)
         if isinstance(default, tuple):  # a list of numbers, e.g. LLMGW_RETRY_STATUSES
             return tuple(int(part) for part in _split(raw))
         if isinstance(default, bool):
-            return raw.strip().lower() in ("1", "true", "yes", "on")
+            return parse_bool(raw)
         if isinstance(default, int):
             return int(raw)
-        if isinstance(default, float):
-            return float(raw)
+        if isinstance(default, float):  # durations and multipliers: finite and not negative
+            return parse_non_negative(raw)
     except ValueError as exc:
         raise ValueError(f"LLMGW_{name.upper()}: {exc}") from exc
     return raw
@@ -219,6 +230,10 @@ def load_settings(
             continue
         retry_values[field_name] = _coerce(name, raw, getattr(retry_defaults, field_name))
     values["retry"] = RetrySettings(**retry_values)  # type: ignore[arg-type]
+    # Resolved here, once: a worker or a later chdir must not move the database.
+    path = str(values.get("sqlite_path", defaults.sqlite_path))
+    if path and path != ":memory:" and not path.startswith("file:"):
+        values["sqlite_path"] = os.path.abspath(path)
     settings = Settings(**values)  # type: ignore[arg-type]
     validate(settings)
     return settings
@@ -237,6 +252,10 @@ def validate(settings: Settings) -> None:
         problems.append(f"LLMGW_TRACE_BACKENDS: unknown backend(s) {', '.join(unknown)}")
     if "postgres" in settings.trace_backends and not settings.postgres_dsn:
         problems.append("LLMGW_TRACE_BACKENDS has postgres but LLMGW_POSTGRES_DSN is empty")
+    if settings.key_store not in ("", "sqlite", "postgres"):
+        problems.append("LLMGW_KEY_STORE must be sqlite or postgres")
+    elif settings.key_store == "postgres" and not settings.postgres_dsn:
+        problems.append("LLMGW_KEY_STORE is postgres but LLMGW_POSTGRES_DSN is empty")
     if "clickhouse" in settings.trace_backends and not settings.clickhouse_url:
         problems.append("LLMGW_TRACE_BACKENDS has clickhouse but LLMGW_CLICKHOUSE_URL is empty")
     if settings.admin_listen and settings.admin_listen.rpartition(":")[2] in ("", settings.admin_listen):

@@ -2,7 +2,8 @@
 
 actor.py      Actor, ANONYMOUS (the caller of a call)
 policy.py     LLMGW_AUTH decision, Authenticator (metadata -> Actor), require_admin
-store.py      AuthStore (keys + providers, caches) and create_auth_store(settings);
+store.py      AuthStore (keys + providers, caches);
+factory.py    create_auth_store(settings) for LLMGW_KEY_STORE, where keys live;
               backends in store_sqlite.py / store_postgres.py, imported lazily
 crypto.py     AES-256-GCM encryption of BYOK keys under LLMGW_ENCRYPTION_KEY
 byok.py       create_byok_provider / resolve_byok

@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from server.auth.byok import rotate_encryption
 from server.auth.crypto import Keyring
-from server.auth.store import DEFAULT_CACHE_TTL, create_auth_store, parse_key_id
+from server.auth.factory import create_auth_store, key_store_location, stranded_keys
+from server.auth.store import DEFAULT_CACHE_TTL, parse_key_id
 from server.errors import GatewayError
 
 if TYPE_CHECKING:
@@ -83,6 +84,11 @@ async def run_keys_command_async(
     store = create_auth_store(settings, cache_ttl=DEFAULT_CACHE_TTL)
     try:
         await store.start()
+        # On stderr: stdout stays parseable (`keys create` prints the key alone on its last line).
+        print(f"key store: {key_store_location(settings)}", file=err)
+        stranded = await stranded_keys(settings, store)
+        if stranded is not None:
+            print(f"warning: {stranded[0]}", file=err)
         command = args.keys_command
         if command == "create":
             key_id, plaintext = await store.create_key(

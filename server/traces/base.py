@@ -199,6 +199,17 @@ class TraceBackend(abc.ABC):
         """`write_batch` as a blocking call, from the writer's thread; only when `threaded`."""
         raise NotImplementedError(f"{self.name} has no blocking write")
 
+    async def apply_retention(self, seconds: float) -> None:  # noqa: B027 - optional hook
+        """Prepare for `LLMGW_TRACE_RETENTION` (an index, a TTL); called once after start()."""
+
+    async def prune(self, *, before: datetime, limit: int) -> int:
+        """Delete at most `limit` traces created before `before`; how many it deleted.
+
+        0 for a backend that does not prune this way (ClickHouse expires rows by its TTL, the
+        socket stores nothing).
+        """
+        return 0
+
     async def get_latest(
         self, *, organization_id: str, step_id: str, owner: str | None = None
     ) -> TraceRecord | None:

@@ -19,6 +19,7 @@ import builtins
 import logging
 import re
 from collections.abc import Mapping, Sequence
+from datetime import datetime
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -115,6 +116,7 @@ _INT_COLUMNS = frozenset(
         "cache_write_tokens",
     )
 )
+_SYNTAX_ERROR = 62  # ClickHouse's code for a statement it does not know (MODIFY TTL before 19.6)
 _CONTROL_ESCAPES = {"\\": "\\\\", "'": "\\'", "\n": "\\n", "\r": "\\r", "\t": "\\t", "\0": "\\0"}
 _CONTROL_RE = re.compile(r"[\\'\n\r\t\0]")
 _ERROR_RE = re.compile(r"Code: (\d+)[.,]\s*(?:e\.displayText\(\) = )?(?:DB::Exception: )?([^:(\n]*)")
@@ -210,6 +212,7 @@ class ClickHouseTraceBackend(TraceBackend):
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._database_sql = quote_identifier(self.database)
         self._table = f"{self._database_sql}.{quote_identifier(TABLE)}"
+        self._ttl = False  # LLMGW_TRACE_RETENTION applied as a table TTL
 
     def __repr__(self) -> str:
         return f"ClickHouseTraceBackend({self._url!r})"
@@ -249,6 +252,50 @@ class ClickHouseTraceBackend(TraceBackend):
             )
             log.info("clickhouse trace schema migrated to version %d", index + 1)
         return max(version, len(MIGRATIONS))
+
+    async def apply_retention(self, seconds: float) -> None:
+        # ClickHouse expires rows itself, as parts merge: a table TTL instead of deletes.
+        ttl = f"toIntervalSecond({int(seconds)})"
+        created = await self._request(
+            f"SELECT create_table_query FROM system.tables WHERE database = {quote(self.database)}"
+            f" AND name = {quote(TABLE)}"
+        )
+        if ttl.encode() in created:  # already so: MODIFY TTL rewrites every part, skip it
+            self._ttl = True
+            return
+        try:
+            await self._request(
+                f"ALTER TABLE {self._table} MODIFY TTL created_at + INTERVAL {int(seconds)} SECOND"
+            )
+            self._ttl = True
+        except ClickHouseError as exc:
+            if exc.code != _SYNTAX_ERROR:
+                raise
+            # Servers before 19.6 have no TTL: `prune` then asks for a DELETE mutation instead.
+            log.info(
+                "clickhouse trace store: no table TTL on this server; old traces are deleted by mutations"
+            )
+
+    async def prune(self, *, before: datetime, limit: int) -> int:
+        """Without a TTL: one background DELETE mutation for everything older (ClickHouse runs it
+        in its own time, part by part); none while an earlier one is still running. Returns 0:
+        the rows go later, asynchronously, so `limit` does not apply."""
+        if self._ttl:
+            return 0
+        cutoff = int(before.timestamp())
+        pending = await self._request(
+            "SELECT count() FROM system.mutations WHERE is_done = 0"
+            f" AND database = {quote(self.database)} AND table = {quote(TABLE)}"
+        )
+        if int(pending.strip() or 0):
+            return 0
+        old = await self._request(
+            f"SELECT count() FROM {self._table} WHERE created_at < toDateTime({cutoff})"
+        )
+        if int(old.strip() or 0):
+            await self._request(f"ALTER TABLE {self._table} DELETE WHERE created_at < toDateTime({cutoff})")
+            log.info("clickhouse trace store: deleting %s traces older than %s", old.strip().decode(), before)
+        return 0
 
     async def write_batch(self, *, records: Sequence[TraceRecord]) -> None:
         if not records:

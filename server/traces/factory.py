@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from server.traces.base import TraceBackend
+from server.traces.base import TraceBackend, redact_url
 
 BACKEND_NAMES = ("sqlite", "postgres", "clickhouse", "socket")
 
@@ -49,3 +49,16 @@ def create_backends(
         else:
             raise ValueError(f"unknown trace backend {name!r}; known: {', '.join(BACKEND_NAMES)}")
     return backends
+
+
+def describe_backends(
+    names: Sequence[str], *, sqlite_path: str, postgres_dsn: str, clickhouse_url: str, socket_path: str
+) -> str:
+    """`sqlite /abs/gw.db, postgres postgresql://u:***@db/x`: where traces go, never a password."""
+    where = {
+        "sqlite": sqlite_path,
+        "postgres": redact_url(postgres_dsn),
+        "clickhouse": redact_url(clickhouse_url),
+        "socket": socket_path,
+    }
+    return ", ".join(f"{name} {where.get(name, '')}".strip() for name in names)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import builtins
 import logging
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -192,6 +193,26 @@ class PostgresTraceBackend(TraceBackend):
         if self._pool is not None:
             pool, self._pool = self._pool, None
             await pool.close()
+
+    async def apply_retention(self, seconds: float) -> None:
+        # Not a migration: only a server that prunes needs it. CONCURRENTLY does not block the
+        # trace writes while it builds on a big table; a second worker's attempt just fails.
+        try:
+            await self._require_pool().execute(
+                "CREATE INDEX CONCURRENTLY IF NOT EXISTS ix_provider_traces_created"
+                " ON provider_traces (created_at)"
+            )
+        except asyncpg.PostgresError as exc:
+            log.warning("postgres trace store: index for retention not created: %s", describe_error(exc))
+
+    async def prune(self, *, before: datetime, limit: int) -> int:
+        status = await self._require_pool().execute(
+            "DELETE FROM provider_traces WHERE ctid = ANY(ARRAY("
+            "SELECT ctid FROM provider_traces WHERE created_at < $1 LIMIT $2))",
+            before,
+            limit,
+        )
+        return int(str(status).rsplit(" ", 1)[-1])
 
     def _require_pool(self) -> Any:
         if self._pool is None:

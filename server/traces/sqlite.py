@@ -26,6 +26,7 @@ import logging
 import sqlite3
 import threading
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
 
 import aiosqlite
@@ -300,6 +301,23 @@ class SQLiteTraceBackend(TraceBackend):
             if self._unchecked >= _CHECKPOINT_ROWS:
                 self._unchecked = 0
                 self._checkpoint_wake.set()
+
+    async def prune(self, *, before: datetime, limit: int) -> int:
+        return await asyncio.to_thread(self._prune_sync, to_micros(before), limit)
+
+    def _prune_sync(self, before_us: int, limit: int) -> int:
+        # On the writing connection, under its lock: one short transaction per small batch, so
+        # the trace writer waits at most one batch's delete (ix_provider_traces_created finds them).
+        with self._write_lock:
+            conn = self._writer
+            if conn is None:
+                raise RuntimeError("sqlite trace store is not started")
+            cursor = conn.execute(
+                "DELETE FROM provider_traces WHERE rowid IN"
+                " (SELECT rowid FROM provider_traces WHERE created_at < ? LIMIT ?)",
+                (before_us, limit),
+            )
+            return int(cursor.rowcount)
 
     def rejects(self, exc: BaseException) -> bool:
         # DataError: a value SQLite refuses (SQLITE_TOOBIG); a full disk is not one (it may clear).

@@ -80,6 +80,7 @@ class BackendStats:
     failed_batches: int = 0  # failed write attempts (each retry counts)
     queued: int = 0  # traces waiting, including a batch in flight
     queued_bytes: int = 0  # their `record_size`
+    failed_starts: int = 0  # failed attempts to connect/migrate before the first write
 
 
 class _Lane:
@@ -138,7 +139,9 @@ class _Lane:
     def snapshot(self) -> BackendStats:
         s = self.stats
         queued = len(self.queue) + len(self.inflight)
-        return BackendStats(s.backend, s.written, s.dropped, s.failed_batches, queued, self.queued_bytes)
+        return BackendStats(
+            s.backend, s.written, s.dropped, s.failed_batches, queued, self.queued_bytes, s.failed_starts
+        )
 
     def abandon(self) -> int:
         """Give up on what is still queued or in flight (close timed out); returns how many."""
@@ -176,6 +179,7 @@ class _Lane:
                 return
             except Exception as exc:
                 attempt += 1
+                self.stats.failed_starts += 1
                 delay = self.writer.retry.delay(attempt)
                 self.writer.warn(
                     f"start:{id(self)}",
@@ -281,6 +285,7 @@ class _ThreadedLane(_Lane):
                 s.failed_batches,
                 queued,
                 self.queued_bytes - self.bytes_done,
+                s.failed_starts,
             )
 
     def abandon(self) -> int:

@@ -218,7 +218,9 @@ async def test_rotation_on_postgres(tmp_path: Path, postgres_server: PostgresSer
     async with PostgresAuthStore(dsn=dsn) as store:
         keys = await seed_old_rows(store, "https://llm.example.com/v1")
     env = {"LLMGW_ENCRYPTION_KEY": NEW, "LLMGW_ENCRYPTION_KEY_PREVIOUS": OLD}
-    code, out, err = await asyncio.to_thread(rotate, tmp_path / "unused.db", "--postgres-dsn", dsn, env=env)
+    code, out, err = await asyncio.to_thread(
+        rotate, tmp_path / "unused.db", "--postgres-dsn", dsn, "--key-store", "postgres", env=env
+    )
     assert code == 0 and "re-encrypted 2 provider keys" in out, out + err
     async with PostgresAuthStore(dsn=dsn) as store:
         for name, key in keys.items():

@@ -13,7 +13,7 @@ import grpc
 import pytest
 from llmgateway.v1 import chat_pb2, traces_pb2
 
-from server.auth.store import create_auth_store
+from server.auth.factory import create_auth_store
 from server.config import Settings
 from tests.fake_upstream import FakeUpstream
 from tests.gateway_harness import RunningGateway, chat_request, make_settings, running_gateway

@@ -24,7 +24,7 @@ from llmgateway.v1 import chat_pb2, traces_pb2
 
 from server.api.traces import truncate
 from server.auth.actor import ANONYMOUS_ORGANIZATION
-from server.auth.store import create_auth_store
+from server.auth.factory import create_auth_store
 from server.config import Settings
 from server.traces.base import TraceQuery, TraceRecord, new_trace_id
 from server.traces.clickhouse import ClickHouseTraceBackend

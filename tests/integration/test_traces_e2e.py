@@ -26,7 +26,7 @@ import pytest
 from google.protobuf import timestamp_pb2
 from llmgateway.v1 import chat_pb2, chat_pb2_grpc, providers_pb2, traces_pb2
 
-from server.auth.store import create_auth_store
+from server.auth.factory import create_auth_store
 from tests.fake_upstream import FakeUpstream, Reply, completion, text_stream
 from tests.gateway_harness import RunningGateway, chat_request, make_settings, running_gateway
 from tests.process_harness import async_server_process

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from server.auth.actor import Actor
+from server.auth.factory import create_auth_store
 from server.auth.store import (
     AuthStore,
     ProviderAlreadyExists,
-    create_auth_store,
     hash_key,
     parse_key_id,
 )
@@ -47,10 +47,18 @@ def test_factory_picks_sqlite_without_dsn(tmp_path: Path) -> None:
     assert isinstance(s, SqliteAuthStore)
 
 
-def test_factory_picks_postgres_with_dsn() -> None:
+def test_factory_keeps_keys_in_sqlite_when_only_a_dsn_is_set(tmp_path: Path) -> None:
+    # LLMGW_POSTGRES_DSN is for traces: it no longer moves keys (issue 15).
+    s = create_auth_store(
+        Settings(sqlite_path=str(tmp_path / "x.db"), postgres_dsn="postgresql://u@127.0.0.1:1/db")
+    )
+    assert isinstance(s, SqliteAuthStore)
+
+
+def test_factory_picks_postgres_when_the_key_store_says_so() -> None:
     from server.auth.store_postgres import PostgresAuthStore
 
-    s = create_auth_store(Settings(postgres_dsn="postgresql://u@127.0.0.1:1/db"))
+    s = create_auth_store(Settings(key_store="postgres", postgres_dsn="postgresql://u@127.0.0.1:1/db"))
     assert isinstance(s, PostgresAuthStore)
 
 

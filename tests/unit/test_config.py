@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import pytest
 
@@ -85,3 +86,94 @@ def test_bad_configuration_is_refused_naming_the_setting(env: dict[str, str], me
 def test_settings_are_frozen() -> None:
     with pytest.raises(AttributeError):
         Settings().listen = "x"  # type: ignore[misc]
+
+
+# -- issue 15, item 6: configuration errors are errors --------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        # A boolean that is not a documented spelling is refused, not read as false.
+        ({"LLMGW_BYOK_READ_V1": "flase"}, "LLMGW_BYOK_READ_V1: 'flase' is not a boolean"),
+        ({"LLMGW_RETRY_CONNECTION_ERRORS": "disabled"}, "LLMGW_RETRY_CONNECTION_ERRORS"),
+        ({"LLMGW_BYOK_READ_V1": ""}, "LLMGW_BYOK_READ_V1"),
+        # Durations: negative, not finite, or not a number.
+        ({"LLMGW_GRACE_PERIOD": "-5"}, "LLMGW_GRACE_PERIOD: '-5'"),
+        ({"LLMGW_UPSTREAM_TIMEOUT": "nan"}, "LLMGW_UPSTREAM_TIMEOUT"),
+        ({"LLMGW_UPSTREAM_TIMEOUT": "inf"}, "LLMGW_UPSTREAM_TIMEOUT"),
+        ({"LLMGW_GRACE_PERIOD": "10s"}, "LLMGW_GRACE_PERIOD"),
+        ({"LLMGW_RETRY_INITIAL_DELAY": "-0.1"}, "LLMGW_RETRY_INITIAL_DELAY"),
+        ({"LLMGW_RETRY_JITTER": "-1"}, "LLMGW_RETRY_JITTER"),
+        ({"LLMGW_TRACE_RETENTION": "-30d"}, "LLMGW_TRACE_RETENTION"),
+        ({"LLMGW_TRACE_RETENTION": "30 days"}, "LLMGW_TRACE_RETENTION"),
+        ({"LLMGW_TRACE_RETENTION": "0d"}, "LLMGW_TRACE_RETENTION"),
+        ({"LLMGW_TRACE_RETENTION": "1.5d"}, "LLMGW_TRACE_RETENTION"),
+        # Unknown names.
+        ({"LLMGW_TRACE_BACKENDS": "sqlite,SQLite"}, "SQLite"),
+        ({"LLMGW_KEY_STORE": "redis"}, "LLMGW_KEY_STORE must be sqlite or postgres"),
+        ({"LLMGW_KEY_STORE": "postgres"}, "LLMGW_KEY_STORE is postgres but LLMGW_POSTGRES_DSN is empty"),
+    ],
+)
+def test_garbled_values_refuse_to_start_naming_the_variable(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        load_settings(parse(), environ=env)
+
+
+@pytest.mark.parametrize(
+    ("raw", "value"),
+    [
+        ("1", True),
+        ("TRUE", True),
+        ("yes", True),
+        ("On", True),
+        ("0", False),
+        ("false", False),
+        ("no", False),
+        ("off", False),
+    ],
+)
+def test_every_documented_boolean_spelling_is_read(raw: str, value: bool) -> None:
+    assert load_settings(parse(), environ={"LLMGW_BYOK_READ_V1": raw}).byok_read_v1 is value
+
+
+@pytest.mark.parametrize(
+    ("raw", "seconds"),
+    [
+        ("30d", 30 * 86400.0),
+        ("12h", 43200.0),
+        ("90m", 5400.0),
+        ("3600s", 3600.0),
+        ("2w", 14 * 86400.0),
+        ("", 0.0),
+        ("0", 0.0),
+    ],
+)
+def test_trace_retention_spellings(raw: str, seconds: float) -> None:
+    assert load_settings(parse(), environ={"LLMGW_TRACE_RETENTION": raw}).trace_retention == seconds
+
+
+def test_a_flag_is_as_strict_as_the_variable() -> None:
+    with pytest.raises(ValueError, match="LLMGW_GRACE_PERIOD"):
+        load_settings(parse("--grace-period", "-1"), environ={})
+
+
+def test_a_relative_sqlite_path_is_resolved_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    settings = load_settings(parse(), environ={"LLMGW_SQLITE_PATH": "data/gw.db"})
+    assert settings.sqlite_path == str(tmp_path / "data" / "gw.db")
+    assert load_settings(parse(), environ={}).sqlite_path == str(tmp_path / "llm-gateway.db")
+    assert load_settings(parse(), environ={"LLMGW_SQLITE_PATH": ":memory:"}).sqlite_path == ":memory:"
+
+
+def test_the_key_store_is_sqlite_unless_told_even_with_a_dsn(tmp_path: Path) -> None:
+    from server.auth.factory import create_auth_store
+    from server.auth.store_sqlite import SqliteAuthStore
+
+    env = {"LLMGW_POSTGRES_DSN": "postgresql://u@db/x", "LLMGW_SQLITE_PATH": str(tmp_path / "gw.db")}
+    settings = load_settings(parse(), environ=env)
+    assert settings.key_store == ""  # not chosen: SQLite, with the check for an older layout
+    assert isinstance(create_auth_store(settings), SqliteAuthStore)
+    assert load_settings(parse(), environ={**env, "LLMGW_KEY_STORE": "sqlite"}).key_store == "sqlite"
+    env = {"LLMGW_POSTGRES_DSN": "postgresql://u@db/x", "LLMGW_KEY_STORE": "postgres"}
+    assert load_settings(parse(), environ=env).key_store == "postgres"

