@@ -12,7 +12,7 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from llmgateway.v1 import chat_pb2, providers_pb2, traces_pb2
+from llmgateway.v1 import chat_pb2, providers_pb2, traces_pb2, usage_pb2
 
 from server.api.auth import KeyAuthenticator
 from server.api.chat import ChatCompletionServicer
@@ -20,18 +20,24 @@ from server.api.handlers import Service
 from server.api.providers import ProviderServicer
 from server.api.status import abort
 from server.api.traces import ProviderTraceServicer
+from server.api.usage import LimitsServicer, UsageServicer
 from server.auth.byok import resolve_byok
 from server.auth.crypto import Keyring
 from server.auth.endpoints import EndpointPolicy
 from server.auth.policy import Authenticator, auth_required
 from server.auth.redact import Redactor, install_log_redaction
 from server.auth.store import AuthStore, create_auth_store
+from server.billing.meter import Meter
+from server.billing.prices import PriceTable
 from server.config import Settings
 from server.core import tokens
 from server.core.keys import ByokProvider
 from server.errors import ShuttingDown
 from server.gateway import Dependencies, Gateway
 from server.inflight import InFlight, uncancel_current
+from server.limits.book import LimitsBook
+from server.limits.counters import Counters, MemoryCounters
+from server.limits.limiter import Limiter
 from server.providers.http import HttpClient
 from server.reflection import enable_reflection
 from server.telemetry import Tracing, setup_tracing
@@ -44,6 +50,8 @@ SERVICE_NAMES = (
     chat_pb2.DESCRIPTOR.services_by_name["ChatCompletionService"].full_name,
     traces_pb2.DESCRIPTOR.services_by_name["ProviderTraceService"].full_name,
     providers_pb2.DESCRIPTOR.services_by_name["ProviderService"].full_name,
+    usage_pb2.DESCRIPTOR.services_by_name["UsageService"].full_name,
+    usage_pb2.DESCRIPTOR.services_by_name["LimitsService"].full_name,
 )
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 # Shutdown: calls still queued inside grpc when the signal came start within this much quiet
@@ -98,6 +106,7 @@ class _Running:
     port: int
     tracing: Tracing | None
     calls: InFlight
+    counters: Counters
 
 
 class GatewayServer:
@@ -108,6 +117,7 @@ class GatewayServer:
         self._span_exporter = span_exporter  # tests: an in-memory OpenTelemetry exporter
         self._running: _Running | None = None
         self._stopped = asyncio.Event()
+        self.gateway: Gateway | None = None  # tests: its limiter and meter
 
     @property
     def port(self) -> int:
@@ -175,6 +185,11 @@ class GatewayServer:
         async def byok_urls(organization_id: str) -> Sequence[str]:
             return await store.byok_base_urls(organization_id=organization_id)
 
+        prices = await asyncio.to_thread(PriceTable.load, settings.prices_file)  # a bad file stops start-up
+        counters = _limit_counters(settings)
+        cleanup.push_async_callback(counters.close)
+        limiter = Limiter(LimitsBook(store), counters, prices)
+
         tracing = setup_tracing(exporter_override=self._span_exporter)
         if tracing is not None:
             cleanup.callback(tracing.shutdown)
@@ -190,8 +205,11 @@ class GatewayServer:
                 scrub=redactor.redact,
                 tracer=tracer,
                 redactor=redactor,
+                meter=Meter(prices),
+                limiter=limiter,
             )
         )
+        self.gateway = gateway
         authenticator = KeyAuthenticator(Authenticator(store, enabled=required))
 
         server = grpc.aio.server(
@@ -210,6 +228,8 @@ class GatewayServer:
                 writer.reader, authenticator, page_bytes=settings.trace_page_bytes
             ).handlers(),
             ProviderServicer(store, authenticator, policy, keyring=keyring, redactor=redactor).handlers(),
+            UsageServicer(writer.reader, authenticator).handlers(),
+            LimitsServicer(store, limiter.book, authenticator).handlers(),
         )
         calls = InFlight(abort)
         for handlers in services:
@@ -225,7 +245,7 @@ class GatewayServer:
         cleanup.push_async_callback(server.stop, None)
         port = _bind(server, settings)
         await server.start()
-        self._running = _Running(server, health_servicer, writer, store, http, port, tracing, calls)
+        self._running = _Running(server, health_servicer, writer, store, http, port, tracing, calls, counters)
         log.info(
             "llm-gateway serving on %s (port %d), auth %s, traces %s",
             settings.listen,
@@ -269,6 +289,7 @@ class GatewayServer:
             )
         await running.writer.close(timeout=max(grace, 5.0))
         await running.http.close()
+        await running.counters.close()  # after the calls: their last settles are sent
         await running.store.close()
         if running.tracing is not None:
             running.tracing.shutdown()  # exports the spans still batched
@@ -276,6 +297,14 @@ class GatewayServer:
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
+
+
+def _limit_counters(settings: Settings) -> Counters:
+    if not settings.redis_url:
+        return MemoryCounters()
+    from server.limits.redis_counters import RedisCounters  # only a Redis deployment imports redis
+
+    return RedisCounters(settings.redis_url, fail_open=settings.limits_redis_failure == "open")
 
 
 def _add_port(server: grpc.aio.Server, settings: Settings) -> int:

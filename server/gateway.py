@@ -22,6 +22,7 @@ from llmgateway.v1 import chat_pb2
 
 from server.auth.actor import Actor
 from server.auth.redact import Redactor
+from server.billing.meter import Meter
 from server.config import Settings
 from server.core import offload, tokens, trace_scrub
 from server.core.answer_scrub import AnswerScrubber
@@ -40,6 +41,7 @@ from server.core.stream import StreamAccumulator
 from server.core.validation import LOCAL_TYPES, FunctionKeys, function_keys_async, off_loop, validate_request
 from server.errors import ContextWindowExceeded, GatewayError, UpstreamBadResponse
 from server.inflight import InFlightCall, cancel_cause, current_call
+from server.limits.limiter import Limiter
 from server.providers.base import Provider, UpstreamTarget
 from server.providers.http import HttpClient
 from server.providers.local.provider import create_local, prompt_parts, stream_local
@@ -79,6 +81,8 @@ class Dependencies:
     scrub: Callable[[str], str]
     tracer: Any = None  # an OpenTelemetry tracer when an exporter is configured, else None
     redactor: Redactor | None = None  # the known secrets, scrubbed from answers too
+    meter: Meter | None = None  # prices each answer (server.billing); None: no cost
+    limiter: Limiter | None = None  # limits per key and organization (server.limits)
 
 
 @dataclass(slots=True)
@@ -100,8 +104,23 @@ class TracedCall:
     record: TraceRecord
     span: Any
     started: float
-    completion: chat_pb2.ChatCompletion | None = None
     partial: Callable[[], str] | None = None  # the answer so far, kept if the call fails
+    meter: Meter | None = None
+    _completion: chat_pb2.ChatCompletion | None = None
+
+    @property
+    def completion(self) -> chat_pb2.ChatCompletion | None:
+        return self._completion
+
+    @completion.setter
+    def completion(self, value: chat_pb2.ChatCompletion | None) -> None:
+        # Priced as it is set, before the answer leaves (every path sets it then): its cost goes
+        # in its Usage and on the trace (None, never "0", when the model has no price).
+        self._completion = value
+        if value is not None and self.meter is not None:
+            record = self.record
+            if self.meter.price(record.model_endpoint_type, record.model, value.usage) is not None:
+                record.cost_usd = value.usage.cost_usd
 
     def first_token(self) -> None:
         if not self.record.time_to_first_token_ms:
@@ -245,6 +264,7 @@ class Gateway:
             request_json=trace_scrub.scrub_request(body.decode(), self.deps.scrub),  # huge: at finish
             llm_config_json=self._config_json(config),
             owner=trace_owner(user_id=actor.user_id, key_id=actor.key_id),  # never the request's
+            key_id=actor.key_id,
         )
 
     def _config_json(self, config: chat_pb2.LLMConfig) -> str:
@@ -310,6 +330,21 @@ class Gateway:
     # -- Create ------------------------------------------------------------------------------
 
     async def create(self, request: ChatRequest, actor: Actor, deadline: Deadline) -> chat_pb2.CreateResponse:
+        limiter = self.deps.limiter
+        if limiter is None or not limiter.may_apply(actor):
+            return await self._create(request, actor, deadline)
+        ticket = await limiter.admit(actor, request)  # QUOTA_EXCEEDED here: nothing went upstream
+        response = None
+        try:
+            response = await self._create(request, actor, deadline)
+        finally:
+            if ticket is not None:
+                ticket.settle(response.completion.usage if response is not None else None)
+        return response
+
+    async def _create(
+        self, request: ChatRequest, actor: Actor, deadline: Deadline
+    ) -> chat_pb2.CreateResponse:
         keys = await function_keys_async(request.functions)  # the cache key of all function handling below
         await offload.run_if(off_loop(keys), lambda: validate_request(request, keys))
         if request.llm_config.model_endpoint_type in LOCAL_TYPES:
@@ -336,7 +371,29 @@ class Gateway:
 
     # -- StreamCreate ------------------------------------------------------------------------
 
-    async def stream(
+    def stream(
+        self, request: ChatRequest, actor: Actor, deadline: Deadline
+    ) -> AsyncIterator[chat_pb2.StreamCreateResponse]:
+        limiter = self.deps.limiter
+        if limiter is None or not limiter.may_apply(actor):
+            return self._stream(request, actor, deadline)
+        return self._limited_stream(limiter, request, actor, deadline)
+
+    async def _limited_stream(
+        self, limiter: Limiter, request: ChatRequest, actor: Actor, deadline: Deadline
+    ) -> AsyncIterator[chat_pb2.StreamCreateResponse]:
+        ticket = await limiter.admit(actor, request)  # QUOTA_EXCEEDED here: nothing went upstream
+        last = None
+        try:
+            async for event in self._stream(request, actor, deadline):
+                if event.HasField("completion"):
+                    last = event.completion
+                yield event
+        finally:
+            if ticket is not None:
+                ticket.settle(last.usage if last is not None else None)
+
+    async def _stream(
         self, request: ChatRequest, actor: Actor, deadline: Deadline
     ) -> AsyncIterator[chat_pb2.StreamCreateResponse]:
         keys = await function_keys_async(request.functions)
@@ -526,7 +583,7 @@ class _TraceScope:
         span_scope = gateway.span(self._kind, self._request.llm_config, self._target)
         span = span_scope.__enter__()
         self._span_scope = span_scope
-        self._call = TracedCall(record, span, started)
+        self._call = TracedCall(record, span, started, meter=gateway.deps.meter)
         return self._call
 
     def __exit__(

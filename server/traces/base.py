@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import abc
 import base64
+import builtins
 import logging
 import random
 import re
@@ -18,7 +19,11 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit, urlunsplit
+
+if TYPE_CHECKING:
+    from server.traces.usage import UsageQuery, UsageTotals
 
 _VERSION_7 = 0x7 << 76
 _VARIANT_RFC = 0b10 << 62
@@ -76,6 +81,12 @@ class TraceRecord:
     # Prompt tokens written to the provider's cache (Anthropic), part of prompt_tokens. Last, so
     # the column order of older tables stays a prefix (each backend's migration 3 adds it).
     cache_write_tokens: int = 0
+    # What the call cost, US dollars as an exact decimal string (`server.billing.cost.dollars`);
+    # None when it is not known: an unpriced model, a failed call, or a row stored before the
+    # column existed. Never "0" for unknown. Then the gateway key that made the call (its public
+    # id; "" with auth off), for usage by key. Both added by each backend's migration 4.
+    cost_usd: str | None = None
+    key_id: str = ""
 
 
 def trace_owner(*, user_id: str, key_id: str) -> str:
@@ -152,6 +163,10 @@ class TraceBackend(abc.ABC):
         raise NotImplementedError(f"{self.name} is write-only")
 
     async def list(self, *, query: TraceQuery) -> list[TraceRecord]:
+        raise NotImplementedError(f"{self.name} is write-only")
+
+    async def usage(self, *, query: UsageQuery) -> builtins.list[UsageTotals]:
+        """GetUsage's sums (server.traces.usage), ordered by the grouped-by values."""
         raise NotImplementedError(f"{self.name} is write-only")
 
 

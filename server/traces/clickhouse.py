@@ -25,6 +25,7 @@ from urllib.parse import parse_qs, urlsplit
 import aiohttp
 import orjson
 
+from server.billing.cost import dollars, parse_dollars
 from server.traces.base import (
     TRACE_COLUMNS,
     TraceBackend,
@@ -36,6 +37,7 @@ from server.traces.base import (
     redact_url,
     to_micros,
 )
+from server.traces.usage import SUMMED, UsageQuery, UsageTotals, totals_from
 
 log = logging.getLogger(__name__)
 
@@ -90,10 +92,20 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ),
     # Usage.cache_write_tokens (issue 13): rows written before read 0.
     (f"ALTER TABLE {{database}}.{TABLE} ADD COLUMN cache_write_tokens Int64",),
+    # Cost and key of each call (issue 17): Decimal is exact (12 fractional digits: pico-dollars);
+    # NULL is unpriced.
+    (
+        f"ALTER TABLE {{database}}.{TABLE} ADD COLUMN cost_usd Nullable(Decimal(38, 12))",
+        f"ALTER TABLE {{database}}.{TABLE} ADD COLUMN key_id String",
+    ),
 )
 
 # Columns as selected: created_at comes back as created_at_us for full resolution.
-_SELECT_COLUMNS = ", ".join("created_at_us" if c == "created_at" else c for c in TRACE_COLUMNS)
+# cost_usd as text: JSON output would print the Decimal as a number, read back as a float.
+_SELECT_COLUMNS = ", ".join(
+    {"created_at": "created_at_us", "cost_usd": "toString(cost_usd) AS cost_usd"}.get(c, c)
+    for c in TRACE_COLUMNS
+)
 _INT_COLUMNS = frozenset(
     (
         "prompt_tokens",
@@ -104,6 +116,12 @@ _INT_COLUMNS = frozenset(
         "cache_write_tokens",
     )
 )
+_USAGE_GROUPS = {
+    "day": "toString(toDate(fromUnixTimestamp64Micro(created_at_us, 'UTC'), 'UTC'))",
+    "model": "model",
+    "key_id": "key_id",
+    "user_id": "user_id",
+}
 _CONTROL_ESCAPES = {"\\": "\\\\", "'": "\\'", "\n": "\\n", "\r": "\\r", "\t": "\\t", "\0": "\\0"}
 _CONTROL_RE = re.compile(r"[\\'\n\r\t\0]")
 _ERROR_RE = re.compile(r"Code: (\d+)[.,]\s*(?:e\.displayText\(\) = )?(?:DB::Exception: )?([^:(\n]*)")
@@ -149,6 +167,7 @@ def _to_row(r: TraceRecord) -> dict[str, Any]:
         "reasoning_tokens": r.reasoning_tokens, "latency_ms": r.latency_ms,
         "time_to_first_token_ms": r.time_to_first_token_ms, "llm_config_json": r.llm_config_json,
         "owner": r.owner, "cache_write_tokens": r.cache_write_tokens,
+        "cost_usd": r.cost_usd, "key_id": r.key_id,
     }  # fmt: skip
 
 
@@ -162,6 +181,8 @@ def _from_row(row: Mapping[str, Any]) -> TraceRecord:
     for column in _INT_COLUMNS:
         values[column] = int(row[column])  # 64-bit integers come back as JSON strings
     values["agent_tags"] = list(row["agent_tags"])
+    cost = row["cost_usd"]
+    values["cost_usd"] = None if cost is None else dollars(parse_dollars(cost))
     return TraceRecord(**values)
 
 
@@ -292,6 +313,46 @@ class ClickHouseTraceBackend(TraceBackend):
             where.append(f"id IN ({', '.join(quote(i) for i in ids)})")
             limit = len(ids)
         return await self._select(" AND ".join(where), limit)
+
+    async def usage(self, *, query: UsageQuery) -> builtins.list[UsageTotals]:
+        where = [
+            f"organization_id = {quote(query.organization_id)}",
+            f"created_at_us >= {to_micros(query.start_time)}",
+            f"created_at_us < {to_micros(query.end_time)}",
+        ]
+        for column, value in query.filters():
+            where.append(f"{column} = {quote(value)}")
+        groups = [_USAGE_GROUPS[g] for g in query.group_by]
+        keys = ", ".join(f"{expr} AS g{i}" for i, expr in enumerate(groups))
+        names = ", ".join(f"g{i}" for i in range(len(groups)))
+        sums = ", ".join(f"toString(sum({c})) AS {c}" for c in SUMMED)
+        # Rows a retried batch wrote twice are merged away lazily: read each trace id once.
+        body = await self._request(
+            f"SELECT {keys + ', ' if keys else ''}toString(count()) AS requests,"
+            f" toString(countIf(error_type != '')) AS errors, {sums},"
+            " toString(countIf(isNull(cost_usd) AND error_type = '')) AS unpriced,"
+            " toString(sum(ifNull(cost_usd, toDecimal128(0, 12)))) AS cost"
+            f" FROM (SELECT * FROM {self._table} WHERE {' AND '.join(where)} LIMIT 1 BY id)"
+            + (f" GROUP BY {names} ORDER BY {names}" if names else "")
+            + " FORMAT JSONEachRow",
+            settings={"wait_end_of_query": "1"},
+        )
+        out = []
+        for line in body.splitlines():
+            if not line.strip():
+                continue
+            row = orjson.loads(line)
+            if int(row["requests"]) == 0:
+                continue
+            values = {name: str(row[f"g{i}"]) for i, name in enumerate(query.group_by)}
+            counts = [
+                int(row["requests"]),
+                int(row["errors"]),
+                *(int(row[c]) for c in SUMMED),
+                int(row["unpriced"]),
+            ]
+            out.append(totals_from(values, counts, parse_dollars(row["cost"])))
+        return out
 
     async def _select(self, where: str, limit: int) -> builtins.list[TraceRecord]:
         body = await self._request(

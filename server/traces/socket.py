@@ -57,6 +57,8 @@ def to_record(trace: TraceRecord) -> dict[str, Any]:
         "model": trace.model,
         "is_byok": trace.is_byok,
         "latency_ms": trace.latency_ms,
+        # Exact decimal string of US dollars; null when unpriced (issue 17).
+        "cost_usd": trace.cost_usd,
     }
 
 
