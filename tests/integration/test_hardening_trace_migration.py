@@ -57,7 +57,7 @@ async def test_sqlite_store_of_version_1_migrates(tmp_path: Path) -> None:
     conn.close()
     await check_legacy_rows_are_admin_only(sqlite.SQLiteTraceBackend(str(path)))
     with sqlite3.connect(path) as check:
-        assert sqlite.schema_version(check) == len(sqlite.MIGRATIONS) == 3
+        assert sqlite.schema_version(check) == len(sqlite.MIGRATIONS) == 4
 
 
 @pytest.mark.slow
