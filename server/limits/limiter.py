@@ -85,7 +85,7 @@ class Limiter:
         self.book = book
         self.counters = counters
         self._prices = prices
-        self._clock = clock
+        self.clock = clock  # epoch seconds; tests move it (a day's end, a minute's)
 
     def may_apply(self, actor: Actor) -> bool:
         """False only when the cache knows that neither the key nor its organization has limits
@@ -128,7 +128,7 @@ class Limiter:
                     )
                 rates = price.rates_for(prompt)
                 estimate_spend = nano_dollars(prompt * rates.input + answer * rates.output)
-        now = self._clock()
+        now = self.clock()
         checks: list[Check] = []
         names: list[tuple[Scope, str, str, int, float]] = []
         reserved: list[_Reserved] = []
