@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from server.auth import store_sqlite
 from server.auth.actor import Actor
 from server.auth.store import (
     AuthStore,
@@ -16,7 +17,6 @@ from server.auth.store import (
     hash_key,
     parse_key_id,
 )
-from server.auth import store_sqlite
 from server.auth.store_sqlite import SqliteAuthStore
 from server.config import Settings
 from server.errors import InvalidRequest
