@@ -117,7 +117,7 @@ _INT_COLUMNS = frozenset(
     )
 )
 _USAGE_GROUPS = {
-    "day": "toString(toDate(fromUnixTimestamp64Micro(created_at_us, 'UTC'), 'UTC'))",
+    "day": "toString(toDate(created_at, 'UTC'))",  # created_at is DateTime('UTC'), whole seconds
     "model": "model",
     "key_id": "key_id",
     "user_id": "user_id",
@@ -167,7 +167,9 @@ def _to_row(r: TraceRecord) -> dict[str, Any]:
         "reasoning_tokens": r.reasoning_tokens, "latency_ms": r.latency_ms,
         "time_to_first_token_ms": r.time_to_first_token_ms, "llm_config_json": r.llm_config_json,
         "owner": r.owner, "cache_write_tokens": r.cache_write_tokens,
-        "cost_usd": r.cost_usd, "key_id": r.key_id,
+        # Raw JSON number text: exact into the Decimal column (a JSON string is refused, a float
+        # would round).
+        "cost_usd": None if r.cost_usd is None else orjson.Fragment(r.cost_usd), "key_id": r.key_id,
     }  # fmt: skip
 
 
