@@ -41,7 +41,7 @@ from server.core.stream import StreamAccumulator
 from server.core.validation import LOCAL_TYPES, FunctionKeys, function_keys_async, off_loop, validate_request
 from server.errors import ContextWindowExceeded, GatewayError, UpstreamBadResponse
 from server.inflight import InFlightCall, cancel_cause, current_call
-from server.limits.limiter import Limiter
+from server.limits.limiter import Admission, Limiter
 from server.providers.base import Provider, UpstreamTarget
 from server.providers.http import HttpClient
 from server.providers.local.provider import create_local, prompt_parts, stream_local
@@ -333,23 +333,26 @@ class Gateway:
         limiter = self.deps.limiter
         if limiter is None or not limiter.may_apply(actor):
             return await self._create(request, actor, deadline)
-        ticket = await limiter.admit(actor, request)  # QUOTA_EXCEEDED here: nothing went upstream
+        admission = limiter.admission(actor, request)
         response = None
         try:
-            response = await self._create(request, actor, deadline)
+            response = await self._create(request, actor, deadline, admission)
         finally:
-            if ticket is not None:
-                ticket.settle(response.completion.usage if response is not None else None)
+            admission.settle(response.completion.usage if response is not None else None)
         return response
 
     async def _create(
-        self, request: ChatRequest, actor: Actor, deadline: Deadline
+        self, request: ChatRequest, actor: Actor, deadline: Deadline, admission: Admission | None = None
     ) -> chat_pb2.CreateResponse:
         keys = await function_keys_async(request.functions)  # the cache key of all function handling below
         await offload.run_if(off_loop(keys), lambda: validate_request(request, keys))
         if request.llm_config.model_endpoint_type in LOCAL_TYPES:
+            if admission is not None:
+                await admission.admit(None)  # QUOTA_EXCEEDED here: nothing went upstream
             return await self._create_local(request, actor, deadline, keys)
         plan = await self._plan(request, actor, stream=False, keys=keys)
+        if admission is not None:
+            await admission.admit(plan.count)  # the guard's count; QUOTA_EXCEEDED: nothing sent
         target, body, model = plan.target, plan.body, request.llm_config.model
         with self.traced_call(request, actor, target, plan.payload, "create") as call:
             raw, answer = await post_json(
@@ -382,27 +385,30 @@ class Gateway:
     async def _limited_stream(
         self, limiter: Limiter, request: ChatRequest, actor: Actor, deadline: Deadline
     ) -> AsyncIterator[chat_pb2.StreamCreateResponse]:
-        ticket = await limiter.admit(actor, request)  # QUOTA_EXCEEDED here: nothing went upstream
+        admission = limiter.admission(actor, request)
         last = None
         try:
-            async for event in self._stream(request, actor, deadline):
+            async for event in self._stream(request, actor, deadline, admission):
                 if event.HasField("completion"):
                     last = event.completion
                 yield event
         finally:
-            if ticket is not None:
-                ticket.settle(last.usage if last is not None else None)
+            admission.settle(last.usage if last is not None else None)
 
     async def _stream(
-        self, request: ChatRequest, actor: Actor, deadline: Deadline
+        self, request: ChatRequest, actor: Actor, deadline: Deadline, admission: Admission | None = None
     ) -> AsyncIterator[chat_pb2.StreamCreateResponse]:
         keys = await function_keys_async(request.functions)
         await offload.run_if(off_loop(keys), lambda: validate_request(request, keys))
         if request.llm_config.model_endpoint_type in LOCAL_TYPES:
+            if admission is not None:
+                await admission.admit(None)  # QUOTA_EXCEEDED here: nothing went upstream
             async for event in self._stream_local(request, actor, deadline, keys):
                 yield event
             return
         plan = await self._plan(request, actor, stream=True, keys=keys)
+        if admission is not None:
+            await admission.admit(plan.count)  # the guard's count; QUOTA_EXCEEDED: nothing sent
         target, body, count, model = plan.target, plan.body, plan.count, request.llm_config.model
         # Over LLMGW_MAX_ANSWER_BYTES the accumulator raises before the piece is kept or relayed.
         accumulator = StreamAccumulator(

@@ -8,22 +8,17 @@ without waiting. Redis counters (`redis_counters`) share the same interface acro
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Protocol
 
 ADMITTED = -1
 UNCHECKED = -2  # admitted without a check (shared counters unreachable, policy fail open)
 
 
-@dataclass(frozen=True, slots=True)
-class Check:
-    """One counter of one call: refused when the counter is at `limit`, or `amount` would pass it."""
-
-    key: str  # "<scope>:<subject>:<metric>:<window id>"
-    limit: int
-    amount: int
-    ttl: int  # seconds a Redis counter of this window lives
-    ends: float  # epoch seconds when the window ends
+# One counter of one call: (key "<scope>:<subject>:<metric>:<window id>", limit, amount, ttl
+# in seconds of a Redis counter of this window, epoch seconds when the window ends). Refused when
+# the counter is at its limit, or the amount would pass it. A plain tuple: up to eight are built
+# per call, on the request path.
+Check = tuple[str, int, int, int, float]
 
 
 class Counters(Protocol):
@@ -61,17 +56,18 @@ class MemoryCounters:
 
     def admit_now(self, checks: Sequence[Check], now: float) -> int:
         values = self._values
-        for index, check in enumerate(checks):
-            entry = values.get(check.key)
+        entries = []
+        for index, (key, limit, amount, _, _) in enumerate(checks):
+            entry = values.get(key)
             current = entry[0] if entry is not None else 0
-            if current >= check.limit or current + check.amount > check.limit:
+            if current >= limit or current + amount > limit:
                 return index
-        for check in checks:
-            entry = values.get(check.key)
+            entries.append(entry)
+        for entry, (key, _, amount, _, ends) in zip(entries, checks, strict=True):
             if entry is None:
-                values[check.key] = [check.amount, check.ends]
+                values[key] = [amount, ends]
             else:
-                entry[0] += check.amount
+                entry[0] += amount
         if len(values) >= self._prune_at:
             self._prune(now)
         return ADMITTED

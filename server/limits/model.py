@@ -36,7 +36,12 @@ class Limits:
 
     @property
     def empty(self) -> bool:
-        return all(getattr(self, m) is None for m in METRICS)
+        return (
+            self.requests_per_minute is None
+            and self.tokens_per_minute is None
+            and self.spend_per_day is None
+            and self.spend_per_month is None
+        )
 
     @property
     def counts_tokens(self) -> bool:
@@ -45,6 +50,10 @@ class Limits:
     @property
     def counts_spend(self) -> bool:
         return self.spend_per_day is not None or self.spend_per_month is not None
+
+    def values(self) -> tuple[int | None, int | None, int | None, int | None]:
+        """The four limits in the order of METRICS."""
+        return (self.requests_per_minute, self.tokens_per_minute, self.spend_per_day, self.spend_per_month)
 
     def merged(self, **changes: int | None) -> Limits:
         return replace(self, **changes)

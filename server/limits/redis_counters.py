@@ -81,10 +81,10 @@ class RedisCounters:
         self._warned_at = 0.0
 
     async def admit(self, checks: Sequence[Check], now: float) -> int:
-        keys = [PREFIX + c.key for c in checks]
+        keys = [PREFIX + c[0] for c in checks]
         args: list[int] = []
-        for c in checks:
-            args += (c.limit, c.amount, c.ttl)
+        for _, limit, amount, ttl, _ in checks:
+            args += (limit, amount, ttl)
         self.round_trips += 1
         try:
             refused = int(await self._script(keys=keys, args=args))
