@@ -13,7 +13,7 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from llmgateway.v1 import chat_pb2, providers_pb2, traces_pb2
+from llmgateway.v1 import chat_pb2, providers_pb2, traces_pb2, usage_pb2
 
 from server.admin.server import AdminServer
 from server.admin.setup import start_admin
@@ -23,6 +23,7 @@ from server.api.handlers import Service
 from server.api.providers import ProviderServicer
 from server.api.status import abort
 from server.api.traces import ProviderTraceServicer
+from server.api.usage import LimitsServicer, UsageServicer
 from server.auth.byok import resolve_byok
 from server.auth.crypto import Keyring
 from server.auth.endpoints import EndpointPolicy
@@ -30,12 +31,17 @@ from server.auth.factory import create_auth_store, key_store_location, stranded_
 from server.auth.policy import Authenticator, auth_required
 from server.auth.redact import Redactor, install_log_redaction
 from server.auth.store import AuthStore
+from server.billing.meter import Meter
+from server.billing.prices import PriceTable
 from server.config import Settings
 from server.core import tokens
 from server.core.keys import ByokProvider
 from server.errors import ShuttingDown
 from server.gateway import Dependencies, Gateway
 from server.inflight import InFlight, uncancel_current
+from server.limits.book import LimitsBook
+from server.limits.counters import Counters, MemoryCounters
+from server.limits.limiter import Limiter
 from server.providers.http import HttpClient
 from server.providers.proxy import ProxyConfig
 from server.reflection import enable_reflection
@@ -52,6 +58,8 @@ SERVICE_NAMES = (
     chat_pb2.DESCRIPTOR.services_by_name["ChatCompletionService"].full_name,
     traces_pb2.DESCRIPTOR.services_by_name["ProviderTraceService"].full_name,
     providers_pb2.DESCRIPTOR.services_by_name["ProviderService"].full_name,
+    usage_pb2.DESCRIPTOR.services_by_name["UsageService"].full_name,
+    usage_pb2.DESCRIPTOR.services_by_name["LimitsService"].full_name,
 )
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 # Shutdown: calls still queued inside grpc when the signal came start within this much quiet
@@ -109,6 +117,7 @@ class _Running:
     router: Router
     monitor: HealthMonitor
     pruner: RetentionPruner | None
+    counters: Counters
 
 
 class GatewayServer:
@@ -121,6 +130,7 @@ class GatewayServer:
         self._stopped = asyncio.Event()
         self.admin: AdminServer | None = None  # the admin listener, when this process serves it
         self._admin_stack = contextlib.AsyncExitStack()
+        self.gateway: Gateway | None = None  # tests: its limiter and meter
 
     @property
     def port(self) -> int:
@@ -203,6 +213,10 @@ class GatewayServer:
 
         # A routes file that cannot be used stops start-up (the message names its line).
         router = Router.from_settings(settings, environ=os.environ, register_secrets=redactor.add_many)
+        prices = await asyncio.to_thread(PriceTable.load, settings.prices_file)  # a bad file stops start-up
+        counters = _limit_counters(settings)
+        cleanup.push_async_callback(counters.close)
+        limiter = Limiter(LimitsBook(store), counters, prices)
 
         tracing = setup_tracing(exporter_override=self._span_exporter)
         if tracing is not None:
@@ -220,8 +234,11 @@ class GatewayServer:
                 tracer=tracer,
                 redactor=redactor,
                 router=router,
+                meter=Meter(prices),
+                limiter=limiter,
             )
         )
+        self.gateway = gateway
         policy_authenticator = Authenticator(store, enabled=required)
         authenticator = KeyAuthenticator(policy_authenticator)
         # Its own stack: closed by stop() after the traces are flushed (their last counts scraped).
@@ -250,6 +267,8 @@ class GatewayServer:
                 writer.reader, authenticator, page_bytes=settings.trace_page_bytes
             ).handlers(),
             ProviderServicer(store, authenticator, policy, keyring=keyring, redactor=redactor).handlers(),
+            UsageServicer(writer.reader, authenticator).handlers(),
+            LimitsServicer(store, limiter.book, authenticator).handlers(),
         )
         calls = InFlight(abort)
         for handlers in services:
@@ -279,7 +298,18 @@ class GatewayServer:
         monitor.start()
         cleanup.push_async_callback(monitor.close)
         self._running = _Running(
-            server, health_servicer, writer, store, http, port, tracing, calls, router, monitor, pruner
+            server,
+            health_servicer,
+            writer,
+            store,
+            http,
+            port,
+            tracing,
+            calls,
+            router,
+            monitor,
+            pruner,
+            counters,
         )
         log.info(
             "llm-gateway serving on %s (port %d), auth %s, traces %s",
@@ -344,6 +374,7 @@ class GatewayServer:
         await running.writer.close(timeout=max(grace, 5.0))
         await self._admin_stack.aclose()
         await running.http.close()
+        await running.counters.close()  # after the calls: their last settles are sent
         await running.store.close()
         if running.tracing is not None:
             running.tracing.shutdown()  # exports the spans still batched
@@ -351,6 +382,14 @@ class GatewayServer:
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
+
+
+def _limit_counters(settings: Settings) -> Counters:
+    if not settings.redis_url:
+        return MemoryCounters()
+    from server.limits.redis_counters import RedisCounters  # only a Redis deployment imports redis
+
+    return RedisCounters(settings.redis_url, fail_open=settings.limits_redis_failure == "open")
 
 
 def _add_port(server: grpc.aio.Server, settings: Settings) -> int:

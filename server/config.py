@@ -93,6 +93,13 @@ class Settings:
     log_level: str = "INFO"
     # The routes file (TOML, `server.routing.config`); reloaded on SIGHUP. "": no routes.
     routes_file: str = ""
+    # Prices (server.billing): a JSON file whose entries add to or replace the shipped table.
+    prices_file: str = ""
+    # Limit counters shared by every replica (server.limits); empty: in this process only.
+    redis_url: str = field(default="", repr=False)  # may hold a password
+    # Redis unreachable: "open" admits calls unchecked (a warning, a counter), "closed" refuses
+    # them with UNAVAILABLE LIMITS_UNAVAILABLE.
+    limits_redis_failure: str = "open"
     # Local LLM servers (seed: openllm_auth_type / openllm_api_key): "", "bearer_token" or "api_key".
     local_auth_type: str = ""
     # The local server the local key belongs to; the key is sent to no other endpoint.
@@ -282,6 +289,8 @@ def validate(settings: Settings) -> None:
             "LLMGW_LOCAL_AUTH_TYPE needs LLMGW_LOCAL_API_KEY and LLMGW_LOCAL_BASE_URL "
             "(the key is sent only to endpoints under that base URL)"
         )
+    if settings.limits_redis_failure not in ("open", "closed"):
+        problems.append("LLMGW_LIMITS_REDIS_FAILURE must be open or closed")
     if bool(settings.tls_cert) != bool(settings.tls_key):
         problems.append("--tls-cert and --tls-key go together")
     if problems:

@@ -19,6 +19,8 @@ and the `ErrorInfo.reason` of one row of the contract's status table, so the map
     ├── DeadlineExceeded           DEADLINE_EXCEEDED    DEADLINE_EXCEEDED
     ├── ShuttingDown               UNAVAILABLE          SHUTTING_DOWN
     ├── InternalTimeout            UNAVAILABLE          INTERNAL_TIMEOUT
+    ├── QuotaExceeded              RESOURCE_EXHAUSTED   QUOTA_EXCEEDED  (+ QuotaFailure, RetryInfo)
+    ├── LimitsUnavailable          UNAVAILABLE          LIMITS_UNAVAILABLE  (+ RetryInfo)
     ├── Unauthenticated            UNAUTHENTICATED      UNAUTHENTICATED
     ├── EndpointNotAllowed         PERMISSION_DENIED    ENDPOINT_NOT_ALLOWED
     ├── PermissionDenied           PERMISSION_DENIED    PERMISSION_DENIED
@@ -155,6 +157,35 @@ class InternalTimeout(GatewayError):
 
     code = grpc.StatusCode.UNAVAILABLE
     reason = "INTERNAL_TIMEOUT"
+
+
+class QuotaExceeded(GatewayError):
+    """A gateway limit or budget (server.limits) refused the call before anything went upstream.
+
+    `quota_violations` are (subject, description) pairs for `google.rpc.QuotaFailure`; the
+    subject names the limit ("key:<id>:requests_per_minute").
+    """
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    reason = "QUOTA_EXCEEDED"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        metadata: Mapping[str, object] | None = None,
+        retry_delay: float | None = None,
+        quota_violations: Sequence[tuple[str, str]] = (),
+    ) -> None:
+        super().__init__(message, metadata=metadata, retry_delay=retry_delay)
+        self.quota_violations = tuple(quota_violations)
+
+
+class LimitsUnavailable(GatewayError):
+    """The shared limit counters (Redis) cannot be reached and the policy is to fail closed."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+    reason = "LIMITS_UNAVAILABLE"
 
 
 class Unauthenticated(GatewayError):

@@ -23,6 +23,7 @@ from llmgateway.v1 import chat_pb2
 from server import metrics
 from server.auth.actor import Actor
 from server.auth.redact import Redactor
+from server.billing.meter import Meter
 from server.config import Settings
 from server.core import offload, tokens, tool_call_check, trace_scrub
 from server.core.answer_scrub import AnswerScrubber
@@ -41,6 +42,7 @@ from server.core.stream import StreamAccumulator
 from server.core.validation import LOCAL_TYPES, FunctionKeys, function_keys_async, off_loop, validate_request
 from server.errors import ContextWindowExceeded, GatewayError, UpstreamBadResponse
 from server.inflight import InFlightCall, cancel_cause, current_call
+from server.limits.limiter import Admission, Limiter
 from server.providers.base import Provider, UpstreamTarget
 from server.providers.http import HttpClient
 from server.providers.local.provider import create_local, prompt_parts, stream_local
@@ -83,6 +85,8 @@ class Dependencies:
     tracer: Any = None  # an OpenTelemetry tracer when an exporter is configured, else None
     redactor: Redactor | None = None  # the known secrets, scrubbed from answers too
     router: Router | None = None  # LLMGW_ROUTES_FILE's routes (None: no routes file)
+    meter: Meter | None = None  # prices each answer (server.billing); None: no cost
+    limiter: Limiter | None = None  # limits per key and organization (server.limits)
 
 
 @dataclass(slots=True)
@@ -105,8 +109,23 @@ class TracedCall:
     record: TraceRecord
     span: Any
     started: float
-    completion: chat_pb2.ChatCompletion | None = None
     partial: Callable[[], str] | None = None  # the answer so far, kept if the call fails
+    meter: Meter | None = None
+    _completion: chat_pb2.ChatCompletion | None = None
+
+    @property
+    def completion(self) -> chat_pb2.ChatCompletion | None:
+        return self._completion
+
+    @completion.setter
+    def completion(self, value: chat_pb2.ChatCompletion | None) -> None:
+        # Priced as it is set, before the answer leaves (every path sets it then): its cost goes
+        # in its Usage and on the trace (None, never "0", when the model has no price).
+        self._completion = value
+        if value is not None and self.meter is not None:
+            record = self.record
+            if self.meter.price(record.model_endpoint_type, record.model, value.usage) is not None:
+                record.cost_usd = value.usage.cost_usd
 
     def first_token(self) -> None:
         if not self.record.time_to_first_token_ms:
@@ -268,6 +287,7 @@ class Gateway:
             request_json=trace_scrub.scrub_request(body.decode(), self.deps.scrub),  # huge: at finish
             llm_config_json=self._config_json(config),
             owner=trace_owner(user_id=actor.user_id, key_id=actor.key_id),  # never the request's
+            key_id=actor.key_id,
         )
 
     def _config_json(self, config: chat_pb2.LLMConfig) -> str:
@@ -342,13 +362,43 @@ class Gateway:
     async def create(
         self, request: ChatRequest, actor: Actor, deadline: Deadline, via: Attempt | None = None
     ) -> chat_pb2.CreateResponse:
-        if via is None and wants_routing(request):  # a route or fallbacks: each attempt comes back here
-            return await self.router.create(self, request, actor, deadline)
+        if via is not None:  # one attempt of a routed call: the call was admitted as a whole
+            return await self._create(request, actor, deadline, via, via.admission)
+        limiter = self.deps.limiter
+        if limiter is None or not limiter.may_apply(actor):
+            return await self._create_routed_or_direct(request, actor, deadline, None)
+        admission = limiter.admission(actor, request)
+        response = None
+        try:
+            response = await self._create_routed_or_direct(request, actor, deadline, admission)
+        finally:
+            admission.settle(response.completion.usage if response is not None else None)
+        return response
+
+    async def _create_routed_or_direct(
+        self, request: ChatRequest, actor: Actor, deadline: Deadline, admission: Admission | None
+    ) -> chat_pb2.CreateResponse:
+        if wants_routing(request):  # a route or fallbacks: each attempt comes back to create()
+            return await self.router.create(self, request, actor, deadline, admission)
+        return await self._create(request, actor, deadline, None, admission)
+
+    async def _create(
+        self,
+        request: ChatRequest,
+        actor: Actor,
+        deadline: Deadline,
+        via: Attempt | None,
+        admission: Admission | None,
+    ) -> chat_pb2.CreateResponse:
         keys = await function_keys_async(request.functions)  # the cache key of all function handling below
         await offload.run_if(off_loop(keys), lambda: validate_request(request, keys))
         if request.llm_config.model_endpoint_type in LOCAL_TYPES:
+            if admission is not None:
+                await admission.admit(None)  # QUOTA_EXCEEDED here: nothing went upstream
             return await self._create_local(request, actor, deadline, keys)
         plan = await self._plan(request, actor, stream=False, keys=keys, via=via)
+        if admission is not None:
+            await admission.admit(plan.count)  # the guard's count; QUOTA_EXCEEDED: nothing sent
         target, body, model = plan.target, plan.body, request.llm_config.model
         with self.traced_call(request, actor, target, plan.payload, "create", via) as call:
             call.record.notes = plan.notes
@@ -374,20 +424,55 @@ class Gateway:
 
     # -- StreamCreate ------------------------------------------------------------------------
 
-    async def stream(
+    def stream(
         self, request: ChatRequest, actor: Actor, deadline: Deadline, via: Attempt | None = None
     ) -> AsyncIterator[chat_pb2.StreamCreateResponse]:
-        if via is None and wants_routing(request):  # falls back only before the first event
-            async for routed in self.router.stream(self, request, actor, deadline):
-                yield routed
-            return
+        if via is not None:  # one attempt of a routed call: the call was admitted as a whole
+            return self._stream(request, actor, deadline, via, via.admission)
+        limiter = self.deps.limiter
+        if limiter is None or not limiter.may_apply(actor):
+            return self._stream_routed_or_direct(request, actor, deadline, None)
+        return self._limited_stream(limiter, request, actor, deadline)
+
+    async def _limited_stream(
+        self, limiter: Limiter, request: ChatRequest, actor: Actor, deadline: Deadline
+    ) -> AsyncIterator[chat_pb2.StreamCreateResponse]:
+        admission = limiter.admission(actor, request)
+        last = None
+        try:
+            async for event in self._stream_routed_or_direct(request, actor, deadline, admission):
+                if event.HasField("completion"):
+                    last = event.completion
+                yield event
+        finally:
+            admission.settle(last.usage if last is not None else None)
+
+    def _stream_routed_or_direct(
+        self, request: ChatRequest, actor: Actor, deadline: Deadline, admission: Admission | None
+    ) -> AsyncIterator[chat_pb2.StreamCreateResponse]:
+        if wants_routing(request):  # falls back only before the first event
+            return self.router.stream(self, request, actor, deadline, admission)
+        return self._stream(request, actor, deadline, None, admission)
+
+    async def _stream(
+        self,
+        request: ChatRequest,
+        actor: Actor,
+        deadline: Deadline,
+        via: Attempt | None,
+        admission: Admission | None,
+    ) -> AsyncIterator[chat_pb2.StreamCreateResponse]:
         keys = await function_keys_async(request.functions)
         await offload.run_if(off_loop(keys), lambda: validate_request(request, keys))
         if request.llm_config.model_endpoint_type in LOCAL_TYPES:
+            if admission is not None:
+                await admission.admit(None)  # QUOTA_EXCEEDED here: nothing went upstream
             async for event in self._stream_local(request, actor, deadline, keys):
                 yield event
             return
         plan = await self._plan(request, actor, stream=True, keys=keys, via=via)
+        if admission is not None:
+            await admission.admit(plan.count)  # the guard's count; QUOTA_EXCEEDED: nothing sent
         target, body, count, model = plan.target, plan.body, plan.count, request.llm_config.model
         # Over LLMGW_MAX_ANSWER_BYTES the accumulator raises before the piece is kept or relayed.
         accumulator = StreamAccumulator(
@@ -575,7 +660,7 @@ class _TraceScope:
         span_scope = gateway.span(self._kind, self._request.llm_config, self._target)
         span = span_scope.__enter__()
         self._span_scope = span_scope
-        self._call = TracedCall(record, span, started)
+        self._call = TracedCall(record, span, started, meter=gateway.deps.meter)
         return self._call
 
     def __exit__(

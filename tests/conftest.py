@@ -12,6 +12,7 @@ import pytest  # noqa: E402
 
 from tests.fake_upstream import FakeUpstream  # noqa: E402
 from tests.gateway_harness import RunningGateway, make_settings, running_gateway  # noqa: E402
+from tests.redis_service import redis_server  # noqa: E402, F401 - a fixture
 from tests.trace_services import clickhouse_server, postgres_server  # noqa: E402, F401 - session fixtures
 
 

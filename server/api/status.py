@@ -87,6 +87,20 @@ def _build(
         _pack(status, error_details_pb2.RetryInfo(retry_delay=_retry_delay(error.retry_delay)))
     if violations:
         _pack(status, error_details_pb2.BadRequest(field_violations=violations))
+    quota = getattr(error, "quota_violations", ())  # QuotaExceeded: which limit refused the call
+    if quota:
+        _pack(
+            status,
+            error_details_pb2.QuotaFailure(
+                violations=[
+                    error_details_pb2.QuotaFailure.Violation(
+                        subject=_clip(subject, MAX_VIOLATION_BYTES),
+                        description=_clip(text, MAX_VIOLATION_BYTES),
+                    )
+                    for subject, text in quota[:MAX_VIOLATIONS]
+                ]
+            ),
+        )
     return status
 
 

@@ -70,6 +70,7 @@ def trace_to_proto(record: TraceRecord) -> traces_pb2.ProviderTrace:
             cached_tokens=record.cached_tokens,
             reasoning_tokens=record.reasoning_tokens,
             cache_write_tokens=record.cache_write_tokens,
+            cost_usd=record.cost_usd or "",  # unpriced: empty, never "0"
         ),
         latency_ms=record.latency_ms,
         time_to_first_token_ms=record.time_to_first_token_ms,

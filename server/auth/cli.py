@@ -27,6 +27,7 @@ from server.auth.crypto import Keyring
 from server.auth.factory import create_auth_store, key_store_location, stranded_keys
 from server.auth.store import DEFAULT_CACHE_TTL, parse_key_id
 from server.errors import GatewayError
+from server.limits.cli import add_limits_parser, run_limits
 
 if TYPE_CHECKING:
     from server.auth.store import AuthStore
@@ -43,7 +44,7 @@ def add_keys_subparser(
     """
     keys: argparse.ArgumentParser = subparsers.add_parser("keys", help="manage gateway keys")
     actions = keys.add_subparsers(
-        dest="keys_command", required=True, metavar="{create,list,revoke,rotate-encryption}"
+        dest="keys_command", required=True, metavar="{create,list,revoke,rotate-encryption,limits}"
     )
 
     create = actions.add_parser("create", help="create a key; prints it alone on the last line")
@@ -62,8 +63,9 @@ def add_keys_subparser(
         help="re-encrypt every BYOK provider key under LLMGW_ENCRYPTION_KEY, reading with it or "
         "LLMGW_ENCRYPTION_KEY_PREVIOUS",
     )
+    limits = add_limits_parser(actions)  # server.limits.cli
     if add_settings is not None:
-        for action in (create, listing, revoke, rotate):
+        for action in (create, listing, revoke, rotate, limits):
             add_settings(action)
     return keys
 
@@ -123,6 +125,8 @@ async def run_keys_command_async(
                 return 0
             print(f"no active key {key_id}", file=err)
             return 1
+        if command == "limits":
+            return await run_limits(args, store, out=out, err=err)
         if command == "rotate-encryption":
             return await _rotate(store, Keyring.from_settings(settings), out=out, err=err)
         print(f"unknown keys command {command!r}", file=err)

@@ -216,7 +216,21 @@ class AuthStore(abc.ABC):
     async def _replace_provider_key(self, *, provider_id: str, old: str, new: str) -> bool:
         """Set api_key_encrypted to `new` where it is still `old` (compare and set); False otherwise."""
 
+    # Limits of a key or an organization (server.limits.book): (requests_per_minute,
+    # tokens_per_minute, spend_per_day, spend_per_month), spend in nano-dollars, None = no limit.
+    async def _upsert_limits(self, *, scope: str, subject: str, values: tuple[int | None, ...]) -> None:
+        """Store the limits of (scope, subject); all None deletes them."""
+        raise NotImplementedError(f"{self.name} stores no limits")
+
+    async def _fetch_limits(self, *, scope: str, subject: str) -> tuple[int | None, ...] | None:
+        raise NotImplementedError(f"{self.name} stores no limits")
+
     # --- gateway keys -----------------------------------------------------------------------
+
+    async def get_key(self, *, key_id: str) -> GatewayKey | None:
+        """One key (revoked or not) by its id, never its hash."""
+        row = await self._fetch_key(key_id=key_id)
+        return row.public() if row is not None else None
 
     async def create_key(
         self, *, organization_id: str, user_id: str = "", is_admin: bool = False

@@ -19,6 +19,7 @@ from server.auth.store import (
     KeyRow,
     ProviderAlreadyExists,
     ProviderRecord,
+    utcnow,
 )
 
 # Arbitrary constant identifying "auth schema migration" among advisory locks.
@@ -53,12 +54,30 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )
         """,
     ),
+    # Limits per key and organization (issue 17); spend in nano-dollars, NULL = no limit.
+    (
+        """
+        CREATE TABLE gateway_limits (
+            scope               TEXT NOT NULL,
+            subject             TEXT NOT NULL,
+            requests_per_minute BIGINT,
+            tokens_per_minute   BIGINT,
+            spend_per_day       BIGINT,
+            spend_per_month     BIGINT,
+            updated_at          TIMESTAMPTZ NOT NULL,
+            PRIMARY KEY (scope, subject)
+        )
+        """,
+    ),
 )
 
 _KEY_COLUMNS = "key_id, key_hash, organization_id, user_id, is_admin, created_at, revoked_at"
 _PROVIDER_COLUMNS = (
     "id, organization_id, name, endpoint_type, base_url, api_key_encrypted, api_key_last4, created_at"
 )
+
+
+_LIMIT_COLUMNS = "scope, subject, requests_per_minute, tokens_per_minute, spend_per_day, spend_per_month"
 
 
 def _key_row(row: Any) -> KeyRow:
@@ -159,6 +178,29 @@ class PostgresAuthStore(AuthStore):
 
     async def _count_active_keys(self) -> int:
         return int(await self.pool.fetchval("SELECT COUNT(*) FROM gateway_keys WHERE revoked_at IS NULL"))
+
+    async def _upsert_limits(self, *, scope: str, subject: str, values: tuple[int | None, ...]) -> None:
+        if all(v is None for v in values):
+            await self.pool.execute(
+                "DELETE FROM gateway_limits WHERE scope = $1 AND subject = $2", scope, subject
+            )
+            return
+        await self.pool.execute(
+            f"INSERT INTO gateway_limits ({_LIMIT_COLUMNS}, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7)"
+            " ON CONFLICT (scope, subject) DO UPDATE SET requests_per_minute = excluded.requests_per_minute,"
+            " tokens_per_minute = excluded.tokens_per_minute, spend_per_day = excluded.spend_per_day,"
+            " spend_per_month = excluded.spend_per_month, updated_at = excluded.updated_at",
+            scope,
+            subject,
+            *values,
+            utcnow(),
+        )
+
+    async def _fetch_limits(self, *, scope: str, subject: str) -> tuple[int | None, ...] | None:
+        row = await self.pool.fetchrow(
+            f"SELECT {_LIMIT_COLUMNS} FROM gateway_limits WHERE scope = $1 AND subject = $2", scope, subject
+        )
+        return tuple(row[2:]) if row is not None else None
 
     async def _insert_provider(self, *, record: ProviderRecord) -> None:
         try:

@@ -21,6 +21,7 @@ from server.auth.store import (
     KeyRow,
     ProviderAlreadyExists,
     ProviderRecord,
+    utcnow,
 )
 from server.sqlite_file import NEW_FILE_PRAGMAS
 
@@ -53,12 +54,30 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )
         """,
     ),
+    # Limits per key and organization (issue 17); spend in nano-dollars, NULL = no limit.
+    (
+        """
+        CREATE TABLE gateway_limits (
+            scope               TEXT NOT NULL,
+            subject             TEXT NOT NULL,
+            requests_per_minute INTEGER,
+            tokens_per_minute   INTEGER,
+            spend_per_day       INTEGER,
+            spend_per_month     INTEGER,
+            updated_at          TEXT NOT NULL,
+            PRIMARY KEY (scope, subject)
+        )
+        """,
+    ),
 )
 
 _KEY_COLUMNS = "key_id, key_hash, organization_id, user_id, is_admin, created_at, revoked_at"
 _PROVIDER_COLUMNS = (
     "id, organization_id, name, endpoint_type, base_url, api_key_encrypted, api_key_last4, created_at"
 )
+
+
+_LIMIT_COLUMNS = "scope, subject, requests_per_minute, tokens_per_minute, spend_per_day, spend_per_month"
 
 
 def _ts(value: datetime | None) -> str | None:
@@ -194,6 +213,27 @@ class SqliteAuthStore(AuthStore):
         async with self.db.execute("SELECT COUNT(*) FROM gateway_keys WHERE revoked_at IS NULL") as cur:
             row = await cur.fetchone()
         return int(row[0]) if row else 0
+
+    async def _upsert_limits(self, *, scope: str, subject: str, values: tuple[int | None, ...]) -> None:
+        if all(v is None for v in values):
+            await self.db.execute(
+                "DELETE FROM gateway_limits WHERE scope = ? AND subject = ?", (scope, subject)
+            )
+            return
+        await self.db.execute(
+            f"INSERT INTO gateway_limits ({_LIMIT_COLUMNS}, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT (scope, subject) DO UPDATE SET requests_per_minute = excluded.requests_per_minute,"
+            " tokens_per_minute = excluded.tokens_per_minute, spend_per_day = excluded.spend_per_day,"
+            " spend_per_month = excluded.spend_per_month, updated_at = excluded.updated_at",
+            (scope, subject, *values, _ts(utcnow())),
+        )
+
+    async def _fetch_limits(self, *, scope: str, subject: str) -> tuple[int | None, ...] | None:
+        async with self.db.execute(
+            f"SELECT {_LIMIT_COLUMNS} FROM gateway_limits WHERE scope = ? AND subject = ?", (scope, subject)
+        ) as cur:
+            row = await cur.fetchone()
+        return tuple(row[2:]) if row is not None else None
 
     async def _insert_provider(self, *, record: ProviderRecord) -> None:
         try:

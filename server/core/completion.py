@@ -126,6 +126,10 @@ def usage_from_json(usage: dict[str, Any] | None, into: chat_pb2.Usage | None = 
     out.cached_tokens = int(prompt_details.get("cached_tokens") or usage.get("prompt_cache_hit_tokens") or 0)
     out.reasoning_tokens = int(completion_details.get("reasoning_tokens") or 0)
     out.cache_write_tokens = int(usage.get("cache_write_tokens") or 0)
+    # Anthropic's split of the writes (set by its translator); bounded by the writes it splits.
+    one_hour = usage.get("cache_write_1h_tokens")
+    if isinstance(one_hour, int) and 0 < one_hour <= out.cache_write_tokens:
+        out.cache_write_1h_tokens = one_hour
     return out
 
 

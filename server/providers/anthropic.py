@@ -483,6 +483,14 @@ def normalize_usage(usage: Mapping[str, Any]) -> dict[str, Any]:
         "prompt_tokens_details": {"cached_tokens": cache_read},
         "cache_write_tokens": cache_write,
     }
+    # The 1-hour writes are priced apart (2x input against 1.25x for 5-minute ones); a split
+    # that claims more than the total is the upstream's error, not a price.
+    split = usage.get("cache_creation")
+    if isinstance(split, dict):
+        one_hour = _count(split, "ephemeral_1h_input_tokens")
+        if one_hour > cache_write:
+            raise _bad("more 1-hour cache writes than cache writes", field="usage.cache_creation")
+        out["cache_write_1h_tokens"] = one_hour
     details = usage.get("output_tokens_details")
     if isinstance(details, dict) and details.get("thinking_tokens") is not None:
         out["completion_tokens_details"] = {"reasoning_tokens": _count(details, "thinking_tokens")}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import orjson
 from llmgateway.v1 import traces_pb2
@@ -13,6 +14,9 @@ from server.config import RetrySettings
 from server.errors import GatewayError
 from server.providers.base import UpstreamTarget
 from server.traces.base import TraceRecord
+
+if TYPE_CHECKING:
+    from server.limits.limiter import Admission
 
 MAX_RECORDED = 32  # attempts kept on a trace; a call makes few, this bounds a pathological one
 OK = "OK"
@@ -38,6 +42,9 @@ class Attempt:
     results: list[AttemptResult]
     started: float = field(default_factory=time.perf_counter)
     recorded: bool = False
+    # The routed call's way through the limits (server.limits): admitted by its first attempt
+    # that gets as far as counting the prompt, settled once by the call.
+    admission: Admission | None = None
 
     def finish(self, error: BaseException | None) -> None:
         """Append this attempt's result to the call's list (once)."""

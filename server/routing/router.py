@@ -35,7 +35,7 @@ import re
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from llmgateway.v1 import chat_pb2
 
@@ -60,6 +60,9 @@ from server.errors import (
 from server.routing.attempts import Attempt, AttemptResult
 from server.routing.config import EMPTY, Deployment, Key, Route, RouteTable, load_routes
 from server.routing.health import Health
+
+if TYPE_CHECKING:
+    from server.limits.limiter import Admission
 
 log = logging.getLogger("llmgateway.routing")
 
@@ -197,13 +200,18 @@ class Router:
 
     # -- the calls ------------------------------------------------------------------------------
 
-    def _call(self, request: ChatRequest, actor: Actor) -> _Call:
-        return _Call(self, self.table, request, actor)
+    def _call(self, request: ChatRequest, actor: Actor, admission: Admission | None = None) -> _Call:
+        return _Call(self, self.table, request, actor, admission)
 
     async def create(
-        self, host: CallHost, request: ChatRequest, actor: Actor, deadline: Deadline
+        self,
+        host: CallHost,
+        request: ChatRequest,
+        actor: Actor,
+        deadline: Deadline,
+        admission: Admission | None = None,
     ) -> chat_pb2.CreateResponse:
-        call = self._call(request, actor)
+        call = self._call(request, actor, admission)
         while True:
             attempt, candidate, attempt_deadline = await call.next_attempt(deadline)
             try:
@@ -220,9 +228,14 @@ class Router:
             return response
 
     async def stream(
-        self, host: CallHost, request: ChatRequest, actor: Actor, deadline: Deadline
+        self,
+        host: CallHost,
+        request: ChatRequest,
+        actor: Actor,
+        deadline: Deadline,
+        admission: Admission | None = None,
     ) -> AsyncIterator[chat_pb2.StreamCreateResponse]:
-        call = self._call(request, actor)
+        call = self._call(request, actor, admission)
         while True:
             attempt, candidate, attempt_deadline = await call.next_attempt(deadline)
             events = host.stream(request, actor, attempt_deadline, attempt)
@@ -265,6 +278,7 @@ class _Call:
     table: RouteTable
     request: ChatRequest
     actor: Actor
+    admission: Admission | None  # the call's way through the limits, shared by its attempts
     tiers: list[Sequence[_Candidate]] = field(default_factory=list)
     results: list[AttemptResult] = field(default_factory=list)
     tried: set[str] = field(default_factory=set)
@@ -499,7 +513,7 @@ class _Call:
                 attempt_deadline = Deadline(ends)
         retry = self.router.settings.retry if last else self.router._single
         self.sent += 1
-        attempt = Attempt(c.route, c.label, target, retry, self.results)
+        attempt = Attempt(c.route, c.label, target, retry, self.results, admission=self.admission)
         self.key = key
         return attempt, c, attempt_deadline
 

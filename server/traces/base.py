@@ -19,7 +19,11 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit, urlunsplit
+
+if TYPE_CHECKING:
+    from server.traces.usage import UsageQuery, UsageTotals
 
 _VERSION_7 = 0x7 << 76
 _VARIANT_RFC = 0b10 << 62
@@ -86,6 +90,12 @@ class TraceRecord:
     route: str = ""
     deployment: str = ""
     attempts_json: str = ""
+    # What the call cost, US dollars as an exact decimal string (`server.billing.cost.dollars`);
+    # None when it is not known: an unpriced model, a failed call, or a row stored before the
+    # column existed. Never "0" for unknown. Then the gateway key that made the call (its public
+    # id; "" with auth off), for usage by key. Both added by a migration of each backend.
+    cost_usd: str | None = None
+    key_id: str = ""
 
 
 # Notes are parameter names the gateway wrote; the bounds only keep a trace small whatever a
@@ -222,6 +232,10 @@ class TraceBackend(abc.ABC):
     async def points(self, *, query: TraceQuery) -> builtins.list[TracePoint]:
         """`TracePoint`s of the traces `query` matches, newest first, at most `query.limit`
         (capped at MAX_POINTS); its cursor and byte bound are ignored."""
+        raise NotImplementedError(f"{self.name} is write-only")
+
+    async def usage(self, *, query: UsageQuery) -> builtins.list[UsageTotals]:
+        """GetUsage's sums (server.traces.usage), ordered by the grouped-by values."""
         raise NotImplementedError(f"{self.name} is write-only")
 
 

@@ -26,6 +26,7 @@ from urllib.parse import parse_qs, urlsplit
 import aiohttp
 import orjson
 
+from server.billing.cost import dollars, parse_dollars
 from server.traces.base import (
     MAX_POINTS,
     POINT_COLUMNS,
@@ -40,6 +41,7 @@ from server.traces.base import (
     redact_url,
     to_micros,
 )
+from server.traces.usage import SUMMED, UsageQuery, UsageTotals, totals_from
 
 log = logging.getLogger(__name__)
 
@@ -102,10 +104,20 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         f"ALTER TABLE {{database}}.{TABLE} ADD COLUMN deployment String",
         f"ALTER TABLE {{database}}.{TABLE} ADD COLUMN attempts_json String",
     ),
+    # Cost and key of each call (issue 17): Decimal is exact (12 fractional digits: pico-dollars);
+    # NULL is unpriced.
+    (
+        f"ALTER TABLE {{database}}.{TABLE} ADD COLUMN cost_usd Nullable(Decimal(38, 12))",
+        f"ALTER TABLE {{database}}.{TABLE} ADD COLUMN key_id String",
+    ),
 )
 
 # Columns as selected: created_at comes back as created_at_us for full resolution.
-_SELECT_COLUMNS = ", ".join("created_at_us" if c == "created_at" else c for c in TRACE_COLUMNS)
+# cost_usd as text: JSON output would print the Decimal as a number, read back as a float.
+_SELECT_COLUMNS = ", ".join(
+    {"created_at": "created_at_us", "cost_usd": "toString(cost_usd) AS cost_usd"}.get(c, c)
+    for c in TRACE_COLUMNS
+)
 _INT_COLUMNS = frozenset(
     (
         "prompt_tokens",
@@ -117,6 +129,13 @@ _INT_COLUMNS = frozenset(
     )
 )
 _SYNTAX_ERROR = 62  # ClickHouse's code for a statement it does not know (MODIFY TTL before 19.6)
+
+_USAGE_GROUPS = {
+    "day": "toString(toDate(created_at, 'UTC'))",  # created_at is DateTime('UTC'), whole seconds
+    "model": "model",
+    "key_id": "key_id",
+    "user_id": "user_id",
+}
 _CONTROL_ESCAPES = {"\\": "\\\\", "'": "\\'", "\n": "\\n", "\r": "\\r", "\t": "\\t", "\0": "\\0"}
 _CONTROL_RE = re.compile(r"[\\'\n\r\t\0]")
 _ERROR_RE = re.compile(r"Code: (\d+)[.,]\s*(?:e\.displayText\(\) = )?(?:DB::Exception: )?([^:(\n]*)")
@@ -163,6 +182,9 @@ def _to_row(r: TraceRecord) -> dict[str, Any]:
         "time_to_first_token_ms": r.time_to_first_token_ms, "llm_config_json": r.llm_config_json,
         "owner": r.owner, "cache_write_tokens": r.cache_write_tokens, "notes": r.notes,
         "route": r.route, "deployment": r.deployment, "attempts_json": r.attempts_json,
+        # Raw JSON number text: exact into the Decimal column (a JSON string is refused, a float
+        # would round).
+        "cost_usd": None if r.cost_usd is None else orjson.Fragment(r.cost_usd), "key_id": r.key_id,
     }  # fmt: skip
 
 
@@ -177,6 +199,8 @@ def _from_row(row: Mapping[str, Any]) -> TraceRecord:
         values[column] = int(row[column])  # 64-bit integers come back as JSON strings
     values["agent_tags"] = list(row["agent_tags"])
     values["notes"] = list(row["notes"])
+    cost = row["cost_usd"]
+    values["cost_usd"] = None if cost is None else dollars(parse_dollars(cost))
     return TraceRecord(**values)
 
 
@@ -384,6 +408,46 @@ class ClickHouseTraceBackend(TraceBackend):
             where.append(f"id IN ({', '.join(quote(i) for i in ids)})")
             limit = len(ids)
         return await self._select(" AND ".join(where), limit)
+
+    async def usage(self, *, query: UsageQuery) -> builtins.list[UsageTotals]:
+        where = [
+            f"organization_id = {quote(query.organization_id)}",
+            f"created_at_us >= {to_micros(query.start_time)}",
+            f"created_at_us < {to_micros(query.end_time)}",
+        ]
+        for column, value in query.filters():
+            where.append(f"{column} = {quote(value)}")
+        groups = [_USAGE_GROUPS[g] for g in query.group_by]
+        keys = ", ".join(f"{expr} AS g{i}" for i, expr in enumerate(groups))
+        names = ", ".join(f"g{i}" for i in range(len(groups)))
+        sums = ", ".join(f"toString(sum({c})) AS {c}" for c in SUMMED)
+        # Rows a retried batch wrote twice are merged away lazily: read each trace id once.
+        body = await self._request(
+            f"SELECT {keys + ', ' if keys else ''}toString(count()) AS requests,"
+            f" toString(countIf(error_type != '')) AS errors, {sums},"
+            " toString(countIf(isNull(cost_usd) AND error_type = '')) AS unpriced,"
+            " toString(sum(ifNull(cost_usd, toDecimal128(0, 12)))) AS cost"
+            f" FROM (SELECT * FROM {self._table} WHERE {' AND '.join(where)} LIMIT 1 BY id)"
+            + (f" GROUP BY {names} ORDER BY {names}" if names else "")
+            + " FORMAT JSONEachRow",
+            settings={"wait_end_of_query": "1"},
+        )
+        out = []
+        for line in body.splitlines():
+            if not line.strip():
+                continue
+            row = orjson.loads(line)
+            if int(row["requests"]) == 0:
+                continue
+            values = {name: str(row[f"g{i}"]) for i, name in enumerate(query.group_by)}
+            counts = [
+                int(row["requests"]),
+                int(row["errors"]),
+                *(int(row[c]) for c in SUMMED),
+                int(row["unpriced"]),
+            ]
+            out.append(totals_from(values, counts, parse_dollars(row["cost"])))
+        return out
 
     async def _select(self, where: str, limit: int) -> builtins.list[TraceRecord]:
         body = await self._request(

@@ -12,11 +12,13 @@ import builtins
 import logging
 from collections.abc import Sequence
 from datetime import datetime
+from decimal import Decimal
 from typing import Any
 from urllib.parse import urlsplit
 
 import asyncpg
 
+from server.billing.cost import dollars_of_decimal
 from server.traces.base import (
     MAX_POINTS,
     POINT_COLUMNS,
@@ -30,6 +32,7 @@ from server.traces.base import (
     record_size_sql,
     redact_url,
 )
+from server.traces.usage import SUMMED, UsageQuery, UsageTotals, totals_from
 
 log = logging.getLogger(__name__)
 
@@ -97,9 +100,16 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE provider_traces ADD COLUMN IF NOT EXISTS deployment text NOT NULL DEFAULT ''",
         "ALTER TABLE provider_traces ADD COLUMN IF NOT EXISTS attempts_json text NOT NULL DEFAULT ''",
     ),
+    # Cost and key of each call (issue 17): numeric is exact (12 fractional digits: pico-dollars);
+    # NULL is unpriced.
+    (
+        "ALTER TABLE provider_traces ADD COLUMN IF NOT EXISTS cost_usd numeric(38, 12)",
+        "ALTER TABLE provider_traces ADD COLUMN IF NOT EXISTS key_id text NOT NULL DEFAULT ''",
+    ),
 )
 
 _COLUMN_LIST = ", ".join(TRACE_COLUMNS)
+_COST = TRACE_COLUMNS.index("cost_usd")
 _SELECT = f"SELECT {_COLUMN_LIST} FROM provider_traces"
 # octet_length of a TOASTed text reads its header only: the sizes cost no detoasting.
 _SIZE = record_size_sql("octet_length")
@@ -117,7 +127,7 @@ def _to_row(r: TraceRecord) -> tuple[Any, ...]:
         r.response_json, r.error_type, r.error_message, r.prompt_tokens, r.completion_tokens,
         r.total_tokens, r.cached_tokens, r.reasoning_tokens, r.latency_ms, r.time_to_first_token_ms,
         r.llm_config_json, r.owner, r.cache_write_tokens, list(r.notes), r.route, r.deployment,
-        r.attempts_json,
+        r.attempts_json, None if r.cost_usd is None else Decimal(r.cost_usd), r.key_id,
     )  # fmt: skip
     # PostgreSQL text cannot hold NUL; one such character would fail the whole batch forever.
     if (
@@ -127,6 +137,14 @@ def _to_row(r: TraceRecord) -> tuple[Any, ...]:
     ):
         row = tuple(_without_nul(v) for v in row)
     return row
+
+
+_USAGE_GROUPS = {
+    "day": "to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD')",
+    "model": "model",
+    "key_id": "key_id",
+    "user_id": "user_id",
+}
 
 
 def _without_nul(value: Any) -> Any:
@@ -141,6 +159,8 @@ def _from_row(row: Any) -> TraceRecord:
     values = list(row)
     values[TRACE_COLUMNS.index("agent_tags")] = list(values[TRACE_COLUMNS.index("agent_tags")])
     values[TRACE_COLUMNS.index("notes")] = list(values[TRACE_COLUMNS.index("notes")])
+    cost = values[_COST]
+    values[_COST] = None if cost is None else dollars_of_decimal(cost)
     return TraceRecord(*values)
 
 
@@ -250,6 +270,32 @@ class PostgresTraceBackend(TraceBackend):
             f"{_SELECT} WHERE {where} ORDER BY created_at DESC, id DESC LIMIT 1", *params
         )
         return _from_row(row) if row is not None else None
+
+    async def usage(self, *, query: UsageQuery) -> list[UsageTotals]:
+        params: list[Any] = [_without_nul(query.organization_id), query.start_time, query.end_time]
+        where = ["organization_id = $1", "created_at >= $2", "created_at < $3"]
+        for column, value in query.filters():
+            params.append(_without_nul(value))
+            where.append(f"{column} = ${len(params)}")
+        groups = [_USAGE_GROUPS[g] for g in query.group_by]
+        keys = ", ".join(groups)
+        sql = (
+            f"SELECT {keys + ', ' if keys else ''}COUNT(*), COUNT(*) FILTER (WHERE error_type <> ''),"
+            f" {', '.join(f'SUM({c})' for c in SUMMED)},"
+            " COUNT(*) FILTER (WHERE cost_usd IS NULL AND error_type = ''), SUM(cost_usd)"
+            f" FROM provider_traces WHERE {' AND '.join(where)}"
+            + (f" GROUP BY {keys} ORDER BY {keys}" if keys else "")
+        )
+        out = []
+        for row in await self._require_pool().fetch(sql, *params):
+            n = len(groups)
+            if row[n] == 0:
+                continue
+            values = dict(zip(query.group_by, (str(row[i]) for i in range(n)), strict=True))
+            cost = row[len(row) - 1]
+            pico = int(cost.scaleb(12).to_integral_value()) if cost is not None else 0
+            out.append(totals_from(values, [row[i] for i in range(n, len(row) - 1)], pico))
+        return out
 
     async def list(self, *, query: TraceQuery) -> list[TraceRecord]:
         return await self._read(query, points=False)  # type: ignore[return-value]

@@ -63,6 +63,8 @@ def to_record(trace: TraceRecord) -> dict[str, Any]:
         "route": trace.route or None,
         "deployment": trace.deployment or None,
         "attempts": _json_or_none(trace.attempts_json),
+        # Exact decimal string of US dollars; null when unpriced (issue 17).
+        "cost_usd": trace.cost_usd,
     }
 
 

@@ -46,6 +46,7 @@ from server.traces.base import (
     record_bytes,
     to_micros,
 )
+from server.traces.usage import SUMMED, UsageQuery, UsageTotals, totals_from
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +113,11 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE provider_traces ADD COLUMN deployment TEXT NOT NULL DEFAULT ''",
         "ALTER TABLE provider_traces ADD COLUMN attempts_json TEXT NOT NULL DEFAULT ''",
     ),
+    # Cost and key of each call (issue 17): TEXT, an exact decimal string; NULL is unpriced.
+    (
+        "ALTER TABLE provider_traces ADD COLUMN cost_usd TEXT",
+        "ALTER TABLE provider_traces ADD COLUMN key_id TEXT NOT NULL DEFAULT ''",
+    ),
 )
 
 PRAGMAS = (
@@ -149,6 +155,25 @@ _BYOK = TRACE_COLUMNS.index("is_byok")
 _NOTES = TRACE_COLUMNS.index("notes")
 
 
+_USAGE_GROUPS = {
+    "day": "strftime('%Y-%m-%d', created_at / 1000000, 'unixepoch')",
+    "model": "model",
+    "key_id": "key_id",
+    "user_id": "user_id",
+}
+# SQLite has no exact decimal: the cost text ("12.0034", at most 12 fractional digits) is summed
+# as three integer parts (dollars, then two groups of six fractional digits), none of which can
+# overflow a 64-bit SUM in any real number of rows.
+_FRACTION = "substr(substr(cost_usd, instr(cost_usd, '.') + 1) || '000000000000', 1, 12)"
+_COST_PARTS = (
+    "SUM(CASE WHEN instr(cost_usd, '.') > 0"
+    " THEN CAST(substr(cost_usd, 1, instr(cost_usd, '.') - 1) AS INTEGER)"
+    " ELSE CAST(cost_usd AS INTEGER) END),"
+    f" SUM(CASE WHEN instr(cost_usd, '.') > 0 THEN CAST(substr({_FRACTION}, 1, 6) AS INTEGER) ELSE 0 END),"
+    f" SUM(CASE WHEN instr(cost_usd, '.') > 0 THEN CAST(substr({_FRACTION}, 7, 6) AS INTEGER) ELSE 0 END)"
+)
+
+
 def _to_row(record: TraceRecord) -> tuple[Any, ...]:
     r = record
     return (
@@ -158,6 +183,7 @@ def _to_row(record: TraceRecord) -> tuple[Any, ...]:
         r.error_message, r.prompt_tokens, r.completion_tokens, r.total_tokens, r.cached_tokens,
         r.reasoning_tokens, r.latency_ms, r.time_to_first_token_ms, r.llm_config_json, r.owner,
         r.cache_write_tokens, orjson.dumps(r.notes).decode(), r.route, r.deployment, r.attempts_json,
+        r.cost_usd, r.key_id,
     )  # fmt: skip
 
 
@@ -361,6 +387,30 @@ class SQLiteTraceBackend(TraceBackend):
             f" WHERE {' AND '.join(where)} ORDER BY created_at DESC, id DESC LIMIT ?"
         )
         return [TracePoint(*row) for row in await self._fetch(sql, params)]
+
+    async def usage(self, *, query: UsageQuery) -> builtins.list[UsageTotals]:
+        where = ["organization_id = ?", "created_at >= ?", "created_at < ?"]
+        params: list[Any] = [query.organization_id, to_micros(query.start_time), to_micros(query.end_time)]
+        for column, value in query.filters():
+            where.append(f"{column} = ?")
+            params.append(value)
+        groups = [_USAGE_GROUPS[g] for g in query.group_by]
+        keys = ", ".join(groups)
+        sql = (
+            f"SELECT {keys + ', ' if keys else ''}COUNT(*), SUM(error_type != ''),"
+            f" {', '.join(f'SUM({c})' for c in SUMMED)}, SUM(cost_usd IS NULL AND error_type = ''),"
+            f" {_COST_PARTS} FROM provider_traces WHERE {' AND '.join(where)}"
+            + (f" GROUP BY {keys} ORDER BY {keys}" if keys else "")
+        )
+        out = []
+        for row in await self._fetch(sql, params):
+            n = len(groups)
+            whole, high, low = (int(v or 0) for v in row[-3:])
+            if row[n] == 0:
+                continue  # no trace in the range: no row
+            values = dict(zip(query.group_by, (str(v) for v in row[:n]), strict=True))
+            out.append(totals_from(values, list(row[n:-3]), whole * 10**12 + high * 10**6 + low))
+        return out
 
     async def _fetch(self, sql: str, params: Sequence[Any]) -> builtins.list[Any]:
         if self._reader is None:

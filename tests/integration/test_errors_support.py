@@ -38,6 +38,7 @@ class Details:
     error_infos: list[error_details_pb2.ErrorInfo] = field(default_factory=list)
     retry_infos: list[error_details_pb2.RetryInfo] = field(default_factory=list)
     bad_requests: list[error_details_pb2.BadRequest] = field(default_factory=list)
+    quota_failures: list[error_details_pb2.QuotaFailure] = field(default_factory=list)
 
     @property
     def info(self) -> error_details_pb2.ErrorInfo:
@@ -92,6 +93,10 @@ def details(err: grpc.aio.AioRpcError) -> Details:
             bad = error_details_pb2.BadRequest()
             any_.Unpack(bad)
             out.bad_requests.append(bad)
+        elif any_.Is(error_details_pb2.QuotaFailure.DESCRIPTOR):
+            quota = error_details_pb2.QuotaFailure()
+            any_.Unpack(quota)
+            out.quota_failures.append(quota)
         else:
             raise AssertionError(f"unexpected detail {any_.type_url}")
     assert len(out.error_infos) == 1, out.error_infos

@@ -59,7 +59,7 @@ async def test_sqlite_store_of_version_1_migrates(tmp_path: Path) -> None:
     conn.close()
     await check_legacy_rows_are_admin_only(sqlite.SQLiteTraceBackend(str(path)))
     with sqlite3.connect(path) as check:
-        assert sqlite.schema_version(check) == len(sqlite.MIGRATIONS) == 6  # notes, console indexes, routes
+        assert sqlite.schema_version(check) == len(sqlite.MIGRATIONS) == 7  # notes, indexes, routes, cost
 
 
 @pytest.mark.slow

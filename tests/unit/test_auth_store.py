@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from server.auth import store_sqlite
 from server.auth.actor import Actor
 from server.auth.factory import create_auth_store
 from server.auth.store import (
@@ -158,7 +159,8 @@ async def test_migration_is_idempotent_and_coexists(db_path: Path) -> None:
         async with SqliteAuthStore(path=str(db_path)) as s:
             await s.create_key(organization_id="acme")
     with sqlite3.connect(db_path) as conn:
-        assert conn.execute("SELECT version FROM auth_schema_version").fetchall() == [(1,)]
+        versions = [(v,) for v in range(1, len(store_sqlite.MIGRATIONS) + 1)]
+        assert conn.execute("SELECT version FROM auth_schema_version").fetchall() == versions
         assert conn.execute("SELECT version FROM schema_version").fetchall() == [(7,)]
         assert conn.execute("SELECT COUNT(*) FROM gateway_keys").fetchone() == (2,)
 

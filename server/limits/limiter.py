@@ -1,0 +1,259 @@
+"""The request path of limits: admit a call before anything goes upstream, settle it after.
+
+Admission comes after validation and the context-window guard, before anything is sent. It
+reserves, on every limit of the caller's key and of its organization at once (all or nothing):
+1 request; the prompt's tokens (the guard's count, prompt and functions; without a context
+window, the message texts counted here) plus `max_tokens` when set; and the cost of those
+tokens at the model's input and output prices. A limit at or past its
+value, or one the reservation would pass, refuses the call with RESOURCE_EXHAUSTED
+QUOTA_EXCEEDED, a `QuotaFailure` naming the limit and a `RetryInfo` with the time until its
+window ends; nothing is sent upstream.
+
+Settling replaces the reservation with what the call used (the reported total tokens, the
+exact cost rounded up to a nano-dollar); a failed call used nothing (its request still counts).
+Settles go to the windows the call was admitted in, so a call admitted at 23:59:59 UTC counts
+in that day.
+
+Spend limits need a price: a call to a model with no price under a spend limit is refused with
+FAILED_PRECONDITION (its cost could not be checked), so an unpriced model is no way around a
+budget; price it (even at 0) with LLMGW_PRICES_FILE.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+from llmgateway.v1 import chat_pb2
+
+from server.auth.actor import Actor
+from server.billing.cost import parse_dollars
+from server.billing.prices import PriceTable
+from server.core import tokens
+from server.errors import FailedPrecondition, QuotaExceeded
+from server.limits.book import LimitsBook
+from server.limits.counters import UNCHECKED, Check, Counters
+from server.limits.model import Limits, Scope, Window, nano_dollars, spend_text, window
+
+# A reservation to correct at settle: (counter key, its ttl, True for tokens / False for spend,
+# the amount reserved).
+_Reserved = tuple[str, int, bool, int]
+_METRICS = ("requests_per_minute", "tokens_per_minute", "spend_per_day", "spend_per_month")
+
+
+class Ticket:
+    """One admitted call: what it reserved, corrected by `settle` (once)."""
+
+    __slots__ = ("_counters", "_reserved", "_unchecked", "_settled")
+
+    def __init__(self, counters: Counters, reserved: list[_Reserved], unchecked: bool) -> None:
+        self._counters = counters
+        self._reserved = reserved
+        self._unchecked = unchecked
+        self._settled = False
+
+    def settle(self, usage: chat_pb2.Usage | None) -> None:
+        """Replace the reservation with the usage (None: the call failed, it used nothing)."""
+        if self._settled:
+            return
+        self._settled = True
+        used_tokens = max(0, usage.total_tokens) if usage is not None else 0
+        used_spend = 0
+        if usage is not None and usage.cost_usd:
+            used_spend = max(0, nano_dollars(parse_dollars(usage.cost_usd)))
+        settle = self._counters.settle
+        for key, ttl, is_tokens, amount in self._reserved:
+            used = used_tokens if is_tokens else used_spend
+            # Admitted unchecked (Redis was away): nothing was reserved, the whole usage counts.
+            settle(key, used if self._unchecked else used - amount, ttl)
+
+
+class Admission:
+    """One call's way through the limits: `admit` once its prompt is counted, before anything
+    goes upstream (QUOTA_EXCEEDED there); `settle` when it ended, however it ended."""
+
+    __slots__ = ("_limiter", "_actor", "_request", "_ticket", "_admitted")
+
+    def __init__(self, limiter: Limiter, actor: Actor, request: chat_pb2.CreateRequest) -> None:
+        self._limiter = limiter
+        self._actor = actor
+        self._request = request
+        self._ticket: Ticket | None = None
+        self._admitted = False
+
+    async def admit(self, count: tokens.TokenCount | None) -> None:
+        """Once per call: a routed call's later attempts (fallbacks) are the same call."""
+        if self._admitted:
+            return
+        self._admitted = True
+        prompt = count.total_tokens if count is not None else None
+        self._ticket = await self._limiter.admit(self._actor, self._request, prompt_tokens=prompt)
+
+    def settle(self, usage: chat_pb2.Usage | None) -> None:
+        if self._ticket is not None:
+            self._ticket.settle(usage)
+
+
+class Limiter:
+    def __init__(
+        self,
+        book: LimitsBook,
+        counters: Counters,
+        prices: PriceTable,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.book = book
+        self.counters = counters
+        self._prices = prices
+        self.clock = clock  # epoch seconds; tests move it (a day's end, a minute's)
+        self._window_cache: tuple[float, tuple[Window, ...]] = (0.0, (Window("", 0.0, 0),))
+        self._plans: dict[tuple[str, str], tuple[tuple[Window, ...], Limits, tuple[Any, ...]]] = {}
+
+    def may_apply(self, actor: Actor) -> bool:
+        """False only when the cache knows that neither the key nor its organization has limits
+        (then a call needs no admission at all: no await, no counting)."""
+        book = self.book
+        org = book.cached("org", actor.organization_id)
+        if org is None or not org.empty:
+            return True
+        if not actor.key_id:
+            return False
+        key = book.cached("key", actor.key_id)
+        return key is None or not key.empty
+
+    async def _limits(self, scope: Scope, subject: str) -> Limits:
+        cached = self.book.cached(scope, subject)
+        return cached if cached is not None else await self.book.get(scope, subject)
+
+    def _windows(self, now: float) -> tuple[Window, ...]:
+        """The four metrics' windows at `now`, reused until the minute ends (a day's and a
+        month's boundaries are minute boundaries too); recomputed if the clock goes back."""
+        start, windows = self._window_cache
+        if not start <= now < windows[0].ends:
+            windows = tuple(window(metric, now) for metric in _METRICS)
+            self._window_cache = (windows[0].ends - 60.0, windows)
+        return windows
+
+    def admission(self, actor: Actor, request: chat_pb2.CreateRequest) -> Admission:
+        return Admission(self, actor, request)
+
+    async def admit(
+        self, actor: Actor, request: chat_pb2.CreateRequest, *, prompt_tokens: int | None = None
+    ) -> Ticket | None:
+        """Reserve the call on every limit that applies; None when none does. `prompt_tokens`:
+        the guard's count when it made one (else the message texts are counted here)."""
+        subjects: list[tuple[Scope, str, Limits]] = []
+        if actor.key_id:
+            key_limits = await self._limits("key", actor.key_id)
+            if not key_limits.empty:
+                subjects.append(("key", actor.key_id, key_limits))
+        org_limits = await self._limits("org", actor.organization_id)
+        if not org_limits.empty:
+            subjects.append(("org", actor.organization_id, org_limits))
+        if not subjects:
+            return None
+        counts_tokens = counts_spend = False
+        for _, _, limits in subjects:
+            counts_tokens = counts_tokens or limits.counts_tokens
+            counts_spend = counts_spend or limits.counts_spend
+        estimate_tokens = estimate_spend = 0
+        if counts_tokens or counts_spend:
+            config = request.llm_config
+            prompt = prompt_tokens if prompt_tokens is not None else await _prompt_tokens(request)
+            answer = max(0, config.max_tokens) if config.HasField("max_tokens") else 0
+            estimate_tokens = prompt + answer
+            if counts_spend:
+                estimate_spend = self._estimate_spend(config, prompt, answer)
+        now = self.clock()
+        windows = self._windows(now)
+        amounts = (1, estimate_tokens, estimate_spend, estimate_spend)
+        checks: list[Check] = []
+        owners: list[tuple[Scope, str, int]] = []  # of each check: whose, which metric
+        reserved: list[_Reserved] = []
+        for scope, subject, limits in subjects:
+            for index, key, limit, ttl, ends in self._plan(scope, subject, limits, windows):
+                amount = amounts[index]
+                checks.append((key, limit, amount, ttl, ends))
+                owners.append((scope, subject, index))
+                if index:
+                    reserved.append((key, ttl, index == 1, amount))
+        counters = self.counters
+        admit_now = getattr(counters, "admit_now", None)  # in-process: no coroutine to await
+        outcome = admit_now(checks, now) if admit_now is not None else await counters.admit(checks, now)
+        if outcome >= 0:
+            scope, subject, index = owners[outcome]
+            _, limit, amount, _, ends = checks[outcome]
+            raise _refusal(scope, subject, _METRICS[index], limit, ends, amount=amount, now=now)
+        return Ticket(counters, reserved, unchecked=outcome == UNCHECKED)
+
+    def _estimate_spend(self, config: chat_pb2.LLMConfig, prompt: int, answer: int) -> int:
+        price = self._prices.find(config.model_endpoint_type, config.model)
+        if price is None:
+            raise FailedPrecondition(
+                f"model {config.model!r} has no price, so its cost cannot be checked against the "
+                "spend limit; give it one in LLMGW_PRICES_FILE",
+                metadata={"model": config.model, "model_endpoint_type": config.model_endpoint_type},
+            )
+        rates = price.rates_for(prompt)
+        return nano_dollars(prompt * rates.input + answer * rates.output)
+
+    def _plan(
+        self, scope: Scope, subject: str, limits: Limits, windows: tuple[Window, ...]
+    ) -> tuple[tuple[int, str, int, int, float], ...]:
+        """(metric index, counter key, limit, ttl, window end) of each limit of a subject: built
+        once per subject, limits and minute (the book hands out the same Limits while cached)."""
+        cached = self._plans.get((scope, subject))
+        if cached is not None and cached[0] is windows and cached[1] is limits:
+            return cached[2]
+        plan = tuple(
+            (index, f"{scope}:{subject}:{_METRICS[index]}:{windows[index].id}", limit, windows[index].ttl,
+             windows[index].ends)
+            for index, limit in enumerate(limits.values())
+            if limit is not None
+        )  # fmt: skip
+        if len(self._plans) >= 100_000:
+            self._plans.clear()
+        self._plans[(scope, subject)] = (windows, limits, plan)
+        return plan
+
+
+async def _prompt_tokens(request: chat_pb2.CreateRequest) -> int:
+    """The prompt's tokens as admission counts them: the message texts (tool calls and
+    functions are left to the settled usage). Counted inline when small (memoized: the guard
+    counts the same texts), in the offload pool when large."""
+    messages = [{"content": m.content} for m in request.messages if m.content]
+    if not messages:
+        return 0
+    model = request.llm_config.model
+    if sum(len(m["content"]) for m in messages) <= tokens.INLINE_CHARS:
+        encoding, _ = tokens.encoding_for_model(model)
+        return tokens.count_message_tokens(messages, encoding)
+    count = await tokens.count_request_tokens_async(messages, None, model)
+    return count.prompt_tokens
+
+
+def _refusal(
+    scope: Scope, subject: str, metric: str, limit: int, ends: float, *, amount: int, now: float
+) -> QuotaExceeded:
+    shown = spend_text(limit) if metric.startswith("spend") else str(limit)
+    unit = " USD" if metric.startswith("spend") else ""
+    owner = "key" if scope == "key" else "organization"
+    wait = max(0.0, ends - now)
+    message = f"the {owner}'s limit {metric} ({shown}{unit}) is reached; it frees in {math.ceil(wait)} s"
+    if not metric.startswith("requests") and amount > limit:
+        message = f"this call alone needs more than the {owner}'s limit {metric} ({shown}{unit})"
+    return QuotaExceeded(
+        message,
+        metadata={
+            "scope": scope,
+            "subject": subject,
+            "limit": metric,
+            "value": shown,
+            "retry_after_s": math.ceil(wait),
+        },
+        retry_delay=wait,
+        quota_violations=[(f"{scope}:{subject}:{metric}", message)],
+    )
