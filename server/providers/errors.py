@@ -10,6 +10,7 @@ import orjson
 
 from server.core.retry import RetryableError, parse_retry_after
 from server.errors import (
+    ContextWindowExceeded,
     GatewayError,
     ModelNotFound,
     NotFound,
@@ -115,9 +116,25 @@ def error_for_status(
             status=status,
             retry_after=retry_after,
         )
+    if status == 400 and _context_length_exceeded(body, message):
+        # The provider's tokenizer counted more than the window (the gateway's tiktoken guard
+        # passed): agents summarize on CONTEXT_WINDOW_EXCEEDED, they give up on UPSTREAM_REJECTED.
+        return ContextWindowExceeded(text, metadata=meta)
     if 400 <= status < 500:
         return UpstreamRejected(text, metadata=meta)
     return UpstreamBadResponse(text, metadata=meta)
+
+
+# OpenAI's and Groq's `code`; DeepSeek, vLLM and OpenRouter say it only in words ("This model's
+# maximum context length is 65536 tokens. However, you requested ...").
+CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"
+_MAX_CONTEXT = re.compile(r"maximum context length is \d+", re.IGNORECASE)
+
+
+def _context_length_exceeded(body: bytes, message: str) -> bool:
+    if CONTEXT_LENGTH_EXCEEDED.encode() in body[:65536] and _error_code(body) == CONTEXT_LENGTH_EXCEEDED:
+        return True
+    return bool(_MAX_CONTEXT.search(message))
 
 
 # What a server answers for a path it does not serve (the usual cause: a base URL without /v1):
