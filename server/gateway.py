@@ -245,12 +245,12 @@ class Gateway:
             ),
         )
         count = await self.guard(request, body["messages"], functions, off=off)
-        upstream, notes = provider.build_body(body, stream=stream)
+        # The provider's translation walks every schema again (Gemini converts them): a huge
+        # function set is translated and serialized in the pool too.
+        notes, raw = await offload.run_if(off, lambda: _translated(provider, body, stream))
         if notes:
             log.info("%s: parameters not sent as given: %s", target.provider, ", ".join(notes))
-        return Plan(
-            target, provider, body, orjson.dumps(upstream), count, trace_notes(notes, self.deps.scrub)
-        )
+        return Plan(target, provider, body, raw, count, trace_notes(notes, self.deps.scrub))
 
     def answer_scrubber(self, target: UpstreamTarget) -> AnswerScrubber:
         """Scrubs the answer of a call to `target` of every known secret and of the key it sent."""
@@ -554,6 +554,12 @@ class Gateway:
     ) -> AsyncIterator[chat_pb2.StreamCreateResponse]:
         async for event in stream_local(self, request, actor, deadline, off=off_loop(keys)):
             yield event
+
+
+def _translated(provider: Provider, body: dict[str, Any], stream: bool) -> tuple[list[str], bytes]:
+    """The provider's upstream body, serialized, and its notes."""
+    upstream, notes = provider.build_body(body, stream=stream)
+    return notes, orjson.dumps(upstream)
 
 
 def _client_kind() -> Any:

@@ -49,7 +49,8 @@ Stream: `StreamDecoder` turns the documented SSE events into OpenAI chunks; one 
 with the final (cumulative, never summed) usage is emitted at message_stop, then None.
 
 Errors: `error_for_status` maps HTTP statuses and `error.type`; 529 overloaded_error is retried
-as a 503 would be (the retry policy lists standard statuses; metadata keeps 529).
+as a 503 would be (the retry policy lists standard statuses; metadata keeps 529). "prompt is too
+long" and "input length and `max_tokens` exceed context limit" are CONTEXT_WINDOW_EXCEEDED.
 """
 
 from __future__ import annotations
@@ -94,6 +95,11 @@ _MAX_TOOL_NAME = 64
 _IMAGE_TYPES = frozenset({"image/jpeg", "image/png", "image/gif", "image/webp"})
 _DATA_URL = re.compile(r"data:([^;,]+);base64,(.*)", re.DOTALL)
 _TOO_LONG = re.compile(r"prompt is too long(?::\s*(\d+)\s*tokens?\s*>\s*(\d+))?", re.IGNORECASE)
+# Anthropic counts max_tokens against the window too: "input length and `max_tokens` exceed
+# context limit: 178959 + 64000 > 200000, decrease input length or `max_tokens` and try again".
+_OVER_LIMIT = re.compile(
+    r"input length and `?max_tokens`? exceed context limit:\s*(\d+)\s*\+\s*(\d+)\s*>\s*(\d+)", re.IGNORECASE
+)
 # Keys build_body reads; anything else in the body is not an Anthropic parameter.
 _HANDLED = frozenset(
     {
@@ -892,6 +898,10 @@ def _classify(
     too_long = _TOO_LONG.search(message) if status in (400, 413) else None
     if too_long is not None:
         return _context_window(too_long, text, meta)
+    over = _OVER_LIMIT.search(message) if status == 400 else None
+    if over is not None:
+        counts = {"prompt_tokens": int(over[1]), "max_tokens": int(over[2]), "context_window": int(over[3])}
+        return ContextWindowExceeded(text, metadata={**meta, **counts})
     if 400 <= status < 500:
         return UpstreamRejected(text, metadata=meta)
     return UpstreamBadResponse(text, metadata=meta)

@@ -10,6 +10,7 @@ import orjson
 
 from server.core.retry import RetryableError, parse_retry_after
 from server.errors import (
+    ContextWindowExceeded,
     GatewayError,
     ModelNotFound,
     NotFound,
@@ -117,8 +118,15 @@ def error_for_status(
             retry_after=retry_after,
         )
     if 400 <= status < 500:
+        # The provider's tokenizer counted more than the window (the gateway's tiktoken guard
+        # passed): agents summarize on CONTEXT_WINDOW_EXCEEDED, they give up on UPSTREAM_REJECTED.
+        # The servers whose message carries the counts first (they go into the metadata).
         overflow = context_overflow.overflow_error(status, body, text, meta)
-        return overflow if overflow is not None else UpstreamRejected(text, metadata=meta)
+        if overflow is not None:
+            return overflow
+        if status == 400 and _context_length_exceeded(body, message):
+            return ContextWindowExceeded(text, metadata=meta)
+        return UpstreamRejected(text, metadata=meta)
     return UpstreamBadResponse(text, metadata=meta)
 
 
@@ -137,6 +145,18 @@ def keep_error_body(
         {"http_status": status, "body": text, "truncated": len(body) > len(text.encode())}
     ).decode()
     return error
+
+
+# OpenAI's and Groq's `code`; DeepSeek, vLLM and OpenRouter say it only in words ("This model's
+# maximum context length is 65536 tokens. However, you requested ...").
+CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"
+_MAX_CONTEXT = re.compile(r"maximum context length is \d+", re.IGNORECASE)
+
+
+def _context_length_exceeded(body: bytes, message: str) -> bool:
+    if CONTEXT_LENGTH_EXCEEDED.encode() in body[:65536] and _error_code(body) == CONTEXT_LENGTH_EXCEEDED:
+        return True
+    return bool(_MAX_CONTEXT.search(message))
 
 
 # What a server answers for a path it does not serve (the usual cause: a base URL without /v1):

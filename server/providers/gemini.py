@@ -159,13 +159,15 @@ def build_body_with_notes(body: dict[str, Any], *, stream: bool) -> tuple[dict[s
     out: dict[str, Any] = {"contents": contents}
     if system:
         out["systemInstruction"] = {"parts": system}
-    declarations = _declarations(body)
+    # One inlining budget for every schema of the request (functions and the response schema).
+    budget = [0]
+    declarations = _declarations(body, budget)
     if declarations:
         out["tools"] = [{"functionDeclarations": declarations}]
         tool_config = _tool_config(body)
         if tool_config is not None:
             out["toolConfig"] = tool_config
-    out["generationConfig"] = _generation_config(body)
+    out["generationConfig"] = _generation_config(body, budget)
     dropped = sorted(key for key in body if key not in _CONSUMED)
     return out, dropped
 
@@ -339,19 +341,19 @@ def _response_object(content: object) -> dict[str, Any]:
 # ---- tools
 
 
-def _declarations(body: dict[str, Any]) -> list[dict[str, Any]]:
+def _declarations(body: dict[str, Any], budget: list[int]) -> list[dict[str, Any]]:
     declarations: list[dict[str, Any]] = []
     for k, tool in enumerate(body.get("tools") or []):
         kind = tool.get("type", "function") if isinstance(tool, dict) else None
         if kind != "function":
             raise _invalid(f"tools[{k}]", "is not a function tool", tool_type=str(kind))
-        declarations.append(_declaration(tool.get("function") or {}, f"tools[{k}].function"))
+        declarations.append(_declaration(tool.get("function") or {}, f"tools[{k}].function", budget))
     for k, function in enumerate(body.get("functions") or []):
-        declarations.append(_declaration(function, f"functions[{k}]"))
+        declarations.append(_declaration(function, f"functions[{k}]", budget))
     return declarations
 
 
-def _declaration(function: dict[str, Any], field: str) -> dict[str, Any]:
+def _declaration(function: dict[str, Any], field: str, budget: list[int]) -> dict[str, Any]:
     name = function.get("name")
     if not isinstance(name, str) or not name:
         raise _invalid(f"{field}.name", "must not be empty")
@@ -362,7 +364,7 @@ def _declaration(function: dict[str, Any], field: str) -> dict[str, Any]:
     # A function without arguments has no `parameters`: Gemini refuses an OBJECT without
     # properties.
     if isinstance(parameters, dict) and parameters.get("properties"):
-        out["parameters"] = convert_schema(parameters, f"{field}.parameters")
+        out["parameters"] = convert_schema(parameters, f"{field}.parameters", budget)
     return out
 
 
@@ -434,18 +436,23 @@ _FORMATS = {"STRING": {"enum", "date-time"}, "NUMBER": {"float", "double"}, "INT
 _MAX_DEPTH = 64
 # Schema nodes one converted schema may have, $refs inlined (a large real tool has hundreds).
 MAX_SCHEMA_NODES = 20_000
+# Nodes one request's schemas may gain by inlining $refs, all schemas together: the bound above
+# alone let 60 small functions each expand to just under it (1,000,000 nodes, 9 s on the loop,
+# a 60 MB body from 70 KB). Nodes written out in the request itself are bounded by its size.
+MAX_INLINED_NODES = 20_000
 
 
-def convert_schema(schema: dict[str, Any], field: str) -> dict[str, Any]:
+def convert_schema(schema: dict[str, Any], field: str, budget: list[int] | None = None) -> dict[str, Any]:
     """A JSON Schema (OpenAI function parameters or response schema) as Gemini's `Schema`.
 
     Raises InvalidRequest naming the keyword and its JSON path when Gemini cannot express it.
+    `budget` counts the nodes inlined from $refs across the schemas of one request.
     """
     defs: dict[str, Any] = {}
     for key in ("$defs", "definitions"):
         if isinstance(schema.get(key), dict):
             defs.update({f"#/{key}/{name}": value for name, value in schema[key].items()})
-    return _SchemaConverter(field, defs, [0]).node(schema, "", ())
+    return _SchemaConverter(field, defs, [0], [0] if budget is None else budget).node(schema, "", ())
 
 
 @dataclass(frozen=True, slots=True)
@@ -455,6 +462,7 @@ class _SchemaConverter:
     # Nodes emitted so far: inlining $refs can grow a small schema exponentially (a definition
     # using the next one twice, 30 deep, is 2**30 nodes), which would pin the event loop.
     emitted: list[int]
+    inlined: list[int]  # nodes emitted beneath a $ref, shared by the request's schemas
 
     def refuse(self, path: str, keyword: str, why: str) -> InvalidRequest:
         where = path or "/"
@@ -472,6 +480,12 @@ class _SchemaConverter:
         self.emitted[0] += 1
         if self.emitted[0] > MAX_SCHEMA_NODES:
             raise self.refuse(path, "$ref", f"expands the schema past {MAX_SCHEMA_NODES} nodes once inlined")
+        if refs:
+            self.inlined[0] += 1
+            if self.inlined[0] > MAX_INLINED_NODES:
+                raise self.refuse(
+                    path, "$ref", f"inlines more than {MAX_INLINED_NODES} nodes in one request's schemas"
+                )
         if "$ref" in schema:
             return self.ref(schema, path, refs)
         for keyword in schema:
@@ -593,7 +607,7 @@ _THINKING_BUDGETS = {"none": 0, "minimal": 512, "low": 1024, "medium": 8192, "hi
 _GEMINI_MAJOR = re.compile(r"gemini-(\d+)")
 
 
-def _generation_config(body: dict[str, Any]) -> dict[str, Any]:
+def _generation_config(body: dict[str, Any], budget: list[int]) -> dict[str, Any]:
     config: dict[str, Any] = {"candidateCount": 1}
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     if max_tokens is not None:
@@ -613,14 +627,14 @@ def _generation_config(body: dict[str, Any]) -> dict[str, Any]:
     stop = body.get("stop")
     if stop:
         config["stopSequences"] = [stop] if isinstance(stop, str) else list(stop)
-    config.update(_response_format(body.get("response_format")))
+    config.update(_response_format(body.get("response_format"), budget))
     effort = body.get("reasoning_effort")
     if effort:
         config["thinkingConfig"] = _thinking_config(effort, str(body.get("model", "")))
     return config
 
 
-def _response_format(response_format: object) -> dict[str, Any]:
+def _response_format(response_format: object, budget: list[int]) -> dict[str, Any]:
     if not isinstance(response_format, dict) or response_format.get("type") in (None, "text"):
         return {}
     kind = response_format["type"]
@@ -634,7 +648,7 @@ def _response_format(response_format: object) -> dict[str, Any]:
         return {"responseMimeType": "application/json"}
     return {
         "responseMimeType": "application/json",
-        "responseSchema": convert_schema(schema, "llm_config.response_format.json_schema.schema"),
+        "responseSchema": convert_schema(schema, "llm_config.response_format.json_schema.schema", budget),
     }
 
 

@@ -185,7 +185,8 @@ class GeminiFake:
         self.script.extend(replies)
 
     async def start(self) -> None:
-        app = web.Application()
+        # Gemini takes requests up to 20 MB (its inline-data limit); aiohttp's default is 1 MiB.
+        app = web.Application(client_max_size=20 * 1024 * 1024)
         app.router.add_route("*", "/{tail:.*}", self._handle)
         self._runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=0.1, access_log=None)
         await self._runner.setup()
