@@ -31,6 +31,7 @@ from server.core import tokens
 from server.core.keys import ByokProvider
 from server.errors import ShuttingDown
 from server.gateway import Dependencies, Gateway
+from server.grpc_options import connection_options
 from server.inflight import InFlight, uncancel_current
 from server.providers.http import HttpClient
 from server.reflection import enable_reflection
@@ -200,8 +201,7 @@ class GatewayServer:
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.so_reuseport", 1),
-                ("grpc.keepalive_permit_without_calls", 1),
-                ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+                *connection_options(settings),  # age and keepalive, for load balancers
             ],
         )
         services = (

@@ -7,6 +7,8 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 
+from server.grpc_options import connection_problems
+
 DEFAULT_OPENAI_BASE_URL = "https://api.openai.com/v1"
 DEFAULT_OPENROUTER_BASE_URL = "https://openrouter.ai/api/v1"
 DEFAULT_ANTHROPIC_BASE_URL = "https://api.anthropic.com/v1"
@@ -73,6 +75,12 @@ class Settings:
     tls_key: str = ""
     tls_client_ca: str = ""
     grace_period: float = 10.0
+    # gRPC connection management for load balancers (seconds; server/grpc_options.py says why).
+    grpc_max_connection_age: float = 300.0
+    grpc_max_connection_age_grace: float = 3600.0
+    grpc_keepalive_time: float = 60.0
+    grpc_keepalive_timeout: float = 20.0
+    grpc_min_ping_interval: float = 10.0
     # Bound on an upstream call when the caller set no deadline (streams: between two reads).
     upstream_timeout: float = 600.0
     # UTF-8 bytes of text one answer may carry (content, reasoning, tool calls; streamed or unary).
@@ -249,6 +257,7 @@ def validate(settings: Settings) -> None:
             "LLMGW_LOCAL_AUTH_TYPE needs LLMGW_LOCAL_API_KEY and LLMGW_LOCAL_BASE_URL "
             "(the key is sent only to endpoints under that base URL)"
         )
+    problems += connection_problems(settings)
     if bool(settings.tls_cert) != bool(settings.tls_key):
         problems.append("--tls-cert and --tls-key go together")
     if problems:
