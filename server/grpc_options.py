@@ -23,7 +23,7 @@ looks idle to NAT tables and proxies with idle timeouts, which drop it silently.
 - `LLMGW_GRPC_MIN_PING_INTERVAL` (10 s): the shortest interval at which a client may ping. A
   client pinging more often gets GOAWAY `too_many_pings` after two strikes, so set clients'
   keepalive time at or above it. Pings are allowed on connections without calls (a pooled client
-  connection stays warm).
+  connection stays warm). At least 1 s: pings need no gateway key.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ _FIELDS = (
     "grpc_keepalive_timeout",
     "grpc_min_ping_interval",
 )
+MIN_PING_INTERVAL_FLOOR = 1.0
 # grpc takes int milliseconds; past 2**31 - 1 ms (~24.8 days) it means "forever" anyway.
 _MAX_MS = 2**31 - 1
 
@@ -75,4 +76,7 @@ def connection_problems(settings: Settings) -> list[str]:
             problems.append(f"LLMGW_{name.upper()} must be a number of seconds >= 0")
     if settings.grpc_keepalive_time <= 0 or settings.grpc_keepalive_timeout <= 0:
         problems.append("LLMGW_GRPC_KEEPALIVE_TIME and LLMGW_GRPC_KEEPALIVE_TIMEOUT must be above 0")
+    if settings.grpc_min_ping_interval < MIN_PING_INTERVAL_FLOOR:
+        # Pings need no gateway key: with no floor any client could keep the server answering them.
+        problems.append(f"LLMGW_GRPC_MIN_PING_INTERVAL must be at least {MIN_PING_INTERVAL_FLOOR:g} s")
     return problems

@@ -2,7 +2,8 @@
 
 `start_cluster` starts N `llm-gateway serve` processes on loopback with the settings of the
 checked-in deployment (deploy/compose.yaml's gateway environment; only addresses and secrets
-differ, see `LOCAL_OVERRIDES`), and nginx with deploy/nginx/grpc-proxy.conf included as is.
+differ, see `LOCAL_OVERRIDES`), and nginx with deploy/nginx/grpc-proxy.conf included as is and
+the upstream parameters of deploy/nginx/nginx.conf (`compose_upstream`).
 nginx's access log records, per call, the `x-call-id` the client sent and the replica(s) nginx
 used, so a test can tell which replica served which call.
 
@@ -74,6 +75,19 @@ http {{
     }}
 }}
 """
+
+
+def compose_upstream() -> tuple[str, list[str]]:
+    """deploy/nginx/nginx.conf's upstream block: the parameters of its `server` lines (all the
+    same) and its other directives (`keepalive`), which the loopback balancer uses too."""
+    text = (DEPLOY / "nginx" / "nginx.conf").read_text()
+    block = re.search(r"upstream llm_gateway \{(.*?)\n    \}", text, re.DOTALL)
+    assert block, "deploy/nginx/nginx.conf has no `upstream llm_gateway` block"
+    lines = [line.split("#", 1)[0].strip() for line in block.group(1).splitlines()]
+    lines = [line for line in lines if line]
+    parameters = {line.split(None, 2)[2].rstrip(";") for line in lines if line.startswith("server ")}
+    assert len(parameters) == 1, f"the replicas' server lines differ: {parameters}"
+    return parameters.pop(), [f"        {line}" for line in lines if not line.startswith("server ")]
 
 
 def compose_gateway_environment() -> dict[str, str]:
@@ -160,7 +174,8 @@ def start_nginx(workdir: Path, upstreams: Sequence[str], timeout: float = 10.0) 
         raise AssertionError(f"{NGINX_BIN} is missing: run scripts/install-test-services")
     workdir.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    servers = "\n".join(f"        server {u} max_fails=1 fail_timeout=5s;" for u in upstreams)
+    parameters, directives = compose_upstream()
+    servers = "\n".join([*(f"        server {u} {parameters};" for u in upstreams), *directives])
     conf = workdir / "nginx.conf"
     conf.write_text(
         _NGINX_CONF.format(

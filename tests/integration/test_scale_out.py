@@ -217,8 +217,9 @@ async def _traced_steps(dsn: str) -> set[str]:
     return {row["step_id"] for row in rows}
 
 
-def _in_flight(outcome: Outcome, at: float) -> bool:
-    return outcome.started <= at <= outcome.ended
+def _in_flight(outcome: Outcome, killed_at: float, dead_at: float) -> bool:
+    """Whether the call had started when the victim died and had not ended when it was killed."""
+    return outcome.started <= dead_at and outcome.ended >= killed_at
 
 
 async def test_sigkill_fails_only_its_calls_and_sigterm_drains_without_failures(
@@ -251,6 +252,7 @@ async def test_sigkill_fails_only_its_calls_and_sigterm_drains_without_failures(
         killed_at = time.time()
         victim.send_signal(signal.SIGKILL)
         await asyncio.to_thread(victim.wait, 10)
+        dead_at = time.time()  # the signal is delivered, and the process reaped, in between
         await asyncio.sleep(3.0)
         drain_at = time.time()
         drained.send_signal(signal.SIGTERM)
@@ -274,7 +276,7 @@ async def test_sigkill_fails_only_its_calls_and_sigterm_drains_without_failures(
     # to the replica (round_robin, or the pinned channel) the client sees the connection drop:
     # UNAVAILABLE, a stream under way included.
     for o in failed:
-        assert _in_flight(o, killed_at), f"{o} failed but was not in flight at the kill ({killed_at})"
+        assert _in_flight(o, killed_at, dead_at), f"{o} failed but was not in flight at the kill"
         if o.path == "nginx":
             logged = balanced[o.call_id]
             assert logged.upstreams == (victim.address,), (o, logged)
@@ -289,9 +291,7 @@ async def test_sigkill_fails_only_its_calls_and_sigterm_drains_without_failures(
     # The kill did catch calls in flight (else this test proves nothing), and no more than the
     # victim had: nginx's log says which calls it had sent there and which spanned the kill.
     on_victim = {
-        c.call_id
-        for c in balanced.values()
-        if c.upstreams[:1] == (victim.address,) and c.started <= killed_at
+        c.call_id for c in balanced.values() if c.upstreams[:1] == (victim.address,) and c.started <= dead_at
     }
     failed_nginx = {o.call_id for o in failed if o.path == "nginx"}
     assert failed_nginx, "no nginx call was in flight on the killed replica"
@@ -307,7 +307,7 @@ async def test_sigkill_fails_only_its_calls_and_sigterm_drains_without_failures(
             assert len(answered) >= 5, (path, since, len(answered), cluster.logs())
 
     # SIGTERM drain: no call failed that was not in flight at the kill.
-    late = [o for o in failed if o.started > killed_at]
+    late = [o for o in failed if o.started > dead_at]
     assert not late, f"calls failed after the kill (during the drain?): {late[:5]}"
     drained_calls = [c for c in balanced.values() if drained.address in c.upstreams and c.ended >= drain_at]
     assert drained_calls, "the drained replica had no call in flight when it got SIGTERM"
@@ -316,9 +316,10 @@ async def test_sigkill_fails_only_its_calls_and_sigterm_drains_without_failures(
     steps = await _traced_steps(cluster.env["LLMGW_POSTGRES_DSN"])
     completed = [o for o in outcomes if o.complete and o.kind != "count"]
     missing = [o for o in completed if o.call_id not in steps]
-    in_flight_on_victim = on_victim & {o.call_id for o in outcomes if _in_flight(o, killed_at)}
+    in_flight_on_victim = on_victim & {o.call_id for o in outcomes if _in_flight(o, killed_at, dead_at)}
     print(
-        f"\nscale-out: {len(outcomes)} calls; at the SIGKILL {len(failed_nginx)} failed via nginx "
+        f"\nscale-out: {len(outcomes)} calls; at the SIGKILL (reaped "
+        f"{1000 * (dead_at - killed_at):.0f} ms after the signal) {len(failed_nginx)} failed via nginx "
         f"({len(in_flight_on_victim)} were in flight on the victim), "
         f"{len([o for o in failed if o.path == 'direct'])} via round_robin, 3 of 3 pinned; "
         f"0 at the SIGTERM drain ({len(drained_calls)} calls ended on the draining replica after "

@@ -89,6 +89,13 @@ def test_kubernetes_compose_and_the_loopback_test_run_the_same_settings() -> Non
     config.load_settings(environ=loopback)  # and the server accepts them
 
 
+def test_deployments_require_gateway_keys() -> None:
+    """Behind a balancer `auto` is a trap: a replica listening on loopback behind a proxy on the
+    same host would serve everyone as the anonymous admin. The deployments say `required`."""
+    assert compose_gateway_environment()["LLMGW_AUTH"] == "required"
+    assert k8s_env()["LLMGW_AUTH"]["value"] == "required"
+
+
 def test_secrets_come_from_a_secret_never_a_literal() -> None:
     secret_names = {"LLMGW_" + f.upper() for f in config.SECRET_FIELDS} | {
         v for variables in config._PROVIDER_KEYS.values() for v in variables

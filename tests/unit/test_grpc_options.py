@@ -53,6 +53,7 @@ def test_age_zero_turns_it_off_and_huge_values_stay_in_grpc_range() -> None:
         ("LLMGW_GRPC_KEEPALIVE_TIME", "0"),
         ("LLMGW_GRPC_KEEPALIVE_TIMEOUT", "0"),
         ("LLMGW_GRPC_MIN_PING_INTERVAL", "-5"),
+        ("LLMGW_GRPC_MIN_PING_INTERVAL", "0.5"),
     ],
 )
 def test_bad_values_are_refused_naming_the_setting(name: str, value: str) -> None:
