@@ -28,7 +28,14 @@ import asyncpg
 import grpc
 import pytest
 from aiohttp import web
-from llmgateway.v1 import chat_pb2, chat_pb2_grpc, providers_pb2, providers_pb2_grpc
+from llmgateway.v1 import (
+    chat_pb2,
+    chat_pb2_grpc,
+    providers_pb2,
+    providers_pb2_grpc,
+    traces_pb2,
+    traces_pb2_grpc,
+)
 
 from tests.fake_upstream import FakeUpstream, Reply, completion, text_stream
 from tests.gateway_harness import chat_request
@@ -330,6 +337,21 @@ async def test_sigkill_fails_only_its_calls_and_sigterm_drains_without_failures(
         )
     )
     assert not missing, f"{len(missing)} of {len(completed)} completed calls have no trace: {missing[:5]}"
+    # And any replica reads them: through nginx, the killed replica's traces included.
+    on_victim_ok = [
+        o for o in completed if o.path == "nginx" and balanced[o.call_id].upstreams == (victim.address,)
+    ]
+    sample = [*on_victim_ok[:3], *completed[-3:]]
+    async with grpc.aio.insecure_channel(cluster.balancer.address, options=options) as via_nginx:
+        reader = traces_pb2_grpc.ProviderTraceServiceStub(via_nginx)
+        for o in sample:
+            found = await reader.GetProviderTrace(
+                traces_pb2.GetProviderTraceRequest(step_id=o.call_id),
+                metadata=(("authorization", f"Bearer {key}"),),
+                timeout=10,
+            )
+            assert found.trace.step_id == o.call_id
+    assert len(on_victim_ok) >= 3, "the victim completed no calls before it was killed"
 
 
 async def test_revocation_and_byok_reach_every_replica(cluster: Cluster, slow_upstream: SlowUpstream) -> None:
