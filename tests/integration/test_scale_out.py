@@ -265,7 +265,7 @@ async def test_sigkill_fails_only_its_calls_and_sigterm_drains_without_failures(
         drained.send_signal(signal.SIGTERM)
         drain_code = await asyncio.to_thread(drained.wait, 60)
         drain_done = time.time()
-        await asyncio.sleep(2.0)
+        await asyncio.sleep(3.0)
         await load.stop()
 
     outcomes = load.outcomes
