@@ -38,6 +38,7 @@ from server.core import tokens
 from server.core.keys import ByokProvider
 from server.errors import ShuttingDown
 from server.gateway import Dependencies, Gateway
+from server.grpc_options import connection_options
 from server.inflight import InFlight, uncancel_current
 from server.limits.book import LimitsBook
 from server.limits.counters import Counters, MemoryCounters
@@ -257,8 +258,7 @@ class GatewayServer:
                 # Only workers of one gateway share a port: a second server on a taken port
                 # must fail to start, not split the traffic with the first.
                 ("grpc.so_reuseport", 1 if settings.workers > 1 else 0),
-                ("grpc.keepalive_permit_without_calls", 1),
-                ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+                *connection_options(settings),  # age and keepalive, for load balancers
             ],
         )
         services = (

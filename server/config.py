@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 
 from server.config_values import parse_bool, parse_non_negative, parse_retention
+from server.grpc_options import connection_problems
 
 DEFAULT_OPENAI_BASE_URL = "https://api.openai.com/v1"
 DEFAULT_OPENROUTER_BASE_URL = "https://openrouter.ai/api/v1"
@@ -86,6 +87,12 @@ class Settings:
     tls_key: str = ""
     tls_client_ca: str = ""
     grace_period: float = 10.0
+    # gRPC connection management for load balancers (seconds; server/grpc_options.py says why).
+    grpc_max_connection_age: float = 300.0
+    grpc_max_connection_age_grace: float = 3600.0
+    grpc_keepalive_time: float = 60.0
+    grpc_keepalive_timeout: float = 20.0
+    grpc_min_ping_interval: float = 10.0
     # Bound on an upstream call when the caller set no deadline (streams: between two reads).
     upstream_timeout: float = 600.0
     # UTF-8 bytes of text one answer may carry (content, reasoning, tool calls; streamed or unary).
@@ -291,6 +298,7 @@ def validate(settings: Settings) -> None:
         )
     if settings.limits_redis_failure not in ("open", "closed"):
         problems.append("LLMGW_LIMITS_REDIS_FAILURE must be open or closed")
+    problems += connection_problems(settings)
     if bool(settings.tls_cert) != bool(settings.tls_key):
         problems.append("--tls-cert and --tls-key go together")
     if problems:

@@ -17,7 +17,8 @@ Caching (the hot path must not hit the database on every call):
     back into the cache or return it), and by every other process (other workers, the CLI
     revoking against a running server) within `cache_ttl` seconds.
   * `get_provider` / `byok_base_urls` cache an organization's providers (its own and the global
-    ones) for `cache_ttl` seconds, with the same bound for deletes/creates made elsewhere. A
+    ones) for `cache_ttl` seconds, with the same bound for deletes made elsewhere; a name missing
+    from the cached list is looked up again, so a provider created elsewhere is usable at once. A
     generation counter, bumped by every create/delete/rotation of this process, keeps a lookup
     that was already in flight from caching the list as it was before the change.
 """
@@ -337,8 +338,25 @@ class AuthStore(abc.ABC):
         return await self._select_providers(organization_ids=orgs)
 
     async def get_provider(self, *, organization_id: str, name: str) -> ProviderRecord | None:
-        """The organization's provider of that name, else the global one, else None (cached)."""
-        visible = await self._visible_providers(organization_id)
+        """The organization's provider of that name, else the global one, else None (cached).
+
+        A name the cached list lacks is looked up again at once: a provider another process
+        (replica) just created is usable here on its first call, not 5 s later. A miss costs one
+        query, as an unknown gateway key does.
+        """
+        cached = self._providers.get(organization_id)
+        was_cached = cached is not None and cached[0] > self._clock()
+        found = self._pick_provider(await self._visible_providers(organization_id), organization_id, name)
+        if found is None and was_cached:
+            found = self._pick_provider(
+                await self._visible_providers(organization_id, fresh=True), organization_id, name
+            )
+        return found
+
+    @staticmethod
+    def _pick_provider(
+        visible: Sequence[ProviderRecord], organization_id: str, name: str
+    ) -> ProviderRecord | None:
         fallback: ProviderRecord | None = None
         for record in visible:
             if record.name != name:
@@ -379,10 +397,12 @@ class AuthStore(abc.ABC):
         self._providers_generation += 1
         self._providers.clear()
 
-    async def _visible_providers(self, organization_id: str) -> tuple[ProviderRecord, ...]:
+    async def _visible_providers(
+        self, organization_id: str, *, fresh: bool = False
+    ) -> tuple[ProviderRecord, ...]:
         now = self._clock()
         cached = self._providers.get(organization_id)
-        if cached is not None and cached[0] > now:
+        if cached is not None and cached[0] > now and not fresh:
             return cached[1]
         orgs = dict.fromkeys([organization_id, GLOBAL_ORGANIZATION])
         generation = self._providers_generation

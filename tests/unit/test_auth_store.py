@@ -228,3 +228,22 @@ async def test_provider_cache_is_invalidated_locally(store: SqliteAuthStore) -> 
     assert await store.byok_base_urls(organization_id="acme") == ("https://llm.example.com/v1",)
     await store.delete_provider(organization_id="acme", name="p")
     assert await store.get_provider(organization_id="acme", name="p") is None
+
+
+async def test_a_provider_created_by_another_replica_is_found_at_once(db_path: Path) -> None:
+    """Replica A cached acme's (empty) provider list; replica B creates one: A's next lookup of
+    that name finds it without waiting out the cache. Known names still come from the cache."""
+    clock = FakeClock()
+    replica_a = SqliteAuthStore(path=str(db_path))
+    replica_a._clock = clock  # noqa: SLF001 - injecting time for the test
+    replica_b = SqliteAuthStore(path=str(db_path))
+    async with replica_a, replica_b:
+        assert await replica_a.get_provider(organization_id="acme", name="mine") is None  # cached: none
+        await _provider(replica_b, "acme", "mine")
+        found = await replica_a.get_provider(organization_id="acme", name="mine")
+        assert found is not None and found.name == "mine"
+        # A delete elsewhere keeps the documented bound: the known name is served from the cache.
+        await replica_b.delete_provider(organization_id="acme", name="mine")
+        assert await replica_a.get_provider(organization_id="acme", name="mine") is not None
+        clock.now += replica_a.cache_ttl + 0.1
+        assert await replica_a.get_provider(organization_id="acme", name="mine") is None
