@@ -93,7 +93,13 @@ RESPONSE_TOOL_PREFIX = "json_response__"
 _MAX_TOOL_NAME = 64
 _IMAGE_TYPES = frozenset({"image/jpeg", "image/png", "image/gif", "image/webp"})
 _DATA_URL = re.compile(r"data:([^;,]+);base64,(.*)", re.DOTALL)
-_TOO_LONG = re.compile(r"prompt is too long(?::\s*(\d+)\s*tokens?\s*>\s*(\d+))?", re.IGNORECASE)
+# Anthropic's two overflow messages: "prompt is too long: 201234 tokens > 200000 maximum" and
+# "input length and `max_tokens` exceed context limit: 198000 + 8192 > 200000, ..." (input + max_tokens).
+_TOO_LONG = re.compile(
+    r"prompt is too long(?::\s*(\d+)\s*tokens?\s*>\s*(\d+))?"
+    r"|exceed context limit(?::\s*(\d+)\s*\+\s*\d+\s*>\s*(\d+))?",
+    re.IGNORECASE,
+)
 # Keys build_body reads; anything else in the body is not an Anthropic parameter.
 _HANDLED = frozenset(
     {
@@ -891,6 +897,7 @@ def _classify(
 
 def _context_window(match: re.Match[str], text: str, meta: dict[str, object]) -> ContextWindowExceeded:
     counts: dict[str, object] = {}
-    if match.group(1):
-        counts = {"prompt_tokens": int(match.group(1)), "context_window": int(match.group(2))}
+    prompt, window = (match.group(1), match.group(2)) if match.group(1) else (match.group(3), match.group(4))
+    if prompt:
+        counts = {"prompt_tokens": int(prompt), "context_window": int(window)}
     return ContextWindowExceeded(text, metadata={**meta, **counts})

@@ -8,7 +8,8 @@ order. Without a route, `llm_config` comes first, then the inline fallbacks.
 Per failure of an attempt:
 - skipped (nothing was sent): the prompt does not fit the deployment's context window, the
   organization has no such BYOK provider, no key is configured, the endpoint is not allowed;
-- fall back, cooling the deployment down: 5xx/529, connect errors, a timeout of one attempt
+- fall back, cooling the deployment down: 5xx/529, connect errors, an unreadable answer
+  (UPSTREAM_BAD_RESPONSE: not JSON, a broken SSE before the first event), a timeout of one attempt
   (the deployment's `timeout_seconds`, not the caller's deadline), 401/403 on a server key (the
   key, or the deployment, is disabled until the routes file is reloaded);
 - fall back, cooling the key down: 429 (a deployment with several keys tries the next one);
@@ -54,6 +55,7 @@ from server.errors import (
     NotFound,
     RateLimitExceeded,
     UpstreamAuthFailed,
+    UpstreamBadResponse,
     UpstreamRejected,
     UpstreamUnavailable,
 )
@@ -66,10 +68,12 @@ log = logging.getLogger("llmgateway.routing")
 ChatRequest = chat_pb2.CreateRequest
 MIN_ATTEMPT_SECONDS = 0.01
 MAX_INLINE_FALLBACKS = 8
-# Providers' context-length errors (OpenAI/vLLM/OpenRouter, Anthropic, Gemini, Groq, Mistral).
+# Providers' context-length errors (OpenAI/vLLM/OpenRouter, Anthropic, Gemini, Groq, Mistral), for a
+# 400 a provider module did not map to CONTEXT_WINDOW_EXCEEDED itself.
 CONTEXT_LENGTH = re.compile(
     r"maximum context length|context[_ ]length|context window|prompt is too long|too many tokens"
-    r"|exceeds the maximum number of tokens|input is too long|reduce the length of the messages",
+    r"|exceeds the maximum number of tokens|input is too long|reduce the length of the messages"
+    r"|exceed context limit|longer than the maximum model length",
     re.IGNORECASE,
 )
 _INF = math.inf
@@ -559,6 +563,13 @@ class _Call:
         if isinstance(error, UpstreamUnavailable):
             if d is not None:
                 health.cool(c.unit, max(_retry_after(error), d.cooldown))
+            return
+        if isinstance(error, UpstreamBadResponse) and "limit_bytes" not in error.metadata:
+            # The deployment answered something unreadable (not JSON, a broken SSE before the
+            # first event, an HTML page): it is broken, another may answer. An answer over
+            # LLMGW_MAX_ANSWER_BYTES (`limit_bytes`) is the request's, not the deployment's.
+            if d is not None:
+                health.cool(c.unit, d.cooldown)
             return
         # The provider's own context-length error (mapped to CONTEXT_WINDOW_EXCEEDED by the provider
         # modules, or a 400 whose text says so): the prompt, not the deployment; a bigger one may take it.

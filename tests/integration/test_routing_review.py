@@ -1,0 +1,411 @@
+"""Attacks on routing (review of issue 16), each through the real gRPC server and real fake
+upstreams: streams that fail after HTTP 200 but before the first event, cooldowns from every
+form of retry hint, every provider's context-length error, the caller's deadline across
+deployments and a fallback route, keys (rotation, disabling, echoes), reloads with calls in
+flight, inline fallbacks under the endpoint policy, CountTokens on a route, and the fallback
+metric."""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import logging
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from llmgateway.v1 import chat_pb2
+
+from tests.fake_upstream import FakeUpstream, Reply, chunk, completion, text_stream
+from tests.gateway_harness import make_settings, running_gateway
+from tests.integration.test_errors_support import details, expect
+from tests.integration.test_routing_e2e import (
+    KEY_A,
+    KEY_B,
+    KEY_C,
+    KEYS,
+    deployment,
+    gateway_with,
+    routed,
+    router_of,
+    routes_toml,
+    two_deployments,
+    write_routes,
+)
+from tests.trace_polling import wait_for_trace
+
+USER = chat_pb2.ROLE_USER
+
+
+@pytest.fixture
+async def fakes() -> AsyncIterator[list[FakeUpstream]]:
+    servers = [FakeUpstream() for _ in range(4)]
+    for server in servers:
+        await server.start()
+    try:
+        yield servers
+    finally:
+        for server in servers:
+            await server.stop()
+
+
+@pytest.fixture(autouse=True)
+def route_keys(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in KEYS.items():
+        monkeypatch.setenv(name, value)
+
+
+async def collect(gw: Any, request: chat_pb2.CreateRequest) -> list[chat_pb2.StreamCreateResponse]:
+    return [e async for e in gw.chat.StreamCreate(request, timeout=10)]
+
+
+# -- streams: HTTP 200, then a failure before the first event the caller would see ------------
+
+ROLE = chunk({"role": "assistant", "content": ""})
+EMPTY = chunk({"content": ""})
+BEFORE_FIRST_EVENT = {
+    # The status line said 200; the first SSE event is an error object (OpenRouter, proxies).
+    "error_event_503": Reply(sse=[{"error": {"code": 503, "message": "overloaded"}}]),
+    "error_event_429": Reply(sse=[{"error": {"code": 429, "message": "rate limited"}}]),
+    # Only a role chunk and empty deltas came (nothing a caller sees), then the error / the cut.
+    "role_then_error": Reply(sse=[ROLE, EMPTY, {"error": {"code": 502, "message": "bad gateway"}}]),
+    "role_then_cut": Reply(sse=[ROLE, EMPTY, EMPTY, chunk({"content": "x"})], break_after=3),
+    # Unreadable SSE before any delta: the deployment is broken, another may answer.
+    "not_json": Reply(sse=["this is not json"]),
+    "role_then_not_json": Reply(sse=[ROLE, "{broken"]),
+    "vllm_error_object": Reply(sse=[{"object": "error", "message": "engine dead", "code": 500}]),
+}
+
+
+@pytest.mark.parametrize("failure", sorted(BEFORE_FIRST_EVENT))
+async def test_stream_falls_back_on_a_failure_before_the_first_event(
+    tmp_path: Path, fakes: list[FakeUpstream], failure: str
+) -> None:
+    fakes[0].script(BEFORE_FIRST_EVENT[failure])
+    fakes[1].script(Reply(sse=text_stream(["from", " b"])))
+    async with await gateway_with(tmp_path, two_deployments(fakes)) as gw:
+        events = await collect(gw, routed())
+    # The caller saw B's answer only: nothing of A's stream went out before the fallback.
+    deltas = "".join(e.delta.content for e in events if e.HasField("delta"))
+    assert deltas == "from b"
+    assert events[-1].completion.choices[0].message.content == "from b"
+    assert (events[-1].deployment.name, events[-1].deployment.attempts) == ("b", 2)
+    assert len(fakes[0].requests) == 1 and len(fakes[1].requests) == 1
+
+
+async def test_unary_unreadable_answer_falls_back(tmp_path: Path, fakes: list[FakeUpstream]) -> None:
+    # A deployment answering 200 with something that is not a completion (an HTML page of a
+    # proxy): UPSTREAM_BAD_RESPONSE; the next deployment answers, and A cools down.
+    fakes[0].script(Reply(raw=b"<html><title>Login</title></html>", content_type="text/html"))
+    async with await gateway_with(tmp_path, two_deployments(fakes)) as gw:
+        response = await gw.chat.Create(routed(), timeout=10)
+        again = await gw.chat.Create(routed(), timeout=10)
+    assert (response.deployment.name, again.deployment.name) == ("b", "b")
+    assert len(fakes[0].requests) == 1
+
+
+# -- cooldowns: every form of retry hint --------------------------------------------------------
+
+
+def http_date(seconds_from_now: float) -> str:
+    return email.utils.formatdate(time.time() + seconds_from_now, usegmt=True)
+
+
+async def test_cooldown_honours_retry_after_http_date_and_retry_after_ms(
+    tmp_path: Path, fakes: list[FakeUpstream]
+) -> None:
+    fakes[0].script(Reply(status=503, headers={"Retry-After": http_date(40)}, raw=b"down"))
+    fakes[2].script(Reply(status=429, headers={"retry-after-ms": "25000"}, json_body={"error": {}}))
+    text = routes_toml(
+        {
+            "chat": ({}, [deployment("a", fakes[0].base_url, weight=1e12), deployment("b", fakes[1].base_url, weight=1e-9)]),
+            "other": ({}, [deployment("c", fakes[2].base_url, weight=1e12), deployment("b", fakes[1].base_url, weight=1e-9)]),
+        },
+        cooldown_seconds=1,
+    )
+    async with await gateway_with(tmp_path, text) as gw:
+        started = time.monotonic()
+        assert (await gw.chat.Create(routed(), timeout=10)).deployment.name == "b"
+        assert (await gw.chat.Create(routed("other"), timeout=10)).deployment.name == "b"
+        health = router_of(gw).health
+        deployment_until = health.cooling_until("chat/a") - started
+        key_until = health.cooling_until("other/c#ROUTE_KEY_C") - started
+    assert 37 < deployment_until < 42, deployment_until  # the HTTP date, not the 1 s cooldown
+    assert 23 < key_until < 27, key_until
+
+
+async def test_cooldown_honours_gemini_retry_info(tmp_path: Path, fakes: list[FakeUpstream]) -> None:
+    fakes[0].script(
+        Reply(
+            status=429,
+            json_body={
+                "error": {
+                    "code": 429,
+                    "message": "Resource has been exhausted (e.g. check quota).",
+                    "status": "RESOURCE_EXHAUSTED",
+                    "details": [
+                        {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "33s"}
+                    ],
+                }
+            },
+        )
+    )
+    text = routes_toml(
+        {
+            "chat": (
+                {},
+                [
+                    deployment("a", fakes[0].base_url, provider="google_ai", model="gemini-2.0-flash", weight=1e12),
+                    deployment("b", fakes[1].base_url, weight=1e-9),
+                ],
+            )
+        },
+        cooldown_seconds=1,
+    )
+    async with await gateway_with(tmp_path, text) as gw:
+        started = time.monotonic()
+        assert (await gw.chat.Create(routed(), timeout=10)).deployment.name == "b"
+        until = router_of(gw).health.cooling_until("chat/a#ROUTE_KEY_A") - started
+    assert 30 < until < 35, until
+
+
+# -- every provider's context-length error falls back to the next deployment ----------------------
+
+CONTEXT_ERRORS: dict[str, tuple[str, int, Any]] = {
+    "openai": (
+        "openai",
+        400,
+        {
+            "error": {
+                "message": "This model's maximum context length is 128000 tokens. However, your messages "
+                "resulted in 130000 tokens. Please reduce the length of the messages.",
+                "type": "invalid_request_error",
+                "param": "messages",
+                "code": "context_length_exceeded",
+            }
+        },
+    ),
+    "openai_context_window": (
+        "openai",
+        400,
+        {
+            "error": {
+                "message": "Your input exceeds the context window of this model. Please adjust your input "
+                "and try again.",
+                "type": "invalid_request_error",
+                "param": "input",
+                "code": "context_length_exceeded",
+            }
+        },
+    ),
+    "azure": (
+        "azure",
+        400,
+        {
+            "error": {
+                "message": "This model's maximum context length is 8192 tokens. However, your messages "
+                "resulted in 9000 tokens. Please reduce the length of the messages.",
+                "type": "invalid_request_error",
+                "param": "messages",
+                "code": "context_length_exceeded",
+            }
+        },
+    ),
+    "anthropic_prompt_too_long": (
+        "anthropic",
+        400,
+        {
+            "type": "error",
+            "error": {"type": "invalid_request_error", "message": "prompt is too long: 201234 tokens > 200000 maximum"},
+        },
+    ),
+    "anthropic_context_limit": (
+        "anthropic",
+        400,
+        {
+            "type": "error",
+            "error": {
+                "type": "invalid_request_error",
+                "message": "input length and `max_tokens` exceed context limit: 198000 + 8192 > 200000, "
+                "decrease input length or `max_tokens` and try again",
+            },
+        },
+    ),
+    "gemini": (
+        "google_ai",
+        400,
+        {
+            "error": {
+                "code": 400,
+                "message": "The input token count (1234567) exceeds the maximum number of tokens allowed "
+                "(1048576).",
+                "status": "INVALID_ARGUMENT",
+            }
+        },
+    ),
+    "groq": (
+        "groq",
+        400,
+        {
+            "error": {
+                "message": "Please reduce the length of the messages or completion.",
+                "type": "invalid_request_error",
+                "param": "messages",
+                "code": "context_length_exceeded",
+            }
+        },
+    ),
+    "deepseek": (
+        "deepseek",
+        400,
+        {
+            "error": {
+                "message": "This model's maximum context length is 65536 tokens. However, you requested "
+                "70000 tokens (70000 in the messages, 0 in the completion). Please reduce the length of "
+                "the messages or completion.",
+                "type": "invalid_request_error",
+                "param": None,
+                "code": "invalid_request_error",
+            }
+        },
+    ),
+    "llamacpp": (
+        "openai",
+        400,
+        {
+            "error": {
+                "code": 400,
+                "message": "the request exceeds the available context size, try increasing it",
+                "type": "exceed_context_size_error",
+                "n_prompt_tokens": 5000,
+                "n_ctx": 4096,
+            }
+        },
+    ),
+    "vllm": (
+        "openai",
+        400,
+        {
+            "object": "error",
+            "message": "This model's maximum context length is 4096 tokens. However, you requested 5000 "
+            "tokens (4000 in the messages, 1000 in the completion). Please reduce the length of the "
+            "messages or completion.",
+            "type": "BadRequestError",
+            "param": None,
+            "code": 400,
+        },
+    ),
+    "vllm_max_tokens": (
+        "openai",
+        400,
+        {
+            "error": {
+                "message": "'max_tokens' or 'max_completion_tokens' is too large: 5000. This model's maximum "
+                "context length is 4096 tokens and your request has 10 input tokens (5000 > 4096 - 10).",
+                "type": "BadRequestError",
+                "param": None,
+                "code": 400,
+            }
+        },
+    ),
+    "vllm_v1_decoder_prompt": (
+        "openai",
+        400,
+        {
+            "error": {
+                "message": "The decoder prompt (length 5000) is longer than the maximum model length of "
+                "4096. Make sure that `max_model_len` is no smaller than the number of text tokens.",
+                "type": "BadRequestError",
+                "param": None,
+                "code": 400,
+            }
+        },
+    ),
+    "mistral": (
+        "openai",
+        400,
+        {
+            "object": "error",
+            "message": "Prompt contains 40000 tokens and 0 draft tokens, too large for model with 32768 "
+            "maximum context length",
+            "type": "invalid_request_error",
+            "param": None,
+            "code": None,
+        },
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CONTEXT_ERRORS))
+async def test_every_providers_context_length_error_falls_back(
+    tmp_path: Path, fakes: list[FakeUpstream], case: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    provider, status, body = CONTEXT_ERRORS[case]
+    fakes[0].script(Reply(status=status, json_body=body))
+    extra: dict[str, Any] = {"provider": provider}
+    overrides: dict[str, Any] = {}
+    if provider == "azure":
+        overrides["azure_api_version"] = "2024-10-21"
+    text = routes_toml(
+        {
+            "chat": (
+                {},
+                [
+                    deployment("a", fakes[0].base_url, weight=1e12, **extra),
+                    deployment("b", fakes[1].base_url, weight=1e-9),
+                ],
+            )
+        }
+    )
+    async with await gateway_with(tmp_path, text, **overrides) as gw:
+        response = await gw.chat.Create(routed(step=f"s-{case}"), timeout=10)
+        trace = await wait_for_trace(gw.traces, f"s-{case}", trace_id=response.provider_trace_id)
+        # The same error from every deployment: the call ends with CONTEXT_WINDOW_EXCEEDED (the
+        # reason an agent acts on by summarizing), having tried both.
+        fakes[0].script(Reply(status=status, json_body=body))
+        fakes[1].script(Reply(status=400, json_body=CONTEXT_ERRORS["openai"][2]))
+        router_of(gw).health._until.clear()  # noqa: SLF001 - nothing is cooling: A is tried first again
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await gw.chat.Create(routed(), timeout=10)
+    assert response.deployment.name == "b" and response.deployment.attempts == 2
+    assert [(a.deployment, a.status) for a in trace.attempts] == [
+        ("chat/a", "CONTEXT_WINDOW_EXCEEDED"),
+        ("chat/b", "OK"),
+    ]
+    d = expect(caught.value, grpc.StatusCode.INVALID_ARGUMENT, "CONTEXT_WINDOW_EXCEEDED")
+    assert d.metadata["deployments"] == "chat/a,chat/b" and d.metadata["attempts"] == "2"
+
+
+IN_BODY_OVERFLOW = {
+    "error": {
+        "message": "This model's maximum context length is 8192 tokens. However, your messages resulted in "
+        "9000 tokens.",
+        "type": "invalid_request_error",
+        "code": "context_length_exceeded",
+    }
+}
+
+
+@pytest.mark.parametrize("kind", ["unary", "stream"])
+async def test_an_in_body_context_length_error_falls_back_without_cooling(
+    tmp_path: Path, fakes: list[FakeUpstream], kind: str
+) -> None:
+    # HTTP 200 whose body (or first SSE event) is an OpenAI-shaped error object with a string code,
+    # as proxies relay it: the prompt's fault, so B takes it and A is not cooled down.
+    fakes[0].script(Reply(json_body=IN_BODY_OVERFLOW) if kind == "unary" else Reply(sse=[IN_BODY_OVERFLOW]))
+    fakes[1].script(Reply(sse=text_stream(["from", " b"])) if kind == "stream" else Reply(json_body=completion()))
+    async with await gateway_with(tmp_path, two_deployments(fakes)) as gw:
+        if kind == "unary":
+            response = await gw.chat.Create(routed(step="s-ib"), timeout=10)
+            name, trace_id = response.deployment.name, response.provider_trace_id
+        else:
+            events = await collect(gw, routed(step="s-ib"))
+            name, trace_id = events[-1].deployment.name, events[-1].provider_trace_id
+        trace = await wait_for_trace(gw.traces, "s-ib", trace_id=trace_id)
+        cooling = router_of(gw).health.cooling_until("chat/a")
+    assert name == "b"
+    assert [a.status for a in trace.attempts] == ["CONTEXT_WINDOW_EXCEEDED", "OK"]
+    assert cooling == 0.0
