@@ -67,6 +67,10 @@ log = logging.getLogger("llmgateway.routing")
 
 ChatRequest = chat_pb2.CreateRequest
 MIN_ATTEMPT_SECONDS = 0.01
+# The end of the caller's deadline kept for the answer: a routed call's attempts stop this much
+# before it, so the final status (with what was tried) reaches the caller before its own timer
+# ends the call with a bare DEADLINE_EXCEEDED. At most a tenth of the deadline.
+ANSWER_ROOM_SECONDS = 0.05
 MAX_INLINE_FALLBACKS = 8
 # Providers' context-length errors (OpenAI/vLLM/OpenRouter, Anthropic, Gemini, Groq, Mistral), for a
 # 400 a provider module did not map to CONTEXT_WINDOW_EXCEEDED itself.
@@ -208,6 +212,7 @@ class Router:
         self, host: CallHost, request: ChatRequest, actor: Actor, deadline: Deadline
     ) -> chat_pb2.CreateResponse:
         call = self._call(request, actor)
+        deadline = _answer_room(deadline)
         while True:
             attempt, candidate, attempt_deadline = await call.next_attempt(deadline)
             try:
@@ -227,6 +232,7 @@ class Router:
         self, host: CallHost, request: ChatRequest, actor: Actor, deadline: Deadline
     ) -> AsyncIterator[chat_pb2.StreamCreateResponse]:
         call = self._call(request, actor)
+        deadline = _answer_room(deadline)
         while True:
             attempt, candidate, attempt_deadline = await call.next_attempt(deadline)
             events = host.stream(request, actor, attempt_deadline, attempt)
@@ -665,6 +671,14 @@ class _Call:
                     config.provider_name = dc.provider_name
                     config.provider_category = dc.provider_category
                 return
+
+
+def _answer_room(deadline: Deadline) -> Deadline:
+    """The deadline a routed call's attempts share: the caller's, less ANSWER_ROOM_SECONDS."""
+    remaining = deadline.remaining()
+    if deadline.at is None or remaining is None:
+        return deadline
+    return Deadline(deadline.at - min(ANSWER_ROOM_SECONDS, max(0.0, remaining) / 10))
 
 
 def _retry_after(error: GatewayError) -> float:

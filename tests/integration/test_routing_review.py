@@ -409,3 +409,86 @@ async def test_an_in_body_context_length_error_falls_back_without_cooling(
     assert name == "b"
     assert [a.status for a in trace.attempts] == ["CONTEXT_WINDOW_EXCEEDED", "OK"]
     assert cooling == 0.0
+
+
+# -- the caller's deadline across three deployments and a fallback route ------------------------
+
+
+def slow_route(fakes: list[FakeUpstream], **top: Any) -> str:
+    return routes_toml(
+        {
+            "chat": (
+                {"fallbacks": ["backup"]},
+                [
+                    deployment("a", fakes[0].base_url, weight=1e12),
+                    deployment("b", fakes[1].base_url, weight=1e3),
+                    deployment("c", fakes[2].base_url, weight=1e-9),
+                ],
+            ),
+            "backup": ({}, [deployment("d", fakes[3].base_url, key="ROUTE_KEY_A")]),
+        },
+        **top,
+    )
+
+
+async def test_slow_deployments_and_a_fallback_route_never_outlast_the_deadline(
+    tmp_path: Path, fakes: list[FakeUpstream]
+) -> None:
+    # Each of A, B, C answers 503 after 0.35 s; D (the fallback route) answers after 0.35 s.
+    for fake in fakes[:3]:
+        fake.default = Reply(status=503, delay=0.35, json_body={"error": {"message": "busy"}})
+    fakes[3].default = Reply(json_body=completion("from d"), delay=0.35)
+    async with await gateway_with(tmp_path, slow_route(fakes, cooldown_seconds=0)) as gw:
+        await gw.chat.Create(routed("backup"), timeout=10)  # warm: token counting, connections
+        fakes[3].requests.clear()
+        deadline = 0.9
+        started = time.monotonic()
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await gw.chat.Create(routed(), timeout=deadline)
+        elapsed = time.monotonic() - started
+        arrivals = sorted(r.at - started for fake in fakes for r in fake.requests)
+        # Room for all four: A, B, C fail in turn, D answers, inside the deadline.
+        for fake in fakes:
+            fake.requests.clear()
+        started_ok = time.monotonic()
+        response = await gw.chat.Create(routed(), timeout=4.0)
+        elapsed_ok = time.monotonic() - started_ok
+    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert elapsed < deadline + 0.15, elapsed
+    assert len(arrivals) == 3 and arrivals[-1] < deadline, arrivals  # D never started
+    # The caller learns what was tried, before its own deadline ends the call without details.
+    d = details(caught.value)
+    assert d.metadata["route"] == "chat" and d.metadata["attempts"] == "3", d.metadata
+    assert d.metadata["deployments"].split(",")[:2] == ["chat/a", "chat/b"], d.metadata
+    assert d.metadata["last_error"] in ("UPSTREAM_UNAVAILABLE", "DEADLINE_EXCEEDED"), d.metadata
+    assert response.deployment.route == "chat" and response.deployment.name == "d"
+    assert response.deployment.attempts == 4 and 1.35 <= elapsed_ok < 4.0
+
+
+async def test_everything_cooling_across_a_fallback_route_with_and_without_room(
+    tmp_path: Path, fakes: list[FakeUpstream]
+) -> None:
+    for fake in fakes:
+        fake.script(Reply(status=429, headers={"Retry-After": "1.2"}, json_body={"error": {"message": "slow"}}))
+    async with await gateway_with(tmp_path, slow_route(fakes, cooldown_seconds=0)) as gw:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await gw.chat.Create(routed(), timeout=0.5)
+        first = expect(caught.value, grpc.StatusCode.RESOURCE_EXHAUSTED, "RATE_LIMIT_EXCEEDED")
+        cooled = time.monotonic()
+        # D's key (ROUTE_KEY_A of `backup`) is its own unit: 4 attempts, all rate limited.
+        assert first.metadata["attempts"] == "4", first.metadata
+        assert first.metadata["deployments"].split(",")[-1] == "backup/d"
+        # No room: at once, RetryInfo to the earliest recovery, nothing sent.
+        started = time.monotonic()
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await gw.chat.Create(routed(), timeout=0.6)
+        no_room = expect(caught.value, grpc.StatusCode.RESOURCE_EXHAUSTED, "RATE_LIMIT_EXCEEDED")
+        assert time.monotonic() - started < 0.3
+        assert no_room.retry_delay is not None and 0.5 < no_room.retry_delay <= 1.2
+        assert sum(len(f.requests) for f in fakes) == 4
+        # Room: waits for the earliest recovery, then answers, inside its deadline.
+        started = time.monotonic()
+        response = await gw.chat.Create(routed(), timeout=3.0)
+        took = time.monotonic() - started
+    assert response.completion.choices[0].message.content == "Hello!"
+    assert time.monotonic() - cooled >= 1.1 and took < 3.0
