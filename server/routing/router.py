@@ -495,8 +495,9 @@ class _Call:
             if key is not None:
                 target = key.target
                 self.tried.add(key.unit)
-                rotation = self.router._rotation
-                rotation[c.unit] = (rotation.get(c.unit, 0) + 1) % len(c.keys)
+                # Round robin: the next call starts after the key used (not after the one this
+                # call started at, which would hand a key next to a cooling one every other turn).
+                self.router._rotation[c.unit] = (c.keys.index(key) + 1) % len(c.keys)
             else:
                 target = d.keyless_target
                 self.tried.add(c.unit)

@@ -492,3 +492,103 @@ async def test_everything_cooling_across_a_fallback_route_with_and_without_room(
         took = time.monotonic() - started
     assert response.completion.choices[0].message.content == "Hello!"
     assert time.monotonic() - cooled >= 1.1 and took < 3.0
+
+
+# -- keys ---------------------------------------------------------------------------------------
+
+
+async def test_three_keys_rotate_on_429_and_a_refused_key_stays_off_until_reload(
+    tmp_path: Path, fakes: list[FakeUpstream], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    keys = ["ROUTE_KEY_A", "ROUTE_KEY_B", "ROUTE_KEY_C"]
+    text = routes_toml({"chat": ({}, [deployment("a", fakes[0].base_url, keys=keys)])}, cooldown_seconds=0)
+    rate = Reply(status=429, headers={"Retry-After": "30"}, json_body={"error": {"message": "rate"}})
+    refused = Reply(status=401, json_body={"error": {"message": f"Incorrect API key provided: {KEY_B}"}})
+    fakes[0].script(rate, refused)
+    async with await gateway_with(tmp_path, text) as gw:
+        first = await gw.chat.Create(routed(), timeout=10)  # A: 429, B: 401, C answers
+        later = [await gw.chat.Create(routed(), timeout=10) for _ in range(3)]  # only C is usable
+        assert await router_of(gw).reload()  # B is tried again; A still cools for its Retry-After
+        after_reload = [await gw.chat.Create(routed(), timeout=10) for _ in range(2)]
+    sent = [r.headers["Authorization"].removeprefix("Bearer ") for r in fakes[0].requests]
+    assert sent[:3] == [KEY_A, KEY_B, KEY_C]
+    assert sent[3:6] == [KEY_C, KEY_C, KEY_C]
+    assert sorted(sent[6:]) == sorted([KEY_B, KEY_C]), sent[6:]
+    assert first.deployment.attempts == 3
+    assert all(r.deployment.name == "a" for r in (first, *later, *after_reload))
+    assert "ROUTE_KEY_B" in caplog.text and KEY_B not in caplog.text
+
+
+async def test_refused_keys_echoed_by_the_upstream_reach_no_error_trace_or_log(
+    tmp_path: Path, fakes: list[FakeUpstream], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    for fake, key in ((fakes[0], KEY_A), (fakes[1], KEY_B)):
+        fake.script(Reply(status=401, json_body={"error": {"message": f"Incorrect API key provided: {key}"}}))
+    async with await gateway_with(tmp_path, two_deployments(fakes)) as gw:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await gw.chat.Create(routed(step="s-echo"), timeout=10)
+        trace = await wait_for_trace(gw.traces, "s-echo")
+    d = expect(caught.value, grpc.StatusCode.FAILED_PRECONDITION, "UPSTREAM_AUTH_FAILED")
+    assert d.metadata["deployments"] == "chat/a,chat/b" and d.metadata["last_error"] == "UPSTREAM_AUTH_FAILED"
+    everything = (
+        d.message
+        + str(dict(d.metadata))
+        + str(caught.value.trailing_metadata())
+        + str(trace)
+        + caplog.text
+    )
+    for key in (KEY_A, KEY_B):
+        assert key not in everything and key[:20] not in everything
+
+
+async def test_byok_cooldowns_are_per_organization_and_keys_never_cross(
+    tmp_path: Path, fakes: list[FakeUpstream]
+) -> None:
+    import secrets
+
+    from llmgateway.v1 import providers_pb2
+
+    from server.auth.store_sqlite import SqliteAuthStore
+
+    async with SqliteAuthStore(path=str(tmp_path / "gateway.db")) as store:
+        _, admin_a = await store.create_key(organization_id="org-a", user_id="", is_admin=True)
+        _, admin_b = await store.create_key(organization_id="org-b", user_id="", is_admin=True)
+    key_a, key_b = "sk-byok-a-" + secrets.token_hex(20), "sk-byok-b-" + secrets.token_hex(20)
+    text = routes_toml(
+        {
+            "chat": (
+                {},
+                [
+                    {"name": "tenant", "provider": "openai", "model": "m", "byok": "team", "weight": 1e12},
+                    deployment("b", fakes[1].base_url, weight=1e-9),
+                ],
+            )
+        }
+    )
+    fakes[0].script(Reply(status=429, headers={"Retry-After": "30"}, json_body={"error": {"message": "rate"}}))
+    async with await gateway_with(
+        tmp_path,
+        text,
+        auth="required",
+        encryption_key="pass-" + secrets.token_hex(8),
+        allowed_endpoints=(fakes[0].base_url, fakes[2].base_url),
+    ) as gw:
+        for admin, url, key in ((admin_a, fakes[0].base_url, key_a), (admin_b, fakes[2].base_url, key_b)):
+            await gw.providers.CreateProvider(
+                providers_pb2.CreateProviderRequest(
+                    name="team", model_endpoint_type="openai", base_url=url, api_key=key
+                ),
+                metadata=(("authorization", f"Bearer {admin}"),),
+                timeout=10,
+            )
+        as_a = (("authorization", f"Bearer {admin_a}"),)
+        as_b = (("authorization", f"Bearer {admin_b}"),)
+        one = await gw.chat.Create(routed(), metadata=as_a, timeout=10)  # org-a's key: 429 -> b
+        two = await gw.chat.Create(routed(), metadata=as_b, timeout=10)  # org-b's own: not cooling
+        three = await gw.chat.Create(routed(), metadata=as_a, timeout=10)  # org-a's still cools
+    assert (one.deployment.name, two.deployment.name, three.deployment.name) == ("b", "tenant", "b")
+    assert [r.headers["Authorization"] for r in fakes[0].requests] == [f"Bearer {key_a}"]
+    assert [r.headers["Authorization"] for r in fakes[2].requests] == [f"Bearer {key_b}"]
+    assert all(r.headers["Authorization"] == f"Bearer {KEY_B}" for r in fakes[1].requests)
