@@ -40,6 +40,7 @@ from typing import Protocol
 
 from llmgateway.v1 import chat_pb2
 
+from server import metrics
 from server.auth.actor import Actor
 from server.config import Settings
 from server.core.retry import Deadline, RetryableError
@@ -285,6 +286,7 @@ class _Call:
     key: Key | None = None  # the key of the attempt in progress
     skip_metadata: dict[str, str] = field(default_factory=dict)
     skipped: int = 0  # attempts that sent nothing (SKIPPED_*)
+    moving_on: str = ""  # the reason the last attempt failed, counted once the next one starts
 
     def __post_init__(self) -> None:
         request = self.request
@@ -509,6 +511,9 @@ class _Call:
             if deadline.at is None or ends < deadline.at:
                 attempt_deadline = Deadline(ends)
         retry = self.router.settings.retry if last else self.router._single
+        if self.moving_on:  # a fallback actually happens (not when nothing is left to try)
+            metrics.record_fallback(self.moving_on)
+            self.moving_on = ""
         self.sent += 1
         attempt = Attempt(c.route, c.label, target, retry, self.results)
         self.key = key
@@ -530,6 +535,10 @@ class _Call:
 
     def failed(self, c: _Candidate, attempt: Attempt, error: GatewayError, deadline: Deadline) -> None:
         """Decide after a failed attempt: return to try the next candidate, or raise."""
+        self._decide(c, attempt, error, deadline)
+        self.moving_on = error.reason  # returned: the next candidate, if any, is a fallback
+
+    def _decide(self, c: _Candidate, attempt: Attempt, error: GatewayError, deadline: Deadline) -> None:
         key = self.key
         d = c.deployment
         health = self.router.health

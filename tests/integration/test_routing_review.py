@@ -121,8 +121,20 @@ async def test_cooldown_honours_retry_after_http_date_and_retry_after_ms(
     fakes[2].script(Reply(status=429, headers={"retry-after-ms": "25000"}, json_body={"error": {}}))
     text = routes_toml(
         {
-            "chat": ({}, [deployment("a", fakes[0].base_url, weight=1e12), deployment("b", fakes[1].base_url, weight=1e-9)]),
-            "other": ({}, [deployment("c", fakes[2].base_url, weight=1e12), deployment("b", fakes[1].base_url, weight=1e-9)]),
+            "chat": (
+                {},
+                [
+                    deployment("a", fakes[0].base_url, weight=1e12),
+                    deployment("b", fakes[1].base_url, weight=1e-9),
+                ],
+            ),
+            "other": (
+                {},
+                [
+                    deployment("c", fakes[2].base_url, weight=1e12),
+                    deployment("b", fakes[1].base_url, weight=1e-9),
+                ],
+            ),
         },
         cooldown_seconds=1,
     )
@@ -146,9 +158,7 @@ async def test_cooldown_honours_gemini_retry_info(tmp_path: Path, fakes: list[Fa
                     "code": 429,
                     "message": "Resource has been exhausted (e.g. check quota).",
                     "status": "RESOURCE_EXHAUSTED",
-                    "details": [
-                        {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "33s"}
-                    ],
+                    "details": [{"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "33s"}],
                 }
             },
         )
@@ -158,7 +168,9 @@ async def test_cooldown_honours_gemini_retry_info(tmp_path: Path, fakes: list[Fa
             "chat": (
                 {},
                 [
-                    deployment("a", fakes[0].base_url, provider="google_ai", model="gemini-2.0-flash", weight=1e12),
+                    deployment(
+                        "a", fakes[0].base_url, provider="google_ai", model="gemini-2.0-flash", weight=1e12
+                    ),
                     deployment("b", fakes[1].base_url, weight=1e-9),
                 ],
             )
@@ -219,7 +231,10 @@ CONTEXT_ERRORS: dict[str, tuple[str, int, Any]] = {
         400,
         {
             "type": "error",
-            "error": {"type": "invalid_request_error", "message": "prompt is too long: 201234 tokens > 200000 maximum"},
+            "error": {
+                "type": "invalid_request_error",
+                "message": "prompt is too long: 201234 tokens > 200000 maximum",
+            },
         },
     ),
     "anthropic_context_limit": (
@@ -396,7 +411,9 @@ async def test_an_in_body_context_length_error_falls_back_without_cooling(
     # HTTP 200 whose body (or first SSE event) is an OpenAI-shaped error object with a string code,
     # as proxies relay it: the prompt's fault, so B takes it and A is not cooled down.
     fakes[0].script(Reply(json_body=IN_BODY_OVERFLOW) if kind == "unary" else Reply(sse=[IN_BODY_OVERFLOW]))
-    fakes[1].script(Reply(sse=text_stream(["from", " b"])) if kind == "stream" else Reply(json_body=completion()))
+    fakes[1].script(
+        Reply(sse=text_stream(["from", " b"])) if kind == "stream" else Reply(json_body=completion())
+    )
     async with await gateway_with(tmp_path, two_deployments(fakes)) as gw:
         if kind == "unary":
             response = await gw.chat.Create(routed(step="s-ib"), timeout=10)
@@ -469,7 +486,9 @@ async def test_everything_cooling_across_a_fallback_route_with_and_without_room(
     tmp_path: Path, fakes: list[FakeUpstream]
 ) -> None:
     for fake in fakes:
-        fake.script(Reply(status=429, headers={"Retry-After": "1.2"}, json_body={"error": {"message": "slow"}}))
+        fake.script(
+            Reply(status=429, headers={"Retry-After": "1.2"}, json_body={"error": {"message": "slow"}})
+        )
     async with await gateway_with(tmp_path, slow_route(fakes, cooldown_seconds=0)) as gw:
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await gw.chat.Create(routed(), timeout=0.5)
@@ -533,11 +552,7 @@ async def test_refused_keys_echoed_by_the_upstream_reach_no_error_trace_or_log(
     d = expect(caught.value, grpc.StatusCode.FAILED_PRECONDITION, "UPSTREAM_AUTH_FAILED")
     assert d.metadata["deployments"] == "chat/a,chat/b" and d.metadata["last_error"] == "UPSTREAM_AUTH_FAILED"
     everything = (
-        d.message
-        + str(dict(d.metadata))
-        + str(caught.value.trailing_metadata())
-        + str(trace)
-        + caplog.text
+        d.message + str(dict(d.metadata)) + str(caught.value.trailing_metadata()) + str(trace) + caplog.text
     )
     for key in (KEY_A, KEY_B):
         assert key not in everything and key[:20] not in everything
@@ -567,7 +582,9 @@ async def test_byok_cooldowns_are_per_organization_and_keys_never_cross(
             )
         }
     )
-    fakes[0].script(Reply(status=429, headers={"Retry-After": "30"}, json_body={"error": {"message": "rate"}}))
+    fakes[0].script(
+        Reply(status=429, headers={"Retry-After": "30"}, json_body={"error": {"message": "rate"}})
+    )
     async with await gateway_with(
         tmp_path,
         text,
@@ -592,3 +609,313 @@ async def test_byok_cooldowns_are_per_organization_and_keys_never_cross(
     assert [r.headers["Authorization"] for r in fakes[0].requests] == [f"Bearer {key_a}"]
     assert [r.headers["Authorization"] for r in fakes[2].requests] == [f"Bearer {key_b}"]
     assert all(r.headers["Authorization"] == f"Bearer {KEY_B}" for r in fakes[1].requests)
+
+
+# -- SIGHUP with streams in flight; a route removed under a call ---------------------------------
+
+
+def one_route(route: str, name: str, base_url: str, variable: str) -> str:
+    return (
+        f"[routes.{route}]\n[[routes.{route}.deployments]]\n"
+        f'name = "{name}"\nprovider = "openai"\nmodel = "m-{name}"\n'
+        f'base_url = "{base_url}"\nkey = "{variable}"\n'
+    )
+
+
+class BothUpstream(FakeUpstream):
+    """Streams a slow SSE answer to stream requests and a JSON completion to unary ones."""
+
+    async def _answer(self, request: Any, reply: Reply) -> Any:
+        if reply is self.default:
+            body = await request.json()
+            if not body.get("stream"):
+                reply = Reply(json_body=completion("w" * 6), delay=0.05)
+        return await super()._answer(request, reply)
+
+
+@pytest.mark.slow
+async def test_sighup_with_streams_and_unary_calls_in_flight_loses_none(
+    tmp_path: Path, fakes: list[FakeUpstream]
+) -> None:
+    import os
+    import signal
+
+    from llmgateway.v1 import chat_pb2_grpc
+
+    from tests.process_harness import async_server_process
+    from tests.trace_polling import eventually
+
+    # Streams last ~0.3 s (6 chunks 50 ms apart): every reload lands in the middle of some.
+    fakes = [BothUpstream(), BothUpstream()]
+    for fake in fakes:
+        await fake.start()
+        fake.default = Reply(sse=text_stream(["w"] * 6), chunk_delay=0.05)
+    path = tmp_path / "routes.toml"
+    path.write_text(one_route("chat", "a", fakes[0].base_url, "ROUTE_KEY_A"))
+    env = {"LLMGW_ROUTES_FILE": str(path), **KEYS}
+    async with async_server_process(tmp_path, env=env, listen="127.0.0.1:0") as server:
+        channel = grpc.aio.insecure_channel(server.address)
+        stub = chat_pb2_grpc.ChatCompletionServiceStub(channel)
+        done: list[str] = []
+        stop = asyncio.Event()
+        request = routed()
+
+        async def streamer() -> None:
+            while not stop.is_set():
+                events = [e async for e in stub.StreamCreate(request, timeout=10)]  # a failure fails
+                assert events[-1].completion.choices[0].message.content == "w" * 6
+                done.append(events[-1].deployment.name)
+
+        async def unary() -> None:
+            while not stop.is_set():
+                response = await stub.Create(request, timeout=10)
+                done.append(response.deployment.name)
+
+        tasks = [asyncio.create_task(streamer()) for _ in range(6)] + [
+            asyncio.create_task(unary()) for _ in range(2)
+        ]
+        try:
+            await eventually(lambda: len(done) >= 10, timeout=30)
+            for n in range(6):  # reloads back to back, alternating the deployment
+                name, fake, variable = (
+                    ("b", fakes[1], "ROUTE_KEY_B") if n % 2 == 0 else ("a", fakes[0], "ROUTE_KEY_A")
+                )
+                tmp = path.with_suffix(".tmp")
+                tmp.write_text(one_route("chat", name, fake.base_url, variable))
+                os.replace(tmp, path)
+                server.send_signal(signal.SIGHUP)
+                await asyncio.sleep(0.15)
+            await eventually(lambda: server.log.count("routes reloaded") >= 6, timeout=30)
+            seen = len(done)
+            await eventually(lambda: len(done) >= seen + 10, timeout=30)
+        finally:
+            stop.set()
+            results = await asyncio.gather(*tasks, return_exceptions=True)
+            await channel.close()
+        assert all(r is None for r in results), [r for r in results if r is not None]
+        assert server.process.poll() is None
+    for fake in fakes:
+        await fake.stop()
+    assert {"a", "b"} <= set(done)
+
+
+async def test_a_route_removed_while_a_call_on_it_is_in_flight(
+    tmp_path: Path, fakes: list[FakeUpstream]
+) -> None:
+    # A fails slowly (0.4 s, 503); during it the file is replaced by one without `chat`. The call
+    # finishes on the routes it started with (falls back to B); a new call on `chat` is NOT_FOUND.
+    fakes[0].script(Reply(status=503, delay=0.4, json_body={"error": {"message": "busy"}}))
+    async with await gateway_with(tmp_path, two_deployments(fakes)) as gw:
+        call = asyncio.ensure_future(gw.chat.Create(routed(), timeout=10))
+        while not fakes[0].requests:
+            await asyncio.sleep(0.01)
+        write_routes(tmp_path, one_route("other", "c", fakes[2].base_url, "ROUTE_KEY_C"))
+        assert await router_of(gw).reload()
+        response = await call
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await gw.chat.Create(routed(), timeout=10)
+        other = await gw.chat.Create(routed("other"), timeout=10)
+    assert response.deployment.name == "b" and response.deployment.attempts == 2
+    assert expect(caught.value, grpc.StatusCode.NOT_FOUND, "NOT_FOUND").metadata["route"] == "chat"
+    assert other.deployment.name == "c"
+
+
+# -- inline fallbacks under the endpoint policy and the server-key rules --------------------------
+
+
+def inline(url: str, model: str = "m-inline") -> chat_pb2.LLMConfig:
+    return chat_pb2.LLMConfig(model=model, model_endpoint_type="openai", model_endpoint=url)
+
+
+async def test_inline_fallbacks_to_private_addresses_are_never_called(
+    tmp_path: Path, fakes: list[FakeUpstream]
+) -> None:
+    fakes[0].script(Reply(status=503, json_body={"error": {"message": "busy"}}))
+    request = chat_pb2.CreateRequest(
+        llm_config=inline(fakes[0].base_url, "m0"),
+        fallbacks=[
+            inline("http://169.254.169.254/latest/meta-data"),  # cloud metadata
+            inline(fakes[2].base_url),  # loopback, not allowed for this caller
+            inline("http://10.0.0.1:8000/v1"),  # private, not allowed
+            inline(fakes[1].base_url, "m1"),
+        ],
+        messages=[chat_pb2.Message(role=USER, content="hi")],
+        trace=chat_pb2.TraceContext(step_id="s-ssrf"),
+    )
+    settings = make_settings(tmp_path, allowed_endpoints=(fakes[0].base_url, fakes[1].base_url))
+    async with running_gateway(settings) as gw:
+        response = await gw.chat.Create(request, timeout=10)
+        trace = await wait_for_trace(gw.traces, "s-ssrf", trace_id=response.provider_trace_id)
+        # Only disallowed endpoints left after the first: PERMISSION_DENIED, as a direct call.
+        del request.fallbacks[3]
+        fakes[0].script(Reply(status=503, json_body={"error": {"message": "busy"}}))
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await gw.chat.Create(request, timeout=10)
+        only = chat_pb2.CreateRequest(
+            llm_config=inline(fakes[2].base_url), fallbacks=[inline("http://10.0.0.1:8000/v1")]
+        )
+        only.messages.add(role=USER, content="hi")
+        with pytest.raises(grpc.aio.AioRpcError) as denied:
+            await gw.chat.Create(only, timeout=10)
+    assert response.deployment.name == "fallbacks[3]" and fakes[1].requests[0].body["model"] == "m1"
+    assert fakes[2].requests == []
+    assert [(a.deployment, a.status) for a in trace.attempts] == [
+        ("llm_config", "UPSTREAM_UNAVAILABLE"),
+        ("fallbacks[0]", "SKIPPED_ENDPOINT_NOT_ALLOWED"),
+        ("fallbacks[1]", "SKIPPED_ENDPOINT_NOT_ALLOWED"),
+        ("fallbacks[2]", "SKIPPED_ENDPOINT_NOT_ALLOWED"),
+        ("fallbacks[3]", "OK"),
+    ]
+    assert "fallbacks[1] (SKIPPED_ENDPOINT_NOT_ALLOWED)" in caught.value.details()
+    expect(denied.value, grpc.StatusCode.PERMISSION_DENIED, "ENDPOINT_NOT_ALLOWED")
+
+
+async def test_inline_fallbacks_send_the_server_key_only_to_its_own_base_url(
+    tmp_path: Path, fakes: list[FakeUpstream]
+) -> None:
+    server_key = "sk-server-" + "s" * 40
+    for fake in fakes[:2]:
+        fake.default = Reply(status=503, json_body={"error": {"message": "busy"}})
+    fakes[2].default = Reply(status=503, json_body={"error": {"message": "busy"}})
+    request = routed(
+        fallbacks=[
+            inline(fakes[2].base_url),  # allowed endpoint, no key: never the server's key
+            chat_pb2.LLMConfig(model="m-server", model_endpoint_type="openai"),  # the server's base URL
+        ]
+    )
+    settings = make_settings(
+        tmp_path,
+        routes_file=write_routes(tmp_path, two_deployments(fakes)),
+        allowed_endpoints=(fakes[2].base_url,),
+        openai_api_key=server_key,
+        openai_base_url=fakes[3].base_url,
+    )
+    async with running_gateway(settings) as gw:
+        response = await gw.chat.Create(request, timeout=10)
+    assert response.deployment.name == "fallbacks[1]"
+    assert [r.headers["Authorization"] for r in fakes[3].requests] == [f"Bearer {server_key}"]
+    sent_elsewhere = [r.headers.get("Authorization", "") for f in fakes[:3] for r in f.requests]
+    assert sent_elsewhere and all(server_key not in h for h in sent_elsewhere)
+
+
+# -- metrics: fallbacks counted by reason, exactly -------------------------------------------------
+
+
+async def test_metrics_count_fallbacks_by_reason_exactly(tmp_path: Path, fakes: list[FakeUpstream]) -> None:
+    from tests.integration.test_admin_metrics import delta, scrape
+
+    text = routes_toml(
+        {
+            "chat": (
+                {},
+                [
+                    deployment("a", fakes[0].base_url, weight=1e12),
+                    deployment("b", fakes[1].base_url, weight=1e-9),
+                ],
+            ),
+            "small": (
+                {},
+                [
+                    deployment("a", fakes[0].base_url, weight=1e12, context_window=20),
+                    deployment("b", fakes[1].base_url, weight=1e-9),
+                ],
+            ),
+        },
+        cooldown_seconds=0,  # A is tried first every time
+    )
+    async with await gateway_with(tmp_path, text, admin_listen="127.0.0.1:0") as gw:
+        admin = gw.server.admin
+        assert admin is not None
+        before = await scrape(admin.port)
+        busy = Reply(status=503, json_body={"error": {"message": "busy"}})
+        fakes[0].script(busy, Reply(status=429, json_body={"error": {"message": "rate"}}))
+        await gw.chat.Create(routed(), timeout=10)  # 503 -> B
+        await gw.chat.Create(routed(), timeout=10)  # 429 -> B
+        await gw.chat.Create(routed("small", text="word " * 100), timeout=10)  # A skipped -> B
+        fakes[0].script(Reply(status=400, json_body={"error": {"message": "bad"}}))
+        with pytest.raises(grpc.aio.AioRpcError):
+            await gw.chat.Create(routed(), timeout=10)  # not retryable: no fallback
+        fakes[0].script(busy)
+        fakes[1].default = busy  # B, the last candidate, retries with the policy: busy each time
+        with pytest.raises(grpc.aio.AioRpcError):
+            await gw.chat.Create(routed(), timeout=10)  # A -> B (one fallback), B fails: nothing left
+        fakes[1].default = Reply(json_body=completion())
+        fakes[0].script(Reply(status=503, raw=b"down"))
+        fakes[1].script(Reply(sse=text_stream(["x"])))
+        [e async for e in gw.chat.StreamCreate(routed(), timeout=10)]  # a stream's fallback
+        after = await scrape(admin.port)
+    name = "llmgw_fallbacks_total"
+    assert delta(before, after, name, reason="UPSTREAM_UNAVAILABLE") == 3
+    assert delta(before, after, name, reason="RATE_LIMIT_EXCEEDED") == 1
+    assert delta(before, after, name, reason="CONTEXT_WINDOW_EXCEEDED") == 1
+    assert delta(before, after, name, reason="UPSTREAM_REJECTED") == 0
+
+
+async def test_the_console_trace_page_shows_the_route_and_every_attempt(
+    tmp_path: Path, fakes: list[FakeUpstream]
+) -> None:
+    import html
+
+    import aiohttp
+
+    from server.auth.store_sqlite import SqliteAuthStore
+
+    async with SqliteAuthStore(path=str(tmp_path / "gateway.db")) as store:
+        _, admin = await store.create_key(organization_id="org-a", user_id="", is_admin=True)
+    fakes[0].script(Reply(status=503, json_body={"error": {"message": "busy"}}))
+    async with await gateway_with(
+        tmp_path, two_deployments(fakes), auth="required", admin_listen="127.0.0.1:0"
+    ) as gw:
+        response = await gw.chat.Create(
+            routed(step="s-page"), metadata=(("authorization", f"Bearer {admin}"),), timeout=10
+        )
+        await wait_for_trace(
+            gw.traces,
+            "s-page",
+            trace_id=response.provider_trace_id,
+            metadata=(("authorization", f"Bearer {admin}"),),
+        )
+        assert gw.server.admin is not None
+        url = f"http://127.0.0.1:{gw.server.admin.port}/traces/{response.provider_trace_id}"
+        async with aiohttp.ClientSession() as http:
+            async with http.get(url, headers={"Authorization": f"Bearer {admin}"}) as r:
+                assert r.status == 200
+                page = html.unescape(await r.text())
+    section = page[page.index('id="routing"') :]
+    table = section[: section.index("</table>")]
+    assert "chat/a" in table and "UPSTREAM_UNAVAILABLE" in table
+    assert "chat/b" in table and "OK" in table and " ms" in table
+    assert KEY_A not in page and KEY_B not in page
+
+
+async def test_count_tokens_on_a_route_follows_health_and_the_route_restriction(
+    tmp_path: Path, fakes: list[FakeUpstream]
+) -> None:
+    text = routes_toml(
+        {
+            "chat": (
+                {},
+                [
+                    deployment("a", fakes[0].base_url, weight=1e12, context_window=1000),
+                    deployment("b", fakes[1].base_url, weight=1e-9, context_window=2000),
+                ],
+            ),
+            "private": ({"organizations": ["org-x"]}, [deployment("c", fakes[2].base_url)]),
+        }
+    )
+    fakes[0].script(
+        Reply(status=503, headers={"Retry-After": "30"}, json_body={"error": {"message": "busy"}})
+    )
+
+    def count(route: str) -> chat_pb2.CountTokensRequest:
+        return chat_pb2.CountTokensRequest(route=route, messages=[chat_pb2.Message(role=USER, content="hi")])
+
+    async with await gateway_with(tmp_path, text) as gw:
+        before = await gw.chat.CountTokens(count("chat"), timeout=10)
+        await gw.chat.Create(routed(), timeout=10)  # A fails and cools for 30 s
+        after = await gw.chat.CountTokens(count("chat"), timeout=10)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await gw.chat.CountTokens(count("private"), timeout=10)
+    assert (before.context_window, after.context_window) == (1000, 2000)
+    assert expect(caught.value, grpc.StatusCode.NOT_FOUND, "NOT_FOUND").metadata["route"] == "private"
+    assert fakes[2].requests == []
