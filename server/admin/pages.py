@@ -7,6 +7,7 @@ from typing import Any
 from server.admin.data import FILTERS, WINDOWS, ChatItem, ListFilters, TracePage, pretty_json
 from server.admin.html import Markup, el, json_script, url
 from server.auth.actor import Actor
+from server.routing.attempts import route_attempts
 from server.traces.base import TraceRecord
 
 _FILTER_LABELS = {
@@ -364,6 +365,7 @@ def trace_page(actor: Actor, record: TraceRecord, items: list[ChatItem]) -> Mark
             el("p", None, el("strong", None, record.error_type)),
             el("pre", None, record.error_message),
         )
+    routing = _routing(record)
     chat = el(
         "section",
         {"id": "conversation", "class": "chat"},
@@ -392,5 +394,46 @@ def trace_page(actor: Actor, record: TraceRecord, items: list[ChatItem]) -> Mark
         ),
     )
     return layout(
-        "Trace", actor, facts_table, error, el("h2", None, "Conversation"), chat, el("h2", None, "Raw"), raw
+        "Trace",
+        actor,
+        facts_table,
+        error,
+        routing,
+        el("h2", None, "Conversation"),
+        chat,
+        el("h2", None, "Raw"),
+        raw,
+    )
+
+
+def _routing(record: TraceRecord) -> Markup | None:
+    """A routed call's route, the deployment of this trace and every attempt so far (none: direct)."""
+    attempts = route_attempts(record.attempts_json)
+    if not (record.route or record.deployment or attempts):
+        return None
+    head = el("tr", None, [el("th", None, h) for h in ("route", "deployment", "status", "latency")])
+    rows = [
+        el(
+            "tr",
+            None,
+            el("td", None, a.route),
+            el("td", None, a.deployment),
+            el("td", None, a.status),
+            el("td", None, f"{a.latency_ms:.1f} ms"),
+        )
+        for a in attempts
+    ]
+    return el(
+        "section",
+        {"id": "routing"},
+        el("h2", None, "Routing"),
+        el(
+            "p",
+            None,
+            "route ",
+            el("strong", None, record.route or "-"),
+            ", deployment ",
+            el("strong", None, record.deployment),
+        ),
+        el("table", {"id": "attempts"}, el("thead", None, head), el("tbody", None, rows)),
     )

@@ -909,6 +909,7 @@ def _classify(
 
 def _context_window(match: re.Match[str], text: str, meta: dict[str, object]) -> ContextWindowExceeded:
     counts: dict[str, object] = {}
-    if match.group(1):
-        counts = {"prompt_tokens": int(match.group(1)), "context_window": int(match.group(2))}
+    prompt, window = match.group(1), match.group(2)
+    if prompt:
+        counts = {"prompt_tokens": int(prompt), "context_window": int(window)}
     return ContextWindowExceeded(text, metadata={**meta, **counts})

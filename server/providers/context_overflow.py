@@ -10,6 +10,8 @@ nothing. The servers' own shapes, and the counts each puts in its metadata:
   requested 5000 tokens (4000 in the messages, 1000 in the completion)." or (newer vLLM)
   "... maximum context length is 4096 tokens and your request has 4100 input tokens ..." or
   "The prompt (total length 5000) is too long to fit into the model (context length 4096)";
+  vLLM's engine (V1): "The decoder prompt (length 5000) is longer than the maximum model length of
+  4096. Make sure that `max_model_len` is no smaller than the number of text tokens.";
   OpenAI's `code: context_length_exceeded` -> `context_window`, `requested_tokens`, `prompt_tokens`.
 - Ollama (400/500 text): "input length exceeds maximum context length" / "the input length
   exceeds the context length" (no counts).
@@ -55,10 +57,13 @@ _LMSTUDIO = re.compile(
     + r" tokens",
     re.IGNORECASE | re.DOTALL,
 )
+_VLLM_DECODER = re.compile(
+    r"prompt \(length " + _INT + r"\) is longer than the maximum model length of " + _INT, re.IGNORECASE
+)
 _PHRASES = re.compile(
     r"maximum context length|exceeds the (?:available )?context size|context length of only|"
     r"input length exceeds the (?:maximum )?context length|too long to fit into the model|"
-    r"context_length_exceeded|exceed_context_size_error",
+    r"longer than the maximum model length|context_length_exceeded|exceed_context_size_error",
     re.IGNORECASE,
 )
 
@@ -88,6 +93,9 @@ def overflow_error(
         counts.setdefault("prompt_tokens", int(match.group(1)))
         counts.setdefault("context_window", int(match.group(2)))
     if match := _VLLM_PROMPT.search(message):
+        counts.setdefault("prompt_tokens", int(match.group(1)))
+        counts.setdefault("context_window", int(match.group(2)))
+    if match := _VLLM_DECODER.search(message):
         counts.setdefault("prompt_tokens", int(match.group(1)))
         counts.setdefault("context_window", int(match.group(2)))
     if match := _LMSTUDIO.search(message):

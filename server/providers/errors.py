@@ -266,6 +266,16 @@ def body_error(
     if status is not None:
         return error_for_status(status, raw, {}, provider=provider, scrub=scrub, in_body=True)
     message = upstream_message(raw, scrub)
+    # A string code ("context_length_exceeded") or none, but the words of a context overflow: the
+    # prompt's fault, as the same object with HTTP 400 would be (routing falls back on it).
+    overflow = context_overflow.overflow_error(
+        400,
+        raw,
+        f"{provider} answered HTTP 200 with an error object: {message}",
+        {"http_status": 200, "provider": provider},
+    )
+    if overflow is not None:
+        return overflow
     return UpstreamBadResponse(
         f"{provider} answered with an error: {message}",
         metadata={"provider": provider, "upstream_code": scrub(str(code))[:100]},

@@ -8,7 +8,8 @@ order. Without a route, `llm_config` comes first, then the inline fallbacks.
 Per failure of an attempt:
 - skipped (nothing was sent): the prompt does not fit the deployment's context window, the
   organization has no such BYOK provider, no key is configured, the endpoint is not allowed;
-- fall back, cooling the deployment down: 5xx/529, connect errors, a timeout of one attempt
+- fall back, cooling the deployment down: 5xx/529, connect errors, an unreadable answer
+  (UPSTREAM_BAD_RESPONSE: not JSON, a broken SSE before the first event), a timeout of one attempt
   (the deployment's `timeout_seconds`, not the caller's deadline), 401/403 on a server key (the
   key, or the deployment, is disabled until the routes file is reloaded);
 - fall back, cooling the key down: 429 (a deployment with several keys tries the next one);
@@ -39,6 +40,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from llmgateway.v1 import chat_pb2
 
+from server import metrics
 from server.auth.actor import Actor
 from server.config import Settings
 from server.core.retry import Deadline, RetryableError
@@ -54,6 +56,7 @@ from server.errors import (
     NotFound,
     RateLimitExceeded,
     UpstreamAuthFailed,
+    UpstreamBadResponse,
     UpstreamRejected,
     UpstreamUnavailable,
 )
@@ -68,11 +71,17 @@ log = logging.getLogger("llmgateway.routing")
 
 ChatRequest = chat_pb2.CreateRequest
 MIN_ATTEMPT_SECONDS = 0.01
+# The end of the caller's deadline kept for the answer: a routed call's attempts stop this much
+# before it, so the final status (with what was tried) reaches the caller before its own timer
+# ends the call with a bare DEADLINE_EXCEEDED. At most a tenth of the deadline.
+ANSWER_ROOM_SECONDS = 0.05
 MAX_INLINE_FALLBACKS = 8
-# Providers' context-length errors (OpenAI/vLLM/OpenRouter, Anthropic, Gemini, Groq, Mistral).
+# Providers' context-length errors (OpenAI/vLLM/OpenRouter, Anthropic, Gemini, Groq, Mistral), for a
+# 400 a provider module did not map to CONTEXT_WINDOW_EXCEEDED itself.
 CONTEXT_LENGTH = re.compile(
     r"maximum context length|context[_ ]length|context window|prompt is too long|too many tokens"
-    r"|exceeds the maximum number of tokens|input is too long|reduce the length of the messages",
+    r"|exceeds the maximum number of tokens|input is too long|reduce the length of the messages"
+    r"|exceed context limit|longer than the maximum model length",
     re.IGNORECASE,
 )
 _INF = math.inf
@@ -212,6 +221,7 @@ class Router:
         admission: Admission | None = None,
     ) -> chat_pb2.CreateResponse:
         call = self._call(request, actor, admission)
+        deadline = _answer_room(deadline)
         while True:
             attempt, candidate, attempt_deadline = await call.next_attempt(deadline)
             try:
@@ -236,6 +246,7 @@ class Router:
         admission: Admission | None = None,
     ) -> AsyncIterator[chat_pb2.StreamCreateResponse]:
         call = self._call(request, actor, admission)
+        deadline = _answer_room(deadline)
         while True:
             attempt, candidate, attempt_deadline = await call.next_attempt(deadline)
             events = host.stream(request, actor, attempt_deadline, attempt)
@@ -289,6 +300,7 @@ class _Call:
     key: Key | None = None  # the key of the attempt in progress
     skip_metadata: dict[str, str] = field(default_factory=dict)
     skipped: int = 0  # attempts that sent nothing (SKIPPED_*)
+    moving_on: str = ""  # the reason the last attempt failed, counted once the next one starts
 
     def __post_init__(self) -> None:
         request = self.request
@@ -499,8 +511,9 @@ class _Call:
             if key is not None:
                 target = key.target
                 self.tried.add(key.unit)
-                rotation = self.router._rotation
-                rotation[c.unit] = (rotation.get(c.unit, 0) + 1) % len(c.keys)
+                # Round robin: the next call starts after the key used (not after the one this
+                # call started at, which would hand a key next to a cooling one every other turn).
+                self.router._rotation[c.unit] = (c.keys.index(key) + 1) % len(c.keys)
             else:
                 target = d.keyless_target
                 self.tried.add(c.unit)
@@ -512,6 +525,9 @@ class _Call:
             if deadline.at is None or ends < deadline.at:
                 attempt_deadline = Deadline(ends)
         retry = self.router.settings.retry if last else self.router._single
+        if self.moving_on:  # a fallback actually happens (not when nothing is left to try)
+            metrics.record_fallback(self.moving_on)
+            self.moving_on = ""
         self.sent += 1
         attempt = Attempt(c.route, c.label, target, retry, self.results, admission=self.admission)
         self.key = key
@@ -533,6 +549,10 @@ class _Call:
 
     def failed(self, c: _Candidate, attempt: Attempt, error: GatewayError, deadline: Deadline) -> None:
         """Decide after a failed attempt: return to try the next candidate, or raise."""
+        self._decide(c, attempt, error, deadline)
+        self.moving_on = error.reason  # returned: the next candidate, if any, is a fallback
+
+    def _decide(self, c: _Candidate, attempt: Attempt, error: GatewayError, deadline: Deadline) -> None:
         key = self.key
         d = c.deployment
         health = self.router.health
@@ -573,6 +593,13 @@ class _Call:
         if isinstance(error, UpstreamUnavailable):
             if d is not None:
                 health.cool(c.unit, max(_retry_after(error), d.cooldown))
+            return
+        if isinstance(error, UpstreamBadResponse) and "limit_bytes" not in error.metadata:
+            # The deployment answered something unreadable (not JSON, a broken SSE before the
+            # first event, an HTML page): it is broken, another may answer. An answer over
+            # LLMGW_MAX_ANSWER_BYTES (`limit_bytes`) is the request's, not the deployment's.
+            if d is not None:
+                health.cool(c.unit, d.cooldown)
             return
         # The provider's own context-length error (mapped to CONTEXT_WINDOW_EXCEEDED by the provider
         # modules, or a 400 whose text says so): the prompt, not the deployment; a bigger one may take it.
@@ -668,6 +695,14 @@ class _Call:
                     config.provider_name = dc.provider_name
                     config.provider_category = dc.provider_category
                 return
+
+
+def _answer_room(deadline: Deadline) -> Deadline:
+    """The deadline a routed call's attempts share: the caller's, less ANSWER_ROOM_SECONDS."""
+    remaining = deadline.remaining()
+    if deadline.at is None or remaining is None:
+        return deadline
+    return Deadline(deadline.at - min(ANSWER_ROOM_SECONDS, max(0.0, remaining) / 10))
 
 
 def _retry_after(error: GatewayError) -> float:
