@@ -374,11 +374,11 @@ class Gateway:
         relayed = False
         try:
             async for event in self._stream_once(request, actor, deadline, plan, keys):
-                relayed = True
+                relayed = relayed or tool_call_check.carries_text(event)
                 yield event
             return
         except ToolCallMissing:
-            # Asked again only while nothing was relayed: the caller cannot take deltas back.
+            # Asked again only while no text was relayed: the caller cannot take deltas back.
             settings = self._settings
             if relayed or not tool_call_check.ask_again(plan.body, plan.target.base_url, settings=settings):
                 raise

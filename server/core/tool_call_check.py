@@ -122,6 +122,13 @@ def ask_again(body: dict[str, Any], endpoint: str, *, settings: Settings) -> boo
     return isinstance(body.get("tool_choice"), dict) and upstream_kind.is_llamacpp(endpoint)
 
 
+def carries_text(event: chat_pb2.StreamCreateResponse) -> bool:
+    """A streamed delta the caller cannot take back (text, reasoning or a call), as opposed to
+    a role or finish marker: after one, a missing call is not asked again."""
+    delta = event.delta
+    return event.HasField("delta") and bool(delta.content or delta.reasoning_content or delta.tool_calls)
+
+
 def first_call_only(
     events: list[chat_pb2.StreamCreateResponse], want: Expected
 ) -> list[chat_pb2.StreamCreateResponse]:

@@ -127,7 +127,12 @@ async def test_reasoning_content_of_tool_call_turns_is_sent_back_and_tools_are_n
             ).SerializeToString()
         )
         # Functions and no function_call ask for a call ("required"): DeepSeek answers one.
-        called = {"index": 0, "id": "call_2", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}
+        called = {
+            "index": 0,
+            "id": "call_2",
+            "type": "function",
+            "function": {"name": "get_weather", "arguments": "{}"},
+        }
         deepseek.script(
             Reply(sse=[chunk({"tool_calls": [called]}), chunk({}, finish_reason="tool_calls"), "[DONE]"])
         )

@@ -1189,7 +1189,12 @@ async def test_developer_role_is_passed_through(gateway: RunningGateway, upstrea
 
 
 async def test_stream_extras(gateway: RunningGateway, upstream: FakeUpstream) -> None:
-    called = {"index": 0, "id": "call_1", "type": "function", "function": {"name": "search", "arguments": "{}"}}
+    called = {
+        "index": 0,
+        "id": "call_1",
+        "type": "function",
+        "function": {"name": "search", "arguments": "{}"},
+    }
     upstream.script(
         Reply(
             sse=[  # "required" (functions, no function_call) is answered with a call
