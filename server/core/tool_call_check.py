@@ -164,10 +164,10 @@ def enforce(answer: dict[str, Any], want: Expected, record: TraceRecord, *, prov
 def _keep_usage(record: TraceRecord, usage: Any) -> None:
     if record.total_tokens or not isinstance(usage, dict):
         return  # already kept (the local path), or none reported
-    counts = [usage.get(name) for name in ("prompt_tokens", "completion_tokens")]
-    if not all(isinstance(count, int) and not isinstance(count, bool) for count in counts):
-        return
-    record.prompt_tokens, record.completion_tokens = counts[0], counts[1]
+    prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+    if not isinstance(prompt, int) or not isinstance(completion, int):
+        return  # (the answer's usage was shape-checked: integers, bounded)
+    record.prompt_tokens, record.completion_tokens = prompt, completion
     record.total_tokens = record.prompt_tokens + record.completion_tokens
 
 
