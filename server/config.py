@@ -115,6 +115,9 @@ class Settings:
     # llamacpp/vllm endpoints: the guard counts the prompt with the server's /tokenize (one
     # extra loopback round trip, cached per prompt prefix; server.providers.local.exact_count).
     local_exact_tokens: bool = False
+    # A required or forced call answered without one is asked once more before TOOL_CALL_MISSING
+    # (server.core.tool_call_check; streams only when nothing was relayed yet).
+    tool_call_missing_retry: bool = False
     # Provider keys keep their usual names and are read from the environment only.
     openai_api_key: str = field(default="", repr=False)
     openrouter_api_key: str = field(default="", repr=False)

@@ -40,7 +40,7 @@ from server.core.openai_request import build_chat_body, prompt_functions, unpack
 from server.core.retry import Deadline
 from server.core.stream import StreamAccumulator
 from server.core.validation import LOCAL_TYPES, FunctionKeys, function_keys_async, off_loop, validate_request
-from server.errors import ContextWindowExceeded, GatewayError, UpstreamBadResponse
+from server.errors import ContextWindowExceeded, GatewayError, ToolCallMissing, UpstreamBadResponse
 from server.inflight import InFlightCall, cancel_cause, current_call
 from server.limits.limiter import Admission, Limiter
 from server.providers.base import Provider, UpstreamTarget
@@ -395,10 +395,27 @@ class Gateway:
         if request.llm_config.model_endpoint_type in LOCAL_TYPES:
             if admission is not None:
                 await admission.admit(None)  # QUOTA_EXCEEDED here: nothing went upstream
+            try:
+                return await self._create_local(request, actor, deadline, keys)
+            except ToolCallMissing:
+                if not self._settings.tool_call_missing_retry:
+                    raise
             return await self._create_local(request, actor, deadline, keys)
         plan = await self._plan(request, actor, stream=False, keys=keys, via=via)
         if admission is not None:
             await admission.admit(plan.count)  # the guard's count; QUOTA_EXCEEDED: nothing sent
+        try:
+            return await self._create_once(request, actor, deadline, plan, via)
+        except ToolCallMissing:
+            if not tool_call_check.ask_again(plan.body, plan.target.base_url, settings=self._settings):
+                raise
+        # Planned again: a server just learned to be llama.cpp's gets the form it honours.
+        plan = await self._plan(request, actor, stream=False, keys=keys, via=via)
+        return await self._create_once(request, actor, deadline, plan, via)
+
+    async def _create_once(
+        self, request: ChatRequest, actor: Actor, deadline: Deadline, plan: Plan, via: Attempt | None
+    ) -> chat_pb2.CreateResponse:
         target, body, model = plan.target, plan.body, request.llm_config.model
         with self.traced_call(request, actor, target, plan.payload, "create", via) as call:
             call.record.notes = plan.notes
@@ -414,9 +431,8 @@ class Gateway:
             call.record.response_json = raw.decode("utf-8", "replace")
             check_answer_size(answer_bytes(answer), self._settings.max_answer_bytes, provider=target.provider)
             unpack_completion(answer, request, body)
-            tool_call_check.enforce(
-                answer, tool_call_check.expected(request, body), call.record, provider=target.provider
-            )
+            want = tool_call_check.expected(request, body, endpoint=target.base_url)
+            tool_call_check.enforce(answer, want, call.record, provider=target.provider)
             response = chat_pb2.CreateResponse(provider_trace_id=call.record.id)
             call.completion = completion_from_json(answer, provider=target.provider, into=response.completion)
             self.answer_scrubber(target).completion(response.completion)  # an upstream may echo a key
@@ -473,13 +489,37 @@ class Gateway:
         plan = await self._plan(request, actor, stream=True, keys=keys, via=via)
         if admission is not None:
             await admission.admit(plan.count)  # the guard's count; QUOTA_EXCEEDED: nothing sent
+        relayed = False
+        try:
+            async for event in self._stream_once(request, actor, deadline, plan, keys, via):
+                relayed = relayed or tool_call_check.carries_text(event)
+                yield event
+            return
+        except ToolCallMissing:
+            # Asked again only while no text was relayed: the caller cannot take deltas back.
+            settings = self._settings
+            if relayed or not tool_call_check.ask_again(plan.body, plan.target.base_url, settings=settings):
+                raise
+        plan = await self._plan(request, actor, stream=True, keys=keys, via=via)
+        async for event in self._stream_once(request, actor, deadline, plan, keys, via):
+            yield event
+
+    async def _stream_once(
+        self,
+        request: ChatRequest,
+        actor: Actor,
+        deadline: Deadline,
+        plan: Plan,
+        keys: FunctionKeys,
+        via: Attempt | None,
+    ) -> AsyncIterator[chat_pb2.StreamCreateResponse]:
         target, body, count, model = plan.target, plan.body, plan.count, request.llm_config.model
         # Over LLMGW_MAX_ANSWER_BYTES the accumulator raises before the piece is kept or relayed.
         accumulator = StreamAccumulator(
             provider=target.provider, max_answer_bytes=self._settings.max_answer_bytes
         )
         scrubber = self.answer_scrubber(target)  # an upstream may echo a key, even split over chunks
-        want = tool_call_check.expected(request, body)
+        want = tool_call_check.expected(request, body, endpoint=target.base_url)
         with self.traced_call(request, actor, target, plan.payload, "stream", via) as call:
             call.record.notes = plan.notes
             call.partial = lambda: (

@@ -221,11 +221,15 @@ class FakeUpstream:
 
 
 def _forced_reply(body: dict[str, Any]) -> Reply | None:
-    """The default answer to a request forcing one function: a call of it (a model honours it)."""
+    """The default answer to a request forcing one function, or requiring a call
+    (`tool_choice: "required"`): a call of it, or of the first tool (as OpenAI honours both)."""
     choice = body.get("tool_choice", body.get("function_call"))
     name = ""
     if isinstance(choice, dict):
         name = str((choice.get("function") or choice).get("name") or "")
+    elif choice == "required" and isinstance(body.get("tools"), list) and body["tools"]:
+        first = body["tools"][0]
+        name = str(((first.get("function") or {}) if isinstance(first, dict) else {}).get("name") or "")
     if not name:
         return None
     call = tool_call(name, {}, "call_forced")

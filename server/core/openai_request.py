@@ -234,7 +234,9 @@ def build_chat_body(
         if use_tool_naming:
             strict = tools.supports_structured_output(endpoint)
             sent = _sent_functions(functions, keys, variant, strict, True)
-            if isinstance(choice, dict) and not tools.takes_named_tool_choice(handle=cfg.handle, model=model):
+            if isinstance(choice, dict) and not tools.takes_named_tool_choice(
+                handle=cfg.handle, model=model, endpoint=endpoint
+            ):
                 sent = _only_forced(sent, choice["function"]["name"])
                 choice = "required"
             body["tools"] = sent

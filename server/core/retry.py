@@ -199,7 +199,9 @@ def _give_up_error(
     if retry_delay is not None:
         retry_delay = min(MAX_RETRY_AFTER, max(0.0, retry_delay))
         metadata["retry_delay_seconds"] = f"{retry_delay:.3f}"
-    return cls(error.message, metadata=metadata, retry_delay=retry_delay)
+    given_up = cls(error.message, metadata=metadata, retry_delay=retry_delay)
+    given_up.trace_body = error.trace_body  # the last answer's body, for the trace (4xx and 5xx alike)
+    return given_up
 
 
 async def call_with_retries(

@@ -7,6 +7,10 @@
   call would take the text for a final answer. The model's text stays in the trace
   (response_json is set before the check). An answer cut at the token limit
   (`finish_reason: "length"`) is not checked: it is OK/LENGTH, the call may be what was cut.
+- The gateway's own default "required" (functions and no `function_call`) counts as required.
+  Where configured (LLMGW_TOOL_CALL_MISSING_RETRY), or when the answer just showed the upstream
+  to be llama-server, which ignored a named `tool_choice`, the call is asked once more before
+  TOOL_CALL_MISSING (`ask_again`).
 - At most one call was asked for (`parallel_tool_calls: false`, or a local wrapper) of a server
   known to ignore it (llama.cpp's, recognized as in `tools.takes_named_tool_choice`) and the
   answer has several: the first is kept; the others are listed in the trace's stored response
@@ -21,7 +25,8 @@ from typing import Any
 import orjson
 from llmgateway.v1 import chat_pb2
 
-from server.core import tools
+from server.config import Settings
+from server.core import tools, upstream_kind
 from server.errors import ToolCallMissing
 from server.traces.base import TraceRecord
 
@@ -43,8 +48,11 @@ class Expected:
 NOTHING = Expected()
 
 
-def expected(request: chat_pb2.CreateRequest, body: dict[str, Any] | None = None) -> Expected:
-    """What `request` (and the OpenAI-shaped `body` built for it, if any) asks of the answer."""
+def expected(
+    request: chat_pb2.CreateRequest, body: dict[str, Any] | None = None, *, endpoint: str = ""
+) -> Expected:
+    """What `request` (and the OpenAI-shaped `body` built for it, if any, sent to the base URL
+    `endpoint`) asks of the answer."""
     if not request.functions:
         return NOTHING
     forced = request.force_tool_call or (
@@ -56,14 +64,18 @@ def expected(request: chat_pb2.CreateRequest, body: dict[str, Any] | None = None
     legacy = body.get("function_call")
     if isinstance(legacy, dict):  # legacy spelling of a forced call (or "required", one function)
         forced = forced or str(legacy.get("name") or "")
-    # Checked when the caller asked for a call ("required", or a forced function), not when the
-    # gateway sent its own default "required" for an empty `function_call` (seed behaviour):
-    # callers that send none get what the model answered, as before.
-    required = bool(forced) or (request.function_call == "required" and choice == "required")
+    # Checked whenever a call was asked of the upstream: a forced function, or "required",
+    # the caller's or the gateway's own default for an empty `function_call` (seed: functions
+    # and no function_call -> "required"; an agent built on it fails on a text answer anyway).
+    # Not where "auto" was sent instead (vLLM, nebius and MLX, the seed's exception; legacy
+    # `functions` with several of them): no call was required of the model there.
+    required = bool(forced) or choice == "required"
     # Servers that honour `parallel_tool_calls: false` answer one call; one known to ignore it
     # (llama.cpp's, up to 5 calls seen) has the extra ones cut here. Others keep what they sent.
     config = request.llm_config
-    ignores_flag = not tools.takes_named_tool_choice(handle=config.handle, model=config.model)
+    ignores_flag = not tools.takes_named_tool_choice(
+        handle=config.handle, model=config.model, endpoint=endpoint
+    )
     at_most_one = ignores_flag and body.get("parallel_tool_calls") is False
     return Expected(required=required, forced=forced, at_most_one=at_most_one)
 
@@ -96,6 +108,27 @@ def check(answer: dict[str, Any], want: Expected, *, provider: str) -> list[dict
     return dropped
 
 
+def ask_again(body: dict[str, Any], endpoint: str, *, settings: Settings) -> bool:
+    """After TOOL_CALL_MISSING: whether the call is sent once more (it is then planned again).
+
+    - LLMGW_TOOL_CALL_MISSING_RETRY is on: a new sample may call (once; off by default, as a
+      second call costs as much as the first);
+    - a forced call went with a named `tool_choice` to a base URL its answer just showed to be
+      llama-server's (`server.core.upstream_kind`), which ignores that form: the next attempt
+      goes in the form it honours (the forced function alone, "required"), whatever the setting.
+    """
+    if settings.tool_call_missing_retry:
+        return True
+    return isinstance(body.get("tool_choice"), dict) and upstream_kind.is_llamacpp(endpoint)
+
+
+def carries_text(event: chat_pb2.StreamCreateResponse) -> bool:
+    """A streamed delta the caller cannot take back (text, reasoning or a call), as opposed to
+    a role or finish marker: after one, a missing call is not asked again."""
+    delta = event.delta
+    return event.HasField("delta") and bool(delta.content or delta.reasoning_content or delta.tool_calls)
+
+
 def first_call_only(
     events: list[chat_pb2.StreamCreateResponse], want: Expected
 ) -> list[chat_pb2.StreamCreateResponse]:
@@ -117,10 +150,25 @@ def first_call_only(
 
 
 def enforce(answer: dict[str, Any], want: Expected, record: TraceRecord, *, provider: str) -> None:
-    """`check`, and the dropped calls listed in the trace's stored response JSON."""
-    dropped = check(answer, want, provider=provider)
+    """`check`, and the dropped calls listed in the trace's stored response JSON. A failed
+    check keeps the upstream's token counts on the trace: they were spent (and billed)."""
+    try:
+        dropped = check(answer, want, provider=provider)
+    except ToolCallMissing:
+        _keep_usage(record, answer.get("usage"))
+        raise
     if dropped:
         record.response_json = trimmed_json(record.response_json, dropped)
+
+
+def _keep_usage(record: TraceRecord, usage: Any) -> None:
+    if record.total_tokens or not isinstance(usage, dict):
+        return  # already kept (the local path), or none reported
+    prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+    if not isinstance(prompt, int) or not isinstance(completion, int):
+        return  # (the answer's usage was shape-checked: integers, bounded)
+    record.prompt_tokens, record.completion_tokens = prompt, completion
+    record.total_tokens = record.prompt_tokens + record.completion_tokens
 
 
 def trimmed_json(stored: str, dropped: list[dict[str, Any]]) -> str:

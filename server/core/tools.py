@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from server.core import upstream_kind
 from server.errors import FieldViolation, InvalidRequest
 
 _REASONING_PREFIXES = ("o1", "o3", "o4", "gpt-5")
@@ -111,12 +112,16 @@ def resolve_tool_choice(
 _NO_NAMED_CHOICE_MARKS = ("llamacpp", "llama.cpp", "llama-cpp", "llama_cpp", "llama-server")
 
 
-def takes_named_tool_choice(*, handle: str, model: str) -> bool:
+def takes_named_tool_choice(*, handle: str, model: str, endpoint: str = "") -> bool:
     """False for llama.cpp's `llama-server` on the OpenAI-compatible path: it ignores an object
     `tool_choice` (logs "Wrong type supplied for parameter 'tool_choice'" and acts as "auto").
-    Recognized, as vLLM and MLX are, by its name in the lowercased handle or model
-    (e.g. handle "llamacpp/qwen2.5"). A forced call is then sent as the forced function alone
-    with `tool_choice: "required"`, which it honours (see `build_chat_body`)."""
+    Recognized by what it answered before from `endpoint` (`server.core.upstream_kind`: its
+    `Server: llama.cpp` header or `timings` object), else, for a first call, by its name in the
+    lowercased handle or model (e.g. handle "llamacpp/qwen2.5"). A forced call is then sent as
+    the forced function alone with `tool_choice: "required"`, which it honours (see
+    `build_chat_body`)."""
+    if upstream_kind.is_llamacpp(endpoint):
+        return False
     text = f"{handle} {model}".lower()
     return not any(mark in text for mark in _NO_NAMED_CHOICE_MARKS)
 

@@ -29,7 +29,7 @@ import orjson
 
 from server.auth.resolver import ForbiddenAddressError
 from server.config import RetrySettings
-from server.core import tools
+from server.core import tools, upstream_kind
 from server.core.completion import MAX_CHOICES, MAX_TOOL_CALLS, too_many
 from server.core.retry import Deadline, RetryableError, call_with_retries
 from server.errors import (
@@ -243,7 +243,9 @@ async def post_json(
                 raw,
                 options.scrub,
             )
-        return raw, dialect.parse_answer(raw, provider=target.provider, model=model, scrub=options.scrub)
+        answer = dialect.parse_answer(raw, provider=target.provider, model=model, scrub=options.scrub)
+        upstream_kind.learn(target.base_url, response.headers, answer)  # llama-server's?
+        return raw, answer
 
     return await call_with_retries(
         attempt, settings=options.retry, deadline=options.deadline, on_retry=options.on_retry
@@ -539,6 +541,7 @@ async def open_stream(
                     f"{target.provider} answered {response.content_type} instead of a stream",
                     metadata={"provider": target.provider, "content_type": response.content_type},
                 )
+            upstream_kind.learn(target.base_url, response.headers)  # llama-server's?
             if response.content_type == "text/event-stream":
                 decoder = dialect.stream_decoder(provider=target.provider, model=model, scrub=options.scrub)
                 events = _iter_events(

@@ -237,6 +237,8 @@ class AnthropicFake:
         # Header names lowercased: HTTP names are case-insensitive, a dict is not.
         self.requests.append(Recorded(request.path, {k.lower(): v for k, v in request.headers.items()}, body))
         reply = self.replies.popleft() if self.replies else self.default
+        if reply is self.default and isinstance(body, dict) and not body.get("stream"):
+            reply = _forced_reply(body) or reply  # as Anthropic: tool_choice any/tool is honoured
         headers = {"request-id": REQUEST_ID, **reply.headers}
         if reply.sse is None:
             return web.json_response(reply.json_body, status=reply.status, headers=headers)
@@ -253,3 +255,18 @@ class AnthropicFake:
             await response.write(encode_sse([event]))
         await response.write_eof()
         return response
+
+
+def _forced_reply(body: dict[str, Any]) -> Reply | None:
+    """The default answer to `tool_choice` "any" (a call of the first tool) or "tool" (of it)."""
+    choice = body.get("tool_choice")
+    tools = body.get("tools")
+    if not isinstance(choice, dict) or not isinstance(tools, list) or not tools:
+        return None
+    if choice.get("type") == "tool":
+        name = str(choice.get("name") or "")
+    elif choice.get("type") == "any":
+        name = str(tools[0].get("name") or "")
+    else:
+        return None
+    return Reply(json_body=message([tool_use_block(name, {})], stop_reason="tool_use"))

@@ -213,7 +213,9 @@ class GeminiFake:
         reply = self.script.popleft() if self.script else None
         streaming = request.path.endswith(":streamGenerateContent")
         if reply is None:
-            reply = Reply(events=[response()]) if streaming else Reply(body=response())
+            # As Gemini: mode ANY is honoured with a call (unary; streams answer text as before).
+            forced = None if streaming else _forced_response(payload)
+            reply = Reply(events=[response()]) if streaming else Reply(body=forced or response())
         if reply.events is not None:
             return await self._stream(request, reply)
         return web.Response(
@@ -232,3 +234,19 @@ class GeminiFake:
             await out.write(f"data: {json.dumps(event)}\r\n\r\n".encode())
         await out.write_eof()
         return out
+
+
+def _forced_response(payload: Any) -> dict[str, Any] | None:
+    """The default answer to functionCallingConfig mode ANY: a call of the first allowed name
+    (or the first declared function)."""
+    if not isinstance(payload, dict):
+        return None
+    config = (payload.get("toolConfig") or {}).get("functionCallingConfig") or {}
+    if config.get("mode") != "ANY":
+        return None
+    names = list(config.get("allowedFunctionNames") or ())
+    for tool in payload.get("tools") or ():
+        names.extend(d.get("name") for d in tool.get("functionDeclarations") or ())
+    if not names:
+        return None
+    return response([{"functionCall": {"name": names[0], "args": {}}}])

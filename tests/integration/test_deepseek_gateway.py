@@ -126,7 +126,16 @@ async def test_reasoning_content_of_tool_call_turns_is_sent_back_and_tools_are_n
                 *history, functions=[weather_function()], trace=chat_pb2.TraceContext(step_id="ds-2")
             ).SerializeToString()
         )
-        deepseek.script(Reply(sse=[chunk({"content": "ok"}), chunk({}, finish_reason="stop"), "[DONE]"]))
+        # Functions and no function_call ask for a call ("required"): DeepSeek answers one.
+        called = {
+            "index": 0,
+            "id": "call_2",
+            "type": "function",
+            "function": {"name": "get_weather", "arguments": "{}"},
+        }
+        deepseek.script(
+            Reply(sse=[chunk({"tool_calls": [called]}), chunk({}, finish_reason="tool_calls"), "[DONE]"])
+        )
         events = [e async for e in gw.chat.StreamCreate(stream_req, timeout=10)]
         traces.append(await wait_for_trace(gw.traces, "ds-2", trace_id=events[-1].provider_trace_id))
     assert len(deepseek.requests) == 2

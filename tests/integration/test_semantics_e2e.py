@@ -1189,11 +1189,17 @@ async def test_developer_role_is_passed_through(gateway: RunningGateway, upstrea
 
 
 async def test_stream_extras(gateway: RunningGateway, upstream: FakeUpstream) -> None:
+    called = {
+        "index": 0,
+        "id": "call_1",
+        "type": "function",
+        "function": {"name": "search", "arguments": "{}"},
+    }
     upstream.script(
         Reply(
-            sse=[
-                chunk({"role": "assistant", "content": "ok"}),
-                chunk({}, finish_reason="stop"),
+            sse=[  # "required" (functions, no function_call) is answered with a call
+                chunk({"role": "assistant", "tool_calls": [called]}),
+                chunk({}, finish_reason="tool_calls"),
                 usage_chunk(),
                 "[DONE]",
             ]

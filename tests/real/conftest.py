@@ -122,3 +122,27 @@ def llama3_plain(
     yield from _server(
         request, llama_cache, tiny_models["llama3-plain"], tmp_path_factory.mktemp("lp"), False
     )
+
+
+@pytest.fixture(scope="module")
+def qwen_calls(
+    request: pytest.FixtureRequest,
+    llama_cache: Path,
+    tiny_models: dict[str, Path],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[LlamaServer]:
+    """The Qwen2-tokenizer model that answers one Hermes `<tool_call>`, with --jinja: its
+    tool-call grammar (tool_choice "required") then gives a call."""
+    yield from _server(request, llama_cache, tiny_models["qwen-calls"], tmp_path_factory.mktemp("qc"), True)
+
+
+@pytest.fixture(scope="module")
+def llama3_chat(
+    request: pytest.FixtureRequest,
+    llama_cache: Path,
+    tiny_models: dict[str, Path],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[LlamaServer]:
+    """The Llama 3 model that answers "Hello, I am Sam." and stops, with --jinja: its template
+    puts no tools in the prompt, so a required call is answered with text."""
+    yield from _server(request, llama_cache, tiny_models["llama3-chat"], tmp_path_factory.mktemp("lc"), True)

@@ -19,6 +19,7 @@ from google.protobuf import struct_pb2
 from google.rpc import error_details_pb2, status_pb2  # type: ignore[import-untyped]
 from llmgateway.v1 import chat_pb2, traces_pb2
 
+from server.core import upstream_kind
 from tests.gateway_harness import RunningGateway, make_settings, running_gateway
 from tests.real.conftest import LlamaServer, free_port
 
@@ -64,15 +65,19 @@ async def gw(
     request: pytest.FixtureRequest,
     qwen_jinja: LlamaServer,
     llama3_plain: LlamaServer,
+    qwen_calls: LlamaServer,
+    llama3_chat: LlamaServer,
     spare_port: int,
 ) -> AsyncIterator[RunningGateway]:
-    exact = bool(getattr(request, "param", False))
-    urls = (qwen_jinja.url, llama3_plain.url, f"http://127.0.0.1:{spare_port}")
+    options = dict(getattr(request, "param", {}) or {})
+    servers = (qwen_jinja, llama3_plain, qwen_calls, llama3_chat)
+    urls = (*(server.url for server in servers), f"http://127.0.0.1:{spare_port}")
     settings = make_settings(
         tmp_path,
         allowed_endpoints=urls,
         upstream_timeout=60.0,
-        local_exact_tokens=exact,
+        local_exact_tokens=bool(options.get("exact")),
+        tool_call_missing_retry=bool(options.get("retry")),
     )
     async with running_gateway(settings) as running:
         yield running
@@ -100,12 +105,14 @@ def local(
     )
 
 
-def openai(server: LlamaServer, *, functions: bool = True, **fields: Any) -> chat_pb2.CreateRequest:
+def openai(
+    server: LlamaServer, *, functions: bool = True, handle: str = "llamacpp/tiny", **fields: Any
+) -> chat_pb2.CreateRequest:
     cfg = chat_pb2.LLMConfig(
         model=MODEL,
         model_endpoint_type="openai",
         model_endpoint=server.url + "/v1",
-        handle="llamacpp/tiny",
+        handle=handle,
         context_window=fields.pop("context_window", 4096),
         temperature=0.0,
         max_tokens=fields.pop("max_tokens", 32),
@@ -266,7 +273,7 @@ async def test_overflow_is_context_window_exceeded_with_the_servers_counts(
         assert kept["http_status"] == 400 and "exceed_context_size_error" in kept["body"]
 
 
-@pytest.mark.parametrize("gw", [True], indirect=True)
+@pytest.mark.parametrize("gw", [{"exact": True}], indirect=True)
 async def test_exact_count_guards_with_the_servers_tokenizer(
     gw: RunningGateway, qwen_jinja: LlamaServer
 ) -> None:
@@ -357,3 +364,107 @@ async def test_tools_on_a_server_without_jinja_are_rejected_with_the_body_traced
     assert "tools param requires --jinja flag" in (caught.value.details() or "")
     trace = await trace_of(gw, "nojinja")
     assert trace.error_type == "UPSTREAM_UNAVAILABLE"
+
+
+# -- forced calls honoured, and missing calls, against the real server ----------------------------
+
+
+def _launches(server: LlamaServer) -> int:
+    """Completions the server started (one log line each)."""
+    return server.log().count("launch_slot_")
+
+
+@pytest.mark.parametrize("rpc", ["Create", "StreamCreate"])
+async def test_forced_call_is_honoured(gw: RunningGateway, qwen_calls: LlamaServer, rpc: str) -> None:
+    """Item 2: sent as the forced function alone with "required", llama-server's tool-call
+    grammar (Hermes `<tool_call>` format, detected from the template) makes the model call it:
+    the answer is a real call of that function, through the gateway, unary and streamed."""
+    step = f"honoured-{rpc}"
+    req = openai(qwen_calls, force_tool_call="search", step_id=step, max_tokens=128)
+    if rpc == "Create":
+        completion = (await gw.chat.Create(req, timeout=60)).completion
+    else:
+        _, completion = await stream_all(gw, req)
+    choice = completion.choices[0]
+    assert choice.finish_reason == chat_pb2.FINISH_REASON_TOOL_CALLS
+    assert [call.name for call in choice.message.tool_calls] == ["search"]
+    assert "query" in json.loads(choice.message.tool_calls[0].arguments)
+    trace = await trace_of(gw, step)
+    sent = json.loads(trace.request_json)
+    assert sent["tool_choice"] == "required" and [t["function"]["name"] for t in sent["tools"]] == ["search"]
+
+
+async def test_learned_llamacpp_gets_the_compatible_form(gw: RunningGateway, qwen_calls: LlamaServer) -> None:
+    """Item 5: a handle that does not name llama.cpp. The first forced call goes with a named
+    tool_choice, which llama-server ignores (it logs so, and answers as with "auto"); its answer
+    (`Server: llama.cpp`) teaches the gateway what the base URL is, and the next forced call is
+    sent in the form it honours. (This model calls even under "auto".)"""
+    upstream_kind.forget_all()  # the earlier tests taught this process about the server
+    first = openai(
+        qwen_calls, handle="local/tiny", force_tool_call="search", step_id="learn-1", max_tokens=128
+    )
+    await gw.chat.Create(first, timeout=60)
+    sent = json.loads((await trace_of(gw, "learn-1")).request_json)
+    assert sent["tool_choice"] == {"type": "function", "function": {"name": "search"}}
+    assert "Wrong type supplied for parameter 'tool_choice'" in qwen_calls.log()
+    second = openai(
+        qwen_calls, handle="local/tiny", force_tool_call="search", step_id="learn-2", max_tokens=128
+    )
+    completion = (await gw.chat.Create(second, timeout=60)).completion
+    assert [call.name for call in completion.choices[0].message.tool_calls] == ["search"]
+    sent = json.loads((await trace_of(gw, "learn-2")).request_json)
+    assert sent["tool_choice"] == "required" and [t["function"]["name"] for t in sent["tools"]] == ["search"]
+
+
+@pytest.mark.parametrize("rpc", ["Create", "StreamCreate"])
+@pytest.mark.parametrize("how", ["forced", "required", "default"])
+async def test_a_text_answer_to_a_required_call_is_tool_call_missing(
+    gw: RunningGateway, llama3_chat: LlamaServer, rpc: str, how: str
+) -> None:
+    """Item 2 (and 3 of the review: the gateway's default "required" counts): a template
+    without tools keeps them out of the prompt, the model answers "Hello, I am Sam." and stops.
+    That is UNAVAILABLE/TOOL_CALL_MISSING, never OK, with the model's text in the trace."""
+    step = f"missing-{rpc}-{how}"
+    fields: dict[str, Any] = {
+        "forced": {"force_tool_call": "search"},
+        "required": {"function_call": "required"},
+    }.get(how, {})
+    req = openai(llama3_chat, step_id=step, max_tokens=64, **fields)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        if rpc == "Create":
+            await gw.chat.Create(req, timeout=60)
+        else:
+            await stream_all(gw, req)
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    info = error_info(caught.value)
+    assert info.reason == "TOOL_CALL_MISSING"
+    assert info.metadata["finish_reason"] == "stop" and info.metadata["called"] == ""
+    assert info.metadata["tool_choice"] == ("search" if how == "forced" else "required")
+    assert "Hello, I am Sam." in (caught.value.details() or "")
+    trace = await trace_of(gw, step)
+    assert trace.error_type == "TOOL_CALL_MISSING"
+    kept = json.loads(trace.response_json)
+    assert kept["choices"][0]["message"]["content"] == "Hello, I am Sam."
+    assert trace.usage.completion_tokens == 7  # the server's count, kept
+
+
+async def test_text_is_the_answer_when_auto_was_asked(gw: RunningGateway, llama3_chat: LlamaServer) -> None:
+    """function_call "auto" asks for no call: the text answer is OK/STOP."""
+    answer = await gw.chat.Create(openai(llama3_chat, function_call="auto", max_tokens=64), timeout=60)
+    choice = answer.completion.choices[0]
+    assert (
+        choice.finish_reason == chat_pb2.FINISH_REASON_STOP and choice.message.content == "Hello, I am Sam."
+    )
+
+
+@pytest.mark.parametrize("gw", [{"retry": True}], indirect=True)
+async def test_missing_call_is_asked_once_more_when_configured(
+    gw: RunningGateway, llama3_chat: LlamaServer
+) -> None:
+    """LLMGW_TOOL_CALL_MISSING_RETRY: one more completion, then TOOL_CALL_MISSING (this model
+    never calls); each attempt has its trace."""
+    before = _launches(llama3_chat)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await gw.chat.Create(openai(llama3_chat, force_tool_call="search", step_id="again"), timeout=60)
+    assert error_info(caught.value).reason == "TOOL_CALL_MISSING"
+    assert _launches(llama3_chat) - before == 2

@@ -14,11 +14,24 @@ token preferences written into them so answers are predictable:
 - the end-of-generation tokens get a negative weight on it: without a grammar the model never
   stops by itself (it runs to n_predict, a LENGTH stop); under a grammar they are chosen once
   the grammar is complete, because nothing else is allowed then.
+
+A model may also rename tokens and prefer tokens more or less than `"` (`Tuning.prefer`, on the
+constant dimension), and prefer a token right after another (`Tuning.after`): a second constant
+dimension is set only in the embedding of the first token, and only the second token's output
+row reads it (one dimension per pair). "qwen-calls" uses both to answer a call in the Hermes
+format llama-server's tool-call grammar expects: its vocabulary has Qwen2.5's
+`<tool_call>`/`</tool_call>` tokens (ids 151657/151658, two padding tokens of the Qwen2
+vocabulary renamed), `<tool_call>` follows a line break (the generation prompt's last token, so
+the answer opens a call at once instead of writing text before it, which that grammar allows), a
+line break follows it (the grammar's `<tool_call>\n`: without it `<tool_call>` is still free
+text to that grammar), `</tool_call>` closes the call, and `<|im_end|>` follows it (one call,
+then the turn ends).
 """
 
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -99,10 +112,42 @@ LLAMA3_PLAIN_TEMPLATE = """{{- bos_token }}
 {%- endif %}
 """
 
-MODELS: dict[str, tuple[str, str]] = {
-    # name: (vocab file, chat template)
-    "qwen-tools": ("ggml-vocab-qwen2.gguf", QWEN_TOOLS_TEMPLATE),
-    "llama3-plain": ("ggml-vocab-llama-bpe.gguf", LLAMA3_PLAIN_TEMPLATE),
+
+@dataclass(frozen=True)
+class Tuning:
+    """Token preferences beyond the defaults (see the module docstring)."""
+
+    rename: tuple[tuple[int, str], ...] = ()  # (token id, new text): give a vocabulary a token
+    prefer: tuple[tuple[str, float], ...] = ()  # (token, weight on the constant dimension)
+    after: tuple[tuple[str, str], ...] = ()  # (token, the token preferred right after it)
+
+
+QWEN_CALLS = Tuning(
+    rename=((151657, "<tool_call>"), (151658, "</tool_call>")),
+    prefer=(("</tool_call>", 2.0),),  # below `"`: strings still close at once
+    # "Ċ" is the line break in the byte-level BPE vocabulary (token 198, "\n"): the generation
+    # prompt ends with one, so the answer opens with <tool_call> (inside a call the grammar
+    # allows no <tool_call> after a line break, and no preference on the constant dimension
+    # competes with `"` in strings).
+    after=(("Ċ", "<tool_call>"), ("<tool_call>", "Ċ"), ("</tool_call>", "<|im_end|>")),
+)
+
+# A model that answers "Hello, I am Sam." and stops by itself (each token follows the one
+# before; "ĊĊ", two line breaks, ends the Llama 3 generation prompt): text with a STOP finish,
+# as a model answers whose template puts no tools in the prompt.
+LLAMA3_CHAT = Tuning(
+    after=(
+        ("ĊĊ", "Hello"), ("Hello", ","), (",", "ĠI"), ("ĠI", "Ġam"), ("Ġam", "ĠSam"),
+        ("ĠSam", "."), (".", "<|eot_id|>"),
+    )
+)  # fmt: skip
+
+MODELS: dict[str, tuple[str, str, Tuning]] = {
+    # name: (vocab file, chat template, extra token preferences)
+    "qwen-tools": ("ggml-vocab-qwen2.gguf", QWEN_TOOLS_TEMPLATE, Tuning()),
+    "llama3-plain": ("ggml-vocab-llama-bpe.gguf", LLAMA3_PLAIN_TEMPLATE, Tuning()),
+    "qwen-calls": ("ggml-vocab-qwen2.gguf", QWEN_TOOLS_TEMPLATE, QWEN_CALLS),
+    "llama3-chat": ("ggml-vocab-llama-bpe.gguf", LLAMA3_PLAIN_TEMPLATE, LLAMA3_CHAT),
 }
 _END_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>", "<|im_start|>")
 
@@ -111,9 +156,13 @@ def _field_value(field: Any) -> Any:
     return field.contents()
 
 
-def make_model(vocab_path: Path, template: str, out: Path, *, seed: int = 14) -> None:
+def make_model(
+    vocab_path: Path, template: str, out: Path, *, seed: int = 14, tuning: Tuning = Tuning()
+) -> None:
     reader = gguf.GGUFReader(str(vocab_path))
     tokens = [str(t) for t in _field_value(reader.fields["tokenizer.ggml.tokens"])]
+    for token_id, text in tuning.rename:
+        tokens[token_id] = text
     n_vocab = len(tokens)
     writer = gguf.GGUFWriter(str(out), "llama")
     writer.add_name(f"tiny-{out.stem}")
@@ -130,7 +179,7 @@ def make_model(vocab_path: Path, template: str, out: Path, *, seed: int = 14) ->
         if not key.startswith("tokenizer.") or key == "tokenizer.chat_template":
             continue
         types = field.types
-        value = _field_value(field)
+        value = tokens if key == "tokenizer.ggml.tokens" else _field_value(field)
         if types[0] == gguf.GGUFValueType.ARRAY:
             writer.add_key_value(key, value, types[0], sub_type=types[1])
         else:
@@ -151,6 +200,16 @@ def make_model(vocab_path: Path, template: str, out: Path, *, seed: int = 14) ->
     for end in _END_TOKENS:
         if end in index:
             output[index[end], 0] = -3.0
+    for token, weight in tuning.prefer:
+        output[index[token], 0] = weight
+    # One more constant dimension per pair, set only in the first token's embedding and read
+    # only by the second token's output row.
+    pairs = {dim: pair for dim, pair in enumerate(tuning.after, start=1)}
+    for dim, (first, then) in pairs.items():
+        embd[:, dim] = 0.0
+        output[:, dim] = 0.0
+        embd[index[first], dim] = CONSTANT
+        output[index[then], dim] = 10.0
     writer.add_tensor("token_embd.weight", embd.astype(np.float16))
     for layer in range(N_LAYER):
         p = f"blk.{layer}."
@@ -158,6 +217,9 @@ def make_model(vocab_path: Path, template: str, out: Path, *, seed: int = 14) ->
         attn_out[0, :] = 0.0  # never writes the constant dimension
         ffn_down = rand(N_EMBD, N_FF)
         ffn_down[0, :] = 0.0
+        for dim in pairs:  # nor those of the pairs
+            attn_out[dim, :] = 0.0
+            ffn_down[dim, :] = 0.0
         writer.add_tensor(p + "attn_norm.weight", np.ones(N_EMBD, dtype=np.float32))
         writer.add_tensor(p + "attn_q.weight", rand(N_EMBD, N_EMBD).astype(np.float16))
         writer.add_tensor(p + "attn_k.weight", rand(N_EMBD, N_EMBD).astype(np.float16))
@@ -179,11 +241,11 @@ def make_all(vocab_dir: Path, out_dir: Path) -> dict[str, Path]:
     """Every model of MODELS under `out_dir` (made once; kept between runs)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     made: dict[str, Path] = {}
-    for name, (vocab, template) in MODELS.items():
+    for name, (vocab, template, tuning) in MODELS.items():
         path = out_dir / f"{name}.gguf"
         if not path.exists():
             tmp = path.with_suffix(".tmp")
-            make_model(vocab_dir / vocab, template, tmp)
+            make_model(vocab_dir / vocab, template, tmp, tuning=tuning)
             tmp.rename(path)
         made[name] = path
     return made
