@@ -4,8 +4,8 @@ Runs the request path's own code, in this process, with no server around it:
   * cost: `Meter.price` on the answer's Usage (every request, limits or not);
   * in-process limits: `Limiter.admit` + `Ticket.settle` for a key and its organization, each
     with all four limits (8 counters: the worst case), with the guard's prompt count (a request
-    with a context window, as the bench workload), and again without one (admission counts the
-    message texts itself, memoized);
+    with a context window, as the bench workload), and again without one (admission estimates
+    the message texts, `limiter.estimate_prompt_tokens`);
   * no limits: the `may_apply` check alone (what a caller without limits pays);
   * Redis: the same admissions against a real redis-server (started here in a temp dir, when
     installed), counting the round trips per request (EVALSHA and settle pipelines).
@@ -76,7 +76,7 @@ async def measure_limits(
     limiter: Limiter, actor: Actor, meter: Meter, n: int, *, guard_count: int | None = 330
 ) -> float:
     """`guard_count`: the prompt's tokens as the guard counted them (a request with a context
-    window, as the bench workload); None: no guard count, admission counts the texts itself."""
+    window, as the bench workload); None: no guard count, admission estimates the texts."""
     req, used = request(), usage()
     for _ in range(200):  # warm: caches, memo, first-window entries
         ticket = await limiter.admit(actor, req, prompt_tokens=guard_count)
@@ -221,7 +221,7 @@ async def main(iterations: int) -> None:
         f"{verdict} (budget {BUDGET_US:g} us)",
     )
     verdict = "PASS" if counting <= BUDGET_US else "FAIL"
-    row("  same, no context window (admission counts the prompt)", f"{counting:.2f} us CPU", verdict)
+    row("  same, no context window (admission estimates the prompt)", f"{counting:.2f} us CPU", verdict)
     verdict = "PASS" if typical <= BUDGET_US else "FAIL"
     row("in-process: key rpm + org spend/day (2 counters), + cost", f"{typical:.2f} us CPU", verdict)
     verdict = "PASS" if rpm_only <= BUDGET_US else "FAIL"

@@ -40,7 +40,14 @@ from server.core.openai_request import build_chat_body, prompt_functions, unpack
 from server.core.retry import Deadline
 from server.core.stream import StreamAccumulator
 from server.core.validation import LOCAL_TYPES, FunctionKeys, function_keys_async, off_loop, validate_request
-from server.errors import ContextWindowExceeded, GatewayError, ToolCallMissing, UpstreamBadResponse
+from server.errors import (
+    ContextWindowExceeded,
+    DeadlineExceeded,
+    GatewayError,
+    ShuttingDown,
+    ToolCallMissing,
+    UpstreamBadResponse,
+)
 from server.inflight import InFlightCall, cancel_cause, current_call
 from server.limits.limiter import Admission, Limiter
 from server.providers.base import Provider, UpstreamTarget
@@ -61,6 +68,9 @@ from server.traces.base import TraceRecord, new_trace_id, trace_notes, trace_own
 log = logging.getLogger("llmgateway.gateway")
 
 ChatRequest = chat_pb2.CreateRequest  # StreamCreateRequest/CountTokensRequest are wire-identical
+# How a call ends unfinished: the caller cancelled, its deadline passed, shutdown cut it; its
+# request may have reached the upstream, which bills what it processed (server.limits settles).
+_UNFINISHED = (asyncio.CancelledError, GeneratorExit, DeadlineExceeded, ShuttingDown)
 
 
 class TraceSink(Protocol):
@@ -371,6 +381,9 @@ class Gateway:
         response = None
         try:
             response = await self._create_routed_or_direct(request, actor, deadline, admission)
+        except _UNFINISHED:  # the upstream may have billed what never came back
+            admission.settle_unfinished(None)
+            raise
         finally:
             admission.settle(response.completion.usage if response is not None else None)
         return response
@@ -455,11 +468,22 @@ class Gateway:
     ) -> AsyncIterator[chat_pb2.StreamCreateResponse]:
         admission = limiter.admission(actor, request)
         last = None
+        relayed = 0  # characters of answer relayed: what an unfinished stream counts (4 a token)
         try:
             async for event in self._stream_routed_or_direct(request, actor, deadline, admission):
                 if event.HasField("completion"):
                     last = event.completion
+                else:
+                    delta = event.delta
+                    relayed += len(delta.content) + len(delta.reasoning_content)
+                    for piece in delta.tool_calls:
+                        relayed += len(piece.name) + len(piece.arguments)
                 yield event
+        except BaseException as exc:
+            # Cancelled or cut after the upstream answered part of it: billed, so counted.
+            if last is None and (relayed or isinstance(exc, _UNFINISHED)):
+                admission.settle_unfinished((relayed + 3) // 4 if relayed else None)
+            raise
         finally:
             admission.settle(last.usage if last is not None else None)
 

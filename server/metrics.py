@@ -109,6 +109,25 @@ COST = Counter(
     ["provider", "model"],
     registry=REGISTRY,
 )
+UNPRICED = Counter(
+    "llmgw_unpriced_calls",
+    "Answers whose cost is unknown (a model with no price, or usage whose parts do not add up): "
+    "never counted as 0 in llmgw_cost_usd.",
+    ["provider", "model"],
+    registry=REGISTRY,
+)
+LIMITS_REDIS_FAILURES = Counter(
+    "llmgw_limits_redis_failures",
+    "Limit admissions the shared counters (Redis) could not answer, by what the policy did: "
+    "admitted (fail open, unchecked) or refused (fail closed, LIMITS_UNAVAILABLE).",
+    ["outcome"],
+    registry=REGISTRY,
+)
+LIMITS_SETTLES_DROPPED = Counter(
+    "llmgw_limits_settles_dropped",
+    "Usage corrections of limit counters dropped because Redis could not be reached.",
+    registry=REGISTRY,
+)
 IN_FLIGHT = Gauge(
     "llmgw_in_flight",
     "ChatCompletionService calls running now, by kind (unary or stream).",
@@ -266,10 +285,49 @@ def record_fallback(reason: str) -> None:
     FALLBACKS.labels(_reason(reason)).inc()
 
 
-def record_cost(provider: str, model: str, usd: float) -> None:
-    """Cost of one upstream call (the pricing code calls this)."""
-    if usd > 0:
-        COST.labels(provider_label(provider), models(model)).inc(usd)
+_PICO_PER_DOLLAR = 10**12
+_cost_labels: dict[tuple[str, str], tuple[str, str]] = {}  # (provider, model) -> its labels
+_cost_sums: dict[tuple[str, str], tuple[Any, list[int]]] = {}  # labels -> (child, [exact pico sum])
+
+
+def record_cost(provider: str, model: str, pico: int) -> None:
+    """Cost of one upstream call in integer pico-dollars (`server.billing.meter` calls this).
+
+    Adding each call's cost as a float would drift (0.0085 + 0.017 is not 0.0255 in binary), so
+    the exact sum is kept as an integer per label set (models folded into `other` share one) and
+    the counter is set to the float nearest it (int / int is correctly rounded): /metrics says
+    the exact sum of the answers' `cost_usd`, to the last bit a float holds. With `--workers N`
+    each worker's value is exact and the scrape adds them up.
+    """
+    if pico <= 0:
+        return
+    key = (provider, model)
+    labels = _cost_labels.get(key)
+    if labels is None:
+        labels = (provider_label(provider), models(model))
+        if len(_cost_labels) < 10_000:
+            _cost_labels[key] = labels
+    entry = _cost_sums.get(labels)
+    if entry is None:  # bounded: the label values are (see _Fold)
+        entry = _cost_sums[labels] = (COST.labels(*labels), [0])
+    child, total = entry
+    total[0] += pico
+    # prometheus_client has no public set() on a counter; its value object (in-process, or
+    # memory-mapped with workers) has one. tests/integration/test_money_review.py checks it.
+    child._value.set(total[0] / _PICO_PER_DOLLAR)
+
+
+def record_unpriced(provider: str, model: str) -> None:
+    """One answer whose cost is unknown."""
+    UNPRICED.labels(provider_label(provider), models(model)).inc()
+
+
+def record_limits_redis_failure(*, admitted: bool) -> None:
+    LIMITS_REDIS_FAILURES.labels("admitted" if admitted else "refused").inc()
+
+
+def record_limits_settles_dropped(count: int) -> None:
+    LIMITS_SETTLES_DROPPED.inc(count)
 
 
 @contextlib.contextmanager

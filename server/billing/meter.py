@@ -2,6 +2,7 @@
 
 A model with no price is "unpriced": the answer's `cost_usd` stays empty and the trace's cost
 NULL (never 0), `unpriced` counts it, and a warning is logged once per (provider, model).
+Both go to /metrics: `llmgw_cost_usd_total` (the exact sum) and `llmgw_unpriced_calls_total`.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from dataclasses import dataclass, field
 
 from llmgateway.v1 import chat_pb2
 
+from server import metrics
 from server.billing.cost import cost_pico, dollars
 from server.billing.prices import PriceTable
 
@@ -52,6 +54,7 @@ class Meter:
         totals = self._totals(provider, model)
         if cost is None:
             self.unpriced += 1
+            metrics.record_unpriced(provider, model)
             if totals is not None and totals.unpriced == 0:
                 why = "has no price" if price is None else "reported usage whose parts do not add up"
                 log.warning("%s model %r %s: its calls are recorded as unpriced", provider, model, why)
@@ -62,6 +65,7 @@ class Meter:
         if totals is not None:
             totals.priced += 1
             totals.cost_pico += cost
+        metrics.record_cost(provider, model, cost)
         usage.cost_usd = dollars(cost)
         return cost
 

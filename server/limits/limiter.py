@@ -3,14 +3,19 @@
 Admission comes after validation and the context-window guard, before anything is sent. It
 reserves, on every limit of the caller's key and of its organization at once (all or nothing):
 1 request; the prompt's tokens (the guard's count, prompt and functions; without a context
-window, the message texts counted here) plus `max_tokens` when set; and the cost of those
-tokens at the model's input and output prices. A limit at or past its
+window the guard counts nothing and admission estimates the message texts, see
+`estimate_prompt_tokens`) plus `max_tokens` when set; and the cost of those tokens at the
+model's input and output prices. A limit at or past its
 value, or one the reservation would pass, refuses the call with RESOURCE_EXHAUSTED
 QUOTA_EXCEEDED, a `QuotaFailure` naming the limit and a `RetryInfo` with the time until its
 window ends; nothing is sent upstream.
 
 Settling replaces the reservation with what the call used (the reported total tokens, the
-exact cost rounded up to a nano-dollar); a failed call used nothing (its request still counts).
+exact cost rounded up to a nano-dollar); a call the upstream refused used nothing (its request
+still counts). A call that ended unfinished after its request went upstream (the client
+cancelled, its deadline passed, the stream was cut) may have been billed without a usage coming
+back: it keeps its prompt, and counts as its answer what it relayed (a stream: its text at 4
+characters a token) or, with nothing relayed, what it reserved (`max_tokens`).
 Settles go to the windows the call was admitted in, so a call admitted at 23:59:59 UTC counts
 in that day.
 
@@ -30,7 +35,7 @@ from llmgateway.v1 import chat_pb2
 
 from server.auth.actor import Actor
 from server.billing.cost import parse_dollars
-from server.billing.prices import PriceTable
+from server.billing.prices import PriceTable, Rates
 from server.core import tokens
 from server.errors import FailedPrecondition, QuotaExceeded
 from server.limits.book import LimitsBook
@@ -46,23 +51,49 @@ _METRICS = ("requests_per_minute", "tokens_per_minute", "spend_per_day", "spend_
 class Ticket:
     """One admitted call: what it reserved, corrected by `settle` (once)."""
 
-    __slots__ = ("_counters", "_reserved", "_unchecked", "_settled")
+    __slots__ = ("_counters", "_reserved", "_unchecked", "_settled", "_prompt", "_answer", "_rates")
 
-    def __init__(self, counters: Counters, reserved: list[_Reserved], unchecked: bool) -> None:
+    def __init__(
+        self,
+        counters: Counters,
+        reserved: list[_Reserved],
+        unchecked: bool,
+        *,
+        prompt: int = 0,
+        answer: int = 0,
+        rates: Rates | None = None,
+    ) -> None:
         self._counters = counters
         self._reserved = reserved
         self._unchecked = unchecked
         self._settled = False
+        self._prompt = prompt  # what admission reserved: the prompt's tokens, max_tokens
+        self._answer = answer
+        self._rates = rates  # the model's prices when a spend limit applies
+
+    def settle_unfinished(self, answer_tokens: int | None) -> None:
+        """The call ended without a usage after its request went upstream (cancelled, timed
+        out, cut): the upstream may have billed it, so it keeps its prompt and counts
+        `answer_tokens` (what it relayed; None: what it reserved) as its answer."""
+        if self._settled:
+            return
+        answer = self._answer if answer_tokens is None else max(0, answer_tokens)
+        rates = self._rates
+        spend = nano_dollars(self._prompt * rates.input + answer * rates.output) if rates is not None else 0
+        self._settle(self._prompt + answer, spend)
 
     def settle(self, usage: chat_pb2.Usage | None) -> None:
         """Replace the reservation with the usage (None: the call failed, it used nothing)."""
         if self._settled:
             return
-        self._settled = True
         used_tokens = max(0, usage.total_tokens) if usage is not None else 0
         used_spend = 0
         if usage is not None and usage.cost_usd:
             used_spend = max(0, nano_dollars(parse_dollars(usage.cost_usd)))
+        self._settle(used_tokens, used_spend)
+
+    def _settle(self, used_tokens: int, used_spend: int) -> None:
+        self._settled = True
         settle = self._counters.settle
         for key, ttl, is_tokens, amount in self._reserved:
             used = used_tokens if is_tokens else used_spend
@@ -87,13 +118,18 @@ class Admission:
         """Once per call: a routed call's later attempts (fallbacks) are the same call."""
         if self._admitted:
             return
-        self._admitted = True
         prompt = count.total_tokens if count is not None else None
         self._ticket = await self._limiter.admit(self._actor, self._request, prompt_tokens=prompt)
+        self._admitted = True  # only once admitted: a refusal is never skipped by a later attempt
 
     def settle(self, usage: chat_pb2.Usage | None) -> None:
         if self._ticket is not None:
             self._ticket.settle(usage)
+
+    def settle_unfinished(self, answer_tokens: int | None) -> None:
+        """See `Ticket.settle_unfinished`; the settle that follows is then a no-op."""
+        if self._ticket is not None:
+            self._ticket.settle_unfinished(answer_tokens)
 
 
 class Limiter:
@@ -159,14 +195,16 @@ class Limiter:
         for _, _, limits in subjects:
             counts_tokens = counts_tokens or limits.counts_tokens
             counts_spend = counts_spend or limits.counts_spend
-        estimate_tokens = estimate_spend = 0
+        estimate_tokens = estimate_spend = prompt = answer = 0
+        rates = None
         if counts_tokens or counts_spend:
             config = request.llm_config
-            prompt = prompt_tokens if prompt_tokens is not None else await _prompt_tokens(request)
+            prompt = prompt_tokens if prompt_tokens is not None else estimate_prompt_tokens(request)
             answer = max(0, config.max_tokens) if config.HasField("max_tokens") else 0
             estimate_tokens = prompt + answer
             if counts_spend:
-                estimate_spend = self._estimate_spend(config, prompt, answer)
+                rates = self._rates(config, prompt)
+                estimate_spend = nano_dollars(prompt * rates.input + answer * rates.output)
         now = self.clock()
         windows = self._windows(now)
         amounts = (1, estimate_tokens, estimate_spend, estimate_spend)
@@ -187,9 +225,11 @@ class Limiter:
             scope, subject, index = owners[outcome]
             _, limit, amount, _, ends = checks[outcome]
             raise _refusal(scope, subject, _METRICS[index], limit, ends, amount=amount, now=now)
-        return Ticket(counters, reserved, unchecked=outcome == UNCHECKED)
+        return Ticket(
+            counters, reserved, unchecked=outcome == UNCHECKED, prompt=prompt, answer=answer, rates=rates
+        )
 
-    def _estimate_spend(self, config: chat_pb2.LLMConfig, prompt: int, answer: int) -> int:
+    def _rates(self, config: chat_pb2.LLMConfig, prompt: int) -> Rates:
         price = self._prices.find(config.model_endpoint_type, config.model)
         if price is None:
             raise FailedPrecondition(
@@ -197,8 +237,7 @@ class Limiter:
                 "spend limit; give it one in LLMGW_PRICES_FILE",
                 metadata={"model": config.model, "model_endpoint_type": config.model_endpoint_type},
             )
-        rates = price.rates_for(prompt)
-        return nano_dollars(prompt * rates.input + answer * rates.output)
+        return price.rates_for(prompt)
 
     def _plan(
         self, scope: Scope, subject: str, limits: Limits, windows: tuple[Window, ...]
@@ -220,19 +259,30 @@ class Limiter:
         return plan
 
 
-async def _prompt_tokens(request: chat_pb2.CreateRequest) -> int:
-    """The prompt's tokens as admission counts them: the message texts (tool calls and
-    functions are left to the settled usage). Counted inline when small (memoized: the guard
-    counts the same texts), in the offload pool when large."""
-    messages = [{"content": m.content} for m in request.messages if m.content]
-    if not messages:
-        return 0
-    model = request.llm_config.model
-    if sum(len(m["content"]) for m in messages) <= tokens.INLINE_CHARS:
-        encoding, _ = tokens.encoding_for_model(model)
-        return tokens.count_message_tokens(messages, encoding)
-    count = await tokens.count_request_tokens_async(messages, None, model)
-    return count.prompt_tokens
+def estimate_prompt_tokens(request: chat_pb2.CreateRequest) -> int:
+    """The prompt's tokens as admission reserves them when the guard counted nothing (no
+    context window): an estimate, not a count (counting cost ~6 us of the 15 us budget).
+
+    ASCII text at 4 characters a token; other text adds 1 token per 2 UTF-8 bytes beyond the
+    first of each character; 4 tokens per message and 3 for the reply's framing. Measured
+    against tiktoken (o200k / cl100k): English 1.14x, French 1.09x / 0.91x, Chinese 1.95x /
+    0.89x, Russian 2.15x / 1.25x, emoji 1.1x / 0.63x, code 0.62x, digits 0.67x, base64 0.36-0.40x
+    of the exact count. Only the message texts: tool calls and functions are left out. It only
+    decides whether the call is admitted: settling replaces it with the usage the upstream
+    reports, so a window is never left holding the estimate (a call admitted on too low an
+    estimate passes a limit by at most its own prompt, as an answer's unknown length does).
+    """
+    total = 3
+    for message in request.messages:
+        text = message.content
+        total += 4
+        if text:
+            if text.isascii():
+                total += (len(text) + 3) // 4
+            else:
+                chars = len(text)
+                total += (chars + 3) // 4 + (len(text.encode("utf-8")) - chars + 1) // 2
+    return total
 
 
 def _refusal(

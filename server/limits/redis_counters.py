@@ -31,6 +31,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from server import metrics
 from server.errors import LimitsUnavailable
 from server.limits.counters import UNCHECKED, Check
 
@@ -94,6 +95,7 @@ class RedisCounters:
 
     def _failed(self, exc: BaseException) -> int:
         self.failures += 1
+        metrics.record_limits_redis_failure(admitted=self.fail_open)
         now = time.monotonic()
         if now - self._warned_at >= 10.0:
             self._warned_at = now
@@ -117,6 +119,7 @@ class RedisCounters:
             self._pending[key] = [delta, ttl]
         else:
             self.dropped_settles += 1
+            metrics.record_limits_settles_dropped(1)
             return
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.get_running_loop().create_task(self._flush_later())
@@ -139,6 +142,7 @@ class RedisCounters:
             await pipe.execute()
         except (TimeoutError, RedisError, OSError) as exc:
             self.dropped_settles += len(pending)
+            metrics.record_limits_settles_dropped(len(pending))
             self._failed_settle(exc)
 
     def _failed_settle(self, exc: BaseException) -> None:

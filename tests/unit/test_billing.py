@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from llmgateway.v1 import chat_pb2
 
+from server import metrics
 from server.billing.cost import cost_pico, dollars, parse_dollars
 from server.billing.meter import Meter
 from server.billing.prices import PriceFileError, PriceTable, load_file
@@ -23,6 +24,14 @@ from server.core.completion import usage_from_json
 from server.providers import anthropic, gemini
 
 TABLE = PriceTable.load()
+
+
+@pytest.fixture(autouse=True)
+def fresh_model_labels() -> Any:
+    """The Meter feeds /metrics' model labels: the many names priced here must not use up the
+    process's label budget (LLMGW_METRICS_MAX_MODELS) before the metrics tests run."""
+    yield
+    metrics.models.reset(metrics.models.limit)
 
 
 def priced(provider: str, model: str, usage: dict[str, Any]) -> str:
