@@ -98,9 +98,13 @@ async def count_prompt(
     prompt: str,
     options: CallOptions,
     cache: PrefixCounts = CACHE,
+    *,
+    organization: str = "",
 ) -> int | None:
     """The server's count of `prompt` (BOS included), or None when the server could not count."""
-    scope = orjson.dumps([target.base_url, endpoint_type, model])
+    # Per organization: a cached prefix answers faster, so a shared cache would let one tenant
+    # time its calls to learn whether another recently sent the same prompt prefix.
+    scope = orjson.dumps([organization, target.base_url, endpoint_type, model])
     cuts = boundaries(prompt)
     keys = _prefix_keys(scope, prompt, cuts)
     known, start = 0, 0

@@ -177,6 +177,7 @@ async def _plan(
     deadline: Deadline,
     *,
     stream: bool,
+    organization: str,
     off: bool = False,
 ) -> _LocalCall:
     """Check, count (the guard; off the loop when large) and render one local call.
@@ -206,7 +207,13 @@ async def _plan(
     if exact:
         options = gateway.call_options(deadline, None)
         served = await exact_count.count_prompt(
-            gateway.deps.http, target, plan.endpoint_type, config.model, plan.prompt, options
+            gateway.deps.http,
+            target,
+            plan.endpoint_type,
+            config.model,
+            plan.prompt,
+            options,
+            organization=organization,
         )
         if served is None:  # the server could not count: the tiktoken guard decides
             await gateway.guard(request, messages, functions, off=off)
@@ -360,7 +367,9 @@ async def create_local(
     gateway: CallHost, request: ChatRequest, actor: Actor, deadline: Deadline, *, off: bool = False
 ) -> chat_pb2.CreateResponse:
     target = await _target(gateway, request, actor)
-    plan = await _plan(gateway, request, target, deadline, stream=False, off=off)
+    plan = await _plan(
+        gateway, request, target, deadline, stream=False, organization=actor.organization_id, off=off
+    )
     payload = orjson.dumps(plan.http_request.body)
     with gateway.traced_call(request, actor, target, payload, "create") as call:
         raw, answer = await post_json(
@@ -392,7 +401,9 @@ async def stream_local(
 ) -> AsyncIterator[chat_pb2.StreamCreateResponse]:
     """Text deltas as the server produces them, then the completion with the parsed call."""
     target = await _target(gateway, request, actor)
-    plan = await _plan(gateway, request, target, deadline, stream=True, off=off)
+    plan = await _plan(
+        gateway, request, target, deadline, stream=True, organization=actor.organization_id, off=off
+    )
     payload = orjson.dumps(plan.http_request.body)
     scrub = gateway.deps.scrub
     scrubber = gateway.answer_scrubber(target)  # a server may echo the key, even split over pieces
