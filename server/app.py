@@ -9,7 +9,7 @@ import os
 import signal
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -52,6 +52,9 @@ from server.telemetry import Tracing, setup_tracing
 from server.traces.factory import create_backends, describe_backends
 from server.traces.retention import RetentionPruner
 from server.traces.writer import TraceWriter
+
+if TYPE_CHECKING:
+    from server.routing.shared_cooldowns import SharedCooldowns
 
 log = logging.getLogger("llmgateway")
 
@@ -119,6 +122,7 @@ class _Running:
     monitor: HealthMonitor
     pruner: RetentionPruner | None
     counters: Counters
+    cooldowns: SharedCooldowns | None = None
 
 
 class GatewayServer:
@@ -214,6 +218,9 @@ class GatewayServer:
 
         # A routes file that cannot be used stops start-up (the message names its line).
         router = Router.from_settings(settings, environ=os.environ, register_secrets=redactor.add_many)
+        cooldowns = await _shared_cooldowns(settings, router)
+        if cooldowns is not None:
+            cleanup.push_async_callback(cooldowns.close)
         prices = await asyncio.to_thread(PriceTable.load, settings.prices_file)  # a bad file stops start-up
         counters = _limit_counters(settings)
         cleanup.push_async_callback(counters.close)
@@ -310,6 +317,7 @@ class GatewayServer:
             monitor,
             pruner,
             counters,
+            cooldowns,
         )
         log.info(
             "llm-gateway serving on %s (port %d), auth %s, traces %s",
@@ -375,6 +383,8 @@ class GatewayServer:
         await self._admin_stack.aclose()
         await running.http.close()
         await running.counters.close()  # after the calls: their last settles are sent
+        if running.cooldowns is not None:
+            await running.cooldowns.close()
         await running.store.close()
         if running.tracing is not None:
             running.tracing.shutdown()  # exports the spans still batched
@@ -390,6 +400,19 @@ def _limit_counters(settings: Settings) -> Counters:
     from server.limits.redis_counters import RedisCounters  # only a Redis deployment imports redis
 
     return RedisCounters(settings.redis_url, fail_open=settings.limits_redis_failure == "open")
+
+
+async def _shared_cooldowns(settings: Settings, router: Router) -> SharedCooldowns | None:
+    if not settings.redis_url:
+        return None
+    from server.routing.shared_cooldowns import SharedCooldowns as Shared  # imports redis
+
+    shared = Shared(settings.redis_url, router.health)
+    shared.start()
+    # Serve knowing the cooldowns already running; Redis down delays start-up by 1 s at most.
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(shared.connected.wait(), 1.0)
+    return shared
 
 
 def _add_port(server: grpc.aio.Server, settings: Settings) -> int:

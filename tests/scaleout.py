@@ -7,8 +7,9 @@ the upstream parameters of deploy/nginx/nginx.conf (`compose_upstream`).
 nginx's access log records, per call, the `x-call-id` the client sent and the replica(s) nginx
 used, so a test can tell which replica served which call.
 
-A Redis server has a slot: `start_cluster(..., redis_url=...)` passes it to every replica as
-`LLMGW_REDIS_URL` once that setting exists (the limits feature), see `replica_environment`.
+`start_cluster(..., redis_url=...)` gives every replica the same Redis (`LLMGW_REDIS_URL`:
+shared limits and routing cooldowns); the compose file's `LLMGW_KEY_STORE=postgres` comes
+through as deployed.
 """
 
 from __future__ import annotations
@@ -110,8 +111,6 @@ def replica_environment(
         LLMGW_ENCRYPTION_KEY=encryption_key,
         LLMGW_ALLOWED_ENDPOINTS=",".join(allowed_endpoints),
     )
-    # TODO(lead, after merging the keys-store branch): LLMGW_KEY_STORE=postgres is in the compose
-    # file then and comes through above. After the limits branch: pass redis_url as LLMGW_REDIS_URL.
     if redis_url is not None:
         env["LLMGW_REDIS_URL"] = redis_url
     return env

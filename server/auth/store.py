@@ -16,6 +16,15 @@ Caching (the hot path must not hit the database on every call):
     is checked after every lookup, so an authentication already in flight cannot put the key
     back into the cache or return it), and by every other process (other workers, the CLI
     revoking against a running server) within `cache_ttl` seconds.
+  * Presented keys that are not valid cost no query per call either (anyone who reaches the port
+    can present one, and N replicas share one database): the cached row also answers a wrong
+    secret for a known key id; a revoked row seen in the database becomes a tombstone (revocation
+    is final); an unknown key id is remembered for `NEGATIVE_TTL` (1 s), so it is looked up again
+    at most once a second per process: a key created elsewhere is refused here for at most 1 s,
+    and only if its id was presented here in the second before it existed (ids are random: in
+    practice, never). Concurrent lookups of one id share one query, and lookups of ids this
+    process has never seen run at most `UNKNOWN_LOOKUPS` at a time, so a flood of random ids
+    uses at most that many database connections per process and never delays a known key.
   * `get_provider` / `byok_base_urls` cache an organization's providers (its own and the global
     ones) for `cache_ttl` seconds, with the same bound for deletes made elsewhere; a name missing
     from the cached list is looked up again, so a provider created elsewhere is usable at once. A
@@ -26,6 +35,7 @@ Caching (the hot path must not hit the database on every call):
 from __future__ import annotations
 
 import abc
+import asyncio
 import hashlib
 import hmac
 import re
@@ -43,6 +53,8 @@ from server.errors import AlreadyExists, InvalidRequest
 
 KEY_PREFIX = "llmgw"
 DEFAULT_CACHE_TTL = 5.0
+NEGATIVE_TTL = 1.0  # an unknown key id is looked up again after this long
+UNKNOWN_LOOKUPS = 4  # concurrent lookups of key ids not in the cache (unauthenticated callers)
 GLOBAL_ORGANIZATION = ""  # providers of this organization are visible to every organization
 _CACHE_MAX_ENTRIES = 10_000
 _KEY_RE = re.compile(r"llmgw_([0-9a-f]{16})_([A-Za-z0-9_-]{20,})")
@@ -160,6 +172,9 @@ class AuthStore(abc.ABC):
         # Key ids this process revoked. Revocation is final, so a tombstone never goes stale; one
         # is a 16-character id, so even a process that revokes a million keys holds a few MB.
         self._revoked: set[str] = set()
+        self._unknown: OrderedDict[str, float] = OrderedDict()  # key id -> looked up again after
+        self._lookups: dict[str, asyncio.Future[KeyRow | None]] = {}  # one query per key id at a time
+        self._unknown_lookups: asyncio.Semaphore | None = None  # made in the running loop
         self._providers: OrderedDict[str, tuple[float, tuple[ProviderRecord, ...]]] = OrderedDict()
         self._providers_generation = 0
 
@@ -282,22 +297,63 @@ class AuthStore(abc.ABC):
         cached = self._actors.get(key_id)
         if cached is not None and cached.expires > now:
             return cached.actor if hmac.compare_digest(cached.key_hash, digest) else None
-        row = await self._fetch_key(key_id=key_id)
+        unknown_until = self._unknown.get(key_id)
+        if unknown_until is not None:
+            if unknown_until > now:
+                return None
+            del self._unknown[key_id]
+        row = await self._lookup(key_id, known=cached is not None)
         if key_id in self._revoked:
             # Revoked by this process while the lookup ran: the row may predate the revocation.
             return None
-        if row is None or row.revoked_at is not None or not hmac.compare_digest(row.key_hash, digest):
+        if row is None:
+            self._remember_unknown(key_id, now)
+            return None
+        if row.revoked_at is not None:
+            self._revoked.add(key_id)  # revoked elsewhere: final, no query for it again
             self._actors.pop(key_id, None)
             return None
         actor = Actor(
             organization_id=row.organization_id, user_id=row.user_id, is_admin=row.is_admin, key_id=row.key_id
         )
         if self.cache_ttl > 0:
+            # Cached whether or not this caller had the right secret: the row answers the next
+            # guesses for this id without a query, and the key itself.
             self._actors[key_id] = _CachedActor(row.key_hash, actor, now + self.cache_ttl)
             self._actors.move_to_end(key_id)
             while len(self._actors) > _CACHE_MAX_ENTRIES:
                 self._actors.popitem(last=False)
-        return actor
+        return actor if hmac.compare_digest(row.key_hash, digest) else None
+
+    async def _lookup(self, key_id: str, *, known: bool) -> KeyRow | None:
+        """The key's row; callers asking for one id at the same time share one query."""
+        pending = self._lookups.get(key_id)
+        if pending is None:
+            pending = asyncio.ensure_future(self._fetch_bounded(key_id, known=known))
+            self._lookups[key_id] = pending
+            pending.add_done_callback(lambda done: self._lookup_done(key_id, done))
+        # A caller that gives up (cancelled) does not cancel the query the others wait for.
+        return await asyncio.shield(pending)
+
+    def _lookup_done(self, key_id: str, done: asyncio.Future[KeyRow | None]) -> None:
+        if self._lookups.get(key_id) is done:
+            del self._lookups[key_id]
+        if not done.cancelled():
+            done.exception()  # retrieved: every waiter got it already (or none is left)
+
+    async def _fetch_bounded(self, key_id: str, *, known: bool) -> KeyRow | None:
+        if known:  # a key this process has seen: never queued behind unknown ones
+            return await self._fetch_key(key_id=key_id)
+        if self._unknown_lookups is None:
+            self._unknown_lookups = asyncio.Semaphore(UNKNOWN_LOOKUPS)
+        async with self._unknown_lookups:
+            return await self._fetch_key(key_id=key_id)
+
+    def _remember_unknown(self, key_id: str, now: float) -> None:
+        self._unknown[key_id] = now + NEGATIVE_TTL
+        self._unknown.move_to_end(key_id)
+        while len(self._unknown) > _CACHE_MAX_ENTRIES:
+            self._unknown.popitem(last=False)
 
     # --- BYOK providers ---------------------------------------------------------------------
 

@@ -4,6 +4,8 @@ Units are named by the router: a deployment (`route/name`, plus the organization
 deployments, whose keys are the tenant's own) or one key of it (`route/name#VARIABLE`). State
 is kept by name, so it survives a reload of the routes file; only disabled keys are forgotten.
 Every map is bounded: expired entries are dropped when one grows past `MAX_UNITS`.
+With Redis (`shared_cooldowns`), `on_cool` sends each lengthened cooldown to the other replicas,
+and theirs arrive through `cool(..., share=False)`.
 """
 
 from __future__ import annotations
@@ -68,9 +70,15 @@ class Health:
         self._until: dict[str, float] = {}
         self._disabled: set[str] = set()
         self._windows: dict[str, MinuteWindow] = {}
+        self._latest = 0.0  # when the last cooldown recorded ends
+        self.on_cool: Callable[[str, float], None] | None = None  # SharedCooldowns.share
 
     def calm(self) -> bool:
         """Nothing cooling down and nothing disabled: every unit is healthy (the common case)."""
+        if self._until and self._latest <= self.clock():
+            # Every cooldown is over, also those of units no call here asks about (another
+            # replica's BYOK units): the map empties and the fast path is back.
+            self._until.clear()
         return not self._until and not self._disabled
 
     def cooling_until(self, unit: str, now: float | None = None) -> float:
@@ -84,8 +92,9 @@ class Health:
             return 0.0
         return until
 
-    def cool(self, unit: str, seconds: float) -> float:
-        """Cool `unit` for `seconds` from now; a longer cooldown already running is kept."""
+    def cool(self, unit: str, seconds: float, *, share: bool = True) -> float:
+        """Cool `unit` for `seconds` from now; a longer cooldown already running is kept.
+        `share`: tell the other replicas (`on_cool`) when this lengthened the cooldown."""
         now = self.clock()
         until = now + max(0.0, seconds)
         current = self._until.get(unit, 0.0)
@@ -95,6 +104,9 @@ class Health:
                 if len(self._until) >= MAX_UNITS:
                     return current  # full of live cooldowns: this one is not recorded (bounded)
             self._until[unit] = until
+            self._latest = max(self._latest, until)
+            if share and self.on_cool is not None:
+                self.on_cool(unit, until - now)
             return until
         return current
 

@@ -39,6 +39,8 @@ from llmgateway.v1 import (
 
 from tests.fake_upstream import FakeUpstream, Reply, completion, text_stream
 from tests.gateway_harness import chat_request
+from tests.integration.test_errors_support import expect
+from tests.redis_service import RedisServer
 from tests.scaleout import (
     SERVICE_CONFIG,
     Cluster,
@@ -57,6 +59,7 @@ STREAM_CHUNK_DELAY = 0.1  # a stream takes ~1.2 s: several are in flight on ever
 UNARY_DELAY = 0.8
 # Key cache of every replica (server/auth/store.py DEFAULT_CACHE_TTL): the documented bound.
 KEY_CACHE_SECONDS = 5.0
+SHARED_RPM = 6  # the per-key limit the three replicas share through Redis
 
 
 class SlowUpstream(FakeUpstream):
@@ -86,18 +89,14 @@ async def slow_upstream() -> AsyncIterator[SlowUpstream]:
 
 
 @pytest.fixture
-async def redis_url() -> str | None:
-    """The Redis the replicas share for limits and cooldowns: none until LLMGW_REDIS_URL exists.
-
-    TODO(lead, after merging the limits branch): start a real redis-server here (the limits
-    tests' fixture) and return its URL; start_cluster passes it to every replica.
-    """
-    return None
+def redis_url(redis_server: RedisServer) -> str:
+    """The real Redis the replicas share for limits and cooldowns (tests/redis_service.py)."""
+    return redis_server.url
 
 
 @pytest.fixture
 async def cluster(
-    tmp_path: Path, slow_upstream: SlowUpstream, postgres_server: PostgresServer, redis_url: str | None
+    tmp_path: Path, slow_upstream: SlowUpstream, postgres_server: PostgresServer, redis_url: str
 ) -> AsyncIterator[Cluster]:
     dsn = await fresh_postgres_database(postgres_server)
     running = await start_cluster(
@@ -354,12 +353,59 @@ async def test_sigkill_fails_only_its_calls_and_sigterm_drains_without_failures(
     assert len(on_victim_ok) >= 3, "the victim completed no calls before it was killed"
 
 
-async def test_revocation_and_byok_reach_every_replica(cluster: Cluster, slow_upstream: SlowUpstream) -> None:
+async def _early_in_a_minute() -> None:
+    """Limits count per UTC minute: start a burst with at least 10 s of its minute left."""
+    second = time.time() % 60
+    if second > 50:
+        await asyncio.sleep(60.2 - second)
+
+
+async def test_revocation_byok_and_limits_reach_every_replica(
+    cluster: Cluster, slow_upstream: SlowUpstream, redis_server: RedisServer
+) -> None:
     key_id, key = await asyncio.to_thread(cluster.create_key, "acme")
     _, admin = await asyncio.to_thread(cluster.create_key, "acme", admin=True)
+    limited_id, limited = await asyncio.to_thread(cluster.create_key, "acme")
+    await asyncio.to_thread(cluster.cli, "keys", "limits", "--key", limited_id, "--rpm", str(SHARED_RPM))
     channels = [grpc.aio.insecure_channel(r.address) for r in cluster.replicas]
     try:
         chats = [chat_pb2_grpc.ChatCompletionServiceStub(c) for c in channels]
+
+        # Shared limits: 2N calls at once through nginx, which spreads them over the 3 replicas;
+        # exactly N reach the upstream whichever replica serves them, the others are refused
+        # QUOTA_EXCEEDED. Then call N+1 is refused by every replica (one Redis counter).
+        await _early_in_a_minute()
+        minute = int(time.time() // 60)
+        upstream_before = len(slow_upstream.requests)
+        limited_metadata = ("authorization", f"Bearer {limited}")
+
+        async def limited_call(chat: chat_pb2_grpc.ChatCompletionServiceStub, call_id: str) -> str:
+            try:
+                await chat.Create(
+                    _request(slow_upstream, call_id),
+                    metadata=(limited_metadata, ("x-call-id", call_id)),
+                    timeout=20,
+                )
+                return "ok"
+            except grpc.aio.AioRpcError as exc:
+                expect(exc, grpc.StatusCode.RESOURCE_EXHAUSTED, "QUOTA_EXCEEDED")
+                return "refused"
+
+        async with grpc.aio.insecure_channel(cluster.balancer.address) as via_nginx:
+            balanced_chat = chat_pb2_grpc.ChatCompletionServiceStub(via_nginx)
+            ids = [f"limit-{i}" for i in range(2 * SHARED_RPM)]
+            results = await asyncio.gather(*(limited_call(balanced_chat, i) for i in ids))
+        after_each = [await limited_call(chat, f"limit-direct-{i}") for i, chat in enumerate(chats)]
+        assert int(time.time() // 60) == minute, "the burst crossed a UTC minute: its window rolled"
+        assert Counter(results) == {"ok": SHARED_RPM, "refused": SHARED_RPM}, results
+        assert after_each == ["refused"] * 3
+        assert len(slow_upstream.requests) - upstream_before == SHARED_RPM
+        await asyncio.sleep(0.2)  # nginx writes a call's log line as it ends
+        served = cluster.balancer.calls()
+        replicas_used = {served[i].upstreams[-1] for i in ids}
+        assert replicas_used == {r.address for r in cluster.replicas}, replicas_used
+        counter = redis_server.client().get(f"llmgw:limit:key:{limited_id}:requests_per_minute:{minute}")
+        assert counter is not None and int(counter) == SHARED_RPM, counter
         count = chat_pb2.CountTokensRequest.FromString(
             _request(slow_upstream, "revocation").SerializeToString()
         )
@@ -440,7 +486,8 @@ async def test_revocation_and_byok_reach_every_replica(cluster: Cluster, slow_up
             f"\nscale-out: revocation refused by all 3 replicas {worst:.2f} s after `keys revoke` returned "
             f"(each: {', '.join(f'{v:.2f}' for v in refused_after.values())} s); the BYOK provider created "
             f"through replica 0 answered through replicas 1 and 2 on their first call ({byok_seconds:.2f} s "
-            "for both Create calls, no wait for a cache)"
+            f"for both Create calls, no wait for a cache); a {SHARED_RPM}/min key limit let exactly "
+            f"{SHARED_RPM} of {2 * SHARED_RPM} calls through nginx over {len(replicas_used)} replicas"
         )
     finally:
         for c in channels:

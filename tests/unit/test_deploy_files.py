@@ -9,7 +9,6 @@ import re
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
 from grpc_health.v1 import health_pb2
 from llmgateway.v1 import chat_pb2, providers_pb2, traces_pb2
@@ -194,12 +193,15 @@ def test_the_balancer_outwaits_a_slow_first_token_and_takes_the_biggest_request(
     assert "include /etc/nginx/llm-gateway/grpc-proxy.conf;" in (DEPLOY / "nginx" / "nginx.conf").read_text()
 
 
-@pytest.mark.parametrize("name", ["LLMGW_KEY_STORE", "LLMGW_REDIS_URL"])
-def test_names_waiting_for_other_features_are_commented_out_until_they_exist(name: str) -> None:
-    """Reserved in the contract, not settings yet: present only as comments, so the files work today."""
-    if name in server_variables():
-        assert name in compose_gateway_environment() and name in k8s_env(), f"{name} exists now: enable it"
-    else:
-        for path in (DEPLOY / "compose.yaml", DEPLOY / "kubernetes" / "llm-gateway.yaml"):
-            text = path.read_text()
-            assert re.search(rf"#.*{name}", text), f"{path.name} lacks the commented {name}"
+def test_replicas_share_their_keys_limits_and_cooldowns() -> None:
+    """Every replica keeps keys in PostgreSQL and limits and cooldowns in Redis (issue 19 point 1)."""
+    compose_env, k8s = compose_gateway_environment(), k8s_env()
+    assert compose_env["LLMGW_KEY_STORE"] == "postgres" and k8s["LLMGW_KEY_STORE"]["value"] == "postgres"
+    assert compose_env["LLMGW_REDIS_URL"].startswith("redis://:${REDIS_PASSWORD:?")
+    assert k8s["LLMGW_REDIS_URL"]["valueFrom"]["secretKeyRef"]["key"] == "redis-url"
+    # Every key the Deployment reads from the Secret is in the `kubectl create secret` comment.
+    text = (DEPLOY / "kubernetes" / "llm-gateway.yaml").read_text()
+    documented = set(re.findall(r"--from-literal=([a-z0-9-]+)=", text))
+    refs = [e["valueFrom"]["secretKeyRef"] for e in k8s.values() if "valueFrom" in e]
+    required = {r["key"] for r in refs if not r.get("optional")}
+    assert required <= documented, required - documented
