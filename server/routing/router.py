@@ -289,7 +289,7 @@ class _Call:
     table: RouteTable
     request: ChatRequest
     actor: Actor
-    admission: Admission | None  # the call's way through the limits, shared by its attempts
+    admission: Admission | None = None  # the call's way through the limits, shared by its attempts
     tiers: list[Sequence[_Candidate]] = field(default_factory=list)
     results: list[AttemptResult] = field(default_factory=list)
     tried: set[str] = field(default_factory=set)
