@@ -287,7 +287,7 @@ class ClickHouseTraceBackend(TraceBackend):
             f"SELECT created_at_us, {', '.join(POINT_COLUMNS)} FROM {self._table}"
             f" WHERE {' AND '.join(where)}"
             f" ORDER BY created_at_us DESC, id DESC LIMIT 1 BY id LIMIT {int(limit)}"
-            " FORMAT JSONCompactEachRow",
+            " FORMAT JSONEachRow",  # not JSONCompactEachRow: older servers (18.16) lack it
             settings={"wait_end_of_query": "1"},
         )
         out: builtins.list[TracePoint] = []
@@ -295,9 +295,17 @@ class ClickHouseTraceBackend(TraceBackend):
             if line.strip():
                 row = orjson.loads(line)
                 out.append(
-                    TracePoint(int(row[0]), row[1], row[2], row[3], float(row[4]), float(row[5]),
-                               int(row[6]), int(row[7]))
-                )  # fmt: skip
+                    TracePoint(
+                        int(row["created_at_us"]),
+                        row["provider"],
+                        row["model"],
+                        row["error_type"],
+                        float(row["latency_ms"]),
+                        float(row["time_to_first_token_ms"]),
+                        int(row["prompt_tokens"]),
+                        int(row["completion_tokens"]),
+                    )
+                )
         return out
 
     async def list(self, *, query: TraceQuery) -> list[TraceRecord]:
