@@ -154,7 +154,7 @@ EDGE_FILTERS: list[dict[str, str]] = [
     {"step_id": "\ufffd\ufffd"},  # what an invalid UTF-8 query string decodes to
     {"start": "9999-12-31T23:00-01:00"},  # beyond year 9999 in UTC
     {"end": "0001-01-01T00:30+01:00"},  # before year 1 in UTC
-    {"start": "2025-06-01T13:00:00.123456789Z"}  # after every trace,
+    {"start": "2025-06-01T13:00:00.123456789Z"},  # after every trace,
 ]
 
 
