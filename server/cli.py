@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import multiprocessing
+import multiprocessing.connection
 import os
 import signal
 import sys
@@ -14,7 +15,7 @@ from collections.abc import Sequence
 
 from server.config import Settings, add_arguments, load_settings
 from server.grpc_runtime import apply_grpc_defaults
-from server.metrics_dir import WORKER_ENV, multiprocess_metrics
+from server.metrics_dir import WORKER_ENV, forget_process, multiprocess_metrics
 
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -63,11 +64,11 @@ def _serve(settings: Settings) -> int:
         raise SystemExit("LLMGW_WORKERS > 1 needs a fixed port: the workers share it with SO_REUSEPORT")
     # Each worker is a process with its own event loop bound to the same port (SO_REUSEPORT);
     # the kernel spreads connections over them.
-    with multiprocess_metrics():  # one scrape of worker 0 sums every worker's metrics
-        return _serve_workers(settings)
+    with multiprocess_metrics() as metrics_path:  # one scrape of worker 0 sums every worker's metrics
+        return _serve_workers(settings, metrics_path)
 
 
-def _serve_workers(settings: Settings) -> int:
+def _serve_workers(settings: Settings, metrics_path: str) -> int:
     context = multiprocessing.get_context("spawn")
     workers = [
         context.Process(target=_worker, args=(settings, i), name=f"worker-{i}")
@@ -92,11 +93,17 @@ def _serve_workers(settings: Settings) -> int:
         started.append(process)
         if forwarded and process.pid is not None:
             os.kill(process.pid, forwarded[-1])  # the signal came while it was being spawned
-    codes = []
-    for process in workers:
-        process.join()
-        codes.append(_exit_code(process.exitcode, forwarded))
-    return max(codes)
+    # Waited for as each exits (not in order): a worker that died has its live gauges dropped
+    # at once, while the others keep serving.
+    running = {process.sentinel: process for process in workers}
+    while running:
+        for sentinel in multiprocessing.connection.wait(list(running)):
+            assert isinstance(sentinel, int)  # process sentinels are file descriptors
+            process = running.pop(sentinel)
+            process.join()
+            if process.pid is not None:
+                forget_process(metrics_path, process.pid)
+    return max(_exit_code(process.exitcode, forwarded) for process in workers)
 
 
 def _exit_code(code: int | None, forwarded: Sequence[int]) -> int:
