@@ -3,7 +3,8 @@
 One unary Create updates: the RPC scope (in-flight gauge up and down, the requests counter) and
 the finished trace's histograms (duration, input and output tokens). A stream adds the
 time-to-first-chunk histogram. Measured single-process and in multiprocess mode (--workers N,
-memory-mapped files), against a budget of about 3% of the ~340 us a forwarded request costs.
+memory-mapped files), a flush of the batched cells included every 1,000 requests, against a
+budget of about 3% of the ~340 us a forwarded request costs.
 """
 
 from __future__ import annotations
@@ -32,15 +33,19 @@ record = TraceRecord(id="t", created_at=datetime.now(UTC), model="gpt-4o-mini", 
                      latency_ms=123.0, prompt_tokens=120, completion_tokens=30, time_to_first_token_ms=45.0)
 ctx = Ctx()
 N = int(__import__("sys").argv[1])
+FLUSH_EVERY = 1000
 for _ in range(2000):  # warm the caches
     with metrics.RequestScope("Create", "unary", ctx) as s:
         s.endpoint_type, s.model = "openai", "gpt-4o-mini"
     metrics.record_trace(record)
+flush = getattr(metrics, "flush", lambda: None)  # batched cells: include their flush's cost
 start = time.process_time()
-for _ in range(N):
+for i in range(N):
     with metrics.RequestScope("Create", "unary", ctx) as s:
         s.endpoint_type, s.model = "openai", "gpt-4o-mini"
     metrics.record_trace(record)
+    if i % FLUSH_EVERY == 0:
+        flush()  # the server flushes once a second: every 1,000 requests is 1,000 requests/s
 print((time.process_time() - start) / N * 1e6)
 """
 

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 from server.config import Settings, add_arguments, load_settings
 from server.grpc_runtime import apply_grpc_defaults
-from server.metrics_dir import WORKER_ENV, multiprocess_metrics
+from server.metrics_dir import WORKER_ENV, forget_process, multiprocess_metrics
 
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -65,8 +65,12 @@ def _serve(settings: Settings) -> int:
     from server.supervisor import Supervisor, check_port_free
 
     check_port_free(settings.listen)
-    with multiprocess_metrics():  # one scrape of worker 0 sums every worker's metrics
-        return Supervisor(settings.workers, _worker, (settings,)).run()
+    with multiprocess_metrics() as metrics_path:  # one scrape of worker 0 sums every worker's metrics
+        # A worker that died has its live gauges (in-flight calls) dropped at once.
+        def drop_gauges(pid: int) -> None:
+            forget_process(metrics_path, pid)
+
+        return Supervisor(settings.workers, _worker, (settings,), on_exit=drop_gauges).run()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -12,13 +12,15 @@ mapped files there and the one admin listener (worker 0) scrapes them all with p
 `MultiProcessCollector`. prometheus_client picks its value store when it is first imported; the
 workers are spawned (fresh interpreters), so they see the variable from their first import.
 
-The hooks cost a few microseconds per request (`python -m bench.metrics_bench`): labelled
-children are cached in plain dicts, so a hot path does one dict lookup and one locked add.
+The hooks cost a few microseconds per request (`python -m bench.metrics_bench`): a hot path
+does a dict lookup and adds to an in-process cell; `flush()` (once a second, and before a
+scrape) moves the sums into prometheus_client, one locked update per changed series.
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import os
 import threading
@@ -228,20 +230,119 @@ def _reason(reason: str) -> str:
 
 
 # -- the hooks ---------------------------------------------------------------------------------
+#
+# The hot hooks (every call's requests counter, in-flight gauge, duration/token/TTFC histograms)
+# add to plain in-process cells, and `flush()` moves the sums into the prometheus_client objects:
+# once a second (the Sampler), before this process renders a scrape, and when the server stops.
+# In multiprocess mode (--workers N) each prometheus_client update takes a lock and writes a
+# memory-mapped file; a cell's update is a float add. So a scrape sees this process's counts
+# exactly and the other workers' as of their last flush (at most a second old). All hooks run
+# on the event loop's thread, as does `flush()`: the cells need no lock.
 
-_request_children: dict[tuple[str, str, str, str], Any] = {}
-_call_children: dict[tuple[str, str, str], tuple[Any, Any, Any, Any]] = {}
+
+class _CounterCell:
+    __slots__ = ("child", "pending")
+
+    def __init__(self, child: Any) -> None:
+        self.child = child
+        self.pending = 0.0
+
+    def flush(self) -> None:
+        if self.pending:
+            amount, self.pending = self.pending, 0.0
+            self.child.inc(amount)
+
+
+class _HistogramCell:
+    """Observations not yet in `child`: their sum and a count per bucket (prometheus_client's own
+    per-bucket layout: `_buckets[i]` counts the values in (bound[i-1], bound[i]])."""
+
+    __slots__ = ("child", "bounds", "counts", "total", "dirty")
+
+    def __init__(self, child: Any) -> None:
+        self.child = child
+        self.bounds: tuple[float, ...] = tuple(child._upper_bounds)  # noqa: SLF001 - ends with +Inf
+        self.counts = [0] * len(self.bounds)
+        self.total = 0.0
+        self.dirty = False
+
+    def observe(self, value: float) -> None:
+        # The first bound >= value, as Histogram.observe picks it (NaN: none, as there).
+        index = bisect.bisect_left(self.bounds, value)
+        if index < len(self.counts) and value == value:
+            self.counts[index] += 1
+        self.total += value
+        self.dirty = True
+
+    def flush(self) -> None:
+        if not self.dirty:
+            return
+        counts, total = self.counts, self.total
+        self.counts, self.total, self.dirty = [0] * len(self.bounds), 0.0, False
+        self.child._sum.inc(total)  # noqa: SLF001 - what Histogram.observe does, summed
+        buckets = self.child._buckets  # noqa: SLF001
+        for i, count in enumerate(counts):
+            if count:
+                buckets[i].inc(count)
+
+
+class _GaugeCell:
+    """This process's value of a gauge (in-flight calls), set into `child` at each flush."""
+
+    __slots__ = ("child", "value", "flushed")
+
+    def __init__(self, child: Any) -> None:
+        self.child = child
+        self.value = 0
+        self.flushed = 0
+
+    def flush(self) -> None:
+        if self.value != self.flushed:
+            self.flushed = self.value
+            self.child.set(self.value)
+
+
+# Every cell, by metric and (folded) label values: bounded by the labels' own bounds.
+_cells: dict[tuple[object, tuple[str, ...]], _CounterCell | _HistogramCell | _GaugeCell] = {}
+
+
+def _cell(metric: Any, labels: tuple[str, ...], kind: type[Any]) -> Any:
+    key = (metric, labels)
+    cell = _cells.get(key)
+    if cell is None:
+        cell = _cells[key] = kind(metric.labels(*labels))
+    return cell
+
+
+def flush() -> None:
+    """Moves every cell's pending counts into the metrics (and, with workers, their files)."""
+    for cell in list(_cells.values()):
+        cell.flush()
+
+
+def _in_flight_cell(kind: str) -> _GaugeCell:
+    cell: _GaugeCell = _cell(IN_FLIGHT, (kind,), _GaugeCell)
+    return cell
+
+
+# Raw (unfolded) label values -> cells; capped, beyond which a call folds its labels again.
+_request_cells: dict[tuple[str, str, str, str], _CounterCell] = {}
+_call_cells: dict[
+    tuple[str, str, str], tuple[_HistogramCell, _HistogramCell, _HistogramCell, _HistogramCell]
+] = {}
+_MAX_CACHED = 10_000
 
 
 def record_request(rpc: str, endpoint_type: str, model: str, code: str) -> None:
     """One ChatCompletionService call answered with status `code` (e.g. "OK", "UNAVAILABLE")."""
     key = (rpc, endpoint_type, model, code)
-    child = _request_children.get(key)
-    if child is None:
-        child = REQUESTS.labels(rpc, provider_label(endpoint_type), models(model), code)
-        if len(_request_children) < 10_000:
-            _request_children[key] = child
-    child.inc()
+    cell = _request_cells.get(key)
+    if cell is None:
+        labels = (rpc, provider_label(endpoint_type), models(model), code)
+        cell = _cell(REQUESTS, labels, _CounterCell)
+        if len(_request_cells) < _MAX_CACHED:
+            _request_cells[key] = cell
+    cell.pending += 1.0
 
 
 # Failures that are the caller's or the server's doing, not the upstream's (server.inflight).
@@ -252,18 +353,19 @@ def record_trace(record: TraceRecord) -> None:
     """One upstream call finished (its trace is complete): duration, tokens, TTFC, error."""
     endpoint_type, model, error_type = record.model_endpoint_type, record.model, record.error_type
     key = (endpoint_type, model, error_type)
-    children = _call_children.get(key)
-    if children is None:
+    cells = _call_cells.get(key)
+    if cells is None:
         labels = ("chat", provider_label(endpoint_type), models(model))
-        children = (
-            OPERATION_DURATION.labels(*labels, _reason(error_type) if error_type else ""),
-            TOKEN_USAGE.labels(*labels, "input"),
-            TOKEN_USAGE.labels(*labels, "output"),
-            TIME_TO_FIRST_CHUNK.labels(*labels),
+        error_label = _reason(error_type) if error_type else ""
+        cells = (
+            _cell(OPERATION_DURATION, (*labels, error_label), _HistogramCell),
+            _cell(TOKEN_USAGE, (*labels, "input"), _HistogramCell),
+            _cell(TOKEN_USAGE, (*labels, "output"), _HistogramCell),
+            _cell(TIME_TO_FIRST_CHUNK, labels, _HistogramCell),
         )
-        if len(_call_children) < 10_000:
-            _call_children[key] = children
-    duration, tokens_in, tokens_out, first_chunk = children
+        if len(_call_cells) < _MAX_CACHED:
+            _call_cells[key] = cells
+    duration, tokens_in, tokens_out, first_chunk = cells
     duration.observe(record.latency_ms / 1000.0)
     if error_type:
         if error_type not in _NOT_UPSTREAM:
@@ -333,12 +435,12 @@ def record_limits_settles_dropped(count: int) -> None:
 @contextlib.contextmanager
 def in_flight(kind: str) -> Iterator[None]:
     """Counts a ChatCompletionService call as running while the block runs."""
-    gauge = IN_FLIGHT.labels(kind)
-    gauge.inc()
+    cell = _in_flight_cell(kind)
+    cell.value += 1
     try:
         yield
     finally:
-        gauge.dec()
+        cell.value -= 1
 
 
 # -- sampled state (no cost on the request path) ---------------------------------------------
@@ -361,6 +463,7 @@ class Sampler:
         self._task: asyncio.Task[None] | None = None
 
     def sample(self) -> None:
+        flush()  # the request path's pending counts
         for stats in self._writer.stats:
             name = stats.backend
             TRACE_QUEUE_DEPTH.labels(name).set(stats.queued)
@@ -409,7 +512,9 @@ def multiprocess_enabled() -> bool:
 
 
 def render() -> bytes:
-    """The text exposition of every metric: all workers' when several run, this process's else."""
+    """The text exposition of every metric: all workers' when several run, this process's else
+    (this process's pending counts flushed first; another worker's as of its last flush)."""
+    flush()
     if multiprocess_enabled():
         registry = CollectorRegistry()
         _multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
@@ -443,7 +548,7 @@ class RequestScope:
 
     def __init__(self, rpc: str, kind: str, context: Any) -> None:
         self._rpc = rpc
-        self._gauge = IN_FLIGHT.labels(kind)
+        self._gauge = _in_flight_cell(kind)
         self._context = context
         self.endpoint_type = ""
         self.model = ""
@@ -454,11 +559,11 @@ class RequestScope:
         self.model = config.model
 
     def __enter__(self) -> RequestScope:
-        self._gauge.inc()
+        self._gauge.value += 1
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
-        self._gauge.dec()
+        self._gauge.value -= 1
         if exc is None:
             code = "OK"
         else:

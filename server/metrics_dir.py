@@ -8,6 +8,7 @@ removes it when they all exited (a stale directory would add a previous run's co
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import shutil
 import tempfile
@@ -32,3 +33,17 @@ def multiprocess_metrics() -> Iterator[str]:
         else:
             os.environ[MULTIPROC_ENV] = previous
         shutil.rmtree(path, ignore_errors=True)
+
+
+# prometheus_client's per-process gauge modes whose values must vanish with the process
+# (`multiprocess.mark_process_dead`, without importing prometheus_client in the parent).
+_LIVE_MODES = ("liveall", "livesum", "livemax", "livemin", "livemostrecent")
+
+
+def forget_process(path: str, pid: int) -> None:
+    """Drop an exited worker's live gauges (in flight, queue depth): a worker that crashed would
+    otherwise count its last in-flight calls in every scrape until the parent exits."""
+    for mode in _LIVE_MODES:
+        for name in glob.glob(os.path.join(path, f"gauge_{mode}_{pid}.db")):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(name)

@@ -87,8 +87,16 @@ class Supervisor:
 
     SIGHUP is passed on to every live worker (each reloads its routes file itself)."""
 
-    def __init__(self, count: int, target: Callable[..., Any], args: tuple[Any, ...]) -> None:
+    def __init__(
+        self,
+        count: int,
+        target: Callable[..., Any],
+        args: tuple[Any, ...],
+        *,
+        on_exit: Callable[[int], None] | None = None,
+    ) -> None:
         self._context = multiprocessing.get_context("spawn")
+        self._on_exit = on_exit  # called with the pid of every worker that exited
         self._target = target
         self._args = args
         self._slots = [_Slot(i) for i in range(count)]
@@ -191,6 +199,8 @@ class Supervisor:
                     continue
                 assert slot.process is not None
                 slot.process.join()
+                if self._on_exit is not None and slot.process.pid is not None:
+                    self._on_exit(slot.process.pid)
                 if self._stop_signals or crash_loop:
                     codes.append(exit_code(slot.process.exitcode, self._stop_signals))
                     slot.process = None

@@ -57,7 +57,13 @@ def _time(params: Mapping[str, str], name: str) -> datetime | None:
         value = datetime.fromisoformat(raw.replace("Z", "+00:00"))
     except ValueError as exc:
         raise InvalidRequest(f"{name} is not an ISO 8601 time", metadata={"field": name}) from exc
-    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+    value = value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+    try:
+        # In UTC, as the stores keep it: an offset that moves it beyond year 1..9999 would make
+        # Postgres' driver fail the query (a 500), not answer it.
+        return value.astimezone(UTC)
+    except OverflowError as exc:
+        raise InvalidRequest(f"{name} is out of range", metadata={"field": name}) from exc
 
 
 @dataclass(frozen=True, slots=True)

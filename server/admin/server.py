@@ -7,6 +7,7 @@ JSON (`/api/overview`, `/api/traces`, `/api/traces/{id}`), `/login`, `/logout` a
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from importlib import resources
@@ -197,7 +198,10 @@ class AdminServer:
         record = await data.get_trace(self._require_reader(), actor, request.match_info["trace_id"])
         if record is None:
             return _html(pages.error_page(actor, 404, "no such trace"), status=404)
-        return _html(pages.trace_page(actor, record, data.conversation(record)))
+        # A trace may be megabytes of JSON to parse, pretty-print and escape: off the loop the
+        # gRPC calls share.
+        body = await asyncio.to_thread(lambda: pages.trace_page(actor, record, data.conversation(record)))
+        return _html(body)
 
     async def _api_overview(self, request: web.Request) -> web.StreamResponse:
         actor = await self._actor(request)
@@ -213,9 +217,13 @@ class AdminServer:
         record = await data.get_trace(self._require_reader(), actor, request.match_info["trace_id"])
         if record is None:
             return _json({"error": "no such trace"}, status=404)
-        detail = data.trace_detail(record)
-        detail["conversation"] = [_item_json(item) for item in data.conversation(record)]
-        return _json(detail)
+
+        def answer() -> bytes:  # megabytes of JSON, as the page: off the loop
+            detail = data.trace_detail(record)
+            detail["conversation"] = [_item_json(item) for item in data.conversation(record)]
+            return orjson.dumps(detail)
+
+        return web.Response(body=await asyncio.to_thread(answer), content_type="application/json")
 
 
 class _Unreadable(Refused):

@@ -168,3 +168,36 @@ async def test_unknown_endpoint_type_is_other(tmp_path: Path, upstream: FakeUpst
         )
         == 1
     )
+
+
+async def test_a_stream_cancelled_by_its_client_counts_once_as_cancelled(
+    tmp_path: Path, upstream: FakeUpstream
+) -> None:
+    """The caller goes away after the first delta: one CANCELLED call, in flight back to 0, and
+    no upstream error (the upstream did nothing wrong)."""
+    settings = make_settings(tmp_path, allowed_endpoints=(upstream.base_url,), admin_listen="127.0.0.1:0")
+    async with running_gateway(settings) as gw:
+        assert gw.server.admin is not None
+        port = gw.server.admin.port
+        before = await scrape(port)
+        upstream.script(Reply(sse=text_stream(["a"] + ["b"] * 50), hang_after=2))
+        call = gw.chat.StreamCreate(chat_request(upstream.base_url, model="cancel-model"), timeout=30)
+        async for _ in call:
+            break
+        during = await scrape(port)
+        call.cancel()
+        deadline = asyncio.get_running_loop().time() + 10
+        after = await scrape(port)
+        labels = {"rpc": "StreamCreate", "provider": "openai", "model": "cancel-model", "code": "CANCELLED"}
+        while delta(before, after, "llmgw_requests_total", **labels) < 1:
+            assert asyncio.get_running_loop().time() < deadline, "the cancelled stream was never counted"
+            await asyncio.sleep(0.05)
+            after = await scrape(port)
+    assert value(during, "llmgw_in_flight", kind="stream") == 1
+    assert delta(before, after, "llmgw_requests_total", **labels) == 1
+    assert delta(before, after, "llmgw_requests_total", **{**labels, "code": "OK"}) == 0
+    assert value(after, "llmgw_in_flight", kind="stream") == 0
+    assert not any(
+        name == "llmgw_upstream_errors_total" and delta(before, after, name, **dict(lbl))
+        for (name, lbl) in after
+    )

@@ -1,0 +1,83 @@
+"""The metrics' in-process cells: after a flush the exposition equals direct prometheus_client
+updates, bucket by bucket (this guards the cells' use of Histogram's per-bucket values)."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+from server import metrics
+
+VALUES = (0.0, 0.01, 0.0100001, 0.5, 1.28, 3.0, 81.92, 100.0, 1e9, -1.0)
+
+
+def test_a_flushed_histogram_cell_equals_direct_observations() -> None:
+    registry = CollectorRegistry()
+    direct = Histogram("d", "d", ["x"], buckets=metrics.DURATION_BUCKETS, registry=registry)
+    batched = Histogram("b", "b", ["x"], buckets=metrics.DURATION_BUCKETS, registry=registry)
+    cell = metrics._HistogramCell(batched.labels("a"))  # noqa: SLF001
+    for value in VALUES:
+        direct.labels("a").observe(value)
+        cell.observe(value)
+    assert 'b_count{x="a"} 0.0' in generate_latest(registry).decode()  # pending until the flush
+    cell.flush()
+    text = generate_latest(registry).decode()
+    lines_d = sorted(
+        line[1:] for line in text.splitlines() if line.startswith("d_") and "created" not in line
+    )
+    lines_b = sorted(
+        line[1:] for line in text.splitlines() if line.startswith("b_") and "created" not in line
+    )
+    assert lines_d == lines_b and len(lines_d) == len(metrics.DURATION_BUCKETS) + 3
+    cell.flush()  # nothing pending: nothing added twice
+    assert generate_latest(registry).decode().count('b_count{x="a"} 10.0') == 1
+    assert not math.isnan(cell.total)
+
+
+_CHILD = r"""
+import sys
+from datetime import UTC, datetime
+from server import metrics
+from server.traces.base import TraceRecord
+metrics.configure(max_models=50)
+record = TraceRecord(id="t", created_at=datetime.now(UTC), model="m", model_endpoint_type="openai",
+                     latency_ms=123.0, prompt_tokens=120, completion_tokens=30, time_to_first_token_ms=45.0)
+for _ in range(int(sys.argv[1])):
+    with metrics.RequestScope("Create", "unary", None) as scope:
+        scope.endpoint_type, scope.model = "openai", "m"
+    metrics.record_trace(record)
+if sys.argv[2] == "flush":
+    metrics.flush()
+"""
+
+
+def _worker(directory: Path, calls: int, mode: str) -> None:
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(directory)}
+    subprocess.run([sys.executable, "-c", _CHILD, str(calls), mode], env=env, check=True)
+
+
+def test_multiprocess_scrape_sums_each_workers_flushed_cells(tmp_path: Path) -> None:
+    _worker(tmp_path, 7, "flush")
+    _worker(tmp_path, 5, "flush")
+    _worker(tmp_path, 3, "no-flush")  # a process that never flushed: its counts are not in the files
+    script = (
+        "from prometheus_client import CollectorRegistry, generate_latest, multiprocess\n"
+        "r = CollectorRegistry(); multiprocess.MultiProcessCollector(r)\n"
+        "print(generate_latest(r).decode())"
+    )
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    text = subprocess.run(
+        [sys.executable, "-c", script], env=env, check=True, capture_output=True, text=True
+    ).stdout
+    assert 'llmgw_requests_total{code="OK",model="m",provider="openai",rpc="Create"} 12.0' in text
+    count = (
+        'gen_ai_client_operation_duration_seconds_count{error_type="",gen_ai_operation_name="chat",'
+        'gen_ai_provider_name="openai",gen_ai_request_model="m"} 12.0'
+    )
+    assert count in text
+    assert count.replace("_count{", "_bucket{").replace('="m"}', '="m",le="0.16"}') in text
