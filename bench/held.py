@@ -36,7 +36,7 @@ class HeldResult:
     rss_peak: int
     rss_after: int
     fds_before: int
-    fds_held: int
+    fds_held: int  # once every stream had its first chunk (the peak, if that never happened)
     p50_us: float
     p99_us: float
     max_us: float
@@ -104,13 +104,14 @@ def run(
     cpu_before = procs.cpu_seconds(server_pid)
     child = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert child.stdout is not None
-    peak, fds_held, result = rss_before, 0, None
+    peak, fds_held, fds_peak, result = rss_before, 0, 0, None
     buffered = b""
     deadline = time.monotonic() + timeout_s + 30
     try:
         while result is None and time.monotonic() < deadline:
             ready, _, _ = select.select([child.stdout], [], [], 0.2)
             peak = max(peak, procs.rss_bytes(server_pid))
+            fds_peak = max(fds_peak, fd_count(server_pid))
             if not ready:
                 if child.poll() is not None:
                     break
@@ -146,7 +147,7 @@ def run(
         rss_peak=peak,
         rss_after=procs.rss_bytes(server_pid),
         fds_before=fds_before,
-        fds_held=fds_held,
+        fds_held=fds_held or fds_peak,
         p50_us=float(result["p50_us"] or "nan"),
         p99_us=float(result["p99_us"] or "nan"),
         max_us=float(result["max_us"] or "nan"),

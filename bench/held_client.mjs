@@ -102,7 +102,11 @@ function startStream(index) {
   }
   started++;
   req.on("response", (headers) => {
-    if (headers["grpc-status"] !== undefined) state.status = headers["grpc-status"];
+    // A trailers-only answer (an error before any message) has its status in the headers.
+    if (headers["grpc-status"] !== undefined) {
+      state.status = headers["grpc-status"];
+      if (state.status !== "0") fail(`grpc-status ${state.status}: ${headers["grpc-message"] || ""}`);
+    }
   });
   req.on("trailers", (headers) => {
     state.status = headers["grpc-status"];
@@ -127,6 +131,8 @@ function startStream(index) {
       failed++;
       if (state.status === "0")
         fail(`stream ended with ${state.chunks} of ${opts.expect_chunks} chunks, completion ${state.completion}`);
+      else if (state.status === null)
+        fail(`stream closed without a grpc-status (RST_STREAM code ${req.rstCode}) after ${state.chunks} chunks`);
     }
     done();
   };
