@@ -33,7 +33,7 @@ ROWS = (
     "held 20 streams: added inter-chunk delay p99",
     "held 20 streams: streams complete",
     "held 40 streams: streams complete",
-    "RSS 20 held: before -> peak -> after -> after a 2nd round",
+    "RSS 20 held: before -> peak -> after -> 2nd round's peak -> after",
     "bare forwarder: grpc.aio + aiohttp",
     "bare forwarder: grpc.aio + the gateway's HTTP client",
     "CPU per unary request vs the budget scaled to this machine",
