@@ -82,8 +82,11 @@ def _forward(upstream: str, client: str) -> Callable[[], Awaitable[None]]:
     return forward_gateway_client
 
 
-def _relay(upstream: str, final: bytes, client: str) -> Callable[[], AsyncIterator[bytes]]:
-    """The bare relay of one stream with `client`: a delta per upstream read, then `final`."""
+def _relay(
+    upstream: str, final: bytes, client: str, per_event: bool = False
+) -> Callable[[], AsyncIterator[bytes]]:
+    """The bare relay of one stream with `client`: a delta per upstream read (`per_event`: per
+    SSE event, the naive relay), then `final`."""
     import orjson
     from llmgateway.v1 import chat_pb2
 
@@ -94,8 +97,8 @@ def _relay(upstream: str, final: bytes, client: str) -> Callable[[], AsyncIterat
     headers = {"Content-Type": "application/json", "Authorization": "Bearer sk-bench-relay"}
     Event, Delta = chat_pb2.StreamCreateResponse, chat_pb2.ChatCompletionDelta
 
-    def delta(pending: bytes, data: bytes) -> tuple[bytes | None, bytes]:
-        """The delta message for the complete events in `pending + data`, and what is left."""
+    def deltas(pending: bytes, data: bytes) -> tuple[list[bytes], bytes]:
+        """The delta messages for the complete events in `pending + data`, and what is left."""
         *events, pending = (pending + data).split(b"\n\n")
         pieces = []
         for event in events:
@@ -104,8 +107,9 @@ def _relay(upstream: str, final: bytes, client: str) -> Callable[[], AsyncIterat
                     content = (choice.get("delta") or {}).get("content")
                     if content:
                         pieces.append(content)
-        message = Event(delta=Delta(content="".join(pieces))).SerializeToString() if pieces else None
-        return message, pending
+        if per_event:
+            return [Event(delta=Delta(content=piece)).SerializeToString() for piece in pieces], pending
+        return ([Event(delta=Delta(content="".join(pieces))).SerializeToString()] if pieces else []), pending
 
     if client == "aiohttp":
         import aiohttp
@@ -119,8 +123,8 @@ def _relay(upstream: str, final: bytes, client: str) -> Callable[[], AsyncIterat
             async with session.post(url, data=body, headers=headers) as response:
                 pending = b""
                 async for data in response.content.iter_any():
-                    message, pending = delta(pending, data)
-                    if message is not None:
+                    messages, pending = deltas(pending, data)
+                    for message in messages:
                         yield message
             yield final
 
@@ -136,8 +140,8 @@ def _relay(upstream: str, final: bytes, client: str) -> Callable[[], AsyncIterat
         try:
             pending = b""
             while data := await response.read_chunk():
-                message, pending = delta(pending, data)
-                if message is not None:
+                messages, pending = deltas(pending, data)
+                for message in messages:
                     yield message
         except BaseException:
             response.close()
@@ -155,12 +159,13 @@ async def serve(
     upstream: str | None = None,
     client: str = "aiohttp",
     relay_to: str | None = None,
+    per_event: bool = False,
 ) -> None:
     import grpc
 
     unary, events = _messages(count)
     forward = _forward(upstream, client) if upstream else None
-    relay = _relay(relay_to, events[-1], client) if relay_to else None
+    relay = _relay(relay_to, events[-1], client, per_event) if relay_to else None
 
     async def create(_request: bytes, _context: object) -> bytes:
         if forward is not None:
@@ -206,6 +211,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--upstream", help="forward each Create to this OpenAI-compatible base URL first")
     parser.add_argument("--client", choices=("aiohttp", "gateway"), default="aiohttp")
     parser.add_argument("--relay", help="StreamCreate relays a stream from this OpenAI-compatible base URL")
+    parser.add_argument(
+        "--per-event", action="store_true", help="--relay: one message per SSE event (the naive relay)"
+    )
     args = parser.parse_args(argv)
     if args.upstream or (args.relay and args.client == "aiohttp"):
         # The calibration point is the issue's stock forwarder: stock gRPC runtime too.
@@ -217,7 +225,11 @@ def main(argv: list[str] | None = None) -> int:
         apply_grpc_defaults()
     import uvloop
 
-    uvloop.run(serve(args.port, args.ready_file, args.messages, args.upstream, args.client, args.relay))
+    uvloop.run(
+        serve(
+            args.port, args.ready_file, args.messages, args.upstream, args.client, args.relay, args.per_event
+        )
+    )
     return 0
 
 

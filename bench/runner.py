@@ -162,7 +162,7 @@ def start_upstream(workdir: Path, cpus: Sequence[int] | None) -> tuple[procs.Ser
         workdir / "upstream.log",
         cpus=cpus,
     )
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 120  # a busy machine can take this long to import grpc
     while not ready.exists():
         if service.proc.poll() is not None or time.monotonic() > deadline:
             raise RuntimeError(f"upstream did not start:\n{service.log_text()}")
@@ -209,7 +209,7 @@ def start_floor(
     service = procs.Service(
         tag, [*argv, "--messages", str(STREAM_MESSAGES), *extra], workdir / f"{tag}.log", cpus=cpus
     )
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 120  # a busy machine can take this long to import grpc
     while not ready.exists():
         if service.proc.poll() is not None or time.monotonic() > deadline:
             service.stop()
@@ -736,6 +736,27 @@ def run_bench(args: argparse.Namespace) -> Report:
         )
         relay_svc.stop()
         services.remove(relay_svc)
+        _log("naive stream relay (grpc.aio + aiohttp, a message per SSE event): burst streams")
+        relay_svc, relay_target = start_floor(
+            workdir, "relay-naive", ["--relay", upstream_base, "--client", "aiohttp", "--per-event"], gw_cpus
+        )
+        services.append(relay_svc)
+        nssat = _checked(
+            go(
+                saturate=True,
+                protocol="grpc",
+                target=relay_target,
+                method="StreamCreate",
+                body=grpc_body,
+                requests=plan.stream_requests,
+                concurrency=plan.concurrency,
+                watch={"gw": relay_svc.pid},
+            ),
+            "naive aiohttp stream relay",
+            report,
+        )
+        relay_svc.stop()
+        services.remove(relay_svc)
         _log("bare stream relay (grpc.aio + the gateway's HTTP client): paced streams")
         relay_svc, relay_target = start_floor(
             workdir, "relay-paced", ["--relay", paced_base, "--client", "gateway"], gw_cpus
@@ -1062,7 +1083,13 @@ def run_bench(args: argparse.Namespace) -> Report:
     )
     report.add(f"  bare grpc.aio sending {STREAM_MESSAGES} messages (floor)", _ms(cpu_unary(fssat)))
     report.add(
-        f"  bare stream relay: grpc.aio + aiohttp, {STREAM_CHUNKS} chunks in one write", _ms(cpu_unary(rssat))
+        f"  bare forwarder of streams: grpc.aio + aiohttp, a message per chunk ({STREAM_MESSAGES})",
+        _ms(cpu_unary(nssat)),
+        budget="(issue 8: 1.8 ms)",
+    )
+    report.add(
+        "  bare stream relay: grpc.aio + aiohttp, a message per read (as the gateway)",
+        _ms(cpu_unary(rssat)),
     )
     # Issue 20: unary and burst-stream CPU as ratios to the bare aiohttp forwarder/relay.
     unary_x = cpu_unary(sat) / aiohttp_forwarder if aiohttp_forwarder else float("nan")
@@ -1072,10 +1099,13 @@ def run_bench(args: argparse.Namespace) -> Report:
         budget="<= 1.35x",
         verdict=_check(unary_x, 1.35),
     )
-    stream_x = cpu_unary(ssat) / cpu_unary(rssat) if cpu_unary(rssat) else float("nan")
+    # Issue 8's stream budget (2.5 ms) was 1.39x a bare forwarder relaying every chunk as a
+    # message (1.8 ms); a relay that merges each read, as the gateway does, is shown beside it.
+    stream_x = cpu_unary(ssat) / cpu_unary(nssat) if cpu_unary(nssat) else float("nan")
+    merged_x = cpu_unary(ssat) / cpu_unary(rssat) if cpu_unary(rssat) else float("nan")
     report.add(
-        f"CPU per {STREAM_CHUNKS}-chunk stream / bare aiohttp stream relay",
-        _x(stream_x),
+        f"CPU per {STREAM_CHUNKS}-chunk stream / bare aiohttp stream forwarder",
+        f"{_x(stream_x)} ({_x(merged_x)} of the merging relay)",
         budget="<= 1.40x",
         verdict=_check(stream_x, 1.4),
     )
