@@ -112,10 +112,9 @@ def run(
             ready, _, _ = select.select([child.stdout], [], [], 0.2)
             peak = max(peak, procs.rss_bytes(server_pid))
             fds_peak = max(fds_peak, fd_count(server_pid))
-            if not ready:
-                if child.poll() is not None:
-                    break
+            if not ready and child.poll() is None:
                 continue
+            # Readable, or the client exited (what it wrote before exiting is still in the pipe).
             data = os.read(child.stdout.fileno(), 65536)
             if not data:
                 break

@@ -58,7 +58,8 @@ ROWS = (
 )
 
 
-@pytest.mark.timeout(300)
+# ~45 s on an idle machine; a generous bound, as a loaded shared machine has taken 4-5 minutes.
+@pytest.mark.timeout(600)
 def test_quick_benchmark_prints_every_row(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("LLMGW_")}
     result = subprocess.run(
@@ -67,7 +68,7 @@ def test_quick_benchmark_prints_every_row(tmp_path: Path) -> None:
         env=env,
         capture_output=True,
         text=True,
-        timeout=280,
+        timeout=570,
     )
     assert result.returncode == 0, result.stderr[-4000:]
     lines = result.stdout.splitlines()
