@@ -9,7 +9,14 @@ POSTs the workload's OpenAI body to `URL/chat/completions` with that HTTP client
 answer (no validation, no token guard, no traces), then returns the fixed answer. Its CPU per
 call calibrates the machine: the issue measured the aiohttp one at about 340 us.
 
-Run: `python -m bench.floor --port 0 --ready-file PATH [--upstream URL --client aiohttp]`.
+With `--relay URL [--client aiohttp|gateway]` it is the floor of a relayed stream: `StreamCreate`
+POSTs the workload's streaming body to `URL/chat/completions` with that HTTP client and, for what each
+socket read brought, parses the SSE events' JSON and sends their content as one delta message
+(as the gateway merges what one read brought), then a fixed completion. No validation, token
+guard, accumulator, scrubbing or traces: what relaying a paced stream through grpc.aio costs
+at the least.
+
+Run: `python -m bench.floor --port 0 --ready-file PATH [--upstream URL --client aiohttp | --relay URL]`.
 """
 
 from __future__ import annotations
@@ -75,13 +82,90 @@ def _forward(upstream: str, client: str) -> Callable[[], Awaitable[None]]:
     return forward_gateway_client
 
 
+def _relay(
+    upstream: str, final: bytes, client: str, per_event: bool = False
+) -> Callable[[], AsyncIterator[bytes]]:
+    """The bare relay of one stream with `client`: a delta per upstream read (`per_event`: per
+    SSE event, the naive relay), then `final`."""
+    import orjson
+    from llmgateway.v1 import chat_pb2
+
+    from bench.workload import openai_body
+
+    url = upstream.rstrip("/") + "/chat/completions"
+    body = openai_body(stream=True)
+    headers = {"Content-Type": "application/json", "Authorization": "Bearer sk-bench-relay"}
+    Event, Delta = chat_pb2.StreamCreateResponse, chat_pb2.ChatCompletionDelta
+
+    def deltas(pending: bytes, data: bytes) -> tuple[list[bytes], bytes]:
+        """The delta messages for the complete events in `pending + data`, and what is left."""
+        *events, pending = (pending + data).split(b"\n\n")
+        pieces = []
+        for event in events:
+            if event.startswith(b"data: {"):
+                for choice in orjson.loads(event[6:]).get("choices") or ():
+                    content = (choice.get("delta") or {}).get("content")
+                    if content:
+                        pieces.append(content)
+        if per_event:
+            return [Event(delta=Delta(content=piece)).SerializeToString() for piece in pieces], pending
+        return ([Event(delta=Delta(content="".join(pieces))).SerializeToString()] if pieces else []), pending
+
+    if client == "aiohttp":
+        import aiohttp
+
+        session: aiohttp.ClientSession | None = None
+
+        async def relay_aiohttp() -> AsyncIterator[bytes]:
+            nonlocal session
+            if session is None:
+                session = aiohttp.ClientSession()
+            async with session.post(url, data=body, headers=headers) as response:
+                pending = b""
+                async for data in response.content.iter_any():
+                    messages, pending = deltas(pending, data)
+                    for message in messages:
+                        yield message
+            yield final
+
+        return relay_aiohttp
+
+    from server.providers.http import HttpClient, Timeout
+
+    http = HttpClient()
+    timeout = Timeout(total=600.0)
+
+    async def relay_gateway_client() -> AsyncIterator[bytes]:
+        response = await http.post(url, body, headers, timeout, private_ok=True)
+        try:
+            pending = b""
+            while data := await response.read_chunk():
+                messages, pending = deltas(pending, data)
+                for message in messages:
+                    yield message
+        except BaseException:
+            response.close()
+            raise
+        response.release()
+        yield final
+
+    return relay_gateway_client
+
+
 async def serve(
-    port: int, ready_file: str | None, count: int, upstream: str | None = None, client: str = "aiohttp"
+    port: int,
+    ready_file: str | None,
+    count: int,
+    upstream: str | None = None,
+    client: str = "aiohttp",
+    relay_to: str | None = None,
+    per_event: bool = False,
 ) -> None:
     import grpc
 
     unary, events = _messages(count)
     forward = _forward(upstream, client) if upstream else None
+    relay = _relay(relay_to, events[-1], client, per_event) if relay_to else None
 
     async def create(_request: bytes, _context: object) -> bytes:
         if forward is not None:
@@ -89,6 +173,10 @@ async def serve(
         return unary
 
     async def stream_create(_request: bytes, _context: object) -> AsyncIterator[bytes]:
+        if relay is not None:
+            async for message in relay():
+                yield message
+            return
         for event in events:
             yield event
 
@@ -122,8 +210,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--messages", type=int, default=51, help="events per StreamCreate")
     parser.add_argument("--upstream", help="forward each Create to this OpenAI-compatible base URL first")
     parser.add_argument("--client", choices=("aiohttp", "gateway"), default="aiohttp")
+    parser.add_argument("--relay", help="StreamCreate relays a stream from this OpenAI-compatible base URL")
+    parser.add_argument(
+        "--per-event", action="store_true", help="--relay: one message per SSE event (the naive relay)"
+    )
     args = parser.parse_args(argv)
-    if args.upstream:
+    if args.upstream or (args.relay and args.client == "aiohttp"):
         # The calibration point is the issue's stock forwarder: stock gRPC runtime too.
         os.environ["GRPC_EXPERIMENTS"] = ""
     else:
@@ -133,7 +225,11 @@ def main(argv: list[str] | None = None) -> int:
         apply_grpc_defaults()
     import uvloop
 
-    uvloop.run(serve(args.port, args.ready_file, args.messages, args.upstream, args.client))
+    uvloop.run(
+        serve(
+            args.port, args.ready_file, args.messages, args.upstream, args.client, args.relay, args.per_event
+        )
+    )
     return 0
 
 

@@ -61,25 +61,43 @@ def ensure_installed(spec: str = DEFAULT_SPEC, log: Path | None = None) -> str:
     return version
 
 
-def write_config(path: Path, upstream_base: str, model: str) -> None:
+PACED_SUFFIX = "-paced"  # the model name LiteLLM routes to the paced upstream base
+
+
+def write_config(path: Path, upstream_base: str, model: str, paced_base: str = "") -> None:
+    entries = [(model, upstream_base)]
+    if paced_base:
+        entries.append((model + PACED_SUFFIX, paced_base))
     path.write_text(
         "model_list:\n"
-        f"  - model_name: {model}\n"
-        "    litellm_params:\n"
-        f"      model: openai/{model}\n"
-        f"      api_base: {upstream_base}\n"
-        "      api_key: sk-upstream\n"
-        "litellm_settings:\n"
+        + "".join(
+            f"  - model_name: {name}\n"
+            "    litellm_params:\n"
+            f"      model: openai/{model}\n"
+            f"      api_base: {base}\n"
+            "      api_key: sk-upstream\n"
+            for name, base in entries
+        )
+        + "litellm_settings:\n"
         "  telemetry: false\n"
         "general_settings:\n"
         f"  master_key: {MASTER_KEY}\n"
     )
 
 
-def start(workdir: Path, port: int, upstream_base: str, model: str, cpus: Sequence[int] | None) -> Service:
-    """The proxy with one worker and no database, listening on 127.0.0.1:`port`."""
+def start(
+    workdir: Path,
+    port: int,
+    upstream_base: str,
+    model: str,
+    cpus: Sequence[int] | None,
+    paced_base: str = "",
+) -> Service:
+    """The proxy with one worker and no database, listening on 127.0.0.1:`port`.
+
+    With `paced_base`, the model `<model>-paced` goes there (the paced-stream upstream)."""
     config = workdir / "litellm.yaml"
-    write_config(config, upstream_base, model)
+    write_config(config, upstream_base, model, paced_base)
     env = dict(OFFLINE_ENV)
     env.pop("DATABASE_URL", None)
     service = Service(

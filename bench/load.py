@@ -63,6 +63,7 @@ def run(
     workdir: Path,
     settle: float = 0.3,
     bearer: str = "sk-bench",
+    headers: Sequence[str] = (),
 ) -> LoadResult:
     """Start `processes` load generators, let them warm up, then measure `requests` requests."""
     watch = watch or {}
@@ -101,6 +102,7 @@ def run(
             str(workdir / f"lat-{i}.bin"),
             "--bearer",
             bearer,
+            *(arg for header in headers for arg in ("--header", header)),
         ]
         if cpus:
             argv = ["taskset", "-c", ",".join(map(str, cpus)), *argv]

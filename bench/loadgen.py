@@ -93,30 +93,40 @@ class _HttpConnection(asyncio.Protocol):
         return await self.waiter
 
 
-def _http_request(url: str, body: bytes, bearer: str) -> tuple[str, int, bytes]:
+def _http_request(url: str, body: bytes, bearer: str, headers: list[str]) -> tuple[str, int, bytes]:
     from urllib.parse import urlsplit
 
     parts = urlsplit(url)
     host = parts.hostname or "127.0.0.1"
     port = parts.port or 80
+    # Extra headers replace the default authorization when they carry one.
+    auth = (
+        ""
+        if any(h.lower().startswith("authorization:") for h in headers)
+        else f"authorization: Bearer {bearer}\r\n"
+    )
+    extra = "".join(f"{h}\r\n" for h in headers)
     head = (
         f"POST {parts.path} HTTP/1.1\r\nhost: {host}:{port}\r\ncontent-type: application/json\r\n"
-        f"authorization: Bearer {bearer}\r\naccept: */*\r\ncontent-length: {len(body)}\r\n\r\n"
+        f"{auth}{extra}accept: */*\r\ncontent-length: {len(body)}\r\n\r\n"
     ).encode()
     return host, port, head + body
 
 
 async def _http_callers(
-    url: str, body: bytes, connections: int, bearer: str
+    url: str, body: bytes, connections: int, bearer: str, headers: list[str]
 ) -> list[Callable[[], Awaitable[bool]]]:
-    host, port, data = _http_request(url, body, bearer)
+    host, port, data = _http_request(url, body, bearer, headers)
     loop = asyncio.get_running_loop()
     callers = []
     for _ in range(connections):
         _, conn = await loop.create_connection(_HttpConnection, host, port)
 
         async def call(conn: _HttpConnection = conn) -> bool:
-            return await conn.request(data) == 200
+            status = await conn.request(data)
+            if status != 200:
+                raise RuntimeError(f"HTTP {status}")
+            return True
 
         callers.append(call)
     return callers
@@ -175,7 +185,7 @@ async def _run(args: argparse.Namespace) -> dict[str, object]:
             args.target, args.method, body, args.connections, args.expect_messages
         )
     else:
-        callers = await _http_callers(args.target, body, args.connections, args.bearer)
+        callers = await _http_callers(args.target, body, args.connections, args.bearer, args.header)
 
     errors = 0
     first_error = ""
@@ -259,6 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--expect-messages", type=int, default=0, help="stream messages per call (0: any)")
     parser.add_argument("--latencies", required=True)
     parser.add_argument("--bearer", default="sk-bench", help="HTTP: the Authorization bearer token")
+    parser.add_argument("--header", action="append", default=[], help="HTTP: an extra 'name: value' header")
     args = parser.parse_args(argv)
     args.connections = max(1, min(args.connections, args.concurrency))
     if args.protocol == "http":

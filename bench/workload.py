@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 MODEL = "gpt-4o-mini"
+ANTHROPIC_MODEL = "claude-sonnet-4-5-20250929"
 CONTEXT_WINDOW = 128_000
 
 SYSTEM_PROMPT = (
@@ -42,18 +43,18 @@ TOOLS: list[dict[str, Any]] = [
 ]
 
 
-def grpc_request_bytes(endpoint: str) -> bytes:
+def grpc_request_bytes(endpoint: str, endpoint_type: str = "openai", model: str = MODEL) -> bytes:
     """A serialized CreateRequest (wire-identical to StreamCreateRequest) for `endpoint`."""
     from google.protobuf import struct_pb2
     from llmgateway.v1 import chat_pb2
 
     request = chat_pb2.CreateRequest(
         llm_config=chat_pb2.LLMConfig(
-            model=MODEL,
-            model_endpoint_type="openai",
+            model=model,
+            model_endpoint_type=endpoint_type,
             model_endpoint=endpoint,
             context_window=CONTEXT_WINDOW,
-            handle=f"openai/{MODEL}",
+            handle=f"{endpoint_type}/{model}",
         ),
         messages=[
             chat_pb2.Message(role=chat_pb2.ROLE_SYSTEM, content=SYSTEM_PROMPT),

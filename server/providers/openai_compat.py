@@ -373,23 +373,35 @@ def _check_calls(calls: object, provider: str, where: str) -> None:
             raise _bad_shape(provider, f"{where}[{i}].function")
 
 
+_MESSAGE_TEXT_KEYS = ("reasoning_content", "reasoning", "role", "refusal")
+
+
 def _check_message(message: object, provider: str, where: str) -> None:
+    # Runs for every chunk of every stream: the common case (fields absent or str) is tested
+    # inline, and the names of the places are built only for an error.
     if message is None:
         return
     if not isinstance(message, dict):
         raise _bad_shape(provider, where)
-    content = message.get("content")
-    if not (_is_text(content) or isinstance(content, list)):
-        raise _bad_shape(provider, f"{where}.content")
-    if isinstance(content, list) and not all(
-        isinstance(p, dict) and _is_text(p.get("text")) for p in content
+    get = message.get
+    content = get("content")
+    if (
+        content is not None
+        and not isinstance(content, str)
+        and not (
+            isinstance(content, list)
+            and all(isinstance(p, dict) and _is_text(p.get("text")) for p in content)
+        )
     ):
         raise _bad_shape(provider, f"{where}.content")
-    for key in ("reasoning_content", "reasoning", "role", "refusal"):
-        if not _is_text(message.get(key)):
+    for key in _MESSAGE_TEXT_KEYS:
+        value = get(key)
+        if value is not None and not isinstance(value, str):
             raise _bad_shape(provider, f"{where}.{key}")
-    _check_calls(message.get("tool_calls"), provider, f"{where}.tool_calls")
-    legacy = message.get("function_call")
+    calls = get("tool_calls")
+    if calls is not None:
+        _check_calls(calls, provider, f"{where}.tool_calls")
+    legacy = get("function_call")
     if legacy is not None and (
         not isinstance(legacy, dict)
         or not _is_text(legacy.get("name"))
@@ -430,19 +442,33 @@ def check_shape(payload: dict[str, Any], *, provider: str) -> None:
         if len(choices) > MAX_CHOICES:
             raise too_many(provider, "choices", len(choices), MAX_CHOICES)
         for i, choice in enumerate(choices):
-            where = f"choices[{i}]"
             if not isinstance(choice, dict):
-                raise _bad_shape(provider, where)
-            if not _is_int(choice.get("index"), MAX_CHOICES - 1):
-                raise _bad_shape(provider, f"{where}.index")
-            if not _is_text(choice.get("finish_reason")) or not _is_text(choice.get("text")):
-                raise _bad_shape(provider, where)
-            _check_message(choice.get("message"), provider, f"{where}.message")
-            _check_message(choice.get("delta"), provider, f"{where}.delta")
+                raise _bad_shape(provider, f"choices[{i}]")
+            get = choice.get
+            index = get("index")
+            if index is not None and not _is_int(index, MAX_CHOICES - 1):
+                raise _bad_shape(provider, f"choices[{i}].index")
+            finish, text = get("finish_reason"), get("text")
+            if (finish is not None and not isinstance(finish, str)) or (
+                text is not None and not isinstance(text, str)
+            ):
+                raise _bad_shape(provider, f"choices[{i}]")
+            message = get("message")
+            if message is not None:
+                _check_message(message, provider, f"choices[{i}].message")
+            delta = get("delta")
+            if delta is not None:
+                _check_message(delta, provider, f"choices[{i}].delta")
     created = payload.get("created")
-    if not _is_int(created, _INT64_MAX) and not (isinstance(created, float) and 0 <= created <= 2**62):
+    if (
+        created is not None
+        and not _is_int(created, _INT64_MAX)
+        and not (isinstance(created, float) and 0 <= created <= 2**62)
+    ):
         raise _bad_shape(provider, "created")
-    _check_usage(payload.get("usage"), provider)
+    usage = payload.get("usage")
+    if usage is not None:
+        _check_usage(usage, provider)
 
 
 class ShapeChecked:
