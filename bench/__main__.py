@@ -2,6 +2,8 @@
 
 import sys
 
-from bench.runner import main
+from bench import feature_phases, runner
 
-sys.exit(main())
+# The routing, limits and metrics layers' own rows, after the end-to-end phases.
+runner.EXTRA_PHASES.extend(feature_phases.PHASES)
+sys.exit(runner.main())
