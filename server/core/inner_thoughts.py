@@ -62,13 +62,16 @@ def add_inner_thoughts(function: dict[str, Any], *, first: bool, description: st
     `thinking` is replaced: unpacking would remove it from the answer anyway.
     """
     params = function.get("parameters") or {}
-    properties = params.get("properties") or {}
+    properties = params.get("properties")
+    properties = properties if isinstance(properties, dict) else {}
+    required_in = params.get("required")
+    required_in = required_in if isinstance(required_in, list) else []
     thought = {"type": "string", "description": description}
     others = {k: v for k, v in properties.items() if k != INNER_THOUGHTS_KWARG}
     new_properties = (
         {INNER_THOUGHTS_KWARG: thought, **others} if first else {**others, INNER_THOUGHTS_KWARG: thought}
     )
-    required = [r for r in params.get("required") or () if r != INNER_THOUGHTS_KWARG]
+    required = [r for r in required_in if r != INNER_THOUGHTS_KWARG]
     if first:
         required.insert(0, INNER_THOUGHTS_KWARG)
     else:
