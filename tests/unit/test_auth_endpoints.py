@@ -10,10 +10,11 @@ from server.auth.endpoints import (
     EndpointPolicy,
     InvalidEndpoint,
     is_forbidden_address,
-    is_forbidden_host,
     key_allowed_for,
     normalize_url,
     safe_display,
+    url_host_port,
+    url_in_domain,
 )
 from server.config import Settings
 from server.errors import EndpointNotAllowed
@@ -302,11 +303,39 @@ def test_is_forbidden_address_accepts_objects() -> None:
         ("[fe80::1]", True),
         ("api.openai.com", False),
         ("127.0.0.1", False),
-        ("bad host", True),
     ],
 )
-def test_is_forbidden_host(host: str, expected: bool) -> None:
-    assert is_forbidden_host(host) is expected
+def test_forbidden_hosts(host: str, expected: bool) -> None:
+    assert normalize_url(f"http://{host}/").forbidden is expected
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("https://api.studio.nebius.com/v1", ("api.studio.nebius.com", 443)),
+        ("http://LOCALHOST:1234/v1", ("localhost", 1234)),
+        ("http://[::1]:8080", ("::1", 8080)),
+        ("http://127.0.0.1/v1", ("127.0.0.1", 80)),
+        ("", None),
+        ("localhost:1234", None),  # no scheme: not a URL that goes anywhere
+        ("http://bad host/", None),
+    ],
+)
+def test_url_host_port(url: str, expected: tuple[str, int] | None) -> None:
+    assert url_host_port(url) == expected
+
+
+def test_url_in_domain_matches_whole_labels() -> None:
+    assert url_in_domain("https://nebius.com/v1", "nebius.com")
+    assert url_in_domain("https://api.studio.NEBIUS.com./v1", "nebius.com")
+    for other in (
+        "https://evil-nebius.com.attacker.net/v1",
+        "https://evilnebius.com/v1",
+        "http://127.0.0.1:8000/nebius.com/v1",
+        "https://nebius.com.attacker.net/v1",
+        "not a url nebius.com",
+    ):
+        assert not url_in_domain(other, "nebius.com"), other
 
 
 def test_numeric_host_forms() -> None:
