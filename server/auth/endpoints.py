@@ -476,13 +476,6 @@ class EndpointPolicy:
             return False
         return any(target.is_under(base) for base in self.bases)
 
-    def is_allowed(self, url: str, *, byok_base_urls: Sequence[str] = ()) -> bool:
-        try:
-            self.check(url, byok_base_urls=byok_base_urls)
-        except EndpointNotAllowed:
-            return False
-        return True
-
     def validate_byok_base_url(self, url: str) -> str:
         """Canonical form of a BYOK base URL being registered; raises `EndpointNotAllowed` if unusable."""
         try:

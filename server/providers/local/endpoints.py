@@ -49,7 +49,6 @@ ENDPOINT_TYPES = ("ollama", "llamacpp", "vllm", "lmstudio", "koboldcpp", "webui"
 # `LLMGW_LOCAL_AUTH_TYPE` values besides "" (no auth header).
 LOCAL_AUTH_TYPES = ("bearer_token", "api_key")
 GRAMMAR_ENDPOINT_TYPES = frozenset({"llamacpp", "koboldcpp", "webui"})
-OPENAI_COMPLETIONS_TYPES = frozenset({"vllm", "lmstudio", "webui"})
 # Used when the caller sets no max_tokens; servers' own defaults are far too short (vLLM 16,
 # koboldcpp 100) for a function call carrying inner thoughts, and llama.cpp's (-1) is unbounded.
 # A call with a few sentences of inner thoughts is 100-300 tokens: 1024 leaves room, and bounds
