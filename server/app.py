@@ -132,7 +132,6 @@ class GatewayServer:
         self.settings = settings
         self._span_exporter = span_exporter  # tests: an in-memory OpenTelemetry exporter
         self._running: _Running | None = None
-        self._stopped = asyncio.Event()
         self.admin: AdminServer | None = None  # the admin listener, when this process serves it
         self._admin_stack = contextlib.AsyncExitStack()
         self.gateway: Gateway | None = None  # tests: its limiter and meter
@@ -388,10 +387,6 @@ class GatewayServer:
         await running.store.close()
         if running.tracing is not None:
             running.tracing.shutdown()  # exports the spans still batched
-        self._stopped.set()
-
-    async def wait_stopped(self) -> None:
-        await self._stopped.wait()
 
 
 def _limit_counters(settings: Settings) -> Counters:

@@ -7,8 +7,11 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 
+from server.auth.policy import AUTH_MODES
 from server.config_values import parse_bool, parse_non_negative, parse_retention
 from server.grpc_options import connection_problems
+from server.providers.local.endpoints import LOCAL_AUTH_TYPES
+from server.traces.factory import BACKEND_NAMES
 
 DEFAULT_OPENAI_BASE_URL = "https://api.openai.com/v1"
 DEFAULT_OPENROUTER_BASE_URL = "https://openrouter.ai/api/v1"
@@ -261,10 +264,9 @@ def validate(settings: Settings) -> None:
     problems: list[str] = []
     if settings.workers < 1:
         problems.append("LLMGW_WORKERS must be at least 1")
-    if settings.auth not in ("auto", "required", "off"):
-        problems.append("LLMGW_AUTH must be one of auto, required, off")
-    known = {"sqlite", "postgres", "clickhouse", "socket"}
-    unknown: Sequence[str] = [b for b in settings.trace_backends if b not in known]
+    if settings.auth not in AUTH_MODES:
+        problems.append(f"LLMGW_AUTH must be one of {', '.join(AUTH_MODES)}")
+    unknown: Sequence[str] = [b for b in settings.trace_backends if b not in BACKEND_NAMES]
     if unknown:
         problems.append(f"LLMGW_TRACE_BACKENDS: unknown backend(s) {', '.join(unknown)}")
     if "postgres" in settings.trace_backends and not settings.postgres_dsn:
@@ -292,8 +294,8 @@ def validate(settings: Settings) -> None:
             f"LLMGW_MAX_ANSWER_BYTES must be between 1 and {MAX_ANSWER_BYTES_LIMIT} "
             "(the final gRPC message must stay under the server's 64 MiB send limit)"
         )
-    if settings.local_auth_type not in ("", "bearer_token", "api_key"):
-        problems.append("LLMGW_LOCAL_AUTH_TYPE must be empty, bearer_token or api_key")
+    if settings.local_auth_type not in ("", *LOCAL_AUTH_TYPES):
+        problems.append(f"LLMGW_LOCAL_AUTH_TYPE must be empty, {' or '.join(LOCAL_AUTH_TYPES)}")
     elif settings.local_auth_type and not (settings.local_api_key and settings.local_base_url):
         problems.append(
             "LLMGW_LOCAL_AUTH_TYPE needs LLMGW_LOCAL_API_KEY and LLMGW_LOCAL_BASE_URL "

@@ -20,8 +20,8 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from server.auth.redact import describe_error
 from server.auth.store import AuthStore
-from server.traces.base import describe_error
 from server.traces.writer import TraceWriter
 
 log = logging.getLogger("llmgateway.health")

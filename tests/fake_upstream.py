@@ -130,16 +130,18 @@ class FakeUpstream:
         self.in_flight = 0  # requests being answered right now
         self.arrived = asyncio.Event()  # set at each request (tests clear it to wait for the next)
         self._runner: web.AppRunner | None = None
+        self.host = "127.0.0.1"
         self.port = 0
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
+        return f"http://{self.host}:{self.port}/v1"
 
     def script(self, *replies: Reply) -> None:
         self.replies.extend(replies)
 
-    async def start(self) -> None:
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        """Listen on `host:port` (0: any free port); OSError when it is taken."""
         app = web.Application(client_max_size=256 * 1024 * 1024)
         app.router.add_route("*", "/{tail:.*}", self._handle)
         # handler_cancellation: a client that goes away cancels its handler, so `disconnected` is
@@ -148,7 +150,8 @@ class FakeUpstream:
             app, handle_signals=False, shutdown_timeout=0.1, handler_cancellation=True
         )
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        self.host = host
+        site = web.TCPSite(self._runner, host, port)
         await site.start()
         server = site._server  # noqa: SLF001 - aiohttp offers no public accessor for the bound port
         assert server is not None and server.sockets

@@ -9,6 +9,6 @@ crypto.py     AES-256-GCM encryption of BYOK keys under LLMGW_ENCRYPTION_KEY
 byok.py       create_byok_provider / resolve_byok
 endpoints.py  EndpointPolicy (which URLs a call may reach), key_allowed_for, is_forbidden_address
 resolver.py   SafeResolver: connection-time refusal of forbidden addresses (HTTP client)
-redact.py     Redactor, RedactingFilter
+redact.py     Redactor, install_log_redaction; redact_url, redact_text, describe_error
 cli.py        `llm-gateway keys create|list|revoke`
 """

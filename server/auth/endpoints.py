@@ -183,14 +183,6 @@ def _is_private_address(addr: IPAddress) -> bool:
     return not is_public_address(addr)
 
 
-def is_forbidden_host(host: str) -> bool:
-    """True for a cloud-metadata host name or a forbidden literal address (no DNS lookup)."""
-    try:
-        return _parse(f"http://{host}/").forbidden
-    except InvalidEndpoint:
-        return True
-
-
 def _parse_ipv4(host: str) -> ipaddress.IPv4Address | None:
     """WHATWG/inet_aton IPv4 forms (`2852039166`, `0xa9.0376.43518`); None when not numeric.
 
@@ -344,6 +336,26 @@ def normalize_url(url: str) -> NormalizedURL:
     return _parse(url.strip())
 
 
+def url_host_port(url: str) -> tuple[str, int] | None:
+    """The host (normalized, lower case) and port (the scheme's default when none is written) of
+    an http(s) URL; None when it is not one. For rules that recognise a server by where a URL
+    goes: they compare parsed hosts and ports, never substrings of the URL text, so a look-alike
+    (`evil-nebius.com.attacker.net`, a path `/nebius.com/`, a port `:12345`) does not match."""
+    if not url:
+        return None
+    try:
+        parsed = normalize_url(url)
+    except InvalidEndpoint:
+        return None
+    return parsed.host, parsed.port
+
+
+def url_in_domain(url: str, domain: str) -> bool:
+    """Whether the URL's host is `domain` (lower case) or a name under it."""
+    where = url_host_port(url)
+    return where is not None and (where[0] == domain or where[0].endswith("." + domain))
+
+
 _USERINFO = re.compile(r"//[^/?#]*@")
 
 
@@ -463,13 +475,6 @@ class EndpointPolicy:
         except InvalidEndpoint:
             return False
         return any(target.is_under(base) for base in self.bases)
-
-    def is_allowed(self, url: str, *, byok_base_urls: Sequence[str] = ()) -> bool:
-        try:
-            self.check(url, byok_base_urls=byok_base_urls)
-        except EndpointNotAllowed:
-            return False
-        return True
 
     def validate_byok_base_url(self, url: str) -> str:
         """Canonical form of a BYOK base URL being registered; raises `EndpointNotAllowed` if unusable."""

@@ -22,8 +22,8 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING
 
+from server.auth.redact import redact_url
 from server.auth.store import DEFAULT_CACHE_TTL, AuthStore
-from server.traces.base import redact_url
 
 if TYPE_CHECKING:
     from server.config import Settings

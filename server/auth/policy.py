@@ -24,17 +24,10 @@ from server.errors import PermissionDenied, Unauthenticated
 
 if TYPE_CHECKING:
     from server.auth.store import AuthStore
-    from server.config import Settings
 
 log = logging.getLogger(__name__)
 
 AUTH_MODES = ("auto", "required", "off")
-# Full gRPC method names that never need a key.
-EXEMPT_METHOD_PREFIXES = (
-    "/grpc.health.v1.Health/",
-    "/grpc.reflection.v1alpha.ServerReflection/",
-    "/grpc.reflection.v1.ServerReflection/",
-)
 
 
 class AuthConfigError(ValueError):
@@ -128,12 +121,6 @@ def auth_required(mode: str, listen: str, *, has_keys: bool) -> bool:
     return auth_mode_effective(mode, listen=listen, has_keys=has_keys)
 
 
-async def auth_enabled(settings: Settings, store: AuthStore) -> bool:
-    """`auth_mode_effective` for the settings, asking the (started) store whether keys exist."""
-    has_keys = await store.has_keys() if settings.auth != "off" else False
-    return auth_mode_effective(settings.auth, listen=settings.listen, has_keys=has_keys)
-
-
 def bearer_token(metadata: Iterable[tuple[str, str | bytes]] | None) -> str | None:
     """The token of the first `authorization: Bearer <token>` entry of gRPC call metadata."""
     for key, value in metadata or ():
@@ -145,11 +132,6 @@ def bearer_token(metadata: Iterable[tuple[str, str | bytes]] | None) -> str | No
             return token.strip()
         return None
     return None
-
-
-def is_exempt(method: str) -> bool:
-    """True for RPCs that never need a key (health checking, reflection)."""
-    return method.startswith(EXEMPT_METHOD_PREFIXES)
 
 
 def require_admin(actor: Actor) -> None:

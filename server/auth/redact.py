@@ -35,7 +35,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit, urlunsplit
 
 if TYPE_CHECKING:
     from server.config import Settings
@@ -48,19 +48,6 @@ MIN_SECRET_LENGTH = 8
 # A dropped key is registered again by its provider's next call, before the call is sent.
 MAX_SECRETS = 20_000
 
-SENSITIVE_HEADERS = frozenset(
-    {
-        "authorization",
-        "proxy-authorization",
-        "x-api-key",
-        "api-key",
-        "x-goog-api-key",
-        "cookie",
-        "set-cookie",
-        "openai-api-key",
-        "x-llmgw-key",
-    }
-)
 # JSON keys compared after lower-casing and mapping "-" to "_".
 SENSITIVE_JSON_KEYS = frozenset(
     {
@@ -609,10 +596,6 @@ class Redactor:
 
     scrub = redact  # the name the request path uses: `Callable[[str], str]`
 
-    def redact_exception(self, exc: BaseException) -> str:
-        """`Type: message` of an exception, redacted (for error texts and trace error_message)."""
-        return self.redact(f"{type(exc).__name__}: {exc}")
-
     def redact_error(self, error: GatewayError) -> None:
         """Scrub, in place, all an error shows: message, exception args, ErrorInfo metadata, violations.
 
@@ -625,14 +608,6 @@ class Redactor:
         error.field_violations = tuple(
             dataclasses.replace(v, description=self.redact(v.description)) for v in error.field_violations
         )
-
-    def redact_headers(self, headers: Mapping[str, str] | Iterable[tuple[str, str]]) -> dict[str, str]:
-        """A copy with credential headers replaced and every other value redacted as text."""
-        items = headers.items() if isinstance(headers, Mapping) else headers
-        out: dict[str, str] = {}
-        for name, value in items:
-            out[name] = REDACTED if name.lower() in SENSITIVE_HEADERS else self.redact(value)
-        return out
 
     def redact_json(self, obj: object) -> object:
         """A copy of a JSON value with secret-named scalar fields replaced and all strings redacted."""
@@ -684,22 +659,6 @@ def _redact_record(record: logging.LogRecord, redactor: Redactor) -> None:
         record.exc_text = redactor.redact(record.exc_text)
     if record.stack_info:
         record.stack_info = redactor.redact(record.stack_info)
-
-
-class RedactingFilter(logging.Filter):
-    """A logging filter that redacts the formatted message, the exception text and stack info.
-
-    Attach it to handlers (`handler.addFilter(RedactingFilter(redactor))`), so records from every
-    logger, third-party ones included, pass through it.
-    """
-
-    def __init__(self, redactor: Redactor) -> None:
-        super().__init__()
-        self.redactor = redactor
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        _redact_record(record, self.redactor)
-        return True
 
 
 _installed: list[Redactor] = []  # the redactor of the installed record factory (at most one)
@@ -780,3 +739,43 @@ def uninstall_log_redaction() -> None:
 
 def _registrable(secret: str) -> bool:
     return bool(secret) and len(secret) >= MIN_SECRET_LENGTH
+
+
+# Operator-facing texts (start-up lines, store errors in logs): the credentials the operator
+# configured (DSN passwords, ClickHouse keys, proxy passwords) shown as ***.
+_DSN_PASSWORD = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
+
+
+def redact_url(url: str) -> str:
+    """`url` with the password of its userinfo (and any libpq `password=`) replaced by ***."""
+    try:
+        parts = urlsplit(url)
+        if parts.password is not None:
+            host = parts.netloc.rpartition("@")[2]
+            user = parts.username or ""
+            parts = parts._replace(netloc=f"{user}:***@{host}")
+        query = re.sub(r"(?i)((?:^|&)(?:password|key)=)[^&]*", r"\1***", parts.query)
+        url = urlunsplit(parts._replace(query=query))
+    except ValueError:
+        pass
+    return _DSN_PASSWORD.sub(r"\1***", url)
+
+
+_URL_USERINFO = re.compile(r"(://[^:/@\s]*:)[^@\s]+@")
+
+
+def redact_text(text: str, *secrets: str) -> str:
+    """`text` without the given secrets, URL passwords or libpq `password=` values."""
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "***")
+    text = _URL_USERINFO.sub(r"\1***@", text)
+    return _DSN_PASSWORD.sub(r"\1***", text)
+
+
+def describe_error(exc: BaseException, *secrets: str, limit: int = 300) -> str:
+    """A short, secret-free description of an exception for a log line."""
+    text = redact_text(str(exc), *secrets)
+    if len(text) > limit:
+        text = text[:limit] + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -442,11 +442,6 @@ class AuthStore(abc.ABC):
         self._providers_changed()
         return replaced
 
-    def invalidate_caches(self) -> None:
-        """Forget cached actors and providers (tests, or an operator-triggered refresh)."""
-        self._actors.clear()
-        self._providers_changed()
-
     def _providers_changed(self) -> None:
         # Called after the write: a lookup still in flight may hold the old rows, so it must not
         # cache them (see `_visible_providers`).

@@ -1,7 +1,10 @@
 """The auth store in the embedded SQLite file (`LLMGW_SQLITE_PATH`), next to the trace tables.
 
-Its tables (`gateway_keys`, `providers`) have their own migration counter, `auth_schema_version`,
-so the trace backend's migrations and these never collide. Migrations run inside
+Its tables (`gateway_keys`, `providers`, `gateway_limits`) are component `gateway_auth` of the
+file's `schema_version` table (server/sqlite_file.py), next to the trace store's row, so the two
+stores' migrations never collide. Files made before that kept the count in a table of its own,
+`auth_schema_version`: its version moves to `schema_version` and the table is dropped, in the
+same transaction as any pending migration (keys and providers untouched). Migrations run inside
 `BEGIN IMMEDIATE`, so several workers starting at once migrate exactly once.
 """
 
@@ -23,7 +26,14 @@ from server.auth.store import (
     ProviderRecord,
     utcnow,
 )
-from server.sqlite_file import NEW_FILE_PRAGMAS
+from server.sqlite_file import (
+    NEW_FILE_PRAGMAS,
+    READ_SCHEMA_VERSION,
+    SCHEMA_VERSION_TABLE,
+    WRITE_SCHEMA_VERSION,
+)
+
+COMPONENT = "gateway_auth"
 
 # Each entry migrates from version i to i + 1. Append only; never edit a released entry.
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
@@ -154,14 +164,16 @@ class SqliteAuthStore(AuthStore):
     async def _migrate(db: aiosqlite.Connection) -> None:
         await db.execute("BEGIN IMMEDIATE")
         try:
-            await db.execute("CREATE TABLE IF NOT EXISTS auth_schema_version (version INTEGER NOT NULL)")
-            async with db.execute("SELECT COALESCE(MAX(version), 0) FROM auth_schema_version") as cur:
-                row = await cur.fetchone()
-            current = int(row[0]) if row else 0
-            for version, statements in enumerate(MIGRATIONS[current:], start=current + 1):
+            await db.execute(SCHEMA_VERSION_TABLE)
+            current = await _legacy_version(db)
+            if current is None:
+                async with db.execute(READ_SCHEMA_VERSION, (COMPONENT,)) as cur:
+                    row = await cur.fetchone()
+                current = int(row[0]) if row else 0
+            for statements in MIGRATIONS[current:]:
                 for statement in statements:
                     await db.execute(statement)
-                await db.execute("INSERT INTO auth_schema_version (version) VALUES (?)", (version,))
+            await db.execute(WRITE_SCHEMA_VERSION, (COMPONENT, max(current, len(MIGRATIONS))))
             await db.execute("COMMIT")
         except BaseException:
             await db.execute("ROLLBACK")
@@ -280,3 +292,17 @@ class SqliteAuthStore(AuthStore):
             (new, provider_id, old),
         ) as cur:
             return bool(cur.rowcount)
+
+
+async def _legacy_version(db: aiosqlite.Connection) -> int | None:
+    """The version an older file kept in `auth_schema_version`, moved out of it (the table is
+    dropped); None when the file has no such table. Inside the migration's transaction."""
+    async with db.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'auth_schema_version'"
+    ) as cur:
+        if await cur.fetchone() is None:
+            return None
+    async with db.execute("SELECT COALESCE(MAX(version), 0) FROM auth_schema_version") as cur:
+        row = await cur.fetchone()
+    await db.execute("DROP TABLE auth_schema_version")
+    return int(row[0]) if row else 0

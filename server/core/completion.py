@@ -245,11 +245,6 @@ def leave_out_streamed(completion: chat_pb2.ChatCompletion, streamed: list[Strea
                 call.ClearField("arguments")
 
 
-def deltas_from_chunk(chunk: dict[str, Any]) -> list[chat_pb2.StreamCreateResponse]:
-    """One delta event per choice in the chunk that carries something."""
-    return deltas_from_chunks((chunk,))
-
-
 # What a delta carries, in the order a client reads one message: reasoning, content, tool calls.
 _REASONING, _CONTENT, _TOOLS = 1, 2, 3
 

@@ -29,6 +29,7 @@ from typing import Any
 
 import orjson
 
+from server.auth.endpoints import url_host_port
 from server.core.exact_json import dump_exact
 from server.errors import UpstreamBadResponse
 
@@ -45,13 +46,15 @@ INNER_THOUGHTS_DESCRIPTION_GO_FIRST = (
 )
 
 
+# LM Studio's default port (the seed's rule: the models it serves need to be told to write the
+# thoughts first). Matched on the parsed port, not on the URL text (`:12345` is not LM Studio).
+LM_STUDIO_PORT = 1234
+
+
 def is_lm_studio(endpoint: str) -> bool:
-    """LM Studio's default port; its models need to be told to write the thoughts first."""
-    return ":1234" in endpoint
-
-
-def description_for(endpoint: str) -> str:
-    return INNER_THOUGHTS_DESCRIPTION_GO_FIRST if is_lm_studio(endpoint) else INNER_THOUGHTS_DESCRIPTION
+    """Whether the endpoint's port is LM Studio's default."""
+    where = url_host_port(endpoint)
+    return where is not None and where[1] == LM_STUDIO_PORT
 
 
 def add_inner_thoughts(function: dict[str, Any], *, first: bool, description: str) -> dict[str, Any]:
@@ -62,13 +65,16 @@ def add_inner_thoughts(function: dict[str, Any], *, first: bool, description: st
     `thinking` is replaced: unpacking would remove it from the answer anyway.
     """
     params = function.get("parameters") or {}
-    properties = params.get("properties") or {}
+    properties = params.get("properties")
+    properties = properties if isinstance(properties, dict) else {}
+    required_in = params.get("required")
+    required_in = required_in if isinstance(required_in, list) else []
     thought = {"type": "string", "description": description}
     others = {k: v for k, v in properties.items() if k != INNER_THOUGHTS_KWARG}
     new_properties = (
         {INNER_THOUGHTS_KWARG: thought, **others} if first else {**others, INNER_THOUGHTS_KWARG: thought}
     )
-    required = [r for r in params.get("required") or () if r != INNER_THOUGHTS_KWARG]
+    required = [r for r in required_in if r != INNER_THOUGHTS_KWARG]
     if first:
         required.insert(0, INNER_THOUGHTS_KWARG)
     else:

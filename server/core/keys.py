@@ -16,7 +16,7 @@ from typing import Protocol
 from llmgateway.v1 import chat_pb2
 
 from server.auth.actor import Actor
-from server.auth.endpoints import safe_display
+from server.auth.endpoints import safe_display, url_in_domain
 from server.config import Settings
 from server.errors import EndpointNotAllowed, FieldViolation, InvalidRequest, MissingApiKey, NotFound
 from server.providers.base import Provider, UpstreamTarget
@@ -217,10 +217,14 @@ async def resolve_target(
         name = config.provider_name or dialect.name
         return _server_key_target(endpoint, canonical, name, key, dialect, settings, policy, listed)
 
-    # OpenRouter: the seed's rules (host text, provider name), plus anything under the configured
-    # OpenRouter base URL (which may be a proxy in front of openrouter.ai). Its key goes only there.
+    # OpenRouter: the seed's rules (host openrouter.ai or a name under it, provider name), plus
+    # anything under the configured OpenRouter base URL (which may be a proxy in front of
+    # openrouter.ai). They only name the provider "openrouter" (traces, metrics, errors); its key
+    # goes only under the configured base URL.
     under_openrouter = policy.key_allowed_for(endpoint, settings.openrouter_base_url)
-    is_openrouter = under_openrouter or "openrouter.ai" in endpoint or config.provider_name == "openrouter"
+    is_openrouter = (
+        under_openrouter or url_in_domain(endpoint, "openrouter.ai") or config.provider_name == "openrouter"
+    )
     if is_openrouter and settings.openrouter_api_key and under_openrouter:
         headers = dialect.auth_headers(settings.openrouter_api_key)
         if settings.openrouter_referer:

@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from server.auth.endpoints import url_in_domain
 from server.core import upstream_kind
 from server.errors import FieldViolation, InvalidRequest
 
@@ -44,7 +45,10 @@ def supports_parallel_tool_calls(model: str) -> bool:
 
 
 def is_nebius(endpoint: str) -> bool:
-    return "nebius.com" in endpoint
+    """Nebius AI Studio (`api.studio.nebius.com`): its OpenAI-compatible server rejects strict
+    schemas and `tool_choice: "required"` (the seed's rule). Matched on the parsed host, nebius.com
+    or a name under it, not on the URL text."""
+    return url_in_domain(endpoint, "nebius.com")
 
 
 def supports_structured_output(endpoint: str) -> bool:

@@ -13,9 +13,10 @@ from llmgateway.v1 import chat_pb2
 
 from server.core import offload
 from server.errors import FieldViolation, InvalidRequest
+from server.providers.local.endpoints import ENDPOINT_TYPES
 from server.providers.registry import PROVIDERS
 
-LOCAL_TYPES = frozenset({"ollama", "llamacpp", "vllm", "lmstudio", "koboldcpp", "webui"})
+LOCAL_TYPES = frozenset(ENDPOINT_TYPES)
 KNOWN_TYPES = frozenset(PROVIDERS) | LOCAL_TYPES
 
 # A single message this large is never a real prompt (about 500k tokens of text); refusing it

@@ -32,7 +32,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from urllib.parse import unquote, urlsplit
 
-from server.traces.base import redact_url
+from server.auth.redact import redact_url
 
 # The most a proxy's answer to CONNECT may be (status line and headers).
 MAX_CONNECT_HEAD = 16 * 1024

@@ -14,13 +14,11 @@ import base64
 import builtins
 import logging
 import random
-import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
-from urllib.parse import urlsplit, urlunsplit
 
 if TYPE_CHECKING:
     from server.traces.usage import UsageQuery, UsageTotals
@@ -354,44 +352,6 @@ def parse_page_token(token: str) -> tuple[datetime, str]:
         return from_micros(int(micros)), trace_id
     except (ValueError, UnicodeDecodeError, OverflowError) as exc:
         raise ValueError("malformed page token") from exc
-
-
-_DSN_PASSWORD = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
-
-
-def redact_url(url: str) -> str:
-    """`url` with the password of its userinfo (and any libpq `password=`) replaced by ***."""
-    try:
-        parts = urlsplit(url)
-        if parts.password is not None:
-            host = parts.netloc.rpartition("@")[2]
-            user = parts.username or ""
-            parts = parts._replace(netloc=f"{user}:***@{host}")
-        query = re.sub(r"(?i)((?:^|&)(?:password|key)=)[^&]*", r"\1***", parts.query)
-        url = urlunsplit(parts._replace(query=query))
-    except ValueError:
-        pass
-    return _DSN_PASSWORD.sub(r"\1***", url)
-
-
-_URL_USERINFO = re.compile(r"(://[^:/@\s]*:)[^@\s]+@")
-
-
-def redact_text(text: str, *secrets: str) -> str:
-    """`text` without the given secrets, URL passwords or libpq `password=` values."""
-    for secret in secrets:
-        if secret:
-            text = text.replace(secret, "***")
-    text = _URL_USERINFO.sub(r"\1***@", text)
-    return _DSN_PASSWORD.sub(r"\1***", text)
-
-
-def describe_error(exc: BaseException, *secrets: str, limit: int = 300) -> str:
-    """A short, secret-free description of an exception for a log line."""
-    text = redact_text(str(exc), *secrets)
-    if len(text) > limit:
-        text = text[:limit] + "..."
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 class RateLimitedLog:

@@ -27,6 +27,7 @@ from urllib.parse import parse_qs, urlsplit
 import aiohttp
 import orjson
 
+from server.auth.redact import redact_url
 from server.billing.cost import dollars, parse_dollars
 from server.traces.base import (
     MAX_POINTS,
@@ -39,7 +40,6 @@ from server.traces.base import (
     clamp_limit,
     from_micros,
     record_size_sql,
-    redact_url,
     to_micros,
 )
 from server.traces.usage import SUMMED, UsageQuery, UsageTotals, totals_from

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from server.traces.base import TraceBackend, redact_url
+from server.auth.redact import redact_url
+from server.traces.base import TraceBackend
 
 BACKEND_NAMES = ("sqlite", "postgres", "clickhouse", "socket")
 

@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 
 import asyncpg
 
+from server.auth.redact import describe_error, redact_url
 from server.billing.cost import dollars_of_decimal
 from server.traces.base import (
     MAX_POINTS,
@@ -29,9 +30,7 @@ from server.traces.base import (
     TraceQuery,
     TraceRecord,
     clamp_limit,
-    describe_error,
     record_size_sql,
-    redact_url,
 )
 from server.traces.usage import SUMMED, UsageQuery, UsageTotals, totals_from
 

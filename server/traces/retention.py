@@ -20,7 +20,8 @@ import logging
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 
-from server.traces.base import TraceBackend, describe_error
+from server.auth.redact import describe_error
+from server.traces.base import TraceBackend
 
 log = logging.getLogger(__name__)
 

@@ -32,7 +32,12 @@ from typing import Any
 import aiosqlite
 import orjson
 
-from server.sqlite_file import NEW_FILE_PRAGMAS
+from server.sqlite_file import (
+    NEW_FILE_PRAGMAS,
+    READ_SCHEMA_VERSION,
+    SCHEMA_VERSION_TABLE,
+    WRITE_SCHEMA_VERSION,
+)
 from server.traces.base import (
     MAX_POINTS,
     POINT_COLUMNS,
@@ -464,7 +469,7 @@ def _rollback(conn: sqlite3.Connection) -> None:
 
 def schema_version(conn: sqlite3.Connection) -> int:
     """The applied version of the trace schema (0 before any migration)."""
-    row = conn.execute("SELECT version FROM schema_version WHERE component = ?", (COMPONENT,)).fetchone()
+    row = conn.execute(READ_SCHEMA_VERSION, (COMPONENT,)).fetchone()
     return int(row[0]) if row else 0
 
 
@@ -475,9 +480,7 @@ def migrate(conn: sqlite3.Connection) -> int:
     BEGIN IMMEDIATE serializes concurrent starters (several worker processes).
     `conn` is in autocommit mode (isolation_level=None): we issue BEGIN/COMMIT ourselves.
     """
-    conn.execute(
-        "CREATE TABLE IF NOT EXISTS schema_version (component TEXT PRIMARY KEY, version INTEGER NOT NULL)"
-    )
+    conn.execute(SCHEMA_VERSION_TABLE)
     while True:
         conn.execute("BEGIN IMMEDIATE")
         try:
@@ -487,11 +490,7 @@ def migrate(conn: sqlite3.Connection) -> int:
                 return version
             for statement in MIGRATIONS[version]:
                 conn.execute(statement)
-            conn.execute(
-                "INSERT INTO schema_version (component, version) VALUES (?, ?)"
-                " ON CONFLICT (component) DO UPDATE SET version = excluded.version",
-                (COMPONENT, version + 1),
-            )
+            conn.execute(WRITE_SCHEMA_VERSION, (COMPONENT, version + 1))
             conn.execute("COMMIT")
             log.info("sqlite trace schema migrated to version %d", version + 1)
         except BaseException:

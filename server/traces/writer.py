@@ -41,7 +41,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from server.traces.base import RateLimitedLog, TraceBackend, TraceRecord, describe_error, record_size
+from server.auth.redact import describe_error
+from server.traces.base import RateLimitedLog, TraceBackend, TraceRecord, record_size
 
 log = logging.getLogger(__name__)
 

@@ -8,16 +8,19 @@ Several FakeUpstream instances stand for distinct providers: `openai` is configu
 LLMGW_OPENAI_BASE_URL, `openrouter` as the OpenRouter base URL, `other` is an arbitrary endpoint
 in LLMGW_ALLOWED_ENDPOINTS, `byok` is an organization's BYOK provider.
 
-Rules keyed on host names that a loopback fake cannot have (nebius.com, LM Studio's `:1234`) are
-matched by the seed as substrings of the endpoint URL; they are exercised here twice: through
-`build_chat_body` with the real host names, and end to end with a fake whose URL *path* carries
-the marker (`http://127.0.0.1:PORT/nebius.com/v1`), which is what the substring rule sees.
+Rules keyed on where an endpoint is (a host under nebius.com, LM Studio's port 1234) match the
+parsed host and port, never the URL text. They are exercised twice: through `build_chat_body`
+with the real host names, and end to end: host names resolved to loopback by the gateway's
+resolver (patched: no /etc/hosts edits, no DNS traffic), a fake listening on port 1234 of a
+free 127.0.0.x; look-alikes (`evil-nebius.com.attacker.net`, a `/nebius.com/` path, `:12345`)
+get the default rules.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import socket
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
@@ -30,9 +33,10 @@ from google.protobuf import struct_pb2
 from google.rpc import error_details_pb2, status_pb2
 from llmgateway.v1 import chat_pb2, providers_pb2, traces_pb2
 
+import server.auth.resolver as resolver_module
 from server.auth.actor import ANONYMOUS
+from server.auth.resolver import Address
 from server.config import Settings
-from server.core import inner_thoughts
 from server.core.keys import ByokProvider, counting_endpoint
 from server.core.openai_request import build_chat_body
 from tests.fake_upstream import FakeUpstream, Reply, chunk, completion, tool_call, usage_chunk
@@ -814,29 +818,66 @@ def test_nebius_gets_auto_and_no_strict_build_chat_body() -> None:
     assert "strict" not in forced["tools"][0]["function"]
 
 
-@pytest.fixture
-async def marker_gateway(tmp_path: Path, upstream: FakeUpstream) -> AsyncIterator[RunningGateway]:
-    """A gateway allowed to call every path of the fake (for URLs whose path carries a marker)."""
-    root = upstream.base_url.removesuffix("/v1")
-    async with running_gateway(make_settings(tmp_path, allowed_endpoints=(root,))) as gw:
-        yield gw
+_real_lookup = resolver_module.system_lookup
+NEBIUS_HOST = "api.studio.nebius.com"
+NEBIUS_LOOK_ALIKE = "evil-nebius.com.attacker.net"
 
 
-async def test_nebius_substring_rule_end_to_end(
-    marker_gateway: RunningGateway, upstream: FakeUpstream
+async def names_on_loopback(host: str, port: int) -> list[Address]:
+    """The Nebius host and its look-alike resolve to the loopback fake here."""
+    if host.lower().rstrip(".") in (NEBIUS_HOST, NEBIUS_LOOK_ALIKE):
+        return [(socket.AF_INET, "127.0.0.1")]
+    return await _real_lookup(host, port)
+
+
+async def test_nebius_host_rule_end_to_end(
+    tmp_path: Path, upstream: FakeUpstream, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    endpoint = upstream.base_url.removesuffix("/v1") + "/nebius.com/v1"
-    req = request(endpoint, functions=[function("weather", RICH_SCHEMA, "Forecast")])
-    await marker_gateway.chat.Create(req, timeout=10)
-    sent = upstream.requests[0]
-    assert sent.path == "/nebius.com/v1/chat/completions"
-    assert sent.body == {
+    """A host under nebius.com gets `tool_choice: "auto"` and no strict schemas; a look-alike
+    host, or nebius.com in the path, gets the default `required` and strict schemas."""
+    monkeypatch.setattr(resolver_module, "system_lookup", names_on_loopback)
+    nebius = f"http://{NEBIUS_HOST}:{upstream.port}/v1"
+    look_alike = f"http://{NEBIUS_LOOK_ALIKE}:{upstream.port}/v1"
+    in_path = f"http://127.0.0.1:{upstream.port}/nebius.com/v1"
+    allowed = (nebius, look_alike, in_path)
+    async with running_gateway(make_settings(tmp_path, allowed_endpoints=allowed)) as gw:
+        for endpoint in allowed:
+            req = request(endpoint, functions=[function("weather", RICH_SCHEMA, "Forecast")])
+            await gw.chat.Create(req, timeout=10)
+    assert upstream.requests[0].headers["Host"] == f"{NEBIUS_HOST}:{upstream.port}"
+    assert upstream.requests[0].body == {
         "model": "gpt-4o-mini",
         "messages": [{"role": "user", "content": "Say hello"}],
         "tools": [{"type": "function", "function": RICH_PLAIN}],
         "tool_choice": "auto",
         "parallel_tool_calls": False,
     }
+    assert upstream.requests[1].headers["Host"] == f"{NEBIUS_LOOK_ALIKE}:{upstream.port}"
+    assert upstream.requests[2].path == "/nebius.com/v1/chat/completions"
+    for sent in upstream.requests[1:]:
+        assert sent.body["tool_choice"] == "required"
+        assert sent.body["tools"][0]["function"]["strict"] is True
+
+
+@asynccontextmanager
+async def fake_on_port(port: int) -> AsyncIterator[FakeUpstream]:
+    """A fake upstream on `port` of the first 127.0.0.x where it is free (another program on this
+    machine may hold LM Studio's 1234 on 127.0.0.1)."""
+    fake = FakeUpstream()
+    for last in range(2, 64):
+        try:
+            await fake.start(host=f"127.0.0.{last}", port=port)
+        except OSError:
+            await fake.stop()
+            fake = FakeUpstream()
+            continue
+        break
+    else:
+        raise AssertionError(f"port {port} is taken on 127.0.0.2 to 127.0.0.63")
+    try:
+        yield fake
+    finally:
+        await fake.stop()
 
 
 # -- 3. inner thoughts -----------------------------------------------------------------------------
@@ -901,20 +942,21 @@ async def test_inner_thoughts_legacy_functions(gateway: RunningGateway, upstream
 
 
 @pytest.mark.parametrize("first", [True, False])
-async def test_lm_studio_description_end_to_end(
-    marker_gateway: RunningGateway, upstream: FakeUpstream, first: bool
-) -> None:
-    """`:1234` (LM Studio's port) selects the go-first description; the marker is in the path here."""
-    endpoint = upstream.base_url.removesuffix("/v1") + "/lmstudio:1234/v1"
-    req = request(
-        endpoint,
-        cfg={"put_inner_thoughts_in_kwargs": True},
-        functions=[SEND_MESSAGE],
-        put_inner_thoughts_first=first,
-    )
-    await marker_gateway.chat.Create(req, timeout=10)
-    assert upstream.requests[0].body["tools"] == [thoughts_tool(LONG_THOUGHTS, first=first)]
-    assert inner_thoughts.description_for("http://localhost:1234/v1") == LONG_THOUGHTS
+async def test_lm_studio_description_end_to_end(tmp_path: Path, first: bool) -> None:
+    """Port 1234 (LM Studio's) selects the go-first description; port 12345 does not."""
+    async with fake_on_port(1234) as lm_studio, fake_on_port(12345) as look_alike:
+        allowed = (lm_studio.base_url, look_alike.base_url)
+        async with running_gateway(make_settings(tmp_path, allowed_endpoints=allowed)) as gw:
+            for fake in (lm_studio, look_alike):
+                req = request(
+                    fake.base_url,
+                    cfg={"put_inner_thoughts_in_kwargs": True},
+                    functions=[SEND_MESSAGE],
+                    put_inner_thoughts_first=first,
+                )
+                await gw.chat.Create(req, timeout=10)
+    assert lm_studio.requests[0].body["tools"] == [thoughts_tool(LONG_THOUGHTS, first=first)]
+    assert look_alike.requests[0].body["tools"] == [thoughts_tool(SHORT_THOUGHTS, first=first)]
 
 
 def test_lm_studio_description_build_chat_body() -> None:
@@ -1349,12 +1391,16 @@ async def test_too_long_for_keyless_official_endpoint_sends_nothing(tmp_path: Pa
 async def test_count_tokens_equals_guard_for_byok_lm_studio_endpoint(tmp_path: Path, ups: Upstreams) -> None:
     """CountTokens must count what the guard counts, also when the endpoint comes from a BYOK provider.
 
-    The BYOK provider's base URL carries LM Studio's ":1234" marker (in the path), so the
-    inner-thoughts description, hence the function tokens, depend on which endpoint is used.
+    The BYOK provider's base URL is on LM Studio's port 1234, so the inner-thoughts description,
+    hence the function tokens, depend on which endpoint is used.
     """
-    root = ups.byok.base_url.removesuffix("/v1")
-    lm_base = root + "/lmstudio:1234/v1"
-    async with gateway_for(tmp_path, ups, encryption_key=ENCRYPTION_KEY, allowed_endpoints=(root,)) as gw:
+    async with (
+        fake_on_port(1234) as lm_studio,
+        gateway_for(
+            tmp_path, ups, encryption_key=ENCRYPTION_KEY, allowed_endpoints=(lm_studio.base_url,)
+        ) as gw,
+    ):
+        lm_base = lm_studio.base_url
         await gw.providers.CreateProvider(
             providers_pb2.CreateProviderRequest(
                 name="lm", model_endpoint_type="openai", base_url=lm_base, api_key=BYOK_KEY
@@ -1369,7 +1415,7 @@ async def test_count_tokens_equals_guard_for_byok_lm_studio_endpoint(tmp_path: P
         counted = await count(gw, long_request("", "gpt-4o", 0, cfg=cfg, functions=[SEND_MESSAGE]))
         req = long_request("", "gpt-4o", counted.total_tokens, cfg=cfg, functions=[SEND_MESSAGE])
         await gw.chat.Create(req, timeout=10)  # fits exactly what CountTokens said
-    assert ups.byok.requests[0].body["tools"] == [thoughts_tool(LONG_THOUGHTS, first=True)]
+    assert lm_studio.requests[0].body["tools"] == [thoughts_tool(LONG_THOUGHTS, first=True)]
 
 
 async def test_counting_endpoint_is_the_endpoint_resolve_target_calls() -> None:

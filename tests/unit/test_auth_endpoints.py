@@ -10,13 +10,24 @@ from server.auth.endpoints import (
     EndpointPolicy,
     InvalidEndpoint,
     is_forbidden_address,
-    is_forbidden_host,
     key_allowed_for,
     normalize_url,
     safe_display,
+    url_host_port,
+    url_in_domain,
 )
 from server.config import Settings
 from server.errors import EndpointNotAllowed
+
+
+def allowed(policy: EndpointPolicy, url: str, *, byok_base_urls: tuple[str, ...] = ()) -> bool:
+    """Whether `EndpointPolicy.check` (what every call goes through) lets the URL through."""
+    try:
+        policy.check(url, byok_base_urls=byok_base_urls)
+    except EndpointNotAllowed:
+        return False
+    return True
+
 
 POLICY = EndpointPolicy(
     provider_base_urls=("https://api.openai.com/v1", "https://openrouter.ai/api/v1"),
@@ -140,7 +151,7 @@ ALWAYS_FORBIDDEN = [
 @pytest.mark.parametrize("url", ALLOWED)
 def test_allowed(url: str) -> None:
     canonical = POLICY.check(url, byok_base_urls=BYOK)
-    assert POLICY.is_allowed(canonical, byok_base_urls=BYOK)  # the canonical form stays allowed
+    assert allowed(POLICY, canonical, byok_base_urls=BYOK)  # the canonical form stays allowed
 
 
 @pytest.mark.parametrize("url", REFUSED)
@@ -237,10 +248,10 @@ def test_invalid_allowlist_entry_is_a_startup_error() -> None:
 
 def test_from_settings() -> None:
     policy = EndpointPolicy.from_settings(Settings(allowed_endpoints=("http://127.0.0.1:8080/v1",)))
-    assert policy.is_allowed("https://api.openai.com/v1")
-    assert policy.is_allowed("https://openrouter.ai/api/v1")
-    assert policy.is_allowed("http://127.0.0.1:8080/v1/chat/completions")
-    assert not policy.is_allowed("http://127.0.0.1:8080/")
+    assert allowed(policy, "https://api.openai.com/v1")
+    assert allowed(policy, "https://openrouter.ai/api/v1")
+    assert allowed(policy, "http://127.0.0.1:8080/v1/chat/completions")
+    assert not allowed(policy, "http://127.0.0.1:8080/")
 
 
 @pytest.mark.parametrize(
@@ -302,11 +313,39 @@ def test_is_forbidden_address_accepts_objects() -> None:
         ("[fe80::1]", True),
         ("api.openai.com", False),
         ("127.0.0.1", False),
-        ("bad host", True),
     ],
 )
-def test_is_forbidden_host(host: str, expected: bool) -> None:
-    assert is_forbidden_host(host) is expected
+def test_forbidden_hosts(host: str, expected: bool) -> None:
+    assert normalize_url(f"http://{host}/").forbidden is expected
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("https://api.studio.nebius.com/v1", ("api.studio.nebius.com", 443)),
+        ("http://LOCALHOST:1234/v1", ("localhost", 1234)),
+        ("http://[::1]:8080", ("::1", 8080)),
+        ("http://127.0.0.1/v1", ("127.0.0.1", 80)),
+        ("", None),
+        ("localhost:1234", None),  # no scheme: not a URL that goes anywhere
+        ("http://bad host/", None),
+    ],
+)
+def test_url_host_port(url: str, expected: tuple[str, int] | None) -> None:
+    assert url_host_port(url) == expected
+
+
+def test_url_in_domain_matches_whole_labels() -> None:
+    assert url_in_domain("https://nebius.com/v1", "nebius.com")
+    assert url_in_domain("https://api.studio.NEBIUS.com./v1", "nebius.com")
+    for other in (
+        "https://evil-nebius.com.attacker.net/v1",
+        "https://evilnebius.com/v1",
+        "http://127.0.0.1:8000/nebius.com/v1",
+        "https://nebius.com.attacker.net/v1",
+        "not a url nebius.com",
+    ):
+        assert not url_in_domain(other, "nebius.com"), other
 
 
 def test_numeric_host_forms() -> None:

@@ -11,16 +11,13 @@ from server.auth.actor import ANONYMOUS, Actor
 from server.auth.policy import (
     AuthConfigError,
     Authenticator,
-    auth_enabled,
     auth_mode_effective,
     auth_required,
     bearer_token,
-    is_exempt,
     is_loopback_only,
     require_admin,
 )
 from server.auth.store_sqlite import SqliteAuthStore
-from server.config import Settings
 from server.errors import PermissionDenied, Unauthenticated
 
 
@@ -78,15 +75,6 @@ def test_unknown_mode() -> None:
         auth_mode_effective("maybe", listen="127.0.0.1:1", has_keys=True)
 
 
-async def test_auth_enabled_asks_the_store(tmp_path: Path) -> None:
-    async with SqliteAuthStore(path=str(tmp_path / "a.db")) as store:
-        with pytest.raises(AuthConfigError):
-            await auth_enabled(Settings(listen="0.0.0.0:1"), store)
-        await store.create_key(organization_id="acme")
-        assert await auth_enabled(Settings(listen="0.0.0.0:1"), store) is True
-        assert await auth_enabled(Settings(listen="0.0.0.0:1", auth="off"), store) is False
-
-
 @pytest.mark.parametrize(
     ("metadata", "expected"),
     [
@@ -102,13 +90,6 @@ async def test_auth_enabled_asks_the_store(tmp_path: Path) -> None:
 )
 def test_bearer_token(metadata: list[tuple[str, str | bytes]] | None, expected: str | None) -> None:
     assert bearer_token(metadata) == expected
-
-
-def test_exempt_methods() -> None:
-    assert is_exempt("/grpc.health.v1.Health/Check")
-    assert is_exempt("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo")
-    assert is_exempt("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo")
-    assert not is_exempt("/llmgateway.v1.ChatCompletionService/Create")
 
 
 def test_require_admin() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,9 @@ from server.auth.store import (
 from server.auth.store_sqlite import SqliteAuthStore
 from server.config import Settings
 from server.errors import InvalidRequest
+from server.traces import sqlite as trace_sqlite
+from server.traces.base import TraceQuery, TraceRecord, new_trace_id
+from server.traces.sqlite import SQLiteTraceBackend
 
 
 class FakeClock:
@@ -150,19 +154,76 @@ async def test_new_key_works_immediately_on_a_running_server(db_path: Path) -> N
         assert await server.authenticate(token=plaintext) is not None
 
 
-async def test_migration_is_idempotent_and_coexists(db_path: Path) -> None:
+async def test_migration_is_idempotent_and_shares_the_trace_stores_version_table(db_path: Path) -> None:
+    """One scheme in the file: the trace store's row and the auth store's in `schema_version`."""
     db_path.parent.mkdir(parents=True)
-    with sqlite3.connect(db_path) as conn:  # a trace backend's own migration table
-        conn.execute("CREATE TABLE schema_version (version INTEGER)")
-        conn.execute("INSERT INTO schema_version VALUES (7)")
+    traces = SQLiteTraceBackend(str(db_path))
+    await traces.start()
+    await traces.close()
     for _ in range(2):
         async with SqliteAuthStore(path=str(db_path)) as s:
             await s.create_key(organization_id="acme")
     with sqlite3.connect(db_path) as conn:
-        versions = [(v,) for v in range(1, len(store_sqlite.MIGRATIONS) + 1)]
-        assert conn.execute("SELECT version FROM auth_schema_version").fetchall() == versions
-        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(7,)]
+        assert dict(conn.execute("SELECT component, version FROM schema_version")) == {
+            "provider_traces": len(trace_sqlite.MIGRATIONS),
+            "gateway_auth": len(store_sqlite.MIGRATIONS),
+        }
+        assert conn.execute(
+            "SELECT name FROM sqlite_master WHERE name LIKE '%schema_version'"
+        ).fetchall() == [("schema_version",)]
         assert conn.execute("SELECT COUNT(*) FROM gateway_keys").fetchone() == (2,)
+
+
+@pytest.mark.parametrize("old_version", [1, len(store_sqlite.MIGRATIONS)])
+async def test_a_file_with_the_old_auth_version_table_opens_with_keys_and_traces_intact(
+    db_path: Path, old_version: int
+) -> None:
+    """Files made before one scheme kept the auth store's count in `auth_schema_version` (one row
+    per applied migration). Such a file opens: the count moves to `schema_version`, pending
+    migrations run, the old table is dropped, and keys, providers and traces are all still there."""
+    db_path.parent.mkdir(parents=True)
+    traces = SQLiteTraceBackend(str(db_path))
+    await traces.start()
+    record = TraceRecord(
+        id=new_trace_id(), created_at=datetime.now(UTC), organization_id="acme", step_id="step-old"
+    )
+    await traces.write_batch(records=[record])
+    await traces.close()
+    async with SqliteAuthStore(path=str(db_path)) as old:
+        key_id, plaintext = await old.create_key(organization_id="acme", is_admin=True)
+        await _provider(old, "acme", "mine")
+    # What the old code left: no `gateway_auth` row, its own table, the tables of `old_version`.
+    with sqlite3.connect(db_path) as conn:
+        conn.execute("DELETE FROM schema_version WHERE component = 'gateway_auth'")
+        conn.execute("CREATE TABLE auth_schema_version (version INTEGER NOT NULL)")
+        conn.executemany(
+            "INSERT INTO auth_schema_version (version) VALUES (?)", [(v,) for v in range(1, old_version + 1)]
+        )
+        if old_version < 2:
+            conn.execute("DROP TABLE gateway_limits")
+
+    for _ in range(2):  # and a second start changes nothing
+        async with SqliteAuthStore(path=str(db_path)) as new:
+            actor = await new.authenticate(token=plaintext)
+            assert actor is not None and actor.key_id == key_id and actor.is_admin
+            provider = await new.get_provider(organization_id="acme", name="mine")
+            assert provider is not None and provider.base_url == "https://llm.example.com/v1"
+    with sqlite3.connect(db_path) as conn:
+        assert dict(conn.execute("SELECT component, version FROM schema_version")) == {
+            "provider_traces": len(trace_sqlite.MIGRATIONS),
+            "gateway_auth": len(store_sqlite.MIGRATIONS),
+        }
+        assert (
+            conn.execute("SELECT name FROM sqlite_master WHERE name = 'auth_schema_version'").fetchall() == []
+        )
+        assert conn.execute("SELECT COUNT(*) FROM gateway_limits").fetchone() == (0,)
+    traces = SQLiteTraceBackend(str(db_path))
+    await traces.start()
+    try:
+        (found,) = await traces.list(query=TraceQuery(organization_id="acme"))
+    finally:
+        await traces.close()
+    assert (found.id, found.step_id) == (record.id, "step-old")
 
 
 async def _provider(

@@ -19,6 +19,8 @@ from server.core.inner_thoughts import (
 )
 from server.core.openai_request import build_chat_body, prompt_functions, unpack_completion
 from server.errors import UpstreamBadResponse
+from server.providers.local.functions import specs_for_prompt
+from server.providers.local.wrappers import render_prompt
 
 OPENAI = "https://api.openai.com/v1"
 LM_STUDIO = "http://localhost:1234/v1"
@@ -150,6 +152,42 @@ def test_add_inner_thoughts_replaces_a_caller_thinking_property_and_keeps_input(
         "properties": {"a": {"type": "integer"}, "thinking": {"type": "string", "description": "d"}},
         "required": ["a", "thinking"],
     }
+
+
+@pytest.mark.parametrize("first", [True, False])
+def test_a_caller_thinking_property_is_replaced_on_both_paths(first: bool) -> None:
+    """One injection, one rule: the OpenAI-compatible body and the local prompt both replace a
+    caller's own `thinking` (unpacking pops it from the answer on both paths anyway)."""
+    parameters = {
+        "type": "object",
+        "properties": {"message": {"type": "string"}, "thinking": {"type": "integer"}},
+        "required": ["message"],
+    }
+    expected_props = ["thinking", "message"] if first else ["message", "thinking"]
+    req = request(first=first)
+    del req.functions[:]
+    req.functions.add(name="send_message", description="Sends a message.", parameters=parameters)
+    sent = build_chat_body(req, stream=False, endpoint=OPENAI)["tools"][0]["function"]["parameters"]
+    assert list(sent["properties"]) == expected_props
+    assert sent["properties"]["thinking"]["type"] == "string"
+    assert sent["required"] == expected_props
+
+    fn = {"name": "send_message", "description": "Sends a message.", "parameters": parameters}
+    (spec,) = specs_for_prompt([fn], put_inner_thoughts_in_kwargs=True, put_inner_thoughts_first=first)
+    assert list(spec.properties) == expected_props
+    assert spec.properties["thinking"] == {"type": "string", "description": INNER_THOUGHTS_DESCRIPTION}
+    assert spec.required == expected_props
+    prompt = render_prompt(
+        "chatml",
+        [{"role": "user", "content": "hi"}],
+        [fn],
+        first_message=False,
+        put_inner_thoughts_in_kwargs=True,
+        put_inner_thoughts_first=first,
+    )
+    assert f"    thinking (string, required): {INNER_THOUGHTS_DESCRIPTION}" in prompt
+    assert "thinking (integer" not in prompt
+    assert fn["parameters"] is parameters and parameters["properties"]["thinking"] == {"type": "integer"}
 
 
 # -- unpacking ---------------------------------------------------------------------------------

@@ -155,6 +155,8 @@ def test_function_that_already_has_thinking_is_not_doubled() -> None:
     fn["parameters"]["properties"] = {"thinking": {"type": "string"}, **fn["parameters"]["properties"]}
     prompt = render("chatml", functions=[fn])
     assert prompt.count("thinking (string") == 1
+    # Replaced by ours, as on the OpenAI-compatible path (server.core.inner_thoughts).
+    assert "thinking (string, required): Deep inner monologue private to you only." in prompt
 
 
 def test_no_system_message_gets_a_system_turn_with_the_functions() -> None:

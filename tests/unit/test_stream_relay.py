@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from llmgateway.v1 import chat_pb2
 
-from server.core.completion import deltas_from_chunk, deltas_from_chunks
+from server.core.completion import deltas_from_chunks
 from server.core.stream import StreamAccumulator
 from server.errors import RateLimitExceeded, UpstreamBadResponse
 from server.providers import openai_compat
@@ -54,7 +54,7 @@ def _atoms(events: list[chat_pb2.StreamCreateResponse]) -> list[tuple[Any, ...]]
 
 
 def _one_by_one(chunks: list[dict[str, Any]]) -> list[chat_pb2.StreamCreateResponse]:
-    return [event for chunk in chunks for event in deltas_from_chunk(chunk)]
+    return [event for chunk in chunks for event in deltas_from_chunks([chunk])]
 
 
 def test_content_of_one_read_is_one_event() -> None:
@@ -71,12 +71,12 @@ def test_content_of_one_read_is_one_event() -> None:
 
 def test_one_chunk_is_relayed_as_before() -> None:
     chunk = _chunk({"content": "a", "reasoning_content": "r"}, index=1, finish="length")
-    (event,) = deltas_from_chunk(chunk)
+    (event,) = deltas_from_chunks([chunk])
     assert event.delta == chat_pb2.ChatCompletionDelta(
         index=1, content="a", reasoning_content="r", finish_reason=chat_pb2.FINISH_REASON_LENGTH
     )
-    assert deltas_from_chunk(_chunk({"role": "assistant"})) == []
-    assert deltas_from_chunk(_chunk({}, finish="unknown-reason")) == []
+    assert deltas_from_chunks([_chunk({"role": "assistant"})]) == []
+    assert deltas_from_chunks([_chunk({}, finish="unknown-reason")]) == []
 
 
 def test_no_merging_across_kinds_choices_calls_or_a_finish() -> None:

@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from server.auth.redact import redact_text, redact_url
 from server.traces.base import (
     MAX_LIST_LIMIT,
     RateLimitedLog,
@@ -20,8 +21,6 @@ from server.traces.base import (
     new_trace_id,
     page_token,
     parse_page_token,
-    redact_text,
-    redact_url,
     to_micros,
 )
 from server.traces.factory import create_backends

@@ -46,8 +46,9 @@ from typing import Any, Literal
 from server.errors import FieldViolation, InvalidRequest, UpstreamBadResponse
 
 ENDPOINT_TYPES = ("ollama", "llamacpp", "vllm", "lmstudio", "koboldcpp", "webui")
+# `LLMGW_LOCAL_AUTH_TYPE` values besides "" (no auth header).
+LOCAL_AUTH_TYPES = ("bearer_token", "api_key")
 GRAMMAR_ENDPOINT_TYPES = frozenset({"llamacpp", "koboldcpp", "webui"})
-OPENAI_COMPLETIONS_TYPES = frozenset({"vllm", "lmstudio", "webui"})
 # Used when the caller sets no max_tokens; servers' own defaults are far too short (vLLM 16,
 # koboldcpp 100) for a function call carrying inner thoughts, and llama.cpp's (-1) is unbounded.
 # A call with a few sentences of inner thoughts is 100-300 tokens: 1024 leaves room, and bounds
@@ -221,7 +222,7 @@ def auth_headers(auth_type: str, api_key: str) -> dict[str, str]:
     """Headers for the configured local-server auth: "" (none), "bearer_token" or "api_key"."""
     if auth_type == "":
         return {}
-    if auth_type not in ("bearer_token", "api_key"):
+    if auth_type not in LOCAL_AUTH_TYPES:
         raise InvalidRequest(
             f"unknown local server auth type {auth_type!r}; expected '', 'bearer_token' or 'api_key'"
         )
@@ -311,11 +312,6 @@ def _hit_limit(kind: str, payload: dict[str, Any]) -> bool:
     if kind == "llamacpp":
         return payload.get("stop_type") == "limit" or payload.get("stopped_limit") is True
     return payload.get("finish_reason") == "length"
-
-
-def extract_stream_text(endpoint_type: str, event: dict[str, Any]) -> str:
-    """The text delta of one streamed event ("" for events that carry none)."""
-    return parse_stream_event(endpoint_type, event).text
 
 
 def _require_text(kind: str, value: Any, field: str, payload: dict[str, Any]) -> str:

@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from server.core.inner_thoughts import INNER_THOUGHTS_DESCRIPTION, INNER_THOUGHTS_KWARG
+from server.core.inner_thoughts import INNER_THOUGHTS_DESCRIPTION, add_inner_thoughts
 from server.errors import FieldViolation, InvalidRequest
 
 
@@ -51,21 +51,16 @@ def normalize_functions(functions: Sequence[Mapping[str, Any]]) -> list[Function
 
 
 def with_inner_thoughts(spec: FunctionSpec, *, first: bool = True) -> FunctionSpec:
-    """Add the required string kwarg `thinking` (first or last) unless the function already has it."""
-    props = spec.properties
-    if INNER_THOUGHTS_KWARG in props:
-        return spec
-    thinking = {"type": "string", "description": INNER_THOUGHTS_DESCRIPTION}
-    new_props = (
-        {INNER_THOUGHTS_KWARG: thinking, **props} if first else {**props, INNER_THOUGHTS_KWARG: thinking}
-    )
-    required = spec.required
-    new_required = [INNER_THOUGHTS_KWARG, *required] if first else [*required, INNER_THOUGHTS_KWARG]
-    parameters = {**spec.parameters, "type": "object", "properties": new_props, "required": new_required}
-    return FunctionSpec(name=spec.name, description=spec.description, parameters=parameters)
+    """The function with the required string kwarg `thinking`, first or last.
+
+    The same injection (and rule) as the OpenAI-compatible path: a caller's own `thinking`
+    property is replaced, since unpacking pops it from the answer anyway.
+    """
+    function = add_inner_thoughts(spec.as_dict(), first=first, description=INNER_THOUGHTS_DESCRIPTION)
+    return FunctionSpec(name=spec.name, description=spec.description, parameters=function["parameters"])
 
 
-def prompt_functions(
+def specs_for_prompt(
     functions: Sequence[Mapping[str, Any]],
     *,
     put_inner_thoughts_in_kwargs: bool,

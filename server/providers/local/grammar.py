@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from server.errors import FieldViolation, InvalidRequest
-from server.providers.local.functions import FunctionSpec, prompt_functions
+from server.providers.local.functions import FunctionSpec, specs_for_prompt
 from server.providers.local.wrappers import FIRST_MESSAGE_FUNCTION, first_message_prefix, wrapper_uses_grammar
 
 __all__ = ["build_grammar", "wrapper_uses_grammar"]
@@ -80,7 +80,7 @@ def build_grammar(
     With `first_message` (and a `send_message` function) the prompt is already primed with
     `{"function": "send_message",`, so the grammar covers only the rest: `"params": {...}}`.
     """
-    specs = prompt_functions(
+    specs = specs_for_prompt(
         functions,
         put_inner_thoughts_in_kwargs=put_inner_thoughts_in_kwargs,
         put_inner_thoughts_first=put_inner_thoughts_first,

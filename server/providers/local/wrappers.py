@@ -31,7 +31,7 @@ from server.providers.local import lenient_json
 from server.providers.local.functions import (
     FunctionSpec,
     normalize_functions,
-    prompt_functions,
+    specs_for_prompt,
 )
 
 DEFAULT_WRAPPER = "chatml"
@@ -108,7 +108,7 @@ def render_prompt(
 ) -> str:
     """Render the conversation and the functions into one prompt ending with the assistant's turn."""
     base = resolve_wrapper(wrapper)
-    specs = prompt_functions(
+    specs = specs_for_prompt(
         functions,
         put_inner_thoughts_in_kwargs=put_inner_thoughts_in_kwargs,
         put_inner_thoughts_first=put_inner_thoughts_first,
