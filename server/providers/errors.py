@@ -37,12 +37,18 @@ def scrubbed_prefix(text: str | bytes, scrub: Callable[[str], str], limit: int) 
     `_SECRET_MARGIN` characters past `limit` (scrubbing shrinks text), so whatever is left of a
     partial key at the window's end is cut off too.
     """
+    return scrubbed_prefix_cut(text, scrub, limit)[0]
+
+
+def scrubbed_prefix_cut(text: str | bytes, scrub: Callable[[str], str], limit: int) -> tuple[str, bool]:
+    """`scrubbed_prefix`, and whether anything of the scrubbed text was cut off (not the same as
+    the scrubbed text being shorter than the original: a scrubbed key shrinks it)."""
     window = limit * 4 + _SECRET_MARGIN
     while True:
         piece = text[:window]
         scrubbed = scrub(piece if isinstance(piece, str) else piece.decode("utf-8", "replace"))
         if len(text) <= window or len(scrubbed) >= limit + _SECRET_MARGIN:
-            return scrubbed[:limit]
+            return scrubbed[:limit], len(scrubbed) > limit
         window *= 4
 
 
@@ -140,10 +146,8 @@ def keep_error_body(
     """`error` with the answer's body (scrubbed before it is cut, at most TRACE_BODY_CHARS) as
     its `trace_body`: a trace of a refused call shows what the upstream said, not nothing."""
     inner = error.error if isinstance(error, RetryableError) else error
-    text = scrubbed_prefix(body, scrub, TRACE_BODY_CHARS)
-    inner.trace_body = orjson.dumps(
-        {"http_status": status, "body": text, "truncated": len(body) > len(text.encode())}
-    ).decode()
+    text, cut = scrubbed_prefix_cut(body, scrub, TRACE_BODY_CHARS)
+    inner.trace_body = orjson.dumps({"http_status": status, "body": text, "truncated": cut}).decode()
     return error
 
 

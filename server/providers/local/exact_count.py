@@ -15,12 +15,17 @@ Cached per prompt prefix: a prompt is cut at its last turn marker (`<|im_start|>
 the next step of the same conversation, which starts with that part, sends only what follows
 the longest cached prefix. Counts add up across such a cut because both servers split a text at
 special tokens before tokenizing the pieces. A failure of the tokenize call (an older server, a
-404) falls back to the tiktoken guard; the completion call then reports what is wrong.
+404, a 5xx, no answer within TOKENIZE_SECONDS, an answer that is not a plausible count) falls back
+to the tiktoken guard; the completion call then reports what is wrong. The tokenize call is asked
+once (no retries) and waits at most TOKENIZE_SECONDS: it is an optimisation of the guard, and the
+default upstream timeout and retry budget would hold a call for minutes behind a hung /tokenize.
+A refused address (ENDPOINT_NOT_ALLOWED) and the caller's own deadline are not fallbacks.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import logging
 from collections import OrderedDict
@@ -28,7 +33,14 @@ from typing import Any
 
 import orjson
 
-from server.errors import ContextWindowExceeded, DeadlineExceeded, GatewayError, UpstreamBadResponse
+from server.core.retry import Deadline
+from server.errors import (
+    ContextWindowExceeded,
+    DeadlineExceeded,
+    EndpointNotAllowed,
+    GatewayError,
+    UpstreamBadResponse,
+)
 from server.providers.base import UpstreamTarget
 from server.providers.http import HttpClient
 from server.providers.openai_compat import CallOptions, post_json
@@ -39,6 +51,14 @@ SUPPORTED = frozenset({"llamacpp", "vllm"})
 TURN_MARKERS = ("<|im_start|>", "<|start_header_id|>")
 CACHE_ENTRIES = 4096
 ENCODING = "server"  # CountTokens/metadata name of a count made by the server's tokenizer
+# A loopback tokenize of a long prompt takes milliseconds; a server that has not answered by then
+# is not going to help the guard.
+TOKENIZE_SECONDS = 5.0
+# A count above this many tokens per UTF-8 byte of the text (+ room for BOS/EOS and a prefix
+# space) is a lie: byte-level BPE and byte-fallback SentencePiece give at most one per byte; the
+# factor leaves room for normalizers that expand a character.
+_MAX_TOKENS_PER_BYTE = 4
+_SPECIAL_ROOM = 16
 
 
 class PrefixCounts:
@@ -118,18 +138,51 @@ async def count_prompt(
     if start < last:
         pieces.append((prompt[start:last], start == 0))
     pieces.append((prompt[max(start, last) :], max(start, last) == 0))
+    bounded = _tokenize_options(options)
     try:
         counts = await asyncio.gather(
-            *(_tokenize(http, target, endpoint_type, model, text, first, options) for text, first in pieces)
+            *(_tokenize(http, target, endpoint_type, model, text, first, bounded) for text, first in pieces)
         )
-    except DeadlineExceeded:
-        raise
+    except EndpointNotAllowed:
+        raise  # the completion would be refused too: say so once, not after a tiktoken count
+    except DeadlineExceeded as exc:
+        remaining = options.deadline.remaining()
+        if remaining is not None and remaining <= 0:
+            raise  # the caller's deadline passed, not only the tokenize bound
+        log.warning(
+            "%s did not count the prompt in time (%s); the tiktoken guard counts it", target.provider, exc
+        )
+        return None
     except GatewayError as exc:
         log.warning("%s could not count the prompt (%s); the tiktoken guard counts it", target.provider, exc)
         return None
     if start < last:
         cache.put(keys[cuts.index(last)], known + counts[0])
     return known + sum(counts)
+
+
+def _tokenize_options(options: CallOptions) -> CallOptions:
+    """One attempt, within TOKENIZE_SECONDS and the caller's deadline."""
+    remaining = options.deadline.remaining()
+    seconds = TOKENIZE_SECONDS if remaining is None else min(remaining, TOKENIZE_SECONDS)
+    return dataclasses.replace(
+        options,
+        deadline=Deadline.after(seconds),
+        retry=dataclasses.replace(options.retry, max_attempts=1),
+        default_timeout=min(options.default_timeout, TOKENIZE_SECONDS),
+        on_retry=None,
+    )
+
+
+def plausible_count(value: object, text: str) -> int | None:
+    """`value` when it can be the token count of `text` (an int, not a bool, at least 1, at most
+    _MAX_TOKENS_PER_BYTE per UTF-8 byte + _SPECIAL_ROOM), else None: a negative or zero count would
+    let any prompt past the guard, a huge one refuse every prompt."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        return None
+    if value < 1 or value > len(text.encode("utf-8", "surrogatepass")) * _MAX_TOKENS_PER_BYTE + _SPECIAL_ROOM:
+        return None
+    return value
 
 
 def check_window(count: int, window: int, *, provider: str) -> None:
@@ -167,12 +220,14 @@ async def _tokenize(
         url = base + "/tokenize"
         body = {"content": text, "add_special": first, "parse_special": True}
     _, answer = await post_json(http, target, url, orjson.dumps(body), options)
-    count = answer.get("count")
-    if isinstance(count, int) and not isinstance(count, bool):
-        return count
-    tokens = answer.get("tokens")
-    if isinstance(tokens, list):
-        return len(tokens)
-    raise UpstreamBadResponse(
-        f"{target.provider} answered /tokenize without tokens", metadata={"provider": target.provider}
-    )
+    if "count" in answer:  # vLLM
+        found = plausible_count(answer["count"], text)
+    else:  # llama.cpp: the token ids
+        tokens = answer.get("tokens")
+        found = plausible_count(len(tokens), text) if isinstance(tokens, list) else None
+    if found is None:
+        raise UpstreamBadResponse(
+            f"{target.provider} answered /tokenize without a plausible token count",
+            metadata={"provider": target.provider},
+        )
+    return found
