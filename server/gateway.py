@@ -740,7 +740,10 @@ class _TraceScope:
         assert call is not None and span_scope is not None
         record, gateway = call.record, self._gateway
         if self._via is not None:
-            self._via.annotate(record, exc)  # route, deployment and the call's attempts so far
+            # Route, deployment and the call's attempts so far; a stream's first event overdue
+            # (the deployment's timeout_seconds) arrives as a cancellation: recorded as that timeout.
+            exc = self._via.annotate(record, exc)
+            exc_type = type(exc) if exc is not None else None
         try:
             if exc is None:
                 if call.completion is not None:

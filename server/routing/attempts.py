@@ -3,6 +3,7 @@ list of attempts on the trace (`attempts_json`), and the answering deployment on
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -11,7 +12,7 @@ import orjson
 from llmgateway.v1 import traces_pb2
 
 from server.config import RetrySettings
-from server.errors import GatewayError
+from server.errors import DeadlineExceeded, GatewayError
 from server.providers.base import UpstreamTarget
 from server.traces.base import TraceRecord
 
@@ -45,6 +46,41 @@ class Attempt:
     # The routed call's way through the limits (server.limits): admitted by its first attempt
     # that gets as far as counting the prompt, settled once by the call.
     admission: Admission | None = None
+    # The deployment's timeout_seconds, when it ends before the caller's deadline: a unary
+    # attempt's deadline; for a stream only the wait for its first event (a timer,
+    # `server.routing.first_event`), the stream itself then runs to the caller's deadline.
+    timeout: float | None = None
+    stream: bool = False
+    timeout_at: float | None = None  # time.monotonic() at which a stream's first event is overdue
+    # Set by that timer just before it cancels the attempt: the cancellation is this timeout.
+    timed_out: DeadlineExceeded | None = None
+
+    def timeout_error(self) -> DeadlineExceeded:
+        """The deployment's own timeout, said as such (it is not the caller's deadline)."""
+        assert self.timeout is not None
+        what = "sent no event" if self.stream else "did not answer"
+        return DeadlineExceeded(
+            f"{self.deployment} {what} within its timeout_seconds ({self.timeout:g} s)",
+            metadata={"deployment": self.deployment, "timeout_seconds": f"{self.timeout:g}"},
+        )
+
+    def own_timeout(self, error: GatewayError) -> bool:
+        """Whether `error` is this deployment's timeout_seconds running out."""
+        if self.stream:
+            return error is self.timed_out
+        return self.timeout is not None and isinstance(error, DeadlineExceeded)
+
+    def outcome(self, error: BaseException | None) -> BaseException | None:
+        """`error` as this attempt's trace records it: its own timeout as that timeout."""
+        if self.timed_out is not None and isinstance(error, asyncio.CancelledError):
+            return self.timed_out  # not the caller's cancellation: the first event was overdue
+        if isinstance(error, DeadlineExceeded) and not self.stream and self.own_timeout(error):
+            # The upstream call's deadline was this deployment's, not the caller's: say so.
+            own = self.timeout_error()
+            error.message = own.message
+            error.args = (own.message,)
+            error.metadata.update(own.metadata)
+        return error
 
     def finish(self, error: BaseException | None) -> None:
         """Append this attempt's result to the call's list (once)."""
@@ -66,12 +102,15 @@ class Attempt:
             latency = (time.perf_counter() - self.started) * 1000.0
             self.results.append(AttemptResult(self.route, self.deployment, status, latency))
 
-    def annotate(self, record: TraceRecord, error: BaseException | None) -> None:
-        """The trace of this attempt: route, deployment and every attempt so far (this one last)."""
+    def annotate(self, record: TraceRecord, error: BaseException | None) -> BaseException | None:
+        """The trace of this attempt: route, deployment and every attempt so far (this one last);
+        returns the error to record (`outcome`)."""
+        error = self.outcome(error)
         self.finish(error)
         record.route = self.route
         record.deployment = self.deployment
         record.attempts_json = attempts_json(self.results)
+        return error
 
 
 def attempts_json(results: list[AttemptResult]) -> str:

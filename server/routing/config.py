@@ -18,7 +18,7 @@
     context_window = 128000
     requests_per_minute = 500
     tokens_per_minute = 200000
-    timeout_seconds = 30                      # one attempt; the caller's deadline bounds all
+    timeout_seconds = 30                      # unary: one attempt; stream: its first event
     cooldown_seconds = 10
 
 Every error names the line it is about and never quotes a key: the file holds variable names

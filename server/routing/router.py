@@ -10,8 +10,9 @@ Per failure of an attempt:
   organization has no such BYOK provider, no key is configured, the endpoint is not allowed;
 - fall back, cooling the deployment down: 5xx/529, connect errors, an unreadable answer
   (UPSTREAM_BAD_RESPONSE: not JSON, a broken SSE before the first event), a timeout of one attempt
-  (the deployment's `timeout_seconds`, not the caller's deadline), 401/403 on a server key (the
-  key, or the deployment, is disabled until the routes file is reloaded);
+  (the deployment's `timeout_seconds`, not the caller's deadline: for a unary call the whole
+  attempt, for a stream the wait for its first event, see `first_event`), 401/403 on a server key
+  (the key, or the deployment, is disabled until the routes file is reloaded);
 - fall back, cooling the key down: 429 (a deployment with several keys tries the next one);
 - fall back, no cooldown: the provider's context-length error (the next deployment may be
   bigger), and the reasons the route lists in `fallback_on`;
@@ -62,6 +63,7 @@ from server.errors import (
 )
 from server.routing.attempts import Attempt, AttemptResult
 from server.routing.config import EMPTY, Deployment, Key, Route, RouteTable, load_routes
+from server.routing.first_event import first_event
 from server.routing.health import Health
 
 if TYPE_CHECKING:
@@ -248,10 +250,10 @@ class Router:
         call = self._call(request, actor, admission)
         deadline = _answer_room(deadline)
         while True:
-            attempt, candidate, attempt_deadline = await call.next_attempt(deadline)
+            attempt, candidate, attempt_deadline = await call.next_attempt(deadline, stream=True)
             events = host.stream(request, actor, attempt_deadline, attempt)
             try:
-                first = await anext(events)
+                first = await first_event(events, attempt)  # within timeout_seconds
             except GatewayError as error:
                 await events.aclose()  # type: ignore[attr-defined]
                 call.failed(candidate, attempt, error, deadline)
@@ -444,7 +446,9 @@ class _Call:
 
     # -- attempts -------------------------------------------------------------------------------
 
-    async def next_attempt(self, deadline: Deadline) -> tuple[Attempt, _Candidate, Deadline]:
+    async def next_attempt(
+        self, deadline: Deadline, *, stream: bool = False
+    ) -> tuple[Attempt, _Candidate, Deadline]:
         while True:
             picked = self._pick()
             if picked is None:
@@ -453,7 +457,7 @@ class _Call:
                 await self._wait_or_fail(picked, deadline)
                 continue
             candidate, key, last = picked
-            return self._begin(candidate, key, last, deadline)
+            return self._begin(candidate, key, last, deadline, stream)
 
     async def _wait_or_fail(self, recovers: float, deadline: Deadline) -> None:
         health = self.router.health
@@ -479,7 +483,7 @@ class _Call:
         await asyncio.sleep(wait)
 
     def _begin(
-        self, c: _Candidate, key: Key | None, last: bool, deadline: Deadline
+        self, c: _Candidate, key: Key | None, last: bool, deadline: Deadline, stream: bool
     ) -> tuple[Attempt, _Candidate, Deadline]:
         remaining = deadline.remaining()
         if remaining is not None and remaining < MIN_ATTEMPT_SECONDS:
@@ -519,11 +523,6 @@ class _Call:
                 self.tried.add(c.unit)
             if d.requests_per_minute or d.tokens_per_minute:
                 self.router.health.window(c.unit).add(self.router.health.clock(), requests=1)
-        attempt_deadline = deadline
-        if d is not None and d.timeout is not None:
-            ends = time.monotonic() + d.timeout
-            if deadline.at is None or ends < deadline.at:
-                attempt_deadline = Deadline(ends)
         retry = self.router.settings.retry if last else self.router._single
         if self.moving_on:  # a fallback actually happens (not when nothing is left to try)
             metrics.record_fallback(self.moving_on)
@@ -531,6 +530,17 @@ class _Call:
         self.sent += 1
         attempt = Attempt(c.route, c.label, target, retry, self.results, admission=self.admission)
         self.key = key
+        attempt_deadline = deadline
+        if d is not None and d.timeout is not None:
+            ends = time.monotonic() + d.timeout
+            if deadline.at is None or ends < deadline.at:
+                attempt.timeout, attempt.stream = d.timeout, stream
+                if stream:
+                    # Only until the first event (a fallback is possible until then); the stream
+                    # itself runs to the caller's deadline, never cut once it flows.
+                    attempt.timeout_at = ends
+                else:
+                    attempt_deadline = Deadline(ends)  # a unary answer arrives as one piece
         return attempt, c, attempt_deadline
 
     def succeeded(self, c: _Candidate, total_tokens: int) -> None:
@@ -575,13 +585,11 @@ class _Call:
         attempt.finish(error)
         self.last_error = error
         if isinstance(error, DeadlineExceeded):
-            if caller_deadline_passed or d is None or d.timeout is None:
+            if caller_deadline_passed or d is None or not attempt.own_timeout(error):
                 raise self._annotated(error)
             # The deployment's own timeout, not the caller's deadline: another may be quicker.
-            self.last_error = UpstreamUnavailable(
-                f"{c.label} did not answer within its timeout_seconds ({d.timeout:g} s)",
-                metadata={"deployment": c.label, "timeout_seconds": d.timeout},
-            )
+            own = attempt.timeout_error()
+            self.last_error = UpstreamUnavailable(own.message, metadata=own.metadata)
             health.cool(c.unit, d.cooldown)
             return
         if caller_deadline_passed:

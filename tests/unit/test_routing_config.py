@@ -239,7 +239,7 @@ def test_weights_within_three_percent_over_10000_seeded_selections() -> None:
     actor = Actor(organization_id="org")
     counts: Counter[str] = Counter()
     for _ in range(10_000):
-        call = _Call(router, router.table, chat_pb2.CreateRequest(route="w"), actor)
+        call = _Call(router, router.table, chat_pb2.CreateRequest(route="w"), actor, None)
         picked = call._pick()
         assert isinstance(picked, tuple)
         counts[picked[0].label] += 1
@@ -263,7 +263,7 @@ def test_a_cooling_deployment_is_not_selected_and_all_cooling_reports_the_earlie
     router.health.cool("w/mid", 3)
     router.health.cool("w/tinier", 4)
     for _ in range(200):
-        picked = _Call(router, router.table, chat_pb2.CreateRequest(route="w"), actor)._pick()
+        picked = _Call(router, router.table, chat_pb2.CreateRequest(route="w"), actor, None)._pick()
         assert isinstance(picked, tuple) and picked[0].label == "w/tiny"
     router.health.cool("w/tiny", 9)
-    assert _Call(router, router.table, chat_pb2.CreateRequest(route="w"), actor)._pick() == 53.0
+    assert _Call(router, router.table, chat_pb2.CreateRequest(route="w"), actor, None)._pick() == 53.0
