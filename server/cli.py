@@ -52,6 +52,8 @@ def _run_one(settings: Settings) -> int:
 
 
 def _worker(settings: Settings, index: int) -> None:
+    # Spawned with SIGHUP ignored and blocked (server.supervisor): ignored it stays until serving.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
     os.environ[WORKER_ENV] = str(index)  # worker 0 serves the admin listener
     _configure_logging(settings.log_level)
     sys.exit(_run_one(settings))
