@@ -211,6 +211,19 @@ def _configurable_fields() -> list[str]:
     return [f.name for f in fields(Settings) if f.name != "retry" and f.name not in _PROVIDER_KEYS]
 
 
+# What `--help` says beyond the variable's name, where the rule is not obvious from it.
+_HELP = {
+    "sqlite_path": "the SQLite file: traces, and gateway keys and BYOK providers unless "
+    "LLMGW_KEY_STORE=postgres; a relative path is resolved against the working directory at start-up",
+    "postgres_dsn": "PostgreSQL (postgresql://...) for the postgres trace backend, and for gateway keys "
+    "and BYOK providers only with LLMGW_KEY_STORE=postgres",
+    "key_store": "where gateway keys and BYOK providers live: sqlite (default, LLMGW_SQLITE_PATH) or "
+    "postgres (LLMGW_POSTGRES_DSN)",
+    "trace_retention": "delete traces older than this: 30d, 12h, 90m, 3600s, 2w (unset: keep all)",
+    "log_level": "DEBUG, INFO (default), WARNING, ERROR or CRITICAL",
+}
+
+
 def add_arguments(parser: argparse.ArgumentParser, *, nested: bool = False) -> None:
     """Add one flag per setting (`--sqlite-path` for `LLMGW_SQLITE_PATH`).
 
@@ -218,6 +231,8 @@ def add_arguments(parser: argparse.ArgumentParser, *, nested: bool = False) -> N
     """
     for name in [*_configurable_fields(), *_retry_setting_names()]:
         help_text = f"env LLMGW_{name.upper()}"
+        if name in _HELP:
+            help_text += ": " + _HELP[name]
         if name in SECRET_FIELDS:
             help_text += " (prefer the environment for secrets)"
         default = argparse.SUPPRESS if nested else None

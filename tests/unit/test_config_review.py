@@ -167,3 +167,14 @@ def test_tls_halves_name_their_variables() -> None:
     with pytest.raises(ValueError, match="LLMGW_TLS_KEY") as refused:
         load_settings(environ={"LLMGW_TLS_CERT": "/etc/gw/cert.pem"})
     assert "LLMGW_TLS_CERT" in str(refused.value)
+
+
+@pytest.mark.parametrize("command", [["serve"], ["keys", "create"], ["keys", "list"]])
+def test_help_says_where_keys_live(command: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    from server.cli import main
+
+    with pytest.raises(SystemExit):
+        main([*command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "LLMGW_KEY_STORE: where gateway keys and BYOK providers live: sqlite" in text
+    assert "only with LLMGW_KEY_STORE=postgres" in text  # the DSN alone no longer moves keys
