@@ -5,9 +5,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import multiprocessing
+import multiprocessing.connection
 import os
 import signal
 import sys
+import threading
 from collections.abc import Sequence
 
 from server.config import Settings, add_arguments, load_settings
@@ -51,7 +54,22 @@ def _run_one(settings: Settings) -> int:
             signal.signal(sig, handler)
 
 
+def _stop_with_parent(sentinel: int) -> None:
+    """Waits for the parent's end, then stops this worker gracefully (its own SIGTERM)."""
+    multiprocessing.connection.wait([sentinel])
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
 def _worker(settings: Settings, index: int) -> None:
+    # Spawned with SIGHUP ignored and blocked (server.supervisor): ignored it stays until serving.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
+    # A parent killed with SIGKILL cannot stop its workers: orphans would keep the port and
+    # serve unsupervised. Its end closes the spawn pipe, which this thread waits on.
+    parent = multiprocessing.parent_process()
+    if parent is not None and parent.sentinel is not None:
+        threading.Thread(
+            target=_stop_with_parent, args=(parent.sentinel,), name="parent-watch", daemon=True
+        ).start()
     os.environ[WORKER_ENV] = str(index)  # worker 0 serves the admin listener
     _configure_logging(settings.log_level)
     sys.exit(_run_one(settings))

@@ -6,9 +6,16 @@ import argparse
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
+from urllib.parse import urlsplit
 
 from server.auth.policy import AUTH_MODES
-from server.config_values import parse_bool, parse_non_negative, parse_retention
+from server.config_values import (
+    parse_bool,
+    parse_listen,
+    parse_non_negative,
+    parse_retention,
+    userinfo_unencoded,
+)
 from server.grpc_options import connection_problems
 from server.providers.local.endpoints import LOCAL_AUTH_TYPES
 from server.traces.factory import BACKEND_NAMES
@@ -170,6 +177,20 @@ _PROVIDER_KEYS = {
     "azure_api_key": ("AZURE_API_KEY",),
 }
 _TUPLE_FIELDS = {"trace_backends", "allowed_endpoints"}
+# Upstream base URLs: checked as the endpoint policy reads them, so a typo names its variable.
+_BASE_URL_FIELDS = (
+    "openai_base_url",
+    "openrouter_base_url",
+    "anthropic_base_url",
+    "google_ai_base_url",
+    "groq_base_url",
+    "deepseek_base_url",
+    "azure_base_url",
+    "local_base_url",
+)
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+# More server processes than this is a typo, not a deployment (each is a whole server).
+MAX_WORKERS = 1024
 _RETENTION_FIELDS = {"trace_retention"}
 SECRET_FIELDS = frozenset({"encryption_key", "encryption_key_previous", "local_api_key", *_PROVIDER_KEYS})
 
@@ -210,6 +231,19 @@ def _configurable_fields() -> list[str]:
     return [f.name for f in fields(Settings) if f.name != "retry" and f.name not in _PROVIDER_KEYS]
 
 
+# What `--help` says beyond the variable's name, where the rule is not obvious from it.
+_HELP = {
+    "sqlite_path": "the SQLite file: traces, and gateway keys and BYOK providers unless "
+    "LLMGW_KEY_STORE=postgres; a relative path is resolved against the working directory at start-up",
+    "postgres_dsn": "PostgreSQL (postgresql://...) for the postgres trace backend, and for gateway keys "
+    "and BYOK providers only with LLMGW_KEY_STORE=postgres",
+    "key_store": "where gateway keys and BYOK providers live: sqlite (default, LLMGW_SQLITE_PATH) or "
+    "postgres (LLMGW_POSTGRES_DSN)",
+    "trace_retention": "delete traces older than this: 30d, 12h, 90m, 3600s, 2w (unset: keep all)",
+    "log_level": "DEBUG, INFO (default), WARNING, ERROR or CRITICAL",
+}
+
+
 def add_arguments(parser: argparse.ArgumentParser, *, nested: bool = False) -> None:
     """Add one flag per setting (`--sqlite-path` for `LLMGW_SQLITE_PATH`).
 
@@ -217,6 +251,8 @@ def add_arguments(parser: argparse.ArgumentParser, *, nested: bool = False) -> N
     """
     for name in [*_configurable_fields(), *_retry_setting_names()]:
         help_text = f"env LLMGW_{name.upper()}"
+        if name in _HELP:
+            help_text += ": " + _HELP[name]
         if name in SECRET_FIELDS:
             help_text += " (prefer the environment for secrets)"
         default = argparse.SUPPRESS if nested else None
@@ -262,8 +298,11 @@ def load_settings(
 def validate(settings: Settings) -> None:
     """Refuse configurations that cannot work, with a message naming the setting."""
     problems: list[str] = []
-    if settings.workers < 1:
-        problems.append("LLMGW_WORKERS must be at least 1")
+    if not 1 <= settings.workers <= MAX_WORKERS:
+        problems.append(f"LLMGW_WORKERS must be between 1 and {MAX_WORKERS}")
+    if settings.log_level.upper() not in _LOG_LEVELS:
+        problems.append(f"LLMGW_LOG_LEVEL must be one of {', '.join(_LOG_LEVELS)} (any case)")
+    problems += _address_problems(settings)
     if settings.auth not in AUTH_MODES:
         problems.append(f"LLMGW_AUTH must be one of {', '.join(AUTH_MODES)}")
     unknown: Sequence[str] = [b for b in settings.trace_backends if b not in BACKEND_NAMES]
@@ -277,8 +316,6 @@ def validate(settings: Settings) -> None:
         problems.append("LLMGW_KEY_STORE is postgres but LLMGW_POSTGRES_DSN is empty")
     if "clickhouse" in settings.trace_backends and not settings.clickhouse_url:
         problems.append("LLMGW_TRACE_BACKENDS has clickhouse but LLMGW_CLICKHOUSE_URL is empty")
-    if settings.admin_listen and settings.admin_listen.rpartition(":")[2] in ("", settings.admin_listen):
-        problems.append("LLMGW_ADMIN_LISTEN must be host:port (or empty to turn it off)")
     if settings.metrics_max_models < 1:
         problems.append("LLMGW_METRICS_MAX_MODELS must be at least 1")
     if settings.trace_queue_bytes < 1:
@@ -287,8 +324,13 @@ def validate(settings: Settings) -> None:
     if not 4096 <= settings.trace_page_bytes <= 60 * 1024 * 1024:
         problems.append("LLMGW_TRACE_PAGE_BYTES must be between 4096 and 62914560 (60 MiB)")
     retry = settings.retry
-    if retry.max_attempts < 1 or retry.initial_delay < 0 or retry.max_delay < 0 or retry.multiplier < 1:
-        problems.append("LLMGW_RETRY_*: max_attempts must be >= 1, delays >= 0 and the multiplier >= 1")
+    if retry.max_attempts < 1:
+        problems.append("LLMGW_RETRY_MAX_ATTEMPTS must be at least 1")
+    if retry.multiplier < 1:
+        problems.append("LLMGW_RETRY_MULTIPLIER must be at least 1")
+    bad_statuses = [str(s) for s in retry.retry_statuses if not 100 <= s <= 599]
+    if bad_statuses:
+        problems.append(f"LLMGW_RETRY_STATUSES: {', '.join(bad_statuses)} not HTTP status codes (100-599)")
     if not 1 <= settings.max_answer_bytes <= MAX_ANSWER_BYTES_LIMIT:
         problems.append(
             f"LLMGW_MAX_ANSWER_BYTES must be between 1 and {MAX_ANSWER_BYTES_LIMIT} "
@@ -305,6 +347,72 @@ def validate(settings: Settings) -> None:
         problems.append("LLMGW_LIMITS_REDIS_FAILURE must be open or closed")
     problems += connection_problems(settings)
     if bool(settings.tls_cert) != bool(settings.tls_key):
-        problems.append("--tls-cert and --tls-key go together")
+        problems.append("LLMGW_TLS_CERT (--tls-cert) and LLMGW_TLS_KEY (--tls-key) go together")
     if problems:
         raise ValueError("; ".join(problems))
+
+
+def _address_problems(settings: Settings) -> list[str]:
+    """Listen addresses, upstream URLs and the DSN, each named (a DSN is never echoed: its password)."""
+    # Here, not at the top: endpoints imports grpc, which main() must configure first.
+    from server.auth.endpoints import InvalidEndpoint, normalize_url
+
+    problems: list[str] = []
+    for name, value, unix in (
+        ("listen", settings.listen, True),
+        ("admin_listen", settings.admin_listen, False),
+    ):
+        if name == "admin_listen" and not value:
+            continue  # off
+        try:
+            parse_listen(value, allow_unix=unix)
+        except ValueError as exc:
+            problems.append(f"LLMGW_{name.upper()}: {exc}")
+    for name in _BASE_URL_FIELDS:
+        url = getattr(settings, name)
+        if not url:
+            continue
+        try:
+            normalize_url(url)
+        except InvalidEndpoint as exc:
+            problems.append(f"LLMGW_{name.upper()}: not a usable base URL: {exc}")
+    url = settings.clickhouse_url
+    if url and (userinfo_unencoded(url) or not _http_url(url)):
+        problems.append(
+            "LLMGW_CLICKHOUSE_URL must be http(s)://[user:password@]host[:port][/database] "
+            "(the password percent-encoded)"
+        )
+    dsn = settings.postgres_dsn
+    if dsn and not dsn.lower().startswith(("postgres://", "postgresql://")):
+        problems.append(
+            "LLMGW_POSTGRES_DSN must be a postgresql:// URL (postgresql://user:password@host:port/db)"
+        )
+    elif dsn and userinfo_unencoded(dsn):
+        problems.append(
+            "LLMGW_POSTGRES_DSN: percent-encode the password's / ? # @ characters (e.g. / as %2F)"
+        )
+    elif dsn and not _dsn_ports_ok(dsn):
+        problems.append("LLMGW_POSTGRES_DSN: a port is not a number (host:port[,host:port...])")
+    return problems
+
+
+def _http_url(url: str) -> bool:
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError:
+        return False
+    return parts.scheme.lower() in ("http", "https") and bool(parts.hostname)
+
+
+def _dsn_ports_ok(dsn: str) -> bool:
+    """Every `host[:port]` of a postgresql:// URL (libpq allows several, comma-separated) has a
+    numeric port or none."""
+    netloc = dsn.partition("://")[2].split("/", 1)[0].split("?", 1)[0].rpartition("@")[2]
+    for host in netloc.split(","):
+        if host.startswith("["):  # [v6]:port
+            host = host.partition("]")[2]
+        port = host.rpartition(":")[2] if ":" in host else ""
+        if port and not port.isdigit():
+            return False
+    return True

@@ -46,3 +46,22 @@ def parse_retention(raw: str) -> float:
             f"{raw!r} is not a retention (a positive whole number and a unit: s, m, h, d, w; e.g. 30d)"
         )
     return float(int(match.group(1)) * _UNIT_SECONDS[match.group(2)])
+
+
+def userinfo_unencoded(url: str) -> bool:
+    """True when `url`'s user:password part holds a `/`, `?`, `#` or `@` that is not
+    percent-encoded: parsers then cut the URL inside the password, and their error messages
+    (and any redaction that trusts the parse) show a piece of it."""
+    rest = url.partition("://")[2]
+    at = rest.rfind("@")
+    return at >= 0 and any(c in rest[:at] for c in "/?#@")
+
+
+def parse_listen(raw: str, *, allow_unix: bool) -> None:
+    """`host:port` (`[v6]:port`, an empty host for every address), port 0..65535; ValueError
+    otherwise. `unix:`/`unix-abstract:` addresses pass when `allow_unix` (gRPC serves them)."""
+    if allow_unix and raw.startswith(("unix:", "unix-abstract:")):
+        return
+    host, colon, port = raw.rpartition(":")
+    if not colon or not port.isdigit() or int(port) > 65535 or (":" in host and not host.startswith("[")):
+        raise ValueError(f"{raw!r} is not host:port (a port from 0 to 65535; [v6]:port for IPv6)")

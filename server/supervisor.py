@@ -130,7 +130,17 @@ class Supervisor:
         )
         slot.process = process
         slot.restart_at = None
-        process.start()
+        # The new worker handles SIGHUP only once serving, after Python's start-up and its
+        # imports, and SIGHUP's default action kills: it starts with SIGHUP ignored (kept across
+        # exec). Blocked here meanwhile, so a reload that comes now reaches the parent's handler
+        # right after instead of being lost (the worker unblocks it, server.cli._worker).
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+        reload_handler = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        try:
+            process.start()
+        finally:
+            signal.signal(signal.SIGHUP, reload_handler)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
         log.info("worker-%d started (pid %s)", slot.index, process.pid)
         if self._stop_signals and process.pid is not None:
             os.kill(process.pid, self._stop_signals[-1])  # the signal came while it was being spawned

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 from server.auth.byok import rotate_encryption
 from server.auth.crypto import Keyring
 from server.auth.factory import create_auth_store, key_store_location, stranded_keys
+from server.auth.redact import redact_text
 from server.auth.store import DEFAULT_CACHE_TTL, parse_key_id
 from server.errors import GatewayError
 from server.limits.cli import add_limits_parser, run_limits
@@ -85,7 +86,12 @@ async def run_keys_command_async(
     err = err or sys.stderr
     store = create_auth_store(settings, cache_ttl=DEFAULT_CACHE_TTL)
     try:
-        await store.start()
+        try:
+            await store.start()
+        except Exception as exc:  # noqa: BLE001 - any driver error: one line for the operator, not a traceback
+            reason = redact_text(str(exc) or type(exc).__name__, settings.postgres_dsn)
+            print(f"error: cannot open the key store {key_store_location(settings)}: {reason}", file=err)
+            return 1
         # On stderr: stdout stays parseable (`keys create` prints the key alone on its last line).
         print(f"key store: {key_store_location(settings)}", file=err)
         stranded = await stranded_keys(settings, store)

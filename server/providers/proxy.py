@@ -51,6 +51,17 @@ class Proxy:
         return f"Proxy({self.display!r})"
 
 
+def _shown(raw: str) -> str:
+    """A proxy setting fit for an error message: everything before the last `@` hidden. A
+    garbled URL (an unencoded `/`, `#`, `?` or `[` in the password) does not parse, so a
+    redaction that trusts the parse would show the password or a piece of it."""
+    text = raw.strip()
+    scheme, sep, rest = text.partition("://") if "://" in text else ("", "", text)
+    if "@" not in rest:
+        return redact_url(raw)
+    return f"{scheme}{sep}***@{rest.rpartition('@')[2]}"
+
+
 def _parse_proxy(variable: str, raw: str) -> Proxy:
     text = raw.strip()
     if "://" not in text:
@@ -59,11 +70,11 @@ def _parse_proxy(variable: str, raw: str) -> Proxy:
         parts = urlsplit(text)
         port = parts.port
     except ValueError:
-        raise ValueError(f"{variable}: not a proxy URL ({redact_url(raw)})") from None
+        raise ValueError(f"{variable}: not a proxy URL ({_shown(raw)})") from None
     if parts.scheme.lower() != "http" or not parts.hostname:
-        raise ValueError(f"{variable}: only http://host:port proxies are supported ({redact_url(raw)})")
+        raise ValueError(f"{variable}: only http://host:port proxies are supported ({_shown(raw)})")
     if parts.path not in ("", "/") or parts.query or parts.fragment:
-        raise ValueError(f"{variable}: a proxy URL has no path ({redact_url(raw)})")
+        raise ValueError(f"{variable}: a proxy URL has no path ({_shown(raw)})")
     authorization = ""
     if parts.username is not None:
         pair = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
