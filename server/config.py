@@ -382,6 +382,12 @@ def _address_problems(settings: Settings) -> list[str]:
             "LLMGW_CLICKHOUSE_URL must be http(s)://[user:password@]host[:port][/database] "
             "(the password percent-encoded)"
         )
+    redis = settings.redis_url
+    if redis and (userinfo_unencoded(redis) or not _redis_url(redis)):
+        problems.append(
+            "LLMGW_REDIS_URL must be redis://[:password@]host[:port][/db], rediss://... or "
+            "unix:///path (the password percent-encoded)"
+        )
     dsn = settings.postgres_dsn
     if dsn and not dsn.lower().startswith(("postgres://", "postgresql://")):
         problems.append(
@@ -403,6 +409,17 @@ def _http_url(url: str) -> bool:
     except ValueError:
         return False
     return parts.scheme.lower() in ("http", "https") and bool(parts.hostname)
+
+
+def _redis_url(url: str) -> bool:
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError:
+        return False
+    if parts.scheme.lower() == "unix":
+        return bool(parts.path)
+    return parts.scheme.lower() in ("redis", "rediss") and bool(parts.hostname)
 
 
 def _dsn_ports_ok(dsn: str) -> bool:

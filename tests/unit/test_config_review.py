@@ -14,7 +14,7 @@ import pytest
 
 from server.config import _configurable_fields, _retry_setting_names, add_arguments, load_settings
 
-BOOLEANS = {"byok_read_v1", "local_exact_tokens", "retry_connection_errors"}
+BOOLEANS = {"byok_read_v1", "local_exact_tokens", "retry_connection_errors", "tool_call_missing_retry"}
 INTEGERS = {
     "workers": ["abc", "", "1.5", "0", "-1", "99999999999999999999"],
     "trace_queue_bytes": ["abc", "", "1.5", "0", "-1"],
@@ -30,6 +30,11 @@ DURATIONS = {
     "retry_multiplier",
     "retry_jitter",
     "retry_max_delay",
+    "grpc_max_connection_age",
+    "grpc_max_connection_age_grace",
+    "grpc_keepalive_time",
+    "grpc_keepalive_timeout",
+    "grpc_min_ping_interval",
 }
 ENUMS = {
     "auth": ["garbage", "", "Required "],
@@ -37,6 +42,7 @@ ENUMS = {
     "local_auth_type": ["garbage", "bearer"],
     "log_level": ["garbage", "verbose", "basic_format", "", "root"],
     "trace_backends": ["garbage", "sqlite,garbage"],
+    "limits_redis_failure": ["garbage", "", "Open ", "fail"],
 }
 URLS = {
     "openai_base_url",
@@ -70,6 +76,8 @@ FREE = {
     "tls_key",
     "tls_client_ca",
     "routes_file",
+    "prices_file",  # read at start-up; a bad file names the file and the entry (tests/unit/test_billing.py)
+    "redis_url",  # its own test below (the password must not be echoed)
     "local_api_key",
     "retry_statuses",  # its own test below
 }
@@ -178,3 +186,28 @@ def test_help_says_where_keys_live(command: list[str], capsys: pytest.CaptureFix
     text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
     assert "LLMGW_KEY_STORE: where gateway keys and BYOK providers live: sqlite" in text
     assert "only with LLMGW_KEY_STORE=postgres" in text  # the DSN alone no longer moves keys
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["garbage", "http://redis:6379", "redis://:pa/ss@host:6379/0", "redis://host:notaport/0", "redis://"],
+)
+def test_a_garbled_redis_url_is_refused_naming_the_variable_not_the_password(
+    value: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LLMGW_REDIS_URL", value)
+    with pytest.raises((SystemExit, ValueError)) as raised:
+        load_settings([])
+    message = str(raised.value)
+    assert "LLMGW_REDIS_URL" in message
+    assert "pa/ss" not in message and "ss@" not in message
+
+
+def test_redis_urls_users_write_are_accepted(monkeypatch: pytest.MonkeyPatch) -> None:
+    for value in (
+        "redis://127.0.0.1:6379/0",
+        "rediss://:p%2Fw@cache.internal:6380",
+        "unix:///run/redis.sock",
+    ):
+        monkeypatch.setenv("LLMGW_REDIS_URL", value)
+        assert load_settings([]).redis_url == value
