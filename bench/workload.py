@@ -61,6 +61,9 @@ def grpc_request_bytes(endpoint: str, endpoint_type: str = "openai", model: str 
             chat_pb2.Message(role=chat_pb2.ROLE_USER, content=USER_PROMPT),
         ],
         trace=chat_pb2.TraceContext(step_id="step-bench", agent_id="agent-bench", run_id="run-bench"),
+        # As the JSON body LiteLLM gets (`tool_choice: auto`): the upstream streams text, which the
+        # gateway's default `required` would refuse as TOOL_CALL_MISSING.
+        function_call="auto",
     )
     for tool in TOOLS:
         parameters = struct_pb2.Struct()
