@@ -194,7 +194,9 @@ def start_gateway(
         "--workers",
         str(workers),
     ]
-    env = {"PYTHONUNBUFFERED": "1"}
+    # The admin listener (metrics) on, as by default, on a port of its own: the default one may be
+    # another gateway's on this machine.
+    env = {"PYTHONUNBUFFERED": "1", "LLMGW_ADMIN_LISTEN": f"127.0.0.1:{procs.free_port()}"}
     service = procs.Service(f"gateway-{tag}", argv, workdir / f"gateway-{tag}.log", env=env, cpus=cpus)
     service.wait_for_log("serving on", count=workers, timeout=120)
     return service, port

@@ -8,7 +8,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from urllib.parse import urlsplit
 
-from server.auth.policy import AUTH_MODES
 from server.config_values import (
     parse_bool,
     parse_listen,
@@ -17,8 +16,7 @@ from server.config_values import (
     userinfo_unencoded,
 )
 from server.grpc_options import connection_problems
-from server.providers.local.endpoints import LOCAL_AUTH_TYPES
-from server.traces.factory import BACKEND_NAMES
+from server.setting_names import AUTH_MODES, BACKEND_NAMES, LOCAL_AUTH_TYPES
 
 DEFAULT_OPENAI_BASE_URL = "https://api.openai.com/v1"
 DEFAULT_OPENROUTER_BASE_URL = "https://openrouter.ai/api/v1"

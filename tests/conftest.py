@@ -5,6 +5,13 @@ from server.grpc_runtime import apply_grpc_defaults
 # The same gRPC runtime as `llm-gateway serve`, set before anything loads grpc.
 apply_grpc_defaults()
 
+import os  # noqa: E402
+
+# Servers the tests start as processes (`llm-gateway serve`) inherit this: the admin listener's
+# default port (127.0.0.1:9464) would be fought over by tests running side by side, or already be
+# taken by another gateway on the machine. The admin tests give the listener a port of their own.
+os.environ.setdefault("LLMGW_ADMIN_LISTEN", "")
+
 from collections.abc import AsyncIterator  # noqa: E402
 from pathlib import Path  # noqa: E402
 

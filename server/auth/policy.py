@@ -21,13 +21,12 @@ from typing import TYPE_CHECKING
 
 from server.auth.actor import ANONYMOUS, ANONYMOUS_ORGANIZATION, Actor
 from server.errors import PermissionDenied, Unauthenticated
+from server.setting_names import AUTH_MODES  # re-exported: defined once
 
 if TYPE_CHECKING:
     from server.auth.store import AuthStore
 
 log = logging.getLogger(__name__)
-
-AUTH_MODES = ("auto", "required", "off")
 
 
 class AuthConfigError(ValueError):

@@ -5,9 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from server.auth.redact import redact_url
+from server.setting_names import BACKEND_NAMES  # re-exported: defined once
 from server.traces.base import TraceBackend
-
-BACKEND_NAMES = ("sqlite", "postgres", "clickhouse", "socket")
 
 
 def create_backends(

@@ -240,6 +240,8 @@ async def test_grpcurl_create_returns_protojson(tmp_path: Path, upstream: FakeUp
         "totalTokens": 15,
         "cachedTokens": 4,
         "reasoningTokens": 1,
+        # gpt-4o-mini: 8 uncached x $0.15/M + 4 cached x $0.075/M + 3 out x $0.60/M (issue 17)
+        "costUsd": "0.0000033",
     }
     assert response["providerTraceId"].startswith("provider_trace-")
     sent = upstream.requests[0]

@@ -79,8 +79,13 @@ async def anthropic_server() -> AsyncIterator[AnthropicFake]:
 
 def _request(endpoint_type: str, model: str, window: int, *functions: Any) -> chat_pb2.CreateRequest:
     config = chat_pb2.LLMConfig(model=model, model_endpoint_type=endpoint_type, context_window=window)
+    # "auto": these tests are about a text answer with tools offered (the fakes answer a call
+    # under the gateway's default "required", as the real APIs do).
     return chat_pb2.CreateRequest(
-        llm_config=config, messages=[chat_pb2.Message(role=USER, content="Say hello")], functions=functions
+        llm_config=config,
+        messages=[chat_pb2.Message(role=USER, content="Say hello")],
+        functions=functions,
+        function_call="auto" if functions else "",
     )
 
 

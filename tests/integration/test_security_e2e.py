@@ -1690,4 +1690,4 @@ def test_tls_cert_without_key_is_refused(tmp_path: Path, certs: CertFiles) -> No
         timeout=60,
     )
     assert result.returncode != 0
-    assert "--tls-cert and --tls-key go together" in result.stderr
+    assert "LLMGW_TLS_CERT (--tls-cert) and LLMGW_TLS_KEY (--tls-key) go together" in result.stderr

@@ -234,7 +234,8 @@ async def test_failed_call_is_traced_with_its_error(gateway: RunningGateway, ups
     assert failure.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert trace.error_type == "UPSTREAM_REJECTED"
     assert "bad role" in trace.error_message
-    assert trace.response_json == ""
+    kept = json.loads(trace.response_json)  # the upstream's error body, scrubbed and bounded (issue 14)
+    assert kept["http_status"] == 400 and "bad role" in kept["body"] and kept["truncated"] is False
     assert json.loads(trace.request_json) == json.loads(upstream.requests[0].raw)
     assert trace.latency_ms > 0
 
@@ -248,7 +249,9 @@ async def test_failed_stream_is_traced(gateway: RunningGateway, upstream: FakeUp
             pass
     trace = await wait_for_trace(gateway.traces, "step-s400")
     assert trace.error_type == "UPSTREAM_REJECTED"
-    assert trace.error_message and trace.response_json == ""
+    assert trace.error_message
+    kept = json.loads(trace.response_json)  # the upstream's error body, scrubbed and bounded (issue 14)
+    assert kept["http_status"] == 400 and "nope" in kept["body"]
 
 
 async def test_cancelled_call_is_traced(gateway: RunningGateway, upstream: FakeUpstream) -> None:

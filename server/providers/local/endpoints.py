@@ -44,10 +44,11 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from server.errors import FieldViolation, InvalidRequest, UpstreamBadResponse
+from server.setting_names import LOCAL_AUTH_TYPES  # re-exported: defined once
 
 ENDPOINT_TYPES = ("ollama", "llamacpp", "vllm", "lmstudio", "koboldcpp", "webui")
 # `LLMGW_LOCAL_AUTH_TYPE` values besides "" (no auth header).
-LOCAL_AUTH_TYPES = ("bearer_token", "api_key")
+
 GRAMMAR_ENDPOINT_TYPES = frozenset({"llamacpp", "koboldcpp", "webui"})
 # Used when the caller sets no max_tokens; servers' own defaults are far too short (vLLM 16,
 # koboldcpp 100) for a function call carrying inner thoughts, and llama.cpp's (-1) is unbounded.
