@@ -49,6 +49,7 @@ from tests.scaleout import (
     start_nginx,
     stop_cluster,
 )
+from tests.trace_polling import eventually
 from tests.trace_services import PostgresServer, free_port, fresh_postgres_database
 
 pytestmark = pytest.mark.slow
@@ -400,7 +401,10 @@ async def test_revocation_byok_and_limits_reach_every_replica(
         assert Counter(results) == {"ok": SHARED_RPM, "refused": SHARED_RPM}, results
         assert after_each == ["refused"] * 3
         assert len(slow_upstream.requests) - upstream_before == SHARED_RPM
-        await asyncio.sleep(0.2)  # nginx writes a call's log line as it ends
+        # nginx writes a call's log line as it ends: wait for every one of the burst's.
+        await eventually(
+            lambda: set(ids) <= cluster.balancer.calls().keys(), message="nginx never logged the burst"
+        )
         served = cluster.balancer.calls()
         replicas_used = {served[i].upstreams[-1] for i in ids}
         assert replicas_used == {r.address for r in cluster.replicas}, replicas_used
@@ -590,10 +594,12 @@ async def test_the_balancer_answers_unavailable_and_clients_retry_only_idempoten
                     await call
                 assert failed.value.code() == grpc.StatusCode.UNAVAILABLE, (name, failed.value)
                 assert failed.value.details() == "llm-gateway replica unavailable", name
-        await asyncio.sleep(0.2)  # nginx writes its access log line as each attempt ends
-        attempts = Counter(
-            line.split(" ")[2] for line in (balancer.workdir / "access.log").read_text().splitlines()
+        # nginx writes its access log line as each attempt ends: wait for the five expected.
+        access_log = balancer.workdir / "access.log"
+        await eventually(
+            lambda: len(access_log.read_text().splitlines()) >= 5, message="nginx never logged the attempts"
         )
+        attempts = Counter(line.split(" ")[2] for line in access_log.read_text().splitlines())
         assert attempts == {"count": 4, "create": 1}, attempts
     finally:
         await asyncio.to_thread(balancer.stop)
