@@ -32,9 +32,30 @@ def cost_pico(
     reasoning_tokens: int = 0,
 ) -> int | None:
     """The call's cost in pico-dollars; None when the counts are inconsistent."""
-    if min(prompt_tokens, completion_tokens, cached_tokens, cache_write_tokens) < 0:
-        return None
-    if min(cache_write_1h_tokens, reasoning_tokens) < 0 or cache_write_1h_tokens > cache_write_tokens:
+    return cost_of(
+        price, prompt_tokens, completion_tokens, cached_tokens, cache_write_tokens, cache_write_1h_tokens,
+        reasoning_tokens,
+    )  # fmt: skip
+
+
+def cost_of(
+    price: Price,
+    prompt_tokens: int,
+    completion_tokens: int,
+    cached_tokens: int,
+    cache_write_tokens: int,
+    cache_write_1h_tokens: int,
+    reasoning_tokens: int,
+) -> int | None:
+    """`cost_pico` with positional arguments (every answer is priced: no keyword parsing)."""
+    if (
+        prompt_tokens < 0
+        or completion_tokens < 0
+        or cached_tokens < 0
+        or cache_write_1h_tokens < 0
+        or reasoning_tokens < 0
+        or cache_write_1h_tokens > cache_write_tokens  # also refuses cache_write_tokens < 0
+    ):
         return None
     uncached = prompt_tokens - cached_tokens - cache_write_tokens
     answer = completion_tokens - reasoning_tokens
@@ -53,16 +74,31 @@ def cost_pico(
 
 def dollars(pico: int) -> str:
     """Pico-dollars as an exact decimal string of dollars: 1234500000 -> "0.0012345", 0 -> "0"."""
-    sign = "-" if pico < 0 else ""
-    whole, fraction = divmod(abs(pico), PICO_PER_DOLLAR)
-    text = f"{sign}{whole}"
+    if pico < 0:
+        return "-" + dollars(-pico)
+    whole, fraction = divmod(pico, PICO_PER_DOLLAR)
     if fraction:
-        text += "." + f"{fraction:0{_DIGITS}d}".rstrip("0")
-    return text
+        return f"{whole}.{fraction:012d}".rstrip("0")
+    return str(whole)
 
 
 def parse_dollars(text: str) -> int:
     """A decimal string of dollars ("25.50") as pico-dollars; ValueError if not exact or not a number."""
+    # The form `dollars` writes (every settle parses one): digits, maybe a fraction; anything
+    # else (a sign, spaces, ".5", a bad one) takes the general path below, which checks it all.
+    whole, dot, fraction = text.partition(".")
+    if (
+        text.isascii()
+        and whole.isdigit()
+        and len(whole) <= 15
+        and len(fraction) <= _DIGITS
+        and (fraction.isdigit() or not fraction)
+    ):
+        return int(whole) * PICO_PER_DOLLAR + (int(fraction.ljust(_DIGITS, "0")) if fraction else 0)
+    return _parse_dollars(text)
+
+
+def _parse_dollars(text: str) -> int:
     value = text.strip()
     if not value.isascii():
         raise ValueError(f"{text!r} is not a decimal amount of dollars")

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from llmgateway.v1 import chat_pb2
 
 from server import metrics
-from server.billing.cost import cost_pico, dollars
+from server.billing.cost import cost_of, dollars
 from server.billing.prices import PriceTable
 
 log = logging.getLogger("llmgateway.billing")
@@ -42,16 +42,18 @@ class Meter:
         price = self.table.find(provider, model)
         cost = None
         if price is not None:
-            cost = cost_pico(
+            cost = cost_of(
                 price,
-                prompt_tokens=usage.prompt_tokens,
-                completion_tokens=usage.completion_tokens,
-                cached_tokens=usage.cached_tokens,
-                cache_write_tokens=usage.cache_write_tokens,
-                cache_write_1h_tokens=usage.cache_write_1h_tokens,
-                reasoning_tokens=usage.reasoning_tokens,
+                usage.prompt_tokens,
+                usage.completion_tokens,
+                usage.cached_tokens,
+                usage.cache_write_tokens,
+                usage.cache_write_1h_tokens,
+                usage.reasoning_tokens,
             )
-        totals = self._totals(provider, model)
+        totals = self.totals.get((provider, model))
+        if totals is None:
+            totals = self._totals(provider, model)
         if cost is None:
             self.unpriced += 1
             metrics.record_unpriced(provider, model)

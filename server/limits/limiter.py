@@ -29,7 +29,6 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from typing import Any
 
 from llmgateway.v1 import chat_pb2
 
@@ -39,32 +38,74 @@ from server.billing.prices import PriceTable, Rates
 from server.core import tokens
 from server.errors import FailedPrecondition, QuotaExceeded
 from server.limits.book import LimitsBook
-from server.limits.counters import UNCHECKED, Check, Counters
-from server.limits.model import Limits, Scope, Window, nano_dollars, spend_text, window
+from server.limits.counters import UNCHECKED, Counters, MemoryCounters, Row
+from server.limits.model import NO_LIMITS, Limits, Scope, Window, nano_dollars, spend_text, window
 
-# A reservation to correct at settle: (counter key, its ttl, True for tokens / False for spend,
-# the amount reserved).
-_Reserved = tuple[str, int, bool, int]
 _METRICS = ("requests_per_minute", "tokens_per_minute", "spend_per_day", "spend_per_month")
+_MAX_PLANS = 100_000  # callers (key, organization) with a cached plan; cleared past it
+
+
+class _Plan:
+    """The counters one caller (a key and its organization) touches in one set of windows, with
+    everything admission and settling need but the amounts: built when the minute or either's
+    Limits change (the book hands out the same Limits object while it is cached), so a call
+    builds no counter key and no tuple of its own (the request path's main cost before)."""
+
+    __slots__ = ("windows", "key_limits", "org_limits", "rows", "owners", "counts_tokens", "counts_spend",
+                 "tokens", "spend")  # fmt: skip
+
+    def __init__(
+        self,
+        windows: tuple[Window, ...],
+        subjects: tuple[tuple[Scope, str, Limits], ...],
+        key: Limits,
+        org: Limits,
+    ) -> None:
+        self.windows = windows
+        self.key_limits = key
+        self.org_limits = org
+        rows: list[Row] = []
+        owners: list[tuple[Scope, str, int]] = []
+        for scope, subject, limits in subjects:  # the key's counters first, then the org's
+            for index, limit in enumerate(limits.values()):
+                if limit is not None:
+                    span = windows[index]
+                    rows.append(
+                        (f"{scope}:{subject}:{_METRICS[index]}:{span.id}", limit, index, span.ttl, span.ends)
+                    )
+                    owners.append((scope, subject, index))
+        # (counter key, limit, index of its amount in (requests, tokens, spend, spend), ttl, end)
+        self.rows = tuple(rows)
+        self.owners = tuple(owners)  # of each row: whose, which metric
+        self.counts_tokens = key.counts_tokens or org.counts_tokens
+        self.counts_spend = key.counts_spend or org.counts_spend
+        # What settling corrects: (counter key, ttl) of the token and of the spend counters.
+        self.tokens = tuple((row[0], row[3]) for row in rows if row[2] == 1)
+        self.spend = tuple((row[0], row[3]) for row in rows if row[2] >= 2)
 
 
 class Ticket:
     """One admitted call: what it reserved, corrected by `settle` (once)."""
 
-    __slots__ = ("_counters", "_reserved", "_unchecked", "_settled", "_prompt", "_answer", "_rates")
+    __slots__ = ("_counters", "_plan", "_tokens", "_spend", "_unchecked", "_settled", "_prompt", "_answer",
+                 "_rates")  # fmt: skip
 
     def __init__(
         self,
         counters: Counters,
-        reserved: list[_Reserved],
+        plan: _Plan,
         unchecked: bool,
         *,
+        tokens: int = 0,
+        spend: int = 0,
         prompt: int = 0,
         answer: int = 0,
         rates: Rates | None = None,
     ) -> None:
         self._counters = counters
-        self._reserved = reserved
+        self._plan = plan  # the counters of the windows it was admitted in (settled there)
+        self._tokens = tokens  # reserved on each token counter
+        self._spend = spend  # reserved on each spend counter
         self._unchecked = unchecked
         self._settled = False
         self._prompt = prompt  # what admission reserved: the prompt's tokens, max_tokens
@@ -86,19 +127,28 @@ class Ticket:
         """Replace the reservation with the usage (None: the call failed, it used nothing)."""
         if self._settled:
             return
-        used_tokens = max(0, usage.total_tokens) if usage is not None else 0
-        used_spend = 0
-        if usage is not None and usage.cost_usd:
-            used_spend = max(0, nano_dollars(parse_dollars(usage.cost_usd)))
+        used_tokens = used_spend = 0
+        if usage is not None:
+            used_tokens = max(0, usage.total_tokens)
+            if self._plan.spend:  # the cost is parsed only when a spend counter needs it
+                cost = usage.cost_usd
+                if cost:
+                    used_spend = max(0, nano_dollars(parse_dollars(cost)))
         self._settle(used_tokens, used_spend)
 
     def _settle(self, used_tokens: int, used_spend: int) -> None:
         self._settled = True
-        settle = self._counters.settle
-        for key, ttl, is_tokens, amount in self._reserved:
-            used = used_tokens if is_tokens else used_spend
-            # Admitted unchecked (Redis was away): nothing was reserved, the whole usage counts.
-            settle(key, used if self._unchecked else used - amount, ttl)
+        plan = self._plan
+        # Admitted unchecked (Redis was away): nothing was reserved, the whole usage counts.
+        # A correction of 0 changes no counter: not sent.
+        if plan.tokens:
+            delta = used_tokens if self._unchecked else used_tokens - self._tokens
+            if delta:
+                self._counters.settle_all(plan.tokens, delta)
+        if plan.spend:
+            delta = used_spend if self._unchecked else used_spend - self._spend
+            if delta:
+                self._counters.settle_all(plan.spend, delta)
 
 
 class Admission:
@@ -146,7 +196,7 @@ class Limiter:
         self._prices = prices
         self.clock = clock  # epoch seconds; tests move it (a day's end, a minute's)
         self._window_cache: tuple[float, tuple[Window, ...]] = (0.0, (Window("", 0.0, 0),))
-        self._plans: dict[tuple[str, str], tuple[tuple[Window, ...], Limits, tuple[Any, ...]]] = {}
+        self._plans: dict[tuple[str, str], _Plan] = {}  # by (key id, organization id)
 
     def may_apply(self, actor: Actor) -> bool:
         """False only when the cache knows that neither the key nor its organization has limits
@@ -159,10 +209,6 @@ class Limiter:
             return False
         key = book.cached("key", actor.key_id)
         return key is None or not key.empty
-
-    async def _limits(self, scope: Scope, subject: str) -> Limits:
-        cached = self.book.cached(scope, subject)
-        return cached if cached is not None else await self.book.get(scope, subject)
 
     def _windows(self, now: float) -> tuple[Window, ...]:
         """The four metrics' windows at `now`, reused until the minute ends (a day's and a
@@ -181,52 +227,56 @@ class Limiter:
     ) -> Ticket | None:
         """Reserve the call on every limit that applies; None when none does. `prompt_tokens`:
         the guard's count when it made one (else the message texts are counted here)."""
-        subjects: list[tuple[Scope, str, Limits]] = []
-        if actor.key_id:
-            key_limits = await self._limits("key", actor.key_id)
-            if not key_limits.empty:
-                subjects.append(("key", actor.key_id, key_limits))
-        org_limits = await self._limits("org", actor.organization_id)
-        if not org_limits.empty:
-            subjects.append(("org", actor.organization_id, org_limits))
-        if not subjects:
+        book = self.book
+        key_id, org_id = actor.key_id, actor.organization_id
+        key_limits = NO_LIMITS
+        if key_id:
+            cached = book.cached("key", key_id)
+            key_limits = cached if cached is not None else await book.get("key", key_id)
+        org_limits = book.cached("org", org_id)
+        if org_limits is None:
+            org_limits = await book.get("org", org_id)
+        if key_limits.empty and org_limits.empty:
             return None
-        counts_tokens = counts_spend = False
-        for _, _, limits in subjects:
-            counts_tokens = counts_tokens or limits.counts_tokens
-            counts_spend = counts_spend or limits.counts_spend
-        estimate_tokens = estimate_spend = prompt = answer = 0
-        rates = None
-        if counts_tokens or counts_spend:
-            config = request.llm_config
-            prompt = prompt_tokens if prompt_tokens is not None else estimate_prompt_tokens(request)
-            answer = max(0, config.max_tokens) if config.HasField("max_tokens") else 0
-            estimate_tokens = prompt + answer
-            if counts_spend:
-                rates = self._rates(config, prompt)
-                estimate_spend = nano_dollars(prompt * rates.input + answer * rates.output)
         now = self.clock()
         windows = self._windows(now)
+        plan = self._plans.get((key_id, org_id))
+        if plan is None or plan.windows is not windows or plan.key_limits is not key_limits or (
+            plan.org_limits is not org_limits
+        ):  # fmt: skip
+            plan = self._plan(key_id, key_limits, org_id, org_limits, windows)
+        estimate_tokens = estimate_spend = prompt = answer = 0
+        rates = None
+        if plan.counts_tokens or plan.counts_spend:
+            config = request.llm_config
+            prompt = prompt_tokens if prompt_tokens is not None else estimate_prompt_tokens(request)
+            answer = config.max_tokens  # 0 when not set (an optional field's default)
+            if answer < 0:
+                answer = 0
+            estimate_tokens = prompt + answer
+            if plan.counts_spend:
+                rates = self._rates(config, prompt)
+                estimate_spend = nano_dollars(prompt * rates.input + answer * rates.output)
         amounts = (1, estimate_tokens, estimate_spend, estimate_spend)
-        checks: list[Check] = []
-        owners: list[tuple[Scope, str, int]] = []  # of each check: whose, which metric
-        reserved: list[_Reserved] = []
-        for scope, subject, limits in subjects:
-            for index, key, limit, ttl, ends in self._plan(scope, subject, limits, windows):
-                amount = amounts[index]
-                checks.append((key, limit, amount, ttl, ends))
-                owners.append((scope, subject, index))
-                if index:
-                    reserved.append((key, ttl, index == 1, amount))
         counters = self.counters
-        admit_now = getattr(counters, "admit_now", None)  # in-process: no coroutine to await
-        outcome = admit_now(checks, now) if admit_now is not None else await counters.admit(checks, now)
+        if isinstance(counters, MemoryCounters):  # in-process: no checks to build, no coroutine
+            outcome = counters.admit_rows(plan.rows, amounts, now)
+        else:
+            checks = [(key, limit, amounts[which], ttl, ends) for key, limit, which, ttl, ends in plan.rows]
+            outcome = await counters.admit(checks, now)
         if outcome >= 0:
-            scope, subject, index = owners[outcome]
-            _, limit, amount, _, ends = checks[outcome]
-            raise _refusal(scope, subject, _METRICS[index], limit, ends, amount=amount, now=now)
+            scope, subject, index = plan.owners[outcome]
+            _, limit, which, _, ends = plan.rows[outcome]
+            raise _refusal(scope, subject, _METRICS[index], limit, ends, amount=amounts[which], now=now)
         return Ticket(
-            counters, reserved, unchecked=outcome == UNCHECKED, prompt=prompt, answer=answer, rates=rates
+            counters,
+            plan,
+            outcome == UNCHECKED,
+            tokens=estimate_tokens,
+            spend=estimate_spend,
+            prompt=prompt,
+            answer=answer,
+            rates=rates,
         )
 
     def _rates(self, config: chat_pb2.LLMConfig, prompt: int) -> Rates:
@@ -240,22 +290,18 @@ class Limiter:
         return price.rates_for(prompt)
 
     def _plan(
-        self, scope: Scope, subject: str, limits: Limits, windows: tuple[Window, ...]
-    ) -> tuple[tuple[int, str, int, int, float], ...]:
-        """(metric index, counter key, limit, ttl, window end) of each limit of a subject: built
-        once per subject, limits and minute (the book hands out the same Limits while cached)."""
-        cached = self._plans.get((scope, subject))
-        if cached is not None and cached[0] is windows and cached[1] is limits:
-            return cached[2]
-        plan = tuple(
-            (index, f"{scope}:{subject}:{_METRICS[index]}:{windows[index].id}", limit, windows[index].ttl,
-             windows[index].ends)
-            for index, limit in enumerate(limits.values())
-            if limit is not None
-        )  # fmt: skip
-        if len(self._plans) >= 100_000:
+        self, key_id: str, key_limits: Limits, org_id: str, org_limits: Limits, windows: tuple[Window, ...]
+    ) -> _Plan:
+        """A caller's plan, built once per minute and limits (see `_Plan`)."""
+        subjects: list[tuple[Scope, str, Limits]] = []
+        if not key_limits.empty:
+            subjects.append(("key", key_id, key_limits))
+        if not org_limits.empty:
+            subjects.append(("org", org_id, org_limits))
+        plan = _Plan(windows, tuple(subjects), key_limits, org_limits)
+        if len(self._plans) >= _MAX_PLANS:
             self._plans.clear()
-        self._plans[(scope, subject)] = (windows, limits, plan)
+        self._plans[(key_id, org_id)] = plan
         return plan
 
 

@@ -124,6 +124,10 @@ class RedisCounters:
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.get_running_loop().create_task(self._flush_later())
 
+    def settle_all(self, counters: Sequence[tuple[str, int]], delta: int) -> None:
+        for key, ttl in counters:
+            self.settle(key, delta, ttl)
+
     async def _flush_later(self) -> None:
         await asyncio.sleep(self._flush_interval)
         await self.flush()

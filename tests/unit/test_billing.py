@@ -9,6 +9,7 @@ charged twice or a streamed cache write counted twice fails here.
 from __future__ import annotations
 
 import json
+import random
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ import pytest
 from llmgateway.v1 import chat_pb2
 
 from server import metrics
-from server.billing.cost import cost_pico, dollars, parse_dollars
+from server.billing.cost import _parse_dollars, cost_pico, dollars, parse_dollars
 from server.billing.meter import Meter
 from server.billing.prices import PriceFileError, PriceTable, load_file
 from server.core.completion import usage_from_json
@@ -216,6 +217,45 @@ def test_dollars_round_trip_exactly() -> None:
     for bad in ("1e3", "nan", "0.0000000000001", "1.2.3", "", "٣", "12,5"):
         with pytest.raises(ValueError):
             parse_dollars(bad)
+
+
+def test_parse_dollars_fast_form_agrees_with_the_general_parse() -> None:
+    """`parse_dollars` takes a short path for the form `dollars` writes; every other text goes
+    the general way. Both agree on every text either accepts, and refuse the same ones."""
+    texts = ["0", "5", "5.", ".5", "-0.25", " 7.1 ", "0.000000000001", "123456789012345", "1234567890123456"]
+    texts += ["1.0000000000001", "1.2.3", "", "-", ".", "+1", "١", "1_000", "0x10", "12,5", "1e3", "0.5\n"]
+    rng = random.Random(5)
+    texts += [dollars(rng.randrange(10**16)) for _ in range(500)]
+    for text in texts:
+        try:
+            expected: int | str = _parse_dollars(text)
+        except ValueError:
+            expected = "refused"
+        try:
+            got: int | str = parse_dollars(text)
+        except ValueError:
+            got = "refused"
+        assert got == expected, text
+        if got != "refused":
+            assert Decimal(text.strip()) * 10**12 == got
+
+
+def test_dollars_is_the_exact_decimal() -> None:
+    rng = random.Random(3)
+    for pico in [0, 1, -1, 10**12, -(10**12) - 5, *(rng.randrange(-(10**18), 10**18) for _ in range(500))]:
+        text = dollars(pico)
+        assert Decimal(text) == Decimal(pico).scaleb(-12)
+        assert text == "0" or (not text.endswith("0") or "." not in text)
+
+
+def test_each_negative_count_is_not_priced() -> None:
+    price = TABLE.find("openai", "gpt-4o")
+    assert price is not None
+    counts = ("prompt_tokens", "completion_tokens", "cached_tokens", "cache_write_tokens")
+    counts += ("cache_write_1h_tokens", "reasoning_tokens")
+    for name in counts:
+        usage: dict[str, int] = {"prompt_tokens": 10, "completion_tokens": 10, name: -1}
+        assert cost_pico(price, **usage) is None, name
 
 
 def write(tmp_path: Path, models: list[dict[str, Any]]) -> Path:

@@ -4,6 +4,7 @@ them (the per-subject counter keys, reused while the limits and the minute stay 
 from __future__ import annotations
 
 import asyncio
+import random
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
@@ -66,6 +67,10 @@ class RecordingCounters:
 
     def settle(self, key: str, delta: int, ttl: int) -> None:
         self.settles.append((key, delta, ttl))
+
+    def settle_all(self, counters: Sequence[tuple[str, int]], delta: int) -> None:
+        for key, ttl in counters:
+            self.settle(key, delta, ttl)
 
     async def close(self) -> None:
         return None
@@ -375,3 +380,36 @@ def test_memory_counters_prune_only_ended_windows() -> None:
     counters.settle("a", 5, 120)  # a swept window: nothing to correct
     assert counters.value("a") == 0
     assert asyncio.run(counters.admit([("b", 1, 1, 120, 200.0)], 150.0)) == 0  # at its limit
+
+
+def test_admit_rows_is_admit_now_of_the_same_checks() -> None:
+    """The one-pass in-process admission (bump, take back on a refusal) against the two-pass one."""
+    rng = random.Random(17)
+    keys = [f"c{index}" for index in range(6)]
+    for _ in range(2000):
+        one, two = MemoryCounters(prune_every=10**9), MemoryCounters(prune_every=10**9)
+        for key in rng.sample(keys, rng.randint(0, 6)):  # some counters already hold something
+            start = rng.randint(0, 12)
+            assert one.admit_now([(key, 100, start, 120, 1e12)], 0.0) == ADMITTED
+            assert two.admit_now([(key, 100, start, 120, 1e12)], 0.0) == ADMITTED
+        rows = [
+            (key, rng.randint(0, 15), rng.randint(0, 3), 120, 1e12)
+            for key in rng.sample(keys, rng.randint(1, 6))
+        ]
+        amounts = (1, rng.randint(0, 8), rng.randint(0, 8), rng.randint(0, 8))
+        checks = [(key, limit, amounts[which], ttl, ends) for key, limit, which, ttl, ends in rows]
+        assert one.admit_rows(rows, amounts, 0.0) == two.admit_now(checks, 0.0)
+        assert [one.value(key) for key in keys] == [two.value(key) for key in keys]
+
+
+async def test_a_first_call_refused_by_its_org_leaves_the_key_counters_at_zero() -> None:
+    limiter, _, _ = await limiter_with(org=Limits(tokens_per_minute=50))
+    minute = minute_of(NOON)
+    with pytest.raises(QuotaExceeded) as refused:
+        await limiter.admit(ACTOR, request(), prompt_tokens=100)
+    assert refused.value.metadata["scope"] == "org"
+    assert value(limiter, f"key:k1:requests_per_minute:{minute}") == 0
+    assert value(limiter, f"key:k1:tokens_per_minute:{minute}") == 0
+    assert value(limiter, "key:k1:spend_per_day:2026-03-14") == 0
+    assert await limiter.admit(ACTOR, request(), prompt_tokens=50) is not None
+    assert value(limiter, f"key:k1:requests_per_minute:{minute}") == 1
