@@ -413,3 +413,87 @@ async def test_a_first_call_refused_by_its_org_leaves_the_key_counters_at_zero()
     assert value(limiter, "key:k1:spend_per_day:2026-03-14") == 0
     assert await limiter.admit(ACTOR, request(), prompt_tokens=50) is not None
     assert value(limiter, f"key:k1:requests_per_minute:{minute}") == 1
+
+
+class SlowStore(FakeStore):
+    """A store whose lookups wait for `release` (a lookup under way while others arrive)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = asyncio.Event()
+        self.fail: Exception | None = None
+
+    async def _fetch_limits(self, *, scope: str, subject: str) -> tuple[int | None, ...] | None:
+        self.fetches += 1
+        row = self.rows.get((scope, subject))  # read now, answered later
+        await self.release.wait()
+        if self.fail is not None:
+            raise self.fail
+        return row
+
+
+async def lookups(store: FakeStore, count: int) -> None:
+    """Until `count` lookups have begun."""
+    for _ in range(100):
+        if store.fetches >= count:
+            return
+        await asyncio.sleep(0)
+    raise AssertionError(f"{store.fetches} lookups, not {count}")
+
+
+async def test_calls_that_miss_the_book_together_share_one_lookup() -> None:
+    store = SlowStore()
+    store.rows[("key", "k1")] = (5, None, None, None)
+    book = LimitsBook(store, cache_ttl=60.0)  # type: ignore[arg-type]
+    waiters = [asyncio.create_task(book.get("key", "k1")) for _ in range(50)]
+    await lookups(store, 1)
+    waiters[0].cancel()  # one caller gone: the others still get their answer
+    store.release.set()
+    results = await asyncio.gather(*waiters[1:])
+    assert store.fetches == 1
+    assert all(limits == Limits(requests_per_minute=5) for limits in results)
+    assert waiters[0].cancelled()
+    assert book.cached("key", "k1") == Limits(requests_per_minute=5)
+    assert await book.get("key", "k1") == Limits(requests_per_minute=5) and store.fetches == 1
+
+
+async def test_a_failed_lookup_fails_its_callers_and_is_not_cached() -> None:
+    store = SlowStore()
+    store.fail = OSError("database is locked")
+    book = LimitsBook(store, cache_ttl=60.0)  # type: ignore[arg-type]
+    waiters = [asyncio.create_task(book.get("org", "acme")) for _ in range(3)]
+    await lookups(store, 1)
+    store.release.set()
+    outcomes = await asyncio.gather(*waiters, return_exceptions=True)
+    assert store.fetches == 1 and all(isinstance(outcome, OSError) for outcome in outcomes)
+    store.fail = None
+    assert await book.get("org", "acme") == Limits() and store.fetches == 2
+
+
+async def test_a_set_during_a_lookup_is_what_the_next_lookup_reads() -> None:
+    store = SlowStore()
+    store.rows[("key", "k1")] = (5, None, None, None)
+    book = LimitsBook(store, cache_ttl=60.0)  # type: ignore[arg-type]
+    early = asyncio.create_task(book.get("key", "k1"))
+    await lookups(store, 1)  # it has read the old row
+    await book.set("key", "k1", Limits(requests_per_minute=7))
+    late = asyncio.create_task(book.get("key", "k1"))  # does not join the lookup begun before
+    await lookups(store, 2)
+    store.release.set()
+    assert await early == Limits(requests_per_minute=5)  # what it read when it began
+    assert await late == Limits(requests_per_minute=7)
+    assert book.cached("key", "k1") == Limits(requests_per_minute=7)
+    assert store.fetches == 2
+
+
+async def test_a_lookup_begun_before_a_set_is_not_cached() -> None:
+    store = SlowStore()
+    store.rows[("org", "acme")] = (5, None, None, None)
+    book = LimitsBook(store, cache_ttl=60.0)  # type: ignore[arg-type]
+    early = asyncio.create_task(book.get("org", "acme"))
+    await lookups(store, 1)
+    await book.set("org", "acme", Limits(requests_per_minute=7))
+    store.release.set()
+    assert await early == Limits(requests_per_minute=5)
+    assert book.cached("org", "acme") is None  # the stale answer was not kept
+    assert await book.get("org", "acme") == Limits(requests_per_minute=7)
