@@ -388,8 +388,8 @@ def record_fallback(reason: str) -> None:
 
 
 _PICO_PER_DOLLAR = 10**12
-_cost_labels: dict[tuple[str, str], tuple[str, str]] = {}  # (provider, model) -> its labels
-_cost_sums: dict[tuple[str, str], tuple[Any, list[int]]] = {}  # labels -> (child, [exact pico sum])
+_cost_sums: dict[tuple[str, str], tuple[Any, list[int]]] = {}  # labels -> (value, [exact pico sum])
+_cost_entries: dict[tuple[str, str], tuple[Any, list[int]]] = {}  # (provider, model) -> its labels'
 
 
 def record_cost(provider: str, model: str, pico: int) -> None:
@@ -404,19 +404,20 @@ def record_cost(provider: str, model: str, pico: int) -> None:
     if pico <= 0:
         return
     key = (provider, model)
-    labels = _cost_labels.get(key)
-    if labels is None:
+    entry = _cost_entries.get(key)  # every priced answer: one lookup
+    if entry is None:
         labels = (provider_label(provider), models(model))
-        if len(_cost_labels) < 10_000:
-            _cost_labels[key] = labels
-    entry = _cost_sums.get(labels)
-    if entry is None:  # bounded: the label values are (see _Fold)
-        entry = _cost_sums[labels] = (COST.labels(*labels), [0])
-    child, total = entry
+        entry = _cost_sums.get(labels)
+        if entry is None:  # bounded: the label values are (see _Fold)
+            # prometheus_client has no public set() on a counter; its value object (in-process,
+            # or memory-mapped with workers) has one. tests/integration/test_money_review.py
+            # checks it.
+            entry = _cost_sums[labels] = (COST.labels(*labels)._value, [0])
+        if len(_cost_entries) < 10_000:
+            _cost_entries[key] = entry
+    value, total = entry
     total[0] += pico
-    # prometheus_client has no public set() on a counter; its value object (in-process, or
-    # memory-mapped with workers) has one. tests/integration/test_money_review.py checks it.
-    child._value.set(total[0] / _PICO_PER_DOLLAR)
+    value.set(total[0] / _PICO_PER_DOLLAR)
 
 
 def record_unpriced(provider: str, model: str) -> None:

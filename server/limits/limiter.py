@@ -95,12 +95,11 @@ class Ticket:
         counters: Counters,
         plan: _Plan,
         unchecked: bool,
-        *,
-        tokens: int = 0,
-        spend: int = 0,
-        prompt: int = 0,
-        answer: int = 0,
-        rates: Rates | None = None,
+        tokens: int,
+        spend: int,
+        prompt: int,
+        answer: int,
+        rates: Rates | None,
     ) -> None:
         self._counters = counters
         self._plan = plan  # the counters of the windows it was admitted in (settled there)
@@ -269,14 +268,7 @@ class Limiter:
             _, limit, which, _, ends = plan.rows[outcome]
             raise _refusal(scope, subject, _METRICS[index], limit, ends, amount=amounts[which], now=now)
         return Ticket(
-            counters,
-            plan,
-            outcome == UNCHECKED,
-            tokens=estimate_tokens,
-            spend=estimate_spend,
-            prompt=prompt,
-            answer=answer,
-            rates=rates,
+            counters, plan, outcome == UNCHECKED, estimate_tokens, estimate_spend, prompt, answer, rates
         )
 
     def _rates(self, config: chat_pb2.LLMConfig, prompt: int) -> Rates:
