@@ -60,6 +60,18 @@ class LimitsBook:
         if not task.cancelled():
             task.exception()  # retrieved here too: every caller may have been cancelled
 
+    def known_unlimited(self, key_id: str, organization_id: str) -> bool:
+        """True only when the cache knows that neither the key ("": none) nor its organization
+        has a limit (every call asks: one clock read, two lookups)."""
+        now, cache = self._clock(), self._cache
+        org = cache.get(("org", organization_id))
+        if org is None or org[0] <= now or not org[1].empty:
+            return False
+        if not key_id:
+            return True
+        key = cache.get(("key", key_id))
+        return key is not None and key[0] > now and key[1].empty
+
     def cached(self, scope: Scope, subject: str) -> Limits | None:
         """The cached limits when still fresh, else None (the request path's fast lookup)."""
         cached = self._cache.get((scope, subject))

@@ -200,14 +200,7 @@ class Limiter:
     def may_apply(self, actor: Actor) -> bool:
         """False only when the cache knows that neither the key nor its organization has limits
         (then a call needs no admission at all: no await, no counting)."""
-        book = self.book
-        org = book.cached("org", actor.organization_id)
-        if org is None or not org.empty:
-            return True
-        if not actor.key_id:
-            return False
-        key = book.cached("key", actor.key_id)
-        return key is None or not key.empty
+        return not self.book.known_unlimited(actor.key_id, actor.organization_id)
 
     def _windows(self, now: float) -> tuple[Window, ...]:
         """The four metrics' windows at `now`, reused until the minute ends (a day's and a

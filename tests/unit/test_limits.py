@@ -497,3 +497,27 @@ async def test_a_lookup_begun_before_a_set_is_not_cached() -> None:
     assert await early == Limits(requests_per_minute=5)
     assert book.cached("org", "acme") is None  # the stale answer was not kept
     assert await book.get("org", "acme") == Limits(requests_per_minute=7)
+
+
+async def test_may_apply_until_the_book_knows_both_are_unlimited() -> None:
+    store = FakeStore()
+    now = [100.0]
+    book = LimitsBook(store, cache_ttl=5.0, clock=lambda: now[0])  # type: ignore[arg-type]
+    limiter = Limiter(book, MemoryCounters(), PriceTable.load())
+    anonymous = Actor(organization_id="acme")
+    assert limiter.may_apply(ACTOR) and limiter.may_apply(anonymous)  # nothing known
+    await book.get("org", "acme")
+    assert not limiter.may_apply(anonymous)  # no key: the organization's limits decide
+    assert limiter.may_apply(ACTOR)  # the key's are not known yet
+    await book.get("key", "k1")
+    assert not limiter.may_apply(ACTOR)
+    now[0] += 5.0  # expired: look again
+    assert limiter.may_apply(ACTOR) and limiter.may_apply(anonymous)
+    store.rows[("key", "k1")] = (None, None, 10, None)
+    await book.get("org", "acme")
+    await book.get("key", "k1")
+    assert limiter.may_apply(ACTOR) and not limiter.may_apply(anonymous)
+    store.rows[("org", "acme")] = (1, None, None, None)
+    now[0] += 5.0
+    await book.get("org", "acme")
+    assert limiter.may_apply(anonymous)
