@@ -49,7 +49,7 @@ class _Plan:
     """The counters one caller (a key and its organization) touches in one set of windows, with
     everything admission and settling need but the amounts: built when the minute or either's
     Limits change (the book hands out the same Limits object while it is cached), so a call
-    builds no counter key and no tuple of its own (the request path's main cost before)."""
+    builds no counter key and no tuple per counter of its own."""
 
     __slots__ = ("windows", "key_limits", "org_limits", "rows", "owners", "counts_tokens", "counts_spend",
                  "tokens", "spend")  # fmt: skip
