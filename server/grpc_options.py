@@ -28,16 +28,17 @@ looks idle to NAT tables and proxies with idle timeouts, which drop it silently.
 And how many calls grpc holds for the worker before it has started them:
 
 - `LLMGW_GRPC_MAX_PENDING_CALLS` (10,000): grpc core parses a new call on its own threads, then
-  queues it until the worker's event loop asks for the next call; grpc.aio asks for one call at a
-  time, one loop turn each, so a burst of new calls on a busy worker (2,000 streams opened in two
-  seconds while hundreds relay chunks) waits there for a second or more. grpc's own limits on
-  that queue are 1,000 with random early drop up to a hard 3,000, and a call it drops is answered
-  a bare CANCELLED (trailers only) that the gateway never sees: a lost answer the client did not
-  cancel. This sets both limits to one number, so no call is dropped below it. Each queued call
-  costs ~15 KiB plus its request (grpc has read it whole), so the bound is memory: lower it on a
-  small host, raise it for bigger bursts, or add workers (each has its own queue). A call waits
-  at most `PENDING_CALL_MAX_WAIT` (grpc cancels older ones): only a loop stalled for minutes
-  leaves a call there that long; the caller's own deadline ends the wait sooner.
+  queues it until the worker's event loop asks for a call; grpc.aio keeps one such request open
+  and renews it on a later loop turn, so a burst of new calls on a busy worker (2,000 streams
+  opened in two seconds while hundreds relay chunks) waits there for a second or more. grpc's
+  own limits on that queue are 1,000 with random early drop up to a hard 3,000, and a call it
+  drops is answered a bare CANCELLED (trailers only) that the gateway never sees: a lost answer
+  the client did not cancel. This sets both limits to one number, so no call is dropped below
+  it. Each queued call costs ~15 KiB plus its request (grpc has read it whole), so the bound is
+  memory: lower it on a small host, raise it for bigger bursts, or add workers (each has its own
+  queue). A call waits at most `PENDING_CALL_MAX_WAIT` (grpc cancels older ones when the loop
+  next asks): only a loop stalled for minutes leaves a call there that long, and the caller's
+  own deadline ends the wait sooner.
 """
 
 from __future__ import annotations
