@@ -38,7 +38,7 @@ from server.core import tokens
 from server.core.keys import ByokProvider
 from server.errors import ShuttingDown
 from server.gateway import Dependencies, Gateway
-from server.grpc_options import connection_options
+from server.grpc_options import connection_options, pending_call_options
 from server.inflight import InFlight, uncancel_current
 from server.limits.book import LimitsBook
 from server.limits.counters import Counters, MemoryCounters
@@ -265,6 +265,7 @@ class GatewayServer:
                 # must fail to start, not split the traffic with the first.
                 ("grpc.so_reuseport", 1 if settings.workers > 1 else 0),
                 *connection_options(settings),  # age and keepalive, for load balancers
+                *pending_call_options(settings),  # a burst of new calls waits, is not cancelled
             ],
         )
         services = (

@@ -24,6 +24,21 @@ looks idle to NAT tables and proxies with idle timeouts, which drop it silently.
   client pinging more often gets GOAWAY `too_many_pings` after two strikes, so set clients'
   keepalive time at or above it. Pings are allowed on connections without calls (a pooled client
   connection stays warm). At least 1 s: pings need no gateway key.
+
+And how many calls grpc holds for the worker before it has started them:
+
+- `LLMGW_GRPC_MAX_PENDING_CALLS` (10,000): grpc core parses a new call on its own threads, then
+  queues it until the worker's event loop asks for a call; grpc.aio keeps one such request open
+  and renews it on a later loop turn, so a burst of new calls on a busy worker (2,000 streams
+  opened in two seconds while hundreds relay chunks) waits there for a second or more. grpc's
+  own limits on that queue are 1,000 with random early drop up to a hard 3,000, and a call it
+  drops is answered a bare CANCELLED (trailers only) that the gateway never sees: a lost answer
+  the client did not cancel. This sets both limits to one number, so no call is dropped below
+  it. Each queued call costs ~15 KiB plus its request (grpc has read it whole), so the bound is
+  memory: lower it on a small host, raise it for bigger bursts, or add workers (each has its own
+  queue). A call waits at most `PENDING_CALL_MAX_WAIT` (grpc cancels older ones when the loop
+  next asks): only a loop stalled for minutes leaves a call there that long, and the caller's
+  own deadline ends the wait sooner.
 """
 
 from __future__ import annotations
@@ -42,6 +57,10 @@ _FIELDS = (
     "grpc_min_ping_interval",
 )
 MIN_PING_INTERVAL_FLOOR = 1.0
+MAX_PENDING_CALLS_LIMIT = 1_000_000
+# Seconds a call may wait in grpc's queue for the event loop (grpc's default, 30 s, is shorter
+# than a burst of LLMGW_GRPC_MAX_PENDING_CALLS takes to drain on a loaded worker).
+PENDING_CALL_MAX_WAIT = 300
 # grpc takes int milliseconds; past 2**31 - 1 ms (~24.8 days) it means "forever" anyway.
 _MAX_MS = 2**31 - 1
 
@@ -67,6 +86,17 @@ def connection_options(settings: Settings) -> list[tuple[str, int]]:
     return options
 
 
+def pending_call_options(settings: Settings) -> list[tuple[str, int]]:
+    """The grpc server options for the queue of calls not yet started (module docstring)."""
+    return [
+        # Soft limit = hard limit: grpc's random early drop between the two cancels calls far
+        # below the bound, with a bare CANCELLED.
+        ("grpc.server.max_pending_requests", settings.grpc_max_pending_calls),
+        ("grpc.server.max_pending_requests_hard_limit", settings.grpc_max_pending_calls),
+        ("grpc.server_max_unrequested_time_in_server", PENDING_CALL_MAX_WAIT),
+    ]
+
+
 def connection_problems(settings: Settings) -> list[str]:
     """Why these connection settings cannot work (empty when they can)."""
     problems = []
@@ -79,4 +109,6 @@ def connection_problems(settings: Settings) -> list[str]:
     if settings.grpc_min_ping_interval < MIN_PING_INTERVAL_FLOOR:
         # Pings need no gateway key: with no floor any client could keep the server answering them.
         problems.append(f"LLMGW_GRPC_MIN_PING_INTERVAL must be at least {MIN_PING_INTERVAL_FLOOR:g} s")
+    if not 1 <= settings.grpc_max_pending_calls <= MAX_PENDING_CALLS_LIMIT:
+        problems.append(f"LLMGW_GRPC_MAX_PENDING_CALLS must be between 1 and {MAX_PENDING_CALLS_LIMIT}")
     return problems

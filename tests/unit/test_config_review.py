@@ -22,6 +22,7 @@ INTEGERS = {
     "metrics_max_models": ["abc", "", "1.5", "0", "-1"],
     "max_answer_bytes": ["abc", "", "1.5", "0", "-1"],
     "retry_max_attempts": ["abc", "", "1.5", "0", "-1"],
+    "grpc_max_pending_calls": ["abc", "", "1.5", "0", "-1", "1000001"],
 }
 DURATIONS = {
     "grace_period",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from server.config import Settings, load_settings
-from server.grpc_options import connection_options
+from server.grpc_options import connection_options, pending_call_options
 
 
 def test_defaults_rebalance_every_five_minutes_and_never_cut_a_slow_first_token() -> None:
@@ -45,6 +45,18 @@ def test_age_zero_turns_it_off_and_huge_values_stay_in_grpc_range() -> None:
     assert huge["grpc.max_connection_age_grace_ms"] == 2**31 - 1
 
 
+def test_pending_calls_have_one_bound_and_no_random_early_drop() -> None:
+    # grpc's defaults: 1,000, then random drops (a bare CANCELLED) up to a hard 3,000.
+    options = dict(pending_call_options(Settings()))
+    assert options["grpc.server.max_pending_requests"] == 10_000
+    assert options["grpc.server.max_pending_requests_hard_limit"] == 10_000
+    # grpc's 30 s would cancel the oldest of a long queue before a loaded worker reached them.
+    assert options["grpc.server_max_unrequested_time_in_server"] >= 300
+    small = dict(pending_call_options(load_settings(environ={"LLMGW_GRPC_MAX_PENDING_CALLS": "50"})))
+    assert small["grpc.server.max_pending_requests"] == 50
+    assert small["grpc.server.max_pending_requests_hard_limit"] == 50
+
+
 @pytest.mark.parametrize(
     ("name", "value"),
     [
@@ -54,6 +66,8 @@ def test_age_zero_turns_it_off_and_huge_values_stay_in_grpc_range() -> None:
         ("LLMGW_GRPC_KEEPALIVE_TIMEOUT", "0"),
         ("LLMGW_GRPC_MIN_PING_INTERVAL", "-5"),
         ("LLMGW_GRPC_MIN_PING_INTERVAL", "0.5"),
+        ("LLMGW_GRPC_MAX_PENDING_CALLS", "0"),
+        ("LLMGW_GRPC_MAX_PENDING_CALLS", "1000001"),
     ],
 )
 def test_bad_values_are_refused_naming_the_setting(name: str, value: str) -> None:
