@@ -187,7 +187,13 @@ async def serve(
             "StreamCreate": grpc.unary_stream_rpc_method_handler(stream_create),
         },
     )
-    server = grpc.aio.server()
+    from server.config import Settings
+    from server.grpc_options import pending_call_options
+
+    # The gateway's queue of not-yet-started calls (server/grpc_options.py): with grpc's own
+    # limits a floor holding 2,000 streams drops some new calls (bare CANCELLED), and the held
+    # rows would compare a relay that lost streams with one that kept them all.
+    server = grpc.aio.server(options=pending_call_options(Settings()))
     server.add_generic_rpc_handlers((handler,))
     bound = server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
