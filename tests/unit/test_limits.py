@@ -562,3 +562,27 @@ async def test_refused_calls_do_not_grow_the_in_process_counters() -> None:
                 await limiter.admit(actor, request(), prompt_tokens=10)
             assert refused.value.metadata["scope"] == "org"
     assert len(counters._values) == 0  # admit_now: a refused call creates no counter
+
+
+async def test_a_settle_for_a_swept_window_is_dropped_even_after_a_refusal_there() -> None:
+    """The clock goes back into a minute whose counters were swept: a call refused there must
+    not leave a counter behind for an older call's correction to land on (the correction of a
+    swept window is dropped; landing, it would put the counter below what was admitted)."""
+    counters = MemoryCounters(prune_every=1)
+    limiter, _, clock = await limiter_with(
+        key=Limits(tokens_per_minute=100), org=Limits(spend_per_day=spend_of(10, 0)), counters=counters
+    )
+    minute = minute_of(NOON)
+    first = await limiter.admit(ACTOR, request(), prompt_tokens=10)  # the org's day is now full
+    assert first is not None
+    assert value(limiter, f"key:k1:tokens_per_minute:{minute}") == 10
+    clock.now = NOON + 60  # the next minute: another caller's admission sweeps the minute before
+    await limiter.book.set("key", "k9", Limits(requests_per_minute=5))
+    assert await limiter.admit(Actor(organization_id="other", key_id="k9"), request()) is not None
+    assert value(limiter, f"key:k1:tokens_per_minute:{minute}") == 0  # swept
+    clock.now = NOON  # the clock went back
+    with pytest.raises(QuotaExceeded) as refused:
+        await limiter.admit(ACTOR, request(), prompt_tokens=10)
+    assert refused.value.metadata["limit"] == "spend_per_day"
+    first.settle(None)  # failed: its 10 tokens come back, to a window already swept
+    assert value(limiter, f"key:k1:tokens_per_minute:{minute}") == 0
