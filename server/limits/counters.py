@@ -82,25 +82,34 @@ class MemoryCounters:
 
     def admit_rows(self, rows: Sequence[Row], amounts: Sequence[int], now: float) -> int:
         """`admit_now` of the checks (key, limit, amounts[which], ttl, end) of `rows`: the same
-        outcome, with no tuple built per call (the limiter's in-process path).
+        outcome and the same table after it, with no tuple built per call (the limiter's
+        in-process path).
 
-        One pass that bumps each counter as it checks it and takes the bumps back if a later one
-        refuses: all or nothing as `admit_now` (nothing else runs in between), and the admitted
-        call, the common one, walks its counters once."""
+        One pass that bumps each counter as it checks it and, if a later one refuses, takes the
+        bumps back and drops the counters it created (all or nothing as `admit_now`: nothing else
+        runs in between). Dropping them matters: a refused call never sweeps the table, so the
+        counters of every key refused by its organization, minute after minute, would pile up
+        for as long as nothing is admitted. The admitted call, the common one, walks its
+        counters once; only the first call of a window records what it created."""
         values = self._values
         index = 0
+        created: list[str] | None = None  # counters this call created (once per window)
         for key, limit, which, _, ends in rows:
             amount = amounts[which]
             entry = values.get(key)
             if entry is None:
                 if 0 >= limit or amount > limit:
-                    self._take_back(rows, amounts, index)
+                    self._take_back(rows, amounts, index, created)
                     return index
                 values[key] = [amount, ends]
+                if created is None:
+                    created = [key]
+                else:
+                    created.append(key)
             else:
                 current = entry[0]
                 if current >= limit or current + amount > limit:
-                    self._take_back(rows, amounts, index)
+                    self._take_back(rows, amounts, index, created)
                     return index
                 entry[0] = current + amount
             index += 1
@@ -108,11 +117,17 @@ class MemoryCounters:
             self._prune(now)
         return ADMITTED
 
-    def _take_back(self, rows: Sequence[Row], amounts: Sequence[int], count: int) -> None:
-        """Undo the bumps of the first `count` rows (a later row refused the call)."""
+    def _take_back(
+        self, rows: Sequence[Row], amounts: Sequence[int], count: int, created: list[str] | None
+    ) -> None:
+        """Undo the bumps of the first `count` rows (a later row refused the call) and remove
+        the counters it created."""
         values = self._values
         for key, _, which, _, _ in rows[:count]:
             values[key][0] -= amounts[which]
+        if created is not None:
+            for key in created:
+                del values[key]
 
     def settle_all(self, counters: Sequence[tuple[str, int]], delta: int) -> None:
         """`settle(key, delta, ttl)` of each (key, ttl)."""

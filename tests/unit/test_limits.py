@@ -521,3 +521,68 @@ async def test_may_apply_until_the_book_knows_both_are_unlimited() -> None:
     now[0] += 5.0
     await book.get("org", "acme")
     assert limiter.may_apply(anonymous)
+
+
+def test_admit_rows_refused_leaves_the_counters_exactly_as_admit_now() -> None:
+    """A refusal part-way takes back the bumps and the counters it created: the table is the
+    one `admit_now` leaves (which creates nothing on a refusal), not one with 0 entries."""
+    rng = random.Random(29)
+    keys = [f"c{index}" for index in range(6)]
+    for _ in range(2000):
+        one, two = MemoryCounters(prune_every=10**9), MemoryCounters(prune_every=10**9)
+        for key in rng.sample(keys, rng.randint(0, 6)):
+            start = rng.randint(0, 12)
+            assert one.admit_now([(key, 100, start, 120, 1e12)], 0.0) == ADMITTED
+            assert two.admit_now([(key, 100, start, 120, 1e12)], 0.0) == ADMITTED
+        rows = [
+            (key, rng.randint(0, 15), rng.randint(0, 3), 120, 1e12)
+            for key in rng.sample(keys, rng.randint(1, 6))
+        ]
+        amounts = (1, rng.randint(0, 8), rng.randint(0, 8), rng.randint(0, 8))
+        checks = [(key, limit, amounts[which], ttl, ends) for key, limit, which, ttl, ends in rows]
+        assert one.admit_rows(rows, amounts, 0.0) == two.admit_now(checks, 0.0)
+        assert one._values == two._values
+
+
+async def test_refused_calls_do_not_grow_the_in_process_counters() -> None:
+    """An organization out of budget (every call refused by its spend counter, after its keys'
+    counters): the keys' counters of each new minute must not pile up in the table, which only
+    an admitted call would sweep."""
+    counters = MemoryCounters(prune_every=50)
+    limiter, _, clock = await limiter_with(
+        key=None, org=Limits(spend_per_day=0), counters=counters, now=MIDNIGHT + 30
+    )
+    for index in range(20):
+        await limiter.book.set("key", f"k{index}", Limits(requests_per_minute=100, tokens_per_minute=10**6))
+    for minute in range(60):
+        clock.now = MIDNIGHT + 30 + 60 * minute
+        for index in range(20):
+            actor = Actor(organization_id="acme", key_id=f"k{index}")
+            with pytest.raises(QuotaExceeded) as refused:
+                await limiter.admit(actor, request(), prompt_tokens=10)
+            assert refused.value.metadata["scope"] == "org"
+    assert len(counters._values) == 0  # admit_now: a refused call creates no counter
+
+
+async def test_a_settle_for_a_swept_window_is_dropped_even_after_a_refusal_there() -> None:
+    """The clock goes back into a minute whose counters were swept: a call refused there must
+    not leave a counter behind for an older call's correction to land on (the correction of a
+    swept window is dropped; landing, it would put the counter below what was admitted)."""
+    counters = MemoryCounters(prune_every=1)
+    limiter, _, clock = await limiter_with(
+        key=Limits(tokens_per_minute=100), org=Limits(spend_per_day=spend_of(10, 0)), counters=counters
+    )
+    minute = minute_of(NOON)
+    first = await limiter.admit(ACTOR, request(), prompt_tokens=10)  # the org's day is now full
+    assert first is not None
+    assert value(limiter, f"key:k1:tokens_per_minute:{minute}") == 10
+    clock.now = NOON + 60  # the next minute: another caller's admission sweeps the minute before
+    await limiter.book.set("key", "k9", Limits(requests_per_minute=5))
+    assert await limiter.admit(Actor(organization_id="other", key_id="k9"), request()) is not None
+    assert value(limiter, f"key:k1:tokens_per_minute:{minute}") == 0  # swept
+    clock.now = NOON  # the clock went back
+    with pytest.raises(QuotaExceeded) as refused:
+        await limiter.admit(ACTOR, request(), prompt_tokens=10)
+    assert refused.value.metadata["limit"] == "spend_per_day"
+    first.settle(None)  # failed: its 10 tokens come back, to a window already swept
+    assert value(limiter, f"key:k1:tokens_per_minute:{minute}") == 0
