@@ -91,6 +91,18 @@ class AnswerScrubber:
         """The delta events scrubbed, in order; an event left with nothing to carry is dropped."""
         if not self._sources:
             return events
+        if type(events) is list and len(events) == 1 and not self._held and not self._context:
+            # The usual batch (every delta of every stream comes here): one event of text content
+            # alone, nothing held back, and text in which no known secret can begin. What
+            # `_scrub_delta` would do, without the channel bookkeeping: let it out as it is.
+            delta = events[0].delta
+            content = delta.content
+            if content and not (delta.reasoning_content or delta.finish_reason or delta.tool_calls):
+                for source in self._sources:
+                    if source.may_touch(content):
+                        break
+                else:
+                    return events
         out: list[chat_pb2.StreamCreateResponse] = []
         for event in events:
             if not event.HasField("delta") or self._scrub_delta(event.delta):
@@ -143,6 +155,13 @@ class AnswerScrubber:
             # More text after this channel's choice finished (an upstream out of protocol): what
             # the finish let out may have begun a secret; the rest of it does not follow.
             pending = self._continued(self._context.pop(channel), pending)
+        for source in self._sources:
+            if source.may_touch(pending):
+                break
+        else:
+            # No known spelling can begin anywhere in it (the usual delta): `_cut` would hold
+            # nothing back and `text` change nothing.
+            return pending
         cut, known = self._cut(pending)
         if cut < len(pending):
             self._held[channel] = pending[cut:]

@@ -297,6 +297,10 @@ def deltas_from_chunks(chunks: Iterable[dict[str, Any] | None]) -> list[chat_pb2
     of kind or of tool call, nor after a finish reason, so concatenating what the events carry,
     in order, gives exactly what the chunks carried.
     """
+    if type(chunks) is list and len(chunks) == 1:
+        event = _plain_delta(chunks[0])
+        if event is not None:
+            return [event]
     events: list[chat_pb2.StreamCreateResponse] = []
     pending: _PendingDelta | None = None
     for chunk in chunks:
@@ -355,6 +359,42 @@ def deltas_from_chunks(chunks: Iterable[dict[str, Any] | None]) -> list[chat_pb2
     if pending is not None:
         events.append(pending.event())
     return events
+
+
+def _plain_delta(chunk: dict[str, Any] | None) -> chat_pb2.StreamCreateResponse | None:
+    """The event of a chunk read alone whose one choice carries text content and nothing else
+    a delta relays (no reasoning, no calls; a finish reason may come with it), built directly;
+    None for any other chunk (the general loop then does it, with the same result).
+
+    Almost every read of a stream is one such chunk: this skips a `_PendingDelta` and the
+    general loop's tests.
+    """
+    if chunk is None:
+        return None
+    choices = chunk.get("choices")
+    if type(choices) is not list or len(choices) != 1:
+        return None
+    choice = choices[0]
+    delta = choice.get("delta")
+    if type(delta) is not dict:
+        return None
+    content = delta.get("content")
+    if type(content) is not str or not content:
+        return None
+    if len(delta) != 1:  # content alone needs no more look-ups
+        get = delta.get
+        if get("reasoning_content") or get("reasoning") or get("tool_calls") or get("function_call"):
+            return None
+    event = chat_pb2.StreamCreateResponse()
+    out = event.delta
+    out.content = content
+    index = choice.get("index")
+    if index:
+        out.index = int(index)
+    reason = choice.get("finish_reason")
+    if reason:
+        out.finish_reason = finish_reason(reason)
+    return event
 
 
 def _add_fragment(

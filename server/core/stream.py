@@ -126,7 +126,8 @@ class StreamAccumulator:
                 parts = self.choices[index] = _ChoiceParts()
             delta = choice.get("delta")
             if delta:
-                text = text_of(delta.get("content"))
+                content = delta.get("content")
+                text = content if type(content) is str else text_of(content)
                 if text:
                     # _grow inlined: this runs for every token of every stream.
                     size = self.size + (len(text) if text.isascii() else text_bytes(text))
@@ -134,34 +135,39 @@ class StreamAccumulator:
                         raise answer_too_large(self.provider, self.max_answer_bytes, size)
                     self.size = size
                     parts.content.append(text)
-                reasoning = text_of(delta.get("reasoning_content") or delta.get("reasoning"))
-                if reasoning:
-                    self._grow(reasoning)
-                    parts.reasoning.append(reasoning)
-                fragments = delta.get("tool_calls")
-                if fragments:
-                    self._add_fragments(parts, fragments)
-                refusal = text_of(delta.get("refusal"))
-                if refusal:
-                    self._grow(refusal)
-                    parts.refusal.append(refusal)
-                blocks = delta.get("thinking_blocks")
-                if blocks:
-                    self._add_blocks(parts, blocks)
-                legacy = delta.get("function_call")
-                if legacy:
-                    call = parts.tool_calls.get(0)
-                    if call is None:
-                        call = parts.tool_calls[0] = _ToolCallParts()
-                    if legacy.get("name"):
-                        self._grow(legacy["name"])
-                        call.name = legacy["name"]
-                    if legacy.get("arguments"):
-                        self._grow(legacy["arguments"])
-                        call.arguments.append(legacy["arguments"])
+                if len(delta) > 1 or content is None:  # else content was its only field
+                    self._add_rest(parts, delta)
             reason = choice.get("finish_reason")
             if reason:
                 parts.finish_reason = reason
+
+    def _add_rest(self, parts: _ChoiceParts, delta: dict[str, Any]) -> None:
+        """What a delta carries besides its content."""
+        reasoning = text_of(delta.get("reasoning_content") or delta.get("reasoning"))
+        if reasoning:
+            self._grow(reasoning)
+            parts.reasoning.append(reasoning)
+        fragments = delta.get("tool_calls")
+        if fragments:
+            self._add_fragments(parts, fragments)
+        refusal = text_of(delta.get("refusal"))
+        if refusal:
+            self._grow(refusal)
+            parts.refusal.append(refusal)
+        blocks = delta.get("thinking_blocks")
+        if blocks:
+            self._add_blocks(parts, blocks)
+        legacy = delta.get("function_call")
+        if legacy:
+            call = parts.tool_calls.get(0)
+            if call is None:
+                call = parts.tool_calls[0] = _ToolCallParts()
+            if legacy.get("name"):
+                self._grow(legacy["name"])
+                call.name = legacy["name"]
+            if legacy.get("arguments"):
+                self._grow(legacy["arguments"])
+                call.arguments.append(legacy["arguments"])
 
     def _grow(self, text: str) -> None:
         """Count a piece against the answer cap before it is kept."""

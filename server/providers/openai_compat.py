@@ -446,7 +446,12 @@ def check_shape(payload: dict[str, Any], *, provider: str) -> None:
                 raise _bad_shape(provider, f"choices[{i}]")
             get = choice.get
             index = get("index")
-            if index is not None and not _is_int(index, MAX_CHOICES - 1):
+            # `type(...) is int`: the usual value passes without a call (bool is not int here).
+            if (
+                index is not None
+                and not (type(index) is int and 0 <= index < MAX_CHOICES)
+                and not _is_int(index, MAX_CHOICES - 1)
+            ):
                 raise _bad_shape(provider, f"choices[{i}].index")
             finish, text = get("finish_reason"), get("text")
             if (finish is not None and not isinstance(finish, str)) or (
@@ -457,11 +462,16 @@ def check_shape(payload: dict[str, Any], *, provider: str) -> None:
             if message is not None:
                 _check_message(message, provider, f"choices[{i}].message")
             delta = get("delta")
-            if delta is not None:
+            # The usual delta is text content alone: nothing else to check (nor a place name to
+            # build).
+            if delta is not None and not (
+                type(delta) is dict and len(delta) == 1 and type(delta.get("content")) is str
+            ):
                 _check_message(delta, provider, f"choices[{i}].delta")
     created = payload.get("created")
     if (
         created is not None
+        and not (type(created) is int and 0 <= created <= _INT64_MAX)
         and not _is_int(created, _INT64_MAX)
         and not (isinstance(created, float) and 0 <= created <= 2**62)
     ):
@@ -798,6 +808,11 @@ class LineReader:
             self.held = len(tail)
         return lines
 
+    @property
+    def at_line_start(self) -> bool:
+        """Nothing is held: the next piece starts a line (and no LF of it pairs a CR before)."""
+        return not self._partial and not self._after_cr
+
     def rest(self) -> bytes:
         """The unfinished last line, at the end of the stream."""
         rest = b"".join(self._partial)
@@ -904,6 +919,31 @@ class _SSEParser:
                 )
 
     def _feed(self, piece: bytes) -> list[dict[str, Any] | None]:
+        # The usual read is exactly one event, `data: {...}` and a blank line, at a line start
+        # with no event begun: its data is the piece without the prefix and the two LFs (what
+        # the line loop below would find, without splitting it or keeping state).
+        if (
+            piece.startswith(b"data: ")
+            and piece.find(b"\n") == len(piece) - 2
+            and piece.endswith(b"\n")
+            and b"\r" not in piece
+            and not self._data_lines
+            and len(piece) - 8 <= MAX_EVENT_BYTES
+            and self._lines.at_line_start
+        ):
+            self._bom = False
+            name, self._event_name = self._event_name, None
+            try:
+                chunks = self._decoder.feed(name, piece[6:-2])
+            except Exception:
+                self._ended = True
+                raise
+            if chunks and chunks[-1] is None:
+                self._ended = True
+            return chunks
+        return self._feed_lines(piece)
+
+    def _feed_lines(self, piece: bytes) -> list[dict[str, Any] | None]:
         events: list[dict[str, Any] | None] = []
         data_lines = self._data_lines
         feed = self._decoder.feed
