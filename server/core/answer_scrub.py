@@ -91,23 +91,23 @@ class AnswerScrubber:
         """The delta events scrubbed, in order; an event left with nothing to carry is dropped."""
         if not self._sources:
             return events
-        if type(events) is list and len(events) == 1 and not self._held and not self._context:
-            # The usual batch (every delta of every stream comes here): one event of text content
-            # alone, nothing held back, and text in which no known secret can begin. What
-            # `_scrub_delta` would do, without the channel bookkeeping: let it out as it is.
-            delta = events[0].delta
-            content = delta.content
-            if content and not (delta.reasoning_content or delta.finish_reason or delta.tool_calls):
-                for source in self._sources:
-                    if source.may_touch(content):
-                        break
-                else:
-                    return events
         out: list[chat_pb2.StreamCreateResponse] = []
         for event in events:
             if not event.HasField("delta") or self._scrub_delta(event.delta):
                 out.append(event)
         return out
+
+    def lets_out(self, content: str) -> bool:
+        """Whether a delta of text content alone (a finish reason may come with it) goes out
+        exactly as it is: nothing is held back (a finish releases nothing) and no known secret
+        can begin in the text (`Redactor.may_touch`). The usual delta: the caller then skips
+        `events`, which would change nothing."""
+        if self._held or self._context:
+            return False
+        for source in self._sources:
+            if source.may_touch(content):
+                return False
+        return True
 
     def flush(self) -> list[chat_pb2.StreamCreateResponse]:
         """Delta events with everything still held back (call at the end of the stream)."""

@@ -298,9 +298,9 @@ def deltas_from_chunks(chunks: Iterable[dict[str, Any] | None]) -> list[chat_pb2
     in order, gives exactly what the chunks carried.
     """
     if type(chunks) is list and len(chunks) == 1:
-        event = _plain_delta(chunks[0])
-        if event is not None:
-            return [event]
+        plain = plain_choice(chunks[0])
+        if plain is not None:
+            return [plain_event(*plain)]
     events: list[chat_pb2.StreamCreateResponse] = []
     pending: _PendingDelta | None = None
     for chunk in chunks:
@@ -361,13 +361,13 @@ def deltas_from_chunks(chunks: Iterable[dict[str, Any] | None]) -> list[chat_pb2
     return events
 
 
-def _plain_delta(chunk: dict[str, Any] | None) -> chat_pb2.StreamCreateResponse | None:
-    """The event of a chunk read alone whose one choice carries text content and nothing else
-    a delta relays (no reasoning, no calls; a finish reason may come with it), built directly;
-    None for any other chunk (the general loop then does it, with the same result).
+def plain_choice(chunk: dict[str, Any] | None) -> tuple[dict[str, Any], str] | None:
+    """The one choice of a chunk whose delta relays text content and nothing else (no
+    reasoning, no calls; a finish reason may come with it), and that content; None for any
+    other chunk (the general code then does it, with the same result).
 
-    Almost every read of a stream is one such chunk: this skips a `_PendingDelta` and the
-    general loop's tests.
+    Almost every read of a stream is one such chunk: its event is built by `plain_event`,
+    without a `_PendingDelta` and the general loop's tests.
     """
     if chunk is None:
         return None
@@ -385,15 +385,20 @@ def _plain_delta(chunk: dict[str, Any] | None) -> chat_pb2.StreamCreateResponse 
         get = delta.get
         if get("reasoning_content") or get("reasoning") or get("tool_calls") or get("function_call"):
             return None
+    return choice, content
+
+
+def plain_event(choice: dict[str, Any], content: str) -> chat_pb2.StreamCreateResponse:
+    """The delta event of a `plain_choice` (what `deltas_from_chunks` makes of its chunk)."""
     event = chat_pb2.StreamCreateResponse()
-    out = event.delta
-    out.content = content
+    delta = event.delta
+    delta.content = content
     index = choice.get("index")
     if index:
-        out.index = int(index)
+        delta.index = int(index)
     reason = choice.get("finish_reason")
     if reason:
-        out.finish_reason = finish_reason(reason)
+        delta.finish_reason = finish_reason(reason)
     return event
 
 

@@ -35,26 +35,30 @@ class TextParts:
     piece is copied once more: linear), so the overhead is per block, not per token.
     """
 
-    __slots__ = ("_blocks", "_loose")
+    __slots__ = ("_blocks", "loose")
 
     def __init__(self) -> None:
         self._blocks: list[str] = []
-        self._loose: list[str] = []
+        self.loose: list[str] = []  # the pieces not joined yet (fewer than _BLOCK between appends)
 
     def append(self, piece: str) -> None:
-        loose = self._loose
+        loose = self.loose
         loose.append(piece)
         if len(loose) >= _BLOCK:
-            self._blocks.append("".join(loose))
-            loose.clear()
+            self.fold()
+
+    def fold(self) -> None:
+        """Join the loose pieces into one block."""
+        self._blocks.append("".join(self.loose))
+        self.loose.clear()
 
     def __bool__(self) -> bool:
-        return bool(self._loose or self._blocks)
+        return bool(self.loose or self._blocks)
 
     def text(self) -> str:
         if not self._blocks:
-            return "".join(self._loose)
-        return "".join([*self._blocks, *self._loose])
+            return "".join(self.loose)
+        return "".join([*self._blocks, *self.loose])
 
 
 @dataclass(slots=True)
@@ -109,7 +113,7 @@ class StreamAccumulator:
         if value:
             self.model = value
         value = get("created")
-        if value:
+        if value and value != self.created:  # (the same in every chunk: no int() each time)
             self.created = int(value)
         value = get("system_fingerprint")
         if value:
@@ -118,7 +122,9 @@ class StreamAccumulator:
         if value:
             self.usage = value
         for choice in get("choices") or ():
-            index = int(choice.get("index") or 0)
+            index = choice.get("index") or 0
+            if type(index) is not int:
+                index = int(index)
             parts = self.choices.get(index)
             if parts is None:
                 if len(self.choices) >= MAX_CHOICES:
@@ -134,7 +140,11 @@ class StreamAccumulator:
                     if size > self.max_answer_bytes:
                         raise answer_too_large(self.provider, self.max_answer_bytes, size)
                     self.size = size
-                    parts.content.append(text)
+                    # TextParts.append inlined, as above.
+                    loose = parts.content.loose
+                    loose.append(text)
+                    if len(loose) >= _BLOCK:
+                        parts.content.fold()
                 if len(delta) > 1 or content is None:  # else content was its only field
                     self._add_rest(parts, delta)
             reason = choice.get("finish_reason")

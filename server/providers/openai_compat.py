@@ -926,7 +926,7 @@ class _SSEParser:
             piece.startswith(b"data: ")
             and piece.find(b"\n") == len(piece) - 2
             and piece.endswith(b"\n")
-            and b"\r" not in piece
+            and 13 not in piece  # no CR (an int: memchr, where b"\r" is a substring search)
             and not self._data_lines
             and len(piece) - 8 <= MAX_EVENT_BYTES
             and self._lines.at_line_start
@@ -1012,7 +1012,7 @@ class _SSEParser:
 
 def _decode_event(data: bytes, *, provider: str, scrub: Callable[[str], str]) -> dict[str, Any] | None:
     """One OpenAI SSE event's data: its chunk, None for `[DONE]`; an error event raises."""
-    if data.strip() == b"[DONE]":
+    if not data.endswith(b"}") and data.strip() == b"[DONE]":  # (a chunk ends with its brace)
         return None
     try:
         event = orjson.loads(data)
