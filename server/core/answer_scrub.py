@@ -91,6 +91,11 @@ class AnswerScrubber:
         """The delta events scrubbed, in order; an event left with nothing to carry is dropped."""
         if not self._sources:
             return events
+        if isinstance(events, list | tuple) and len(events) == 1:  # (`relay.relayed` does it before)
+            delta = events[0].delta
+            content = delta.content
+            if content and not (delta.reasoning_content or delta.tool_calls) and self.lets_out(content):
+                return events
         out: list[chat_pb2.StreamCreateResponse] = []
         for event in events:
             if not event.HasField("delta") or self._scrub_delta(event.delta):

@@ -26,6 +26,8 @@ def relayed(
         plain = plain_choice(chunks[0])
         # No calls: first_call_only keeps the event; nothing held and no secret can begin in
         # the text: the scrubber lets it out unchanged.
-        if plain is not None and scrubber.lets_out(plain[1]):
-            return (plain_event(*plain),)
+        if plain is not None:
+            choice, content = plain
+            if scrubber.lets_out(content):
+                return (plain_event(choice, content),)
     return scrubber.events(tool_call_check.first_call_only(deltas_from_chunks(chunks), want))

@@ -104,7 +104,7 @@ class OpenAIStreamDecoder:
 
     def feed(self, event: str | None, data: bytes) -> list[dict[str, Any] | None]:
         # The event name is ignored: OpenAI sends none, and proxies' names carry nothing more.
-        return [_decode_event(data, provider=self._provider, scrub=self._scrub)]
+        return [_decode_event(data, self._provider, self._scrub)]  # (positional: per chunk)
 
     def finish(self) -> list[dict[str, Any] | None]:
         # No `[DONE]` before the end of the body: the gateway decides from the finish reasons.
@@ -436,6 +436,21 @@ def check_shape(payload: dict[str, Any], *, provider: str) -> None:
     unknown fields are left alone.
     """
     choices = payload.get("choices")
+    if type(choices) is list and len(choices) == 1 and type(choice := choices[0]) is dict:
+        # The usual chunk: one choice whose delta is text content alone. Tested inline (no
+        # helper calls, no loop); anything else goes through the loop below.
+        get = choice.get
+        index, finish, delta = get("index"), get("finish_reason"), get("delta")
+        if (
+            (index is None or (type(index) is int and 0 <= index < MAX_CHOICES))
+            and (finish is None or type(finish) is str)
+            and type(delta) is dict
+            and len(delta) == 1
+            and type(delta.get("content")) is str
+            and get("text") is None
+            and get("message") is None
+        ):
+            choices = None
     if choices is not None:
         if not isinstance(choices, list):
             raise _bad_shape(provider, "choices")
@@ -446,12 +461,7 @@ def check_shape(payload: dict[str, Any], *, provider: str) -> None:
                 raise _bad_shape(provider, f"choices[{i}]")
             get = choice.get
             index = get("index")
-            # `type(...) is int`: the usual value passes without a call (bool is not int here).
-            if (
-                index is not None
-                and not (type(index) is int and 0 <= index < MAX_CHOICES)
-                and not _is_int(index, MAX_CHOICES - 1)
-            ):
+            if index is not None and not _is_int(index, MAX_CHOICES - 1):
                 raise _bad_shape(provider, f"choices[{i}].index")
             finish, text = get("finish_reason"), get("text")
             if (finish is not None and not isinstance(finish, str)) or (
@@ -462,16 +472,12 @@ def check_shape(payload: dict[str, Any], *, provider: str) -> None:
             if message is not None:
                 _check_message(message, provider, f"choices[{i}].message")
             delta = get("delta")
-            # The usual delta is text content alone: nothing else to check (nor a place name to
-            # build).
-            if delta is not None and not (
-                type(delta) is dict and len(delta) == 1 and type(delta.get("content")) is str
-            ):
+            if delta is not None:
                 _check_message(delta, provider, f"choices[{i}].delta")
     created = payload.get("created")
     if (
         created is not None
-        and not (type(created) is int and 0 <= created <= _INT64_MAX)
+        and not (type(created) is int and 0 <= created <= _INT64_MAX)  # the usual value: no call
         and not _is_int(created, _INT64_MAX)
         and not (isinstance(created, float) and 0 <= created <= 2**62)
     ):
@@ -1010,7 +1016,7 @@ class _SSEParser:
         return chunks + self._decoder.finish()
 
 
-def _decode_event(data: bytes, *, provider: str, scrub: Callable[[str], str]) -> dict[str, Any] | None:
+def _decode_event(data: bytes, provider: str, scrub: Callable[[str], str]) -> dict[str, Any] | None:
     """One OpenAI SSE event's data: its chunk, None for `[DONE]`; an error event raises."""
     if not data.endswith(b"}") and data.strip() == b"[DONE]":  # (a chunk ends with its brace)
         return None

@@ -239,13 +239,17 @@ def _delta(rng: random.Random, plain: float) -> Any:
         return delta
     delta = {}
     if _maybe(rng):
-        delta["content"] = rng.choice(
-            [_text(rng), "", None, [{"text": _text(rng)}, {"type": "x"}], [], 5, [{"text": 3}]]
+        delta["content"] = (
+            _text(rng)
+            if _maybe(rng, 0.6)
+            else rng.choice(["", None, [{"text": _text(rng)}, {"type": "x"}], [], 5, [{"text": 3}]])
         )
     if _maybe(rng, 0.2):
         delta["role"] = rng.choice(["assistant", None, 1])
     if _maybe(rng, 0.3):
-        delta[rng.choice(["reasoning_content", "reasoning"])] = rng.choice([_text(rng), "", None, 7])
+        delta[rng.choice(["reasoning_content", "reasoning"])] = (
+            _text(rng) if _maybe(rng, 0.7) else rng.choice(["", None, 7])
+        )
     if _maybe(rng, 0.1):
         delta["refusal"] = rng.choice([_text(rng), None, 1.5])
     if _maybe(rng, 0.3):
@@ -295,6 +299,8 @@ def _chunk(rng: random.Random, plain: float = 0.7) -> dict[str, Any]:
         choice["finish_reason"] = rng.choice(
             [None, None, None, None, "stop", "length", "tool_calls", "weird", "", 3]
         )
+        if _maybe(rng, 0.05):  # a text completion's field, or a whole message, of any type
+            choice[rng.choice(["text", "message"])] = rng.choice(["x", 1, None, {"content": 2}, {}])
         if _maybe(rng, 0.02):
             choice = rng.choice(["x", 1])  # type: ignore[assignment]
         choices.append(choice)
@@ -394,10 +400,11 @@ def _redactor(extra: int = 0) -> Redactor:
     return redactor
 
 
+@pytest.mark.parametrize("path", ["relayed", "events"])
 @pytest.mark.parametrize(("seed", "extra"), [(0, 0), (1, 0), (2, 30), (3, 30)])
-def test_relayed_same_as_before(seed: int, extra: int) -> None:
-    """Whole streams, secrets split across chunks included: the same events, the same held-back
-    text at the end, the same scrubbed final texts."""
+def test_relayed_same_as_before(seed: int, extra: int, path: str) -> None:
+    """Whole streams, secrets split across chunks included: the same events and the same text
+    held back at the end, through `relayed` or the three steps it stands for."""
     rng = random.Random(seed)
     redactor = _redactor(extra)
     for _ in range(150):
@@ -411,12 +418,40 @@ def test_relayed_same_as_before(seed: int, extra: int) -> None:
             ]
             if not batch:
                 continue
-            got = _wire(relayed(batch, want, new))
+            if path == "relayed":
+                got = _wire(relayed(batch, want, new))
+            else:
+                got = _wire(new.events(tool_call_check.first_call_only(deltas_from_chunks(batch), want)))
             expected = _wire(old.events(tool_call_check.first_call_only(reference_deltas(batch), want)))
             assert got == expected, batch
             assert new._held == old._held
             assert new._context == old._context
         assert _wire(new.flush()) == _wire(old.flush())
+
+
+@pytest.mark.parametrize(
+    "delta",
+    [
+        {"reasoning_content": SECRETS[0], "content": "plain text"},
+        {
+            "content": "plain text",
+            "tool_calls": [{"index": 0, "id": "c", "function": {"arguments": SECRETS[1]}}],
+        },
+        {"content": "plain text " + SECRETS[2]},
+        {"content": "plain text sk-"},
+    ],
+)
+def test_a_secret_beside_plain_content_is_scrubbed(delta: dict[str, Any]) -> None:
+    chunk = {"choices": [{"index": 0, "delta": delta, "finish_reason": None}]}
+    batch: list[dict[str, Any] | None] = [chunk]
+    want = tool_call_check.NOTHING
+    for events in (
+        relayed(batch, want, AnswerScrubber(_redactor())),
+        AnswerScrubber(_redactor()).events(deltas_from_chunks(batch)),
+    ):
+        wire = b"".join(_wire(events))
+        assert not any(secret.encode() in wire for secret in SECRETS)
+        assert _wire(events) == _wire(ReferenceScrubber(_redactor()).events(reference_deltas(batch)))
 
 
 def test_relayed_without_a_redactor() -> None:
