@@ -31,12 +31,12 @@ from server.core.completion import (
     answer_bytes,
     check_answer_size,
     completion_from_json,
-    deltas_from_chunks,
     leave_out_streamed,
     streamed_texts,
 )
 from server.core.keys import ByokLookup, ByokUrls, EndpointChecker, counting_endpoint, resolve_target
 from server.core.openai_request import build_chat_body, prompt_functions, unpack_completion
+from server.core.relay import relayed
 from server.core.retry import Deadline
 from server.core.stream import StreamAccumulator
 from server.core.validation import LOCAL_TYPES, FunctionKeys, function_keys_async, off_loop, validate_request
@@ -568,8 +568,7 @@ class Gateway:
                             done = True
                             break
                         accumulator.add(chunk)
-                    deltas = tool_call_check.first_call_only(deltas_from_chunks(batch), want)
-                    for event in scrubber.events(deltas):
+                    for event in relayed(batch, want, scrubber):
                         call.first_token()
                         yield event
                     if done:

@@ -223,6 +223,9 @@ def _utf8(text: str) -> bytes:
 _TIERS: tuple[tuple[int, int], ...] = ((8, 32), (8, 16), (8, 8), (4, 4))  # (block bytes, stride bytes)
 
 
+# Distinct 3-character heads of spellings up to which `Redactor.may_touch` searches for each.
+_FEW_HEADS = 8
+
 # Candidate samples beyond which one C loop over every sample is cheaper than checking them one
 # by one (text made of key characters, such as base64, makes nearly every sample a candidate).
 _CANDIDATE_BUDGET = 256
@@ -376,6 +379,10 @@ class Redactor:
         self._longest = 0
         self._shortest = 0  # the shortest spelling (0: none)
         self._firsts: dict[str, int] = {}  # first characters of spellings -> count
+        # The distinct 3-character heads of spellings while there are at most _FEW_HEADS of them
+        # (None: more), replaced whole on a change: `may_touch` searches the text for each.
+        self._few_heads: tuple[str, ...] | None = ()
+        self._head_kinds = 0  # distinct 3-character heads
         self.add_many(secrets)
 
     @classmethod
@@ -458,7 +465,11 @@ class Redactor:
         bisect.insort(self._sorted, spelling)
         for size in range(1, 4):
             head = spelling[:size]
-            self._heads[head] = self._heads.get(head, 0) + 1
+            count = self._heads.get(head, 0)
+            self._heads[head] = count + 1
+            if size == 3 and not count:
+                self._head_kinds += 1
+                self._new_few_heads()
         self._lengths[len(spelling)] = self._lengths.get(len(spelling), 0) + 1
         self._longest = max(self._longest, len(spelling))
         self._shortest = min(self._shortest or len(spelling), len(spelling))
@@ -475,8 +486,9 @@ class Redactor:
             left = self._heads.get(head, 0) - 1
             if left > 0:
                 self._heads[head] = left
-            else:
-                self._heads.pop(head, None)
+            elif self._heads.pop(head, None) is not None and size == 3:
+                self._head_kinds -= 1
+                self._new_few_heads()
         left = self._lengths.get(len(spelling), 0) - 1
         if left > 0:
             self._lengths[len(spelling)] = left
@@ -489,6 +501,12 @@ class Redactor:
             self._firsts[spelling[0]] = left
         else:
             self._firsts.pop(spelling[0], None)
+
+    def _new_few_heads(self) -> None:
+        if self._head_kinds > _FEW_HEADS:
+            self._few_heads = None
+        else:  # few: a walk over the heads (3 per spelling) is short
+            self._few_heads = tuple(head for head in self._heads if len(head) == 3)
 
     def __contains__(self, secret: str) -> bool:
         return secret in self._refs
@@ -532,6 +550,28 @@ class Redactor:
         with self._lock:
             self._retain(secret)
         return _Lease(self, secret)
+
+    def may_touch(self, text: str) -> bool:
+        """Whether some position of `text` could begin a known spelling: its first three
+        characters (or the one or two left at the end of `text`) are the head of one.
+
+        False means no known spelling occurs in `text` and no tail of it is the start of one:
+        `redact_known` would return it unchanged and `hold_from` would hold nothing back. The
+        stream scrubber asks this first, for every delta: with a few distinct heads (a handful
+        of server keys: "sk-", "llm", ...) it is one substring search per head and two look-ups.
+        """
+        few = self._few_heads  # read once: replaced whole by a change in another thread
+        heads = self._heads
+        if few is not None:
+            for head in few:
+                if head in text:
+                    return True
+            # (Every spelling is longer than 3 characters: a 3-character tail is a head found above.)
+            return text[-1:] in heads or text[-2:] in heads
+        firsts = self._firsts
+        if firsts.keys().isdisjoint(text):  # one C loop over the text's characters
+            return False
+        return any(text[p : p + 3] in heads for p in range(len(text)) if text[p] in firsts)
 
     def hold_from(self, text: str, start: int = 0) -> int:
         """Where the tail of `text` that could begin a known spelling starts (`len(text)`: none).

@@ -91,11 +91,28 @@ class AnswerScrubber:
         """The delta events scrubbed, in order; an event left with nothing to carry is dropped."""
         if not self._sources:
             return events
+        if isinstance(events, list | tuple) and len(events) == 1:  # (`relay.relayed` does it before)
+            delta = events[0].delta
+            content = delta.content
+            if content and not (delta.reasoning_content or delta.tool_calls) and self.lets_out(content):
+                return events
         out: list[chat_pb2.StreamCreateResponse] = []
         for event in events:
             if not event.HasField("delta") or self._scrub_delta(event.delta):
                 out.append(event)
         return out
+
+    def lets_out(self, content: str) -> bool:
+        """Whether a delta of text content alone (a finish reason may come with it) goes out
+        exactly as it is: nothing is held back (a finish releases nothing) and no known secret
+        can begin in the text (`Redactor.may_touch`). The usual delta: the caller then skips
+        `events`, which would change nothing."""
+        if self._held or self._context:
+            return False
+        for source in self._sources:
+            if source.may_touch(content):
+                return False
+        return True
 
     def flush(self) -> list[chat_pb2.StreamCreateResponse]:
         """Delta events with everything still held back (call at the end of the stream)."""
@@ -143,6 +160,13 @@ class AnswerScrubber:
             # More text after this channel's choice finished (an upstream out of protocol): what
             # the finish let out may have begun a secret; the rest of it does not follow.
             pending = self._continued(self._context.pop(channel), pending)
+        for source in self._sources:
+            if source.may_touch(pending):
+                break
+        else:
+            # No known spelling can begin anywhere in it (the usual delta): `_cut` would hold
+            # nothing back and `text` change nothing.
+            return pending
         cut, known = self._cut(pending)
         if cut < len(pending):
             self._held[channel] = pending[cut:]

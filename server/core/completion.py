@@ -297,6 +297,10 @@ def deltas_from_chunks(chunks: Iterable[dict[str, Any] | None]) -> list[chat_pb2
     of kind or of tool call, nor after a finish reason, so concatenating what the events carry,
     in order, gives exactly what the chunks carried.
     """
+    if type(chunks) is list and len(chunks) == 1:
+        plain = plain_choice(chunks[0])
+        if plain is not None:
+            return [plain_event(*plain)]
     events: list[chat_pb2.StreamCreateResponse] = []
     pending: _PendingDelta | None = None
     for chunk in chunks:
@@ -355,6 +359,47 @@ def deltas_from_chunks(chunks: Iterable[dict[str, Any] | None]) -> list[chat_pb2
     if pending is not None:
         events.append(pending.event())
     return events
+
+
+def plain_choice(chunk: dict[str, Any] | None) -> tuple[dict[str, Any], str] | None:
+    """The one choice of a chunk whose delta relays text content and nothing else (no
+    reasoning, no calls; a finish reason may come with it), and that content; None for any
+    other chunk (the general code then does it, with the same result).
+
+    Almost every read of a stream is one such chunk: its event is built by `plain_event`,
+    without a `_PendingDelta` and the general loop's tests.
+    """
+    if chunk is None:
+        return None
+    choices = chunk.get("choices")
+    if type(choices) is not list or len(choices) != 1:
+        return None
+    choice = choices[0]
+    delta = choice.get("delta")
+    if type(delta) is not dict:
+        return None
+    content = delta.get("content")
+    if type(content) is not str or not content:
+        return None
+    if len(delta) != 1:  # content alone needs no more look-ups
+        get = delta.get
+        if get("reasoning_content") or get("reasoning") or get("tool_calls") or get("function_call"):
+            return None
+    return choice, content
+
+
+def plain_event(choice: dict[str, Any], content: str) -> chat_pb2.StreamCreateResponse:
+    """The delta event of a `plain_choice` (what `deltas_from_chunks` makes of its chunk)."""
+    event = chat_pb2.StreamCreateResponse()
+    delta = event.delta
+    delta.content = content
+    index = choice.get("index")
+    if index:
+        delta.index = int(index)
+    reason = choice.get("finish_reason")
+    if reason:
+        delta.finish_reason = finish_reason(reason)
+    return event
 
 
 def _add_fragment(

@@ -35,26 +35,30 @@ class TextParts:
     piece is copied once more: linear), so the overhead is per block, not per token.
     """
 
-    __slots__ = ("_blocks", "_loose")
+    __slots__ = ("_blocks", "loose")
 
     def __init__(self) -> None:
         self._blocks: list[str] = []
-        self._loose: list[str] = []
+        self.loose: list[str] = []  # the pieces not joined yet (fewer than _BLOCK between appends)
 
     def append(self, piece: str) -> None:
-        loose = self._loose
+        loose = self.loose
         loose.append(piece)
         if len(loose) >= _BLOCK:
-            self._blocks.append("".join(loose))
-            loose.clear()
+            self.fold()
+
+    def fold(self) -> None:
+        """Join the loose pieces into one block."""
+        self._blocks.append("".join(self.loose))
+        self.loose.clear()
 
     def __bool__(self) -> bool:
-        return bool(self._loose or self._blocks)
+        return bool(self.loose or self._blocks)
 
     def text(self) -> str:
         if not self._blocks:
-            return "".join(self._loose)
-        return "".join([*self._blocks, *self._loose])
+            return "".join(self.loose)
+        return "".join([*self._blocks, *self.loose])
 
 
 @dataclass(slots=True)
@@ -109,7 +113,7 @@ class StreamAccumulator:
         if value:
             self.model = value
         value = get("created")
-        if value:
+        if value and value != self.created:  # (the same in every chunk: no int() each time)
             self.created = int(value)
         value = get("system_fingerprint")
         if value:
@@ -118,7 +122,9 @@ class StreamAccumulator:
         if value:
             self.usage = value
         for choice in get("choices") or ():
-            index = int(choice.get("index") or 0)
+            index = choice.get("index") or 0
+            if type(index) is not int:
+                index = int(index)
             parts = self.choices.get(index)
             if parts is None:
                 if len(self.choices) >= MAX_CHOICES:
@@ -126,42 +132,52 @@ class StreamAccumulator:
                 parts = self.choices[index] = _ChoiceParts()
             delta = choice.get("delta")
             if delta:
-                text = text_of(delta.get("content"))
+                content = delta.get("content")
+                text = content if type(content) is str else text_of(content)
                 if text:
                     # _grow inlined: this runs for every token of every stream.
                     size = self.size + (len(text) if text.isascii() else text_bytes(text))
                     if size > self.max_answer_bytes:
                         raise answer_too_large(self.provider, self.max_answer_bytes, size)
                     self.size = size
-                    parts.content.append(text)
-                reasoning = text_of(delta.get("reasoning_content") or delta.get("reasoning"))
-                if reasoning:
-                    self._grow(reasoning)
-                    parts.reasoning.append(reasoning)
-                fragments = delta.get("tool_calls")
-                if fragments:
-                    self._add_fragments(parts, fragments)
-                refusal = text_of(delta.get("refusal"))
-                if refusal:
-                    self._grow(refusal)
-                    parts.refusal.append(refusal)
-                blocks = delta.get("thinking_blocks")
-                if blocks:
-                    self._add_blocks(parts, blocks)
-                legacy = delta.get("function_call")
-                if legacy:
-                    call = parts.tool_calls.get(0)
-                    if call is None:
-                        call = parts.tool_calls[0] = _ToolCallParts()
-                    if legacy.get("name"):
-                        self._grow(legacy["name"])
-                        call.name = legacy["name"]
-                    if legacy.get("arguments"):
-                        self._grow(legacy["arguments"])
-                        call.arguments.append(legacy["arguments"])
+                    # TextParts.append inlined, as above.
+                    loose = parts.content.loose
+                    loose.append(text)
+                    if len(loose) >= _BLOCK:
+                        parts.content.fold()
+                if len(delta) > 1 or content is None:  # else content was its only field
+                    self._add_rest(parts, delta)
             reason = choice.get("finish_reason")
             if reason:
                 parts.finish_reason = reason
+
+    def _add_rest(self, parts: _ChoiceParts, delta: dict[str, Any]) -> None:
+        """What a delta carries besides its content."""
+        reasoning = text_of(delta.get("reasoning_content") or delta.get("reasoning"))
+        if reasoning:
+            self._grow(reasoning)
+            parts.reasoning.append(reasoning)
+        fragments = delta.get("tool_calls")
+        if fragments:
+            self._add_fragments(parts, fragments)
+        refusal = text_of(delta.get("refusal"))
+        if refusal:
+            self._grow(refusal)
+            parts.refusal.append(refusal)
+        blocks = delta.get("thinking_blocks")
+        if blocks:
+            self._add_blocks(parts, blocks)
+        legacy = delta.get("function_call")
+        if legacy:
+            call = parts.tool_calls.get(0)
+            if call is None:
+                call = parts.tool_calls[0] = _ToolCallParts()
+            if legacy.get("name"):
+                self._grow(legacy["name"])
+                call.name = legacy["name"]
+            if legacy.get("arguments"):
+                self._grow(legacy["arguments"])
+                call.arguments.append(legacy["arguments"])
 
     def _grow(self, text: str) -> None:
         """Count a piece against the answer cap before it is kept."""

@@ -104,7 +104,7 @@ class OpenAIStreamDecoder:
 
     def feed(self, event: str | None, data: bytes) -> list[dict[str, Any] | None]:
         # The event name is ignored: OpenAI sends none, and proxies' names carry nothing more.
-        return [_decode_event(data, provider=self._provider, scrub=self._scrub)]
+        return [_decode_event(data, self._provider, self._scrub)]  # (positional: per chunk)
 
     def finish(self) -> list[dict[str, Any] | None]:
         # No `[DONE]` before the end of the body: the gateway decides from the finish reasons.
@@ -436,6 +436,21 @@ def check_shape(payload: dict[str, Any], *, provider: str) -> None:
     unknown fields are left alone.
     """
     choices = payload.get("choices")
+    if type(choices) is list and len(choices) == 1 and type(choice := choices[0]) is dict:
+        # The usual chunk: one choice whose delta is text content alone. Tested inline (no
+        # helper calls, no loop); anything else goes through the loop below.
+        get = choice.get
+        index, finish, delta = get("index"), get("finish_reason"), get("delta")
+        if (
+            (index is None or (type(index) is int and 0 <= index < MAX_CHOICES))
+            and (finish is None or type(finish) is str)
+            and type(delta) is dict
+            and len(delta) == 1
+            and type(delta.get("content")) is str
+            and get("text") is None
+            and get("message") is None
+        ):
+            choices = None
     if choices is not None:
         if not isinstance(choices, list):
             raise _bad_shape(provider, "choices")
@@ -462,6 +477,7 @@ def check_shape(payload: dict[str, Any], *, provider: str) -> None:
     created = payload.get("created")
     if (
         created is not None
+        and not (type(created) is int and 0 <= created <= _INT64_MAX)  # the usual value: no call
         and not _is_int(created, _INT64_MAX)
         and not (isinstance(created, float) and 0 <= created <= 2**62)
     ):
@@ -798,6 +814,11 @@ class LineReader:
             self.held = len(tail)
         return lines
 
+    @property
+    def at_line_start(self) -> bool:
+        """Nothing is held: the next piece starts a line (and no LF of it pairs a CR before)."""
+        return not self._partial and not self._after_cr
+
     def rest(self) -> bytes:
         """The unfinished last line, at the end of the stream."""
         rest = b"".join(self._partial)
@@ -904,6 +925,31 @@ class _SSEParser:
                 )
 
     def _feed(self, piece: bytes) -> list[dict[str, Any] | None]:
+        # The usual read is exactly one event, `data: {...}` and a blank line, at a line start
+        # with no event begun: its data is the piece without the prefix and the two LFs (what
+        # the line loop below would find, without splitting it or keeping state).
+        if (
+            piece.startswith(b"data: ")
+            and piece.find(b"\n") == len(piece) - 2
+            and piece.endswith(b"\n")
+            and 13 not in piece  # no CR (an int: memchr, where b"\r" is a substring search)
+            and not self._data_lines
+            and len(piece) - 8 <= MAX_EVENT_BYTES
+            and self._lines.at_line_start
+        ):
+            self._bom = False
+            name, self._event_name = self._event_name, None
+            try:
+                chunks = self._decoder.feed(name, piece[6:-2])
+            except Exception:
+                self._ended = True
+                raise
+            if chunks and chunks[-1] is None:
+                self._ended = True
+            return chunks
+        return self._feed_lines(piece)
+
+    def _feed_lines(self, piece: bytes) -> list[dict[str, Any] | None]:
         events: list[dict[str, Any] | None] = []
         data_lines = self._data_lines
         feed = self._decoder.feed
@@ -970,9 +1016,9 @@ class _SSEParser:
         return chunks + self._decoder.finish()
 
 
-def _decode_event(data: bytes, *, provider: str, scrub: Callable[[str], str]) -> dict[str, Any] | None:
+def _decode_event(data: bytes, provider: str, scrub: Callable[[str], str]) -> dict[str, Any] | None:
     """One OpenAI SSE event's data: its chunk, None for `[DONE]`; an error event raises."""
-    if data.strip() == b"[DONE]":
+    if not data.endswith(b"}") and data.strip() == b"[DONE]":  # (a chunk ends with its brace)
         return None
     try:
         event = orjson.loads(data)
