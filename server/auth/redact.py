@@ -225,6 +225,9 @@ _TIERS: tuple[tuple[int, int], ...] = ((8, 32), (8, 16), (8, 8), (4, 4))  # (blo
 
 # Distinct 3-character heads of spellings up to which `Redactor.may_touch` searches for each.
 _FEW_HEADS = 8
+# With more heads, `may_touch` walks texts up to this long in Python (~20 us at worst); a longer
+# one that has a character some spelling begins with gets True (the general path) without a look.
+_WALK_CHARS = 128
 
 # Candidate samples beyond which one C loop over every sample is cheaper than checking them one
 # by one (text made of key characters, such as base64, makes nearly every sample a candidate).
@@ -559,6 +562,9 @@ class Redactor:
         `redact_known` would return it unchanged and `hold_from` would hold nothing back. The
         stream scrubber asks this first, for every delta: with a few distinct heads (a handful
         of server keys: "sk-", "llm", ...) it is one substring search per head and two look-ups.
+        With more heads, a text longer than `_WALK_CHARS` that holds a character some spelling
+        begins with gets True without a look (True is always safe: the general path decides),
+        so the Python work per call stays bounded, as in `hold_from`.
         """
         few = self._few_heads  # read once: replaced whole by a change in another thread
         heads = self._heads
@@ -571,6 +577,13 @@ class Redactor:
         firsts = self._firsts
         if firsts.keys().isdisjoint(text):  # one C loop over the text's characters
             return False
+        if len(text) > _WALK_CHARS:
+            # "May" (the general path decides): the walk below is Python, ~0.15 us a position
+            # whose character begins a spelling (most of English text when BYOK keys begin with
+            # "s", "g", "t", ...), 0.2 s on the loop for a 1 MB delta. The general path's
+            # Python work is bounded by the longest spelling (`hold_from` looks at the tail
+            # only); its search for whole spellings is the tiers' scan, C-speed per byte.
+            return True
         return any(text[p : p + 3] in heads for p in range(len(text)) if text[p] in firsts)
 
     def hold_from(self, text: str, start: int = 0) -> int:
