@@ -87,10 +87,15 @@ class InFlight:
         self._entered = 0  # calls ever handed to a handler (settle watches it move)
         self._last_entered = 0.0  # loop time of the latest one
         self._grace = 0.0
-        self.closed = False  # after the cut: a call arriving now is refused at once
+        self.closed = False  # draining or after the cut: a call arriving now is refused at once
 
     def __len__(self) -> int:
         return len(self._calls)
+
+    @property
+    def entered(self) -> int:
+        """Calls ever handed to a handler."""
+        return self._entered
 
     def _enter(self, context: Context) -> InFlightCall:
         call = InFlightCall(asyncio.current_task(), context)
@@ -189,11 +194,12 @@ class InFlight:
 
         return tracked
 
-    async def settle(self, *, quiet: float, limit: float) -> None:
+    async def settle(self, *, quiet: float, limit: float) -> bool:
         """Wait until no call was handed to a handler for `quiet` seconds (at most `limit`).
 
         Calls that reached the server before the signal may still be queued inside grpc, which
         cancels them (bare CANCELLED) the moment `server.stop()` begins: let them start first.
+        True when it went quiet, False when calls were still coming at `limit`.
         """
         loop = asyncio.get_running_loop()
         end = loop.time() + limit
@@ -203,13 +209,18 @@ class InFlight:
             # run now) instead of the whole quiet period; tests stop many idle servers.
             await asyncio.sleep(min(SETTLE_PROBE, limit))
             if self._entered == seen:
-                return
+                return True
             seen = self._entered
         while loop.time() < end:
             await asyncio.sleep(min(quiet, max(0.0, end - loop.time())))
             if self._entered == seen:
-                return
+                return True
             seen = self._entered
+        return False
+
+    def refuse_new(self) -> None:
+        """From now on a call handed to a handler is refused at once (UNAVAILABLE SHUTTING_DOWN)."""
+        self.closed = True
 
     async def wait_idle(self, timeout: float) -> bool:
         """Wait until no call is in flight; False if some still are after `timeout` seconds."""
