@@ -73,8 +73,8 @@ MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 # send their status and trace before grpc cancels whatever is left.
 SETTLE_QUIET = 0.1
 SETTLE_LIMIT = 1.0
-REFUSE_BACKLOG_RATE = 200.0
-REFUSE_LIMIT = 2.0
+REFUSE_BACKLOG_RATE = 100.0
+REFUSE_LIMIT = 3.0
 CUT_ALLOWANCE = 2.0
 
 

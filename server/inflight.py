@@ -204,19 +204,24 @@ class InFlight:
         loop = asyncio.get_running_loop()
         end = loop.time() + limit
         seen = self._entered
-        if loop.time() - self._last_entered >= quiet:
-            # Idle before the signal: one short look (grpc's callbacks queued behind a busy loop
-            # run now) instead of the whole quiet period; tests stop many idle servers.
-            await asyncio.sleep(min(SETTLE_PROBE, limit))
-            if self._entered == seen:
+        # Idle before the signal: one short look (grpc's callbacks queued behind a busy loop run
+        # now) instead of the whole quiet period; tests stop many idle servers.
+        probe = loop.time() - self._last_entered >= quiet
+        while True:
+            window = min(SETTLE_PROBE if probe else quiet, max(0.0, end - loop.time()))
+            due = loop.time() + window
+            await asyncio.sleep(window)
+            # No call in the window proves the queue empty only if the loop ran through it: after
+            # a stall (a long callback, the process descheduled) this timer runs before the calls
+            # grpc handed over meanwhile reach a handler, which takes the loop a few turns more.
+            stalled = loop.time() - due > window / 2
+            if self._entered != seen:
+                seen = self._entered
+            elif not stalled and window > 0 and (probe or window >= quiet):
                 return True
-            seen = self._entered
-        while loop.time() < end:
-            await asyncio.sleep(min(quiet, max(0.0, end - loop.time())))
-            if self._entered == seen:
-                return True
-            seen = self._entered
-        return False
+            probe = False  # calls came, or the look was inconclusive: whole quiet windows now
+            if loop.time() >= end:
+                return False
 
     def refuse_new(self) -> None:
         """From now on a call handed to a handler is refused at once (UNAVAILABLE SHUTTING_DOWN)."""

@@ -18,6 +18,8 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import threading
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -26,7 +28,7 @@ import grpc
 from llmgateway.v1 import chat_pb2, chat_pb2_grpc
 
 from tests.fake_upstream import FakeUpstream, Reply, completion
-from tests.gateway_harness import chat_request
+from tests.gateway_harness import RunningGateway, chat_request
 from tests.integration.test_hardening_shutdown import error_reason
 from tests.process_harness import ServerProcess, async_server_process, start_server_process
 
@@ -34,6 +36,8 @@ CALLS = 2_500
 CHANNELS = 10
 # Writing 2,500 calls to the sockets of a stopped server: 0.1-0.2 s on a quiet machine.
 SEND_TIME = 1.0
+QUEUED = 50  # calls of each kind that wait in grpc's queue while the loop stalls
+LOOP_STALL = 3.0
 
 Stub = chat_pb2_grpc.ChatCompletionServiceStub
 
@@ -96,7 +100,7 @@ async def test_a_burst_the_loop_cannot_start_at_once_is_answered_in_full(tmp_pat
 async def test_sigterm_with_a_deep_queue_refuses_what_it_cannot_start_never_a_bare_cancelled(
     tmp_path: Path, upstream: FakeUpstream
 ) -> None:
-    upstream.default = Reply(json_body=completion(), delay=0.2)  # well inside the grace period
+    upstream.default = Reply(json_body=completion(), delay=0.05)  # well inside the grace period
     server = await asyncio.to_thread(
         start_server_process,
         tmp_path,
@@ -126,3 +130,46 @@ async def test_sigterm_with_a_deep_queue_refuses_what_it_cannot_start_never_a_ba
     assert set(outcomes) <= {"OK", "UNAVAILABLE SHUTTING_DOWN"}, f"{outcomes}\n{server.log[-2000:]}"
     # A refused call never reached the upstream (no work paid for and thrown away).
     assert len(upstream.requests) == outcomes["OK"], (len(upstream.requests), outcomes)
+
+
+async def test_a_call_whose_deadline_passed_or_caller_left_while_queued_never_reaches_the_upstream(
+    gateway: RunningGateway, upstream: FakeUpstream
+) -> None:
+    """A call may now wait in grpc's queue for minutes (PENDING_CALL_MAX_WAIT): one its caller
+    gave up on meanwhile must not be sent upstream when the loop gets to it (paid for, unread)."""
+    await gateway.chat.Create(chat_request(upstream.base_url), timeout=10)  # pools warm
+    before = len(upstream.requests)
+    request = chat_request(upstream.base_url)
+    # A blocking client on its own threads: the test's loop (the gateway's) is about to stop.
+    channel = grpc.insecure_channel(gateway.address)
+    try:
+        grpc.channel_ready_future(channel).result(timeout=10)
+        stub = Stub(channel)
+        sent: dict[str, list[grpc.Future]] = {}
+
+        def send() -> None:
+            sent["deadline"] = [stub.Create.future(request, timeout=0.5) for _ in range(QUEUED)]
+            sent["cancelled"] = [stub.Create.future(request) for _ in range(QUEUED)]
+            time.sleep(SEND_TIME)
+            for future in sent["cancelled"]:
+                future.cancel()
+
+        sender = threading.Thread(target=send)
+        sender.start()
+        time.sleep(LOOP_STALL)  # the gateway's loop stalls: grpc core queues the calls meanwhile
+        sender.join()
+        await asyncio.sleep(2.0)  # the loop takes the queued calls
+        codes: Counter[str] = Counter()
+        for kind, futures in sent.items():
+            for future in futures:
+                try:
+                    future.result(timeout=10)
+                    codes[f"{kind} OK"] += 1
+                except grpc.FutureCancelledError:
+                    codes[f"{kind} cancelled"] += 1
+                except grpc.RpcError as error:
+                    codes[f"{kind} {error.code().name}"] += 1
+    finally:
+        channel.close()
+    assert codes == {"deadline DEADLINE_EXCEEDED": QUEUED, "cancelled cancelled": QUEUED}, codes
+    assert len(upstream.requests) == before, f"{len(upstream.requests) - before} wasted upstream calls"
