@@ -66,11 +66,15 @@ SERVICE_NAMES = (
     usage_pb2.DESCRIPTOR.services_by_name["LimitsService"].full_name,
 )
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-# Shutdown: calls still queued inside grpc when the signal came start within this much quiet
-# (bounded by SETTLE_LIMIT); calls cut at the end of the grace period get CUT_ALLOWANCE to send
-# their status and trace before grpc cancels whatever is left.
+# Shutdown: calls still queued inside grpc when the signal came start within SETTLE_QUIET of
+# quiet (bounded by SETTLE_LIMIT). If they were still coming at over REFUSE_BACKLOG_RATE a
+# second, what is left is refused (UNAVAILABLE SHUTTING_DOWN) until SETTLE_QUIET passes with
+# none, for at most REFUSE_LIMIT. Calls cut at the end of the grace period get CUT_ALLOWANCE to
+# send their status and trace before grpc cancels whatever is left.
 SETTLE_QUIET = 0.1
 SETTLE_LIMIT = 1.0
+REFUSE_BACKLOG_RATE = 100.0
+REFUSE_LIMIT = 3.0
 CUT_ALLOWANCE = 2.0
 
 
@@ -358,7 +362,19 @@ class GatewayServer:
         await running.health.enter_graceful_shutdown()
         # Calls that arrived before the signal but still wait inside grpc for a handler would be
         # cancelled by grpc (a bare CANCELLED) the moment server.stop() begins: let them start.
-        await calls.settle(quiet=SETTLE_QUIET, limit=min(SETTLE_LIMIT, grace / 2))
+        settling, entered = loop.time(), calls.entered
+        settled = await calls.settle(quiet=SETTLE_QUIET, limit=min(SETTLE_LIMIT, grace / 2))
+        rate = (calls.entered - entered) / max(loop.time() - settling, SETTLE_QUIET)
+        if not settled and rate >= REFUSE_BACKLOG_RATE:
+            # Still coming as fast as the loop takes them: grpc's queue (up to
+            # LLMGW_GRPC_MAX_PENDING_CALLS deep) is not empty, and grpc would cancel the rest
+            # bare. Refuse them ("retry on another instance", no upstream call), ~5,000 a second
+            # on an idle worker. Not at a lower rate: that is steady traffic whose clients move
+            # to another replica at the GOAWAY, a refusal would be an error they see. The calls
+            # in flight keep the whole grace period.
+            calls.refuse_new()
+            limit = min(REFUSE_LIMIT, ends - grace / 2 - loop.time())
+            await calls.settle(quiet=SETTLE_QUIET, limit=max(0.0, limit))
         # New calls are refused from here (GOAWAY). grpc's own cancel at the end of its grace is
         # only the fallback: it sends no ErrorInfo, and handlers unwind after stop() returned.
         stopping = asyncio.create_task(running.server.stop(max(0.0, ends - loop.time()) + CUT_ALLOWANCE))

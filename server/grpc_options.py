@@ -34,11 +34,18 @@ And how many calls grpc holds for the worker before it has started them:
   own limits on that queue are 1,000 with random early drop up to a hard 3,000, and a call it
   drops is answered a bare CANCELLED (trailers only) that the gateway never sees: a lost answer
   the client did not cancel. This sets both limits to one number, so no call is dropped below
-  it. Each queued call costs ~15 KiB plus its request (grpc has read it whole), so the bound is
-  memory: lower it on a small host, raise it for bigger bursts, or add workers (each has its own
-  queue). A call waits at most `PENDING_CALL_MAX_WAIT` (grpc cancels older ones when the loop
-  next asks): only a loop stalled for minutes leaves a call there that long, and the caller's
-  own deadline ends the wait sooner.
+  it. Each queued call costs ~15 KiB plus as much of its request as its HTTP/2 stream window
+  let the client send: all of a small request, and for a large one up to the window grpc's
+  BDP probing grew, several MiB on a fast link (measured on loopback: 7.6-7.9 MiB per queued
+  8 MB request, 5.5-8.8 MiB per 60 MB one), not the 64 MiB message limit. Nothing caps the
+  total in bytes (grpc's default resource quota is unlimited), so size it to the worker's
+  memory and its callers' requests, e.g. 4,000 x 100 KB prompts ~ 450 MiB: lower it on a small
+  host, raise it for bigger bursts, or add workers (each has its own queue, and its own bound).
+  A call waits at most `PENDING_CALL_MAX_WAIT` (grpc cancels older ones when the loop next
+  asks): only a loop stalled for minutes leaves a call there that long, and the caller's own
+  deadline ends the wait sooner (a call whose deadline passed, or whose caller cancelled, while
+  queued never reaches the upstream). At SIGTERM the queue is drained or refused, not
+  cancelled: server/app.py `GatewayServer.stop`.
 """
 
 from __future__ import annotations

@@ -87,10 +87,15 @@ class InFlight:
         self._entered = 0  # calls ever handed to a handler (settle watches it move)
         self._last_entered = 0.0  # loop time of the latest one
         self._grace = 0.0
-        self.closed = False  # after the cut: a call arriving now is refused at once
+        self.closed = False  # draining or after the cut: a call arriving now is refused at once
 
     def __len__(self) -> int:
         return len(self._calls)
+
+    @property
+    def entered(self) -> int:
+        """Calls ever handed to a handler."""
+        return self._entered
 
     def _enter(self, context: Context) -> InFlightCall:
         call = InFlightCall(asyncio.current_task(), context)
@@ -189,27 +194,38 @@ class InFlight:
 
         return tracked
 
-    async def settle(self, *, quiet: float, limit: float) -> None:
+    async def settle(self, *, quiet: float, limit: float) -> bool:
         """Wait until no call was handed to a handler for `quiet` seconds (at most `limit`).
 
         Calls that reached the server before the signal may still be queued inside grpc, which
         cancels them (bare CANCELLED) the moment `server.stop()` begins: let them start first.
+        True when it went quiet, False when calls were still coming at `limit`.
         """
         loop = asyncio.get_running_loop()
         end = loop.time() + limit
         seen = self._entered
-        if loop.time() - self._last_entered >= quiet:
-            # Idle before the signal: one short look (grpc's callbacks queued behind a busy loop
-            # run now) instead of the whole quiet period; tests stop many idle servers.
-            await asyncio.sleep(min(SETTLE_PROBE, limit))
-            if self._entered == seen:
-                return
-            seen = self._entered
-        while loop.time() < end:
-            await asyncio.sleep(min(quiet, max(0.0, end - loop.time())))
-            if self._entered == seen:
-                return
-            seen = self._entered
+        # Idle before the signal: one short look (grpc's callbacks queued behind a busy loop run
+        # now) instead of the whole quiet period; tests stop many idle servers.
+        probe = loop.time() - self._last_entered >= quiet
+        while True:
+            window = min(SETTLE_PROBE if probe else quiet, max(0.0, end - loop.time()))
+            due = loop.time() + window
+            await asyncio.sleep(window)
+            # No call in the window proves the queue empty only if the loop ran through it: after
+            # a stall (a long callback, the process descheduled) this timer runs before the calls
+            # grpc handed over meanwhile reach a handler, which takes the loop a few turns more.
+            stalled = loop.time() - due > window / 2
+            if self._entered != seen:
+                seen = self._entered
+            elif not stalled and window > 0 and (probe or window >= quiet):
+                return True
+            probe = False  # calls came, or the look was inconclusive: whole quiet windows now
+            if loop.time() >= end:
+                return False
+
+    def refuse_new(self) -> None:
+        """From now on a call handed to a handler is refused at once (UNAVAILABLE SHUTTING_DOWN)."""
+        self.closed = True
 
     async def wait_idle(self, timeout: float) -> bool:
         """Wait until no call is in flight; False if some still are after `timeout` seconds."""
