@@ -103,7 +103,7 @@ class Settings:
     grpc_min_ping_interval: float = 10.0
     # Calls that arrived but that this worker's event loop has not started yet, held by grpc
     # instead of cancelled (server/grpc_options.py says why and what one costs).
-    grpc_max_pending_calls: int = 10_000
+    grpc_max_pending_calls: int = 4_000
     # Bound on an upstream call when the caller set no deadline (streams: between two reads).
     upstream_timeout: float = 600.0
     # UTF-8 bytes of text one answer may carry (content, reasoning, tool calls; streamed or unary).

@@ -27,7 +27,7 @@ looks idle to NAT tables and proxies with idle timeouts, which drop it silently.
 
 And how many calls grpc holds for the worker before it has started them:
 
-- `LLMGW_GRPC_MAX_PENDING_CALLS` (10,000): grpc core parses a new call on its own threads, then
+- `LLMGW_GRPC_MAX_PENDING_CALLS` (4,000): grpc core parses a new call on its own threads, then
   queues it until the worker's event loop asks for a call; grpc.aio keeps one such request open
   and renews it on a later loop turn, so a burst of new calls on a busy worker (2,000 streams
   opened in two seconds while hundreds relay chunks) waits there for a second or more. grpc's

@@ -2,7 +2,7 @@
 
 grpc core queues a call it has parsed until the worker's event loop asks for the next one; by
 default it drops calls from that queue at random once 1,000 wait (a bare CANCELLED the gateway
-never sees). The gateway sets the bound itself (LLMGW_GRPC_MAX_PENDING_CALLS, 10,000) with no
+never sees). The gateway sets the bound itself (LLMGW_GRPC_MAX_PENDING_CALLS, 4,000) with no
 random drops below it. The burst here: the gateway process is stopped (SIGSTOP) while 2,500
 calls are sent, then resumed: grpc core parses them all within milliseconds, long before the
 loop has started them. With grpc's defaults 427 to 436 of the 2,500 ended CANCELLED (three runs).

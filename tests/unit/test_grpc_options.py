@@ -48,8 +48,8 @@ def test_age_zero_turns_it_off_and_huge_values_stay_in_grpc_range() -> None:
 def test_pending_calls_have_one_bound_and_no_random_early_drop() -> None:
     # grpc's defaults: 1,000, then random drops (a bare CANCELLED) up to a hard 3,000.
     options = dict(pending_call_options(Settings()))
-    assert options["grpc.server.max_pending_requests"] == 10_000
-    assert options["grpc.server.max_pending_requests_hard_limit"] == 10_000
+    assert options["grpc.server.max_pending_requests"] == 4_000
+    assert options["grpc.server.max_pending_requests_hard_limit"] == 4_000
     # grpc's 30 s would cancel the oldest of a long queue before a loaded worker reached them.
     assert options["grpc.server_max_unrequested_time_in_server"] >= 300
     small = dict(pending_call_options(load_settings(environ={"LLMGW_GRPC_MAX_PENDING_CALLS": "50"})))
