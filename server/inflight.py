@@ -88,6 +88,7 @@ class InFlight:
         self._last_entered = 0.0  # loop time of the latest one
         self._grace = 0.0
         self.closed = False  # draining or after the cut: a call arriving now is refused at once
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def __len__(self) -> int:
         return len(self._calls)
@@ -98,15 +99,25 @@ class InFlight:
         return self._entered
 
     def _enter(self, context: Context) -> InFlightCall:
-        call = InFlightCall(asyncio.current_task(), context)
+        # The serving loop, looked up once: asyncio.get_running_loop() (and current_task()
+        # without a loop) makes a getpid() system call on Python 3.11, on every call otherwise.
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            loop = self._loop = asyncio.get_running_loop()
+        call = InFlightCall(asyncio.current_task(loop), context)
         self._calls.add(call)
         self._entered += 1
-        self._last_entered = asyncio.get_running_loop().time()
+        self._last_entered = loop.time()
         self._idle.clear()
         _CURRENT.set(call)  # the handler's task has its own context: this stays with the call
         return call
 
     def _leave(self, call: InFlightCall) -> None:
+        # The call sits in its task's context (_CURRENT) and held the task: a reference cycle
+        # (task -> context -> call -> task) that only the cyclic GC would free, with the grpc
+        # context and everything else the call still references. Broken here, each call is
+        # freed by reference counting the moment it ends.
+        call.task = None
         self._calls.discard(call)
         if not self._calls:
             self._idle.set()
