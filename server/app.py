@@ -38,6 +38,7 @@ from server.core import tokens
 from server.core.keys import ByokProvider
 from server.errors import ShuttingDown
 from server.gateway import Dependencies, Gateway
+from server.gc_tuning import tune_for_serving
 from server.grpc_options import connection_options, pending_call_options
 from server.inflight import InFlight, uncancel_current
 from server.limits.book import LimitsBook
@@ -490,6 +491,7 @@ async def serve(settings: Settings, *, signalled: Sequence[int] = ()) -> int:
         log.info("stopped")
         return 0
     starting.result()  # a start-up failure raises here
+    tune_for_serving()  # the process only (tests start many servers in one process: not there)
     await waiting
     log.info(
         "shutting down: finishing in-flight calls (grace %.1f s) and flushing traces", settings.grace_period
