@@ -185,6 +185,9 @@ class HttpClient:
         self._all: set[Connection] = set()
         self._sweeper: asyncio.TimerHandle | None = None
         self._closed = False
+        # The loop of the latest call: asyncio.get_running_loop() makes a getpid() system call
+        # on Python 3.11 (its fork check), twice per request here otherwise.
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
     def connections_in_use(self) -> int:
@@ -231,7 +234,9 @@ class HttpClient:
         payload = b"".join(
             (target.request_line, _header_block(self._default_headers, headers, len(body)), body)
         )
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            loop = self._loop = asyncio.get_running_loop()
         deadline = None if timeout.total is None else loop.time() + timeout.total
         connection = self._idle_connection(target.key, loop.time(), private_ok=private_ok)
         if connection is None:
@@ -264,10 +269,13 @@ class HttpClient:
         if not reusable or self._closed or not connection.usable:
             connection.close()
             return
-        connection.idle_since = asyncio.get_running_loop().time()
+        loop = self._loop  # check_in follows a post on the same loop
+        if loop is None or loop.is_closed():
+            loop = self._loop = asyncio.get_running_loop()
+        connection.idle_since = loop.time()
         self._idle.setdefault(connection.key, []).append(connection)
         if self._sweeper is None:
-            self._sweeper = asyncio.get_running_loop().call_later(self._keepalive_timeout, self._sweep)
+            self._sweeper = loop.call_later(self._keepalive_timeout, self._sweep)
 
     def forget(self, connection: Connection) -> None:
         self._all.discard(connection)
