@@ -28,6 +28,8 @@ import signal
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 
+FORWARD_FAILED = "bench.floor: forwarding to the upstream failed"
+
 
 def _messages(count: int) -> tuple[bytes, list[bytes]]:
     from llmgateway.v1 import chat_pb2
@@ -76,7 +78,9 @@ def _forward(upstream: str, client: str) -> Callable[[], Awaitable[None]]:
     timeout = Timeout(total=30.0)
 
     async def forward_gateway_client() -> None:
-        response = await http.post(url, body, headers, timeout)
+        # private_ok: the bench's upstream is on loopback (operator-listed in the gateway's terms);
+        # without it every call was refused before connecting, and the row measured an error path.
+        response = await http.post(url, body, headers, timeout, private_ok=True)
         await response.read(1 << 26)
 
     return forward_gateway_client
@@ -167,9 +171,19 @@ async def serve(
     forward = _forward(upstream, client) if upstream else None
     relay = _relay(relay_to, events[-1], client, per_event) if relay_to else None
 
+    failed = False
+
     async def create(_request: bytes, _context: object) -> bytes:
+        nonlocal failed
         if forward is not None:
-            await forward()
+            try:
+                await forward()
+            except Exception as exc:
+                # A gRPC error is still HTTP 200 to h2load: the runner reads this line instead.
+                if not failed:
+                    failed = True
+                    print(f"{FORWARD_FAILED}: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+                raise
         return unary
 
     async def stream_create(_request: bytes, _context: object) -> AsyncIterator[bytes]:

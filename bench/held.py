@@ -40,6 +40,9 @@ class HeldResult:
     p50_us: float
     p99_us: float
     max_us: float
+    # Server cores between every stream being open and the first one ending: all relaying, no
+    # stream starting or ending (nan when that window was not seen).
+    steady_cores: float = float("nan")
 
     @property
     def cores(self) -> float:
@@ -105,6 +108,8 @@ def run(
     child = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert child.stdout is not None
     peak, fds_held, fds_peak, result = rss_before, 0, 0, None
+    held_at: tuple[float, float] | None = None
+    steady_cores = float("nan")
     buffered = b""
     deadline = time.monotonic() + timeout_s + 30
     try:
@@ -122,7 +127,11 @@ def run(
             while b"\n" in buffered:
                 line, buffered = buffered.split(b"\n", 1)
                 if line.strip() == b"held":
+                    held_at = (time.monotonic(), procs.cpu_seconds(server_pid))
                     fds_held = fd_count(server_pid)
+                elif line.strip() == b"ending" and held_at is not None:
+                    wall, cpu = time.monotonic() - held_at[0], procs.cpu_seconds(server_pid) - held_at[1]
+                    steady_cores = cpu / wall if wall > 0.2 else float("nan")
                 elif line.startswith(b"{"):
                     result = json.loads(line)
         cpu_after = procs.cpu_seconds(server_pid)
@@ -150,4 +159,5 @@ def run(
         p50_us=float(result["p50_us"] or "nan"),
         p99_us=float(result["p99_us"] or "nan"),
         max_us=float(result["max_us"] or "nan"),
+        steady_cores=steady_cores,
     )

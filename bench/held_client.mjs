@@ -6,7 +6,9 @@
 //   {target, body (file with the serialized request), streams, per_connection, ramp_s,
 //    expect_chunks, timeout_s}
 // Prints `held` once every stream has received its first delta (the runner then samples the
-// server's memory and file descriptors), then one JSON line with the results.
+// server's memory, file descriptors and CPU), `ending` when the first stream ends (the CPU
+// again: between the two every stream is open and relaying, the steady state), then one JSON
+// line with the results.
 //
 // Every delta carries the upstream's write time of each chunk it holds (`tok<i>@<ns> `, from
 // CLOCK_MONOTONIC, which process.hrtime.bigint() reads too): the delay of a chunk is the time
@@ -50,6 +52,7 @@ function fail(message) {
 }
 
 function done() {
+  if (finished === 0 && heldPrinted) process.stdout.write("ending\n"); // the steady state ends
   finished++;
   if (finished === opts.streams) report();
 }
