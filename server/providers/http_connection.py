@@ -15,8 +15,9 @@ running upstream.
 from __future__ import annotations
 
 import asyncio
+import copy
 import zlib
-from typing import Protocol
+from typing import NoReturn, Protocol
 
 import httptools
 
@@ -370,7 +371,7 @@ class Response:
     async def wait_head(self) -> None:
         while self.status is None:
             if self._error is not None:
-                raise self._error
+                self._raise_error(self._error)
             await self._wait()
         self._inflater = _Inflater.for_encoding(self.headers.get("content-encoding"))
 
@@ -382,7 +383,7 @@ class Response:
         try:
             while not self._complete:
                 if self._error is not None:
-                    raise self._error
+                    self._raise_error(self._error)
                 if self._buffered > limit:
                     raise BodyTooLargeError(f"the answer is over {limit} bytes")
                 await self._wait()
@@ -417,7 +418,7 @@ class Response:
                         continue
                 return data
             if self._error is not None:
-                raise self._error
+                self._raise_error(self._error)
             if self._complete:
                 if self._inflater is not None and self._inflater.fed and not self._inflater.finished:
                     raise InvalidResponseError("the compressed body ends before its compressed stream does")
@@ -483,6 +484,15 @@ class Response:
         self._wake()
 
     # -- internals ------------------------------------------------------------------------------
+
+    @staticmethod
+    def _raise_error(error: Exception) -> NoReturn:
+        # A copy, never the stored error itself: raised, an exception takes the traceback of the
+        # frames it passes, and those hold this response and the whole call above it (its grpc
+        # context, the request). Kept here, that is a cycle per failed call (response -> error ->
+        # traceback -> frame -> response) that only the cyclic collector frees. Every stored
+        # error is one of ours made from a message, which copies as a new exception of its type.
+        raise copy.copy(error)
 
     async def _wait(self) -> None:
         waiter = self._loop.create_future()
