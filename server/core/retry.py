@@ -29,6 +29,7 @@ and `llm_unexpected_error` (a bug), each with the attempt number, the delay and 
 from __future__ import annotations
 
 import asyncio
+import copy
 import email.utils
 import logging
 import math
@@ -234,7 +235,10 @@ async def call_with_retries(
                     status=status,
                     reason=failure.error.reason,
                 )
-                raise failure.error from failure
+                # A copy: the failure stays the cause (router._retry_after reads its Retry-After)
+                # but its `.error` is not the error raised, which would point back to it, a cycle
+                # (error -> cause -> error, with the traceback's frames) that only the collector frees.
+                raise copy.copy(failure.error) from failure
             # The upstream's own hint wins over our backoff; a hint beyond max_delay is not worth
             # holding the caller for, so it is handed back in RetryInfo instead.
             hinted = failure.retry_after is not None
