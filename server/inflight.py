@@ -24,6 +24,7 @@ from typing import Any, TypeAlias, TypeVar
 import grpc
 
 from server.errors import GatewayError, ShuttingDown
+from server.running_loop import RunningLoop
 
 Context: TypeAlias = grpc.aio.ServicerContext  # type: ignore[type-arg, unused-ignore]
 R = TypeVar("R")
@@ -88,7 +89,7 @@ class InFlight:
         self._last_entered = 0.0  # loop time of the latest one
         self._grace = 0.0
         self.closed = False  # draining or after the cut: a call arriving now is refused at once
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop = RunningLoop()
 
     def __len__(self) -> int:
         return len(self._calls)
@@ -99,11 +100,9 @@ class InFlight:
         return self._entered
 
     def _enter(self, context: Context) -> InFlightCall:
-        # The serving loop, looked up once: asyncio.get_running_loop() (and current_task()
-        # without a loop) makes a getpid() system call on Python 3.11, on every call otherwise.
-        loop = self._loop
-        if loop is None or loop.is_closed():
-            loop = self._loop = asyncio.get_running_loop()
+        # asyncio.get_running_loop() (and current_task() without a loop) makes a getpid()
+        # system call on Python 3.11, on every call otherwise.
+        loop = self._loop.get()
         call = InFlightCall(asyncio.current_task(loop), context)
         self._calls.add(call)
         self._entered += 1

@@ -50,6 +50,7 @@ from server.providers.http_connection import (
     ServerDisconnectedError,
 )
 from server.providers.proxy import Proxy, ProxyConfig, ProxyRefused, open_tunnel
+from server.running_loop import RunningLoop
 
 log = logging.getLogger("llmgateway.http")
 
@@ -185,9 +186,9 @@ class HttpClient:
         self._all: set[Connection] = set()
         self._sweeper: asyncio.TimerHandle | None = None
         self._closed = False
-        # The loop of the latest call: asyncio.get_running_loop() makes a getpid() system call
-        # on Python 3.11 (its fork check), twice per request here otherwise.
-        self._loop: asyncio.AbstractEventLoop | None = None
+        # asyncio.get_running_loop() makes a getpid() system call on Python 3.11 (its fork
+        # check), twice per request here otherwise.
+        self._loop = RunningLoop()
 
     @property
     def connections_in_use(self) -> int:
@@ -234,9 +235,7 @@ class HttpClient:
         payload = b"".join(
             (target.request_line, _header_block(self._default_headers, headers, len(body)), body)
         )
-        loop = self._loop
-        if loop is None or loop.is_closed():
-            loop = self._loop = asyncio.get_running_loop()
+        loop = self._loop.get()
         deadline = None if timeout.total is None else loop.time() + timeout.total
         connection = self._idle_connection(target.key, loop.time(), private_ok=private_ok)
         if connection is None:
@@ -269,9 +268,7 @@ class HttpClient:
         if not reusable or self._closed or not connection.usable:
             connection.close()
             return
-        loop = self._loop  # check_in follows a post on the same loop
-        if loop is None or loop.is_closed():
-            loop = self._loop = asyncio.get_running_loop()
+        loop = self._loop.get()
         connection.idle_since = loop.time()
         self._idle.setdefault(connection.key, []).append(connection)
         if self._sweeper is None:
