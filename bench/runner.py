@@ -106,7 +106,8 @@ def _ratio(other: float | None, ours: float | None) -> str:
 
 
 def _check(value: float | None, limit: float, higher_is_better: bool = False) -> str:
-    if value is None or math.isnan(value):
+    # A NaN limit is a budget calibrated on a failed measurement: no verdict either way.
+    if value is None or math.isnan(value) or math.isnan(limit):
         return "n/a"
     ok = value >= limit if higher_is_better else value <= limit
     return "ok" if ok else "OVER" if not higher_is_better else "UNDER"
@@ -264,6 +265,12 @@ def _floor_failure(service: procs.Service) -> str:
         if line.startswith(FORWARD_FAILED):
             return line
     return ""
+
+
+def _forwarder_us(result: LoadResult) -> float:
+    """A bare forwarder's CPU per request; NaN once any of its calls failed (that number is an
+    error path's cost, and budgets are scaled from it)."""
+    return float("nan") if result.errors else result.cpu_per_request_us("gw")
 
 
 def _checked(result: LoadResult, what: str, report: Report) -> LoadResult:
@@ -1070,22 +1077,28 @@ def run_bench(args: argparse.Namespace) -> Report:
         portkey_ratio=_peer_ratio(pk.get("sat"), cpu_unary, cpu_unary(sat)),
     )
     report.add("  of which bare grpc.aio (floor, no upstream)", _us(cpu_unary(fsat)))
-    aiohttp_forwarder = cpu_unary(forwarders["aiohttp"])
+
+    def forwarder_row(us: float) -> str:
+        return "failed (see notes)" if math.isnan(us) else _us(us)
+
+    aiohttp_forwarder = _forwarder_us(forwarders["aiohttp"])
     report.add(
-        "  bare forwarder: grpc.aio + aiohttp, no features", _us(aiohttp_forwarder), budget="(issue: ~340 us)"
+        "  bare forwarder: grpc.aio + aiohttp, no features",
+        forwarder_row(aiohttp_forwarder),
+        budget="(issue: ~340 us)",
     )
-    gateway_forwarder = forwarders["gateway"]
     report.add(
         "  bare forwarder: grpc.aio + the gateway's HTTP client",
-        "failed (see notes)" if gateway_forwarder.errors else _us(cpu_unary(gateway_forwarder)),
+        forwarder_row(_forwarder_us(forwarders["gateway"])),
     )
     # The issue's budgets were set on a machine where that aiohttp forwarder cost ~340 us; scaled by
-    # what it costs here, the same budget reads (shared cloud cores vary by tens of percent).
+    # what it costs here, the same budget reads (shared cloud cores vary by tens of percent). A
+    # failed forwarder scales nothing: NaN, and _check gives no verdict.
     scaled_budget = 450.0 * aiohttp_forwarder / ISSUE_AIOHTTP_FORWARDER_US
     report.add(
         "CPU per unary request vs the budget scaled to this machine",
         _us(cpu_unary(sat)),
-        budget=f"<= {scaled_budget:,.0f} us",
+        budget=f"<= {scaled_budget:,.0f} us" if not math.isnan(scaled_budget) else "n/a (forwarder failed)",
         verdict=_check(cpu_unary(sat), scaled_budget),
     )
     report.add(
@@ -1328,7 +1341,7 @@ def run_bench(args: argparse.Namespace) -> Report:
         "trace_writer": tw,
         "rss": [rss0, rss1],
         "memory_cpu_us": mem.cpu_per_request_us("gw"),
-        "forwarder_cpu_us": {client: r.cpu_per_request_us("gw") for client, r in forwarders.items()},
+        "forwarder_cpu_us": {client: _forwarder_us(r) for client, r in forwarders.items()},
         "held": {
             "gateway": {k: v.__dict__ for k, v in held_gw.items()},
             "floor": {k: v.__dict__ for k, v in held_floor.items()},
