@@ -62,7 +62,10 @@ class ChatCompletionServicer:
                 error = map_exception(exc, "ChatCompletionServicer.stream_create", context)
             else:
                 return
-            await abort(context, error)
+            try:
+                await abort(context, error)
+            finally:
+                del error  # as in run_unary: the error's traceback holds this frame (a cycle)
 
     def handlers(self) -> grpc.GenericRpcHandler:
         return service(

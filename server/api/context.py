@@ -130,5 +130,10 @@ async def run_unary(context: Context, call: Callable[[], Awaitable[M]]) -> M:
         error = map_exception(
             exc, getattr(call, "__qualname__", "call").removesuffix(".<locals>.call"), context
         )
-    await abort(context, error)
+    try:
+        await abort(context, error)
+    finally:
+        # The error's traceback holds this frame: kept in its locals, that is a cycle (error ->
+        # traceback -> frame -> error) with the failed call's state, left to the collector.
+        del error
     raise AssertionError("unreachable: abort raises")

@@ -1,0 +1,97 @@
+"""A call that fails is freed by reference counting, not left for the cyclic collector.
+
+run_unary and StreamCreate map a failure to its status and abort the call outside the `except`
+(no AbortError chained to it). The mapped error was kept in a local of the frame its traceback
+passed through: error -> traceback -> frame -> error, a cycle per failed call (holding the
+request and everything the failing frames reference) that only a collection frees. These run
+with the collector off: a weak reference to the error says whether a cycle keeps it.
+"""
+
+from __future__ import annotations
+
+import gc
+import weakref
+from collections.abc import Awaitable, Iterator
+from contextlib import contextmanager
+from typing import Any, cast
+
+import grpc
+
+from server.api.chat import ChatCompletionServicer
+from server.api.context import Authenticator, run_unary
+from server.errors import GatewayError, UpstreamUnavailable
+from server.gateway import Gateway
+
+
+@contextmanager
+def collector_off() -> Iterator[None]:
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
+class _Context:
+    """What grpc's servicer context does here: abort raises AbortError."""
+
+    async def abort(self, code: grpc.StatusCode, details: str, trailing_metadata: Any) -> None:
+        raise grpc.aio.AbortError("Locally aborted.")
+
+    def time_remaining(self) -> float | None:
+        return None
+
+    def invocation_metadata(self) -> tuple[()]:
+        return ()
+
+    def peer(self) -> str:
+        return "ipv4:127.0.0.1:1"
+
+
+def _failure(errors: list[weakref.ref[GatewayError]]) -> GatewayError:
+    # Made here, raised by the caller without a local of its own (which would be a cycle too).
+    error = UpstreamUnavailable("the upstream failed")
+    errors.append(weakref.ref(error))
+    return error
+
+
+class _FailingAuth:
+    def __init__(self, errors: list[weakref.ref[GatewayError]]) -> None:
+        self._errors = errors
+
+    async def actor_for(self, context: Any) -> Any:
+        raise _failure(self._errors)
+
+
+async def _aborted(awaitable: Awaitable[object]) -> None:
+    # Not pytest.raises: its ExceptionInfo would keep the AbortError (and its frames) alive.
+    try:
+        await awaitable
+    except grpc.aio.AbortError:
+        return
+    raise AssertionError("the call was not aborted")
+
+
+async def test_a_failed_unary_call_leaves_no_cycle() -> None:
+    errors: list[weakref.ref[GatewayError]] = []
+
+    async def call() -> None:
+        raise _failure(errors)
+
+    with collector_off():
+        await _aborted(run_unary(cast(Any, _Context()), call))
+        assert errors[0]() is None, "the failed call's error is kept alive by a cycle"
+
+
+async def test_a_failed_stream_leaves_no_cycle() -> None:
+    errors: list[weakref.ref[GatewayError]] = []
+    servicer = ChatCompletionServicer(cast(Gateway, None), cast(Authenticator, _FailingAuth(errors)))
+
+    async def consume() -> None:
+        async for _ in servicer.stream_create(b"", cast(Any, _Context())):
+            pass
+
+    with collector_off():
+        await _aborted(consume())
+        assert errors[0]() is None, "the failed stream's error is kept alive by a cycle"
