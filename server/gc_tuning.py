@@ -8,7 +8,9 @@ on every stream. And with the default first-generation threshold (700 net new co
 state of many long streams triggers ~50 young collections a second.
 
 `gc.freeze()` once serving moves everything start-up made to a generation the collector never
-walks (also keeping those pages shared between forked workers); a first-generation threshold of
+walks (each worker is spawned, not forked, and freezes its own: no pages are shared between
+them); frozen objects are still freed by reference counting (a routes table replaced on SIGHUP
+is), only a cycle among them stays for good. A first-generation threshold of
 10,000 makes young collections rare. What a call allocates is freed by reference counting when
 the call ends (server.inflight breaks the one cycle a call used to leave), so the collector has
 little to find: the larger threshold holds at most a few MB of cyclic garbage a little longer.
