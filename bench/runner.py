@@ -1399,7 +1399,10 @@ def add_held_rows(
                 f"{label}: added inter-chunk delay {q} (gw / floor)",
                 f"{_us(added)} ({ours / 1000:,.1f} / {theirs / 1000:,.1f} ms)",
                 budget="<= 5,000 us" if budgeted else "",
-                verdict=_check(added, 5000) if budgeted else "",
+                # The budget is for streams held below saturation: say when the steady state was not.
+                verdict=(_check(added, 5000) + (" (saturated)" if g.steady_cores >= 0.9 else ""))
+                if budgeted
+                else "",
             )
         report.add(
             f"{label}: streams complete",
