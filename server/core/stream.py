@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Any
 
 import orjson
@@ -24,21 +25,25 @@ from server.core.completion import (
     too_many,
 )
 
-_BLOCK = 256  # pieces joined into one str at a time
+_BLOCK = 32  # pieces (or blocks of one level) joined into one str at a time
 
 
 class TextParts:
     """Text that arrives in many small pieces, kept compactly.
 
     One str per piece costs ~50 bytes of object header besides its text: a 50 MB answer in
-    tokens took RSS from 235 to 2,658 MiB. Every `_BLOCK` pieces are joined into one str (each
-    piece is copied once more: linear), so the overhead is per block, not per token.
+    tokens took RSS from 235 to 2,658 MiB. Every `_BLOCK` pieces are joined into one str, and
+    every `_BLOCK` strs of one level into one of the next (a base-`_BLOCK` counter): at most
+    `_BLOCK - 1` strs wait per level, so a stream of 200 tokens keeps ~40 strs, not 200 (with
+    256-piece blocks each of 500 held streams kept ~15 KiB of str headers), and each piece is
+    copied once per level (log_32: 5 times for 30M pieces), linear enough.
     """
 
-    __slots__ = ("_blocks", "loose")
+    __slots__ = ("_levels", "loose")
 
     def __init__(self) -> None:
-        self._blocks: list[str] = []
+        # _levels[i]: strs of _BLOCK ** (i + 1) pieces each; a higher level holds earlier text.
+        self._levels: list[list[str]] = []
         self.loose: list[str] = []  # the pieces not joined yet (fewer than _BLOCK between appends)
 
     def append(self, piece: str) -> None:
@@ -48,17 +53,29 @@ class TextParts:
             self.fold()
 
     def fold(self) -> None:
-        """Join the loose pieces into one block."""
-        self._blocks.append("".join(self.loose))
+        """Join the loose pieces into one block, and a full level into one of the next."""
+        joined = "".join(self.loose)
         self.loose.clear()
+        for level in self._levels:
+            level.append(joined)
+            if len(level) < _BLOCK:
+                return
+            joined = "".join(level)
+            level.clear()
+        self._levels.append([joined])
 
     def __bool__(self) -> bool:
-        return bool(self.loose or self._blocks)
+        # The top level is never emptied once made: any fold leaves a str there.
+        return bool(self.loose or self._levels)
 
     def text(self) -> str:
-        if not self._blocks:
+        if not self._levels:
             return "".join(self.loose)
-        return "".join([*self._blocks, *self.loose])
+        return "".join([*chain.from_iterable(reversed(self._levels)), *self.loose])
+
+    def strs(self) -> int:
+        """How many strs hold the text (what the compaction bounds)."""
+        return len(self.loose) + sum(len(level) for level in self._levels)
 
 
 @dataclass(slots=True)

@@ -711,7 +711,10 @@ async def sse_batches(
             return
         else:
             parser = primed.events
-            yield [primed.first, *parser.take_pending()]  # type: ignore[list-item]
+            # Relayed once: not kept (by `primed`) for the rest of a held stream.
+            first, primed = primed.first, None
+            yield [first, *parser.take_pending()]  # type: ignore[list-item]
+            del first
         while batch := await parser.next_batch():
             yield batch
     except OSError as exc:  # TimeoutError and HttpClientError are OSErrors

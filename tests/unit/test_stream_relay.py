@@ -281,3 +281,22 @@ async def test_primed_first_event_brings_the_rest_of_its_read() -> None:
     response.reader_state = openai_compat._Primed(events, first)
     assert await _batches(response) == [[a, b], [c, None]]
     assert response.reader_state is None
+
+
+async def test_primed_first_event_is_not_kept_once_relayed() -> None:
+    # A held stream kept its first chunk (~2 KiB parsed) for its whole life through `primed`.
+    import gc
+
+    a, b = (_chunk({"content": x}) for x in "ab")
+    response = _Response([_sse(a), _sse(b), _sse("[DONE]")])
+    events = openai_compat._iter_events(response, provider="p", scrub=_scrub)
+    first = await anext(events)
+    response.reader_state = openai_compat._Primed(events, first)
+    batches = sse_batches(response, provider="p", scrub=_scrub)
+    assert await anext(batches) == [a]
+    assert await anext(batches) == [b]  # suspended again, past the first batch
+    holders = [
+        r for r in gc.get_referrers(first) if isinstance(r, openai_compat._Primed) or r is batches.ag_frame
+    ]
+    assert holders == []
+    assert [batch async for batch in batches] == [[None]]
