@@ -300,3 +300,41 @@ async def test_primed_first_event_is_not_kept_once_relayed() -> None:
     ]
     assert holders == []
     assert [batch async for batch in batches] == [[None]]
+
+
+async def _primed(reads: list[bytes | BaseException]) -> Any:
+    response = _Response(reads)
+    events = openai_compat._iter_events(response, provider="p", scrub=_scrub)
+    response.reader_state = openai_compat._Primed(events, await anext(events, openai_compat._END))
+    return response
+
+
+async def test_primed_streams_at_their_edges() -> None:
+    # The primed first chunk is dropped once yielded: nothing after the yield may still need it.
+    from server.providers.http import ServerDisconnectedError
+
+    a, b = (_chunk({"content": x}) for x in "ab")
+    assert await _batches(await _primed([_sse(a)])) == [[a]]  # one chunk, no [DONE]
+    assert await _batches(await _primed([_sse(a, "[DONE]")])) == [[a, None]]
+    assert await _batches(await _primed([_sse(a), _sse("[DONE]")])) == [[a], [None]]
+    assert await _batches(await _primed([_sse("[DONE]"), _sse(a)])) == [[None]]  # [DONE] first
+    assert await _batches(await _primed([])) == []  # an empty body
+
+    error = {"error": {"message": "slow down", "code": 429}}
+    batches = sse_batches(await _primed([_sse(a), _sse(b, error)]), provider="p", scrub=_scrub)
+    assert await anext(batches) == [a]
+    assert await anext(batches) == [b]
+    with pytest.raises(RateLimitExceeded):
+        await anext(batches)
+
+    batches = sse_batches(
+        await _primed([_sse(a), ServerDisconnectedError("reset")]), provider="p", scrub=_scrub
+    )
+    assert await anext(batches) == [a]
+    with pytest.raises(Exception) as raised:
+        await anext(batches)
+    assert "broke the stream" in str(raised.value)
+
+    batches = sse_batches(await _primed([_sse(a), _sse(b)]), provider="p", scrub=_scrub)
+    assert await anext(batches) == [a]
+    await batches.aclose()  # a client gone after the first batch
