@@ -9,10 +9,8 @@ with the collector off: a weak reference to the error says whether a cycle keeps
 
 from __future__ import annotations
 
-import gc
 import weakref
-from collections.abc import Awaitable, Iterator
-from contextlib import contextmanager
+from collections.abc import Awaitable
 from typing import Any, cast
 
 import grpc
@@ -21,16 +19,7 @@ from server.api.chat import ChatCompletionServicer
 from server.api.context import Authenticator, run_unary
 from server.errors import GatewayError, UpstreamUnavailable
 from server.gateway import Gateway
-
-
-@contextmanager
-def collector_off() -> Iterator[None]:
-    gc.collect()
-    gc.disable()
-    try:
-        yield
-    finally:
-        gc.enable()
+from tests.gc_helpers import collector_off
 
 
 class _Context:

@@ -12,23 +12,11 @@ each). These run with the collector off: a weak reference to an object in the ca
 from __future__ import annotations
 
 import asyncio
-import gc
 import weakref
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 from server.providers.http import HttpClient, IdleTimeoutError, Response, Timeout
+from tests.gc_helpers import collector_off
 from tests.unit.test_http_client import http_answer, raw_server, then_silent
-
-
-@contextmanager
-def collector_off() -> Iterator[None]:
-    gc.collect()
-    gc.disable()
-    try:
-        yield
-    finally:
-        gc.enable()
 
 
 class _CallState:

@@ -10,14 +10,13 @@ reachable through the cycle stays alive, and a weak reference to its task says s
 from __future__ import annotations
 
 import asyncio
-import gc
 import weakref
-from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator
 from typing import Any
 
 from server.errors import GatewayError
 from server.inflight import InFlight, current_call
+from tests.gc_helpers import collector_off
 
 
 class _Context:
@@ -27,16 +26,6 @@ class _Context:
 
 async def _abort(context: Any, error: GatewayError) -> None:
     raise AssertionError(f"not aborted in these tests: {error}")
-
-
-@contextmanager
-def collector_off() -> Iterator[None]:
-    gc.collect()
-    gc.disable()
-    try:
-        yield
-    finally:
-        gc.enable()
 
 
 async def test_a_finished_unary_call_and_its_task_are_freed_at_once() -> None:

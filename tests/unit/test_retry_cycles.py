@@ -10,26 +10,14 @@ error the caller caught says whether anything but a cycle keeps it once the call
 
 from __future__ import annotations
 
-import gc
 import weakref
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 from server.config import RetrySettings
 from server.core.retry import Deadline, RetryableError, call_with_retries
 from server.errors import GatewayError, UpstreamUnavailable
+from tests.gc_helpers import collector_off
 
 NOT_RETRIED = RetrySettings(retry_statuses=(503,), retry_connection_errors=False)
-
-
-@contextmanager
-def collector_off() -> Iterator[None]:
-    gc.collect()
-    gc.disable()
-    try:
-        yield
-    finally:
-        gc.enable()
 
 
 async def _fail_with(status: int) -> weakref.ref[GatewayError]:
