@@ -20,6 +20,7 @@ from server.errors import GatewayError
 from server.inflight import InFlight, current_call
 from server.providers.http import HttpClient, Timeout
 from server.running_loop import RunningLoop
+from tests.unit.test_http_client import aiohttp_server
 
 
 @contextmanager
@@ -33,27 +34,17 @@ def stopped_loop() -> Iterator[asyncio.AbstractEventLoop]:
 
 
 async def _post_once(http: HttpClient) -> int:
-    app = web.Application()
-
     async def answer(request: web.Request) -> web.Response:
         response = web.json_response({})
         response.force_close()  # no pooled connection (bound to its loop) carries over
         return response
 
-    app.router.add_post("/", answer)
-    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=0.1)
-    await runner.setup()
-    try:
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        url = f"http://127.0.0.1:{runner.addresses[0][1]}/"
-        response = await http.post(url, b"{}", {}, Timeout(total=5.0), private_ok=True)
+    async with aiohttp_server(answer) as base:
+        response = await http.post(f"{base}/", b"{}", {}, Timeout(total=5.0), private_ok=True)
         await response.read(1 << 16)
         status = response.status
         assert status is not None
         return status
-    finally:
-        await runner.cleanup()
 
 
 def test_an_http_client_used_by_a_second_loop_uses_that_loop() -> None:
