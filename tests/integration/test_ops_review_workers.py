@@ -74,7 +74,12 @@ def test_sighup_while_a_worker_restarts_kills_nothing(tmp_path: Path) -> None:
         restarted = _wait_worker_pid(server, 0, {first}, 120)
         # One restart (the SIGKILL), the replacement alive, worker 1 untouched.
         assert len(re.findall(r"worker-0 started", server.log)) == 2, server.log[-4000:]
-        assert alive(restarted) and alive(other)
+        if not (alive(restarted) and alive(other)):
+            time.sleep(2)  # the parent's line about the worker that died, if it did
+            raise AssertionError(
+                f"restarted {restarted} alive: {alive(restarted)}, other {other} alive: "
+                f"{alive(other)}\n{server.log[-8000:]}"
+            )
         _wait_admin(admin_port)  # the new worker 0 serves the admin listener again
         _wait_serving(server.address, timeout=120)
         assert server.process.poll() is None
