@@ -98,6 +98,19 @@ def error_for_status(
         text = f"{provider} answered HTTP 200 with an error object (code {status})"
     if message:
         text += f": {message}"
+    too_large = _over_the_minute_limit(message) if status in (413, 429) else None
+    if too_large is not None:
+        # Groq's 413 (and OpenAI's 429) "Request too large for model ... on tokens per minute
+        # (TPM): Limit 6000, Requested 12328": this request alone needs more than the per-minute
+        # limit allows, so waiting never helps (not retried, no RetryInfo); a deployment with a
+        # higher limit may take it (routing falls back without cooling this one down).
+        code = _error_code(body)
+        if isinstance(code, str) and code:
+            meta.setdefault("upstream_code", code[:64])
+        meta["limit_tokens_per_minute"], meta["requested_tokens"] = too_large
+        return RateLimitExceeded(
+            f"{text} (this request alone is over the per-minute token limit: not retried)", metadata=meta
+        )
     if status == 429:
         if _is_quota_exhausted(body):
             # OpenAI's "You exceeded your current quota" (billing): waiting never clears it, so
@@ -210,6 +223,25 @@ def not_found_error(
 
 
 INSUFFICIENT_QUOTA = "insufficient_quota"
+
+
+# Groq's and OpenAI's wording for a request over the tokens-per-minute limit by itself ("on
+# tokens per minute (TPM)", OpenAI also "on tokens per min (TPM)"). The "Rate limit reached ...
+# Used N, Requested M. Please try again in 4.77s" form is an ordinary 429: waiting helps there.
+_OVER_THE_MINUTE_LIMIT = re.compile(
+    r"Request too large for .{0,300}?\(TPM\): Limit (\d{1,15}), Requested (\d{1,15})", re.DOTALL
+)
+
+
+def _over_the_minute_limit(message: str) -> tuple[int, int] | None:
+    """(limit, requested) when `message` says the request alone exceeds the per-minute tokens."""
+    if "Request too large" not in message:
+        return None
+    found = _OVER_THE_MINUTE_LIMIT.search(message)
+    if found is None:
+        return None
+    limit, requested = int(found.group(1)), int(found.group(2))
+    return (limit, requested) if requested > limit else None
 
 
 def _is_quota_exhausted(body: bytes) -> bool:
