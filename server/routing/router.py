@@ -15,7 +15,8 @@ Per failure of an attempt:
   (the key, or the deployment, is disabled until the routes file is reloaded);
 - fall back, cooling the key down: 429 (a deployment with several keys tries the next one);
 - fall back, no cooldown: the provider's context-length error (the next deployment may be
-  bigger), and the reasons the route lists in `fallback_on`;
+  bigger), a request alone over the deployment's tokens-per-minute limit (Groq's 413; the next
+  may allow more), and the reasons the route lists in `fallback_on`;
 - end the call: anything else (400, 401/403 on the caller's BYOK key, content filter, ...) and
   the caller's deadline passing.
 
