@@ -829,8 +829,10 @@ def _candidate_message(candidate: dict[str, Any], message: dict[str, Any]) -> st
         message["thinking_blocks"] = [{"type": THOUGHT_SIGNATURE_BLOCK, "signature": parts.signature}]
     if finish == "content_filter":
         message["refusal"] = _refusal(str(reason), candidate.get("finishMessage"))
-    elif not (text or parts.tool_calls or parts.reasoning) and finish == "stop":
-        raise _bad(f"an empty candidate (finishReason {reason})", finish_reason=str(reason))
+    elif not (text or parts.tool_calls) and finish == "stop":
+        # Thoughts alone are no answer: the agent would get empty content that says complete.
+        what = "an answer with only thoughts" if parts.reasoning else "an empty candidate"
+        raise _bad(f"{what} (finishReason {reason})", finish_reason=str(reason))
     return finish
 
 
@@ -844,8 +846,8 @@ class StreamDecoder:
     Text parts are content deltas, thought parts reasoning deltas, every `functionCall` part a
     complete tool call with its own index. Usage rides on the chunks (the last is final), so it
     is emitted by `finish()`, at the end of the body, with the end marker None. A body that ends
-    before a finishReason (or a blocked prompt), or a STOP with nothing before it, is
-    UPSTREAM_BAD_RESPONSE, never a short or empty answer.
+    before a finishReason (or a blocked prompt), or a STOP with nothing (or only thoughts) before
+    it, is UPSTREAM_BAD_RESPONSE, never a short or empty answer.
     """
 
     def __init__(self, *, model: str = "", scrub: Callable[[str], str] = str) -> None:
@@ -857,7 +859,8 @@ class StreamDecoder:
         self._usage: object = None
         self._finished = False
         self._started = False
-        self._produced = False  # any content, reasoning or tool call relayed
+        self._produced = False  # any content or tool call relayed (thoughts alone are no answer)
+        self._thought = False  # any reasoning relayed
 
     def feed(self, event: str | None, data: bytes) -> list[dict[str, Any] | None]:
         del event  # Gemini names no events
@@ -868,7 +871,7 @@ class StreamDecoder:
         if not isinstance(payload, dict):
             raise _bad("an SSE event that is not a JSON object")
         if "error" in payload:
-            raise error_in_body(payload, provider=NAME, scrub=self._scrub)
+            raise stream_error(payload, self._scrub)
         self._id = str(payload.get("responseId") or self._id)
         self._model = str(payload.get("modelVersion") or self._model)
         if payload.get("usageMetadata") is not None:
@@ -898,7 +901,8 @@ class StreamDecoder:
         self._calls += len(parts.tool_calls)
         out: list[dict[str, Any] | None] = []
         delta = _delta(parts, first_call)
-        self._produced = self._produced or bool(delta.keys() - {"thinking_blocks"})
+        self._produced = self._produced or bool(delta.keys() - {"thinking_blocks", "reasoning_content"})
+        self._thought = self._thought or "reasoning_content" in delta
         if delta or not self._started:
             out.append(self._chunk(delta, None))
         reason = candidate.get("finishReason")
@@ -906,7 +910,8 @@ class StreamDecoder:
             self._finished = True
             finish = _finish_reason(reason, candidate, self._calls > 0)
             if finish == "stop" and not self._produced:
-                raise _bad(f"an empty stream (finishReason {reason})", finish_reason=str(reason))
+                what = "a stream with only thoughts" if self._thought else "an empty stream"
+                raise _bad(f"{what} (finishReason {reason})", finish_reason=str(reason))
             extra = {"refusal": _refusal(str(reason), candidate.get("finishMessage"))}
             out.append(self._chunk(extra if finish == "content_filter" else {}, finish))
         return out
@@ -991,17 +996,30 @@ def _duration(value: object) -> float | None:
 
 
 def error_for_status(
-    status: int, body: bytes, headers: Mapping[str, str], *, scrub: Callable[[str], str]
+    status: int,
+    body: bytes,
+    headers: Mapping[str, str],
+    *,
+    scrub: Callable[[str], str],
+    in_body: bool = False,
 ) -> RetryableError | GatewayError:
-    """The contract's error for a non-2xx Gemini answer; RetryableError when a retry may help."""
+    """The contract's error for a non-2xx Gemini answer; RetryableError when a retry may help.
+
+    `in_body`: `status` is the `code` of an error event that came inside a stream after HTTP 200;
+    mapped the same (Google's RetryInfo and reasons included), the metadata says what came.
+    """
     info = _google_error(body)
     message = upstream_message(body, scrub)
     meta: dict[str, object] = {"http_status": status, "provider": NAME}
+    text = f"{NAME} answered HTTP {status}"
+    if in_body:
+        meta = {"http_status": 200, "upstream_code": status, "provider": NAME}
+        text = f"{NAME} answered HTTP 200, then an error event (code {status})"
     if info.status:
         meta["upstream_status"] = scrub(info.status)[:100]
     if info.reason:
         meta["upstream_reason"] = scrub(info.reason)[:100]
-    text = f"{NAME} answered HTTP {status}" + (f": {message}" if message else "")
+    text += f": {message}" if message else ""
     if status == 400 and _TOKEN_LIMIT.search(message):
         return ContextWindowExceeded(
             f"{NAME} says the prompt exceeds the model's maximum context length: {message}", metadata=meta
@@ -1015,6 +1033,20 @@ def error_for_status(
     if 400 <= status < 500:
         return UpstreamRejected(text, metadata=meta)
     return UpstreamBadResponse(text, metadata=meta)
+
+
+def stream_error(payload: dict[str, Any], scrub: Callable[[str], str]) -> GatewayError:
+    """An error event inside a stream (`{"error": {"code": 429, "status": ..., "details": ...}}`):
+    as Gemini's error answer of that code would be, so a 429's RetryInfo (`retryDelay: "13s"`)
+    is the caller's RetryInfo and the routing cooldown, not a default second. The stream had
+    started, so nothing retries it here: the caller gets the error itself."""
+    error = payload.get("error")
+    code = error.get("code") if isinstance(error, dict) else None
+    if isinstance(code, bool) or not isinstance(code, int) or not 400 <= code < 600:
+        return error_in_body(payload, provider=NAME, scrub=scrub)
+    raw = orjson.dumps(payload, option=orjson.OPT_NON_STR_KEYS, default=str)
+    mapped = error_for_status(code, raw, {}, scrub=scrub, in_body=True)
+    return mapped.error if isinstance(mapped, RetryableError) else mapped
 
 
 def _not_found(info: _GoogleError, text: str, meta: dict[str, object]) -> ModelNotFound | NotFound:

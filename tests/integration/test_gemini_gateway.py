@@ -341,6 +341,20 @@ async def test_429_beyond_the_deadline_is_resource_exhausted_with_the_delay(
     assert len(gemini.requests) == 1
 
 
+async def test_a_429_event_inside_a_stream_carries_googles_retry_delay(
+    gateway: RunningGateway, gemini: GeminiFake
+) -> None:
+    # After HTTP 200 and some text: the caller gets RESOURCE_EXHAUSTED with Google's 13 s, not 1 s.
+    gemini.push(
+        Reply(events=[fake.response([{"text": "Half an ans"}], finish_reason=None), fake.rate_limited("13s")])
+    )
+    err = await fail(stream_all(gateway, request()))
+    d = expect(err, grpc.StatusCode.RESOURCE_EXHAUSTED, "RATE_LIMIT_EXCEEDED")
+    assert d.retry_delay == pytest.approx(13.0, abs=0.01)
+    assert (d.metadata["http_status"], d.metadata["upstream_code"]) == ("200", "429")
+    assert len(gemini.requests) == 1  # the stream had started: never retried
+
+
 async def test_official_endpoint_without_a_key_is_missing_api_key(tmp_path: Path) -> None:
     async with running_gateway(make_settings(tmp_path)) as gw:
         err = await fail(gw.chat.Create(request(), timeout=10))

@@ -918,6 +918,49 @@ def test_stream_errors_after_the_200(data: bytes, error: type[GatewayError]) -> 
     assert raised.value.metadata["provider"] == "google_ai"
 
 
+def test_a_429_event_in_a_stream_keeps_googles_retry_delay() -> None:
+    # Mapped as Gemini's own 429 answer: its RetryInfo (13 s) is the caller's RetryInfo and the
+    # routing cooldown (it used to be the generic in-body mapping's default second).
+    decoder = gemini.StreamDecoder(scrub=scrub)
+    decoder.feed(None, orjson.dumps(response([{"text": "Half"}], finish_reason=None)))
+    with pytest.raises(RateLimitExceeded) as raised:
+        decoder.feed(None, orjson.dumps(rate_limited("13s")))
+    error = raised.value
+    assert error.retry_delay == pytest.approx(13.0)
+    assert error.metadata["http_status"] == "200" and error.metadata["upstream_code"] == "429"
+    assert error.metadata["upstream_status"] == "RESOURCE_EXHAUSTED"
+    assert "HTTP 200, then an error event (code 429)" in error.message
+
+
+def test_an_error_event_without_a_numeric_code_is_still_an_error() -> None:
+    data = orjson.dumps({"error": {"code": "BUSY", "message": "later", "status": "UNAVAILABLE"}})
+    with pytest.raises(UpstreamBadResponse):
+        gemini.StreamDecoder().feed(None, data)
+
+
+THOUGHT_ONLY = [{"text": "Let me think about it.", "thought": True}]
+
+
+def test_only_thoughts_and_stop_is_no_answer_unary() -> None:
+    # The agent would get empty content marked complete: as an empty candidate, an error.
+    with pytest.raises(UpstreamBadResponse, match="only thoughts"):
+        gemini.parse_completion(response(THOUGHT_ONLY), model="m")
+    thought_then_text = gemini.parse_completion(response([*THOUGHT_ONLY, {"text": "Yes."}]), model="m")
+    assert thought_then_text["choices"][0]["message"]["content"] == "Yes."
+    length = gemini.parse_completion(response(THOUGHT_ONLY, finish_reason="MAX_TOKENS"), model="m")
+    assert length["choices"][0]["finish_reason"] == "length"  # cut while thinking: said so, kept
+
+
+def test_only_thoughts_and_stop_is_no_answer_stream() -> None:
+    decoder = gemini.StreamDecoder()
+    decoder.feed(None, orjson.dumps(response(THOUGHT_ONLY, finish_reason=None)))
+    with pytest.raises(UpstreamBadResponse, match="only thoughts"):
+        decoder.feed(None, orjson.dumps(response([{"text": "", "thoughtSignature": SIG}])))
+    ok = decode([response(THOUGHT_ONLY, finish_reason=None), response([{"text": "Yes."}])])
+    assert "".join(d.get("content") or "" for d, _ in deltas(ok)) == "Yes."
+    assert deltas(ok)[-1][1] == "stop"
+
+
 # --------------------------------------------------------------------------------------------
 # Errors
 
