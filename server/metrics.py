@@ -4,7 +4,8 @@ Names follow the OpenTelemetry GenAI conventions where one exists, in their Prom
 (`gen_ai.client.operation.duration` in seconds is `gen_ai_client_operation_duration_seconds`),
 and `llmgw_*` for the rest. Label values are bounded: models beyond `LLMGW_METRICS_MAX_MODELS`
 distinct ones (per process) and unknown endpoint types are folded into `other`, and no label
-ever holds an id, a key or free text.
+ever holds an id, a key or free text. Models whose calls all failed take at most half of that budget (names
+nobody serves cannot use it up); the rest is for models that answered.
 
 With `--workers N` the parent points `PROMETHEUS_MULTIPROC_DIR` at a directory of its own run
 before it spawns the workers (`server.metrics_dir`), so every worker writes its values to memory-
@@ -176,14 +177,19 @@ POOL_CONNECTIONS = Gauge(
 class _Fold:
     """Admits the first `limit` distinct values of a label; later ones are `other`."""
 
-    __slots__ = ("_seen", "limit", "_lock")
+    __slots__ = ("_seen", "_unproven", "limit", "_lock")
 
     def __init__(self, limit: int) -> None:
         self._seen: set[str] = set()
+        self._unproven = 0  # values admitted by a failed call
         self.limit = limit
         self._lock = threading.Lock()
 
-    def __call__(self, value: str) -> str:
+    def __call__(self, value: str, *, proven: bool = True) -> str:
+        """`value`'s label. A value first seen on a failed call (`proven` False) takes a place only
+        while such values hold less than half the budget: made-up model names a caller sends, all
+        failing, cannot fold every other tenant's real models into `other`, and a model whose
+        calls all fail (a bad key) still has its name while there is room."""
         if value in self._seen:
             return value
         if not value:
@@ -191,14 +197,27 @@ class _Fold:
         if len(value) > _MAX_LABEL_CHARS or not value.isprintable():
             return OTHER
         with self._lock:
-            if len(self._seen) >= self.limit:
+            if len(self._seen) >= self.limit or not (proven or self._unproven < self.limit // 2):
                 return OTHER
             self._seen.add(value)
+            self._unproven += not proven
         return value
+
+    def settled(self, value: str, label: str) -> bool:
+        """Whether `label` (given for `value`) stays `value`'s label, so a cell made with it may be
+        cached: not a value folded only because its calls had not succeeded yet."""
+        return (
+            label != OTHER
+            or value == OTHER
+            or len(self._seen) >= self.limit
+            or len(value) > _MAX_LABEL_CHARS
+            or not value.isprintable()
+        )
 
     def reset(self, limit: int) -> None:
         with self._lock:
             self._seen.clear()
+            self._unproven = 0
             self.limit = limit
 
 
@@ -338,9 +357,10 @@ def record_request(rpc: str, endpoint_type: str, model: str, code: str) -> None:
     key = (rpc, endpoint_type, model, code)
     cell = _request_cells.get(key)
     if cell is None:
-        labels = (rpc, provider_label(endpoint_type), models(model), code)
+        model_label = models(model, proven=code == "OK")
+        labels = (rpc, provider_label(endpoint_type), model_label, code)
         cell = _cell(REQUESTS, labels, _CounterCell)
-        if len(_request_cells) < _MAX_CACHED:
+        if len(_request_cells) < _MAX_CACHED and models.settled(model, model_label):
             _request_cells[key] = cell
     cell.pending += 1.0
 
@@ -355,7 +375,8 @@ def record_trace(record: TraceRecord) -> None:
     key = (endpoint_type, model, error_type)
     cells = _call_cells.get(key)
     if cells is None:
-        labels = ("chat", provider_label(endpoint_type), models(model))
+        model_label = models(model, proven=not error_type)
+        labels = ("chat", provider_label(endpoint_type), model_label)
         error_label = _reason(error_type) if error_type else ""
         cells = (
             _cell(OPERATION_DURATION, (*labels, error_label), _HistogramCell),
@@ -363,7 +384,7 @@ def record_trace(record: TraceRecord) -> None:
             _cell(TOKEN_USAGE, (*labels, "output"), _HistogramCell),
             _cell(TIME_TO_FIRST_CHUNK, labels, _HistogramCell),
         )
-        if len(_call_cells) < _MAX_CACHED:
+        if len(_call_cells) < _MAX_CACHED and models.settled(model, model_label):
             _call_cells[key] = cells
     duration, tokens_in, tokens_out, first_chunk = cells
     duration.observe(record.latency_ms / 1000.0)

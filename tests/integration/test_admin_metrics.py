@@ -145,6 +145,41 @@ async def test_unknown_models_fold_into_other_past_the_budget(tmp_path: Path, up
     metrics.models.reset(metrics.DEFAULT_MAX_MODELS)
 
 
+async def test_made_up_model_names_that_fail_do_not_use_up_the_budget(
+    tmp_path: Path, upstream: FakeUpstream
+) -> None:
+    """A tenant sending model names no upstream serves (every call MODEL_NOT_FOUND) must not fold
+    the next real model, of anyone, into `other`: failing models take at most half the budget."""
+    settings = make_settings(
+        tmp_path, allowed_endpoints=(upstream.base_url,), admin_listen="127.0.0.1:0", metrics_max_models=3
+    )
+    not_found = {"error": {"message": "The model `x` does not exist", "code": "model_not_found"}}
+    try:
+        async with running_gateway(settings) as gw:
+            assert gw.server.admin is not None
+            before = await scrape(gw.server.admin.port)
+            for i in range(6):
+                upstream.script(Reply(status=404, json_body=not_found))
+                with pytest.raises(grpc.aio.AioRpcError):
+                    await gw.chat.Create(chat_request(upstream.base_url, model=f"made-up-{i}"), timeout=10)
+            await gw.chat.Create(chat_request(upstream.base_url, model="real-model"), timeout=10)
+            upstream.script(Reply(status=400, json_body={"error": {"message": "bad"}}))
+            with pytest.raises(grpc.aio.AioRpcError):  # admitted now: its failures keep its name
+                await gw.chat.Create(chat_request(upstream.base_url, model="real-model"), timeout=10)
+            after = await scrape(gw.server.admin.port)
+    finally:
+        metrics.models.reset(metrics.DEFAULT_MAX_MODELS)
+    models = {dict(labels).get("model") for (name, labels) in after if name == "llmgw_requests_total"}
+    # Half the budget of 3 (one place) for models that never answered: the first made-up name.
+    assert sorted(m for m in models if m and m.startswith("made-up-")) == ["made-up-0"]
+    base = {"rpc": "Create", "provider": "openai"}
+    assert delta(before, after, "llmgw_requests_total", model="real-model", code="OK", **base) == 1
+    assert (
+        delta(before, after, "llmgw_requests_total", model="real-model", code="INVALID_ARGUMENT", **base) == 1
+    )
+    assert delta(before, after, "llmgw_requests_total", model="other", code="NOT_FOUND", **base) == 5
+
+
 async def test_unknown_endpoint_type_is_other(tmp_path: Path, upstream: FakeUpstream) -> None:
     settings = make_settings(tmp_path, allowed_endpoints=(upstream.base_url,), admin_listen="127.0.0.1:0")
     async with running_gateway(settings) as gw:
