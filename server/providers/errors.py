@@ -323,7 +323,10 @@ def error_in_body(
 ) -> GatewayError:
     """As `body_error`, when no retry is possible any more (the error the caller gets)."""
     mapped = body_error(payload, provider=provider, scrub=scrub)
-    return mapped.error if isinstance(mapped, RetryableError) else mapped
+    if isinstance(mapped, RetryableError):
+        return mapped.error
+    mapped.final = True  # no retry would help: not even before anything was relayed
+    return mapped
 
 
 def _http_code(code: object) -> int | None:
