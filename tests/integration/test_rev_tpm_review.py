@@ -6,9 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import grpc
+import orjson
 import pytest
 from llmgateway.v1 import chat_pb2
 
+from server.providers import errors
 from tests.fake_upstream import FakeUpstream, Reply
 from tests.gateway_harness import make_settings, running_gateway
 from tests.integration.test_errors_support import expect
@@ -50,3 +52,12 @@ async def test_a_first_stream_event_no_wait_clears_is_not_retried(tmp_path: Path
     assert d.metadata["http_status"] == "200"
     if kind == "too_large":
         assert d.metadata["requested_tokens"] == "342389"
+
+
+def test_the_upstream_code_in_the_metadata_is_scrubbed() -> None:
+    secret = "sk-proj-SECRETSECRETSECRET"
+    body = {"error": {**OPENAI_429_TOO_LARGE["error"], "code": f"rate_limit_exceeded {secret}"}}
+    error = errors.error_for_status(
+        429, orjson.dumps(body), {}, provider="openai", scrub=lambda s: s.replace(secret, "[redacted]")
+    )
+    assert secret not in str(error.metadata)
