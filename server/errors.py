@@ -58,6 +58,10 @@ class GatewayError(Exception):
     # What the upstream answered with the error status, scrubbed and bounded, for the trace's
     # response_json (set by `server.providers.errors.keep_error_body`); never sent to the caller.
     trace_body: str = ""
+    # Set by `server.providers.errors.error_in_body` when the error object's mapping says a retry
+    # cannot help (a request alone over the per-minute token limit, a used-up quota): a stream's
+    # first `error` event is retried by its type only when this is False.
+    final: bool = False
 
     def __init__(
         self,

@@ -106,7 +106,7 @@ def error_for_status(
         # higher limit may take it (routing falls back without cooling this one down).
         code = _error_code(body)
         if isinstance(code, str) and code:
-            meta.setdefault("upstream_code", code[:64])
+            meta.setdefault("upstream_code", scrub(code)[:64])
         meta["limit_tokens_per_minute"], meta["requested_tokens"] = too_large
         return RateLimitExceeded(
             f"{text} (this request alone is over the per-minute token limit: not retried)", metadata=meta
@@ -323,7 +323,10 @@ def error_in_body(
 ) -> GatewayError:
     """As `body_error`, when no retry is possible any more (the error the caller gets)."""
     mapped = body_error(payload, provider=provider, scrub=scrub)
-    return mapped.error if isinstance(mapped, RetryableError) else mapped
+    if isinstance(mapped, RetryableError):
+        return mapped.error
+    mapped.final = True  # no retry would help: not even before anything was relayed
+    return mapped
 
 
 def _http_code(code: object) -> int | None:

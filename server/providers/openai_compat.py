@@ -596,6 +596,8 @@ async def open_stream(
                 except OSError as exc:
                     raise connection_error(exc, provider=target.provider, scrub=options.scrub) from exc
                 except (RateLimitExceeded, UpstreamUnavailable) as exc:  # an error event; nothing relayed yet
+                    if exc.final:  # e.g. a request alone over the per-minute token limit, a used-up quota
+                        raise
                     raise RetryableError(exc, status=_http_status(exc)) from exc
                 response.reader_state = _Primed(events, first)
         except BaseException:
