@@ -596,7 +596,7 @@ class _Call:
         if caller_deadline_passed:
             raise self._annotated(error)
         if isinstance(error, RateLimitExceeded):
-            if "requested_tokens" in error.metadata:
+            if "limit_tokens_per_minute" in error.metadata:
                 # This request alone is over the deployment's per-minute token limit (Groq's 413):
                 # the next deployment may have a higher one; this one and its key are fine for
                 # smaller requests, so nothing cools down.

@@ -7,7 +7,6 @@ retried. Payloads as Groq and OpenAI answer them (users' reports of both, 2024-2
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ from tests.fake_upstream import FakeUpstream, Reply, completion, text_stream
 from tests.gateway_harness import make_settings, running_gateway
 from tests.integration.test_errors_support import expect
 from tests.integration.test_groq_gateway import KEY, GroqFake, request
+from tests.integration.test_groq_gateway import groq as groq  # the fixture
 from tests.integration.test_routing_e2e import KEYS, deployment, gateway_with, routed, router_of, routes_toml
 from tests.trace_polling import wait_for_trace
 
@@ -57,16 +57,6 @@ GROQ_429_WAIT = {
         "code": "rate_limit_exceeded",
     }
 }
-
-
-@pytest.fixture
-async def groq() -> AsyncIterator[GroqFake]:
-    server = GroqFake()
-    await server.start()
-    try:
-        yield server
-    finally:
-        await server.stop()
 
 
 async def _fail(call: Any) -> grpc.aio.AioRpcError:
