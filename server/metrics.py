@@ -4,8 +4,8 @@ Names follow the OpenTelemetry GenAI conventions where one exists, in their Prom
 (`gen_ai.client.operation.duration` in seconds is `gen_ai_client_operation_duration_seconds`),
 and `llmgw_*` for the rest. Label values are bounded: models beyond `LLMGW_METRICS_MAX_MODELS`
 distinct ones (per process) and unknown endpoint types are folded into `other`, and no label
-ever holds an id, a key or free text. Models whose calls all failed take at most half of that budget (names
-nobody serves cannot use it up); the rest is for models that answered.
+ever holds an id, a key or free text. Models whose calls all failed take at most half of that
+budget (names nobody serves cannot use it up); the rest is for models that answered.
 
 With `--workers N` the parent points `PROMETHEUS_MULTIPROC_DIR` at a directory of its own run
 before it spawns the workers (`server.metrics_dir`), so every worker writes its values to memory-

@@ -1038,8 +1038,8 @@ def error_for_status(
 def stream_error(payload: dict[str, Any], scrub: Callable[[str], str]) -> GatewayError:
     """An error event inside a stream (`{"error": {"code": 429, "status": ..., "details": ...}}`):
     as Gemini's error answer of that code would be, so a 429's RetryInfo (`retryDelay: "13s"`)
-    is the caller's RetryInfo and the routing cooldown, not a default second. The stream had
-    started, so nothing retries it here: the caller gets the error itself."""
+    is the caller's RetryInfo and the routing cooldown, not a default second. As the first
+    event, `open_stream` retries it by that code; after a relayed event it ends the stream."""
     error = payload.get("error")
     code = error.get("code") if isinstance(error, dict) else None
     if isinstance(code, bool) or not isinstance(code, int) or not 400 <= code < 600:
