@@ -58,6 +58,9 @@ class GatewayError(Exception):
     # What the upstream answered with the error status, scrubbed and bounded, for the trace's
     # response_json (set by `server.providers.errors.keep_error_body`); never sent to the caller.
     trace_body: str = ""
+    # The upstream's own retry hint (seconds) of an error that came inside a 200 (an SSE error
+    # event: Gemini's RetryInfo), for the retry loop when nothing was relayed yet; None without one.
+    upstream_retry_after: float | None = None
 
     def __init__(
         self,

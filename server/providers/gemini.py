@@ -1038,15 +1038,21 @@ def error_for_status(
 def stream_error(payload: dict[str, Any], scrub: Callable[[str], str]) -> GatewayError:
     """An error event inside a stream (`{"error": {"code": 429, "status": ..., "details": ...}}`):
     as Gemini's error answer of that code would be, so a 429's RetryInfo (`retryDelay: "13s"`)
-    is the caller's RetryInfo and the routing cooldown, not a default second. The stream had
-    started, so nothing retries it here: the caller gets the error itself."""
+    is the caller's RetryInfo, not a default second. As the first event (nothing relayed yet)
+    the stream opener retries a 429 or 5xx by that delay (`upstream_retry_after`), and routing
+    cools the key down for it; after that the caller gets the error itself."""
     error = payload.get("error")
     code = error.get("code") if isinstance(error, dict) else None
     if isinstance(code, bool) or not isinstance(code, int) or not 400 <= code < 600:
         return error_in_body(payload, provider=NAME, scrub=scrub)
     raw = orjson.dumps(payload, option=orjson.OPT_NON_STR_KEYS, default=str)
     mapped = error_for_status(code, raw, {}, scrub=scrub, in_body=True)
-    return mapped.error if isinstance(mapped, RetryableError) else mapped
+    if not isinstance(mapped, RetryableError):
+        return mapped
+    # Before anything was relayed the stream is still retried (and cools the deployment down):
+    # by Google's own delay, as for the same 429 as an HTTP answer.
+    mapped.error.upstream_retry_after = mapped.retry_after
+    return mapped.error
 
 
 def _not_found(info: _GoogleError, text: str, meta: dict[str, object]) -> ModelNotFound | NotFound:

@@ -596,7 +596,9 @@ async def open_stream(
                 except OSError as exc:
                     raise connection_error(exc, provider=target.provider, scrub=options.scrub) from exc
                 except (RateLimitExceeded, UpstreamUnavailable) as exc:  # an error event; nothing relayed yet
-                    raise RetryableError(exc, status=_http_status(exc)) from exc
+                    raise RetryableError(
+                        exc, status=_http_status(exc), retry_after=exc.upstream_retry_after
+                    ) from exc
                 response.reader_state = _Primed(events, first)
         except BaseException:
             response.close()
