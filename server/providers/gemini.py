@@ -1026,8 +1026,11 @@ def error_for_status(
         )
     if status in (401, 403) or info.reason in _AUTH_REASONS:
         return UpstreamAuthFailed(text, metadata=meta)
-    if status == 404:
+    if status == 404 and not in_body:
         return _not_found(info, text, meta)
+    if status == 404 and info.status == "NOT_FOUND":
+        # After a 200 the path is right: not the base URL's hint, only the model's 404.
+        return ModelNotFound(text, metadata={**meta, "not_found": "model"})
     if status in (408, 429) or status >= 500:
         return _retryable(status, text, meta, info.retry_delay, headers)
     if 400 <= status < 500:
@@ -1043,6 +1046,8 @@ def stream_error(payload: dict[str, Any], scrub: Callable[[str], str]) -> Gatewa
     cools the key down for it; after that the caller gets the error itself."""
     error = payload.get("error")
     code = error.get("code") if isinstance(error, dict) else None
+    if isinstance(code, str) and code.strip().isdigit():  # a proxy's "429"
+        code = int(code.strip())
     if isinstance(code, bool) or not isinstance(code, int) or not 400 <= code < 600:
         return error_in_body(payload, provider=NAME, scrub=scrub)
     raw = orjson.dumps(payload, option=orjson.OPT_NON_STR_KEYS, default=str)

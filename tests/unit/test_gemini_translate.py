@@ -932,6 +932,25 @@ def test_a_429_event_in_a_stream_keeps_googles_retry_delay() -> None:
     assert "HTTP 200, then an error event (code 429)" in error.message
 
 
+def test_a_404_event_in_a_stream_is_not_a_base_url_to_check() -> None:
+    # The 200 came from the generateContent path: a 404 after it is no wrong base URL.
+    data = orjson.dumps({"error": {"code": 404, "message": "Requested entity was not found."}})
+    with pytest.raises(GatewayError) as raised:
+        gemini.StreamDecoder(scrub=scrub).feed(None, data)
+    error = raised.value
+    assert "base URL" not in error.message and "hint" not in error.metadata
+    assert "HTTP 200, then an error event (code 404): Requested entity was not found." in error.message
+
+
+def test_a_429_event_with_its_code_as_a_string_keeps_googles_retry_delay() -> None:
+    payload = rate_limited("13s")
+    payload["error"]["code"] = "429"
+    with pytest.raises(RateLimitExceeded) as raised:
+        gemini.StreamDecoder(scrub=scrub).feed(None, orjson.dumps(payload))
+    assert raised.value.retry_delay == pytest.approx(13.0)
+    assert raised.value.metadata["upstream_status"] == "RESOURCE_EXHAUSTED"
+
+
 def test_an_error_event_without_a_numeric_code_is_still_an_error() -> None:
     data = orjson.dumps({"error": {"code": "BUSY", "message": "later", "status": "UNAVAILABLE"}})
     with pytest.raises(UpstreamBadResponse):
