@@ -1046,7 +1046,7 @@ def stream_error(payload: dict[str, Any], scrub: Callable[[str], str]) -> Gatewa
     cools the key down for it; after that the caller gets the error itself."""
     error = payload.get("error")
     code = error.get("code") if isinstance(error, dict) else None
-    if isinstance(code, str) and code.strip().isdigit():  # a proxy's "429"
+    if isinstance(code, str) and code.strip().isascii() and code.strip().isdigit():  # a proxy's "429"
         code = int(code.strip())
     if isinstance(code, bool) or not isinstance(code, int) or not 400 <= code < 600:
         return error_in_body(payload, provider=NAME, scrub=scrub)

@@ -31,6 +31,7 @@ from server.errors import (
     UpstreamUnavailable,
 )
 from server.providers import gemini
+from server.providers.errors import error_in_body
 from tests.fakes.gemini_fake import (
     blocked_prompt,
     error_body,
@@ -949,6 +950,16 @@ def test_a_429_event_with_its_code_as_a_string_keeps_googles_retry_delay() -> No
         gemini.StreamDecoder(scrub=scrub).feed(None, orjson.dumps(payload))
     assert raised.value.retry_delay == pytest.approx(13.0)
     assert raised.value.metadata["upstream_status"] == "RESOURCE_EXHAUSTED"
+
+
+@pytest.mark.parametrize("code", ["\u00b2", "\u0664\u0662\u0669"])  # str.isdigit, but not ASCII digits
+def test_an_error_code_of_unicode_digits_is_no_code(code: str) -> None:
+    # int("\u00b2") raises ValueError: it escaped as an unexpected error instead of the mapping.
+    data = orjson.dumps({"error": {"code": code, "message": "x"}})
+    with pytest.raises(UpstreamBadResponse):
+        gemini.StreamDecoder().feed(None, data)
+    generic = error_in_body(orjson.loads(data), provider="openrouter", scrub=str)
+    assert isinstance(generic, UpstreamBadResponse)
 
 
 def test_an_error_event_without_a_numeric_code_is_still_an_error() -> None:
