@@ -954,6 +954,10 @@ def _delta(parts: _Message, first_call: int) -> dict[str, Any]:
 _TOKEN_LIMIT = re.compile(r"exceeds the maximum number of tokens|input token count", re.IGNORECASE)
 # Gemini answers a bad key with 400 INVALID_ARGUMENT and ErrorInfo reason API_KEY_INVALID.
 _AUTH_REASONS = frozenset({"API_KEY_INVALID", "API_KEY_SERVICE_BLOCKED", "SERVICE_DISABLED"})
+# A 403 about a Files API file the request names (an image URL of another project's file, or an
+# expired one): "You do not have permission to access the File x or it may not exist." The key
+# is fine; as UPSTREAM_AUTH_FAILED any caller could have a server key disabled with one URL.
+_FILE_DENIED = re.compile(r"permission to access the File\b", re.IGNORECASE)
 _DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)s\s*")
 
 
@@ -1024,6 +1028,8 @@ def error_for_status(
         return ContextWindowExceeded(
             f"{NAME} says the prompt exceeds the model's maximum context length: {message}", metadata=meta
         )
+    if status == 403 and info.reason not in _AUTH_REASONS and _FILE_DENIED.search(message):
+        return UpstreamRejected(text, metadata=meta)
     if status in (401, 403) or info.reason in _AUTH_REASONS:
         return UpstreamAuthFailed(text, metadata=meta)
     if status == 404 and not in_body:

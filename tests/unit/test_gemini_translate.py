@@ -1017,6 +1017,14 @@ TOO_LONG = "The input token count (1200000) exceeds the maximum number of tokens
         (400, error_body(400, "Invalid JSON payload received."), UpstreamRejected, False),
         (401, error_body(401, "Request had invalid authentication credentials."), UpstreamAuthFailed, False),
         (403, error_body(403, "Permission denied."), UpstreamAuthFailed, False),
+        # The caller's image URL names a Files API file of another project (or an expired one):
+        # the request's fault. As AUTH_FAILED, routing disabled the server's key until a reload.
+        (
+            403,
+            error_body(403, "You do not have permission to access the File abc123 or it may not exist."),
+            UpstreamRejected,
+            False,
+        ),
         (404, error_body(404, "models/gemini-9 is not found for API version v1beta"), ModelNotFound, False),
         (404, b"<html><title>Error 404 (Not Found)!!1</title></html>", NotFound, False),
         (429, rate_limited("13s"), RateLimitExceeded, True),
