@@ -62,6 +62,9 @@ class GatewayError(Exception):
     # cannot help (a request alone over the per-minute token limit, a used-up quota): a stream's
     # first `error` event is retried by its type only when this is False.
     final: bool = False
+    # The upstream's own retry hint (seconds) of an error that came inside a 200 (an SSE error
+    # event: Gemini's RetryInfo), for the retry loop when nothing was relayed yet; None without one.
+    upstream_retry_after: float | None = None
 
     def __init__(
         self,

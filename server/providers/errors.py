@@ -332,7 +332,7 @@ def error_in_body(
 def _http_code(code: object) -> int | None:
     if isinstance(code, bool):
         return None
-    if isinstance(code, str) and code.strip().isdigit():
+    if isinstance(code, str) and code.strip().isascii() and code.strip().isdigit():  # not "²"
         code = int(code.strip())
     if isinstance(code, int) and 400 <= code < 600:
         return code

@@ -954,6 +954,10 @@ def _delta(parts: _Message, first_call: int) -> dict[str, Any]:
 _TOKEN_LIMIT = re.compile(r"exceeds the maximum number of tokens|input token count", re.IGNORECASE)
 # Gemini answers a bad key with 400 INVALID_ARGUMENT and ErrorInfo reason API_KEY_INVALID.
 _AUTH_REASONS = frozenset({"API_KEY_INVALID", "API_KEY_SERVICE_BLOCKED", "SERVICE_DISABLED"})
+# A 403 about a Files API file the request names (an image URL of another project's file, or an
+# expired one): "You do not have permission to access the File x or it may not exist." The key
+# is fine; as UPSTREAM_AUTH_FAILED any caller could have a server key disabled with one URL.
+_FILE_DENIED = re.compile(r"permission to access the File\b", re.IGNORECASE)
 _DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)s\s*")
 
 
@@ -1024,10 +1028,15 @@ def error_for_status(
         return ContextWindowExceeded(
             f"{NAME} says the prompt exceeds the model's maximum context length: {message}", metadata=meta
         )
+    if status == 403 and info.reason not in _AUTH_REASONS and _FILE_DENIED.search(message):
+        return UpstreamRejected(text, metadata=meta)
     if status in (401, 403) or info.reason in _AUTH_REASONS:
         return UpstreamAuthFailed(text, metadata=meta)
-    if status == 404:
+    if status == 404 and not in_body:
         return _not_found(info, text, meta)
+    if status == 404 and info.status == "NOT_FOUND":
+        # After a 200 the path is right: not the base URL's hint, only the model's 404.
+        return ModelNotFound(text, metadata={**meta, "not_found": "model"})
     if status in (408, 429) or status >= 500:
         return _retryable(status, text, meta, info.retry_delay, headers)
     if 400 <= status < 500:
@@ -1038,15 +1047,23 @@ def error_for_status(
 def stream_error(payload: dict[str, Any], scrub: Callable[[str], str]) -> GatewayError:
     """An error event inside a stream (`{"error": {"code": 429, "status": ..., "details": ...}}`):
     as Gemini's error answer of that code would be, so a 429's RetryInfo (`retryDelay: "13s"`)
-    is the caller's RetryInfo and the routing cooldown, not a default second. As the first
-    event, `open_stream` retries it by that code; after a relayed event it ends the stream."""
+    is the caller's RetryInfo, not a default second. As the first event (nothing relayed yet)
+    the stream opener retries a 429 or 5xx by that delay (`upstream_retry_after`), and routing
+    cools the key down for it; after that the caller gets the error itself."""
     error = payload.get("error")
     code = error.get("code") if isinstance(error, dict) else None
+    if isinstance(code, str) and code.strip().isascii() and code.strip().isdigit():  # a proxy's "429"
+        code = int(code.strip())
     if isinstance(code, bool) or not isinstance(code, int) or not 400 <= code < 600:
         return error_in_body(payload, provider=NAME, scrub=scrub)
     raw = orjson.dumps(payload, option=orjson.OPT_NON_STR_KEYS, default=str)
     mapped = error_for_status(code, raw, {}, scrub=scrub, in_body=True)
-    return mapped.error if isinstance(mapped, RetryableError) else mapped
+    if not isinstance(mapped, RetryableError):
+        return mapped
+    # Before anything was relayed the stream is still retried (and cools the deployment down):
+    # by Google's own delay, as for the same 429 as an HTTP answer.
+    mapped.error.upstream_retry_after = mapped.retry_after
+    return mapped.error
 
 
 def _not_found(info: _GoogleError, text: str, meta: dict[str, object]) -> ModelNotFound | NotFound:

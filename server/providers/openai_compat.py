@@ -598,7 +598,9 @@ async def open_stream(
                 except (RateLimitExceeded, UpstreamUnavailable) as exc:  # an error event; nothing relayed yet
                     if exc.final:  # e.g. a request alone over the per-minute token limit, a used-up quota
                         raise
-                    raise RetryableError(exc, status=_http_status(exc)) from exc
+                    raise RetryableError(
+                        exc, status=_http_status(exc), retry_after=exc.upstream_retry_after
+                    ) from exc
                 response.reader_state = _Primed(events, first)
         except BaseException:
             response.close()

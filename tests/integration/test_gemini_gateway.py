@@ -376,3 +376,29 @@ async def test_count_tokens_needs_no_key_and_names_the_encoding(tmp_path: Path) 
         count_req = chat_pb2.CountTokensRequest.FromString(request().SerializeToString())
         counted = await gw.chat.CountTokens(count_req, timeout=10)
     assert counted.prompt_tokens > 0 and counted.encoding
+
+
+async def test_a_429_event_before_anything_relayed_is_retried_after_googles_delay(
+    tmp_path: Path, gemini: GeminiFake
+) -> None:
+    # The 200's first event is the 429: nothing reached the caller, so it is retried, after
+    # Google's RetryInfo (1 s) as for the same 429 as an HTTP answer, not the 0.01 s backoff.
+    retry = RetrySettings(initial_delay=0.01, multiplier=2.0, jitter=0.0, max_delay=10.0, max_attempts=3)
+    gemini.push(Reply(events=[fake.rate_limited("1s")]))
+    async with running_gateway(settings_for(tmp_path, gemini, retry=retry)) as gw:
+        started = time.monotonic()
+        events = await stream_all(gw, request())
+        assert time.monotonic() - started >= 0.95
+    assert events[-1].completion.choices[0].message.content == "Hello!"
+    assert len(gemini.requests) == 2
+
+
+async def test_a_429_event_before_anything_relayed_gives_up_with_googles_delay(
+    tmp_path: Path, gemini: GeminiFake
+) -> None:
+    retry = RetrySettings(initial_delay=0.01, multiplier=2.0, jitter=0.0, max_delay=10.0, max_attempts=1)
+    gemini.push(Reply(events=[fake.rate_limited("13s")]))
+    async with running_gateway(settings_for(tmp_path, gemini, retry=retry)) as gw:
+        err = await fail(stream_all(gw, request()))
+    d = expect(err, grpc.StatusCode.RESOURCE_EXHAUSTED, "RATE_LIMIT_EXCEEDED")
+    assert d.retry_delay == pytest.approx(13.0, abs=0.01)

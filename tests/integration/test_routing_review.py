@@ -184,6 +184,30 @@ async def test_cooldown_honours_gemini_retry_info(tmp_path: Path, fakes: list[Fa
     assert 30 < until < 35, until
 
 
+async def test_a_gemini_429_event_before_the_first_event_cools_for_its_retry_info(
+    tmp_path: Path, fakes: list[FakeUpstream]
+) -> None:
+    # HTTP 200, then the 429 as the first SSE event: nothing relayed, so B answers, and A's key
+    # cools for Google's RetryInfo (33 s) as for the same 429 as an HTTP answer, not the 1 s.
+    error = {
+        "code": 429,
+        "message": "Resource has been exhausted (e.g. check quota).",
+        "status": "RESOURCE_EXHAUSTED",
+        "details": [{"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "33s"}],
+    }
+    fakes[0].script(Reply(sse=[{"error": error}]))
+    fakes[1].script(Reply(sse=text_stream(["from", " b"])))
+    a = deployment("a", fakes[0].base_url, provider="google_ai", model="gemini-2.0-flash", weight=1e12)
+    b = deployment("b", fakes[1].base_url, weight=1e-9)
+    text = routes_toml({"chat": ({}, [a, b])}, cooldown_seconds=1)
+    async with await gateway_with(tmp_path, text) as gw:
+        started = time.monotonic()
+        events = await collect(gw, routed())
+        until = router_of(gw).health.cooling_until("chat/a#ROUTE_KEY_A") - started
+    assert events[-1].deployment.name == "b"
+    assert 30 < until < 35, until
+
+
 # -- every provider's context-length error falls back to the next deployment ----------------------
 
 CONTEXT_ERRORS: dict[str, tuple[str, int, Any]] = {

@@ -31,6 +31,7 @@ from server.errors import (
     UpstreamUnavailable,
 )
 from server.providers import gemini
+from server.providers.errors import error_in_body
 from tests.fakes.gemini_fake import (
     blocked_prompt,
     error_body,
@@ -932,6 +933,35 @@ def test_a_429_event_in_a_stream_keeps_googles_retry_delay() -> None:
     assert "HTTP 200, then an error event (code 429)" in error.message
 
 
+def test_a_404_event_in_a_stream_is_not_a_base_url_to_check() -> None:
+    # The 200 came from the generateContent path: a 404 after it is no wrong base URL.
+    data = orjson.dumps({"error": {"code": 404, "message": "Requested entity was not found."}})
+    with pytest.raises(GatewayError) as raised:
+        gemini.StreamDecoder(scrub=scrub).feed(None, data)
+    error = raised.value
+    assert "base URL" not in error.message and "hint" not in error.metadata
+    assert "HTTP 200, then an error event (code 404): Requested entity was not found." in error.message
+
+
+def test_a_429_event_with_its_code_as_a_string_keeps_googles_retry_delay() -> None:
+    payload = rate_limited("13s")
+    payload["error"]["code"] = "429"
+    with pytest.raises(RateLimitExceeded) as raised:
+        gemini.StreamDecoder(scrub=scrub).feed(None, orjson.dumps(payload))
+    assert raised.value.retry_delay == pytest.approx(13.0)
+    assert raised.value.metadata["upstream_status"] == "RESOURCE_EXHAUSTED"
+
+
+@pytest.mark.parametrize("code", ["\u00b2", "\u0664\u0662\u0669"])  # str.isdigit, but not ASCII digits
+def test_an_error_code_of_unicode_digits_is_no_code(code: str) -> None:
+    # int("\u00b2") raises ValueError: it escaped as an unexpected error instead of the mapping.
+    data = orjson.dumps({"error": {"code": code, "message": "x"}})
+    with pytest.raises(UpstreamBadResponse):
+        gemini.StreamDecoder().feed(None, data)
+    generic = error_in_body(orjson.loads(data), provider="openrouter", scrub=str)
+    assert isinstance(generic, UpstreamBadResponse)
+
+
 def test_an_error_event_without_a_numeric_code_is_still_an_error() -> None:
     data = orjson.dumps({"error": {"code": "BUSY", "message": "later", "status": "UNAVAILABLE"}})
     with pytest.raises(UpstreamBadResponse):
@@ -987,6 +1017,14 @@ TOO_LONG = "The input token count (1200000) exceeds the maximum number of tokens
         (400, error_body(400, "Invalid JSON payload received."), UpstreamRejected, False),
         (401, error_body(401, "Request had invalid authentication credentials."), UpstreamAuthFailed, False),
         (403, error_body(403, "Permission denied."), UpstreamAuthFailed, False),
+        # The caller's image URL names a Files API file of another project (or an expired one):
+        # the request's fault. As AUTH_FAILED, routing disabled the server's key until a reload.
+        (
+            403,
+            error_body(403, "You do not have permission to access the File abc123 or it may not exist."),
+            UpstreamRejected,
+            False,
+        ),
         (404, error_body(404, "models/gemini-9 is not found for API version v1beta"), ModelNotFound, False),
         (404, b"<html><title>Error 404 (Not Found)!!1</title></html>", NotFound, False),
         (429, rate_limited("13s"), RateLimitExceeded, True),
