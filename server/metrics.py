@@ -353,11 +353,14 @@ _MAX_CACHED = 10_000
 
 
 def record_request(rpc: str, endpoint_type: str, model: str, code: str) -> None:
-    """One ChatCompletionService call answered with status `code` (e.g. "OK", "UNAVAILABLE")."""
+    """One ChatCompletionService call answered with status `code` (e.g. "OK", "UNAVAILABLE").
+
+    Only a Create or StreamCreate answered OK proves its model: CountTokens answers OK for any
+    name without calling an upstream, so its names take the failed calls' half of the budget."""
     key = (rpc, endpoint_type, model, code)
     cell = _request_cells.get(key)
     if cell is None:
-        model_label = models(model, proven=code == "OK")
+        model_label = models(model, proven=code == "OK" and rpc != "CountTokens")
         labels = (rpc, provider_label(endpoint_type), model_label, code)
         cell = _cell(REQUESTS, labels, _CounterCell)
         if len(_request_cells) < _MAX_CACHED and models.settled(model, model_label):
