@@ -352,12 +352,16 @@ _call_cells: dict[
 _MAX_CACHED = 10_000
 
 
-def record_request(rpc: str, endpoint_type: str, model: str, code: str) -> None:
-    """One ChatCompletionService call answered with status `code` (e.g. "OK", "UNAVAILABLE")."""
+def record_request(rpc: str, endpoint_type: str, model: str, code: str, *, proves: bool = True) -> None:
+    """One ChatCompletionService call answered with status `code` (e.g. "OK", "UNAVAILABLE").
+
+    `proves` False: an OK is no proof that `model` answered (CountTokens calls no upstream; a
+    routed call's answer may come from another deployment), so a model first seen on such a
+    call takes a place only as one first seen on a failed call does."""
     key = (rpc, endpoint_type, model, code)
     cell = _request_cells.get(key)
     if cell is None:
-        model_label = models(model, proven=code == "OK")
+        model_label = models(model, proven=proves and code == "OK")
         labels = (rpc, provider_label(endpoint_type), model_label, code)
         cell = _cell(REQUESTS, labels, _CounterCell)
         if len(_request_cells) < _MAX_CACHED and models.settled(model, model_label):
@@ -566,7 +570,7 @@ class RequestScope:
     A plain class, not a generator-based context manager: this is on every call's path.
     """
 
-    __slots__ = ("_rpc", "_gauge", "_context", "endpoint_type", "model")
+    __slots__ = ("_rpc", "_gauge", "_context", "endpoint_type", "model", "proves")
 
     def __init__(self, rpc: str, kind: str, context: Any) -> None:
         self._rpc = rpc
@@ -574,11 +578,14 @@ class RequestScope:
         self._context = context
         self.endpoint_type = ""
         self.model = ""
+        self.proves = True
 
-    def labels(self, config: Any) -> None:
-        """The provider and model labels, from the request's LLMConfig."""
+    def labels(self, config: Any, *, proves: bool = True) -> None:
+        """The provider and model labels, from the request's LLMConfig. `proves` False: an OK of
+        this call does not show that this model answered (see `record_request`)."""
         self.endpoint_type = config.model_endpoint_type
         self.model = config.model
+        self.proves = proves
 
     def __enter__(self) -> RequestScope:
         self._gauge.value += 1
@@ -594,4 +601,4 @@ class RequestScope:
             except Exception:  # noqa: BLE001 - a context without a code: say so rather than fail
                 raw = None
             code = _CODE_NAMES.get(raw, "CANCELLED" if raw is None else "UNKNOWN")
-        record_request(self._rpc, self.endpoint_type, self.model, code)
+        record_request(self._rpc, self.endpoint_type, self.model, code, proves=self.proves)

@@ -13,6 +13,7 @@ from server.api.context import Authenticator, Context, deadline_of, map_exceptio
 from server.api.handlers import server_stream, service, unary
 from server.api.status import abort
 from server.gateway import Gateway
+from server.routing.router import wants_routing
 
 log = logging.getLogger("llmgateway.api")
 SERVICE = "llmgateway.v1.ChatCompletionService"
@@ -27,7 +28,7 @@ class ChatCompletionServicer:
         async def call() -> chat_pb2.CreateResponse:
             actor = await self._auth.actor_for(context)
             request = parse(chat_pb2.CreateRequest, data)
-            scope.labels(request.llm_config)
+            scope.labels(request.llm_config, proves=not wants_routing(request))
             return await self._gateway.create(request, actor, deadline_of(context))
 
         with metrics.RequestScope("Create", "unary", context) as scope:
@@ -38,7 +39,7 @@ class ChatCompletionServicer:
             actor = await self._auth.actor_for(context)
             # Wire-identical to CreateRequest by construction (same fields, same numbers).
             request = parse(chat_pb2.CreateRequest, data)
-            scope.labels(request.llm_config)
+            scope.labels(request.llm_config, proves=False)  # no upstream call: no proof
             return await self._gateway.count_tokens(request, actor)
 
         with metrics.RequestScope("CountTokens", "unary", context) as scope:
@@ -53,7 +54,7 @@ class ChatCompletionServicer:
             try:
                 actor = await self._auth.actor_for(context)
                 request = parse(chat_pb2.CreateRequest, data)
-                scope.labels(request.llm_config)
+                scope.labels(request.llm_config, proves=not wants_routing(request))
                 async for event in self._gateway.stream(request, actor, deadline_of(context)):
                     yield event
             except grpc.aio.AbortError:

@@ -180,6 +180,60 @@ async def test_made_up_model_names_that_fail_do_not_use_up_the_budget(
     assert delta(before, after, "llmgw_requests_total", model="other", code="NOT_FOUND", **base) == 5
 
 
+async def test_made_up_model_names_counted_by_count_tokens_do_not_use_up_the_budget(
+    tmp_path: Path, upstream: FakeUpstream
+) -> None:
+    """CountTokens answers OK for any model name without calling an upstream: that is no proof the
+    model exists, so a tenant counting tokens for made-up names must not take the budget's places."""
+    settings = make_settings(
+        tmp_path, allowed_endpoints=(upstream.base_url,), admin_listen="127.0.0.1:0", metrics_max_models=3
+    )
+    try:
+        async with running_gateway(settings) as gw:
+            assert gw.server.admin is not None
+            before = await scrape(gw.server.admin.port)
+            for i in range(6):
+                await gw.chat.CountTokens(chat_request(upstream.base_url, model=f"counted-{i}"), timeout=10)
+            await gw.chat.Create(chat_request(upstream.base_url, model="real-model"), timeout=10)
+            after = await scrape(gw.server.admin.port)
+    finally:
+        metrics.models.reset(metrics.DEFAULT_MAX_MODELS)
+    models = {dict(labels).get("model") for (name, labels) in after if name == "llmgw_requests_total"}
+    assert sorted(m for m in models if m and m.startswith("counted-")) == ["counted-0"]
+    base = {"provider": "openai", "code": "OK"}
+    assert delta(before, after, "llmgw_requests_total", rpc="Create", model="real-model", **base) == 1
+    assert delta(before, after, "llmgw_requests_total", rpc="CountTokens", model="other", **base) == 5
+
+
+async def test_made_up_model_names_of_a_routed_call_that_a_fallback_answers_do_not_use_up_the_budget(
+    tmp_path: Path, upstream: FakeUpstream
+) -> None:
+    """A routed call answered OK by a fallback proves the fallback's model, not llm_config's (never
+    sent when its endpoint is not allowed; only generation parameters with a route)."""
+    settings = make_settings(
+        tmp_path, allowed_endpoints=(upstream.base_url,), admin_listen="127.0.0.1:0", metrics_max_models=3
+    )
+    fallback = chat_pb2.LLMConfig(
+        model="real-model", model_endpoint_type="openai", model_endpoint=upstream.base_url
+    )
+    try:
+        async with running_gateway(settings) as gw:
+            assert gw.server.admin is not None
+            before = await scrape(gw.server.admin.port)
+            for i in range(6):
+                request = chat_request("http://127.0.0.1:9/v1", model=f"routed-{i}", fallbacks=[fallback])
+                await gw.chat.Create(request, timeout=10)
+            await gw.chat.Create(chat_request(upstream.base_url, model="second-real-model"), timeout=10)
+            after = await scrape(gw.server.admin.port)
+    finally:
+        metrics.models.reset(metrics.DEFAULT_MAX_MODELS)
+    models = {dict(labels).get("model") for (name, labels) in after if name == "llmgw_requests_total"}
+    assert sorted(m for m in models if m and m.startswith("routed-")) == ["routed-0"]
+    base = {"rpc": "Create", "provider": "openai", "code": "OK"}
+    assert delta(before, after, "llmgw_requests_total", model="second-real-model", **base) == 1
+    assert delta(before, after, "llmgw_requests_total", model="other", **base) == 5
+
+
 async def test_unknown_endpoint_type_is_other(tmp_path: Path, upstream: FakeUpstream) -> None:
     settings = make_settings(tmp_path, allowed_endpoints=(upstream.base_url,), admin_listen="127.0.0.1:0")
     async with running_gateway(settings) as gw:
