@@ -132,6 +132,22 @@ async def test_the_ordinary_429_is_still_retried(tmp_path: Path, groq: GroqFake)
     assert len(groq.requests) == 2
 
 
+def groq_then_other(fakes: list[FakeUpstream]) -> str:
+    """A route of Groq deployment `a` (chosen first) and `b`, 5 s cooldowns."""
+    return routes_toml(
+        {
+            "chat": (
+                {},
+                [
+                    deployment("a", fakes[0].base_url, weight=1e12, provider="groq"),
+                    deployment("b", fakes[1].base_url, weight=1e-9),
+                ],
+            )
+        },
+        cooldown_seconds=5.0,
+    )
+
+
 @pytest.fixture
 def route_keys(monkeypatch: pytest.MonkeyPatch) -> None:
     for name, value in KEYS.items():
@@ -151,18 +167,7 @@ async def test_a_route_falls_back_without_cooling_the_deployment_down(tmp_path: 
             if kind == "stream"
             else Reply(json_body=completion("from b"))
         )
-        text = routes_toml(
-            {
-                "chat": (
-                    {},
-                    [
-                        deployment("a", fakes[0].base_url, weight=1e12, provider="groq"),
-                        deployment("b", fakes[1].base_url, weight=1e-9),
-                    ],
-                )
-            },
-            cooldown_seconds=5.0,
-        )
+        text = groq_then_other(fakes)
         async with await gateway_with(tmp_path, text) as gw:
             if kind == "unary":
                 response = await gw.chat.Create(routed(step="s-tpm"), timeout=10)

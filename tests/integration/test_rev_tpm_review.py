@@ -15,7 +15,7 @@ from tests.fake_upstream import FakeUpstream, Reply, completion
 from tests.gateway_harness import make_settings, running_gateway
 from tests.integration.test_errors_support import expect
 from tests.integration.test_groq_gateway import GroqFake
-from tests.integration.test_over_minute_limit import GROQ_413, OPENAI_429_TOO_LARGE
+from tests.integration.test_over_minute_limit import GROQ_413, OPENAI_429_TOO_LARGE, groq_then_other
 from tests.integration.test_routing_e2e import KEYS, deployment, gateway_with, routed, router_of, routes_toml
 
 
@@ -79,18 +79,7 @@ async def test_every_deployment_too_large_ends_once_each_without_retry_info(tmp_
     try:
         fakes[0].default = Reply(status=413, json_body=GROQ_413)
         fakes[1].default = Reply(status=429, json_body=OPENAI_429_TOO_LARGE, headers={"Retry-After": "1"})
-        text = routes_toml(
-            {
-                "chat": (
-                    {},
-                    [
-                        deployment("a", fakes[0].base_url, weight=1e12, provider="groq"),
-                        deployment("b", fakes[1].base_url, weight=1e-9),
-                    ],
-                )
-            },
-            cooldown_seconds=5.0,
-        )
+        text = groq_then_other(fakes)
         async with await gateway_with(tmp_path, text) as gw:
             with pytest.raises(grpc.aio.AioRpcError) as caught:
                 await gw.chat.Create(routed(), timeout=10)
