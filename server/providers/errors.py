@@ -297,7 +297,7 @@ def body_error(
     """
     err = payload.get("error")
     code = err.get("code", err.get("status")) if isinstance(err, dict) else None
-    status = _http_code(code)
+    status = http_code(code)
     raw = orjson.dumps(payload, option=orjson.OPT_NON_STR_KEYS, default=str)
     if status is not None:
         return error_for_status(status, raw, {}, provider=provider, scrub=scrub, in_body=True)
@@ -329,7 +329,8 @@ def error_in_body(
     return mapped
 
 
-def _http_code(code: object) -> int | None:
+def http_code(code: object) -> int | None:
+    """An error object's `code` as an HTTP status (400-599; a number or ASCII digits), else None."""
     if isinstance(code, bool):
         return None
     if isinstance(code, str) and code.strip().isascii() and code.strip().isdigit():  # not "²"

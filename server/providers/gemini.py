@@ -80,7 +80,7 @@ from server.errors import (
     UpstreamRejected,
     UpstreamUnavailable,
 )
-from server.providers.errors import error_in_body, upstream_message
+from server.providers.errors import error_in_body, http_code, upstream_message
 
 NAME = "google_ai"
 DEFAULT_BASE_URL = "https://generativelanguage.googleapis.com/v1beta"
@@ -1051,10 +1051,8 @@ def stream_error(payload: dict[str, Any], scrub: Callable[[str], str]) -> Gatewa
     the stream opener retries a 429 or 5xx by that delay (`upstream_retry_after`), and routing
     cools the key down for it; after that the caller gets the error itself."""
     error = payload.get("error")
-    code = error.get("code") if isinstance(error, dict) else None
-    if isinstance(code, str) and code.strip().isascii() and code.strip().isdigit():  # a proxy's "429"
-        code = int(code.strip())
-    if isinstance(code, bool) or not isinstance(code, int) or not 400 <= code < 600:
+    code = http_code(error.get("code") if isinstance(error, dict) else None)  # also a proxy's "429"
+    if code is None:
         return error_in_body(payload, provider=NAME, scrub=scrub)
     raw = orjson.dumps(payload, option=orjson.OPT_NON_STR_KEYS, default=str)
     mapped = error_for_status(code, raw, {}, scrub=scrub, in_body=True)
