@@ -121,7 +121,7 @@ def _parse_no_proxy(raw: str) -> _Bypass:
             entry, port = bracketed.group(1), int(bracketed.group(2)) if bracketed.group(2) else None
         elif entry.count(":") == 1:
             entry, _, port_text = entry.partition(":")
-            if not port_text.isdigit():
+            if not (port_text.isascii() and port_text.isdigit()):  # int() refuses "²"
                 raise ValueError(f"NO_PROXY: {item!r} is not host[:port]")
             port = int(port_text)
         try:

@@ -201,3 +201,10 @@ def test_a_garbled_proxy_url_is_refused_without_its_password(url: str) -> None:
             ProxyConfig.from_environ({variable: url})
         assert PASSWORD not in str(refused.value), refused.value
         assert "ss-" not in str(refused.value)  # nor a piece of it
+
+
+@pytest.mark.parametrize("entry", ["internal:²", "internal:٣١٢٨", "internal:x"])
+def test_a_no_proxy_port_that_is_not_ascii_digits_is_refused_naming_no_proxy(entry: str) -> None:
+    # "²".isdigit() is True but int() refuses it: the error named no variable.
+    with pytest.raises(ValueError, match="NO_PROXY: .* is not host\\[:port\\]"):
+        ProxyConfig.from_environ({"HTTPS_PROXY": "http://proxy:3128", "NO_PROXY": entry})
