@@ -75,7 +75,9 @@ def test_sighup_while_a_worker_restarts_kills_nothing(tmp_path: Path) -> None:
         # One restart (the SIGKILL), the replacement alive, worker 1 untouched.
         assert len(re.findall(r"worker-0 started", server.log)) == 2, server.log[-4000:]
         if not (alive(restarted) and alive(other)):
-            time.sleep(2)  # the parent's line about the worker that died, if it did
+            end = time.monotonic() + 5  # the parent's line about the worker that died, if it did
+            while f"(pid {other}) " not in server.log and time.monotonic() < end:
+                time.sleep(0.05)
             raise AssertionError(
                 f"restarted {restarted} alive: {alive(restarted)}, other {other} alive: "
                 f"{alive(other)}\n{server.log[-8000:]}"
