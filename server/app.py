@@ -471,14 +471,21 @@ async def serve(settings: Settings, *, signalled: Sequence[int] = ()) -> int:
         stop_requested.set()
     gateway = GatewayServer(settings)
     reloads: set[asyncio.Task[bool]] = set()
+    # A SIGHUP while start() runs may come after start() read the routes file: dropped, the
+    # worker would serve the file it replaced until the next SIGHUP. Kept for after start-up.
+    reload_after_start = False
 
     def reload_routes() -> None:
+        nonlocal reload_after_start
+        if not starting.done():
+            reload_after_start = True
+            return
         task = asyncio.create_task(gateway.reload_routes())
         reloads.add(task)
         task.add_done_callback(reloads.discard)
 
-    loop.add_signal_handler(signal.SIGHUP, reload_routes)
     starting = asyncio.create_task(gateway.start())
+    loop.add_signal_handler(signal.SIGHUP, reload_routes)
     waiting = asyncio.create_task(stop_requested.wait())
     await asyncio.wait((starting, waiting), return_when=asyncio.FIRST_COMPLETED)
     if not starting.done():
@@ -491,6 +498,8 @@ async def serve(settings: Settings, *, signalled: Sequence[int] = ()) -> int:
         log.info("stopped")
         return 0
     starting.result()  # a start-up failure raises here
+    if reload_after_start:
+        reload_routes()
     tune_for_serving()  # the process only (tests start many servers in one process: not there)
     await waiting
     log.info(

@@ -80,6 +80,9 @@ async def _reload_under_load(tmp_path: Path, fakes: list[FakeUpstream], workers:
         clients = [asyncio.create_task(client()) for _ in range(8)]
         try:
             await eventually(lambda: len(answered) >= 20, timeout=20)
+            # Every worker serving: one still importing ignores SIGHUP (it reads the new file at
+            # start-up, and says nothing about a reload).
+            await eventually(lambda: server.log.count("llm-gateway serving on") >= workers, timeout=20)
             replace_file(path, routes("b", fakes[1].base_url, "ROUTE_KEY_B"))
             server.send_signal(signal.SIGHUP)
             await eventually(lambda: server.log.count("routes reloaded") >= workers, timeout=20)
