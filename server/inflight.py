@@ -77,6 +77,14 @@ def cancel_cause(call: InFlightCall | None) -> tuple[str, str]:
     return CANCELLED_BY_CALLER
 
 
+def cancel_status(call: InFlightCall | None) -> str:
+    """The gRPC status name the caller of a call that ended without one of ours receives: a call
+    cut by shutdown ends with UNAVAILABLE (SHUTTING_DOWN, sent once its handler unwound), one
+    whose deadline passed sees DEADLINE_EXCEEDED, one its caller cancelled CANCELLED."""
+    error_type, _ = cancel_cause(call)
+    return str(ShuttingDown.code.name) if error_type == ShuttingDown.reason else error_type
+
+
 class InFlight:
     """The registry of one server's calls in flight."""
 

@@ -32,6 +32,7 @@ import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import multiprocess as _multiprocess
 
+from server.inflight import cancel_status, current_call
 from server.metrics_dir import MULTIPROC_ENV
 
 if TYPE_CHECKING:
@@ -566,7 +567,10 @@ class RequestScope:
 
     The servicer sets `endpoint_type` and `model` once the request is parsed (a call refused
     before that, e.g. UNAUTHENTICATED, counts with empty ones). The code is the one the call's
-    abort set on the context; a call ended by its caller or cut by a closed stream is CANCELLED.
+    abort set on the context; a call that ended without one (cancelled) counts with the status
+    its caller receives, as server.inflight tells why it was cut: UNAVAILABLE if shutdown cut it
+    (its SHUTTING_DOWN status is sent after this scope ends), DEADLINE_EXCEEDED if its deadline
+    passed, CANCELLED if its caller cancelled it.
     A plain class, not a generator-based context manager: this is on every call's path.
     """
 
@@ -600,5 +604,5 @@ class RequestScope:
                 raw = self._context.code()
             except Exception:  # noqa: BLE001 - a context without a code: say so rather than fail
                 raw = None
-            code = _CODE_NAMES.get(raw, "CANCELLED" if raw is None else "UNKNOWN")
+            code = cancel_status(current_call()) if raw is None else _CODE_NAMES.get(raw, "UNKNOWN")
         record_request(self._rpc, self.endpoint_type, self.model, code, proves=self.proves)

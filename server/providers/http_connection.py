@@ -215,9 +215,12 @@ class Connection(asyncio.Protocol):
             if self._until_eof and response.status is not None and exc is None:
                 response.on_complete()  # the body was "everything until the connection closes"
             else:
+                # No byte of an answer yet (typically a kept-alive connection the upstream had
+                # dropped as we sent on it) is not an answer cut off halfway.
+                when = "mid-answer" if self._head_fed else "before answering"
                 detail = f": {exc}" if exc else ""
                 response.on_error(
-                    ServerDisconnectedError(f"the upstream closed the connection mid-answer{detail}")
+                    ServerDisconnectedError(f"the upstream closed the connection {when}{detail}")
                 )
         self.pool.forget(self)
 

@@ -719,7 +719,51 @@ async def test_disconnect_before_answering(client: HttpClient, how: str) -> None
             peer.writer.close()
 
     async with raw_server(handler) as server:
-        with pytest.raises(ServerDisconnectedError):
+        # Not a byte of an answer: the error says so, not "mid-answer" (which it said for all).
+        with pytest.raises(ServerDisconnectedError, match="closed the connection before answering") as caught:
+            await client.post(server.url(), b"{}", {}, BOUNDED, private_ok=True)
+        assert "mid-answer" not in str(caught.value)
+        assert (client.connections_in_use, client.connections_idle) == (0, 0)
+
+
+async def test_a_kept_alive_connection_dropped_as_it_is_reused_closed_before_answering(
+    client: HttpClient,
+) -> None:
+    # The stale keep-alive case: the upstream answered one request, kept the connection, and
+    # closes it when the next request arrives on it (its own idle timeout, a restart).
+    async def handler(peer: Peer) -> None:
+        await peer.read_request()
+        await peer.send(http_answer(b"first"))
+        await peer.read_request()
+        peer.writer.close()
+
+    async with raw_server(handler) as server:
+        first = await client.post(server.url(), b"{}", {}, BOUNDED, private_ok=True)
+        assert await first.read(LIMIT) == b"first"
+        assert client.connections_idle == 1
+        with pytest.raises(ServerDisconnectedError, match="closed the connection before answering"):
+            await client.post(server.url(), b"{}", {}, BOUNDED, private_ok=True)
+        assert server.connections == 1  # it was the reused connection, not a new one
+        assert (client.connections_in_use, client.connections_idle) == (0, 0)
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/1.1 20",  # part of a status line
+        b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n",  # the head, not its end
+        b"HTTP/1.1 100 Continue\r\n\r\n",  # an interim answer, then nothing
+    ],
+    ids=["status-line", "headers", "interim"],
+)
+async def test_disconnect_inside_the_head_is_mid_answer(client: HttpClient, answer: bytes) -> None:
+    async def handler(peer: Peer) -> None:
+        await peer.read_request()
+        await peer.send(answer)
+        peer.writer.close()
+
+    async with raw_server(handler) as server:
+        with pytest.raises(ServerDisconnectedError, match="closed the connection mid-answer"):
             await client.post(server.url(), b"{}", {}, BOUNDED, private_ok=True)
         assert (client.connections_in_use, client.connections_idle) == (0, 0)
 
@@ -740,7 +784,7 @@ async def test_disconnect_mid_body(client: HttpClient, answer: bytes) -> None:
 
     async with raw_server(handler) as server:
         response = await client.post(server.url(), b"{}", {}, BOUNDED, private_ok=True)
-        with pytest.raises(ServerDisconnectedError):
+        with pytest.raises(ServerDisconnectedError, match="closed the connection mid-answer"):
             await response.read(LIMIT)
         assert (client.connections_in_use, client.connections_idle) == (0, 0)
 
