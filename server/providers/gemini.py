@@ -870,7 +870,7 @@ class StreamDecoder:
             raise _bad("an SSE event that is not JSON") from None
         if not isinstance(payload, dict):
             raise _bad("an SSE event that is not a JSON object")
-        if "error" in payload:
+        if payload.get("error") is not None:  # `"error": null` next to candidates is no error
             raise stream_error(payload, self._scrub)
         self._id = str(payload.get("responseId") or self._id)
         self._model = str(payload.get("modelVersion") or self._model)

@@ -962,6 +962,21 @@ def test_an_error_code_of_unicode_digits_is_no_code(code: str) -> None:
     assert isinstance(generic, UpstreamBadResponse)
 
 
+def test_an_error_key_of_null_next_to_candidates_is_a_normal_chunk() -> None:
+    # Some proxies put `"error": null` in every event: the key's presence alone raised, so a
+    # good answer's first chunk came back as an error.
+    chunks = decode(
+        [
+            {**response([{"text": "Hel"}], finish_reason=None), "error": None},
+            {**response([{"text": "lo"}]), "error": None},
+        ]
+    )
+    assert "".join(d.get("content") or "" for d, _ in deltas(chunks)) == "Hello"
+    assert deltas(chunks)[-1][1] == "stop"
+    with pytest.raises(RateLimitExceeded):  # an error with a value next to candidates still is one
+        decode([{**response([{"text": "Hel"}], finish_reason=None), **error_body(429, "exhausted")}])
+
+
 def test_an_error_event_without_a_numeric_code_is_still_an_error() -> None:
     data = orjson.dumps({"error": {"code": "BUSY", "message": "later", "status": "UNAVAILABLE"}})
     with pytest.raises(UpstreamBadResponse):
