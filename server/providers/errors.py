@@ -60,7 +60,9 @@ def upstream_message(body: bytes, scrub: Callable[[str], str] = str) -> str:
     except orjson.JSONDecodeError:
         payload = None
     if isinstance(payload, dict):
-        err = payload.get("error", payload.get("detail", payload.get("message")))
+        # The first of these with a value: `"error": null` next to a "detail" or "message" is
+        # no error text (it used to stop the look-up, and the whole body became the message).
+        err = next((v for k in ("error", "detail", "message") if (v := payload.get(k)) is not None), None)
         if isinstance(err, dict):
             text = str(err.get("message") or err.get("msg") or err)
         elif err is not None:
