@@ -25,7 +25,7 @@ from server.auth.actor import Actor
 from server.auth.redact import Redactor
 from server.billing.meter import Meter
 from server.config import Settings
-from server.core import offload, tokens, tool_call_check, trace_scrub
+from server.core import offload, reasoning_only, tokens, tool_call_check, trace_scrub
 from server.core.answer_scrub import AnswerScrubber
 from server.core.completion import (
     answer_bytes,
@@ -446,6 +446,7 @@ class Gateway:
             unpack_completion(answer, request, body)
             want = tool_call_check.expected(request, body, endpoint=target.base_url)
             tool_call_check.enforce(answer, want, call.record, provider=target.provider)
+            reasoning_only.enforce(answer, call.record, provider=target.provider)
             response = chat_pb2.CreateResponse(provider_trace_id=call.record.id)
             call.completion = completion_from_json(answer, provider=target.provider, into=response.completion)
             self.answer_scrubber(target).completion(response.completion)  # an upstream may echo a key
@@ -593,6 +594,8 @@ class Gateway:
                 answer["usage"] = await _local_usage(answer, count, request)
             call.record.response_json = orjson.dumps(answer).decode()
             tool_call_check.enforce(answer, want, call.record, provider=target.provider)
+            # In place of the final completion, as TOOL_CALL_MISSING: the reasoning was relayed.
+            reasoning_only.enforce(answer, call.record, provider=target.provider)
             streamed = streamed_texts(answer) if request.final_completion_without_deltas else None
             unpack_completion(answer, request, body)
             last = chat_pb2.StreamCreateResponse(provider_trace_id=call.record.id)

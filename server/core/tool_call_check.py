@@ -155,13 +155,15 @@ def enforce(answer: dict[str, Any], want: Expected, record: TraceRecord, *, prov
     try:
         dropped = check(answer, want, provider=provider)
     except ToolCallMissing:
-        _keep_usage(record, answer.get("usage"))
+        keep_usage(record, answer.get("usage"))
         raise
     if dropped:
         record.response_json = trimmed_json(record.response_json, dropped)
 
 
-def _keep_usage(record: TraceRecord, usage: Any) -> None:
+def keep_usage(record: TraceRecord, usage: Any) -> None:
+    """The answer's token counts onto the trace of a call that fails after the upstream answered
+    (they were spent and billed); also `server.core.reasoning_only`'s."""
     if record.total_tokens or not isinstance(usage, dict):
         return  # already kept (the local path), or none reported
     prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")

@@ -60,7 +60,9 @@ def upstream_message(body: bytes, scrub: Callable[[str], str] = str) -> str:
     except orjson.JSONDecodeError:
         payload = None
     if isinstance(payload, dict):
-        err = payload.get("error", payload.get("detail", payload.get("message")))
+        # The first of these with a value: `"error": null` next to a "detail" or "message" is
+        # no error text (it used to stop the look-up, and the whole body became the message).
+        err = next((v for k in ("error", "detail", "message") if (v := payload.get(k)) is not None), None)
         if isinstance(err, dict):
             text = str(err.get("message") or err.get("msg") or err)
         elif err is not None:
@@ -99,6 +101,16 @@ def error_for_status(
     if message:
         text += f": {message}"
     too_large = _over_the_minute_limit(message) if status in (413, 429) else None
+    if too_large is None and status in (413, 429):
+        # OpenRouter's "Provider returned error": the provider's own text in error.metadata.raw.
+        raw, name = _wrapped_raw(body)
+        said = scrub(raw) if raw else ""  # scanned scrubbed, as `message` is
+        too_large = _over_the_minute_limit(said)
+        if too_large is not None:
+            name = scrubbed_prefix(name, scrub, 100)
+            if name:
+                meta["upstream_provider"] = name
+            text += f" ({name or 'the provider'}: {_over_the_minute_span(said)})"
     if too_large is not None:
         # Groq's 413 (and OpenAI's 429) "Request too large for model ... on tokens per minute
         # (TPM): Limit 6000, Requested 12328": this request alone needs more than the per-minute
@@ -242,6 +254,54 @@ def _over_the_minute_limit(message: str) -> tuple[int, int] | None:
         return None
     limit, requested = int(found.group(1)), int(found.group(2))
     return (limit, requested) if requested > limit else None
+
+
+def _over_the_minute_span(message: str) -> str:
+    """The words of `message` that say so ("Request too large for ... (TPM): Limit N, Requested M")."""
+    found = _OVER_THE_MINUTE_LIMIT.search(message)
+    return " ".join(found.group(0).split()) if found else ""
+
+
+# How much of a wrapped provider error (OpenRouter's `error.metadata.raw`) is read.
+RAW_SCAN_CHARS = 4096
+
+
+def _wrapped_raw(body: bytes) -> tuple[str, str]:
+    """The provider's own error text and name that OpenRouter wraps as `{"error": {"message":
+    "Provider returned error", "code": 429, "metadata": {"raw": "...", "provider_name": "..."}}}`
+    ("" for none), unscrubbed: at most RAW_SCAN_CHARS characters of `raw`. A `raw` that is a JSON
+    object (or its text) gives its `error.message`; any other text is taken as it is."""
+    if b'"raw"' not in body:  # most error bodies: no JSON parse here
+        return "", ""
+    try:
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return "", ""
+    err = payload.get("error") if isinstance(payload, dict) else None
+    meta = err.get("metadata") if isinstance(err, dict) else None
+    if not isinstance(meta, dict):
+        return "", ""
+    name = meta.get("provider_name")
+    name = name if isinstance(name, str) else ""
+    raw = meta.get("raw")
+    if isinstance(raw, str):
+        raw = raw[:RAW_SCAN_CHARS]
+        if raw.lstrip().startswith("{"):
+            try:
+                inner = orjson.loads(raw)
+            except orjson.JSONDecodeError:  # cut at RAW_SCAN_CHARS, or no JSON: read as text
+                return raw, name
+            return _inner_message(inner) or raw, name
+        return raw, name
+    if isinstance(raw, dict):
+        return _inner_message(raw), name
+    return "", name
+
+
+def _inner_message(inner: object) -> str:
+    err = inner.get("error") if isinstance(inner, dict) else None
+    message = err.get("message") if isinstance(err, dict) else None
+    return message[:RAW_SCAN_CHARS] if isinstance(message, str) else ""
 
 
 def _is_quota_exhausted(body: bytes) -> bool:

@@ -65,6 +65,7 @@ from typing import Any
 
 import orjson
 
+from server.core.reasoning_only import REASONING_ONLY
 from server.core.retry import RetryableError, parse_retry_after
 from server.errors import (
     ContextWindowExceeded,
@@ -831,8 +832,15 @@ def _candidate_message(candidate: dict[str, Any], message: dict[str, Any]) -> st
         message["refusal"] = _refusal(str(reason), candidate.get("finishMessage"))
     elif not (text or parts.tool_calls) and finish == "stop":
         # Thoughts alone are no answer: the agent would get empty content that says complete.
-        what = "an answer with only thoughts" if parts.reasoning else "an empty candidate"
-        raise _bad(f"{what} (finishReason {reason})", finish_reason=str(reason))
+        if parts.reasoning:  # as the OpenAI-compatible path's (server.core.reasoning_only)
+            thoughts = len("".join(parts.reasoning))
+            raise _bad(
+                f"an answer with only thoughts (finishReason {reason})",
+                finish_reason=str(reason),
+                cause=REASONING_ONLY,
+                reasoning_chars=thoughts,
+            )
+        raise _bad(f"an empty candidate (finishReason {reason})", finish_reason=str(reason))
     return finish
 
 
@@ -860,7 +868,7 @@ class StreamDecoder:
         self._finished = False
         self._started = False
         self._produced = False  # any content or tool call relayed (thoughts alone are no answer)
-        self._thought = False  # any reasoning relayed
+        self._thought = 0  # characters of reasoning relayed
 
     def feed(self, event: str | None, data: bytes) -> list[dict[str, Any] | None]:
         del event  # Gemini names no events
@@ -870,7 +878,7 @@ class StreamDecoder:
             raise _bad("an SSE event that is not JSON") from None
         if not isinstance(payload, dict):
             raise _bad("an SSE event that is not a JSON object")
-        if "error" in payload:
+        if payload.get("error") is not None:  # `"error": null` next to candidates is no error
             raise stream_error(payload, self._scrub)
         self._id = str(payload.get("responseId") or self._id)
         self._model = str(payload.get("modelVersion") or self._model)
@@ -902,16 +910,22 @@ class StreamDecoder:
         out: list[dict[str, Any] | None] = []
         delta = _delta(parts, first_call)
         self._produced = self._produced or bool(delta.keys() - {"thinking_blocks", "reasoning_content"})
-        self._thought = self._thought or "reasoning_content" in delta
+        self._thought += len(delta.get("reasoning_content", ""))
         if delta or not self._started:
             out.append(self._chunk(delta, None))
         reason = candidate.get("finishReason")
         if reason:
             self._finished = True
             finish = _finish_reason(reason, candidate, self._calls > 0)
+            if finish == "stop" and not self._produced and self._thought:
+                raise _bad(
+                    f"a stream with only thoughts (finishReason {reason})",
+                    finish_reason=str(reason),
+                    cause=REASONING_ONLY,
+                    reasoning_chars=self._thought,
+                )
             if finish == "stop" and not self._produced:
-                what = "a stream with only thoughts" if self._thought else "an empty stream"
-                raise _bad(f"{what} (finishReason {reason})", finish_reason=str(reason))
+                raise _bad(f"an empty stream (finishReason {reason})", finish_reason=str(reason))
             extra = {"refusal": _refusal(str(reason), candidate.get("finishMessage"))}
             out.append(self._chunk(extra if finish == "content_filter" else {}, finish))
         return out

@@ -3,10 +3,12 @@
 RESOURCE_EXHAUSTED RATE_LIMIT_EXCEEDED at once (no retry, no RetryInfo, the counts in metadata),
 and a route falls back to the next deployment without cooling the first one down (it still takes
 smaller requests). The ordinary "Rate limit reached ... Please try again in 4.77s" 429 is still
-retried. Payloads as Groq and OpenAI answer them (users' reports of both, 2024-2026)."""
+retried. Payloads as Groq and OpenAI answer them (users' reports of both, 2024-2026), and as
+OpenRouter wraps them ("Provider returned error", the provider's body in error.metadata.raw)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -194,3 +196,64 @@ async def test_a_route_falls_back_without_cooling_the_deployment_down(tmp_path: 
     ]
     assert cooling == {}
     assert again.deployment.name == "a"
+
+
+# OpenRouter wraps the provider's answer: {"error": {"message": "Provider returned error", "code":
+# 429, "metadata": {"raw": "<the provider's body>", "provider_name": "Groq"}}}.
+OPENROUTER_KEY = "sk-or-v1-" + "r" * 64
+OPENROUTER_WRAPPED_413 = {
+    "error": {
+        "message": "Provider returned error",
+        "code": 429,
+        "metadata": {"raw": json.dumps(GROQ_413), "provider_name": "Groq"},
+    },
+    "user_id": "user_2abc",
+}
+
+
+@pytest.mark.parametrize("kind", ["http_429", "stream_event"])
+async def test_openrouter_wrapping_the_over_the_minute_text_maps_as_the_text_itself(
+    tmp_path: Path, kind: str
+) -> None:
+    upstream = FakeUpstream()
+    await upstream.start()
+    try:
+        if kind == "http_429":  # OpenRouter's HTTP 429, with the usual Retry-After
+            reply = Reply(status=429, json_body=OPENROUTER_WRAPPED_413, headers={"Retry-After": "1"})
+        else:  # the same object as the first event of a 200 stream
+            reply = Reply(sse=[OPENROUTER_WRAPPED_413])
+        upstream.script(*[reply] * 4)
+        settings = make_settings(
+            tmp_path,
+            openrouter_base_url=upstream.base_url,
+            openrouter_api_key=OPENROUTER_KEY,
+            allowed_endpoints=(upstream.base_url,),
+        )
+        async with running_gateway(settings) as gw:
+            req = chat_pb2.CreateRequest(
+                llm_config=chat_pb2.LLMConfig(
+                    model="meta-llama/llama-3.3-70b-instruct",
+                    model_endpoint_type="openai",
+                    provider_name="openrouter",
+                ),
+                messages=[chat_pb2.Message(role=chat_pb2.ROLE_USER, content="hi")],
+            )
+            if kind == "http_429":
+                error = await _fail(gw.chat.Create(req, timeout=10))
+            else:
+                stream_req = chat_pb2.StreamCreateRequest.FromString(req.SerializeToString())
+                error = await _fail(gw.chat.StreamCreate(stream_req, timeout=10))
+        sent = len(upstream.requests)
+    finally:
+        await upstream.stop()
+    d = expect(error, grpc.StatusCode.RESOURCE_EXHAUSTED, "RATE_LIMIT_EXCEEDED")
+    assert sent == 1  # not retried: the request is as much too large behind OpenRouter
+    assert d.retry_delay is None
+    assert (d.metadata["limit_tokens_per_minute"], d.metadata["requested_tokens"]) == ("6000", "12328")
+    assert d.metadata["upstream_provider"] == "Groq"
+    assert d.metadata["http_status"] == ("429" if kind == "http_429" else "200")
+    assert (
+        "openrouter answered HTTP" in d.message
+        and "Provider returned error (Groq: Request too large" in d.message
+    )
+    assert OPENROUTER_KEY not in d.text()

@@ -962,6 +962,21 @@ def test_an_error_code_of_unicode_digits_is_no_code(code: str) -> None:
     assert isinstance(generic, UpstreamBadResponse)
 
 
+def test_an_error_key_of_null_next_to_candidates_is_a_normal_chunk() -> None:
+    # Some proxies put `"error": null` in every event: the key's presence alone raised, so a
+    # good answer's first chunk came back as an error.
+    chunks = decode(
+        [
+            {**response([{"text": "Hel"}], finish_reason=None), "error": None},
+            {**response([{"text": "lo"}]), "error": None},
+        ]
+    )
+    assert "".join(d.get("content") or "" for d, _ in deltas(chunks)) == "Hello"
+    assert deltas(chunks)[-1][1] == "stop"
+    with pytest.raises(RateLimitExceeded):  # an error with a value next to candidates still is one
+        decode([{**response([{"text": "Hel"}], finish_reason=None), **error_body(429, "exhausted")}])
+
+
 def test_an_error_event_without_a_numeric_code_is_still_an_error() -> None:
     data = orjson.dumps({"error": {"code": "BUSY", "message": "later", "status": "UNAVAILABLE"}})
     with pytest.raises(UpstreamBadResponse):
@@ -973,8 +988,11 @@ THOUGHT_ONLY = [{"text": "Let me think about it.", "thought": True}]
 
 def test_only_thoughts_and_stop_is_no_answer_unary() -> None:
     # The agent would get empty content marked complete: as an empty candidate, an error.
-    with pytest.raises(UpstreamBadResponse, match="only thoughts"):
+    with pytest.raises(UpstreamBadResponse, match="only thoughts") as raised:
         gemini.parse_completion(response(THOUGHT_ONLY), model="m")
+    # The same cause as the OpenAI-compatible path's reasoning-only answer (server.core.reasoning_only).
+    assert raised.value.metadata["cause"] == "reasoning_only"
+    assert raised.value.metadata["reasoning_chars"] == str(len(THOUGHT_ONLY[0]["text"]))
     thought_then_text = gemini.parse_completion(response([*THOUGHT_ONLY, {"text": "Yes."}]), model="m")
     assert thought_then_text["choices"][0]["message"]["content"] == "Yes."
     length = gemini.parse_completion(response(THOUGHT_ONLY, finish_reason="MAX_TOKENS"), model="m")
@@ -984,8 +1002,10 @@ def test_only_thoughts_and_stop_is_no_answer_unary() -> None:
 def test_only_thoughts_and_stop_is_no_answer_stream() -> None:
     decoder = gemini.StreamDecoder()
     decoder.feed(None, orjson.dumps(response(THOUGHT_ONLY, finish_reason=None)))
-    with pytest.raises(UpstreamBadResponse, match="only thoughts"):
+    with pytest.raises(UpstreamBadResponse, match="only thoughts") as raised:
         decoder.feed(None, orjson.dumps(response([{"text": "", "thoughtSignature": SIG}])))
+    assert raised.value.metadata["cause"] == "reasoning_only"
+    assert raised.value.metadata["reasoning_chars"] == str(len(THOUGHT_ONLY[0]["text"]))
     ok = decode([response(THOUGHT_ONLY, finish_reason=None), response([{"text": "Yes."}])])
     assert "".join(d.get("content") or "" for d, _ in deltas(ok)) == "Yes."
     assert deltas(ok)[-1][1] == "stop"

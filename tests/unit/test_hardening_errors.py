@@ -1,12 +1,13 @@
-"""Issue 12 item 12: a 404 says whether the model or the path is unknown (error_for_status)."""
+"""Issue 12 item 12: a 404 says whether the model or the path is unknown (error_for_status);
+and which field of an error body is the provider's message (upstream_message)."""
 
 from __future__ import annotations
 
 import orjson
 import pytest
 
-from server.errors import ModelNotFound, NotFound
-from server.providers.errors import error_for_status
+from server.errors import ModelNotFound, NotFound, UpstreamRejected
+from server.providers.errors import error_for_status, upstream_message
 
 
 def _error(body: bytes, provider: str = "openai") -> object:
@@ -59,3 +60,29 @@ def test_a_404_that_says_something_else_stays_model_not_found(body: bytes) -> No
     assert isinstance(error, ModelNotFound)
     assert error.metadata["not_found"] == "model"
     assert "hint" not in error.metadata
+
+
+# upstream_message: which field of an error body is the provider's message.
+
+
+@pytest.mark.parametrize(
+    ("payload", "message"),
+    [
+        ({"error": None, "detail": "Model qwen is not served here"}, "Model qwen is not served here"),
+        ({"error": None, "message": "Model qwen is not served here"}, "Model qwen is not served here"),
+        (
+            {"error": None, "detail": None, "message": "Model qwen is not served here"},
+            "Model qwen is not served here",
+        ),
+        ({"error": {"message": "from error"}, "detail": "from detail"}, "from error"),
+        ({"detail": "from detail", "message": "from message"}, "from detail"),
+    ],
+)
+def test_upstream_message_reads_the_first_field_with_a_value(
+    payload: dict[str, object], message: str
+) -> None:
+    # `"error": null` ended the look-up: the message was the whole JSON body, nulls and all.
+    assert upstream_message(orjson.dumps(payload)) == message
+    error = error_for_status(400, orjson.dumps(payload), {}, provider="openai", scrub=lambda s: s)
+    assert isinstance(error, UpstreamRejected)
+    assert error.message == f"openai answered HTTP 400: {message}"

@@ -1,0 +1,74 @@
+"""An answer that is only reasoning, on the OpenAI-compatible and Anthropic paths.
+
+A choice that says it is complete (`finish_reason: "stop"`) but carries nothing besides
+reasoning (`reasoning_content`, DeepSeek-reasoner and Anthropic's thinking; `reasoning`, vLLM
+and OpenRouter): no content (or only blanks), no tool call, no legacy function_call, no refusal.
+An agent would take the empty content for a final answer, so it is UPSTREAM_BAD_RESPONSE with
+metadata `cause` = REASONING_ONLY and `reasoning_chars`, as Gemini's answer of only thoughts
+(`server.providers.gemini`) is. The reasoning stays in the trace (response_json is set before
+the check), and so do the upstream's token counts: they were spent.
+
+Not this error: an answer cut at the token limit (`finish_reason: "length"`, OK/LENGTH: the
+answer may be what was cut), and a required call answered without one (TOOL_CALL_MISSING,
+checked first by `server.core.tool_call_check.enforce`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from server.core.completion import text_of
+from server.core.tool_call_check import keep_usage
+from server.errors import UpstreamBadResponse
+from server.traces.base import TraceRecord
+
+REASONING_ONLY = "reasoning_only"  # the `cause` of the error (Gemini's thoughts-only answer too)
+_REASONING_KEYS = ("reasoning_content", "reasoning")
+
+
+def reasoning_only(choice: object) -> str | None:
+    """The reasoning of a completed choice that has nothing else; None for any other choice."""
+    if not isinstance(choice, dict) or choice.get("finish_reason") != "stop":
+        return None
+    message = choice.get("message")
+    if not isinstance(message, dict):
+        return None
+    reasoning = next(
+        (text for key in _REASONING_KEYS if isinstance(text := message.get(key), str) and text.strip()), None
+    )
+    if reasoning is None:
+        return None
+    if text_of(message.get("content")).strip() or message.get("tool_calls") or message.get("function_call"):
+        return None
+    refusal = message.get("refusal")
+    if isinstance(refusal, str) and refusal.strip():
+        return None
+    return reasoning
+
+
+def check(answer: dict[str, Any], *, provider: str) -> None:
+    """Raise UPSTREAM_BAD_RESPONSE when a choice of the OpenAI-shaped answer is only reasoning."""
+    choices = answer.get("choices")
+    for index, choice in enumerate(choices if isinstance(choices, list) else ()):
+        reasoning = reasoning_only(choice)
+        if reasoning is not None:
+            raise UpstreamBadResponse(
+                f"{provider} answered only reasoning ({len(reasoning)} characters) and no content, "
+                "tool call or refusal, with finish_reason stop",
+                metadata={
+                    "provider": provider,
+                    "cause": REASONING_ONLY,
+                    "reasoning_chars": len(reasoning),
+                    "finish_reason": "stop",
+                    "choice": index,
+                },
+            )
+
+
+def enforce(answer: dict[str, Any], record: TraceRecord, *, provider: str) -> None:
+    """`check`, keeping the upstream's token counts on the trace when it fails."""
+    try:
+        check(answer, provider=provider)
+    except UpstreamBadResponse:
+        keep_usage(record, answer.get("usage"))
+        raise
