@@ -1,6 +1,7 @@
 """An answer that is only reasoning, on the OpenAI-compatible and Anthropic paths.
 
-A choice that says it is complete (`finish_reason: "stop"`) but carries nothing besides
+A choice that says it is complete (`finish_reason: "stop"`, or "eos", "end_turn",
+"stop_sequence", which the caller also gets as FINISH_REASON_STOP) but carries nothing besides
 reasoning (`reasoning_content`, DeepSeek-reasoner and Anthropic's thinking; `reasoning`, vLLM
 and OpenRouter): no content (or only blanks), no tool call, no legacy function_call, no refusal.
 An agent would take the empty content for a final answer, so it is UPSTREAM_BAD_RESPONSE with
@@ -17,7 +18,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from server.core.completion import text_of
+from llmgateway.v1 import chat_pb2
+
+from server.core.completion import finish_reason, text_of
 from server.core.tool_call_check import keep_usage
 from server.errors import UpstreamBadResponse
 from server.traces.base import TraceRecord
@@ -28,7 +31,12 @@ _REASONING_KEYS = ("reasoning_content", "reasoning")
 
 def reasoning_only(choice: object) -> str | None:
     """The reasoning of a completed choice that has nothing else; None for any other choice."""
-    if not isinstance(choice, dict) or choice.get("finish_reason") != "stop":
+    # "stop" and the spellings the caller also gets as FINISH_REASON_STOP ("eos", "end_turn",
+    # "stop_sequence" of some OpenAI-compatible servers): complete, as far as the caller can tell.
+    if (
+        not isinstance(choice, dict)
+        or finish_reason(choice.get("finish_reason")) != chat_pb2.FINISH_REASON_STOP
+    ):
         return None
     message = choice.get("message")
     if not isinstance(message, dict):
@@ -52,14 +60,15 @@ def check(answer: dict[str, Any], *, provider: str) -> None:
     for index, choice in enumerate(choices if isinstance(choices, list) else ()):
         reasoning = reasoning_only(choice)
         if reasoning is not None:
+            finish = str(choice["finish_reason"])  # one of the few that mean stop: short
             raise UpstreamBadResponse(
                 f"{provider} answered only reasoning ({len(reasoning)} characters) and no content, "
-                "tool call or refusal, with finish_reason stop",
+                f"tool call or refusal, with finish_reason {finish}",
                 metadata={
                     "provider": provider,
                     "cause": REASONING_ONLY,
                     "reasoning_chars": len(reasoning),
-                    "finish_reason": "stop",
+                    "finish_reason": finish,
                     "choice": index,
                 },
             )

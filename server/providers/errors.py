@@ -60,9 +60,10 @@ def upstream_message(body: bytes, scrub: Callable[[str], str] = str) -> str:
     except orjson.JSONDecodeError:
         payload = None
     if isinstance(payload, dict):
-        # The first of these with a value: `"error": null` next to a "detail" or "message" is
-        # no error text (it used to stop the look-up, and the whole body became the message).
-        err = next((v for k in ("error", "detail", "message") if (v := payload.get(k)) is not None), None)
+        # The first of these that says something: `"error": null` (or a flag, `"error": true`,
+        # a number, "" or {}) next to a "detail" or "message" is no error text (it used to stop
+        # the look-up: the message became "True", "{}" or the whole body).
+        err = next((v for k in ("error", "detail", "message") if _says(v := payload.get(k))), None)
         if isinstance(err, dict):
             text = str(err.get("message") or err.get("msg") or err)
         elif err is not None:
@@ -76,6 +77,13 @@ def upstream_message(body: bytes, scrub: Callable[[str], str] = str) -> str:
         else:
             return scrubbed_prefix(body.strip(), scrub, MAX_MESSAGE_CHARS)
     return scrubbed_prefix(text, scrub, MAX_MESSAGE_CHARS)
+
+
+def _says(value: object) -> bool:
+    """Whether a field of an error body carries a message: text, or a non-empty object or list."""
+    if isinstance(value, str):
+        return bool(value.strip())
+    return isinstance(value, dict | list) and bool(value)
 
 
 def error_for_status(

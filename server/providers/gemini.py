@@ -878,7 +878,9 @@ class StreamDecoder:
             raise _bad("an SSE event that is not JSON") from None
         if not isinstance(payload, dict):
             raise _bad("an SSE event that is not a JSON object")
-        if payload.get("error") is not None:  # `"error": null` next to candidates is no error
+        # `"error": null` (or {}, "", 0, false) next to candidates is no error, as on the
+        # OpenAI-compatible stream (openai_compat reads `event.get("error")` the same way).
+        if payload.get("error"):
             raise stream_error(payload, self._scrub)
         self._id = str(payload.get("responseId") or self._id)
         self._model = str(payload.get("modelVersion") or self._model)

@@ -16,7 +16,9 @@ Per failure of an attempt:
 - fall back, cooling the key down: 429 (a deployment with several keys tries the next one);
 - fall back, no cooldown: the provider's context-length error (the next deployment may be
   bigger), a request alone over the deployment's tokens-per-minute limit (Groq's 413; the next
-  may allow more), and the reasons the route lists in `fallback_on`;
+  may allow more), and the reasons the route lists in `fallback_on` (UPSTREAM_BAD_RESPONSE there
+  also covers an answer over LLMGW_MAX_ANSWER_BYTES and one of only reasoning, which otherwise
+  end the call, as TOOL_CALL_MISSING does: the answer's fault, not the deployment's);
 - end the call: anything else (400, 401/403 on the caller's BYOK key, content filter, ...) and
   the caller's deadline passing.
 
@@ -45,6 +47,7 @@ from llmgateway.v1 import chat_pb2
 from server import metrics
 from server.auth.actor import Actor
 from server.config import Settings
+from server.core.reasoning_only import REASONING_ONLY
 from server.core.retry import Deadline, RetryableError
 from server.core.validation import LOCAL_TYPES
 from server.errors import (
@@ -608,10 +611,12 @@ class _Call:
             if d is not None:
                 health.cool(c.unit, max(_retry_after(error), d.cooldown))
             return
-        if isinstance(error, UpstreamBadResponse) and "limit_bytes" not in error.metadata:
+        if isinstance(error, UpstreamBadResponse) and not _the_answers_own(error):
             # The deployment answered something unreadable (not JSON, a broken SSE before the
             # first event, an HTML page): it is broken, another may answer. An answer over
-            # LLMGW_MAX_ANSWER_BYTES (`limit_bytes`) is the request's, not the deployment's.
+            # LLMGW_MAX_ANSWER_BYTES (`limit_bytes`) is the request's, not the deployment's, and
+            # an answer of only reasoning is the model's output (as TOOL_CALL_MISSING): neither
+            # cools down; they fall back only where the route lists UPSTREAM_BAD_RESPONSE.
             if d is not None:
                 health.cool(c.unit, d.cooldown)
             return
@@ -717,6 +722,11 @@ def _answer_room(deadline: Deadline) -> Deadline:
     if deadline.at is None or remaining is None:
         return deadline
     return Deadline(deadline.at - min(ANSWER_ROOM_SECONDS, max(0.0, remaining) / 10))
+
+
+def _the_answers_own(error: UpstreamBadResponse) -> bool:
+    """An UPSTREAM_BAD_RESPONSE about what this answer said, not about the deployment's health."""
+    return "limit_bytes" in error.metadata or error.metadata.get("cause") == REASONING_ONLY
 
 
 def _retry_after(error: GatewayError) -> float:

@@ -977,6 +977,19 @@ def test_an_error_key_of_null_next_to_candidates_is_a_normal_chunk() -> None:
         decode([{**response([{"text": "Hel"}], finish_reason=None), **error_body(429, "exhausted")}])
 
 
+@pytest.mark.parametrize("empty", [{}, "", 0, False, []])
+def test_an_empty_error_next_to_candidates_is_a_normal_chunk(empty: object) -> None:
+    # As null: no error said, as the OpenAI-compatible stream reads it (only a value is one).
+    chunks = decode(
+        [
+            {**response([{"text": "Hel"}], finish_reason=None), "error": empty},
+            {**response([{"text": "lo"}]), "error": empty},
+        ]
+    )
+    assert "".join(d.get("content") or "" for d, _ in deltas(chunks)) == "Hello"
+    assert deltas(chunks)[-1][1] == "stop"
+
+
 def test_an_error_event_without_a_numeric_code_is_still_an_error() -> None:
     data = orjson.dumps({"error": {"code": "BUSY", "message": "later", "status": "UNAVAILABLE"}})
     with pytest.raises(UpstreamBadResponse):

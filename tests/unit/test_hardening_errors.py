@@ -76,6 +76,14 @@ def test_a_404_that_says_something_else_stays_model_not_found(body: bytes) -> No
         ),
         ({"error": {"message": "from error"}, "detail": "from detail"}, "from error"),
         ({"detail": "from detail", "message": "from message"}, "from detail"),
+        # A flag, a number or an empty value says nothing either (`{"error": true, "message": ...}`
+        # is a common shape): the message was "True", "404", "{}" or the whole body.
+        ({"error": True, "message": "Invalid API key"}, "Invalid API key"),
+        ({"error": False, "detail": "Model qwen is not served here"}, "Model qwen is not served here"),
+        ({"error": 404, "message": "no such model"}, "no such model"),
+        ({"error": {}, "message": "from message"}, "from message"),
+        ({"error": "", "detail": "from detail"}, "from detail"),
+        ({"error": " ", "detail": [], "message": "from message"}, "from message"),
     ],
 )
 def test_upstream_message_reads_the_first_field_with_a_value(

@@ -35,6 +35,17 @@ def test_only_reasoning_with_stop_is_reasoning_only(message: dict[str, Any]) -> 
     assert reasoning_only.reasoning_only(choice(**message)) == THOUGHT
 
 
+@pytest.mark.parametrize("finish", ["eos", "end_turn", "stop_sequence"])
+def test_other_spellings_of_stop_are_reasoning_only_too(finish: str) -> None:
+    # Some OpenAI-compatible servers' words for a complete answer: the caller gets
+    # FINISH_REASON_STOP for them (server.core.completion), so empty content would say complete.
+    assert reasoning_only.reasoning_only(choice(finish, content=None, reasoning=THOUGHT)) == THOUGHT
+    with pytest.raises(UpstreamBadResponse) as raised:
+        reasoning_only.check(answer(choice(finish, content="", reasoning_content=THOUGHT)), provider="openai")
+    assert raised.value.metadata["finish_reason"] == finish
+    assert f"finish_reason {finish}" in raised.value.message
+
+
 CALL = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
 
 
