@@ -142,15 +142,18 @@ class InFlight:
         )
 
     def unary(
-        self, behaviour: Callable[[bytes, Context], Awaitable[R]]
+        self, behaviour: Callable[[bytes, Context], Awaitable[R]], refused: Callable[[], None] | None = None
     ) -> Callable[[bytes, Context], Awaitable[R]]:
-        """`behaviour`, tracked: cut by shutdown, it ends with UNAVAILABLE SHUTTING_DOWN."""
+        """`behaviour`, tracked: cut by shutdown, it ends with UNAVAILABLE SHUTTING_DOWN.
+        `refused` is called for a call refused while draining (it never reaches `behaviour`)."""
 
         async def tracked(data: bytes, context: Context) -> R:
             call = self._enter(context)
             try:
                 if self.closed:
                     call.running = False
+                    if refused is not None:
+                        refused()
                     await self._abort(context, self.shutdown_error(refused=True))
                 try:
                     return await behaviour(data, context)
@@ -167,15 +170,20 @@ class InFlight:
         return tracked
 
     def stream(
-        self, behaviour: Callable[[bytes, Context], AsyncIterator[R]]
+        self,
+        behaviour: Callable[[bytes, Context], AsyncIterator[R]],
+        refused: Callable[[], None] | None = None,
     ) -> Callable[[bytes, Context], AsyncIterator[R]]:
-        """`behaviour` (a server stream), tracked: cut, it ends with UNAVAILABLE SHUTTING_DOWN."""
+        """`behaviour` (a server stream), tracked: cut, it ends with UNAVAILABLE SHUTTING_DOWN.
+        `refused` as for `unary`."""
 
         async def tracked(data: bytes, context: Context) -> AsyncIterator[R]:
             call = self._enter(context)
             try:
                 if self.closed:
                     call.running = False
+                    if refused is not None:
+                        refused()
                     await self._abort(context, self.shutdown_error(refused=True))
                 messages = behaviour(data, context)
                 try:

@@ -25,8 +25,8 @@ from tests.integration.test_hardening_shutdown import error_reason, wait_until
 CODES = ("OK", "CANCELLED", "DEADLINE_EXCEEDED", "UNAVAILABLE", "UNKNOWN")
 
 
-def request_counts(rpc: str, model: str) -> dict[str, float]:
-    """llmgw_requests_total for (rpc, openai, model), by code, from this process's metrics."""
+def request_counts(rpc: str, model: str, provider: str = "openai") -> dict[str, float]:
+    """llmgw_requests_total for (rpc, provider, model), by code, from this process's metrics."""
     counts = dict.fromkeys(CODES, 0.0)
     for family in text_string_to_metric_families(metrics.render().decode()):
         for sample in family.samples:
@@ -34,7 +34,7 @@ def request_counts(rpc: str, model: str) -> dict[str, float]:
             if (
                 sample.name == "llmgw_requests_total"
                 and labels.get("rpc") == rpc
-                and labels.get("provider") == "openai"
+                and labels.get("provider") == provider
                 and labels.get("model") == model
             ):
                 counts[labels["code"]] = counts.get(labels["code"], 0.0) + sample.value
@@ -49,10 +49,12 @@ def grown(before: dict[str, float], after: dict[str, float]) -> dict[str, float]
     }
 
 
-async def counted(rpc: str, model: str, before: dict[str, float], total: int) -> dict[str, float]:
+async def counted(
+    rpc: str, model: str, before: dict[str, float], total: int, provider: str = "openai"
+) -> dict[str, float]:
     """The counts added since `before`, once `total` calls were counted (at most 10 s)."""
-    await wait_until(lambda: sum(grown(before, request_counts(rpc, model)).values()) >= total, 10)
-    return grown(before, request_counts(rpc, model))
+    await wait_until(lambda: sum(grown(before, request_counts(rpc, model, provider)).values()) >= total, 10)
+    return grown(before, request_counts(rpc, model, provider))
 
 
 async def test_calls_cut_by_shutdown_count_as_the_unavailable_their_callers_get(
@@ -151,3 +153,41 @@ async def test_a_call_its_caller_cancels_still_counts_cancelled(
         with contextlib.suppress(asyncio.CancelledError):
             await call
         assert await counted("Create", model, before, 1) == {"CANCELLED": 1}
+
+
+async def test_calls_refused_during_the_drain_count_unavailable(
+    tmp_path: Path, upstream: FakeUpstream
+) -> None:
+    # A call that reaches a handler once the drain refuses new ones is answered UNAVAILABLE
+    # SHUTTING_DOWN before the servicer parses it: it counts like any refused call (empty
+    # provider and model), not nowhere (the metric missed every refusal of a rollout).
+    upstream.default = Reply(json_body=completion())
+    settings = make_settings(tmp_path, allowed_endpoints=(upstream.base_url,))
+    async with running_gateway(settings) as gw:
+        before = {
+            rpc: request_counts(rpc, "", provider="") for rpc in ("Create", "StreamCreate", "CountTokens")
+        }
+        running = gw.server._running  # noqa: SLF001 - the drain's refusal, without a burst of calls
+        assert running is not None
+        running.calls.refuse_new()
+        request = chat_request(upstream.base_url, model="lifecycle-refused-model")
+        outcomes = await asyncio.gather(
+            gw.chat.Create(request, timeout=10),
+            gw.chat.CountTokens(request, timeout=10),
+            return_exceptions=True,
+        )
+        stream = gw.chat.StreamCreate(
+            chat_pb2.StreamCreateRequest.FromString(request.SerializeToString()), timeout=10
+        )
+        try:
+            await stream.read()
+        except grpc.aio.AioRpcError as exc:
+            outcomes.append(exc)
+        for outcome in outcomes:
+            assert isinstance(outcome, grpc.aio.AioRpcError), outcome
+            assert outcome.code() == grpc.StatusCode.UNAVAILABLE, (outcome.code(), outcome.details())
+            assert error_reason(outcome) == "SHUTTING_DOWN"
+        assert len(outcomes) == 3
+        assert not upstream.requests  # refused before any work
+        for rpc, counts in before.items():
+            assert await counted(rpc, "", counts, 1, provider="") == {"UNAVAILABLE": 1}, rpc
