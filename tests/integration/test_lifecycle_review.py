@@ -14,6 +14,7 @@ import contextlib
 from pathlib import Path
 
 import grpc
+import pytest
 from llmgateway.v1 import chat_pb2
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -191,3 +192,34 @@ async def test_calls_refused_during_the_drain_count_unavailable(
         assert not upstream.requests  # refused before any work
         for rpc, counts in before.items():
             assert await counted(rpc, "", counts, 1, provider="") == {"UNAVAILABLE": 1}, rpc
+
+
+async def test_a_stream_marked_cut_whose_deadline_ends_it_counts_deadline_exceeded(
+    tmp_path: Path, upstream: FakeUpstream
+) -> None:
+    # A slow-reading stream is in grpc's write when the grace period ends: the cut can only mark
+    # it (it would end before its next message), and the write never returns. Its deadline then
+    # passes before grpc's own stop cancels what is left (CUT_ALLOWANCE later): grpc ends it, the
+    # caller sees DEADLINE_EXCEEDED. Shutdown did not end it; the metric said UNAVAILABLE.
+    model = "lifecycle-marked-deadline-model"
+    upstream.script(Reply(sse=text_stream(["x" * 16384 for _ in range(400)])))  # 6.5 MB
+    settings = make_settings(tmp_path, allowed_endpoints=(upstream.base_url,))
+    async with running_gateway(settings) as gw:
+        before = request_counts("StreamCreate", model)
+        request = chat_pb2.StreamCreateRequest.FromString(
+            chat_request(upstream.base_url, model=model).SerializeToString()
+        )
+        # The cut comes about 1 s in (0.5 s, settling, the 0.5 s grace), grpc's own cancel about
+        # 3 s in (CUT_ALLOWANCE 2 s later): the 2 s deadline falls between them.
+        call = gw.chat.StreamCreate(request, timeout=2.0)
+        first = await call.read()
+        assert first.WhichOneof("event") == "delta"
+        await asyncio.sleep(0.5)  # grpc's window fills: the handler waits in its write
+        stopping = asyncio.ensure_future(gw.server.stop(grace=0.5))
+        await asyncio.sleep(2.5)  # reads nothing until its deadline is past
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            while (event := await call.read()) is not grpc.aio.EOF:
+                assert event.WhichOneof("event") == "delta"
+        assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, caught.value.details()
+        await stopping
+        assert await counted("StreamCreate", model, before, 1) == {"DEADLINE_EXCEEDED": 1}
