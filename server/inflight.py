@@ -44,12 +44,17 @@ DEADLINE_SLACK = 0.5
 class InFlightCall:
     """One call being handled: its task and context, and whether shutdown cut it."""
 
-    __slots__ = ("task", "context", "cut", "running")
+    __slots__ = ("task", "context", "cut", "ended_by_cut", "running")
 
     def __init__(self, task: asyncio.Task[Any] | None, context: Context) -> None:
         self.task = task
         self.context = context
-        self.cut = False  # shutdown ended it (set before its task is cancelled)
+        self.cut = False  # shutdown ended it, or marked it to end (set before its task is cancelled)
+        # Shutdown itself ends it: its task cancelled by the cut, or its stream stopped by
+        # `tracked` once the message grpc was writing went out. A stream only marked stays
+        # False while grpc's write does not return: grpc then ends it (its deadline, its caller,
+        # or grpc's own stop).
+        self.ended_by_cut = False
         self.running = True  # in the servicer's code (not in grpc's write of a stream message)
 
     def deadline_passed(self) -> bool:
@@ -70,10 +75,14 @@ def current_call() -> InFlightCall | None:
 
 def cancel_cause(call: InFlightCall | None) -> tuple[str, str]:
     """(error_type, error_message) for the trace of a call that was cancelled."""
-    if call is not None and call.cut:
+    if call is None:
+        return CANCELLED_BY_CALLER
+    if call.cut and call.ended_by_cut:
         return CANCELLED_BY_SHUTDOWN
-    if call is not None and call.deadline_passed():
-        return CANCELLED_BY_DEADLINE
+    if call.deadline_passed():
+        return CANCELLED_BY_DEADLINE  # also one the cut only marked, whose deadline grpc enforced
+    if call.cut:
+        return CANCELLED_BY_SHUTDOWN  # marked, then ended by grpc's own stop (UNAVAILABLE)
     return CANCELLED_BY_CALLER
 
 
@@ -142,15 +151,18 @@ class InFlight:
         )
 
     def unary(
-        self, behaviour: Callable[[bytes, Context], Awaitable[R]]
+        self, behaviour: Callable[[bytes, Context], Awaitable[R]], refused: Callable[[], None] | None = None
     ) -> Callable[[bytes, Context], Awaitable[R]]:
-        """`behaviour`, tracked: cut by shutdown, it ends with UNAVAILABLE SHUTTING_DOWN."""
+        """`behaviour`, tracked: cut by shutdown, it ends with UNAVAILABLE SHUTTING_DOWN.
+        `refused` is called for a call refused while draining (it never reaches `behaviour`)."""
 
         async def tracked(data: bytes, context: Context) -> R:
             call = self._enter(context)
             try:
                 if self.closed:
                     call.running = False
+                    if refused is not None:
+                        refused()
                     await self._abort(context, self.shutdown_error(refused=True))
                 try:
                     return await behaviour(data, context)
@@ -167,20 +179,26 @@ class InFlight:
         return tracked
 
     def stream(
-        self, behaviour: Callable[[bytes, Context], AsyncIterator[R]]
+        self,
+        behaviour: Callable[[bytes, Context], AsyncIterator[R]],
+        refused: Callable[[], None] | None = None,
     ) -> Callable[[bytes, Context], AsyncIterator[R]]:
-        """`behaviour` (a server stream), tracked: cut, it ends with UNAVAILABLE SHUTTING_DOWN."""
+        """`behaviour` (a server stream), tracked: cut, it ends with UNAVAILABLE SHUTTING_DOWN.
+        `refused` as for `unary`."""
 
         async def tracked(data: bytes, context: Context) -> AsyncIterator[R]:
             call = self._enter(context)
             try:
                 if self.closed:
                     call.running = False
+                    if refused is not None:
+                        refused()
                     await self._abort(context, self.shutdown_error(refused=True))
                 messages = behaviour(data, context)
                 try:
                     while True:
                         if call.cut:
+                            call.ended_by_cut = True
                             # Cut while grpc was writing our last message: if that was the last
                             # one (the stream ends without waiting for anything), it is complete
                             # and ends OK; else it is cut.
@@ -266,6 +284,7 @@ class InFlight:
         for call in calls:
             call.cut = True
             if call.running and call.task is not None:
+                call.ended_by_cut = True
                 call.task.cancel()
         return len(calls)
 

@@ -370,6 +370,13 @@ def record_request(rpc: str, endpoint_type: str, model: str, code: str, *, prove
     cell.pending += 1.0
 
 
+def record_refused(rpc: str) -> None:
+    """One ChatCompletionService call the draining server refused (UNAVAILABLE SHUTTING_DOWN)
+    before its servicer ran: counted as a call refused before its request was parsed is, with
+    empty provider and model (server.inflight refuses it, outside any RequestScope)."""
+    record_request(rpc, "", "", "UNAVAILABLE", proves=False)
+
+
 # Failures that are the caller's or the server's doing, not the upstream's (server.inflight).
 _NOT_UPSTREAM = frozenset({"CANCELLED", "DEADLINE_EXCEEDED", "SHUTTING_DOWN"})
 

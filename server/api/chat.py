@@ -76,4 +76,5 @@ class ChatCompletionServicer:
                 "CountTokens": unary(self.count_tokens),
                 "StreamCreate": server_stream(self.stream_create),
             },
+            refused=metrics.record_refused,  # the drain refuses a call before these methods run
         )

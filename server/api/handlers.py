@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 
 import grpc
@@ -28,10 +29,19 @@ def server_stream(behaviour: StreamBehaviour) -> grpc.RpcMethodHandler:
 
 
 class Service(grpc.GenericRpcHandler):  # type: ignore[misc]
-    """One service's method handlers, found by full method name; `track` puts them under shutdown."""
+    """One service's method handlers, found by full method name; `track` puts them under shutdown.
 
-    def __init__(self, name: str, methods: Mapping[str, grpc.RpcMethodHandler]) -> None:
+    `refused(method)` (the short name, e.g. "Create") is told of each call refused while the
+    server drains: such a call never reaches its handler."""
+
+    def __init__(
+        self,
+        name: str,
+        methods: Mapping[str, grpc.RpcMethodHandler],
+        refused: Callable[[str], None] | None = None,
+    ) -> None:
         self._handlers = {f"/{name}/{method}": handler for method, handler in methods.items()}
+        self._refused = refused
 
     def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
         return self._handlers.get(handler_call_details.method)
@@ -39,16 +49,22 @@ class Service(grpc.GenericRpcHandler):  # type: ignore[misc]
     def track(self, calls: InFlight) -> None:
         """Wrap every method once (not per call) so `calls` can drain and cut them."""
         for method, handler in self._handlers.items():
+            refused = None
+            if self._refused is not None:
+                refused = functools.partial(self._refused, method.rsplit("/", 1)[1])
             if handler.unary_unary is not None:
                 handler = grpc.unary_unary_rpc_method_handler(
-                    calls.unary(handler.unary_unary), response_serializer=handler.response_serializer
+                    calls.unary(handler.unary_unary, refused), response_serializer=handler.response_serializer
                 )
             elif handler.unary_stream is not None:
                 handler = grpc.unary_stream_rpc_method_handler(
-                    calls.stream(handler.unary_stream), response_serializer=handler.response_serializer
+                    calls.stream(handler.unary_stream, refused),
+                    response_serializer=handler.response_serializer,
                 )
             self._handlers[method] = handler
 
 
-def service(name: str, methods: Mapping[str, grpc.RpcMethodHandler]) -> Service:
-    return Service(name, methods)
+def service(
+    name: str, methods: Mapping[str, grpc.RpcMethodHandler], refused: Callable[[str], None] | None = None
+) -> Service:
+    return Service(name, methods, refused)

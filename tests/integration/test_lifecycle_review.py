@@ -14,6 +14,7 @@ import contextlib
 from pathlib import Path
 
 import grpc
+import pytest
 from llmgateway.v1 import chat_pb2
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -25,8 +26,8 @@ from tests.integration.test_hardening_shutdown import error_reason, wait_until
 CODES = ("OK", "CANCELLED", "DEADLINE_EXCEEDED", "UNAVAILABLE", "UNKNOWN")
 
 
-def request_counts(rpc: str, model: str) -> dict[str, float]:
-    """llmgw_requests_total for (rpc, openai, model), by code, from this process's metrics."""
+def request_counts(rpc: str, model: str, provider: str = "openai") -> dict[str, float]:
+    """llmgw_requests_total for (rpc, provider, model), by code, from this process's metrics."""
     counts = dict.fromkeys(CODES, 0.0)
     for family in text_string_to_metric_families(metrics.render().decode()):
         for sample in family.samples:
@@ -34,7 +35,7 @@ def request_counts(rpc: str, model: str) -> dict[str, float]:
             if (
                 sample.name == "llmgw_requests_total"
                 and labels.get("rpc") == rpc
-                and labels.get("provider") == "openai"
+                and labels.get("provider") == provider
                 and labels.get("model") == model
             ):
                 counts[labels["code"]] = counts.get(labels["code"], 0.0) + sample.value
@@ -49,10 +50,12 @@ def grown(before: dict[str, float], after: dict[str, float]) -> dict[str, float]
     }
 
 
-async def counted(rpc: str, model: str, before: dict[str, float], total: int) -> dict[str, float]:
+async def counted(
+    rpc: str, model: str, before: dict[str, float], total: int, provider: str = "openai"
+) -> dict[str, float]:
     """The counts added since `before`, once `total` calls were counted (at most 10 s)."""
-    await wait_until(lambda: sum(grown(before, request_counts(rpc, model)).values()) >= total, 10)
-    return grown(before, request_counts(rpc, model))
+    await wait_until(lambda: sum(grown(before, request_counts(rpc, model, provider)).values()) >= total, 10)
+    return grown(before, request_counts(rpc, model, provider))
 
 
 async def test_calls_cut_by_shutdown_count_as_the_unavailable_their_callers_get(
@@ -151,3 +154,72 @@ async def test_a_call_its_caller_cancels_still_counts_cancelled(
         with contextlib.suppress(asyncio.CancelledError):
             await call
         assert await counted("Create", model, before, 1) == {"CANCELLED": 1}
+
+
+async def test_calls_refused_during_the_drain_count_unavailable(
+    tmp_path: Path, upstream: FakeUpstream
+) -> None:
+    # A call that reaches a handler once the drain refuses new ones is answered UNAVAILABLE
+    # SHUTTING_DOWN before the servicer parses it: it counts like any refused call (empty
+    # provider and model), not nowhere (the metric missed every refusal of a rollout).
+    upstream.default = Reply(json_body=completion())
+    settings = make_settings(tmp_path, allowed_endpoints=(upstream.base_url,))
+    async with running_gateway(settings) as gw:
+        before = {
+            rpc: request_counts(rpc, "", provider="") for rpc in ("Create", "StreamCreate", "CountTokens")
+        }
+        running = gw.server._running  # noqa: SLF001 - the drain's refusal, without a burst of calls
+        assert running is not None
+        running.calls.refuse_new()
+        request = chat_request(upstream.base_url, model="lifecycle-refused-model")
+        outcomes = await asyncio.gather(
+            gw.chat.Create(request, timeout=10),
+            gw.chat.CountTokens(request, timeout=10),
+            return_exceptions=True,
+        )
+        stream = gw.chat.StreamCreate(
+            chat_pb2.StreamCreateRequest.FromString(request.SerializeToString()), timeout=10
+        )
+        try:
+            await stream.read()
+        except grpc.aio.AioRpcError as exc:
+            outcomes.append(exc)
+        for outcome in outcomes:
+            assert isinstance(outcome, grpc.aio.AioRpcError), outcome
+            assert outcome.code() == grpc.StatusCode.UNAVAILABLE, (outcome.code(), outcome.details())
+            assert error_reason(outcome) == "SHUTTING_DOWN"
+        assert len(outcomes) == 3
+        assert not upstream.requests  # refused before any work
+        for rpc, counts in before.items():
+            assert await counted(rpc, "", counts, 1, provider="") == {"UNAVAILABLE": 1}, rpc
+
+
+async def test_a_stream_marked_cut_whose_deadline_ends_it_counts_deadline_exceeded(
+    tmp_path: Path, upstream: FakeUpstream
+) -> None:
+    # A slow-reading stream is in grpc's write when the grace period ends: the cut can only mark
+    # it (it would end before its next message), and the write never returns. Its deadline then
+    # passes before grpc's own stop cancels what is left (CUT_ALLOWANCE later): grpc ends it, the
+    # caller sees DEADLINE_EXCEEDED. Shutdown did not end it; the metric said UNAVAILABLE.
+    model = "lifecycle-marked-deadline-model"
+    upstream.script(Reply(sse=text_stream(["x" * 16384 for _ in range(400)])))  # 6.5 MB
+    settings = make_settings(tmp_path, allowed_endpoints=(upstream.base_url,))
+    async with running_gateway(settings) as gw:
+        before = request_counts("StreamCreate", model)
+        request = chat_pb2.StreamCreateRequest.FromString(
+            chat_request(upstream.base_url, model=model).SerializeToString()
+        )
+        # The cut comes about 1 s in (0.5 s, settling, the 0.5 s grace), grpc's own cancel about
+        # 3 s in (CUT_ALLOWANCE 2 s later): the 2 s deadline falls between them.
+        call = gw.chat.StreamCreate(request, timeout=2.0)
+        first = await call.read()
+        assert first.WhichOneof("event") == "delta"
+        await asyncio.sleep(0.5)  # grpc's window fills: the handler waits in its write
+        stopping = asyncio.ensure_future(gw.server.stop(grace=0.5))
+        await asyncio.sleep(2.5)  # reads nothing until its deadline is past
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            while (event := await call.read()) is not grpc.aio.EOF:
+                assert event.WhichOneof("event") == "delta"
+        assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, caught.value.details()
+        await stopping
+        assert await counted("StreamCreate", model, before, 1) == {"DEADLINE_EXCEEDED": 1}
