@@ -412,6 +412,9 @@ class EndpointPolicy:
         # url -> canonical URL, for URLs allowed by the fixed lists alone (the common case: every
         # request of an agent names the same endpoint). Refusals are not cached.
         self._allowed: dict[str, str] = {}
+        # url -> operator_listed(url): the lists are fixed, and every call asks it of its URL
+        # (walking every base, a dozen with the default provider URLs).
+        self._listed: dict[str, bool] = {}
 
     @classmethod
     def from_settings(cls, settings: Settings, *, allow_private_byok: bool = False) -> EndpointPolicy:
@@ -470,11 +473,17 @@ class EndpointPolicy:
         """
         if self.allow_private_byok:
             return True
-        try:
-            target = normalize_url(url)
-        except InvalidEndpoint:
-            return False
-        return any(target.is_under(base) for base in self.bases)
+        listed = self._listed.get(url)
+        if listed is None:
+            try:
+                target = normalize_url(url)
+            except InvalidEndpoint:
+                return False
+            listed = any(target.is_under(base) for base in self.bases)
+            if len(self._listed) >= 4096:
+                self._listed.clear()
+            self._listed[url] = listed
+        return listed
 
     def validate_byok_base_url(self, url: str) -> str:
         """Canonical form of a BYOK base URL being registered; raises `EndpointNotAllowed` if unusable."""
