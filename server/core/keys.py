@@ -279,12 +279,14 @@ class TargetCache:
     allowlists. An agent names the same endpoint every step, and resolving it (URL checks
     against every base, the OpenRouter rules, the auth headers) cost ~5 us a call. A target is
     shared read-only (frozen; its headers are only ever copied). Bounded: at most 1,024
-    entries, endpoints of at most 2,048 characters.
+    entries, endpoints of at most 2,048 characters and provider names of at most 256 (neither is
+    bounded by validation: a caller's 60 MB provider_name would otherwise be kept, 1,024 times).
     """
 
     __slots__ = ("_targets",)
     MAX_ENTRIES = 1024
     MAX_ENDPOINT_CHARS = 2048
+    MAX_PROVIDER_NAME_CHARS = 256
 
     def __init__(self) -> None:
         self._targets: dict[tuple[str, str, str], tuple[Provider, UpstreamTarget]] = {}
@@ -296,7 +298,10 @@ class TargetCache:
         return found[1]
 
     def put(self, config: chat_pb2.LLMConfig, dialect: Provider, target: UpstreamTarget) -> None:
-        if len(config.model_endpoint) > self.MAX_ENDPOINT_CHARS:
+        if (
+            len(config.model_endpoint) > self.MAX_ENDPOINT_CHARS
+            or len(config.provider_name) > self.MAX_PROVIDER_NAME_CHARS
+        ):
             return
         if len(self._targets) >= self.MAX_ENTRIES:
             self._targets.clear()
@@ -304,6 +309,9 @@ class TargetCache:
             dialect,
             target,
         )
+
+    def __len__(self) -> int:
+        return len(self._targets)
 
 
 def _missing_base_url(key: ServerKey, settings: Settings) -> MissingApiKey:

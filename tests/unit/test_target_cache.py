@@ -88,3 +88,23 @@ async def test_the_key_is_the_endpoint_type_and_provider_name_too() -> None:
     assert named.provider == "mine" and named.secrets == ()  # never the server's key off its base URL
     official = await _resolve(configs[2], "org-a", cache)
     assert official.secrets == ("sk-test-0123456789",)
+
+
+async def test_a_long_endpoint_or_provider_name_is_resolved_but_not_kept() -> None:
+    """Validation bounds neither field (the gRPC limit is 64 MiB): the cache must not keep them."""
+    cache = TargetCache()
+    long_name = chat_pb2.LLMConfig(
+        model="m",
+        model_endpoint_type="openai",
+        provider_name="p" * 100_000,
+        model_endpoint="http://vllm.internal:8000/v1",
+    )
+    long_url = chat_pb2.LLMConfig(
+        model="m", model_endpoint_type="openai", model_endpoint="http://vllm.internal:8000/v1/" + "a" * 5_000
+    )
+    for config in (long_name, long_url):
+        assert await _resolve(config, "org-a", cache) == await _resolve(config, "org-a", TargetCache())
+    assert len(cache) == 0
+    short = chat_pb2.LLMConfig(model="m", model_endpoint_type="openai", provider_name="p" * 256)
+    await _resolve(short, "org-a", cache)
+    assert len(cache) == 1
