@@ -34,7 +34,14 @@ from server.core.completion import (
     leave_out_streamed,
     streamed_texts,
 )
-from server.core.keys import ByokLookup, ByokUrls, EndpointChecker, counting_endpoint, resolve_target
+from server.core.keys import (
+    ByokLookup,
+    ByokUrls,
+    EndpointChecker,
+    TargetCache,
+    counting_endpoint,
+    resolve_target,
+)
 from server.core.openai_request import build_chat_body, prompt_functions, unpack_completion
 from server.core.relay import relayed
 from server.core.retry import Deadline
@@ -147,6 +154,7 @@ class Gateway:
         self.deps = deps
         self._settings = deps.settings
         self._config_json_cache: dict[bytes, str] = {}
+        self._targets = TargetCache()  # server-key targets (this gateway's settings and policy)
         self.router = deps.router or Router(deps.settings)
 
     # -- CountTokens -------------------------------------------------------------------------
@@ -243,6 +251,7 @@ class Gateway:
                 byok_provider=self.deps.byok_provider,
                 byok_urls=self.deps.byok_urls,
                 dialect=provider,
+                cache=self._targets,
             )
         )
         # Count the functions as sent to this endpoint (the inner-thoughts text depends on it).

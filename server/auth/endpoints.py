@@ -378,6 +378,9 @@ def key_allowed_for(url: str, key_base_url: str) -> bool:
     return not target.forbidden and target.is_under(base)
 
 
+MAX_CACHED_URL_CHARS = 2048  # EndpointPolicy keeps its answers for URLs up to this long
+
+
 class EndpointPolicy:
     """The allowlist of upstream base URLs; `check` raises `EndpointNotAllowed` for anything else."""
 
@@ -412,6 +415,12 @@ class EndpointPolicy:
         # url -> canonical URL, for URLs allowed by the fixed lists alone (the common case: every
         # request of an agent names the same endpoint). Refusals are not cached.
         self._allowed: dict[str, str] = {}
+        # url -> operator_listed(url): the lists are fixed, and every call asks it of its URL
+        # (walking every base, a dozen with the default provider URLs).
+        self._listed: dict[str, bool] = {}
+        # Both hold at most 4,096 URLs of at most MAX_CACHED_URL_CHARS each: nothing bounds a
+        # request's model_endpoint below the 64 MiB gRPC limit, and a URL under a listed base
+        # may have any path, so a longer one is judged every time instead of being kept.
 
     @classmethod
     def from_settings(cls, settings: Settings, *, allow_private_byok: bool = False) -> EndpointPolicy:
@@ -448,9 +457,10 @@ class EndpointPolicy:
                 metadata={"endpoint": target.display},
             )
         if any(target.is_under(base) for base in self.bases):
-            if len(self._allowed) >= 4096:
-                self._allowed.clear()
-            self._allowed[url] = target.canonical
+            if len(url) <= MAX_CACHED_URL_CHARS:
+                if len(self._allowed) >= 4096:
+                    self._allowed.clear()
+                self._allowed[url] = target.canonical
             return target.canonical
         if any(target.is_under(base) for base in self._byok_bases(byok_base_urls)):
             return target.canonical
@@ -470,11 +480,18 @@ class EndpointPolicy:
         """
         if self.allow_private_byok:
             return True
-        try:
-            target = normalize_url(url)
-        except InvalidEndpoint:
-            return False
-        return any(target.is_under(base) for base in self.bases)
+        listed = self._listed.get(url)
+        if listed is None:
+            try:
+                target = normalize_url(url)
+            except InvalidEndpoint:
+                return False
+            listed = any(target.is_under(base) for base in self.bases)
+            if len(url) <= MAX_CACHED_URL_CHARS:
+                if len(self._listed) >= 4096:
+                    self._listed.clear()
+                self._listed[url] = listed
+        return listed
 
     def validate_byok_base_url(self, url: str) -> str:
         """Canonical form of a BYOK base URL being registered; raises `EndpointNotAllowed` if unusable."""

@@ -175,10 +175,17 @@ async def resolve_target(
     byok_provider: ByokLookup,
     byok_urls: ByokUrls,
     dialect: Provider = OPENAI,
+    cache: TargetCache | None = None,
 ) -> UpstreamTarget:
     """The upstream for a request in `dialect`, or the error that stops it.
 
-    The key goes in `dialect`'s auth headers."""
+    The key goes in `dialect`'s auth headers. `cache` (one per gateway: its settings and policy
+    are fixed) remembers server-key targets allowed by the operator's lists alone; see
+    `TargetCache`."""
+    if cache is not None and config.provider_category != chat_pb2.PROVIDER_CATEGORY_BYOK:
+        cached = cache.get(config, dialect)
+        if cached is not None:
+            return cached
     endpoint = config.model_endpoint.rstrip("/") or default_endpoint(config, settings)
 
     if config.provider_category == chat_pb2.PROVIDER_CATEGORY_BYOK:
@@ -210,7 +217,30 @@ async def resolve_target(
     key = server_key(config.model_endpoint_type)
     if not endpoint:  # a provider without a default base URL (Azure) and none configured
         raise _missing_base_url(key, settings)
-    canonical = (await check_endpoint(endpoint, actor=actor, policy=policy, byok_urls=byok_urls)).rstrip("/")
+    try:
+        canonical = policy.check(endpoint).rstrip("/")
+    except EndpointNotAllowed:
+        # The organization's BYOK base URLs are allowed too (as check_endpoint): the caller's
+        # own, so such a target is never cached.
+        cache = None
+        byok_bases = await byok_urls(actor.organization_id)
+        canonical = policy.check(endpoint, byok_base_urls=byok_bases).rstrip("/")
+    target = _server_target(config, settings, policy, dialect, key, endpoint, canonical)
+    if cache is not None:
+        cache.put(config, dialect, target)
+    return target
+
+
+def _server_target(
+    config: chat_pb2.LLMConfig,
+    settings: Settings,
+    policy: EndpointChecker,
+    dialect: Provider,
+    key: ServerKey,
+    endpoint: str,
+    canonical: str,
+) -> UpstreamTarget:
+    """The target of a server-key call to `endpoint` (allowed, as `canonical`)."""
     listed = private_ok(canonical, policy=policy, settings=settings)
 
     if key is not _OPENAI_KEY:
@@ -237,6 +267,51 @@ async def resolve_target(
 
     name = "openrouter" if is_openrouter else (config.provider_name or "openai")
     return _server_key_target(endpoint, canonical, name, key, dialect, settings, policy, listed)
+
+
+class TargetCache:
+    """Server-key targets by (model_endpoint, model_endpoint_type, provider_name, dialect).
+
+    Only for one gateway's fixed settings and policy, and only targets whose URL the operator's
+    lists allow (a URL allowed as some organization's BYOK base URL depends on the caller and
+    is resolved every time); errors are never cached. Everything else `resolve_target` reads
+    for such a target is fixed for the process: settings, provider base URLs and keys, the
+    allowlists. An agent names the same endpoint every step, and resolving it (URL checks
+    against every base, the OpenRouter rules, the auth headers) cost ~5 us a call. A target is
+    shared read-only (frozen; its headers are only ever copied). Bounded: at most 1,024
+    entries, endpoints of at most 2,048 characters and provider names of at most 256 (neither is
+    bounded by validation: a caller's 60 MB provider_name would otherwise be kept, 1,024 times).
+    """
+
+    __slots__ = ("_targets",)
+    MAX_ENTRIES = 1024
+    MAX_ENDPOINT_CHARS = 2048
+    MAX_PROVIDER_NAME_CHARS = 256
+
+    def __init__(self) -> None:
+        self._targets: dict[tuple[str, str, str], tuple[Provider, UpstreamTarget]] = {}
+
+    def get(self, config: chat_pb2.LLMConfig, dialect: Provider) -> UpstreamTarget | None:
+        found = self._targets.get((config.model_endpoint, config.model_endpoint_type, config.provider_name))
+        if found is None or found[0] is not dialect:
+            return None
+        return found[1]
+
+    def put(self, config: chat_pb2.LLMConfig, dialect: Provider, target: UpstreamTarget) -> None:
+        if (
+            len(config.model_endpoint) > self.MAX_ENDPOINT_CHARS
+            or len(config.provider_name) > self.MAX_PROVIDER_NAME_CHARS
+        ):
+            return
+        if len(self._targets) >= self.MAX_ENTRIES:
+            self._targets.clear()
+        self._targets[(config.model_endpoint, config.model_endpoint_type, config.provider_name)] = (
+            dialect,
+            target,
+        )
+
+    def __len__(self) -> int:
+        return len(self._targets)
 
 
 def _missing_base_url(key: ServerKey, settings: Settings) -> MissingApiKey:

@@ -355,3 +355,18 @@ def test_numeric_host_forms() -> None:
     for bad in ("http://256.1.1.1/", "http://1.2.3.4.5/", "http://08.1.1.1/", "http://4294967296/"):
         with pytest.raises(InvalidEndpoint):
             normalize_url(bad)
+
+
+def test_the_policy_keeps_no_long_url() -> None:
+    """A request's model_endpoint is bounded only by the 64 MiB gRPC limit and any path under a
+    listed base is allowed: check and operator_listed answer it, but must not keep it (4,096 of
+    them would be gigabytes)."""
+    policy = EndpointPolicy(allowed_endpoints=("http://vllm.internal:8000/v1",))
+    long_url = "http://vllm.internal:8000/v1/" + "a" * 100_000
+    assert policy.check(long_url) == long_url
+    assert policy.operator_listed(long_url)
+    assert not policy.operator_listed("https://elsewhere.example/" + "b" * 100_000)
+    assert policy._allowed == {} and policy._listed == {}
+    short = "http://vllm.internal:8000/v1/chat"
+    assert policy.check(short) == short and policy.operator_listed(short)
+    assert policy._allowed == {short: short} and policy._listed == {short: True}
