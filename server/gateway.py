@@ -106,6 +106,9 @@ class Dependencies:
     limiter: Limiter | None = None  # limits per key and organization (server.limits)
 
 
+MAX_CACHED_CONFIG_BYTES = 4096  # of a serialized LLMConfig whose trace JSON is cached
+
+
 @dataclass(slots=True)
 class Plan:
     """Where a call goes and what it sends: the internal (OpenAI-shaped) body the answer is
@@ -315,9 +318,12 @@ class Gateway:
         cached = self._config_json_cache.get(key)
         if cached is None:
             cached = self.deps.scrub(json_format.MessageToJson(config, indent=None))
-            if len(self._config_json_cache) >= 1024:
-                self._config_json_cache.clear()
-            self._config_json_cache[key] = cached
+            # A config is ~100-300 bytes; a caller's huge one (a long provider_name, say) is not
+            # kept, or 1,024 of them would hold gigabytes until the process ends.
+            if len(key) <= MAX_CACHED_CONFIG_BYTES:
+                if len(self._config_json_cache) >= 1024:
+                    self._config_json_cache.clear()
+                self._config_json_cache[key] = cached
         return cached
 
     def span(
