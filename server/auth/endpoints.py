@@ -282,7 +282,6 @@ def _check_path(path: str) -> str:
     return path.rstrip("/")
 
 
-@lru_cache(maxsize=4096)
 def _parse(url: str) -> NormalizedURL:
     if _BAD_CHARS.search(url):
         raise InvalidEndpoint("whitespace, control characters or backslashes in the URL")
@@ -331,9 +330,16 @@ def _parse(url: str) -> NormalizedURL:
     )
 
 
+# Parsed URLs are kept for the URLs a gateway sees every call, never for a huge one: 4,096 of
+# them, tens of megabytes each (a caller's model_endpoint), would stay until evicted.
+_parse_cached = lru_cache(maxsize=4096)(_parse)
+MAX_CACHED_URL_CHARS = 2048  # parsed URLs and EndpointPolicy's answers are kept up to this long
+
+
 def normalize_url(url: str) -> NormalizedURL:
     """Parse and normalize an http(s) URL; raises `InvalidEndpoint`."""
-    return _parse(url.strip())
+    url = url.strip()
+    return _parse_cached(url) if len(url) <= MAX_CACHED_URL_CHARS else _parse(url)
 
 
 def url_host_port(url: str) -> tuple[str, int] | None:
@@ -376,9 +382,6 @@ def key_allowed_for(url: str, key_base_url: str) -> bool:
     except InvalidEndpoint:
         return False
     return not target.forbidden and target.is_under(base)
-
-
-MAX_CACHED_URL_CHARS = 2048  # EndpointPolicy keeps its answers for URLs up to this long
 
 
 class EndpointPolicy:

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from functools import lru_cache, partial
 from urllib.parse import quote, urlsplit
 
-from server.auth.endpoints import is_public_address
+from server.auth.endpoints import MAX_CACHED_URL_CHARS, is_public_address
 from server.auth.resolver import ForbiddenAddressError, SafeResolver
 from server.providers.http_connection import (
     BodyTooLargeError,
@@ -105,7 +105,6 @@ class _Target:
     request_line: bytes  # "POST /path HTTP/1.1\r\nHost: ...\r\n"
 
 
-@lru_cache(maxsize=1024)
 def _parse_target(url: str) -> _Target:
     try:
         parts = urlsplit(url)
@@ -129,6 +128,15 @@ def _parse_target(url: str) -> _Target:
         host_header = f"{host_header}:{port}"
     line = f"POST {path} HTTP/1.1\r\nHost: {host_header}\r\n".encode("ascii")
     return _Target((scheme, host, port), host, line)
+
+
+_parse_target_cached = lru_cache(maxsize=1024)(_parse_target)
+
+
+def parse_target(url: str) -> _Target:
+    """Where `url` connects to; cached for the URLs sent every call, and a huge one (a caller's
+    endpoint can be megabytes) parsed anew, never kept."""
+    return _parse_target_cached(url) if len(url) <= MAX_CACHED_URL_CHARS else _parse_target(url)
 
 
 # RFC 9110 token characters: what a header name may be made of.
@@ -231,7 +239,7 @@ class HttpClient:
         """
         if self._closed:
             raise HttpClientError("the HTTP client is closed")
-        target = _parse_target(url)
+        target = parse_target(url)
         payload = b"".join(
             (target.request_line, _header_block(self._default_headers, headers, len(body)), body)
         )
