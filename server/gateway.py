@@ -32,6 +32,8 @@ from server.core.completion import (
     check_answer_size,
     completion_from_json,
     leave_out_streamed,
+    plain_choice,
+    plain_event,
     streamed_texts,
 )
 from server.core.keys import (
@@ -529,99 +531,129 @@ class Gateway:
         plan = await self._plan(request, actor, stream=True, keys=keys, via=via)
         if admission is not None:
             await admission.admit(plan.count)  # the guard's count; QUOTA_EXCEEDED: nothing sent
-        relayed = False
-        try:
-            async for event in self._stream_once(request, actor, deadline, plan, keys, via):
-                relayed = relayed or tool_call_check.carries_text(event)
-                yield event
-            return
-        except ToolCallMissing:
-            # Asked again only while no text was relayed: the caller cannot take deltas back.
-            settings = self._settings
-            if relayed or not tool_call_check.ask_again(plan.body, plan.target.base_url, settings=settings):
-                raise
-        plan = await self._plan(request, actor, stream=True, keys=keys, via=via)
-        async for event in self._stream_once(request, actor, deadline, plan, keys, via):
-            yield event
+        # One upstream call per pass; a second pass only for a missing tool call. The call is
+        # written out here rather than in a generator of its own: every chunk of every stream
+        # went through one more generator layer (two frame resumptions per chunk).
+        again = False
+        while True:
+            target, model = plan.target, request.llm_config.model
+            relayed_text = False  # a delta the caller cannot take back went out (carries_text)
+            try:
+                # Over LLMGW_MAX_ANSWER_BYTES the accumulator raises before the piece is kept or relayed.
+                accumulator = StreamAccumulator(
+                    provider=target.provider, max_answer_bytes=self._settings.max_answer_bytes
+                )
+                scrubber = self.answer_scrubber(target)  # an upstream may echo a key, even split over chunks
+                want = tool_call_check.expected(request, plan.body, endpoint=target.base_url)
+                with self.traced_call(request, actor, target, plan.payload, "stream", via) as call:
+                    call.record.notes = plan.notes
+                    call.partial = _partial_answer(accumulator)
+                    response = await open_stream(
+                        self.deps.http,
+                        target,
+                        plan.provider.endpoint_url(target.base_url, model, stream=True),
+                        plan.payload,
+                        self.call_options(deadline, call.span, via),
+                        dialect=plan.provider,
+                        model=model,
+                    )
+                    with released_when_done(response):
+                        done = False
+                        first = True
+                        add = accumulator.add
+                        # What one network read brought is relayed together: consecutive pieces
+                        # of the same kind are merged into one delta event (deltas_from_chunks
+                        # says which).
+                        async for batch in sse_batches(
+                            response, provider=target.provider, scrub=self.deps.scrub
+                        ):
+                            if len(batch) == 1 and (chunk := batch[0]) is not None:
+                                # The usual read: one chunk. Text content alone with nothing to
+                                # scrub is one event, as `relayed` makes it (inlined: every chunk).
+                                add(chunk)
+                                plain = plain_choice(chunk)
+                                if plain is not None and scrubber.lets_out(plain[1]):
+                                    if first:
+                                        first = False
+                                        call.first_token()
+                                    relayed_text = True  # (text content)
+                                    yield plain_event(*plain)
+                                    continue
+                            else:
+                                for chunk in batch:
+                                    if chunk is None:
+                                        done = True
+                                        break
+                                    add(chunk)
+                            for event in relayed(batch, want, scrubber):
+                                if first:
+                                    first = False
+                                    call.first_token()
+                                relayed_text = relayed_text or tool_call_check.carries_text(event)
+                                yield event
+                            if done:
+                                break
+                        if not done and not accumulator.finished:
+                            raise UpstreamBadResponse(
+                                f"{target.provider} ended the stream before it was complete",
+                                metadata={"provider": target.provider, "chunks": accumulator.chunks},
+                            )
+                    for event in scrubber.flush():
+                        relayed_text = relayed_text or tool_call_check.carries_text(event)
+                        yield event
+                    last = await self._final_event(request, plan, keys, accumulator, scrubber, want, call)
+                    # Inside the scope: the trace is finished once grpc asks for the next message,
+                    # i.e. after this one was written; a send that fails (a client's receive limit)
+                    # closes this generator here, and the trace says so instead of success.
+                    yield last
+                return
+            except ToolCallMissing:
+                # Asked again once, only while no text was relayed: the caller cannot take deltas back.
+                if (
+                    again
+                    or relayed_text
+                    or not tool_call_check.ask_again(plan.body, plan.target.base_url, settings=self._settings)
+                ):
+                    raise
+            again = True
+            plan = await self._plan(request, actor, stream=True, keys=keys, via=via)
 
-    async def _stream_once(
+    async def _final_event(
         self,
         request: ChatRequest,
-        actor: Actor,
-        deadline: Deadline,
         plan: Plan,
         keys: FunctionKeys,
-        via: Attempt | None,
-    ) -> AsyncIterator[chat_pb2.StreamCreateResponse]:
-        target, body, count, model = plan.target, plan.body, plan.count, request.llm_config.model
-        # Over LLMGW_MAX_ANSWER_BYTES the accumulator raises before the piece is kept or relayed.
-        accumulator = StreamAccumulator(
-            provider=target.provider, max_answer_bytes=self._settings.max_answer_bytes
-        )
-        scrubber = self.answer_scrubber(target)  # an upstream may echo a key, even split over chunks
-        want = tool_call_check.expected(request, body, endpoint=target.base_url)
-        with self.traced_call(request, actor, target, plan.payload, "stream", via) as call:
-            call.record.notes = plan.notes
-            call.partial = lambda: (
-                orjson.dumps(accumulator.completion()).decode() if accumulator.chunks else ""
-            )
-            response = await open_stream(
-                self.deps.http,
-                target,
-                plan.provider.endpoint_url(target.base_url, model, stream=True),
-                plan.payload,
-                self.call_options(deadline, call.span, via),
-                dialect=plan.provider,
-                model=model,
-            )
-            with released_when_done(response):
-                done = False
-                # What one network read brought is relayed together: consecutive pieces of the
-                # same kind are merged into one delta event (deltas_from_chunks says which).
-                async for batch in sse_batches(response, provider=target.provider, scrub=self.deps.scrub):
-                    for chunk in batch:
-                        if chunk is None:
-                            done = True
-                            break
-                        accumulator.add(chunk)
-                    for event in relayed(batch, want, scrubber):
-                        call.first_token()
-                        yield event
-                    if done:
-                        break
-                if not done and not accumulator.finished:
-                    raise UpstreamBadResponse(
-                        f"{target.provider} ended the stream before it was complete",
-                        metadata={"provider": target.provider, "chunks": accumulator.chunks},
-                    )
-            for event in scrubber.flush():
-                yield event
-            answer = accumulator.completion()
-            if accumulator.usage is None:
-                if count is None:  # no window, so the guard counted nothing: count for usage
-                    off = off_loop(keys)  # a huge function set: prepared in the pool, as in _plan
-                    functions = await offload.run_if(
-                        off, lambda: prompt_functions(request, endpoint=target.base_url, keys=keys)
-                    )
-                    count = await tokens.count_request_tokens_async(
-                        body["messages"], functions, request.llm_config.model, off=off
-                    )
-                answer["usage"] = await _local_usage(answer, count, request)
-            call.record.response_json = orjson.dumps(answer).decode()
-            tool_call_check.enforce(answer, want, call.record, provider=target.provider)
-            # In place of the final completion, as TOOL_CALL_MISSING: the reasoning was relayed.
-            reasoning_only.enforce(answer, call.record, provider=target.provider)
-            streamed = streamed_texts(answer) if request.final_completion_without_deltas else None
-            unpack_completion(answer, request, body)
-            last = chat_pb2.StreamCreateResponse(provider_trace_id=call.record.id)
-            call.completion = completion_from_json(answer, provider=target.provider, into=last.completion)
-            scrubber.completion(last.completion)
-            if streamed is not None:
-                leave_out_streamed(last.completion, scrubber.streamed(streamed))
-            # Inside the scope: the trace is finished once grpc asks for the next message, i.e.
-            # after this one was written; a send that fails (a client's receive limit) closes this
-            # generator here, and the trace says so instead of success.
-            yield last
+        accumulator: StreamAccumulator,
+        scrubber: AnswerScrubber,
+        want: tool_call_check.Expected,
+        call: TracedCall,
+    ) -> chat_pb2.StreamCreateResponse:
+        """A relayed stream's last event: the assembled completion (usage counted here if the
+        upstream sent none), checked for the tool call asked of it and scrubbed."""
+        target, body, count = plan.target, plan.body, plan.count
+        answer = accumulator.completion()
+        if accumulator.usage is None:
+            if count is None:  # no window, so the guard counted nothing: count for usage
+                off = off_loop(keys)  # a huge function set: prepared in the pool, as in _plan
+                functions = await offload.run_if(
+                    off, lambda: prompt_functions(request, endpoint=target.base_url, keys=keys)
+                )
+                count = await tokens.count_request_tokens_async(
+                    body["messages"], functions, request.llm_config.model, off=off
+                )
+            answer["usage"] = await _local_usage(answer, count, request)
+        call.record.response_json = orjson.dumps(answer).decode()
+        tool_call_check.enforce(answer, want, call.record, provider=target.provider)
+        # In place of the final completion, as TOOL_CALL_MISSING: the reasoning was relayed.
+        reasoning_only.enforce(answer, call.record, provider=target.provider)
+        streamed = streamed_texts(answer) if request.final_completion_without_deltas else None
+        unpack_completion(answer, request, body)
+        last = chat_pb2.StreamCreateResponse(provider_trace_id=call.record.id)
+        call.completion = completion_from_json(answer, provider=target.provider, into=last.completion)
+        scrubber.completion(last.completion)
+        if streamed is not None:
+            leave_out_streamed(last.completion, scrubber.streamed(streamed))
+        return last
 
     # -- local servers (server.providers.local, called with this gateway as its CallHost) ------
 
@@ -649,6 +681,11 @@ def _translated(provider: Provider, body: dict[str, Any], stream: bool) -> tuple
     # a 60 MB body would hold the loop ~30 ms more.
     raw = orjson.dumps(upstream)
     return notes, memoryview(raw).tobytes() if len(raw) <= _EXACT_COPY_LIMIT else raw
+
+
+def _partial_answer(accumulator: StreamAccumulator) -> Callable[[], str]:
+    """The answer so far as JSON, for the trace of a stream that fails ("" before any chunk)."""
+    return lambda: orjson.dumps(accumulator.completion()).decode() if accumulator.chunks else ""
 
 
 def _client_kind() -> Any:
