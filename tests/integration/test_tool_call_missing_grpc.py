@@ -254,3 +254,30 @@ async def test_a_5xx_body_is_kept_in_the_trace_after_the_retries(
     trace = await wait_for_trace(gateway.traces, "five")
     kept = json.loads(trace.response_json)
     assert kept["http_status"] == 500 and "requires --jinja" in kept["body"]
+
+
+async def test_stream_text_read_alone_is_not_asked_again(
+    retrying: RunningGateway, upstream: FakeUpstream
+) -> None:
+    # Paced: each chunk is a read of its own, relayed by the stream loop's one-chunk fast path,
+    # which must count its text as relayed (the caller cannot take it back).
+    paced = [chunk({"content": "Some text."}), chunk({}, finish_reason="stop"), "[DONE]"]
+    upstream.script(Reply(sse=paced, chunk_delay=0.05), Reply(sse=calls_sse("search")))
+    seen: list[str] = []
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        async for event in retrying.chat.StreamCreate(
+            stream_req(req(upstream.base_url, "s-paced")), timeout=10
+        ):
+            seen.append(event.delta.content)
+    expect(caught.value, grpc.StatusCode.UNAVAILABLE, "TOOL_CALL_MISSING")
+    assert "Some text." in seen
+    assert len(upstream.requests) == 1  # the text went out: not asked again
+
+
+async def test_stream_is_asked_again_once_only(retrying: RunningGateway, upstream: FakeUpstream) -> None:
+    upstream.script(Reply(sse=text_sse("")), Reply(sse=text_sse("")), Reply(sse=calls_sse("search")))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        async for _ in retrying.chat.StreamCreate(stream_req(req(upstream.base_url, "s-twice")), timeout=10):
+            pass
+    expect(caught.value, grpc.StatusCode.UNAVAILABLE, "TOOL_CALL_MISSING")
+    assert len(upstream.requests) == 2  # the second answer without the call is the error
