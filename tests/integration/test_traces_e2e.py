@@ -27,6 +27,7 @@ from google.protobuf import timestamp_pb2
 from llmgateway.v1 import chat_pb2, chat_pb2_grpc, providers_pb2, traces_pb2
 
 from server.auth.factory import create_auth_store
+from server.inflight import CANCELLED_BY_CALLER
 from tests.fake_upstream import FakeUpstream, Reply, completion, text_stream
 from tests.gateway_harness import RunningGateway, chat_request, make_settings, running_gateway
 from tests.process_harness import async_server_process
@@ -289,6 +290,25 @@ async def test_cancelled_stream_is_traced(gateway: RunningGateway, upstream: Fak
     trace = await wait_for_trace(gateway.traces, "step-scancel")
     assert trace.error_type
     assert trace.time_to_first_token_ms > 0
+
+
+async def test_an_abandoned_stream_keeps_its_partial_answer(
+    gateway: RunningGateway, upstream: FakeUpstream
+) -> None:
+    # Paced: each delta is a read of its own (the stream loop's one-chunk fast path).
+    upstream.script(Reply(sse=text_stream(["a", "b", "c", "d", "e", "f"]), chunk_delay=0.3))
+    call = gateway.chat.StreamCreate(stream_request(traced_request(upstream, "step-spartial")), timeout=30)
+    seen = ""
+    async for event in call:
+        seen += event.delta.content
+        if seen == "ab":
+            break  # two deltas received, then hang up
+    call.cancel()
+    trace = await wait_for_trace(gateway.traces, "step-spartial")
+    assert (trace.error_type, trace.error_message) == CANCELLED_BY_CALLER
+    assert 0 < trace.time_to_first_token_ms <= trace.latency_ms
+    partial = json.loads(trace.response_json)
+    assert partial["choices"][0]["message"]["content"].startswith("ab")
 
 
 # --- 2. ListProviderTraces ---------------------------------------------------------------------
