@@ -67,6 +67,21 @@ async def test_a_stream_over_the_answer_cap_fails_and_is_traced_as_failed(
     assert "LLMGW_MAX_ANSWER_BYTES" in trace.error_message
 
 
+async def test_a_paced_stream_over_the_cap_relays_nothing_past_it(
+    capped: RunningGateway, upstream: FakeUpstream
+) -> None:
+    # Each piece a read of its own (the stream loop's one-chunk fast path): the cap is checked
+    # before the piece is relayed there too.
+    upstream.script(Reply(sse=text_stream(["x" * 1024] * 70), chunk_delay=0.003))
+    request = chat_request(upstream.base_url, trace=chat_pb2.TraceContext(step_id="cap-paced"))
+    events, err = await _stream(capped, request)
+    _assert_over_cap(err, "openai")
+    assert sum(len(e.delta.content) for e in events) == CAP  # 64 pieces, not the 65th
+    trace = await trace_of(capped, "cap-paced")
+    assert trace.error_type == "UPSTREAM_BAD_RESPONSE"
+    assert len(json.loads(trace.response_json)["choices"][0]["message"]["content"]) == CAP
+
+
 async def test_tool_call_arguments_count_against_the_cap(
     capped: RunningGateway, upstream: FakeUpstream
 ) -> None:
