@@ -22,6 +22,7 @@ from llmgateway.v1 import chat_pb2, providers_pb2
 from server.auth.redact import REDACTED
 from server.auth.store_sqlite import SqliteAuthStore
 from tests.echo_upstream import EchoUpstream
+from tests.fake_upstream import FakeUpstream, Reply, text_stream
 from tests.gateway_harness import RunningGateway, chat_request, make_settings, running_gateway
 from tests.trace_polling import wait_for_trace
 
@@ -168,3 +169,39 @@ async def test_local_server_key_echoed_is_scrubbed(tmp_path: Path, echo: EchoUps
         seen += [e.SerializeToString().decode("latin-1") for e in events]
         assert all(key not in text for text in seen)
     assert echo.authorizations and all(a == f"Bearer {key}" for a in echo.authorizations)
+
+
+async def test_a_key_split_over_paced_reads_is_scrubbed(tmp_path: Path) -> None:
+    # Each piece a read of its own (the stream loop's one-chunk fast path): a piece where a key
+    # may begin, and every piece while the scrubber holds text back, goes through the scrubber.
+    key = _key("sk-proj-")
+    upstream = FakeUpstream()
+    await upstream.start()
+    try:
+        text = f"you sent {key} ok"
+        pieces = [text[i : i + 5] for i in range(0, len(text), 5)]
+        upstream.script(Reply(sse=text_stream(pieces), chunk_delay=0.003))
+        settings = make_settings(tmp_path, openai_api_key=key, openai_base_url=upstream.base_url)
+        async with running_gateway(settings) as gw:
+            config = chat_pb2.LLMConfig(
+                model="gpt-4o-mini",
+                model_endpoint_type="openai",
+                model_endpoint=upstream.base_url,
+                context_window=128000,
+            )
+            request = chat_request("", llm_config=config, trace=chat_pb2.TraceContext(step_id="paced-key"))
+            stream = gw.chat.StreamCreate(
+                chat_pb2.StreamCreateRequest.FromString(request.SerializeToString()), timeout=20
+            )
+            events = [event async for event in stream]
+            trace = await wait_for_trace(gw.traces, "paced-key")
+    finally:
+        await upstream.stop()
+    content = "".join(e.delta.content for e in events[:-1])
+    assert content == f"you sent {REDACTED} ok" == events[-1].completion.choices[0].message.content
+    seen = [
+        content,
+        json_format.MessageToJson(trace),
+        *(e.SerializeToString().decode("latin-1") for e in events),
+    ]
+    assert all(key not in text and key[:12] not in text for text in seen)
