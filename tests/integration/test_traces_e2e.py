@@ -295,8 +295,10 @@ async def test_cancelled_stream_is_traced(gateway: RunningGateway, upstream: Fak
 async def test_an_abandoned_stream_keeps_its_partial_answer(
     gateway: RunningGateway, upstream: FakeUpstream
 ) -> None:
-    # Paced: each delta is a read of its own (the stream loop's one-chunk fast path).
-    upstream.script(Reply(sse=text_stream(["a", "b", "c", "d", "e", "f"]), chunk_delay=0.3))
+    # Paced: each delta is a read of its own (the stream loop's one-chunk fast path), the first
+    # one text already (no role-only chunk before it): the first-token time is the fast path's.
+    words = text_stream(["a", "b", "c", "d", "e", "f"])[1:]
+    upstream.script(Reply(sse=words, chunk_delay=0.3))
     call = gateway.chat.StreamCreate(stream_request(traced_request(upstream, "step-spartial")), timeout=30)
     seen = ""
     async for event in call:
