@@ -303,14 +303,14 @@ async def test_an_abandoned_stream_keeps_its_partial_answer(
     seen = ""
     async for event in call:
         seen += event.delta.content
-        if seen == "ab":
-            break  # two deltas received, then hang up
+        if len(seen) >= 2:
+            break  # two pieces received (merged if one read brought both), then hang up
     call.cancel()
     trace = await wait_for_trace(gateway.traces, "step-spartial")
     assert (trace.error_type, trace.error_message) == CANCELLED_BY_CALLER
     assert 0 < trace.time_to_first_token_ms <= trace.latency_ms
     partial = json.loads(trace.response_json)
-    assert partial["choices"][0]["message"]["content"].startswith("ab")
+    assert partial["choices"][0]["message"]["content"].startswith(seen)
 
 
 # --- 2. ListProviderTraces ---------------------------------------------------------------------
