@@ -1359,6 +1359,22 @@ def _steady(result: HeldResult) -> str:
     return f"; {result.steady_cores:.2f} held{saturated}"
 
 
+def _held_delay_verdict(added_us: float, gw: HeldResult, floor: HeldResult | None) -> str:
+    """The budget is for streams held below saturation. A saturated floor delays its own chunks,
+    so "gateway minus floor" then says nothing (it even goes negative): not judged, rather than
+    an "ok" from a meaningless difference."""
+    saturated = [
+        name
+        for name, result in (("gateway", gw), ("floor", floor))
+        if result is not None and not math.isnan(result.steady_cores) and result.steady_cores >= 0.9
+    ]
+    if floor is None:
+        return "not judged (no floor run)"
+    if "floor" in saturated:
+        return "not judged (" + ", ".join(saturated) + " saturated)"
+    return _check(added_us, 5000) + (" (gateway saturated)" if saturated else "")
+
+
 def add_held_rows(
     report: Report, plan: Plan, gw: dict[str, HeldResult], floor: dict[str, HeldResult]
 ) -> None:
@@ -1399,10 +1415,7 @@ def add_held_rows(
                 f"{label}: added inter-chunk delay {q} (gw / floor)",
                 f"{_us(added)} ({ours / 1000:,.1f} / {theirs / 1000:,.1f} ms)",
                 budget="<= 5,000 us" if budgeted else "",
-                # The budget is for streams held below saturation: say when the steady state was not.
-                verdict=(_check(added, 5000) + (" (saturated)" if g.steady_cores >= 0.9 else ""))
-                if budgeted
-                else "",
+                verdict=_held_delay_verdict(added, g, f) if budgeted else "",
             )
         report.add(
             f"{label}: streams complete",
