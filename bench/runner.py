@@ -48,6 +48,10 @@ class Plan:
     held_streams: tuple[int, ...] = (500, 2000)
     held_chunks: int = 200
     held_gap_ms: float = 20.0
+    # The delay budget is for streams held below saturation, and 500 streams 20 ms apart (25,000
+    # chunks/s) saturate the bare relay itself on a 2-core machine: one more round of the first
+    # count at this gap (0: none), where the floor has room and the difference means something.
+    held_below_gap_ms: float = 50.0
     concurrency: int = 32
     load_processes: int = 2
 
@@ -354,24 +358,31 @@ def run_held_rounds(
     report: Report,
     *,
     repeat: bool = True,
+    below: bool = False,
 ) -> dict[str, HeldResult]:
     """Each of `plan.held_streams` held at once; with `repeat`, the first count a second time
-    right after it (RSS after that round vs after the first: flat, or growing per round)."""
+    right after it (RSS after that round vs after the first: flat, or growing per round).
+
+    `below`: only the first count, `plan.held_below_gap_ms` apart (`body` must ask for that
+    pace), as the round named "below"."""
     if held.node_path() is None:
         report.notes.append(f"{what}: held streams skipped (node is not installed)")
         return {}
+    gap_ms = plan.held_below_gap_ms if below else plan.held_gap_ms
     rounds = [(str(n), n) for n in plan.held_streams]
-    if repeat and rounds:
+    if below:
+        rounds = [("below", plan.held_streams[0])] if rounds else []
+    elif repeat and rounds:
         rounds.insert(1, ("again", plan.held_streams[0]))
     out: dict[str, HeldResult] = {}
-    duration = plan.held_chunks * plan.held_gap_ms / 1000
+    duration = plan.held_chunks * gap_ms / 1000
     for name, n in rounds:
         # Streams start evenly over `ramp` seconds, longer for more streams (at most 500 new calls
         # a second, up to half a stream's duration): "held at once", not a burst of new calls,
         # which grpc-core queues and then cancels once the server falls behind accepting them.
         spread = min(max(ramp, n / 500), max(ramp, duration / 2))
         nominal = duration + spread
-        _log(f"{what}: {n} streams held at once ({plan.held_chunks} chunks, {plan.held_gap_ms:g} ms apart)")
+        _log(f"{what}: {n} streams held at once ({plan.held_chunks} chunks, {gap_ms:g} ms apart)")
         result = held.run(
             target=target,
             body=body,
@@ -411,6 +422,7 @@ def run_bench(args: argparse.Namespace) -> Report:
         else ((20, 40) if quick else (500, 2_000)),
         held_chunks=args.held_chunks or (20 if quick else 200),
         held_gap_ms=args.held_gap_ms,
+        held_below_gap_ms=args.held_below_gap_ms,
         concurrency=args.concurrency,
     )
     paced_peer_streams = max(16, plan.paced_streams // 10)  # LiteLLM and Portkey: ~10x the CPU each
@@ -443,6 +455,9 @@ def run_bench(args: argparse.Namespace) -> Report:
         anthropic_base = f"{upstream_root}/anthropic/v1"
         paced_body = workload.grpc_request_bytes(paced_base)
         held_body = workload.grpc_request_bytes(held_base)
+        below_gap = plan.held_below_gap_ms if plan.held_streams and plan.held_below_gap_ms > 0 else 0.0
+        below_base = f"{upstream_root}/paced/{plan.held_chunks}/{round(below_gap * 1000)}/v1"
+        below_body = workload.grpc_request_bytes(below_base)
         anthropic_body = workload.grpc_request_bytes(anthropic_base, "anthropic", workload.ANTHROPIC_MODEL)
         unary_json = workload.openai_body(stream=False)
         stream_json = workload.openai_body(stream=True)
@@ -675,6 +690,19 @@ def run_bench(args: argparse.Namespace) -> Report:
         held_gw = run_held_rounds(
             plan, target, held_body, gw.pid, workdir, client_cpus, held_ramp, "gateway", report
         )
+        if below_gap:
+            held_gw |= run_held_rounds(
+                plan,
+                target,
+                below_body,
+                gw.pid,
+                workdir,
+                client_cpus,
+                held_ramp,
+                "gateway",
+                report,
+                below=True,
+            )
         gw.stop()
         dropped = dropped_traces(gw.log_text())
         services.remove(gw)
@@ -683,7 +711,7 @@ def run_bench(args: argparse.Namespace) -> Report:
             + 3 * plan.stream_requests
             + plan.paced_streams
             + sum(plan.held_streams)
-            + plan.held_streams[0]
+            + plan.held_streams[0] * (2 if below_gap else 1)
             + plan.latency_requests
             + max(50, plan.latency_requests // 5)
             + plan.paced_requests
@@ -801,6 +829,25 @@ def run_bench(args: argparse.Namespace) -> Report:
         )
         relay_svc.stop()
         services.remove(relay_svc)
+        if below_gap:
+            relay_svc, relay_target = start_floor(
+                workdir, "relay-held-below", ["--relay", below_base, "--client", "gateway"], gw_cpus
+            )
+            services.append(relay_svc)
+            held_floor |= run_held_rounds(
+                plan,
+                relay_target,
+                below_body,
+                relay_svc.pid,
+                workdir,
+                client_cpus,
+                held_ramp,
+                "floor",
+                report,
+                below=True,
+            )
+            relay_svc.stop()
+            services.remove(relay_svc)
 
         # ---- bare forwarders: the issue's calibration point, and ours ------------------------
         forwarders: dict[str, LoadResult] = {}
@@ -1332,6 +1379,12 @@ def run_bench(args: argparse.Namespace) -> Report:
         f"max({held_ramp:g} s, N / 500 per s) up to half a stream's duration, "
         "driven by bench/held_client.mjs (Node http2); delay = client read time minus the "
         "upstream's write time stamped in each chunk"
+        + (
+            f"; the first count once more {plan.held_below_gap_ms:g} ms apart, below saturation, "
+            "for the delay budget"
+            if plan.held_streams and plan.held_below_gap_ms > 0
+            else ""
+        )
     )
     report.rows.extend(extra.rows)
     report.notes.extend(extra.notes)
@@ -1423,6 +1476,7 @@ def add_held_rows(
             budget="all",
             verdict="ok" if g.failed == 0 else "FAILS",
         )
+    add_held_below_rows(report, plan, gw.get("below"), floor.get("below"))
     first, again = gw.get(str(plan.held_streams[0])), gw.get("again")
     if first is not None and again is not None:
         # Growth a higher high-water mark in the 2nd round explains (more chunks buffered while the
@@ -1435,6 +1489,36 @@ def add_held_rows(
             budget="flat after",
             verdict="ok" if grew < max(4 * 2**20, 0.02 * first.rss_after) else "GROWS",
         )
+
+
+def add_held_below_rows(report: Report, plan: Plan, g: HeldResult | None, f: HeldResult | None) -> None:
+    """The round of the first held count at `held_below_gap_ms`: where the delay budget can be
+    judged on a machine whose floor saturates at `held_gap_ms`."""
+    if g is None:
+        return
+    n = plan.held_streams[0]
+    label = f"held {n:,} streams, {plan.held_below_gap_ms:g} ms apart (below saturation)"
+    report.add(f"{label}: CPU", f"{g.cores:.2f} cores, {_us(g.cpu_per_chunk_us)}/chunk{_steady(g)}")
+    if f is not None:
+        report.add(
+            f"  floor (bare grpc.aio relay), {n:,} held {plan.held_below_gap_ms:g} ms apart",
+            f"{f.cores:.2f} cores, {_us(f.cpu_per_chunk_us)}/chunk{_steady(f)}",
+        )
+    for q, ours, theirs in (("p50", g.p50_us, f.p50_us if f else math.nan),
+                            ("p99", g.p99_us, f.p99_us if f else math.nan)):  # fmt: skip
+        added = ours - theirs
+        report.add(
+            f"{label}: added inter-chunk delay {q} (gw / floor)",
+            f"{_us(added)} ({ours / 1000:,.1f} / {theirs / 1000:,.1f} ms)",
+            budget="<= 5,000 us" if q == "p99" else "",
+            verdict=_held_delay_verdict(added, g, f) if q == "p99" else "",
+        )
+    report.add(
+        f"{label}: streams complete",
+        f"{g.ok:,} / {n:,}",
+        budget="all",
+        verdict="ok" if g.failed == 0 else "FAILS",
+    )
 
 
 def machine() -> str:
@@ -1491,6 +1575,12 @@ def main(argv: Sequence[str] | None = None, out: Callable[[str], None] = print) 
     )
     parser.add_argument("--held-chunks", type=int, default=0, help="chunks per held stream (full: 200)")
     parser.add_argument("--held-gap-ms", type=float, default=20.0, help="time between a held stream's chunks")
+    parser.add_argument(
+        "--held-below-gap-ms",
+        type=float,
+        default=50.0,
+        help="one more round of the first held count this far apart, for the delay budget (0: none)",
+    )
     parser.add_argument("--skip-portkey", action="store_true")
     parser.add_argument("--portkey-spec", default="", help="npm spec for Portkey (default: pinned)")
     parser.add_argument("--skip-litellm", action="store_true")

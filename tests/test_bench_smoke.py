@@ -34,6 +34,10 @@ ROWS = (
     "held 20 streams: added inter-chunk delay p99",
     "held 20 streams: streams complete",
     "held 40 streams: streams complete",
+    "held 20 streams, 50 ms apart (below saturation): CPU",
+    "floor (bare grpc.aio relay), 20 held 50 ms apart",
+    "held 20 streams, 50 ms apart (below saturation): added inter-chunk delay p99",
+    "held 20 streams, 50 ms apart (below saturation): streams complete",
     "RSS 20 held: before -> peak -> after -> 2nd round's peak -> after",
     "bare forwarder: grpc.aio + aiohttp",
     "bare forwarder: grpc.aio + the gateway's HTTP client",
@@ -84,3 +88,7 @@ def test_quick_benchmark_prints_every_row(tmp_path: Path) -> None:
     for count in (20, 40):
         row = next(line for line in lines if line.startswith(f"held {count} streams: streams complete"))
         assert f"{count} / {count}" in row, row
+    below = next(
+        line for line in lines if line.startswith("held 20 streams, 50 ms apart (below saturation): streams")
+    )
+    assert "20 / 20" in below, below
