@@ -259,9 +259,10 @@ def _serialized(function: chat_pb2.FunctionDefinition) -> bytes:
     return function.SerializeToString()
 
 
-async def function_keys_async(functions: Sequence[chat_pb2.FunctionDefinition]) -> FunctionKeys:
-    """`function_keys` (the request path's): serialized on the loop until the set passes
-    `OFFLOAD_FUNCTION_BYTES`, the rest in the offload pool (~50 ms per 10 MB, every request)."""
+def function_keys_started(functions: Sequence[chat_pb2.FunctionDefinition]) -> list[bytes]:
+    """The keys serialized on the loop: all of them for a normal set, the first ones up to
+    `OFFLOAD_FUNCTION_BYTES` (and one function more) for a huge one (`function_keys_rest`
+    serializes the others in the pool). A plain call: a normal request awaits nothing."""
     keys: list[bytes] = []
     held = 0
     for function in functions:
@@ -270,10 +271,23 @@ async def function_keys_async(functions: Sequence[chat_pb2.FunctionDefinition]) 
         key = _serialized(function)
         keys.append(key)
         held += len(key)
-    if len(keys) < len(functions):
-        rest = functions[len(keys) :]
-        keys.extend(await offload.run(lambda: [_serialized(fn) for fn in rest]))
-    return tuple(keys)
+    return keys
+
+
+async def function_keys_rest(
+    functions: Sequence[chat_pb2.FunctionDefinition], started: list[bytes]
+) -> FunctionKeys:
+    """All the keys, given `function_keys_started`'s: the rest serialized in the offload pool."""
+    if len(started) < len(functions):
+        rest = functions[len(started) :]
+        started = [*started, *await offload.run(lambda: [_serialized(fn) for fn in rest])]
+    return tuple(started)
+
+
+async def function_keys_async(functions: Sequence[chat_pb2.FunctionDefinition]) -> FunctionKeys:
+    """`function_keys` (the request path's): serialized on the loop until the set passes
+    `OFFLOAD_FUNCTION_BYTES`, the rest in the offload pool (~50 ms per 10 MB, every request)."""
+    return await function_keys_rest(functions, function_keys_started(functions))
 
 
 # A function set larger than this (serialized) is validated, converted, rendered and counted in
