@@ -94,3 +94,59 @@ def test_parse_without_timestamps_decodes_and_with_them_still_checks() -> None:
     good = traces_pb2.ListProviderTracesRequest()
     good.start_time.seconds = 1_700_000_000
     assert parse(traces_pb2.ListProviderTracesRequest, good.SerializeToString()) == good
+
+
+def _fields(request: chat_pb2.CreateRequest) -> list[str]:
+    try:
+        validation.validate_request(request)
+    except InvalidRequest as exc:
+        return [v.field for v in exc.field_violations]
+    return []
+
+
+def _request(config: chat_pb2.LLMConfig, **fields: Any) -> chat_pb2.CreateRequest:
+    return chat_pb2.CreateRequest(
+        llm_config=config, messages=[chat_pb2.Message(role=chat_pb2.ROLE_USER, content="hi")], **fields
+    )
+
+
+def test_config_checks_are_cached_per_config_and_stay_in_order() -> None:
+    validation._CONFIG_CHECKS.clear()
+    good = chat_pb2.LLMConfig(model="m", model_endpoint_type="openai", model_endpoint="https://a.example/v1")
+    hot = chat_pb2.LLMConfig(model="m", model_endpoint_type="openai", temperature=3.0, top_p=2.0)
+    for _ in range(2):  # computed, then cached: the same answers
+        assert _fields(_request(good)) == []
+        assert _fields(_request(hot)) == ["llm_config.temperature", "llm_config.top_p"]
+    assert len(validation._CONFIG_CHECKS) == 2
+    # The model's problem before the trace's, the trace's before the other config fields'.
+    bad = chat_pb2.LLMConfig(model="", model_endpoint_type="nope", context_window=-1)
+    request = _request(bad, trace=chat_pb2.TraceContext(step_id="s" * 257))
+    for _ in range(2):
+        assert _fields(request) == [
+            "llm_config.model",
+            "trace.step_id",
+            "llm_config.model_endpoint_type",
+            "llm_config.context_window",
+        ]
+    thoughts = chat_pb2.LLMConfig(model="m", model_endpoint_type="openai", put_inner_thoughts_in_kwargs=True)
+    clash = chat_pb2.FunctionDefinition(name="f")
+    clash.parameters.update({"type": "object", "properties": {"thinking": {"type": "string"}}})
+    for _ in range(2):
+        assert _fields(_request(thoughts, functions=[clash])) == [
+            "functions[0].parameters.properties.thinking"
+        ]
+        assert _fields(_request(good, functions=[clash])) == []
+
+
+def test_the_config_cache_is_bounded_in_entries_and_in_key_size() -> None:
+    validation._CONFIG_CHECKS.clear()
+    for n in range(validation._CONFIG_CACHE_SIZE + 10):
+        config = chat_pb2.LLMConfig(model=f"m{n}", model_endpoint_type="openai", context_window=n)
+        assert _fields(_request(config)) == []
+        assert len(validation._CONFIG_CHECKS) <= validation._CONFIG_CACHE_SIZE
+    validation._CONFIG_CHECKS.clear()
+    huge = chat_pb2.LLMConfig(model="m" * 2000, model_endpoint_type="openai", handle="h" * 3000)
+    assert huge.ByteSize() > validation.MAX_CACHED_CONFIG_BYTES
+    assert _fields(_request(huge)) == ["llm_config.model"]  # over MAX_MODEL_CHARS
+    assert _fields(_request(huge)) == ["llm_config.model"]
+    assert len(validation._CONFIG_CHECKS) == 0
