@@ -48,7 +48,15 @@ from server.core.openai_request import build_chat_body, prompt_functions, unpack
 from server.core.relay import relayed
 from server.core.retry import Deadline
 from server.core.stream import StreamAccumulator
-from server.core.validation import LOCAL_TYPES, FunctionKeys, function_keys_async, off_loop, validate_request
+from server.core.validation import (
+    LOCAL_TYPES,
+    FunctionKeys,
+    function_keys_async,
+    function_keys_rest,
+    function_keys_started,
+    off_loop,
+    validate_request,
+)
 from server.errors import (
     ContextWindowExceeded,
     DeadlineExceeded,
@@ -218,17 +226,7 @@ class Gateway:
         else:
             started = tokens.start_request_count(messages, functions, model)
             count = started if isinstance(started, tokens.TokenCount) else await tokens.finish_count(started)
-        if count.total_tokens > window:
-            raise ContextWindowExceeded(
-                f"Request exceeds maximum context length ({count.total_tokens} > {window} tokens)",
-                metadata={
-                    "prompt_tokens": count.prompt_tokens,
-                    "function_tokens": count.function_tokens,
-                    "total_tokens": count.total_tokens,
-                    "context_window": window,
-                    "encoding": count.encoding,
-                },
-            )
+        _refuse_over(window, count)
         return count
 
     # -- planning ----------------------------------------------------------------------------
@@ -261,17 +259,30 @@ class Gateway:
         )
         # Count the functions as sent to this endpoint (the inner-thoughts text depends on it).
         off = off_loop(keys)  # a huge function set: converted (strict too) and counted in the pool
-        body, functions = await offload.run_if(
-            off,
-            lambda: (
-                build_chat_body(request, stream=stream, endpoint=target.base_url, keys=keys),
-                prompt_functions(request, endpoint=target.base_url, keys=keys),
-            ),
-        )
-        count = await self.guard(request, body["messages"], functions, off=off)
-        # The provider's translation walks every schema again (Gemini converts them): a huge
-        # function set is translated and serialized in the pool too.
-        notes, raw = await offload.run_if(off, lambda: _translated(provider, body, stream))
+        endpoint = target.base_url
+        if off:
+            body, functions = await offload.run(
+                lambda: (
+                    build_chat_body(request, stream=stream, endpoint=endpoint, keys=keys),
+                    prompt_functions(request, endpoint=endpoint, keys=keys),
+                )
+            )
+            count = await self.guard(request, body["messages"], functions, off=True)
+            # The provider's translation walks every schema again (Gemini converts them): a
+            # huge function set is translated and serialized in the pool too.
+            notes, raw = await offload.run(lambda: _translated(provider, body, stream))
+        else:  # plain calls, as in `_create`; the guard's, as `guard` counts inline
+            body = build_chat_body(request, stream=stream, endpoint=endpoint, keys=keys)
+            functions = prompt_functions(request, endpoint=endpoint, keys=keys)
+            count = None
+            window = config.context_window
+            if window > 0:
+                started = tokens.start_request_count(body["messages"], functions, config.model)
+                count = (
+                    started if isinstance(started, tokens.TokenCount) else await tokens.finish_count(started)
+                )
+                _refuse_over(window, count)
+            notes, raw = _translated(provider, body, stream)
         if notes:
             log.info("%s: parameters not sent as given: %s", target.provider, ", ".join(notes))
         return Plan(target, provider, body, raw, count, trace_notes(notes, self.deps.scrub))
@@ -420,8 +431,18 @@ class Gateway:
         via: Attempt | None,
         admission: Admission | None,
     ) -> chat_pb2.CreateResponse:
-        keys = await function_keys_async(request.functions)  # the cache key of all function handling below
-        await offload.run_if(off_loop(keys), lambda: validate_request(request, keys))
+        # The cache key of all function handling below. Plain calls for a normal request (a
+        # coroutine and a lambda per step cost more than some of the steps themselves).
+        functions = request.functions
+        started = function_keys_started(functions)
+        # A huge function set: the rest is serialized in the offload pool.
+        keys = (
+            tuple(started) if len(started) == len(functions) else await function_keys_rest(functions, started)
+        )
+        if off_loop(keys):
+            await offload.run(lambda: validate_request(request, keys))
+        else:
+            validate_request(request, keys)
         if request.llm_config.model_endpoint_type in LOCAL_TYPES:
             if admission is not None:
                 await admission.admit(None)  # QUOTA_EXCEEDED here: nothing went upstream
@@ -667,6 +688,21 @@ class Gateway:
     ) -> AsyncIterator[chat_pb2.StreamCreateResponse]:
         async for event in stream_local(self, request, actor, deadline, off=off_loop(keys)):
             yield event
+
+
+def _refuse_over(window: int, count: tokens.TokenCount) -> None:
+    """CONTEXT_WINDOW_EXCEEDED when the counted prompt does not fit `window` (> 0)."""
+    if count.total_tokens > window:
+        raise ContextWindowExceeded(
+            f"Request exceeds maximum context length ({count.total_tokens} > {window} tokens)",
+            metadata={
+                "prompt_tokens": count.prompt_tokens,
+                "function_tokens": count.function_tokens,
+                "total_tokens": count.total_tokens,
+                "context_window": window,
+                "encoding": count.encoding,
+            },
+        )
 
 
 _EXACT_COPY_LIMIT = 1 << 20

@@ -155,6 +155,12 @@ _RULES: tuple[_Rule, ...] = (
 )
 
 
+# (rule, its keywords, ignore_case, prefilter), read as locals by `Redactor.redact`.
+_RULE_CHECKS: tuple[tuple[_Rule, tuple[str, ...], bool, str], ...] = tuple(
+    (rule, rule.keywords, rule.ignore_case, rule.prefilter) for rule in _RULES
+)
+
+
 def _name_ok(rule: _Rule, text: str, haystack: str, start: int, after: int) -> bool:
     if not (rule.names or rule.name_suffixes):
         return not (rule.word_boundary and start > 0 and text[start - 1] in _WORD_CHARS)
@@ -632,8 +638,10 @@ class Redactor:
             return text
         text = self.redact_known(text)
         lowered: str | None = None
-        for rule in _RULES:
-            if rule.ignore_case:
+        for rule, keywords, ignore_case, prefilter in _RULE_CHECKS:
+            if prefilter and prefilter not in text:
+                continue
+            if ignore_case:
                 if lowered is None:
                     lowered = text.lower()
                     if len(lowered) != len(text):  # rare non-ASCII case changes length: stay aligned
@@ -641,6 +649,12 @@ class Redactor:
                 haystack = lowered
             else:
                 haystack = text
+            # Most texts hold none of a rule's keywords: `in` (C) decides that without the call.
+            for keyword in keywords:
+                if keyword in haystack:
+                    break
+            else:
+                continue
             new_text = _apply(rule, text, haystack)
             if new_text is not text:
                 text = new_text

@@ -41,9 +41,14 @@ def _invalid(field: str, description: str, **metadata: object) -> InvalidRequest
     )
 
 
-def to_openai_messages(messages: Sequence[chat_pb2.Message], *, model: str) -> list[dict[str, Any]]:
-    """The `messages` array for `model`; raises InvalidRequest naming the offending field."""
-    system_role = "developer" if accepts_developer_role(model) else "system"
+def to_openai_messages(
+    messages: Sequence[chat_pb2.Message], *, model: str, system_role: str | None = None
+) -> list[dict[str, Any]]:
+    """The `messages` array for `model`; raises InvalidRequest naming the offending field.
+
+    `system_role`: the role of system messages for `model`, if the caller already knows it."""
+    if system_role is None:
+        system_role = "developer" if accepts_developer_role(model) else "system"
     out: list[dict[str, Any]] = []
     append = out.append
     for i, m in enumerate(messages):

@@ -25,6 +25,7 @@ requests: callers must treat the `tools`/`functions` entries of a body and the r
 from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from llmgateway.v1 import chat_pb2
@@ -104,6 +105,8 @@ def clear_caches() -> None:
     _SENT_CACHE.clear()
     _PROMPT_LISTS.clear()
     _SENT_LISTS.clear()
+    _CONFIG_BODIES.clear()
+    _NAMES.clear()
 
 
 def _thoughts_variant(request: chat_pb2.CreateRequest, endpoint: str) -> int:
@@ -197,6 +200,84 @@ def _only_forced(sent: SentFunctions, name: str) -> SentFunctions:
     return SentFunctions(entries, restores)
 
 
+@dataclass(frozen=True, slots=True)
+class _ConfigBody:
+    """What the body takes from an LLMConfig sent to one endpoint (the same every step of an
+    agent): read once, as each read of a proto field costs more than serializing the config."""
+
+    model: str
+    handle: str
+    system_role: str  # of system messages (`tools.accepts_developer_role`)
+    strict: bool  # tools in strict form (`tools.supports_structured_output`)
+    parallel: bool | None  # parallel_tool_calls to send with tools; None: the model takes none
+    inner_thoughts: bool  # put_inner_thoughts_in_kwargs
+    lm_studio: bool  # with inner thoughts: the endpoint is LM Studio's (their description)
+    # max_completion_tokens .. presence_penalty, in body order; None: built from the config each
+    # time (a stop list or response_format, whose values are fresh objects per body, or an
+    # invalid max_tokens, refused where build_chat_body always refused it).
+    tail: tuple[tuple[str, Any], ...] | None
+
+
+def _config_body(cfg: chat_pb2.LLMConfig, endpoint: str) -> _ConfigBody:
+    model, handle, thoughts = cfg.model, cfg.handle, cfg.put_inner_thoughts_in_kwargs
+    tail: tuple[tuple[str, Any], ...] | None = None
+    if (
+        not cfg.stop
+        and not cfg.HasField("response_format")
+        and not (cfg.HasField("max_tokens") and cfg.max_tokens <= 0)
+    ):
+        items: dict[str, Any] = {}
+        _config_tail(cfg, model, items)
+        tail = tuple(items.items())
+    return _ConfigBody(
+        model=model,
+        handle=handle,
+        system_role="developer" if tools.accepts_developer_role(model) else "system",
+        strict=tools.supports_structured_output(endpoint),
+        parallel=(
+            (cfg.parallel_tool_calls if cfg.HasField("parallel_tool_calls") else False)
+            if tools.supports_parallel_tool_calls(model)
+            else None
+        ),
+        inner_thoughts=thoughts,
+        lm_studio=thoughts and inner_thoughts.is_lm_studio(endpoint),
+        tail=tail,
+    )
+
+
+# key (serialized LLMConfig, endpoint) -> its _ConfigBody; keys of at most these sizes are kept
+# (a caller's megabyte config or endpoint is read anew every time, never kept).
+MAX_CACHED_CONFIG_BYTES = 4096
+MAX_CACHED_ENDPOINT_CHARS = 2048
+_CONFIG_BODIES: BoundedCache[tuple[bytes, str], _ConfigBody] = BoundedCache(1024)
+
+
+def config_body(cfg: chat_pb2.LLMConfig, endpoint: str) -> _ConfigBody:
+    key = cfg.SerializeToString()
+    if len(key) > MAX_CACHED_CONFIG_BYTES or len(endpoint) > MAX_CACHED_ENDPOINT_CHARS:
+        return _config_body(cfg, endpoint)
+    cache_key = (key, endpoint)
+    found = _CONFIG_BODIES.get(cache_key)
+    if found is None:
+        found = _CONFIG_BODIES.put(cache_key, _config_body(cfg, endpoint))
+    return found
+
+
+# key function keys -> the functions' names (an agent sends the same list every step)
+_NAMES: BoundedCache[FunctionKeys, tuple[str, ...]] = BoundedCache(1024)
+
+
+def _function_names(
+    functions: Sequence[chat_pb2.FunctionDefinition], keys: FunctionKeys | None
+) -> Sequence[str]:
+    if keys is None or not cacheable(keys):
+        return [fn.name for fn in functions]
+    found = _NAMES.get(keys)
+    if found is None:
+        found = _NAMES.put(keys, tuple(fn.name for fn in functions))
+    return found
+
+
 def build_chat_body(
     request: chat_pb2.CreateRequest, *, stream: bool, endpoint: str, keys: FunctionKeys | None = None
 ) -> dict[str, Any]:
@@ -207,45 +288,47 @@ def build_chat_body(
     Raises InvalidRequest for invalid messages, functions or tool forcing.
     """
     cfg = request.llm_config
-    model = cfg.model
+    facts = config_body(cfg, endpoint)
+    model = facts.model
     if not model:
         raise InvalidRequest(
             "llm_config.model must not be empty",
             metadata={"field": "llm_config.model"},
             field_violations=[FieldViolation("llm_config.model", "must not be empty")],
         )
-    body: dict[str, Any] = {"model": model, "messages": to_openai_messages(request.messages, model=model)}
+    body: dict[str, Any] = {
+        "model": model,
+        "messages": to_openai_messages(request.messages, model=model, system_role=facts.system_role),
+    }
 
     functions = request.functions
-    names = [fn.name for fn in functions]
+    names = _function_names(functions, keys)
     choice = tools.resolve_tool_choice(
         function_call=request.function_call,
         force_tool_call=request.force_tool_call,
         function_names=names,
-        handle=cfg.handle,
+        handle=facts.handle,
         endpoint=endpoint,
         model=model,
     )
-    if functions:
+    if names:
         use_tool_naming = not request.HasField("use_tool_naming") or request.use_tool_naming
-        variant = _thoughts_variant(request, endpoint)
+        variant = _variant(request, facts)
         if keys is None:
             keys = function_keys(functions)
         if use_tool_naming:
-            strict = tools.supports_structured_output(endpoint)
-            sent = _sent_functions(functions, keys, variant, strict, True)
+            sent = _sent_functions(functions, keys, variant, facts.strict, True)
             if isinstance(choice, dict) and not tools.takes_named_tool_choice(
-                handle=cfg.handle, model=model, endpoint=endpoint
+                handle=facts.handle, model=model, endpoint=endpoint
             ):
                 sent = _only_forced(sent, choice["function"]["name"])
                 choice = "required"
             body["tools"] = sent
             if choice is not None:
                 body["tool_choice"] = choice
-            if tools.supports_parallel_tool_calls(model):
+            if facts.parallel is not None:
                 # The caller's choice, else false as the seed sent (one call per step).
-                parallel = cfg.parallel_tool_calls if cfg.HasField("parallel_tool_calls") else False
-                body["parallel_tool_calls"] = parallel
+                body["parallel_tool_calls"] = facts.parallel
         else:
             # The seed converts only `tools` to strict form; legacy functions go as they are.
             body["functions"] = _sent_functions(functions, keys, variant, False, False)
@@ -253,6 +336,30 @@ def build_chat_body(
             if legacy is not None:
                 body["function_call"] = legacy
 
+    if facts.tail is not None:
+        body.update(facts.tail)
+    else:
+        _config_tail(cfg, model, body)
+    if request.user_id:
+        body["user"] = request.user_id
+    if stream:
+        body["stream"] = True
+        body["stream_options"] = {"include_usage": True}
+    return body
+
+
+def _variant(request: chat_pb2.CreateRequest, facts: _ConfigBody) -> int:
+    """`_thoughts_variant` with the config's part read from `facts`."""
+    if not facts.inner_thoughts:
+        return _NO_THOUGHTS
+    first = not request.HasField("put_inner_thoughts_first") or request.put_inner_thoughts_first
+    if facts.lm_studio:
+        return _FIRST_LM if first else _LAST_LM
+    return _FIRST if first else _LAST
+
+
+def _config_tail(cfg: chat_pb2.LLMConfig, model: str, body: dict[str, Any]) -> None:
+    """max_completion_tokens, temperature, reasoning_effort and the generation parameters."""
     if cfg.HasField("max_tokens"):
         if cfg.max_tokens <= 0:
             raise InvalidRequest(
@@ -266,12 +373,6 @@ def build_chat_body(
     if cfg.reasoning_effort:
         body["reasoning_effort"] = cfg.reasoning_effort
     generation_parameters(cfg, body)
-    if request.user_id:
-        body["user"] = request.user_id
-    if stream:
-        body["stream"] = True
-        body["stream_options"] = {"include_usage": True}
-    return body
 
 
 def generation_parameters(cfg: chat_pb2.LLMConfig, body: dict[str, Any]) -> None:

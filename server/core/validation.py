@@ -6,6 +6,7 @@ import functools
 import math
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 import orjson
@@ -36,8 +37,11 @@ MAX_TRACE_ID_CHARS = 256  # trace.step_id, agent_id, run_id, call_type; user_id
 MAX_TRACE_TAGS = 256
 MAX_TRACE_TAG_CHARS = 256
 MAX_MODEL_CHARS = 1024
+# A TraceContext this small (serialized) is within every bound above (see `_trace_violations`).
+_TRACE_BYTES_CHECKED = min(MAX_TRACE_ID_CHARS, MAX_TRACE_TAGS * 2, MAX_TRACE_TAG_CHARS)
 _FUNCTION_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _VALID_ROLES = frozenset(chat_pb2.Role.values()) - {chat_pb2.ROLE_UNSPECIFIED}
+_ROLE_TOOL, _ROLE_ASSISTANT = chat_pb2.ROLE_TOOL, chat_pb2.ROLE_ASSISTANT
 
 
 def validate_request(request: chat_pb2.CreateRequest, keys: FunctionKeys | None = None) -> None:
@@ -45,14 +49,103 @@ def validate_request(request: chat_pb2.CreateRequest, keys: FunctionKeys | None 
 
     `keys`: the functions' serialized bytes (`openai_request.function_keys`), if already made.
     """
+    config = config_checks(request.llm_config)
+    violations: list[FieldViolation] = [*config.model, *_trace_violations(request), *config.rest]
+    add = violations.append
+    messages = request.messages  # each read of a proto field costs: every field is read once
+    if not messages:
+        add(FieldViolation("messages", "at least one message is required"))
+    elif len(messages) > MAX_MESSAGES:
+        add(FieldViolation("messages", f"at most {MAX_MESSAGES} messages"))
+    total_chars = 0
+    for i, message in enumerate(messages):
+        role = message.role
+        if role not in _VALID_ROLES:
+            add(
+                FieldViolation(
+                    f"messages[{i}].role",
+                    "must be one of ROLE_SYSTEM, ROLE_DEVELOPER, ROLE_USER, ROLE_ASSISTANT, ROLE_TOOL",
+                )
+            )
+        size = len(message.content)
+        parts = message.parts
+        if parts:
+            size += sum(len(p.text) + len(p.image_url.url) for p in parts)
+        if size > MAX_MESSAGE_CHARS:
+            add(FieldViolation(f"messages[{i}].content", f"longer than {MAX_MESSAGE_CHARS} characters"))
+        if role == _ROLE_TOOL and not message.tool_call_id:
+            add(FieldViolation(f"messages[{i}].tool_call_id", "required for tool messages"))
+        # Only an assistant's tool calls are sent (see server.core.messages).
+        for j, call in enumerate(message.tool_calls if role == _ROLE_ASSISTANT else ()):
+            where = f"messages[{i}].tool_calls[{j}]"
+            if not call.name:
+                add(FieldViolation(f"{where}.name", "required"))
+            size += len(call.arguments) + len(call.thought_signature)
+            if not _is_json(call.arguments):
+                add(FieldViolation(f"{where}.arguments", "is not valid JSON"))
+        # Opaque provider state sent back as it came (Anthropic thinking, Gemini signatures). An
+        # empty block is 2 bytes on the wire: the count is bounded before anything iterates them.
+        blocks = message.thinking_blocks
+        if len(blocks) > MAX_THINKING_BLOCKS:
+            add(FieldViolation(f"messages[{i}].thinking_blocks", f"at most {MAX_THINKING_BLOCKS} blocks"))
+        elif blocks:
+            for block in blocks:
+                size += len(block.type) + len(block.text) + len(block.signature) + len(block.data)
+        size += len(message.reasoning_content)  # sent back to DeepSeek (server.core.messages)
+        total_chars += size
+    if total_chars > MAX_REQUEST_CHARS:
+        add(FieldViolation("messages", f"more than {MAX_REQUEST_CHARS} characters in all"))
+    violations.extend(_function_violations(request.functions, keys))
+    if config.inner_thoughts:
+        violations.extend(_thought_clashes(request.functions))
+    if violations:
+        summary = "; ".join(f"{v.field}: {v.description}" for v in violations[:5])
+        raise InvalidRequest(
+            f"invalid request: {summary}",
+            metadata={"fields": ",".join(v.field for v in violations)},
+            field_violations=violations,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigChecks:
+    """What validation finds in an LLMConfig: its problems (those of `model` come before the
+    trace's in the list, as the fields are checked) and whether it asks for inner thoughts."""
+
+    model: tuple[FieldViolation, ...]
+    rest: tuple[FieldViolation, ...]
+    inner_thoughts: bool
+
+
+# A config is ~100-300 bytes, and an agent resends the same one every step; a caller's huge one
+# (a megabyte model name, say) is checked every time, never kept.
+MAX_CACHED_CONFIG_BYTES = 4096
+_CONFIG_CACHE_SIZE = 1024
+_CONFIG_CHECKS: dict[bytes, ConfigChecks] = {}
+
+
+def config_checks(config: chat_pb2.LLMConfig) -> ConfigChecks:
+    """`_check_config`, cached by the config's serialized bytes (each read of a proto field costs
+    more than serializing the whole config once)."""
+    key = config.SerializeToString()
+    found = _CONFIG_CHECKS.get(key)
+    if found is None:
+        found = _check_config(config)
+        if len(key) <= MAX_CACHED_CONFIG_BYTES:
+            if len(_CONFIG_CHECKS) >= _CONFIG_CACHE_SIZE:
+                _CONFIG_CHECKS.clear()
+            _CONFIG_CHECKS[key] = found
+    return found
+
+
+def _check_config(config: chat_pb2.LLMConfig) -> ConfigChecks:
+    model: list[FieldViolation] = []
+    if not config.model:
+        model.append(FieldViolation("llm_config.model", "required"))
+    elif len(config.model) > MAX_MODEL_CHARS:
+        model.append(FieldViolation("llm_config.model", f"longer than {MAX_MODEL_CHARS} characters"))
     violations: list[FieldViolation] = []
     add = violations.append
-    config = request.llm_config
-    if not config.model:
-        add(FieldViolation("llm_config.model", "required"))
-    elif len(config.model) > MAX_MODEL_CHARS:
-        add(FieldViolation("llm_config.model", f"longer than {MAX_MODEL_CHARS} characters"))
-    violations.extend(_trace_violations(request))
     endpoint_type = config.model_endpoint_type
     if endpoint_type not in KNOWN_TYPES:
         add(
@@ -73,55 +166,7 @@ def validate_request(request: chat_pb2.CreateRequest, keys: FunctionKeys | None 
     if config.HasField("temperature") and not 0.0 <= config.temperature <= 2.0:
         add(FieldViolation("llm_config.temperature", "must be between 0 and 2"))
     violations.extend(generation_violations(config))
-    if not request.messages:
-        add(FieldViolation("messages", "at least one message is required"))
-    elif len(request.messages) > MAX_MESSAGES:
-        add(FieldViolation("messages", f"at most {MAX_MESSAGES} messages"))
-    total_chars = 0
-    for i, message in enumerate(request.messages):
-        if message.role not in _VALID_ROLES:
-            add(
-                FieldViolation(
-                    f"messages[{i}].role",
-                    "must be one of ROLE_SYSTEM, ROLE_DEVELOPER, ROLE_USER, ROLE_ASSISTANT, ROLE_TOOL",
-                )
-            )
-        size = len(message.content)
-        if message.parts:
-            size += sum(len(p.text) + len(p.image_url.url) for p in message.parts)
-        if size > MAX_MESSAGE_CHARS:
-            add(FieldViolation(f"messages[{i}].content", f"longer than {MAX_MESSAGE_CHARS} characters"))
-        if message.role == chat_pb2.ROLE_TOOL and not message.tool_call_id:
-            add(FieldViolation(f"messages[{i}].tool_call_id", "required for tool messages"))
-        # Only an assistant's tool calls are sent (see server.core.messages).
-        for j, call in enumerate(message.tool_calls if message.role == chat_pb2.ROLE_ASSISTANT else ()):
-            where = f"messages[{i}].tool_calls[{j}]"
-            if not call.name:
-                add(FieldViolation(f"{where}.name", "required"))
-            size += len(call.arguments) + len(call.thought_signature)
-            if not _is_json(call.arguments):
-                add(FieldViolation(f"{where}.arguments", "is not valid JSON"))
-        # Opaque provider state sent back as it came (Anthropic thinking, Gemini signatures). An
-        # empty block is 2 bytes on the wire: the count is bounded before anything iterates them.
-        if len(message.thinking_blocks) > MAX_THINKING_BLOCKS:
-            add(FieldViolation(f"messages[{i}].thinking_blocks", f"at most {MAX_THINKING_BLOCKS} blocks"))
-        else:
-            for block in message.thinking_blocks:
-                size += len(block.type) + len(block.text) + len(block.signature) + len(block.data)
-        size += len(message.reasoning_content)  # sent back to DeepSeek (server.core.messages)
-        total_chars += size
-    if total_chars > MAX_REQUEST_CHARS:
-        add(FieldViolation("messages", f"more than {MAX_REQUEST_CHARS} characters in all"))
-    violations.extend(_function_violations(request.functions, keys))
-    if config.put_inner_thoughts_in_kwargs:
-        violations.extend(_thought_clashes(request.functions))
-    if violations:
-        summary = "; ".join(f"{v.field}: {v.description}" for v in violations[:5])
-        raise InvalidRequest(
-            f"invalid request: {summary}",
-            metadata={"fields": ",".join(v.field for v in violations)},
-            field_violations=violations,
-        )
+    return ConfigChecks(tuple(model), tuple(violations), config.put_inner_thoughts_in_kwargs)
 
 
 def _usable_endpoint(url: str) -> bool:
@@ -210,8 +255,13 @@ def _response_format_violations(fmt: chat_pb2.ResponseFormat) -> list[FieldViola
 
 
 def _trace_violations(request: chat_pb2.CreateRequest) -> list[FieldViolation]:
-    found: list[FieldViolation] = []
     trace = request.trace
+    # A field's characters are at most its UTF-8 bytes, and each tag takes 2 bytes or more on the
+    # wire: a trace of at most MAX_TRACE_ID_CHARS bytes (every real one: ids of ~45 characters)
+    # has no id, tag or tag count over its bound, and its strings need not be decoded to know it.
+    if trace.ByteSize() <= _TRACE_BYTES_CHECKED and len(request.user_id) <= MAX_TRACE_ID_CHARS:
+        return []
+    found: list[FieldViolation] = []
     for name, value in (
         ("trace.step_id", trace.step_id),
         ("trace.agent_id", trace.agent_id),
@@ -252,9 +302,10 @@ def _serialized(function: chat_pb2.FunctionDefinition) -> bytes:
     return function.SerializeToString()
 
 
-async def function_keys_async(functions: Sequence[chat_pb2.FunctionDefinition]) -> FunctionKeys:
-    """`function_keys` (the request path's): serialized on the loop until the set passes
-    `OFFLOAD_FUNCTION_BYTES`, the rest in the offload pool (~50 ms per 10 MB, every request)."""
+def function_keys_started(functions: Sequence[chat_pb2.FunctionDefinition]) -> list[bytes]:
+    """The keys serialized on the loop: all of them for a normal set, the first ones up to
+    `OFFLOAD_FUNCTION_BYTES` (and one function more) for a huge one (`function_keys_rest`
+    serializes the others in the pool). A plain call: a normal request awaits nothing."""
     keys: list[bytes] = []
     held = 0
     for function in functions:
@@ -263,10 +314,23 @@ async def function_keys_async(functions: Sequence[chat_pb2.FunctionDefinition]) 
         key = _serialized(function)
         keys.append(key)
         held += len(key)
-    if len(keys) < len(functions):
-        rest = functions[len(keys) :]
-        keys.extend(await offload.run(lambda: [_serialized(fn) for fn in rest]))
-    return tuple(keys)
+    return keys
+
+
+async def function_keys_rest(
+    functions: Sequence[chat_pb2.FunctionDefinition], started: list[bytes]
+) -> FunctionKeys:
+    """All the keys, given `function_keys_started`'s: the rest serialized in the offload pool."""
+    if len(started) < len(functions):
+        rest = functions[len(started) :]
+        started = [*started, *await offload.run(lambda: [_serialized(fn) for fn in rest])]
+    return tuple(started)
+
+
+async def function_keys_async(functions: Sequence[chat_pb2.FunctionDefinition]) -> FunctionKeys:
+    """`function_keys` (the request path's): serialized on the loop until the set passes
+    `OFFLOAD_FUNCTION_BYTES`, the rest in the offload pool (~50 ms per 10 MB, every request)."""
+    return await function_keys_rest(functions, function_keys_started(functions))
 
 
 # A function set larger than this (serialized) is validated, converted, rendered and counted in

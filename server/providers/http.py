@@ -152,17 +152,33 @@ def _header_block(
 ) -> bytes:
     """The header lines after the request line: the defaults, overridden case-insensitively."""
     merged = dict(defaults)
+    usable = _USABLE_NAMES
     for name, value in headers.items():
-        lower = name.lower()
-        if lower in _FRAMING_HEADERS or not _HEADER_NAME.fullmatch(name):
-            raise InvalidHeaderError(name.encode("ascii", "replace").decode()[:40] or "(empty)")
+        lower = usable.get(name) or _checked_name(name)
         if _BAD_VALUE.search(value):
             raise InvalidHeaderError(name)
         merged[lower] = (name, value)
-    lines = [f"Content-Length: {body_length}\r\n"]
-    lines.extend(f"{name}: {value}\r\n" for name, value in merged.values())
-    lines.append("\r\n")
-    return "".join(lines).encode("utf-8")
+    lines = [f"{name}: {value}\r\n" for name, value in merged.values()]
+    return f"Content-Length: {body_length}\r\n{''.join(lines)}\r\n".encode()
+
+
+# Header names found usable, name -> its lower case: the same few names come with every call.
+# Names only (never a value: values carry the keys), of at most 64 characters, 256 of them.
+_USABLE_NAMES: dict[str, str] = {}
+_MAX_CACHED_NAME_CHARS = 64
+_MAX_CACHED_NAMES = 256
+
+
+def _checked_name(name: str) -> str:
+    """The lower case of a usable header name; InvalidHeaderError for any other."""
+    lower = name.lower()
+    if lower in _FRAMING_HEADERS or not _HEADER_NAME.fullmatch(name):
+        raise InvalidHeaderError(name.encode("ascii", "replace").decode()[:40] or "(empty)")
+    if len(name) <= _MAX_CACHED_NAME_CHARS:
+        if len(_USABLE_NAMES) >= _MAX_CACHED_NAMES:
+            _USABLE_NAMES.clear()
+        _USABLE_NAMES[name] = lower
+    return lower
 
 
 class HttpClient:

@@ -131,7 +131,13 @@ class OpenAICompatible:
             body = {k: v for k, v in body.items() if k not in REASONING_MODEL_REFUSES}
             notes.extend(refused)
         messages = body["messages"]
-        if not any(_has_opaque_parts(m) for m in messages):
+        for message in messages:  # _has_opaque_parts, inline: this runs for every message of every call
+            if "thinking_blocks" in message or "reasoning_content" in message:
+                break
+            calls = message.get("tool_calls")
+            if calls and any("thought_signature" in call for call in calls):
+                break
+        else:
             return body, notes
         # A history from Anthropic or Gemini (or a DeepSeek reasoning_content): their opaque
         # reasoning parts mean nothing here, and OpenAI refuses unknown message fields.

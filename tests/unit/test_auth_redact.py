@@ -177,3 +177,39 @@ def test_from_settings() -> None:
     settings = Settings(openai_api_key="sk-openai-0123456789", encryption_key="passphrase-xyz")
     r = Redactor.from_settings(settings)
     assert r.redact("sk-openai-0123456789 passphrase-xyz") == f"{REDACTED} {REDACTED}"
+
+
+def _every_rule(redactor: Redactor, text: str) -> str:
+    """`redact` as it was before its keyword pre-check: every rule applied to every text."""
+    from server.auth import redact
+
+    text = redactor.redact_known(text)
+    for rule in redact._RULES:
+        haystack = text.lower() if rule.ignore_case else text
+        if len(haystack) != len(text):
+            haystack = "".join(ch.lower() if len(ch.lower()) == 1 else ch for ch in text)
+        text = redact._apply(rule, text, haystack)
+    return text
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "https://x.com/a?API-KEY=abc123secret#frag",
+        "https://x.com/a?Token=abc123secret&SIG=abcdef0123456&Signature=zz",
+        "AUTHORIZATION: BEARER abc123secret",
+        "X-Api-Key: abc123secret and later authorization=abc123secret",
+        "KEY: abc123secret, bearer abc123secret.xyz",
+        "sent BeArEr abc123secret.xyz upstream",
+        "Sk-abcdefghij0123456789XYZ (not a key: capital S) sk-abcdefghij0123456789XYZ",
+        "aiza0123456789abcdefghijklmnopqrstuv AIzaSyA0123456789abcdefghijklmnopqrstuv",
+        f"İstanbul KEY: abc123secret {GATEWAY_KEY} {SERVER_KEY}",  # İ lowers to 2 characters
+        "no keyword at all, only = signs = here",
+        '{"model":"gpt-4o-mini","messages":[{"role":"user","content":"keep it short"}]}',
+    ],
+)
+def test_keyword_precheck_changes_nothing(redactor: Redactor, text: str) -> None:
+    # A rule is skipped when none of its keywords is in the (lower-cased) text: the result is
+    # the one applying every rule gives, in every case spelling.
+    assert redactor.redact(text) == _every_rule(redactor, text)
+    assert redactor.redact(text.upper()) == _every_rule(redactor, text.upper())
