@@ -37,6 +37,14 @@ MAX_TRACE_ID_CHARS = 256  # trace.step_id, agent_id, run_id, call_type; user_id
 MAX_TRACE_TAGS = 256
 MAX_TRACE_TAG_CHARS = 256
 MAX_MODEL_CHARS = 1024
+# handle, provider_name, model_wrapper, reasoning_effort: names, like the model's.
+MAX_CONFIG_NAME_CHARS = 1024
+MAX_ENDPOINT_CHARS = 8192
+# The serialized LLMConfig: every field within its own bound fits in a fraction of this (the
+# 256 KiB schema is the biggest); past it, nothing else of the config is read. The config is
+# serialized on every call (the caches' key, the trace's copy), so a caller's 50 MB field, or
+# unknown field, would otherwise cost the event loop ~100 ms per serialization.
+MAX_CONFIG_BYTES = 1024 * 1024
 # A TraceContext this small (serialized) is within every bound above (see `_trace_violations`).
 _TRACE_BYTES_CHECKED = min(MAX_TRACE_ID_CHARS, MAX_TRACE_TAGS * 2, MAX_TRACE_TAG_CHARS)
 _FUNCTION_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -130,12 +138,17 @@ def config_checks(config: chat_pb2.LLMConfig) -> ConfigChecks:
     key = config.SerializeToString()
     found = _CONFIG_CHECKS.get(key)
     if found is None:
+        if len(key) > MAX_CONFIG_BYTES:
+            return ConfigChecks((), (_CONFIG_TOO_LARGE,), False)
         found = _check_config(config)
         if len(key) <= MAX_CACHED_CONFIG_BYTES:
             if len(_CONFIG_CHECKS) >= _CONFIG_CACHE_SIZE:
                 _CONFIG_CHECKS.clear()
             _CONFIG_CHECKS[key] = found
     return found
+
+
+_CONFIG_TOO_LARGE = FieldViolation("llm_config", f"larger than {MAX_CONFIG_BYTES:,} bytes serialized")
 
 
 def _check_config(config: chat_pb2.LLMConfig) -> ConfigChecks:
@@ -154,11 +167,17 @@ def _check_config(config: chat_pb2.LLMConfig) -> ConfigChecks:
                 f"unknown endpoint type {endpoint_type!r}; one of {', '.join(sorted(KNOWN_TYPES))}",
             )
         )
-    if config.model_endpoint:
-        if not _usable_endpoint(config.model_endpoint):
+    endpoint = config.model_endpoint
+    if len(endpoint) > MAX_ENDPOINT_CHARS:
+        add(FieldViolation("llm_config.model_endpoint", f"longer than {MAX_ENDPOINT_CHARS} characters"))
+    elif endpoint:
+        if not _usable_endpoint(endpoint):
             add(FieldViolation("llm_config.model_endpoint", "must be an http(s) URL"))
     elif endpoint_type in LOCAL_TYPES:
         add(FieldViolation("llm_config.model_endpoint", f"required for {endpoint_type}"))
+    for name in ("handle", "provider_name", "model_wrapper", "reasoning_effort"):
+        if len(getattr(config, name)) > MAX_CONFIG_NAME_CHARS:
+            add(FieldViolation(f"llm_config.{name}", f"longer than {MAX_CONFIG_NAME_CHARS} characters"))
     if config.context_window < 0:
         add(FieldViolation("llm_config.context_window", "must not be negative"))
     if config.HasField("max_tokens") and config.max_tokens < 1:

@@ -147,6 +147,64 @@ def test_the_config_cache_is_bounded_in_entries_and_in_key_size() -> None:
     validation._CONFIG_CHECKS.clear()
     huge = chat_pb2.LLMConfig(model="m" * 2000, model_endpoint_type="openai", handle="h" * 3000)
     assert huge.ByteSize() > validation.MAX_CACHED_CONFIG_BYTES
-    assert _fields(_request(huge)) == ["llm_config.model"]  # over MAX_MODEL_CHARS
-    assert _fields(_request(huge)) == ["llm_config.model"]
+    # over MAX_MODEL_CHARS and MAX_CONFIG_NAME_CHARS
+    assert _fields(_request(huge)) == ["llm_config.model", "llm_config.handle"]
+    assert _fields(_request(huge)) == ["llm_config.model", "llm_config.handle"]
     assert len(validation._CONFIG_CHECKS) == 0
+
+
+@pytest.mark.parametrize(
+    ("config", "fields"),
+    [
+        (chat_pb2.LLMConfig(model="m", model_endpoint_type="openai", handle="h" * 1024), []),
+        (
+            chat_pb2.LLMConfig(model="m", model_endpoint_type="openai", handle="h" * 1025),
+            ["llm_config.handle"],
+        ),
+        (
+            chat_pb2.LLMConfig(model="m", model_endpoint_type="openai", provider_name="p" * 5000),
+            ["llm_config.provider_name"],
+        ),
+        (
+            chat_pb2.LLMConfig(model="m", model_endpoint_type="openai", model_wrapper="w" * 1025),
+            ["llm_config.model_wrapper"],
+        ),
+        (
+            chat_pb2.LLMConfig(model="m", model_endpoint_type="openai", reasoning_effort="e" * 1025),
+            ["llm_config.reasoning_effort"],
+        ),
+        (
+            chat_pb2.LLMConfig(
+                model="m", model_endpoint_type="openai", model_endpoint="https://x.example/" + "v" * 8200
+            ),
+            ["llm_config.model_endpoint"],
+        ),
+    ],
+)
+def test_the_configs_names_and_endpoint_are_bounded(config: chat_pb2.LLMConfig, fields: list[str]) -> None:
+    for _ in range(2):  # the cached answer is the same
+        assert _fields(_request(config)) == fields
+
+
+def test_a_config_over_a_mebibyte_is_refused_without_reading_its_fields() -> None:
+    """A caller's 50 MB field (or unknown field) was serialized two or three times per call on
+    the event loop (the caches' keys, the trace's copy), ~100 ms each: refused at the first."""
+    config = chat_pb2.LLMConfig(model="m", model_endpoint_type="openai")
+    # Field 1000, length-delimited: unknown to LLMConfig, kept by the parser and serialized again.
+    size = 2 * 1024 * 1024
+    wire = config.SerializeToString() + _varint(1000 << 3 | 2) + _varint(size) + b"u" * size
+    big = chat_pb2.LLMConfig.FromString(wire)
+    assert big.ByteSize() > validation.MAX_CONFIG_BYTES
+    assert _fields(_request(big)) == ["llm_config"]
+    huge_name = chat_pb2.LLMConfig(model="m", model_endpoint_type="openai", handle="h" * (2 * 1024 * 1024))
+    assert _fields(_request(huge_name)) == ["llm_config"]
+    assert len(validation._CONFIG_CHECKS) <= validation._CONFIG_CACHE_SIZE
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
