@@ -259,6 +259,19 @@ class InFlight:
             if loop.time() >= end:
                 return False
 
+    def arrived(self) -> None:
+        """A call this registry does not track (health, reflection) reached its handler: `settle`
+        counts it, so the drain does not call quiet a server that is still being probed."""
+        self._entered += 1
+        self._last_entered = self._loop.get().time()
+
+    async def admit(self, context: Context) -> None:
+        """At the start of an untracked handler: count it, and refuse it (UNAVAILABLE SHUTTING_DOWN)
+        once the drain refuses new calls, as a tracked call is."""
+        self.arrived()
+        if self.closed:
+            await self._abort(context, self.shutdown_error(refused=True))
+
     def refuse_new(self) -> None:
         """From now on a call handed to a handler is refused at once (UNAVAILABLE SHUTTING_DOWN)."""
         self.closed = True

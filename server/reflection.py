@@ -8,7 +8,7 @@ wire-identical, so the same servicer answers both (grpcurl >= 1.9 and buf curl a
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from functools import lru_cache
 from typing import Any
 
@@ -47,9 +47,20 @@ def with_json_names(serialized: bytes) -> bytes:
 
 
 class JsonNameReflectionServicer(ReflectionServicer):  # type: ignore[misc]
+    """`admit(context)` runs first at each call (the drain counts it, and refuses it once it
+    refuses new calls)."""
+
+    def __init__(
+        self, service_names: Sequence[str], admit: Callable[[Any], Awaitable[None]] | None = None
+    ) -> None:
+        super().__init__(service_names)
+        self._admit = admit
+
     async def ServerReflectionInfo(  # noqa: N802 - the generated method name
         self, request_iterator: AsyncIterator[reflection_pb2.ServerReflectionRequest], context: Any
     ) -> AsyncIterator[reflection_pb2.ServerReflectionResponse]:
+        if self._admit is not None:
+            await self._admit(context)
         async for response in super().ServerReflectionInfo(request_iterator, context):
             if response.HasField("file_descriptor_response"):
                 files = response.file_descriptor_response.file_descriptor_proto
@@ -59,9 +70,13 @@ class JsonNameReflectionServicer(ReflectionServicer):  # type: ignore[misc]
             yield response
 
 
-def enable_reflection(server: grpc.aio.Server, service_names: Sequence[str]) -> None:
+def enable_reflection(
+    server: grpc.aio.Server,
+    service_names: Sequence[str],
+    admit: Callable[[Any], Awaitable[None]] | None = None,
+) -> None:
     names = (*service_names, V1ALPHA, V1)
-    servicer = JsonNameReflectionServicer(names)
+    servicer = JsonNameReflectionServicer(names, admit)
     handler = grpc.stream_stream_rpc_method_handler(
         servicer.ServerReflectionInfo,
         request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,

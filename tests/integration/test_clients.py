@@ -32,6 +32,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from llmgateway.v1 import chat_pb2, chat_pb2_grpc
 
 from tests.fake_upstream import FakeUpstream, Reply, chunk, completion, text_stream, tool_call, usage_chunk
+from tests.integration.test_hardening_shutdown import error_reason
 from tests.process_harness import (
     REPO_ROOT,
     async_server_process,
@@ -617,8 +618,26 @@ async def wait_not_serving(watch: Any) -> list[int]:
     return seen
 
 
-async def refused_after_signal(address: str, timeout: float = 5.0) -> grpc.StatusCode:
-    """Make new calls until one is refused; any call still answered must see NOT_SERVING."""
+# How a new call made during the drain may fail: refused by the gateway (its ErrorInfo), or, once
+# grpc's stop began, its connection refused (the listener closed). Never grpc's bare CANCELLED:
+# the gateway refuses new calls until none came for 0.1 s before it lets grpc stop.
+REFUSED_BY_GATEWAY = "UNAVAILABLE SHUTTING_DOWN"
+CONNECT_REFUSED = "UNAVAILABLE connection refused"
+DRAIN_REFUSALS = {REFUSED_BY_GATEWAY, CONNECT_REFUSED}
+
+
+def drain_outcome(error: grpc.aio.AioRpcError) -> str:
+    """The code and ErrorInfo reason, or CONNECT_REFUSED for a connection the server refused."""
+    reason = error_reason(error)
+    if error.code() == grpc.StatusCode.UNAVAILABLE and reason is None:
+        if "Connection refused" in (error.details() or ""):
+            return CONNECT_REFUSED
+    return f"{error.code().name} {reason}"
+
+
+async def refused_after_signal(address: str, timeout: float = 5.0) -> str:
+    """Make new calls until one is refused (its `drain_outcome`); any call still answered must
+    see NOT_SERVING (while the calls queued at the signal settle, up to 1 s)."""
     deadline = time.monotonic() + timeout
     while True:
         async with grpc.aio.insecure_channel(address) as channel:
@@ -627,9 +646,7 @@ async def refused_after_signal(address: str, timeout: float = 5.0) -> grpc.Statu
                     health_pb2.HealthCheckRequest(), timeout=2
                 )
             except grpc.aio.AioRpcError as exc:
-                code: grpc.StatusCode = exc.code()
-                return code
-            # Only in the instant between NOT_SERVING and the server refusing new calls.
+                return drain_outcome(exc)
             assert answer.status == health_pb2.HealthCheckResponse.NOT_SERVING
         assert time.monotonic() < deadline, "new calls were still accepted long after the signal"
         await asyncio.sleep(0.02)
@@ -671,10 +688,10 @@ async def test_signal_drains_stream_refuses_new_calls_and_exits_zero(
             assert seen[-1] == health_pb2.HealthCheckResponse.NOT_SERVING
             watch.cancel()
             # ... new calls are refused while the stream is still running ...
-            refused_code = await refused_after_signal(server.address)
-            assert refused_code == grpc.StatusCode.UNAVAILABLE, refused_code
+            refused = await refused_after_signal(server.address)
+            assert refused in DRAIN_REFUSALS, refused
             async with grpc.aio.insecure_channel(server.address) as fresh:
-                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                with pytest.raises(grpc.aio.AioRpcError) as refused_create:
                     await chat_pb2_grpc.ChatCompletionServiceStub(fresh).Create(
                         chat_pb2.CreateRequest(
                             llm_config=stream_request(upstream.base_url).llm_config,
@@ -682,7 +699,7 @@ async def test_signal_drains_stream_refuses_new_calls_and_exits_zero(
                         ),
                         timeout=5,
                     )
-                assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+                assert drain_outcome(refused_create.value) in DRAIN_REFUSALS, refused_create.value
             assert stream.done() is False, "the in-flight stream ended before new calls were checked"
 
             # ... and the in-flight stream finishes normally with its completion.
