@@ -68,16 +68,18 @@ SERVICE_NAMES = (
 )
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 # Shutdown: calls still queued inside grpc when the signal came start within SETTLE_QUIET of
-# quiet (bounded by SETTLE_LIMIT). Then new calls (health checks and reflection too) are
-# refused (UNAVAILABLE SHUTTING_DOWN) until SETTLE_QUIET passes with none, for at most
-# REFUSE_LIMIT if they were still coming at over REFUSE_BACKLOG_RATE a second (a backlog), else
-# REFUSE_STEADY_LIMIT; only then does grpc's stop begin. Calls cut at the end of the grace
-# period get CUT_ALLOWANCE to send their status and trace before grpc cancels whatever is left.
+# quiet (bounded by SETTLE_LIMIT). Then health checks and reflection are refused (UNAVAILABLE
+# SHUTTING_DOWN). If calls were still coming at over REFUSE_BACKLOG_RATE a second, every new call
+# is refused until SETTLE_QUIET passes with none, for at most REFUSE_LIMIT; else they are served
+# until STOP_QUIET passes with none, for at most STOP_QUIET_LIMIT. Only then does grpc's stop
+# begin. Calls cut at the end of the grace period get CUT_ALLOWANCE to send their status and
+# trace before grpc cancels whatever is left.
 SETTLE_QUIET = 0.1
 SETTLE_LIMIT = 1.0
 REFUSE_BACKLOG_RATE = 100.0
 REFUSE_LIMIT = 3.0
-REFUSE_STEADY_LIMIT = 0.3
+STOP_QUIET = 0.25
+STOP_QUIET_LIMIT = 1.0
 CUT_ALLOWANCE = 2.0
 
 
@@ -380,24 +382,24 @@ class GatewayServer:
         settling, entered = loop.time(), calls.entered
         settled = await calls.settle(quiet=SETTLE_QUIET, limit=min(SETTLE_LIMIT, grace / 2))
         rate = (calls.entered - entered) / max(loop.time() - settling, SETTLE_QUIET)
-        # Then refuse new calls ("retry on another instance", no upstream call) until none came
-        # for SETTLE_QUIET: grpc's stop cancels, bare CANCELLED, every call that reaches it
-        # after it began (grpc/grpc#41785): one still queued, one whose connection was accepted
-        # just before the listener closed, one sent before its client read the GOAWAY. We cannot
-        # answer those; we can start the stop when nothing is coming. A caller told UNAVAILABLE
-        # stops calling here (a health checker, a client with another address), so quiet comes.
-        calls.refuse_new()
+        # grpc's stop cancels, bare CANCELLED, every call that reaches it after it began
+        # (grpc/grpc#41785): one still queued, one whose connection was accepted just before the
+        # listener closed, one sent before its client read the GOAWAY. We cannot answer those;
+        # we can begin the stop when nothing is coming. Health checks and reflection are refused
+        # from here ("retry on another instance"): a checker told so stops calling here.
+        calls.close_untracked()
         if not settled and rate >= REFUSE_BACKLOG_RATE:
             # Still coming as fast as the loop takes them: grpc's queue (up to
-            # LLMGW_GRPC_MAX_PENDING_CALLS deep) is not empty. Refuse it all, ~5,000 a second on
-            # an idle worker. The calls in flight keep the whole grace period.
-            limit = REFUSE_LIMIT
+            # LLMGW_GRPC_MAX_PENDING_CALLS deep) is not empty, and grpc would cancel the rest
+            # bare. Refuse them (no upstream call), ~5,000 a second on an idle worker, until quiet.
+            calls.refuse_new()
+            quiet, limit = SETTLE_QUIET, REFUSE_LIMIT
         else:
-            # Steady traffic that does not pause when refused would be refused until the limit:
-            # a short one, as its clients move to another replica at the GOAWAY.
-            limit = REFUSE_STEADY_LIMIT
+            # Steady traffic is still served, not refused (a refusal is an error its clients see;
+            # they move to another replica at the GOAWAY): the stop waits for a pause in it.
+            quiet, limit = STOP_QUIET, STOP_QUIET_LIMIT
         limit = min(limit, ends - grace / 2 - loop.time())
-        await calls.settle(quiet=SETTLE_QUIET, limit=max(0.0, limit))
+        await calls.settle(quiet=quiet, limit=max(0.0, limit))
         # grpc's stop: GOAWAY, the listener closes (a new connection is refused: UNAVAILABLE at
         # the client). grpc's own cancel at the end of its grace is only the fallback: it sends
         # no ErrorInfo, and handlers unwind after stop() returned.

@@ -106,6 +106,8 @@ class InFlight:
         self._last_entered = 0.0  # loop time of the latest one
         self._grace = 0.0
         self.closed = False  # draining or after the cut: a call arriving now is refused at once
+        # Health checks and reflection refused (the drain began): a checker told so looks elsewhere.
+        self.untracked_closed = False
         self._loop = RunningLoop()
 
     def __len__(self) -> int:
@@ -267,10 +269,14 @@ class InFlight:
 
     async def admit(self, context: Context) -> None:
         """At the start of an untracked handler: count it, and refuse it (UNAVAILABLE SHUTTING_DOWN)
-        once the drain refuses new calls, as a tracked call is."""
+        once the drain refuses untracked calls (`close_untracked`) or all new calls."""
         self.arrived()
-        if self.closed:
+        if self.closed or self.untracked_closed:
             await self._abort(context, self.shutdown_error(refused=True))
+
+    def close_untracked(self) -> None:
+        """From now on a health check or reflection call is refused (UNAVAILABLE SHUTTING_DOWN)."""
+        self.untracked_closed = True
 
     def refuse_new(self) -> None:
         """From now on a call handed to a handler is refused at once (UNAVAILABLE SHUTTING_DOWN)."""
