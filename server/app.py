@@ -379,7 +379,7 @@ class GatewayServer:
         await running.health.enter_graceful_shutdown()
         # Calls that arrived before the signal but still wait inside grpc for a handler would be
         # cancelled by grpc (a bare CANCELLED) the moment server.stop() begins: let them start.
-        settling, entered = loop.time(), calls.entered
+        settling, entered, checks = loop.time(), calls.entered, calls.untracked
         settled = await calls.settle(quiet=SETTLE_QUIET, limit=min(SETTLE_LIMIT, grace / 2))
         rate = (calls.entered - entered) / max(loop.time() - settling, SETTLE_QUIET)
         # grpc's stop cancels, bare CANCELLED, every call that reaches it after it began
@@ -398,8 +398,14 @@ class GatewayServer:
             # Steady traffic is still served, not refused (a refusal is an error its clients see;
             # they move to another replica at the GOAWAY): the stop waits for a pause in it.
             quiet, limit = STOP_QUIET, STOP_QUIET_LIMIT
-        limit = min(limit, ends - grace / 2 - loop.time())
-        await calls.settle(quiet=quiet, limit=max(0.0, limit))
+        end = loop.time() + max(0.0, min(limit, ends - grace / 2 - loop.time()))
+        # A checker that called since the signal is waited for until it was refused once (it
+        # then pauses): one slower than the quiet period would be calling as the stop began.
+        checked = calls.untracked != checks
+        while True:
+            await calls.settle(quiet=quiet, limit=max(0.0, end - loop.time()))
+            if not checked or calls.untracked_refused or loop.time() >= end:
+                break
         # grpc's stop: GOAWAY, the listener closes (a new connection is refused: UNAVAILABLE at
         # the client). grpc's own cancel at the end of its grace is only the fallback: it sends
         # no ErrorInfo, and handlers unwind after stop() returned.

@@ -108,6 +108,8 @@ class InFlight:
         self.closed = False  # draining or after the cut: a call arriving now is refused at once
         # Health checks and reflection refused (the drain began): a checker told so looks elsewhere.
         self.untracked_closed = False
+        self.untracked = 0  # untracked calls ever admitted, and of those refused
+        self.untracked_refused = 0
         self._loop = RunningLoop()
 
     def __len__(self) -> int:
@@ -271,7 +273,9 @@ class InFlight:
         """At the start of an untracked handler: count it, and refuse it (UNAVAILABLE SHUTTING_DOWN)
         once the drain refuses untracked calls (`close_untracked`) or all new calls."""
         self.arrived()
+        self.untracked += 1
         if self.closed or self.untracked_closed:
+            self.untracked_refused += 1
             await self._abort(context, self.shutdown_error(refused=True))
 
     def close_untracked(self) -> None:
