@@ -1,5 +1,5 @@
-"""Health checks and reflection during the drain: answered, then refused UNAVAILABLE, then the
-port closes; never grpc's bare CANCELLED.
+"""Health checks during the drain: answered, then refused UNAVAILABLE, then the port closes;
+never grpc's bare CANCELLED.
 
 grpc's `server.stop()` cancels (a bare CANCELLED, trailers only, grpc/grpc#41785) every call that
 reaches the server after the stop began: one still queued for a handler, one whose connection was
@@ -26,7 +26,6 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from llmgateway.v1 import chat_pb2_grpc
 
 from tests.fake_upstream import FakeUpstream, Reply, text_stream
@@ -45,14 +44,6 @@ CHECKERS = 4
 async def check(channel: grpc.aio.Channel) -> str:
     answer = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
     return f"OK {health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status)}"
-
-
-async def reflect(channel: grpc.aio.Channel) -> str:
-    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
-    request = reflection_pb2.ServerReflectionRequest(list_services="")
-    async for _ in stub.ServerReflectionInfo(iter([request]), timeout=5):
-        pass
-    return "OK"
 
 
 async def caller(
@@ -77,7 +68,7 @@ async def caller(
 async def test_checks_made_through_the_drain_are_answered_or_refused_never_cancelled(
     tmp_path: Path, upstream: FakeUpstream
 ) -> None:
-    upstream.script(Reply(sse=text_stream([f"w{i} " for i in range(16)]), chunk_delay=0.15))
+    upstream.script(Reply(sse=text_stream([f"w{i} " for i in range(32)]), chunk_delay=0.15))
     server = await asyncio.to_thread(
         start_server_process,
         tmp_path,
@@ -91,8 +82,8 @@ async def test_checks_made_through_the_drain_are_answered_or_refused_never_cance
             stream = chat_pb2_grpc.ChatCompletionServiceStub(channel).StreamCreate(
                 stream_request(upstream.base_url), timeout=30
             )
-            await stream.read()  # in flight: the drain lasts while it runs (~2.4 s)
-            kinds = [*[check] * CHECKERS, reflect]
+            await stream.read()  # in flight: the drain lasts while it runs (~5 s)
+            kinds = [check] * CHECKERS
             callers = [asyncio.create_task(caller(server, kind, done, seen)) for kind in kinds]
             await asyncio.sleep(0.2)
             server.send_signal(signal.SIGTERM)
@@ -109,14 +100,10 @@ async def test_checks_made_through_the_drain_are_answered_or_refused_never_cance
     allowed = {
         "check: OK SERVING",  # before the signal
         "check: OK NOT_SERVING",  # after it, while the calls queued at the signal start
-        "reflect: OK",
-        *(
-            f"{kind}: {outcome}"
-            for kind in ("check", "reflect")
-            for outcome in (REFUSED_BY_GATEWAY, CONNECT_REFUSED)
-        ),
+        f"check: {REFUSED_BY_GATEWAY}",
+        f"check: {CONNECT_REFUSED}",
     }
     assert set(seen) <= allowed, f"{seen}\n{server.log[-2000:]}"
     # The gateway itself refused checks (with its ErrorInfo) before the port closed.
     assert seen[f"check: {REFUSED_BY_GATEWAY}"] >= 1, seen
-    assert seen[f"check: {CONNECT_REFUSED}"] == CHECKERS and seen[f"reflect: {CONNECT_REFUSED}"] == 1, seen
+    assert seen[f"check: {CONNECT_REFUSED}"] == CHECKERS, seen
