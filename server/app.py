@@ -379,9 +379,11 @@ class GatewayServer:
         await running.health.enter_graceful_shutdown()
         # Calls that arrived before the signal but still wait inside grpc for a handler would be
         # cancelled by grpc (a bare CANCELLED) the moment server.stop() begins: let them start.
-        settling, entered, checks = loop.time(), calls.entered, calls.untracked
+        settling, entered, checks = loop.time(), calls.entered - calls.untracked, calls.untracked
         settled = await calls.settle(quiet=SETTLE_QUIET, limit=min(SETTLE_LIMIT, grace / 2))
-        rate = (calls.entered - entered) / max(loop.time() - settling, SETTLE_QUIET)
+        # The backlog is of tracked calls only: a storm of health checks (refused from here
+        # anyway) is no queue of real ones, and must not get steady traffic refused.
+        rate = (calls.entered - calls.untracked - entered) / max(loop.time() - settling, SETTLE_QUIET)
         # grpc's stop cancels, bare CANCELLED, every call that reaches it after it began
         # (grpc/grpc#41785): one still queued, one whose connection was accepted just before the
         # listener closed, one sent before its client read the GOAWAY. We cannot answer those;

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from llmgateway.v1 import chat_pb2_grpc
+from llmgateway.v1 import chat_pb2, chat_pb2_grpc
 
 from tests.fake_upstream import FakeUpstream, Reply, text_stream
 from tests.integration.test_clients import (
@@ -107,3 +107,78 @@ async def test_checks_made_through_the_drain_are_answered_or_refused_never_cance
     # The gateway itself refused checks (with its ErrorInfo) before the port closed.
     assert seen[f"check: {REFUSED_BY_GATEWAY}"] >= 1, seen
     assert seen[f"check: {CONNECT_REFUSED}"] == CHECKERS, seen
+
+
+STORM_CHECKERS = 8  # each calls again as soon as it is answered: several hundred checks a second
+STEADY_INTERVAL = 0.05  # 20 calls a second: steady traffic, served until the GOAWAY
+
+
+async def count_tokens(stub: chat_pb2_grpc.ChatCompletionServiceStub) -> str:
+    request = chat_pb2.CountTokensRequest(  # answered by the gateway itself
+        llm_config=chat_pb2.LLMConfig(
+            model="gpt-4o-mini",
+            model_endpoint_type="openai",
+            model_endpoint="https://api.openai.com/v1",
+            context_window=8000,
+        ),
+        messages=[chat_pb2.Message(role=chat_pb2.ROLE_USER, content="hi")],
+    )
+    try:
+        await stub.CountTokens(request, timeout=5)
+    except grpc.aio.AioRpcError as exc:
+        return drain_outcome(exc)
+    return "OK"
+
+
+async def test_a_health_check_storm_during_the_drain_does_not_refuse_steady_calls(tmp_path: Path) -> None:
+    """Health checks and reflection count for the drain's quiet, not for its backlog rate: a storm
+    of checks (hundreds a second) is no queue of real calls, and steady traffic is served until
+    the GOAWAY. Counted, the storm switched the drain to refusing every call (UNAVAILABLE
+    SHUTTING_DOWN) for up to 3 s: each an error a client of steady traffic saw."""
+    server = await asyncio.to_thread(start_server_process, tmp_path, extra_args=["--grace-period", "10"])
+    steady: Counter[str] = Counter()
+    checks: Counter[str] = Counter()
+    done = asyncio.Event()
+
+    async def storm(channel: grpc.aio.Channel) -> None:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while not done.is_set():
+            try:
+                await stub.Check(health_pb2.HealthCheckRequest(), timeout=5)
+                checks["OK"] += 1
+            except grpc.aio.AioRpcError as exc:
+                checks[drain_outcome(exc)] += 1
+                await asyncio.sleep(0.001)
+
+    async def traffic(channel: grpc.aio.Channel) -> None:
+        stub = chat_pb2_grpc.ChatCompletionServiceStub(channel)
+        while not done.is_set():
+            result = await count_tokens(stub)
+            steady[result] += 1
+            if result == CONNECT_REFUSED:
+                return
+            await asyncio.sleep(STEADY_INTERVAL)
+
+    try:
+        async with (
+            grpc.aio.insecure_channel(server.address) as checked,
+            grpc.aio.insecure_channel(server.address) as served,
+        ):
+            storms = [asyncio.create_task(storm(checked)) for _ in range(STORM_CHECKERS)]
+            steady_task = asyncio.create_task(traffic(served))
+            await asyncio.sleep(0.5)
+            assert steady["OK"] >= 3 and checks["OK"] >= 100, (steady, checks)
+            server.send_signal(signal.SIGTERM)
+            await asyncio.wait_for(steady_task, 10)  # it saw the port closed
+            done.set()
+            await asyncio.gather(*storms)
+        exit_code = await asyncio.to_thread(server.wait, 20)
+    finally:
+        done.set()
+        server.close()
+    assert exit_code == 0, server.log[-2000:]
+    assert checks[REFUSED_BY_GATEWAY] >= 1, checks
+    # Served until the port closed, never refused (a call sent as grpc's stop begins may get its
+    # bare CANCELLED: grpc/grpc#41785, the one window the gateway cannot close).
+    assert steady[REFUSED_BY_GATEWAY] == 0, (steady, checks)
+    assert set(steady) <= {"OK", CONNECT_REFUSED, "CANCELLED None 'CANCELLED'"}, steady
