@@ -47,8 +47,14 @@ def with_json_names(serialized: bytes) -> bytes:
 
 
 class JsonNameReflectionServicer(ReflectionServicer):  # type: ignore[misc]
-    """`admit(context)` runs first at each call (the drain counts it, and refuses it once it
-    refuses new calls)."""
+    """`admit(context)` runs at each call's first request (the drain counts it, and refuses it
+    once it refuses new calls).
+
+    Not before it: a call refused before its client had sent its request ended at the client
+    with INTERNAL "Internal error from Core" and no ErrorInfo, not the refusal. grpc's Python
+    client sends a stream's first request after its headers; the refusal's trailers arriving
+    in between fail that send, and the client reports that failure instead of the status.
+    """
 
     def __init__(
         self, service_names: Sequence[str], admit: Callable[[Any], Awaitable[None]] | None = None
@@ -59,15 +65,24 @@ class JsonNameReflectionServicer(ReflectionServicer):  # type: ignore[misc]
     async def ServerReflectionInfo(  # noqa: N802 - the generated method name
         self, request_iterator: AsyncIterator[reflection_pb2.ServerReflectionRequest], context: Any
     ) -> AsyncIterator[reflection_pb2.ServerReflectionResponse]:
-        if self._admit is not None:
-            await self._admit(context)
-        async for response in super().ServerReflectionInfo(request_iterator, context):
+        requests = request_iterator if self._admit is None else self._admitted(request_iterator, context)
+        async for response in super().ServerReflectionInfo(requests, context):
             if response.HasField("file_descriptor_response"):
                 files = response.file_descriptor_response.file_descriptor_proto
                 fixed = [with_json_names(bytes(f)) for f in files]
                 del files[:]
                 files.extend(fixed)
             yield response
+
+    async def _admitted(
+        self, requests: AsyncIterator[reflection_pb2.ServerReflectionRequest], context: Any
+    ) -> AsyncIterator[reflection_pb2.ServerReflectionRequest]:
+        admitted = False
+        async for request in requests:
+            if not admitted and self._admit is not None:
+                await self._admit(context)  # a refusal raises (the call ends with its status)
+                admitted = True
+            yield request
 
 
 def enable_reflection(

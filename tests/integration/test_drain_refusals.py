@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from llmgateway.v1 import chat_pb2, chat_pb2_grpc
 
 from tests.fake_upstream import FakeUpstream, Reply, text_stream
@@ -182,3 +184,65 @@ async def test_a_health_check_storm_during_the_drain_does_not_refuse_steady_call
     # bare CANCELLED: grpc/grpc#41785, the one window the gateway cannot close).
     assert steady[REFUSED_BY_GATEWAY] == 0, (steady, checks)
     assert set(steady) <= {"OK", CONNECT_REFUSED, "CANCELLED None 'CANCELLED'"}, steady
+
+
+async def reflect_busy_client(address: str) -> str:
+    """A reflection call whose client is busy for 50 ms between its headers and its request (a
+    loaded client's event loop): what it got."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        await asyncio.wait_for(channel.channel_ready(), 5)
+        call = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(timeout=5)
+        try:
+            await call.wait_for_connection()  # the headers are sent
+            time.sleep(0.05)  # noqa: ASYNC251 - the client's loop busy: the server answers meanwhile
+            await call.write(reflection_pb2.ServerReflectionRequest(list_services=""))
+            await call.done_writing()
+            while await call.read() is not grpc.aio.EOF:
+                pass
+        except grpc.aio.AioRpcError as exc:
+            return drain_outcome(exc)
+        return "OK"
+
+
+async def test_reflection_refused_in_the_drain_gets_the_refusal_not_internal(
+    tmp_path: Path, upstream: FakeUpstream
+) -> None:
+    """A reflection call the drain refuses ends UNAVAILABLE SHUTTING_DOWN with its ErrorInfo, even
+    from a client that sent its request late. Refused at its headers, before the request came,
+    grpc's Python client failed to send the request into a call already ended and reported
+    INTERNAL "Internal error from Core" with no details (1 in ~85 reflection calls in the drain
+    for a client on fresh channels; every call here)."""
+    upstream.script(Reply(sse=text_stream([f"w{i} " for i in range(32)]), chunk_delay=0.15))
+    server = await asyncio.to_thread(
+        start_server_process,
+        tmp_path,
+        allowed_endpoints=[upstream.base_url],
+        extra_args=["--grace-period", "10"],
+    )
+    seen: Counter[str] = Counter()
+    try:
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            stream = chat_pb2_grpc.ChatCompletionServiceStub(channel).StreamCreate(
+                stream_request(upstream.base_url), timeout=30
+            )
+            await stream.read()  # in flight: the drain lasts while it runs
+            assert await reflect_busy_client(server.address) == "OK"
+            server.send_signal(signal.SIGTERM)
+            health = health_pb2_grpc.HealthStub(channel)
+            while True:  # until the drain refuses checks and reflection
+                try:
+                    await health.Check(health_pb2.HealthCheckRequest(), timeout=5)
+                except grpc.aio.AioRpcError as exc:
+                    assert drain_outcome(exc) == REFUSED_BY_GATEWAY, drain_outcome(exc)
+                    break
+                await asyncio.sleep(0.02)
+            # Each call keeps the drain from going quiet: the port stays open up to 1 s more.
+            for _ in range(4):
+                seen[await reflect_busy_client(server.address)] += 1
+            stream.cancel()
+        exit_code = await asyncio.to_thread(server.wait, 20)
+    finally:
+        server.close()
+    assert exit_code == 0, server.log[-2000:]
+    assert set(seen) <= {REFUSED_BY_GATEWAY, CONNECT_REFUSED}, seen
+    assert seen[REFUSED_BY_GATEWAY] >= 2, seen
