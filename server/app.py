@@ -46,7 +46,7 @@ from server.limits.counters import Counters, MemoryCounters
 from server.limits.limiter import Limiter
 from server.providers.http import HttpClient
 from server.providers.proxy import ProxyConfig
-from server.reflection import enable_reflection
+from server.reflection import JsonNameReflectionServicer, enable_reflection
 from server.routing.router import Router
 from server.serving_health import HealthMonitor
 from server.telemetry import Tracing, setup_tracing
@@ -144,6 +144,7 @@ class _Running:
     pruner: RetentionPruner | None
     counters: Counters
     cooldowns: SharedCooldowns | None = None
+    reflection: JsonNameReflectionServicer | None = None
 
 
 class GatewayServer:
@@ -307,7 +308,7 @@ class GatewayServer:
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         for name in (*SERVICE_NAMES, ""):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-        enable_reflection(server, (*SERVICE_NAMES, health.SERVICE_NAME), admit=calls.admit)
+        reflection = enable_reflection(server, (*SERVICE_NAMES, health.SERVICE_NAME), admit=calls.admit)
 
         cleanup.push_async_callback(server.stop, None)
         port = _bind(server, settings)
@@ -339,6 +340,7 @@ class GatewayServer:
             pruner,
             counters,
             cooldowns,
+            reflection,
         )
         log.info(
             "llm-gateway serving on %s (port %d), auth %s, traces %s",
@@ -421,6 +423,8 @@ class GatewayServer:
             )
             await calls.wait_idle(CUT_ALLOWANCE)
         running.health.end_watches()  # they saw NOT_SERVING; nothing is left to watch
+        if running.reflection is not None:
+            running.reflection.end_streams()  # else one left open holds grpc's stop to the grace end
         await stopping
         # A handler grpc cancelled itself may still be unwinding (writing its trace).
         if not await calls.wait_idle(CUT_ALLOWANCE):

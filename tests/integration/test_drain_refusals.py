@@ -26,6 +26,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import grpc
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from llmgateway.v1 import chat_pb2, chat_pb2_grpc
@@ -246,3 +247,28 @@ async def test_reflection_refused_in_the_drain_gets_the_refusal_not_internal(
     assert exit_code == 0, server.log[-2000:]
     assert set(seen) <= {REFUSED_BY_GATEWAY, CONNECT_REFUSED}, seen
     assert seen[REFUSED_BY_GATEWAY] >= 2, seen
+
+
+async def test_a_reflection_stream_left_open_at_the_signal_ends_shutting_down_at_once(tmp_path: Path) -> None:
+    """A reflection stream a tool keeps open for its session ends with UNAVAILABLE SHUTTING_DOWN
+    once the calls are done, as health Watches do. Untracked, it held grpc's stop for the whole
+    grace period (10 s here, with no call in flight) and then got grpc's bare UNAVAILABLE
+    ("Cancelling all calls", no ErrorInfo)."""
+    server = await asyncio.to_thread(start_server_process, tmp_path, extra_args=["--grace-period", "10"])
+    try:
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            call = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(timeout=30)
+            await call.write(reflection_pb2.ServerReflectionRequest(list_services=""))
+            answer = await call.read()
+            assert answer.list_services_response.service, answer
+            signalled = time.monotonic()
+            server.send_signal(signal.SIGTERM)
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await call.read()
+            ended = time.monotonic() - signalled
+        exit_code = await asyncio.to_thread(server.wait, 20)
+    finally:
+        server.close()
+    assert exit_code == 0, server.log[-2000:]
+    assert drain_outcome(raised.value) == REFUSED_BY_GATEWAY, drain_outcome(raised.value)
+    assert ended < 3.0, f"the open stream held the drain {ended:.1f} s"
