@@ -46,7 +46,7 @@ from server.limits.counters import Counters, MemoryCounters
 from server.limits.limiter import Limiter
 from server.providers.http import HttpClient
 from server.providers.proxy import ProxyConfig
-from server.reflection import enable_reflection
+from server.reflection import JsonNameReflectionServicer, enable_reflection
 from server.routing.router import Router
 from server.serving_health import HealthMonitor
 from server.telemetry import Tracing, setup_tracing
@@ -68,31 +68,47 @@ SERVICE_NAMES = (
 )
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 # Shutdown: calls still queued inside grpc when the signal came start within SETTLE_QUIET of
-# quiet (bounded by SETTLE_LIMIT). If they were still coming at over REFUSE_BACKLOG_RATE a
-# second, what is left is refused (UNAVAILABLE SHUTTING_DOWN) until SETTLE_QUIET passes with
-# none, for at most REFUSE_LIMIT. Calls cut at the end of the grace period get CUT_ALLOWANCE to
-# send their status and trace before grpc cancels whatever is left.
+# quiet (bounded by SETTLE_LIMIT). Then health checks and reflection are refused (UNAVAILABLE
+# SHUTTING_DOWN). If calls were still coming at over REFUSE_BACKLOG_RATE a second, every new call
+# is refused until SETTLE_QUIET passes with none, for at most REFUSE_LIMIT; else they are served
+# until STOP_QUIET passes with none, for at most STOP_QUIET_LIMIT. Only then does grpc's stop
+# begin. Calls cut at the end of the grace period get CUT_ALLOWANCE to send their status and
+# trace before grpc cancels whatever is left.
 SETTLE_QUIET = 0.1
 SETTLE_LIMIT = 1.0
 REFUSE_BACKLOG_RATE = 100.0
 REFUSE_LIMIT = 3.0
+STOP_QUIET = 0.25
+STOP_QUIET_LIMIT = 1.0
 CUT_ALLOWANCE = 2.0
 
 
 class _Health(health.aio.HealthServicer):  # type: ignore[misc]
-    """grpc's health servicer, except that its Watch streams end when the server stops.
+    """grpc's health servicer, except that its Watch streams end when the server stops, and that
+    the drain counts and refuses its calls like any other (`InFlight.admit`).
 
     grpc's Watch never returns: one left open held `server.stop()` for the whole grace period
     (with no call in flight) and then ended with grpc's bare status. `end_watches` ends them
     with UNAVAILABLE SHUTTING_DOWN, after they were told NOT_SERVING.
+
+    A Check the drain neither counted nor refused was answered NOT_SERVING right up to grpc's
+    stop, and the one arriving as it began got grpc's bare CANCELLED (see `GatewayServer.stop`).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, calls: InFlight) -> None:
         super().__init__()
+        self._calls = calls
         self._watches: set[asyncio.Task[Any]] = set()
         self._ending = False
 
+    async def Check(  # noqa: N802 - gRPC's name
+        self, request: health_pb2.HealthCheckRequest, context: Any
+    ) -> health_pb2.HealthCheckResponse:
+        await self._calls.admit(context)
+        return await super().Check(request, context)
+
     async def Watch(self, request: health_pb2.HealthCheckRequest, context: Any) -> None:  # noqa: N802 - gRPC's name
+        await self._calls.admit(context)
         task = asyncio.current_task()
         if task is not None:
             self._watches.add(task)
@@ -128,6 +144,7 @@ class _Running:
     pruner: RetentionPruner | None
     counters: Counters
     cooldowns: SharedCooldowns | None = None
+    reflection: JsonNameReflectionServicer | None = None
 
 
 class GatewayServer:
@@ -287,11 +304,11 @@ class GatewayServer:
             assert isinstance(handlers, Service), handlers
             handlers.track(calls)
         server.add_generic_rpc_handlers(services)
-        health_servicer = _Health()
+        health_servicer = _Health(calls)
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         for name in (*SERVICE_NAMES, ""):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-        enable_reflection(server, (*SERVICE_NAMES, health.SERVICE_NAME))
+        reflection = enable_reflection(server, (*SERVICE_NAMES, health.SERVICE_NAME), admit=calls.admit)
 
         cleanup.push_async_callback(server.stop, None)
         port = _bind(server, settings)
@@ -323,6 +340,7 @@ class GatewayServer:
             pruner,
             counters,
             cooldowns,
+            reflection,
         )
         log.info(
             "llm-gateway serving on %s (port %d), auth %s, traces %s",
@@ -363,21 +381,38 @@ class GatewayServer:
         await running.health.enter_graceful_shutdown()
         # Calls that arrived before the signal but still wait inside grpc for a handler would be
         # cancelled by grpc (a bare CANCELLED) the moment server.stop() begins: let them start.
-        settling, entered = loop.time(), calls.entered
+        settling, entered, checks = loop.time(), calls.entered - calls.untracked, calls.untracked
         settled = await calls.settle(quiet=SETTLE_QUIET, limit=min(SETTLE_LIMIT, grace / 2))
-        rate = (calls.entered - entered) / max(loop.time() - settling, SETTLE_QUIET)
+        # The backlog is of tracked calls only: a storm of health checks (refused from here
+        # anyway) is no queue of real ones, and must not get steady traffic refused.
+        rate = (calls.entered - calls.untracked - entered) / max(loop.time() - settling, SETTLE_QUIET)
+        # grpc's stop cancels, bare CANCELLED, every call that reaches it after it began
+        # (grpc/grpc#41785): one still queued, one whose connection was accepted just before the
+        # listener closed, one sent before its client read the GOAWAY. We cannot answer those;
+        # we can begin the stop when nothing is coming. Health checks and reflection are refused
+        # from here ("retry on another instance"): a checker told so stops calling here.
+        calls.close_untracked()
         if not settled and rate >= REFUSE_BACKLOG_RATE:
             # Still coming as fast as the loop takes them: grpc's queue (up to
             # LLMGW_GRPC_MAX_PENDING_CALLS deep) is not empty, and grpc would cancel the rest
-            # bare. Refuse them ("retry on another instance", no upstream call), ~5,000 a second
-            # on an idle worker. Not at a lower rate: that is steady traffic whose clients move
-            # to another replica at the GOAWAY, a refusal would be an error they see. The calls
-            # in flight keep the whole grace period.
+            # bare. Refuse them (no upstream call), ~5,000 a second on an idle worker, until quiet.
             calls.refuse_new()
-            limit = min(REFUSE_LIMIT, ends - grace / 2 - loop.time())
-            await calls.settle(quiet=SETTLE_QUIET, limit=max(0.0, limit))
-        # New calls are refused from here (GOAWAY). grpc's own cancel at the end of its grace is
-        # only the fallback: it sends no ErrorInfo, and handlers unwind after stop() returned.
+            quiet, limit = SETTLE_QUIET, REFUSE_LIMIT
+        else:
+            # Steady traffic is still served, not refused (a refusal is an error its clients see;
+            # they move to another replica at the GOAWAY): the stop waits for a pause in it.
+            quiet, limit = STOP_QUIET, STOP_QUIET_LIMIT
+        end = loop.time() + max(0.0, min(limit, ends - grace / 2 - loop.time()))
+        # A checker that called since the signal is waited for until it was refused once (it
+        # then pauses): one slower than the quiet period would be calling as the stop began.
+        checked = calls.untracked != checks
+        while True:
+            await calls.settle(quiet=quiet, limit=max(0.0, end - loop.time()))
+            if not checked or calls.untracked_refused or loop.time() >= end:
+                break
+        # grpc's stop: GOAWAY, the listener closes (a new connection is refused: UNAVAILABLE at
+        # the client). grpc's own cancel at the end of its grace is only the fallback: it sends
+        # no ErrorInfo, and handlers unwind after stop() returned.
         stopping = asyncio.create_task(running.server.stop(max(0.0, ends - loop.time()) + CUT_ALLOWANCE))
         if not await calls.wait_idle(ends - loop.time()):
             cut = calls.cut(grace)
@@ -388,6 +423,8 @@ class GatewayServer:
             )
             await calls.wait_idle(CUT_ALLOWANCE)
         running.health.end_watches()  # they saw NOT_SERVING; nothing is left to watch
+        if running.reflection is not None:
+            running.reflection.end_streams()  # else one left open holds grpc's stop to the grace end
         await stopping
         # A handler grpc cancelled itself may still be unwinding (writing its trace).
         if not await calls.wait_idle(CUT_ALLOWANCE):

@@ -106,6 +106,10 @@ class InFlight:
         self._last_entered = 0.0  # loop time of the latest one
         self._grace = 0.0
         self.closed = False  # draining or after the cut: a call arriving now is refused at once
+        # Health checks and reflection refused (the drain began): a checker told so looks elsewhere.
+        self.untracked_closed = False
+        self.untracked = 0  # untracked calls ever admitted, and of those refused
+        self.untracked_refused = 0
         self._loop = RunningLoop()
 
     def __len__(self) -> int:
@@ -258,6 +262,25 @@ class InFlight:
             probe = False  # calls came, or the look was inconclusive: whole quiet windows now
             if loop.time() >= end:
                 return False
+
+    def arrived(self) -> None:
+        """A call this registry does not track (health, reflection) reached its handler: `settle`
+        counts it, so the drain does not call quiet a server that is still being probed."""
+        self._entered += 1
+        self._last_entered = self._loop.get().time()
+
+    async def admit(self, context: Context) -> None:
+        """At the start of an untracked handler: count it, and refuse it (UNAVAILABLE SHUTTING_DOWN)
+        once the drain refuses untracked calls (`close_untracked`) or all new calls."""
+        self.arrived()
+        self.untracked += 1
+        if self.closed or self.untracked_closed:
+            self.untracked_refused += 1
+            await self._abort(context, self.shutdown_error(refused=True))
+
+    def close_untracked(self) -> None:
+        """From now on a health check or reflection call is refused (UNAVAILABLE SHUTTING_DOWN)."""
+        self.untracked_closed = True
 
     def refuse_new(self) -> None:
         """From now on a call handed to a handler is refused at once (UNAVAILABLE SHUTTING_DOWN)."""

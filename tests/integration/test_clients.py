@@ -32,6 +32,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from llmgateway.v1 import chat_pb2, chat_pb2_grpc
 
 from tests.fake_upstream import FakeUpstream, Reply, chunk, completion, text_stream, tool_call, usage_chunk
+from tests.integration.test_hardening_shutdown import error_reason
 from tests.process_harness import (
     REPO_ROOT,
     async_server_process,
@@ -617,22 +618,45 @@ async def wait_not_serving(watch: Any) -> list[int]:
     return seen
 
 
-async def refused_after_signal(address: str, timeout: float = 5.0) -> grpc.StatusCode:
-    """Make new calls until one is refused; any call still answered must see NOT_SERVING."""
+# How a new call made during the drain may fail: refused by the gateway (its ErrorInfo), or, once
+# grpc's stop began, its connection refused (the listener closed). Never grpc's bare CANCELLED:
+# the gateway refuses health checks once the calls queued at the signal have started, and lets
+# grpc stop only once no call came for 0.25 s.
+REFUSED_BY_GATEWAY = "UNAVAILABLE SHUTTING_DOWN"
+CONNECT_REFUSED = "UNAVAILABLE connection refused"
+# A checker told UNAVAILABLE waits this long before it looks again (longer than that quiet).
+PAUSE_AFTER_REFUSAL = 1.0
+
+
+def drain_outcome(error: grpc.aio.AioRpcError) -> str:
+    """The code and ErrorInfo reason, or CONNECT_REFUSED for a connection the server refused;
+    with grpc's message when there is no ErrorInfo (a bare status: which one it was)."""
+    reason = error_reason(error)
+    if reason is not None:
+        return f"{error.code().name} {reason}"
+    if error.code() == grpc.StatusCode.UNAVAILABLE and "Connection refused" in (error.details() or ""):
+        return CONNECT_REFUSED
+    return f"{error.code().name} None {error.details()!r}"
+
+
+async def checks_until_port_closed(address: str, timeout: float = 5.0) -> list[str]:
+    """Health checks on fresh channels, as a checker makes them, until the port is closed: what
+    each got. NOT_SERVING while the calls queued at the signal start, then the gateway's refusal
+    (the checker pauses after each), then the closed port."""
     deadline = time.monotonic() + timeout
-    while True:
+    seen: list[str] = []
+    while not seen or seen[-1] != CONNECT_REFUSED:
         async with grpc.aio.insecure_channel(address) as channel:
             try:
                 answer = await health_pb2_grpc.HealthStub(channel).Check(
                     health_pb2.HealthCheckRequest(), timeout=2
                 )
+                seen.append(health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status))
             except grpc.aio.AioRpcError as exc:
-                code: grpc.StatusCode = exc.code()
-                return code
-            # Only in the instant between NOT_SERVING and the server refusing new calls.
-            assert answer.status == health_pb2.HealthCheckResponse.NOT_SERVING
-        assert time.monotonic() < deadline, "new calls were still accepted long after the signal"
-        await asyncio.sleep(0.02)
+                seen.append(drain_outcome(exc))
+        assert time.monotonic() < deadline, f"the port was still open long after the signal: {seen}"
+        await asyncio.sleep(PAUSE_AFTER_REFUSAL if seen[-1] == REFUSED_BY_GATEWAY else 0.02)
+    return seen
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
@@ -640,8 +664,8 @@ async def test_signal_drains_stream_refuses_new_calls_and_exits_zero(
     tmp_path: Path, upstream: FakeUpstream, signum: signal.Signals
 ) -> None:
     grace = 10.0
-    words = [f"w{i} " for i in range(16)]
-    chunk_delay = 0.15  # ~2.7 s of streaming: long enough to act while it runs
+    words = [f"w{i} " for i in range(32)]
+    chunk_delay = 0.15  # ~5 s of streaming: the port closes ~2 s after the signal, before it ends
     upstream.script(Reply(sse=text_stream(words), chunk_delay=chunk_delay))
     server = await asyncio.to_thread(
         start_server_process,
@@ -670,11 +694,15 @@ async def test_signal_drains_stream_refuses_new_calls_and_exits_zero(
             seen = await asyncio.wait_for(wait_not_serving(watch), timeout=5)
             assert seen[-1] == health_pb2.HealthCheckResponse.NOT_SERVING
             watch.cancel()
-            # ... new calls are refused while the stream is still running ...
-            refused_code = await refused_after_signal(server.address)
-            assert refused_code == grpc.StatusCode.UNAVAILABLE, refused_code
+            # ... health checks are refused, then the port closes, while the stream still runs ...
+            checks = await checks_until_port_closed(server.address)
+            phases = [c for i, c in enumerate(checks) if i == 0 or checks[i - 1] != c]
+            # In this order, each phase possibly missed by a checker slower than it lasts.
+            order = ["NOT_SERVING", REFUSED_BY_GATEWAY, CONNECT_REFUSED]
+            assert set(phases) <= set(order), (phases, len(checks))
+            assert phases == sorted(phases, key=order.index) and phases[-1] == CONNECT_REFUSED, checks
             async with grpc.aio.insecure_channel(server.address) as fresh:
-                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                with pytest.raises(grpc.aio.AioRpcError) as refused_create:
                     await chat_pb2_grpc.ChatCompletionServiceStub(fresh).Create(
                         chat_pb2.CreateRequest(
                             llm_config=stream_request(upstream.base_url).llm_config,
@@ -682,7 +710,7 @@ async def test_signal_drains_stream_refuses_new_calls_and_exits_zero(
                         ),
                         timeout=5,
                     )
-                assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+                assert drain_outcome(refused_create.value) == CONNECT_REFUSED, refused_create.value
             assert stream.done() is False, "the in-flight stream ended before new calls were checked"
 
             # ... and the in-flight stream finishes normally with its completion.
