@@ -168,7 +168,8 @@ async def test_a_huge_stop_list_is_refused_without_walking_it(
     d = expect(
         await fail(gateway.chat.Create(req, timeout=30)), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_REQUEST"
     )
-    assert list(d.violations) == ["llm_config.stop"]  # one violation, not 60,000
+    # One violation, not 60,000: 60 MB of stop sequences are over the serialized config's bound.
+    assert list(d.violations) == ["llm_config"]
     assert time.monotonic() - started < 10
 
 
