@@ -32,7 +32,6 @@ from server.core.completion import (
     check_answer_size,
     completion_from_json,
     leave_out_streamed,
-    plain_choice,
     plain_event,
     streamed_texts,
 )
@@ -570,8 +569,7 @@ class Gateway:
                             if len(batch) == 1 and (chunk := batch[0]) is not None:
                                 # The usual read: one chunk. Text content alone with nothing to
                                 # scrub is one event, as `relayed` makes it (inlined: every chunk).
-                                add(chunk)
-                                plain = plain_choice(chunk)
+                                plain = add(chunk)  # plain_choice(chunk), found by the way
                                 if plain is not None and scrubber.lets_out(plain[1]):
                                     if first:
                                         first = False
