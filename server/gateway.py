@@ -44,7 +44,7 @@ from server.core.keys import (
     resolve_target,
 )
 from server.core.openai_request import build_chat_body, prompt_functions, unpack_completion
-from server.core.relay import relayed
+from server.core.relay import plain_wire, relayed
 from server.core.retry import Deadline
 from server.core.stream import StreamAccumulator
 from server.core.validation import LOCAL_TYPES, FunctionKeys, function_keys_async, off_loop, validate_request
@@ -480,6 +480,17 @@ class Gateway:
             return self._stream_routed_or_direct(request, actor, deadline, None)
         return self._limited_stream(limiter, request, actor, deadline)
 
+    def stream_wire(
+        self, request: ChatRequest, actor: Actor, deadline: Deadline
+    ) -> AsyncIterator[chat_pb2.StreamCreateResponse | bytes]:
+        """`stream`, for the servicer: the usual delta of a direct call (no router, no limits
+        to count it) comes as its wire bytes (`relay.plain_wire`), what the response serializer
+        would have made of its event; every other event as `stream` gives it."""
+        limiter = self.deps.limiter
+        if (limiter is None or not limiter.may_apply(actor)) and not wants_routing(request):
+            return self._stream(request, actor, deadline, None, None, wire=True)
+        return self.stream(request, actor, deadline)
+
     async def _limited_stream(
         self, limiter: Limiter, request: ChatRequest, actor: Actor, deadline: Deadline
     ) -> AsyncIterator[chat_pb2.StreamCreateResponse]:
@@ -518,6 +529,7 @@ class Gateway:
         deadline: Deadline,
         via: Attempt | None,
         admission: Admission | None,
+        wire: bool = False,
     ) -> AsyncIterator[chat_pb2.StreamCreateResponse]:
         keys = await function_keys_async(request.functions)
         await offload.run_if(off_loop(keys), lambda: validate_request(request, keys))
@@ -575,7 +587,8 @@ class Gateway:
                                         first = False
                                         call.first_token()
                                     relayed_text = True  # (text content)
-                                    yield plain_event(*plain)
+                                    # (typed as events: the servicer's stream_wire alone says wire)
+                                    yield plain_wire(*plain) if wire else plain_event(*plain)  # type: ignore[misc]
                                     continue
                             else:
                                 for chunk in batch:

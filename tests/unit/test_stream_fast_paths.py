@@ -17,6 +17,7 @@ import orjson
 import pytest
 from llmgateway.v1 import chat_pb2
 
+from server.api.handlers import server_stream
 from server.auth.redact import _FEW_HEADS, _WALK_CHARS, Redactor
 from server.core import tool_call_check
 from server.core.answer_scrub import AnswerScrubber
@@ -28,11 +29,12 @@ from server.core.completion import (
     deltas_from_chunks,
     finish_reason,
     plain_choice,
+    plain_event,
     text_bytes,
     text_of,
     too_many,
 )
-from server.core.relay import relayed
+from server.core.relay import plain_wire, relayed
 from server.core.stream import StreamAccumulator, _ChoiceParts
 from server.errors import GatewayError
 from server.providers import openai_compat
@@ -820,3 +822,42 @@ def test_decoder_template_bounds() -> None:
     assert decoder._learns == 0
     last = openai_compat._TEMPLATE_LEARNS - 1  # every chunk missed the one before's template
     assert decoder._prefix == b'{"id":"c%d","choices":[{"delta":{"content":"' % last
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_plain_wire_is_the_plain_event_serialized(seed: int) -> None:
+    """The usual delta's bytes, built without a message, are the serialized event; any other
+    plain choice (an index, a finish reason, 126 bytes or more) is the event itself."""
+    rng = random.Random(seed)
+    texts = [*_TEMPLATE_TEXTS, "x" * 123, "x" * 124, "x" * 125, "x" * 126, "é" * 62, "é" * 63, "日" * 200]
+    for _ in range(2000):
+        choice: dict[str, Any] = {}
+        if _maybe(rng):
+            choice["index"] = rng.choice([0, 0, 1, 2, None])
+        if _maybe(rng):
+            choice["finish_reason"] = rng.choice([None, None, "", "stop", "length", "weird"])
+        content = rng.choice(texts) + rng.choice(["", _text(rng)])
+        if not content:
+            continue
+        choice["delta"] = {"content": content}
+        event = plain_event(choice, content)
+        got = plain_wire(choice, content)
+        if type(got) is bytes:
+            assert got == event.SerializeToString()
+            assert not choice.get("index") and not choice.get("finish_reason")
+            assert chat_pb2.StreamCreateResponse.FromString(got) == event
+        else:
+            assert got == event
+            assert choice.get("index") or choice.get("finish_reason") or len(content.encode()) >= 126
+    # A lone surrogate: the message refuses it, as before (not an encoding error of our own).
+    with pytest.raises(Exception) as raised:  # noqa: PT011 - whichever the message raises
+        plain_event({}, "a\ud800")
+    with pytest.raises(raised.type):
+        plain_wire({}, "a\ud800")
+
+
+def test_the_serializer_sends_bytes_as_they_are() -> None:
+    event = plain_event({}, "tok ")
+    serialize = server_stream(lambda data, context: None).response_serializer  # type: ignore[arg-type,return-value]
+    assert serialize(event) == event.SerializeToString()
+    assert serialize(b"\x0a\x06\x12\x04tok ") == event.SerializeToString()
