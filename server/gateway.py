@@ -66,7 +66,7 @@ from server.providers.openai_compat import (
     open_stream,
     post_json,
     released_when_done,
-    sse_batches,
+    sse_batch_reader,
 )
 from server.providers.registry import provider_for
 from server.routing.attempts import Attempt
@@ -574,10 +574,12 @@ class Gateway:
                         add = accumulator.add
                         # What one network read brought is relayed together: consecutive pieces
                         # of the same kind are merged into one delta event (deltas_from_chunks
-                        # says which).
-                        async for batch in sse_batches(
+                        # says which). Read by the SSE parser's own next_batch: sse_batches'
+                        # generator was one more layer for every read.
+                        next_batch = sse_batch_reader(
                             response, provider=target.provider, scrub=self.deps.scrub
-                        ):
+                        )
+                        while batch := await next_batch():
                             if len(batch) == 1 and (chunk := batch[0]) is not None:
                                 # The usual read: one chunk. Text content alone with nothing to
                                 # scrub is one event, as `relayed` makes it (inlined: every chunk).

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -805,6 +805,28 @@ async def sse_batches(
         raise broken_stream(exc, provider, scrub) from exc
 
 
+def sse_batch_reader(
+    response: Response, *, provider: str, scrub: Callable[[str], str]
+) -> Callable[[], Awaitable[list[dict[str, Any] | None]]]:
+    """`sse_batches` as a function awaited for each batch ([] at the end), with the same
+    batches and errors: the parser's own `next_batch` where `sse_batches` would read from it
+    (one async-generator layer fewer for every read of the stream), else that generator."""
+    primed = response.reader_state
+    parser: _SSEParser | None = None
+    if not isinstance(primed, _Primed):
+        parser = _iter_events(response, provider=provider, scrub=scrub)
+    elif primed.first is not _END and primed.first is not None and isinstance(primed.events, _SSEParser):
+        parser = primed.events
+        # The first event handed out first, with the rest of its read, as sse_batches does.
+        parser._pending, parser._taken = [primed.first, *parser.take_pending()], 0  # type: ignore[list-item]
+    if parser is not None:
+        response.reader_state = None  # (the first event is not kept past its batch)
+        parser._broken = (provider, scrub)
+        return parser.next_batch
+    batches = sse_batches(response, provider=provider, scrub=scrub)
+    return lambda: anext(batches, [])
+
+
 def broken_stream(exc: BaseException, provider: str, scrub: Callable[[str], str]) -> GatewayError:
     """What a transport error in the middle of a stream means for the caller."""
     if isinstance(exc, IdleTimeoutError):
@@ -941,6 +963,7 @@ class _SSEParser:
         "_bom",
         "_idle",
         "_last_event",
+        "_broken",
     )
 
     def __init__(self, response: Response, *, provider: str, decoder: StreamDecoder) -> None:
@@ -962,6 +985,9 @@ class _SSEParser:
         # are bytes: they alone must not hold a call longer than that bound either.
         self._idle: float | None = getattr(response, "idle_timeout", None)
         self._last_event = time.monotonic()
+        # Set by sse_batch_reader: a transport error is then what it means mid-stream
+        # (broken_stream), as sse_batches makes it; before that it passes through unchanged.
+        self._broken: tuple[str, Callable[[str], str]] | None = None
 
     def __aiter__(self) -> _SSEParser:
         return self
@@ -988,28 +1014,33 @@ class _SSEParser:
             if self._taken < len(self._pending):
                 return self.take_pending()
             self._pending, self._taken = [], 0
-        while True:
-            if self._error is not None:
-                error, self._error = self._error, None
-                raise error
-            if self._ended:
-                return []
-            piece = await self._response.read_chunk()
-            if not piece:
-                self._ended = True
-                return self._tail()
-            batch = self._feed(piece)
-            idle = self._idle
-            if batch:
-                if idle is not None:
-                    self._last_event = time.monotonic()
-                return batch
-            if idle is not None and time.monotonic() - self._last_event >= idle:
-                self._ended = True
-                raise UpstreamUnavailable(
-                    f"{self._provider} sent only keep-alive comments for {idle:g} s",
-                    metadata={"provider": self._provider},
-                )
+        try:
+            while True:
+                if self._error is not None:
+                    error, self._error = self._error, None
+                    raise error
+                if self._ended:
+                    return []
+                piece = await self._response.read_chunk()
+                if not piece:
+                    self._ended = True
+                    return self._tail()
+                batch = self._feed(piece)
+                idle = self._idle
+                if batch:
+                    if idle is not None:
+                        self._last_event = time.monotonic()
+                    return batch
+                if idle is not None and time.monotonic() - self._last_event >= idle:
+                    self._ended = True
+                    raise UpstreamUnavailable(
+                        f"{self._provider} sent only keep-alive comments for {idle:g} s",
+                        metadata={"provider": self._provider},
+                    )
+        except OSError as exc:  # TimeoutError and HttpClientError are OSErrors
+            if self._broken is None:
+                raise
+            raise broken_stream(exc, *self._broken) from exc
 
     def _feed(self, piece: bytes) -> list[dict[str, Any] | None]:
         # The usual read is exactly one event, `data: {...}` and a blank line, at a line start
