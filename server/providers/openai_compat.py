@@ -111,7 +111,8 @@ class OpenAIStreamDecoder:
     UTF-8. A template is kept only if a parse with a probe text in its place changed exactly the
     delta's content, and only of scalar fields besides that one choice's delta (every chunk
     built from it is a new object: nothing handed out is shared). A stream learns again after
-    two misses in a row (its chunks changed shape), at most `_TEMPLATE_LEARNS` times.
+    two misses in a row (its chunks changed shape), at most `_TEMPLATE_LEARNS` times (a try
+    that fails counts too: a stream whose chunks never fit stops trying).
     """
 
     __slots__ = ("_provider", "_scrub", "_prefix", "_suffix", "_chunk", "_choice", "_learns", "_missed")
@@ -163,6 +164,12 @@ class OpenAIStreamDecoder:
             return
         if len(data) > _TEMPLATE_BYTES + 4 * len(text) or text == _PROBE:
             return
+        if '"' in text or "\\" in text or not text.isprintable():
+            return  # JSON writes it with escapes: nothing to learn from (the next text may be)
+        # Every attempt from here on counts: a stream whose chunks can never be one (a field
+        # that is not a scalar, in every chunk; text written with escapes JSON does not need)
+        # tried again at every chunk, at the cost of a parse.
+        self._learns -= 1
         if not all(type(v) in _SCALARS for k, v in chunk.items() if k != "choices"):
             return
         if not all(type(v) in _SCALARS for k, v in choice.items() if k != "delta"):
@@ -171,7 +178,6 @@ class OpenAIStreamDecoder:
         at = data.find(b'"content":"' + raw + b'"')
         if at < 0:  # written with escapes: nothing to learn from
             return
-        self._learns -= 1
         prefix, suffix = data[: at + 11], data[at + 11 + len(raw) :]
         if len(prefix) + len(suffix) > _TEMPLATE_BYTES:
             return

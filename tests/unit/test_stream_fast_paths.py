@@ -824,6 +824,56 @@ def test_decoder_template_bounds() -> None:
     assert decoder._prefix == b'{"id":"c%d","choices":[{"delta":{"content":"' % last
 
 
+class _CountedScalars(tuple[type, ...]):
+    """`_SCALARS`, counting the look-ups: each field a learning attempt checks is one."""
+
+    looked = 0
+
+    def __contains__(self, item: object) -> bool:
+        type(self).looked += 1
+        return tuple.__contains__(self, item)
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        # Azure's content filter (and logprobs): a field that is not a scalar, in every chunk.
+        b'{"id":"c","choices":[{"index":0,"delta":{"content":"w%d "},"content_filter_results":{}}]}',
+        # Text the upstream writes with escapes it need not use (ensure_ascii, Go's HTML-safe <>&).
+        b'{"id":"c","choices":[{"index":0,"delta":{"content":"\\u00e9%d\\u003c"}}]}',
+    ],
+)
+def test_a_stream_that_never_fits_stops_trying(shape: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Chunks that can never be a template each missed, so each tried to learn again, at about
+    the cost of the parse (callgrind: ~20k instructions more per 250-byte chunk, the decoder's
+    work doubled) for every chunk of such a stream. Every attempt past the cheap look at the
+    delta counts against _TEMPLATE_LEARNS; the chunks are the parser's all the same."""
+    monkeypatch.setattr(openai_compat, "_SCALARS", _CountedScalars(openai_compat._SCALARS))
+    _CountedScalars.looked = 0
+    decoder = OpenAIStreamDecoder(provider="p", scrub=str)
+    for n in range(200):
+        data = shape % n
+        assert decoder.feed(None, data) == [orjson.loads(data)]
+    # Each attempt looks at the chunk's id, the choice's index and at most one field more.
+    assert _CountedScalars.looked <= 4 * openai_compat._TEMPLATE_LEARNS, _CountedScalars.looked
+    assert decoder._learns == 0 and decoder._prefix == b""
+
+
+def test_text_with_escapes_spends_no_learning() -> None:
+    """A text JSON must escape (a quote, a backslash, a newline) is skipped before any work: a
+    stream whose first text chunks have one still learns its template from the next."""
+    decoder = OpenAIStreamDecoder(provider="p", scrub=str)
+    head = b'{"id":"c","choices":[{"index":0,"delta":{"content":"'
+    for text in [b"a\\nb", b'\\"q\\"', b"x\\\\y"] * 3:
+        data = head + text + b'"}}]}'
+        assert decoder.feed(None, data) == [orjson.loads(data)]
+    assert decoder._learns == openai_compat._TEMPLATE_LEARNS
+    data = head + b'plain"}}]}'
+    assert decoder.feed(None, data) == [orjson.loads(data)]
+    assert decoder._prefix == head
+    assert decoder.feed(None, head + b'next"}}]}') == [orjson.loads(head + b'next"}}]}')]
+
+
 @pytest.mark.parametrize("seed", range(3))
 def test_plain_wire_is_the_plain_event_serialized(seed: int) -> None:
     """The usual delta's bytes, built without a message, are the serialized event; any other
