@@ -14,6 +14,13 @@ Rounds alternate gateway and floor (the machine is shared), with two chunk count
 CPU (`time.thread_time`) per stream is fitted as a + b * chunks: a is the fixed cost of a stream,
 b the cost per chunk. `PROF=tottime` (or `cumulative`) profiles one extra gateway run instead.
 
+Instruction counts, repeatable where CPU time is not: `CALLGRIND=1 valgrind --tool=callgrind
+--instr-atstart=no --separate-threads=yes python -m bench.profile_stream --rounds 2
+--concurrency 2 --streams 4 --gap-us 40000` counts each measurement alone (zeroed, switched on
+and dumped by `callgrind_control`) and fits the main thread's instructions per stream the same
+way. The gap is wide and two streams run at a time: slow as valgrind makes it, every chunk is
+still a read of its own. `--only` as above.
+
 Run: `PYTHONPATH=.:generated python -m bench.profile_stream [--streams 400] [--concurrency 16]
 [--gap-us 2000] [--chunks 10,200] [--rounds 3] [--only gateway|floor]`.
 """
@@ -141,6 +148,28 @@ async def _run(one: Callable[[str], AsyncIterator[bytes]], base: str, streams: i
     return messages
 
 
+def _counted(measure: bool) -> int | None:
+    """Under callgrind (CALLGRIND=1): count from here (`measure`), or dump and return the count."""
+    if not os.environ.get("CALLGRIND"):
+        return None
+    pid = str(os.getpid())
+    for command in (["-z"], ["-i", "on"]) if measure else (["-i", "off"], ["-d"]):
+        subprocess.run(["callgrind_control", *command, pid], check=True, stdout=subprocess.DEVNULL)
+    if measure:
+        return None
+    # With --separate-threads=yes: the main thread's dump alone (grpc's pollers and the trace
+    # writer run on other threads, by the clock: their counts follow valgrind's speed).
+    dumps = sorted(
+        Path.cwd().glob(f"callgrind.out.{pid}.*-01"), key=lambda p: int(p.name.split(".")[-1][:-3])
+    )
+    if not dumps:
+        dumps = sorted(Path.cwd().glob(f"callgrind.out.{pid}.*"), key=lambda p: int(p.suffix[1:]))
+    for line in dumps[-1].read_text().splitlines():
+        if line.startswith("totals:"):  # the sum of the dump's costs ("summary:" can wrap)
+            return int(line.split()[1])
+    raise RuntimeError(f"no totals in {dumps[-1]}")
+
+
 def _fit(points: dict[int, float]) -> tuple[float, float]:
     (n1, c1), (n2, c2) = sorted(points.items())
     per_chunk = (c2 - c1) / (n2 - n1)
@@ -177,16 +206,23 @@ async def main_async(args: argparse.Namespace) -> int:
             pstats.Stats(profile).sort_stats(os.environ["PROF"]).print_stats(40)
             return 0
         results: dict[str, dict[int, list[float]]] = {n: {c: [] for c in chunk_counts} for n in targets}
+        instructions: dict[str, dict[int, list[float]]] = {n: {c: [] for c in chunk_counts} for n in targets}
         for round_ in range(args.rounds):
             for name, one in targets.items():
                 for chunks in chunk_counts:
+                    _counted(True)
                     start = time.thread_time()
                     messages = await _run(one, bases[chunks], args.streams, args.concurrency)
                     used = time.thread_time() - start
+                    counted = _counted(False)
                     results[name][chunks].append(used / args.streams * 1e6)
+                    extra = f"{messages / args.streams:.1f} msgs"
+                    if counted is not None:
+                        instructions[name][chunks].append(counted / args.streams)
+                        extra += f", {counted / args.streams:,.0f} instructions/stream"
                     print(
                         f"round {round_} {name:7} {chunks:4} chunks: "
-                        f"{used / args.streams * 1e6:8.1f} us/stream ({messages / args.streams:.1f} msgs)",
+                        f"{used / args.streams * 1e6:8.1f} us/stream ({extra})",
                         file=sys.stderr,
                     )
         print(f"{'':8} {'fixed us/stream':>16} {'us/chunk':>9}   (median of {args.rounds} rounds)")
@@ -198,6 +234,11 @@ async def main_async(args: argparse.Namespace) -> int:
         if len(fits) == 2:
             (gf, gc), (ff, fc) = fits["gateway"], fits["floor"]
             print(f"{'ratio':8} {gf / ff:16.2f} {gc / fc:9.2f}")
+        if os.environ.get("CALLGRIND"):
+            print(f"{'':8} {'fixed instr/stream':>18} {'instr/chunk':>11}   (callgrind, median of rounds)")
+            for name, by_chunks in instructions.items():
+                fixed, per_chunk = _fit({c: statistics.median(v) for c, v in by_chunks.items()})
+                print(f"{name:8} {fixed:18,.0f} {per_chunk:11,.0f}")
     finally:
         if server is not None:
             await server.stop(grace=1.0)

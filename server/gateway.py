@@ -32,7 +32,6 @@ from server.core.completion import (
     check_answer_size,
     completion_from_json,
     leave_out_streamed,
-    plain_choice,
     plain_event,
     streamed_texts,
 )
@@ -45,7 +44,7 @@ from server.core.keys import (
     resolve_target,
 )
 from server.core.openai_request import build_chat_body, prompt_functions, unpack_completion
-from server.core.relay import relayed
+from server.core.relay import plain_wire, relayed
 from server.core.retry import Deadline
 from server.core.stream import StreamAccumulator
 from server.core.validation import (
@@ -75,7 +74,7 @@ from server.providers.openai_compat import (
     open_stream,
     post_json,
     released_when_done,
-    sse_batches,
+    sse_batch_reader,
 )
 from server.providers.registry import provider_for
 from server.routing.attempts import Attempt
@@ -502,6 +501,17 @@ class Gateway:
             return self._stream_routed_or_direct(request, actor, deadline, None)
         return self._limited_stream(limiter, request, actor, deadline)
 
+    def stream_wire(
+        self, request: ChatRequest, actor: Actor, deadline: Deadline
+    ) -> AsyncIterator[chat_pb2.StreamCreateResponse | bytes]:
+        """`stream`, for the servicer: the usual delta of a direct call (no router, no limits
+        to count it) comes as its wire bytes (`relay.plain_wire`), what the response serializer
+        would have made of its event; every other event as `stream` gives it."""
+        limiter = self.deps.limiter
+        if (limiter is None or not limiter.may_apply(actor)) and not wants_routing(request):
+            return self._stream(request, actor, deadline, None, None, wire=True)
+        return self.stream(request, actor, deadline)
+
     async def _limited_stream(
         self, limiter: Limiter, request: ChatRequest, actor: Actor, deadline: Deadline
     ) -> AsyncIterator[chat_pb2.StreamCreateResponse]:
@@ -540,6 +550,7 @@ class Gateway:
         deadline: Deadline,
         via: Attempt | None,
         admission: Admission | None,
+        wire: bool = False,
     ) -> AsyncIterator[chat_pb2.StreamCreateResponse]:
         keys = await function_keys_async(request.functions)
         await offload.run_if(off_loop(keys), lambda: validate_request(request, keys))
@@ -584,21 +595,23 @@ class Gateway:
                         add = accumulator.add
                         # What one network read brought is relayed together: consecutive pieces
                         # of the same kind are merged into one delta event (deltas_from_chunks
-                        # says which).
-                        async for batch in sse_batches(
+                        # says which). Read by the SSE parser's own next_batch: sse_batches'
+                        # generator was one more layer for every read.
+                        next_batch = sse_batch_reader(
                             response, provider=target.provider, scrub=self.deps.scrub
-                        ):
+                        )
+                        while batch := await next_batch():
                             if len(batch) == 1 and (chunk := batch[0]) is not None:
                                 # The usual read: one chunk. Text content alone with nothing to
                                 # scrub is one event, as `relayed` makes it (inlined: every chunk).
-                                add(chunk)
-                                plain = plain_choice(chunk)
+                                plain = add(chunk)  # plain_choice(chunk), found by the way
                                 if plain is not None and scrubber.lets_out(plain[1]):
                                     if first:
                                         first = False
                                         call.first_token()
                                     relayed_text = True  # (text content)
-                                    yield plain_event(*plain)
+                                    # (typed as events: the servicer's stream_wire alone says wire)
+                                    yield plain_wire(*plain) if wire else plain_event(*plain)  # type: ignore[misc]
                                     continue
                             else:
                                 for chunk in batch:

@@ -47,7 +47,7 @@ class ChatCompletionServicer:
 
     async def stream_create(
         self, data: bytes, context: Context
-    ) -> AsyncIterator[chat_pb2.StreamCreateResponse]:
+    ) -> AsyncIterator[chat_pb2.StreamCreateResponse | bytes]:
         # A failure after some deltas went out still ends the call with its status (never OK):
         # the caller can tell a broken answer from a complete one.
         with metrics.RequestScope("StreamCreate", "stream", context) as scope:
@@ -55,7 +55,8 @@ class ChatCompletionServicer:
                 actor = await self._auth.actor_for(context)
                 request = parse(chat_pb2.CreateRequest, data)
                 scope.labels(request.llm_config, proves=not wants_routing(request))
-                async for event in self._gateway.stream(request, actor, deadline_of(context)):
+                # The usual delta comes as its wire bytes (the response serializer sends them).
+                async for event in self._gateway.stream_wire(request, actor, deadline_of(context)):
                     yield event
             except grpc.aio.AbortError:
                 raise

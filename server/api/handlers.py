@@ -12,11 +12,14 @@ from server.api.context import Context
 from server.inflight import InFlight
 
 UnaryBehaviour = Callable[[bytes, Context], Awaitable[Message]]
-StreamBehaviour = Callable[[bytes, Context], AsyncIterator[Message]]
+StreamBehaviour = Callable[[bytes, Context], AsyncIterator[Message | bytes]]
 
 
-def _serialize(message: Message) -> bytes:
-    return message.SerializeToString()
+def _serialize(message: Message | bytes) -> bytes:
+    # A stream's usual delta comes serialized already (`relay.plain_wire`): sent as it is.
+    if type(message) is bytes:
+        return message
+    return message.SerializeToString()  # type: ignore[union-attr]
 
 
 def unary(behaviour: UnaryBehaviour) -> grpc.RpcMethodHandler:

@@ -31,3 +31,23 @@ def relayed(
             if scrubber.lets_out(content):
                 return (plain_event(choice, content),)
     return scrubber.events(tool_call_check.first_call_only(deltas_from_chunks(chunks), want))
+
+
+# The serialized head of a StreamCreateResponse whose delta is `content` alone, by the content's
+# UTF-8 length n: field 1 (the delta, length n + 2), its field 2 (the content, length n). One-byte
+# lengths only: n + 2 < 128.
+_PLAIN_HEADS = tuple(bytes((0x0A, n + 2, 0x12, n)) for n in range(126))
+
+
+def plain_wire(choice: dict[str, Any], content: str) -> bytes | chat_pb2.StreamCreateResponse:
+    """`plain_event(choice, content)`, serialized: the usual delta of a paced stream (text
+    content alone, choice 0, no finish reason, under 126 bytes) as its wire bytes, built without
+    a message object (`handlers` sends bytes as they are); any other the event itself."""
+    if not choice.get("index") and not choice.get("finish_reason"):
+        try:
+            raw = content.encode()
+        except UnicodeEncodeError:  # a lone surrogate: the message refuses it, as it did
+            raw = b""
+        if 0 < len(raw) < 126:
+            return _PLAIN_HEADS[len(raw)] + raw
+    return plain_event(choice, content)

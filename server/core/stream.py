@@ -20,6 +20,7 @@ from server.core.completion import (
     MAX_CHOICES,
     MAX_TOOL_CALLS,
     answer_too_large,
+    plain_choice,
     text_bytes,
     text_of,
     too_many,
@@ -120,7 +121,9 @@ class StreamAccumulator:
         self.choices: dict[int, _ChoiceParts] = {}
         self.chunks = 0
 
-    def add(self, chunk: dict[str, Any]) -> None:
+    def add(self, chunk: dict[str, Any]) -> tuple[dict[str, Any], str] | None:
+        """Take in a chunk; the chunk's `plain_choice` (its one choice and text content, when
+        that is all its delta relays), found on the way: the stream relays such a chunk as is."""
         self.chunks += 1
         get = chunk.get
         value = get("id")
@@ -138,7 +141,10 @@ class StreamAccumulator:
         value = get("usage")
         if value:
             self.usage = value
-        for choice in get("choices") or ():
+        choices = get("choices")
+        plain = None
+        single = type(choices) is list and len(choices) == 1  # as plain_choice asks
+        for choice in choices or ():
             index = choice.get("index") or 0
             if type(index) is not int:
                 index = int(index)
@@ -164,9 +170,14 @@ class StreamAccumulator:
                         parts.content.fold()
                 if len(delta) > 1 or content is None:  # else content was its only field
                     self._add_rest(parts, delta)
+                    if text and single:
+                        plain = plain_choice(chunk)
+                elif text and single and type(content) is str and type(delta) is dict:
+                    plain = choice, content
             reason = choice.get("finish_reason")
             if reason:
                 parts.finish_reason = reason
+        return plain
 
     def _add_rest(self, parts: _ChoiceParts, delta: dict[str, Any]) -> None:
         """What a delta carries besides its content."""

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -93,18 +93,104 @@ class CallOptions:
         return Timeout(total=remaining)
 
 
-class OpenAIStreamDecoder:
-    """OpenAI `chat.completion.chunk` events: each `data:` is one chunk, `[DONE]` the end."""
+# A chunk of at most this many bytes besides its text may become a stream's template.
+_TEMPLATE_BYTES = 2048
+_TEMPLATE_LEARNS = 4  # templates one stream may learn (each costs one parse more)
+_PROBE = "llmgw-template-probe"
+_SCALARS = (str, int, float, bool, type(None))
 
-    __slots__ = ("_provider", "_scrub")
+
+class OpenAIStreamDecoder:
+    """OpenAI `chat.completion.chunk` events: each `data:` is one chunk, `[DONE]` the end.
+
+    A stream's chunks are mostly the same bytes but for their text. Once a chunk of text content
+    alone was parsed, its bytes before and after the text are the stream's template, and a later
+    event that is that prefix, plain text and that suffix is that chunk with this text, built
+    without parsing the rest again: what `orjson.loads` and `check_shape` give, as the text has
+    no quote, backslash or control character (one JSON string, whatever it holds) and is valid
+    UTF-8. A template is kept only if a parse with a probe text in its place changed exactly the
+    delta's content, and only of scalar fields besides that one choice's delta (every chunk
+    built from it is a new object: nothing handed out is shared). A stream learns again after
+    two misses in a row (its chunks changed shape), at most `_TEMPLATE_LEARNS` times (a try
+    that fails counts too: a stream whose chunks never fit stops trying).
+    """
+
+    __slots__ = ("_provider", "_scrub", "_prefix", "_suffix", "_chunk", "_choice", "_learns", "_missed")
 
     def __init__(self, *, provider: str, scrub: Callable[[str], str]) -> None:
         self._provider = provider
         self._scrub = scrub
+        self._prefix = b""  # b"" until a template was learnt
+        self._suffix = b""
+        self._chunk: dict[str, Any] = {}
+        self._choice: dict[str, Any] = {}
+        self._learns = _TEMPLATE_LEARNS
+        self._missed = True  # the last event did not fit the template (there is none yet)
 
     def feed(self, event: str | None, data: bytes) -> list[dict[str, Any] | None]:
         # The event name is ignored: OpenAI sends none, and proxies' names carry nothing more.
-        return [_decode_event(data, self._provider, self._scrub)]  # (positional: per chunk)
+        prefix = self._prefix
+        if prefix and data.startswith(prefix):
+            suffix = self._suffix
+            end = len(data) - len(suffix)
+            if end >= len(prefix) and data.endswith(suffix):
+                raw = data[len(prefix) : end]
+                if 34 not in raw and 92 not in raw:  # no quote, no backslash (ints: memchr)
+                    try:
+                        text = raw.decode()
+                    except UnicodeDecodeError:
+                        text = ""
+                    # No control character (isprintable is stricter: the rest are parsed below).
+                    if text.isprintable() and (text or not raw):
+                        self._missed = False
+                        built = self._chunk.copy()
+                        choice = self._choice.copy()
+                        choice["delta"] = {"content": text}
+                        built["choices"] = [choice]
+                        return [built]
+        chunk = _decode_event(data, self._provider, self._scrub)
+        if self._missed and self._learns and chunk is not None:
+            self._learn(chunk, data)
+        self._missed = True
+        return [chunk]  # (positional: per chunk)
+
+    def _learn(self, chunk: dict[str, Any], data: bytes) -> None:
+        """Keep `data` as the template if it is a chunk of text content alone (see the class)."""
+        choices = chunk.get("choices")
+        if type(choices) is not list or len(choices) != 1 or type(choice := choices[0]) is not dict:
+            return
+        delta = choice.get("delta")
+        if type(delta) is not dict or len(delta) != 1 or type(text := delta.get("content")) is not str:
+            return
+        if len(data) > _TEMPLATE_BYTES + 4 * len(text) or text == _PROBE:
+            return
+        if '"' in text or "\\" in text or not text.isprintable():
+            return  # JSON writes it with escapes: nothing to learn from (the next text may be)
+        # Every attempt from here on counts: a stream whose chunks can never be one (a field
+        # that is not a scalar, in every chunk; text written with escapes JSON does not need)
+        # tried again at every chunk, at the cost of a parse.
+        self._learns -= 1
+        if not all(type(v) in _SCALARS for k, v in chunk.items() if k != "choices"):
+            return
+        if not all(type(v) in _SCALARS for k, v in choice.items() if k != "delta"):
+            return
+        raw = text.encode()
+        at = data.find(b'"content":"' + raw + b'"')
+        if at < 0:  # written with escapes: nothing to learn from
+            return
+        prefix, suffix = data[: at + 11], data[at + 11 + len(raw) :]
+        if len(prefix) + len(suffix) > _TEMPLATE_BYTES:
+            return
+        try:
+            probed = orjson.loads(prefix + _PROBE.encode() + suffix)
+        except orjson.JSONDecodeError:
+            return
+        expected = {**chunk, "choices": [{**choice, "delta": {"content": _PROBE}}]}
+        if probed != expected:  # the text there is not exactly the delta's content
+            return
+        # Copies with the places every chunk fills in anew (no reference to this chunk's text).
+        self._chunk, self._choice = {**chunk, "choices": None}, {**choice, "delta": None}
+        self._prefix, self._suffix = prefix, suffix
 
     def finish(self) -> list[dict[str, Any] | None]:
         # No `[DONE]` before the end of the body: the gateway decides from the finish reasons.
@@ -731,6 +817,28 @@ async def sse_batches(
         raise broken_stream(exc, provider, scrub) from exc
 
 
+def sse_batch_reader(
+    response: Response, *, provider: str, scrub: Callable[[str], str]
+) -> Callable[[], Awaitable[list[dict[str, Any] | None]]]:
+    """`sse_batches` as a function awaited for each batch ([] at the end), with the same
+    batches and errors: the parser's own `next_batch` where `sse_batches` would read from it
+    (one async-generator layer fewer for every read of the stream), else that generator."""
+    primed = response.reader_state
+    parser: _SSEParser | None = None
+    if not isinstance(primed, _Primed):
+        parser = _iter_events(response, provider=provider, scrub=scrub)
+    elif primed.first is not _END and primed.first is not None and isinstance(primed.events, _SSEParser):
+        parser = primed.events
+        # The first event handed out first, with the rest of its read, as sse_batches does.
+        parser._pending, parser._taken = [primed.first, *parser.take_pending()], 0  # type: ignore[list-item]
+    if parser is not None:
+        response.reader_state = None  # (the first event is not kept past its batch)
+        parser._broken = (provider, scrub)
+        return parser.next_batch
+    batches = sse_batches(response, provider=provider, scrub=scrub)
+    return lambda: anext(batches, [])
+
+
 def broken_stream(exc: BaseException, provider: str, scrub: Callable[[str], str]) -> GatewayError:
     """What a transport error in the middle of a stream means for the caller."""
     if isinstance(exc, IdleTimeoutError):
@@ -867,6 +975,7 @@ class _SSEParser:
         "_bom",
         "_idle",
         "_last_event",
+        "_broken",
     )
 
     def __init__(self, response: Response, *, provider: str, decoder: StreamDecoder) -> None:
@@ -888,6 +997,9 @@ class _SSEParser:
         # are bytes: they alone must not hold a call longer than that bound either.
         self._idle: float | None = getattr(response, "idle_timeout", None)
         self._last_event = time.monotonic()
+        # Set by sse_batch_reader: a transport error is then what it means mid-stream
+        # (broken_stream), as sse_batches makes it; before that it passes through unchanged.
+        self._broken: tuple[str, Callable[[str], str]] | None = None
 
     def __aiter__(self) -> _SSEParser:
         return self
@@ -914,28 +1026,33 @@ class _SSEParser:
             if self._taken < len(self._pending):
                 return self.take_pending()
             self._pending, self._taken = [], 0
-        while True:
-            if self._error is not None:
-                error, self._error = self._error, None
-                raise error
-            if self._ended:
-                return []
-            piece = await self._response.read_chunk()
-            if not piece:
-                self._ended = True
-                return self._tail()
-            batch = self._feed(piece)
-            idle = self._idle
-            if batch:
-                if idle is not None:
-                    self._last_event = time.monotonic()
-                return batch
-            if idle is not None and time.monotonic() - self._last_event >= idle:
-                self._ended = True
-                raise UpstreamUnavailable(
-                    f"{self._provider} sent only keep-alive comments for {idle:g} s",
-                    metadata={"provider": self._provider},
-                )
+        try:
+            while True:
+                if self._error is not None:
+                    error, self._error = self._error, None
+                    raise error
+                if self._ended:
+                    return []
+                piece = await self._response.read_chunk()
+                if not piece:
+                    self._ended = True
+                    return self._tail()
+                batch = self._feed(piece)
+                idle = self._idle
+                if batch:
+                    if idle is not None:
+                        self._last_event = time.monotonic()
+                    return batch
+                if idle is not None and time.monotonic() - self._last_event >= idle:
+                    self._ended = True
+                    raise UpstreamUnavailable(
+                        f"{self._provider} sent only keep-alive comments for {idle:g} s",
+                        metadata={"provider": self._provider},
+                    )
+        except OSError as exc:  # TimeoutError and HttpClientError are OSErrors
+            if self._broken is None:
+                raise
+            raise broken_stream(exc, *self._broken) from exc
 
     def _feed(self, piece: bytes) -> list[dict[str, Any] | None]:
         # The usual read is exactly one event, `data: {...}` and a blank line, at a line start

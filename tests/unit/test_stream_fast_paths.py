@@ -17,6 +17,7 @@ import orjson
 import pytest
 from llmgateway.v1 import chat_pb2
 
+from server.api.handlers import server_stream
 from server.auth.redact import _FEW_HEADS, _WALK_CHARS, Redactor
 from server.core import tool_call_check
 from server.core.answer_scrub import AnswerScrubber
@@ -27,11 +28,13 @@ from server.core.completion import (
     answer_too_large,
     deltas_from_chunks,
     finish_reason,
+    plain_choice,
+    plain_event,
     text_bytes,
     text_of,
     too_many,
 )
-from server.core.relay import relayed
+from server.core.relay import plain_wire, relayed
 from server.core.stream import StreamAccumulator, _ChoiceParts
 from server.errors import GatewayError
 from server.providers import openai_compat
@@ -363,6 +366,8 @@ def test_accumulator_same_as_before(seed: int) -> None:
             # The accumulator writes a missing tool-call index back into the chunk: one copy each.
             a, b = orjson.loads(orjson.dumps(chunk)), orjson.loads(orjson.dumps(chunk))
             got, want = _outcome(new.add, a), _outcome(old.add, b)
+            if want[0] == "ok":  # add hands back the chunk's plain_choice, found on the way
+                want = ("ok", plain_choice(b))
             assert got == want, chunk
             assert a == b
             if got[0] != "ok":
@@ -650,3 +655,259 @@ def test_a_long_delta_costs_no_python_walk_with_many_heads(path: str) -> None:
         assert _wire(events) == _wire(ReferenceScrubber(redactor).events(reference_deltas(batch)))
         assert not scrubber.flush()
     assert best < 0.05, best
+
+
+# -- OpenAIStreamDecoder's template: a chunk like the last one is built, not parsed ----------
+
+_TEMPLATE_TEXTS = [
+    "tok ",
+    "",
+    'a "quoted" word',
+    "back\\slash",
+    "tab\there",
+    "line\nbreak",
+    "\x7f del",
+    "é",
+    "日本語",
+    "emoji 👍🏽 and a joiner 👩\u200d💻",
+    "\u2028 separator",
+    "\ufeff bom",
+    "sk-secret-value-123456789",
+    "llmgw-template-probe",
+]
+
+
+def _template_event(rng: random.Random, base: dict[str, Any]) -> bytes:
+    """The data of an event, mostly the stream's usual chunk with another text; or bytes that
+    look like it but are not (escapes, bad UTF-8, a field changed, a decoy `content`)."""
+    text = rng.choice(_TEMPLATE_TEXTS) + rng.choice(["", str(rng.randint(0, 10**6))])
+    chunk = orjson.loads(orjson.dumps(base))
+    chunk["choices"][0]["delta"] = {"content": text}
+    data = orjson.dumps(chunk)
+    if _maybe(rng, 0.8):
+        return data
+    head, _, tail = data.partition(b'"content":"')
+    value, _, rest = tail.partition(b'"}')
+    variants = [
+        head + b'"content":"' + value + b'\xff"}' + rest,  # not UTF-8
+        head + b'"content":"' + value + b'\xed\xa0\x80"}' + rest,  # a UTF-8 surrogate
+        head + b'"content":"' + value + b'\\u00e9"}' + rest,  # an escape
+        head + b'"content":"' + value + b'\x01"}' + rest,  # a raw control character
+        head + b'"content":"' + value + b'","role":"assistant"}' + rest,  # the delta grows
+        head + b'"content":"' + value + b'"}' + rest.replace(b"null", b'"stop"', 1),
+        data.replace(b'"m"', b'"n"'),
+        data.replace(b"1760000000", b"1760000001"),
+        data.replace(b'"content":"', b'"cont\\u0065nt":"'),  # the same key, escaped
+        data + b" ",
+        b" " + data,
+        data[:-1],
+        data.replace(b'"id":', b'"error":{"message":"boom"},"id":'),
+        data.replace(b'"logprobs":null', b'"logprobs":{"content":"' + value + b'"}'),
+        data.replace(b'"logprobs":null', b'"logprobs":null,"content":"x"'),
+        b"[DONE]",
+        b"{}",
+    ]
+    return rng.choice(variants)
+
+
+def _base_chunk(rng: random.Random) -> dict[str, Any]:
+    chunk: dict[str, Any] = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1760000000}
+    chunk["model"] = "m"
+    if _maybe(rng, 0.3):
+        chunk["system_fingerprint"] = rng.choice(["fp", None])
+    if _maybe(rng, 0.2):
+        chunk["usage"] = rng.choice([None, {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}])
+    choice: dict[str, Any] = {"index": rng.choice([0, 1]), "delta": {"content": "x"}}
+    if _maybe(rng, 0.7):
+        choice["logprobs"] = None
+    choice["finish_reason"] = rng.choice([None, None, "stop"])
+    if _maybe(rng, 0.2):  # an unknown field keeps a stream from having a template: not scalar
+        choice["x_extra"] = rng.choice([{"a": 1}, [1], 2])
+    chunk["choices"] = [choice]
+    return chunk
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_decoder_template_same_as_parsing(seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every event decodes as `orjson.loads` + `check_shape` decode it (`_decode_event`), chunk
+    or error, whether the template built it or the parser did; and the template does build most."""
+    rng = random.Random(seed)
+    parsed = 0
+    decode = openai_compat._decode_event
+
+    def counted(data: bytes, provider: str, scrub: Any) -> dict[str, Any] | None:
+        nonlocal parsed
+        parsed += 1
+        return decode(data, provider, scrub)
+
+    monkeypatch.setattr(openai_compat, "_decode_event", counted)
+    events = 0
+    for _ in range(150):
+        base = _base_chunk(rng)
+        decoder = OpenAIStreamDecoder(provider="p", scrub=str)
+        if _maybe(rng, 0.3):  # a decoder that learnt other streams' chunks first
+            for _ in range(rng.randint(1, 3)):
+                decoder.feed(None, orjson.dumps(_base_chunk(rng)))
+        out = []
+        for _ in range(rng.randint(1, 40)):
+            data = _template_event(rng, base)
+            got = _outcome(decoder.feed, None, data)
+            want = _outcome(lambda d: [decode(d, "p", str)], data)
+            assert got == want, data
+            if got[0] == "ok":
+                out.extend(got[1])
+            events += 1
+        # Every chunk handed out is its own object: changing one changes no other.
+        for chunk in out:
+            if chunk is not None:
+                chunk["id"] = "changed"
+                for choice in chunk.get("choices") or ():
+                    if isinstance(choice, dict) and isinstance(choice.get("delta"), dict):
+                        choice["delta"]["content"] = "changed"
+        assert len({id(c) for c in out if c is not None}) == len([c for c in out if c is not None])
+        assert _outcome(decoder.feed, None, data) == _outcome(lambda d: [decode(d, "p", str)], data)
+    assert events - parsed > events * 0.1, (parsed, events)
+
+
+def test_decoder_template_builds_a_paced_stream() -> None:
+    """The bench's paced stream (a role chunk, text chunks, a finish, usage): two parses for its
+    text chunks (the first one learns), the rest built; the same chunks either way."""
+    parsed = 0
+    decode = openai_compat._decode_event
+
+    def counted(data: bytes, provider: str, scrub: Any) -> dict[str, Any] | None:
+        nonlocal parsed
+        parsed += 1
+        return decode(data, provider, scrub)
+
+    base = b'{"id":"c1","object":"chat.completion.chunk","created":1760000000,"model":"m","choices":'
+    events = [base + b'[{"index":0,"delta":{"role":"assistant","content":"tok0 "},"finish_reason":null}]}']
+    events += [
+        base + b'[{"index":0,"delta":{"content":"tok%d "},"finish_reason":null}]}' % i for i in range(1, 99)
+    ]
+    events += [base + b'[{"index":0,"delta":{"content":"tok99 "},"finish_reason":"stop"}]}']
+    events += [base + b'[],"usage":{"prompt_tokens":1,"completion_tokens":99,"total_tokens":100}}', b"[DONE]"]
+    decoder = OpenAIStreamDecoder(provider="p", scrub=str)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(openai_compat, "_decode_event", counted)
+        got = [decoder.feed(None, data) for data in events]
+    assert got == [[decode(data, "p", str)] for data in events]
+    assert parsed == 5  # the role chunk, the first text chunk, the finish, usage, [DONE]
+
+
+def test_decoder_template_not_taken_from_a_decoy() -> None:
+    """An event whose first `"content":"` is not the delta's (the delta's key escaped, the text
+    repeated elsewhere) gives no template: the next event's text goes where the parser puts it."""
+    first = (
+        b'{"id":"c","choices":[{"index":0,"delta":{"cont\\u0065nt":"ab"},"x":"y"}],'
+        b'"model":"m","content":"ab"}'
+    )
+    decoder = OpenAIStreamDecoder(provider="p", scrub=str)
+    assert decoder.feed(None, first) == [orjson.loads(first)]
+    second = first.replace(b'"content":"ab"', b'"content":"zz"')
+    assert decoder.feed(None, second) == [orjson.loads(second)]
+    assert decoder.feed(None, second)[0]["choices"][0]["delta"] == {"content": "ab"}
+
+
+def test_decoder_template_bounds() -> None:
+    """A chunk over _TEMPLATE_BYTES besides its text is no template; a stream learns at most
+    _TEMPLATE_LEARNS times (each costs one parse more), however its chunks change."""
+    decoder = OpenAIStreamDecoder(provider="p", scrub=str)
+    big = {"id": "c" * (openai_compat._TEMPLATE_BYTES + 1), "choices": [{"delta": {"content": "a"}}]}
+    decoder.feed(None, orjson.dumps(big))
+    assert decoder._prefix == b"" and decoder._learns == openai_compat._TEMPLATE_LEARNS
+    for n in range(3 * openai_compat._TEMPLATE_LEARNS):
+        data = orjson.dumps({"id": f"c{n}", "choices": [{"delta": {"content": "a"}}]})
+        assert decoder.feed(None, data) == [orjson.loads(data)]
+    assert decoder._learns == 0
+    last = openai_compat._TEMPLATE_LEARNS - 1  # every chunk missed the one before's template
+    assert decoder._prefix == b'{"id":"c%d","choices":[{"delta":{"content":"' % last
+
+
+class _CountedScalars(tuple[type, ...]):
+    """`_SCALARS`, counting the look-ups: each field a learning attempt checks is one."""
+
+    looked = 0
+
+    def __contains__(self, item: object) -> bool:
+        type(self).looked += 1
+        return tuple.__contains__(self, item)
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        # Azure's content filter (and logprobs): a field that is not a scalar, in every chunk.
+        b'{"id":"c","choices":[{"index":0,"delta":{"content":"w%d "},"content_filter_results":{}}]}',
+        # Text the upstream writes with escapes it need not use (ensure_ascii, Go's HTML-safe <>&).
+        b'{"id":"c","choices":[{"index":0,"delta":{"content":"\\u00e9%d\\u003c"}}]}',
+    ],
+)
+def test_a_stream_that_never_fits_stops_trying(shape: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Chunks that can never be a template each missed, so each tried to learn again, at about
+    the cost of the parse (callgrind: ~20k instructions more per 250-byte chunk, the decoder's
+    work doubled) for every chunk of such a stream. Every attempt past the cheap look at the
+    delta counts against _TEMPLATE_LEARNS; the chunks are the parser's all the same."""
+    monkeypatch.setattr(openai_compat, "_SCALARS", _CountedScalars(openai_compat._SCALARS))
+    _CountedScalars.looked = 0
+    decoder = OpenAIStreamDecoder(provider="p", scrub=str)
+    for n in range(200):
+        data = shape % n
+        assert decoder.feed(None, data) == [orjson.loads(data)]
+    # Each attempt looks at the chunk's id, the choice's index and at most one field more.
+    assert _CountedScalars.looked <= 4 * openai_compat._TEMPLATE_LEARNS, _CountedScalars.looked
+    assert decoder._learns == 0 and decoder._prefix == b""
+
+
+def test_text_with_escapes_spends_no_learning() -> None:
+    """A text JSON must escape (a quote, a backslash, a newline) is skipped before any work: a
+    stream whose first text chunks have one still learns its template from the next."""
+    decoder = OpenAIStreamDecoder(provider="p", scrub=str)
+    head = b'{"id":"c","choices":[{"index":0,"delta":{"content":"'
+    for text in [b"a\\nb", b'\\"q\\"', b"x\\\\y"] * 3:
+        data = head + text + b'"}}]}'
+        assert decoder.feed(None, data) == [orjson.loads(data)]
+    assert decoder._learns == openai_compat._TEMPLATE_LEARNS
+    data = head + b'plain"}}]}'
+    assert decoder.feed(None, data) == [orjson.loads(data)]
+    assert decoder._prefix == head
+    assert decoder.feed(None, head + b'next"}}]}') == [orjson.loads(head + b'next"}}]}')]
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_plain_wire_is_the_plain_event_serialized(seed: int) -> None:
+    """The usual delta's bytes, built without a message, are the serialized event; any other
+    plain choice (an index, a finish reason, 126 bytes or more) is the event itself."""
+    rng = random.Random(seed)
+    texts = [*_TEMPLATE_TEXTS, "x" * 123, "x" * 124, "x" * 125, "x" * 126, "é" * 62, "é" * 63, "日" * 200]
+    for _ in range(2000):
+        choice: dict[str, Any] = {}
+        if _maybe(rng):
+            choice["index"] = rng.choice([0, 0, 1, 2, None])
+        if _maybe(rng):
+            choice["finish_reason"] = rng.choice([None, None, "", "stop", "length", "weird"])
+        content = rng.choice(texts) + rng.choice(["", _text(rng)])
+        if not content:
+            continue
+        choice["delta"] = {"content": content}
+        event = plain_event(choice, content)
+        got = plain_wire(choice, content)
+        if type(got) is bytes:
+            assert got == event.SerializeToString()
+            assert not choice.get("index") and not choice.get("finish_reason")
+            assert chat_pb2.StreamCreateResponse.FromString(got) == event
+        else:
+            assert got == event
+            assert choice.get("index") or choice.get("finish_reason") or len(content.encode()) >= 126
+    # A lone surrogate: the message refuses it, as before (not an encoding error of our own).
+    with pytest.raises(Exception) as raised:  # noqa: PT011 - whichever the message raises
+        plain_event({}, "a\ud800")
+    with pytest.raises(raised.type):
+        plain_wire({}, "a\ud800")
+
+
+def test_the_serializer_sends_bytes_as_they_are() -> None:
+    event = plain_event({}, "tok ")
+    serialize = server_stream(lambda data, context: None).response_serializer  # type: ignore[arg-type,return-value]
+    assert serialize(event) == event.SerializeToString()
+    assert serialize(b"\x0a\x06\x12\x04tok ") == event.SerializeToString()

@@ -338,3 +338,64 @@ async def test_primed_streams_at_their_edges() -> None:
     batches = sse_batches(await _primed([_sse(a), _sse(b)]), provider="p", scrub=_scrub)
     assert await anext(batches) == [a]
     await batches.aclose()  # a client gone after the first batch
+
+
+async def _reader_outcomes(next_batch: Any) -> list[Any]:
+    out: list[Any] = []
+    try:
+        while batch := await next_batch():
+            out.append(batch)
+    except Exception as exc:  # noqa: BLE001 - the same error either way, whichever it is
+        out.append((type(exc), str(exc), getattr(exc, "metadata", None)))
+    return out
+
+
+async def _opened(response: Any, how: str) -> Any:
+    """The response as open_stream leaves it: its first event read (or not), per `how`."""
+    if how == "fresh":
+        return response
+    if how == "other":  # a reader that is not the SSE parser (another dialect's, say)
+        events: Any = sse_events(response, provider="p", scrub=_scrub)
+    else:
+        events = openai_compat._iter_events(response, provider="p", scrub=_scrub)
+    try:
+        first = await anext(events, openai_compat._END)
+    except Exception:  # noqa: BLE001 - open_stream would have raised it: nothing to compare
+        return None
+    response.reader_state = openai_compat._Primed(events, first)
+    return response
+
+
+@pytest.mark.parametrize("seed", range(4))
+async def test_sse_batch_reader_same_as_sse_batches(seed: int) -> None:
+    """The stream loop's reader (the parser's own next_batch, no generator layer) gives exactly
+    sse_batches' batches and errors: transport errors translated, primed or not, at any cut."""
+    from server.providers.http import ServerDisconnectedError
+
+    rng = random.Random(seed)
+    events: list[dict[str, Any] | str] = [_chunk({"content": x}) for x in "abcdef"]
+    events += ["[DONE]", {"error": {"message": "slow down", "code": 429}}, "{not json"]
+    for _ in range(300):
+        body = _sse(*(rng.choice(events) for _ in range(rng.randint(0, 6))))
+        cuts = sorted(rng.sample(range(1, len(body)), min(len(body) - 1, rng.randint(0, 4)))) if body else []
+        reads: list[bytes | BaseException] = [
+            body[a:b] for a, b in zip([0, *cuts], [*cuts, len(body)], strict=True) if body[a:b]
+        ]
+        if rng.random() < 0.4:
+            error = rng.choice([ServerDisconnectedError("reset"), TimeoutError(), ConnectionResetError("x")])
+            reads.insert(rng.randint(0, len(reads)), error)
+        how = rng.choice(["fresh", "primed", "other"])
+        outcomes = []
+        for reader in ("generator", "function"):
+            response = await _opened(_Response(list(reads)), how)
+            if response is None:
+                break
+            if reader == "generator":
+                batches = sse_batches(response, provider="p", scrub=_scrub)
+                next_batch: Any = lambda batches=batches: anext(batches, [])  # noqa: E731
+            else:
+                next_batch = openai_compat.sse_batch_reader(response, provider="p", scrub=_scrub)
+            outcomes.append(await _reader_outcomes(next_batch))
+            assert response.reader_state is None
+        if outcomes:
+            assert outcomes[0] == outcomes[1], (reads, how)
