@@ -181,14 +181,16 @@ _COST_PARTS = (
 
 def _to_row(record: TraceRecord) -> tuple[Any, ...]:
     r = record
+    # Most traces have no tags and no notes: "[]" as orjson writes it, without the ~0.4 us call.
+    tags, notes = r.agent_tags, r.notes
     return (
         r.id, to_micros(r.created_at), r.organization_id, r.user_id, r.step_id, r.agent_id,
-        orjson.dumps(r.agent_tags).decode(), r.run_id, r.call_type, r.provider, r.model,
+        orjson.dumps(tags).decode() if tags else "[]", r.run_id, r.call_type, r.provider, r.model,
         r.model_endpoint_type, int(r.is_byok), r.request_json, r.response_json, r.error_type,
         r.error_message, r.prompt_tokens, r.completion_tokens, r.total_tokens, r.cached_tokens,
         r.reasoning_tokens, r.latency_ms, r.time_to_first_token_ms, r.llm_config_json, r.owner,
-        r.cache_write_tokens, orjson.dumps(r.notes).decode(), r.route, r.deployment, r.attempts_json,
-        r.cost_usd, r.key_id,
+        r.cache_write_tokens, orjson.dumps(notes).decode() if notes else "[]", r.route, r.deployment,
+        r.attempts_json, r.cost_usd, r.key_id,
     )  # fmt: skip
 
 
