@@ -11,7 +11,16 @@ Checkpoints (copying the WAL into the database file, with an fsync) take seconds
 run on commit, as SQLite's automatic checkpoint does, they stall the writer that long and the
 trace queue overflows at saturation. So the writing connection turns automatic checkpoints off
 and a third connection, on its own thread, runs PASSIVE checkpoints (which never block the
-writer) after every `_CHECKPOINT_ROWS` traces written.
+writer) after every `_CHECKPOINT_ROWS` traces or `_CHECKPOINT_COMMITS` batches written.
+
+A PASSIVE checkpoint copies the WAL into the database but never rewinds it: the next writer
+starts the WAL over only if the checkpoint had copied every frame, which a writer busy while it
+ran prevents, so under steady writes the WAL file grew without end (6,000 one-trace batches left
+a 938 MiB WAL beside a 13 MiB database; one-trace batches are what a quiet gateway writes, and
+each rewrites ~10 pages of 16 KiB). So when a checkpoint leaves more than `_WAL_RESET_BYTES` in
+the WAL, the checkpointer runs a TRUNCATE checkpoint under the write lock: it waits for the
+batch in flight, holds the next one back while it copies what the PASSIVE one left (what came
+meanwhile) and waits for readers, and empties the file.
 
 `created_at` is stored as integer microseconds since the epoch, which sorts and
 compares exactly. Inserts are `INSERT OR IGNORE` on the trace id, so a batch the writer retries
@@ -152,8 +161,12 @@ def _insert_rows(count: int) -> str:
 
 
 _INSERTS = {1 << i: _insert_rows(1 << i) for i in range(_CHUNK.bit_length())}
-# Traces written between two checkpoints (a 2,000-trace batch is about 3,000 WAL pages).
+# Traces written between two checkpoints (a 2,000-trace batch is about 3,000 WAL pages), or
+# batches: a one-trace batch writes ~10 pages, so 2,000 of them would be ~300 MiB of WAL.
 _CHECKPOINT_ROWS = 2000
+_CHECKPOINT_COMMITS = 64
+# What a checkpoint may leave in the WAL before the checkpointer empties it (TRUNCATE).
+_WAL_RESET_BYTES = 64 * 1024 * 1024
 _CREATED = TRACE_COLUMNS.index("created_at")
 _TAGS = TRACE_COLUMNS.index("agent_tags")
 _BYOK = TRACE_COLUMNS.index("is_byok")
@@ -220,6 +233,7 @@ class SQLiteTraceBackend(TraceBackend):
         # Serializes the writing connection: the writer's thread, and write_batch callers.
         self._write_lock = threading.Lock()
         self._unchecked = 0  # traces written since the checkpointer was last woken
+        self._unchecked_commits = 0  # batches written since then
         self._checkpoint_wake = threading.Event()
         self._checkpointer: threading.Thread | None = None
         self._stopping = False
@@ -250,6 +264,7 @@ class SQLiteTraceBackend(TraceBackend):
 
     def _checkpoint_loop(self) -> None:
         conn: sqlite3.Connection | None = None
+        frame_bytes = 16384 + 24  # a WAL frame: a page and its header (the page size is read below)
         try:
             while True:
                 self._checkpoint_wake.wait()
@@ -260,7 +275,13 @@ class SQLiteTraceBackend(TraceBackend):
                     if conn is None:
                         conn = sqlite3.connect(self.path, isolation_level=None)
                         conn.execute("PRAGMA busy_timeout=10000")
-                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                        frame_bytes = conn.execute("PRAGMA page_size").fetchone()[0] + 24
+                    _busy, frames, _copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                    if frames * frame_bytes > _WAL_RESET_BYTES:  # never rewound: see the module's doc
+                        # Under the write lock: SQLite's busy handler alone lets a writer that
+                        # commits back to back (a saturated gateway) take the WAL first every time.
+                        with self._write_lock:
+                            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
                 except sqlite3.Error as exc:
                     log.warning("sqlite trace store: checkpoint failed: %s", exc)
         finally:
@@ -331,8 +352,9 @@ class SQLiteTraceBackend(TraceBackend):
                 _rollback(conn)
                 raise
             self._unchecked += len(records)
-            if self._unchecked >= _CHECKPOINT_ROWS:
-                self._unchecked = 0
+            self._unchecked_commits += 1
+            if self._unchecked >= _CHECKPOINT_ROWS or self._unchecked_commits >= _CHECKPOINT_COMMITS:
+                self._unchecked = self._unchecked_commits = 0
                 self._checkpoint_wake.set()
 
     async def prune(self, *, before: datetime, limit: int) -> int:
