@@ -351,11 +351,15 @@ class SQLiteTraceBackend(TraceBackend):
             except BaseException:
                 _rollback(conn)
                 raise
-            self._unchecked += len(records)
-            self._unchecked_commits += 1
-            if self._unchecked >= _CHECKPOINT_ROWS or self._unchecked_commits >= _CHECKPOINT_COMMITS:
-                self._unchecked = self._unchecked_commits = 0
-                self._checkpoint_wake.set()
+            self._committed(len(records))
+
+    def _committed(self, rows: int) -> None:
+        """A transaction of `rows` rows written or deleted: wake the checkpointer when it is due."""
+        self._unchecked += rows
+        self._unchecked_commits += 1
+        if self._unchecked >= _CHECKPOINT_ROWS or self._unchecked_commits >= _CHECKPOINT_COMMITS:
+            self._unchecked = self._unchecked_commits = 0
+            self._checkpoint_wake.set()
 
     async def prune(self, *, before: datetime, limit: int) -> int:
         return await asyncio.to_thread(self._prune_sync, to_micros(before), limit)
@@ -372,7 +376,10 @@ class SQLiteTraceBackend(TraceBackend):
                 " (SELECT rowid FROM provider_traces WHERE created_at < ? LIMIT ?)",
                 (before_us, limit),
             )
-            return int(cursor.rowcount)
+            deleted = int(cursor.rowcount)
+            if deleted:  # a retention sweep of a backlog rewrites pages as inserts do
+                self._committed(deleted)
+            return deleted
 
     def rejects(self, exc: BaseException) -> bool:
         # DataError: a value SQLite refuses (SQLITE_TOOBIG); a full disk is not one (it may clear).

@@ -84,3 +84,24 @@ async def test_a_checkpoint_runs_after_many_small_batches_not_only_after_many_tr
         await store.close()
     # 192 traces, far below the 2,000 rows that alone woke the checkpointer before.
     assert len(checkpoints) == 3
+
+
+async def test_a_retention_sweep_counts_towards_the_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Deleting a backlog rewrites pages as inserting does: its batches wake the checkpointer too."""
+    path = tmp_path / "traces.db"
+    store = SQLiteTraceBackend(str(path))
+    await store.start()
+    woken: list[int] = []
+    try:
+        store.write_batch_sync([_record(i) for i in range(100)])
+        store._unchecked = store._unchecked_commits = 0
+        monkeypatch.setattr(store._checkpoint_wake, "set", lambda: woken.append(1))
+        for _ in range(sqlite_store._CHECKPOINT_COMMITS):
+            assert await store.prune(before=datetime.now(UTC), limit=1) == 1
+        assert await store.prune(before=datetime.now(UTC), limit=1) == 1
+    finally:
+        monkeypatch.undo()
+        await store.close()
+    assert woken == [1]
