@@ -20,7 +20,10 @@ a 938 MiB WAL beside a 13 MiB database; one-trace batches are what a quiet gatew
 each rewrites ~10 pages of 16 KiB). So when a checkpoint leaves more than `_WAL_RESET_BYTES` in
 the WAL, the checkpointer runs a TRUNCATE checkpoint under the write lock: it waits for the
 batch in flight, holds the next one back while it copies what the PASSIVE one left (what came
-meanwhile) and waits for readers, and empties the file.
+meanwhile) and waits for readers, and empties the file. It waits for readers (and for another
+worker's writer) at most `_TRUNCATE_WAIT_MS`, not the busy timeout: the trace writer waits behind
+it, and a long read (a GetUsage over a big table) held it 10 s, ~30,000 traces at saturation. A
+TRUNCATE that gave up leaves the WAL as it was; the next checkpoint tries again.
 
 `created_at` is stored as integer microseconds since the epoch, which sorts and
 compares exactly. Inserts are `INSERT OR IGNORE` on the trace id, so a batch the writer retries
@@ -167,6 +170,9 @@ _CHECKPOINT_ROWS = 2000
 _CHECKPOINT_COMMITS = 64
 # What a checkpoint may leave in the WAL before the checkpointer empties it (TRUNCATE).
 _WAL_RESET_BYTES = 64 * 1024 * 1024
+# How long that TRUNCATE, holding the write lock, waits for readers and other writers (the
+# checkpointing connection's busy timeout; a PASSIVE checkpoint never waits).
+_TRUNCATE_WAIT_MS = 100
 _CREATED = TRACE_COLUMNS.index("created_at")
 _TAGS = TRACE_COLUMNS.index("agent_tags")
 _BYOK = TRACE_COLUMNS.index("is_byok")
@@ -273,9 +279,14 @@ class SQLiteTraceBackend(TraceBackend):
                     return
                 try:
                     if conn is None:
-                        conn = sqlite3.connect(self.path, isolation_level=None)
-                        conn.execute("PRAGMA busy_timeout=10000")
-                        frame_bytes = conn.execute("PRAGMA page_size").fetchone()[0] + 24
+                        fresh = sqlite3.connect(self.path, isolation_level=None)
+                        try:
+                            fresh.execute(f"PRAGMA busy_timeout={_TRUNCATE_WAIT_MS}")
+                            frame_bytes = fresh.execute("PRAGMA page_size").fetchone()[0] + 24
+                        except BaseException:  # opened again (and the page size read) next time
+                            fresh.close()
+                            raise
+                        conn = fresh
                     _busy, frames, _copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
                     if frames * frame_bytes > _WAL_RESET_BYTES:  # never rewound: see the module's doc
                         # Under the write lock: SQLite's busy handler alone lets a writer that

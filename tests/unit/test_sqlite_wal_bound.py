@@ -11,6 +11,7 @@ now empties it (TRUNCATE, under the write lock) once a checkpoint leaves more th
 from __future__ import annotations
 
 import sqlite3
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -105,3 +106,39 @@ async def test_a_retention_sweep_counts_towards_the_checkpoint(
         monkeypatch.undo()
         await store.close()
     assert woken == [1]
+
+
+async def test_a_reader_holding_a_snapshot_never_stalls_the_writer_behind_a_truncate(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The TRUNCATE checkpoint runs under the write lock and waits for readers: a long read (a
+    GetUsage over a big table, a ListProviderTraces stepping row by row on a busy loop) kept the
+    trace writer waiting the whole busy timeout (10 s: ~30,000 traces at saturation, three times
+    the queue). It waits for readers only briefly now, and empties the WAL once they are done."""
+    monkeypatch.setattr(sqlite_store, "_WAL_RESET_BYTES", 1024 * 1024)
+    path = tmp_path / "traces.db"
+    wal = Path(f"{path}-wal")
+    store = SQLiteTraceBackend(str(path))
+    await store.start()
+    reader = sqlite3.connect(path, isolation_level=None)
+    try:
+        store.write_batch_sync([_record(i) for i in range(10)])
+        reader.execute("BEGIN")
+        reader.execute("SELECT id FROM provider_traces").fetchone()  # a read in progress
+        worst = 0.0
+        for i in range(sqlite_store._CHECKPOINT_COMMITS * 3):  # three checkpoints, each due a TRUNCATE
+            started = time.perf_counter()
+            store.write_batch_sync([_record(i)])
+            worst = max(worst, time.perf_counter() - started)
+            time.sleep(0.005)  # the checkpointer's turn
+        assert worst < 1.0, f"a one-trace batch waited {worst:.1f} s behind the checkpoint"
+        reader.execute("COMMIT")  # the read is over: the next checkpoint empties the WAL
+        for i in range(sqlite_store._CHECKPOINT_COMMITS):
+            store.write_batch_sync([_record(i)])
+        deadline = time.monotonic() + 10
+        while wal.stat().st_size > 1024 * 1024 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert wal.stat().st_size <= 1024 * 1024, f"the WAL stayed at {wal.stat().st_size / 2**20:.0f} MiB"
+    finally:
+        reader.close()
+        await store.close()
