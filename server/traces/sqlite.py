@@ -11,7 +11,9 @@ Checkpoints (copying the WAL into the database file, with an fsync) take seconds
 run on commit, as SQLite's automatic checkpoint does, they stall the writer that long and the
 trace queue overflows at saturation. So the writing connection turns automatic checkpoints off
 and a third connection, on its own thread, runs PASSIVE checkpoints (which never block the
-writer) after every `_CHECKPOINT_ROWS` traces or `_CHECKPOINT_COMMITS` batches written.
+writer) after every `_CHECKPOINT_ROWS` traces, `_CHECKPOINT_COMMITS` batches or
+`_CHECKPOINT_BYTES` of request and answer text written (big traces, 1 MiB base64 images, come
+16 to a batch: 64 of those batches were ~1.1 GiB of WAL before the first checkpoint).
 
 A PASSIVE checkpoint copies the WAL into the database but never rewinds it: the next writer
 starts the WAL over only if the checkpoint had copied every frame, which a writer busy while it
@@ -168,6 +170,8 @@ _INSERTS = {1 << i: _insert_rows(1 << i) for i in range(_CHUNK.bit_length())}
 # batches: a one-trace batch writes ~10 pages, so 2,000 of them would be ~300 MiB of WAL.
 _CHECKPOINT_ROWS = 2000
 _CHECKPOINT_COMMITS = 64
+# Or characters of request and answer text (what big traces write: their pages, one for one).
+_CHECKPOINT_BYTES = 32 * 1024 * 1024
 # What a checkpoint may leave in the WAL before the checkpointer empties it (TRUNCATE).
 _WAL_RESET_BYTES = 64 * 1024 * 1024
 # How long that TRUNCATE, holding the write lock, waits for readers and other writers (the
@@ -240,6 +244,7 @@ class SQLiteTraceBackend(TraceBackend):
         self._write_lock = threading.Lock()
         self._unchecked = 0  # traces written since the checkpointer was last woken
         self._unchecked_commits = 0  # batches written since then
+        self._unchecked_text = 0  # characters of request and answer text written since then
         self._checkpoint_wake = threading.Event()
         self._checkpointer: threading.Thread | None = None
         self._stopping = False
@@ -344,8 +349,10 @@ class SQLiteTraceBackend(TraceBackend):
             return
         params: list[Any] = []
         extend = params.extend
+        text = 0
         for record in records:
             extend(_to_row(record))
+            text += len(record.request_json) + len(record.response_json)
         width = len(TRACE_COLUMNS)
         with self._write_lock:
             conn = self._writer
@@ -362,14 +369,20 @@ class SQLiteTraceBackend(TraceBackend):
             except BaseException:
                 _rollback(conn)
                 raise
-            self._committed(len(records))
+            self._committed(len(records), text)
 
-    def _committed(self, rows: int) -> None:
-        """A transaction of `rows` rows written or deleted: wake the checkpointer when it is due."""
+    def _committed(self, rows: int, text: int = 0) -> None:
+        """A transaction of `rows` rows (`text` characters of request and answer) written or
+        deleted: wake the checkpointer when it is due."""
         self._unchecked += rows
         self._unchecked_commits += 1
-        if self._unchecked >= _CHECKPOINT_ROWS or self._unchecked_commits >= _CHECKPOINT_COMMITS:
-            self._unchecked = self._unchecked_commits = 0
+        self._unchecked_text += text
+        if (
+            self._unchecked >= _CHECKPOINT_ROWS
+            or self._unchecked_commits >= _CHECKPOINT_COMMITS
+            or self._unchecked_text >= _CHECKPOINT_BYTES
+        ):
+            self._unchecked = self._unchecked_commits = self._unchecked_text = 0
             self._checkpoint_wake.set()
 
     async def prune(self, *, before: datetime, limit: int) -> int:

@@ -142,3 +142,59 @@ async def test_a_reader_holding_a_snapshot_never_stalls_the_writer_behind_a_trun
     finally:
         reader.close()
         await store.close()
+
+
+def _big(i: int, chars: int) -> TraceRecord:
+    record = _record(i)
+    record.request_json = "A" * chars  # a base64 image, say
+    return record
+
+
+async def test_a_checkpoint_runs_after_many_bytes_not_only_after_many_batches(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Big traces (1 MiB requests) come 16 to a batch (the writer's 16 MiB batch_bytes): 64 commits
+    were ~1.1 GiB of WAL before the first checkpoint. Their bytes wake the checkpointer too."""
+    checkpoints: list[str] = []
+    path = tmp_path / "traces.db"
+    store = SQLiteTraceBackend(str(path))
+    woken = store._checkpoint_wake
+
+    class Recording:
+        def set(self) -> None:
+            checkpoints.append("woken")
+            woken.set()
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(woken, name)
+
+    await store.start()
+    per_batch = 4 * 1024 * 1024
+    batches = 3 * sqlite_store._CHECKPOINT_BYTES // per_batch
+    assert batches < sqlite_store._CHECKPOINT_COMMITS and 4 * batches < sqlite_store._CHECKPOINT_ROWS
+    try:
+        monkeypatch.setattr(store, "_checkpoint_wake", Recording())
+        for i in range(batches):
+            store.write_batch_sync([_big(4 * i + k, per_batch // 4) for k in range(4)])
+    finally:
+        monkeypatch.setattr(store, "_checkpoint_wake", woken)
+        await store.close()
+    assert len(checkpoints) == 3
+
+
+async def test_big_traces_keep_the_wal_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sqlite_store, "_WAL_RESET_BYTES", 4 * 1024 * 1024)
+    monkeypatch.setattr(sqlite_store, "_CHECKPOINT_BYTES", 4 * 1024 * 1024, raising=False)
+    path = tmp_path / "traces.db"
+    wal = Path(f"{path}-wal")
+    store = SQLiteTraceBackend(str(path))
+    await store.start()
+    peak = 0
+    try:
+        for i in range(48):  # 48 batches of 1 MiB: fewer than 64 commits, fewer than 2,000 traces
+            store.write_batch_sync([_big(4 * i + k, 256 * 1024) for k in range(4)])
+            time.sleep(0.01)  # the checkpointer's turn
+            peak = max(peak, wal.stat().st_size)
+    finally:
+        await store.close()
+    assert peak < 24 * 1024 * 1024, f"the WAL reached {peak / 2**20:.0f} MiB"
