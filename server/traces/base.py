@@ -269,7 +269,8 @@ def record_size(record: TraceRecord) -> int:
 
     A text's bound is O(1): CPython keeps ASCII at one byte a character and any other text at
     up to four (`str.isascii` reads a flag, it does not scan). One loop, no call per text: this
-    runs twice per trace (the enqueue on the loop, the batch taken in the writer's thread).
+    runs on every trace's enqueue, on the loop (the writer's queue keeps the figure for the
+    batch and the drops: a record is never changed once queued).
     """
     r = record
     size = _RECORD_OVERHEAD

@@ -198,3 +198,30 @@ async def test_big_traces_keep_the_wal_bounded(tmp_path: Path, monkeypatch: pyte
     finally:
         await store.close()
     assert peak < 24 * 1024 * 1024, f"the WAL reached {peak / 2**20:.0f} MiB"
+
+
+async def test_close_while_a_truncate_waits_for_a_reader_is_prompt(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """close() joins the checkpointer: behind a TRUNCATE waiting 10 s for a reader it outlived the
+    trace writer's 5 s for a backend's close ("failed to close" at every such shutdown)."""
+    monkeypatch.setattr(sqlite_store, "_WAL_RESET_BYTES", 1024 * 1024)
+    path = tmp_path / "traces.db"
+    store = SQLiteTraceBackend(str(path))
+    await store.start()
+    reader = sqlite3.connect(path, isolation_level=None)
+    try:
+        store.write_batch_sync([_record(0)])
+        reader.execute("BEGIN")
+        reader.execute("SELECT id FROM provider_traces").fetchone()
+        for i in range(sqlite_store._CHECKPOINT_COMMITS):  # wakes the checkpointer: a TRUNCATE is due
+            store.write_batch_sync([_record(i)])
+        time.sleep(0.05)  # it is waiting for the reader
+        started = time.perf_counter()
+        await store.close()
+        assert time.perf_counter() - started < 2.0
+    finally:
+        reader.close()
+        await store.close()
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("SELECT count(*) FROM provider_traces").fetchone()[0] == 65
