@@ -260,32 +260,35 @@ def record_size_sql(length_function: str) -> str:
     return " + ".join([str(_RECORD_OVERHEAD), *(f"{length_function}({c})" for c in RECORD_SIZE_COLUMNS)])
 
 
-def _pinned(text: str) -> int:
-    """An upper bound of the bytes `text` pins, in O(1): CPython keeps ASCII at one byte a
-    character and any other text at up to four (`str.isascii` reads a flag, it does not scan)."""
-    return len(text) if text.isascii() else 4 * len(text)
-
-
 def record_size(record: TraceRecord) -> int:
     """About how many bytes a queued trace pins: its text fields plus a fixed overhead.
 
     Never less than the memory the texts hold, and cheap (no scan, no encoding on the request
     path): exact for the ASCII that JSON with escapes and base64 images mostly is, four bytes a
     character for other text (CJK, emoji), so non-ASCII text cannot pin 4x the bound.
+
+    A text's bound is O(1): CPython keeps ASCII at one byte a character and any other text at
+    up to four (`str.isascii` reads a flag, it does not scan). One loop, no call per text: this
+    runs on every trace's enqueue, on the loop (the writer's queue keeps the figure for the
+    batch and the drops: a record is never changed once queued).
     """
     r = record
-    return (
-        _RECORD_OVERHEAD
-        + _pinned(r.request_json)
-        + _pinned(r.response_json)
-        + _pinned(r.llm_config_json)
-        + _pinned(r.error_message)
-        + _pinned(r.step_id)
-        + _pinned(r.run_id)
-        + _pinned(r.agent_id)
-        + sum(_pinned(tag) for tag in r.agent_tags)
-        + sum(_pinned(note) for note in r.notes)
+    size = _RECORD_OVERHEAD
+    texts = (
+        r.request_json,
+        r.response_json,
+        r.llm_config_json,
+        r.error_message,
+        r.step_id,
+        r.run_id,
+        r.agent_id,
     )
+    for text in texts:
+        size += len(text) if text.isascii() else 4 * len(text)
+    if r.agent_tags or r.notes:
+        for text in (*r.agent_tags, *r.notes):
+            size += len(text) if text.isascii() else 4 * len(text)
+    return size
 
 
 def _utf8(text: str) -> int:

@@ -90,7 +90,8 @@ class _Lane:
     def __init__(self, backend: TraceBackend, writer: TraceWriter) -> None:
         self.backend = backend
         self.writer = writer
-        self.queue: deque[TraceRecord] = deque()
+        # Each trace with its `record_size`, taken once at the enqueue (not again for the batch).
+        self.queue: deque[tuple[TraceRecord, int]] = deque()
         self.inflight: Sequence[TraceRecord] = ()
         self.stats = BackendStats(backend.name)
         self.wake = asyncio.Event()
@@ -109,10 +110,10 @@ class _Lane:
         writer = self.writer
         # A trace larger than the whole byte bound still queues when it is alone.
         while queue and (len(queue) >= writer.queue_size or self.queued_bytes + size > writer.queue_bytes):
-            self.queued_bytes -= record_size(queue.popleft())
+            self.queued_bytes -= queue.popleft()[1]
             self.stats.dropped += 1
             _warn_overflow(writer, self, self.stats.dropped)
-        queue.append(record)
+        queue.append((record, size))
         self.queued_bytes += size
         self.idle.clear()
         self.wake.set()
@@ -124,10 +125,10 @@ class _Lane:
         total = 0
         limit = self.writer.batch_bytes
         while queue and len(batch) < self.batch_size:
-            size = record_size(queue[0])
+            size = queue[0][1]
             if batch and total + size > limit:
                 break
-            batch.append(queue.popleft())
+            batch.append(queue.popleft()[0])
             total += size
         self.inflight_bytes = total
         return batch
@@ -260,10 +261,10 @@ class _ThreadedLane(_Lane):
                 oldest = queue.popleft()
             except IndexError:  # the thread took the whole queue meanwhile
                 break
-            self.queued_bytes -= record_size(oldest)
+            self.queued_bytes -= oldest[1]
             self.stats.dropped += 1
             _warn_overflow(writer, self, self.stats.dropped + self.dropped_in_thread)
-        queue.append(record)
+        queue.append((record, size))
         self.queued_bytes += size
         self.idle.clear()
         if self.sleeping:
@@ -380,7 +381,7 @@ class _ThreadedLane(_Lane):
                 oldest = queue[0]
             except IndexError:
                 break
-            size = record_size(oldest)
+            size = oldest[1]
             if batch and total + size > limit:
                 break
             try:
@@ -388,8 +389,8 @@ class _ThreadedLane(_Lane):
             except IndexError:  # an overflow on the loop took the oldest meanwhile
                 break
             if taken is not oldest:  # the loop dropped `oldest` between the two calls
-                size = record_size(taken)
-            batch.append(taken)
+                size = taken[1]
+            batch.append(taken[0])
             total += size
         self.inflight_bytes = total
         return batch

@@ -21,6 +21,7 @@ from server.traces.base import (
     new_trace_id,
     page_token,
     parse_page_token,
+    record_size,
     to_micros,
 )
 from server.traces.factory import create_backends
@@ -151,3 +152,72 @@ def test_trace_ids_are_time_ordered_version_7_uuids() -> None:
     time.sleep(0.002)
     later = new_trace_id()
     assert all(later > trace_id for trace_id in ids)  # a later millisecond sorts after
+
+
+def _reference_size(record: TraceRecord) -> int:
+    """`record_size` as first written: 512 plus each text's bound (len if ASCII, else 4 x len)."""
+
+    def pinned(text: str) -> int:
+        return len(text) if text.isascii() else 4 * len(text)
+
+    texts = [record.request_json, record.response_json, record.llm_config_json, record.error_message]
+    texts += [record.step_id, record.run_id, record.agent_id, *record.agent_tags, *record.notes]
+    return 512 + sum(pinned(text) for text in texts)
+
+
+texts = st.text(max_size=40)
+
+
+@given(
+    request=texts,
+    response=texts,
+    config=texts,
+    error=texts,
+    ids=st.tuples(texts, texts, texts),
+    tags=st.lists(texts, max_size=3),
+    notes=st.lists(texts, max_size=3),
+)
+def test_record_size_bounds_every_text(
+    request: str,
+    response: str,
+    config: str,
+    error: str,
+    ids: tuple[str, str, str],
+    tags: list[str],
+    notes: list[str],
+) -> None:
+    record = TraceRecord(
+        id="t",
+        created_at=datetime(2026, 12, 4, tzinfo=UTC),
+        request_json=request,
+        response_json=response,
+        llm_config_json=config,
+        error_message=error,
+        step_id=ids[0],
+        run_id=ids[1],
+        agent_id=ids[2],
+        agent_tags=tags,
+        notes=notes,
+    )
+    assert record_size(record) == _reference_size(record)
+
+
+def test_record_size_counts_non_ascii_four_times_and_every_list() -> None:
+    record = TraceRecord(id="t", created_at=datetime(2026, 12, 4, tzinfo=UTC), request_json="abcd")
+    assert record_size(record) == 512 + 4
+    record.request_json = "abc\u00e9"  # one non-ASCII character: the whole text at 4 bytes each
+    assert record_size(record) == 512 + 16
+    record.agent_tags = ["tag"]
+    record.notes = ["\u4e2d"]
+    assert record_size(record) == 512 + 16 + 3 + 4
+
+
+def test_sqlite_rows_hold_tags_and_notes_as_json_lists() -> None:
+    from server.traces.sqlite import _NOTES, _TAGS, _to_row
+
+    record = TraceRecord(id="t", created_at=datetime(2026, 12, 4, tzinfo=UTC))
+    row = _to_row(record)
+    assert (row[_TAGS], row[_NOTES]) == ("[]", "[]")
+    record.agent_tags, record.notes = ["a", "b\u00e9"], ["temperature"]
+    row = _to_row(record)
+    assert (row[_TAGS], row[_NOTES]) == ('["a","b\u00e9"]', '["temperature"]')

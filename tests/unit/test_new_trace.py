@@ -1,0 +1,86 @@
+"""`Gateway.new_trace` puts each value of the call in its own field (it builds the record with
+positional arguments, in TraceRecord's field order), scrubbed, and the owner from the key only."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import fields
+from datetime import UTC, datetime
+from typing import Any, cast
+
+from llmgateway.v1 import chat_pb2
+
+from server.auth.actor import Actor
+from server.config import Settings
+from server.gateway import Dependencies, Gateway
+from server.providers.base import UpstreamTarget
+from server.traces.base import TraceRecord
+
+
+def _gateway() -> Gateway:
+    unused = cast(Any, None)  # new_trace uses only settings and scrub
+    deps = Dependencies(
+        settings=Settings(),
+        http=unused,
+        traces=unused,
+        policy=unused,
+        byok_provider=unused,
+        byok_urls=unused,
+        scrub=lambda text: text.replace("sk-secret", "[REDACTED]"),
+    )
+    return Gateway(deps)
+
+
+def _request(**changes: Any) -> chat_pb2.CreateRequest:
+    request = chat_pb2.CreateRequest(
+        llm_config=chat_pb2.LLMConfig(model="model-m", model_endpoint_type="type-t", handle="sk-secret"),
+        trace=chat_pb2.TraceContext(
+            step_id="step-s", agent_id="agent-a", run_id="run-r", call_type="call-c", tags=["t1", "t2"]
+        ),
+        user_id="request-user",
+    )
+    for name, value in changes.items():
+        setattr(request, name, value)
+    return request
+
+
+def test_new_trace_fills_every_field() -> None:
+    actor = Actor(organization_id="org-o", user_id="key-user", key_id="key-k")
+    target = UpstreamTarget(base_url="http://x", headers={}, provider="provider-p", is_byok=True)
+    before = datetime.now(UTC)
+    record = _gateway().new_trace(_request(), actor, target, b'{"messages":"my sk-secret"}')
+    assert before <= record.created_at <= datetime.now(UTC)
+    assert record.id.startswith("provider_trace-")
+    config = json.loads(record.llm_config_json)
+    assert config["model"] == "model-m" and config["handle"] == "[REDACTED]"
+    expected = TraceRecord(
+        id=record.id,
+        created_at=record.created_at,
+        organization_id="org-o",
+        user_id="request-user",
+        step_id="step-s",
+        agent_id="agent-a",
+        agent_tags=["t1", "t2"],
+        run_id="run-r",
+        call_type="call-c",
+        provider="provider-p",
+        model="model-m",
+        model_endpoint_type="type-t",
+        is_byok=True,
+        request_json='{"messages":"my [REDACTED]"}',
+        llm_config_json=record.llm_config_json,
+        owner="user:key-user",
+        key_id="key-k",
+    )
+    for field in fields(TraceRecord):  # one by one, so a failure names the field
+        assert getattr(record, field.name) == getattr(expected, field.name), field.name
+
+
+def test_new_trace_defaults_without_a_target_a_user_or_a_call_type() -> None:
+    actor = Actor(organization_id="org-o", key_id="key-k")
+    request = _request(user_id="")
+    request.trace.call_type = ""
+    record = _gateway().new_trace(request, actor, None, b"{}")
+    assert (record.user_id, record.call_type, record.provider) == ("", "agent_step", "type-t")
+    assert (record.is_byok, record.owner, record.request_json) == (False, "key:key-k", "{}")
+    assert (record.response_json, record.notes, record.cost_usd) == ("", [], None)
