@@ -811,40 +811,30 @@ def run_bench(args: argparse.Namespace) -> Report:
         fpaced = run_paced(go, plan, relay_target, paced_body, {"gw": relay_svc.pid}, "floor", report)
         relay_svc.stop()
         services.remove(relay_svc)
-        relay_svc, relay_target = start_floor(
-            workdir, "relay-held", ["--relay", held_base, "--client", "gateway"], gw_cpus
-        )
-        services.append(relay_svc)
-        held_floor = run_held_rounds(
-            plan,
-            relay_target,
-            held_body,
-            relay_svc.pid,
-            workdir,
-            client_cpus,
-            held_ramp,
-            "floor",
-            report,
-            repeat=False,
-        )
-        relay_svc.stop()
-        services.remove(relay_svc)
-        if below_gap:
+        held_floor: dict[str, HeldResult] = {}
+        # The floor's relay is started per pace: it relays one fixed upstream URL.
+        for tag, base, body, below in (
+            ("relay-held", held_base, held_body, False),
+            ("relay-held-below", below_base, below_body, True),
+        ):
+            if below and not below_gap:
+                continue
             relay_svc, relay_target = start_floor(
-                workdir, "relay-held-below", ["--relay", below_base, "--client", "gateway"], gw_cpus
+                workdir, tag, ["--relay", base, "--client", "gateway"], gw_cpus
             )
             services.append(relay_svc)
             held_floor |= run_held_rounds(
                 plan,
                 relay_target,
-                below_body,
+                body,
                 relay_svc.pid,
                 workdir,
                 client_cpus,
                 held_ramp,
                 "floor",
                 report,
-                below=True,
+                repeat=False,
+                below=below,
             )
             relay_svc.stop()
             services.remove(relay_svc)
