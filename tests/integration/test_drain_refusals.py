@@ -40,6 +40,7 @@ from tests.integration.test_clients import (
     stream_request,
 )
 from tests.process_harness import ServerProcess, start_server_process
+from tests.trace_polling import eventually
 
 CHECKERS = 4
 
@@ -88,7 +89,7 @@ async def test_checks_made_through_the_drain_are_answered_or_refused_never_cance
             await stream.read()  # in flight: the drain lasts while it runs (~5 s)
             kinds = [check] * CHECKERS
             callers = [asyncio.create_task(caller(server, kind, done, seen)) for kind in kinds]
-            await asyncio.sleep(0.2)
+            await eventually(lambda: sum(seen.values()) >= CHECKERS)  # the checkers are calling
             server.send_signal(signal.SIGTERM)
             await asyncio.wait_for(asyncio.gather(*callers), 10)  # each saw the port closed
             assert not stream.done(), "the stream ended before the port closed"
@@ -169,8 +170,10 @@ async def test_a_health_check_storm_during_the_drain_does_not_refuse_steady_call
         ):
             storms = [asyncio.create_task(storm(checked)) for _ in range(STORM_CHECKERS)]
             steady_task = asyncio.create_task(traffic(served))
-            await asyncio.sleep(0.5)
-            assert steady["OK"] >= 3 and checks["OK"] >= 100, (steady, checks)
+            await eventually(
+                lambda: steady["OK"] >= 3 and checks["OK"] >= 100,
+                message="3 steady calls and 100 checks did not succeed before the signal",
+            )
             server.send_signal(signal.SIGTERM)
             await asyncio.wait_for(steady_task, 10)  # it saw the port closed
             done.set()
