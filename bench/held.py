@@ -43,6 +43,10 @@ class HeldResult:
     # Server cores between every stream being open and the first one ending: all relaying, no
     # stream starting or ending (nan when that window was not seen).
     steady_cores: float = float("nan")
+    # Inter-chunk delay over that same window (nan when it was not seen).
+    steady_chunks: int = 0
+    steady_p50_us: float = float("nan")
+    steady_p99_us: float = float("nan")
 
     @property
     def cores(self) -> float:
@@ -160,4 +164,7 @@ def run(
         p99_us=float(result["p99_us"] or "nan"),
         max_us=float(result["max_us"] or "nan"),
         steady_cores=steady_cores,
+        steady_chunks=int(result.get("steady_chunks") or 0),
+        steady_p50_us=float(result.get("steady_p50_us") or "nan"),
+        steady_p99_us=float(result.get("steady_p99_us") or "nan"),
     )

@@ -27,6 +27,9 @@ const AT = 0x40; // '@'
 const SPACE = 0x20;
 
 const delays = [];
+// Delays while every stream is held and none has ended (between "held" and "ending"): no
+// stream starting or finishing, the state the streams-held budget is about.
+const steadyDelays = [];
 let chunks = 0;
 let ok = 0;
 let failed = 0;
@@ -70,7 +73,9 @@ function onMessage(msg, state) {
     let j = at + 1;
     for (; j < msg.length && msg[j] >= 0x30 && msg[j] <= 0x39; j++) ns = ns * 10 + (msg[j] - 0x30);
     if (j < msg.length && msg[j] === SPACE) {
-      delays.push((now - ns) / 1000); // microseconds
+      const us = (now - ns) / 1000; // microseconds
+      delays.push(us);
+      if (heldPrinted && finished === 0) steadyDelays.push(us);
       found++;
     }
   }
@@ -172,6 +177,7 @@ function report() {
   const wall = (performance.now() - t0) / 1000;
   const cpu = process.cpuUsage(cpu0);
   const sorted = Float64Array.from(delays).sort();
+  const steady = Float64Array.from(steadyDelays).sort();
   const out = {
     streams: opts.streams,
     started,
@@ -184,6 +190,9 @@ function report() {
     p50_us: pct(sorted, 50),
     p99_us: pct(sorted, 99),
     max_us: sorted.length ? sorted[sorted.length - 1] : null,
+    steady_chunks: steady.length,
+    steady_p50_us: pct(steady, 50),
+    steady_p99_us: pct(steady, 99),
   };
   process.stdout.write(JSON.stringify(out) + "\n");
   for (const s of sessions) s.destroy();

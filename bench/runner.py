@@ -1435,6 +1435,31 @@ def _held_delay_verdict(added_us: float, gw: HeldResult, floor: HeldResult | Non
     return _check(added_us, 5000) + (" (gateway saturated)" if saturated else "")
 
 
+def add_delay_rows(
+    report: Report, label: str, g: HeldResult, f: HeldResult | None, *, budgeted: bool
+) -> None:
+    """Added inter-chunk delay p50 / p99 over the whole round (streams starting and ending among
+    the held ones) and over its steady state (every stream held, none ended yet: the state the
+    budget names). The budget is judged on the steady p99 when both runs saw a steady state."""
+
+    def add(name: str, q: str, ours: float, theirs: float, judged: bool) -> None:
+        added = ours - theirs
+        report.add(
+            f"{label}: added inter-chunk delay {q}{name} (gw / floor)",
+            f"{_us(added)} ({ours / 1000:,.1f} / {theirs / 1000:,.1f} ms)",
+            budget="<= 5,000 us" if judged else "",
+            verdict=_held_delay_verdict(added, g, f) if judged else "",
+        )
+
+    nan = math.nan
+    steady = f is not None and g.steady_chunks > 0 and f.steady_chunks > 0
+    add("", "p50", g.p50_us, f.p50_us if f else nan, False)
+    add("", "p99", g.p99_us, f.p99_us if f else nan, budgeted and not steady)
+    if steady and f is not None:
+        add(", steady", "p50", g.steady_p50_us, f.steady_p50_us, False)
+        add(", steady", "p99", g.steady_p99_us, f.steady_p99_us, budgeted)
+
+
 def add_held_rows(
     report: Report, plan: Plan, gw: dict[str, HeldResult], floor: dict[str, HeldResult]
 ) -> None:
@@ -1467,16 +1492,7 @@ def add_held_rows(
             verdict=_check(g.rss_per_stream, 64 * 1024),
         )
         report.add(f"{label}: file descriptors while held", f"{g.fds_held:,} ({g.fds_before:,} before)")
-        for q, ours, theirs in (("p50", g.p50_us, f.p50_us if f else math.nan),
-                                ("p99", g.p99_us, f.p99_us if f else math.nan)):  # fmt: skip
-            added = ours - theirs
-            budgeted = q == "p99" and n == plan.held_streams[0]
-            report.add(
-                f"{label}: added inter-chunk delay {q} (gw / floor)",
-                f"{_us(added)} ({ours / 1000:,.1f} / {theirs / 1000:,.1f} ms)",
-                budget="<= 5,000 us" if budgeted else "",
-                verdict=_held_delay_verdict(added, g, f) if budgeted else "",
-            )
+        add_delay_rows(report, label, g, f, budgeted=n == plan.held_streams[0])
         report.add(
             f"{label}: streams complete",
             f"{g.ok:,} / {n:,}",
@@ -1511,15 +1527,7 @@ def add_held_below_rows(report: Report, plan: Plan, g: HeldResult | None, f: Hel
             f"  floor (bare grpc.aio relay), {n:,} held {plan.held_below_gap_ms:g} ms apart",
             f"{f.cores:.2f} cores, {_us(f.cpu_per_chunk_us)}/chunk{_steady(f)}",
         )
-    for q, ours, theirs in (("p50", g.p50_us, f.p50_us if f else math.nan),
-                            ("p99", g.p99_us, f.p99_us if f else math.nan)):  # fmt: skip
-        added = ours - theirs
-        report.add(
-            f"{label}: added inter-chunk delay {q} (gw / floor)",
-            f"{_us(added)} ({ours / 1000:,.1f} / {theirs / 1000:,.1f} ms)",
-            budget="<= 5,000 us" if q == "p99" else "",
-            verdict=_held_delay_verdict(added, g, f) if q == "p99" else "",
-        )
+    add_delay_rows(report, label, g, f, budgeted=True)
     report.add(
         f"{label}: streams complete",
         f"{g.ok:,} / {n:,}",
