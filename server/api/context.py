@@ -12,6 +12,7 @@ from google.protobuf.descriptor import Descriptor
 from google.protobuf.message import DecodeError, Message
 
 from server.api.status import abort
+from server.api.struct_bound import oversized_structs
 from server.auth.actor import Actor
 from server.core.retry import Deadline
 from server.core.validation import undecodable
@@ -34,6 +35,14 @@ def parse(message_type: type[M], data: bytes) -> M:
     """
     message = message_type()
     name = message_type.DESCRIPTOR.full_name
+    # Before decoding: a huge JSON object took the decoder seconds, the loop held (struct_bound).
+    oversized = oversized_structs(message_type, data)
+    if oversized:
+        raise InvalidRequest(
+            f"invalid request: {oversized[0].field}: {oversized[0].description}",
+            metadata={"fields": ",".join(v.field for v in oversized)},
+            field_violations=oversized,
+        )
     try:
         message.ParseFromString(data)
     except (DecodeError, RuntimeError, ValueError, TypeError) as exc:
