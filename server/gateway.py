@@ -555,8 +555,17 @@ class Gateway:
         admission: Admission | None,
         wire: bool = False,
     ) -> AsyncIterator[chat_pb2.StreamCreateResponse]:
-        keys = await function_keys_async(request.functions)
-        await offload.run_if(off_loop(keys), lambda: validate_request(request, keys))
+        # As in `_create`: plain calls for a normal request (an awaited coroutine and a lambda
+        # per step were a fixed cost of every stream), the pool only for a huge function set.
+        functions = request.functions
+        started = function_keys_started(functions)
+        keys = (
+            tuple(started) if len(started) == len(functions) else await function_keys_rest(functions, started)
+        )
+        if off_loop(keys):
+            await offload.run(lambda: validate_request(request, keys))
+        else:
+            validate_request(request, keys)
         if request.llm_config.model_endpoint_type in LOCAL_TYPES:
             if admission is not None:
                 await admission.admit(None)  # QUOTA_EXCEEDED here: nothing went upstream
