@@ -261,7 +261,11 @@ def config_body(cfg: chat_pb2.LLMConfig, endpoint: str, key: bytes | None = None
     cache_key = (key, endpoint)
     found = _CONFIG_BODIES.get(cache_key)
     if found is None:
-        found = _CONFIG_BODIES.put(cache_key, _config_body(cfg, endpoint))
+        found = _config_body(cfg, endpoint)
+        # Kept only if `cfg` still is what `key` says, as in `validation.config_checks`: a pool
+        # job of an abandoned routed attempt may read a config the router has since rewritten.
+        if cfg.SerializeToString() == key:
+            _CONFIG_BODIES.put(cache_key, found)
     return found
 
 

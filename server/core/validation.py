@@ -149,7 +149,12 @@ def config_checks(config: chat_pb2.LLMConfig, key: bytes | None = None) -> Confi
         if len(key) > MAX_CONFIG_BYTES:
             return ConfigChecks((), (_CONFIG_TOO_LARGE,), False)
         found = _check_config(config)
-        if len(key) <= MAX_CACHED_CONFIG_BYTES:
+        # Kept only if `config` still is what `key` says (serialized again, on a miss only): a
+        # pool job of an attempt a routed stream abandoned (its deployment's timeout_seconds) may
+        # read the config after the router's next attempt rewrote it in place, and must not file
+        # that config's checks under its own attempt's key (tests/integration/
+        # test_config_key_abandoned.py). Its result is thrown away with its attempt.
+        if len(key) <= MAX_CACHED_CONFIG_BYTES and config.SerializeToString() == key:
             if len(_CONFIG_CHECKS) >= _CONFIG_CACHE_SIZE:
                 _CONFIG_CHECKS.clear()
             _CONFIG_CHECKS[key] = found
