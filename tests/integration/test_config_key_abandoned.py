@@ -12,11 +12,15 @@ The wrapper below holds the first attempt's job until the next attempt's job beg
 thread waiting for the GIL while the loop runs the timeout and the next attempt would: at the job's
 start (past the loop's serialization of the config, which h/unary's key sharing handed to the job)
 or inside the cache fill, between its own serialization and its reading of the config (main's
-narrower window). Each cache keeps a result only if the config still serializes to its key."""
+narrower window). Each cache keeps a result only if the config still serializes to its key.
+
+And the plain case: each attempt of a routed unary call on the route's deployments sends,
+validates and traces its own config (the router sets the deployment's fields in place)."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -29,7 +33,8 @@ from llmgateway.v1 import chat_pb2
 
 from server import gateway as gateway_module
 from server.core import openai_request, validation
-from tests.fake_upstream import FakeUpstream, Reply, text_stream
+from tests.fake_upstream import FakeUpstream, Reply, completion, text_stream
+from tests.integration.test_config_key import _queued
 from tests.integration.test_request_head import _functions
 from tests.integration.test_routing_e2e import KEYS, deployment, gateway_with, routed, routes_toml
 
@@ -143,3 +148,37 @@ async def test_an_abandoned_attempts_pool_job_caches_nothing_under_its_stale_key
     sent = fakes[0].requests[-1].body
     assert (sent.get("model"), sent.get("temperature")) == ("model-a", 0.5)
     _assert_caches_match_their_keys()
+
+
+async def test_each_route_deployment_of_a_unary_call_sends_and_traces_its_own_config(
+    tmp_path: Path, fakes: list[FakeUpstream], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The router sets each deployment's fields on the request's config in place, attempt after
+    # attempt: each attempt's body, validation and trace are of its own config, not the first's.
+    records = _queued(monkeypatch)
+    text = routes_toml(
+        {
+            "chat": (
+                {},
+                [
+                    deployment("a", fakes[0].base_url, weight=1e12, context_window=8000),
+                    deployment("b", fakes[1].base_url, weight=1e-9, context_window=16000),
+                ],
+            )
+        },
+        cooldown_seconds=0,
+    )
+    fakes[0].script(Reply(status=502, raw=b"bad gateway"))
+    fakes[1].script(Reply(json_body=completion("from b")))
+    request = routed(step="s-unary", llm_config=chat_pb2.LLMConfig(temperature=0.5))
+    async with await gateway_with(tmp_path, text) as gw:
+        response = await gw.chat.Create(request, timeout=10)
+    assert response.completion.choices[0].message.content == "from b"
+    assert (response.deployment.name, response.deployment.attempts) == ("b", 2)
+    sent = [(f.requests[0].body["model"], f.requests[0].body["temperature"]) for f in fakes]
+    assert sent == [("model-a", 0.5), ("model-b", 0.5)]
+    traced = [json.loads(r.llm_config_json) for r in records]
+    assert [(t["model"], t["modelEndpoint"], t["contextWindow"], t["temperature"]) for t in traced] == [
+        ("model-a", fakes[0].base_url, 8000, 0.5),
+        ("model-b", fakes[1].base_url, 16000, 0.5),
+    ]
