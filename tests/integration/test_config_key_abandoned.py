@@ -8,7 +8,7 @@ by the bytes its attempt serialized on the loop before it started: else the cach
 config's bytes (validation's, the body's) hand the next attempt's config (here the caller's own
 inline fallback) to every later call whose config is the first attempt's.
 
-The wrapper below holds the first attempt's job until the next attempt's job begins, as a worker
+The wrapper below holds the first attempt's job until the next attempt has begun, as a worker
 thread waiting for the GIL while the loop runs the timeout and the next attempt would: at the job's
 start (past the loop's serialization of the config, which h/unary's key sharing handed to the job)
 or inside the cache fill, between its own serialization and its reading of the config (main's
@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from types import ModuleType
@@ -77,11 +78,12 @@ HOLDS: dict[str, tuple[ModuleType, str]] = {
 
 
 def _hold_first_pool_call(monkeypatch: pytest.MonkeyPatch, module: ModuleType, name: str) -> threading.Event:
-    """Hold the first call of module.`name` made in a pool thread until the second one starts;
-    the returned event is set once the first has finished."""
+    """Hold the first call of module.`name` made in a pool thread until the router has rewritten
+    the config it was given (the next attempt has begun); the returned event is set once that
+    call has finished. (Polled, so the held job needs no second pool thread for the next one.)"""
     loop_thread = threading.get_ident()
     real: Callable[..., Any] = getattr(module, name)
-    second_started, first_done = threading.Event(), threading.Event()
+    first_done = threading.Event()
     pool_calls = 0
 
     def held(*args: Any, **kwargs: Any) -> Any:
@@ -89,12 +91,15 @@ def _hold_first_pool_call(monkeypatch: pytest.MonkeyPatch, module: ModuleType, n
         if threading.get_ident() != loop_thread:
             pool_calls += 1
             if pool_calls == 1:
-                second_started.wait(10)
+                config = args[0].llm_config if hasattr(args[0], "llm_config") else args[0]
+                first = config.model
+                until = time.monotonic() + 10
+                while config.model == first and time.monotonic() < until:
+                    time.sleep(0.005)
                 try:
                     return real(*args, **kwargs)
                 finally:
                     first_done.set()
-            second_started.set()
         return real(*args, **kwargs)
 
     monkeypatch.setattr(module, name, held)
