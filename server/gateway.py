@@ -129,6 +129,7 @@ class Plan:
     payload: bytes
     count: tokens.TokenCount | None
     notes: list[str]  # parameters not sent as given, for the trace
+    config_key: bytes | None = None  # the request's LLMConfig serialized (`Gateway._create`)
 
 
 @dataclass(slots=True)
@@ -238,7 +239,9 @@ class Gateway:
         stream: bool,
         keys: FunctionKeys,
         via: Attempt | None = None,
+        config_key: bytes | None = None,
     ) -> Plan:
+        """`config_key`: `request.llm_config` serialized, shared by the caches keyed by it."""
         config = request.llm_config
         provider = provider_for(config.model_endpoint_type, self._settings)
         # A routed attempt may bring its deployment's own target (a key of the routes file).
@@ -262,7 +265,9 @@ class Gateway:
         if off:
             body, functions = await offload.run(
                 lambda: (
-                    build_chat_body(request, stream=stream, endpoint=endpoint, keys=keys),
+                    build_chat_body(
+                        request, stream=stream, endpoint=endpoint, keys=keys, config_key=config_key
+                    ),
                     prompt_functions(request, endpoint=endpoint, keys=keys),
                 )
             )
@@ -271,7 +276,9 @@ class Gateway:
             # huge function set is translated and serialized in the pool too.
             notes, raw = await offload.run(lambda: _translated(provider, body, stream))
         else:  # plain calls, as in `_create`; the guard's, as `guard` counts inline
-            body = build_chat_body(request, stream=stream, endpoint=endpoint, keys=keys)
+            body = build_chat_body(
+                request, stream=stream, endpoint=endpoint, keys=keys, config_key=config_key
+            )
             functions = prompt_functions(request, endpoint=endpoint, keys=keys)
             count = None
             window = config.context_window
@@ -284,7 +291,7 @@ class Gateway:
             notes, raw = _translated(provider, body, stream)
         if notes:
             log.info("%s: parameters not sent as given: %s", target.provider, ", ".join(notes))
-        return Plan(target, provider, body, raw, count, trace_notes(notes, self.deps.scrub))
+        return Plan(target, provider, body, raw, count, trace_notes(notes, self.deps.scrub), config_key)
 
     def answer_scrubber(self, target: UpstreamTarget) -> AnswerScrubber:
         """Scrubs the answer of a call to `target` of every known secret and of the key it sent."""
@@ -300,7 +307,12 @@ class Gateway:
         )
 
     def new_trace(
-        self, request: ChatRequest, actor: Actor, target: UpstreamTarget | None, body: bytes
+        self,
+        request: ChatRequest,
+        actor: Actor,
+        target: UpstreamTarget | None,
+        body: bytes,
+        config_key: bytes | None = None,
     ) -> TraceRecord:
         config = request.llm_config
         trace = request.trace
@@ -322,14 +334,17 @@ class Gateway:
             endpoint_type,  # model_endpoint_type
             bool(target and target.is_byok),  # is_byok
             trace_scrub.scrub_request(body.decode(), self.deps.scrub),  # request_json; huge: at finish
-            llm_config_json=self._config_json(config),
+            llm_config_json=self._config_json(config, config_key),
             owner=trace_owner(user_id=actor.user_id, key_id=actor.key_id),  # never the request's
             key_id=actor.key_id,
         )
 
-    def _config_json(self, config: chat_pb2.LLMConfig) -> str:
-        """The trace's copy of the LLMConfig, scrubbed; cached, as an agent resends the same one."""
-        key = config.SerializeToString()
+    def _config_json(self, config: chat_pb2.LLMConfig, key: bytes | None = None) -> str:
+        """The trace's copy of the LLMConfig, scrubbed; cached, as an agent resends the same one.
+
+        `key`: `config.SerializeToString()` if the caller made it already."""
+        if key is None:
+            key = config.SerializeToString()
         cached = self._config_json_cache.get(key)
         if cached is None:
             cached = self.deps.scrub(json_format.MessageToJson(config, indent=None))
@@ -389,13 +404,15 @@ class Gateway:
         payload: bytes,
         kind: str,
         via: Attempt | None = None,
+        config_key: bytes | None = None,
     ) -> _TraceScope:
         """One upstream call: its span and its trace record, finished however the call ends.
 
         A plain (synchronous) context manager: entering and leaving awaits nothing, and this is
         on every request's path (an async generator-based one cost several microseconds more).
+        `config_key`: `request.llm_config` serialized, if made already (`Plan.config_key`).
         """
-        return _TraceScope(self, request, actor, target, payload, kind, via)
+        return _TraceScope(self, request, actor, target, payload, kind, via, config_key)
 
     # -- Create ------------------------------------------------------------------------------
 
@@ -441,10 +458,14 @@ class Gateway:
         keys = (
             tuple(started) if len(started) == len(functions) else await function_keys_rest(functions, started)
         )
+        # The LLMConfig serialized once for the caches keyed by it (validation's, the body's, the
+        # trace's copy): nothing changes the request's config during the call (a routed call
+        # sets it before each attempt, and each attempt comes here).
+        config_key = request.llm_config.SerializeToString()
         if off_loop(keys):
-            await offload.run(lambda: validate_request(request, keys))
+            await offload.run(lambda: validate_request(request, keys, config_key))
         else:
-            validate_request(request, keys)
+            validate_request(request, keys, config_key)
         if request.llm_config.model_endpoint_type in LOCAL_TYPES:
             if admission is not None:
                 await admission.admit(None)  # QUOTA_EXCEEDED here: nothing went upstream
@@ -454,7 +475,7 @@ class Gateway:
                 if not self._settings.tool_call_missing_retry:
                     raise
             return await self._create_local(request, actor, deadline, keys)
-        plan = await self._plan(request, actor, stream=False, keys=keys, via=via)
+        plan = await self._plan(request, actor, stream=False, keys=keys, via=via, config_key=config_key)
         if admission is not None:
             await admission.admit(plan.count)  # the guard's count; QUOTA_EXCEEDED: nothing sent
         try:
@@ -463,14 +484,14 @@ class Gateway:
             if not tool_call_check.ask_again(plan.body, plan.target.base_url, settings=self._settings):
                 raise
         # Planned again: a server just learned to be llama.cpp's gets the form it honours.
-        plan = await self._plan(request, actor, stream=False, keys=keys, via=via)
+        plan = await self._plan(request, actor, stream=False, keys=keys, via=via, config_key=config_key)
         return await self._create_once(request, actor, deadline, plan, via)
 
     async def _create_once(
         self, request: ChatRequest, actor: Actor, deadline: Deadline, plan: Plan, via: Attempt | None
     ) -> chat_pb2.CreateResponse:
         target, body, model = plan.target, plan.body, request.llm_config.model
-        with self.traced_call(request, actor, target, plan.payload, "create", via) as call:
+        with self.traced_call(request, actor, target, plan.payload, "create", via, plan.config_key) as call:
             call.record.notes = plan.notes
             raw, answer = await post_json(
                 self.deps.http,
@@ -555,15 +576,25 @@ class Gateway:
         admission: Admission | None,
         wire: bool = False,
     ) -> AsyncIterator[chat_pb2.StreamCreateResponse]:
-        keys = await function_keys_async(request.functions)
-        await offload.run_if(off_loop(keys), lambda: validate_request(request, keys))
+        # As in `_create`: plain calls for a normal request (an awaited coroutine and a lambda
+        # per step were a fixed cost of every stream), the pool only for a huge function set.
+        functions = request.functions
+        started = function_keys_started(functions)
+        keys = (
+            tuple(started) if len(started) == len(functions) else await function_keys_rest(functions, started)
+        )
+        config_key = request.llm_config.SerializeToString()  # shared, as in `_create`
+        if off_loop(keys):
+            await offload.run(lambda: validate_request(request, keys, config_key))
+        else:
+            validate_request(request, keys, config_key)
         if request.llm_config.model_endpoint_type in LOCAL_TYPES:
             if admission is not None:
                 await admission.admit(None)  # QUOTA_EXCEEDED here: nothing went upstream
             async for event in self._stream_local(request, actor, deadline, keys):
                 yield event
             return
-        plan = await self._plan(request, actor, stream=True, keys=keys, via=via)
+        plan = await self._plan(request, actor, stream=True, keys=keys, via=via, config_key=config_key)
         if admission is not None:
             await admission.admit(plan.count)  # the guard's count; QUOTA_EXCEEDED: nothing sent
         # One upstream call per pass; a second pass only for a missing tool call. The call is
@@ -813,6 +844,7 @@ class _TraceScope:
         "_span_scope",
         "_in_flight",
         "_via",
+        "_config_key",
     )
 
     def __init__(
@@ -824,6 +856,7 @@ class _TraceScope:
         payload: bytes,
         kind: str,
         via: Attempt | None = None,
+        config_key: bytes | None = None,
     ) -> None:
         self._gateway = gateway
         self._request = request
@@ -836,10 +869,11 @@ class _TraceScope:
         # Taken now: a stream abandoned mid-way is closed later, maybe from another task.
         self._in_flight = current_call()
         self._via = via
+        self._config_key = config_key
 
     def __enter__(self) -> TracedCall:
         gateway = self._gateway
-        record = gateway.new_trace(self._request, self._actor, self._target, self._payload)
+        record = gateway.new_trace(self._request, self._actor, self._target, self._payload, self._config_key)
         started = time.perf_counter()
         span_scope = gateway.span(self._kind, self._request.llm_config, self._target)
         span = span_scope.__enter__()

@@ -252,14 +252,20 @@ MAX_CACHED_ENDPOINT_CHARS = 2048
 _CONFIG_BODIES: BoundedCache[tuple[bytes, str], _ConfigBody] = BoundedCache(1024)
 
 
-def config_body(cfg: chat_pb2.LLMConfig, endpoint: str) -> _ConfigBody:
-    key = cfg.SerializeToString()
+def config_body(cfg: chat_pb2.LLMConfig, endpoint: str, key: bytes | None = None) -> _ConfigBody:
+    """`_config_body`, cached; `key`: `cfg.SerializeToString()` if the caller made it already."""
+    if key is None:
+        key = cfg.SerializeToString()
     if len(key) > MAX_CACHED_CONFIG_BYTES or len(endpoint) > MAX_CACHED_ENDPOINT_CHARS:
         return _config_body(cfg, endpoint)
     cache_key = (key, endpoint)
     found = _CONFIG_BODIES.get(cache_key)
     if found is None:
-        found = _CONFIG_BODIES.put(cache_key, _config_body(cfg, endpoint))
+        found = _config_body(cfg, endpoint)
+        # Kept only if `cfg` still is what `key` says, as in `validation.config_checks`: a pool
+        # job of an abandoned routed attempt may read a config the router has since rewritten.
+        if cfg.SerializeToString() == key:
+            _CONFIG_BODIES.put(cache_key, found)
     return found
 
 
@@ -279,7 +285,12 @@ def _function_names(
 
 
 def build_chat_body(
-    request: chat_pb2.CreateRequest, *, stream: bool, endpoint: str, keys: FunctionKeys | None = None
+    request: chat_pb2.CreateRequest,
+    *,
+    stream: bool,
+    endpoint: str,
+    keys: FunctionKeys | None = None,
+    config_key: bytes | None = None,
 ) -> dict[str, Any]:
     """The exact JSON body for `POST {endpoint}/chat/completions`.
 
@@ -288,7 +299,7 @@ def build_chat_body(
     Raises InvalidRequest for invalid messages, functions or tool forcing.
     """
     cfg = request.llm_config
-    facts = config_body(cfg, endpoint)
+    facts = config_body(cfg, endpoint, config_key)
     model = facts.model
     if not model:
         raise InvalidRequest(
