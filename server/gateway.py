@@ -35,6 +35,7 @@ from server.core.completion import (
     plain_event,
     streamed_texts,
 )
+from server.core.config_cache import ConfigCache
 from server.core.keys import (
     ByokLookup,
     ByokUrls,
@@ -115,9 +116,6 @@ class Dependencies:
     limiter: Limiter | None = None  # limits per key and organization (server.limits)
 
 
-MAX_CACHED_CONFIG_BYTES = 4096  # of a serialized LLMConfig whose trace JSON is cached
-
-
 @dataclass(slots=True)
 class Plan:
     """Where a call goes and what it sends: the internal (OpenAI-shaped) body the answer is
@@ -166,7 +164,7 @@ class Gateway:
     def __init__(self, deps: Dependencies) -> None:
         self.deps = deps
         self._settings = deps.settings
-        self._config_json_cache: dict[bytes, str] = {}
+        self._config_json_cache: ConfigCache[bytes, str] = ConfigCache()
         self._targets = TargetCache()  # server-key targets (this gateway's settings and policy)
         self.router = deps.router or Router(deps.settings)
 
@@ -348,12 +346,8 @@ class Gateway:
         cached = self._config_json_cache.get(key)
         if cached is None:
             cached = self.deps.scrub(json_format.MessageToJson(config, indent=None))
-            # A config is ~100-300 bytes; a caller's huge one (a long provider_name, say) is not
-            # kept, or 1,024 of them would hold gigabytes until the process ends.
-            if len(key) <= MAX_CACHED_CONFIG_BYTES:
-                if len(self._config_json_cache) >= 1024:
-                    self._config_json_cache.clear()
-                self._config_json_cache[key] = cached
+            # Bounded in entries and key bytes; a caller's huge config is never kept (config_cache).
+            self._config_json_cache.put(key, cached, len(key))
         return cached
 
     def span(

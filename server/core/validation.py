@@ -14,6 +14,7 @@ from google.protobuf import struct_pb2
 from llmgateway.v1 import chat_pb2
 
 from server.core import offload
+from server.core.config_cache import MAX_CACHED_CONFIG_BYTES, ConfigCache
 from server.errors import FieldViolation, InvalidRequest
 from server.providers.local.endpoints import ENDPOINT_TYPES
 from server.providers.registry import PROVIDERS
@@ -128,11 +129,8 @@ class ConfigChecks:
     inner_thoughts: bool
 
 
-# A config is ~100-300 bytes, and an agent resends the same one every step; a caller's huge one
-# (a megabyte model name, say) is checked every time, never kept.
-MAX_CACHED_CONFIG_BYTES = 4096
-_CONFIG_CACHE_SIZE = 1024
-_CONFIG_CHECKS: dict[bytes, ConfigChecks] = {}
+# An agent resends the same config every step (see server.core.config_cache for the bounds).
+_CONFIG_CHECKS: ConfigCache[bytes, ConfigChecks] = ConfigCache()
 
 
 def config_checks(config: chat_pb2.LLMConfig, key: bytes | None = None) -> ConfigChecks:
@@ -155,9 +153,7 @@ def config_checks(config: chat_pb2.LLMConfig, key: bytes | None = None) -> Confi
         # that config's checks under its own attempt's key (tests/integration/
         # test_config_key_abandoned.py). Its result is thrown away with its attempt.
         if len(key) <= MAX_CACHED_CONFIG_BYTES and config.SerializeToString() == key:
-            if len(_CONFIG_CHECKS) >= _CONFIG_CACHE_SIZE:
-                _CONFIG_CHECKS.clear()
-            _CONFIG_CHECKS[key] = found
+            _CONFIG_CHECKS.put(key, found, len(key))
     return found
 
 

@@ -14,7 +14,7 @@ from google.protobuf import json_format, struct_pb2
 from llmgateway.v1 import chat_pb2
 
 from server.core import openai_request, trace_scrub, validation
-from server.gateway import MAX_CACHED_CONFIG_BYTES
+from server.core.config_cache import MAX_CACHED_CONFIG_BYTES
 from server.traces.base import TraceRecord
 from tests.fake_upstream import FakeUpstream, Reply, completion, text_stream
 from tests.gateway_harness import RunningGateway, chat_request, make_settings, running_gateway
@@ -95,7 +95,9 @@ async def test_each_attempt_sends_and_traces_its_own_config(
 
 def _huge_config(base_url: str) -> chat_pb2.LLMConfig:
     schema = struct_pb2.Struct()
-    schema.update({"type": "object", "properties": {"answer": {"type": "string", "description": "d" * 6000}}})
+    schema.update(
+        {"type": "object", "properties": {"answer": {"type": "string", "description": "d" * 70_000}}}
+    )
     config = chat_pb2.LLMConfig(
         model="gpt-4o-mini", model_endpoint_type="openai", model_endpoint=base_url, context_window=128_000
     )
@@ -107,7 +109,7 @@ def _huge_config(base_url: str) -> chat_pb2.LLMConfig:
 
 def _cached_keys(gw: RunningGateway) -> list[bytes]:
     assert gw.server.gateway is not None
-    body_keys = [key for key, _ in openai_request._CONFIG_BODIES._data]
+    body_keys = [key for key, _ in openai_request._CONFIG_BODIES.keys()]
     return [*validation._CONFIG_CHECKS, *body_keys, *gw.server.gateway._config_json_cache]
 
 
@@ -126,7 +128,7 @@ async def test_a_config_over_the_cacheable_size_is_worked_out_anew_and_never_kep
         response = await gateway.chat.Create(request, timeout=10)
         assert response.completion.choices[0].message.content == '{"answer": "x"}'
         sent = upstream.requests[-1].body["response_format"]
-        assert sent["json_schema"]["schema"]["properties"]["answer"]["description"] == "d" * 6000
+        assert sent["json_schema"]["schema"]["properties"]["answer"]["description"] == "d" * 70_000
         traced = _traced_config(records[-1])
         assert traced == json.loads(json_format.MessageToJson(config, indent=None))
         assert traced["handle"] == handle

@@ -110,7 +110,7 @@ def _assert_caches_match_their_keys() -> None:
     # (On the loop's thread: the held wrappers pass its calls straight through.)
     for key, checks in list(validation._CONFIG_CHECKS.items()):
         assert checks == validation._check_config(chat_pb2.LLMConfig.FromString(key))
-    for (key, endpoint), facts in list(openai_request._CONFIG_BODIES._data.items()):
+    for (key, endpoint), facts in list(openai_request._CONFIG_BODIES.items()):
         assert facts == openai_request._config_body(chat_pb2.LLMConfig.FromString(key), endpoint)
 
 

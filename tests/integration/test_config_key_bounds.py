@@ -14,7 +14,7 @@ from google.protobuf import json_format
 from llmgateway.v1 import chat_pb2
 
 from server.core import openai_request, validation
-from server.gateway import MAX_CACHED_CONFIG_BYTES
+from server.core.config_cache import MAX_CACHED_CONFIG_BYTES
 from tests.fake_upstream import FakeUpstream, Reply, completion, text_stream
 from tests.gateway_harness import RunningGateway, chat_request
 from tests.integration.test_config_key import _queued
@@ -52,7 +52,7 @@ def _kept(gw: RunningGateway, key: bytes, endpoint: str) -> list[bool]:
     assert gw.server.gateway is not None
     return [
         key in validation._CONFIG_CHECKS,
-        (key, endpoint) in openai_request._CONFIG_BODIES._data,
+        (key, endpoint) in openai_request._CONFIG_BODIES,
         key in gw.server.gateway._config_json_cache,
     ]
 

@@ -35,6 +35,26 @@ def _function(name: str) -> chat_pb2.FunctionDefinition:
     return chat_pb2.FunctionDefinition(name=name, description=f"{name} it", parameters=parameters)
 
 
+def _schema() -> chat_pb2.JsonSchemaFormat:
+    schema = struct_pb2.Struct()
+    schema.update(
+        {
+            "type": "object",
+            "properties": {
+                "n": {"type": "integer", "minimum": 3, "maximum": 9007199254740992.0},
+                "past": {"type": "number", "maximum": 9007199254740994.0 * 4, "minimum": -0.0},
+                "f": {"type": "number", "multipleOf": 0.1, "exclusiveMaximum": 1e300},
+                "s": {"type": "string", "description": 'caf\u00e9 \U0001f600 "q" \\', "enum": ["a", None]},
+                "deep": {"type": "array", "items": [{"type": "boolean", "default": False}, [1, [2.5]]]},
+            },
+            "required": ["n", "s"],
+        }
+    )
+    return chat_pb2.JsonSchemaFormat(name="answer", description="d", schema=schema, strict=False)
+
+
+_SCHEMA = _schema()
+
 CONFIGS: list[dict[str, Any]] = [
     {"model": "gpt-4o"},
     {"model": "gpt-4o", "temperature": 0.5, "parallel_tool_calls": True, "max_tokens": 100},
@@ -50,6 +70,16 @@ CONFIGS: list[dict[str, Any]] = [
     },
     {"model": "gpt-4o", "put_inner_thoughts_in_kwargs": True},
     {"model": "qwen", "handle": "llamacpp/qwen", "parallel_tool_calls": False},
+    # A schema whose values must come back exactly from the cached JSON: integral and fractional
+    # numbers, the exact-int bound and past it, -0.0, unicode, nesting, nulls, with a stop list.
+    {
+        "model": "gpt-4o",
+        "stop": ["\u00e9t\u00e9", "\n\n"],
+        "temperature": 0.1,
+        "max_tokens": 7,
+        "response_format": chat_pb2.ResponseFormat(type="json_schema", json_schema=_SCHEMA),
+    },
+    {"model": "gpt-4o", "response_format": chat_pb2.ResponseFormat(type="json_object")},
 ]
 REQUESTS: list[dict[str, Any]] = [
     {},
@@ -132,6 +162,39 @@ def test_a_stop_list_is_a_fresh_list_in_every_body() -> None:
     assert build_chat_body(request, stream=False, endpoint=OPENAI, keys=())["stop"] == ["END"]
 
 
+def test_a_response_format_is_fresh_in_every_body() -> None:
+    request = _request(CONFIGS[-2], {}, ())
+    first = build_chat_body(request, stream=False, endpoint=OPENAI, keys=())
+    expected = orjson.dumps(first)
+    first["response_format"]["json_schema"]["schema"]["properties"]["n"]["minimum"] = 0
+    first["stop"].append("changed by a caller")
+    again = build_chat_body(request, stream=False, endpoint=OPENAI, keys=())
+    assert orjson.dumps(again) == expected
+    assert again["response_format"]["json_schema"]["schema"]["properties"]["n"]["minimum"] == 3
+
+
+def _typed(value: Any) -> Any:
+    """`value` with every leaf's type beside it (3 and 3.0, 0.0 and -0.0 differ)."""
+    if isinstance(value, dict):
+        return {key: _typed(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_typed(item) for item in value]
+    return (type(value).__name__, repr(value))
+
+
+def test_a_cached_tail_decodes_to_the_values_built_from_the_config() -> None:
+    # What every provider's translation reads: the same keys, order, types and values as the
+    # tail built from the proto (before it was cached as JSON), for every config above.
+    for config in CONFIGS:
+        cfg = _request(config, {}, ()).llm_config
+        built: dict[str, Any] = {}
+        openai_request._config_tail(cfg, cfg.model, built)
+        cached = openai_request.config_body(cfg, OPENAI)
+        decoded = dict(cached.tail) if cached.tail is not None else orjson.loads(cached.tail_json or b"{}")
+        assert list(decoded) == list(built), config
+        assert _typed(decoded) == _typed(built), config
+
+
 def test_names_are_cached_per_function_set() -> None:
     for names, forced, ok in [
         (("send_message", "search"), "search", True),
@@ -151,7 +214,7 @@ def test_the_config_cache_is_bounded_in_entries_and_in_key_size() -> None:
         assert build_chat_body(request, stream=False, endpoint=OPENAI)["max_completion_tokens"] == n + 1
         assert len(openai_request._CONFIG_BODIES) <= size
     openai_request.clear_caches()
-    huge = _request({"model": "gpt-4o", "handle": "h" * 5000}, {}, ())
+    huge = _request({"model": "gpt-4o", "handle": "h" * 70_000}, {}, ())
     assert huge.llm_config.ByteSize() > openai_request.MAX_CACHED_CONFIG_BYTES
     assert build_chat_body(huge, stream=False, endpoint=OPENAI)["model"] == "gpt-4o"
     long_endpoint = OPENAI + "/" + "a" * openai_request.MAX_CACHED_ENDPOINT_CHARS

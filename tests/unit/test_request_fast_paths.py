@@ -140,12 +140,12 @@ def test_config_checks_are_cached_per_config_and_stay_in_order() -> None:
 
 def test_the_config_cache_is_bounded_in_entries_and_in_key_size() -> None:
     validation._CONFIG_CHECKS.clear()
-    for n in range(validation._CONFIG_CACHE_SIZE + 10):
+    for n in range(validation._CONFIG_CHECKS._max + 10):
         config = chat_pb2.LLMConfig(model=f"m{n}", model_endpoint_type="openai", context_window=n)
         assert _fields(_request(config)) == []
-        assert len(validation._CONFIG_CHECKS) <= validation._CONFIG_CACHE_SIZE
+        assert len(validation._CONFIG_CHECKS) <= validation._CONFIG_CHECKS._max
     validation._CONFIG_CHECKS.clear()
-    huge = chat_pb2.LLMConfig(model="m" * 2000, model_endpoint_type="openai", handle="h" * 3000)
+    huge = chat_pb2.LLMConfig(model="m" * 2000, model_endpoint_type="openai", handle="h" * 70_000)
     assert huge.ByteSize() > validation.MAX_CACHED_CONFIG_BYTES
     # over MAX_MODEL_CHARS and MAX_CONFIG_NAME_CHARS
     assert _fields(_request(huge)) == ["llm_config.model", "llm_config.handle"]
@@ -198,7 +198,7 @@ def test_a_config_over_a_mebibyte_is_refused_without_reading_its_fields() -> Non
     assert _fields(_request(big)) == ["llm_config"]
     huge_name = chat_pb2.LLMConfig(model="m", model_endpoint_type="openai", handle="h" * (2 * 1024 * 1024))
     assert _fields(_request(huge_name)) == ["llm_config"]
-    assert len(validation._CONFIG_CHECKS) <= validation._CONFIG_CACHE_SIZE
+    assert len(validation._CONFIG_CHECKS) <= validation._CONFIG_CHECKS._max
 
 
 def _varint(value: int) -> bytes:

@@ -1,0 +1,81 @@
+"""What the request path works out from an LLMConfig, cached by the config's serialized bytes.
+
+An agent resends the same config every step. Most are ~100-300 bytes; one that carries a
+structured-output schema (`response_format.json_schema`) is commonly 5-50 KB, and working it out
+again on every call cost more than the rest of the call (a 10 KB config: ~0.9 ms of checks,
+body and trace copy, against ~0.6 ms for a whole plain call). So keys up to
+`MAX_CACHED_CONFIG_BYTES` are kept, bounded in entries and in the key bytes held in all; a
+bigger config (up to the 1 MiB a request may carry) is worked out anew every time, never kept.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Iterator
+from typing import Generic, TypeVar
+
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+
+MAX_CACHED_CONFIG_BYTES = 64 * 1024
+MAX_ENTRIES = 1024
+MAX_HELD_BYTES = 1024 * 1024  # key bytes in one cache: 1,024 usual configs, or 16 of 64 KiB
+
+
+class ConfigCache(Generic[K, V]):
+    """A dict that forgets its oldest entries past `max_entries` entries or `max_bytes` of keys
+    (FIFO: hits are the norm). `put` is told each key's size; over `MAX_CACHED_CONFIG_BYTES` it
+    keeps nothing. Safe from several threads in the way a dict is: a race at worst forgets an
+    entry or keeps one a little past the bound."""
+
+    __slots__ = ("_data", "_max", "_max_bytes", "_bytes")
+
+    def __init__(self, max_entries: int = MAX_ENTRIES, max_bytes: int = MAX_HELD_BYTES) -> None:
+        self._data: dict[K, tuple[V, int]] = {}
+        self._max = max_entries
+        self._max_bytes = max_bytes
+        self._bytes = 0
+
+    def get(self, key: K) -> V | None:
+        found = self._data.get(key)
+        return None if found is None else found[0]
+
+    def put(self, key: K, value: V, size: int) -> V:
+        if size > MAX_CACHED_CONFIG_BYTES:
+            return value
+        data = self._data
+        while data and (len(data) >= self._max or self._bytes + size > self._max_bytes):
+            try:
+                oldest = next(iter(data))
+                _, oldest_size = data.pop(oldest)
+                self._bytes -= oldest_size
+            except (StopIteration, KeyError, RuntimeError):  # raced with another thread: harmless
+                break
+        previous = data.get(key)
+        if previous is not None:
+            self._bytes -= previous[1]
+        data[key] = (value, size)
+        self._bytes += size
+        return value
+
+    def clear(self) -> None:
+        self._data.clear()
+        self._bytes = 0
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._data
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __iter__(self) -> Iterator[K]:
+        return iter(list(self._data))
+
+    def keys(self) -> list[K]:
+        return list(self._data)
+
+    def items(self) -> list[tuple[K, V]]:
+        return [(key, value) for key, (value, _) in self._data.items()]
+
+    @property
+    def held_bytes(self) -> int:
+        return self._bytes
