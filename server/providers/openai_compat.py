@@ -130,11 +130,15 @@ class OpenAIStreamDecoder:
     def feed(self, event: str | None, data: bytes) -> list[dict[str, Any] | None]:
         # The event name is ignored: OpenAI sends none, and proxies' names carry nothing more.
         prefix = self._prefix
-        if prefix and data.startswith(prefix):
+        if prefix:
+            # The text between the template's prefix and suffix, if the event has both: each
+            # removal takes its whole length or nothing (both are non-empty), and the suffix is
+            # looked for after the prefix (they never overlap). removeprefix/removesuffix take
+            # one argument: no PyArg_ParseTuple, where startswith, endswith and a slice cost
+            # ~4x as much (every chunk of every stream).
             suffix = self._suffix
-            end = len(data) - len(suffix)
-            if end >= len(prefix) and data.endswith(suffix):
-                raw = data[len(prefix) : end]
+            raw = data.removeprefix(prefix).removesuffix(suffix)
+            if len(raw) == len(data) - len(prefix) - len(suffix):
                 if 34 not in raw and 92 not in raw:  # no quote, no backslash (ints: memchr)
                     try:
                         text = raw.decode()

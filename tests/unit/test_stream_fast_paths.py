@@ -690,6 +690,7 @@ def _template_event(rng: random.Random, base: dict[str, Any]) -> bytes:
     value, _, rest = tail.partition(b'"}')
     variants = [
         head + b'"content":"' + value + b'\xff"}' + rest,  # not UTF-8
+        head + b'"content":"}' + rest,  # the template's prefix and suffix, overlapping (one quote)
         head + b'"content":"' + value + b'\xed\xa0\x80"}' + rest,  # a UTF-8 surrogate
         head + b'"content":"' + value + b'\\u00e9"}' + rest,  # an escape
         head + b'"content":"' + value + b'\x01"}' + rest,  # a raw control character
