@@ -1061,20 +1061,22 @@ class _SSEParser:
     def _feed(self, piece: bytes) -> list[dict[str, Any] | None]:
         # The usual read is exactly one event, `data: {...}` and a blank line, at a line start
         # with no event begun: its data is the piece without the prefix and the two LFs (what
-        # the line loop below would find, without splitting it or keeping state).
+        # the line loop below would find, without splitting it or keeping state). Its first LF
+        # is followed by one more and nothing else; partition and removeprefix take one
+        # argument (no PyArg_ParseTuple, as startswith, find and endswith do: every chunk).
+        line, _, rest = piece.partition(b"\n")
         if (
-            piece.startswith(b"data: ")
-            and piece.find(b"\n") == len(piece) - 2
-            and piece.endswith(b"\n")
-            and 13 not in piece  # no CR (an int: memchr, where b"\r" is a substring search)
+            rest == b"\n"
+            and 13 not in line  # no CR (an int: memchr, where b"\r" is a substring search)
+            and len(data := line.removeprefix(b"data: ")) == len(line) - 6
             and not self._data_lines
-            and len(piece) - 8 <= MAX_EVENT_BYTES
+            and len(data) <= MAX_EVENT_BYTES
             and self._lines.at_line_start
         ):
             self._bom = False
             name, self._event_name = self._event_name, None
             try:
-                chunks = self._decoder.feed(name, piece[6:-2])
+                chunks = self._decoder.feed(name, data)
             except Exception:
                 self._ended = True
                 raise
