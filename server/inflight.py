@@ -287,6 +287,7 @@ class InFlight:
                             await self._abort(context, error)
                         finally:
                             del error
+                        return  # (abort raises) the call ended there, as the servicer's generator did
                 except asyncio.CancelledError:
                     if not call.cut:
                         raise  # the caller went away or its deadline passed: nothing to send
