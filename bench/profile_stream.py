@@ -5,8 +5,8 @@ Both run in this process against `bench/upstream.py` (a subprocess on loopback) 
 
 - gateway: the real `GatewayServer` started as the tests start it (`allowed_endpoints` the
   upstream, `admin_listen=""`), and its StreamCreate behaviour called exactly as grpc calls it
-  (the handler after `InFlight.track`, i.e. InFlight -> servicer -> Gateway.stream), each message
-  put through the handler's `response_serializer`;
+  (the handler after `InFlight.track`, i.e. InFlight running the servicer's parts around
+  Gateway.stream_wire), each message put through the handler's `response_serializer`;
 - floor: `bench.floor._relay` with the gateway's HTTP client (what `bench/floor.py --relay URL
   --client gateway` runs), inside a generator like the floor's `stream_create`.
 

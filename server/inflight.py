@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractContextManager, nullcontext
 from contextvars import ContextVar
-from typing import Any, TypeAlias, TypeVar
+from typing import Any, Generic, Protocol, TypeAlias, TypeVar, runtime_checkable
 
 import grpc
 
@@ -92,6 +93,48 @@ def cancel_status(call: InFlightCall | None) -> str:
     whose deadline passed sees DEADLINE_EXCEEDED, one its caller cancelled CANCELLED."""
     error_type, _ = cancel_cause(call)
     return str(ShuttingDown.code.name) if error_type == ShuttingDown.reason else error_type
+
+
+S = TypeVar("S")
+R_co = TypeVar("R_co", covariant=True)
+
+
+@runtime_checkable
+class StreamParts(Protocol[S, R_co]):
+    """A server-stream behaviour in parts, run by `InFlight.stream` in its own generator.
+
+    `scope(context)` is entered around the call (after a drain's refusal); `open` runs the head
+    (authenticate, parse) and returns the messages; `failure` maps an exception of the head or of
+    the messages to the status the call ends with (None: it propagates as it is)."""
+
+    def scope(self, context: Context) -> AbstractContextManager[S]: ...
+
+    async def open(self, data: bytes, context: Context, scope: S) -> AsyncIterator[R_co]: ...
+
+    def failure(self, exc: Exception, context: Context) -> GatewayError | None: ...
+
+
+class _Plain(Generic[R]):
+    """A plain generator function as `StreamParts`: no scope, its exceptions propagate."""
+
+    __slots__ = ("_behaviour",)
+
+    def __init__(self, behaviour: Callable[[bytes, Context], AsyncIterator[R]]) -> None:
+        self._behaviour = behaviour
+
+    def scope(self, context: Context) -> AbstractContextManager[None]:
+        return nullcontext()
+
+    async def open(self, data: bytes, context: Context, scope: None) -> AsyncIterator[R]:
+        return self._behaviour(data, context)
+
+    def failure(self, exc: Exception, context: Context) -> GatewayError | None:
+        return None
+
+
+class _Cut(Exception):
+    """Inside `InFlight.stream`'s scope: shutdown cut the stream (raised to end the scope by an
+    exception, as the servicer's own generator used to be closed)."""
 
 
 class InFlight:
@@ -184,11 +227,14 @@ class InFlight:
 
     def stream(
         self,
-        behaviour: Callable[[bytes, Context], AsyncIterator[R]],
+        behaviour: Callable[[bytes, Context], AsyncIterator[R]] | StreamParts[Any, R],
         refused: Callable[[], None] | None = None,
     ) -> Callable[[bytes, Context], AsyncIterator[R]]:
         """`behaviour` (a server stream), tracked: cut, it ends with UNAVAILABLE SHUTTING_DOWN.
-        `refused` as for `unary`."""
+        `refused` as for `unary`. A `StreamParts` behaviour runs inside this method's own
+        generator (its scope, its head, its failure status): each message passes one generator
+        layer fewer than through a servicer generator of its own."""
+        parts: StreamParts[Any, R] = behaviour if isinstance(behaviour, StreamParts) else _Plain(behaviour)
 
         async def tracked(data: bytes, context: Context) -> AsyncIterator[R]:
             call = self._enter(context)
@@ -198,36 +244,57 @@ class InFlight:
                     if refused is not None:
                         refused()
                     await self._abort(context, self.shutdown_error(refused=True))
-                messages = behaviour(data, context)
                 try:
-                    while True:
-                        if call.cut:
-                            call.ended_by_cut = True
-                            # Cut while grpc was writing our last message: if that was the last
-                            # one (the stream ends without waiting for anything), it is complete
-                            # and ends OK; else it is cut.
-                            if await _ends_now(messages):
-                                return
-                            break
-                        call.running = True
+                    with parts.scope(context) as scope:
+                        messages: AsyncIterator[R] | None = None
+                        error: GatewayError | None = None
                         try:
-                            message = await anext(messages)
-                        except StopAsyncIteration:
-                            return
-                        except asyncio.CancelledError:
-                            if not call.cut:
+                            messages = await parts.open(data, context, scope)
+                            while True:
+                                if call.cut:
+                                    call.ended_by_cut = True
+                                    # Cut while grpc was writing our last message: if that was the
+                                    # last one (the stream ends without waiting for anything), it is
+                                    # complete and ends OK; else it is cut.
+                                    if await _ends_now(messages):
+                                        return
+                                    raise _Cut  # the scope ends by an exception, as the call does
+                                call.running = True
+                                try:
+                                    message = await anext(messages)
+                                except StopAsyncIteration:
+                                    return
+                                finally:
+                                    call.running = False
+                                yield message
+                        except (grpc.aio.AbortError, _Cut):
+                            raise
+                        except Exception as exc:  # noqa: BLE001 - the parts say its status (or raise)
+                            error = parts.failure(exc, context)
+                            if error is None:
                                 raise
-                            uncancel_current()
-                            break
                         finally:
-                            call.running = False
-                        yield message
-                finally:
-                    # Closing it unwinds the request path (its trace says SHUTTING_DOWN, as `cut`
-                    # is set) before the status goes out; a no-op for one that already ended.
-                    aclose = getattr(messages, "aclose", None)
-                    if aclose is not None:
-                        await aclose()
+                            # Closing it unwinds the request path (its trace says SHUTTING_DOWN, as
+                            # `cut` is set) before the status goes out; a no-op for one that ended.
+                            if messages is not None:
+                                aclose = getattr(messages, "aclose", None)
+                                if aclose is not None:
+                                    await aclose()
+                        # Aborted outside the `except`: no AbortError chained to the failure, whose
+                        # traceback holds this frame (with `error` in it, a cycle).
+                        call.running = True  # as in the head: a cut cancels the abort
+                        try:
+                            await self._abort(context, error)
+                        finally:
+                            del error
+                        return  # (abort raises) the call ended there, as the servicer's generator did
+                except asyncio.CancelledError:
+                    if not call.cut:
+                        raise  # the caller went away or its deadline passed: nothing to send
+                    uncancel_current()
+                except _Cut:
+                    pass
+                call.running = False
                 await self._abort(context, self.shutdown_error(refused=False))
             finally:
                 self._leave(call)

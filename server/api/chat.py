@@ -12,6 +12,7 @@ from server import metrics
 from server.api.context import Authenticator, Context, deadline_of, map_exception, parse, run_unary
 from server.api.handlers import server_stream, service, unary
 from server.api.status import abort
+from server.errors import GatewayError
 from server.gateway import Gateway
 from server.routing.router import wants_routing
 
@@ -23,6 +24,7 @@ class ChatCompletionServicer:
     def __init__(self, gateway: Gateway, auth: Authenticator) -> None:
         self._gateway = gateway
         self._auth = auth
+        self._stream_create = StreamCreate(gateway, auth)
 
     async def create(self, data: bytes, context: Context) -> chat_pb2.CreateResponse:
         async def call() -> chat_pb2.CreateResponse:
@@ -48,26 +50,9 @@ class ChatCompletionServicer:
     async def stream_create(
         self, data: bytes, context: Context
     ) -> AsyncIterator[chat_pb2.StreamCreateResponse | bytes]:
-        # A failure after some deltas went out still ends the call with its status (never OK):
-        # the caller can tell a broken answer from a complete one.
-        with metrics.RequestScope("StreamCreate", "stream", context) as scope:
-            try:
-                actor = await self._auth.actor_for(context)
-                request = parse(chat_pb2.CreateRequest, data)
-                scope.labels(request.llm_config, proves=not wants_routing(request))
-                # The usual delta comes as its wire bytes (the response serializer sends them).
-                async for event in self._gateway.stream_wire(request, actor, deadline_of(context)):
-                    yield event
-            except grpc.aio.AbortError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - last line of defence, as in run_unary
-                error = map_exception(exc, "ChatCompletionServicer.stream_create", context)
-            else:
-                return
-            try:
-                await abort(context, error)
-            finally:
-                del error  # as in run_unary: the error's traceback holds this frame (a cycle)
+        """StreamCreate untracked (as `StreamCreate` runs its parts when InFlight does not)."""
+        async for event in _run_stream(self._stream_create, data, context):
+            yield event
 
     def handlers(self) -> grpc.GenericRpcHandler:
         return service(
@@ -75,7 +60,58 @@ class ChatCompletionServicer:
             {
                 "Create": unary(self.create),
                 "CountTokens": unary(self.count_tokens),
-                "StreamCreate": server_stream(self.stream_create),
+                "StreamCreate": server_stream(self._stream_create),
             },
             refused=metrics.record_refused,  # the drain refuses a call before these methods run
         )
+
+
+class StreamCreate:
+    """StreamCreate in parts (`server.inflight.StreamParts`): InFlight.stream runs them in its own
+    generator, so each delta passes one generator layer fewer (two frame resumptions a chunk).
+    A failure after some deltas went out still ends the call with its status (never OK): the
+    caller can tell a broken answer from a complete one."""
+
+    __slots__ = ("_gateway", "_auth")
+
+    def __init__(self, gateway: Gateway, auth: Authenticator) -> None:
+        self._gateway = gateway
+        self._auth = auth
+
+    def scope(self, context: Context) -> metrics.RequestScope:
+        return metrics.RequestScope("StreamCreate", "stream", context)
+
+    async def open(
+        self, data: bytes, context: Context, scope: metrics.RequestScope
+    ) -> AsyncIterator[chat_pb2.StreamCreateResponse | bytes]:
+        actor = await self._auth.actor_for(context)
+        request = parse(chat_pb2.CreateRequest, data)
+        scope.labels(request.llm_config, proves=not wants_routing(request))
+        # The usual delta comes as its wire bytes (the response serializer sends them).
+        return self._gateway.stream_wire(request, actor, deadline_of(context))
+
+    def failure(self, exc: Exception, context: Context) -> GatewayError:
+        return map_exception(exc, "ChatCompletionServicer.stream_create", context)
+
+    def __call__(self, data: bytes, context: Context) -> AsyncIterator[chat_pb2.StreamCreateResponse | bytes]:
+        return _run_stream(self, data, context)
+
+
+async def _run_stream(
+    parts: StreamCreate, data: bytes, context: Context
+) -> AsyncIterator[chat_pb2.StreamCreateResponse | bytes]:
+    """The parts in one generator of their own: the call as it runs without InFlight."""
+    with parts.scope(context) as scope:
+        try:
+            async for event in await parts.open(data, context, scope):
+                yield event
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - last line of defence, as in run_unary
+            error = parts.failure(exc, context)
+        else:
+            return
+        try:
+            await abort(context, error)
+        finally:
+            del error  # as in run_unary: the error's traceback holds this frame (a cycle)

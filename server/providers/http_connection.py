@@ -426,7 +426,16 @@ class Response:
                 if self._inflater is not None and self._inflater.fed and not self._inflater.finished:
                     raise InvalidResponseError("the compressed body ends before its compressed stream does")
                 return b""
-            await self._wait()
+            # `_wait` inlined: a stream waits here for every chunk (one coroutine fewer each).
+            waiter = self._loop.create_future()
+            self._waiter = waiter
+            try:
+                await waiter
+            except BaseException:  # cancelled: stop the upstream request now
+                self.close()
+                raise
+            finally:
+                self._waiter = None
 
     def release(self) -> None:
         """Done reading: a complete answer's connection is reused; otherwise it is closed."""

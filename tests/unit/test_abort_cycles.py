@@ -10,15 +10,18 @@ with the collector off: a weak reference to the error says whether a cycle keeps
 from __future__ import annotations
 
 import weakref
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any, cast
 
 import grpc
 
 from server.api.chat import ChatCompletionServicer
 from server.api.context import Authenticator, run_unary
+from server.api.handlers import Service
+from server.api.status import abort
 from server.errors import GatewayError, UpstreamUnavailable
 from server.gateway import Gateway
+from server.inflight import InFlight
 from tests.gc_helpers import collector_off
 
 
@@ -83,4 +86,64 @@ async def test_a_failed_stream_leaves_no_cycle() -> None:
 
     with collector_off():
         await _aborted(consume())
+        assert errors[0]() is None, "the failed stream's error is kept alive by a cycle"
+
+
+class _PassingAuth:
+    async def actor_for(self, context: Any) -> Any:
+        return object()
+
+
+class _FailingGateway:
+    """A stream that relays one delta, then fails (after the caller saw part of the answer)."""
+
+    def __init__(self, errors: list[weakref.ref[GatewayError]]) -> None:
+        self._errors = errors
+
+    async def _events(self) -> AsyncIterator[bytes]:
+        yield b"delta"
+        raise _failure(self._errors)
+
+    def stream_wire(self, request: Any, actor: Any, deadline: Any) -> AsyncIterator[bytes]:
+        return self._events()
+
+
+def _tracked_stream_create(servicer: ChatCompletionServicer) -> Any:
+    # As the server runs it: the handler after InFlight.track, i.e. the servicer's parts run by
+    # InFlight.stream's own generator (no servicer generator around the gateway's).
+    handlers = servicer.handlers()
+    assert isinstance(handlers, Service)
+    handlers.track(InFlight(abort))
+    return handlers._handlers["/llmgateway.v1.ChatCompletionService/StreamCreate"].unary_stream
+
+
+async def test_a_tracked_stream_failing_in_its_head_leaves_no_cycle() -> None:
+    errors: list[weakref.ref[GatewayError]] = []
+    servicer = ChatCompletionServicer(cast(Gateway, None), cast(Authenticator, _FailingAuth(errors)))
+    behaviour = _tracked_stream_create(servicer)
+
+    async def consume() -> None:
+        async for _ in behaviour(b"", cast(Any, _Context())):
+            pass
+
+    with collector_off():
+        await _aborted(consume())
+        assert errors[0]() is None, "the failed stream's error is kept alive by a cycle"
+
+
+async def test_a_tracked_stream_failing_after_a_delta_ends_aborted_and_leaves_no_cycle() -> None:
+    errors: list[weakref.ref[GatewayError]] = []
+    servicer = ChatCompletionServicer(
+        cast(Gateway, _FailingGateway(errors)), cast(Authenticator, _PassingAuth())
+    )
+    behaviour = _tracked_stream_create(servicer)
+    received: list[object] = []
+
+    async def consume() -> None:
+        async for message in behaviour(b"", cast(Any, _Context())):
+            received.append(message)
+
+    with collector_off():
+        await _aborted(consume())  # the failure's status, not a stream that ends OK
+        assert received == [b"delta"]
         assert errors[0]() is None, "the failed stream's error is kept alive by a cycle"

@@ -614,6 +614,15 @@ async def test_sse_parser_same_as_line_by_line(seed: int, monkeypatch: pytest.Mo
         [b'data: {"a":1}\n\n', b'\xef\xbb\xbfdata: {"a":2}\n\n'],
         [b"data: [DONE]\n\n", b'data: {"a":2}\n\n'],
         [b'data: {"a":1}\n\ndata: {"a":2}\n\n', b'data: {"a":3}\n\n'],
+        # Nearly one event: no space after the colon, empty data, a third LF, a single LF.
+        [
+            b'data:{"a":1}\n\n',
+            b"data: \n\n",
+            b'data: {"a":2}\n\n\n',
+            b'data: {"a":3}\n',
+            b'data: {"a":4}\n\n',
+        ],
+        [b"data:\n\n", b"\n\n", b'data: {"a":1}\n\n'],
     ],
 )
 async def test_sse_parser_one_event_reads(pieces: list[bytes]) -> None:
@@ -690,6 +699,7 @@ def _template_event(rng: random.Random, base: dict[str, Any]) -> bytes:
     value, _, rest = tail.partition(b'"}')
     variants = [
         head + b'"content":"' + value + b'\xff"}' + rest,  # not UTF-8
+        head + b'"content":"}' + rest,  # the template's prefix and suffix, overlapping (one quote)
         head + b'"content":"' + value + b'\xed\xa0\x80"}' + rest,  # a UTF-8 surrogate
         head + b'"content":"' + value + b'\\u00e9"}' + rest,  # an escape
         head + b'"content":"' + value + b'\x01"}' + rest,  # a raw control character
