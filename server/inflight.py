@@ -17,6 +17,7 @@ running task is handling (a ContextVar, so the request path needs no extra argum
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractContextManager, nullcontext
 from contextvars import ContextVar
@@ -30,6 +31,7 @@ from server.running_loop import RunningLoop
 Context: TypeAlias = grpc.aio.ServicerContext  # type: ignore[type-arg, unused-ignore]
 R = TypeVar("R")
 Aborter = Callable[[Context, GatewayError], Awaitable[None]]
+log = logging.getLogger("llmgateway.inflight")
 
 # Trace error types of a cancelled call (the same words as the statuses the caller sees).
 CANCELLED_BY_SHUTDOWN = ("SHUTTING_DOWN", "cancelled by shutdown: still running when the grace period ended")
@@ -277,9 +279,7 @@ class InFlight:
                             # Closing it unwinds the request path (its trace says SHUTTING_DOWN, as
                             # `cut` is set) before the status goes out; a no-op for one that ended.
                             if messages is not None:
-                                aclose = getattr(messages, "aclose", None)
-                                if aclose is not None:
-                                    await aclose()
+                                await _close(messages)
                         # Aborted outside the `except`: no AbortError chained to the failure, whose
                         # traceback holds this frame (with `error` in it, a cycle).
                         call.running = True  # as in the head: a cut cancels the abort
@@ -376,6 +376,20 @@ class InFlight:
                 call.ended_by_cut = True
                 call.task.cancel()
         return len(calls)
+
+
+async def _close(messages: AsyncIterator[Any]) -> None:
+    """Close `messages` (a no-op for one that ended). Only one still open can fail here (cut
+    before its next message, or closed as the caller went away): that failure is logged, and
+    the call ends as it was ending (a cut one UNAVAILABLE SHUTTING_DOWN, not the failure as an
+    UNKNOWN its RequestScope did not count), as when the loop's finalizer closed it."""
+    aclose = getattr(messages, "aclose", None)
+    if aclose is None:
+        return
+    try:
+        await aclose()
+    except Exception:  # noqa: BLE001 - a bug unwinding the request path must not change the status
+        log.exception("a stream's messages failed while closing")
 
 
 async def _ends_now(messages: AsyncIterator[Any]) -> bool:

@@ -242,3 +242,30 @@ async def test_a_cut_stream_leaves_no_cycle(ready: int) -> None:
         del task
         await asyncio.sleep(0)
         assert task_ref() is None, "the cut stream's task is kept alive by a reference cycle"
+
+
+class _BrokenCloseGateway(_Gateway):
+    """Its request path fails while it unwinds (a bug there): the call's status must not change."""
+
+    async def _events(self) -> AsyncIterator[bytes]:
+        try:
+            yield b"d0"
+            yield b"d1"
+        finally:
+            self._log.append("gateway closing")
+            raise RuntimeError("a bug while closing")
+
+
+async def test_a_failure_closing_a_cut_stream_keeps_the_shutting_down_status(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Before the gateway's generator was closed by the loop's finalizer, after the status: a bug
+    # in its unwinding was logged there. Closed by InFlight.stream, it must not escape the
+    # handler instead of the SHUTTING_DOWN status (grpc would send UNKNOWN, counted UNAVAILABLE).
+    log: list[str] = []
+    model = "revchunk-broken-close"
+    received, outcome, counts, _ = await _run(model, _BrokenCloseGateway(log, 2), log, cut_after=1)
+    assert (received, outcome) == ([b"d0"], "aborted")
+    assert log == ["cut", "gateway closing", "status UNAVAILABLE", "left, 0 in flight"]
+    assert counts == {"UNAVAILABLE": 1}
+    assert "failed while closing" in caplog.text and "a bug while closing" in caplog.text
