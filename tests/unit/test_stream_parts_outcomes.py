@@ -269,3 +269,50 @@ async def test_a_failure_closing_a_cut_stream_keeps_the_shutting_down_status(
     assert log == ["cut", "gateway closing", "status UNAVAILABLE", "left, 0 in flight"]
     assert counts == {"UNAVAILABLE": 1}
     assert "failed while closing" in caplog.text and "a bug while closing" in caplog.text
+
+
+class _MessagesGateway:
+    async def _events(self) -> AsyncIterator[chat_pb2.StreamCreateResponse]:
+        for text in ("a", "b"):
+            event = chat_pb2.StreamCreateResponse()
+            event.delta.content = text
+            yield event
+
+    def stream_wire(self, request: Any, actor: Any, deadline: Any) -> AsyncIterator[Any]:
+        return self._events()
+
+
+@pytest.mark.parametrize("tracked", [False, True])
+async def test_streamcreate_served_by_a_real_grpc_server(
+    tracked: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """grpc.aio runs a stream handler that is not an async generator function as a sync one (in
+    its thread pool, iterating what it returns: UNKNOWN "'async_generator' object is not
+    iterable"): the handler handlers() gives must be one, and Service.track must still hand
+    InFlight.stream the parts (no servicer generator of its own per call)."""
+    from llmgateway.v1 import chat_pb2_grpc
+
+    from server.api import chat
+
+    servicer = ChatCompletionServicer(cast(Gateway, _MessagesGateway()), cast(Authenticator, _Auth()))
+    handlers = servicer.handlers()
+    assert isinstance(handlers, Service)
+    if tracked:
+        handlers.track(InFlight(abort))
+
+        def untracked(*args: Any) -> Any:
+            raise AssertionError("tracked, the parts run in InFlight.stream's generator")
+
+        monkeypatch.setattr(chat, "_run_stream", untracked)
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((handlers,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = chat_pb2_grpc.ChatCompletionServiceStub(channel)  # type: ignore[no-untyped-call]
+            request = chat_pb2.StreamCreateRequest.FromString(_request("revchunk-served"))
+            events = [event async for event in stub.StreamCreate(request, timeout=10)]
+        assert [e.delta.content for e in events] == ["a", "b"]
+    finally:
+        await server.stop(None)
