@@ -60,3 +60,59 @@ async def test_a_stream_marked_cut_whose_caller_reads_on_ends_shutting_down_and_
         assert await counted("StreamCreate", model, before, 1) == {"UNAVAILABLE": 1}
     error_type, message = stored_traces(db)["marked"]
     assert error_type == "SHUTTING_DOWN", (error_type, message)
+
+
+async def test_paced_streams_ending_badly_are_counted_and_traced_as_their_callers_see_them(
+    tmp_path: Path, upstream: FakeUpstream
+) -> None:
+    """A caller cancelling mid-stream, a deadline passing mid-stream, the upstream breaking after
+    the first deltas: each counted with the status its caller got, never OK, and traced so."""
+    words = [f"w{i} " for i in range(40)]
+    db = tmp_path / "gateway.db"
+    settings = make_settings(tmp_path, allowed_endpoints=(upstream.base_url,), sqlite_path=str(db))
+    async with running_gateway(settings) as gw:
+
+        async def run(step: str, reply: Reply, timeout: float, reads: int | None) -> object:
+            upstream.script(reply)
+            request = traced(upstream, step)
+            request.llm_config.model = f"revchunk-{step}"
+            call = gw.chat.StreamCreate(
+                chat_pb2.StreamCreateRequest.FromString(request.SerializeToString()), timeout=timeout
+            )
+            got = 0
+            try:
+                while (event := await call.read()) is not grpc.aio.EOF:
+                    assert event.WhichOneof("event") == "delta", step
+                    got += 1
+                    if reads is not None and got == reads:
+                        call.cancel()
+                        return "cancelled"
+            except grpc.aio.AioRpcError as exc:
+                assert got >= 1, step  # it failed mid-stream, after deltas went out
+                return exc.code()
+            except asyncio.CancelledError:
+                return "cancelled"
+            return "ended OK"
+
+        cases = {
+            "cancel": (Reply(sse=text_stream(words), chunk_delay=0.05), 30.0, 3, "CANCELLED"),
+            "deadline": (Reply(sse=text_stream(words), chunk_delay=0.1), 1.0, None, "DEADLINE_EXCEEDED"),
+            "broken": (
+                Reply(sse=text_stream(words), chunk_delay=0.02, break_after=4),
+                30.0,
+                None,
+                "UNAVAILABLE",
+            ),
+        }
+        for step, (reply, timeout, reads, code) in cases.items():
+            before = request_counts("StreamCreate", f"revchunk-{step}")
+            outcome = await run(step, reply, timeout, reads)
+            if code == "CANCELLED":
+                assert outcome == "cancelled"
+            else:
+                assert outcome == getattr(grpc.StatusCode, code), (step, outcome)
+            assert await counted("StreamCreate", f"revchunk-{step}", before, 1) == {code: 1}, step
+    traces = stored_traces(db)
+    assert traces["cancel"][0] == "CANCELLED", traces["cancel"]
+    assert traces["deadline"][0] == "DEADLINE_EXCEEDED", traces["deadline"]
+    assert traces["broken"][0] == "UPSTREAM_UNAVAILABLE", traces["broken"]
