@@ -316,3 +316,37 @@ async def test_streamcreate_served_by_a_real_grpc_server(
         assert [e.delta.content for e in events] == ["a", "b"]
     finally:
         await server.stop(None)
+
+
+class _AbortingGateway:
+    """Aborts the call itself after a delta (an AbortError from inside the request path)."""
+
+    def __init__(self, log: list[str]) -> None:
+        self._log = log
+        self.context: _Context | None = None
+
+    async def _events(self) -> AsyncIterator[bytes]:
+        yield b"d0"
+        assert self.context is not None
+        await self.context.abort(grpc.StatusCode.PERMISSION_DENIED, "denied", ())
+
+    def stream_wire(self, request: Any, actor: Any, deadline: Any) -> AsyncIterator[bytes]:
+        return self._events()
+
+
+async def test_an_abort_from_inside_the_gateway_passes_as_it_is() -> None:
+    log: list[str] = []
+    model = "revchunk-inner-abort"
+    gateway = _AbortingGateway(log)
+    calls = InFlight(abort)
+    handler = _handler(gateway, _Auth(), calls)
+    gateway.context = context = _Context(log)
+    before = _counts(model)
+    received = []
+    with pytest.raises(grpc.aio.AbortError):
+        async for message in handler(_request(model), context):
+            received.append(message)
+    assert received == [b"d0"]
+    assert log == ["status PERMISSION_DENIED"]  # no second status (no map_exception, no INTERNAL)
+    assert _grown(before, _counts(model)) == {"PERMISSION_DENIED": 1}
+    assert len(calls) == 0
