@@ -350,3 +350,41 @@ async def test_an_abort_from_inside_the_gateway_passes_as_it_is() -> None:
     assert log == ["status PERMISSION_DENIED"]  # no second status (no map_exception, no INTERNAL)
     assert _grown(before, _counts(model)) == {"PERMISSION_DENIED": 1}
     assert len(calls) == 0
+
+
+@pytest.mark.parametrize("where", ["waiting upstream", "in grpc's write"])
+async def test_a_caller_leaving_mid_stream_counts_cancelled_closes_the_request_path_and_leaves_no_cycle(
+    where: str,
+) -> None:
+    # Waiting upstream: grpc cancels the handler's task. In grpc's write: grpc's task is
+    # cancelled there, and the stream's generator is closed (aclose) at its yield.
+    log: list[str] = []
+    model = f"revchunk-left-{where.split()[0]}"
+    calls = InFlight(abort)
+    handler = _handler(_Gateway(log, 1), _Auth(), calls)
+    before = _counts(model)
+
+    async def consume() -> None:
+        messages = handler(_request(model), _Context(log))
+        assert await anext(messages) == b"d0"
+        if where == "waiting upstream":
+            await anext(messages)
+        else:
+            await messages.aclose()
+
+    with collector_off():
+        task = asyncio.ensure_future(consume())
+        await asyncio.sleep(0.01)
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+        ended = "gateway CancelledError" if where == "waiting upstream" else "gateway GeneratorExit"
+        assert log == [ended]  # no status of ours: the caller is gone
+        assert _grown(before, _counts(model)) == {"CANCELLED": 1}
+        assert len(calls) == 0
+        task_ref = weakref.ref(task)
+        del task
+        await asyncio.sleep(0)
+        assert task_ref() is None, "the stream's task is kept alive by a reference cycle"
