@@ -279,7 +279,17 @@ class InFlight:
                             # Closing it unwinds the request path (its trace says SHUTTING_DOWN, as
                             # `cut` is set) before the status goes out; a no-op for one that ended.
                             if messages is not None:
-                                await _close(messages)
+                                aclose = getattr(messages, "aclose", None)
+                                if aclose is not None:
+                                    try:
+                                        await aclose()
+                                    except Exception:  # noqa: BLE001 - see below
+                                        # Only one still open fails here (cut before its next
+                                        # message, or closed as the caller left): logged, as the
+                                        # loop's finalizer did when it closed it. The call ends as
+                                        # it was ending: a cut one UNAVAILABLE SHUTTING_DOWN, not
+                                        # this as an UNKNOWN its RequestScope did not count.
+                                        log.exception("a stream's messages failed while closing")
                         # Aborted outside the `except`: no AbortError chained to the failure, whose
                         # traceback holds this frame (with `error` in it, a cycle).
                         call.running = True  # as in the head: a cut cancels the abort
@@ -376,20 +386,6 @@ class InFlight:
                 call.ended_by_cut = True
                 call.task.cancel()
         return len(calls)
-
-
-async def _close(messages: AsyncIterator[Any]) -> None:
-    """Close `messages` (a no-op for one that ended). Only one still open can fail here (cut
-    before its next message, or closed as the caller went away): that failure is logged, and
-    the call ends as it was ending (a cut one UNAVAILABLE SHUTTING_DOWN, not the failure as an
-    UNKNOWN its RequestScope did not count), as when the loop's finalizer closed it."""
-    aclose = getattr(messages, "aclose", None)
-    if aclose is None:
-        return
-    try:
-        await aclose()
-    except Exception:  # noqa: BLE001 - a bug unwinding the request path must not change the status
-        log.exception("a stream's messages failed while closing")
 
 
 async def _ends_now(messages: AsyncIterator[Any]) -> bool:
