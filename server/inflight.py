@@ -17,6 +17,7 @@ running task is handling (a ContextVar, so the request path needs no extra argum
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractContextManager, nullcontext
 from contextvars import ContextVar
@@ -30,6 +31,7 @@ from server.running_loop import RunningLoop
 Context: TypeAlias = grpc.aio.ServicerContext  # type: ignore[type-arg, unused-ignore]
 R = TypeVar("R")
 Aborter = Callable[[Context, GatewayError], Awaitable[None]]
+log = logging.getLogger("llmgateway.inflight")
 
 # Trace error types of a cancelled call (the same words as the statuses the caller sees).
 CANCELLED_BY_SHUTDOWN = ("SHUTTING_DOWN", "cancelled by shutdown: still running when the grace period ended")
@@ -279,7 +281,15 @@ class InFlight:
                             if messages is not None:
                                 aclose = getattr(messages, "aclose", None)
                                 if aclose is not None:
-                                    await aclose()
+                                    try:
+                                        await aclose()
+                                    except Exception:  # noqa: BLE001 - see below
+                                        # Only one still open fails here (cut before its next
+                                        # message, or closed as the caller left): logged, as the
+                                        # loop's finalizer did when it closed it. The call ends as
+                                        # it was ending: a cut one UNAVAILABLE SHUTTING_DOWN, not
+                                        # this as an UNKNOWN its RequestScope did not count.
+                                        log.exception("a stream's messages failed while closing")
                         # Aborted outside the `except`: no AbortError chained to the failure, whose
                         # traceback holds this frame (with `error` in it, a cycle).
                         call.running = True  # as in the head: a cut cancels the abort

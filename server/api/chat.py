@@ -50,7 +50,8 @@ class ChatCompletionServicer:
     async def stream_create(
         self, data: bytes, context: Context
     ) -> AsyncIterator[chat_pb2.StreamCreateResponse | bytes]:
-        """StreamCreate untracked (as `StreamCreate` runs its parts when InFlight does not)."""
+        """StreamCreate untracked: its parts in a generator of their own (tracked, Service.track
+        hands InFlight.stream the parts, which runs them in its generator instead)."""
         async for event in _run_stream(self._stream_create, data, context):
             yield event
 
@@ -60,9 +61,10 @@ class ChatCompletionServicer:
             {
                 "Create": unary(self.create),
                 "CountTokens": unary(self.count_tokens),
-                "StreamCreate": server_stream(self._stream_create),
+                "StreamCreate": server_stream(self.stream_create),
             },
             refused=metrics.record_refused,  # the drain refuses a call before these methods run
+            parts={"StreamCreate": self._stream_create},  # tracked, InFlight.stream runs these
         )
 
 
@@ -92,9 +94,6 @@ class StreamCreate:
 
     def failure(self, exc: Exception, context: Context) -> GatewayError:
         return map_exception(exc, "ChatCompletionServicer.stream_create", context)
-
-    def __call__(self, data: bytes, context: Context) -> AsyncIterator[chat_pb2.StreamCreateResponse | bytes]:
-        return _run_stream(self, data, context)
 
 
 async def _run_stream(

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import functools
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import Any
 
 import grpc
 from google.protobuf.message import Message
 
 from server.api.context import Context
-from server.inflight import InFlight
+from server.inflight import InFlight, StreamParts
 
 UnaryBehaviour = Callable[[bytes, Context], Awaitable[Message]]
 StreamBehaviour = Callable[[bytes, Context], AsyncIterator[Message | bytes]]
@@ -42,9 +43,14 @@ class Service(grpc.GenericRpcHandler):  # type: ignore[misc]
         name: str,
         methods: Mapping[str, grpc.RpcMethodHandler],
         refused: Callable[[str], None] | None = None,
+        parts: Mapping[str, StreamParts[Any, Message | bytes]] | None = None,
     ) -> None:
         self._handlers = {f"/{name}/{method}": handler for method, handler in methods.items()}
         self._refused = refused
+        # A stream method's parts (`server.inflight.StreamParts`), which `track` hands to
+        # InFlight.stream in place of the method's handler: the handler itself must stay an
+        # async generator function (grpc runs any other callable as a sync handler, in a thread).
+        self._parts = {f"/{name}/{method}": p for method, p in (parts or {}).items()}
 
     def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
         return self._handlers.get(handler_call_details.method)
@@ -61,13 +67,16 @@ class Service(grpc.GenericRpcHandler):  # type: ignore[misc]
                 )
             elif handler.unary_stream is not None:
                 handler = grpc.unary_stream_rpc_method_handler(
-                    calls.stream(handler.unary_stream, refused),
+                    calls.stream(self._parts.get(method, handler.unary_stream), refused),
                     response_serializer=handler.response_serializer,
                 )
             self._handlers[method] = handler
 
 
 def service(
-    name: str, methods: Mapping[str, grpc.RpcMethodHandler], refused: Callable[[str], None] | None = None
+    name: str,
+    methods: Mapping[str, grpc.RpcMethodHandler],
+    refused: Callable[[str], None] | None = None,
+    parts: Mapping[str, StreamParts[Any, Message | bytes]] | None = None,
 ) -> Service:
-    return Service(name, methods, refused)
+    return Service(name, methods, refused, parts)

@@ -1584,3 +1584,64 @@ async def test_every_address_failing_is_connect_error(monkeypatch: pytest.Monkey
 async def test_a_host_name_the_idna_codec_refuses_is_connect_error(client: HttpClient) -> None:
     with pytest.raises(ConnectError):
         await client.post(f"http://{'a' * 70}.example/v1", b"{}", {}, BOUNDED, private_ok=True)
+
+
+# --- read_chunk waiting on its own future (one per chunk of a paced stream) ---------------------
+
+
+def _paced_chunks(*pieces: bytes, gap: float, end: bytes | None) -> Handler:
+    """A chunked answer whose pieces come `gap` apart (each read finds nothing and waits), then
+    `end` (the last chunk, a piece cut short, ...) and the connection closed; None: silent."""
+
+    async def handler(peer: Peer) -> None:
+        await peer.read_request()
+        await peer.send(http_answer(headers=(("Transfer-Encoding", "chunked"),), length=False))
+        for piece in pieces:
+            await asyncio.sleep(gap)
+            await peer.send(b"%x\r\n%s\r\n" % (len(piece), piece))
+        await asyncio.sleep(gap)
+        if end is None:
+            await peer.wait_client_close()
+            return
+        await peer.send(end)
+        peer.writer.close()
+
+    return handler
+
+
+async def test_paced_chunks_each_waited_for_then_the_connection_is_reused(client: HttpClient) -> None:
+    pieces = [b"a", b"bb", b"ccc", b"dddd"]
+    async with raw_server(_paced_chunks(*pieces, gap=0.03, end=b"0\r\n\r\n")) as server:
+        response = await client.post(server.url(), b"{}", {}, BOUNDED, private_ok=True)
+        got = []
+        while chunk := await response.read_chunk():
+            got.append(chunk)
+            assert response._waiter is None  # noqa: SLF001 - no waiter left between reads
+        assert got == pieces
+        response.release()
+        assert (client.connections_in_use, client.connections_idle) == (0, 1)
+
+
+async def test_the_upstream_closing_mid_chunk_while_a_read_waits_is_an_error(client: HttpClient) -> None:
+    async with raw_server(_paced_chunks(b"first", gap=0.05, end=b"9\r\nonly")) as server:
+        response = await client.post(server.url(), b"{}", {}, BOUNDED, private_ok=True)
+        assert await response.read_chunk() == b"first"
+        with pytest.raises(HttpClientError):
+            while await response.read_chunk() != b"":  # "only" may come first; never a clean end
+                pass
+        response.release()
+        assert (client.connections_in_use, client.connections_idle) == (0, 0)
+
+
+async def test_the_deadline_passing_while_a_read_waits_closes_the_connection(client: HttpClient) -> None:
+    async with raw_server(_paced_chunks(b"a", b"b", gap=0.05, end=None)) as server:
+        response = await client.post(server.url(), b"{}", {}, Timeout(total=0.3, idle=3.0), private_ok=True)
+        got = []
+        with pytest.raises(TimeoutError) as caught:
+            while chunk := await response.read_chunk():
+                got.append(chunk)
+        assert not isinstance(caught.value, IdleTimeoutError)
+        assert got == [b"a", b"b"]
+        assert response._waiter is None  # noqa: SLF001
+        assert (client.connections_in_use, client.connections_idle) == (0, 0)
+        await asyncio.wait_for(server.client_gone.wait(), 2)
