@@ -9,7 +9,8 @@ from typing import Any, cast
 from llmgateway.v1 import chat_pb2
 
 from server.config import Settings
-from server.gateway import MAX_CACHED_CONFIG_BYTES, Dependencies, Gateway
+from server.core.config_cache import MAX_CACHED_CONFIG_BYTES
+from server.gateway import Dependencies, Gateway
 
 
 def _gateway() -> Gateway:
