@@ -164,7 +164,8 @@ class Gateway:
     def __init__(self, deps: Dependencies) -> None:
         self.deps = deps
         self._settings = deps.settings
-        self._config_json_cache: ConfigCache[bytes, str] = ConfigCache()
+        # key -> (the redactor's generation when scrubbed, the scrubbed JSON)
+        self._config_json_cache: ConfigCache[bytes, tuple[int, str]] = ConfigCache()
         self._targets = TargetCache()  # server-key targets (this gateway's settings and policy)
         self.router = deps.router or Router(deps.settings)
 
@@ -343,12 +344,16 @@ class Gateway:
         `key`: `config.SerializeToString()` if the caller made it already."""
         if key is None:
             key = config.SerializeToString()
+        # Read before scrubbing: a secret added meanwhile moves it on, and the copy is made again.
+        redactor = self.deps.redactor
+        generation = redactor.generation if redactor is not None else 0
         cached = self._config_json_cache.get(key)
-        if cached is None:
-            cached = self.deps.scrub(json_format.MessageToJson(config, indent=None))
-            # Bounded in entries and key bytes; a caller's huge config is never kept (config_cache).
-            self._config_json_cache.put(key, cached, len(key))
-        return cached
+        if cached is not None and cached[0] == generation:
+            return cached[1]
+        text = self.deps.scrub(json_format.MessageToJson(config, indent=None))
+        # Bounded in entries and key bytes; a caller's huge config is never kept (config_cache).
+        self._config_json_cache.put(key, (generation, text), len(key))
+        return text
 
     def span(
         self, name: str, config: chat_pb2.LLMConfig, target: UpstreamTarget

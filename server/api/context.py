@@ -35,18 +35,20 @@ def parse(message_type: type[M], data: bytes) -> M:
     """
     message = message_type()
     name = message_type.DESCRIPTOR.full_name
-    # Before decoding: a huge JSON object took the decoder seconds, the loop held (struct_bound).
-    oversized = oversized_structs(message_type, data)
+    try:
+        # Before decoding: a huge JSON object took the decoder seconds, the loop held; bytes the
+        # check cannot decode do not decode as the real type either (struct_bound).
+        oversized = oversized_structs(message_type, data)
+        if not oversized:
+            message.ParseFromString(data)
+    except (DecodeError, RuntimeError, ValueError, TypeError) as exc:
+        raise undecodable(name, data, exc) from exc
     if oversized:
         raise InvalidRequest(
             f"invalid request: {oversized[0].field}: {oversized[0].description}",
             metadata={"fields": ",".join(v.field for v in oversized)},
             field_violations=oversized,
         )
-    try:
-        message.ParseFromString(data)
-    except (DecodeError, RuntimeError, ValueError, TypeError) as exc:
-        raise undecodable(name, data, exc) from exc
     if not _timestamp_fields(message_type.DESCRIPTOR):  # CreateRequest has none: no walk
         return message
     violations = list(_bad_timestamps(message, ""))

@@ -6,11 +6,24 @@ that grows faster than its size: one Struct of 100,000 keys decodes in ~0.04 s, 
 does not help: one request froze its worker (every other call on it, health checks included).
 The same bytes spread over many small Structs decode in linear time (~10-20 ns a byte).
 
-So a request over `MAX_STRUCT_BYTES` is first decoded as a shadow of its type in which every
-Struct field is plain `bytes` (same wire format, linear to decode, no map is built), and each
-Struct's encoded size is checked: over `MAX_STRUCT_BYTES`, INVALID_REQUEST naming the field,
-before the real decode. A smaller request cannot hold a bigger Struct, so it is never shadowed.
-A Struct's nested objects are inside its bytes, so its own bound bounds them too.
+So a request over `MAX_STRUCT_BYTES` is first decoded as a shadow of its type that keeps only
+the fields on the way to a Struct, each Struct (and Value, ListValue) field declared as an
+empty message `Blob`: its bytes are kept as the Blob's unknown fields (linear, no map is built)
+and each Struct's encoded size is checked: over `MAX_STRUCT_BYTES`, INVALID_REQUEST naming the
+field, before the real decode. A smaller request cannot hold a bigger Struct, so it is never
+shadowed. A Struct's nested objects are inside its bytes, so its own bound bounds them too.
+
+Why a Blob and not `bytes`: protobuf merges the occurrences of a singular message field, so a
+caller can send one Struct as many pieces, each under the bound, that the real decode merges into
+one huge map; a `bytes` field keeps only the last piece, a Blob merges them as the Struct would
+(its unknown fields are the pieces' bytes one after the other). The fields off the way to a Struct
+are left out of the shadow (unknown to it, skipped over without being decoded): decoding 64 MB of
+small messages twice cost 3 s more than decoding them once.
+
+The shadow is never stricter than the real type (a Blob takes any bytes a Struct takes, a left-out
+field any bytes the real one takes), so bytes it cannot decode do not decode as the real type
+either: `DecodeError` then, and the real decode, which would fill a huge Struct before reaching
+the bad byte, is never run.
 """
 
 from __future__ import annotations
@@ -33,12 +46,18 @@ MAX_STRUCT_BYTES = 1024 * 1024
 # request is refused (CreateRequest's only such field is `functions`, at most 1,000 anyway).
 MAX_CHECKED_ITEMS = 1_000
 
-_STRUCT = "google.protobuf.Struct"
+# The well-known types that hold a map (a Value or ListValue can hold a Struct).
+_BOUNDED = frozenset({"google.protobuf.Struct", "google.protobuf.Value", "google.protobuf.ListValue"})
 _SHADOW_PACKAGE = "llmgateway_struct_shadow"
+_BLOB_FILE = "llmgateway_struct_shadow/blob.proto"
+_BLOB = f".{_SHADOW_PACKAGE}.Blob"
 
 
 def oversized_structs(message_type: type[Message], data: bytes) -> list[FieldViolation]:
-    """The violations of a request of `message_type` encoded as `data` (empty when none)."""
+    """The violations of a request of `message_type` encoded as `data` (empty when none).
+
+    Raises `DecodeError` when `data` does not decode (nor would it as `message_type`).
+    """
     if len(data) <= MAX_STRUCT_BYTES:
         return []
     paths = _struct_paths(message_type.DESCRIPTOR)
@@ -47,8 +66,8 @@ def oversized_structs(message_type: type[Message], data: bytes) -> list[FieldVio
     shadow = _shadow_class(message_type.DESCRIPTOR)()
     try:
         shadow.ParseFromString(data)  # linear: no map in it
-    except (DecodeError, RuntimeError, ValueError, TypeError):
-        return []  # undecodable: the real decode says so, with its own error
+    except (RuntimeError, ValueError, TypeError) as exc:
+        raise DecodeError(str(exc)) from exc
     return list(_violations(shadow, paths, ""))
 
 
@@ -67,7 +86,7 @@ def _paths(descriptor: Descriptor, seen: frozenset[str]) -> Paths:
         sub = field.message_type
         if sub is None:
             continue
-        if sub.full_name == _STRUCT:
+        if sub.full_name in _BOUNDED:
             out.append((field.name, field.is_repeated, None))
         elif sub.full_name not in seen and not sub.full_name.startswith("google.protobuf."):
             below = _paths(sub, seen | {descriptor.full_name})
@@ -85,13 +104,13 @@ def _violations(message: Any, paths: Paths, prefix: str) -> Iterator[FieldViolat
                 continue
             for i, item in enumerate(items):
                 yield from _one(item, below, f"{prefix}{name}[{i}]")
-        elif below is None or message.HasField(name):  # a Struct as bytes has no presence
+        elif message.HasField(name):
             yield from _one(getattr(message, name), below, f"{prefix}{name}")
 
 
 def _one(value: Any, below: Paths | None, path: str) -> Iterator[FieldViolation]:
-    if below is None:  # a Struct, as its bytes
-        if len(value) > MAX_STRUCT_BYTES:
+    if below is None:  # a Struct, as a Blob of its (merged) bytes
+        if value.ByteSize() > MAX_STRUCT_BYTES:
             yield FieldViolation(path, f"larger than {MAX_STRUCT_BYTES:,} bytes encoded")
     else:
         yield from _violations(value, below, path + ".")
@@ -99,8 +118,11 @@ def _one(value: Any, below: Paths | None, path: str) -> Iterator[FieldViolation]
 
 @functools.cache
 def _shadow_class(descriptor: Descriptor) -> type[Message]:
-    """`descriptor`'s message class with every Struct field declared `bytes`, in a pool of its own."""
+    """`descriptor`'s message class, only the fields on the way to a Struct, Structs as Blobs."""
     pool = descriptor_pool.DescriptorPool()
+    blob = descriptor_pb2.FileDescriptorProto(name=_BLOB_FILE, package=_SHADOW_PACKAGE, syntax="proto3")
+    blob.message_type.add(name="Blob")
+    pool.Add(blob)
     added: set[str] = set()
     _add_file(pool, descriptor.file.pool, descriptor.file.name, added)
     return message_factory.GetMessageClass(
@@ -123,19 +145,37 @@ def _add_file(pool: descriptor_pool.DescriptorPool, source: Any, name: str, adde
     for dependency in proto.dependency:
         _add_file(pool, source, dependency, added)
     if not proto.package.startswith("google."):
+        scope = proto.package
         proto.package = f"{_SHADOW_PACKAGE}.{proto.package}"
+        proto.dependency.append(_BLOB_FILE)
         del proto.service[:]  # only messages are decoded here
         for message in proto.message_type:
-            _shadow_message(message)
+            _shadow_message(message, source, scope)
     pool.Add(proto)
 
 
-def _shadow_message(message: descriptor_pb2.DescriptorProto) -> None:
+def _shadow_message(message: descriptor_pb2.DescriptorProto, source: Any, scope: str) -> None:
+    full_name = f"{scope}.{message.name}"
+    real = source.FindMessageTypeByName(full_name)
+    kept = []
     for field in message.field:
-        if field.type_name == f".{_STRUCT}":
-            field.ClearField("type_name")
-            field.type = descriptor_pb2.FieldDescriptorProto.TYPE_BYTES
-        elif field.type_name.startswith(".") and not field.type_name.startswith(".google."):
+        sub = real.fields_by_name[field.name].message_type
+        if sub is None:
+            continue
+        if sub.full_name in _BOUNDED:
+            field.type_name = _BLOB
+        elif not sub.full_name.startswith("google.protobuf.") and _struct_paths(sub):
             field.type_name = f".{_SHADOW_PACKAGE}{field.type_name}"
+        else:
+            continue
+        # Out of any oneof: a kept field alone in the shadow needs none, and keeping every
+        # member's bytes only makes the bound stricter for a request that sends several.
+        field.ClearField("oneof_index")
+        field.ClearField("proto3_optional")
+        field.ClearField("json_name")
+        kept.append(field)
+    del message.field[:]
+    message.field.extend(kept)
+    del message.oneof_decl[:]
     for nested in message.nested_type:
-        _shadow_message(nested)
+        _shadow_message(nested, source, full_name)

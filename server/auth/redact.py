@@ -392,6 +392,10 @@ class Redactor:
         # (None: more), replaced whole on a change: `may_touch` searches the text for each.
         self._few_heads: tuple[str, ...] | None = ()
         self._head_kinds = 0  # distinct 3-character heads
+        # Bumped after every change of the spellings redacted: text scrubbed and kept (the trace's
+        # config copy, Gateway._config_json) is scrubbed again once the generation moved on, so a
+        # secret learned later is never written from a copy made before it was known.
+        self.generation = 0
         self.add_many(secrets)
 
     @classmethod
@@ -483,6 +487,7 @@ class Redactor:
         self._longest = max(self._longest, len(spelling))
         self._shortest = min(self._shortest or len(spelling), len(spelling))
         self._firsts[spelling[0]] = self._firsts.get(spelling[0], 0) + 1
+        self.generation += 1  # after the index changed: a reader of the new number sees it
 
     def _unindex(self, spelling: str) -> None:
         data = _utf8(spelling)
@@ -510,6 +515,7 @@ class Redactor:
             self._firsts[spelling[0]] = left
         else:
             self._firsts.pop(spelling[0], None)
+        self.generation += 1
 
     def _new_few_heads(self) -> None:
         if self._head_kinds > _FEW_HEADS:

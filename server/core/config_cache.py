@@ -10,6 +10,7 @@ bigger config (up to the 1 MiB a request may carry) is worked out anew every tim
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Hashable, Iterator
 from typing import Generic, TypeVar
 
@@ -24,16 +25,20 @@ MAX_HELD_BYTES = 1024 * 1024  # key bytes in one cache: 1,024 usual configs, or 
 class ConfigCache(Generic[K, V]):
     """A dict that forgets its oldest entries past `max_entries` entries or `max_bytes` of keys
     (FIFO: hits are the norm). `put` is told each key's size; over `MAX_CACHED_CONFIG_BYTES` it
-    keeps nothing. Safe from several threads in the way a dict is: a race at worst forgets an
-    entry or keeps one a little past the bound."""
+    keeps nothing. `get` takes no lock (one dict lookup); `put` and `clear` take one: they run in
+    the offload pool's threads at once, and unlocked, two puts of one key (or a put and the
+    eviction of its key) counted its bytes twice or not at all, a drift that only grew: held_bytes
+    past the bound with one entry left (every put then evicts everything), or below the truth
+    (the byte bound gone, 1,024 entries of 64 KiB kept)."""
 
-    __slots__ = ("_data", "_max", "_max_bytes", "_bytes")
+    __slots__ = ("_data", "_max", "_max_bytes", "_bytes", "_lock")
 
     def __init__(self, max_entries: int = MAX_ENTRIES, max_bytes: int = MAX_HELD_BYTES) -> None:
         self._data: dict[K, tuple[V, int]] = {}
         self._max = max_entries
         self._max_bytes = max_bytes
         self._bytes = 0
+        self._lock = threading.Lock()  # on misses only: hits never take it
 
     def get(self, key: K) -> V | None:
         found = self._data.get(key)
@@ -42,24 +47,22 @@ class ConfigCache(Generic[K, V]):
     def put(self, key: K, value: V, size: int) -> V:
         if size > MAX_CACHED_CONFIG_BYTES:
             return value
-        data = self._data
-        while data and (len(data) >= self._max or self._bytes + size > self._max_bytes):
-            try:
-                oldest = next(iter(data))
-                _, oldest_size = data.pop(oldest)
+        with self._lock:
+            data = self._data
+            previous = data.pop(key, None)  # put again: its bytes counted once, as the newest
+            if previous is not None:
+                self._bytes -= previous[1]
+            while data and (len(data) >= self._max or self._bytes + size > self._max_bytes):
+                _, oldest_size = data.pop(next(iter(data)))
                 self._bytes -= oldest_size
-            except (StopIteration, KeyError, RuntimeError):  # raced with another thread: harmless
-                break
-        previous = data.get(key)
-        if previous is not None:
-            self._bytes -= previous[1]
-        data[key] = (value, size)
-        self._bytes += size
+            data[key] = (value, size)
+            self._bytes += size
         return value
 
     def clear(self) -> None:
-        self._data.clear()
-        self._bytes = 0
+        with self._lock:
+            self._data.clear()
+            self._bytes = 0
 
     def __contains__(self, key: object) -> bool:
         return key in self._data
