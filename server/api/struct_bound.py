@@ -1,9 +1,11 @@
 """Refuse a big request whose JSON objects (google.protobuf.Struct) would take seconds to decode.
 
 protobuf's decoder (upb, the C implementation behind the Python package) fills a map in time
-that grows faster than its size: one Struct of 100,000 keys decodes in ~0.04 s, 400,000 in
-~0.7 s, 1,500,000 (33 MB) in ~16 s, and all that time the decoder holds the GIL, so a thread
-does not help: one request froze its worker (every other call on it, health checks included).
+that grows faster than its size: measured here (2 vCPUs), one Struct of 100,000 keys decodes
+in ~0.04 s, 400,000 in 0.6-1.0 s, 800,000 in ~4 s under load, 1,500,000 in 0.7-16 s (the key
+lengths and the machine's load moved it that much), and all that time the decoder holds the
+GIL, so a thread does not help: one request froze its worker (every call on it, health checks
+included).
 The same bytes spread over many small Structs decode in linear time (~10-20 ns a byte).
 
 So a request over `MAX_STRUCT_BYTES` is first decoded as a shadow of its type that keeps only
