@@ -336,7 +336,12 @@ async def test_sigkill_fails_only_its_calls_and_sigterm_drains_without_failures(
             for (path, kind, code), n in Counter((o.path, o.kind, o.code) for o in failed).items()
         )
     )
-    assert not missing, f"{len(missing)} of {len(completed)} completed calls have no trace: {missing[:5]}"
+    assert not missing, (
+        f"{len(missing)} of {len(completed)} completed calls have no trace: {missing[:5]}; "
+        f"nginx: {[balanced.get(o.call_id) for o in missing[:5]]}; killed {killed_at:.3f}, dead "
+        f"{dead_at:.3f}, drain {drain_at:.3f}-{drain_done:.3f}; victim {victim.address}, drained "
+        f"{drained.address}\n{cluster.logs()[-6000:]}"
+    )
     # And any replica reads them: through nginx, the killed replica's traces included.
     on_victim_ok = [
         o for o in completed if o.path == "nginx" and balanced[o.call_id].upstreams == (victim.address,)
