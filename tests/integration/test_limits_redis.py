@@ -154,11 +154,15 @@ async def test_redis_killed_fail_open_admits_with_a_warning(
     async with running_gateway(settings) as gw:
         await within_one_minute()
         assert await in_process_calls(1, gw.chat, token, upstream.base_url) == ["ok"]
+        counters = limiter(gw.server).counters
+        assert isinstance(counters, RedisCounters)
+        # On a loaded machine the first admission can already miss the 0.5 s socket timeout
+        # (admitted unchecked, counted): what the kill adds is counted from here.
+        before = counters.failures
         redis_server.kill()
         # Redis away, policy open (the default): admitted unchecked, counted, warned about.
         assert await in_process_calls(3, gw.chat, token, upstream.base_url) == ["ok"] * 3
-        counters = limiter(gw.server).counters
-        assert isinstance(counters, RedisCounters) and counters.failures == 3
+        assert counters.failures - before == 3
         assert any(
             "Redis unavailable" in r.getMessage() and "fail open" in r.getMessage() for r in caplog.records
         )
