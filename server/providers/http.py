@@ -57,6 +57,7 @@ log = logging.getLogger("llmgateway.http")
 __all__ = [
     "BodyTooLargeError",
     "ConnectError",
+    "FixedHeaders",
     "HttpClient",
     "HttpClientError",
     "IdleTimeoutError",
@@ -151,6 +152,12 @@ def _header_block(
     defaults: Mapping[str, tuple[str, str]], headers: Mapping[str, str], body_length: int
 ) -> bytes:
     """The header lines after the request line: the defaults, overridden case-insensitively."""
+    return f"Content-Length: {body_length}\r\n{_header_lines(defaults, headers)}\r\n".encode()
+
+
+def _header_lines(defaults: Mapping[str, tuple[str, str]], headers: Mapping[str, str]) -> str:
+    """The lines of `defaults` overridden case-insensitively by `headers` (a default's line stays
+    where it was, with the caller's name and value); InvalidHeaderError for an unusable one."""
     merged = dict(defaults)
     usable = _USABLE_NAMES
     for name, value in headers.items():
@@ -158,8 +165,24 @@ def _header_block(
         if _BAD_VALUE.search(value):
             raise InvalidHeaderError(name)
         merged[lower] = (name, value)
-    lines = [f"{name}: {value}\r\n" for name, value in merged.values()]
-    return f"Content-Length: {body_length}\r\n{''.join(lines)}\r\n".encode()
+    return "".join([f"{name}: {value}\r\n" for name, value in merged.values()])
+
+
+class FixedHeaders:
+    """Request headers that are the same on every call made with them and never carry a secret
+    (a content type, what is accepted): checked once here, and their lines (after the client's
+    defaults) built once per client. The call's own headers (keys among them) are still checked
+    and formatted per call, and never kept. Never changed once made."""
+
+    __slots__ = ("headers",)
+
+    def __init__(self, headers: Mapping[str, str]) -> None:
+        _header_lines({}, headers)  # an unusable one is refused when made, not per call
+        self.headers: Mapping[str, str] = dict(headers)  # a copy: the argument may change later
+
+
+# FixedHeaders a client keeps the lines of: module constants in practice, bounded regardless.
+_MAX_FIXED_BLOCKS = 64
 
 
 # Header names found usable, name -> its lower case: the same few names come with every call.
@@ -205,6 +228,8 @@ class HttpClient:
         )
         _header_block({}, defaults, 0)  # checked once here, as a caller's headers are per request
         self._default_headers = {name.lower(): (name, value) for name, value in defaults.items()}
+        # FixedHeaders -> (the defaults' and its lines, UTF-8; the lower-case names they hold).
+        self._fixed_blocks: dict[FixedHeaders, tuple[bytes, frozenset[str]]] = {}
         self._idle: dict[tuple[str, str, int], list[Connection]] = {}
         self._in_use: set[Connection] = set()
         self._all: set[Connection] = set()
@@ -242,11 +267,15 @@ class HttpClient:
         timeout: Timeout,
         *,
         private_ok: bool = False,
+        fixed: FixedHeaders | None = None,
     ) -> Response:
         """Send a POST and return once the answer's status and headers arrived.
 
         `private_ok`: the target is operator-listed, so it may be on loopback or a private
         network; otherwise only public addresses are connected to (or reused).
+
+        `fixed`: headers sent before `headers`, which override them case-insensitively; the
+        request is exactly the one `headers={**fixed.headers, **headers}` would send.
 
         The caller then reads the body (`read`, `read_chunk`) and releases or closes the response.
         A failure is never retried here, not even on a kept-alive connection the upstream had
@@ -256,9 +285,11 @@ class HttpClient:
         if self._closed:
             raise HttpClientError("the HTTP client is closed")
         target = parse_target(url)
-        payload = b"".join(
-            (target.request_line, _header_block(self._default_headers, headers, len(body)), body)
-        )
+        if fixed is None:
+            block = _header_block(self._default_headers, headers, len(body))
+        else:
+            block = self._block_after_fixed(fixed, headers, len(body))
+        payload = b"".join((target.request_line, block, body))
         loop = self._loop.get()
         deadline = None if timeout.total is None else loop.time() + timeout.total
         connection = self._idle_connection(target.key, loop.time(), private_ok=private_ok)
@@ -273,6 +304,36 @@ class HttpClient:
             response.close()
             raise
         return response
+
+    def _block_after_fixed(self, fixed: FixedHeaders, headers: Mapping[str, str], body_length: int) -> bytes:
+        """`_header_block` of `{**fixed.headers, **headers}`, without building it again per call.
+
+        When no name of `headers` is one of the defaults or of `fixed` (nor twice in `headers`),
+        merging appends their lines, in order, after the defaults' and fixed lines: so those are
+        cached, and only `headers` is checked and formatted. Anything else (a name not yet known
+        usable, an override, a value to refuse) takes the general path, which decides as always.
+        """
+        cached = self._fixed_blocks.get(fixed)
+        if cached is None:
+            if len(self._fixed_blocks) >= _MAX_FIXED_BLOCKS:
+                self._fixed_blocks.clear()
+            lines = _header_lines(self._default_headers, fixed.headers)
+            taken = frozenset(self._default_headers) | {name.lower() for name in fixed.headers}
+            cached = self._fixed_blocks[fixed] = (lines.encode(), taken)
+        fixed_lines, taken = cached
+        usable = _USABLE_NAMES
+        block = b"Content-Length: %d\r\n%b" % (body_length, fixed_lines)
+        seen: list[str] = []
+        for name, value in headers.items():
+            lower = usable.get(name)
+            # Printable ASCII has none of _BAD_VALUE's characters (and is cheaper to tell than a
+            # search); a tab, a non-ASCII or a refused character goes to the general check.
+            printable = value.isascii() and value.isprintable()
+            if lower is None or lower in taken or lower in seen or not printable:
+                return _header_block(self._default_headers, {**fixed.headers, **headers}, body_length)
+            seen.append(lower)
+            block += f"{name}: {value}\r\n".encode()
+        return block + b"\r\n"
 
     async def close(self) -> None:
         self._closed = True

@@ -52,6 +52,7 @@ from server.providers.errors import (
 )
 from server.providers.http import (
     BodyTooLargeError,
+    FixedHeaders,
     HttpClient,
     IdleTimeoutError,
     InvalidHeaderError,
@@ -66,8 +67,10 @@ MAX_BODY_BYTES = 64 * 1024 * 1024
 # UPSTREAM_BAD_RESPONSE. Real chunks are a few hundred bytes; this leaves room for a proxy that
 # sends a whole answer as one event, up to the default answer cap (LLMGW_MAX_ANSWER_BYTES).
 MAX_EVENT_BYTES = 32 * 1024 * 1024
-_JSON_HEADERS = {"Content-Type": "application/json", "Accept": "application/json"}
-_SSE_HEADERS = {"Content-Type": "application/json", "Accept": "text/event-stream"}
+# Sent before a target's own headers (which override them case-insensitively): fixed, so the
+# client builds their lines once.
+_JSON_HEADERS = FixedHeaders({"Content-Type": "application/json", "Accept": "application/json"})
+_SSE_HEADERS = FixedHeaders({"Content-Type": "application/json", "Accept": "text/event-stream"})
 _INT32_MAX = 2**31 - 1
 _INT64_MAX = 2**63 - 1
 
@@ -296,10 +299,6 @@ def without_opaque_parts(message: dict[str, Any], *, keep_reasoning: bool = Fals
     return out
 
 
-def _headers(target: UpstreamTarget, base: dict[str, str]) -> dict[str, str]:
-    return {**base, **target.headers}
-
-
 def _too_large(target: UpstreamTarget) -> UpstreamBadResponse:
     return UpstreamBadResponse(
         f"{target.provider} answered a body over {MAX_BODY_BYTES} bytes",
@@ -319,11 +318,17 @@ async def post_json(
 ) -> tuple[bytes, dict[str, Any]]:
     """POST a JSON body; return the raw answer and its internal (OpenAI-shaped) JSON (retries
     included). `dialect` classifies error statuses and parses the answer."""
-    headers = _headers(target, _JSON_HEADERS)
 
     async def attempt() -> tuple[bytes, dict[str, Any]]:
         try:
-            response = await client.post(url, body, headers, options.timeout(), private_ok=target.private_ok)
+            response = await client.post(
+                url,
+                body,
+                target.headers,
+                options.timeout(),
+                private_ok=target.private_ok,
+                fixed=_JSON_HEADERS,
+            )
             raw = await response.read(MAX_BODY_BYTES)  # the connection goes back to the pool
         except OSError as exc:  # TimeoutError and HttpClientError are OSErrors
             raise transport_error(exc, options, target) from exc
@@ -650,12 +655,16 @@ async def open_stream(
     that breaks before its first event, a first event that is an `error` with a 429/5xx code.
     Once `open_stream` returned, nothing is retried: the first event may be relayed at once.
     """
-    headers = _headers(target, _SSE_HEADERS)
 
     async def attempt() -> Response:
         try:
             response = await client.post(
-                url, body, headers, options.timeout(stream=True), private_ok=target.private_ok
+                url,
+                body,
+                target.headers,
+                options.timeout(stream=True),
+                private_ok=target.private_ok,
+                fixed=_SSE_HEADERS,
             )
         except OSError as exc:  # TimeoutError and HttpClientError are OSErrors
             raise transport_error(exc, options, target) from exc

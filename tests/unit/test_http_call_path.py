@@ -1,0 +1,122 @@
+"""The upstream call's fast paths (session 21), each against the general code it stands for.
+
+- `post(..., fixed=FixedHeaders(...))` sends exactly the bytes `headers={**fixed, **own}` would:
+  the fixed lines are cached per client (never a value of the call's own headers), and any
+  override, unknown name or value to refuse goes to the general merge.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from server.providers import http as http_module
+from server.providers.http import FixedHeaders, HttpClient, InvalidHeaderError, _header_block
+from tests.unit.test_http_client import BOUNDED, LIMIT, http_answer, raw_server, replying
+
+JSON = FixedHeaders({"Content-Type": "application/json", "Accept": "application/json"})
+KEY = "sk-fixed-path-0123456789"
+
+
+def general(client: HttpClient, fixed: FixedHeaders, own: dict[str, str], length: int) -> bytes:
+    return _header_block(client._default_headers, {**fixed.headers, **own}, length)
+
+
+@pytest.mark.parametrize(
+    "own",
+    [
+        {},
+        {"Authorization": f"Bearer {KEY}"},
+        {"Authorization": f"Bearer {KEY}", "HTTP-Referer": "https://example.org", "X-Title": "t"},
+        # overrides: of a fixed header (lower case, as Anthropic's), of a default, of both
+        {"x-api-key": KEY, "anthropic-version": "2023-06-01", "content-type": "application/json"},
+        {"user-agent": "me/1", "Authorization": "Bearer k"},
+        {"ACCEPT": "text/plain", "Accept-Encoding": "gzip"},
+        # the same name twice in one dict (case differs): the later wins, at the first's place
+        {"X-Dup": "1", "x-dup": "2", "X-Other": "3"},
+        # values the quick check passes on to the general one: a tab, non-ASCII, empty
+        {"X-Tab": "a\tb"},
+        {"X-Text": "café ☕"},
+        {"X-Empty": ""},
+        # a name never seen before (not yet known usable)
+        {"X-Brand-New-Name-For-This-Test": "v"},
+    ],
+)
+def test_fixed_headers_send_what_the_merged_headers_would(own: dict[str, str]) -> None:
+    client = HttpClient()
+    for length in (0, 7, 123456):
+        for _ in range(2):  # the first call fills the caches, the second uses them
+            assert client._block_after_fixed(JSON, own, length) == general(client, JSON, own, length)
+
+
+def test_fixed_headers_after_custom_defaults_that_they_override() -> None:
+    client = HttpClient(default_headers={"Accept": "*/*", "X-Client": "c"})
+    fixed = FixedHeaders({"accept": "application/json", "X-Fixed": "f"})
+    for own in ({"Authorization": "Bearer k"}, {"x-client": "mine"}, {}):
+        for _ in range(2):
+            assert client._block_after_fixed(fixed, own, 5) == general(client, fixed, own, 5)
+
+
+@pytest.mark.parametrize(
+    ("own", "refused"),
+    [
+        ({"Authorization": "Bearer a\r\nInjected: 1"}, "Authorization"),
+        ({"Authorization": "Bearer a\nb"}, "Authorization"),
+        ({"X-Nul": "a\x00b"}, "X-Nul"),
+        ({"X-Del": "a\x7fb"}, "X-Del"),
+        ({"X-Fine": "ok", "Bad Name": "v"}, "Bad Name"),
+        ({"Host": "evil.example"}, "Host"),
+        ({"content-length": "0"}, "content-length"),
+    ],
+)
+def test_fixed_headers_refuse_what_the_general_path_refuses(own: dict[str, str], refused: str) -> None:
+    client = HttpClient()
+    client._block_after_fixed(JSON, {"Authorization": "Bearer warm"}, 0)  # caches filled
+    with pytest.raises(InvalidHeaderError) as fast:
+        client._block_after_fixed(JSON, own, 0)
+    with pytest.raises(InvalidHeaderError) as slow:
+        general(client, JSON, own, 0)
+    assert fast.value.header == slow.value.header == refused
+    assert "Injected" not in str(fast.value)
+
+
+def test_fixed_headers_are_checked_when_made() -> None:
+    with pytest.raises(InvalidHeaderError):
+        FixedHeaders({"Content-Type": "application/json\r\nX-Injected: 1"})
+    with pytest.raises(InvalidHeaderError):
+        FixedHeaders({"Transfer-Encoding": "chunked"})
+    source = {"Accept": "a/b"}
+    fixed = FixedHeaders(source)
+    source["Accept"] = "changed"
+    assert fixed.headers == {"Accept": "a/b"}
+
+
+def test_the_fixed_cache_keeps_no_value_of_a_calls_headers_and_is_bounded() -> None:
+    client = HttpClient()
+    for n in range(3):
+        client._block_after_fixed(JSON, {"Authorization": f"Bearer {KEY}-{n}"}, 10)
+    assert list(client._fixed_blocks) == [JSON]
+    lines, taken = client._fixed_blocks[JSON]
+    assert b"sk-" not in lines and "authorization" not in taken
+    for _ in range(http_module._MAX_FIXED_BLOCKS + 10):
+        fixed = FixedHeaders({"X-Fixed": "1"})
+        assert client._block_after_fixed(fixed, {}, 0) == general(client, fixed, {}, 0)
+        assert len(client._fixed_blocks) <= http_module._MAX_FIXED_BLOCKS
+
+
+async def test_post_with_fixed_headers_sends_the_same_request_bytes() -> None:
+    own = {"Authorization": f"Bearer {KEY}", "X-Title": "t"}
+    async with raw_server(replying(http_answer(b"{}"))) as server:
+        client = HttpClient()
+        try:
+            for fixed in (JSON, None):
+                headers = own if fixed is not None else {**JSON.headers, **own}
+                response = await client.post(
+                    server.url(), b'{"a":1}', headers, BOUNDED, private_ok=True, fixed=fixed
+                )
+                assert await response.read(LIMIT) == b"{}"
+        finally:
+            await client.close()
+    with_fixed, merged = server.requests
+    assert with_fixed.raw_head == merged.raw_head
+    assert with_fixed.header("authorization") == f"Bearer {KEY}"
+    assert with_fixed.body == merged.body == b'{"a":1}'
