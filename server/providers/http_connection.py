@@ -84,6 +84,10 @@ class Connection(asyncio.Protocol):
         self.idle_since = 0.0
         self._response: Response | None = None
         self._parser: httptools.HttpResponseParser | None = None
+        # One llhttp parser for every answer on this connection (llhttp starts the next message
+        # where a kept-alive one ended); made on the first request, which costs several
+        # microseconds (it looks up each callback on this object).
+        self._reused_parser: httptools.HttpResponseParser | None = None
         self._header_pairs: list[tuple[bytes, bytes]] = []
         self._head_fed = 0  # bytes fed to the parser before the final head completed
         self._head_done = False
@@ -105,7 +109,11 @@ class Connection(asyncio.Protocol):
     def start(self, response: Response, payload: bytes) -> None:
         assert self.transport is not None
         self._response = response
-        self._parser = httptools.HttpResponseParser(self)
+        # Only a connection whose previous answer ended cleanly, kept alive, with no byte after
+        # it, is started again (`finish(reusable=True)`): its parser is at a message's start.
+        if self._reused_parser is None:
+            self._reused_parser = httptools.HttpResponseParser(self)
+        self._parser = self._reused_parser
         self._header_pairs = []
         self._head_fed = 0
         self._head_done = False
@@ -130,6 +138,7 @@ class Connection(asyncio.Protocol):
         response = self._response
         self._response = None
         self._parser = None
+        self._reused_parser = None  # it refers back to this connection: no cycle left behind
         if self.transport is not None and not self.closed:
             self.transport.close()
         self.closed = True
@@ -211,6 +220,7 @@ class Connection(asyncio.Protocol):
         response = self._response
         self._response = None
         self._parser = None
+        self._reused_parser = None
         if response is not None:
             if self._until_eof and response.status is not None and exc is None:
                 response.on_complete()  # the body was "everything until the connection closes"

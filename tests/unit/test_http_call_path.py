@@ -3,15 +3,21 @@
 - `post(..., fixed=FixedHeaders(...))` sends exactly the bytes `headers={**fixed, **own}` would:
   the fixed lines are cached per client (never a value of the call's own headers), and any
   override, unknown name or value to refuse goes to the general merge.
+- A kept-alive connection parses every answer with one llhttp parser; answers of every framing
+  in a row come out as with a new parser each, and a closed connection drops it (no cycle).
 """
 
 from __future__ import annotations
+
+import asyncio
+import gc
+import weakref
 
 import pytest
 
 from server.providers import http as http_module
 from server.providers.http import FixedHeaders, HttpClient, InvalidHeaderError, _header_block
-from tests.unit.test_http_client import BOUNDED, LIMIT, http_answer, raw_server, replying
+from tests.unit.test_http_client import BOUNDED, LIMIT, Peer, chunked, http_answer, raw_server, replying
 
 JSON = FixedHeaders({"Content-Type": "application/json", "Accept": "application/json"})
 KEY = "sk-fixed-path-0123456789"
@@ -120,3 +126,74 @@ async def test_post_with_fixed_headers_sends_the_same_request_bytes() -> None:
     assert with_fixed.raw_head == merged.raw_head
     assert with_fixed.header("authorization") == f"Bearer {KEY}"
     assert with_fixed.body == merged.body == b'{"a":1}'
+
+
+async def test_one_parser_reads_every_framing_in_a_row_on_one_connection() -> None:
+    answers = [
+        http_answer(b'{"n": 1}'),
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-N: 2\r\n\r\n" + chunked(b'{"n"', b": 2}"),
+        b"HTTP/1.1 100 Continue\r\n\r\n" + http_answer(b'{"n": 3}', headers=(("X-N", "3"),)),
+        b"HTTP/1.1 204 No Content\r\nX-N: 4\r\n\r\n",
+        http_answer(b"", status="200 OK"),
+        # a trailer on a chunked answer, then a plain one again
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + chunked(b"six", trailer=b"X-T: 1\r\n"),
+        http_answer(b'{"n": 7}', status="503 Service Unavailable"),
+    ]
+    expected = [
+        (200, b'{"n": 1}'),
+        (200, b'{"n": 2}'),
+        (200, b'{"n": 3}'),
+        (204, b""),
+        (200, b""),
+        (200, b"six"),
+        (503, b'{"n": 7}'),
+    ]
+
+    async def handler(peer: Peer) -> None:
+        for answer in answers:
+            await peer.read_request()
+            # In two pieces, split inside the head: the parser resumes mid-message.
+            await peer.send(answer[:9])
+            await asyncio.sleep(0.005)
+            await peer.send(answer[9:])
+        await peer.wait_client_close()
+
+    async with raw_server(handler) as server:
+        client = HttpClient()
+        parsers = set()
+        try:
+            for status, body in expected:
+                response = await client.post(server.url(), b"{}", {}, BOUNDED, private_ok=True)
+                connection = response._connection
+                assert connection is not None
+                parsers.add(id(connection._reused_parser))
+                assert response.status == status
+                assert "content-length" not in response.headers or response.headers["content-length"] == str(
+                    len(body)
+                )
+                assert await response.read(LIMIT) == body
+                assert client.connections_idle == 1
+        finally:
+            await client.close()
+    assert server.connections == 1
+    assert len(parsers) == 1  # one parser for every answer
+
+
+async def test_a_closed_connection_lets_go_of_its_parser() -> None:
+    async with raw_server(replying(http_answer(b"{}"))) as server:
+        client = HttpClient()
+        response = await client.post(server.url(), b"{}", {}, BOUNDED, private_ok=True)
+        connection = response._connection
+        assert connection is not None
+        assert await response.read(LIMIT) == b"{}"
+        assert connection._reused_parser is not None  # kept for the next answer
+        gone = weakref.ref(connection)
+        del response, connection
+        gc.disable()
+        try:
+            await client.close()
+            for _ in range(5):  # the transport reports the close on a later loop iteration
+                await asyncio.sleep(0)
+            assert gone() is None  # freed by reference counting alone: no parser cycle left
+        finally:
+            gc.enable()
