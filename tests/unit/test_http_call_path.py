@@ -11,12 +11,19 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import gzip
 import weakref
 
 import pytest
 
 from server.providers import http as http_module
-from server.providers.http import FixedHeaders, HttpClient, InvalidHeaderError, _header_block
+from server.providers.http import (
+    FixedHeaders,
+    HttpClient,
+    InvalidHeaderError,
+    InvalidResponseError,
+    _header_block,
+)
 from tests.unit.test_http_client import BOUNDED, LIMIT, Peer, chunked, http_answer, raw_server, replying
 
 JSON = FixedHeaders({"Content-Type": "application/json", "Accept": "application/json"})
@@ -197,3 +204,27 @@ async def test_a_closed_connection_lets_go_of_its_parser() -> None:
             assert gone() is None  # freed by reference counting alone: no parser cycle left
         finally:
             gc.enable()
+
+
+@pytest.mark.parametrize(
+    ("encoding", "decoded"),
+    [(None, True), ("identity", True), ("", True), (" Identity ", True), ("gzip", True), ("br", False)],
+)
+async def test_the_head_sets_the_decoder_as_the_content_encoding_says(
+    encoding: str | None, decoded: bool
+) -> None:
+    body = b'{"plain": true}'
+    sent = gzip.compress(body) if encoding == "gzip" else body
+    headers = (("Content-Encoding", encoding),) if encoding is not None else ()
+    async with raw_server(replying(http_answer(sent, headers=headers))) as server:
+        client = HttpClient()
+        try:
+            if not decoded:
+                with pytest.raises(InvalidResponseError, match="unsupported Content-Encoding: br"):
+                    await client.post(server.url(), b"{}", {}, BOUNDED, private_ok=True)
+                return
+            response = await client.post(server.url(), b"{}", {}, BOUNDED, private_ok=True)
+            assert (response._inflater is None) == (encoding != "gzip")
+            assert await response.read(LIMIT) == body
+        finally:
+            await client.close()
