@@ -23,6 +23,7 @@ import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 import orjson
@@ -88,12 +89,19 @@ class CallOptions:
     def timeout(self, *, stream: bool = False) -> Timeout:
         remaining = self.deadline.remaining()
         if remaining is None:
-            if stream:  # a long answer may stream for longer; a silent upstream may not
-                return Timeout(total=None, idle=self.default_timeout)
-            return Timeout(total=self.default_timeout)
+            return _timeout_without_deadline(self.default_timeout, stream)
         if remaining <= 0:
             raise DeadlineExceeded("the caller's deadline passed before the upstream answered")
         return Timeout(total=remaining)
+
+
+@lru_cache(maxsize=16)
+def _timeout_without_deadline(default_timeout: float, stream: bool) -> Timeout:
+    """The same few values on every call without a deadline (a Timeout is immutable, so one is
+    shared; making one costs several microseconds)."""
+    if stream:  # a long answer may stream for longer; a silent upstream may not
+        return Timeout(total=None, idle=default_timeout)
+    return Timeout(total=default_timeout)
 
 
 # A chunk of at most this many bytes besides its text may become a stream's template.

@@ -5,6 +5,7 @@
   override, unknown name or value to refuse goes to the general merge.
 - A kept-alive connection parses every answer with one llhttp parser; answers of every framing
   in a row come out as with a new parser each, and a closed connection drops it (no cycle).
+- `CallOptions.timeout()` without a deadline shares one Timeout per value.
 """
 
 from __future__ import annotations
@@ -16,14 +17,19 @@ import weakref
 
 import pytest
 
+from server.config import RetrySettings
+from server.core.retry import Deadline
+from server.errors import DeadlineExceeded
 from server.providers import http as http_module
 from server.providers.http import (
     FixedHeaders,
     HttpClient,
     InvalidHeaderError,
     InvalidResponseError,
+    Timeout,
     _header_block,
 )
+from server.providers.openai_compat import CallOptions
 from tests.unit.test_http_client import BOUNDED, LIMIT, Peer, chunked, http_answer, raw_server, replying
 
 JSON = FixedHeaders({"Content-Type": "application/json", "Accept": "application/json"})
@@ -228,3 +234,21 @@ async def test_the_head_sets_the_decoder_as_the_content_encoding_says(
             assert await response.read(LIMIT) == body
         finally:
             await client.close()
+
+
+def test_the_timeout_without_a_deadline_is_shared_and_equal() -> None:
+    options = CallOptions(deadline=Deadline(None), retry=RetrySettings(), default_timeout=42.0, scrub=str)
+    assert options.timeout() == Timeout(total=42.0)
+    assert options.timeout() is options.timeout()
+    assert options.timeout(stream=True) == Timeout(total=None, idle=42.0)
+    assert options.timeout(stream=True) is options.timeout(stream=True)
+    other = CallOptions(deadline=Deadline(None), retry=RetrySettings(), default_timeout=7.5, scrub=str)
+    assert other.timeout() == Timeout(total=7.5)
+    timed = CallOptions(deadline=Deadline.after(30.0), retry=RetrySettings(), default_timeout=42.0, scrub=str)
+    total = timed.timeout().total
+    assert total is not None and 29.0 < total <= 30.0
+    assert timed.timeout(stream=True).idle is None
+    with pytest.raises(DeadlineExceeded):
+        CallOptions(
+            deadline=Deadline.after(-1.0), retry=RetrySettings(), default_timeout=42.0, scrub=str
+        ).timeout()
