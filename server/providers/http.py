@@ -43,6 +43,7 @@ from server.auth.resolver import ForbiddenAddressError, SafeResolver
 from server.providers.http_connection import (
     BodyTooLargeError,
     Connection,
+    DeadlineTimer,
     HttpClientError,
     IdleTimeoutError,
     InvalidResponseError,
@@ -234,6 +235,7 @@ class HttpClient:
         self._in_use: set[Connection] = set()
         self._all: set[Connection] = set()
         self._sweeper: asyncio.TimerHandle | None = None
+        self._deadlines: DeadlineTimer | None = None  # of the loop the client was last used in
         self._closed = False
         # asyncio.get_running_loop() makes a getpid() system call on Python 3.11 (its fork
         # check), twice per request here otherwise.
@@ -296,7 +298,12 @@ class HttpClient:
         if connection is None:
             connection = await self._connect(target, loop, deadline, timeout.idle, private_ok=private_ok)
         self._in_use.add(connection)
-        response = Response(connection, loop, deadline=deadline, idle_timeout=timeout.idle)
+        deadlines = self._deadlines
+        if deadlines is None or deadlines.loop is not loop:  # the old one stays with its loop
+            deadlines = self._deadlines = DeadlineTimer(loop)
+        response = Response(
+            connection, loop, deadline=deadline, idle_timeout=timeout.idle, deadlines=deadlines
+        )
         connection.start(response, payload)
         try:
             await response.wait_head()
@@ -342,6 +349,8 @@ class HttpClient:
             self._sweeper = None
         for connection in list(self._all):
             connection.close()
+        if self._deadlines is not None:
+            self._deadlines.close()
         self._idle.clear()
         self._in_use.clear()
         self._all.clear()

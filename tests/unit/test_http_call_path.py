@@ -6,6 +6,8 @@
 - A kept-alive connection parses every answer with one llhttp parser; answers of every framing
   in a row come out as with a new parser each, and a closed connection drops it (no cycle).
 - `CallOptions.timeout()` without a deadline shares one Timeout per value.
+- Every response's deadline waits behind one loop timer (`DeadlineTimer`): each still fails at
+  its own deadline, in any order of arrival, and nothing is left of one that finished.
 """
 
 from __future__ import annotations
@@ -29,8 +31,18 @@ from server.providers.http import (
     Timeout,
     _header_block,
 )
+from server.providers.http_connection import DeadlineTimer
 from server.providers.openai_compat import CallOptions
-from tests.unit.test_http_client import BOUNDED, LIMIT, Peer, chunked, http_answer, raw_server, replying
+from tests.unit.test_http_client import (
+    BOUNDED,
+    LIMIT,
+    Peer,
+    chunked,
+    http_answer,
+    raw_server,
+    replying,
+    then_silent,
+)
 
 JSON = FixedHeaders({"Content-Type": "application/json", "Accept": "application/json"})
 KEY = "sk-fixed-path-0123456789"
@@ -252,3 +264,134 @@ def test_the_timeout_without_a_deadline_is_shared_and_equal() -> None:
         CallOptions(
             deadline=Deadline.after(-1.0), retry=RetrySettings(), default_timeout=42.0, scrub=str
         ).timeout()
+
+
+# --- one loop timer for every response's deadline --------------------------------------------------
+
+
+async def timed_out_after(client: HttpClient, url: str, total: float) -> float:
+    """Seconds until a POST to a silent upstream failed with its deadline (TimeoutError)."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with pytest.raises(TimeoutError, match="did not answer in time"):
+        await client.post(url, b"{}", {}, Timeout(total=total), private_ok=True)
+    return loop.time() - started
+
+
+async def test_each_response_fails_at_its_own_deadline_earliest_last_added() -> None:
+    async with raw_server(then_silent()) as server:
+        client = HttpClient()
+        try:
+            # Added latest-first: each new one is earlier than the armed timer, which is moved.
+            waits = await asyncio.gather(
+                *(timed_out_after(client, server.url(), total) for total in (0.6, 0.4, 0.2))
+            )
+            assert client._deadlines is not None and client._deadlines._pending == {}
+        finally:
+            await client.close()
+    for waited, total in zip(waits, (0.6, 0.4, 0.2), strict=True):
+        assert total - 0.01 <= waited < total + 0.15
+
+
+async def test_a_later_deadline_is_kept_after_the_earlier_response_finished() -> None:
+    answered = asyncio.Event()
+
+    async def handler(peer: Peer) -> None:
+        request = await peer.read_request()
+        if request.body == b"quick":
+            await peer.send(http_answer(b"{}"))
+            answered.set()
+        await peer.wait_client_close()
+
+    async with raw_server(handler) as server:
+        client = HttpClient()
+        try:
+            # The quick call arms the timer for its deadline (0.2 s), then answers at once; the
+            # silent one (0.5 s) must still fail at its own deadline when that timer fires early.
+            quick = await client.post(server.url(), b"quick", {}, Timeout(total=0.2), private_ok=True)
+            slow = asyncio.ensure_future(timed_out_after(client, server.url(), 0.5))
+            assert await quick.read(LIMIT) == b"{}"
+            waited = await slow
+            assert client._deadlines is not None and client._deadlines._pending == {}
+            assert client._deadlines._timer is None  # nothing left to wait for
+        finally:
+            await client.close()
+    assert 0.49 <= waited < 0.65
+
+
+async def test_an_answer_in_time_is_not_failed_by_the_shared_timer() -> None:
+    async def handler(peer: Peer) -> None:
+        while True:
+            request = await peer.read_request()
+            await asyncio.sleep(0.15 if request.body == b"slowish" else 0.0)
+            await peer.send(http_answer(request.body))
+
+    async with raw_server(handler) as server:
+        client = HttpClient()
+        try:
+
+            async def call(body: bytes, total: float) -> bytes:
+                response = await client.post(server.url(), body, {}, Timeout(total=total), private_ok=True)
+                return await response.read(LIMIT)
+
+            short = asyncio.ensure_future(timed_out_after(client, "http://127.0.0.1:1/", 5.0))
+            short.cancel()  # a call that never got a response: nothing of it is left
+            with pytest.raises(asyncio.CancelledError):
+                await short
+            assert await asyncio.gather(call(b"slowish", 1.0), call(b"a", 0.3), call(b"b", 2.0)) == [
+                b"slowish",
+                b"a",
+                b"b",
+            ]
+            assert client._deadlines is not None and client._deadlines._pending == {}
+        finally:
+            await client.close()
+
+
+def test_a_timer_run_early_still_fails_what_it_was_armed_for() -> None:
+    class Clock:
+        now = 10.0
+
+        def time(self) -> float:
+            return self.now
+
+        def call_at(self, when: float, callback: object) -> Handle:
+            return Handle()
+
+    class Handle:
+        def cancel(self) -> None:
+            pass
+
+    failed: list[str] = []
+
+    class Watched:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def _deadline_passed(self) -> None:
+            failed.append(self.name)
+
+    clock = Clock()
+    timer = DeadlineTimer(clock)  # type: ignore[arg-type]
+    timer.add(Watched("first"), 10.5)  # type: ignore[arg-type]
+    timer.add(Watched("second"), 10.5)  # type: ignore[arg-type]
+    timer.add(Watched("later"), 12.0)  # type: ignore[arg-type]
+    clock.now = 10.499  # the loop ran the timer a millisecond early
+    timer._fire()
+    assert failed == ["first", "second"]
+    assert timer._armed_at == 12.0 and timer._timer is not None
+    timer.close()
+
+
+def test_one_client_used_by_two_loops_keeps_enforcing_deadlines() -> None:
+    client = HttpClient()
+
+    async def one_loop() -> float:
+        async with raw_server(then_silent()) as server:
+            return await timed_out_after(client, server.url(), 0.2)
+
+    try:
+        for _ in range(2):
+            assert 0.19 <= asyncio.run(one_loop()) < 0.5
+    finally:
+        asyncio.run(client.close())
