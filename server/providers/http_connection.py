@@ -61,6 +61,22 @@ class BodyTooLargeError(ValueError):
     """The answer is larger than the caller's limit."""
 
 
+# Answer header names as sent -> as `Response.headers` has them (decoded, lower case): the same
+# dozen come in every answer. Names only (never a value), of at most 64 bytes, 256 of them.
+_HEADER_NAMES: dict[bytes, str] = {}
+_MAX_CACHED_HEADER_NAME = 64
+_MAX_CACHED_HEADER_NAMES = 256
+
+
+def _header_name(raw: bytes) -> str:
+    name = raw.decode("latin-1").lower()
+    if len(raw) <= _MAX_CACHED_HEADER_NAME:
+        if len(_HEADER_NAMES) >= _MAX_CACHED_HEADER_NAMES:
+            _HEADER_NAMES.clear()
+        _HEADER_NAMES[raw] = name
+    return name
+
+
 class _StopParsing(Exception):
     """Raised from a parser callback after the failure was reported: abandons `feed_data`."""
 
@@ -268,8 +284,9 @@ class Connection(asyncio.Protocol):
             return
         self._head_done = True
         headers: dict[str, str] = {}
+        names = _HEADER_NAMES
         for raw_name, raw_value in self._header_pairs:
-            name = raw_name.decode("latin-1").lower()
+            name = names.get(raw_name) or _header_name(raw_name)
             value = raw_value.decode("latin-1")
             headers[name] = f"{headers[name]}, {value}" if name in headers else value
         self._header_pairs = []

@@ -8,6 +8,7 @@
 - `CallOptions.timeout()` without a deadline shares one Timeout per value.
 - Every response's deadline waits behind one loop timer (`DeadlineTimer`): each still fails at
   its own deadline, in any order of arrival, and nothing is left of one that finished.
+- Answer header names are remembered decoded (names only, bounded): the same headers either way.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from server.config import RetrySettings
 from server.core.retry import Deadline
 from server.errors import DeadlineExceeded
 from server.providers import http as http_module
+from server.providers import http_connection
 from server.providers.http import (
     FixedHeaders,
     HttpClient,
@@ -395,3 +397,55 @@ def test_one_client_used_by_two_loops_keeps_enforcing_deadlines() -> None:
             assert 0.19 <= asyncio.run(one_loop()) < 0.5
     finally:
         asyncio.run(client.close())
+
+
+# --- answer header names, remembered ----------------------------------------------------------------
+
+
+async def test_answer_header_names_are_lower_case_with_the_cache_cold_and_warm() -> None:
+    long_name = "X-" + "Long" * 20  # over the cached length: decoded every time
+    answer = http_answer(
+        b"{}",
+        headers=(
+            ("Content-Type", "application/json"),
+            ("X-Request-ID", "req-secret-value"),
+            ("x-request-id", "second"),
+            (long_name, "v"),
+            ("Set-Cookie", "a=1"),
+            ("set-cookie", "b=2"),
+        ),
+    )
+    async with raw_server(replying(answer)) as server:
+        client = HttpClient()
+        try:
+            http_connection._HEADER_NAMES.clear()
+            seen = []
+            for _ in range(2):  # cold, then every name (but the long one) from the cache
+                response = await client.post(server.url(), b"{}", {}, BOUNDED, private_ok=True)
+                seen.append(dict(response.headers))
+                assert await response.read(LIMIT) == b"{}"
+        finally:
+            await client.close()
+    assert (
+        seen[0]
+        == seen[1]
+        == {
+            "content-type": "application/json",
+            "x-request-id": "req-secret-value, second",
+            long_name.lower(): "v",
+            "set-cookie": "a=1, b=2",
+            "content-length": "2",
+        }
+    )
+    assert http_connection._HEADER_NAMES[b"X-Request-ID"] == "x-request-id"
+    assert long_name.encode() not in http_connection._HEADER_NAMES
+    assert not any(
+        b"secret" in name or "secret" in lower for name, lower in http_connection._HEADER_NAMES.items()
+    )
+
+
+def test_the_answer_header_name_cache_is_bounded() -> None:
+    http_connection._HEADER_NAMES.clear()
+    for n in range(http_connection._MAX_CACHED_HEADER_NAMES + 20):
+        assert http_connection._header_name(f"X-Name-{n}".encode()) == f"x-name-{n}"
+        assert len(http_connection._HEADER_NAMES) <= http_connection._MAX_CACHED_HEADER_NAMES
