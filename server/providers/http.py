@@ -163,7 +163,9 @@ def _header_lines(defaults: Mapping[str, tuple[str, str]], headers: Mapping[str,
     usable = _USABLE_NAMES
     for name, value in headers.items():
         lower = usable.get(name) or _checked_name(name)
-        if _BAD_VALUE.search(value):
+        # Printable ASCII has none of _BAD_VALUE's characters, and is cheaper to tell than a
+        # search; a tab or a non-ASCII character is searched for the refused ones.
+        if not (value.isascii() and value.isprintable()) and _BAD_VALUE.search(value):
             raise InvalidHeaderError(name)
         merged[lower] = (name, value)
     return "".join([f"{name}: {value}\r\n" for name, value in merged.values()])
@@ -293,8 +295,9 @@ class HttpClient:
             block = self._block_after_fixed(fixed, headers, len(body))
         payload = b"".join((target.request_line, block, body))
         loop = self._loop.get()
-        deadline = None if timeout.total is None else loop.time() + timeout.total
-        connection = self._idle_connection(target.key, loop.time(), private_ok=private_ok)
+        now = loop.time()  # no await before the connection is chosen: one reading serves both
+        deadline = None if timeout.total is None else now + timeout.total
+        connection = self._idle_connection(target.key, now, private_ok=private_ok)
         if connection is None:
             connection = await self._connect(target, loop, deadline, timeout.idle, private_ok=private_ok)
         self._in_use.add(connection)
@@ -333,8 +336,7 @@ class HttpClient:
         seen: list[str] = []
         for name, value in headers.items():
             lower = usable.get(name)
-            # Printable ASCII has none of _BAD_VALUE's characters (and is cheaper to tell than a
-            # search); a tab, a non-ASCII or a refused character goes to the general check.
+            # As in `_header_lines`: a tab, a non-ASCII or a refused character goes to its check.
             printable = value.isascii() and value.isprintable()
             if lower is None or lower in taken or lower in seen or not printable:
                 return _header_block(self._default_headers, {**fixed.headers, **headers}, body_length)

@@ -449,3 +449,20 @@ def test_the_answer_header_name_cache_is_bounded() -> None:
     for n in range(http_connection._MAX_CACHED_HEADER_NAMES + 20):
         assert http_connection._header_name(f"X-Name-{n}".encode()) == f"x-name-{n}"
         assert len(http_connection._HEADER_NAMES) <= http_connection._MAX_CACHED_HEADER_NAMES
+
+
+def test_every_character_is_refused_in_a_value_exactly_as_the_search_says() -> None:
+    client = HttpClient()
+    client._block_after_fixed(JSON, {"X-V": "warm"}, 0)
+    for code in [*range(0x300), 0x2028, 0xFEFF, 0x1F600]:
+        value = f"a{chr(code)}b"
+        refused = http_module._BAD_VALUE.search(value) is not None
+        for build in (
+            lambda v: _header_block({}, {"X-V": v}, 0),
+            lambda v: client._block_after_fixed(JSON, {"X-V": v}, 0),
+        ):
+            if refused:
+                with pytest.raises(InvalidHeaderError):
+                    build(value)
+            else:
+                assert f"X-V: {value}\r\n".encode() in build(value)
