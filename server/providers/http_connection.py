@@ -667,10 +667,15 @@ class DeadlineTimer:
         expired = [response for response, deadline in self._pending.items() if deadline <= due]
         for response in expired:
             del self._pending[response]
-        for response in expired:
-            response._deadline_passed()
-        if self._pending and self._timer is None:
+        if self._pending:
             self._arm(min(self._pending.values()))
+        for response in expired:
+            try:
+                response._deadline_passed()
+            except Exception as exc:  # as the loop reports a failing timer of its own; the rest still run
+                self.loop.call_exception_handler(
+                    {"message": "a response's deadline could not be enforced", "exception": exc}
+                )
 
 
 class _Inflater:

@@ -466,3 +466,45 @@ def test_every_character_is_refused_in_a_value_exactly_as_the_search_says() -> N
                     build(value)
             else:
                 assert f"X-V: {value}\r\n".encode() in build(value)
+
+
+def test_a_failing_deadline_callback_stops_neither_the_others_nor_the_timer() -> None:
+    reported: list[object] = []
+
+    class Clock:
+        now = 5.0
+
+        def time(self) -> float:
+            return self.now
+
+        def call_at(self, when: float, callback: object) -> Handle:
+            return Handle()
+
+        def call_exception_handler(self, context: dict[str, object]) -> None:
+            reported.append(context["exception"])
+
+    class Handle:
+        def cancel(self) -> None:
+            pass
+
+    failed: list[str] = []
+
+    class Watched:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def _deadline_passed(self) -> None:
+            if self.name == "broken":
+                raise RuntimeError("broken")
+            failed.append(self.name)
+
+    clock = Clock()
+    timer = DeadlineTimer(clock)  # type: ignore[arg-type]
+    for name in ("broken", "fine"):
+        timer.add(Watched(name), 6.0)  # type: ignore[arg-type]
+    timer.add(Watched("later"), 9.0)  # type: ignore[arg-type]
+    clock.now = 6.0
+    timer._fire()
+    assert failed == ["fine"]
+    assert [str(exc) for exc in reported] == ["broken"]
+    assert timer._armed_at == 9.0 and timer._timer is not None
