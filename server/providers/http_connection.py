@@ -307,9 +307,14 @@ class Connection(asyncio.Protocol):
         if self._informational:
             self._informational = False
             return
-        response = self._response
+        response, parser = self._response, self._parser
         # Whatever follows in this connection belongs to no request of ours.
         self._parser = None
+        if parser is not None and not parser.should_keep_alive():
+            # llhttp decides again at the message's end, trailers included (a `Connection:
+            # close` one), and would refuse any next answer: the connection, kept alive by its
+            # head, reads the next one with a parser of its own, as before the reuse.
+            self._reused_parser = None
         if response is not None:
             response.on_complete()
 
