@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import itertools
 import zlib
+from heapq import heapify, heappop, heappush
 from typing import NoReturn, Protocol
 
 import httptools
@@ -633,25 +635,43 @@ class DeadlineTimer:
     entry while it is read, and the one timer is armed for the earliest of them (again only when
     a response comes with an earlier one): when it fires, every response whose deadline it
     reached fails as its own timer would have failed it, and it is armed for the earliest left.
+
+    The deadlines are also in a heap, so a fire costs by what is due, not by everything pending
+    (an upstream outage leaves thousands of responses waiting, each deadline its own fire). A
+    response that finished leaves only the dict; its heap entry goes when it reaches the top,
+    when none is left pending (the heap is emptied), or when the heap holds over twice as many
+    entries as are pending and 64 more (it is rebuilt of the pending ones): so what it keeps of
+    finished responses is bounded by what is pending.
     """
 
-    __slots__ = ("loop", "_pending", "_timer", "_armed_at")
+    __slots__ = ("loop", "_pending", "_heap", "_order", "_timer", "_armed_at")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self._pending: dict[Response, float] = {}
+        # (deadline, order of arrival, response), earliest first; the order breaks ties (as the
+        # earlier arrival fails first) so that responses are never compared.
+        self._heap: list[tuple[float, int, Response]] = []
+        self._order = itertools.count()
         self._timer: asyncio.TimerHandle | None = None
         self._armed_at = 0.0
 
     def add(self, response: Response, deadline: float) -> None:
         self._pending[response] = deadline
+        heappush(self._heap, (deadline, next(self._order), response))
         if self._timer is None or deadline < self._armed_at:
             if self._timer is not None:
                 self._timer.cancel()
             self._arm(deadline)
 
     def discard(self, response: Response) -> None:
-        self._pending.pop(response, None)
+        pending = self._pending
+        pending.pop(response, None)
+        if not pending:
+            self._heap.clear()  # only finished ones left in it
+        elif len(self._heap) > 2 * len(pending) + _SPARE_HEAP_ENTRIES:
+            heap = self._heap = [entry for entry in self._heap if entry[2] in pending]
+            heapify(heap)
 
     def close(self) -> None:
         """Stop the timer and forget every deadline (the client closed its connections)."""
@@ -659,6 +679,7 @@ class DeadlineTimer:
             self._timer.cancel()
             self._timer = None
         self._pending.clear()
+        self._heap.clear()
 
     def _arm(self, when: float) -> None:
         self._armed_at = when
@@ -669,11 +690,16 @@ class DeadlineTimer:
         # A loop may run a timer a little before its time (libuv counts milliseconds): what it
         # was armed for is due, as that response's own timer would have been.
         due = max(self.loop.time(), self._armed_at)
-        expired = [response for response, deadline in self._pending.items() if deadline <= due]
-        for response in expired:
-            del self._pending[response]
-        if self._pending:
-            self._arm(min(self._pending.values()))
+        pending, heap = self._pending, self._heap
+        expired = []
+        while heap and heap[0][0] <= due:
+            response = heappop(heap)[2]
+            if pending.pop(response, None) is not None:
+                expired.append(response)
+        while heap and heap[0][2] not in pending:  # finished: the next deadline is a live one's
+            heappop(heap)
+        if heap:
+            self._arm(heap[0][0])
         for response in expired:
             try:
                 response._deadline_passed()
@@ -681,6 +707,10 @@ class DeadlineTimer:
                 self.loop.call_exception_handler(
                     {"message": "a response's deadline could not be enforced", "exception": exc}
                 )
+
+
+# Finished responses' entries a DeadlineTimer's heap may hold beyond twice its pending ones.
+_SPARE_HEAP_ENTRIES = 64
 
 
 class _Inflater:

@@ -3,11 +3,15 @@
 - A kept-alive connection's llhttp parser is reused only while llhttp is at a message's start:
   a trailer saying `Connection: close` leaves it refusing any next answer, so the next request
   on that connection gets a parser of its own, as every request did before the reuse.
+- `DeadlineTimer`: a fire costs by what is due, not by everything pending (an upstream outage
+  leaves thousands of responses waiting, each deadline its own fire); what it keeps of
+  responses that finished is bounded by those still pending.
 """
 
 from __future__ import annotations
 
 from server.providers.http import HttpClient
+from server.providers.http_connection import DeadlineTimer
 from tests.unit.test_http_client import BOUNDED, LIMIT, Peer, chunked, http_answer, raw_server
 
 
@@ -36,3 +40,106 @@ async def test_a_trailer_saying_close_does_not_break_the_next_answer_on_the_conn
             await client.close()
     assert bodies == [b'{"n": 1}', b'{"n": 2}']
     assert server.connections == 1  # as before the reuse: the head kept the connection alive
+
+
+class Counted(float):
+    """A deadline that counts how often it is compared (the work a fire does per response)."""
+
+    compared = 0
+
+    def _count(self) -> None:
+        Counted.compared += 1
+
+    def __lt__(self, other: object) -> bool:
+        self._count()
+        return float.__lt__(self, other)  # type: ignore[operator]
+
+    def __le__(self, other: object) -> bool:
+        self._count()
+        return float.__le__(self, other)  # type: ignore[operator]
+
+    def __gt__(self, other: object) -> bool:
+        self._count()
+        return float.__gt__(self, other)  # type: ignore[operator]
+
+    def __ge__(self, other: object) -> bool:
+        self._count()
+        return float.__ge__(self, other)  # type: ignore[operator]
+
+    def __eq__(self, other: object) -> bool:
+        self._count()
+        return float.__eq__(self, other)
+
+    __hash__ = float.__hash__
+
+
+class FakeLoop:
+    """A loop clock and timers that never run by themselves: the test calls `_fire`."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def time(self) -> float:
+        return self.now
+
+    def call_at(self, when: float, callback: object) -> FakeHandle:
+        return FakeHandle()
+
+
+class FakeHandle:
+    def cancel(self) -> None:
+        pass
+
+
+class Watched:
+    def __init__(self, failed: list[Watched]) -> None:
+        self.failed = failed
+
+    def _deadline_passed(self) -> None:
+        self.failed.append(self)
+
+
+def test_a_fire_costs_by_what_is_due_not_by_everything_pending() -> None:
+    loop = FakeLoop()
+    timer = DeadlineTimer(loop)  # type: ignore[arg-type]
+    failed: list[Watched] = []
+    waiting = [Watched(failed) for _ in range(5000)]  # hung upstream calls, far from their deadline
+    for n, response in enumerate(waiting):
+        timer.add(response, Counted(1000.0 + n))  # type: ignore[arg-type]
+    short = [Watched(failed) for _ in range(50)]
+    for n, response in enumerate(short):
+        timer.add(response, Counted(1.0 + n))  # type: ignore[arg-type]
+    Counted.compared = 0
+    for n, response in enumerate(short):  # each deadline its own fire, as under an outage
+        loop.now = 1.0 + n
+        timer._fire()
+        assert failed[-1] is response
+    assert len(failed) == len(short)
+    # A heap's pop is a few dozen comparisons; a scan of every pending deadline is 5000 a fire.
+    assert Counted.compared < 100 * len(short)
+    loop.now = 1000.0
+    timer._fire()
+    assert failed[-1] is waiting[0] and len(failed) == len(short) + 1
+    timer.close()
+
+
+def test_what_the_timer_keeps_of_finished_responses_is_bounded_by_those_pending() -> None:
+    loop = FakeLoop()
+    timer = DeadlineTimer(loop)  # type: ignore[arg-type]
+    failed: list[Watched] = []
+    kept = [Watched(failed) for _ in range(10)]
+    for response in kept:
+        timer.add(response, 500.0)  # type: ignore[arg-type]
+    for n in range(10_000):  # answers in time, long before their deadlines
+        response = Watched(failed)
+        timer.add(response, 600.0 + n)  # type: ignore[arg-type]
+        timer.discard(response)  # type: ignore[arg-type]
+        assert len(timer._heap) <= 2 * len(timer._pending) + 64
+    loop.now = 500.0
+    timer._fire()
+    assert failed == kept and timer._pending == {}
+    for n in range(100):  # nothing pending: nothing of a finished one kept
+        response = Watched(failed)
+        timer.add(response, 700.0 + n)  # type: ignore[arg-type]
+        timer.discard(response)  # type: ignore[arg-type]
+    assert timer._heap == []
