@@ -36,6 +36,7 @@ import ssl
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache, partial
+from types import MappingProxyType
 from urllib.parse import quote, urlsplit
 
 from server.auth.endpoints import MAX_CACHED_URL_CHARS, is_public_address
@@ -181,7 +182,9 @@ class FixedHeaders:
 
     def __init__(self, headers: Mapping[str, str]) -> None:
         _header_lines({}, headers)  # an unusable one is refused when made, not per call
-        self.headers: Mapping[str, str] = dict(headers)  # a copy: the argument may change later
+        # A read-only copy: the argument may change later, and a client's cached lines of these
+        # must stay what `{**fixed.headers, **own}` (the general path) sends.
+        self.headers: Mapping[str, str] = MappingProxyType(dict(headers))
 
 
 # FixedHeaders a client keeps the lines of: module constants in practice, bounded regardless.

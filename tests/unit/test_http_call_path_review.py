@@ -6,11 +6,15 @@
 - `DeadlineTimer`: a fire costs by what is due, not by everything pending (an upstream outage
   leaves thousands of responses waiting, each deadline its own fire); what it keeps of
   responses that finished is bounded by those still pending.
+- `FixedHeaders` cannot be changed once a client cached its lines (the fast path would send the
+  old ones while the general path, `{**fixed.headers, **own}`, sent the new).
 """
 
 from __future__ import annotations
 
-from server.providers.http import HttpClient
+import pytest
+
+from server.providers.http import FixedHeaders, HttpClient, _header_block
 from server.providers.http_connection import DeadlineTimer
 from tests.unit.test_http_client import BOUNDED, LIMIT, Peer, chunked, http_answer, raw_server
 
@@ -143,3 +147,14 @@ def test_what_the_timer_keeps_of_finished_responses_is_bounded_by_those_pending(
         timer.add(response, 700.0 + n)  # type: ignore[arg-type]
         timer.discard(response)  # type: ignore[arg-type]
     assert timer._heap == []
+
+
+def test_fixed_headers_cannot_change_under_a_clients_cached_lines() -> None:
+    client = HttpClient()
+    fixed = FixedHeaders({"Accept": "application/json"})
+    own = {"Authorization": "Bearer k"}
+    sent = client._block_after_fixed(fixed, own, 2)
+    with pytest.raises(TypeError):
+        fixed.headers["Accept"] = "text/event-stream"  # type: ignore[index]
+    assert client._block_after_fixed(fixed, own, 2) == sent
+    assert sent == _header_block(client._default_headers, {**fixed.headers, **own}, 2)
