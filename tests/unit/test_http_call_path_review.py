@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from server.providers.http import FixedHeaders, HttpClient, _header_block
@@ -158,3 +160,37 @@ def test_fixed_headers_cannot_change_under_a_clients_cached_lines() -> None:
         fixed.headers["Accept"] = "text/event-stream"  # type: ignore[index]
     assert client._block_after_fixed(fixed, own, 2) == sent
     assert sent == _header_block(client._default_headers, {**fixed.headers, **own}, 2)
+
+
+def test_the_heap_fails_exactly_what_a_timer_per_response_would_in_any_order() -> None:
+    rng = random.Random(2126)
+    for _ in range(20):
+        loop = FakeLoop()
+        timer = DeadlineTimer(loop)  # type: ignore[arg-type]
+        failed: list[Watched] = []
+        deadlines: dict[Watched, float] = {}  # the model: what is pending, and until when
+        for _ in range(400):
+            step = rng.random()
+            if step < 0.5:
+                response = Watched(failed)
+                deadline = loop.now + rng.choice([0.0, 0.5, 1.0, rng.uniform(0.0, 20.0)])
+                timer.add(response, deadline)  # type: ignore[arg-type]
+                deadlines[response] = deadline
+            elif step < 0.8 and deadlines:
+                response = rng.choice(list(deadlines))
+                timer.discard(response)  # type: ignore[arg-type]
+                del deadlines[response]
+            elif timer._timer is not None:
+                # The loop runs the timer at its time, a little early, or late (a busy loop).
+                loop.now = max(loop.now, timer._armed_at + rng.choice([-0.0005, 0.0, 0.3]))
+                due = max(loop.now, timer._armed_at)
+                expected = {response for response, deadline in deadlines.items() if deadline <= due}
+                failed.clear()
+                timer._fire()
+                assert set(failed) == expected and len(failed) == len(expected)
+                for response in expected:
+                    del deadlines[response]
+            assert timer._pending == deadlines
+            if deadlines:  # armed no later than the earliest deadline left
+                assert timer._timer is not None and timer._armed_at <= min(deadlines.values())
+            assert len(timer._heap) <= 2 * len(deadlines) + 64 + 1
