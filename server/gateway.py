@@ -874,17 +874,23 @@ class _TraceScope:
         gateway = self._gateway
         record = gateway.new_trace(self._request, self._actor, self._target, self._payload, self._config_key)
         started = time.perf_counter()
-        span_scope = gateway.span(self._kind, self._request.llm_config, self._target)
-        span = span_scope.__enter__()
+        # Without a tracer (no exporter configured: the usual setup) there is no span, and no
+        # nullcontext to make, enter and leave on every call.
+        span_scope = None
+        span = None
+        if gateway.deps.tracer is not None:
+            span_scope = gateway.span(self._kind, self._request.llm_config, self._target)
+            span = span_scope.__enter__()
         self._span_scope = span_scope
-        self._call = TracedCall(record, span, started, meter=gateway.deps.meter)
+        # Positionally (record, span, started, partial, meter): keywords cost more on every call.
+        self._call = TracedCall(record, span, started, None, gateway.deps.meter)
         return self._call
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         call, span_scope = self._call, self._span_scope
-        assert call is not None and span_scope is not None
+        assert call is not None
         record, gateway = call.record, self._gateway
         if self._via is not None:
             # Route, deployment and the call's attempts so far; a stream's first event overdue
@@ -910,4 +916,5 @@ class _TraceScope:
                     gateway.deps.redactor.redact_error(exc)
                 gateway.finish_trace(record, call.started, exc, self._in_flight)
         finally:
-            span_scope.__exit__(exc_type, exc, tb)  # the exception, if any, goes on
+            if span_scope is not None:  # None: no tracer, no span
+                span_scope.__exit__(exc_type, exc, tb)  # the exception, if any, goes on
