@@ -316,6 +316,9 @@ class Gateway:
         config = request.llm_config
         trace = request.trace
         endpoint_type = config.model_endpoint_type
+        # A slice, not list(): the repeated field iterates by index until IndexError (a raised
+        # exception per call, even with no tags, the usual case).
+        tags = trace.tags
         # The first fields positionally, in TraceRecord's order (keywords matched by name cost
         # ~40% more of this call); test_new_trace_fills_every_field checks each one.
         return TraceRecord(
@@ -325,7 +328,7 @@ class Gateway:
             request.user_id or actor.user_id,  # user_id
             trace.step_id,
             trace.agent_id,
-            list(trace.tags),  # agent_tags
+            tags[:] if tags else [],  # agent_tags: a list of its own
             trace.run_id,
             trace.call_type or "agent_step",
             target.provider if target else endpoint_type,  # provider

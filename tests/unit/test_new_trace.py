@@ -84,3 +84,17 @@ def test_new_trace_defaults_without_a_target_a_user_or_a_call_type() -> None:
     assert (record.user_id, record.call_type, record.provider) == ("", "agent_step", "type-t")
     assert (record.is_byok, record.owner, record.request_json) == (False, "key:key-k", "{}")
     assert (record.response_json, record.notes, record.cost_usd) == ("", [], None)
+
+
+def test_new_trace_tags_are_a_list_of_their_own() -> None:
+    """With tags and without (the usual case): a plain list, never the request's field."""
+    actor = Actor(organization_id="org-o")
+    request = _request()
+    record = _gateway().new_trace(request, actor, None, b"{}")
+    assert type(record.agent_tags) is list and record.agent_tags == ["t1", "t2"]
+    record.agent_tags.append("t3")
+    assert list(request.trace.tags) == ["t1", "t2"]
+    del request.trace.tags[:]
+    empty = _gateway().new_trace(request, actor, None, b"{}")
+    assert type(empty.agent_tags) is list and empty.agent_tags == []
+    assert empty.agent_tags is not _gateway().new_trace(request, actor, None, b"{}").agent_tags
