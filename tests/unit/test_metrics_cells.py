@@ -81,3 +81,53 @@ def test_multiprocess_scrape_sums_each_workers_flushed_cells(tmp_path: Path) -> 
     )
     assert count in text
     assert count.replace("_count{", "_bucket{").replace('="m"}', '="m",le="0.16"}') in text
+
+
+def _requests(rpc: str, model: str, code: str) -> float:
+    metrics.flush()
+    for family in metrics.REQUESTS.collect():
+        for sample in family.samples:
+            labels = sample.labels
+            if sample.name.endswith("_total") and (labels["rpc"], labels["model"], labels["code"]) == (
+                rpc,
+                model,
+                code,
+            ):
+                return sample.value
+    return 0.0
+
+
+class _Failed:
+    def code(self) -> object:
+        import grpc
+
+        return grpc.StatusCode.UNAVAILABLE
+
+
+def test_request_scope_counts_as_record_request_does_cached_or_not() -> None:
+    """RequestScope adds to a cached cell itself and leaves the rest to record_request: the first
+    call of a label set (not cached yet), the later ones (cached), a failed call, and a model
+    folded into `other` all count once each, under the labels record_request gives them."""
+    rpc = "ScopeCountsTest"
+    before = _requests(rpc, "scope-model", "OK")
+    for _ in range(3):
+        with metrics.RequestScope(rpc, "unary", None) as scope:
+            scope.endpoint_type, scope.model = "openai", "scope-model"
+    assert _requests(rpc, "scope-model", "OK") == before + 3
+    assert (rpc, "openai", "scope-model", "OK") in metrics._request_cells  # noqa: SLF001 - the inline path ran
+    failed_before = _requests(rpc, "scope-model", "UNAVAILABLE")
+    for _ in range(2):
+        try:
+            with metrics.RequestScope(rpc, "unary", _Failed()) as scope:
+                scope.endpoint_type, scope.model = "openai", "scope-model"
+                raise RuntimeError("failed")
+        except RuntimeError:
+            pass
+    assert _requests(rpc, "scope-model", "UNAVAILABLE") == failed_before + 2
+    too_long = "x" * 500  # too long for a label: counted as `other`, cached by its raw value
+    other_before = _requests(rpc, metrics.OTHER, "OK")
+    for _ in range(2):
+        with metrics.RequestScope(rpc, "unary", None) as scope:
+            scope.endpoint_type, scope.model = "openai", too_long
+    assert _requests(rpc, metrics.OTHER, "OK") == other_before + 2
+    assert metrics._in_flight_cell("unary").value == 0  # noqa: SLF001 - every scope left the gauge

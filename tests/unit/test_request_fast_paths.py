@@ -96,6 +96,13 @@ def test_parse_without_timestamps_decodes_and_with_them_still_checks() -> None:
     assert parse(traces_pb2.ListProviderTracesRequest, good.SerializeToString()) == good
 
 
+def test_parse_names_the_message_type_of_undecodable_bytes() -> None:
+    # The type's name is read only on this path (not on every call).
+    with pytest.raises(InvalidRequest, match="not a valid llmgateway.v1.CreateRequest") as raised:
+        parse(chat_pb2.CreateRequest, b"\xff\xff\xff")
+    assert raised.value.metadata == {"message_type": "llmgateway.v1.CreateRequest", "bytes": "3"}
+
+
 def _fields(request: chat_pb2.CreateRequest) -> list[str]:
     try:
         validation.validate_request(request)
