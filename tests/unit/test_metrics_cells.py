@@ -131,3 +131,44 @@ def test_request_scope_counts_as_record_request_does_cached_or_not() -> None:
             scope.endpoint_type, scope.model = "openai", too_long
     assert _requests(rpc, metrics.OTHER, "OK") == other_before + 2
     assert metrics._in_flight_cell("unary").value == 0  # noqa: SLF001 - every scope left the gauge
+
+
+def test_token_counts_land_where_prometheus_puts_them() -> None:
+    """record_trace observes token counts as floats: on every bucket bound, either side of it, and
+    at int32's ends, the buckets and the sum equal prometheus_client's own Histogram fed ints."""
+    from datetime import UTC, datetime
+
+    from server.traces.base import TraceRecord
+
+    counts = [0, 2**31 - 1]
+    for bound in metrics.TOKEN_BUCKETS:
+        counts += [bound - 1, bound, bound + 1]
+    registry = CollectorRegistry()
+    direct = Histogram("d", "d", ["x"], buckets=metrics.TOKEN_BUCKETS, registry=registry)
+    model = "token-bucket-test-model"
+    for count in counts:
+        direct.labels("a").observe(count)
+        record = TraceRecord(
+            id="t", created_at=datetime.now(UTC), model=model, model_endpoint_type="openai",
+            prompt_tokens=count, completion_tokens=count,
+        )  # fmt: skip
+        metrics.record_trace(record)
+    metrics.flush()
+
+    def samples(metric: Histogram, prefix: str, **labels: str) -> dict[tuple[str, str], float]:
+        return {
+            (s.name.removeprefix(prefix), s.labels.get("le", "")): s.value
+            for s in metric.collect()[0].samples
+            if all(s.labels.get(k) == v for k, v in labels.items()) and not s.name.endswith("_created")
+        }
+
+    expected = samples(direct, "d", x="a")
+    assert expected[("_count", "")] == len(counts)
+    for token_type in ("input", "output"):
+        got = samples(
+            metrics.TOKEN_USAGE,
+            "gen_ai_client_token_usage",
+            gen_ai_request_model=model,
+            gen_ai_token_type=token_type,
+        )
+        assert got == expected, token_type
