@@ -387,13 +387,15 @@ class Gateway:
     ) -> None:
         """Complete the record and queue it; `in_flight` says why a cancelled call was cancelled."""
         record.latency_ms = (time.perf_counter() - started) * 1000.0
-        if isinstance(error, GatewayError):
+        if error is None:  # the usual case first: no isinstance tests (nor a union type made)
+            pass
+        elif isinstance(error, GatewayError):
             record.error_type = error.reason
             record.error_message = self.deps.scrub(error.message)
         elif isinstance(error, asyncio.CancelledError | GeneratorExit):
             # The caller cancelling, its deadline passing and shutdown all arrive as a cancellation.
             record.error_type, record.error_message = cancel_cause(in_flight or current_call())
-        elif error is not None:
+        else:
             record.error_type = type(error).__name__
             record.error_message = self.deps.scrub(str(error))
         # The answer (and a huge request) scrubbed, in the offload pool when huge, then queued.
@@ -904,8 +906,9 @@ class _TraceScope:
             exc_type = type(exc) if exc is not None else None
         try:
             if exc is None:
-                if call.completion is not None:
-                    record_success(record, call.span, call.completion)
+                completion = call.completion  # a property: read once
+                if completion is not None:
+                    record_success(record, call.span, completion)
                 gateway.finish_trace(record, call.started, None)
             else:
                 if call.partial is not None and not record.response_json:
