@@ -98,3 +98,41 @@ def test_new_trace_tags_are_a_list_of_their_own() -> None:
     empty = _gateway().new_trace(request, actor, None, b"{}")
     assert type(empty.agent_tags) is list and empty.agent_tags == []
     assert empty.agent_tags is not _gateway().new_trace(request, actor, None, b"{}").agent_tags
+
+
+class _Sink:
+    def __init__(self) -> None:
+        self.records: list[TraceRecord] = []
+
+    def enqueue(self, record: TraceRecord) -> None:
+        self.records.append(record)
+
+    def enqueue_after(self, record: TraceRecord, ready: Any) -> None:
+        raise AssertionError("small traces are queued at once")
+
+
+def test_finish_trace_records_each_kind_of_ending() -> None:
+    """No error (tested first), a GatewayError, a cancellation, GeneratorExit and any other
+    exception: each sets the error fields it always did, scrubbed, and queues the trace."""
+    import asyncio
+
+    from server.errors import UpstreamUnavailable
+    from server.inflight import CANCELLED_BY_CALLER
+
+    sink = _Sink()
+    gateway = _gateway()
+    gateway.deps.traces = sink
+    actor = Actor(organization_id="org-o")
+    endings: list[tuple[BaseException | None, tuple[str, str]]] = [
+        (None, ("", "")),
+        (UpstreamUnavailable("down: sk-secret"), ("UPSTREAM_UNAVAILABLE", "down: [REDACTED]")),
+        (asyncio.CancelledError(), CANCELLED_BY_CALLER),
+        (GeneratorExit(), CANCELLED_BY_CALLER),
+        (ValueError("bad sk-secret"), ("ValueError", "bad [REDACTED]")),
+    ]
+    for error, (error_type, error_message) in endings:
+        record = gateway.new_trace(_request(), actor, None, b"{}")
+        gateway.finish_trace(record, 0.0, error)
+        assert sink.records[-1] is record
+        assert (record.error_type, record.error_message) == (error_type, error_message), error
+        assert record.latency_ms > 0
