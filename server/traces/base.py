@@ -111,6 +111,8 @@ MAX_TRACE_NOTE_CHARS = 200
 
 def trace_notes(notes: Sequence[str], scrub: Callable[[str], str]) -> list[str]:
     """`notes` bounded in number and length and scrubbed of keys, as a trace stores them."""
+    if not notes:  # the usual case: no slice and no comprehension to run
+        return []
     return [scrub(note)[:MAX_TRACE_NOTE_CHARS] for note in notes[:MAX_TRACE_NOTES]]
 
 

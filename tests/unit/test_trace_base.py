@@ -258,3 +258,14 @@ def test_sqlite_rows_hold_tags_and_notes_as_json_lists() -> None:
     record.agent_tags, record.notes = ["a", "b\u00e9"], ["temperature"]
     row = _to_row(record)
     assert (row[_TAGS], row[_NOTES]) == ('["a","b\u00e9"]', '["temperature"]')
+
+
+def test_trace_notes_without_notes_is_a_fresh_empty_list() -> None:
+    from server.traces.base import trace_notes
+
+    def scrub(text: str) -> str:
+        raise AssertionError("nothing to scrub")
+
+    first, second = trace_notes([], scrub), trace_notes((), scrub)
+    assert first == second == [] and type(first) is list and first is not second
+    assert trace_notes(["a sk-x"], lambda text: text.replace("sk-x", "[REDACTED]")) == ["a [REDACTED]"]
