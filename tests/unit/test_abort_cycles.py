@@ -195,3 +195,31 @@ async def test_create_fails_as_run_unary_does() -> None:
     )
     await _aborted(servicer.create(b"", cast(Any, aborted)))
     assert aborted.aborts == []  # re-raised as it is, never aborted again
+
+
+class _RemainingContext(_RecordingContext):
+    def __init__(self, remaining: float | None) -> None:
+        super().__init__()
+        self.remaining = remaining
+
+    def time_remaining(self) -> float | None:
+        return self.remaining
+
+
+async def test_create_maps_a_timeout_as_run_unary_does_by_the_callers_deadline() -> None:
+    """A TimeoutError is mapped by the context's deadline: DEADLINE_EXCEEDED once it passed,
+    else INTERNAL_TIMEOUT naming the operation (the innermost frame, here the authenticator's).
+    Create must hand map_exception its context, as run_unary does."""
+    for remaining, code in ((-1.0, grpc.StatusCode.DEADLINE_EXCEEDED), (None, grpc.StatusCode.UNAVAILABLE)):
+        auth = _RaisingAuth(TimeoutError())
+        direct, reference = _RemainingContext(remaining), _RemainingContext(remaining)
+        servicer = ChatCompletionServicer(cast(Gateway, None), cast(Authenticator, auth))
+        await _aborted(servicer.create(b"", cast(Any, direct)))
+
+        async def call(auth: _RaisingAuth = auth, context: Any = reference) -> None:
+            await auth.actor_for(context)  # the same innermost frame as Create's
+
+        call.__qualname__ = "ChatCompletionServicer.create.<locals>.call"  # as the closure was
+        await _aborted(run_unary(cast(Any, reference), call))
+        assert direct.aborts == reference.aborts and len(direct.aborts) == 1, remaining
+        assert direct.aborts[0][0] == code, direct.aborts
