@@ -23,9 +23,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from server.traces.usage import UsageQuery, UsageTotals
 
-_VERSION_7 = 0x7 << 76
-_VARIANT_RFC = 0b10 << 62
-_LOW_62 = (1 << 62) - 1
+_TRACE_ID = "provider_trace-%08x-%04x-%04x-%04x-%012x"
 
 
 def new_trace_id() -> str:
@@ -38,9 +36,18 @@ def new_trace_id() -> str:
     """
     bits = random.getrandbits(74)
     millis = time.time_ns() // 1_000_000
-    value = millis << 80 | _VERSION_7 | (bits >> 62) << 64 | _VARIANT_RFC | bits & _LOW_62
-    h = f"{value:032x}"
-    return f"provider_trace-{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+    # The five groups of the UUID formatted at once, each from its own bits: the 128-bit value
+    # formatted whole and then cut into five slices cost twice as many instructions. Groups:
+    # 48 bits of milliseconds (8 + 4 hex digits), version 7 and 12 random bits, the RFC variant
+    # (binary 10) and 14 random bits, the last 48 random bits (test_trace_base checks the layout
+    # against the value built whole).
+    return _TRACE_ID % (
+        millis >> 16,
+        millis & 0xFFFF,
+        0x7000 | bits >> 62,
+        0x8000 | (bits >> 48) & 0x3FFF,
+        bits & 0xFFFF_FFFF_FFFF,
+    )
 
 
 @dataclass(slots=True)
@@ -104,6 +111,8 @@ MAX_TRACE_NOTE_CHARS = 200
 
 def trace_notes(notes: Sequence[str], scrub: Callable[[str], str]) -> list[str]:
     """`notes` bounded in number and length and scrubbed of keys, as a trace stores them."""
+    if not notes:  # the usual case: no slice and no comprehension to run
+        return []
     return [scrub(note)[:MAX_TRACE_NOTE_CHARS] for note in notes[:MAX_TRACE_NOTES]]
 
 

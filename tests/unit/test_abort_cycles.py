@@ -147,3 +147,79 @@ async def test_a_tracked_stream_failing_after_a_delta_ends_aborted_and_leaves_no
         await _aborted(consume())  # the failure's status, not a stream that ends OK
         assert received == [b"delta"]
         assert errors[0]() is None, "the failed stream's error is kept alive by a cycle"
+
+
+async def test_a_failed_create_leaves_no_cycle() -> None:
+    # Create writes run_unary out (no closure, one coroutine layer fewer): the same care.
+    errors: list[weakref.ref[GatewayError]] = []
+    servicer = ChatCompletionServicer(cast(Gateway, None), cast(Authenticator, _FailingAuth(errors)))
+    with collector_off():
+        await _aborted(servicer.create(b"", cast(Any, _Context())))
+        assert errors[0]() is None, "the failed call's error is kept alive by a cycle"
+
+
+class _RecordingContext(_Context):
+    def __init__(self) -> None:
+        self.aborts: list[tuple[grpc.StatusCode, str, Any]] = []
+
+    async def abort(self, code: grpc.StatusCode, details: str, trailing_metadata: Any) -> None:
+        self.aborts.append((code, details, tuple(trailing_metadata)))
+        raise grpc.aio.AbortError("Locally aborted.")
+
+
+class _RaisingAuth:
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+    async def actor_for(self, context: Any) -> Any:
+        raise self.exc
+
+
+async def test_create_fails_as_run_unary_does() -> None:
+    """Create's written-out `run_unary` aborts with what run_unary gives the same failure: an
+    unexpected one as INTERNAL naming the RPC, a GatewayError as itself; an AbortError goes on."""
+    for exc in (RuntimeError("boom"), UpstreamUnavailable("the upstream failed"), KeyError("k")):
+        direct, reference = _RecordingContext(), _RecordingContext()
+        servicer = ChatCompletionServicer(cast(Gateway, None), cast(Authenticator, _RaisingAuth(exc)))
+        await _aborted(servicer.create(b"", cast(Any, direct)))
+
+        async def call(exc: BaseException = exc) -> None:
+            raise exc
+
+        call.__qualname__ = "ChatCompletionServicer.create.<locals>.call"  # as the closure was
+        await _aborted(run_unary(cast(Any, reference), call))
+        assert direct.aborts == reference.aborts and len(direct.aborts) == 1, exc
+    aborted = _RecordingContext()
+    servicer = ChatCompletionServicer(
+        cast(Gateway, None), cast(Authenticator, _RaisingAuth(grpc.aio.AbortError("already")))
+    )
+    await _aborted(servicer.create(b"", cast(Any, aborted)))
+    assert aborted.aborts == []  # re-raised as it is, never aborted again
+
+
+class _RemainingContext(_RecordingContext):
+    def __init__(self, remaining: float | None) -> None:
+        super().__init__()
+        self.remaining = remaining
+
+    def time_remaining(self) -> float | None:
+        return self.remaining
+
+
+async def test_create_maps_a_timeout_as_run_unary_does_by_the_callers_deadline() -> None:
+    """A TimeoutError is mapped by the context's deadline: DEADLINE_EXCEEDED once it passed,
+    else INTERNAL_TIMEOUT naming the operation (the innermost frame, here the authenticator's).
+    Create must hand map_exception its context, as run_unary does."""
+    for remaining, code in ((-1.0, grpc.StatusCode.DEADLINE_EXCEEDED), (None, grpc.StatusCode.UNAVAILABLE)):
+        auth = _RaisingAuth(TimeoutError())
+        direct, reference = _RemainingContext(remaining), _RemainingContext(remaining)
+        servicer = ChatCompletionServicer(cast(Gateway, None), cast(Authenticator, auth))
+        await _aborted(servicer.create(b"", cast(Any, direct)))
+
+        async def call(auth: _RaisingAuth = auth, context: Any = reference) -> None:
+            await auth.actor_for(context)  # the same innermost frame as Create's
+
+        call.__qualname__ = "ChatCompletionServicer.create.<locals>.call"  # as the closure was
+        await _aborted(run_unary(cast(Any, reference), call))
+        assert direct.aborts == reference.aborts and len(direct.aborts) == 1, remaining
+        assert direct.aborts[0][0] == code, direct.aborts

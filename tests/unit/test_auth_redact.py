@@ -9,6 +9,9 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 
 from server.auth.redact import (
     REDACTED,
@@ -213,3 +216,61 @@ def test_keyword_precheck_changes_nothing(redactor: Redactor, text: str) -> None
     # the one applying every rule gives, in every case spelling.
     assert redactor.redact(text) == _every_rule(redactor, text)
     assert redactor.redact(text.upper()) == _every_rule(redactor, text.upper())
+
+
+def test_the_rules_redact_tests_in_order() -> None:
+    """Redactor.redact writes out each rule's keyword test: these are the rules it was written for
+    (a rule added, reordered or changed makes this fail until redact is changed with it)."""
+    from server.auth import redact
+
+    assert [(r.keywords, r.ignore_case, r.prefilter) for r in redact._RULES] == [
+        (("llmgw_",), False, ""),
+        (("sk-",), False, ""),
+        (("AIza",), False, ""),
+        (("key=", "token=", "auth=", "secret=", "password=", "sig=", "signature="), True, "="),
+        (("authorization", "key"), True, ""),
+        (("bearer",), True, ""),
+    ]
+
+
+# Pieces every rule reacts to (and near misses), in several case spellings; hypothesis joins them.
+_PIECES = [
+    "llmgw_0123456789abcdef_Q1w2E3r4",
+    "llmgw_",
+    "sk-",
+    "sk-abcdefghij0123456789XYZ",
+    "Sk-abcdefghij0123456789XYZ",
+    "AIza0123456789abcdefghijklmnopqrstuv",
+    "aiza0123456789abcdefghijklmnopqrstuv",
+    "?key=abc123secret",
+    "&Token=abc123secret",
+    ";SIG=abcdef0123456",
+    "api_key=",
+    "password=hunter2secret",
+    "=",
+    "Authorization: Bearer abc123secret.xyz",
+    "X-Api-Key: abc123secret",
+    '"api_key": "abc123secret"',
+    "KEY",
+    "key",
+    "bearer abc123secret",
+    "BEARER [REDACTED]",
+    "İ",
+    "ß",
+    " ",
+    "\n",
+    '"',
+    "plain text",
+    SERVER_KEY,
+    BYOK_KEY,
+]
+
+
+@hypothesis_settings(max_examples=400, deadline=None)
+@given(st.lists(st.sampled_from(_PIECES), max_size=8))
+def test_redact_equals_every_rule_applied(pieces: list[str]) -> None:
+    redactor = Redactor([SERVER_KEY])
+    redactor.add(BYOK_KEY)
+    for text in ("".join(pieces), " ".join(pieces)):
+        assert redactor.redact(text) == _every_rule(redactor, text)
+        assert redactor.redact(text.upper()) == _every_rule(redactor, text.upper())

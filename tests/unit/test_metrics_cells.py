@@ -81,3 +81,94 @@ def test_multiprocess_scrape_sums_each_workers_flushed_cells(tmp_path: Path) -> 
     )
     assert count in text
     assert count.replace("_count{", "_bucket{").replace('="m"}', '="m",le="0.16"}') in text
+
+
+def _requests(rpc: str, model: str, code: str) -> float:
+    metrics.flush()
+    for family in metrics.REQUESTS.collect():
+        for sample in family.samples:
+            labels = sample.labels
+            if sample.name.endswith("_total") and (labels["rpc"], labels["model"], labels["code"]) == (
+                rpc,
+                model,
+                code,
+            ):
+                return sample.value
+    return 0.0
+
+
+class _Failed:
+    def code(self) -> object:
+        import grpc
+
+        return grpc.StatusCode.UNAVAILABLE
+
+
+def test_request_scope_counts_as_record_request_does_cached_or_not() -> None:
+    """RequestScope adds to a cached cell itself and leaves the rest to record_request: the first
+    call of a label set (not cached yet), the later ones (cached), a failed call, and a model
+    folded into `other` all count once each, under the labels record_request gives them."""
+    rpc = "ScopeCountsTest"
+    before = _requests(rpc, "scope-model", "OK")
+    for _ in range(3):
+        with metrics.RequestScope(rpc, "unary", None) as scope:
+            scope.endpoint_type, scope.model = "openai", "scope-model"
+    assert _requests(rpc, "scope-model", "OK") == before + 3
+    assert (rpc, "openai", "scope-model", "OK") in metrics._request_cells  # noqa: SLF001 - the inline path ran
+    failed_before = _requests(rpc, "scope-model", "UNAVAILABLE")
+    for _ in range(2):
+        try:
+            with metrics.RequestScope(rpc, "unary", _Failed()) as scope:
+                scope.endpoint_type, scope.model = "openai", "scope-model"
+                raise RuntimeError("failed")
+        except RuntimeError:
+            pass
+    assert _requests(rpc, "scope-model", "UNAVAILABLE") == failed_before + 2
+    too_long = "x" * 500  # too long for a label: counted as `other`, cached by its raw value
+    other_before = _requests(rpc, metrics.OTHER, "OK")
+    for _ in range(2):
+        with metrics.RequestScope(rpc, "unary", None) as scope:
+            scope.endpoint_type, scope.model = "openai", too_long
+    assert _requests(rpc, metrics.OTHER, "OK") == other_before + 2
+    assert metrics._in_flight_cell("unary").value == 0  # noqa: SLF001 - every scope left the gauge
+
+
+def test_token_counts_land_where_prometheus_puts_them() -> None:
+    """record_trace observes token counts as floats: on every bucket bound, either side of it, and
+    at int32's ends, the buckets and the sum equal prometheus_client's own Histogram fed ints."""
+    from datetime import UTC, datetime
+
+    from server.traces.base import TraceRecord
+
+    counts = [0, 2**31 - 1]
+    for bound in metrics.TOKEN_BUCKETS:
+        counts += [bound - 1, bound, bound + 1]
+    registry = CollectorRegistry()
+    direct = Histogram("d", "d", ["x"], buckets=metrics.TOKEN_BUCKETS, registry=registry)
+    model = "token-bucket-test-model"
+    for count in counts:
+        direct.labels("a").observe(count)
+        record = TraceRecord(
+            id="t", created_at=datetime.now(UTC), model=model, model_endpoint_type="openai",
+            prompt_tokens=count, completion_tokens=count,
+        )  # fmt: skip
+        metrics.record_trace(record)
+    metrics.flush()
+
+    def samples(metric: Histogram, prefix: str, **labels: str) -> dict[tuple[str, str], float]:
+        return {
+            (s.name.removeprefix(prefix), s.labels.get("le", "")): s.value
+            for s in metric.collect()[0].samples
+            if all(s.labels.get(k) == v for k, v in labels.items()) and not s.name.endswith("_created")
+        }
+
+    expected = samples(direct, "d", x="a")
+    assert expected[("_count", "")] == len(counts)
+    for token_type in ("input", "output"):
+        got = samples(
+            metrics.TOKEN_USAGE,
+            "gen_ai_client_token_usage",
+            gen_ai_request_model=model,
+            gen_ai_token_type=token_type,
+        )
+        assert got == expected, token_type

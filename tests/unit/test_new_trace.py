@@ -8,6 +8,7 @@ from dataclasses import fields
 from datetime import UTC, datetime
 from typing import Any, cast
 
+import pytest
 from llmgateway.v1 import chat_pb2
 
 from server.auth.actor import Actor
@@ -84,3 +85,110 @@ def test_new_trace_defaults_without_a_target_a_user_or_a_call_type() -> None:
     assert (record.user_id, record.call_type, record.provider) == ("", "agent_step", "type-t")
     assert (record.is_byok, record.owner, record.request_json) == (False, "key:key-k", "{}")
     assert (record.response_json, record.notes, record.cost_usd) == ("", [], None)
+
+
+def test_new_trace_tags_are_a_list_of_their_own() -> None:
+    """With tags and without (the usual case): a plain list, never the request's field."""
+    actor = Actor(organization_id="org-o")
+    request = _request()
+    record = _gateway().new_trace(request, actor, None, b"{}")
+    assert type(record.agent_tags) is list and record.agent_tags == ["t1", "t2"]
+    record.agent_tags.append("t3")
+    assert list(request.trace.tags) == ["t1", "t2"]
+    del request.trace.tags[:]
+    empty = _gateway().new_trace(request, actor, None, b"{}")
+    assert type(empty.agent_tags) is list and empty.agent_tags == []
+    assert empty.agent_tags is not _gateway().new_trace(request, actor, None, b"{}").agent_tags
+
+
+class _Sink:
+    def __init__(self) -> None:
+        self.records: list[TraceRecord] = []
+
+    def enqueue(self, record: TraceRecord) -> None:
+        self.records.append(record)
+
+    def enqueue_after(self, record: TraceRecord, ready: Any) -> None:
+        raise AssertionError("small traces are queued at once")
+
+
+def test_finish_trace_records_each_kind_of_ending() -> None:
+    """No error (tested first), a GatewayError, a cancellation, GeneratorExit and any other
+    exception: each sets the error fields it always did, scrubbed, and queues the trace."""
+    import asyncio
+
+    from server.errors import UpstreamUnavailable
+    from server.inflight import CANCELLED_BY_CALLER
+
+    sink = _Sink()
+    gateway = _gateway()
+    gateway.deps.traces = sink
+    actor = Actor(organization_id="org-o")
+    endings: list[tuple[BaseException | None, tuple[str, str]]] = [
+        (None, ("", "")),
+        (UpstreamUnavailable("down: sk-secret"), ("UPSTREAM_UNAVAILABLE", "down: [REDACTED]")),
+        (asyncio.CancelledError(), CANCELLED_BY_CALLER),
+        (GeneratorExit(), CANCELLED_BY_CALLER),
+        (ValueError("bad sk-secret"), ("ValueError", "bad [REDACTED]")),
+    ]
+    for error, (error_type, error_message) in endings:
+        record = gateway.new_trace(_request(), actor, None, b"{}")
+        gateway.finish_trace(record, 0.0, error)
+        assert sink.records[-1] is record
+        assert (record.error_type, record.error_message) == (error_type, error_message), error
+        assert record.latency_ms > 0
+
+
+def test_traced_call_with_and_without_a_tracer() -> None:
+    """_TraceScope makes a span only when a tracer is configured: without one the call has no
+    span (and the trace is queued all the same); with one, the span is entered for the call,
+    ended with it, carries the usage of a success, and records a failure only once the error
+    was scrubbed."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from opentelemetry.trace import StatusCode, get_current_span
+
+    from server.auth.redact import Redactor
+    from server.errors import UpstreamUnavailable
+
+    secret = "sk-" + "s3cr3t" * 5
+    redactor = Redactor()
+    sink = _Sink()
+    gateway = _gateway()
+    gateway.deps.traces, gateway.deps.redactor, gateway.deps.scrub = sink, redactor, redactor.redact
+    actor = Actor(organization_id="org-o")
+    target = UpstreamTarget(base_url="http://x", headers={}, provider="provider-p")
+    completion = chat_pb2.ChatCompletion(
+        id="c-1", model="model-m", usage=chat_pb2.Usage(prompt_tokens=3, completion_tokens=4)
+    )
+
+    with gateway.traced_call(_request(), actor, target, b"{}", "unary") as call:
+        assert call.span is None
+        call.completion = completion
+    assert sink.records[-1].prompt_tokens == 3 and sink.records[-1].error_type == ""
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    gateway.deps.tracer = provider.get_tracer("test")
+    with gateway.traced_call(_request(), actor, target, b"{}", "unary") as call:
+        assert call.span is not None and get_current_span() is call.span
+        call.completion = completion
+    assert not get_current_span().get_span_context().is_valid  # left: no span current after it
+    (span,) = exporter.get_finished_spans()
+    assert span.name == "chat model-m" and span.attributes is not None
+    usage = (span.attributes["gen_ai.usage.input_tokens"], span.attributes["gen_ai.usage.output_tokens"])
+    assert usage == (3, 4)
+    assert sink.records[-1].prompt_tokens == 3
+
+    exporter.clear()
+    with pytest.raises(UpstreamUnavailable):
+        with gateway.traced_call(_request(), actor, target, b"{}", "unary"):
+            raise UpstreamUnavailable(f"down: {secret}")
+    (failed,) = exporter.get_finished_spans()
+    assert failed.status.status_code is StatusCode.ERROR
+    assert secret not in repr([(e.name, dict(e.attributes or {})) for e in failed.events])
+    assert secret not in (failed.status.description or "")
+    assert sink.records[-1].error_type == "UPSTREAM_UNAVAILABLE"
+    assert secret not in sink.records[-1].error_message

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from google.protobuf import struct_pb2
@@ -94,6 +94,13 @@ def test_parse_without_timestamps_decodes_and_with_them_still_checks() -> None:
     good = traces_pb2.ListProviderTracesRequest()
     good.start_time.seconds = 1_700_000_000
     assert parse(traces_pb2.ListProviderTracesRequest, good.SerializeToString()) == good
+
+
+def test_parse_names_the_message_type_of_undecodable_bytes() -> None:
+    # The type's name is read only on this path (not on every call).
+    with pytest.raises(InvalidRequest, match="not a valid llmgateway.v1.CreateRequest") as raised:
+        parse(chat_pb2.CreateRequest, b"\xff\xff\xff")
+    assert raised.value.metadata == {"message_type": "llmgateway.v1.CreateRequest", "bytes": "3"}
 
 
 def _fields(request: chat_pb2.CreateRequest) -> list[str]:
@@ -208,3 +215,25 @@ def _varint(value: int) -> bytes:
         value >>= 7
     out.append(value)
     return bytes(out)
+
+
+def test_deadline_of_equals_deadline_after_with_or_without_a_deadline() -> None:
+    import time
+
+    from server.api.context import deadline_of
+    from server.core.retry import Deadline
+
+    class _Ctx:
+        def __init__(self, remaining: float | None) -> None:
+            self.remaining = remaining
+
+        def time_remaining(self) -> float | None:
+            return self.remaining
+
+    for remaining in (None, 10.0**9, 10**8 + 1):  # none, and grpc's "infinite"
+        deadline = deadline_of(cast(Any, _Ctx(remaining)))
+        assert deadline == Deadline.after(None) and deadline.at is None and deadline.remaining() is None
+    before = time.monotonic()
+    for remaining in (5.0, 10.0**8, 0.0, -1.0):
+        at = deadline_of(cast(Any, _Ctx(remaining))).at
+        assert at is not None and before + remaining <= at <= time.monotonic() + remaining

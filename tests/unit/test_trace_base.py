@@ -154,6 +154,43 @@ def test_trace_ids_are_time_ordered_version_7_uuids() -> None:
     assert all(later > trace_id for trace_id in ids)  # a later millisecond sorts after
 
 
+def _reference_trace_id(millis: int, bits: int) -> str:
+    """`new_trace_id` as first written: the 128-bit value built whole, formatted, then cut."""
+    value = millis << 80 | 0x7 << 76 | (bits >> 62) << 64 | 0b10 << 62 | bits & ((1 << 62) - 1)
+    h = f"{value:032x}"
+    return f"provider_trace-{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+@given(millis=st.integers(0, (1 << 48) - 1), bits=st.integers(0, (1 << 74) - 1))
+def test_trace_id_groups_are_the_value_built_whole(millis: int, bits: int) -> None:
+    import random
+    import time
+
+    from server.traces import base
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(random, "getrandbits", lambda k: bits if k == 74 else pytest.fail(f"{k} bits"))
+        patch.setattr(time, "time_ns", lambda: millis * 1_000_000 + 999_999)
+        assert base.new_trace_id() == _reference_trace_id(millis, bits)
+
+
+def test_trace_id_groups_at_every_bit_edge() -> None:
+    """Each group's edges: all ones, all zeros and a single bit on either side of each boundary."""
+    import random
+    import time
+
+    from server.traces import base
+
+    millis_cases = [0, (1 << 48) - 1, 1 << 15, 1 << 16, (1 << 16) - 1, 1 << 47, 1_796_000_000_000]
+    bits_cases = [0, (1 << 74) - 1, 1 << 47, 1 << 48, 1 << 61, 1 << 62, 1 << 73, (1 << 62) - 1]
+    for millis in millis_cases:
+        for bits in bits_cases:
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setattr(random, "getrandbits", lambda k, bits=bits: bits)
+                patch.setattr(time, "time_ns", lambda millis=millis: millis * 1_000_000)
+                assert base.new_trace_id() == _reference_trace_id(millis, bits), (millis, bits)
+
+
 def _reference_size(record: TraceRecord) -> int:
     """`record_size` as first written: 512 plus each text's bound (len if ASCII, else 4 x len)."""
 
@@ -221,3 +258,14 @@ def test_sqlite_rows_hold_tags_and_notes_as_json_lists() -> None:
     record.agent_tags, record.notes = ["a", "b\u00e9"], ["temperature"]
     row = _to_row(record)
     assert (row[_TAGS], row[_NOTES]) == ('["a","b\u00e9"]', '["temperature"]')
+
+
+def test_trace_notes_without_notes_is_a_fresh_empty_list() -> None:
+    from server.traces.base import trace_notes
+
+    def scrub(text: str) -> str:
+        raise AssertionError("nothing to scrub")
+
+    first, second = trace_notes([], scrub), trace_notes((), scrub)
+    assert first == second == [] and type(first) is list and first is not second
+    assert trace_notes(["a sk-x"], lambda text: text.replace("sk-x", "[REDACTED]")) == ["a [REDACTED]"]
