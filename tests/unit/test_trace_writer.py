@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 
 import pytest
 
+from server.traces import writer as writer_module
 from server.traces.base import TraceBackend, TraceRecord, new_trace_id
 from server.traces.writer import TraceWriter, WriterRetry
 
@@ -327,3 +328,73 @@ async def test_close_gives_up_on_a_hanging_threaded_backend_at_the_deadline() ->
     assert writer.stats_for("threaded").dropped == 10 and writer.stats_for("threaded").written == 0
     assert hanging.hang is not None
     hanging.hang.set()
+
+
+# --- the threaded lane's write interval (THREAD_WRITE_INTERVAL) ---
+
+
+async def _wait_for(predicate: object, timeout: float = 5.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():  # type: ignore[operator]
+        assert loop.time() < deadline, "timed out"
+        await asyncio.sleep(0.005)
+
+
+async def test_threaded_lane_writes_the_first_trace_after_a_quiet_spell_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # An interval far longer than the test: only "at once" can pass it, and only the interval
+    # (not a fixed linger before every batch) keeps the traces after it waiting.
+    monkeypatch.setattr(writer_module, "THREAD_WRITE_INTERVAL", 30.0)
+    backend = ThreadedBackend()
+    writer = TraceWriter([backend])
+    await writer.start()
+    writer.enqueue(make_record(0))
+    await _wait_for(lambda: backend.batches == [1])
+    for i in range(1, 20):  # within the interval of the first write: they gather
+        writer.enqueue(make_record(i))
+    await asyncio.sleep(0.2)
+    assert backend.batches == [1]
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    await writer.flush(timeout=5)  # flush does not wait out the interval
+    assert loop.time() - began < 5
+    assert backend.batches == [1, 19]
+    writer.enqueue(make_record(20))
+    began = loop.time()
+    await writer.close(timeout=5)  # nor does close
+    assert loop.time() - began < 5
+    assert backend.batches == [1, 19, 1] and writer.stats_for("threaded").written == 21
+
+
+async def test_threaded_lane_under_load_writes_one_batch_per_interval(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(writer_module, "THREAD_WRITE_INTERVAL", 3.0)
+    backend = ThreadedBackend()
+    writer = TraceWriter([backend])
+    await writer.start()
+    for i in range(40):  # 40 traces over ~0.2 s: the first at once, the rest in one batch
+        writer.enqueue(make_record(i))
+        await asyncio.sleep(0.005)
+    await _wait_for(lambda: sum(backend.batches) == 40)
+    assert backend.batches == [1, 39]
+    await writer.close(timeout=5)
+
+
+async def test_threaded_lane_writes_a_full_batch_without_waiting(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(writer_module, "THREAD_WRITE_INTERVAL", 30.0)
+    backend = ThreadedBackend()
+    writer = TraceWriter([backend], batch_size=10)
+    await writer.start()
+    writer.enqueue(make_record(0))
+    await _wait_for(lambda: backend.batches == [1])
+    for i in range(1, 4):
+        writer.enqueue(make_record(i))
+    await asyncio.sleep(0.2)  # the thread now waits out the interval for these three
+    for i in range(4, 31):
+        writer.enqueue(make_record(i))
+    await _wait_for(lambda: sum(backend.batches) == 31)  # a full batch, then the rest: at once
+    assert backend.batches[:2] == [1, 10]
+    await writer.close(timeout=5)
