@@ -54,7 +54,7 @@ log = logging.getLogger(__name__)
 # commit's WAL frames, the leaf pages of the eight indexes, the checkpoint copying them) falls
 # with the batch: on this machine at 1,200 traces/s, 85-88 us of process CPU per trace with a
 # 20 ms linger (~25 a batch), 51-62 at 100 ms, 48-50 at 200 ms (user and system time of the
-# enqueue, the writer and its checkpointer). `flush()` and `close()` cut the wait short.
+# enqueue, the writer and its checkpointer). A full batch, `flush()` and `close()` do not wait.
 THREAD_WRITE_INTERVAL = 0.1
 # Per lane: what a slow store may pin in memory (LLMGW_TRACE_QUEUE_BYTES), and the most one
 # batch carries (a COPY, an INSERT body, a transaction), whatever the count bounds allow.
@@ -250,8 +250,12 @@ class _ThreadedLane(_Lane):
         self.lock = threading.Lock()
         self.thread_wake = threading.Event()
         self.thread_stop = threading.Event()  # set when close() gives up on the lane
-        # Set by flush() and close(): write what is queued now, without waiting for more.
+        # Wakes the thread from its wait for the interval: set when a batch is full, and by
+        # flush(), close() and abandon(). Only a wake-up: the thread clears it before it decides
+        # to wait, then checks again (`_batch_due`), so neither a lost set nor a stale one (a
+        # full batch already taken) changes what it does.
         self.thread_hurry = threading.Event()
+        self.flushes = 0  # flush() calls waiting for this lane (the loop's): no waiting meanwhile
         self.last_write = -THREAD_WRITE_INTERVAL  # monotonic start of the latest batch write
         self.sleeping = False
         self.abandoned = False
@@ -289,9 +293,13 @@ class _ThreadedLane(_Lane):
         self.thread_hurry.set()
         self.thread_wake.set()
 
-    def hurry(self) -> None:
-        """Write what is queued without waiting for the interval (flush)."""
+    def begin_flush(self) -> None:
+        """Write what is queued without waiting for the interval, until `end_flush` (flush)."""
+        self.flushes += 1
         self.thread_hurry.set()
+
+    def end_flush(self) -> None:
+        self.flushes -= 1
 
     def snapshot(self) -> BackendStats:
         s = self.stats
@@ -359,12 +367,14 @@ class _ThreadedLane(_Lane):
         queue = self.queue
         try:
             while True:
-                if queue and len(queue) < self.batch_size and not self.closing:
+                if queue and not self._batch_due():
                     # Let a batch gather (THREAD_WRITE_INTERVAL): a small transaction costs
                     # several times the CPU per trace of a large one.
                     wait = self.last_write + THREAD_WRITE_INTERVAL - time.monotonic()
                     if wait > 0:
-                        self.thread_hurry.wait(wait)
+                        self.thread_hurry.clear()
+                        if not self._batch_due():  # else it came between the check and the clear
+                            self.thread_hurry.wait(wait)
                 with self.lock:
                     if self.abandoned:
                         return
@@ -377,8 +387,6 @@ class _ThreadedLane(_Lane):
                     continue
                 if self.closing:
                     return
-                # Nothing queued: a flush that asked to hurry has what it waited for.
-                self.thread_hurry.clear()
                 # Going to sleep: tell the loop (flush waits for it), then wait for a push.
                 self._call_on_loop(self._check_idle)
                 self.thread_wake.clear()
@@ -392,6 +400,11 @@ class _ThreadedLane(_Lane):
             raise
         finally:
             self._call_on_loop(finished)
+
+    def _batch_due(self) -> bool:
+        """Whether the thread writes what is queued now, without waiting for the interval: a
+        full batch (waiting cannot make the next one larger), a flush(), close() or abandon()."""
+        return len(self.queue) >= self.batch_size or self.flushes > 0 or self.closing or self.abandoned
 
     def _take_batch_threaded(self) -> list[TraceRecord]:
         """`take_batch` from the thread, under `lock`: the loop may pop the oldest meanwhile."""
@@ -591,11 +604,15 @@ class TraceWriter:
         """Wait until every queue is empty and written; TimeoutError after `timeout` seconds."""
         async with asyncio.timeout(timeout):
             await self._await_preparing()
-            for lane in self._lanes:
-                if isinstance(lane, _ThreadedLane):
-                    lane.hurry()
-            for lane in self._lanes:
-                await lane.idle.wait()
+            threaded = [lane for lane in self._lanes if isinstance(lane, _ThreadedLane)]
+            for lane in threaded:
+                lane.begin_flush()
+            try:
+                for waited in self._lanes:
+                    await waited.idle.wait()
+            finally:
+                for lane in threaded:
+                    lane.end_flush()
 
     async def close(self, timeout: float = 10.0) -> None:
         """Write every queued trace (waiting up to `timeout` seconds), then close the backends.

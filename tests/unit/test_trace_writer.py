@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 
 import pytest
@@ -397,4 +397,95 @@ async def test_threaded_lane_writes_a_full_batch_without_waiting(monkeypatch: py
         writer.enqueue(make_record(i))
     await _wait_for(lambda: sum(backend.batches) == 31)  # a full batch, then the rest: at once
     assert backend.batches[:2] == [1, 10]
+    await writer.close(timeout=5)
+
+
+class GatedThreadedBackend(ThreadedBackend):
+    """A ThreadedBackend whose writes wait for `gate` (set: they go at once); `writing` is set
+    while a write waits at the closed gate."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = threading.Event()
+        self.gate.set()
+        self.writing = threading.Event()
+
+    def write_batch_sync(self, records: Sequence[TraceRecord]) -> None:
+        if not self.gate.is_set():
+            self.writing.set()
+            self.gate.wait(5)
+        super().write_batch_sync(records)
+
+
+async def test_threaded_lane_after_a_full_batch_the_rest_still_waits_the_interval(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A full batch goes at once; the traces short of full queued behind it must still wait for
+    # the interval, not be written back to back in tiny transactions until the queue empties.
+    monkeypatch.setattr(writer_module, "THREAD_WRITE_INTERVAL", 30.0)
+    backend = GatedThreadedBackend()
+    writer = TraceWriter([backend], batch_size=10)
+    await writer.start()
+    writer.enqueue(make_record(0))
+    await _wait_for(lambda: backend.batches == [1])
+    backend.gate.clear()
+    for i in range(1, 11):  # a full batch: written at once, its write held at the gate
+        writer.enqueue(make_record(i))
+    await _wait_for(backend.writing.is_set)
+    for i in range(11, 14):  # three more while the full batch is written
+        writer.enqueue(make_record(i))
+    backend.gate.set()
+    await _wait_for(lambda: sum(backend.batches) >= 11)
+    await asyncio.sleep(0.3)
+    assert backend.batches == [1, 10]  # the three wait out the interval
+    await writer.flush(timeout=5)
+    assert backend.batches == [1, 10, 3]
+    await writer.close(timeout=5)
+
+
+class _ClearHook(threading.Event):
+    """A threading.Event that runs `hook` (once) in the thread that first clears it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hook: Callable[[], None] | None = None
+
+    def clear(self) -> None:
+        hook, self.hook = self.hook, None
+        if hook is not None:
+            hook()
+        super().clear()
+
+
+async def test_threaded_lane_a_flush_racing_the_thread_is_not_lost(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A trace queued and a flush() asked for while the thread is about to clear its hurry event
+    # (deciding to wait, or finding the queue empty) must still be written at once.
+    monkeypatch.setattr(writer_module, "THREAD_WRITE_INTERVAL", 30.0)
+    backend = ThreadedBackend()
+    writer = TraceWriter([backend])
+    lane = writer._lanes[0]
+    assert isinstance(lane, writer_module._ThreadedLane)
+    hurry = lane.thread_hurry = _ClearHook()
+    await writer.start()
+    await _wait_for(lambda: lane.sleeping)
+    loop = asyncio.get_running_loop()
+    flushing: list[asyncio.Task[None]] = []
+    flush_asked = threading.Event()
+
+    def enqueue_and_flush() -> None:  # on the loop
+        writer.enqueue(make_record(2))
+        flushing.append(asyncio.ensure_future(writer.flush(timeout=5)))
+        loop.call_soon(flush_asked.set)  # after the flush's first step (it asked the lane)
+
+    def race() -> None:  # in the writer's thread, just before it clears the event
+        loop.call_soon_threadsafe(enqueue_and_flush)
+        assert flush_asked.wait(5)
+
+    hurry.hook = race
+    writer.enqueue(make_record(0))
+    await _wait_for(lambda: backend.batches == [1])
+    writer.enqueue(make_record(1))  # within the interval: the thread decides to wait
+    await _wait_for(lambda: bool(flushing))
+    await flushing[0]  # TimeoutError if the flush's request was lost
+    assert sum(backend.batches) == 3
     await writer.close(timeout=5)
