@@ -54,7 +54,8 @@ log = logging.getLogger(__name__)
 # commit's WAL frames, the leaf pages of the eight indexes, the checkpoint copying them) falls
 # with the batch: on this machine at 1,200 traces/s, 85-88 us of process CPU per trace with a
 # 20 ms linger (~25 a batch), 51-62 at 100 ms, 48-50 at 200 ms (user and system time of the
-# enqueue, the writer and its checkpointer). A full batch, `flush()` and `close()` do not wait.
+# enqueue, the writer and its checkpointer). A full batch (`batch_size` traces or `batch_bytes`:
+# waiting cannot make it larger), `flush()` and `close()` do not wait.
 THREAD_WRITE_INTERVAL = 0.1
 # Per lane: what a slow store may pin in memory (LLMGW_TRACE_QUEUE_BYTES), and the most one
 # batch carries (a COPY, an INSERT body, a transaction), whatever the count bounds allow.
@@ -281,7 +282,9 @@ class _ThreadedLane(_Lane):
         queue.append((record, size))
         self.queued_bytes += size
         self.idle.clear()
-        if len(queue) >= self.batch_size:  # a full batch does not wait for the interval
+        # A full batch (by count, or by bytes: big traces) does not wait for the interval. The
+        # bytes include a batch in flight: a spurious wake-up only, the thread checks again.
+        if len(queue) >= self.batch_size or self.queued_bytes - self.bytes_done >= writer.batch_bytes:
             self.thread_hurry.set()
         if self.sleeping:
             self.sleeping = False
@@ -404,7 +407,13 @@ class _ThreadedLane(_Lane):
     def _batch_due(self) -> bool:
         """Whether the thread writes what is queued now, without waiting for the interval: a
         full batch (waiting cannot make the next one larger), a flush(), close() or abandon()."""
-        return len(self.queue) >= self.batch_size or self.flushes > 0 or self.closing or self.abandoned
+        return (
+            len(self.queue) >= self.batch_size
+            or self.queued_bytes - self.bytes_done >= self.writer.batch_bytes  # no batch in flight
+            or self.flushes > 0
+            or self.closing
+            or self.abandoned
+        )
 
     def _take_batch_threaded(self) -> list[TraceRecord]:
         """`take_batch` from the thread, under `lock`: the loop may pop the oldest meanwhile."""

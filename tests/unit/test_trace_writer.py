@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 import pytest
 
 from server.traces import writer as writer_module
-from server.traces.base import TraceBackend, TraceRecord, new_trace_id
+from server.traces.base import TraceBackend, TraceRecord, new_trace_id, record_size
 from server.traces.writer import TraceWriter, WriterRetry
 
 FAST_RETRY = WriterRetry(initial_delay=0.001, max_delay=0.01, jitter=0.0, max_attempts=1000)
@@ -441,6 +441,31 @@ async def test_threaded_lane_after_a_full_batch_the_rest_still_waits_the_interva
     await writer.flush(timeout=5)
     assert backend.batches == [1, 10, 3]
     await writer.close(timeout=5)
+
+
+async def test_threaded_lane_writes_a_batch_full_by_bytes_without_waiting(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A batch is full at batch_bytes too (big traces: base64 images): waiting cannot make it
+    # larger, and waiting the interval between such batches caps what the lane can write.
+    monkeypatch.setattr(writer_module, "THREAD_WRITE_INTERVAL", 30.0)
+    backend = ThreadedBackend()
+    records = [
+        TraceRecord(id=new_trace_id(), created_at=datetime.now(UTC), step_id=f"s{i}", request_json="x" * 1000)
+        for i in range(8)
+    ]
+    size = record_size(records[0])
+    writer = TraceWriter([backend], batch_bytes=3 * size)
+    await writer.start()
+    writer.enqueue(records[0])
+    await _wait_for(lambda: backend.batches == [1])
+    for record in records[1:]:  # seven: two batches full by bytes, then one short of full
+        writer.enqueue(record)
+    await _wait_for(lambda: sum(backend.batches) >= 7)
+    await asyncio.sleep(0.3)
+    assert backend.batches == [1, 3, 3]  # the last one waits out the interval
+    await writer.close(timeout=5)
+    assert backend.batches == [1, 3, 3, 1]
 
 
 class _ClearHook(threading.Event):
