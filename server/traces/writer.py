@@ -257,6 +257,11 @@ class _ThreadedLane(_Lane):
         # full batch already taken) changes what it does.
         self.thread_hurry = threading.Event()
         self.flushes = 0  # flush() calls waiting for this lane (the loop's): no waiting meanwhile
+        # What the thread writes without waiting for the interval: a full batch, or half the
+        # queue's bound when that is smaller (a small LLMGW_TRACE_QUEUE_BYTES): past it, waiting
+        # cannot make the batch larger, only drop the oldest traces.
+        self.due_count = min(self.batch_size, max(1, writer.queue_size // 2))
+        self.due_bytes = min(writer.batch_bytes, max(1, writer.queue_bytes // 2))
         self.last_write = -THREAD_WRITE_INTERVAL  # monotonic start of the latest batch write
         self.sleeping = False
         self.abandoned = False
@@ -284,7 +289,7 @@ class _ThreadedLane(_Lane):
         self.idle.clear()
         # A full batch (by count, or by bytes: big traces) does not wait for the interval. The
         # bytes include a batch in flight: a spurious wake-up only, the thread checks again.
-        if len(queue) >= self.batch_size or self.queued_bytes - self.bytes_done >= writer.batch_bytes:
+        if len(queue) >= self.due_count or self.queued_bytes - self.bytes_done >= self.due_bytes:
             self.thread_hurry.set()
         if self.sleeping:
             self.sleeping = False
@@ -406,10 +411,10 @@ class _ThreadedLane(_Lane):
 
     def _batch_due(self) -> bool:
         """Whether the thread writes what is queued now, without waiting for the interval: a
-        full batch (waiting cannot make the next one larger), a flush(), close() or abandon()."""
+        full batch (`due_count`, `due_bytes`), a flush(), close() or abandon()."""
         return (
-            len(self.queue) >= self.batch_size
-            or self.queued_bytes - self.bytes_done >= self.writer.batch_bytes  # no batch in flight
+            len(self.queue) >= self.due_count
+            or self.queued_bytes - self.bytes_done >= self.due_bytes  # no batch in flight here
             or self.flushes > 0
             or self.closing
             or self.abandoned

@@ -468,6 +468,31 @@ async def test_threaded_lane_writes_a_batch_full_by_bytes_without_waiting(
     assert backend.batches == [1, 3, 3, 1]
 
 
+async def test_threaded_lane_does_not_wait_with_half_its_queue_bound_queued(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A queue bound below batch_bytes (a small LLMGW_TRACE_QUEUE_BYTES): no batch is ever full
+    # by bytes, and waiting the interval with the queue near its bound only drops the oldest.
+    monkeypatch.setattr(writer_module, "THREAD_WRITE_INTERVAL", 30.0)
+    backend = ThreadedBackend()
+    records = [
+        TraceRecord(id=new_trace_id(), created_at=datetime.now(UTC), step_id=f"s{i}", request_json="x" * 1000)
+        for i in range(6)
+    ]
+    writer = TraceWriter([backend], queue_bytes=4 * record_size(records[0]))
+    await writer.start()
+    writer.enqueue(records[0])
+    await _wait_for(lambda: backend.batches == [1])
+    for record in records[1:3]:  # half the bound: written at once
+        writer.enqueue(record)
+    await _wait_for(lambda: sum(backend.batches) == 3)
+    writer.enqueue(records[3])  # one alone waits
+    await asyncio.sleep(0.3)
+    assert backend.batches == [1, 2]
+    await writer.close(timeout=5)
+    assert sum(backend.batches) == 4 and writer.stats_for("threaded").dropped == 0
+
+
 class _ClearHook(threading.Event):
     """A threading.Event that runs `hook` (once) in the thread that first clears it."""
 
