@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 
 import pytest
 
-from server.traces.base import TraceBackend, TraceRecord, new_trace_id
+from server.traces import writer as writer_module
+from server.traces.base import TraceBackend, TraceRecord, new_trace_id, record_size
 from server.traces.writer import TraceWriter, WriterRetry
 
 FAST_RETRY = WriterRetry(initial_delay=0.001, max_delay=0.01, jitter=0.0, max_attempts=1000)
@@ -327,3 +328,214 @@ async def test_close_gives_up_on_a_hanging_threaded_backend_at_the_deadline() ->
     assert writer.stats_for("threaded").dropped == 10 and writer.stats_for("threaded").written == 0
     assert hanging.hang is not None
     hanging.hang.set()
+
+
+# --- the threaded lane's write interval (THREAD_WRITE_INTERVAL) ---
+
+
+async def _wait_for(predicate: object, timeout: float = 5.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():  # type: ignore[operator]
+        assert loop.time() < deadline, "timed out"
+        await asyncio.sleep(0.005)
+
+
+async def test_threaded_lane_writes_the_first_trace_after_a_quiet_spell_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # An interval far longer than the test: only "at once" can pass it, and only the interval
+    # (not a fixed linger before every batch) keeps the traces after it waiting.
+    monkeypatch.setattr(writer_module, "THREAD_WRITE_INTERVAL", 30.0)
+    backend = ThreadedBackend()
+    writer = TraceWriter([backend])
+    await writer.start()
+    writer.enqueue(make_record(0))
+    await _wait_for(lambda: backend.batches == [1])
+    for i in range(1, 20):  # within the interval of the first write: they gather
+        writer.enqueue(make_record(i))
+    await asyncio.sleep(0.2)
+    assert backend.batches == [1]
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    await writer.flush(timeout=5)  # flush does not wait out the interval
+    assert loop.time() - began < 5
+    assert backend.batches == [1, 19]
+    writer.enqueue(make_record(20))
+    began = loop.time()
+    await writer.close(timeout=5)  # nor does close
+    assert loop.time() - began < 5
+    assert backend.batches == [1, 19, 1] and writer.stats_for("threaded").written == 21
+
+
+async def test_threaded_lane_under_load_writes_one_batch_per_interval(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(writer_module, "THREAD_WRITE_INTERVAL", 3.0)
+    backend = ThreadedBackend()
+    writer = TraceWriter([backend])
+    await writer.start()
+    for i in range(40):  # 40 traces over ~0.2 s: the first at once, the rest in one batch
+        writer.enqueue(make_record(i))
+        await asyncio.sleep(0.005)
+    await _wait_for(lambda: sum(backend.batches) == 40)
+    assert backend.batches == [1, 39]
+    await writer.close(timeout=5)
+
+
+async def test_threaded_lane_writes_a_full_batch_without_waiting(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(writer_module, "THREAD_WRITE_INTERVAL", 30.0)
+    backend = ThreadedBackend()
+    writer = TraceWriter([backend], batch_size=10)
+    await writer.start()
+    writer.enqueue(make_record(0))
+    await _wait_for(lambda: backend.batches == [1])
+    for i in range(1, 4):
+        writer.enqueue(make_record(i))
+    await asyncio.sleep(0.2)  # the thread now waits out the interval for these three
+    for i in range(4, 31):
+        writer.enqueue(make_record(i))
+    await _wait_for(lambda: sum(backend.batches) == 31)  # a full batch, then the rest: at once
+    assert backend.batches[:2] == [1, 10]
+    await writer.close(timeout=5)
+
+
+class GatedThreadedBackend(ThreadedBackend):
+    """A ThreadedBackend whose writes wait for `gate` (set: they go at once); `writing` is set
+    while a write waits at the closed gate."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = threading.Event()
+        self.gate.set()
+        self.writing = threading.Event()
+
+    def write_batch_sync(self, records: Sequence[TraceRecord]) -> None:
+        if not self.gate.is_set():
+            self.writing.set()
+            self.gate.wait(5)
+        super().write_batch_sync(records)
+
+
+async def test_threaded_lane_after_a_full_batch_the_rest_still_waits_the_interval(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A full batch goes at once; the traces short of full queued behind it must still wait for
+    # the interval, not be written back to back in tiny transactions until the queue empties.
+    monkeypatch.setattr(writer_module, "THREAD_WRITE_INTERVAL", 30.0)
+    backend = GatedThreadedBackend()
+    writer = TraceWriter([backend], batch_size=10)
+    await writer.start()
+    writer.enqueue(make_record(0))
+    await _wait_for(lambda: backend.batches == [1])
+    backend.gate.clear()
+    for i in range(1, 11):  # a full batch: written at once, its write held at the gate
+        writer.enqueue(make_record(i))
+    await _wait_for(backend.writing.is_set)
+    for i in range(11, 14):  # three more while the full batch is written
+        writer.enqueue(make_record(i))
+    backend.gate.set()
+    await _wait_for(lambda: sum(backend.batches) >= 11)
+    await asyncio.sleep(0.3)
+    assert backend.batches == [1, 10]  # the three wait out the interval
+    await writer.flush(timeout=5)
+    assert backend.batches == [1, 10, 3]
+    await writer.close(timeout=5)
+
+
+async def test_threaded_lane_writes_a_batch_full_by_bytes_without_waiting(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A batch is full at batch_bytes too (big traces: base64 images): waiting cannot make it
+    # larger, and waiting the interval between such batches caps what the lane can write.
+    monkeypatch.setattr(writer_module, "THREAD_WRITE_INTERVAL", 30.0)
+    backend = ThreadedBackend()
+    records = [
+        TraceRecord(id=new_trace_id(), created_at=datetime.now(UTC), step_id=f"s{i}", request_json="x" * 1000)
+        for i in range(8)
+    ]
+    size = record_size(records[0])
+    writer = TraceWriter([backend], batch_bytes=3 * size)
+    await writer.start()
+    writer.enqueue(records[0])
+    await _wait_for(lambda: backend.batches == [1])
+    for record in records[1:]:  # seven: two batches full by bytes, then one short of full
+        writer.enqueue(record)
+    await _wait_for(lambda: sum(backend.batches) >= 7)
+    await asyncio.sleep(0.3)
+    assert backend.batches == [1, 3, 3]  # the last one waits out the interval
+    await writer.close(timeout=5)
+    assert backend.batches == [1, 3, 3, 1]
+
+
+async def test_threaded_lane_does_not_wait_with_half_its_queue_bound_queued(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A queue bound below batch_bytes (a small LLMGW_TRACE_QUEUE_BYTES): no batch is ever full
+    # by bytes, and waiting the interval with the queue near its bound only drops the oldest.
+    monkeypatch.setattr(writer_module, "THREAD_WRITE_INTERVAL", 30.0)
+    backend = ThreadedBackend()
+    records = [
+        TraceRecord(id=new_trace_id(), created_at=datetime.now(UTC), step_id=f"s{i}", request_json="x" * 1000)
+        for i in range(6)
+    ]
+    writer = TraceWriter([backend], queue_bytes=4 * record_size(records[0]))
+    await writer.start()
+    writer.enqueue(records[0])
+    await _wait_for(lambda: backend.batches == [1])
+    for record in records[1:3]:  # half the bound: written at once
+        writer.enqueue(record)
+    await _wait_for(lambda: sum(backend.batches) == 3)
+    writer.enqueue(records[3])  # one alone waits
+    await asyncio.sleep(0.3)
+    assert backend.batches == [1, 2]
+    await writer.close(timeout=5)
+    assert sum(backend.batches) == 4 and writer.stats_for("threaded").dropped == 0
+
+
+class _ClearHook(threading.Event):
+    """A threading.Event that runs `hook` (once) in the thread that first clears it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hook: Callable[[], None] | None = None
+
+    def clear(self) -> None:
+        hook, self.hook = self.hook, None
+        if hook is not None:
+            hook()
+        super().clear()
+
+
+async def test_threaded_lane_a_flush_racing_the_thread_is_not_lost(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A trace queued and a flush() asked for while the thread is about to clear its hurry event
+    # (deciding to wait, or finding the queue empty) must still be written at once.
+    monkeypatch.setattr(writer_module, "THREAD_WRITE_INTERVAL", 30.0)
+    backend = ThreadedBackend()
+    writer = TraceWriter([backend])
+    lane = writer._lanes[0]
+    assert isinstance(lane, writer_module._ThreadedLane)
+    hurry = lane.thread_hurry = _ClearHook()
+    await writer.start()
+    await _wait_for(lambda: lane.sleeping)
+    loop = asyncio.get_running_loop()
+    flushing: list[asyncio.Task[None]] = []
+    flush_asked = threading.Event()
+
+    def enqueue_and_flush() -> None:  # on the loop
+        writer.enqueue(make_record(2))
+        flushing.append(asyncio.ensure_future(writer.flush(timeout=5)))
+        loop.call_soon(flush_asked.set)  # after the flush's first step (it asked the lane)
+
+    def race() -> None:  # in the writer's thread, just before it clears the event
+        loop.call_soon_threadsafe(enqueue_and_flush)
+        assert flush_asked.wait(5)
+
+    hurry.hook = race
+    writer.enqueue(make_record(0))
+    await _wait_for(lambda: backend.batches == [1])
+    writer.enqueue(make_record(1))  # within the interval: the thread decides to wait
+    await _wait_for(lambda: bool(flushing))
+    await flushing[0]  # TimeoutError if the flush's request was lost
+    assert sum(backend.batches) == 3
+    await writer.close(timeout=5)
