@@ -504,7 +504,7 @@ class Gateway:
             call.record.response_json = raw.decode("utf-8", "replace")
             check_answer_size(answer_bytes(answer), self._settings.max_answer_bytes, provider=target.provider)
             unpack_completion(answer, request, body)
-            want = tool_call_check.expected(request, body, endpoint=target.base_url)
+            want = tool_call_check.expected(request, body, endpoint=target.base_url, answer=answer)
             tool_call_check.enforce(answer, want, call.record, provider=target.provider)
             reasoning_only.enforce(answer, call.record, provider=target.provider)
             response = chat_pb2.CreateResponse(provider_trace_id=call.record.id)
