@@ -506,22 +506,41 @@ def _check_message(message: object, provider: str, where: str) -> None:
         raise _bad_shape(provider, f"{where}.function_call")
 
 
+_USAGE_COUNTS = ("prompt_tokens", "completion_tokens", "total_tokens", "prompt_cache_hit_tokens")
+_USAGE_DETAILS = (
+    ("prompt_tokens_details", "cached_tokens"),
+    ("completion_tokens_details", "reasoning_tokens"),
+)
+
+
 def _check_usage(usage: object, provider: str) -> None:
     if usage is None:
         return
     if not isinstance(usage, dict):
         raise _bad_shape(provider, "usage")
-    for key in ("prompt_tokens", "completion_tokens", "total_tokens", "prompt_cache_hit_tokens"):
-        if not _is_int(usage.get(key), _INT32_MAX):
+    # Runs for every answer: the usual count (absent, or a plain int in range) is tested
+    # inline, anything else by `_is_int`, which decides.
+    get = usage.get
+    for key in _USAGE_COUNTS:
+        value = get(key)
+        if (
+            value is not None
+            and not (type(value) is int and 0 <= value <= _INT32_MAX)
+            and not _is_int(value, _INT32_MAX)
+        ):
             raise _bad_shape(provider, f"usage.{key}")
-    for details, key in (
-        ("prompt_tokens_details", "cached_tokens"),
-        ("completion_tokens_details", "reasoning_tokens"),
-    ):
-        value = usage.get(details)
-        if value is None:
+    for details, key in _USAGE_DETAILS:
+        part = get(details)
+        if part is None:
             continue
-        if not isinstance(value, dict) or not _is_int(value.get(key), _INT32_MAX):
+        if not isinstance(part, dict):
+            raise _bad_shape(provider, f"usage.{details}")
+        value = part.get(key)
+        if (
+            value is not None
+            and not (type(value) is int and 0 <= value <= _INT32_MAX)
+            and not _is_int(value, _INT32_MAX)
+        ):
             raise _bad_shape(provider, f"usage.{details}")
 
 
@@ -533,20 +552,25 @@ def check_shape(payload: dict[str, Any], *, provider: str) -> None:
     """
     choices = payload.get("choices")
     if type(choices) is list and len(choices) == 1 and type(choice := choices[0]) is dict:
-        # The usual chunk: one choice whose delta is text content alone. Tested inline (no
-        # helper calls, no loop); anything else goes through the loop below.
+        # The usual chunk: one choice whose delta is text content alone, tested inline (no
+        # helper calls, no loop); the usual unary answer: one choice with a message and no
+        # delta, its message checked as the loop would. Anything else goes through the loop.
         get = choice.get
         index, finish, delta = get("index"), get("finish_reason"), get("delta")
-        if (
-            (index is None or (type(index) is int and 0 <= index < MAX_CHOICES))
-            and (finish is None or type(finish) is str)
-            and type(delta) is dict
-            and len(delta) == 1
-            and type(delta.get("content")) is str
-            and get("text") is None
-            and get("message") is None
+        if (index is None or (type(index) is int and 0 <= index < MAX_CHOICES)) and (
+            finish is None or type(finish) is str
         ):
-            choices = None
+            if (
+                type(delta) is dict
+                and len(delta) == 1
+                and type(delta.get("content")) is str
+                and get("text") is None
+                and get("message") is None
+            ):
+                choices = None
+            elif delta is None and get("text") is None and type(message := get("message")) is dict:
+                _check_message(message, provider, "choices[0].message")
+                choices = None
     if choices is not None:
         if not isinstance(choices, list):
             raise _bad_shape(provider, "choices")

@@ -1,8 +1,9 @@
 """The unary answer path's shortcuts give exactly what the code before them gave.
 
 Each one (`tool_call_check.expected` returning NOTHING and asking the server's kind only for an
-answer with several calls in a choice, ...) is compared, on many random requests and answers,
-with a reference: the code as it was before it (copied below).
+answer with several calls in a choice; `check_shape`'s one-message answer and inline usage
+counts; ...) is compared, on many random requests and answers, with a reference: the code as it
+was before it (copied below).
 """
 
 from __future__ import annotations
@@ -17,8 +18,17 @@ import pytest
 from llmgateway.v1 import chat_pb2
 
 from server.core import tool_call_check, tools, upstream_kind
+from server.core.completion import MAX_CHOICES, too_many
 from server.core.tool_call_check import NOTHING, Expected
 from server.errors import GatewayError
+from server.providers.openai_compat import (
+    _INT32_MAX,
+    _INT64_MAX,
+    _bad_shape,
+    _check_message,
+    _is_int,
+    check_shape,
+)
 
 # -- references: the code before the shortcuts ---------------------------------------------
 
@@ -44,6 +54,63 @@ def reference_expected(
     )
     at_most_one = ignores_flag and body.get("parallel_tool_calls") is False
     return Expected(required=required, forced=forced, at_most_one=at_most_one)
+
+
+def reference_check_usage(usage: object, provider: str) -> None:
+    if usage is None:
+        return
+    if not isinstance(usage, dict):
+        raise _bad_shape(provider, "usage")
+    for key in ("prompt_tokens", "completion_tokens", "total_tokens", "prompt_cache_hit_tokens"):
+        if not _is_int(usage.get(key), _INT32_MAX):
+            raise _bad_shape(provider, f"usage.{key}")
+    for details, key in (
+        ("prompt_tokens_details", "cached_tokens"),
+        ("completion_tokens_details", "reasoning_tokens"),
+    ):
+        value = usage.get(details)
+        if value is None:
+            continue
+        if not isinstance(value, dict) or not _is_int(value.get(key), _INT32_MAX):
+            raise _bad_shape(provider, f"usage.{details}")
+
+
+def reference_check_shape(payload: dict[str, Any], *, provider: str) -> None:
+    """`check_shape` without its fast paths (the chunk's and the unary answer's)."""
+    choices = payload.get("choices")
+    if choices is not None:
+        if not isinstance(choices, list):
+            raise _bad_shape(provider, "choices")
+        if len(choices) > MAX_CHOICES:
+            raise too_many(provider, "choices", len(choices), MAX_CHOICES)
+        for i, choice in enumerate(choices):
+            if not isinstance(choice, dict):
+                raise _bad_shape(provider, f"choices[{i}]")
+            get = choice.get
+            index = get("index")
+            if index is not None and not _is_int(index, MAX_CHOICES - 1):
+                raise _bad_shape(provider, f"choices[{i}].index")
+            finish, text = get("finish_reason"), get("text")
+            if (finish is not None and not isinstance(finish, str)) or (
+                text is not None and not isinstance(text, str)
+            ):
+                raise _bad_shape(provider, f"choices[{i}]")
+            message = get("message")
+            if message is not None:
+                _check_message(message, provider, f"choices[{i}].message")
+            delta = get("delta")
+            if delta is not None:
+                _check_message(delta, provider, f"choices[{i}].delta")
+    created = payload.get("created")
+    if (
+        created is not None
+        and not _is_int(created, _INT64_MAX)
+        and not (isinstance(created, float) and 0 <= created <= 2**62)
+    ):
+        raise _bad_shape(provider, "created")
+    usage = payload.get("usage")
+    if usage is not None:
+        reference_check_usage(usage, provider)
 
 
 def _outcome(f: Any, *args: Any, **kwargs: Any) -> tuple[str, Any]:
@@ -196,3 +263,187 @@ def test_the_server_kind_is_asked_only_for_several_calls(monkeypatch: pytest.Mon
     # A stream's expectation (no answer yet) asks, as before.
     assert tool_call_check.expected(request, body, endpoint=LLAMA_URL).at_most_one
     assert asked == [LLAMA_URL, LLAMA_URL]
+
+
+# -- random unary answers -----------------------------------------------------------------
+
+
+class Count(int):
+    """An int of another type (a translator's own value): not the inline test's, `_is_int`'s."""
+
+
+def _maybe(rng: random.Random, p: float = 0.5) -> bool:
+    return rng.random() < p
+
+
+def _text(rng: random.Random) -> str:
+    pieces = ["tok ", "é", "日本", "\n", "😀", '"', "\\", "sk-", " ", ""]
+    return "".join(rng.choice(pieces) for _ in range(rng.randint(0, 5)))
+
+
+def _count(rng: random.Random) -> Any:
+    return rng.choice(
+        [0, 3, 212, _INT32_MAX, _INT32_MAX + 1, -1, True, False, 2.0, "4", None, Count(5), Count(-1)]
+    )
+
+
+def _usage(rng: random.Random) -> Any:
+    if _maybe(rng, 0.05):
+        return rng.choice([None, 3, "x", [], {}])
+    usage: dict[str, Any] = {}
+    for key in ("prompt_tokens", "completion_tokens", "total_tokens"):
+        if _maybe(rng, 0.9):
+            usage[key] = rng.choice([7, 12, 212]) if _maybe(rng, 0.85) else _count(rng)
+    if _maybe(rng, 0.2):
+        usage["prompt_cache_hit_tokens"] = _count(rng) if _maybe(rng, 0.3) else 4
+    for details, key in (
+        ("prompt_tokens_details", "cached_tokens"),
+        ("completion_tokens_details", "reasoning_tokens"),
+    ):
+        if _maybe(rng, 0.6):
+            usage[details] = (
+                {key: rng.choice([0, 2]) if _maybe(rng, 0.8) else _count(rng)}
+                if _maybe(rng, 0.9)
+                else rng.choice([None, {}, 3, "x", {"other": 1}])
+            )
+    if _maybe(rng, 0.2):
+        usage["cache_write_tokens"] = rng.choice([0, 5, 9, 2.0, True, None])
+    if _maybe(rng, 0.1):
+        usage["cache_write_1h_tokens"] = rng.choice([0, 3, 9, 10, -1, True, 2.0, None])
+    if _maybe(rng, 0.1):
+        usage["cost"] = 0.0001  # an unknown field (OpenRouter's)
+    return usage
+
+
+def _tool_calls(rng: random.Random) -> Any:
+    if _maybe(rng, 0.1):
+        return rng.choice([None, [], "x", {}])
+    calls: list[Any] = []
+    for i in range(rng.randint(1, 3)):
+        call: dict[str, Any] = {"id": f"call_{i}", "type": "function"}
+        call["function"] = {"name": rng.choice(["f", "g", _text(rng)]), "arguments": _text(rng) or "{}"}
+        if _maybe(rng, 0.1):
+            call["function"] = rng.choice([None, "x", {"name": 3}, {"arguments": ["a"]}, {}])
+        if _maybe(rng, 0.1):
+            call["id"] = rng.choice([None, 3, ""])
+        if _maybe(rng, 0.1):
+            call["index"] = rng.choice([0, 1, 127, 128, -1, True, None])
+        if _maybe(rng, 0.1):
+            call["thought_signature"] = rng.choice(["sig", 3, None])
+        if _maybe(rng, 0.03):
+            call = rng.choice(["x", 3])  # type: ignore[assignment]
+        calls.append(call)
+    return calls
+
+
+def _message(rng: random.Random) -> Any:
+    if _maybe(rng, 0.03):
+        return rng.choice([None, "x", 3, []])
+    message: dict[str, Any] = {"role": "assistant"}
+    if _maybe(rng, 0.05):
+        message["role"] = rng.choice([None, 1])
+    if _maybe(rng, 0.9):
+        message["content"] = (
+            _text(rng)
+            if _maybe(rng, 0.8)
+            else rng.choice(
+                [None, "", [{"type": "text", "text": _text(rng)}, {"type": "x"}], [], 5, [{"text": 3}], ["x"]]
+            )
+        )
+    if _maybe(rng, 0.5):
+        message["refusal"] = None if _maybe(rng, 0.8) else rng.choice([_text(rng), "", 1.5])
+    if _maybe(rng, 0.25):
+        message[rng.choice(["reasoning_content", "reasoning"])] = (
+            _text(rng) if _maybe(rng, 0.8) else rng.choice(["", None, " ", 7])
+        )
+    if _maybe(rng, 0.05):
+        message["reasoning_content"], message["reasoning"] = _text(rng), _text(rng)
+    if _maybe(rng, 0.25):
+        message["tool_calls"] = _tool_calls(rng)
+    if _maybe(rng, 0.05):
+        message["function_call"] = rng.choice(
+            [{"name": "f", "arguments": _text(rng)}, {"name": 3}, "x", None, {}]
+        )
+    if _maybe(rng, 0.1):
+        message["thinking_blocks"] = rng.choice(
+            [
+                [{"type": "thinking", "thinking": _text(rng), "signature": "sig"}],
+                [{"type": "redacted_thinking", "data": "opaque"}, "x", {"type": 3, "thinking": 4}],
+                None,
+                [],
+            ]
+        )
+    if _maybe(rng, 0.1):
+        message["x_unknown"] = _text(rng)
+    return message
+
+
+def _choice(rng: random.Random, position: int) -> Any:
+    choice: dict[str, Any] = {"message": _message(rng), "logprobs": None}
+    if _maybe(rng, 0.95):
+        choice["index"] = position if _maybe(rng, 0.9) else rng.choice([0, 1, 15, 16, None, True, -1, 1.0])
+    choice["finish_reason"] = rng.choice(
+        ["stop", "stop", "stop", "length", "tool_calls", "eos", "end_turn", "weird", "", None, 3]
+    )
+    if _maybe(rng, 0.05):
+        choice["delta"] = rng.choice([{"content": "x"}, {"content": 3}, None, "x", {}])
+    if _maybe(rng, 0.05):
+        choice["text"] = rng.choice(["x", 1, None])
+    if _maybe(rng, 0.05):
+        del choice["message"]
+    if _maybe(rng, 0.02):
+        return rng.choice(["x", 1, None])
+    return choice
+
+
+def _answer(rng: random.Random) -> dict[str, Any]:
+    answer: dict[str, Any] = {
+        "id": "chatcmpl-1" if _maybe(rng, 0.9) else rng.choice(["", None, 3, "i" * 1025, "i" * 1024]),
+        "object": "chat.completion",
+        "created": rng.choice([1760000000, 1760000000, 1.5e9, 0, None, -1, True, "x", 2**63]),
+        "model": "m" if _maybe(rng, 0.9) else rng.choice(["", None, "m" * 1025, "/models/q.gguf"]),
+        "system_fingerprint": "fp" if _maybe(rng, 0.8) else rng.choice(["", None, 3, "f" * 1025]),
+    }
+    if _maybe(rng, 0.05):
+        answer["choices"] = rng.choice([[], None, "x", {}])
+    else:
+        count = 1 if _maybe(rng, 0.85) else rng.choice([0, 2, 3, 17])
+        answer["choices"] = [_choice(rng, i) for i in range(count)]
+    if _maybe(rng, 0.9):
+        answer["usage"] = _usage(rng)
+    return answer
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_check_shape_same_as_before(seed: int) -> None:
+    rng = random.Random(seed)
+    for _ in range(3000):
+        answer = _answer(rng)
+        assert _outcome(check_shape, answer, provider="p") == _outcome(
+            reference_check_shape, answer, provider="p"
+        ), answer
+
+
+def test_check_shape_usage_counts_at_their_bounds() -> None:
+    values: list[Any] = [
+        None,
+        0,
+        1,
+        _INT32_MAX,
+        _INT32_MAX + 1,
+        -1,
+        True,
+        False,
+        1.0,
+        "1",
+        Count(3),
+        Count(-1),
+    ]
+    for value, key in itertools.product(
+        values, ("prompt_tokens", "prompt_cache_hit_tokens", "cached_tokens")
+    ):
+        usage = {key: value} if key != "cached_tokens" else {"prompt_tokens_details": {key: value}}
+        answer = {"choices": [{"message": {"content": "x"}}], "usage": usage}
+        outcome = _outcome(check_shape, answer, provider="p")
+        assert outcome == _outcome(reference_check_shape, answer, provider="p"), value
+        assert (outcome[0] == "ok") == _is_int(value, _INT32_MAX), value
