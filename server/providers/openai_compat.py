@@ -257,6 +257,20 @@ class OpenAICompatible:
 OPENAI: Provider = OpenAICompatible()
 
 
+def answer_is_body_json(dialect: Provider) -> bool:
+    """Whether `dialect`'s unary answer is the upstream's body as decoded (this class's
+    `parse_answer`, not overridden; a translated answer is built anew and may synthesize text).
+
+    Then every text `answer_bytes` counts is decoded from a string of its own in the body (one
+    JSON value each, never counted twice), and none is longer in UTF-8 than it was there: bytes
+    outside escapes are copied as they are, and an escape is never shorter than what it decodes
+    to (`\\n` 2 bytes for 1, `\\u00e9` 6 for 2, a `\\ud83d\\ude00` pair 12 for 4; orjson refuses
+    a lone surrogate). So the answer counts fewer bytes than the body holds, and a body within
+    LLMGW_MAX_ANSWER_BYTES needs no walk to prove the answer is.
+    """
+    return getattr(type(dialect), "parse_answer", None) is OpenAICompatible.parse_answer
+
+
 # Sampling parameters OpenAI's reasoning families refuse.
 REASONING_MODEL_REFUSES = ("top_p", "frequency_penalty", "presence_penalty")
 # Message fields only some providers take back: other providers' thinking parts, and the

@@ -14,21 +14,26 @@ import random
 from collections.abc import Iterator
 from typing import Any
 
+import orjson
 import pytest
 from llmgateway.v1 import chat_pb2
 
+from server.config import Settings
 from server.core import tool_call_check, tools, upstream_kind
-from server.core.completion import MAX_CHOICES, too_many
+from server.core.completion import MAX_CHOICES, answer_bytes, too_many
 from server.core.tool_call_check import NOTHING, Expected
 from server.errors import GatewayError
 from server.providers.openai_compat import (
     _INT32_MAX,
     _INT64_MAX,
+    OPENAI,
     _bad_shape,
     _check_message,
     _is_int,
+    answer_is_body_json,
     check_shape,
 )
+from server.providers.registry import PROVIDERS, provider_for
 
 # -- references: the code before the shortcuts ---------------------------------------------
 
@@ -447,3 +452,66 @@ def test_check_shape_usage_counts_at_their_bounds() -> None:
         outcome = _outcome(check_shape, answer, provider="p")
         assert outcome == _outcome(reference_check_shape, answer, provider="p"), value
         assert (outcome[0] == "ok") == _is_int(value, _INT32_MAX), value
+
+
+# -- the answer cap without a walk: a body's size bounds what the cap counts ---------------
+
+
+def test_which_dialects_answer_their_body_as_decoded() -> None:
+    decoded = {name for name, dialect in PROVIDERS.items() if answer_is_body_json(dialect)}
+    assert decoded == {"openai", "groq", "deepseek", "azure"}
+    assert answer_is_body_json(provider_for("azure", Settings(azure_api_version="2024-10-21")))
+    assert answer_is_body_json(OPENAI)
+
+    class Rewritten(type(OPENAI)):  # type: ignore[misc]
+        def parse_answer(self, raw: bytes, **kwargs: Any) -> dict[str, Any]:
+            return {}
+
+    assert not answer_is_body_json(Rewritten())
+
+
+def _dumps(rng: random.Random, answer: dict[str, Any]) -> bytes:
+    # The body as servers write it: compact UTF-8, escaped ASCII, indented, \/ escapes.
+    import json
+
+    way = rng.randrange(4)
+    if way == 0:
+        return orjson.dumps(answer)
+    if way == 1:
+        return json.dumps(answer).encode()
+    if way == 2:
+        return json.dumps(answer, ensure_ascii=False, indent=2).encode()
+    return json.dumps(answer, separators=(",", ":")).replace("/", "\\/").encode()
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_an_answer_counts_fewer_bytes_than_its_body(seed: int) -> None:
+    rng = random.Random(seed)
+    checked = 0
+    for _ in range(3000):
+        answer = _answer(rng)
+        try:
+            raw = _dumps(rng, answer)
+        except (TypeError, ValueError, orjson.JSONEncodeError):
+            continue  # not JSON (a bool key, an int too big for orjson)
+        decoded = orjson.loads(raw)
+        if _outcome(check_shape, decoded, provider="p")[0] != "ok":
+            continue
+        assert answer_bytes(decoded) < len(raw), raw
+        checked += 1
+    assert checked > 500
+
+
+def test_the_closest_a_text_comes_to_its_body() -> None:
+    # Only the JSON around a text is over what it counts: the text itself, as it is or
+    # escaped, is never shorter in the body than in UTF-8.
+    envelope = b'{"choices":[{"message":{"content":""}}]}'
+    for text, counted in (
+        (b"x" * 100, 100),
+        ("é日😀".encode() * 10, (2 + 3 + 4) * 10),  # as they are: the same bytes
+        (b"\\u00e9" * 10, 2 * 10),  # each 6 bytes for 2
+        (b"\\ud83d\\ude00" * 10, 4 * 10),  # each pair 12 bytes for 4
+        (b'\\n\\/\\\\\\"' * 10, 4 * 10),  # each 2 bytes for 1
+    ):
+        raw = envelope[:-5] + text + envelope[-5:]
+        assert answer_bytes(orjson.loads(raw)) == counted <= len(text) < len(raw)
