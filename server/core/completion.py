@@ -223,12 +223,17 @@ def completion_from_json(
                 metadata={"provider": provider, "choice": position},
             )
     answer_id, model, fingerprint = get("id"), get("model"), get("system_fingerprint")
-    for key, label in (("id", answer_id), ("model", model), ("system_fingerprint", fingerprint)):
-        if isinstance(label, str) and len(label) > MAX_LABEL_CHARS:
-            raise UpstreamBadResponse(
-                f"{provider} answered a {key} over {MAX_LABEL_CHARS} characters",
-                metadata={"provider": provider, "field": key, "limit": MAX_LABEL_CHARS},
-            )
+    if (  # tested inline: the loop naming the first one over runs only when one is
+        (isinstance(answer_id, str) and len(answer_id) > MAX_LABEL_CHARS)
+        or (isinstance(model, str) and len(model) > MAX_LABEL_CHARS)
+        or (isinstance(fingerprint, str) and len(fingerprint) > MAX_LABEL_CHARS)
+    ):
+        for key, label in (("id", answer_id), ("model", model), ("system_fingerprint", fingerprint)):
+            if isinstance(label, str) and len(label) > MAX_LABEL_CHARS:
+                raise UpstreamBadResponse(
+                    f"{provider} answered a {key} over {MAX_LABEL_CHARS} characters",
+                    metadata={"provider": provider, "field": key, "limit": MAX_LABEL_CHARS},
+                )
     out = into if into is not None else chat_pb2.ChatCompletion()
     # Empty values are not written (`out` is empty): a write is a look-up of the field's name.
     if answer_id:
@@ -250,8 +255,9 @@ def completion_from_json(
         reason = finish_reason(choice.get("finish_reason"))
         if reason:
             added.finish_reason = reason
-    out.usage.SetInParent()  # always present, as an answer without usage reports zeros
-    usage_from_json(get("usage"), out.usage)
+    usage = out.usage
+    usage.SetInParent()  # always present, as an answer without usage reports zeros
+    usage_from_json(get("usage"), usage)
     return out
 
 
