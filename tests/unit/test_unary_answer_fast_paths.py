@@ -3,8 +3,9 @@
 Each one (`tool_call_check.expected` returning NOTHING and asking the server's kind only for an
 answer with several calls in a choice; `check_shape`'s one-message answer and inline usage
 counts; `completion_from_json` writing no empty value and calling int() only on a count that is
-not one) is compared, on many random requests and answers, with a reference: the code as it
-was before it (copied below).
+not one; `reasoning_only` looking at the reasoning first) is compared, on many random requests
+and answers, with a reference: the code as it was before it (copied below). The answer cap's
+shortcut (no walk for a body within the cap) is a bound, tested as one.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import pytest
 from llmgateway.v1 import chat_pb2
 
 from server.config import Settings
-from server.core import tool_call_check, tools, upstream_kind
+from server.core import reasoning_only, tool_call_check, tools, upstream_kind
 from server.core.completion import (
     _EMPTY,
     MAX_CHOICES,
@@ -215,6 +216,33 @@ def reference_completion_from_json(
     out.usage.SetInParent()
     reference_usage_from_json(body.get("usage"), out.usage)
     return out
+
+
+def reference_reasoning_only(choice: object) -> str | None:
+    if (
+        not isinstance(choice, dict)
+        or finish_reason(choice.get("finish_reason")) != chat_pb2.FINISH_REASON_STOP
+    ):
+        return None
+    message = choice.get("message")
+    if not isinstance(message, dict):
+        return None
+    reasoning = next(
+        (
+            text
+            for key in ("reasoning_content", "reasoning")
+            if isinstance(text := message.get(key), str) and text.strip()
+        ),
+        None,
+    )
+    if reasoning is None:
+        return None
+    if text_of(message.get("content")).strip() or message.get("tool_calls") or message.get("function_call"):
+        return None
+    refusal = message.get("refusal")
+    if isinstance(refusal, str) and refusal.strip():
+        return None
+    return reasoning
 
 
 def _outcome(f: Any, *args: Any, **kwargs: Any) -> tuple[str, Any]:
@@ -672,3 +700,38 @@ def test_completion_from_json_writes_the_values_it_left_out_when_not_empty() -> 
     answer["choices"][0]["index"] = 3  # a position's own index when it says none
     answer["choices"].append({"message": {"content": "b"}})
     assert completion_from_json(answer, provider="p").choices[1].index == 1
+
+
+# -- reasoning_only ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_reasoning_only_same_as_before(seed: int) -> None:
+    rng = random.Random(seed)
+    found = 0
+    for _ in range(3000):
+        answer = _answer(rng)
+        choices = answer.get("choices")
+        for choice in choices if isinstance(choices, list) else ():
+            ours = _outcome(reasoning_only.reasoning_only, choice)
+            assert ours == _outcome(reference_reasoning_only, choice), choice
+            found += ours[0] == "ok" and ours[1] is not None
+        if _outcome(check_shape, answer, provider="p")[0] == "ok":
+            assert _outcome(reasoning_only.check, answer, provider="p")[0] in ("ok", "error")
+    assert found > 20
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        {"reasoning_content": " ", "reasoning": "thought", "content": " "},
+        {"reasoning_content": 3, "reasoning": "thought"},
+        {"reasoning_content": "thought", "reasoning": "other", "refusal": " "},
+        {"reasoning": "thought", "content": [{"text": " "}]},
+    ],
+)
+def test_the_reasoning_of_either_key_counts(message: dict[str, Any]) -> None:
+    for finish in ("stop", "eos", "length"):
+        choice = {"message": message, "finish_reason": finish}
+        assert reasoning_only.reasoning_only(choice) == reference_reasoning_only(choice)
+        assert (reasoning_only.reasoning_only(choice) is not None) == (finish != "length")
