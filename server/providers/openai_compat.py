@@ -520,7 +520,16 @@ def _check_message(message: object, provider: str, where: str) -> None:
         raise _bad_shape(provider, f"{where}.function_call")
 
 
-_USAGE_COUNTS = ("prompt_tokens", "completion_tokens", "total_tokens", "prompt_cache_hit_tokens")
+# Every count `usage_from_json` reads: each becomes an int32 field of `Usage` (the cache writes
+# are set by Anthropic's translator, but any upstream's usage may carry them).
+_USAGE_COUNTS = (
+    "prompt_tokens",
+    "completion_tokens",
+    "total_tokens",
+    "prompt_cache_hit_tokens",
+    "cache_write_tokens",
+    "cache_write_1h_tokens",
+)
 _USAGE_DETAILS = (
     ("prompt_tokens_details", "cached_tokens"),
     ("completion_tokens_details", "reasoning_tokens"),
@@ -543,6 +552,10 @@ def _check_usage(usage: object, provider: str) -> None:
             and not _is_int(value, _INT32_MAX)
         ):
             raise _bad_shape(provider, f"usage.{key}")
+    # No total (or 0): `usage_from_json` reports prompt + completion, which two counts in range
+    # can take past what the field holds.
+    if not get("total_tokens") and (get("prompt_tokens") or 0) + (get("completion_tokens") or 0) > _INT32_MAX:
+        raise _bad_shape(provider, "usage.total_tokens")
     for details, key in _USAGE_DETAILS:
         part = get(details)
         if part is None:

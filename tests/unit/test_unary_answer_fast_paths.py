@@ -79,9 +79,22 @@ def reference_check_usage(usage: object, provider: str) -> None:
         return
     if not isinstance(usage, dict):
         raise _bad_shape(provider, "usage")
-    for key in ("prompt_tokens", "completion_tokens", "total_tokens", "prompt_cache_hit_tokens"):
+    # (With the rules added since for the counts that reached the Usage fields unchecked.)
+    for key in (
+        "prompt_tokens",
+        "completion_tokens",
+        "total_tokens",
+        "prompt_cache_hit_tokens",
+        "cache_write_tokens",
+        "cache_write_1h_tokens",
+    ):
         if not _is_int(usage.get(key), _INT32_MAX):
             raise _bad_shape(provider, f"usage.{key}")
+    if (
+        not usage.get("total_tokens")
+        and (usage.get("prompt_tokens") or 0) + (usage.get("completion_tokens") or 0) > _INT32_MAX
+    ):
+        raise _bad_shape(provider, "usage.total_tokens")
     for details, key in (
         ("prompt_tokens_details", "cached_tokens"),
         ("completion_tokens_details", "reasoning_tokens"),
