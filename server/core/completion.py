@@ -36,6 +36,7 @@ _EMPTY: dict[str, Any] = {}
 MAX_CHOICES = 16
 MAX_TOOL_CALLS = 128  # per choice
 MAX_LABEL_CHARS = 1024
+MAX_TOKEN_COUNT = 2**31 - 1  # the fields of `Usage` (and of a trace's usage, read back as one) are int32
 
 
 def text_bytes(text: str) -> int:

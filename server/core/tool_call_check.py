@@ -27,6 +27,7 @@ from llmgateway.v1 import chat_pb2
 
 from server.config import Settings
 from server.core import tools, upstream_kind
+from server.core.completion import MAX_TOKEN_COUNT
 from server.errors import ToolCallMissing
 from server.traces.base import TraceRecord
 
@@ -196,6 +197,10 @@ def keep_usage(record: TraceRecord, usage: Any) -> None:
     prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
     if not isinstance(prompt, int) or not isinstance(completion, int):
         return  # (the answer's usage was shape-checked: integers, bounded)
+    if prompt + completion > MAX_TOKEN_COUNT:
+        # Each in range, their sum not (a broken upstream's): a trace total no Usage can hold
+        # would fail every read of the trace. Kept as none reported.
+        return
     record.prompt_tokens, record.completion_tokens = prompt, completion
     record.total_tokens = record.prompt_tokens + record.completion_tokens
 

@@ -82,3 +82,24 @@ def test_the_cases_name_every_count_the_reader_takes() -> None:
     fields = {field for _, field in OUT_OF_RANGE}
     assert {"usage.total_tokens", "usage.cache_write_tokens", "usage.cache_write_1h_tokens"} <= fields
     assert chat_pb2.Usage.DESCRIPTOR.fields_by_name["cache_write_1h_tokens"].type == 5  # int32
+
+
+# -- the counts a failed call keeps on its trace: read back as a Usage message too ----------
+
+
+async def test_a_missing_calls_counts_too_big_to_add_up_leave_the_trace_readable(
+    gateway: RunningGateway, upstream: FakeUpstream
+) -> None:
+    # Each count in range (the answer's shape is fine), their sum not: the trace of the
+    # TOOL_CALL_MISSING keeps the counts it can read back (GetProviderTrace builds a Usage).
+    from tests.integration.test_tool_call_missing_grpc import req
+    from tests.trace_polling import wait_for_trace
+
+    usage = {"prompt_tokens": INT32_MAX, "completion_tokens": INT32_MAX, "total_tokens": 5}
+    upstream.script(Reply(json_body=completion("no call", usage=usage)))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await gateway.chat.Create(req(upstream.base_url, "huge-missing"), timeout=10)
+    expect(caught.value, UNAVAILABLE, "TOOL_CALL_MISSING")
+    trace = await wait_for_trace(gateway.traces, "huge-missing")
+    assert trace.error_type == "TOOL_CALL_MISSING"
+    assert trace.usage.total_tokens <= INT32_MAX
