@@ -1,7 +1,7 @@
 """Token counts an int32 field cannot hold, end to end: UNAVAILABLE / UPSTREAM_BAD_RESPONSE for
 a hostile or broken upstream, never a crash (INTERNAL), on every path that turns an upstream's
-counts into `Usage`: the OpenAI-compatible answer and its stream (translated answers are
-shape-checked the same way).
+counts into `Usage`: the OpenAI-compatible answer, its stream (translated answers are
+shape-checked the same way), and the local servers' counters.
 
 Every count is checked by `check_shape`, but the total the gateway works out when the upstream
 sends none (prompt + completion, two counts in range) and `cache_write_tokens` (read for every
@@ -9,6 +9,7 @@ provider, checked for none) reached the protobuf field unchecked: protobuf's Val
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -16,8 +17,10 @@ import pytest
 from llmgateway.v1 import chat_pb2
 
 from tests.fake_upstream import FakeUpstream, Reply, completion, text_stream
-from tests.gateway_harness import RunningGateway, chat_request
+from tests.gateway_harness import RunningGateway, chat_request, make_settings, running_gateway
 from tests.integration.test_errors_support import expect
+from tests.integration.test_local_servers import local_request
+from tests.local_fakes import Answer, LocalServer
 
 INT32_MAX = 2**31 - 1
 UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
@@ -77,6 +80,46 @@ async def test_the_total_at_the_limit_is_kept(gateway: RunningGateway, upstream:
     assert answer.completion.usage.cache_write_tokens == INT32_MAX
 
 
+@pytest.mark.parametrize("kind", ["ollama", "llamacpp", "vllm"])
+@pytest.mark.parametrize(
+    ("prompt", "completion_tokens"), [(INT32_MAX, 1), (1, INT32_MAX + 1), (INT32_MAX + 1, 1)]
+)
+async def test_a_local_servers_counts_out_of_range_are_a_bad_response(
+    tmp_path: Path, kind: str, prompt: int, completion_tokens: int
+) -> None:
+    server = LocalServer(kind)
+    await server.start()
+    try:
+        settings = make_settings(tmp_path, allowed_endpoints=(server.root_url,))
+        async with running_gateway(settings) as gw:
+            for stream in (False, True):
+                server.script(Answer(text="hi", prompt_tokens=prompt, completion_tokens=completion_tokens))
+                request = local_request(server, functions=[])
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    if stream:
+                        async for _ in gw.chat.StreamCreate(request, timeout=30):
+                            pass
+                    else:
+                        await gw.chat.Create(request, timeout=30)
+                expect(caught.value, UNAVAILABLE, "UPSTREAM_BAD_RESPONSE")
+    finally:
+        await server.stop()
+
+
+async def test_a_local_servers_counts_at_the_limit_are_kept(tmp_path: Path) -> None:
+    server = LocalServer("ollama")
+    await server.start()
+    try:
+        settings = make_settings(tmp_path, allowed_endpoints=(server.root_url,))
+        async with running_gateway(settings) as gw:
+            server.script(Answer(text="hi", prompt_tokens=INT32_MAX - 1, completion_tokens=1))
+            answer = await gw.chat.Create(local_request(server, functions=[]), timeout=30)
+            usage = answer.completion.usage
+            assert (usage.prompt_tokens, usage.total_tokens) == (INT32_MAX - 1, INT32_MAX)
+    finally:
+        await server.stop()
+
+
 def test_the_cases_name_every_count_the_reader_takes() -> None:
     # The counts `usage_from_json` reads that an upstream's usage can carry.
     fields = {field for _, field in OUT_OF_RANGE}
@@ -103,3 +146,21 @@ async def test_a_missing_calls_counts_too_big_to_add_up_leave_the_trace_readable
     trace = await wait_for_trace(gateway.traces, "huge-missing")
     assert trace.error_type == "TOOL_CALL_MISSING"
     assert trace.usage.total_tokens <= INT32_MAX
+
+
+async def test_a_local_failed_calls_counts_leave_the_trace_readable(tmp_path: Path) -> None:
+    from tests.integration.test_local_servers import trace_of
+
+    server = LocalServer("ollama")
+    await server.start()
+    try:
+        settings = make_settings(tmp_path, allowed_endpoints=(server.root_url,))
+        async with running_gateway(settings) as gw:
+            server.script(Answer(text="hi", prompt_tokens=INT32_MAX + 1, completion_tokens=INT32_MAX + 1))
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await gw.chat.Create(local_request(server, functions=[], step_id="local-huge"), timeout=30)
+            expect(caught.value, UNAVAILABLE, "UPSTREAM_BAD_RESPONSE")
+            trace = await trace_of(gw, "local-huge")
+            assert trace.error_type == "UPSTREAM_BAD_RESPONSE"
+    finally:
+        await server.stop()
