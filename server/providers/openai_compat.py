@@ -518,6 +518,10 @@ def _check_message(message: object, provider: str, where: str) -> None:
         or not _is_text(legacy.get("arguments"))
     ):
         raise _bad_shape(provider, f"{where}.function_call")
+    # Walked by the answer cap and both converters (a block that is not a dict is skipped there).
+    blocks = get("thinking_blocks")
+    if blocks is not None and not isinstance(blocks, list):
+        raise _bad_shape(provider, f"{where}.thinking_blocks")
 
 
 # Every count `usage_from_json` reads: each becomes an int32 field of `Usage` (the cache writes
