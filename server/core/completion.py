@@ -224,6 +224,14 @@ def completion_from_json(
                 metadata={"provider": provider, "choice": position},
             )
     answer_id, model, fingerprint = get("id"), get("model"), get("system_fingerprint")
+    # A label of another type is written as its str(), so it is bounded as that string (a list
+    # of numbers there was an id of megabytes, past MAX_LABEL_CHARS and the answer cap).
+    if answer_id and type(answer_id) is not str:
+        answer_id = str(answer_id)
+    if model and type(model) is not str:
+        model = str(model)
+    if fingerprint and type(fingerprint) is not str:
+        fingerprint = str(fingerprint)
     if (  # tested inline: the loop naming the first one over runs only when one is
         (isinstance(answer_id, str) and len(answer_id) > MAX_LABEL_CHARS)
         or (isinstance(model, str) and len(model) > MAX_LABEL_CHARS)
@@ -238,14 +246,14 @@ def completion_from_json(
     out = into if into is not None else chat_pb2.ChatCompletion()
     # Empty values are not written (`out` is empty): a write is a look-up of the field's name.
     if answer_id:
-        out.id = str(answer_id)
+        out.id = answer_id
     if model:
-        out.model = str(model)
+        out.model = model
     created = get("created")
     if created:
         out.created = int(created)
     if fingerprint:
-        out.system_fingerprint = str(fingerprint)
+        out.system_fingerprint = fingerprint
     choices = out.choices
     for position, choice in enumerate(choices_json):
         added = choices.add()
