@@ -72,6 +72,7 @@ from server.providers.http import HttpClient
 from server.providers.local.provider import create_local, prompt_parts, stream_local
 from server.providers.openai_compat import (
     CallOptions,
+    answer_is_body_json,
     open_stream,
     post_json,
     released_when_done,
@@ -509,9 +510,13 @@ class Gateway:
                 model=model,
             )
             call.record.response_json = raw.decode("utf-8", "replace")
-            check_answer_size(answer_bytes(answer), self._settings.max_answer_bytes, provider=target.provider)
+            limit = self._settings.max_answer_bytes
+            # The answer's texts are fewer bytes than a body it was decoded from: a body within
+            # the cap needs no walk (`answer_is_body_json`). A translated answer is walked.
+            if len(raw) > limit or not answer_is_body_json(plan.provider):
+                check_answer_size(answer_bytes(answer), limit, provider=target.provider)
             unpack_completion(answer, request, body)
-            want = tool_call_check.expected(request, body, endpoint=target.base_url)
+            want = tool_call_check.expected(request, body, endpoint=target.base_url, answer=answer)
             tool_call_check.enforce(answer, want, call.record, provider=target.provider)
             reasoning_only.enforce(answer, call.record, provider=target.provider)
             response = chat_pb2.CreateResponse(provider_trace_id=call.record.id)

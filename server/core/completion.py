@@ -36,6 +36,7 @@ _EMPTY: dict[str, Any] = {}
 MAX_CHOICES = 16
 MAX_TOOL_CALLS = 128  # per choice
 MAX_LABEL_CHARS = 1024
+MAX_TOKEN_COUNT = 2**31 - 1  # the fields of `Usage` (and of a trace's usage, read back as one) are int32
 
 
 def text_bytes(text: str) -> int:
@@ -113,22 +114,49 @@ def finish_reason(value: object) -> chat_pb2.FinishReason:
 
 
 def usage_from_json(usage: dict[str, Any] | None, into: chat_pb2.Usage | None = None) -> chat_pb2.Usage:
+    """The typed usage; `into`, when given, must be empty (a field of a message just made):
+    a count of 0 is not written, as it would change nothing there (each write of a field is a
+    look-up of its name)."""
     out = into if into is not None else chat_pb2.Usage()
     if not usage:
         return out
-    prompt_details = usage.get("prompt_tokens_details") or {}
-    completion_details = usage.get("completion_tokens_details") or {}
-    prompt = int(usage.get("prompt_tokens") or 0)
-    completion = int(usage.get("completion_tokens") or 0)
-    out.prompt_tokens = prompt
-    out.completion_tokens = completion
-    out.total_tokens = int(usage.get("total_tokens") or prompt + completion)
-    out.cached_tokens = int(prompt_details.get("cached_tokens") or usage.get("prompt_cache_hit_tokens") or 0)
-    out.reasoning_tokens = int(completion_details.get("reasoning_tokens") or 0)
-    out.cache_write_tokens = int(usage.get("cache_write_tokens") or 0)
+    get = usage.get
+    prompt_details = get("prompt_tokens_details") or _EMPTY
+    completion_details = get("completion_tokens_details") or _EMPTY
+    # The counts are ints already (shape-checked) but for a translator's own: int() only then.
+    prompt = get("prompt_tokens") or 0
+    if type(prompt) is not int:
+        prompt = int(prompt)
+    completion = get("completion_tokens") or 0
+    if type(completion) is not int:
+        completion = int(completion)
+    total = get("total_tokens") or prompt + completion
+    if type(total) is not int:
+        total = int(total)
+    cached = prompt_details.get("cached_tokens") or get("prompt_cache_hit_tokens") or 0
+    if type(cached) is not int:
+        cached = int(cached)
+    reasoning = completion_details.get("reasoning_tokens") or 0
+    if type(reasoning) is not int:
+        reasoning = int(reasoning)
+    cache_write = get("cache_write_tokens") or 0
+    if type(cache_write) is not int:
+        cache_write = int(cache_write)
+    if prompt:
+        out.prompt_tokens = prompt
+    if completion:
+        out.completion_tokens = completion
+    if total:
+        out.total_tokens = total
+    if cached:
+        out.cached_tokens = cached
+    if reasoning:
+        out.reasoning_tokens = reasoning
+    if cache_write:
+        out.cache_write_tokens = cache_write
     # Anthropic's split of the writes (set by its translator); bounded by the writes it splits.
-    one_hour = usage.get("cache_write_1h_tokens")
-    if isinstance(one_hour, int) and 0 < one_hour <= out.cache_write_tokens:
+    one_hour = get("cache_write_1h_tokens")
+    if isinstance(one_hour, int) and 0 < one_hour <= cache_write:
         out.cache_write_1h_tokens = one_hour
     return out
 
@@ -139,31 +167,39 @@ def _signature(value: object) -> str:
 
 
 def _fill_message(out: chat_pb2.Message, message: dict[str, Any]) -> None:
+    """`message` into the empty `out` (as `usage_from_json`: empty values are not written)."""
     out.role = chat_pb2.ROLE_ASSISTANT
-    calls = out.tool_calls
-    for call in message.get("tool_calls") or ():
-        function = call.get("function") or _EMPTY
-        calls.add(
-            id=call.get("id") or "",
-            name=function.get("name") or "",
-            arguments=function.get("arguments") or "",
-            thought_signature=_signature(call.get("thought_signature")),
-        )
-    legacy = message.get("function_call")
-    if legacy and not calls:
-        calls.add(name=legacy.get("name") or "", arguments=legacy.get("arguments") or "")
-    content = text_of(message.get("content"))
+    get = message.get
+    tool_calls = get("tool_calls")
+    if tool_calls:
+        calls = out.tool_calls
+        for call in tool_calls:
+            function = call.get("function") or _EMPTY
+            calls.add(
+                id=call.get("id") or "",
+                name=function.get("name") or "",
+                arguments=function.get("arguments") or "",
+                thought_signature=_signature(call.get("thought_signature")),
+            )
+    legacy = get("function_call")
+    if legacy and not out.tool_calls:
+        out.tool_calls.add(name=legacy.get("name") or "", arguments=legacy.get("arguments") or "")
+    content = get("content")
+    if type(content) is not str:  # content parts (the usual content is a string)
+        content = text_of(content)
     if content:
         out.content = content
-    reasoning = message.get("reasoning_content") or message.get("reasoning")
+    reasoning = get("reasoning_content") or get("reasoning")
     if reasoning:
         out.reasoning_content = reasoning
-    refusal = message.get("refusal")
+    refusal = get("refusal")
     if refusal:
         out.refusal = refusal
-    for block in message.get("thinking_blocks") or ():
-        if isinstance(block, dict):
-            thinking_block_into(out.thinking_blocks.add(), block)
+    blocks = get("thinking_blocks")
+    if blocks:
+        for block in blocks:
+            if isinstance(block, dict):
+                thinking_block_into(out.thinking_blocks.add(), block)
 
 
 def completion_from_json(
@@ -171,10 +207,12 @@ def completion_from_json(
 ) -> chat_pb2.ChatCompletion:
     """The typed completion; an answer without choices is a bad response, not an empty answer.
 
-    Filled in place into `into` when given (the completion field of the response about to be
-    sent: building it there saves copying the whole message into the response).
+    Filled in place into `into` when given, which must be empty (the completion field of the
+    response about to be sent: building it there saves copying the whole message into the
+    response). Every check is made before anything is written.
     """
-    choices_json = body.get("choices")
+    get = body.get
+    choices_json = get("choices")
     if not isinstance(choices_json, list) or not choices_json:
         raise UpstreamBadResponse(f"{provider} answered without choices", metadata={"provider": provider})
     if len(choices_json) > MAX_CHOICES:
@@ -185,26 +223,50 @@ def completion_from_json(
                 f"{provider} answered a choice without a message",
                 metadata={"provider": provider, "choice": position},
             )
-    for key in ("id", "model", "system_fingerprint"):
-        label = body.get(key)
-        if isinstance(label, str) and len(label) > MAX_LABEL_CHARS:
-            raise UpstreamBadResponse(
-                f"{provider} answered a {key} over {MAX_LABEL_CHARS} characters",
-                metadata={"provider": provider, "field": key, "limit": MAX_LABEL_CHARS},
-            )
+    answer_id, model, fingerprint = get("id"), get("model"), get("system_fingerprint")
+    # A label of another type is written as its str(), so it is bounded as that string (a list
+    # of numbers there was an id of megabytes, past MAX_LABEL_CHARS and the answer cap).
+    if answer_id and type(answer_id) is not str:
+        answer_id = str(answer_id)
+    if model and type(model) is not str:
+        model = str(model)
+    if fingerprint and type(fingerprint) is not str:
+        fingerprint = str(fingerprint)
+    if (  # tested inline: the loop naming the first one over runs only when one is
+        (isinstance(answer_id, str) and len(answer_id) > MAX_LABEL_CHARS)
+        or (isinstance(model, str) and len(model) > MAX_LABEL_CHARS)
+        or (isinstance(fingerprint, str) and len(fingerprint) > MAX_LABEL_CHARS)
+    ):
+        for key, label in (("id", answer_id), ("model", model), ("system_fingerprint", fingerprint)):
+            if isinstance(label, str) and len(label) > MAX_LABEL_CHARS:
+                raise UpstreamBadResponse(
+                    f"{provider} answered a {key} over {MAX_LABEL_CHARS} characters",
+                    metadata={"provider": provider, "field": key, "limit": MAX_LABEL_CHARS},
+                )
     out = into if into is not None else chat_pb2.ChatCompletion()
-    out.id = str(body.get("id") or "")
-    out.model = str(body.get("model") or "")
-    out.created = int(body.get("created") or 0)
-    out.system_fingerprint = str(body.get("system_fingerprint") or "")
+    # Empty values are not written (`out` is empty): a write is a look-up of the field's name.
+    if answer_id:
+        out.id = answer_id
+    if model:
+        out.model = model
+    created = get("created")
+    if created:
+        out.created = int(created)
+    if fingerprint:
+        out.system_fingerprint = fingerprint
     choices = out.choices
     for position, choice in enumerate(choices_json):
         added = choices.add()
-        added.index = int(choice.get("index") or position)
+        index = int(choice.get("index") or position)
+        if index:
+            added.index = index
         _fill_message(added.message, choice["message"])
-        added.finish_reason = finish_reason(choice.get("finish_reason"))
-    out.usage.SetInParent()  # always present, as an answer without usage reports zeros
-    usage_from_json(body.get("usage"), out.usage)
+        reason = finish_reason(choice.get("finish_reason"))
+        if reason:
+            added.finish_reason = reason
+    usage = out.usage
+    usage.SetInParent()  # always present, as an answer without usage reports zeros
+    usage_from_json(get("usage"), usage)
     return out
 
 

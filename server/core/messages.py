@@ -142,7 +142,11 @@ def thinking_block_json(block: chat_pb2.ThinkingBlock) -> dict[str, Any]:
 
 def thinking_block_into(out: chat_pb2.ThinkingBlock, block: dict[str, Any]) -> None:
     """A translator's thinking-block dict into its proto form (values of other types dropped)."""
-    out.type = str(block.get("type") or "")
+    # The type too: as its str() a list there was text the answer cap never counts (it counts a
+    # block's string values, `answer_bytes`).
+    kind = block.get("type")
+    if isinstance(kind, str):
+        out.type = kind
     for key, attribute in (("thinking", "text"), ("signature", "signature"), ("data", "data")):
         value = block.get(key)
         if isinstance(value, str):

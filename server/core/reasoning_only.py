@@ -26,29 +26,29 @@ from server.errors import UpstreamBadResponse
 from server.traces.base import TraceRecord
 
 REASONING_ONLY = "reasoning_only"  # the `cause` of the error (Gemini's thoughts-only answer too)
-_REASONING_KEYS = ("reasoning_content", "reasoning")
 
 
 def reasoning_only(choice: object) -> str | None:
     """The reasoning of a completed choice that has nothing else; None for any other choice."""
-    # "stop" and the spellings the caller also gets as FINISH_REASON_STOP ("eos", "end_turn",
-    # "stop_sequence" of some OpenAI-compatible servers): complete, as far as the caller can tell.
-    if (
-        not isinstance(choice, dict)
-        or finish_reason(choice.get("finish_reason")) != chat_pb2.FINISH_REASON_STOP
-    ):
+    if not isinstance(choice, dict):
         return None
     message = choice.get("message")
     if not isinstance(message, dict):
         return None
-    reasoning = next(
-        (text for key in _REASONING_KEYS if isinstance(text := message.get(key), str) and text.strip()), None
-    )
-    if reasoning is None:
+    # The reasoning first: the usual answer has none, and nothing else is looked at then.
+    get = message.get
+    reasoning = get("reasoning_content")
+    if not (isinstance(reasoning, str) and reasoning.strip()):
+        reasoning = get("reasoning")
+        if not (isinstance(reasoning, str) and reasoning.strip()):
+            return None
+    # "stop" and the spellings the caller also gets as FINISH_REASON_STOP ("eos", "end_turn",
+    # "stop_sequence" of some OpenAI-compatible servers): complete, as far as the caller can tell.
+    if finish_reason(choice.get("finish_reason")) != chat_pb2.FINISH_REASON_STOP:
         return None
-    if text_of(message.get("content")).strip() or message.get("tool_calls") or message.get("function_call"):
+    if text_of(get("content")).strip() or get("tool_calls") or get("function_call"):
         return None
-    refusal = message.get("refusal")
+    refusal = get("refusal")
     if isinstance(refusal, str) and refusal.strip():
         return None
     return reasoning

@@ -246,7 +246,9 @@ class StreamAccumulator:
                 self._grow(function["arguments"])
                 call.arguments.append(function["arguments"])
             signature = fragment.get("thought_signature")
-            if signature:
+            # Only Gemini's translator sets one: another upstream's value of another type is
+            # dropped, as the unary answer drops it (`completion._signature`).
+            if signature and isinstance(signature, str):
                 self._grow(signature)
                 call.thought_signature = signature
 

@@ -27,6 +27,7 @@ from llmgateway.v1 import chat_pb2
 
 from server.config import Settings
 from server.core import tools, upstream_kind
+from server.core.completion import MAX_TOKEN_COUNT
 from server.errors import ToolCallMissing
 from server.traces.base import TraceRecord
 
@@ -49,10 +50,19 @@ NOTHING = Expected()
 
 
 def expected(
-    request: chat_pb2.CreateRequest, body: dict[str, Any] | None = None, *, endpoint: str = ""
+    request: chat_pb2.CreateRequest,
+    body: dict[str, Any] | None = None,
+    *,
+    endpoint: str = "",
+    answer: dict[str, Any] | None = None,
 ) -> Expected:
     """What `request` (and the OpenAI-shaped `body` built for it, if any, sent to the base URL
-    `endpoint`) asks of the answer."""
+    `endpoint`) asks of the answer.
+
+    With the OpenAI-shaped `answer` (a unary call's, before `check`): `at_most_one` is worked
+    out only when a choice of it has several calls, the only case where it changes what `check`
+    does (it cuts them); otherwise it is False. A stream's deltas need it before any answer.
+    """
     if not request.functions:
         return NOTHING
     forced = request.force_tool_call or (
@@ -72,12 +82,30 @@ def expected(
     required = bool(forced) or choice == "required"
     # Servers that honour `parallel_tool_calls: false` answer one call; one known to ignore it
     # (llama.cpp's, up to 5 calls seen) has the extra ones cut here. Others keep what they sent.
-    config = request.llm_config
-    ignores_flag = not tools.takes_named_tool_choice(
-        handle=config.handle, model=config.model, endpoint=endpoint
-    )
-    at_most_one = ignores_flag and body.get("parallel_tool_calls") is False
+    # The server's kind (a pure look-up, the costlier part) is asked only when it can matter:
+    # the flag was sent and, with a unary `answer`, a choice has several calls to cut.
+    at_most_one = False
+    if body.get("parallel_tool_calls") is False and (answer is None or _several_calls(answer)):
+        config = request.llm_config
+        at_most_one = not tools.takes_named_tool_choice(
+            handle=config.handle, model=config.model, endpoint=endpoint
+        )
+    if not required and not at_most_one:
+        # Nothing to check (forced is empty too: it implies required). NOTHING is this value,
+        # and `check` then returns at once instead of walking the choices to no effect.
+        return NOTHING
     return Expected(required=required, forced=forced, at_most_one=at_most_one)
+
+
+def _several_calls(answer: dict[str, Any]) -> bool:
+    """Whether a choice of the answer has more than one call (the choices `check` would cut)."""
+    choices = answer.get("choices")
+    for choice in choices if isinstance(choices, list) else ():
+        message = choice.get("message") if isinstance(choice, dict) else None
+        calls = message.get("tool_calls") if isinstance(message, dict) else None
+        if isinstance(calls, list) and len(calls) > 1:
+            return True
+    return False
 
 
 def check(answer: dict[str, Any], want: Expected, *, provider: str) -> list[dict[str, Any]]:
@@ -169,6 +197,10 @@ def keep_usage(record: TraceRecord, usage: Any) -> None:
     prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
     if not isinstance(prompt, int) or not isinstance(completion, int):
         return  # (the answer's usage was shape-checked: integers, bounded)
+    if prompt + completion > MAX_TOKEN_COUNT:
+        # Each in range, their sum not (a broken upstream's): a trace total no Usage can hold
+        # would fail every read of the trace. Kept as none reported.
+        return
     record.prompt_tokens, record.completion_tokens = prompt, completion
     record.total_tokens = record.prompt_tokens + record.completion_tokens
 

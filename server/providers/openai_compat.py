@@ -268,6 +268,20 @@ class OpenAICompatible:
 OPENAI: Provider = OpenAICompatible()
 
 
+def answer_is_body_json(dialect: Provider) -> bool:
+    """Whether `dialect`'s unary answer is the upstream's body as decoded (this class's
+    `parse_answer`, not overridden; a translated answer is built anew and may synthesize text).
+
+    Then every text `answer_bytes` counts is decoded from a string of its own in the body (one
+    JSON value each, never counted twice), and none is longer in UTF-8 than it was there: bytes
+    outside escapes are copied as they are, and an escape is never shorter than what it decodes
+    to (`\\n` 2 bytes for 1, `\\u00e9` 6 for 2, a `\\ud83d\\ude00` pair 12 for 4; orjson refuses
+    a lone surrogate). So the answer counts fewer bytes than the body holds, and a body within
+    LLMGW_MAX_ANSWER_BYTES needs no walk to prove the answer is.
+    """
+    return getattr(type(dialect), "parse_answer", None) is OpenAICompatible.parse_answer
+
+
 # Sampling parameters OpenAI's reasoning families refuse.
 REASONING_MODEL_REFUSES = ("top_p", "frequency_penalty", "presence_penalty")
 # Message fields only some providers take back: other providers' thinking parts, and the
@@ -517,6 +531,26 @@ def _check_message(message: object, provider: str, where: str) -> None:
         or not _is_text(legacy.get("arguments"))
     ):
         raise _bad_shape(provider, f"{where}.function_call")
+    # Walked by the answer cap and both converters (a block that is not a dict is skipped there).
+    blocks = get("thinking_blocks")
+    if blocks is not None and not isinstance(blocks, list):
+        raise _bad_shape(provider, f"{where}.thinking_blocks")
+
+
+# Every count `usage_from_json` reads: each becomes an int32 field of `Usage` (the cache writes
+# are set by Anthropic's translator, but any upstream's usage may carry them).
+_USAGE_COUNTS = (
+    "prompt_tokens",
+    "completion_tokens",
+    "total_tokens",
+    "prompt_cache_hit_tokens",
+    "cache_write_tokens",
+    "cache_write_1h_tokens",
+)
+_USAGE_DETAILS = (
+    ("prompt_tokens_details", "cached_tokens"),
+    ("completion_tokens_details", "reasoning_tokens"),
+)
 
 
 def _check_usage(usage: object, provider: str) -> None:
@@ -524,17 +558,33 @@ def _check_usage(usage: object, provider: str) -> None:
         return
     if not isinstance(usage, dict):
         raise _bad_shape(provider, "usage")
-    for key in ("prompt_tokens", "completion_tokens", "total_tokens", "prompt_cache_hit_tokens"):
-        if not _is_int(usage.get(key), _INT32_MAX):
+    # Runs for every answer: the usual count (absent, or a plain int in range) is tested
+    # inline, anything else by `_is_int`, which decides.
+    get = usage.get
+    for key in _USAGE_COUNTS:
+        value = get(key)
+        if (
+            value is not None
+            and not (type(value) is int and 0 <= value <= _INT32_MAX)
+            and not _is_int(value, _INT32_MAX)
+        ):
             raise _bad_shape(provider, f"usage.{key}")
-    for details, key in (
-        ("prompt_tokens_details", "cached_tokens"),
-        ("completion_tokens_details", "reasoning_tokens"),
-    ):
-        value = usage.get(details)
-        if value is None:
+    # No total (or 0): `usage_from_json` reports prompt + completion, which two counts in range
+    # can take past what the field holds.
+    if not get("total_tokens") and (get("prompt_tokens") or 0) + (get("completion_tokens") or 0) > _INT32_MAX:
+        raise _bad_shape(provider, "usage.total_tokens")
+    for details, key in _USAGE_DETAILS:
+        part = get(details)
+        if part is None:
             continue
-        if not isinstance(value, dict) or not _is_int(value.get(key), _INT32_MAX):
+        if not isinstance(part, dict):
+            raise _bad_shape(provider, f"usage.{details}")
+        value = part.get(key)
+        if (
+            value is not None
+            and not (type(value) is int and 0 <= value <= _INT32_MAX)
+            and not _is_int(value, _INT32_MAX)
+        ):
             raise _bad_shape(provider, f"usage.{details}")
 
 
@@ -546,20 +596,25 @@ def check_shape(payload: dict[str, Any], *, provider: str) -> None:
     """
     choices = payload.get("choices")
     if type(choices) is list and len(choices) == 1 and type(choice := choices[0]) is dict:
-        # The usual chunk: one choice whose delta is text content alone. Tested inline (no
-        # helper calls, no loop); anything else goes through the loop below.
+        # The usual chunk: one choice whose delta is text content alone, tested inline (no
+        # helper calls, no loop); the usual unary answer: one choice with a message and no
+        # delta, its message checked as the loop would. Anything else goes through the loop.
         get = choice.get
         index, finish, delta = get("index"), get("finish_reason"), get("delta")
-        if (
-            (index is None or (type(index) is int and 0 <= index < MAX_CHOICES))
-            and (finish is None or type(finish) is str)
-            and type(delta) is dict
-            and len(delta) == 1
-            and type(delta.get("content")) is str
-            and get("text") is None
-            and get("message") is None
+        if (index is None or (type(index) is int and 0 <= index < MAX_CHOICES)) and (
+            finish is None or type(finish) is str
         ):
-            choices = None
+            if (
+                type(delta) is dict
+                and len(delta) == 1
+                and type(delta.get("content")) is str
+                and get("text") is None
+                and get("message") is None
+            ):
+                choices = None
+            elif delta is None and get("text") is None and type(message := get("message")) is dict:
+                _check_message(message, provider, "choices[0].message")
+                choices = None
     if choices is not None:
         if not isinstance(choices, list):
             raise _bad_shape(provider, "choices")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -110,6 +111,103 @@ async def test_an_answer_at_the_cap_passes(capped: RunningGateway, upstream: Fak
     upstream.script(Reply(json_body=completion("y" * CAP)))
     answer = await capped.chat.Create(chat_request(upstream.base_url), timeout=30)
     assert len(answer.completion.choices[0].message.content) == CAP
+
+
+def _body_of(size: int, content: str) -> bytes:
+    """An OpenAI answer of exactly `size` bytes whose content is `content` (padded with an
+    unknown field: its bytes are in the body, not in the answer's counted text)."""
+    body = completion(content)
+    body["x_padding"] = ""
+    raw = json.dumps(body, separators=(",", ":")).encode()
+    body["x_padding"] = "p" * (size - len(raw))
+    raw = json.dumps(body, separators=(",", ":")).encode()
+    assert len(raw) == size
+    return raw
+
+
+@pytest.mark.parametrize("over", [0, 1])
+async def test_a_body_at_or_just_over_the_cap_passes_when_its_text_is_under(
+    capped: RunningGateway, upstream: FakeUpstream, over: int
+) -> None:
+    # At the cap the body proves the text is under it (no walk); one byte over, the walk does.
+    upstream.script(Reply(raw=_body_of(CAP + over, "y" * (CAP - 1000)), content_type="application/json"))
+    answer = await capped.chat.Create(chat_request(upstream.base_url), timeout=30)
+    assert len(answer.completion.choices[0].message.content) == CAP - 1000
+
+
+async def test_only_a_body_over_the_cap_is_walked(
+    capped: RunningGateway, upstream: FakeUpstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import server.gateway
+
+    walked: list[int] = []
+    counted = server.gateway.answer_bytes
+
+    def answer_bytes(answer: dict[str, Any]) -> int:
+        walked.append(size := counted(answer))
+        return size
+
+    monkeypatch.setattr(server.gateway, "answer_bytes", answer_bytes)
+    for size, text in ((CAP, "y" * 100), (CAP + 1, "y" * 100)):
+        upstream.script(Reply(raw=_body_of(size, text), content_type="application/json"))
+        await capped.chat.Create(chat_request(upstream.base_url), timeout=30)
+    assert walked == [100]  # the second body only
+
+
+@pytest.mark.parametrize(("text", "fails"), [("\n" * CAP, False), ("é" * (CAP // 2) + "\n", True)])
+async def test_escapes_count_as_the_text_they_decode_to(
+    capped: RunningGateway, upstream: FakeUpstream, text: str, fails: bool
+) -> None:
+    # The body is over the cap either way (each \n is 2 bytes there, each é 6 as \u00e9): the
+    # decoded text decides, CAP bytes passing, CAP + 1 failing.
+    raw = json.dumps(completion(text)).encode()
+    assert len(raw) > CAP
+    upstream.script(Reply(raw=raw, content_type="application/json"))
+    if not fails:
+        answer = await capped.chat.Create(chat_request(upstream.base_url), timeout=30)
+        assert answer.completion.choices[0].message.content == text
+        return
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await capped.chat.Create(chat_request(upstream.base_url), timeout=30)
+    _assert_over_cap(caught.value, "openai")
+    assert caught.value.trailing_metadata() is not None
+    d = expect(caught.value, UNAVAILABLE, "UPSTREAM_BAD_RESPONSE")
+    assert d.error_infos[0].metadata["answer_bytes"] == str(CAP + 1)
+
+
+async def test_a_translated_answer_over_the_cap_fails_though_its_body_is_under(tmp_path: Path) -> None:
+    # Anthropic's thinking is both the reasoning and a thinking block of the translated answer:
+    # counted twice, 0.6 of the cap in the body is 1.2 of it in the answer. The size of the body
+    # proves nothing for a translated answer: it is walked.
+    from tests.fakes import anthropic_fake as fake
+
+    server = fake.AnthropicFake()
+    await server.start()
+    try:
+        settings = make_settings(
+            tmp_path,
+            anthropic_base_url=server.base_url,
+            anthropic_api_key="sk-ant-test",
+            max_answer_bytes=CAP,
+        )
+        thinking = "t" * (CAP * 6 // 10)
+        body = fake.message([fake.thinking_block(thinking), fake.text_block("ok")])
+        assert len(json.dumps(body)) < CAP
+        server.script(fake.Reply(json_body=body))
+        config = chat_pb2.LLMConfig(model=fake.MODEL, model_endpoint_type="anthropic", context_window=200_000)
+        request = chat_pb2.CreateRequest(
+            llm_config=config, messages=[chat_pb2.Message(role=chat_pb2.ROLE_USER, content="Think")]
+        )
+        async with running_gateway(settings) as running:
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await running.chat.Create(request, timeout=30)
+        _assert_over_cap(caught.value, "anthropic")
+        d = expect(caught.value, UNAVAILABLE, "UPSTREAM_BAD_RESPONSE")
+        # The thinking twice, the text, and the block's other strings ("thinking", its signature).
+        counted = 2 * len(thinking) + len("ok") + len("thinking") + len("EqQBCgIYAhIM1gbcDa9GJwZA2b3h")
+        assert d.error_infos[0].metadata["answer_bytes"] == str(counted)
+    finally:
+        await server.stop()
 
 
 @pytest.mark.parametrize("kind", ["ollama", "vllm"])

@@ -21,6 +21,7 @@ from server.config import Settings
 from server.core import offload, tokens, tool_call_check, tools
 from server.core.answer_scrub import AnswerScrubber
 from server.core.completion import (
+    MAX_TOKEN_COUNT,
     answer_too_large,
     check_answer_size,
     completion_from_json,
@@ -165,6 +166,8 @@ def forced_function(request: ChatRequest) -> str:
 def keep_counts(record: TraceRecord, prompt_tokens: int | None, completion_tokens: int | None) -> None:
     """The server's token counts on the trace of an answer that failed (unparseable, no call):
     the tokens were spent and are billed whatever the gateway made of them."""
+    if (prompt_tokens or 0) + (completion_tokens or 0) > MAX_TOKEN_COUNT:
+        return  # a trace's usage no Usage can hold would fail every read of it (see below)
     record.prompt_tokens = prompt_tokens or 0
     record.completion_tokens = completion_tokens or 0
     record.total_tokens = record.prompt_tokens + record.completion_tokens
@@ -290,6 +293,13 @@ class _LocalCall:
             prompt_tokens = self.count.total_tokens
         if completion_tokens is None:  # the server reported none (koboldcpp never does)
             completion_tokens = await tokens.count_texts_async([text], model)
+        if (prompt_tokens or 0) + completion_tokens > MAX_TOKEN_COUNT:
+            # The server's counters are unbounded: counts (or their total) no int32 field of
+            # Usage holds are a broken answer, not protobuf's ValueError.
+            raise UpstreamBadResponse(
+                f"{self.endpoint_type} answered token counts over {MAX_TOKEN_COUNT}",
+                metadata={"provider": self.endpoint_type, "field": "usage", "limit": MAX_TOKEN_COUNT},
+            )
         if not self.functions:
             # Nothing to call: the text is the answer.
             return {
