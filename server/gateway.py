@@ -44,7 +44,12 @@ from server.core.keys import (
     counting_endpoint,
     resolve_target,
 )
-from server.core.openai_request import build_chat_body, prompt_functions, unpack_completion
+from server.core.openai_request import (
+    SentFunctions,
+    build_chat_body,
+    prompt_functions,
+    unpack_completion,
+)
 from server.core.relay import plain_wire, relayed
 from server.core.retry import Deadline
 from server.core.stream import StreamAccumulator
@@ -757,6 +762,11 @@ _EXACT_COPY_LIMIT = 1 << 20
 def _translated(provider: Provider, body: dict[str, Any], stream: bool) -> tuple[list[str], bytes]:
     """The provider's upstream body, serialized, and its notes."""
     upstream, notes = provider.build_body(body, stream=stream)
+    tools = upstream.get("tools")
+    if type(tools) is SentFunctions and tools.shared:
+        # The cached tool list, as it serialized the first time: the same bytes (a copy of the
+        # dict, `tools` keeps its place; `body` itself is unpacked against, never changed).
+        upstream = {**upstream, "tools": tools.json()}
     # orjson hands back its working buffer, ~8x the text (a 2 KB body held a 16 KB block), and
     # the payload lives as long as the call (retries re-send it): an exact copy frees the rest.
     # Not above 1 MiB: such a buffer's unused tail is pages never touched (no RSS), and copying

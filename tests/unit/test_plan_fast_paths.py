@@ -1,0 +1,120 @@
+"""The planning fast paths send, refuse and count exactly what the general code does."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import orjson
+import pytest
+from llmgateway.v1 import chat_pb2
+
+from server.core import openai_request
+from server.core.openai_request import SentFunctions, build_chat_body
+from server.gateway import _translated
+from server.providers.openai_compat import OPENAI
+from server.providers.registry import provider_for
+
+ENDPOINT = "https://api.openai.com/v1"
+LLAMA_CPP = "http://127.0.0.1:8080/v1"
+
+
+def _function(name: str, **properties: Any) -> chat_pb2.FunctionDefinition:
+    fn = chat_pb2.FunctionDefinition(name=name, description=f'{name} does a thing \u00e9\u2603 "quoted"')
+    fn.parameters.update(
+        {"type": "object", "properties": properties or {"x": {"type": "string"}}, "required": ["x"]}
+    )
+    return fn
+
+
+def _request(*functions: chat_pb2.FunctionDefinition, **fields: Any) -> chat_pb2.CreateRequest:
+    return chat_pb2.CreateRequest(
+        llm_config=chat_pb2.LLMConfig(
+            model="gpt-4o-mini", model_endpoint=ENDPOINT, model_endpoint_type="openai"
+        ),
+        messages=[chat_pb2.Message(role=chat_pb2.ROLE_USER, content="hi")],
+        functions=list(functions),
+        user_id="user-1",
+        **fields,
+    )
+
+
+@pytest.fixture(autouse=True)
+def _fresh_caches() -> Iterator[None]:
+    openai_request.clear_caches()
+    yield
+    openai_request.clear_caches()
+
+
+def test_a_shared_tool_list_is_sent_as_the_bytes_of_the_whole_body() -> None:
+    request = _request(
+        _function("a"), _function("b", y={"type": "integer", "minimum": 1}), function_call="auto"
+    )
+    for _ in range(3):  # the first call makes the fragment, the others reuse it
+        body = build_chat_body(request, stream=False, endpoint=ENDPOINT)
+        tools = body["tools"]
+        assert type(tools) is SentFunctions and tools.shared
+        notes, raw = _translated(OPENAI, body, False)
+        assert notes == []
+        assert raw == orjson.dumps(body)  # the general serialization, byte for byte
+        # Keys after `tools` keep their places around the fragment.
+        assert list(orjson.loads(raw)) == [
+            "model",
+            "messages",
+            "tools",
+            "tool_choice",
+            "parallel_tool_calls",
+            "user",
+        ]
+        assert body["tools"] is tools  # the body unpacked against is not changed
+    assert tools.json() is tools.json()
+
+
+def test_each_tool_list_has_its_own_fragment() -> None:
+    first = build_chat_body(_request(_function("a")), stream=True, endpoint=ENDPOINT)
+    second = build_chat_body(_request(_function("b")), stream=True, endpoint=ENDPOINT)
+    for body in (first, second, first):
+        assert _translated(OPENAI, body, True)[1] == orjson.dumps(body)
+    assert first["tools"].json() != second["tools"].json()
+
+
+def test_lists_not_shared_are_serialized_whole() -> None:
+    # A forced call to llama.cpp's server sends the forced tool alone: a fresh list per body.
+    request = _request(_function("a"), _function("b"), function_call="b")
+    request.llm_config.handle = "llamacpp/qwen2.5"  # known by its name on a first call
+    body = build_chat_body(request, stream=False, endpoint=LLAMA_CPP)
+    assert not body["tools"].shared and len(body["tools"]) == 1
+    assert _translated(OPENAI, body, False)[1] == orjson.dumps(body)
+    # A set too large to cache is prepared anew for every body, never shared.
+    big = [_function(f"f{i}", x={"type": "string", "description": "d" * 3000}) for i in range(100)]
+    body = build_chat_body(_request(*big), stream=False, endpoint=ENDPOINT)
+    assert not body["tools"].shared
+    assert _translated(OPENAI, body, False)[1] == orjson.dumps(body)
+
+
+def test_a_provider_that_rebuilds_the_tools_sends_its_own() -> None:
+    request = _request(_function("a"))
+    body = build_chat_body(request, stream=False, endpoint=ENDPOINT)
+    provider = provider_for("deepseek")
+    upstream, _ = provider.build_body(body, stream=False)
+    assert upstream["tools"] is not body["tools"]
+    assert _translated(provider, body, False)[1] == orjson.dumps(upstream)
+
+
+@pytest.mark.parametrize(
+    ("model", "fields", "dropped"),
+    [
+        ("o3-mini", {"top_p": 0.5, "presence_penalty": 1.0}, ["top_p", "presence_penalty"]),
+        ("o3-mini", {"frequency_penalty": 1.0, "top_p": 0.5}, ["top_p", "frequency_penalty"]),
+        ("o3-mini", {}, []),
+        ("gpt-4o", {"top_p": 0.5}, []),  # only the reasoning families refuse them
+    ],
+)
+def test_reasoning_models_refuse_sampling_parameters_in_their_order(
+    model: str, fields: dict[str, float], dropped: list[str]
+) -> None:
+    body: dict[str, Any] = {"model": model, "messages": [{"role": "user", "content": "hi"}], **fields}
+    upstream, notes = OPENAI.build_body(body, stream=False)
+    assert notes == dropped
+    assert list(upstream) == [key for key in body if key not in dropped]
+    assert (upstream is body) == (not dropped)
