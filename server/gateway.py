@@ -56,6 +56,7 @@ from server.core.stream import StreamAccumulator
 from server.core.validation import (
     LOCAL_TYPES,
     FunctionKeys,
+    MessageFields,
     function_keys_async,
     function_keys_rest,
     function_keys_started,
@@ -244,8 +245,10 @@ class Gateway:
         keys: FunctionKeys,
         via: Attempt | None = None,
         config_key: bytes | None = None,
+        read: list[MessageFields] | None = None,
     ) -> Plan:
-        """`config_key`: `request.llm_config` serialized, shared by the caches keyed by it."""
+        """`config_key`: `request.llm_config` serialized, shared by the caches keyed by it;
+        `read`: the messages' fields as validation read them (`validate_request`'s result)."""
         config = request.llm_config
         provider = provider_for(config.model_endpoint_type, self._settings)
         # A routed attempt may bring its deployment's own target (a key of the routes file).
@@ -270,7 +273,7 @@ class Gateway:
             body, functions = await offload.run(
                 lambda: (
                     build_chat_body(
-                        request, stream=stream, endpoint=endpoint, keys=keys, config_key=config_key
+                        request, stream=stream, endpoint=endpoint, keys=keys, config_key=config_key, read=read
                     ),
                     prompt_functions(request, endpoint=endpoint, keys=keys),
                 )
@@ -281,7 +284,7 @@ class Gateway:
             notes, raw = await offload.run(lambda: _translated(provider, body, stream))
         else:  # plain calls, as in `_create`; the guard's, as `guard` counts inline
             body = build_chat_body(
-                request, stream=stream, endpoint=endpoint, keys=keys, config_key=config_key
+                request, stream=stream, endpoint=endpoint, keys=keys, config_key=config_key, read=read
             )
             functions = prompt_functions(request, endpoint=endpoint, keys=keys)
             count = None
@@ -466,10 +469,12 @@ class Gateway:
         # trace's copy): nothing changes the request's config during the call (a routed call
         # sets it before each attempt, and each attempt comes here).
         config_key = request.llm_config.SerializeToString()
+        # The messages' fields as validation read them: the body is built from them (nothing
+        # changes the request's messages during the call; a routed attempt comes here anew).
         if off_loop(keys):
-            await offload.run(lambda: validate_request(request, keys, config_key))
+            read = await offload.run(lambda: validate_request(request, keys, config_key))
         else:
-            validate_request(request, keys, config_key)
+            read = validate_request(request, keys, config_key)
         if request.llm_config.model_endpoint_type in LOCAL_TYPES:
             if admission is not None:
                 await admission.admit(None)  # QUOTA_EXCEEDED here: nothing went upstream
@@ -479,7 +484,9 @@ class Gateway:
                 if not self._settings.tool_call_missing_retry:
                     raise
             return await self._create_local(request, actor, deadline, keys)
-        plan = await self._plan(request, actor, stream=False, keys=keys, via=via, config_key=config_key)
+        plan = await self._plan(
+            request, actor, stream=False, keys=keys, via=via, config_key=config_key, read=read
+        )
         if admission is not None:
             await admission.admit(plan.count)  # the guard's count; QUOTA_EXCEEDED: nothing sent
         try:
@@ -488,7 +495,9 @@ class Gateway:
             if not tool_call_check.ask_again(plan.body, plan.target.base_url, settings=self._settings):
                 raise
         # Planned again: a server just learned to be llama.cpp's gets the form it honours.
-        plan = await self._plan(request, actor, stream=False, keys=keys, via=via, config_key=config_key)
+        plan = await self._plan(
+            request, actor, stream=False, keys=keys, via=via, config_key=config_key, read=read
+        )
         return await self._create_once(request, actor, deadline, plan, via)
 
     async def _create_once(

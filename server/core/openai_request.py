@@ -35,7 +35,7 @@ from server.core import inner_thoughts, tools
 from server.core.config_cache import MAX_CACHED_CONFIG_BYTES, ConfigCache
 from server.core.messages import function_to_dict, struct_to_dict, to_openai_messages
 from server.core.strict_schema import Restore, restore_absent, strict_with_restore
-from server.core.validation import FunctionKeys, cacheable, function_keys
+from server.core.validation import FunctionKeys, MessageFields, cacheable, function_keys
 from server.errors import FieldViolation, InvalidRequest
 
 K = TypeVar("K", bound=Hashable)
@@ -318,11 +318,13 @@ def build_chat_body(
     endpoint: str,
     keys: FunctionKeys | None = None,
     config_key: bytes | None = None,
+    read: Sequence[MessageFields] | None = None,
 ) -> dict[str, Any]:
     """The exact JSON body for `POST {endpoint}/chat/completions`.
 
     The `tools`/`functions` list in it is shared and read-only (cached per function set).
     `request` may be any of CreateRequest/StreamCreateRequest/CountTokensRequest (same fields).
+    `read`: what `validate_request(request)` returned, if the messages are unchanged since.
     Raises InvalidRequest for invalid messages, functions or tool forcing.
     """
     cfg = request.llm_config
@@ -336,7 +338,9 @@ def build_chat_body(
         )
     body: dict[str, Any] = {
         "model": model,
-        "messages": to_openai_messages(request.messages, model=model, system_role=facts.system_role),
+        "messages": to_openai_messages(
+            request.messages, model=model, system_role=facts.system_role, read=read
+        ),
     }
 
     functions = request.functions

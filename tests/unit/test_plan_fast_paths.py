@@ -118,3 +118,87 @@ def test_reasoning_models_refuse_sampling_parameters_in_their_order(
     assert notes == dropped
     assert list(upstream) == [key for key in body if key not in dropped]
     assert (upstream is body) == (not dropped)
+
+
+# -- the messages' fields, read once by validation and built from --------------------------------
+
+M = chat_pb2.Message
+SYSTEM, USER, ASSISTANT, TOOL = (
+    chat_pb2.ROLE_SYSTEM,
+    chat_pb2.ROLE_USER,
+    chat_pb2.ROLE_ASSISTANT,
+    chat_pb2.ROLE_TOOL,
+)
+CALL = chat_pb2.ToolCall(id="call-1", name="a", arguments='{"x": "1"}')
+SIGNED = chat_pb2.ToolCall(id="call-2", name="a", arguments="{}", thought_signature="sig")
+THINKING = chat_pb2.ThinkingBlock(type="thinking", text="hmm", signature="s")
+TEXT = chat_pb2.ContentPart(text="part text")
+IMAGE = chat_pb2.ContentPart(image_url=chat_pb2.ImageUrl(url="https://example.com/a.png", detail="low"))
+
+HISTORIES = {
+    "plain": [M(role=SYSTEM, content="be brief"), M(role=USER, content="hi \u2603")],
+    "developer": [M(role=chat_pb2.ROLE_DEVELOPER, content="rules"), M(role=USER, content="")],
+    "parts": [M(role=USER, content="look", parts=[TEXT, IMAGE]), M(role=USER, parts=[IMAGE])],
+    "tool turn": [
+        M(role=USER, content="go", name="alice"),
+        M(role=ASSISTANT, content="", tool_calls=[CALL, SIGNED]),
+        M(role=TOOL, content="done", tool_call_id="call-1", name="a"),
+        M(role=ASSISTANT, content="said", tool_calls=[CALL]),
+    ],
+    # An assistant's parts with tool calls and no text: its content stays the parts array.
+    "assistant parts": [M(role=USER, content="x"), M(role=ASSISTANT, parts=[TEXT], tool_calls=[CALL])],
+    "reasoning": [
+        M(role=USER, content="q"),
+        M(role=ASSISTANT, content="a", thinking_blocks=[THINKING], reasoning_content="because"),
+        # Only an assistant's are sent; a user's still count toward validation's bounds.
+        M(role=USER, content="q2", thinking_blocks=[THINKING], reasoning_content="r"),
+    ],
+}
+
+
+@pytest.mark.parametrize("history", HISTORIES, ids=list(HISTORIES))
+@pytest.mark.parametrize("model", ["gpt-4o-mini", "o3-mini", "gpt-3.5-turbo"])
+def test_a_body_built_from_validations_read_is_the_same_bytes(history: str, model: str) -> None:
+    from server.core.messages import to_openai_messages
+    from server.core.validation import validate_request
+
+    request = _request(_function("a"))
+    request.llm_config.model = model
+    request.messages.extend(HISTORIES[history])
+    del request.messages[0]  # _request's own "hi"
+    read = validate_request(request)
+    assert [(m, role, content, list(parts)) for m, role, content, parts in read] == [
+        (m, m.role, m.content, list(m.parts)) for m in request.messages
+    ]
+    for stream in (False, True):
+        general = build_chat_body(request, stream=stream, endpoint=ENDPOINT)
+        shared = build_chat_body(request, stream=stream, endpoint=ENDPOINT, read=read)
+        assert orjson.dumps(shared) == orjson.dumps(general)
+    assert to_openai_messages(request.messages, model=model, read=read) == to_openai_messages(
+        request.messages, model=model
+    )
+
+
+def test_the_body_takes_its_messages_from_the_read() -> None:
+    # The read is what the messages are built from (a stale one would show): here a content
+    # changed after validation, which the request path never does, is not seen.
+    from server.core.validation import validate_request
+
+    request = _request()
+    read = validate_request(request)
+    request.messages[0].content = "changed"
+    assert build_chat_body(request, stream=False, endpoint=ENDPOINT, read=read)["messages"] == [
+        {"role": "user", "content": "hi"}
+    ]
+    assert build_chat_body(request, stream=False, endpoint=ENDPOINT)["messages"][0]["content"] == "changed"
+
+
+def test_an_assistants_parts_stay_its_content_beside_tool_calls() -> None:
+    from server.core.validation import validate_request
+
+    request = _request()
+    request.messages.extend(HISTORIES["assistant parts"][1:])
+    call = {"id": "call-1", "type": "function", "function": {"name": "a", "arguments": '{"x": "1"}'}}
+    expected = {"role": "assistant", "content": [{"type": "text", "text": "part text"}], "tool_calls": [call]}
+    for read in (None, validate_request(request)):
+        assert build_chat_body(request, stream=False, endpoint=ENDPOINT, read=read)["messages"][1] == expected
