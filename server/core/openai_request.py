@@ -303,12 +303,14 @@ _NAMES: BoundedCache[FunctionKeys, tuple[str, ...]] = BoundedCache(1024)
 def _function_names(
     functions: Sequence[chat_pb2.FunctionDefinition], keys: FunctionKeys | None
 ) -> Sequence[str]:
-    if keys is None or not cacheable(keys):
+    if keys is None:
         return [fn.name for fn in functions]
-    found = _NAMES.get(keys)
-    if found is None:
-        found = _NAMES.put(keys, tuple(fn.name for fn in functions))
-    return found
+    found = _NAMES.get(keys)  # first: a list found was cacheable when kept (the same bytes now)
+    if found is not None:
+        return found
+    if not cacheable(keys):
+        return [fn.name for fn in functions]
+    return _NAMES.put(keys, tuple(fn.name for fn in functions))
 
 
 def build_chat_body(

@@ -202,3 +202,28 @@ def test_an_assistants_parts_stay_its_content_beside_tool_calls() -> None:
     expected = {"role": "assistant", "content": [{"type": "text", "text": "part text"}], "tool_calls": [call]}
     for read in (None, validate_request(request)):
         assert build_chat_body(request, stream=False, endpoint=ENDPOINT, read=read)["messages"][1] == expected
+
+
+def test_function_names_come_from_the_cache_only_for_a_cacheable_set() -> None:
+    from server.core.validation import function_keys
+
+    small = _request(_function("a"), _function("b")).functions
+    keys = function_keys(small)
+    assert openai_request._function_names(small, keys) == ("a", "b")
+    assert openai_request._function_names(small, keys) is openai_request._function_names(small, keys)
+    big = _request(*[_function(f"f{i}", x={"type": "string", "description": "d" * 3000}) for i in range(100)])
+    big_keys = function_keys(big.functions)
+    assert openai_request._function_names(big.functions, big_keys) == [f"f{i}" for i in range(100)]
+    assert openai_request._NAMES.get(big_keys) is None  # never kept
+    assert openai_request._function_names(small, None) == ["a", "b"]
+
+
+def test_a_complete_inline_count_is_the_general_count() -> None:
+    from server.core import tokens
+
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi", "name": "al"}]
+    functions = openai_request.prompt_functions(_request(_function("a"), _function("b")))
+    for model in ("gpt-4o-mini", "gpt-4", "llama-3"):
+        started = tokens.start_request_count(messages, functions, model)
+        assert started == tokens.count_request_tokens(messages, functions, model)
+        assert type(started) is tokens.TokenCount
