@@ -35,6 +35,7 @@ from server.core import inner_thoughts, tools
 from server.core.config_cache import MAX_CACHED_CONFIG_BYTES, ConfigCache
 from server.core.messages import function_to_dict, struct_to_dict, to_openai_messages
 from server.core.strict_schema import Restore, restore_absent, strict_with_restore
+from server.core.tokens import SharedFunctionList
 from server.core.validation import FunctionKeys, MessageFields, cacheable, function_keys
 from server.errors import FieldViolation, InvalidRequest
 
@@ -179,7 +180,9 @@ def prompt_functions(
     if found is None:
         pairs = enumerate(zip(request.functions, keys, strict=True))
         prepared = [_prompt_function(fn, i, key, variant) for i, (fn, key) in pairs]
-        found = _PROMPT_LISTS.put(cache_key, prepared) if cacheable(keys) else prepared
+        # Kept, it is shared read-only by every request with these functions: its token count
+        # is remembered by identity too (tokens.SharedFunctionList).
+        found = _PROMPT_LISTS.put(cache_key, SharedFunctionList(prepared)) if cacheable(keys) else prepared
     return found
 
 

@@ -323,7 +323,7 @@ def clear_memo() -> None:
             memo.held = 0
     global _FUNCTION_TOKENS_HELD
     with _MEMO_LOCK:
-        _FUNCTION_TOKENS.clear()
+        _clear_function_memo()
         _FUNCTION_TOKENS_HELD = 0
 
 
@@ -493,13 +493,30 @@ def count_function_tokens(functions: Sequence[Mapping[str, Any]], encoding: tikt
     return _function_tokens(functions, encoding.name, _counter(encoding), [])
 
 
+class SharedFunctionList(list[dict[str, Any]]):
+    """A function list shared, read-only, by every request that sends the same functions (the
+    request path's cached prompt functions, `openai_request.prompt_functions`): its count is
+    remembered by identity, as its entries' are, so an agent's step looks up its tool set once
+    (not once per tool: ~1,500 instructions each)."""
+
+    __slots__ = ()
+
+
 def _function_tokens(
     functions: Sequence[Mapping[str, Any]], encoding_name: str, count: _Count, left: list[str]
 ) -> int:
     """`count_function_tokens` with any counter; `left` is the budgeted counter's list of strings
     not counted yet (a function whose count is incomplete is not remembered)."""
+    shared = type(functions) is SharedFunctionList
+    if shared:
+        list_key = (id(functions), encoding_name)
+        known_list = _FUNCTION_LIST_TOKENS.get(list_key)
+        if known_list is not None and known_list[0] is functions:
+            return known_list[1]
+        generation = _FUNCTION_TOKENS_GENERATION
     total = _FUNCTIONS_OVERHEAD
     memo = _FUNCTION_TOKENS
+    every_entry_kept = True
     for entry in functions:
         # The request path hands in the same (cached, read-only) dict objects on every step of an
         # agent: their count is remembered per object. The entry keeps the dict alive, so its id
@@ -511,11 +528,13 @@ def _function_tokens(
             continue
         pending = len(left)
         tokens = _one_function_tokens(entry, count)
-        if len(left) != pending:
-            total += tokens
-            continue
-        _remember_function(key, entry, tokens)
         total += tokens
+        if len(left) != pending:
+            every_entry_kept = False
+            continue
+        every_entry_kept = _remember_function(key, entry, tokens) and every_entry_kept
+    if shared and every_entry_kept:
+        _remember_function_list(list_key, functions, total, generation)  # type: ignore[arg-type]
     return total
 
 
@@ -526,6 +545,12 @@ _FUNCTION_TOKENS: dict[tuple[int, str], tuple[Mapping[str, Any], int]] = {}
 _FUNCTION_TOKENS_MAX = 4096
 _FUNCTION_TOKENS_BUDGET_BYTES = 32 * 1024 * 1024
 _FUNCTION_TOKENS_HELD = 0
+# (id(list), encoding name) -> (a SharedFunctionList, its function tokens). Only lists whose
+# every entry `_FUNCTION_TOKENS` holds, and cleared with it (the generation counts its clears:
+# a list counted across one is not kept): it pins no dict that memo does not, so that memo's
+# bounds are its bounds too (and at most as many lists as it has entries).
+_FUNCTION_LIST_TOKENS: dict[tuple[int, str], tuple[SharedFunctionList, int]] = {}
+_FUNCTION_TOKENS_GENERATION = 0
 
 
 def _function_weight(entry: Mapping[str, Any], tokens: int) -> int:
@@ -535,18 +560,37 @@ def _function_weight(entry: Mapping[str, Any], tokens: int) -> int:
         return 8 * tokens + 64
 
 
-def _remember_function(key: tuple[int, str], entry: Mapping[str, Any], tokens: int) -> None:
+def _remember_function(key: tuple[int, str], entry: Mapping[str, Any], tokens: int) -> bool:
+    """Keep one entry's count; False if it is too large to keep."""
     global _FUNCTION_TOKENS_HELD
     weight = _function_weight(entry, tokens)
     if weight > _FUNCTION_TOKENS_BUDGET_BYTES:
-        return
+        return False
     with _MEMO_LOCK:
         memo = _FUNCTION_TOKENS
         _FUNCTION_TOKENS_HELD += weight
         if len(memo) >= _FUNCTION_TOKENS_MAX or _FUNCTION_TOKENS_HELD > _FUNCTION_TOKENS_BUDGET_BYTES:
-            memo.clear()
+            _clear_function_memo()
             _FUNCTION_TOKENS_HELD = weight
         memo[key] = (entry, tokens)
+    return True
+
+
+def _remember_function_list(
+    key: tuple[int, str], functions: SharedFunctionList, tokens: int, generation: int
+) -> None:
+    with _MEMO_LOCK:
+        lists = _FUNCTION_LIST_TOKENS
+        if generation == _FUNCTION_TOKENS_GENERATION and len(lists) < _FUNCTION_TOKENS_MAX:
+            lists[key] = (functions, tokens)
+
+
+def _clear_function_memo() -> None:
+    """Forget every function count (under _MEMO_LOCK); the caller resets the bytes held."""
+    global _FUNCTION_TOKENS_GENERATION
+    _FUNCTION_TOKENS.clear()
+    _FUNCTION_LIST_TOKENS.clear()
+    _FUNCTION_TOKENS_GENERATION += 1
 
 
 def _one_function_tokens(entry: Mapping[str, Any], count: _Count) -> int:

@@ -227,3 +227,39 @@ def test_a_complete_inline_count_is_the_general_count() -> None:
         started = tokens.start_request_count(messages, functions, model)
         assert started == tokens.count_request_tokens(messages, functions, model)
         assert type(started) is tokens.TokenCount
+
+
+def test_a_shared_function_list_is_counted_once_and_forgotten_with_its_entries() -> None:
+    from server.core import tokens
+
+    tokens.clear_memo()
+    a = openai_request.prompt_functions(_request(_function("a"), _function("b")))
+    b = openai_request.prompt_functions(_request(_function("c", y={"type": "string", "enum": ["p", "q"]})))
+    assert type(a) is tokens.SharedFunctionList and type(b) is tokens.SharedFunctionList
+    encoding, name = tokens.encoding_for_model("gpt-4o-mini")
+    expected = {id(fns): tokens.count_function_tokens(list(fns), encoding) for fns in (a, b)}  # plain lists
+    assert not tokens._FUNCTION_LIST_TOKENS  # plain lists are never remembered whole
+    for _ in range(2):
+        for fns in (a, b):
+            started = tokens.start_request_count([{"role": "user", "content": "hi"}], fns, "gpt-4o-mini")
+            assert isinstance(started, tokens.TokenCount)
+            assert started.function_tokens == expected[id(fns)]
+    assert tokens._FUNCTION_LIST_TOKENS[(id(a), name)] == (a, expected[id(a)])
+    # The entry memo starting over forgets the lists too: none pins a dict it no longer holds.
+    with tokens._MEMO_LOCK:
+        tokens._clear_function_memo()
+    assert not tokens._FUNCTION_LIST_TOKENS
+    assert tokens.count_function_tokens(a, encoding) == expected[id(a)]
+
+
+def test_a_list_counted_across_a_clear_is_not_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    from server.core import tokens
+
+    tokens.clear_memo()
+    functions = openai_request.prompt_functions(_request(_function("a"), _function("b")))
+    encoding, name = tokens.encoding_for_model("gpt-4o-mini")
+    expected = tokens.count_function_tokens(list(functions), encoding)
+    tokens.clear_memo()
+    monkeypatch.setattr(tokens, "_FUNCTION_TOKENS_MAX", 1)  # each entry kept clears the memo
+    assert tokens.count_function_tokens(functions, encoding) == expected
+    assert (id(functions), name) not in tokens._FUNCTION_LIST_TOKENS
