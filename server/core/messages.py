@@ -10,7 +10,7 @@ Function schemas arrive as `google.protobuf.Struct`, which loses two things JSON
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -60,8 +60,17 @@ def to_openai_messages(
         system_role = "developer" if accepts_developer_role(model) else "system"
     out: list[dict[str, Any]] = []
     append = out.append
+    item: Any  # a message, or its MessageFields
+    m: chat_pb2.Message
     content: Any
-    for i, (m, role_value, content, parts) in enumerate(_fields(messages) if read is None else read):
+    for i, item in enumerate(messages if read is None else read):
+        if read is None:  # read here (no tuple per message: this path is the stream's and others')
+            m = item
+            role_value = m.role
+            content = m.content
+            parts = m.parts
+        else:
+            m, role_value, content, parts = item
         if role_value == _SYSTEM:
             role = system_role
         else:
@@ -89,12 +98,6 @@ def to_openai_messages(
             d["name"] = m.name
         append(d)
     return out
-
-
-def _fields(messages: Iterable[chat_pb2.Message]) -> Iterator[MessageFields]:
-    """Each message with the fields `to_openai_messages` reads of every message (as validation's)."""
-    for m in messages:
-        yield m, m.role, m.content, m.parts
 
 
 def _parts(text: str, content_parts: Sequence[chat_pb2.ContentPart], i: int) -> list[dict[str, Any]]:
