@@ -772,10 +772,10 @@ def _translated(provider: Provider, body: dict[str, Any], stream: bool) -> tuple
     """The provider's upstream body, serialized, and its notes."""
     upstream, notes = provider.build_body(body, stream=stream)
     tools = upstream.get("tools")
-    if type(tools) is SentFunctions and tools.shared:
+    if type(tools) is SentFunctions and tools.shared and (fragment := tools.json()) is not None:
         # The cached tool list, as it serialized the first time: the same bytes (a copy of the
         # dict, `tools` keeps its place; `body` itself is unpacked against, never changed).
-        upstream = {**upstream, "tools": tools.json()}
+        upstream = {**upstream, "tools": fragment}
     # orjson hands back its working buffer, ~8x the text (a 2 KB body held a 16 KB block), and
     # the payload lives as long as the call (retries re-send it): an exact copy frees the rest.
     # Not above 1 MiB: such a buffer's unused tail is pages never touched (no RSS), and copying

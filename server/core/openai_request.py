@@ -95,19 +95,31 @@ class SentFunctions(list[dict[str, Any]]):
         super().__init__(entries)
         self.restores = restores
         self.shared = shared
-        self._json: orjson.Fragment | None = None
+        self._json: orjson.Fragment | bool = False  # False: not made yet; True: too large to keep
 
-    def json(self) -> orjson.Fragment:
+    def json(self) -> orjson.Fragment | None:
         """The list as orjson serializes it (`orjson.dumps(list(self))`), made once: a body that
         embeds this fragment serializes to the same bytes as one that holds the list, and the
         many small dicts of a tool set were ~70% of serializing a typical body. Only for a shared
         list (its dicts are read-only, as every cached function's); an exact copy, as orjson's
         output keeps its ~8x working buffer (`gateway._translated`). Two threads making it at
-        once make the same bytes."""
+        once make the same bytes. None past MAX_KEPT_TOOLS_JSON_BYTES: the list is then
+        serialized with each body, as an unshared one is."""
         found = self._json
-        if found is None:
-            found = self._json = orjson.Fragment(memoryview(orjson.dumps(self)).tobytes())
-        return found
+        if found is False:
+            raw = orjson.dumps(self)
+            if len(raw) > MAX_KEPT_TOOLS_JSON_BYTES:
+                self._json = True
+                return None
+            found = self._json = orjson.Fragment(memoryview(raw).tobytes())
+        return None if found is True else found
+
+
+# The largest cached tool list kept as JSON too. Its JSON is not bounded by its key: tiny
+# functions grow ~45x with inner thoughts and strict form (1,000 of them: ~6 KB of keys, ~260 KB
+# of JSON), and each of the 1,024 cached lists would hold that much again. At this bound the
+# fragments hold at most 64 MiB; a typical agent's tool set (tens of KB) stays well under it.
+MAX_KEPT_TOOLS_JSON_BYTES = 64 * 1024
 
 
 # key (fn bytes, thoughts variant, strict, tools-shape) -> (entry of `tools` or `functions`,

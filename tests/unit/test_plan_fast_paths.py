@@ -263,3 +263,25 @@ def test_a_list_counted_across_a_clear_is_not_kept(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(tokens, "_FUNCTION_TOKENS_MAX", 1)  # each entry kept clears the memo
     assert tokens.count_function_tokens(functions, encoding) == expected
     assert (id(functions), name) not in tokens._FUNCTION_LIST_TOKENS
+
+
+def test_a_tool_list_whose_json_is_large_keeps_no_copy_of_it() -> None:
+    # 1,000 functions of a few proto bytes each (~6 KB of keys, far under the list cache's
+    # bound) become ~260 KB of JSON with inner thoughts and strict form: the 1,024 cached lists
+    # held that much each again beside their dicts (~270 MB from requests of ~6 KB). Such a
+    # list is serialized with the body, as any other; smaller ones keep their fragment.
+    from server.core.validation import cacheable, function_keys
+
+    request = _request(*[chat_pb2.FunctionDefinition(name=f"f{i}") for i in range(1000)])
+    request.llm_config.put_inner_thoughts_in_kwargs = True
+    assert cacheable(function_keys(request.functions))
+    for _ in range(2):
+        body = build_chat_body(request, stream=False, endpoint=ENDPOINT)
+        tools = body["tools"]
+        assert tools.shared
+        raw = _translated(OPENAI, body, False)[1]
+        assert raw == orjson.dumps(body)
+        assert len(orjson.dumps(tools)) > openai_request.MAX_KEPT_TOOLS_JSON_BYTES
+        assert tools.json() is None
+    small = build_chat_body(_request(_function("a")), stream=False, endpoint=ENDPOINT)["tools"]
+    assert small.json() is not None and small.json() is small.json()
