@@ -24,7 +24,7 @@ import logging
 import re
 import threading
 import zlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib.resources.abc import Traversable
@@ -496,10 +496,18 @@ def count_function_tokens(functions: Sequence[Mapping[str, Any]], encoding: tikt
 class SharedFunctionList(list[dict[str, Any]]):
     """A function list shared, read-only, by every request that sends the same functions (the
     request path's cached prompt functions, `openai_request.prompt_functions`): its count is
-    remembered by identity, as its entries' are, so an agent's step looks up its tool set once
-    (not once per tool: ~1,500 instructions each)."""
+    remembered on it, so an agent's step looks up its tool set once (not once per tool: ~1,500
+    instructions each).
 
-    __slots__ = ()
+    `counted`: by encoding name, (the function memo's generation when counted, the function
+    tokens). Kept on the list, it goes with the list: a memo of lists by identity would keep
+    alive the lists the prompt cache drops (and, full of those, remember no live one)."""
+
+    __slots__ = ("counted",)
+
+    def __init__(self, entries: Iterable[dict[str, Any]]) -> None:
+        super().__init__(entries)
+        self.counted: dict[str, tuple[int, int]] = {}
 
 
 def _function_tokens(
@@ -507,13 +515,13 @@ def _function_tokens(
 ) -> int:
     """`count_function_tokens` with any counter; `left` is the budgeted counter's list of strings
     not counted yet (a function whose count is incomplete is not remembered)."""
-    shared = type(functions) is SharedFunctionList
-    if shared:
-        list_key = (id(functions), encoding_name)
-        known_list = _FUNCTION_LIST_TOKENS.get(list_key)
-        if known_list is not None and known_list[0] is functions:
-            return known_list[1]
+    counted: dict[str, tuple[int, int]] | None = None  # a shared list's own counts
+    if type(functions) is SharedFunctionList:
+        counted = functions.counted
         generation = _FUNCTION_TOKENS_GENERATION
+        known_list = counted.get(encoding_name)
+        if known_list is not None and known_list[0] == generation:
+            return known_list[1]
     total = _FUNCTIONS_OVERHEAD
     memo = _FUNCTION_TOKENS
     every_entry_kept = True
@@ -533,8 +541,10 @@ def _function_tokens(
             every_entry_kept = False
             continue
         every_entry_kept = _remember_function(key, entry, tokens) and every_entry_kept
-    if shared and every_entry_kept:
-        _remember_function_list(list_key, functions, total, generation)  # type: ignore[arg-type]
+    if counted is not None and every_entry_kept and generation == _FUNCTION_TOKENS_GENERATION:
+        # With the generation read before counting: one made across a clear (even one racing
+        # this check) is never used.
+        counted[encoding_name] = (generation, total)
     return total
 
 
@@ -545,11 +555,8 @@ _FUNCTION_TOKENS: dict[tuple[int, str], tuple[Mapping[str, Any], int]] = {}
 _FUNCTION_TOKENS_MAX = 4096
 _FUNCTION_TOKENS_BUDGET_BYTES = 32 * 1024 * 1024
 _FUNCTION_TOKENS_HELD = 0
-# (id(list), encoding name) -> (a SharedFunctionList, its function tokens). Only lists whose
-# every entry `_FUNCTION_TOKENS` holds, and cleared with it (the generation counts its clears:
-# a list counted across one is not kept): it pins no dict that memo does not, so that memo's
-# bounds are its bounds too (and at most as many lists as it has entries).
-_FUNCTION_LIST_TOKENS: dict[tuple[int, str], tuple[SharedFunctionList, int]] = {}
+# The clears of `_FUNCTION_TOKENS`: a SharedFunctionList's own count is used only while the
+# generation it was made in lasts (it is forgotten with the entries' counts, as before).
 _FUNCTION_TOKENS_GENERATION = 0
 
 
@@ -576,20 +583,10 @@ def _remember_function(key: tuple[int, str], entry: Mapping[str, Any], tokens: i
     return True
 
 
-def _remember_function_list(
-    key: tuple[int, str], functions: SharedFunctionList, tokens: int, generation: int
-) -> None:
-    with _MEMO_LOCK:
-        lists = _FUNCTION_LIST_TOKENS
-        if generation == _FUNCTION_TOKENS_GENERATION and len(lists) < _FUNCTION_TOKENS_MAX:
-            lists[key] = (functions, tokens)
-
-
 def _clear_function_memo() -> None:
     """Forget every function count (under _MEMO_LOCK); the caller resets the bytes held."""
     global _FUNCTION_TOKENS_GENERATION
     _FUNCTION_TOKENS.clear()
-    _FUNCTION_LIST_TOKENS.clear()
     _FUNCTION_TOKENS_GENERATION += 1
 
 

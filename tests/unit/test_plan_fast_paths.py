@@ -238,18 +238,19 @@ def test_a_shared_function_list_is_counted_once_and_forgotten_with_its_entries()
     assert type(a) is tokens.SharedFunctionList and type(b) is tokens.SharedFunctionList
     encoding, name = tokens.encoding_for_model("gpt-4o-mini")
     expected = {id(fns): tokens.count_function_tokens(list(fns), encoding) for fns in (a, b)}  # plain lists
-    assert not tokens._FUNCTION_LIST_TOKENS  # plain lists are never remembered whole
+    assert not a.counted and not b.counted  # plain lists (the copies) are never remembered whole
     for _ in range(2):
         for fns in (a, b):
             started = tokens.start_request_count([{"role": "user", "content": "hi"}], fns, "gpt-4o-mini")
             assert isinstance(started, tokens.TokenCount)
             assert started.function_tokens == expected[id(fns)]
-    assert tokens._FUNCTION_LIST_TOKENS[(id(a), name)] == (a, expected[id(a)])
-    # The entry memo starting over forgets the lists too: none pins a dict it no longer holds.
+    assert a.counted[name] == (tokens._FUNCTION_TOKENS_GENERATION, expected[id(a)])
+    # The entry memo starting over forgets the lists' counts too: each is counted anew.
     with tokens._MEMO_LOCK:
         tokens._clear_function_memo()
-    assert not tokens._FUNCTION_LIST_TOKENS
+    assert a.counted[name][0] != tokens._FUNCTION_TOKENS_GENERATION  # stale: not used
     assert tokens.count_function_tokens(a, encoding) == expected[id(a)]
+    assert a.counted[name] == (tokens._FUNCTION_TOKENS_GENERATION, expected[id(a)])
 
 
 def test_a_list_counted_across_a_clear_is_not_kept(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -262,7 +263,7 @@ def test_a_list_counted_across_a_clear_is_not_kept(monkeypatch: pytest.MonkeyPat
     tokens.clear_memo()
     monkeypatch.setattr(tokens, "_FUNCTION_TOKENS_MAX", 1)  # each entry kept clears the memo
     assert tokens.count_function_tokens(functions, encoding) == expected
-    assert (id(functions), name) not in tokens._FUNCTION_LIST_TOKENS
+    assert name not in functions.counted
 
 
 def test_a_tool_list_whose_json_is_large_keeps_no_copy_of_it() -> None:
@@ -285,3 +286,46 @@ def test_a_tool_list_whose_json_is_large_keeps_no_copy_of_it() -> None:
         assert tools.json() is None
     small = build_chat_body(_request(_function("a")), stream=False, endpoint=ENDPOINT)["tools"]
     assert small.json() is not None and small.json() is small.json()
+
+
+class _CountingMemo(dict[Any, Any]):
+    """The entry memo, counting its lookups (a list remembered whole looks none up)."""
+
+    lookups = 0
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        type(self).lookups += 1
+        return super().get(key, default)
+
+
+def test_a_shared_list_dropped_by_its_cache_is_not_held_and_a_live_one_is_remembered(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The prompt-list cache drops its oldest lists (FIFO) and makes a new list for the same
+    # functions later, while their entries stay the same dicts (the per-function cache): the
+    # entry memo then never starts over. A dropped list must not stay alive for its count, nor
+    # crowd out the live ones (a memo of lists full of dead ones remembered no other).
+    import gc
+
+    from server.core import tokens
+
+    tokens.clear_memo()
+    monkeypatch.setattr(openai_request, "_PROMPT_LISTS", openai_request.BoundedCache(1))
+    monkeypatch.setattr(tokens, "_FUNCTION_TOKENS_MAX", 16)  # the entry memo holds the 3 entries
+    monkeypatch.setattr(tokens, "_FUNCTION_TOKENS", _CountingMemo())
+    encoding, _ = tokens.encoding_for_model("gpt-4o-mini")
+    sets = [_request(_function("a"), _function("b")), _request(_function("c"))]
+    prompt = openai_request.prompt_functions
+    expected = [tokens.count_function_tokens(list(prompt(r)), encoding) for r in sets]
+    for step in range(40):  # each step drops the other set's list: a new list object each time
+        functions = openai_request.prompt_functions(sets[step % 2])
+        assert tokens.count_function_tokens(functions, encoding) == expected[step % 2]
+    del functions
+    live = openai_request.prompt_functions(sets[0])
+    assert tokens.count_function_tokens(live, encoding) == expected[0]
+    _CountingMemo.lookups = 0
+    assert tokens.count_function_tokens(live, encoding) == expected[0]
+    assert _CountingMemo.lookups == 0  # remembered whole
+    gc.collect()
+    held = [o for o in gc.get_objects() if type(o) is tokens.SharedFunctionList]
+    assert len(held) == 1 and held[0] is live  # no dropped list kept alive for its count
