@@ -329,3 +329,29 @@ def test_a_shared_list_dropped_by_its_cache_is_not_held_and_a_live_one_is_rememb
     gc.collect()
     held = [o for o in gc.get_objects() if type(o) is tokens.SharedFunctionList]
     assert len(held) == 1 and held[0] is live  # no dropped list kept alive for its count
+
+
+def test_validation_keeps_no_fields_of_a_request_it_refuses_for_its_message_count(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # An empty message is 4 bytes on the wire: a 64 MiB request carries ~16 million. Validation
+    # reads every one (to name every problem) and refuses the request; kept, their fields held
+    # ~200 bytes each (~3 GB for one request) until it raised. Under the bound they are kept.
+    import tracemalloc
+
+    from server.core import validation
+    from server.errors import InvalidRequest
+
+    monkeypatch.setattr(validation, "MAX_MESSAGES", 100)
+    one = chat_pb2.CreateRequest(messages=[M(role=USER)]).SerializeToString()
+    request = chat_pb2.CreateRequest.FromString(_request().SerializeToString() + one * 50_000)
+    tracemalloc.start()
+    try:
+        with pytest.raises(InvalidRequest, match="at most 100 messages"):
+            validation.validate_request(request)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1_000_000  # kept: ~10 MB
+    del request.messages[100:]
+    assert len(validation.validate_request(request)) == 100
