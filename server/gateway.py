@@ -44,13 +44,19 @@ from server.core.keys import (
     counting_endpoint,
     resolve_target,
 )
-from server.core.openai_request import build_chat_body, prompt_functions, unpack_completion
+from server.core.openai_request import (
+    SentFunctions,
+    build_chat_body,
+    prompt_functions,
+    unpack_completion,
+)
 from server.core.relay import plain_wire, relayed
 from server.core.retry import Deadline
 from server.core.stream import StreamAccumulator
 from server.core.validation import (
     LOCAL_TYPES,
     FunctionKeys,
+    MessageFields,
     function_keys_async,
     function_keys_rest,
     function_keys_started,
@@ -240,8 +246,10 @@ class Gateway:
         keys: FunctionKeys,
         via: Attempt | None = None,
         config_key: bytes | None = None,
+        read: list[MessageFields] | None = None,
     ) -> Plan:
-        """`config_key`: `request.llm_config` serialized, shared by the caches keyed by it."""
+        """`config_key`: `request.llm_config` serialized, shared by the caches keyed by it;
+        `read`: the messages' fields as validation read them (`validate_request`'s result)."""
         config = request.llm_config
         provider = provider_for(config.model_endpoint_type, self._settings)
         # A routed attempt may bring its deployment's own target (a key of the routes file).
@@ -266,7 +274,7 @@ class Gateway:
             body, functions = await offload.run(
                 lambda: (
                     build_chat_body(
-                        request, stream=stream, endpoint=endpoint, keys=keys, config_key=config_key
+                        request, stream=stream, endpoint=endpoint, keys=keys, config_key=config_key, read=read
                     ),
                     prompt_functions(request, endpoint=endpoint, keys=keys),
                 )
@@ -277,7 +285,7 @@ class Gateway:
             notes, raw = await offload.run(lambda: _translated(provider, body, stream))
         else:  # plain calls, as in `_create`; the guard's, as `guard` counts inline
             body = build_chat_body(
-                request, stream=stream, endpoint=endpoint, keys=keys, config_key=config_key
+                request, stream=stream, endpoint=endpoint, keys=keys, config_key=config_key, read=read
             )
             functions = prompt_functions(request, endpoint=endpoint, keys=keys)
             count = None
@@ -469,10 +477,12 @@ class Gateway:
         # trace's copy): nothing changes the request's config during the call (a routed call
         # sets it before each attempt, and each attempt comes here).
         config_key = request.llm_config.SerializeToString()
+        # The messages' fields as validation read them: the body is built from them (nothing
+        # changes the request's messages during the call; a routed attempt comes here anew).
         if off_loop(keys):
-            await offload.run(lambda: validate_request(request, keys, config_key))
+            read = await offload.run(lambda: validate_request(request, keys, config_key))
         else:
-            validate_request(request, keys, config_key)
+            read = validate_request(request, keys, config_key)
         if request.llm_config.model_endpoint_type in LOCAL_TYPES:
             if admission is not None:
                 await admission.admit(None)  # QUOTA_EXCEEDED here: nothing went upstream
@@ -482,7 +492,9 @@ class Gateway:
                 if not self._settings.tool_call_missing_retry:
                     raise
             return await self._create_local(request, actor, deadline, keys)
-        plan = await self._plan(request, actor, stream=False, keys=keys, via=via, config_key=config_key)
+        plan = await self._plan(
+            request, actor, stream=False, keys=keys, via=via, config_key=config_key, read=read
+        )
         if admission is not None:
             await admission.admit(plan.count)  # the guard's count; QUOTA_EXCEEDED: nothing sent
         try:
@@ -491,7 +503,9 @@ class Gateway:
             if not tool_call_check.ask_again(plan.body, plan.target.base_url, settings=self._settings):
                 raise
         # Planned again: a server just learned to be llama.cpp's gets the form it honours.
-        plan = await self._plan(request, actor, stream=False, keys=keys, via=via, config_key=config_key)
+        plan = await self._plan(
+            request, actor, stream=False, keys=keys, via=via, config_key=config_key, read=read
+        )
         return await self._create_once(request, actor, deadline, plan, via)
 
     async def _create_once(
@@ -769,6 +783,11 @@ _EXACT_COPY_LIMIT = 1 << 20
 def _translated(provider: Provider, body: dict[str, Any], stream: bool) -> tuple[list[str], bytes]:
     """The provider's upstream body, serialized, and its notes."""
     upstream, notes = provider.build_body(body, stream=stream)
+    tools = upstream.get("tools")
+    if type(tools) is SentFunctions and tools.shared and (fragment := tools.json()) is not None:
+        # The cached tool list, as it serialized the first time: the same bytes (a copy of the
+        # dict, `tools` keeps its place; `body` itself is unpacked against, never changed).
+        upstream = {**upstream, "tools": fragment}
     # orjson hands back its working buffer, ~8x the text (a 2 KB body held a 16 KB block), and
     # the payload lives as long as the call (retries re-send it): an exact copy frees the rest.
     # Not above 1 MiB: such a buffer's unused tail is pages never touched (no RSS), and copying

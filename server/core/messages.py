@@ -11,7 +11,7 @@ Function schemas arrive as `google.protobuf.Struct`, which loses two things JSON
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from google.protobuf import struct_pb2
@@ -19,6 +19,9 @@ from llmgateway.v1 import chat_pb2
 
 from server.core.tools import accepts_developer_role
 from server.errors import FieldViolation, InvalidRequest
+
+if TYPE_CHECKING:
+    from server.core.validation import MessageFields
 
 _ROLE_NAMES: dict[int, str] = {
     chat_pb2.ROLE_SYSTEM: "system",
@@ -42,17 +45,32 @@ def _invalid(field: str, description: str, **metadata: object) -> InvalidRequest
 
 
 def to_openai_messages(
-    messages: Sequence[chat_pb2.Message], *, model: str, system_role: str | None = None
+    messages: Sequence[chat_pb2.Message],
+    *,
+    model: str,
+    system_role: str | None = None,
+    read: Sequence[MessageFields] | None = None,
 ) -> list[dict[str, Any]]:
     """The `messages` array for `model`; raises InvalidRequest naming the offending field.
 
-    `system_role`: the role of system messages for `model`, if the caller already knows it."""
+    `system_role`: the role of system messages for `model`, if the caller already knows it.
+    `read`: `messages`' fields as `validation.validate_request` returned them (the same messages,
+    unchanged since), instead of reading them from the protos again."""
     if system_role is None:
         system_role = "developer" if accepts_developer_role(model) else "system"
     out: list[dict[str, Any]] = []
     append = out.append
-    for i, m in enumerate(messages):
-        role_value = m.role
+    item: Any  # a message, or its MessageFields
+    m: chat_pb2.Message
+    content: Any
+    for i, item in enumerate(messages if read is None else read):
+        if read is None:  # read here (no tuple per message: this path is the stream's and others')
+            m = item
+            role_value = m.role
+            content = m.content
+            parts = m.parts
+        else:
+            m, role_value, content, parts = item
         if role_value == _SYSTEM:
             role = system_role
         else:
@@ -60,9 +78,8 @@ def to_openai_messages(
             if name is None:
                 raise _invalid(f"messages[{i}].role", "must be one of the ROLE_* values", role=role_value)
             role = name
-        content: Any = m.content
-        if m.parts:
-            content = _parts(m, i)
+        if parts:
+            content = _parts(content, parts, i)
         d: dict[str, Any] = {"role": role, "content": content}
         if role_value == _ASSISTANT:
             if m.tool_calls:
@@ -83,11 +100,12 @@ def to_openai_messages(
     return out
 
 
-def _parts(m: chat_pb2.Message, i: int) -> list[dict[str, Any]]:
+def _parts(text: str, content_parts: Sequence[chat_pb2.ContentPart], i: int) -> list[dict[str, Any]]:
+    """A message's content and parts (`text`, `content_parts`) as a content array."""
     parts: list[dict[str, Any]] = []
-    if m.content:
-        parts.append({"type": "text", "text": m.content})
-    for k, p in enumerate(m.parts):
+    if text:
+        parts.append({"type": "text", "text": text})
+    for k, p in enumerate(content_parts):
         which = p.WhichOneof("part")
         if which == "text":
             parts.append({"type": "text", "text": p.text})

@@ -35,7 +35,8 @@ from server.core import inner_thoughts, tools
 from server.core.config_cache import MAX_CACHED_CONFIG_BYTES, ConfigCache
 from server.core.messages import function_to_dict, struct_to_dict, to_openai_messages
 from server.core.strict_schema import Restore, restore_absent, strict_with_restore
-from server.core.validation import FunctionKeys, cacheable, function_keys
+from server.core.tokens import SharedFunctionList
+from server.core.validation import FunctionKeys, MessageFields, cacheable, function_keys
 from server.errors import FieldViolation, InvalidRequest
 
 K = TypeVar("K", bound=Hashable)
@@ -81,13 +82,44 @@ _PROMPT_CACHE: BoundedCache[tuple[bytes, int], dict[str, Any]] = BoundedCache(20
 class SentFunctions(list[dict[str, Any]]):
     """The `tools`/`functions` list of a body (serialized as a plain list), with `restores`:
     by function name, what undoes the nulls strict conversion added (None when it added none,
-    so the answer is not walked at all)."""
+    so the answer is not walked at all).
 
-    __slots__ = ("restores",)
+    `shared`: the list is the cached one (`_SENT_LISTS`), sent unchanged on every step of an
+    agent; `json` then serializes it once for all those bodies (see `json`)."""
 
-    def __init__(self, entries: list[dict[str, Any]], restores: dict[str, Restore] | None) -> None:
+    __slots__ = ("restores", "shared", "_json")
+
+    def __init__(
+        self, entries: list[dict[str, Any]], restores: dict[str, Restore] | None, *, shared: bool = False
+    ) -> None:
         super().__init__(entries)
         self.restores = restores
+        self.shared = shared
+        self._json: orjson.Fragment | bool = False  # False: not made yet; True: too large to keep
+
+    def json(self) -> orjson.Fragment | None:
+        """The list as orjson serializes it (`orjson.dumps(list(self))`), made once: a body that
+        embeds this fragment serializes to the same bytes as one that holds the list, and the
+        many small dicts of a tool set were ~70% of serializing a typical body. Only for a shared
+        list (its dicts are read-only, as every cached function's); an exact copy, as orjson's
+        output keeps its ~8x working buffer (`gateway._translated`). Two threads making it at
+        once make the same bytes. None past MAX_KEPT_TOOLS_JSON_BYTES: the list is then
+        serialized with each body, as an unshared one is."""
+        found = self._json
+        if found is False:
+            raw = orjson.dumps(self)
+            if len(raw) > MAX_KEPT_TOOLS_JSON_BYTES:
+                self._json = True
+                return None
+            found = self._json = orjson.Fragment(memoryview(raw).tobytes())
+        return None if found is True else found
+
+
+# The largest cached tool list kept as JSON too. Its JSON is not bounded by its key: tiny
+# functions grow ~45x with inner thoughts and strict form (1,000 of them: ~6 KB of keys, ~260 KB
+# of JSON), and each of the 1,024 cached lists would hold that much again. At this bound the
+# fragments hold at most 64 MiB; a typical agent's tool set (tens of KB) stays well under it.
+MAX_KEPT_TOOLS_JSON_BYTES = 64 * 1024
 
 
 # key (fn bytes, thoughts variant, strict, tools-shape) -> (entry of `tools` or `functions`,
@@ -160,7 +192,9 @@ def prompt_functions(
     if found is None:
         pairs = enumerate(zip(request.functions, keys, strict=True))
         prepared = [_prompt_function(fn, i, key, variant) for i, (fn, key) in pairs]
-        found = _PROMPT_LISTS.put(cache_key, prepared) if cacheable(keys) else prepared
+        # Kept, it is shared read-only by every request with these functions: its token count
+        # is remembered by identity too (tokens.SharedFunctionList).
+        found = _PROMPT_LISTS.put(cache_key, SharedFunctionList(prepared)) if cacheable(keys) else prepared
     return found
 
 
@@ -191,8 +225,9 @@ def _sent_functions(
         out.append(entry)
         if restore is not None:
             restores[fn.name] = restore
-    sent = SentFunctions(out, restores or None)
-    return _SENT_LISTS.put(list_key, sent) if cacheable(keys) else sent
+    if cacheable(keys):
+        return _SENT_LISTS.put(list_key, SentFunctions(out, restores or None, shared=True))
+    return SentFunctions(out, restores or None)
 
 
 def _only_forced(sent: SentFunctions, name: str) -> SentFunctions:
@@ -283,12 +318,14 @@ _NAMES: BoundedCache[FunctionKeys, tuple[str, ...]] = BoundedCache(1024)
 def _function_names(
     functions: Sequence[chat_pb2.FunctionDefinition], keys: FunctionKeys | None
 ) -> Sequence[str]:
-    if keys is None or not cacheable(keys):
+    if keys is None:
         return [fn.name for fn in functions]
-    found = _NAMES.get(keys)
-    if found is None:
-        found = _NAMES.put(keys, tuple(fn.name for fn in functions))
-    return found
+    found = _NAMES.get(keys)  # first: a list found was cacheable when kept (the same bytes now)
+    if found is not None:
+        return found
+    if not cacheable(keys):
+        return [fn.name for fn in functions]
+    return _NAMES.put(keys, tuple(fn.name for fn in functions))
 
 
 def build_chat_body(
@@ -298,11 +335,13 @@ def build_chat_body(
     endpoint: str,
     keys: FunctionKeys | None = None,
     config_key: bytes | None = None,
+    read: Sequence[MessageFields] | None = None,
 ) -> dict[str, Any]:
     """The exact JSON body for `POST {endpoint}/chat/completions`.
 
     The `tools`/`functions` list in it is shared and read-only (cached per function set).
     `request` may be any of CreateRequest/StreamCreateRequest/CountTokensRequest (same fields).
+    `read`: what `validate_request(request)` returned, if the messages are unchanged since.
     Raises InvalidRequest for invalid messages, functions or tool forcing.
     """
     cfg = request.llm_config
@@ -316,7 +355,9 @@ def build_chat_body(
         )
     body: dict[str, Any] = {
         "model": model,
-        "messages": to_openai_messages(request.messages, model=model, system_role=facts.system_role),
+        "messages": to_openai_messages(
+            request.messages, model=model, system_role=facts.system_role, read=read
+        ),
     }
 
     functions = request.functions

@@ -24,7 +24,7 @@ import logging
 import re
 import threading
 import zlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib.resources.abc import Traversable
@@ -323,7 +323,7 @@ def clear_memo() -> None:
             memo.held = 0
     global _FUNCTION_TOKENS_HELD
     with _MEMO_LOCK:
-        _FUNCTION_TOKENS.clear()
+        _clear_function_memo()
         _FUNCTION_TOKENS_HELD = 0
 
 
@@ -493,13 +493,38 @@ def count_function_tokens(functions: Sequence[Mapping[str, Any]], encoding: tikt
     return _function_tokens(functions, encoding.name, _counter(encoding), [])
 
 
+class SharedFunctionList(list[dict[str, Any]]):
+    """A function list shared, read-only, by every request that sends the same functions (the
+    request path's cached prompt functions, `openai_request.prompt_functions`): its count is
+    remembered on it, so an agent's step looks up its tool set once (not once per tool: ~1,500
+    instructions each).
+
+    `counted`: by encoding name, (the function memo's generation when counted, the function
+    tokens). Kept on the list, it goes with the list: a memo of lists by identity would keep
+    alive the lists the prompt cache drops (and, full of those, remember no live one)."""
+
+    __slots__ = ("counted",)
+
+    def __init__(self, entries: Iterable[dict[str, Any]]) -> None:
+        super().__init__(entries)
+        self.counted: dict[str, tuple[int, int]] = {}
+
+
 def _function_tokens(
     functions: Sequence[Mapping[str, Any]], encoding_name: str, count: _Count, left: list[str]
 ) -> int:
     """`count_function_tokens` with any counter; `left` is the budgeted counter's list of strings
     not counted yet (a function whose count is incomplete is not remembered)."""
+    counted: dict[str, tuple[int, int]] | None = None  # a shared list's own counts
+    if type(functions) is SharedFunctionList:
+        counted = functions.counted
+        generation = _FUNCTION_TOKENS_GENERATION
+        known_list = counted.get(encoding_name)
+        if known_list is not None and known_list[0] == generation:
+            return known_list[1]
     total = _FUNCTIONS_OVERHEAD
     memo = _FUNCTION_TOKENS
+    every_entry_kept = True
     for entry in functions:
         # The request path hands in the same (cached, read-only) dict objects on every step of an
         # agent: their count is remembered per object. The entry keeps the dict alive, so its id
@@ -511,11 +536,15 @@ def _function_tokens(
             continue
         pending = len(left)
         tokens = _one_function_tokens(entry, count)
-        if len(left) != pending:
-            total += tokens
-            continue
-        _remember_function(key, entry, tokens)
         total += tokens
+        if len(left) != pending:
+            every_entry_kept = False
+            continue
+        every_entry_kept = _remember_function(key, entry, tokens) and every_entry_kept
+    if counted is not None and every_entry_kept and generation == _FUNCTION_TOKENS_GENERATION:
+        # With the generation read before counting: one made across a clear (even one racing
+        # this check) is never used.
+        counted[encoding_name] = (generation, total)
     return total
 
 
@@ -526,6 +555,9 @@ _FUNCTION_TOKENS: dict[tuple[int, str], tuple[Mapping[str, Any], int]] = {}
 _FUNCTION_TOKENS_MAX = 4096
 _FUNCTION_TOKENS_BUDGET_BYTES = 32 * 1024 * 1024
 _FUNCTION_TOKENS_HELD = 0
+# The clears of `_FUNCTION_TOKENS`: a SharedFunctionList's own count is used only while the
+# generation it was made in lasts (it is forgotten with the entries' counts, as before).
+_FUNCTION_TOKENS_GENERATION = 0
 
 
 def _function_weight(entry: Mapping[str, Any], tokens: int) -> int:
@@ -535,18 +567,27 @@ def _function_weight(entry: Mapping[str, Any], tokens: int) -> int:
         return 8 * tokens + 64
 
 
-def _remember_function(key: tuple[int, str], entry: Mapping[str, Any], tokens: int) -> None:
+def _remember_function(key: tuple[int, str], entry: Mapping[str, Any], tokens: int) -> bool:
+    """Keep one entry's count; False if it is too large to keep."""
     global _FUNCTION_TOKENS_HELD
     weight = _function_weight(entry, tokens)
     if weight > _FUNCTION_TOKENS_BUDGET_BYTES:
-        return
+        return False
     with _MEMO_LOCK:
         memo = _FUNCTION_TOKENS
         _FUNCTION_TOKENS_HELD += weight
         if len(memo) >= _FUNCTION_TOKENS_MAX or _FUNCTION_TOKENS_HELD > _FUNCTION_TOKENS_BUDGET_BYTES:
-            memo.clear()
+            _clear_function_memo()
             _FUNCTION_TOKENS_HELD = weight
         memo[key] = (entry, tokens)
+    return True
+
+
+def _clear_function_memo() -> None:
+    """Forget every function count (under _MEMO_LOCK); the caller resets the bytes held."""
+    global _FUNCTION_TOKENS_GENERATION
+    _FUNCTION_TOKENS.clear()
+    _FUNCTION_TOKENS_GENERATION += 1
 
 
 def _one_function_tokens(entry: Mapping[str, Any], count: _Count) -> int:
@@ -609,8 +650,8 @@ def start_request_count(
     prompt_tokens = _message_tokens(messages, count)
     prompt_left = left[:]
     function_tokens = _function_tokens(functions, name, count, left) if functions else 0
-    if not left:
-        return TokenCount(prompt_tokens=prompt_tokens, function_tokens=function_tokens, encoding=name)
+    if not left:  # positional: keywords matched by name cost ~1,600 instructions more here
+        return TokenCount(prompt_tokens, function_tokens, name)
     return PendingCount(prompt_tokens, function_tokens, encoding, name, prompt_left, left[len(prompt_left) :])
 
 

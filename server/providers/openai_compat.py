@@ -225,7 +225,8 @@ class OpenAICompatible:
 
     def build_body(self, body: dict[str, Any], *, stream: bool) -> tuple[dict[str, Any], list[str]]:
         notes: list[str] = []
-        refused = [key for key in REASONING_MODEL_REFUSES if key in body]
+        # The usual body sets none of them: one pass over its keys, no list built.
+        refused = [] if _REFUSED_KEYS.isdisjoint(body) else [k for k in REASONING_MODEL_REFUSES if k in body]
         if refused and tools.is_openai_reasoning_model(str(body.get("model", ""))):
             # o1/o3/o4/gpt-5 answer 400 "Unsupported parameter" for these (temperature is
             # already sent as 1.0 for them by build_chat_body).
@@ -284,6 +285,7 @@ def answer_is_body_json(dialect: Provider) -> bool:
 
 # Sampling parameters OpenAI's reasoning families refuse.
 REASONING_MODEL_REFUSES = ("top_p", "frequency_penalty", "presence_penalty")
+_REFUSED_KEYS = frozenset(REASONING_MODEL_REFUSES)
 # Message fields only some providers take back: other providers' thinking parts, and the
 # reasoning_content a client returns for DeepSeek's thinking mode (server.providers.deepseek).
 OPAQUE_MESSAGE_FIELDS = ("thinking_blocks", "reasoning_content")
