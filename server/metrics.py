@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import multiprocess as _multiprocess
+from prometheus_client.values import MutexValue
 
 from server.inflight import cancel_status, current_call
 from server.metrics_dir import MULTIPROC_ENV
@@ -252,7 +253,8 @@ def _reason(reason: str) -> str:
 # -- the hooks ---------------------------------------------------------------------------------
 #
 # The hot hooks (every call's requests counter, in-flight gauge, duration/token/TTFC histograms,
-# cost and unpriced counters)
+# and, in a single process, the cost and unpriced counters: with workers those are written at
+# each answer)
 # add to plain in-process cells, and `flush()` moves the sums into the prometheus_client objects:
 # once a second (the Sampler), before this process renders a scrape, and when the server stops.
 # In multiprocess mode (--workers N) each prometheus_client update takes a lock and writes a
@@ -330,7 +332,7 @@ class _CostCell:
     """The exact sum of one cost series in integer pico-dollars (see `record_cost`); each flush
     that finds it changed sets the counter to the float nearest it."""
 
-    __slots__ = ("value", "pico", "flushed")
+    __slots__ = ("value", "pico", "flushed", "shared")
 
     def __init__(self, child: Any) -> None:
         # prometheus_client has no public set() on a counter; its value object (in-process, or
@@ -338,6 +340,9 @@ class _CostCell:
         self.value = child._value  # noqa: SLF001
         self.pico = 0
         self.flushed = 0
+        # With workers the value is in a file other workers' scrapes read: written at each answer
+        # (`record_cost`), so a scrape sees every worker's cost and a worker that dies loses none.
+        self.shared = not isinstance(self.value, MutexValue)
 
     def flush(self) -> None:
         if self.pico != self.flushed:
@@ -465,7 +470,7 @@ def record_cost(provider: str, model: str, pico: int) -> None:
     the exact sum is kept as an integer per label set (a `_CostCell`) and `flush()` sets the
     counter to the float nearest it (int / int is correctly rounded): /metrics says the exact sum
     of the answers' `cost_usd`, to the last bit a float holds. With `--workers N` each worker's
-    value is exact (as of its last flush, as every cell's) and the scrape adds them up.
+    value is exact (written at each answer, not at a flush) and the scrape adds them up.
     """
     if pico <= 0:
         return
@@ -476,11 +481,17 @@ def record_cost(provider: str, model: str, pico: int) -> None:
         if len(_cost_cells) < _MAX_CACHED:
             _cost_cells[key] = cell
     cell.pico += pico
+    if cell.shared:  # --workers: in the file now, as before the cells (see _CostCell)
+        cell.flush()
 
 
 def record_unpriced(provider: str, model: str) -> None:
-    """One answer whose cost is unknown."""
-    _cell(UNPRICED, (provider_label(provider), models(model)), _CounterCell).pending += 1.0
+    """One answer whose cost is unknown (with workers in this worker's file at once, as the cost
+    is: see _CostCell)."""
+    cell = _cell(UNPRICED, (provider_label(provider), models(model)), _CounterCell)
+    cell.pending += 1.0
+    if not isinstance(cell.child._value, MutexValue):  # noqa: SLF001 - memory-mapped: --workers
+        cell.flush()
 
 
 def record_limits_redis_failure(*, admitted: bool) -> None:
