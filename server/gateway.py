@@ -247,9 +247,11 @@ class Gateway:
         via: Attempt | None = None,
         config_key: bytes | None = None,
         read: list[MessageFields] | None = None,
+        off: bool | None = None,
     ) -> Plan:
         """`config_key`: `request.llm_config` serialized, shared by the caches keyed by it;
-        `read`: the messages' fields as validation read them (`validate_request`'s result)."""
+        `read`: the messages' fields as validation read them (`validate_request`'s result);
+        `off`: `off_loop(keys)`, if the caller made it already (None: made here)."""
         config = request.llm_config
         provider = provider_for(config.model_endpoint_type, self._settings)
         # A routed attempt may bring its deployment's own target (a key of the routes file).
@@ -268,7 +270,8 @@ class Gateway:
             )
         )
         # Count the functions as sent to this endpoint (the inner-thoughts text depends on it).
-        off = off_loop(keys)  # a huge function set: converted (strict too) and counted in the pool
+        if off is None:  # a huge function set: converted (strict too) and counted in the pool
+            off = off_loop(keys)
         endpoint = target.base_url
         if off:
             body, functions = await offload.run(
@@ -432,17 +435,24 @@ class Gateway:
     # -- Create ------------------------------------------------------------------------------
 
     async def create(
-        self, request: ChatRequest, actor: Actor, deadline: Deadline, via: Attempt | None = None
+        self,
+        request: ChatRequest,
+        actor: Actor,
+        deadline: Deadline,
+        via: Attempt | None = None,
+        *,
+        routed: bool | None = None,
     ) -> chat_pb2.CreateResponse:
+        """`routed`: `wants_routing(request)`, if the caller asked already (None: asked here)."""
         if via is not None:  # one attempt of a routed call: the call was admitted as a whole
             return await self._create(request, actor, deadline, via, via.admission)
         limiter = self.deps.limiter
         if limiter is None or not limiter.may_apply(actor):
-            return await self._create_routed_or_direct(request, actor, deadline, None)
+            return await self._create_routed_or_direct(request, actor, deadline, None, routed)
         admission = limiter.admission(actor, request)
         response = None
         try:
-            response = await self._create_routed_or_direct(request, actor, deadline, admission)
+            response = await self._create_routed_or_direct(request, actor, deadline, admission, routed)
         except _UNFINISHED:  # the upstream may have billed what never came back
             admission.settle_unfinished(None)
             raise
@@ -451,9 +461,16 @@ class Gateway:
         return response
 
     async def _create_routed_or_direct(
-        self, request: ChatRequest, actor: Actor, deadline: Deadline, admission: Admission | None
+        self,
+        request: ChatRequest,
+        actor: Actor,
+        deadline: Deadline,
+        admission: Admission | None,
+        routed: bool | None = None,
     ) -> chat_pb2.CreateResponse:
-        if wants_routing(request):  # a route or fallbacks: each attempt comes back to create()
+        if routed is None:
+            routed = wants_routing(request)
+        if routed:  # a route or fallbacks: each attempt comes back to create()
             return await self.router.create(self, request, actor, deadline, admission)
         return await self._create(request, actor, deadline, None, admission)
 
@@ -479,7 +496,8 @@ class Gateway:
         config_key = request.llm_config.SerializeToString()
         # The messages' fields as validation read them: the body is built from them (nothing
         # changes the request's messages during the call; a routed attempt comes here anew).
-        if off_loop(keys):
+        off = off_loop(keys)  # once: validation and the plan below both ask
+        if off:
             read = await offload.run(lambda: validate_request(request, keys, config_key))
         else:
             read = validate_request(request, keys, config_key)
@@ -493,7 +511,7 @@ class Gateway:
                     raise
             return await self._create_local(request, actor, deadline, keys)
         plan = await self._plan(
-            request, actor, stream=False, keys=keys, via=via, config_key=config_key, read=read
+            request, actor, stream=False, keys=keys, via=via, config_key=config_key, read=read, off=off
         )
         if admission is not None:
             await admission.admit(plan.count)  # the guard's count; QUOTA_EXCEEDED: nothing sent
@@ -504,7 +522,7 @@ class Gateway:
                 raise
         # Planned again: a server just learned to be llama.cpp's gets the form it honours.
         plan = await self._plan(
-            request, actor, stream=False, keys=keys, via=via, config_key=config_key, read=read
+            request, actor, stream=False, keys=keys, via=via, config_key=config_key, read=read, off=off
         )
         return await self._create_once(request, actor, deadline, plan, via)
 

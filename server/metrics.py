@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import multiprocess as _multiprocess
+from prometheus_client.values import MutexValue
 
 from server.inflight import cancel_status, current_call
 from server.metrics_dir import MULTIPROC_ENV
@@ -251,7 +252,9 @@ def _reason(reason: str) -> str:
 
 # -- the hooks ---------------------------------------------------------------------------------
 #
-# The hot hooks (every call's requests counter, in-flight gauge, duration/token/TTFC histograms)
+# The hot hooks (every call's requests counter, in-flight gauge, duration/token/TTFC histograms,
+# and, in a single process, the cost and unpriced counters: with workers those are written at
+# each answer)
 # add to plain in-process cells, and `flush()` moves the sums into the prometheus_client objects:
 # once a second (the Sampler), before this process renders a scrape, and when the server stops.
 # In multiprocess mode (--workers N) each prometheus_client update takes a lock and writes a
@@ -322,8 +325,33 @@ class _GaugeCell:
             self.child.set(self.value)
 
 
+_PICO_PER_DOLLAR = 10**12
+
+
+class _CostCell:
+    """The exact sum of one cost series in integer pico-dollars (see `record_cost`); each flush
+    that finds it changed sets the counter to the float nearest it."""
+
+    __slots__ = ("value", "pico", "flushed", "shared")
+
+    def __init__(self, child: Any) -> None:
+        # prometheus_client has no public set() on a counter; its value object (in-process, or
+        # memory-mapped with workers) has one. tests/integration/test_money_review.py checks it.
+        self.value = child._value  # noqa: SLF001
+        self.pico = 0
+        self.flushed = 0
+        # With workers the value is in a file other workers' scrapes read: written at each answer
+        # (`record_cost`), so a scrape sees every worker's cost and a worker that dies loses none.
+        self.shared = not isinstance(self.value, MutexValue)
+
+    def flush(self) -> None:
+        if self.pico != self.flushed:
+            self.flushed = self.pico
+            self.value.set(self.pico / _PICO_PER_DOLLAR)  # int / int: correctly rounded
+
+
 # Every cell, by metric and (folded) label values: bounded by the labels' own bounds.
-_cells: dict[tuple[object, tuple[str, ...]], _CounterCell | _HistogramCell | _GaugeCell] = {}
+_cells: dict[tuple[object, tuple[str, ...]], _CounterCell | _HistogramCell | _GaugeCell | _CostCell] = {}
 
 
 def _cell(metric: Any, labels: tuple[str, ...], kind: type[Any]) -> Any:
@@ -430,42 +458,40 @@ def record_fallback(reason: str) -> None:
     FALLBACKS.labels(_reason(reason)).inc()
 
 
-_PICO_PER_DOLLAR = 10**12
-_cost_sums: dict[tuple[str, str], tuple[Any, list[int]]] = {}  # labels -> (value, [exact pico sum])
-_cost_entries: dict[tuple[str, str], tuple[Any, list[int]]] = {}  # (provider, model) -> its labels'
+# (provider, model) -> its labels' cell (models folded into `other` share one); capped, beyond
+# which a call folds its labels again.
+_cost_cells: dict[tuple[str, str], _CostCell] = {}
 
 
 def record_cost(provider: str, model: str, pico: int) -> None:
     """Cost of one upstream call in integer pico-dollars (`server.billing.meter` calls this).
 
     Adding each call's cost as a float would drift (0.0085 + 0.017 is not 0.0255 in binary), so
-    the exact sum is kept as an integer per label set (models folded into `other` share one) and
-    the counter is set to the float nearest it (int / int is correctly rounded): /metrics says
-    the exact sum of the answers' `cost_usd`, to the last bit a float holds. With `--workers N`
-    each worker's value is exact and the scrape adds them up.
+    the exact sum is kept as an integer per label set (a `_CostCell`) and `flush()` sets the
+    counter to the float nearest it (int / int is correctly rounded): /metrics says the exact sum
+    of the answers' `cost_usd`, to the last bit a float holds. With `--workers N` each worker's
+    value is exact (written at each answer, not at a flush) and the scrape adds them up.
     """
     if pico <= 0:
         return
     key = (provider, model)
-    entry = _cost_entries.get(key)  # every priced answer: one lookup
-    if entry is None:
-        labels = (provider_label(provider), models(model))
-        entry = _cost_sums.get(labels)
-        if entry is None:  # bounded: the label values are (see _Fold)
-            # prometheus_client has no public set() on a counter; its value object (in-process,
-            # or memory-mapped with workers) has one. tests/integration/test_money_review.py
-            # checks it.
-            entry = _cost_sums[labels] = (COST.labels(*labels)._value, [0])
-        if len(_cost_entries) < 10_000:
-            _cost_entries[key] = entry
-    value, total = entry
-    total[0] += pico
-    value.set(total[0] / _PICO_PER_DOLLAR)
+    cell = _cost_cells.get(key)  # every priced answer: one lookup
+    if cell is None:
+        cell = _cell(COST, (provider_label(provider), models(model)), _CostCell)
+        if len(_cost_cells) < _MAX_CACHED:
+            _cost_cells[key] = cell
+    cell.pico += pico
+    if cell.shared:  # --workers: in the file now, as before the cells (see _CostCell)
+        cell.flush()
 
 
 def record_unpriced(provider: str, model: str) -> None:
-    """One answer whose cost is unknown."""
-    UNPRICED.labels(provider_label(provider), models(model)).inc()
+    """One answer whose cost is unknown (with workers in this worker's file at once, as the cost
+    is: see _CostCell)."""
+    cell = _cell(UNPRICED, (provider_label(provider), models(model)), _CounterCell)
+    cell.pending += 1.0
+    if not isinstance(cell.child._value, MutexValue):  # noqa: SLF001 - memory-mapped: --workers
+        cell.flush()
 
 
 def record_limits_redis_failure(*, admitted: bool) -> None:

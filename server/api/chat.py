@@ -35,8 +35,9 @@ class ChatCompletionServicer:
             try:
                 actor = await self._auth.actor_for(context)
                 request = parse(chat_pb2.CreateRequest, data)
-                scope.labels(request.llm_config, proves=not wants_routing(request))
-                return await self._gateway.create(request, actor, deadline_of(context))
+                routed = wants_routing(request)  # asked once: the gateway routes by it too
+                scope.labels(request.llm_config, proves=not routed)
+                return await self._gateway.create(request, actor, deadline_of(context), routed=routed)
             except grpc.aio.AbortError:
                 raise
             except Exception as exc:  # noqa: BLE001 - the last line of defence, as in run_unary

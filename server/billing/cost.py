@@ -74,6 +74,10 @@ def cost_of(
 
 def dollars(pico: int) -> str:
     """Pico-dollars as an exact decimal string of dollars: 1234500000 -> "0.0012345", 0 -> "0"."""
+    # Nearly every call costs less than a dollar: the general path's whole == 0, written directly
+    # (every answer is priced; "%012d" costs ~1,000 instructions less than the f-string's spec).
+    if 0 < pico < PICO_PER_DOLLAR:
+        return ("0.%012d" % pico).rstrip("0")  # noqa: UP031
     if pico < 0:
         return "-" + dollars(-pico)
     whole, fraction = divmod(pico, PICO_PER_DOLLAR)

@@ -248,6 +248,81 @@ def test_dollars_is_the_exact_decimal() -> None:
         assert text == "0" or (not text.endswith("0") or "." not in text)
 
 
+def _dollars_general(pico: int) -> str:
+    """`dollars` before its short path for amounts under a dollar: the reference it must match."""
+    if pico < 0:
+        return "-" + _dollars_general(-pico)
+    whole, fraction = divmod(pico, 10**12)
+    if fraction:
+        return f"{whole}.{fraction:012d}".rstrip("0")
+    return str(whole)
+
+
+def test_dollars_short_path_under_a_dollar_writes_what_the_general_path_writes() -> None:
+    """Amounts of (0, $1) take a short path; it and the general one meet at 0 and at $1 exactly.
+    Every digit count, trailing zeros of every length, and random amounts either side agree."""
+    rng = random.Random(11)
+    picos = [0, 1, 9, 10, 55_800_000, 10**12 - 1, 10**12, 10**12 + 1, 2 * 10**12 - 1, -1, -(10**12) + 1]
+    picos += [10**k for k in range(13)] + [10**k - 1 for k in range(1, 13)] + [7 * 10**k for k in range(12)]
+    picos += [rng.randrange(1, 10**12) for _ in range(2000)] + [
+        rng.randrange(10**12, 10**14) for _ in range(200)
+    ]
+    for pico in picos:
+        assert dollars(pico) == _dollars_general(pico), pico
+        assert Decimal(dollars(pico)) == Decimal(pico).scaleb(-12), pico
+    assert dollars(1) == "0.000000000001"
+    assert dollars(55_800_000) == "0.0000558"
+    assert dollars(10**12 - 1) == "0.999999999999"
+    assert dollars(10**12) == "1"
+
+
+def test_cost_counter_is_the_exact_sum_after_a_flush_and_pending_before() -> None:
+    """record_cost adds to a cell; a flush sets the counter to the float nearest the exact sum
+    (never a float running sum), once per change; models folded into `other` share one cell."""
+
+    def counted(model: str) -> float:
+        value = metrics.REGISTRY.get_sample_value(
+            "llmgw_cost_usd_total", {"provider": metrics.provider_label("openai"), "model": model}
+        )
+        return value or 0.0
+
+    model = "cost-cell-test-model"
+    metrics.flush()
+    before = counted(model)
+    assert before == 0.0
+    picos = [10_000_000_000, 120_000_000] * 4  # $0.01 and $0.00012: as floats they drift
+    for pico in picos:
+        metrics.record_cost("openai", model, pico)
+    metrics.record_cost("openai", model, 0)  # nothing: not counted, not a series change
+    assert counted(model) == 0.0  # pending until the flush
+    metrics.flush()
+    assert counted(model) == sum(picos) / 10**12 == 0.04048
+    metrics.flush()  # nothing changed: the same value, nothing added twice
+    assert counted(model) == 0.04048
+    metrics.record_cost("openai", model, 1)
+    metrics.flush()
+    assert counted(model) == (sum(picos) + 1) / 10**12
+    other = counted(metrics.OTHER)
+    metrics.record_cost("openai", "y" * 500, 3 * 10**12)  # too long for a label: `other`
+    metrics.record_cost("openai", "z" * 500, 10**12)
+    metrics.flush()
+    assert counted(metrics.OTHER) - other == 4.0
+
+
+def test_unpriced_calls_are_counted_after_a_flush() -> None:
+    def counted() -> float:
+        labels = {"provider": metrics.provider_label("openai"), "model": "unpriced-cell-test-model"}
+        return metrics.REGISTRY.get_sample_value("llmgw_unpriced_calls_total", labels) or 0.0
+
+    metrics.flush()
+    before = counted()
+    meter = Meter(TABLE)
+    for _ in range(3):
+        assert meter.price("openai", "unpriced-cell-test-model", chat_pb2.Usage(prompt_tokens=1)) is None
+    metrics.flush()
+    assert counted() == before + 3
+
+
 def test_each_negative_count_is_not_priced() -> None:
     price = TABLE.find("openai", "gpt-4o")
     assert price is not None

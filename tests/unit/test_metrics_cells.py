@@ -172,3 +172,29 @@ def test_token_counts_land_where_prometheus_puts_them() -> None:
             gen_ai_token_type=token_type,
         )
         assert got == expected, token_type
+
+
+_COST_CHILD = r"""
+from server import metrics
+metrics.configure(max_models=50)
+for _ in range(3):
+    metrics.record_cost("openai", "priced", 10_000_000_000)  # $0.01 each
+    metrics.record_unpriced("openai", "unpriced")
+"""  # and the process ends without a flush: a worker that died (a crash, a kill, the OOM killer)
+
+
+def test_a_workers_cost_and_unpriced_counts_are_in_its_files_without_a_flush(tmp_path: Path) -> None:
+    """With workers the cost and unpriced counters are written at each answer, as before the cells:
+    another worker's scrape sees them at once, and a worker that dies before a flush loses none."""
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    subprocess.run([sys.executable, "-c", _COST_CHILD], env=env, check=True)
+    script = (
+        "from prometheus_client import CollectorRegistry, generate_latest, multiprocess\n"
+        "r = CollectorRegistry(); multiprocess.MultiProcessCollector(r)\n"
+        "print(generate_latest(r).decode())"
+    )
+    text = subprocess.run(
+        [sys.executable, "-c", script], env=env, check=True, capture_output=True, text=True
+    ).stdout
+    assert 'llmgw_cost_usd_total{model="priced",provider="openai"} 0.03' in text
+    assert 'llmgw_unpriced_calls_total{model="unpriced",provider="openai"} 3.0' in text
