@@ -310,7 +310,7 @@ def test_a_shared_list_dropped_by_its_cache_is_not_held_and_a_live_one_is_rememb
     from server.core import tokens
 
     tokens.clear_memo()
-    monkeypatch.setattr(openai_request, "_PROMPT_LISTS", openai_request.BoundedCache(1))
+    monkeypatch.setattr(openai_request, "_PROMPT_LISTS", openai_request._function_cache(1))
     monkeypatch.setattr(tokens, "_FUNCTION_TOKENS_MAX", 16)  # the entry memo holds the 3 entries
     monkeypatch.setattr(tokens, "_FUNCTION_TOKENS", _CountingMemo())
     encoding, _ = tokens.encoding_for_model("gpt-4o-mini")
