@@ -43,6 +43,7 @@ from server.core.validation import (
     MessageFields,
     cacheable,
     function_keys,
+    list_bytes,
 )
 from server.errors import FieldViolation, InvalidRequest
 
@@ -179,7 +180,7 @@ def prompt_functions(
         prepared = [_prompt_function(fn, i, key, variant) for i, (fn, key) in pairs]
         # Kept, it is shared read-only by every request with these functions: its token count
         # is remembered by identity too (tokens.SharedFunctionList).
-        size = sum(map(len, keys))
+        size = list_bytes(keys)
         found = (
             _PROMPT_LISTS.put(cache_key, SharedFunctionList(prepared), size) if cacheable(keys) else prepared
         )
@@ -215,7 +216,7 @@ def _sent_functions(
             restores[fn.name] = restore
     if cacheable(keys):
         shared = SentFunctions(out, restores or None, shared=True)
-        return _SENT_LISTS.put(list_key, shared, sum(map(len, keys)))
+        return _SENT_LISTS.put(list_key, shared, list_bytes(keys))
     return SentFunctions(out, restores or None)
 
 
@@ -314,7 +315,7 @@ def _function_names(
         return found
     if not cacheable(keys):
         return [fn.name for fn in functions]
-    return _NAMES.put(keys, tuple(fn.name for fn in functions), sum(map(len, keys)))
+    return _NAMES.put(keys, tuple(fn.name for fn in functions), list_bytes(keys))
 
 
 def build_chat_body(

@@ -22,6 +22,7 @@ from server.core.validation import (
     function_keys,
     validate_request,
 )
+from server.errors import InvalidRequest
 
 ENDPOINT = "https://api.openai.com/v1"
 
@@ -121,3 +122,46 @@ def test_a_usual_tool_set_is_kept_and_found_again() -> None:
     assert first is second  # the shared list, from the cache
     for name, cache in CACHES.items():
         assert len(cache) == 1, name
+
+
+def _tiny_request(count: int, prefix: str = "") -> chat_pb2.CreateRequest:
+    request = _request(chat_pb2.FunctionDefinition(name=f"{prefix}t0"))
+    request.functions.extend(chat_pb2.FunctionDefinition(name=f"{prefix}t{i}") for i in range(1, count))
+    request.llm_config.put_inner_thoughts_in_kwargs = True
+    return request
+
+
+def test_a_list_of_many_tiny_functions_is_counted_by_what_it_pins_not_by_its_key_bytes() -> None:
+    # 1,000 functions of 3-5 character names: ~7 KB of keys, ~2 MB of prepared dicts (with inner
+    # thoughts and strict form). Counted by key bytes, 1,024 such lists pinned ~2 GB per cache.
+    request = _tiny_request(1000)
+    assert sum(map(len, function_keys(request.functions))) < 8 * 1024
+    _prepare(request)
+    for name in ("prompt lists", "sent lists", "names", "problems"):
+        assert len(CACHES[name]) == 0, name
+    # Still prepared as before (the per-function caches keep the functions themselves).
+    body = build_chat_body(request, stream=False, endpoint=ENDPOINT)
+    assert len(body["tools"]) == 1000
+
+
+def test_distinct_lists_of_tiny_functions_pin_a_bounded_number_of_functions() -> None:
+    for tag in range(40):
+        _prepare(_tiny_request(200, prefix=f"l{tag}_"))
+    held = sum(len(found) for _, found in openai_request._PROMPT_LISTS.items())
+    assert held == 40 * 200  # kept: 200 tiny functions is a usual large tool set
+    for name in ("prompt lists", "sent lists", "names", "problems"):
+        cache = CACHES[name]
+        lists = [key if name in ("names", "problems") else key[0] for key in cache.keys()]
+        assert cache.held_bytes >= sum(map(len, lists)) * validation.LIST_BYTES_PER_FUNCTION, name
+
+
+def test_empty_functions_past_the_limit_leave_their_problems_uncached() -> None:
+    # An empty FunctionDefinition is 2 bytes on the wire and 0 bytes of key: 100,000 of them
+    # (200 KB) made 100,001 problems, kept under a key counted as 0 bytes (2,048 such lists).
+    request = _request(chat_pb2.FunctionDefinition())
+    request.functions.extend(chat_pb2.FunctionDefinition() for _ in range(20_000))
+    keys = function_keys(request.functions)
+    assert sum(map(len, keys)) == 0
+    with pytest.raises(InvalidRequest):
+        validate_request(request, keys)
+    assert len(validation._FUNCTION_PROBLEMS) == 0
