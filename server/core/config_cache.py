@@ -24,19 +24,26 @@ MAX_HELD_BYTES = 1024 * 1024  # key bytes in one cache: 1,024 usual configs, or 
 
 class ConfigCache(Generic[K, V]):
     """A dict that forgets its oldest entries past `max_entries` entries or `max_bytes` of keys
-    (FIFO: hits are the norm). `put` is told each key's size; over `MAX_CACHED_CONFIG_BYTES` it
-    keeps nothing. `get` takes no lock (one dict lookup); `put` and `clear` take one: they run in
-    the offload pool's threads at once, and unlocked, two puts of one key (or a put and the
-    eviction of its key) counted its bytes twice or not at all, a drift that only grew: held_bytes
-    past the bound with one entry left (every put then evicts everything), or below the truth
-    (the byte bound gone, 1,024 entries of 64 KiB kept)."""
+    (FIFO: hits are the norm). `put` is told each key's size; over `max_entry_bytes`
+    (`MAX_CACHED_CONFIG_BYTES` unless told) it keeps nothing. `get` takes no lock (one dict
+    lookup); `put` and `clear` take one: they run in the offload pool's threads at once, and
+    unlocked, two puts of one key (or a put and the eviction of its key) counted its bytes twice
+    or not at all, a drift that only grew: held_bytes past the bound with one entry left (every
+    put then evicts everything), or below the truth (the byte bound gone, 1,024 entries of 64 KiB
+    kept)."""
 
-    __slots__ = ("_data", "_max", "_max_bytes", "_bytes", "_lock")
+    __slots__ = ("_data", "_max", "_max_bytes", "_max_entry_bytes", "_bytes", "_lock")
 
-    def __init__(self, max_entries: int = MAX_ENTRIES, max_bytes: int = MAX_HELD_BYTES) -> None:
+    def __init__(
+        self,
+        max_entries: int = MAX_ENTRIES,
+        max_bytes: int = MAX_HELD_BYTES,
+        max_entry_bytes: int = MAX_CACHED_CONFIG_BYTES,
+    ) -> None:
         self._data: dict[K, tuple[V, int]] = {}
         self._max = max_entries
         self._max_bytes = max_bytes
+        self._max_entry_bytes = max_entry_bytes  # a bigger key is never kept
         self._bytes = 0
         self._lock = threading.Lock()  # on misses only: hits never take it
 
@@ -45,7 +52,7 @@ class ConfigCache(Generic[K, V]):
         return None if found is None else found[0]
 
     def put(self, key: K, value: V, size: int) -> V:
-        if size > MAX_CACHED_CONFIG_BYTES:
+        if size > self._max_entry_bytes:
             return value
         with self._lock:
             data = self._data

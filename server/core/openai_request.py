@@ -24,9 +24,9 @@ requests: callers must treat the `tools`/`functions` entries of a body and the r
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any
 
 import orjson
 from llmgateway.v1 import chat_pb2
@@ -36,47 +36,33 @@ from server.core.config_cache import MAX_CACHED_CONFIG_BYTES, ConfigCache
 from server.core.messages import function_to_dict, struct_to_dict, to_openai_messages
 from server.core.strict_schema import Restore, restore_absent, strict_with_restore
 from server.core.tokens import SharedFunctionList
-from server.core.validation import FunctionKeys, MessageFields, cacheable, function_keys
+from server.core.validation import (
+    MAX_CACHED_FUNCTION_BYTES,
+    MAX_HELD_FUNCTION_BYTES,
+    FunctionKeys,
+    MessageFields,
+    cacheable,
+    function_keys,
+    list_bytes,
+)
 from server.errors import FieldViolation, InvalidRequest
 
-K = TypeVar("K", bound=Hashable)
-V = TypeVar("V")
 
-
-class BoundedCache(Generic[K, V]):
-    """A dict that forgets its oldest entries past `max_entries` (FIFO: hits are the norm)."""
-
-    __slots__ = ("_data", "_max")
-
-    def __init__(self, max_entries: int) -> None:
-        self._data: dict[K, V] = {}
-        self._max = max_entries
-
-    def get(self, key: K) -> V | None:
-        return self._data.get(key)
-
-    def put(self, key: K, value: V) -> V:
-        data = self._data
-        if len(data) >= self._max:
-            try:
-                del data[next(iter(data))]
-            except (StopIteration, KeyError, RuntimeError):  # raced with another thread: harmless
-                pass
-        data[key] = value
-        return value
-
-    def clear(self) -> None:
-        self._data.clear()
-
-    def __len__(self) -> int:
-        return len(self._data)
+# The caches of prepared functions are keyed by the functions' bytes, which a caller chooses: a
+# bound on entries alone let distinct ~1 MiB functions (a parameters Struct may be up to 1 MiB)
+# pin 2,048 keys of 1 MiB and their converted dicts (several times that) in each cache, GBs from
+# a few 64 MiB requests. So each is bounded in the key bytes it holds too; a function (or a
+# list) past its entry bound is prepared anew on every request that carries it, as the huge
+# sets already were (their work runs in the offload pool).
+def _function_cache(max_entries: int) -> ConfigCache[Any, Any]:
+    return ConfigCache(max_entries, MAX_HELD_FUNCTION_BYTES, MAX_CACHED_FUNCTION_BYTES)
 
 
 # Inner-thoughts variants, part of the cache keys.
 _NO_THOUGHTS, _FIRST, _LAST, _FIRST_LM, _LAST_LM = range(5)
 
 # key (fn bytes, thoughts variant) -> function dict as counted and (non-strict) sent
-_PROMPT_CACHE: BoundedCache[tuple[bytes, int], dict[str, Any]] = BoundedCache(2048)
+_PROMPT_CACHE: ConfigCache[tuple[bytes, int], dict[str, Any]] = _function_cache(2048)
 
 
 class SentFunctions(list[dict[str, Any]]):
@@ -124,13 +110,13 @@ MAX_KEPT_TOOLS_JSON_BYTES = 64 * 1024
 
 # key (fn bytes, thoughts variant, strict, tools-shape) -> (entry of `tools` or `functions`,
 # the Restore of its strict form or None)
-_SENT_CACHE: BoundedCache[tuple[bytes, int, bool, bool], tuple[dict[str, Any], Restore | None]] = (
-    BoundedCache(2048)
+_SENT_CACHE: ConfigCache[tuple[bytes, int, bool, bool], tuple[dict[str, Any], Restore | None]] = (
+    _function_cache(2048)
 )
 # The same, per whole function list (an agent sends the same list every step).
 
-_PROMPT_LISTS: BoundedCache[tuple[FunctionKeys, int], list[dict[str, Any]]] = BoundedCache(1024)
-_SENT_LISTS: BoundedCache[tuple[FunctionKeys, int, bool, bool], SentFunctions] = BoundedCache(1024)
+_PROMPT_LISTS: ConfigCache[tuple[FunctionKeys, int], list[dict[str, Any]]] = _function_cache(1024)
+_SENT_LISTS: ConfigCache[tuple[FunctionKeys, int, bool, bool], SentFunctions] = _function_cache(1024)
 
 
 def clear_caches() -> None:
@@ -167,7 +153,7 @@ def _prompt_function(fn: chat_pb2.FunctionDefinition, index: int, key: bytes, va
                     else inner_thoughts.INNER_THOUGHTS_DESCRIPTION
                 ),
             )
-        _PROMPT_CACHE.put(cache_key, d)
+        _PROMPT_CACHE.put(cache_key, d, len(key))
     return d
 
 
@@ -194,7 +180,10 @@ def prompt_functions(
         prepared = [_prompt_function(fn, i, key, variant) for i, (fn, key) in pairs]
         # Kept, it is shared read-only by every request with these functions: its token count
         # is remembered by identity too (tokens.SharedFunctionList).
-        found = _PROMPT_LISTS.put(cache_key, SharedFunctionList(prepared)) if cacheable(keys) else prepared
+        size = list_bytes(keys)
+        found = (
+            _PROMPT_LISTS.put(cache_key, SharedFunctionList(prepared), size) if cacheable(keys) else prepared
+        )
     return found
 
 
@@ -220,13 +209,14 @@ def _sent_functions(
             if strict:
                 d, restore = strict_with_restore(d)
             entry = {"type": "function", "function": d} if tool_shape else d
-            cached = _SENT_CACHE.put(cache_key, (entry, restore))
+            cached = _SENT_CACHE.put(cache_key, (entry, restore), len(key))
         entry, restore = cached
         out.append(entry)
         if restore is not None:
             restores[fn.name] = restore
     if cacheable(keys):
-        return _SENT_LISTS.put(list_key, SentFunctions(out, restores or None, shared=True))
+        shared = SentFunctions(out, restores or None, shared=True)
+        return _SENT_LISTS.put(list_key, shared, list_bytes(keys))
     return SentFunctions(out, restores or None)
 
 
@@ -312,7 +302,7 @@ def config_body(cfg: chat_pb2.LLMConfig, endpoint: str, key: bytes | None = None
 
 
 # key function keys -> the functions' names (an agent sends the same list every step)
-_NAMES: BoundedCache[FunctionKeys, tuple[str, ...]] = BoundedCache(1024)
+_NAMES: ConfigCache[FunctionKeys, tuple[str, ...]] = _function_cache(1024)
 
 
 def _function_names(
@@ -325,7 +315,7 @@ def _function_names(
         return found
     if not cacheable(keys):
         return [fn.name for fn in functions]
-    return _NAMES.put(keys, tuple(fn.name for fn in functions))
+    return _NAMES.put(keys, tuple(fn.name for fn in functions), list_bytes(keys))
 
 
 def build_chat_body(

@@ -333,9 +333,16 @@ def _trace_violations(request: chat_pb2.CreateRequest) -> list[FieldViolation]:
 
 
 FunctionKeys = tuple[bytes, ...]
-# A function list is cached whole only up to this many bytes (the caches count entries, not
-# bytes, and a request may carry megabytes of schemas; a larger one is prepared every time).
+# A function list is cached whole only up to this many bytes (a request may carry megabytes of
+# schemas; a larger one is prepared every time).
 MAX_CACHED_LIST_BYTES = 256 * 1024
+# Every cache keyed by functions' bytes (a caller chooses them) is bounded in the key bytes it
+# holds, not only in entries: counted alone, distinct ~1 MiB functions (a parameters Struct may
+# be up to 1 MiB) pinned 2,048 keys of 1 MiB and what was derived from them in each cache, GBs
+# from a few 64 MiB requests. A function or list past MAX_CACHED_FUNCTION_BYTES is worked out
+# anew on every request that carries it, as huge sets already were (in the offload pool).
+MAX_CACHED_FUNCTION_BYTES = MAX_CACHED_LIST_BYTES
+MAX_HELD_FUNCTION_BYTES = 16 * 1024 * 1024  # key bytes per cache: ~2,000 tools of 8 KB
 
 
 def function_keys(functions: Sequence[chat_pb2.FunctionDefinition]) -> FunctionKeys:
@@ -394,13 +401,28 @@ def off_loop(keys: FunctionKeys) -> bool:
     return sum(map(len, keys)) > OFFLOAD_FUNCTION_BYTES
 
 
+# What a cached list pins per function beyond its key bytes (its prepared dicts, with inner
+# thoughts and in strict form, its name, its problems): counted by key bytes alone, a list of tiny
+# functions held ~400x its size. 1,000 functions of 3-character names are ~5 KB of keys and ~2 MB
+# of prepared dicts (measured), so 1,024 such lists pinned ~2 GB under a 16 MiB bound of keys
+# never reached; and 2-byte empty functions (refused, but their problems kept) counted nothing.
+LIST_BYTES_PER_FUNCTION = 512
+
+
+def list_bytes(keys: FunctionKeys) -> int:
+    """The size a cache of whole function lists counts for `keys`."""
+    return sum(map(len, keys)) + LIST_BYTES_PER_FUNCTION * len(keys)
+
+
 def cacheable(keys: FunctionKeys) -> bool:
     """Whether a whole function list is small enough to be cached under `keys`."""
-    return sum(map(len, keys)) <= MAX_CACHED_LIST_BYTES
+    return list_bytes(keys) <= MAX_CACHED_LIST_BYTES
 
 
 # Problems of a whole function list, by its functions' bytes: agents send the same list each step.
-_FUNCTION_PROBLEMS: dict[FunctionKeys, tuple[FieldViolation, ...]] = {}
+_FUNCTION_PROBLEMS: ConfigCache[FunctionKeys, tuple[FieldViolation, ...]] = ConfigCache(
+    2048, MAX_HELD_FUNCTION_BYTES, MAX_CACHED_FUNCTION_BYTES
+)
 
 
 def _function_violations(
@@ -430,12 +452,7 @@ def _function_violations(
                         f"functions[{i}].parameters{where}", f"{problem} (function {function.name!r})"
                     )
                 )
-    found = tuple(violations)
-    if cacheable(keys):
-        if len(_FUNCTION_PROBLEMS) >= _SCHEMA_CACHE_SIZE:
-            _FUNCTION_PROBLEMS.clear()
-        _FUNCTION_PROBLEMS[keys] = found
-    return found
+    return _FUNCTION_PROBLEMS.put(keys, tuple(violations), list_bytes(keys))
 
 
 # The argument names inner thoughts travel in (server.core.inner_thoughts; not imported, to
@@ -478,8 +495,9 @@ def _is_json(text: str) -> bool:
 
 # -- function parameter schemas ------------------------------------------------------------------
 
-_SCHEMA_CACHE: dict[bytes, tuple[tuple[str, str], ...]] = {}
-_SCHEMA_CACHE_SIZE = 2048
+_SCHEMA_CACHE: ConfigCache[bytes, tuple[tuple[str, str], ...]] = ConfigCache(
+    2048, MAX_HELD_FUNCTION_BYTES, MAX_CACHED_FUNCTION_BYTES
+)
 _MAX_SCHEMA_PROBLEMS = 10
 
 
@@ -498,9 +516,7 @@ def schema_problems(parameters: struct_pb2.Struct) -> tuple[tuple[str, str], ...
     if found is None:
         problems: list[tuple[str, str]] = []
         _walk_schema(parameters, "", problems)
-        if len(_SCHEMA_CACHE) >= _SCHEMA_CACHE_SIZE:
-            _SCHEMA_CACHE.clear()
-        found = _SCHEMA_CACHE[key] = tuple(problems[:_MAX_SCHEMA_PROBLEMS])
+        found = _SCHEMA_CACHE.put(key, tuple(problems[:_MAX_SCHEMA_PROBLEMS]), len(key))
     return found
 
 

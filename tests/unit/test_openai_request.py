@@ -554,11 +554,11 @@ def test_unconvertible_warning_logged_once_per_distinct_function(caplog: pytest.
     assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 1
 
 
-def test_bounded_cache_evicts_oldest() -> None:
-    cache: openai_request.BoundedCache[int, int] = openai_request.BoundedCache(2)
-    cache.put(1, 1)
-    cache.put(2, 2)
-    cache.put(3, 3)
+def test_function_caches_evict_the_oldest() -> None:
+    cache = openai_request._function_cache(2)
+    cache.put(1, 1, 1)
+    cache.put(2, 2, 1)
+    cache.put(3, 3, 1)
     assert cache.get(1) is None and cache.get(2) == 2 and cache.get(3) == 3 and len(cache) == 2
 
 

@@ -267,13 +267,13 @@ def test_a_list_counted_across_a_clear_is_not_kept(monkeypatch: pytest.MonkeyPat
 
 
 def test_a_tool_list_whose_json_is_large_keeps_no_copy_of_it() -> None:
-    # 1,000 functions of a few proto bytes each (~6 KB of keys, far under the list cache's
-    # bound) become ~260 KB of JSON with inner thoughts and strict form: the 1,024 cached lists
-    # held that much each again beside their dicts (~270 MB from requests of ~6 KB). Such a
-    # list is serialized with the body, as any other; smaller ones keep their fragment.
+    # 400 functions of a few proto bytes each (~2 KB of keys; cached, each counted as
+    # validation.LIST_BYTES_PER_FUNCTION) become ~100 KB of JSON with inner thoughts and strict
+    # form: the cached lists held that much each again beside their dicts. Such a list is
+    # serialized with the body, as any other; smaller ones keep their fragment.
     from server.core.validation import cacheable, function_keys
 
-    request = _request(*[chat_pb2.FunctionDefinition(name=f"f{i}") for i in range(1000)])
+    request = _request(*[chat_pb2.FunctionDefinition(name=f"f{i}") for i in range(400)])
     request.llm_config.put_inner_thoughts_in_kwargs = True
     assert cacheable(function_keys(request.functions))
     for _ in range(2):
@@ -310,7 +310,7 @@ def test_a_shared_list_dropped_by_its_cache_is_not_held_and_a_live_one_is_rememb
     from server.core import tokens
 
     tokens.clear_memo()
-    monkeypatch.setattr(openai_request, "_PROMPT_LISTS", openai_request.BoundedCache(1))
+    monkeypatch.setattr(openai_request, "_PROMPT_LISTS", openai_request._function_cache(1))
     monkeypatch.setattr(tokens, "_FUNCTION_TOKENS_MAX", 16)  # the entry memo holds the 3 entries
     monkeypatch.setattr(tokens, "_FUNCTION_TOKENS", _CountingMemo())
     encoding, _ = tokens.encoding_for_model("gpt-4o-mini")
