@@ -285,14 +285,25 @@ async def start_cluster(
 
 
 async def stop_cluster(cluster: Cluster) -> list[int]:
-    """SIGTERM every replica still running (their exit codes), then stop nginx."""
+    """SIGTERM every replica still running (their exit codes), then stop nginx.
+
+    A replica that does not exit in time fails the test, but the other replicas and nginx are
+    stopped all the same: left running, they outlived the test and failed a later one (a
+    ResourceWarning for the leaked nginx)."""
     codes = []
-    for replica in cluster.replicas:
-        if replica.process.poll() is None:
-            codes.append(await asyncio.to_thread(replica.stop))
-        else:
-            replica.close()
-    await asyncio.to_thread(cluster.balancer.stop)
+    try:
+        for replica in cluster.replicas:
+            if replica.process.poll() is None:
+                try:
+                    codes.append(await asyncio.to_thread(replica.stop))
+                except BaseException:
+                    for other in cluster.replicas:
+                        other.close()
+                    raise
+            else:
+                replica.close()
+    finally:
+        await asyncio.to_thread(cluster.balancer.stop)
     assert all(code == 0 for code in codes), f"replicas exited {codes} on SIGTERM:\n{cluster.logs()}"
     return codes
 
