@@ -123,25 +123,18 @@ def usage_from_json(usage: dict[str, Any] | None, into: chat_pb2.Usage | None = 
     get = usage.get
     prompt_details = get("prompt_tokens_details") or _EMPTY
     completion_details = get("completion_tokens_details") or _EMPTY
-    # The counts are ints already (shape-checked) but for a translator's own: int() only then.
-    prompt = get("prompt_tokens") or 0
-    if type(prompt) is not int:
-        prompt = int(prompt)
-    completion = get("completion_tokens") or 0
-    if type(completion) is not int:
-        completion = int(completion)
-    total = get("total_tokens") or prompt + completion
-    if type(total) is not int:
-        total = int(total)
-    cached = prompt_details.get("cached_tokens") or get("prompt_cache_hit_tokens") or 0
-    if type(cached) is not int:
-        cached = int(cached)
-    reasoning = completion_details.get("reasoning_tokens") or 0
-    if type(reasoning) is not int:
-        reasoning = int(reasoning)
-    cache_write = get("cache_write_tokens") or 0
-    if type(cache_write) is not int:
-        cache_write = int(cache_write)
+    # The counts are ints already (shape-checked) but for a translator's own: int() only then
+    # (inline, not a helper: a call per count is most of what this saves).
+    prompt = n if type(n := get("prompt_tokens") or 0) is int else int(n)
+    completion = n if type(n := get("completion_tokens") or 0) is int else int(n)
+    total = n if type(n := get("total_tokens") or prompt + completion) is int else int(n)
+    cached = (
+        n
+        if type(n := prompt_details.get("cached_tokens") or get("prompt_cache_hit_tokens") or 0) is int
+        else int(n)
+    )
+    reasoning = n if type(n := completion_details.get("reasoning_tokens") or 0) is int else int(n)
+    cache_write = n if type(n := get("cache_write_tokens") or 0) is int else int(n)
     if prompt:
         out.prompt_tokens = prompt
     if completion:
